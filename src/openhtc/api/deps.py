@@ -1,0 +1,47 @@
+"""Request plumbing: the services of this app and the authenticated principal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from openhtc.auth.permissions import check_project_scope, check_task_scope
+from openhtc.auth.tokens import Principal
+from openhtc.domain.errors import NotFound, Unauthenticated
+from openhtc.services.container import Services
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def credentials(request: Request, scheme: str) -> str:
+    header = request.headers.get("authorization", "")
+    kind, _, value = header.partition(" ")
+    if kind.lower() != scheme.lower() or not value.strip():
+        raise Unauthenticated(f"expected 'Authorization: {scheme} <…>'")
+    return value.strip()
+
+
+def principal(request: Request) -> Principal:
+    token = credentials(request, "Bearer")
+    return services(request).tokens.verify(token)
+
+
+def project_for(svc: Services, who: Principal, project_id: str) -> Any:
+    check_project_scope(who, project_id)
+    project = svc.projects.get(who.workspace_id, project_id)
+    if project is None:
+        raise NotFound(f"project {project_id} not found")
+    return project
+
+
+def task_for(svc: Services, who: Principal, project_id: str, task_id: str) -> tuple[Any, Any]:
+    project = project_for(svc, who, project_id)
+    check_task_scope(who, project_id, task_id)
+    task = svc.projects.task(project_id, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found in project {project_id}")
+    return project, task

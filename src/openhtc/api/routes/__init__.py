@@ -1,0 +1,3 @@
+"""Thin route modules: parse, authorize, call a store or service, serialize."""
+
+from __future__ import annotations

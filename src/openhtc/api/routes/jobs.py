@@ -1,0 +1,151 @@
+"""Jobs: batch submit, list, get, events, logs, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from openhtc.api import serializers as ser
+from openhtc.api.deps import principal, services, task_for
+from openhtc.api.pagination import decode_cursor, first, page, page_size
+from openhtc.api.responses import JSONResponse
+from openhtc.auth.permissions import require_user
+from openhtc.auth.tokens import Principal
+from openhtc.domain.clock import iso
+from openhtc.domain.enums import STATUS_NAMES, JobStatus
+from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.services.container import Services
+from openhtc.services.submission import submit
+
+router = APIRouter()
+JOBS = "/htc/projects/{project_id}/tasks/{task_id}/jobs"
+
+
+@router.post(JOBS + "/batch")
+def submit_batch(
+    project_id: str,
+    task_id: str,
+    request: Request,
+    body: Any = Body(None),
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    project, task = task_for(svc, who, project_id, task_id)
+    echoes = submit(svc, who, project, task, body, first(request, "group"))
+    svc.wakeups.submitted.set()
+    return JSONResponse(echoes)
+
+
+@router.post(JOBS + "/cancel")
+def cancel(
+    project_id: str,
+    task_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    task_for(svc, who, project_id, task_id)
+    require_user(who, "cancel jobs")
+    if svc.jobs.cancel(task_id, first(request, "group"), svc.clock.now()):
+        svc.wakeups.cancel()
+    return JSONResponse(None)
+
+
+@router.get(JOBS)
+def list_jobs(
+    project_id: str,
+    task_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    task_for(svc, who, project_id, task_id)
+    size = page_size(request)
+    after = decode_cursor(request) or 0
+    status_name = first(request, "status")
+    if status_name is not None and status_name not in STATUS_NAMES:
+        raise ValidationFailed(f"must be one of {', '.join(STATUS_NAMES)}", field="status")
+    view = (first(request, "viewType") or "FULL").upper()
+    if view not in ("FULL", "SIMPLE"):
+        raise ValidationFailed("must be FULL or SIMPLE", field="viewType")
+    with svc.db.read() as conn:
+        rows = svc.jobs.list_jobs(
+            conn,
+            task_id,
+            after_id=int(after),
+            limit=size + 1,
+            group=first(request, "group"),
+            status=JobStatus[status_name] if status_name else None,
+            job_uuids=request.query_params.getlist("jobId"),
+        )
+        batch_rows = svc.jobs.batches_by_id(conn, {r.batch_id for r in rows[:size]})
+    body = page(request, rows, size, lambda r: r.id)
+    body["items"] = [ser.job(r, batch_rows[r.batch_id], simple=view == "SIMPLE") for r in body["items"]]
+    return JSONResponse(body)
+
+
+def _job(svc: Services, task_id: str, job_id: str) -> tuple[Any, Any]:
+    with svc.db.read() as conn:
+        found = svc.jobs.get(conn, task_id, job_id)
+    if found is None:
+        raise NotFound(f"job {job_id} not found in task {task_id}")
+    return found
+
+
+@router.get(JOBS + "/{job_id}")
+def get_job(
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    task_for(svc, who, project_id, task_id)
+    job, batch = _job(svc, task_id, job_id)
+    return JSONResponse(ser.job(job, batch))
+
+
+@router.get(JOBS + "/{job_id}/events")
+def job_events(
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    task_for(svc, who, project_id, task_id)
+    job, _ = _job(svc, task_id, job_id)
+    size = page_size(request)
+    after = decode_cursor(request) or 0
+    with svc.db.read() as conn:
+        rows = svc.jobs.events(conn, job.id, int(after), size + 1)
+    body = page(request, rows, size, lambda r: r.id)
+    body["items"] = [ser.event(r, job_id) for r in body["items"]]
+    return JSONResponse(body)
+
+
+@router.get(JOBS + "/{job_id}/logs")
+def job_logs(
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    task_for(svc, who, project_id, task_id)
+    job, batch = _job(svc, task_id, job_id)
+    size = page_size(request, default=100, maximum=10000)
+    order = (first(request, "sort") or "desc").lower()
+    if order not in ("asc", "desc"):
+        raise ValidationFailed("must be asc or desc", field="sort")
+    offset = decode_cursor(request) or 0
+    lines = svc.logs.lines(task_id, batch.parent_job_id, job.idx, job.attempt)
+    if order == "desc":
+        lines.reverse()
+    window = lines[int(offset) : int(offset) + size + 1]
+    body = page(request, window, size, lambda _line: int(offset) + size)
+    body["items"] = [{"timestamp": iso(ts), "message": message} for ts, message in body["items"]]
+    return JSONResponse(body)

@@ -1,0 +1,56 @@
+"""Health and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from sqlalchemy import func, select
+from starlette.responses import Response
+
+from openhtc.api.deps import principal, services
+from openhtc.api.responses import JSONResponse
+from openhtc.auth.tokens import Principal
+from openhtc.domain.enums import JobStatus
+from openhtc.services.container import Services
+from openhtc.store.tables import job_counters, projects
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/htc/metrics")
+def metrics(who: Principal = Depends(principal), svc: Services = Depends(services)) -> Response:
+    registry = CollectorRegistry()
+    jobs = Gauge(
+        "htc_jobs", "Jobs by project and status", ["project_id", "project_name", "status"], registry=registry
+    )
+    vcpus = Gauge(
+        "htc_job_vcpus",
+        "vCPUs requested by jobs, by project and status",
+        ["project_id", "status"],
+        registry=registry,
+    )
+    stmt = (
+        select(
+            job_counters.c.project_id,
+            projects.c.name,
+            job_counters.c.status,
+            func.sum(job_counters.c.count),
+            func.sum(job_counters.c.vcpus),
+        )
+        .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
+        .where(projects.c.workspace_id == who.workspace_id)
+        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
+    )
+    with svc.db.read() as conn:
+        for project_id, name, status, count, cpu in conn.execute(stmt):
+            jobs.labels(project_id, name, JobStatus(status).name).set(count or 0)
+            vcpus.labels(project_id, JobStatus(status).name).set(cpu or 0)
+    ws = svc.accounts.workspace(who.workspace_id)
+    if ws is not None and ws.vcpu_limit is not None:
+        Gauge("htc_job_limit_vcpus", "Workspace vCPU limit", registry=registry).set(ws.vcpu_limit)
+    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,172 @@
+"""`htc server` and `htc admin`: run the control plane and manage users, keys and limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from openhtc.config import Settings
+from openhtc.domain.enums import Role
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="OPENHTC_DATA_DIR", help="State directory (DB, keys, logs)."),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", envvar="OPENHTC_DATABASE_URL", help="postgresql://… (default: SQLite in DATA_DIR)."
+    ),
+]
+ROLES = {"workspace-admin": Role.WORKSPACE_ADMIN, "project-admin": Role.PROJECT_ADMIN, "member": Role.MEMBER}
+
+
+def _settings(**values: Any) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    return Settings(**{k: v for k, v in values.items() if v is not None})
+
+
+def server(
+    data_dir: DataDir = None,
+    host: Annotated[str | None, typer.Option(envvar="OPENHTC_HOST", help="Bind address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(envvar="OPENHTC_PORT", help="Port [8080].")] = None,
+    database_url: DatabaseUrl = None,
+    runtime: Annotated[
+        str | None, typer.Option(envvar="OPENHTC_RUNTIME", help="process (development) or noop (benchmarks).")
+    ] = None,
+    region: Annotated[str | None, typer.Option(envvar="OPENHTC_REGION", help="Local region name.")] = None,
+    vcpus: Annotated[
+        int | None, typer.Option(envvar="OPENHTC_EXECUTOR_VCPUS", help="Executor vCPUs.")
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(envvar="OPENHTC_EXECUTOR_MEMORY_MB", help="Executor MiB.")
+    ] = None,
+    no_executor: Annotated[
+        bool, typer.Option("--no-executor", help="Run the API and scheduler only.")
+    ] = False,
+) -> None:
+    """Run the API, the scheduler and the local executor."""
+    from openhtc.runtime import serve
+
+    settings = _settings(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        database_url=database_url,
+        runtime=runtime,
+        region=region,
+        executor_vcpus=vcpus,
+        executor_memory_mb=memory_mb,
+        executor=False if no_executor else None,
+    )
+    serve(settings)
+
+
+admin = typer.Typer(help="Administer an installation directly through its database.", no_args_is_help=True)
+
+
+def _services(data_dir: Path | None, database_url: str | None) -> Any:
+    from openhtc.runtime import bootstrap, build_services
+
+    services = build_services(_settings(data_dir=data_dir, database_url=database_url))
+    bootstrap(services)
+    return services
+
+
+def _workspace(services: Any, workspace_id: str | None) -> str:
+    if workspace_id:
+        if services.accounts.workspace(workspace_id) is None:
+            raise typer.BadParameter(f"no workspace {workspace_id}", param_hint="--workspace")
+        return workspace_id
+    return str(services.accounts.workspaces()[0].id)
+
+
+@admin.command("create-user")
+def create_user(
+    email: str,
+    role: Annotated[str, typer.Option(help="workspace-admin, project-admin or member.")] = "member",
+    name: Annotated[str | None, typer.Option(help="Full name.")] = None,
+    workspace: Annotated[str | None, typer.Option(help="Workspace id (default: the first).")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a user and print a new API key for it."""
+    if role not in ROLES:
+        raise typer.BadParameter(f"choose one of {', '.join(ROLES)}", param_hint="--role")
+    services = _services(data_dir, database_url)
+    workspace_id = _workspace(services, workspace)
+    if services.accounts.user_by_email(workspace_id, email):
+        raise typer.BadParameter(f"{email} already exists in workspace {workspace_id}")
+    now = services.clock.now()
+    user_id = services.accounts.create_user(workspace_id, email, name or email, ROLES[role].value, now)
+    typer.echo(services.accounts.create_api_key(user_id, now))
+
+
+@admin.command("create-key")
+def create_key(
+    email: str,
+    workspace: Annotated[str | None, typer.Option(help="Workspace id (default: the first).")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Print a new API key for an existing user."""
+    services = _services(data_dir, database_url)
+    user = services.accounts.user_by_email(_workspace(services, workspace), email)
+    if user is None:
+        raise typer.BadParameter(f"no user {email}")
+    typer.echo(services.accounts.create_api_key(user.id, services.clock.now()))
+
+
+@admin.command("create-workspace")
+def create_workspace(
+    name: str,
+    admin_email: Annotated[
+        str, typer.Option(help="Email of the workspace's first admin.")
+    ] = "admin@localhost",
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a workspace with an admin user; print 'WORKSPACE_ID API_KEY'."""
+    from openhtc.runtime import bootstrap
+
+    services = _services(data_dir, database_url)
+    now = services.clock.now()
+    workspace_id = services.accounts.create_workspace(name, now)
+    user_id = services.accounts.create_user(
+        workspace_id, admin_email, admin_email, Role.WORKSPACE_ADMIN.value, now
+    )
+    bootstrap(services)  # gives the new workspace the local region
+    typer.echo(f"{workspace_id} {services.accounts.create_api_key(user_id, now)}")
+
+
+@admin.command("set-workspace-limit")
+def set_workspace_limit(
+    vcpus: Annotated[int, typer.Argument(help="vCPU limit; a negative value removes it.")],
+    workspace: Annotated[str | None, typer.Option(help="Workspace id (default: the first).")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Set or remove the workspace vCPU limit."""
+    services = _services(data_dir, database_url)
+    workspace_id = _workspace(services, workspace)
+    now = services.clock.now()
+    ws = services.accounts.workspace(workspace_id)
+    if vcpus < 0:
+        services.accounts.update_workspace(workspace_id, vcpu_limit=None, limit_updated_at=now)
+    else:
+        services.accounts.update_workspace(
+            workspace_id,
+            vcpu_limit=vcpus,
+            limit_created_by=ws.limit_created_by or "admin",
+            limit_created_at=ws.limit_created_at or now,
+            limit_updated_by="admin",
+            limit_updated_at=now,
+        )
+    typer.echo(f"workspace {workspace_id}: vCPU limit {'removed' if vcpus < 0 else vcpus}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("server")(server)
+    app.add_typer(admin, name="admin")

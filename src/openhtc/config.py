@@ -1,0 +1,69 @@
+"""Settings: one explicit object, loaded once at the edge (CLI) and passed down. No module globals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RuntimeName = Literal["process", "noop"]
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "openhtc"
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field can be set as ``OPENHTC_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="OPENHTC_", extra="forbid")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="State directory: DB, keys, logs.")
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(8080, description="Port the HTTP API binds to.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; postgresql://… for PostgreSQL. Default: SQLite in data_dir."
+    )
+    runtime: RuntimeName = Field(
+        "process",
+        description="How the local executor runs jobs: 'process' (host processes, no isolation; "
+        "development only) or 'noop' (finishes every job at once; control-plane benchmarks).",
+    )
+    region: str = Field(
+        "AWS_US_EAST_1",
+        description="Name of the local region. A Rescale region name so every client accepts it; "
+        "in openhtc it means 'the executors of this installation', not a cloud region.",
+    )
+    executor: bool = Field(True, description="Run the embedded local executor in the server process.")
+    executor_vcpus: int | None = Field(None, description="vCPUs the local executor offers (default: CPUs).")
+    executor_memory_mb: int | None = Field(
+        None, description="Memory the local executor offers (default: RAM)."
+    )
+    executor_prefetch: int | None = Field(
+        None,
+        description="Jobs an executor holds RUNNABLE beyond what runs, to hide claim latency "
+        "(default 2 x vCPUs).",
+    )
+    max_running_jobs: int = Field(256, description="Upper bound on jobs one local executor runs at once.")
+    lease_seconds: float = Field(
+        60.0, description="An executor that misses heartbeats this long loses its jobs."
+    )
+    heartbeat_seconds: float = Field(5.0, description="How often executors renew their leases.")
+    token_ttl_seconds: int = Field(21600, description="Lifetime of bearer tokens (6 h, as Rescale).")
+    refresh_token_ttl_seconds: int = Field(14 * 86400, description="Lifetime of job refresh tokens.")
+    admission_chunk: int = Field(5000, description="Jobs admitted per scheduler transaction.")
+    log_level: str = Field("info", description="Server log level.")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "openhtc.db"
+
+    def resolved_database_url(self) -> str:
+        url = self.database_url or f"sqlite:///{self.sqlite_path}"
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url

@@ -1,0 +1,71 @@
+"""One error root for openhtc.
+
+    OpenHTCError
+    ├── ValidationFailed      bad input; names the offending field        -> 400
+    ├── Unauthenticated       missing, forged or expired credentials      -> 401
+    ├── PermissionDenied      authenticated but not allowed               -> 403
+    ├── NotFound              absent, or belongs to another tenant        -> 404
+    ├── AdminOnly             the spec's 405 for admin-only writes         -> 405
+    ├── Conflict              the request clashes with the object's state -> 400
+    └── InvalidTransition     a job state change the table does not allow (internal)
+
+Only ``openhtc.api.errors`` knows how these map to HTTP.
+"""
+
+from __future__ import annotations
+
+
+class OpenHTCError(Exception):
+    """An openhtc operation failed."""
+
+    error = "OPENHTC_ERROR"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        super().__init__(self.message)
+
+
+class ValidationFailed(OpenHTCError):
+    """The request is invalid."""
+
+    error = "VALIDATION_ERROR"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class Unauthenticated(OpenHTCError):
+    """Missing, invalid or expired credentials."""
+
+    error = "UNAUTHORIZED"
+
+
+class PermissionDenied(OpenHTCError):
+    """You are not allowed to do this."""
+
+    error = "FORBIDDEN"
+
+
+class NotFound(OpenHTCError):
+    """Not found."""
+
+    error = "NOT_FOUND"
+
+
+class AdminOnly(OpenHTCError):
+    """Only a workspace administrator may do this."""
+
+    error = "METHOD_NOT_ALLOWED"
+
+
+class Conflict(OpenHTCError):
+    """The request conflicts with the current state."""
+
+    error = "CONFLICT"
+
+
+class InvalidTransition(OpenHTCError):
+    """A job state change that the transition table does not allow."""
+
+    error = "INVALID_TRANSITION"

@@ -1,0 +1,61 @@
+"""Plain value types exchanged between the scheduler, the store and executors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from openhtc.domain.enums import JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Resources an executor offers, or has free."""
+
+    vcpus: int
+    memory_mb: int
+
+    def fits(self, vcpus: int, memory_mb: int) -> bool:
+        return vcpus <= self.vcpus and memory_mb <= self.memory_mb
+
+    def minus(self, vcpus: int, memory_mb: int) -> Capacity:
+        return Capacity(self.vcpus - vcpus, self.memory_mb - memory_mb)
+
+
+@dataclass(frozen=True, slots=True)
+class JobLaunch:
+    """Everything an executor needs to run one attempt of one job."""
+
+    job_id: int
+    attempt: int
+    job_uuid: str
+    batch_id: int
+    array_index: int
+    project_id: str
+    task_id: str
+    region: str
+    image: str
+    commands: tuple[str, ...]
+    envs: tuple[tuple[str, str], ...]
+    vcpus: int
+    memory_mb: int
+    disk_gib: int
+    timeout_s: int | None
+    working_dir: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptReport:
+    """A status change an executor observed for one attempt."""
+
+    job_id: int
+    attempt: int
+    status: JobStatus
+    at: float
+    exit_code: int | None = None
+    failure_code: str | None = None
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    launches: list[JobLaunch] = field(default_factory=list)

@@ -1,0 +1,22 @@
+"""What the local machine offers."""
+
+from __future__ import annotations
+
+import os
+
+from openhtc.config import Settings
+from openhtc.domain.models import Capacity
+
+
+def machine_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):  # pragma: no cover - non-Linux
+        return 4096
+
+
+def local_capacity(settings: Settings) -> Capacity:
+    return Capacity(
+        vcpus=settings.executor_vcpus or os.cpu_count() or 1,
+        memory_mb=settings.executor_memory_mb or machine_memory_mb(),
+    )

@@ -1,0 +1,223 @@
+"""The embedded local executor: runs jobs on this machine through a runtime.
+
+One control thread claims work, flushes reports and heartbeats; a thread pool runs attempts.
+Jobs are packed into the machine's capacity by vCPUs and memory. A few extra jobs are held
+RUNNABLE (prefetched) so a finishing job is replaced at once, without waiting for the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TextIO
+
+from openhtc.config import Settings
+from openhtc.domain.enums import FailureCode, JobStatus
+from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.executor.capacity import local_capacity
+from openhtc.runtimes.base import RunHandle, Runtime
+from openhtc.services.executors import ExecutorService
+from openhtc.services.logs import LogStore
+from openhtc.services.wakeups import Wakeups
+
+log = logging.getLogger("openhtc.executor")
+
+
+@dataclass(slots=True)
+class _Running:
+    launch: JobLaunch
+    handle: RunHandle
+
+
+class LocalExecutor:
+    def __init__(
+        self,
+        service: ExecutorService,
+        runtime: Runtime,
+        settings: Settings,
+        logs: LogStore,
+        wakeups: Wakeups,
+        region: str,
+        architectures: list[str],
+    ) -> None:
+        self.service = service
+        self.runtime = runtime
+        self.settings = settings
+        self.logs = logs
+        self.wakeups = wakeups
+        self.region = region
+        self.architectures = architectures
+        self.executor_id = f"local-{socket.gethostname()}"
+        self.incarnation = uuid.uuid4().hex
+        self.capacity: Capacity = local_capacity(settings)
+        self.prefetch = (
+            settings.executor_prefetch if settings.executor_prefetch is not None else 2 * self.capacity.vcpus
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pending: deque[JobLaunch] = deque()
+        self._running: dict[int, _Running] = {}
+        self._used = Capacity(0, 0)
+        self._reports: list[AttemptReport] = []
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
+        self._thread = threading.Thread(target=self._loop, name="local-executor", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.wakeups.on_executor_work(self.kick)
+        recovered = self.service.register(
+            self.executor_id, self.incarnation, self.region, self.architectures, self.capacity
+        )
+        if recovered:
+            log.warning("recovered %d job(s) left running by a previous start of this executor", recovered)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop claiming, kill what runs, report it, and leave."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            running = list(self._running.values())
+        for item in running:
+            item.handle.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._flush()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    # -- control loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_heartbeat = 0.0
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=0.25)
+            self._wake.clear()
+            try:
+                self._flush()
+                now = time.monotonic()
+                if now >= next_heartbeat or self._cancel_requested():
+                    self._heartbeat()
+                    next_heartbeat = now + self.settings.heartbeat_seconds
+                self._claim()
+                self._start_pending()
+            except Exception:  # keep the executor alive; the lease protects the jobs
+                log.exception("executor loop error")
+                time.sleep(0.5)
+
+    def _cancel_requested(self) -> bool:
+        return self.wakeups.cancelled.wait(0)
+
+    def _claim(self) -> None:
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            want = self.prefetch + self.capacity.vcpus - len(self._pending) - len(self._running)
+            pending_vcpus = sum(j.vcpus for j in self._pending)
+            pending_memory = sum(j.memory_mb for j in self._pending)
+            # Running and prefetched jobs count against twice the machine, which bounds prefetch.
+            free = Capacity(
+                2 * self.capacity.vcpus - self._used.vcpus - pending_vcpus,
+                2 * self.capacity.memory_mb - self._used.memory_mb - pending_memory,
+            )
+        if want <= 0 or free.vcpus <= 0:
+            return
+        launches = self.service.claim(self.executor_id, self.region, self.architectures, free, want)
+        if launches:
+            with self._lock:
+                self._pending.extend(launches)
+
+    def _start_pending(self) -> None:
+        started: list[_Running] = []
+        with self._lock:
+            while self._pending and len(self._running) < self.settings.max_running_jobs:
+                launch = self._pending[0]
+                if not self.capacity.minus(self._used.vcpus, self._used.memory_mb).fits(
+                    launch.vcpus, launch.memory_mb
+                ):
+                    break
+                self._pending.popleft()
+                item = _Running(launch, RunHandle())
+                self._running[launch.job_id] = item
+                self._used = Capacity(
+                    self._used.vcpus + launch.vcpus, self._used.memory_mb + launch.memory_mb
+                )
+                started.append(item)
+        for item in started:
+            self._pool.submit(self._run, item)
+
+    def _run(self, item: _Running) -> None:
+        launch = item.launch
+        self._report(launch, JobStatus.STARTING)
+
+        def open_log() -> TextIO:
+            parent = launch.job_uuid.rpartition(":")[0]
+            return self.logs.open_writer(launch.task_id, parent, launch.array_index, launch.attempt)
+
+        try:
+            outcome = self.runtime.run(
+                launch, item.handle, open_log, lambda: self._report(launch, JobStatus.RUNNING)
+            )
+        except Exception as exc:
+            log.exception("runtime failed on job %s", launch.job_uuid)
+            self._report(
+                launch, JobStatus.FAILED, None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}"
+            )
+        else:
+            status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
+            self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+        finally:
+            with self._lock:
+                self._running.pop(launch.job_id, None)
+                self._used = Capacity(
+                    self._used.vcpus - launch.vcpus, self._used.memory_mb - launch.memory_mb
+                )
+            self._start_pending()
+            self._wake.set()
+
+    def _report(
+        self,
+        launch: JobLaunch,
+        status: JobStatus,
+        exit_code: int | None = None,
+        failure_code: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        report = AttemptReport(
+            launch.job_id, launch.attempt, status, time.time(), exit_code, failure_code, reason
+        )
+        with self._lock:
+            self._reports.append(report)
+
+    def _flush(self) -> None:
+        with self._lock:
+            reports, self._reports = self._reports, []
+        if reports:
+            try:
+                self.service.report(self.executor_id, reports)
+            except Exception:
+                with self._lock:  # keep them for the next flush; the store ignores duplicates
+                    self._reports[:0] = reports
+                raise
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            held = [(j.job_id, j.attempt) for j in self._pending]
+            held += [(r.launch.job_id, r.launch.attempt) for r in self._running.values()]
+        stop = set(self.service.heartbeat(self.executor_id, held))
+        if not stop:
+            return
+        with self._lock:
+            self._pending = deque(j for j in self._pending if (j.job_id, j.attempt) not in stop)
+            victims = [r for r in self._running.values() if (r.launch.job_id, r.launch.attempt) in stop]
+        for victim in victims:
+            victim.handle.stop()

@@ -1,0 +1,150 @@
+"""The composition root: builds every service of a server process and wires them together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from openhtc.auth.keys import load_or_create_signing_key
+from openhtc.auth.tokens import TokenService
+from openhtc.config import Settings
+from openhtc.domain.clock import Clock
+from openhtc.domain.enums import Role
+from openhtc.executor.local import LocalExecutor
+from openhtc.runtimes import build_runtime
+from openhtc.scheduler.loop import SchedulerLoop
+from openhtc.services.container import Services
+from openhtc.services.executors import ExecutorService
+from openhtc.services.logs import LogStore
+from openhtc.services.wakeups import Wakeups
+from openhtc.store.accounts import AccountStore
+from openhtc.store.db import Database
+from openhtc.store.jobs import JobStore
+from openhtc.store.projects import ProjectStore
+from openhtc.store.queue import QueueStore
+
+log = logging.getLogger("openhtc")
+ADMIN_EMAIL = "admin@localhost"
+
+
+def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    """Open the database (migrating it) and build the shared services. No threads start here."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    clock = clock or Clock()
+    db = Database(settings.resolved_database_url())
+    db.migrate()
+    key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
+    return Services(
+        settings=settings,
+        clock=clock,
+        db=db,
+        accounts=AccountStore(db),
+        projects=ProjectStore(db),
+        jobs=JobStore(db),
+        queue=QueueStore(db),
+        tokens=TokenService(key, clock, settings.token_ttl_seconds, settings.refresh_token_ttl_seconds),
+        logs=LogStore(settings.data_dir / "logs"),
+        wakeups=Wakeups(),
+    )
+
+
+def write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    os.chmod(path, 0o600)
+
+
+def bootstrap(services: Services) -> str | None:
+    """First start: a workspace, an admin with an API key, and the local region.
+
+    Returns the new admin key (also written to DATA_DIR/admin-api-key), or None if the
+    installation already existed. Every start makes sure each workspace has the local region.
+    """
+    now = services.clock.now()
+    accounts = services.accounts
+    new_key = None
+    if not accounts.workspaces():
+        workspace_id = accounts.create_workspace("default", now)
+        user_id = accounts.create_user(
+            workspace_id, ADMIN_EMAIL, "openhtc admin", Role.WORKSPACE_ADMIN.value, now
+        )
+        new_key = accounts.create_api_key(user_id, now, label="bootstrap admin key")
+        write_secret(services.settings.data_dir / "admin-api-key", new_key)
+    for ws in accounts.workspaces():
+        accounts.ensure_region(
+            ws.id, services.settings.region, services.region_architectures(), "openhtc", now
+        )
+    return new_key
+
+
+@dataclass
+class Server:
+    """A running control plane: services, scheduler and (optionally) the local executor."""
+
+    services: Services
+    scheduler: SchedulerLoop
+    executor: LocalExecutor | None
+
+    def start(self) -> None:
+        self.scheduler.start()
+        if self.executor is not None:
+            self.executor.start()
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.stop()
+        self.scheduler.stop()
+        self.services.db.dispose()
+
+
+def build_server(settings: Settings, clock: Clock | None = None) -> Server:
+    services = build_services(settings, clock)
+    new_key = bootstrap(services)
+    if new_key:
+        print(
+            "openhtc: created the admin API key (shown once; also in "
+            f"{settings.data_dir / 'admin-api-key'}):\n  {new_key}",
+            file=sys.stderr,
+            flush=True,
+        )
+    executor = None
+    if settings.executor:
+        runtime = build_runtime(settings.runtime, str(settings.data_dir / "work"))
+        executor = LocalExecutor(
+            ExecutorService(services),
+            runtime,
+            settings,
+            services.logs,
+            services.wakeups,
+            settings.region,
+            services.region_architectures(),
+        )
+    return Server(services, SchedulerLoop(services), executor)
+
+
+def serve(settings: Settings) -> None:
+    """Run the API, scheduler and local executor until interrupted."""
+    import uvicorn
+
+    from openhtc.api.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server = build_server(settings)
+    app = create_app(server.services)
+    server.start()
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning" if settings.log_level == "info" else settings.log_level,
+            access_log=False,
+        )
+    finally:
+        server.stop()

@@ -1,0 +1,73 @@
+"""The runtime contract."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TextIO
+
+from openhtc.domain.models import JobLaunch
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended. ``failure_code`` None and exit code 0 means success."""
+
+    exit_code: int | None
+    failure_code: str | None
+    reason: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure_code is None and self.exit_code == 0
+
+
+class RunHandle:
+    """Lets the executor stop a running attempt (cancel, lost lease) from another thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.stopped = False
+        self.timed_out = False
+
+    def attach(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._proc = proc
+            stop = self.stopped
+        if stop:
+            self._kill()
+
+    def stop(self, timed_out: bool = False) -> None:
+        with self._lock:
+            self.stopped = True
+            self.timed_out = self.timed_out or timed_out
+        self._kill()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the job's whole process group
+
+
+LogOpener = Callable[[], TextIO]
+
+
+class Runtime(Protocol):
+    name: str
+
+    def run(
+        self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
+    ) -> Outcome:
+        """Run one attempt to completion, calling ``on_running`` once the process is up."""
+        ...
+
+    def image_ready(self, image: str) -> bool:
+        """Whether ``image`` can be run (the process runtime accepts any well-formed name)."""
+        ...

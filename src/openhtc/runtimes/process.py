@@ -1,0 +1,132 @@
+"""The process runtime: a job's commands run on the host in a fresh working directory.
+
+No isolation at all: for development and tests only. The image name is recorded but not used.
+Each job gets its own session (so a timeout or cancel kills its whole process group) and is
+killed if the server dies (PR_SET_PDEATHSIG), so a crashed server leaves no job running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, TextIO
+
+from openhtc.domain.enums import FailureCode
+from openhtc.domain.models import JobLaunch
+from openhtc.runtimes.base import LogOpener, Outcome, RunHandle
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def preexec() -> None:  # runs in the child between fork and exec; keep it minimal
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return preexec
+
+
+def exit_outcome(code: int, handle: RunHandle, timeout_s: int | None) -> Outcome:
+    """Map a process exit status to the job's outcome."""
+    exit_code = 128 - code if code < 0 else code  # killed by signal N -> 128+N, as shells report
+    if handle.timed_out:
+        return Outcome(
+            exit_code, FailureCode.ErrorTimeout.value, f"Job exceeded execTimeoutSeconds={timeout_s}"
+        )
+    if handle.stopped:
+        return Outcome(exit_code, FailureCode.ErrorUnknownFailure.value, "Job stopped by the executor")
+    if exit_code == 0:
+        return Outcome(0, None, "Completed")
+    return Outcome(
+        exit_code, FailureCode.ErrorNonZeroContainerExitCode.value, f"Container exited with code {exit_code}"
+    )
+
+
+def pump_lines(stream: IO[str] | None, open_log: LogOpener) -> None:
+    """Copy a process's output to the job log, one timestamped line at a time."""
+    if stream is None:
+        return
+    log: TextIO | None = None
+    try:
+        for line in stream:
+            if log is None:
+                log = open_log()
+            log.write(f"{time.time():.6f}\t{line.rstrip(chr(10))}\n")
+    finally:
+        if log is not None:
+            log.close()
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self, work_root: str) -> None:
+        self.work_root = work_root
+        os.makedirs(work_root, exist_ok=True)
+        self._preexec = _die_with_parent()
+
+    def image_ready(self, image: str) -> bool:
+        return True
+
+    def run(
+        self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
+    ) -> Outcome:
+        if not launch.commands:
+            return Outcome(
+                None,
+                FailureCode.ErrorStartingContainer.value,
+                "The process runtime needs 'commands': it does not read an image's entrypoint",
+            )
+        workdir = tempfile.mkdtemp(prefix=f"job-{launch.job_id}-", dir=self.work_root)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": workdir,
+            "LANG": "C.UTF-8",
+            "TMPDIR": workdir,
+            **dict(launch.envs),
+        }
+        try:
+            try:
+                proc = subprocess.Popen(
+                    list(launch.commands),
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    start_new_session=True,
+                    preexec_fn=self._preexec,
+                )
+            except OSError as exc:
+                return Outcome(
+                    None,
+                    FailureCode.ErrorStartingContainer.value,
+                    f"Cannot start {launch.commands[0]}: {exc}",
+                )
+            handle.attach(proc)  # type: ignore[arg-type]
+            on_running()
+            timer = None
+            if launch.timeout_s:
+                timer = threading.Timer(launch.timeout_s, handle.stop, kwargs={"timed_out": True})
+                timer.daemon = True
+                timer.start()
+            try:
+                pump_lines(proc.stdout, open_log)
+                code = proc.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            return exit_outcome(code, handle, launch.timeout_s)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""The scheduler loop: admits held jobs under the vCPU limits and recovers expired leases."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from openhtc.services.container import Services
+
+log = logging.getLogger("openhtc.scheduler")
+
+
+class SchedulerLoop:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.services.wakeups.submitted.set()
+        self._thread.join(timeout=10)
+
+    def tick(self) -> int:
+        """One round: admit as much as the limits allow, then recover lost jobs."""
+        s = self.services
+        admitted = 0
+        while not self._stopping.is_set():
+            n = s.queue.admit(s.clock.now(), s.settings.admission_chunk)
+            admitted += n
+            if n:
+                s.wakeups.queued()
+            if n < s.settings.admission_chunk:
+                break
+        return admitted
+
+    def _run(self) -> None:
+        s = self.services
+        next_expiry = 0.0
+        while not self._stopping.is_set():
+            s.wakeups.submitted.wait(timeout=1.0)
+            try:
+                self.tick()
+                now = time.monotonic()
+                if now >= next_expiry:
+                    if s.queue.expire_leases(s.clock.now()):
+                        s.wakeups.submitted.set()
+                    next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
+            except Exception:
+                log.exception("scheduler loop error")
+                time.sleep(0.5)

@@ -1,0 +1,39 @@
+"""The services one server process shares, built once by the composition root (openhtc.runtime)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from openhtc.auth.tokens import TokenService
+from openhtc.config import Settings
+from openhtc.domain.clock import Clock
+from openhtc.services.logs import LogStore
+from openhtc.services.wakeups import Wakeups
+from openhtc.store.accounts import AccountStore
+from openhtc.store.db import Database
+from openhtc.store.jobs import JobStore
+from openhtc.store.projects import ProjectStore
+from openhtc.store.queue import QueueStore
+
+
+def host_architecture() -> str:
+    machine = platform.machine().lower()
+    return "AARCH64" if machine in ("aarch64", "arm64") else "X86"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    db: Database
+    accounts: AccountStore
+    projects: ProjectStore
+    jobs: JobStore
+    queue: QueueStore
+    tokens: TokenService
+    logs: LogStore
+    wakeups: Wakeups
+
+    def region_architectures(self) -> list[str]:
+        return [host_architecture()]

@@ -1,0 +1,125 @@
+"""The executor protocol, served in-process: register, claim, report, heartbeat.
+
+``htc agent`` speaks the same protocol over HTTP; the embedded local executor calls these
+methods directly. Claims turn store rows into JobLaunch values carrying the job's environment,
+including a job-scoped bearer token and refresh token (minted once per batch and attempt-free,
+since a job token's scope is its task).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from openhtc.auth.tokens import Principal
+from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.services.container import Services
+
+
+class ExecutorService:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._tokens: dict[int, tuple[float, str, str]] = {}  # batch id -> (expiry, bearer, refresh)
+        self._lock = threading.Lock()
+
+    def register(
+        self, executor_id: str, incarnation: str, region: str, architectures: list[str], capacity: Capacity
+    ) -> int:
+        recovered = self.services.queue.register(
+            executor_id, incarnation, region, architectures, capacity, self.services.clock.now()
+        )
+        if recovered:
+            self.services.wakeups.submitted.set()
+        return recovered
+
+    def claim(
+        self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
+    ) -> list[JobLaunch]:
+        s = self.services
+        rows = s.queue.claim(
+            executor_id, region, architectures, free, max_jobs, s.settings.lease_seconds, s.clock.now()
+        )
+        return [self._launch(job, batch) for job, batch in rows]
+
+    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> int:
+        applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
+        # A failed attempt may have been re-queued: let the scheduler admit it again.
+        self.services.wakeups.submitted.set()
+        return applied
+
+    def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        s = self.services
+        return s.queue.heartbeat(executor_id, held, s.settings.lease_seconds, s.clock.now())
+
+    # -- launches -------------------------------------------------------------------------------
+
+    def _batch_tokens(self, batch: Any) -> tuple[str, str]:
+        now = self.services.clock.now()
+        with self._lock:
+            cached = self._tokens.get(batch.id)
+            if cached and cached[0] - now > 3600:
+                return cached[1], cached[2]
+        definition = batch.request.get("htcJobDefinition", {})
+        claims = {c["name"]: c["value"] for c in definition.get("claims", [])}
+        principal = Principal(
+            user_id=batch.created_by,
+            workspace_id=batch.workspace_id,
+            role="MEMBER",
+            scope="job",
+            project_id=batch.project_id,
+            task_id=batch.task_id,
+            claims=claims,
+        )
+        bearer, ttl = self.services.tokens.bearer(principal)
+        refresh = self.services.tokens.refresh(principal)
+        with self._lock:
+            if len(self._tokens) > 10000:
+                self._tokens.clear()
+            self._tokens[batch.id] = (now + ttl, bearer, refresh)
+        return bearer, refresh
+
+    def _launch(self, job: Any, batch: Any) -> JobLaunch:
+        definition = batch.request.get("htcJobDefinition", {})
+        bearer, refresh = self._batch_tokens(batch)
+        job_uuid = f"{batch.parent_job_id}:{job.idx}"
+        settings = self.services.settings
+        system = {
+            "AWS_BATCH_JOB_ARRAY_INDEX": str(job.idx),
+            "AWS_BATCH_JOB_ID": job_uuid,
+            "AWS_BATCH_JOB_ATTEMPT": str(job.attempt),
+            "AWS_BATCH_CE_NAME": f"openhtc-{job.region}",
+            "AWS_BATCH_JQ_NAME": f"openhtc-{job.region}",
+            "RESCALE_PROJECT_ID": job.project_id,
+            "RESCALE_TASK_ID": job.task_id,
+            "RESCALE_JOB_ID": job_uuid,
+            "RESCALE_HTC_PROJECT_ID": job.project_id,
+            "RESCALE_HTC_TASK_ID": job.task_id,
+            "RESCALE_HTC_REGION": job.region,
+            "RESCALE_HTC_BEARER_TOKEN": bearer,
+            "RESCALE_HTC_REFRESH_TOKEN": refresh,
+            "OPENHTC_API_URL": f"http://{_connect_host(settings.host)}:{settings.port}/api/v1",
+        }
+        envs = tuple(system.items()) + tuple((e["name"], e["value"]) for e in definition.get("envs", []))
+        return JobLaunch(
+            job_id=job.id,
+            attempt=job.attempt,
+            job_uuid=job_uuid,
+            batch_id=batch.id,
+            array_index=job.idx,
+            project_id=job.project_id,
+            task_id=job.task_id,
+            region=job.region,
+            image=definition.get("imageName", ""),
+            commands=tuple(definition.get("commands", [])),
+            envs=envs,
+            vcpus=job.vcpus,
+            memory_mb=job.memory_mb,
+            disk_gib=int(definition.get("maxDiskGiB", 10)),
+            timeout_s=definition.get("execTimeoutSeconds"),
+            working_dir=definition.get("workingDir"),
+        )
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

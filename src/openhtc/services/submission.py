@@ -1,0 +1,95 @@
+"""Submitting job batches: the checks that need the project, then one bulk write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from openhtc.auth.tokens import Principal
+from openhtc.domain.enums import LifecycleStatus, Priority
+from openhtc.domain.errors import Conflict, ValidationFailed
+from openhtc.domain.submission import SubmitRequest, parse_submit_requests
+from openhtc.executor.capacity import local_capacity
+from openhtc.services.container import Services
+from openhtc.store.jobs import NewBatch
+
+
+def submit(
+    services: Services, principal: Principal, project: Any, task: Any, body: Any, group: str | None
+) -> list[dict[str, Any]]:
+    """Validate every request first, so a bad one stores nothing, then store all batches."""
+    if task.lifecycle_status == LifecycleStatus.DELETED.value:
+        raise Conflict(f"task {task.id} is DELETED; jobs cannot be submitted to it")
+    if group is not None and not group.strip():
+        raise ValidationFailed("must not be empty", field="group")
+    requests = parse_submit_requests(body)
+    region_archs = {
+        r.name: list(r.architectures) for r in services.accounts.regions(project.workspace_id) if r.enabled
+    }
+    capacity = _largest_executor(services)
+    new = [_plan(req, i, project, region_archs, capacity, group) for i, req in enumerate(requests)]
+    return services.jobs.submit(task, new, principal.user_id, services.clock.now())
+
+
+def _largest_executor(services: Services) -> tuple[int, int]:
+    cap = local_capacity(services.settings)
+    return cap.vcpus, cap.memory_mb
+
+
+def _plan(
+    req: SubmitRequest,
+    i: int,
+    project: Any,
+    region_archs: dict[str, list[str]],
+    capacity: tuple[int, int],
+    group: str | None,
+) -> NewBatch:
+    definition = req.htcJobDefinition
+    regions = req.requested_regions()
+    project_regions = list(project.regions or [])
+    for region in regions:
+        if region not in project_regions:
+            raise ValidationFailed(
+                f"region {region} is not enabled for project {project.id}", field=f"[{i}].regions"
+            )
+    candidates = [r for r in (regions or project_regions) if r in region_archs]
+    if not candidates:
+        raise ValidationFailed("no enabled region of the project can run this job", field=f"[{i}].regions")
+    offered = {arch for region in candidates for arch in region_archs[region]}
+    architecture = definition.architecture.value if definition.architecture else None
+    if architecture is None:
+        architecture = region_archs[candidates[0]][0]
+    elif architecture not in offered:
+        raise ValidationFailed(
+            f"{architecture} is not offered by the project's regions ({', '.join(sorted(offered))})",
+            field=f"[{i}].htcJobDefinition.architecture",
+        )
+    region = next(r for r in candidates if architecture in region_archs[r])
+    vcpus, memory = capacity
+    if definition.maxVCpus > vcpus:
+        raise ValidationFailed(
+            f"{definition.maxVCpus} exceeds the largest executor in {region} ({vcpus} vCPUs)",
+            field=f"[{i}].htcJobDefinition.maxVCpus",
+        )
+    if definition.maxMemory > memory:
+        raise ValidationFailed(
+            f"{definition.maxMemory} MiB exceeds the largest executor in {region} ({memory} MiB)",
+            field=f"[{i}].htcJobDefinition.maxMemory",
+        )
+    priority = definition.priority if definition.priority is not None else Priority.ON_DEMAND_PRIORITY
+    echo = req.model_dump(mode="json", exclude_none=True, exclude={"region", "regions"})
+    echo["htcJobDefinition"]["architecture"] = architecture
+    echo["htcJobDefinition"]["priority"] = priority.name
+    echo["cloudProvider"] = region.split("_", 1)[0]
+    if req.retryStrategy is None:
+        echo["retryStrategy"] = {"maxRetries": 0}
+    return NewBatch(
+        request=echo,
+        group=group,
+        batch_size=req.batchSize,
+        region=region,
+        architecture=architecture,
+        priority=int(priority),
+        vcpus=definition.maxVCpus,
+        memory_mb=definition.maxMemory,
+        max_retries=req.retryStrategy.maxRetries if req.retryStrategy else 0,
+    )

@@ -1,0 +1,253 @@
+"""Batches and jobs: submission, reads, summaries and cancellation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, func, insert, select
+
+from openhtc.domain.clock import iso
+from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
+from openhtc.store.db import Database
+from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
+from openhtc.store.transitions import STATE_COLUMNS, Change, apply, bump_counters, chunks
+
+INSERT_CHUNK = 20000
+
+
+@dataclass(frozen=True, slots=True)
+class NewBatch:
+    """A validated batch ready to store: its echo and the per-job scheduling fields."""
+
+    request: dict[str, Any]  # the HTCJobSubmitRequest echo, without server fields
+    group: str | None
+    batch_size: int
+    region: str
+    architecture: str
+    priority: int
+    vcpus: int
+    memory_mb: int
+    max_retries: int
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def submit(
+        self, task: Row[Any], new_batches: Sequence[NewBatch], user_id: str, now: float
+    ) -> list[dict[str, Any]]:
+        """Store batches and all their jobs (SUBMITTED_TO_RESCALE) in one transaction."""
+        echoes: list[dict[str, Any]] = []
+        with self.db.write() as conn:
+            for nb in new_batches:
+                parent = str(uuid.uuid4())
+                group = nb.group or parent
+                echo = {
+                    **nb.request,
+                    "taskId": task.id,
+                    "projectId": task.project_id,
+                    "parentJobId": parent,
+                    "createdBy": user_id,
+                    "workspaceId": task.workspace_id,
+                    "group": group,
+                    "batchSize": nb.batch_size,
+                    "regions": [nb.region],
+                    "rescaleTimeReceived": iso(now),
+                    "jobDefinitionName": f"jobdef-{parent}",
+                }
+                batch_id = conn.execute(
+                    insert(batches)
+                    .values(
+                        parent_job_id=parent,
+                        task_id=task.id,
+                        project_id=task.project_id,
+                        workspace_id=task.workspace_id,
+                        group_name=group,
+                        batch_size=nb.batch_size,
+                        created_by=user_id,
+                        created_at=now,
+                        region=nb.region,
+                        max_retries=nb.max_retries,
+                        request=echo,
+                    )
+                    .returning(batches.c.id)
+                ).scalar_one()
+                base = {
+                    "batch_id": batch_id,
+                    "task_id": task.id,
+                    "project_id": task.project_id,
+                    "group_name": group,
+                    "region": nb.region,
+                    "architecture": nb.architecture,
+                    "status": int(JobStatus.SUBMITTED_TO_RESCALE),
+                    "attempt": 1,
+                    "priority": nb.priority,
+                    "vcpus": nb.vcpus,
+                    "memory_mb": nb.memory_mb,
+                    "created_at": now,
+                    "updated_at": now,
+                    "cancelled": False,
+                }
+                rows = [{**base, "idx": i} for i in range(nb.batch_size)]
+                for part in chunks(rows, INSERT_CHUNK):
+                    conn.execute(insert(jobs), part)
+                conn.execute(
+                    insert(job_events).from_select(
+                        ["job_id", "attempt", "status", "at", "cancelled"],
+                        select(
+                            jobs.c.id,
+                            jobs.c.attempt,
+                            jobs.c.status,
+                            jobs.c.created_at,
+                            jobs.c.cancelled,
+                        ).where(jobs.c.batch_id == batch_id),
+                    )
+                )
+                bump_counters(
+                    self.db,
+                    conn,
+                    {
+                        (task.id, group, int(JobStatus.SUBMITTED_TO_RESCALE), task.project_id): [
+                            nb.batch_size,
+                            nb.batch_size * nb.vcpus,
+                        ]
+                    },
+                )
+                echoes.append(echo)
+            conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
+        return echoes
+
+    def cancel(self, task_id: str, group: str | None, now: float) -> int:
+        """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
+        cancelled = 0
+        with self.db.write() as conn:
+            cond = and_(jobs.c.task_id == task_id, jobs.c.status.in_([int(s) for s in NON_TERMINAL_STATUSES]))
+            if group is not None:
+                cond = and_(cond, jobs.c.group_name == group)
+            rows = conn.execute(select(*STATE_COLUMNS).where(cond)).all()
+            reason = "Job cancelled by user"
+            changes = [
+                Change(
+                    row,
+                    JobStatus.FAILED,
+                    {
+                        "cancelled": True,
+                        "status_reason": reason,
+                        "completed_at": now,
+                        "lease_expires_at": None,
+                    },
+                    [(JobStatus.FAILED, row.attempt, now, reason, None, True)],
+                )
+                for row in rows
+            ]
+            for part in chunks(changes, 5000):
+                apply(self.db, conn, part, now)
+            cancelled = len(changes)
+            if cancelled:
+                conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))
+        return cancelled
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def batch_by_parent(self, conn: Connection, parent_job_id: str) -> Row[Any] | None:
+        return conn.execute(select(batches).where(batches.c.parent_job_id == parent_job_id)).first()
+
+    def batches_by_id(self, conn: Connection, ids: set[int]) -> dict[int, Row[Any]]:
+        if not ids:
+            return {}
+        rows = conn.execute(select(batches).where(batches.c.id.in_(ids))).all()
+        return {row.id: row for row in rows}
+
+    def get(self, conn: Connection, task_id: str, job_uuid: str) -> tuple[Row[Any], Row[Any]] | None:
+        """The job row and its batch row for ``{parentJobId}:{index}``."""
+        parent, sep, index = job_uuid.rpartition(":")
+        if not sep or not index.isdigit():
+            return None
+        batch = self.batch_by_parent(conn, parent)
+        if batch is None or batch.task_id != task_id:
+            return None
+        job = conn.execute(
+            select(jobs).where(and_(jobs.c.batch_id == batch.id, jobs.c.idx == int(index)))
+        ).first()
+        return (job, batch) if job is not None else None
+
+    def list_jobs(
+        self,
+        conn: Connection,
+        task_id: str,
+        *,
+        after_id: int,
+        limit: int,
+        group: str | None = None,
+        status: JobStatus | None = None,
+        job_uuids: Sequence[str] = (),
+    ) -> list[Row[Any]]:
+        cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
+        if group is not None:
+            cond = and_(cond, jobs.c.group_name == group)
+        if status is not None:
+            cond = and_(cond, jobs.c.status == int(status))
+        if job_uuids:
+            ids = self._ids_for_uuids(conn, task_id, job_uuids)
+            cond = and_(cond, jobs.c.id.in_(ids))
+        return list(conn.execute(select(jobs).where(cond).order_by(jobs.c.id).limit(limit)).all())
+
+    def _ids_for_uuids(self, conn: Connection, task_id: str, job_uuids: Sequence[str]) -> list[int]:
+        ids = []
+        for job_uuid in job_uuids:
+            found = self.get(conn, task_id, job_uuid)
+            if found:
+                ids.append(found[0].id)
+        return ids
+
+    def events(self, conn: Connection, job_id: int, after_id: int, limit: int) -> list[Row[Any]]:
+        return list(
+            conn.execute(
+                select(job_events)
+                .where(and_(job_events.c.job_id == job_id, job_events.c.id > after_id))
+                .order_by(job_events.c.id)
+                .limit(limit)
+            ).all()
+        )
+
+    def summary(
+        self, conn: Connection, task_id: str, groups: Sequence[str] | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Counts per group and status name, read from the counters (O(groups), not O(jobs))."""
+        cond = job_counters.c.task_id == task_id
+        if groups:
+            cond = and_(cond, job_counters.c.group_name.in_(list(groups)))
+        out: dict[str, dict[str, int]] = {}
+        for group, status, count in conn.execute(
+            select(job_counters.c.group_name, job_counters.c.status, job_counters.c.count).where(cond)
+        ):
+            out.setdefault(group, {})[JobStatus(status).name] = int(count)
+        return out
+
+    def groups(self, conn: Connection, task_id: str, after: str | None, limit: int) -> list[str]:
+        cond = job_counters.c.task_id == task_id
+        if after is not None:
+            cond = and_(cond, job_counters.c.group_name > after)
+        stmt = (
+            select(job_counters.c.group_name)
+            .where(cond)
+            .group_by(job_counters.c.group_name)
+            .order_by(job_counters.c.group_name)
+            .limit(limit)
+        )
+        return [row[0] for row in conn.execute(stmt)]
+
+    def running_count(self, conn: Connection, task_id: str) -> int:
+        stmt = select(func.coalesce(func.sum(job_counters.c.count), 0)).where(
+            and_(
+                job_counters.c.task_id == task_id,
+                job_counters.c.status.in_([int(s) for s in NON_TERMINAL_STATUSES]),
+            )
+        )
+        return int(conn.execute(stmt).scalar_one())

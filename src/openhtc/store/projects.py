@@ -1,0 +1,202 @@
+"""Projects, their limits, dimensions and retention policies, and tasks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
+
+from openhtc.domain.enums import LifecycleStatus
+from openhtc.store.db import Database
+from openhtc.store.tables import batches, project_limits, projects, tasks
+
+
+class ProjectStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- projects -------------------------------------------------------------------------------
+
+    def create(
+        self,
+        workspace_id: str,
+        name: str,
+        description: str,
+        regions: list[str],
+        region_settings: Any,
+        user_id: str,
+        now: float,
+    ) -> Row[Any]:
+        project_id = str(uuid.uuid4())
+        with self.db.write() as conn:
+            conn.execute(
+                insert(projects).values(
+                    id=project_id,
+                    workspace_id=workspace_id,
+                    name=name,
+                    description=description,
+                    created_by=user_id,
+                    created_at=now,
+                    regions=regions,
+                    region_settings=region_settings,
+                )
+            )
+            return conn.execute(select(projects).where(projects.c.id == project_id)).one()
+
+    def get(self, workspace_id: str, project_id: str) -> Row[Any] | None:
+        with self.db.read() as conn:
+            return conn.execute(
+                select(projects).where(
+                    and_(projects.c.id == project_id, projects.c.workspace_id == workspace_id)
+                )
+            ).first()
+
+    def list_projects(
+        self, workspace_id: str, after: tuple[float, str] | None, limit: int, created_by: str | None = None
+    ) -> list[Row[Any]]:
+        cond = projects.c.workspace_id == workspace_id
+        if created_by:
+            cond = and_(cond, projects.c.created_by == created_by)
+        if after:
+            cond = and_(
+                cond,
+                or_(
+                    projects.c.created_at > after[0],
+                    and_(projects.c.created_at == after[0], projects.c.id > after[1]),
+                ),
+            )
+        with self.db.read() as conn:
+            stmt = select(projects).where(cond).order_by(projects.c.created_at, projects.c.id).limit(limit)
+            return list(conn.execute(stmt).all())
+
+    def update(self, project_id: str, **values: Any) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
+
+    def repositories(self, project_id: str) -> list[str]:
+        return []  # filled by the container registry (its own issue)
+
+    # -- limits ---------------------------------------------------------------------------------
+
+    def limits(self, project_id: str) -> list[Row[Any]]:
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    select(project_limits)
+                    .where(project_limits.c.project_id == project_id)
+                    .order_by(project_limits.c.id)
+                )
+            )
+
+    def limit(self, project_id: str, limit_id: int) -> Row[Any] | None:
+        with self.db.read() as conn:
+            return conn.execute(
+                select(project_limits).where(
+                    and_(project_limits.c.project_id == project_id, project_limits.c.id == limit_id)
+                )
+            ).first()
+
+    def set_limit(self, project: Row[Any], vcpus: int, role: str, user_id: str, now: float) -> Row[Any]:
+        """Create the limit for ``role``, or overwrite the existing one."""
+        with self.db.write() as conn:
+            existing = conn.execute(
+                select(project_limits).where(
+                    and_(project_limits.c.project_id == project.id, project_limits.c.modifier_role == role)
+                )
+            ).first()
+            if existing:
+                conn.execute(
+                    update(project_limits)
+                    .where(project_limits.c.id == existing.id)
+                    .values(vcpus=vcpus, updated_by=user_id, updated_at=now)
+                )
+                limit_id = existing.id
+            else:
+                limit_id = conn.execute(
+                    insert(project_limits)
+                    .values(
+                        project_id=project.id,
+                        workspace_id=project.workspace_id,
+                        vcpus=vcpus,
+                        modifier_role=role,
+                        created_by=user_id,
+                        updated_by=user_id,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(project_limits.c.id)
+                ).scalar_one()
+            return conn.execute(select(project_limits).where(project_limits.c.id == limit_id)).one()
+
+    def update_limit(self, limit_id: int, vcpus: int, user_id: str, now: float) -> Row[Any]:
+        with self.db.write() as conn:
+            conn.execute(
+                update(project_limits)
+                .where(project_limits.c.id == limit_id)
+                .values(vcpus=vcpus, updated_by=user_id, updated_at=now)
+            )
+            return conn.execute(select(project_limits).where(project_limits.c.id == limit_id)).one()
+
+    def delete_limits(self, project_id: str, limit_id: int | None = None) -> int:
+        cond = project_limits.c.project_id == project_id
+        if limit_id is not None:
+            cond = and_(cond, project_limits.c.id == limit_id)
+        with self.db.write() as conn:
+            return conn.execute(delete(project_limits).where(cond)).rowcount
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def create_task(
+        self, project: Row[Any], name: str, description: str, user_id: str, now: float
+    ) -> Row[Any]:
+        task_id = str(uuid.uuid4())
+        with self.db.write() as conn:
+            conn.execute(
+                insert(tasks).values(
+                    id=task_id,
+                    project_id=project.id,
+                    workspace_id=project.workspace_id,
+                    name=name,
+                    description=description,
+                    created_by=user_id,
+                    created_at=now,
+                    last_active_at=now,
+                    lifecycle_status=LifecycleStatus.ACTIVE.value,
+                )
+            )
+            return conn.execute(select(tasks).where(tasks.c.id == task_id)).one()
+
+    def task(self, project_id: str, task_id: str) -> Row[Any] | None:
+        with self.db.read() as conn:
+            return self.task_in(conn, project_id, task_id)
+
+    def task_in(self, conn: Connection, project_id: str, task_id: str) -> Row[Any] | None:
+        return conn.execute(
+            select(tasks).where(and_(tasks.c.id == task_id, tasks.c.project_id == project_id))
+        ).first()
+
+    def tasks(self, project_id: str, after: tuple[float, str] | None, limit: int) -> list[Row[Any]]:
+        cond = tasks.c.project_id == project_id
+        if after:
+            cond = and_(
+                cond,
+                or_(
+                    tasks.c.created_at > after[0], and_(tasks.c.created_at == after[0], tasks.c.id > after[1])
+                ),
+            )
+        with self.db.read() as conn:
+            return list(
+                conn.execute(select(tasks).where(cond).order_by(tasks.c.created_at, tasks.c.id).limit(limit))
+            )
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(**values))
+
+    def has_batches(self, task_id: str) -> bool:
+        with self.db.read() as conn:
+            return (
+                conn.execute(select(batches.c.id).where(batches.c.task_id == task_id).limit(1)).first()
+                is not None
+            )

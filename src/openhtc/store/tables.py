@@ -1,0 +1,227 @@
+"""The schema. Times are epoch seconds (float); statuses and priorities are small ints.
+
+A batch row holds a submitted job definition once; a job row holds only what changes.
+``job_counters`` keeps per (task, group, status) counts and vCPUs in step with every
+transition, so summaries and limit checks never scan jobs.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BigInteger primary keys that still autoincrement on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("vcpu_limit", Integer),
+    Column("limit_created_by", String(32)),
+    Column("limit_updated_by", String(32)),
+    Column("limit_created_at", Float),
+    Column("limit_updated_at", Float),
+    Column("retention_archive_after", Integer),
+    Column("retention_delete_after", Integer),
+    Column("retention_created_at", Float),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("workspace_id", ForeignKey("workspaces.id"), nullable=False, index=True),
+    Column("email", String(320), nullable=False),
+    Column("full_name", String(200), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("workspace_id", "email"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("user_id", ForeignKey("users.id"), nullable=False, index=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("label", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+regions = Table(
+    "regions",
+    metadata,
+    Column("workspace_id", ForeignKey("workspaces.id"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("weight", Float, nullable=False, default=1.0),
+    Column("architectures", JSON, nullable=False),
+    Column("updated_by", String(32), nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("workspace_id", ForeignKey("workspaces.id"), nullable=False),
+    Column("name", String(500), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_by", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("regions", JSON, nullable=False),
+    Column("region_settings", JSON),
+    Column("dimensions", JSON),
+    Column("retention_archive_after", Integer),
+    Column("retention_delete_after", Integer),
+    Column("retention_created_at", Float),
+    Index("ix_projects_workspace_created", "workspace_id", "created_at", "id"),
+)
+
+project_limits = Table(
+    "project_limits",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("project_id", ForeignKey("projects.id"), nullable=False, index=True),
+    Column("workspace_id", String(32), nullable=False),
+    Column("vcpus", Integer, nullable=False),
+    Column("modifier_role", String(32), nullable=False),
+    Column("created_by", String(32), nullable=False),
+    Column("updated_by", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("project_id", "modifier_role"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project_id", ForeignKey("projects.id"), nullable=False),
+    Column("workspace_id", String(32), nullable=False),
+    Column("name", String(500), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_by", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_active_at", Float, nullable=False),
+    Column("archived_at", Float),
+    Column("deleted_at", Float),
+    Column("lifecycle_status", String(16), nullable=False),
+    Index("ix_tasks_project_created", "project_id", "created_at", "id"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("parent_job_id", String(64), nullable=False, unique=True),
+    Column("task_id", ForeignKey("tasks.id"), nullable=False, index=True),
+    Column("project_id", String(64), nullable=False),
+    Column("workspace_id", String(32), nullable=False),
+    Column("group_name", String(500), nullable=False),
+    Column("batch_size", Integer, nullable=False),
+    Column("created_by", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("max_retries", Integer, nullable=False),
+    Column("request", JSON, nullable=False),  # the echoed HTCJobSubmitRequest
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("batch_id", ForeignKey("batches.id"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("task_id", String(64), nullable=False),
+    Column("project_id", String(64), nullable=False),
+    Column("group_name", String(500), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("architecture", String(16), nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("priority", SmallInteger, nullable=False),
+    Column("vcpus", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("executor_id", String(128)),
+    Column("lease_expires_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("completed_at", Float),
+    Column("exit_code", Integer),
+    Column("failure_code", String(40)),
+    Column("status_reason", Text),
+    Column("cancelled", Boolean, nullable=False, default=False),
+    UniqueConstraint("batch_id", "idx"),
+    Index("ix_jobs_queue", "status", "project_id", "priority", "id"),
+    Index("ix_jobs_task", "task_id", "id"),
+    Index("ix_jobs_task_group", "task_id", "group_name", "id"),
+    Index("ix_jobs_executor", "executor_id", "status"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("reason", Text),
+    Column("exit_code", Integer),
+    Column("executor_id", String(128)),
+    Column("cancelled", Boolean, nullable=False, default=False),
+    Index("ix_job_events_job", "job_id", "id"),
+)
+
+job_counters = Table(
+    "job_counters",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("group_name", String(500), primary_key=True),
+    Column("status", SmallInteger, primary_key=True),
+    Column("project_id", String(64), nullable=False),
+    Column("count", BigInteger, nullable=False, default=0),
+    Column("vcpus", BigInteger, nullable=False, default=0),
+    Index("ix_job_counters_project_status", "project_id", "status"),
+)
+
+executors = Table(
+    "executors",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("region", String(64), nullable=False),
+    Column("incarnation", String(64), nullable=False),
+    Column("architectures", JSON, nullable=False),
+    Column("vcpus", Integer, nullable=False),
+    Column("memory_mb", BigInteger, nullable=False),
+    Column("last_heartbeat", Float, nullable=False),
+)
