@@ -30,10 +30,10 @@ STATUS_NAMES = tuple(s.name for s in JobStatus)
 
 
 class Priority(enum.IntEnum):
-    """Job priority; the higher code is scheduled first."""
+    """Job priority; the lower code is scheduled first, so queue indexes run in ascending order."""
 
-    ON_DEMAND_ECONOMY = 0
-    ON_DEMAND_PRIORITY = 1
+    ON_DEMAND_PRIORITY = 0
+    ON_DEMAND_ECONOMY = 1
 
 
 class Architecture(StrEnum):

@@ -69,13 +69,14 @@ def dispatch(
 ) -> list[QueuedJob]:
     """Pick jobs for an executor's free capacity.
 
-    ``queues`` maps each project to its queued jobs, already ordered by (priority desc, id asc).
+    ``queues`` maps each project to its queued jobs, already ordered by (priority, id): the
+    lower priority code (ON_DEMAND_PRIORITY) first.
     A job that does not fit is skipped, which lets smaller jobs behind it fill the gap
     (packing); the project keeps its place in the fair-share order.
     """
     heads = {project: 0 for project, jobs in queues.items() if jobs}
     usage = {project: running_vcpus.get(project, 0) for project in heads}
-    # Heap of (-priority of head job, vCPUs in use, head job id, project).
+    # Heap of (priority code of head job, vCPUs in use, head job id, project).
     heap: list[tuple[int, int, int, str]] = []
 
     def push(project: str) -> None:
@@ -83,7 +84,7 @@ def dispatch(
         jobs = queues[project]
         if index < len(jobs):
             job = jobs[index]
-            heapq.heappush(heap, (-job.priority, usage[project], job.job_id, project))
+            heapq.heappush(heap, (job.priority, usage[project], job.job_id, project))
 
     for project in heads:
         push(project)

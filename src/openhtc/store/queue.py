@@ -134,15 +134,21 @@ class QueueStore:
         return int(conn.execute(stmt).scalar_one())
 
     def _held(self, conn: Connection, project_ids: Sequence[str], limit: int) -> list[policy.QueuedJob]:
-        stmt = (
-            select(jobs.c.id, jobs.c.project_id, jobs.c.priority, jobs.c.vcpus, jobs.c.memory_mb)
-            .where(and_(jobs.c.status == int(S.SUBMITTED_TO_RESCALE), jobs.c.project_id.in_(project_ids)))
-            .order_by(jobs.c.id)
-            .limit(limit)
-        )
-        return [
-            policy.QueuedJob(r.id, r.project_id, r.priority, r.vcpus, r.memory_mb) for r in conn.execute(stmt)
-        ]
+        """Held jobs of each project in queue order, one index range scan per project."""
+        held: list[policy.QueuedJob] = []
+        for project in project_ids:
+            if len(held) >= limit:
+                break
+            stmt = (
+                select(jobs.c.id, jobs.c.project_id, jobs.c.priority, jobs.c.vcpus, jobs.c.memory_mb)
+                .where(and_(jobs.c.status == int(S.SUBMITTED_TO_RESCALE), jobs.c.project_id == project))
+                .order_by(jobs.c.priority, jobs.c.id)
+                .limit(limit - len(held))
+            )
+            held.extend(
+                policy.QueuedJob(r.id, r.project_id, r.priority, r.vcpus, r.memory_mb) for r in conn.execute(stmt)
+            )
+        return held
 
     def _projects_with(self, conn: Connection, status: JobStatus) -> list[str]:
         stmt = (
@@ -242,6 +248,8 @@ class QueueStore:
             if not queued_projects:
                 return []
             running = self._vcpus_by_project(conn, ACTIVE_STATUSES)
+            # Every job takes at least one vCPU, so no project can contribute more candidates.
+            per_project = min(max_jobs, free.vcpus)
             queues: dict[str, list[policy.QueuedJob]] = {}
             for project in queued_projects:
                 stmt = (
@@ -254,8 +262,8 @@ class QueueStore:
                             jobs.c.architecture.in_(list(architectures)),
                         )
                     )
-                    .order_by(jobs.c.priority.desc(), jobs.c.id)
-                    .limit(max_jobs)
+                    .order_by(jobs.c.priority, jobs.c.id)
+                    .limit(per_project)
                 )
                 if not self.db.is_sqlite:
                     stmt = stmt.with_for_update(skip_locked=True)

@@ -1,0 +1,3 @@
+"""The ``htc`` command line (``openhtc.cli.main:main``)."""
+
+from __future__ import annotations

@@ -1,0 +1,187 @@
+"""No job is lost or left RUNNING when the server is killed with SIGKILL and restarted.
+
+Scenario, on SQLite and on PostgreSQL: two long jobs are RUNNING (their first attempt sleeps for
+five minutes) and four short jobs are queued behind them when the server gets ``kill -9``. It is
+restarted on the same data directory and database. Then:
+
+* every job reaches SUCCEEDED or FAILED, none stays RUNNING and none is lost;
+* a long job whose process died is FAILED with ``ErrorInfrastructureFault`` when it has no
+  retries left, and runs again (its retry finds a flag file and succeeds) when it has;
+* the queued short jobs run normally, including those the executor had already claimed
+  (RUNNABLE) but not started: a crash must not use up an attempt that never began;
+* the summary counters equal a count of the job list;
+* no process of the killed attempts is still running on the host (they carry a marker
+  environment variable, so orphans are found in /proc even after their parent died);
+* bearer tokens issued before the crash still work after it.
+
+The server gets short executor leases (10 s) so a recovery that relies on lease expiry stays
+quick; a server that reclaims its own executor's jobs at start-up does not need them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.crash
+
+FAST_LEASES = {"OPENHTC_LEASE_SECONDS": "10", "OPENHTC_HEARTBEAT_SECONDS": "2"}
+LONG, SHORT = 2, 4
+RECOVERY_TIMEOUT = 120.0
+
+
+def _long_script(flag_dir: Path) -> str:
+    """First attempt: leave a flag and sleep 5 minutes. Any later attempt: succeed at once."""
+    flag = f'{flag_dir}/"$AWS_BATCH_JOB_ARRAY_INDEX"'
+    return f"if [ -e {flag} ]; then echo retried; exit 0; fi; touch {flag}; echo first; sleep 300"
+
+
+@dataclass
+class Crashed:
+    """A server that was killed with two long jobs RUNNING and four short ones queued, then restarted."""
+
+    server: Any
+    api: Any  # the HtcApi client created before the crash
+    project: str
+    task: str
+    long_parent: str
+    short_parent: str
+
+    def long_ids(self) -> list[str]:
+        return [f"{self.long_parent}:{i}" for i in range(LONG)]
+
+    def short_ids(self) -> list[str]:
+        return [f"{self.short_parent}:{i}" for i in range(SHORT)]
+
+
+def crash_while_running(
+    start_server: Callable[..., Any], marker: Any, flag_dir: Path, max_retries: int
+) -> Crashed:
+    srv = start_server(env=FAST_LEASES)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    long_request = api.job_request(
+        ["sh", "-c", _long_script(flag_dir)], batch_size=LONG, envs=marker.envs, max_retries=max_retries
+    )
+    long_parent = api.submit_one(pid, tid, long_request)["parentJobId"]
+    api.wait_jobs(
+        pid,
+        tid,
+        lambda js: all(j["status"] == "RUNNING" for j in js),
+        timeout=30,
+        what="both long jobs to run",
+    )
+    short_request = api.job_request(["sh", "-c", "echo short"], batch_size=SHORT)
+    short_parent = api.submit_one(pid, tid, short_request)["parentJobId"]
+    # Kill once the scheduler has admitted them: queued for, or already held by, the executor.
+    api.wait_jobs(
+        pid,
+        tid,
+        lambda js: all(j["status"] != "SUBMITTED_TO_RESCALE" for j in js),
+        timeout=30,
+        what="the short jobs to be admitted",
+    )
+    assert len(marker.pids()) >= LONG, "the RUNNING jobs have no processes on the host"
+
+    srv.kill9()
+    srv.restart()
+    return Crashed(srv, api, pid, tid, long_parent, short_parent)
+
+
+def recovery_problems(crashed: Crashed, marker: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Wait for recovery; return the jobs and every property violated whatever the retry policy.
+
+    Problems are collected rather than asserted one by one, so a report names all of them.
+    """
+    api, pid, tid = crashed.api, crashed.project, crashed.task
+    jobs = {j["jobUUID"]: j for j in api.wait_terminal(pid, tid, LONG + SHORT, timeout=RECOVERY_TIMEOUT)}
+    problems = []
+    if set(jobs) != set(crashed.long_ids() + crashed.short_ids()):
+        problems.append(f"jobs lost or invented by the crash: {sorted(jobs)}")
+    for job_id in crashed.short_ids():
+        job = jobs.get(job_id, {})
+        if job.get("status") != "SUCCEEDED":
+            problems.append(
+                f"{job_id} was queued at the crash (startedAt={job.get('startedAt')}) but ended "
+                f"{job.get('status')} {job.get('failureCode')}: {job.get('statusReason')!r}"
+            )
+    try:
+        api.assert_summary_matches_jobs(pid, tid, LONG + SHORT)
+    except AssertionError as exc:
+        problems.append(f"summary counters disagree with the job list: {exc}")
+    deadline = time.monotonic() + 10
+    while marker.pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if marker.pids():
+        problems.append(f"processes of the killed attempts still run on the host: {_describe(marker.pids())}")
+    return jobs, problems
+
+
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            cmdline = "?"
+        out.append(f"{pid}: {cmdline}")
+    return out
+
+
+def test_running_jobs_fail_with_infrastructure_fault_after_a_crash(
+    start_server: Callable[..., Any], marker: Any, tmp_path: Path
+) -> None:
+    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=0)
+    # The client from before the crash keeps working: tokens survive the restart.
+    assert isinstance(crashed.api.get("/htc/projects")["items"], list)
+    jobs, problems = recovery_problems(crashed, marker)
+    for job_id in crashed.long_ids():
+        job = jobs[job_id]
+        if (job["status"], job["failureCode"]) != ("FAILED", "ErrorInfrastructureFault"):
+            problems.append(f"{job_id} RUNNING, no retries, but ended {job['status']} {job['failureCode']}")
+        statuses = [e["status"] for e in crashed.api.events(crashed.project, crashed.task, job_id)]
+        if statuses.count("RUNNING") != 1 or "FAILED" not in statuses:
+            problems.append(f"{job_id} events: {statuses}")
+    assert not problems, "\n".join(problems)
+
+
+def test_running_jobs_are_retried_after_a_crash(
+    start_server: Callable[..., Any], marker: Any, tmp_path: Path
+) -> None:
+    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=1)
+    jobs, problems = recovery_problems(crashed, marker)
+    for job_id in crashed.long_ids():
+        if jobs[job_id]["status"] != "SUCCEEDED":
+            problems.append(f"{job_id} had a retry left but ended {jobs[job_id]['status']}")
+        statuses = [e["status"] for e in crashed.api.events(crashed.project, crashed.task, job_id)]
+        if statuses.count("RUNNING") != 2:
+            problems.append(f"{job_id}: expected the crashed attempt and one retry: {statuses}")
+        lines = crashed.api.log_lines(crashed.project, crashed.task, job_id)
+        if not lines or lines[-1] != "retried":
+            problems.append(f"{job_id}: the retry did not run to the end: {lines}")
+    assert not problems, "\n".join(problems)
+
+
+def test_held_jobs_survive_a_crash(start_server: Callable[..., Any]) -> None:
+    """Jobs accepted but held (a 0-vCPU project limit) when the server dies all run after the
+    restart once the limit is lifted: nothing accepted is lost."""
+    srv = start_server(env=FAST_LEASES)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    limit = {"vCPUs": 0, "modifierRole": "PROJECT_ADMIN"}
+    api.request("POST", f"/htc/projects/{pid}/limits", json=limit, expect=201)
+    parent = api.submit_one(pid, tid, api.job_request(["sh", "-c", "echo ok"], batch_size=20))["parentJobId"]
+    assert {j["status"] for j in api.jobs(pid, tid)} == {"SUBMITTED_TO_RESCALE"}
+    srv.kill9()
+    srv.restart()
+    assert {j["status"] for j in api.jobs(pid, tid)} == {"SUBMITTED_TO_RESCALE"}
+    api.request("DELETE", f"/htc/projects/{pid}/limits", expect=204)
+    jobs = api.wait_terminal(pid, tid, 20, timeout=RECOVERY_TIMEOUT)
+    assert sorted(j["jobUUID"] for j in jobs) == sorted(f"{parent}:{i}" for i in range(20))
+    assert {j["status"] for j in jobs} == {"SUCCEEDED"}
+    api.assert_summary_matches_jobs(pid, tid, 20)
