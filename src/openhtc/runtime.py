@@ -28,6 +28,9 @@ from openhtc.store.queue import QueueStore
 
 log = logging.getLogger("openhtc")
 ADMIN_EMAIL = "admin@localhost"
+# Not "default": the rescalehtc client's `rauthenticate` makes a folder named after the workspace
+# beside a symlink called "default", and the two would collide.
+DEFAULT_WORKSPACE = "openhtc"
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -68,7 +71,7 @@ def bootstrap(services: Services) -> str | None:
     accounts = services.accounts
     new_key = None
     if not accounts.workspaces():
-        workspace_id = accounts.create_workspace("default", now)
+        workspace_id = accounts.create_workspace(DEFAULT_WORKSPACE, now)
         user_id = accounts.create_user(
             workspace_id, ADMIN_EMAIL, "openhtc admin", Role.WORKSPACE_ADMIN.value, now
         )

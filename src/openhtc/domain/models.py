@@ -1,8 +1,13 @@
-"""Plain value types exchanged between the scheduler, the store and executors."""
+"""Plain value types exchanged between the scheduler, the store and executors.
+
+JobLaunch and AttemptReport are NamedTuples: immutable like frozen dataclasses, but built
+several times faster, and thousands of them are built per second.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from openhtc.domain.enums import JobStatus
 
@@ -21,8 +26,7 @@ class Capacity:
         return Capacity(self.vcpus - vcpus, self.memory_mb - memory_mb)
 
 
-@dataclass(frozen=True, slots=True)
-class JobLaunch:
+class JobLaunch(NamedTuple):
     """Everything an executor needs to run one attempt of one job."""
 
     job_id: int
@@ -43,8 +47,7 @@ class JobLaunch:
     working_dir: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptReport:
+class AttemptReport(NamedTuple):
     """A status change an executor observed for one attempt."""
 
     job_id: int
@@ -54,8 +57,3 @@ class AttemptReport:
     exit_code: int | None = None
     failure_code: str | None = None
     reason: str | None = None
-
-
-@dataclass(slots=True)
-class ClaimResult:
-    launches: list[JobLaunch] = field(default_factory=list)

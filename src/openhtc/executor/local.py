@@ -73,6 +73,11 @@ class LocalExecutor:
 
     def start(self) -> None:
         self.wakeups.on_executor_work(self.kick)
+        # The tag names this installation too: several servers may share one host.
+        owner = f"{self.executor_id}@{self.settings.data_dir.resolve()}"
+        orphans = self.runtime.adopt(owner, self.incarnation)
+        if orphans:
+            log.warning("killed %d process(es) left running by a previous start of this executor", orphans)
         recovered = self.service.register(
             self.executor_id, self.incarnation, self.region, self.architectures, self.capacity
         )
@@ -137,23 +142,30 @@ class LocalExecutor:
                 self._pending.extend(launches)
 
     def _start_pending(self) -> None:
-        started: list[_Running] = []
-        with self._lock:
-            while self._pending and len(self._running) < self.settings.max_running_jobs:
-                launch = self._pending[0]
-                if not self.capacity.minus(self._used.vcpus, self._used.memory_mb).fits(
-                    launch.vcpus, launch.memory_mb
-                ):
-                    break
-                self._pending.popleft()
-                item = _Running(launch, RunHandle())
-                self._running[launch.job_id] = item
-                self._used = Capacity(
-                    self._used.vcpus + launch.vcpus, self._used.memory_mb + launch.memory_mb
-                )
-                started.append(item)
-        for item in started:
-            self._pool.submit(self._run, item)
+        """Start prefetched jobs while they fit in the free capacity."""
+        while True:
+            started: list[_Running] = []
+            with self._lock:
+                while self._pending and len(self._running) < self.settings.max_running_jobs:
+                    launch = self._pending[0]
+                    free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
+                    if not free.fits(launch.vcpus, launch.memory_mb):
+                        break
+                    self._pending.popleft()
+                    item = _Running(launch, RunHandle())
+                    self._running[launch.job_id] = item
+                    self._used = Capacity(
+                        self._used.vcpus + launch.vcpus, self._used.memory_mb + launch.memory_mb
+                    )
+                    started.append(item)
+            if not started:
+                return
+            if self.runtime.blocking:
+                for item in started:
+                    self._pool.submit(self._run, item)
+                return
+            for item in started:  # a non-blocking runtime finishes at once: run here, then refill
+                self._run(item)
 
     def _run(self, item: _Running) -> None:
         launch = item.launch
@@ -181,8 +193,9 @@ class LocalExecutor:
                 self._used = Capacity(
                     self._used.vcpus - launch.vcpus, self._used.memory_mb - launch.memory_mb
                 )
-            self._start_pending()
-            self._wake.set()
+            if self.runtime.blocking:  # refill from this worker; inline runs refill in their loop
+                self._start_pending()
+                self._wake.set()
 
     def _report(
         self,

@@ -61,11 +61,19 @@ LogOpener = Callable[[], TextIO]
 
 class Runtime(Protocol):
     name: str
+    # False for runtimes whose run() returns at once (noop): the executor runs those inline
+    # on its control thread instead of handing each job to a worker thread.
+    blocking: bool
 
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
     ) -> Outcome:
         """Run one attempt to completion, calling ``on_running`` once the process is up."""
+        ...
+
+    def adopt(self, owner: str, incarnation: str) -> int:
+        """Tag future jobs with (owner, incarnation) and kill jobs an earlier incarnation of the
+        same owner left behind (its process died without stopping them). Returns how many."""
         ...
 
     def image_ready(self, image: str) -> bool:

@@ -10,12 +10,16 @@ from openhtc.runtimes.base import LogOpener, Outcome, RunHandle
 
 class NoopRuntime:
     name = "noop"
+    blocking = False
 
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
     ) -> Outcome:
         on_running()
         return Outcome(0, None, "Completed")
+
+    def adopt(self, owner: str, incarnation: str) -> int:
+        return 0
 
     def image_ready(self, image: str) -> bool:
         return True

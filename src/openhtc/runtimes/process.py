@@ -7,6 +7,7 @@ killed if the server dies (PR_SET_PDEATHSIG), so a crashed server leaves no job 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -23,6 +24,7 @@ from openhtc.domain.models import JobLaunch
 from openhtc.runtimes.base import LogOpener, Outcome, RunHandle
 
 _PR_SET_PDEATHSIG = 1
+OWNER_ENV = "OPENHTC_EXECUTOR_TAG"
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -68,11 +70,33 @@ def pump_lines(stream: IO[str] | None, open_log: LogOpener) -> None:
 
 class ProcessRuntime:
     name = "process"
+    blocking = True
 
     def __init__(self, work_root: str) -> None:
         self.work_root = work_root
         os.makedirs(work_root, exist_ok=True)
         self._preexec = _die_with_parent()
+        self._tag: tuple[tuple[str, str], ...] = ()
+
+    def adopt(self, owner: str, incarnation: str) -> int:
+        """PR_SET_PDEATHSIG only reaches a job's first process; its children outlive a crashed
+        server. Every job carries an owner tag in its environment, inherited by its children,
+        so a restarted executor finds and kills what its dead predecessor left running."""
+        self._tag = ((OWNER_ENV, f"{owner}/{incarnation}"),)
+        mine = f"{OWNER_ENV}={owner}/".encode()
+        current = f"{OWNER_ENV}={owner}/{incarnation}".encode()
+        killed = 0
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if any(item.startswith(mine) and item != current for item in env):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        return killed
 
     def image_ready(self, image: str) -> bool:
         return True
@@ -93,6 +117,7 @@ class ProcessRuntime:
             "LANG": "C.UTF-8",
             "TMPDIR": workdir,
             **dict(launch.envs),
+            **dict(self._tag),
         }
         try:
             try:

@@ -2,14 +2,15 @@
 
 ``htc agent`` speaks the same protocol over HTTP; the embedded local executor calls these
 methods directly. Claims turn store rows into JobLaunch values carrying the job's environment,
-including a job-scoped bearer token and refresh token (minted once per batch and attempt-free,
-since a job token's scope is its task).
+including a job-scoped bearer token and refresh token, minted once per batch: a job token's
+scope is its task, so every job of a batch can share one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from openhtc.auth.tokens import Principal
@@ -20,7 +21,7 @@ from openhtc.services.container import Services
 class ExecutorService:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._tokens: dict[int, tuple[float, str, str]] = {}  # batch id -> (expiry, bearer, refresh)
+        self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()
 
     def register(
@@ -54,12 +55,13 @@ class ExecutorService:
 
     # -- launches -------------------------------------------------------------------------------
 
-    def _batch_tokens(self, batch: Any) -> tuple[str, str]:
+    def _batch_context(self, batch: Any) -> _BatchContext:
+        """What every job of a batch shares, built once: definition, tokens, environment."""
         now = self.services.clock.now()
         with self._lock:
-            cached = self._tokens.get(batch.id)
-            if cached and cached[0] - now > 3600:
-                return cached[1], cached[2]
+            cached = self._contexts.get(batch.id)
+            if cached is not None and cached.expires_at - now > 3600:
+                return cached
         definition = batch.request.get("htcJobDefinition", {})
         claims = {c["name"]: c["value"] for c in definition.get("claims", [])}
         principal = Principal(
@@ -72,35 +74,45 @@ class ExecutorService:
             claims=claims,
         )
         bearer, ttl = self.services.tokens.bearer(principal)
-        refresh = self.services.tokens.refresh(principal)
-        with self._lock:
-            if len(self._tokens) > 10000:
-                self._tokens.clear()
-            self._tokens[batch.id] = (now + ttl, bearer, refresh)
-        return bearer, refresh
-
-    def _launch(self, job: Any, batch: Any) -> JobLaunch:
-        definition = batch.request.get("htcJobDefinition", {})
-        bearer, refresh = self._batch_tokens(batch)
-        job_uuid = f"{batch.parent_job_id}:{job.idx}"
         settings = self.services.settings
-        system = {
-            "AWS_BATCH_JOB_ARRAY_INDEX": str(job.idx),
-            "AWS_BATCH_JOB_ID": job_uuid,
-            "AWS_BATCH_JOB_ATTEMPT": str(job.attempt),
-            "AWS_BATCH_CE_NAME": f"openhtc-{job.region}",
-            "AWS_BATCH_JQ_NAME": f"openhtc-{job.region}",
-            "RESCALE_PROJECT_ID": job.project_id,
-            "RESCALE_TASK_ID": job.task_id,
-            "RESCALE_JOB_ID": job_uuid,
-            "RESCALE_HTC_PROJECT_ID": job.project_id,
-            "RESCALE_HTC_TASK_ID": job.task_id,
-            "RESCALE_HTC_REGION": job.region,
+        shared = {
+            "AWS_BATCH_CE_NAME": f"openhtc-{batch.region}",
+            "AWS_BATCH_JQ_NAME": f"openhtc-{batch.region}",
+            "RESCALE_PROJECT_ID": batch.project_id,
+            "RESCALE_TASK_ID": batch.task_id,
+            "RESCALE_HTC_PROJECT_ID": batch.project_id,
+            "RESCALE_HTC_TASK_ID": batch.task_id,
+            "RESCALE_HTC_REGION": batch.region,
             "RESCALE_HTC_BEARER_TOKEN": bearer,
-            "RESCALE_HTC_REFRESH_TOKEN": refresh,
+            "RESCALE_HTC_REFRESH_TOKEN": self.services.tokens.refresh(principal),
             "OPENHTC_API_URL": f"http://{_connect_host(settings.host)}:{settings.port}/api/v1",
         }
-        envs = tuple(system.items()) + tuple((e["name"], e["value"]) for e in definition.get("envs", []))
+        context = _BatchContext(
+            expires_at=now + ttl,
+            parent_job_id=batch.parent_job_id,
+            image=definition.get("imageName", ""),
+            commands=tuple(definition.get("commands", [])),
+            shared_env=tuple(shared.items()),
+            user_env=tuple((e["name"], e["value"]) for e in definition.get("envs", [])),
+            disk_gib=int(definition.get("maxDiskGiB", 10)),
+            timeout_s=definition.get("execTimeoutSeconds"),
+            working_dir=definition.get("workingDir"),
+        )
+        with self._lock:
+            if len(self._contexts) > 10000:
+                self._contexts.clear()
+            self._contexts[batch.id] = context
+        return context
+
+    def _launch(self, job: Any, batch: Any) -> JobLaunch:
+        ctx = self._batch_context(batch)
+        job_uuid = f"{ctx.parent_job_id}:{job.idx}"
+        per_job = (
+            ("AWS_BATCH_JOB_ARRAY_INDEX", str(job.idx)),
+            ("AWS_BATCH_JOB_ID", job_uuid),
+            ("AWS_BATCH_JOB_ATTEMPT", str(job.attempt)),
+            ("RESCALE_JOB_ID", job_uuid),
+        )
         return JobLaunch(
             job_id=job.id,
             attempt=job.attempt,
@@ -110,15 +122,28 @@ class ExecutorService:
             project_id=job.project_id,
             task_id=job.task_id,
             region=job.region,
-            image=definition.get("imageName", ""),
-            commands=tuple(definition.get("commands", [])),
-            envs=envs,
+            image=ctx.image,
+            commands=ctx.commands,
+            envs=per_job + ctx.shared_env + ctx.user_env,
             vcpus=job.vcpus,
             memory_mb=job.memory_mb,
-            disk_gib=int(definition.get("maxDiskGiB", 10)),
-            timeout_s=definition.get("execTimeoutSeconds"),
-            working_dir=definition.get("workingDir"),
+            disk_gib=ctx.disk_gib,
+            timeout_s=ctx.timeout_s,
+            working_dir=ctx.working_dir,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchContext:
+    expires_at: float
+    parent_job_id: str
+    image: str
+    commands: tuple[str, ...]
+    shared_env: tuple[tuple[str, str], ...]
+    user_env: tuple[tuple[str, str], ...]
+    disk_gib: int
+    timeout_s: int | None
+    working_dir: str | None
 
 
 def _connect_host(host: str) -> str:

@@ -6,7 +6,8 @@ writers never deadlock upgrading a read lock. PostgreSQL uses psycopg 3.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,27 @@ class Database:
             else:
                 with conn.begin():
                     yield conn
+
+    def sql(self, statement: str) -> str:
+        """Hot-path SQL is written with '?' placeholders; psycopg wants '%s'."""
+        return statement if self.is_sqlite else statement.replace("?", "%s")
+
+    def cursor(self, conn: Connection) -> Any:
+        """A DB-API cursor inside ``conn``'s transaction, for the hot paths (no SQL compilation)."""
+        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    def in_ids(self, column: str) -> str:
+        """A predicate matching ``column`` against one parameter holding a list of ids."""
+        if self.is_sqlite:
+            return f"{column} IN (SELECT value FROM json_each(?))"
+        return f"{column} = ANY(?)"
+
+    def ids_param(self, ids: Sequence[int]) -> Any:
+        return json.dumps(list(ids)) if self.is_sqlite else list(ids)
+
+    @property
+    def for_update(self) -> str:
+        return "" if self.is_sqlite else " FOR UPDATE OF j"
 
     def upsert(self, table: Any) -> Any:
         """An INSERT construct with ON CONFLICT support for this dialect."""

@@ -12,10 +12,20 @@ from sqlalchemy import Connection, Row, and_, func, insert, select
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import Database
+from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
-from openhtc.store.transitions import STATE_COLUMNS, Change, apply, bump_counters, chunks
+from openhtc.store.transitions import Batch, bump_counters
 
-INSERT_CHUNK = 20000
+_NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
+_INSERT_JOB = (
+    "INSERT INTO jobs (batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
+    " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SUBMIT_EVENTS = (
+    "INSERT INTO job_events (job_id, attempt, status, at, cancelled)"
+    " SELECT id, 1, ?, created_at, false FROM jobs WHERE batch_id = ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +52,17 @@ class JobStore:
     def submit(
         self, task: Row[Any], new_batches: Sequence[NewBatch], user_id: str, now: float
     ) -> list[dict[str, Any]]:
-        """Store batches and all their jobs (SUBMITTED_TO_RESCALE) in one transaction."""
+        """Store batches and all their jobs in one transaction.
+
+        Jobs start in SUBMITTED_TO_RESCALE. When neither the project nor the workspace has a vCPU
+        limit they are admitted at once (SUBMITTED_TO_PROVIDER, with both events recorded), so the
+        common case costs no second pass over the rows.
+        """
         echoes: list[dict[str, Any]] = []
         with self.db.write() as conn:
+            admit = load_limits(conn, [task.project_id]).unlimited(task.project_id)
+            status = JobStatus.SUBMITTED_TO_PROVIDER if admit else JobStatus.SUBMITTED_TO_RESCALE
+            cur = self.db.cursor(conn)
             for nb in new_batches:
                 parent = str(uuid.uuid4())
                 group = nb.group or parent
@@ -78,42 +96,22 @@ class JobStore:
                     )
                     .returning(batches.c.id)
                 ).scalar_one()
-                base = {
-                    "batch_id": batch_id,
-                    "task_id": task.id,
-                    "project_id": task.project_id,
-                    "group_name": group,
-                    "region": nb.region,
-                    "architecture": nb.architecture,
-                    "status": int(JobStatus.SUBMITTED_TO_RESCALE),
-                    "attempt": 1,
-                    "priority": nb.priority,
-                    "vcpus": nb.vcpus,
-                    "memory_mb": nb.memory_mb,
-                    "created_at": now,
-                    "updated_at": now,
-                    "cancelled": False,
-                }
-                rows = [{**base, "idx": i} for i in range(nb.batch_size)]
-                for part in chunks(rows, INSERT_CHUNK):
-                    conn.execute(insert(jobs), part)
-                conn.execute(
-                    insert(job_events).from_select(
-                        ["job_id", "attempt", "status", "at", "cancelled"],
-                        select(
-                            jobs.c.id,
-                            jobs.c.attempt,
-                            jobs.c.status,
-                            jobs.c.created_at,
-                            jobs.c.cancelled,
-                        ).where(jobs.c.batch_id == batch_id),
-                    )
+                head = (batch_id,)
+                tail = (task.id, task.project_id, group, nb.region, nb.architecture, int(status), 1, 0)
+                tail2 = (nb.priority, nb.vcpus, nb.memory_mb, now, now, False)
+                cur.executemany(
+                    self.db.sql(_INSERT_JOB), [(*head, i, *tail, *tail2) for i in range(nb.batch_size)]
                 )
+                steps = (
+                    (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
+                )
+                for step in steps:
+                    cur.execute(self.db.sql(_INSERT_SUBMIT_EVENTS), (int(step), batch_id))
                 bump_counters(
                     self.db,
                     conn,
                     {
-                        (task.id, group, int(JobStatus.SUBMITTED_TO_RESCALE), task.project_id): [
+                        (task.id, group, int(status), task.project_id): [
                             nb.batch_size,
                             nb.batch_size * nb.vcpus,
                         ]
@@ -125,30 +123,21 @@ class JobStore:
 
     def cancel(self, task_id: str, group: str | None, now: float) -> int:
         """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
-        cancelled = 0
+        reason = "Job cancelled by user"
         with self.db.write() as conn:
-            cond = and_(jobs.c.task_id == task_id, jobs.c.status.in_([int(s) for s in NON_TERMINAL_STATUSES]))
+            batch = Batch(self.db, conn, now)
+            where = f"j.task_id = ? AND j.status IN ({_NON_TERMINAL_SQL})"
+            params: tuple[Any, ...] = (task_id,)
             if group is not None:
-                cond = and_(cond, jobs.c.group_name == group)
-            rows = conn.execute(select(*STATE_COLUMNS).where(cond)).all()
-            reason = "Job cancelled by user"
-            changes = [
-                Change(
-                    row,
-                    JobStatus.FAILED,
-                    {
-                        "cancelled": True,
-                        "status_reason": reason,
-                        "completed_at": now,
-                        "lease_expires_at": None,
-                    },
-                    [(JobStatus.FAILED, row.attempt, now, reason, None, True)],
-                )
-                for row in rows
-            ]
-            for part in chunks(changes, 5000):
-                apply(self.db, conn, part, now)
-            cancelled = len(changes)
+                where += " AND j.group_name = ?"
+                params += (group,)
+            for job in batch.load(where, params):
+                batch.move(job, JobStatus.FAILED, now, reason, cancelled=True)
+                job.cancelled = True
+                job.status_reason = reason
+                job.completed_at = now
+                job.lease_expires_at = None
+            cancelled = batch.flush()
             if cancelled:
                 conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))
         return cancelled

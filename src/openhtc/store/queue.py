@@ -12,17 +12,18 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, select, true
+from sqlalchemy import Connection, and_, func, select
 
-from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, FailureCode, JobStatus
+from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
 from openhtc.store.tables import batches, executors, job_counters, jobs, project_limits, projects, workspaces
-from openhtc.store.transitions import STATE_COLUMNS, Change, apply
+from openhtc.store.transitions import Batch, JobState
 
 ACTIVE = [int(s) for s in ACTIVE_STATUSES]
 S = JobStatus
+_ACTIVE_SQL = ",".join(str(s) for s in ACTIVE)
 
 
 class QueueStore:
@@ -32,94 +33,51 @@ class QueueStore:
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, now: float, chunk: int) -> int:
-        """Move held jobs to SUBMITTED_TO_PROVIDER where vCPU limits allow. Returns how many."""
+        """Move held jobs to SUBMITTED_TO_PROVIDER where vCPU limits allow. Returns how many.
+
+        Jobs of projects with no limit at all are admitted at submission; this handles the rest,
+        and any job a retry or a removed limit sent back.
+        """
+        with self.db.read() as conn:  # the common case: nothing held, no write lock needed
+            if not self._projects_with(conn, S.SUBMITTED_TO_RESCALE):
+                return 0
         with self.db.write() as conn:
             held_projects = self._projects_with(conn, S.SUBMITTED_TO_RESCALE)
             if not held_projects:
                 return 0
-            project_rows = conn.execute(
-                select(projects.c.id, projects.c.workspace_id).where(projects.c.id.in_(held_projects))
-            ).all()
-            workspace_of = {row.id: row.workspace_id for row in project_rows}
-            ws_limits = dict(
-                conn.execute(
-                    select(workspaces.c.id, workspaces.c.vcpu_limit).where(
-                        workspaces.c.id.in_(set(workspace_of.values()))
-                    )
-                ).all()
-            )
-            limits_by_project: dict[str, list[int]] = defaultdict(list)
-            for row in conn.execute(
-                select(project_limits.c.project_id, project_limits.c.vcpus).where(
-                    project_limits.c.project_id.in_(held_projects)
-                )
-            ):
-                limits_by_project[row.project_id].append(row.vcpus)
-            free_projects = [
-                p
-                for p in held_projects
-                if not limits_by_project.get(p) and ws_limits.get(workspace_of.get(p, "")) is None
-            ]
-            admitted_ids: list[int] = []
-            if free_projects:
-                admitted_ids.extend(job.job_id for job in self._held(conn, free_projects, chunk))
-            limited = [p for p in held_projects if p not in free_projects]
+            limits = load_limits(conn, held_projects)
+            free = [p for p in held_projects if limits.unlimited(p)]
+            admitted = [job.job_id for job in self._queued(conn, S.SUBMITTED_TO_RESCALE, free, chunk)]
+            limited = [p for p in held_projects if not limits.unlimited(p)]
             if limited:
-                admitted_ids.extend(
-                    self._admit_limited(conn, limited, workspace_of, ws_limits, limits_by_project, chunk)
-                )
-            if not admitted_ids:
-                return 0
-            rows = conn.execute(select(*STATE_COLUMNS).where(jobs.c.id.in_(admitted_ids))).all()
-            apply(
-                self.db,
-                conn,
-                [
-                    Change(
-                        row,
-                        S.SUBMITTED_TO_PROVIDER,
-                        {},
-                        [(S.SUBMITTED_TO_PROVIDER, row.attempt, now, None, None, False)],
-                    )
-                    for row in rows
-                    if row.status == S.SUBMITTED_TO_RESCALE
-                ],
-                now,
-            )
-            return len(rows)
+                admitted.extend(self._admit_limited(conn, limited, limits, chunk))
+            batch = Batch(self.db, conn, now)
+            for job in batch.load_ids(admitted):
+                if job.status == S.SUBMITTED_TO_RESCALE:
+                    batch.move(job, S.SUBMITTED_TO_PROVIDER, now)
+            return batch.flush()
 
-    def _admit_limited(
-        self,
-        conn: Connection,
-        limited: list[str],
-        workspace_of: dict[str, str],
-        ws_limits: dict[str, int | None],
-        limits_by_project: dict[str, list[int]],
-        chunk: int,
-    ) -> list[int]:
+    def _admit_limited(self, conn: Connection, limited: list[str], limits: Limits, chunk: int) -> list[int]:
         used = self._vcpus_by_project(conn, LIMITED_STATUSES)
         admitted: list[int] = []
         by_workspace: dict[str, list[str]] = defaultdict(list)
         for project in limited:
-            by_workspace[workspace_of.get(project, "")].append(project)
+            by_workspace[limits.workspace_of.get(project, "")].append(project)
         for workspace_id, project_ids in by_workspace.items():
-            ws_projects = [p for p, w in workspace_of.items() if w == workspace_id]
-            ws_used = sum(used.get(p, 0) for p in ws_projects) + self._vcpus_of_other_projects(
-                conn, workspace_id, set(ws_projects)
-            )
-            held = self._held(conn, project_ids, chunk)
+            ws_used = self._workspace_vcpus(conn, workspace_id)
+            held = self._queued(conn, S.SUBMITTED_TO_RESCALE, project_ids, chunk)
             admitted.extend(
                 policy.admit(
                     held,
                     used,
-                    {p: policy.effective_limit(limits_by_project.get(p, [])) for p in project_ids},
+                    {p: policy.effective_limit(limits.by_project.get(p, [])) for p in project_ids},
                     ws_used,
-                    ws_limits.get(workspace_id),
+                    limits.workspace_limits.get(workspace_id),
                 )
             )
         return admitted
 
-    def _vcpus_of_other_projects(self, conn: Connection, workspace_id: str, known: set[str]) -> int:
+    def _workspace_vcpus(self, conn: Connection, workspace_id: str) -> int:
         stmt = (
             select(func.coalesce(func.sum(job_counters.c.vcpus), 0))
             .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
@@ -127,28 +85,34 @@ class QueueStore:
                 and_(
                     projects.c.workspace_id == workspace_id,
                     job_counters.c.status.in_([int(s) for s in LIMITED_STATUSES]),
-                    job_counters.c.project_id.not_in(known) if known else true(),
                 )
             )
         )
         return int(conn.execute(stmt).scalar_one())
 
-    def _held(self, conn: Connection, project_ids: Sequence[str], limit: int) -> list[policy.QueuedJob]:
-        """Held jobs of each project in queue order, one index range scan per project."""
-        held: list[policy.QueuedJob] = []
+    def _queued(
+        self,
+        conn: Connection,
+        status: JobStatus,
+        project_ids: Sequence[str],
+        limit: int,
+        extra: str = "",
+        params: Sequence[Any] = (),
+    ) -> list[policy.QueuedJob]:
+        """Jobs of each project in queue order (priority, then age): one index range scan each."""
+        out: list[policy.QueuedJob] = []
+        cur = self.db.cursor(conn)
+        lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
+        sql = self.db.sql(
+            "SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE status = ? AND project_id = ?"
+            f"{extra} ORDER BY priority, id LIMIT ?{lock}"
+        )
         for project in project_ids:
-            if len(held) >= limit:
+            if len(out) >= limit:
                 break
-            stmt = (
-                select(jobs.c.id, jobs.c.project_id, jobs.c.priority, jobs.c.vcpus, jobs.c.memory_mb)
-                .where(and_(jobs.c.status == int(S.SUBMITTED_TO_RESCALE), jobs.c.project_id == project))
-                .order_by(jobs.c.priority, jobs.c.id)
-                .limit(limit - len(held))
-            )
-            held.extend(
-                policy.QueuedJob(r.id, r.project_id, r.priority, r.vcpus, r.memory_mb) for r in conn.execute(stmt)
-            )
-        return held
+            cur.execute(sql, (int(status), project, *params, limit - len(out)))
+            out.extend(policy.QueuedJob(*row) for row in cur.fetchall())
+        return out
 
     def _projects_with(self, conn: Connection, status: JobStatus) -> list[str]:
         stmt = (
@@ -179,56 +143,29 @@ class QueueStore:
     ) -> int:
         """Record an executor (re)start. Jobs its previous incarnation held are recovered."""
         with self.db.write() as conn:
-            stmt = self.db.upsert(executors).values(
-                id=executor_id,
-                region=region,
-                incarnation=incarnation,
-                architectures=architectures,
-                vcpus=capacity.vcpus,
-                memory_mb=capacity.memory_mb,
-                last_heartbeat=now,
-            )
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["id"],
-                    set_={
-                        "region": region,
-                        "incarnation": incarnation,
-                        "architectures": architectures,
-                        "vcpus": capacity.vcpus,
-                        "memory_mb": capacity.memory_mb,
-                        "last_heartbeat": now,
-                    },
-                )
-            )
-            rows = self._locked_state(
-                conn, and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(ACTIVE))
-            )
-            return self._fail_attempts(conn, rows, "The executor restarted while the job was running", now)
+            values = {
+                "region": region,
+                "incarnation": incarnation,
+                "architectures": architectures,
+                "vcpus": capacity.vcpus,
+                "memory_mb": capacity.memory_mb,
+                "last_heartbeat": now,
+            }
+            stmt = self.db.upsert(executors).values(id=executor_id, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+            batch = Batch(self.db, conn, now)
+            lost = batch.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
+            for job in lost:
+                batch.recover(job, "the executor restarted")
+            return batch.flush()
 
     def expire_leases(self, now: float) -> int:
         """Recover jobs whose executor stopped renewing its lease."""
         with self.db.write() as conn:
-            rows = self._locked_state(conn, and_(jobs.c.status.in_(ACTIVE), jobs.c.lease_expires_at < now))
-            return self._fail_attempts(conn, rows, "The executor stopped responding (lease expired)", now)
-
-    def _fail_attempts(self, conn: Connection, rows: Sequence[Row[Any]], reason: str, now: float) -> int:
-        reports = {
-            row.id: [
-                AttemptReport(
-                    row.id,
-                    row.attempt,
-                    S.FAILED,
-                    now,
-                    None,
-                    FailureCode.ErrorInfrastructureFault.value,
-                    reason,
-                )
-            ]
-            for row in rows
-        }
-        apply(self.db, conn, self._changes(rows, reports, None, now), now)
-        return len(rows)
+            batch = Batch(self.db, conn, now)
+            for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
+                batch.recover(job, "the executor stopped responding (lease expired)")
+            return batch.flush()
 
     def claim(
         self,
@@ -239,9 +176,9 @@ class QueueStore:
         max_jobs: int,
         lease_seconds: float,
         now: float,
-    ) -> list[tuple[Row[Any], Row[Any]]]:
-        """Match queued jobs to an executor's free capacity; returns (job, batch) rows, now RUNNABLE."""
-        if max_jobs <= 0 or free.vcpus <= 0:
+    ) -> list[tuple[JobState, Any]]:
+        """Match queued jobs to an executor's free capacity; returns (job, batch row) pairs, now RUNNABLE."""
+        if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         with self.db.write() as conn:
             queued_projects = self._projects_with(conn, S.SUBMITTED_TO_PROVIDER)
@@ -250,54 +187,34 @@ class QueueStore:
             running = self._vcpus_by_project(conn, ACTIVE_STATUSES)
             # Every job takes at least one vCPU, so no project can contribute more candidates.
             per_project = min(max_jobs, free.vcpus)
-            queues: dict[str, list[policy.QueuedJob]] = {}
-            for project in queued_projects:
-                stmt = (
-                    select(jobs.c.id, jobs.c.project_id, jobs.c.priority, jobs.c.vcpus, jobs.c.memory_mb)
-                    .where(
-                        and_(
-                            jobs.c.status == int(S.SUBMITTED_TO_PROVIDER),
-                            jobs.c.project_id == project,
-                            jobs.c.region == region,
-                            jobs.c.architecture.in_(list(architectures)),
-                        )
-                    )
-                    .order_by(jobs.c.priority, jobs.c.id)
-                    .limit(per_project)
+            arch_sql = ",".join("?" * len(architectures))
+            queues = {
+                project: self._queued(
+                    conn,
+                    S.SUBMITTED_TO_PROVIDER,
+                    [project],
+                    per_project,
+                    f" AND region = ? AND architecture IN ({arch_sql})",
+                    (region, *architectures),
                 )
-                if not self.db.is_sqlite:
-                    stmt = stmt.with_for_update(skip_locked=True)
-                queues[project] = [
-                    policy.QueuedJob(r.id, r.project_id, r.priority, r.vcpus, r.memory_mb)
-                    for r in conn.execute(stmt)
-                ]
+                for project in queued_projects
+            }
             chosen = policy.dispatch(queues, running, free, max_jobs)
             if not chosen:
                 return []
-            rows = conn.execute(
-                select(jobs).where(jobs.c.id.in_([j.job_id for j in chosen])).order_by(jobs.c.id)
-            ).all()
+            batch = Batch(self.db, conn, now, executor_id)
+            claimed = batch.load_ids([j.job_id for j in chosen])
             lease = now + lease_seconds
-            apply(
-                self.db,
-                conn,
-                [
-                    Change(
-                        row,
-                        S.RUNNABLE,
-                        {"executor_id": executor_id, "lease_expires_at": lease},
-                        [(S.RUNNABLE, row.attempt, now, None, None, False)],
-                    )
-                    for row in rows
-                ],
-                now,
-                executor_id=executor_id,
-            )
+            for job in claimed:
+                job.executor_id = executor_id
+                job.lease_expires_at = lease
+                batch.move(job, S.RUNNABLE, now)
+            batch.flush()
             batch_rows = {
                 b.id: b
-                for b in conn.execute(select(batches).where(batches.c.id.in_({r.batch_id for r in rows})))
+                for b in conn.execute(select(batches).where(batches.c.id.in_({j.batch_id for j in claimed})))
             }
-            return [(row, batch_rows[row.batch_id]) for row in rows]
+            return [(job, batch_rows[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored."""
@@ -307,11 +224,13 @@ class QueueStore:
         for report in reports:
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
-            rows = self._locked_state(conn, jobs.c.id.in_(list(by_job)))
-            fresh = [row for row in rows if row.executor_id == executor_id]
-            changes = self._changes(fresh, by_job, executor_id, now)
-            apply(self.db, conn, changes, now, executor_id=executor_id)
-            return len(changes)
+            batch = Batch(self.db, conn, now, executor_id)
+            for job in batch.load_ids(list(by_job)):
+                if job.executor_id != executor_id:
+                    continue
+                for report in by_job[job.id]:
+                    batch.apply_report(job, report)
+            return batch.flush()
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float
@@ -346,63 +265,43 @@ class QueueStore:
                 stop.append((job_id, attempt))
         return stop
 
-    # -- helpers --------------------------------------------------------------------------------
 
-    def _locked_state(self, conn: Connection, cond: Any) -> Sequence[Any]:
-        stmt = (
-            select(*STATE_COLUMNS, batches.c.max_retries)
-            .select_from(jobs.join(batches, batches.c.id == jobs.c.batch_id))
-            .where(cond)
-            .order_by(jobs.c.id)
-        )
-        if not self.db.is_sqlite:
-            stmt = stmt.with_for_update(of=jobs)
-        return conn.execute(stmt).all()
+class Limits:
+    """The vCPU limits that apply to a set of projects."""
 
-    def _changes(
+    def __init__(
         self,
-        rows: Sequence[Row[Any]],
-        reports: dict[int, list[AttemptReport]],
-        executor_id: str | None,
-        now: float,
-    ) -> list[Change]:
-        """Fold each job's reports into one Change, retrying failed attempts when allowed."""
-        changes = []
-        for row in rows:
-            status = S(row.status)
-            values: dict[str, Any] = {}
-            steps: list[tuple[JobStatus, int, float, str | None, int | None, bool]] = []
-            for rep in reports.get(row.id, ()):
-                if rep.attempt != row.attempt or status.terminal or status == rep.status:
-                    continue
-                if rep.status == S.RUNNING:
-                    values["started_at"] = rep.at
-                if rep.status.terminal:
-                    values.update(
-                        exit_code=rep.exit_code,
-                        failure_code=rep.failure_code,
-                        status_reason=rep.reason,
-                        lease_expires_at=None,
-                    )
-                    steps.append((rep.status, row.attempt, rep.at, rep.reason, rep.exit_code, False))
-                    if rep.status == S.FAILED and row.attempt <= row.max_retries:
-                        retry_reason = f"Retrying after attempt {row.attempt} failed ({rep.failure_code})"
-                        steps.append(
-                            (S.SUBMITTED_TO_RESCALE, row.attempt + 1, rep.at, retry_reason, None, False)
-                        )
-                        values.update(
-                            attempt=row.attempt + 1,
-                            executor_id=None,
-                            started_at=None,
-                            status_reason=retry_reason,
-                        )
-                        status = S.SUBMITTED_TO_RESCALE
-                    else:
-                        values["completed_at"] = rep.at
-                        status = rep.status
-                    break
-                steps.append((rep.status, row.attempt, rep.at, rep.reason, None, False))
-                status = rep.status
-            if steps:
-                changes.append(Change(row, status, values, steps))
-        return changes
+        workspace_of: dict[str, str],
+        workspace_limits: dict[str, int | None],
+        by_project: dict[str, list[int]],
+    ) -> None:
+        self.workspace_of = workspace_of
+        self.workspace_limits = workspace_limits
+        self.by_project = by_project
+
+    def unlimited(self, project_id: str) -> bool:
+        workspace = self.workspace_of.get(project_id, "")
+        return not self.by_project.get(project_id) and self.workspace_limits.get(workspace) is None
+
+
+def load_limits(conn: Connection, project_ids: Sequence[str]) -> Limits:
+    """The project and workspace vCPU limits that apply to ``project_ids``."""
+    project_rows = conn.execute(
+        select(projects.c.id, projects.c.workspace_id).where(projects.c.id.in_(project_ids))
+    ).all()
+    workspace_of = {row.id: row.workspace_id for row in project_rows}
+    ws_limits = dict(
+        conn.execute(
+            select(workspaces.c.id, workspaces.c.vcpu_limit).where(
+                workspaces.c.id.in_(set(workspace_of.values()))
+            )
+        ).all()
+    )
+    by_project: dict[str, list[int]] = defaultdict(list)
+    for row in conn.execute(
+        select(project_limits.c.project_id, project_limits.c.vcpus).where(
+            project_limits.c.project_id.in_(project_ids)
+        )
+    ):
+        by_project[row.project_id].append(row.vcpus)
+    return Limits(workspace_of, ws_limits, by_project)

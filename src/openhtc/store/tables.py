@@ -167,6 +167,9 @@ jobs = Table(
     Column("architecture", String(16), nullable=False),
     Column("status", SmallInteger, nullable=False),
     Column("attempt", Integer, nullable=False, default=1),
+    # Attempts that failed and count against retryStrategy.maxRetries. An attempt lost before
+    # its process started (executor restart, lease expiry while RUNNABLE) does not count.
+    Column("failed_attempts", Integer, nullable=False, default=0),
     Column("priority", SmallInteger, nullable=False),
     Column("vcpus", Integer, nullable=False),
     Column("memory_mb", Integer, nullable=False),

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 01:33:20.581382
+Create Date: 2026-11-22 02:06:53.796423
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ def upgrade() -> None:
         sa.Column("architecture", sa.String(length=16), nullable=False),
         sa.Column("status", sa.SmallInteger(), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("failed_attempts", sa.Integer(), nullable=False),
         sa.Column("priority", sa.SmallInteger(), nullable=False),
         sa.Column("vcpus", sa.Integer(), nullable=False),
         sa.Column("memory_mb", sa.Integer(), nullable=False),
