@@ -1,0 +1,127 @@
+# openhtc developer entry points.
+#
+#   make demo    the main job: start a server, run a parameter sweep, show the results
+#   make test    what CI runs (.ci/run): ruff, ruff format, mypy, pytest on SQLite and PostgreSQL,
+#                and the benchmark smoke run once bench/ has one
+#
+# Both first create or refresh the virtualenv in .venv (python3 -m venv; pip install -e '.[dev]').
+# On a fresh Debian machine they install what is missing through apt-get: python3-venv, and for
+# `make test` the PostgreSQL server binaries (the tests start their own private cluster).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.openhtc-installed
+
+# make demo PORT=8090 DEMO_DIR=/tmp/htc-demo
+PORT ?=
+DEMO_DIR ?= .htc-demo
+# make test DB=sqlite PYTEST_ARGS='-x -k compat'
+DB ?= both
+PYTEST_ARGS ?=
+
+# apt-get as root, or through sudo.
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: help install demo test lint typecheck pytest bench-smoke postgres clean distclean
+
+help:
+	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
+	@echo "make test        ruff, ruff format --check, mypy, pytest (DB=both|sqlite|postgres), bench smoke"
+	@echo "make lint        ruff check and ruff format --check"
+	@echo "make typecheck   mypy"
+	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
+	@echo "make install     create or refresh $(VENV)"
+	@echo "make clean       remove the demo data and caches; distclean also removes $(VENV)"
+
+# -- the virtualenv ---------------------------------------------------------------------------
+
+install: $(STAMP)
+
+# Rebuilt when pyproject.toml changes or the venv is gone; a no-op otherwise.
+$(STAMP): pyproject.toml
+	@if ! command -v $(PYTHON) >/dev/null 2>&1; then \
+	    echo "==> $(PYTHON) not found; installing it with apt-get"; \
+	    $(APT) update -qq && $(APT) install -y -qq python3 python3-venv; \
+	fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	    || { echo "openhtc needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+	    echo "==> creating $(VENV)"; \
+	    if ! $(PYTHON) -m venv --clear $(VENV); then \
+	        echo "==> python3 -m venv failed; installing python3-venv with apt-get"; \
+	        $(APT) update -qq && $(APT) install -y -qq python3-venv; \
+	        $(PYTHON) -m venv --clear $(VENV); \
+	    fi; \
+	fi
+	@echo "==> pip install -e '.[dev]' into $(VENV)"
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# -- the main job -----------------------------------------------------------------------------
+
+demo: install
+	@PORT='$(PORT)' DATA_DIR='$(DEMO_DIR)' HTC='$(VENV)/bin/htc' PY='$(PY)' bash examples/demo.sh
+
+# -- the checks -------------------------------------------------------------------------------
+
+# Every step runs even when an earlier one failed, so one run reports everything; the summary
+# line names the failures and the exit status is non-zero if there are any.
+test: install postgres
+	@start=$$(date +%s); failed=""; passed=""; steps="lint typecheck pytest"; note=""; \
+	if [ -f bench/__main__.py ]; then steps="$$steps bench-smoke"; \
+	else note="; no bench smoke: bench/__main__.py does not exist yet"; fi; \
+	for step in $$steps; do \
+	    if $(MAKE) --no-print-directory $$step; then passed="$$passed $$step"; \
+	    else failed="$$failed $$step"; fi; \
+	done; \
+	took=$$(( $$(date +%s) - start )); \
+	if [ -n "$$failed" ]; then \
+	    echo "make test: FAILED:$$failed (passed:$${passed:- none}; DB=$(DB); $${took}s$$note)"; exit 1; \
+	fi; \
+	echo "make test: PASSED:$$passed (DB=$(DB); $${took}s$$note)"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Exit status 5 (no tests collected) fails like any other non-zero status.
+pytest: install
+	@rc=0; $(PY) -m pytest tests -p no:cacheprovider -ra --db $(DB) $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): that is a failure" >&2; fi; \
+	exit $$rc
+
+# The benchmark smoke run, once bench/__main__.py exists.
+bench-smoke: install
+	@if [ -f bench/__main__.py ]; then \
+	    echo "$(PY) -m bench --smoke"; $(PY) -m bench --smoke; \
+	else \
+	    echo "bench-smoke: bench/__main__.py does not exist yet; nothing to run"; \
+	fi
+
+# The tests start a private PostgreSQL cluster from the installed server binaries; install them
+# when they are missing (never skipped in CI: without them the PostgreSQL tests fail there).
+postgres:
+	@if [ "$(DB)" = sqlite ] || [ -n "$${OPENHTC_TEST_PG_BIN:-}" ] \
+	    || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+	    || { command -v pg_ctl >/dev/null && [ -x "$$(dirname "$$(command -v pg_ctl)")/initdb" ]; }; then \
+	    exit 0; \
+	fi; \
+	echo "==> PostgreSQL server binaries not found; installing the Debian package 'postgresql'"; \
+	if ! { $(APT) update -qq && $(APT) install -y -qq postgresql; }; then \
+	    if [ "$${CI:-}" = true ]; then echo "could not install PostgreSQL" >&2; exit 1; fi; \
+	    echo "warning: could not install PostgreSQL; its tests will be skipped" >&2; \
+	fi
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
+
+distclean: clean
+	rm -rf $(VENV)

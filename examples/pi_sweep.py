@@ -1,0 +1,74 @@
+"""The pi sweep of examples/pi-sweep.yaml, driven from Python with ``openhtc.client``.
+
+    OPENHTC_URL=http://127.0.0.1:8080 OPENHTC_API_KEY=$(cat ~/.local/share/openhtc/admin-api-key) \\
+        .venv/bin/python examples/pi_sweep.py --jobs 16
+
+Credentials come from the environment (``OPENHTC_URL``, ``OPENHTC_API_KEY``) or from
+``htc login``. Creates a project (or uses ``--project``) and a task, submits one batch whose
+jobs use ``AWS_BATCH_JOB_ARRAY_INDEX`` as their random seed, waits, and combines the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from openhtc.client import Session, StatusCounts
+
+# The same job as examples/pi-sweep.yaml: one line of output per seed.
+JOB = """
+import os, random
+seed = int(os.environ["AWS_BATCH_JOB_ARRAY_INDEX"])
+samples = int(os.environ["SAMPLES"])
+rng = random.Random(seed)
+inside = sum(1 for _ in range(samples) if rng.random() ** 2 + rng.random() ** 2 <= 1.0)
+print(f"seed={seed} samples={samples} inside={inside} pi={4 * inside / samples:.6f}")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=16, help="jobs in the sweep (one seed each)")
+    parser.add_argument("--samples", type=int, default=500_000, help="random points per job")
+    parser.add_argument("--project", help="an existing project ID (default: create one)")
+    args = parser.parse_args()
+
+    with Session() as htc:
+        project = htc.project(args.project) if args.project else htc.create_project("pi demo (Python)")
+        task = project.create_task("pi-sweep")
+        batch = task.submit(
+            "python:3.11-slim",  # recorded, not used, by the process runtime
+            ["python3", "-c", JOB],
+            batch_size=args.jobs,
+            envs={"SAMPLES": str(args.samples)},
+            max_memory=256,
+            exec_timeout=600,
+            retries=1,
+        )
+        print(f"submitted {batch.batch_size} jobs to task {task.id} (project {project.id})")
+
+        seen: list[int] = []
+
+        def progress(counts: StatusCounts) -> None:
+            if not seen or counts.finished != seen[-1]:
+                print(f"  {counts.finished}/{counts.total} finished, {counts.failed} failed")
+                seen.append(counts.finished)
+
+        counts = batch.wait(poll=0.5, on_progress=progress)
+        if counts.failed:
+            raise SystemExit(f"{counts.failed} job(s) failed; see `htc jobs -p {project.id} -t {task.id}`")
+
+        inside = samples = 0
+        for job in batch.jobs():
+            line = job.logs()[-1]
+            print(f"{job.id:40} {line}")
+            fields = dict(item.split("=", 1) for item in line.split())
+            inside += int(fields["inside"])
+            samples += int(fields["samples"])
+        estimate = 4 * inside / samples
+        off = abs(estimate - math.pi)
+        print(f"{batch.batch_size} jobs, {samples} samples: pi ~ {estimate:.6f} (off by {off:.6f})")
+
+
+if __name__ == "__main__":
+    main()
