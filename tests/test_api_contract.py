@@ -847,3 +847,34 @@ def test_exec_timeout_fails_the_job_with_error_timeout(
     assert job["status"] == "FAILED" and job["failureCode"] == "ErrorTimeout", job
     took = instant(job["completedAt"]) - instant(job["startedAt"])
     assert 55 <= took < 120, f"ran {took:.0f} s with execTimeoutSeconds=60"
+
+
+def test_project_dimensions_restrict_what_jobs_may_run(api: Any) -> None:
+    pid, tid = api.project_and_task()
+    region = api.get(f"/htc/projects/{pid}")["regions"][0]
+    resp = api.request(
+        "PUT", f"/htc/projects/{pid}/dimensions", json=[{"region": region, "priority": "ON_DEMAND_ECONOMY"}]
+    )
+    assert resp.status_code == 201
+    before = len(api.get(f"/htc/projects/{pid}/tasks/{tid}/jobs")["items"])
+    refused = api.request(
+        "POST",
+        f"/htc/projects/{pid}/tasks/{tid}/jobs/batch",
+        json=[api.job_request(["true"], priority="ON_DEMAND_PRIORITY")],
+    )
+    assert refused.status_code == 400 and "dimensions" in refused.json()["message"]
+    assert len(api.get(f"/htc/projects/{pid}/tasks/{tid}/jobs")["items"]) == before
+    allowed = api.request(
+        "POST",
+        f"/htc/projects/{pid}/tasks/{tid}/jobs/batch",
+        json=[api.job_request(["true"], priority="ON_DEMAND_ECONOMY")],
+    )
+    assert allowed.status_code == 200
+    # an empty list removes every restriction
+    assert api.request("PUT", f"/htc/projects/{pid}/dimensions", json=[]).status_code == 201
+    again = api.request(
+        "POST",
+        f"/htc/projects/{pid}/tasks/{tid}/jobs/batch",
+        json=[api.job_request(["true"], priority="ON_DEMAND_PRIORITY")],
+    )
+    assert again.status_code == 200

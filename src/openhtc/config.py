@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     executor_prefetch: int | None = Field(
         None,
         description="Jobs an executor holds RUNNABLE beyond what runs, to hide claim latency "
-        "(default 2 x vCPUs).",
+        "(default: adaptive, see executor_prefetch_seconds).",
+    )
+    executor_prefetch_seconds: float = Field(
+        0.25, description="Adaptive prefetch holds about this many seconds of work at the observed job rate."
     )
     max_running_jobs: int = Field(256, description="Upper bound on jobs one local executor runs at once.")
     lease_seconds: float = Field(

@@ -27,6 +27,7 @@ from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 
 log = logging.getLogger("openhtc.executor")
+TURN_SECONDS = 0.01
 
 
 @dataclass(slots=True)
@@ -56,8 +57,8 @@ class LocalExecutor:
         self.executor_id = f"local-{socket.gethostname()}"
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
-        self.prefetch = (
-            settings.executor_prefetch if settings.executor_prefetch is not None else 2 * self.capacity.vcpus
+        self.prefetch = Prefetch(
+            settings.executor_prefetch, settings.executor_prefetch_seconds, self.capacity.vcpus
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -65,6 +66,7 @@ class LocalExecutor:
         self._pending: deque[JobLaunch] = deque()
         self._running: dict[int, _Running] = {}
         self._used = Capacity(0, 0)
+        self._completed = 0
         self._reports: list[AttemptReport] = []
         self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
         self._thread = threading.Thread(target=self._loop, name="local-executor", daemon=True)
@@ -104,9 +106,16 @@ class LocalExecutor:
 
     def _loop(self) -> None:
         next_heartbeat = 0.0
+        last_turn = 0.0
         while not self._stopping.is_set():
             self._wake.wait(timeout=0.25)
+            # At most one turn per TURN_SECONDS: completions that arrive meanwhile share one
+            # report and one claim. Prefetched jobs keep the machine busy in between.
+            pause = last_turn + TURN_SECONDS - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
             self._wake.clear()
+            last_turn = time.monotonic()
             try:
                 self._flush()
                 now = time.monotonic()
@@ -126,17 +135,13 @@ class LocalExecutor:
         if self._stopping.is_set():
             return
         with self._lock:
-            want = self.prefetch + self.capacity.vcpus - len(self._pending) - len(self._running)
-            pending_vcpus = sum(j.vcpus for j in self._pending)
-            pending_memory = sum(j.memory_mb for j in self._pending)
-            # Running and prefetched jobs count against twice the machine, which bounds prefetch.
-            free = Capacity(
-                2 * self.capacity.vcpus - self._used.vcpus - pending_vcpus,
-                2 * self.capacity.memory_mb - self._used.memory_mb - pending_memory,
-            )
-        if want <= 0 or free.vcpus <= 0:
+            target = self.prefetch.target(self._completed, time.monotonic())
+            want = target + self.capacity.vcpus - len(self._pending) - len(self._running)
+        if want <= 0:
             return
-        launches = self.service.claim(self.executor_id, self.region, self.architectures, free, want)
+        # Claims are bounded by count; jobs are packed into the real capacity when they start.
+        unbounded = Capacity(want * self.capacity.vcpus, want * self.capacity.memory_mb)
+        launches = self.service.claim(self.executor_id, self.region, self.architectures, unbounded, want)
         if launches:
             with self._lock:
                 self._pending.extend(launches)
@@ -189,6 +194,7 @@ class LocalExecutor:
             self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
         finally:
             with self._lock:
+                self._completed += 1
                 self._running.pop(launch.job_id, None)
                 self._used = Capacity(
                     self._used.vcpus - launch.vcpus, self._used.memory_mb - launch.memory_mb
@@ -234,3 +240,31 @@ class LocalExecutor:
             victims = [r for r in self._running.values() if (r.launch.job_id, r.launch.attempt) in stop]
         for victim in victims:
             victim.handle.stop()
+
+
+class Prefetch:
+    """How many RUNNABLE jobs to hold beyond those running: about ``seconds`` of work.
+
+    Short jobs finish faster than a claim round trip, so the executor keeps a buffer sized by
+    the observed completion rate (at least two per vCPU). Long jobs keep it small, so a project
+    that submits later waits behind little prefetched work. A fixed size overrides this.
+    """
+
+    def __init__(self, fixed: int | None, seconds: float, vcpus: int, ceiling: int = 4096) -> None:
+        self.fixed = fixed
+        self.seconds = seconds
+        self.floor = 2 * vcpus
+        self.ceiling = ceiling
+        self.rate = 0.0
+        self._last: tuple[int, float] | None = None
+
+    def target(self, completed: int, now: float) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._last is None:
+            self._last = (completed, now)
+        elif now - self._last[1] >= 0.1:
+            rate = (completed - self._last[0]) / (now - self._last[1])
+            self.rate = 0.5 * self.rate + 0.5 * rate
+            self._last = (completed, now)
+        return max(self.floor, min(self.ceiling, int(self.rate * self.seconds)))

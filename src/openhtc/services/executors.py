@@ -43,11 +43,10 @@ class ExecutorService:
         )
         return [self._launch(job, batch) for job, batch in rows]
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> int:
-        applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
-        # A failed attempt may have been re-queued: let the scheduler admit it again.
-        self.services.wakeups.submitted.set()
-        return applied
+    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
+        requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
+        if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
+            self.services.wakeups.submitted.set()
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services

@@ -76,6 +76,7 @@ def _plan(
             field=f"[{i}].htcJobDefinition.maxMemory",
         )
     priority = definition.priority if definition.priority is not None else Priority.ON_DEMAND_PRIORITY
+    _check_dimensions(project.dimensions or [], region, priority.name, i)
     echo = req.model_dump(mode="json", exclude_none=True, exclude={"region", "regions"})
     echo["htcJobDefinition"]["architecture"] = architecture
     echo["htcJobDefinition"]["priority"] = priority.name
@@ -92,4 +93,20 @@ def _plan(
         vcpus=definition.maxVCpus,
         memory_mb=definition.maxMemory,
         max_retries=req.retryStrategy.maxRetries if req.retryStrategy else 0,
+    )
+
+
+def _check_dimensions(dimensions: list[dict[str, Any]], region: str, priority: str, i: int) -> None:
+    """A project with dimensions only runs jobs that match one of them (absent fields match all)."""
+    if not dimensions:
+        return
+    for dim in dimensions:
+        if dim.get("region", region) == region and dim.get("priority", priority) == priority:
+            return
+    allowed = ", ".join(
+        f"{d.get('region', 'any region')}/{d.get('priority', 'any priority')}" for d in dimensions
+    )
+    raise ValidationFailed(
+        f"the project's dimensions do not allow {region}/{priority} (allowed: {allowed})",
+        field=f"[{i}].htcJobDefinition.priority",
     )

@@ -115,20 +115,20 @@ class QueueStore:
         return out
 
     def _projects_with(self, conn: Connection, status: JobStatus) -> list[str]:
-        stmt = (
-            select(job_counters.c.project_id)
-            .where(and_(job_counters.c.status == int(status), job_counters.c.count > 0))
-            .group_by(job_counters.c.project_id)
+        cur = self.db.cursor(conn)
+        cur.execute(
+            self.db.sql("SELECT DISTINCT project_id FROM job_counters WHERE status = ? AND count > 0"),
+            (int(status),),
         )
-        return [row[0] for row in conn.execute(stmt)]
+        return [row[0] for row in cur.fetchall()]
 
     def _vcpus_by_project(self, conn: Connection, statuses: Sequence[JobStatus]) -> dict[str, int]:
-        stmt = (
-            select(job_counters.c.project_id, func.sum(job_counters.c.vcpus))
-            .where(job_counters.c.status.in_([int(s) for s in statuses]))
-            .group_by(job_counters.c.project_id)
+        cur = self.db.cursor(conn)
+        wanted = ",".join(str(int(s)) for s in statuses)
+        cur.execute(
+            f"SELECT project_id, SUM(vcpus) FROM job_counters WHERE status IN ({wanted}) GROUP BY project_id"
         )
-        return {row[0]: int(row[1] or 0) for row in conn.execute(stmt)}
+        return {row[0]: int(row[1] or 0) for row in cur.fetchall()}
 
     # -- executors ------------------------------------------------------------------------------
 
@@ -217,7 +217,10 @@ class QueueStore:
             return [(job, batch_rows[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
-        """Apply executor reports; stale ones (old attempt, other executor) are ignored."""
+        """Apply executor reports; stale ones (old attempt, other executor) are ignored.
+
+        Returns how many jobs went back to the queue for another attempt.
+        """
         if not reports:
             return 0
         by_job: dict[int, list[AttemptReport]] = defaultdict(list)
@@ -230,7 +233,8 @@ class QueueStore:
                     continue
                 for report in by_job[job.id]:
                     batch.apply_report(job, report)
-            return batch.flush()
+            batch.flush()
+            return batch.requeued
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float

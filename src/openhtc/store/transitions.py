@@ -19,7 +19,6 @@ from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.models import AttemptReport
 from openhtc.domain.states import TRANSITIONS, check_transition
 from openhtc.store.db import Database
-from openhtc.store.tables import job_counters
 
 S = JobStatus
 _FIRST_TERMINAL = int(S.SUCCEEDED)
@@ -38,6 +37,14 @@ _UPDATE = (
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, attempt, status, at, reason, exit_code, executor_id, cancelled)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+_BUMP_COUNTERS = (
+    "INSERT INTO job_counters (task_id, group_name, status, project_id, count, vcpus)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (task_id, group_name, status)"
+    " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus"
 )
 
 
@@ -84,6 +91,7 @@ class Batch:
         self.now = now
         self.executor_id = executor_id
         self.states: list[JobState] = []
+        self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
         self._events: list[tuple[Any, ...]] = []
 
     # -- loading --------------------------------------------------------------------------------
@@ -148,6 +156,7 @@ class Batch:
         """Send the job back to SUBMITTED_TO_RESCALE as a new attempt."""
         if counted:
             job.failed_attempts += 1
+        self.requeued += 1
         job.attempt += 1
         job.executor_id = None
         job.lease_expires_at = None
@@ -261,22 +270,9 @@ class Batch:
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
     """Add (count, vCPU) deltas keyed by (task, group, status, project)."""
-    rows = [
-        {"task_id": t, "group_name": g, "status": s, "project_id": p, "count": d[0], "vcpus": d[1]}
-        for (t, g, s, p), d in deltas.items()
-        if d[0] or d[1]
-    ]
-    if not rows:
-        return
-    stmt = db.upsert(job_counters)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["task_id", "group_name", "status"],
-        set_={
-            "count": job_counters.c.count + stmt.excluded.count,
-            "vcpus": job_counters.c.vcpus + stmt.excluded.vcpus,
-        },
-    )
-    conn.execute(stmt, rows)
+    rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in deltas.items() if d[0] or d[1]]
+    if rows:
+        db.cursor(conn).executemany(db.sql(_BUMP_COUNTERS), rows)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -34,7 +34,8 @@ def submit_batch(
 ) -> JSONResponse:
     project, task = task_for(svc, who, project_id, task_id)
     echoes = submit(svc, who, project, task, body, first(request, "group"))
-    svc.wakeups.submitted.set()
+    svc.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
+    svc.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
     return JSONResponse(echoes)
 
 
