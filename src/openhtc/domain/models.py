@@ -25,6 +25,9 @@ class Capacity:
     def minus(self, vcpus: int, memory_mb: int) -> Capacity:
         return Capacity(self.vcpus - vcpus, self.memory_mb - memory_mb)
 
+    def plus(self, vcpus: int, memory_mb: int) -> Capacity:
+        return Capacity(self.vcpus + vcpus, self.memory_mb + memory_mb)
+
 
 class JobLaunch(NamedTuple):
     """Everything an executor needs to run one attempt of one job."""

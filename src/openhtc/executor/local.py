@@ -149,28 +149,45 @@ class LocalExecutor:
     def _start_pending(self) -> None:
         """Start prefetched jobs while they fit in the free capacity."""
         while True:
-            started: list[_Running] = []
             with self._lock:
-                while self._pending and len(self._running) < self.settings.max_running_jobs:
-                    launch = self._pending[0]
-                    free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
-                    if not free.fits(launch.vcpus, launch.memory_mb):
-                        break
-                    self._pending.popleft()
-                    item = _Running(launch, RunHandle())
-                    self._running[launch.job_id] = item
-                    self._used = Capacity(
-                        self._used.vcpus + launch.vcpus, self._used.memory_mb + launch.memory_mb
-                    )
-                    started.append(item)
-            if not started:
+                item = self._take_next()
+            if item is None:
                 return
             if self.runtime.blocking:
-                for item in started:
-                    self._pool.submit(self._run, item)
-                return
-            for item in started:  # a non-blocking runtime finishes at once: run here, then refill
-                self._run(item)
+                self._pool.submit(self._work, item)
+            else:
+                self._work(item)  # finishes at once, and drains what else fits
+
+    def _take_next(self) -> _Running | None:
+        """Pop the next prefetched job if it fits in the free capacity (hold ``_lock``)."""
+        if not self._pending or len(self._running) >= self.settings.max_running_jobs:
+            return None
+        launch = self._pending[0]
+        free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
+        if not free.fits(launch.vcpus, launch.memory_mb):
+            return None
+        self._pending.popleft()
+        item = _Running(launch, RunHandle())
+        self._running[launch.job_id] = item
+        self._used = self._used.plus(launch.vcpus, launch.memory_mb)
+        return item
+
+    def _work(self, first: _Running) -> None:
+        """Run a job, then the next prefetched one that fits, on this same thread.
+
+        Taking the next job here, rather than handing it to another thread, keeps the gap
+        between two short jobs to a lock acquisition.
+        """
+        item: _Running | None = first
+        while item is not None:
+            self._run(item)
+            launch = item.launch
+            with self._lock:
+                self._completed += 1
+                self._running.pop(launch.job_id, None)
+                self._used = self._used.minus(launch.vcpus, launch.memory_mb)
+                item = None if self._stopping.is_set() else self._take_next()
+            self._wake.set()
 
     def _run(self, item: _Running) -> None:
         launch = item.launch
@@ -192,16 +209,6 @@ class LocalExecutor:
         else:
             status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
             self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
-        finally:
-            with self._lock:
-                self._completed += 1
-                self._running.pop(launch.job_id, None)
-                self._used = Capacity(
-                    self._used.vcpus - launch.vcpus, self._used.memory_mb - launch.memory_mb
-                )
-            if self.runtime.blocking:  # refill from this worker; inline runs refill in their loop
-                self._start_pending()
-                self._wake.set()
 
     def _report(
         self,

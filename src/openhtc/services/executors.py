@@ -38,10 +38,11 @@ class ExecutorService:
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
         s = self.services
-        rows = s.queue.claim(
+        claimed = s.queue.claim(
             executor_id, region, architectures, free, max_jobs, s.settings.lease_seconds, s.clock.now()
         )
-        return [self._launch(job, batch) for job, batch in rows]
+        contexts = self._contexts_for({job.batch_id for job in claimed})
+        return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
@@ -54,13 +55,21 @@ class ExecutorService:
 
     # -- launches -------------------------------------------------------------------------------
 
-    def _batch_context(self, batch: Any) -> _BatchContext:
-        """What every job of a batch shares, built once: definition, tokens, environment."""
+    def _contexts_for(self, batch_ids: set[int]) -> dict[int, _BatchContext]:
+        """The shared launch context of each batch; batch rows are read only on a cache miss."""
         now = self.services.clock.now()
         with self._lock:
-            cached = self._contexts.get(batch.id)
-            if cached is not None and cached.expires_at - now > 3600:
-                return cached
+            found = {i: c for i in batch_ids if (c := self._contexts.get(i)) and c.expires_at - now > 3600}
+        missing = batch_ids - found.keys()
+        if missing:
+            with self.services.db.read() as conn:
+                rows = self.services.jobs.batches_by_id(conn, missing)
+            for batch_id, row in rows.items():
+                found[batch_id] = self._batch_context(row, now)
+        return found
+
+    def _batch_context(self, batch: Any, now: float) -> _BatchContext:
+        """What every job of a batch shares, built once: definition, tokens, environment."""
         definition = batch.request.get("htcJobDefinition", {})
         claims = {c["name"]: c["value"] for c in definition.get("claims", [])}
         principal = Principal(
@@ -103,8 +112,7 @@ class ExecutorService:
             self._contexts[batch.id] = context
         return context
 
-    def _launch(self, job: Any, batch: Any) -> JobLaunch:
-        ctx = self._batch_context(batch)
+    def _launch(self, job: Any, ctx: _BatchContext) -> JobLaunch:
         job_uuid = f"{ctx.parent_job_id}:{job.idx}"
         per_job = (
             ("AWS_BATCH_JOB_ARRAY_INDEX", str(job.idx)),
@@ -116,7 +124,7 @@ class ExecutorService:
             job_id=job.id,
             attempt=job.attempt,
             job_uuid=job_uuid,
-            batch_id=batch.id,
+            batch_id=job.batch_id,
             array_index=job.idx,
             project_id=job.project_id,
             task_id=job.task_id,

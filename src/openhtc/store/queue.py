@@ -18,7 +18,7 @@ from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
-from openhtc.store.tables import batches, executors, job_counters, jobs, project_limits, projects, workspaces
+from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
 from openhtc.store.transitions import Batch, JobState
 
 ACTIVE = [int(s) for s in ACTIVE_STATUSES]
@@ -176,8 +176,8 @@ class QueueStore:
         max_jobs: int,
         lease_seconds: float,
         now: float,
-    ) -> list[tuple[JobState, Any]]:
-        """Match queued jobs to an executor's free capacity; returns (job, batch row) pairs, now RUNNABLE."""
+    ) -> list[JobState]:
+        """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         with self.db.write() as conn:
@@ -203,18 +203,16 @@ class QueueStore:
             if not chosen:
                 return []
             batch = Batch(self.db, conn, now, executor_id)
-            claimed = batch.load_ids([j.job_id for j in chosen])
+            order = {j.job_id: i for i, j in enumerate(chosen)}
+            # the executor starts them in this order: keep the one dispatch chose
+            claimed = sorted(batch.load_ids(list(order)), key=lambda job: order[job.id])
             lease = now + lease_seconds
             for job in claimed:
                 job.executor_id = executor_id
                 job.lease_expires_at = lease
                 batch.move(job, S.RUNNABLE, now)
             batch.flush()
-            batch_rows = {
-                b.id: b
-                for b in conn.execute(select(batches).where(batches.c.id.in_({j.batch_id for j in claimed})))
-            }
-            return [(job, batch_rows[job.batch_id]) for job in claimed]
+            return claimed
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored.
