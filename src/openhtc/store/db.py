@@ -78,6 +78,17 @@ class Database:
     def ids_param(self, ids: Sequence[int]) -> Any:
         return json.dumps(list(ids)) if self.is_sqlite else list(ids)
 
+    def bulk_insert(self, cur: Any, target: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert many rows at once: executemany on SQLite, COPY on PostgreSQL (several times faster)."""
+        table, columns = target
+        if self.is_sqlite:
+            marks = ", ".join("?" * (columns.count(",") + 1))
+            cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            return
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
     @property
     def for_update(self) -> str:
         return "" if self.is_sqlite else " FOR UPDATE OF j"

@@ -17,10 +17,10 @@ from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
 from openhtc.store.transitions import Batch, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
-_INSERT_JOB = (
-    "INSERT INTO jobs (batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
-    " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_JOB_COLUMNS = (
+    "jobs",
+    "batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
+    " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled",
 )
 _INSERT_SUBMIT_EVENTS = (
     "INSERT INTO job_events (job_id, attempt, status, at, cancelled)"
@@ -99,8 +99,8 @@ class JobStore:
                 head = (batch_id,)
                 tail = (task.id, task.project_id, group, nb.region, nb.architecture, int(status), 1, 0)
                 tail2 = (nb.priority, nb.vcpus, nb.memory_mb, now, now, False)
-                cur.executemany(
-                    self.db.sql(_INSERT_JOB), [(*head, i, *tail, *tail2) for i in range(nb.batch_size)]
+                self.db.bulk_insert(
+                    cur, _JOB_COLUMNS, [(*head, i, *tail, *tail2) for i in range(nb.batch_size)]
                 )
                 steps = (
                     (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
