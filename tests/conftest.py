@@ -37,19 +37,10 @@ from typing import Any
 import httpx
 import pytest
 
+from openhtc.client import JOB_STATUSES, TERMINAL_STATUSES
 from pg import PostgresCluster, PostgresUnavailable, free_port
 
 DB_CHOICES = ("sqlite", "postgres", "both")
-STATUSES = (
-    "SUBMITTED_TO_RESCALE",
-    "SUBMITTED_TO_PROVIDER",
-    "RUNNABLE",
-    "STARTING",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-)
-TERMINAL = frozenset({"SUCCEEDED", "FAILED"})
 DEFAULT_REGION = "AWS_US_EAST_1"
 HEALTH_TIMEOUT = 30.0
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -380,9 +371,14 @@ class HtcApi:
 
     def pages(self, path: str, *, max_pages: int = 500, **params: Any) -> list[dict[str, Any]]:
         """Every page of a ``{items,next}`` list, checking the envelope rules on the way."""
+        return self.pages_from(self.request("GET", path, expect=200, params=params or None), max_pages)
+
+    def pages_from(self, resp: httpx.Response, max_pages: int = 500) -> list[dict[str, Any]]:
+        """The page ``resp`` holds and every page after it, following ``next`` and checking the
+        envelope rules on the way."""
         pages: list[dict[str, Any]] = []
         seen: set[str] = set()
-        resp = self.request("GET", path, expect=200, params=params or None)
+        first_url = resp.request.url
         while True:
             assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
             body = resp.json()
@@ -396,7 +392,7 @@ class HtcApi:
             assert "pageIndex=" in nxt, f"next {nxt!r} carries no pageIndex"
             assert body["items"], f"an empty page must not carry next ({nxt})"
             assert nxt not in seen, f"next repeats: {nxt}"
-            assert len(pages) < max_pages, f"more than {max_pages} pages from {path}"
+            assert len(pages) < max_pages, f"more than {max_pages} pages from {first_url}"
             seen.add(nxt)
             resp = self.request("GET", nxt, expect=200)
 
@@ -528,9 +524,21 @@ class HtcApi:
         return self.wait_jobs(
             project_id,
             task_id,
-            lambda jobs: len(jobs) == count and all(j["status"] in TERMINAL for j in jobs),
+            lambda jobs: len(jobs) == count and all(j["status"] in TERMINAL_STATUSES for j in jobs),
             timeout=timeout,
             what=f"{count} jobs to finish",
+        )
+
+    def wait_admitted(
+        self, project_id: str, task_id: str, *, timeout: float = 60, what: str = "every job to be admitted"
+    ) -> list[dict[str, Any]]:
+        """Wait until no job of the task is held in SUBMITTED_TO_RESCALE (the scheduler admitted all)."""
+        return self.wait_jobs(
+            project_id,
+            task_id,
+            lambda jobs: all(j["status"] != "SUBMITTED_TO_RESCALE" for j in jobs),
+            timeout=timeout,
+            what=what,
         )
 
     def assert_summary_matches_jobs(
@@ -539,11 +547,11 @@ class HtcApi:
         """The task summary has the seven statuses and equals a count of the job list."""
         jobs = self.jobs(project_id, task_id)
         summary = self.summary(project_id, task_id)
-        assert set(summary) == set(STATUSES), summary
+        assert set(summary) == set(JOB_STATUSES), summary
         counted = Counter(j["status"] for j in jobs)
         assert len(jobs) == expected_total, f"{len(jobs)} jobs listed, {expected_total} submitted"
         assert sum(summary.values()) == expected_total, summary
-        assert summary == {s: counted.get(s, 0) for s in STATUSES}, (summary, dict(counted))
+        assert summary == {s: counted.get(s, 0) for s in JOB_STATUSES}, (summary, dict(counted))
         return summary
 
 

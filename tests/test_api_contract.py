@@ -24,16 +24,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from openhtc.client import JOB_STATUSES
+
 REGION = "AWS_US_EAST_1"
-SEVEN = (
-    "SUBMITTED_TO_RESCALE",
-    "SUBMITTED_TO_PROVIDER",
-    "RUNNABLE",
-    "STARTING",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-)
 ERROR_KEYS = ("error", "errorType", "errorDescription", "message")
 # §2 "Nulls": the only HTCJob fields that may be null; every other absent field is omitted.
 NULLABLE_JOB_FIELDS = {
@@ -309,11 +302,11 @@ def test_job_endpoint_status_codes_and_shapes(api: Any) -> None:
 
     events = api.events(pid, tid, job_id)
     for event in events:
-        assert event["status"] in SEVEN and rescale_instant(event["dateTime"])
+        assert event["status"] in JOB_STATUSES and rescale_instant(event["dateTime"])
         assert {k for k, v in event.items() if v is None} <= NULLABLE_EVENT_FIELDS, event
-    ordered = sorted(events, key=lambda e: (e["dateTime"], SEVEN.index(e["status"])))
+    ordered = sorted(events, key=lambda e: (e["dateTime"], JOB_STATUSES.index(e["status"])))
     assert event_statuses(ordered)[-1] == "SUCCEEDED"
-    assert set(SEVEN[:5]) <= set(event_statuses(events)), event_statuses(events)
+    assert set(JOB_STATUSES[:5]) <= set(event_statuses(events)), event_statuses(events)
 
     assert api.get(f"{tp(pid, tid)}/summary-statistics")["jobStatuses"]["SUCCEEDED"] == 2
     group_summary = api.pages(f"{tp(pid, tid)}/group-summary-statistics")[0]["items"]
@@ -534,29 +527,19 @@ def test_duplicated_page_size_takes_the_first(api: Any) -> None:
 def test_keyset_paging_is_stable_under_inserts(api: Any) -> None:
     pid, tid = api.project_and_task()
     first = api.submit_one(pid, tid, api.job_request(["true"], batch_size=6))["parentJobId"]
-    page1 = api.request("GET", f"{tp(pid, tid)}/jobs", params={"pageSize": 3}, expect=200).json()
+    page1 = api.request("GET", f"{tp(pid, tid)}/jobs", params={"pageSize": 3}, expect=200)
     second = api.submit_one(pid, tid, api.job_request(["true"], batch_size=6))["parentJobId"]
-    seen = [j["jobUUID"] for j in page1["items"]]
-    url = page1.get("next")
-    while url:
-        body = api.request("GET", url, expect=200).json()
-        seen += [j["jobUUID"] for j in body["items"]]
-        url = body.get("next")
+    seen = [j["jobUUID"] for page in api.pages_from(page1) for j in page["items"]]
     assert len(seen) == len(set(seen)), f"duplicates across pages: {Counter(seen).most_common(3)}"
     originals = {f"{first}:{i}" for i in range(6)}
     assert originals <= set(seen), f"skipped: {originals - set(seen)}"
     assert set(seen) <= originals | {f"{second}:{i}" for i in range(6)}
 
     tasks_before = [api.create_task(pid)["taskId"] for _ in range(4)]
-    page1 = api.request("GET", f"/htc/projects/{pid}/tasks", params={"pageSize": 2}, expect=200).json()
+    page1 = api.request("GET", f"/htc/projects/{pid}/tasks", params={"pageSize": 2}, expect=200)
     for _ in range(3):
         api.create_task(pid)
-    seen = [t["taskId"] for t in page1["items"]]
-    url = page1.get("next")
-    while url:
-        body = api.request("GET", url, expect=200).json()
-        seen += [t["taskId"] for t in body["items"]]
-        url = body.get("next")
+    seen = [t["taskId"] for page in api.pages_from(page1) for t in page["items"]]
     assert len(seen) == len(set(seen)) and set([*tasks_before, tid]) <= set(seen)
 
 
@@ -683,7 +666,7 @@ def test_summary_filters_and_views_agree_with_the_job_list(api: Any) -> None:
     everything = {
         g["group"]: g["jobStatuses"] for g in api.list_all(f"{tp(pid, tid)}/group-summary-statistics")
     }
-    assert set(everything) == {"good", "bad"} and set(everything["good"]) == set(SEVEN)
+    assert set(everything) == {"good", "bad"} and set(everything["good"]) == set(JOB_STATUSES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,13 +726,7 @@ def test_vcpu_limit_holds_jobs_until_limits_are_deleted(api: Any) -> None:
         assert counts["SUBMITTED_TO_RESCALE"] == 2, dict(counts)
         time.sleep(0.3)
     api.request("DELETE", f"/htc/projects/{pid}/limits", expect=204)
-    api.wait_jobs(
-        pid,
-        tid,
-        lambda js: all(j["status"] != "SUBMITTED_TO_RESCALE" for j in js),
-        timeout=30,
-        what="held jobs to be released",
-    )
+    api.wait_admitted(pid, tid, timeout=30, what="held jobs to be released")
     api.cancel(pid, tid)
     api.wait_terminal(pid, tid, 3, timeout=30)
 

@@ -79,13 +79,7 @@ def crash_while_running(
     short_request = api.job_request(["sh", "-c", "echo short"], batch_size=SHORT)
     short_parent = api.submit_one(pid, tid, short_request)["parentJobId"]
     # Kill once the scheduler has admitted them: queued for, or already held by, the executor.
-    api.wait_jobs(
-        pid,
-        tid,
-        lambda js: all(j["status"] != "SUBMITTED_TO_RESCALE" for j in js),
-        timeout=30,
-        what="the short jobs to be admitted",
-    )
+    api.wait_admitted(pid, tid, timeout=30, what="the short jobs to be admitted")
     assert len(marker.pids()) >= LONG, "the RUNNING jobs have no processes on the host"
 
     srv.kill9()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -266,30 +267,26 @@ def _change_task(opts: CommonOptions, task_id: str, action: str) -> None:
         out_console().print(f"Task {task_id}: {data.get('lifecycleStatus', action)}", highlight=False)
 
 
-@tasks_app.command("archive")
-def tasks_archive(
-    ctx: typer.Context,
-    task_id: TaskArgument,
-    project: ProjectOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """Archive a task (it must have no running jobs)."""
-    _change_task(_merge(ctx, url, api_key, json_out, project), task_id, "archive")
+def _task_lifecycle_command(action: str, help_text: str) -> Callable[..., None]:
+    """Register ``htc tasks <action>``: archive and unarchive differ only in the action they ask for."""
+
+    def command(
+        ctx: typer.Context,
+        task_id: TaskArgument,
+        project: ProjectOption = None,
+        url: UrlOption = None,
+        api_key: ApiKeyOption = None,
+        json_out: JsonOption = False,
+    ) -> None:
+        _change_task(_merge(ctx, url, api_key, json_out, project), task_id, action)
+
+    command.__name__ = command.__qualname__ = f"tasks_{action}"
+    command.__doc__ = help_text
+    return tasks_app.command(action)(command)
 
 
-@tasks_app.command("unarchive")
-def tasks_unarchive(
-    ctx: typer.Context,
-    task_id: TaskArgument,
-    project: ProjectOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """Make an archived task ACTIVE again."""
-    _change_task(_merge(ctx, url, api_key, json_out, project), task_id, "unarchive")
+tasks_archive = _task_lifecycle_command("archive", "Archive a task (it must have no running jobs).")
+tasks_unarchive = _task_lifecycle_command("unarchive", "Make an archived task ACTIVE again.")
 
 
 @tasks_app.command("delete")
@@ -311,6 +308,9 @@ def tasks_delete(
 # -- jobs, logs, cancel, summary -------------------------------------------------------------
 
 
+GroupOption = Annotated[str | None, typer.Option("--group", "-g", help="Only jobs of this group.")]
+
+
 def _status_filter(status: str | None) -> str | None:
     if status is None:
         return None
@@ -325,7 +325,7 @@ def jobs(
     project: ProjectOption = None,
     task: TaskOption = None,
     status: Annotated[str | None, typer.Option("--status", "-s", help="Only jobs in this status.")] = None,
-    group: Annotated[str | None, typer.Option("--group", "-g", help="Only jobs of this group.")] = None,
+    group: GroupOption = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=0, help="Show at most N jobs (0: all).")] = 100,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -428,7 +428,7 @@ def logs(
 def cancel(
     project: ProjectOption = None,
     task: TaskOption = None,
-    group: Annotated[str | None, typer.Option("--group", "-g", help="Only jobs of this group.")] = None,
+    group: GroupOption = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
@@ -448,7 +448,7 @@ def cancel(
 def summary(
     project: ProjectOption = None,
     task: TaskOption = None,
-    group: Annotated[str | None, typer.Option("--group", "-g", help="Only jobs of this group.")] = None,
+    group: GroupOption = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     json_out: JsonOption = False,

@@ -45,58 +45,49 @@ def _id(header: str) -> Column:
     return Column(header, no_wrap=True, overflow="fold")
 
 
+def _table(*columns: str | Column) -> Table:
+    """A borderless table with bold headers, the look of every listing."""
+    return Table(*columns, box=None, header_style="bold")
+
+
 def _cell(value: Any) -> Text:
     """Plain text cell; never interpreted as Rich markup."""
     return Text("-" if value is None or value == "" else str(value))
 
 
+def _time_cell(value: Any) -> Text:
+    """A timestamp cell: ``2024-05-01 10:00:00``."""
+    return _cell(short_time(value))
+
+
 def projects_table(projects: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(
-        _id("project ID"), "name", "description", "regions", _id("created"), box=None, header_style="bold"
-    )
+    table = _table(_id("project ID"), "name", "description", "regions", _id("created"))
     for p in projects:
         table.add_row(
             _cell(p.get("projectId")),
             _cell(p.get("projectName")),
             _cell(p.get("projectDescription")),
             _cell(", ".join(p.get("regions") or [])),
-            _cell(short_time(p.get("createdAt"))),
+            _time_cell(p.get("createdAt")),
         )
     return table
 
 
 def tasks_table(tasks: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(
-        _id("task ID"),
-        "name",
-        _id("status"),
-        _id("created"),
-        _id("last active"),
-        box=None,
-        header_style="bold",
-    )
+    table = _table(_id("task ID"), "name", _id("status"), _id("created"), _id("last active"))
     for t in tasks:
         table.add_row(
             _cell(t.get("taskId")),
             _cell(t.get("taskName")),
             status_text(t.get("lifecycleStatus")),
-            _cell(short_time(t.get("createdAt"))),
-            _cell(short_time(t.get("lastActiveAt"))),
+            _time_cell(t.get("createdAt")),
+            _time_cell(t.get("lastActiveAt")),
         )
     return table
 
 
 def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(
-        "job UUID",
-        "status",
-        "exit code",
-        "failure code",
-        "started",
-        "completed",
-        box=None,
-        header_style="bold",
-    )
+    table = _table("job UUID", "status", "exit code", "failure code", "started", "completed")
     for j in jobs:
         container = j.get("container") or {}
         table.add_row(
@@ -104,14 +95,14 @@ def jobs_table(jobs: Iterable[Mapping[str, Any]]) -> Table:
             status_text(j.get("status")),
             _cell(container.get("exitCode")),
             _cell(j.get("failureCode")),
-            _cell(short_time(j.get("startedAt"))),
-            _cell(short_time(j.get("completedAt"))),
+            _time_cell(j.get("startedAt")),
+            _time_cell(j.get("completedAt")),
         )
     return table
 
 
 def summary_table(counts: Mapping[str, int]) -> Table:
-    table = Table("status", "jobs", box=None, header_style="bold")
+    table = _table("status", "jobs")
     for status in (*JOB_STATUSES, *(s for s in counts if s not in JOB_STATUSES)):
         table.add_row(status_text(status), _cell(counts.get(status, 0)))
     table.add_row(Text("total", style="bold"), Text(str(sum(counts.values())), style="bold"))

@@ -30,6 +30,7 @@ __all__ = [
     "ENV_REFRESH_TOKEN",
     "ENV_URL",
     "REAUTH_MARGIN_SECONDS",
+    "Closeable",
     "Connection",
     "Credentials",
     "jwt_claims",
@@ -173,7 +174,25 @@ def _decode(response: httpx.Response) -> Any:
         ) from exc
 
 
-class Connection:
+class Closeable:
+    """A context manager for an object holding connections: ``with`` closes it on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Connection(Closeable):
     """An authenticated link to one HTC server.
 
     Holds an ``httpx.Client`` and one credential: an API key or a refresh token (exchanged at
@@ -250,17 +269,6 @@ class Connection:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Connection({self.base_url!r})"
@@ -376,24 +384,30 @@ class Connection:
             raise error_from_response(response)
         return response
 
+    def call(
+        self, method: str, path: str, json: Any = None, params: Params | None = None, **kwargs: Any
+    ) -> Any:
+        """Send a request (see :meth:`request`) and decode the JSON body (None when it is empty)."""
+        return _decode(self.request(method, path, params=params, json=json, **kwargs))
+
     def get(self, path: str, params: Params | None = None, **kwargs: Any) -> Any:
         """GET and decode the JSON body (None when the body is empty)."""
-        return _decode(self.request("GET", path, params=params, **kwargs))
+        return self.call("GET", path, None, params, **kwargs)
 
     def get_text(self, path: str, params: Params | None = None, **kwargs: Any) -> str:
         return self.request("GET", path, params=params, **kwargs).text
 
     def post(self, path: str, json: Any = None, params: Params | None = None, **kwargs: Any) -> Any:
-        return _decode(self.request("POST", path, params=params, json=json, **kwargs))
+        return self.call("POST", path, json, params, **kwargs)
 
     def put(self, path: str, json: Any = None, params: Params | None = None, **kwargs: Any) -> Any:
-        return _decode(self.request("PUT", path, params=params, json=json, **kwargs))
+        return self.call("PUT", path, json, params, **kwargs)
 
     def patch(self, path: str, json: Any = None, params: Params | None = None, **kwargs: Any) -> Any:
-        return _decode(self.request("PATCH", path, params=params, json=json, **kwargs))
+        return self.call("PATCH", path, json, params, **kwargs)
 
     def delete(self, path: str, params: Params | None = None, **kwargs: Any) -> Any:
-        return _decode(self.request("DELETE", path, params=params, **kwargs))
+        return self.call("DELETE", path, None, params, **kwargs)
 
     # -- pagination ------------------------------------------------------------------------
 

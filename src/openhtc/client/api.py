@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
-from openhtc.client._transport import Connection, segment
+from openhtc.client._transport import Connection, ParamValue, segment
 
 JsonDict = dict[str, Any]
 LogSort = Literal["asc", "desc"]
@@ -88,11 +88,22 @@ def _job(project_id: str, task_id: str, job_id: str) -> str:
     return f"{_task(project_id, task_id)}/jobs/{segment(job_id)}"
 
 
-def _page_size(page_size: int | None, max_items: int | None) -> int | None:
-    """Ask for no more than ``max_items`` when that is less than a page."""
+def _object(
+    conn: Connection, method: str, path: str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+) -> JsonDict:
+    """Call a route that answers with one JSON object, sending a copy of ``payload`` if given."""
+    result: JsonDict = conn.call(method, path, dict(payload) if payload is not None else None, **kwargs)
+    return result
+
+
+def _items(
+    conn: Connection, path: str, page_size: int | None, max_items: int | None, **params: ParamValue
+) -> Iterator[Any]:
+    """Lazily yield the items of a list route, asking for no more than ``max_items`` when that is
+    less than a page. ``params`` are the route's filters, sent before ``pageSize``."""
     if max_items is not None and 0 < max_items < (page_size or _DEFAULT_PAGE_SIZE):
-        return max_items
-    return page_size
+        page_size = max_items
+    return conn.iter_items(path, {**params, "pageSize": page_size}, max_items=max_items)
 
 
 # -- token and provider ----------------------------------------------------------------------
@@ -100,8 +111,7 @@ def _page_size(page_size: int | None, max_items: int | None) -> int | None:
 
 def get_well_known_jwks(conn: Connection) -> JsonDict:
     """``GET /.well-known/jwks.json``: the public keys that verify bearer JWTs (no auth needed)."""
-    result: JsonDict = conn.get("/.well-known/jwks.json", auth=False)
-    return result
+    return _object(conn, "GET", "/.well-known/jwks.json", auth=False)
 
 
 def get_auth_token(conn: Connection, authorization_header: str | None = None) -> JsonDict:
@@ -116,21 +126,18 @@ def get_auth_token(conn: Connection, authorization_header: str | None = None) ->
 
 def get_auth_token_whoami(conn: Connection) -> JsonDict:
     """``GET /auth/token/whoami``: the payload of the bearer token (user, workspace, roles)."""
-    result: JsonDict = conn.get("/auth/token/whoami")
-    return result
+    return _object(conn, "GET", "/auth/token/whoami")
 
 
 def get_auth_whoami(conn: Connection, authorization_header: str | None = None) -> JsonDict:
     """``GET /auth/whoami`` (``Token <apiKey>`` auth): ``{user, userFeatures}``."""
     header = authorization_header or conn.token_auth_header()
-    result: JsonDict = conn.get("/auth/whoami", headers={"Authorization": header}, auth=False)
-    return result
+    return _object(conn, "GET", "/auth/whoami", headers={"Authorization": header}, auth=False)
 
 
 def get_htc_gcp_clusters(conn: Connection, workspace_id: str) -> JsonDict:
     """``GET /htc/gcp/clusters/{workspaceId}``."""
-    result: JsonDict = conn.get(f"/htc/gcp/clusters/{segment(workspace_id)}")
-    return result
+    return _object(conn, "GET", f"/htc/gcp/clusters/{segment(workspace_id)}")
 
 
 @overload
@@ -150,8 +157,7 @@ def get_htc_regions(
 ) -> list[JsonDict] | JsonDict:
     """``GET /htc/regions`` (a list of region settings) or ``GET /htc/regions/{region}``."""
     if region is not None:
-        result: JsonDict = conn.get(f"/htc/regions/{segment(region)}")
-        return result
+        return _object(conn, "GET", f"/htc/regions/{segment(region)}")
     return conn.get_list("/htc/regions", {"cloudProvider": cloud_provider, "enabled": enabled})
 
 
@@ -171,8 +177,7 @@ def iter_htc_projects(
     max_items: int | None = None,
 ) -> Iterator[JsonDict]:
     """Lazily yield the projects of ``GET /htc/projects``."""
-    params = {"onlyMyProjects": only_my_projects, "pageSize": _page_size(page_size, max_items)}
-    return conn.iter_items("/htc/projects", params, max_items=max_items)
+    return _items(conn, "/htc/projects", page_size, max_items, onlyMyProjects=only_my_projects)
 
 
 @overload
@@ -203,8 +208,7 @@ def get_htc_projects(
 ) -> list[JsonDict] | JsonDict:
     """``GET /htc/projects`` (all pages) or ``GET /htc/projects/{projectId}``."""
     if project_id is not None:
-        result: JsonDict = conn.get(_project(project_id))
-        return result
+        return _object(conn, "GET", _project(project_id))
     return list(
         iter_htc_projects(conn, only_my_projects=only_my_projects, page_size=page_size, max_items=max_items)
     )
@@ -212,14 +216,12 @@ def get_htc_projects(
 
 def post_htc_projects(conn: Connection, payload: Mapping[str, Any]) -> JsonDict:
     """``POST /htc/projects`` with ``{projectName, projectDescription, regions?}``."""
-    result: JsonDict = conn.post("/htc/projects", dict(payload))
-    return result
+    return _object(conn, "POST", "/htc/projects", payload)
 
 
 def patch_htc_projects(conn: Connection, project_id: str, payload: Mapping[str, Any]) -> JsonDict:
     """``PATCH /htc/projects/{projectId}`` with ``{regions: [...]}`` (adds regions)."""
-    result: JsonDict = conn.patch(_project(project_id), dict(payload))
-    return result
+    return _object(conn, "PATCH", _project(project_id), payload)
 
 
 def get_htc_projects_dimensions(conn: Connection, project_id: str) -> list[JsonDict]:
@@ -244,15 +246,13 @@ def get_htc_projects_limits(
 ) -> list[JsonDict] | JsonDict:
     """``GET /htc/projects/{projectId}/limits`` (a list) or ``…/limits/{id}``."""
     if id is not None:
-        result: JsonDict = conn.get(f"{_project(project_id)}/limits/{segment(id)}")
-        return result
+        return _object(conn, "GET", f"{_project(project_id)}/limits/{segment(id)}")
     return conn.get_list(f"{_project(project_id)}/limits")
 
 
 def post_htc_projects_limits(conn: Connection, project_id: str, payload: Mapping[str, Any]) -> JsonDict:
     """``POST /htc/projects/{projectId}/limits`` with ``{vCPUs, modifierRole}``."""
-    result: JsonDict = conn.post(f"{_project(project_id)}/limits", dict(payload))
-    return result
+    return _object(conn, "POST", f"{_project(project_id)}/limits", payload)
 
 
 def delete_htc_projects_limits(conn: Connection, project_id: str, id: int | None = None) -> None:
@@ -265,8 +265,7 @@ def patch_htc_projects_limits(
     conn: Connection, project_id: str, id: int, payload: Mapping[str, Any]
 ) -> JsonDict:
     """``PATCH /htc/projects/{projectId}/limits/{id}`` with ``{vCPUs}``."""
-    result: JsonDict = conn.patch(f"{_project(project_id)}/limits/{segment(id)}", dict(payload))
-    return result
+    return _object(conn, "PATCH", f"{_project(project_id)}/limits/{segment(id)}", payload)
 
 
 def get_htc_projects_task_retention_policy(conn: Connection, project_id: str) -> JsonDict:
@@ -274,16 +273,14 @@ def get_htc_projects_task_retention_policy(conn: Connection, project_id: str) ->
 
     NotFound means the project has no policy of its own: the workspace policy applies.
     """
-    result: JsonDict = conn.get(f"{_project(project_id)}/task-retention-policy")
-    return result
+    return _object(conn, "GET", f"{_project(project_id)}/task-retention-policy")
 
 
 def put_htc_projects_task_retention_policy(
     conn: Connection, project_id: str, payload: Mapping[str, Any]
 ) -> JsonDict:
     """``PUT /htc/projects/{projectId}/task-retention-policy``: ``{deleteAfter, archiveAfter}`` (hours)."""
-    result: JsonDict = conn.put(f"{_project(project_id)}/task-retention-policy", dict(payload))
-    return result
+    return _object(conn, "PUT", f"{_project(project_id)}/task-retention-policy", payload)
 
 
 def delete_htc_projects_task_retention_policy(conn: Connection, project_id: str) -> None:
@@ -298,8 +295,7 @@ def iter_htc_projects_tasks(
     conn: Connection, project_id: str, *, page_size: int | None = None, max_items: int | None = None
 ) -> Iterator[JsonDict]:
     """Lazily yield the tasks of a project (ARCHIVED and DELETED ones included)."""
-    params = {"pageSize": _page_size(page_size, max_items)}
-    return conn.iter_items(f"{_project(project_id)}/tasks", params, max_items=max_items)
+    return _items(conn, f"{_project(project_id)}/tasks", page_size, max_items)
 
 
 @overload
@@ -330,35 +326,30 @@ def get_htc_projects_tasks(
 ) -> list[JsonDict] | JsonDict:
     """``GET /htc/projects/{projectId}/tasks`` (all pages) or ``…/tasks/{taskId}``."""
     if task_id is not None:
-        result: JsonDict = conn.get(_task(project_id, task_id))
-        return result
+        return _object(conn, "GET", _task(project_id, task_id))
     return list(iter_htc_projects_tasks(conn, project_id, page_size=page_size, max_items=max_items))
 
 
 def post_htc_projects_tasks(conn: Connection, project_id: str, payload: Mapping[str, Any]) -> JsonDict:
     """``POST /htc/projects/{projectId}/tasks`` with ``{taskName, taskDescription}`` (not idempotent)."""
-    result: JsonDict = conn.post(f"{_project(project_id)}/tasks", dict(payload))
-    return result
+    return _object(conn, "POST", f"{_project(project_id)}/tasks", payload)
 
 
 def delete_htc_projects_tasks(conn: Connection, project_id: str, task_id: str) -> JsonDict:
     """``DELETE /htc/projects/{projectId}/tasks/{taskId}``: returns the task, now DELETED."""
-    result: JsonDict = conn.delete(_task(project_id, task_id))
-    return result
+    return _object(conn, "DELETE", _task(project_id, task_id))
 
 
 def patch_htc_projects_tasks(
     conn: Connection, project_id: str, task_id: str, payload: Mapping[str, Any]
 ) -> JsonDict:
     """``PATCH /htc/projects/{projectId}/tasks/{taskId}`` with ``{lifecycleStatus: ARCHIVED|ACTIVE}``."""
-    result: JsonDict = conn.patch(_task(project_id, task_id), dict(payload))
-    return result
+    return _object(conn, "PATCH", _task(project_id, task_id), payload)
 
 
 def get_htc_projects_tasks_summary_statistics(conn: Connection, project_id: str, task_id: str) -> JsonDict:
     """``GET …/tasks/{taskId}/summary-statistics``: ``{group: null, jobStatuses: {STATUS: count}}``."""
-    result: JsonDict = conn.get(f"{_task(project_id, task_id)}/summary-statistics")
-    return result
+    return _object(conn, "GET", f"{_task(project_id, task_id)}/summary-statistics")
 
 
 def get_htc_projects_tasks_group_summary_statistics(
@@ -373,10 +364,8 @@ def get_htc_projects_tasks_group_summary_statistics(
     """``GET …/tasks/{taskId}/group-summary-statistics``: one ``{group, jobStatuses}`` per group
     (only the given ``group``/groups if set)."""
     groups = [group] if isinstance(group, str) else (list(group) if group is not None else None)
-    params = {"group": groups, "pageSize": _page_size(page_size, max_items)}
-    return conn.get_list(
-        f"{_task(project_id, task_id)}/group-summary-statistics", params, max_items=max_items
-    )
+    path = f"{_task(project_id, task_id)}/group-summary-statistics"
+    return list(_items(conn, path, page_size, max_items, group=groups))
 
 
 def get_htc_projects_tasks_groups(
@@ -388,8 +377,7 @@ def get_htc_projects_tasks_groups(
     max_items: int | None = None,
 ) -> list[str]:
     """``GET …/tasks/{taskId}/groups``: the names of the task's groups."""
-    params = {"pageSize": _page_size(page_size, max_items)}
-    return conn.get_list(f"{_task(project_id, task_id)}/groups", params, max_items=max_items)
+    return list(_items(conn, f"{_task(project_id, task_id)}/groups", page_size, max_items))
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -408,14 +396,16 @@ def iter_htc_projects_tasks_jobs(
     max_items: int | None = None,
 ) -> Iterator[JsonDict]:
     """Lazily yield the jobs of a task, filtered by group, status and job IDs."""
-    params = {
-        "group": group,
-        "status": status,
-        "jobId": list(job_ids) if job_ids is not None else None,
-        "viewType": view_type,
-        "pageSize": _page_size(page_size, max_items),
-    }
-    return conn.iter_items(f"{_task(project_id, task_id)}/jobs", params, max_items=max_items)
+    return _items(
+        conn,
+        f"{_task(project_id, task_id)}/jobs",
+        page_size,
+        max_items,
+        group=group,
+        status=status,
+        jobId=list(job_ids) if job_ids is not None else None,
+        viewType=view_type,
+    )
 
 
 @overload
@@ -461,8 +451,7 @@ def get_htc_projects_tasks_jobs(
 ) -> list[JsonDict] | JsonDict:
     """``GET …/tasks/{taskId}/jobs`` (all pages) or ``…/jobs/{jobId}`` (``"{parentJobId}:{index}"``)."""
     if job_id is not None:
-        result: JsonDict = conn.get(_job(project_id, task_id, job_id))
-        return result
+        return _object(conn, "GET", _job(project_id, task_id, job_id))
     return list(
         iter_htc_projects_tasks_jobs(
             conn,
@@ -512,8 +501,7 @@ def iter_htc_projects_tasks_jobs_logs(
     max_items: int | None = None,
 ) -> Iterator[JsonDict]:
     """Lazily yield ``{timestamp, message}`` log lines (newest first unless ``sort="asc"``)."""
-    params = {"sort": sort, "pageSize": _page_size(page_size, max_items)}
-    return conn.iter_items(f"{_job(project_id, task_id, job_id)}/logs", params, max_items=max_items)
+    return _items(conn, f"{_job(project_id, task_id, job_id)}/logs", page_size, max_items, sort=sort)
 
 
 def get_htc_projects_tasks_jobs_logs(
@@ -544,8 +532,7 @@ def iter_htc_projects_tasks_jobs_events(
     max_items: int | None = None,
 ) -> Iterator[JsonDict]:
     """Lazily yield the status events of a job."""
-    params = {"pageSize": _page_size(page_size, max_items)}
-    return conn.iter_items(f"{_job(project_id, task_id, job_id)}/events", params, max_items=max_items)
+    return _items(conn, f"{_job(project_id, task_id, job_id)}/events", page_size, max_items)
 
 
 def get_htc_projects_tasks_jobs_events(
@@ -575,24 +562,19 @@ def get_htc_workspaces_dimensions(conn: Connection, workspace_id: str) -> list[J
 
 def get_htc_workspaces_limits(conn: Connection, workspace_id: str) -> JsonDict:
     """``GET /htc/workspaces/{workspaceId}/limits``: ``{vCPUs, ...}``."""
-    result: JsonDict = conn.get(f"/htc/workspaces/{segment(workspace_id)}/limits")
-    return result
+    return _object(conn, "GET", f"/htc/workspaces/{segment(workspace_id)}/limits")
 
 
 def get_htc_workspaces_task_retention_policy(conn: Connection, workspace_id: str) -> JsonDict:
     """``GET /htc/workspaces/{workspaceId}/task-retention-policy``."""
-    result: JsonDict = conn.get(f"/htc/workspaces/{segment(workspace_id)}/task-retention-policy")
-    return result
+    return _object(conn, "GET", f"/htc/workspaces/{segment(workspace_id)}/task-retention-policy")
 
 
 def put_htc_workspaces_task_retention_policy(
     conn: Connection, workspace_id: str, payload: Mapping[str, Any]
 ) -> JsonDict:
     """``PUT /htc/workspaces/{workspaceId}/task-retention-policy`` (workspace admins only)."""
-    result: JsonDict = conn.put(
-        f"/htc/workspaces/{segment(workspace_id)}/task-retention-policy", dict(payload)
-    )
-    return result
+    return _object(conn, "PUT", f"/htc/workspaces/{segment(workspace_id)}/task-retention-policy", payload)
 
 
 # The names the rescalehtc documentation uses for the two workspace retention-policy calls.

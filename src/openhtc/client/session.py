@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Self
 
 from openhtc.client import api
 from openhtc.client._requests import EnvInput, job_request
-from openhtc.client._transport import Connection
+from openhtc.client._transport import Closeable, Connection
 
 __all__ = [
     "JOB_STATUSES",
@@ -94,7 +93,7 @@ def _sleep_until_next(deadline: float | None, poll: float, what: str) -> None:
         time.sleep(poll)
 
 
-class Session:
+class Session(Closeable):
     """Entry point. Credentials: explicit arguments, else the environment, else ``htc login``'s file
     (see :func:`~openhtc.client.resolve_credentials`), or a ready :class:`Connection`."""
 
@@ -114,14 +113,6 @@ class Session:
 
     def close(self) -> None:
         self.connection.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Session({self.connection.base_url!r})"
@@ -157,17 +148,21 @@ class Session:
         return Task(self, api.get_htc_projects_tasks(self.connection, project_id, task_id))
 
 
-class Project:
+class _Resource:
+    """A project or task: the JSON the server returned (``data``) and the session it came from."""
+
     def __init__(self, session: Session, data: JsonDict) -> None:
         self.session = session
         self.data = data
 
-    def __repr__(self) -> str:
-        return f"Project({self.id!r}, name={self.name!r})"
-
     @property
     def _conn(self) -> Connection:
         return self.session.connection
+
+
+class Project(_Resource):
+    def __repr__(self) -> str:
+        return f"Project({self.id!r}, name={self.name!r})"
 
     @property
     def id(self) -> str:
@@ -215,17 +210,9 @@ class Project:
         api.delete_htc_projects_limits(self._conn, self.id)
 
 
-class Task:
-    def __init__(self, session: Session, data: JsonDict) -> None:
-        self.session = session
-        self.data = data
-
+class Task(_Resource):
     def __repr__(self) -> str:
         return f"Task({self.id!r}, name={self.name!r}, project={self.project_id!r})"
-
-    @property
-    def _conn(self) -> Connection:
-        return self.session.connection
 
     @property
     def id(self) -> str:
@@ -359,14 +346,14 @@ class Task:
         api.post_htc_projects_tasks_jobs_cancel(self._conn, self.project_id, self.id, group)
 
     def archive(self) -> Self:
-        self.data = api.patch_htc_projects_tasks(
-            self._conn, self.project_id, self.id, {"lifecycleStatus": "ARCHIVED"}
-        )
-        return self
+        return self._set_lifecycle_status("ARCHIVED")
 
     def unarchive(self) -> Self:
+        return self._set_lifecycle_status("ACTIVE")
+
+    def _set_lifecycle_status(self, status: str) -> Self:
         self.data = api.patch_htc_projects_tasks(
-            self._conn, self.project_id, self.id, {"lifecycleStatus": "ACTIVE"}
+            self._conn, self.project_id, self.id, {"lifecycleStatus": status}
         )
         return self
 
