@@ -11,11 +11,11 @@ fork and costs about 6 ms per job; the sweep also reaches grandchildren, which i
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +44,7 @@ def exit_outcome(code: int, handle: RunHandle, timeout_s: int | None) -> Outcome
     )
 
 
-def pump_lines(stream: IO[str] | None, open_log: LogOpener) -> None:
+def pump_lines(stream: IO[bytes] | None, open_log: LogOpener) -> None:
     """Copy a process's output to the job log, one timestamped line at a time."""
     if stream is None:
         return
@@ -53,10 +53,46 @@ def pump_lines(stream: IO[str] | None, open_log: LogOpener) -> None:
         for line in stream:
             if log is None:
                 log = open_log()
-            log.write(f"{time.time():.6f}\t{line.rstrip(chr(10))}\n")
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            log.write(f"{time.time():.6f}\t{text}\n")
     finally:
         if log is not None:
             log.close()
+
+
+class Deadlines:
+    """One thread that fires every job's timeout, instead of a timer thread per job."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, seconds: float, fire: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fire`` after ``seconds`` unless the returned cancel function runs first."""
+        cancelled = threading.Event()
+
+        def guarded() -> None:
+            if not cancelled.is_set():
+                fire()
+
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + seconds, self._seq, guarded))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="job-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return cancelled.set
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, fire = heapq.heappop(self._heap)
+            fire()
 
 
 class ProcessRuntime:
@@ -67,6 +103,7 @@ class ProcessRuntime:
         self.work_root = work_root
         os.makedirs(work_root, exist_ok=True)
         self._tag: tuple[tuple[str, str], ...] = ()
+        self._deadlines = Deadlines()
 
     def adopt(self, owner: str, incarnation: str) -> int:
         """Find and kill what a dead predecessor left running: every job carries an owner tag in
@@ -99,7 +136,9 @@ class ProcessRuntime:
                 FailureCode.ErrorStartingContainer.value,
                 "The process runtime needs 'commands': it does not read an image's entrypoint",
             )
-        workdir = tempfile.mkdtemp(prefix=f"job-{launch.job_id}-", dir=self.work_root)
+        workdir = os.path.join(self.work_root, f"{launch.job_id}.{launch.attempt}")
+        shutil.rmtree(workdir, ignore_errors=True)  # left by a crash
+        os.mkdir(workdir)
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": workdir,
@@ -117,8 +156,6 @@ class ProcessRuntime:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -127,19 +164,20 @@ class ProcessRuntime:
                     FailureCode.ErrorStartingContainer.value,
                     f"Cannot start {launch.commands[0]}: {exc}",
                 )
-            handle.attach(proc)  # type: ignore[arg-type]
+            handle.attach(proc)
             on_running()
-            timer = None
+            cancel_timeout = None
             if launch.timeout_s:
-                timer = threading.Timer(launch.timeout_s, handle.stop, kwargs={"timed_out": True})
-                timer.daemon = True
-                timer.start()
+                cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
             try:
                 pump_lines(proc.stdout, open_log)
                 code = proc.wait()
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if cancel_timeout is not None:
+                    cancel_timeout()
             return exit_outcome(code, handle, launch.timeout_s)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                os.rmdir(workdir)  # the common case: the job left nothing behind
+            except OSError:
+                shutil.rmtree(workdir, ignore_errors=True)
