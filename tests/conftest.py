@@ -3,7 +3,7 @@
 Choosing the database
     ``pytest --db sqlite|postgres|both`` (or ``OPENHTC_TEST_DB``; default ``both``). Every test
     that uses ``db_url``, ``server`` or ``module_server`` runs once per chosen database.
-    PostgreSQL is a private cluster started for the session (see ``tests/pg.py``); when its
+    PostgreSQL is a private cluster started for the session (see ``openhtc.testing.postgres``); when its
     binaries are missing the PostgreSQL variants are skipped locally and fail when ``CI=true``.
 
 Servers
@@ -38,7 +38,7 @@ import httpx
 import pytest
 
 from openhtc.client import JOB_STATUSES, TERMINAL_STATUSES
-from pg import PostgresCluster, PostgresUnavailable, free_port
+from openhtc.testing.postgres import PostgresCluster, PostgresUnavailable, free_port
 
 DB_CHOICES = ("sqlite", "postgres", "both")
 DEFAULT_REGION = "AWS_US_EAST_1"

@@ -1,8 +1,9 @@
-"""A private, throw-away PostgreSQL cluster for the test session.
+"""A private, throw-away PostgreSQL cluster, for the test suite and the benchmarks.
 
 The cluster lives in a temporary directory, listens on 127.0.0.1 on a free port (and on a Unix
 socket inside that directory), trusts every local connection, and is stopped and deleted at the
-end. Each openhtc server under test gets its own database from :meth:`PostgresCluster.new_database`.
+end. Each openhtc server under test (or benchmark) gets its own database from
+:meth:`PostgresCluster.new_database`.
 
 When run as root, the PostgreSQL binaries run as the ``postgres`` user through ``runuser``,
 because ``initdb`` and ``postgres`` refuse to run as root.
@@ -124,6 +125,12 @@ class PostgresCluster:
             self.started = True
             return
         raise RuntimeError(f"PostgreSQL could not bind a free port:\n{self.log_tail()}")
+
+    @property
+    def version(self) -> str:
+        """What ``pg_ctl --version`` says, for reports."""
+        out = subprocess.run([str(self.bin_dir / "pg_ctl"), "--version"], capture_output=True, text=True)
+        return out.stdout.strip()
 
     def url_for(self, dbname: str) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"

@@ -1,0 +1,348 @@
+"""openhtc on the four workloads: in-process for (a), an ``htc server`` subprocess for (b)-(d)."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench import report
+from bench.common import REPO, Profiler, Result, cpu_seconds, job_batches, log, percentile, stop_process
+from bench.server import TERMINAL, Api, OpenhtcServer, parse_time
+
+
+class Openhtc:
+    name = "openhtc"
+    uses_db = True
+
+    def supports(self, workload: str) -> bool:
+        return workload in ("control-plane", "e2e", "submit", "latency")
+
+    def run(self, workload: str, ctx: Any, db: str, n: int) -> Result:
+        url = ctx.database_url(db)
+        return {
+            "control-plane": control_plane,
+            "e2e": e2e,
+            "submit": submit_batch,
+            "latency": latency,
+        }[workload](ctx, db, n, url)
+
+
+# -- (a) ------------------------------------------------------------------------------------------
+
+
+def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("control-plane worker did not answer in time")
+            if sel.select(timeout=min(left, 1.0)):
+                return proc.stdout.readline()
+            if proc.poll() is not None:
+                return proc.stdout.readline()
+    finally:
+        sel.close()
+
+
+def control_plane(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    timeout = 60 + n / 200
+    params = {"n": n, "database_url": url, "timeout": timeout}
+    deadline = time.monotonic() + timeout + 120
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.control_plane", json.dumps(params)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
+        profiler = None
+        try:
+            ready = json.loads(_readline(proc, deadline) or "{}")
+            if ready.get("event") != "ready":
+                raise RuntimeError(f"worker failed to start: {ready or _tail(err)}")
+            if ctx.profile:
+                profiler = Profiler(ready["pid"], ctx.profile_path(f"control-plane-{db}-{n}"))
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            line = _readline(proc, deadline)
+            if profiler is not None:
+                profiler.stop()
+            out: dict[str, Any] = (
+                json.loads(line) if line.strip() else {"event": "error", "error": _tail(err)}
+            )
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if profiler is not None:
+                profiler.stop()
+            stop_process(proc, grace=10)
+    if out.get("event") != "result":
+        raise RuntimeError(out.get("error") or "worker gave no result")
+    metrics = {
+        "jobs_per_s": n / out["seconds"],
+        "drain_jobs_per_s": n / out["drain_s"] if out["drain_s"] > 0 else None,
+        "seconds": out["seconds"],
+        "submit_s": out["submit_s"],
+        "drain_s": out["drain_s"],
+        "failed": out["failed"],
+        "peak_rss_mb": out["peak_rss_mb"],
+        "cpu_s": out.get("cpu_s"),
+        "cpu_cores": out["cpu_s"] / out["seconds"] if out.get("cpu_s") is not None else None,
+    }
+    result = Result(
+        "control-plane",
+        "openhtc",
+        db,
+        n,
+        "jobs_per_s",
+        "jobs/s",
+        metrics,
+        params={
+            "runtime": "noop",
+            "executor_vcpus": 2000,
+            "batches": f"{(n + 999) // 1000} x <=1000",
+            "path": "in-process submit() + scheduler + local executor, no HTTP",
+        },
+    )
+    if profiler is not None:
+        result.params["profile"] = str(profiler.out)
+    return result
+
+
+def _tail(fh: Any, chars: int = 2000) -> str:
+    fh.seek(0)
+    return str(fh.read()[-chars:])
+
+
+# -- (b) ------------------------------------------------------------------------------------------
+
+
+def e2e(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    timeout = 60 + n / 20
+    with OpenhtcServer(runtime="process", database_url=url, vcpus=ctx.vcpus) as srv, srv.api() as api:
+        api.new_task("warmup")
+        api.submit_jobs(20)  # first requests pay for lazy imports and caches; not measured
+        api.wait_terminal(20, time.monotonic() + 60)
+        api.new_task("e2e")
+        profiler = Profiler(srv.pid, ctx.profile_path(f"e2e-{db}-{n}")) if ctx.profile else None
+        try:
+            cpu0 = cpu_seconds(srv.pid)
+            start = time.perf_counter()
+            api.submit_jobs(n)
+            submitted = time.perf_counter()
+            counts = api.wait_terminal(n, time.monotonic() + timeout)
+            finished = time.perf_counter()
+            cpu1 = cpu_seconds(srv.pid)
+        finally:
+            if profiler is not None:
+                profiler.stop()
+        rss = srv.peak_rss_mb()
+    seconds = finished - start
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    result = Result(
+        "e2e",
+        "openhtc",
+        db,
+        n,
+        "jobs_per_s",
+        "jobs/s",
+        {
+            "jobs_per_s": n / seconds,
+            "seconds": seconds,
+            "submit_s": submitted - start,
+            "failed": counts.get("FAILED", 0),
+            "peak_rss_mb": rss,
+            "server_cpu_s": cpu,
+            "server_cpu_cores": cpu / seconds if cpu is not None else None,
+            "server_cpu_ms_per_job": 1000 * cpu / n if cpu is not None else None,
+        },
+        params={
+            "runtime": "process",
+            "executor_vcpus": ctx.vcpus or "server default (CPUs)",
+            "job": "commands ['true'], maxMemory 64",
+            "poll": "summary-statistics, every 0.5 % of the elapsed time (10-100 ms)",
+        },
+    )
+    if profiler is not None:
+        result.params["profile"] = str(profiler.out)
+    if counts.get("FAILED", 0):
+        result.notes.append(f"{counts['FAILED']} job(s) FAILED")
+    return result
+
+
+# -- (c) ------------------------------------------------------------------------------------------
+
+
+def submit_batch(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    with OpenhtcServer(runtime="noop", database_url=url, executor=False) as srv, srv.api() as api:
+        api.new_task("warmup")
+        api.submit_jobs(1)  # first requests pay for lazy imports and caches; not measured
+        api.new_task("submit")
+        body = job_batches(n)
+        profiler = Profiler(srv.pid, ctx.profile_path(f"submit-{db}-{n}")) if ctx.profile else None
+        try:
+            cpu0 = cpu_seconds(srv.pid)
+            start = time.perf_counter()
+            echoes = api.submit(body)
+            seconds = time.perf_counter() - start
+            cpu1 = cpu_seconds(srv.pid)
+        finally:
+            if profiler is not None:
+                profiler.stop()
+        last = f"{echoes[-1]['parentJobId']}:{body[-1]['batchSize'] - 1}"
+        t0 = time.perf_counter()
+        check = api.job(last)
+        confirm_ms = (time.perf_counter() - t0) * 1000
+        rss = srv.peak_rss_mb()
+    result = Result(
+        "submit",
+        "openhtc",
+        db,
+        n,
+        "seconds",
+        "s",
+        {
+            "seconds": seconds,
+            "jobs_per_s": n / seconds,
+            "last_job_get_ms": confirm_ms,
+            "last_job_status_code": check.status_code,
+            "peak_rss_mb": rss,
+            "server_cpu_s": cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
+        },
+        params={
+            "request": f"{len(body)} x batchSize <=1000 in one POST .../jobs/batch",
+            "server": "--no-executor (the scheduler runs; nothing executes)",
+        },
+    )
+    if profiler is not None:
+        result.params["profile"] = str(profiler.out)
+    if check.status_code != 200:
+        result.notes.append(f"GET of the last job {last} answered {check.status_code}")
+    return result
+
+
+# -- (d) ------------------------------------------------------------------------------------------
+
+
+def _one_job(api: Api) -> tuple[str, float, float]:
+    """Submit one `true` job: its uuid, and perf_counter() and time.time() at the call's start."""
+    start, wall = time.perf_counter(), time.time()
+    echo = api.submit(
+        [{"batchSize": 1, "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64}}]
+    )
+    return f"{echo[0]['parentJobId']}:0", start, wall
+
+
+def _server_latency(body: dict[str, Any]) -> float | None:
+    created, completed = parse_time(body.get("createdAt")), parse_time(body.get("completedAt"))
+    if created is None or completed is None:
+        return None
+    return (completed - created) * 1000
+
+
+def latency(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    poll = 0.002
+    client_ms: list[float] = []
+    submit_ms: list[float] = []
+    server_polled_ms: list[float] = []
+    server_quiet_ms: list[float] = []
+    get_ms: list[float] = []
+    to_created_ms: list[float] = []
+    to_visible_ms: list[float] = []
+    failed = 0
+    with OpenhtcServer(runtime="process", database_url=url, vcpus=ctx.vcpus) as srv, srv.api() as api:
+        api.new_task("latency")
+        profiler = Profiler(srv.pid, ctx.profile_path(f"latency-{db}-{n}")) if ctx.profile else None
+        for i in range(n + 3):  # pass 1: poll the job every 2 ms; the first 3 warm up
+            job, start, wall = _one_job(api)
+            submitted = time.perf_counter()
+            deadline = time.monotonic() + 30
+            while True:
+                t0 = time.perf_counter()
+                body = api.job(job).json()
+                get_ms.append((time.perf_counter() - t0) * 1000)
+                if body.get("status") in TERMINAL:
+                    seen = time.time()
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job} not terminal after 30 s: {body.get('status')}")
+                time.sleep(poll)
+            done = time.perf_counter()
+            if i >= 3:
+                client_ms.append((done - start) * 1000)
+                submit_ms.append((submitted - start) * 1000)
+                failed += body["status"] == "FAILED"
+                created, completed = parse_time(body.get("createdAt")), parse_time(body.get("completedAt"))
+                if created is not None and completed is not None:
+                    server_polled_ms.append((completed - created) * 1000)
+                    # Same host, same clock: split the client's view at the server's timestamps.
+                    to_created_ms.append((created - wall) * 1000)
+                    to_visible_ms.append((seen - completed) * 1000)
+            time.sleep(0.02)  # idle between samples
+        if profiler is not None:  # the polled pass only
+            profiler.stop()
+        wait = max(0.05, 2 * (percentile(client_ms, 99) or 50) / 1000)
+        for _ in range(n):  # pass 2: no polling while the job runs; read its timestamps afterwards
+            job, _start, _wall = _one_job(api)
+            time.sleep(wait)
+            deadline = time.monotonic() + 30
+            body = api.job(job).json()
+            while body.get("status") not in TERMINAL and time.monotonic() < deadline:
+                time.sleep(0.01)
+                body = api.job(job).json()
+            server = _server_latency(body)
+            if server is not None:
+                server_quiet_ms.append(server)
+            time.sleep(0.02)
+        rss = srv.peak_rss_mb()
+    metrics: dict[str, Any] = {
+        "p50_ms": percentile(client_ms, 50),
+        "p99_ms": percentile(client_ms, 99),
+        "max_ms": max(client_ms),
+        "submit_call_p50_ms": percentile(submit_ms, 50),
+        "get_call_p50_ms": percentile(get_ms, 50),
+        "submit_to_created_p50_ms": percentile(to_created_ms, 50),
+        "completed_to_seen_p50_ms": percentile(to_visible_ms, 50),
+        "server_p50_ms": percentile(server_quiet_ms, 50),
+        "server_p99_ms": percentile(server_quiet_ms, 99),
+        "server_polled_p50_ms": percentile(server_polled_ms, 50),
+        "server_polled_p99_ms": percentile(server_polled_ms, 99),
+        "failed": failed,
+        "peak_rss_mb": rss,
+    }
+    shown = report.fmt(metrics["p50_ms"]), report.fmt(metrics["server_p50_ms"])
+    log(f"latency {db}: client p50 {shown[0]} ms, server p50 {shown[1]} ms")
+    return Result(
+        "latency",
+        "openhtc",
+        db,
+        n,
+        "p50_ms",
+        "ms",
+        metrics,
+        params={
+            "runtime": "process",
+            "executor_vcpus": ctx.vcpus or "server default (CPUs)",
+            "client": "POST batchSize 1, then GET the job every 2 ms until terminal",
+            "server": "completedAt - createdAt (ms resolution), from a 2nd pass without polling",
+        },
+        notes=[
+            "p50_ms/p99_ms: client-observed, from the start of the submit call to the first poll "
+            "that shows SUCCEEDED (includes HTTP round trips and up to 2 ms of poll interval)",
+            "server_*: the job's completedAt - createdAt; server_polled_* from the polled pass",
+            "submit_to_created: client's submit start -> createdAt; completed_to_seen: completedAt -> "
+            "the poll that saw SUCCEEDED (report flush + GET + poll interval); server timestamps "
+            "have 1 ms resolution",
+        ],
+    )

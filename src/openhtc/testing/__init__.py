@@ -1,0 +1,3 @@
+"""Aids for testing and benchmarking openhtc: a private PostgreSQL cluster."""
+
+from __future__ import annotations
