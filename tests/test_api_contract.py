@@ -855,3 +855,18 @@ def test_project_dimensions_restrict_what_jobs_may_run(api: Any) -> None:
         json=[api.job_request(["true"], priority="ON_DEMAND_PRIORITY")],
     )
     assert again.status_code == 200
+
+
+def test_every_job_starts_in_an_empty_working_directory(api: Any) -> None:
+    """Jobs that leave files behind do not leak them into the next job's working directory."""
+    pid, tid = api.project_and_task()
+    echo = api.submit_one(
+        pid, tid, api.job_request(["sh", "-c", "ls -A | wc -l; echo x > leftover"], batch_size=8)
+    )
+    jobs = api.wait_terminal(pid, tid, 8)
+    assert all(j["status"] == "SUCCEEDED" for j in jobs), jobs
+    for i in range(8):
+        lines = api.get(f"/htc/projects/{pid}/tasks/{tid}/jobs/{echo['parentJobId']}:{i}/logs", sort="asc")[
+            "items"
+        ]
+        assert [line["message"].strip() for line in lines] == ["0"], lines
