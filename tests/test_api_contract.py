@@ -870,3 +870,25 @@ def test_every_job_starts_in_an_empty_working_directory(api: Any) -> None:
             "items"
         ]
         assert [line["message"].strip() for line in lines] == ["0"], lines
+
+
+def test_oauth2_client_credentials_exchange_an_api_key_for_a_bearer_token(module_server: Any) -> None:
+    url = f"{module_server.url}/oauth2/token"
+    form = {"grant_type": "client_credentials", "client_secret": module_server.api_key}
+    resp = httpx.post(url, data=form)
+    assert resp.status_code == 200, resp.text
+    token = resp.json()["access_token"]
+    assert resp.json()["token_type"] == "Bearer"
+    assert (
+        httpx.get(
+            f"{module_server.url}/htc/projects", headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+        == 200
+    )
+    basic = httpx.post(url, data={"grant_type": "client_credentials"}, auth=("any", module_server.api_key))
+    assert basic.status_code == 200
+    assert httpx.post(url, data={"grant_type": "password"}).status_code == 400
+    assert (
+        httpx.post(url, data={"grant_type": "client_credentials", "client_secret": "0" * 40}).status_code
+        == 401
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
 
@@ -79,13 +81,23 @@ def whoami(request: Request, svc: Services = Depends(services)) -> JSONResponse:
 
 @router.post("/oauth2/token")
 async def oauth2_token(request: Request) -> JSONResponse:
-    """OAuth 2.0 client credentials: the API key is the client secret."""
+    """OAuth 2.0 client credentials: the API key is the client secret (in the form or HTTP Basic)."""
     svc = services(request)
-    form = await request.form()
+    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     if form.get("grant_type") != "client_credentials":
         raise ValidationFailed("only 'client_credentials' is supported", field="grant_type")
-    secret = form.get("client_secret")
-    if not isinstance(secret, str) or not secret:
+    secret = form.get("client_secret") or _basic_secret(request.headers.get("authorization", ""))
+    if not secret:
         raise ValidationFailed("the API key is required as client_secret", field="client_secret")
     bearer, ttl = svc.tokens.bearer(principal_for_api_key(svc, secret))
     return JSONResponse({"access_token": bearer, "token_type": "Bearer", "expires_in": ttl})
+
+
+def _basic_secret(header: str) -> str | None:
+    kind, _, value = header.partition(" ")
+    if kind.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value.strip()).decode().partition(":")[2] or None
+    except (ValueError, UnicodeDecodeError):
+        return None
