@@ -230,7 +230,8 @@ def submit(
         int | None, typer.Option("--memory", min=4, help="maxMemory in MiB (default 4000).")
     ] = None,
     timeout: Annotated[
-        int | None, typer.Option("--timeout", min=1, help="execTimeoutSeconds per job.")
+        int | None,
+        typer.Option("--timeout", min=60, max=1209600, help="execTimeoutSeconds per job (60 to 1209600)."),
     ] = None,
     retries: Annotated[
         int | None, typer.Option("--retries", min=0, max=10, help="retryStrategy.maxRetries.")
