@@ -892,3 +892,14 @@ def test_oauth2_client_credentials_exchange_an_api_key_for_a_bearer_token(module
         httpx.post(url, data={"grant_type": "client_credentials", "client_secret": "0" * 40}).status_code
         == 401
     )
+
+
+def test_group_names_with_control_characters_round_trip(api: Any) -> None:
+    """The bulk job insert (COPY on PostgreSQL) must keep every character of a group name."""
+    pid, tid = api.project_and_task()
+    group = "sweep\\tab\there\\\\back\nslash"
+    echo = api.submit_one(pid, tid, api.job_request(["true"], batch_size=3), group=group)
+    assert echo["group"] == group
+    jobs = api.list_all(f"/htc/projects/{pid}/tasks/{tid}/jobs", group=group)
+    assert len(jobs) == 3 and {j["group"] for j in jobs} == {group}
+    assert api.get(f"/htc/projects/{pid}/tasks/{tid}/groups") == [group]

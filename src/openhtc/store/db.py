@@ -78,16 +78,25 @@ class Database:
     def ids_param(self, ids: Sequence[int]) -> Any:
         return json.dumps(list(ids)) if self.is_sqlite else list(ids)
 
-    def bulk_insert(self, cur: Any, target: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
-        """Insert many rows at once: executemany on SQLite, COPY on PostgreSQL (several times faster)."""
+    def insert_numbered(
+        self, cur: Any, target: tuple[str, str], head: tuple[Any, ...], count: int, tail: tuple[Any, ...]
+    ) -> None:
+        """Insert ``count`` rows ``(*head, i, *tail)`` for i in 0..count-1, as one bulk write.
+
+        SQLite takes an executemany. PostgreSQL takes COPY, with the text of the columns every
+        row shares formatted once: a batch's jobs differ only in their index.
+        """
         table, columns = target
         if self.is_sqlite:
             marks = ", ".join("?" * (columns.count(",") + 1))
-            cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            cur.executemany(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", [(*head, i, *tail) for i in range(count)]
+            )
             return
+        before = "".join(_copy_text(v) + "\t" for v in head)
+        after = "".join("\t" + _copy_text(v) for v in tail)
         with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+            copy.write("".join(f"{before}{i}{after}\n" for i in range(count)))
 
     @property
     def for_update(self) -> str:
@@ -137,3 +146,14 @@ def _sqlite_engine(url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+def _copy_text(value: Any) -> str:
+    """One value in PostgreSQL's COPY text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return str(value)

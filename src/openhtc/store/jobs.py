@@ -22,9 +22,11 @@ _JOB_COLUMNS = (
     "batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
     " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled",
 )
+# One event per job and submit-time status, for every batch of the request, in id order.
 _INSERT_SUBMIT_EVENTS = (
     "INSERT INTO job_events (job_id, attempt, status, at, cancelled)"
-    " SELECT id, 1, ?, created_at, false FROM jobs WHERE batch_id = ?"
+    " SELECT j.id, 1, s.status, j.created_at, false"
+    " FROM jobs j CROSS JOIN ({statuses}) s WHERE {batches} ORDER BY j.id, s.status"
 )
 
 
@@ -63,6 +65,7 @@ class JobStore:
             admit = load_limits(conn, [task.project_id]).unlimited(task.project_id)
             status = JobStatus.SUBMITTED_TO_PROVIDER if admit else JobStatus.SUBMITTED_TO_RESCALE
             cur = self.db.cursor(conn)
+            batch_ids: list[int] = []
             for nb in new_batches:
                 parent = str(uuid.uuid4())
                 group = nb.group or parent
@@ -99,14 +102,8 @@ class JobStore:
                 head = (batch_id,)
                 tail = (task.id, task.project_id, group, nb.region, nb.architecture, int(status), 1, 0)
                 tail2 = (nb.priority, nb.vcpus, nb.memory_mb, now, now, False)
-                self.db.bulk_insert(
-                    cur, _JOB_COLUMNS, [(*head, i, *tail, *tail2) for i in range(nb.batch_size)]
-                )
-                steps = (
-                    (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
-                )
-                for step in steps:
-                    cur.execute(self.db.sql(_INSERT_SUBMIT_EVENTS), (int(step), batch_id))
+                self.db.insert_numbered(cur, _JOB_COLUMNS, head, nb.batch_size, (*tail, *tail2))
+                batch_ids.append(batch_id)
                 bump_counters(
                     self.db,
                     conn,
@@ -118,6 +115,10 @@ class JobStore:
                     },
                 )
                 echoes.append(echo)
+            steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
+            statuses = " UNION ALL ".join(f"SELECT {int(step)} AS status" for step in steps)
+            events = _INSERT_SUBMIT_EVENTS.format(statuses=statuses, batches=self.db.in_ids("j.batch_id"))
+            cur.execute(self.db.sql(events), (self.db.ids_param(batch_ids),))
             conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
         return echoes
 

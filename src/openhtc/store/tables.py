@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData(
@@ -187,7 +188,14 @@ jobs = Table(
     Index("ix_jobs_queue", "status", "project_id", "priority", "id"),
     Index("ix_jobs_task", "task_id", "id"),
     Index("ix_jobs_task_group", "task_id", "group_name", "id"),
-    Index("ix_jobs_executor", "executor_id", "status"),
+    # Only jobs held by an executor are looked up by executor; queued ones stay out of the index.
+    Index(
+        "ix_jobs_executor",
+        "executor_id",
+        "status",
+        sqlite_where=text("executor_id IS NOT NULL"),
+        postgresql_where=text("executor_id IS NOT NULL"),
+    ),
 )
 
 job_events = Table(

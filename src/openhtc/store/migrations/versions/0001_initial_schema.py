@@ -246,7 +246,13 @@ def upgrade() -> None:
         sa.UniqueConstraint("batch_id", "idx", name=op.f("uq_jobs_batch_id_idx")),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.create_index("ix_jobs_executor", ["executor_id", "status"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_executor",
+            ["executor_id", "status"],
+            unique=False,
+            sqlite_where=sa.text("executor_id IS NOT NULL"),
+            postgresql_where=sa.text("executor_id IS NOT NULL"),
+        )
         batch_op.create_index("ix_jobs_queue", ["status", "project_id", "priority", "id"], unique=False)
         batch_op.create_index("ix_jobs_task", ["task_id", "id"], unique=False)
         batch_op.create_index("ix_jobs_task_group", ["task_id", "group_name", "id"], unique=False)
