@@ -65,10 +65,6 @@ class AccountStore:
             )
         return user_id
 
-    def user(self, user_id: str) -> Row[Any] | None:
-        with self.db.read() as conn:
-            return conn.execute(select(users).where(users.c.id == user_id)).first()
-
     def user_by_email(self, workspace_id: str, email: str) -> Row[Any] | None:
         with self.db.read() as conn:
             return conn.execute(

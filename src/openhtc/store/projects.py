@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, updat
 
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.store.db import Database
-from openhtc.store.tables import batches, project_limits, projects, tasks
+from openhtc.store.tables import project_limits, projects, tasks
 
 
 class ProjectStore:
@@ -73,11 +73,6 @@ class ProjectStore:
     def update(self, project_id: str, **values: Any) -> None:
         with self.db.write() as conn:
             conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
-
-    def repositories(self, project_id: str) -> list[str]:
-        return []  # filled by the container registry (its own issue)
-
-    # -- limits ---------------------------------------------------------------------------------
 
     def limits(self, project_id: str) -> list[Row[Any]]:
         with self.db.read() as conn:
@@ -193,10 +188,3 @@ class ProjectStore:
     def update_task(self, task_id: str, **values: Any) -> None:
         with self.db.write() as conn:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(**values))
-
-    def has_batches(self, task_id: str) -> bool:
-        with self.db.read() as conn:
-            return (
-                conn.execute(select(batches.c.id).where(batches.c.task_id == task_id).limit(1)).first()
-                is not None
-            )

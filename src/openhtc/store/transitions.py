@@ -8,7 +8,7 @@ in the server, so it speaks plain DB-API ``executemany`` with tuples instead of 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,8 +273,3 @@ def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, i
     rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in deltas.items() if d[0] or d[1]]
     if rows:
         db.cursor(conn).executemany(db.sql(_BUMP_COUNTERS), rows)
-
-
-def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
