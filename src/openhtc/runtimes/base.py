@@ -75,7 +75,3 @@ class Runtime(Protocol):
         """Tag future jobs with (owner, incarnation) and kill jobs an earlier incarnation of the
         same owner left behind (its process died without stopping them). Returns how many."""
         ...
-
-    def image_ready(self, image: str) -> bool:
-        """Whether ``image`` can be run (the process runtime accepts any well-formed name)."""
-        ...

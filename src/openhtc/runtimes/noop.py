@@ -20,6 +20,3 @@ class NoopRuntime:
 
     def adopt(self, owner: str, incarnation: str) -> int:
         return 0
-
-    def image_ready(self, image: str) -> bool:
-        return True

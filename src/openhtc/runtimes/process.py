@@ -150,9 +150,6 @@ class ProcessRuntime:
             shutil.rmtree(os.path.join(self.work_root, leftover), ignore_errors=True)
         return killed
 
-    def image_ready(self, image: str) -> bool:
-        return True
-
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
     ) -> Outcome:

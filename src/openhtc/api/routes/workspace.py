@@ -11,6 +11,7 @@ from openhtc.api.deps import principal, services
 from openhtc.api.responses import JSONResponse
 from openhtc.api.validation import retention_body
 from openhtc.auth.tokens import Principal
+from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import AdminOnly, NotFound, ValidationFailed
 from openhtc.executor.capacity import local_capacity
@@ -76,8 +77,8 @@ def workspace_limits(
         body.update(
             createdBy=ws.limit_created_by,
             updatedBy=ws.limit_updated_by,
-            createdAt=ser.iso(ws.limit_created_at),
-            updatedAt=ser.iso(ws.limit_updated_at),
+            createdAt=iso(ws.limit_created_at),
+            updatedAt=iso(ws.limit_updated_at),
         )
     return JSONResponse(body)
 
