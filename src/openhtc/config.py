@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-RuntimeName = Literal["process", "noop"]
+RuntimeName = Literal["auto", "bwrap", "podman", "process", "noop"]
+StorageBackend = Literal["local", "s3", "seaweedfs"]
 
 
 def default_data_dir() -> Path:
@@ -29,9 +30,11 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; postgresql://… for PostgreSQL. Default: SQLite in data_dir."
     )
     runtime: RuntimeName = Field(
-        "process",
-        description="How the local executor runs jobs: 'process' (host processes, no isolation; "
-        "development only) or 'noop' (finishes every job at once; control-plane benchmarks).",
+        "auto",
+        description="How the local executor runs jobs: 'bwrap' (bubblewrap over a cached rootfs), "
+        "'podman' (full OCI via podman and runc), 'process' (host processes, no isolation; "
+        "development only), 'noop' (finishes every job at once; control-plane benchmarks). "
+        "'auto' picks bwrap, then podman, and refuses to start if neither is installed.",
     )
     region: str = Field(
         "AWS_US_EAST_1",
@@ -60,6 +63,30 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = Field(14 * 86400, description="Lifetime of job refresh tokens.")
     admission_chunk: int = Field(5000, description="Jobs admitted per scheduler transaction.")
     log_level: str = Field("info", description="Server log level.")
+
+    # -- container registry ------------------------------------------------------------------
+    registry_url: str | None = Field(
+        None,
+        description="Cluster mode: URL of an external CNCF distribution registry whose token auth "
+        "points at this server. Default: start and supervise docker-registry on loopback.",
+    )
+    registry_port: int | None = Field(None, description="Port of the embedded registry (default: free).")
+    registry_binary: str = Field("docker-registry", description="The CNCF distribution registry binary.")
+
+    # -- storage -------------------------------------------------------------------------------
+    storage: StorageBackend = Field(
+        "local",
+        description="Project and task storage: 'local' (files under data_dir), 's3' (any "
+        "S3-compatible store, see s3_*), 'seaweedfs' (start and supervise a SeaweedFS S3 server).",
+    )
+    s3_endpoint: str | None = Field(None, description="S3 endpoint URL; None means AWS.")
+    s3_bucket: str | None = Field(None, description="Bucket holding projects/{p}/shared and tasks.")
+    s3_access_key: str | None = Field(None, description="Access key openhtc uses and assumes the role with.")
+    s3_secret_key: str | None = Field(None, description="Secret key for s3_access_key.")
+    s3_role_arn: str | None = Field(None, description="Role assumed through STS to mint scoped tokens.")
+    s3_region: str = Field("us-east-1", description="Signing region of the S3 endpoint.")
+    storage_token_ttl_seconds: int = Field(3600, description="Lifetime of storage tokens.")
+    presigned_url_ttl_seconds: int = Field(3600, description="Lifetime of presigned upload URLs.")
 
     @property
     def sqlite_path(self) -> Path:

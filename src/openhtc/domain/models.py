@@ -29,6 +29,19 @@ class Capacity:
         return Capacity(self.vcpus + vcpus, self.memory_mb + memory_mb)
 
 
+class Mount(NamedTuple):
+    """A host directory a job sees, and the environment variable that names it inside the job.
+
+    Container runtimes bind ``host_path`` at ``container_path`` and set ``env_name`` to the
+    container path; the process runtime has no mount namespace and sets it to ``host_path``.
+    """
+
+    env_name: str
+    host_path: str
+    container_path: str
+    read_only: bool
+
+
 class JobLaunch(NamedTuple):
     """Everything an executor needs to run one attempt of one job."""
 
@@ -48,6 +61,8 @@ class JobLaunch(NamedTuple):
     disk_gib: int
     timeout_s: int | None
     working_dir: str | None
+    # Storage folders (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), filled in on the executor.
+    mounts: tuple[Mount, ...] = ()
 
 
 class AttemptReport(NamedTuple):

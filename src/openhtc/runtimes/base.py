@@ -59,6 +59,25 @@ class RunHandle:
 LogOpener = Callable[[], TextIO]
 
 
+@dataclass(frozen=True, slots=True)
+class ImagePull:
+    """Where and how an executor fetches one job image from the registry."""
+
+    registry_url: str  # scheme://host:port of the registry's HTTP API
+    reference: str  # host:port/{projectId}/repo:tag, as podman names it
+    repository: str  # {projectId}/repo
+    tag: str
+    username: str
+    password: str  # a registry token allowed to pull `repository`
+    insecure: bool  # plain HTTP (the embedded registry on loopback)
+
+
+class ImageSource(Protocol):
+    """Resolves a job's ``imageName`` within its project to a pull it may make."""
+
+    def pull_access(self, project_id: str, image_name: str) -> ImagePull: ...
+
+
 class Runtime(Protocol):
     name: str
     # False for runtimes whose run() returns at once (noop): the executor runs those inline

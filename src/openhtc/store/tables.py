@@ -236,3 +236,15 @@ executors = Table(
     Column("memory_mb", BigInteger, nullable=False),
     Column("last_heartbeat", Float, nullable=False),
 )
+
+# Container repositories created through the API (POST …/container-registry/repo/{name}).
+# Pushed images are read from the registry itself; this records who made a repository first.
+repositories = Table(
+    "repositories",
+    metadata,
+    Column("project_id", ForeignKey("projects.id"), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Column("workspace_id", String(32), nullable=False),
+    Column("created_by", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
