@@ -564,7 +564,7 @@ class HtcApi:
 def start_server(
     tmp_path_factory: pytest.TempPathFactory, db_kind: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., HtcServer]]:
-    """Factory: ``start_server(db_url=..., env=..., args=...)``; a fresh database by default.
+    """Factory: ``start_server(db_url=..., env=..., args=..., runtime=...)``; a fresh database by default.
 
     Every server it starts is stopped at the end of the test.
     """
@@ -575,9 +575,10 @@ def start_server(
         db_url: str | bool | None = True,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        runtime: str = "process",
     ) -> HtcServer:
         url = _fresh_db_url(db_kind, request) if db_url is True else (db_url or None)
-        srv = HtcServer(tmp_path_factory.mktemp("htc-data"), url, env=env, args=args)
+        srv = HtcServer(tmp_path_factory.mktemp("htc-data"), url, env=env, args=args, runtime=runtime)
         started.append(srv)
         return srv.start()
 
