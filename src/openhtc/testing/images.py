@@ -66,9 +66,7 @@ def busybox_rootfs_tar(dest: Path, extra_files: dict[str, bytes] | None = None) 
     return dest
 
 
-def podman_import(
-    tarball: Path, name: str, changes: Sequence[str] = (), podman: str = "podman"
-) -> str:
+def podman_import(tarball: Path, name: str, changes: Sequence[str] = (), podman: str = "podman") -> str:
     """Import a rootfs tarball as image ``name`` (e.g. ``localhost/bb:1``); returns the image id.
 
     ``changes`` are Dockerfile instructions such as ``ENTRYPOINT ["/bin/sh","-c"]``,
@@ -82,7 +80,9 @@ def podman_import(
     return out.splitlines()[-1] if out else name
 
 
-def podman_push(local: str, remote: str, password: str, username: str = "AWS", podman: str = "podman") -> None:
+def podman_push(
+    local: str, remote: str, password: str, username: str = "AWS", podman: str = "podman"
+) -> None:
     """Push ``local`` to ``remote`` (host:port/{projectId}/repo:tag) over plain HTTP with a token."""
     subprocess.run(
         [podman, "push", "--tls-verify=false", "--creds", f"{username}:{password}", local, remote],
