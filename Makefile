@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: help install demo test lint typecheck pytest bench-smoke postgres clean distclean
+.PHONY: help install demo test lint typecheck pytest bench-smoke postgres containers clean distclean
 
 help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
@@ -36,6 +36,7 @@ help:
 	@echo "make typecheck   mypy"
 	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
 	@echo "make install     create or refresh $(VENV)"
+	@echo "make containers  apt-get install the container tools that are missing (bubblewrap, podman, …)"
 	@echo "make clean       remove the demo data and caches; distclean also removes $(VENV)"
 
 # -- the virtualenv ---------------------------------------------------------------------------
@@ -64,14 +65,14 @@ $(STAMP): pyproject.toml
 
 # -- the main job -----------------------------------------------------------------------------
 
-demo: install
+demo: install containers
 	@PORT='$(PORT)' DATA_DIR='$(DEMO_DIR)' HTC='$(VENV)/bin/htc' PY='$(PY)' bash examples/demo.sh
 
 # -- the checks -------------------------------------------------------------------------------
 
 # Every step runs even when an earlier one failed, so one run reports everything; the summary
 # line names the failures and the exit status is non-zero if there are any.
-test: install postgres
+test: install postgres containers
 	@start=$$(date +%s); failed=""; passed=""; steps="lint typecheck pytest"; note=""; \
 	if [ -f bench/__main__.py ]; then steps="$$steps bench-smoke"; \
 	else note="; no bench smoke: bench/__main__.py does not exist yet"; fi; \
@@ -118,6 +119,21 @@ postgres:
 	if ! { $(APT) update -qq && $(APT) install -y -qq postgresql; }; then \
 	    if [ "$${CI:-}" = true ]; then echo "could not install PostgreSQL" >&2; exit 1; fi; \
 	    echo "warning: could not install PostgreSQL; its tests will be skipped" >&2; \
+	fi
+
+# Container jobs need bubblewrap (the default runtime), podman with runc, the CNCF registry that
+# `htc server` supervises, and skopeo, umoci and a static busybox for the test images. Install
+# whatever is missing (never skipped in CI: without them the container tests fail there).
+CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static
+containers:
+	@missing=""; for pkg in $(CONTAINER_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "==> installing container tools with apt-get:$$missing"; \
+	if ! { $(APT) update -qq && $(APT) install -y -qq $$missing; }; then \
+	    if [ "$${CI:-}" = true ]; then echo "could not install:$$missing" >&2; exit 1; fi; \
+	    echo "warning: could not install$$missing; container features and tests will not work" >&2; \
 	fi
 
 clean:
