@@ -65,6 +65,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "crash: kills the server with SIGKILL and restarts it")
     config.addinivalue_line(
         "markers",
+        "one_db: the feature does not depend on the database; run on the first of --db only "
+        "(SQLite with --db both), to keep the suite short",
+    )
+    config.addinivalue_line(
+        "markers",
         "second_workspace: needs a second workspace/tenant created through `htc admin`",
     )
     if config.getoption("--db") not in DB_CHOICES:
@@ -80,7 +85,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "db_kind" in metafunc.fixturenames:
         # Session scope lets pytest group all tests of one database together, so module- and
         # session-scoped servers are started once per database.
-        metafunc.parametrize("db_kind", _db_kinds(metafunc.config), indirect=True, scope="session")
+        kinds = _db_kinds(metafunc.config)
+        if metafunc.definition.get_closest_marker("one_db"):
+            kinds = kinds[:1]
+        metafunc.parametrize("db_kind", kinds, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
