@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = Field(14 * 86400, description="Lifetime of job refresh tokens.")
     admission_chunk: int = Field(5000, description="Jobs admitted per scheduler transaction.")
     log_level: str = Field("info", description="Server log level.")
+    retention_sweep_seconds: float = Field(
+        300.0, gt=0, description="How often task retention policies are applied (archive, delete)."
+    )
 
     # -- container registry ------------------------------------------------------------------
     registry_url: str | None = Field(

@@ -19,6 +19,7 @@ from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
+from openhtc.services.retention import RetentionSweeper
 from openhtc.services.wakeups import Wakeups
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
@@ -91,15 +92,18 @@ class Server:
     services: Services
     scheduler: SchedulerLoop
     executor: LocalExecutor | None
+    retention: RetentionSweeper
 
     def start(self) -> None:
         self.scheduler.start()
+        self.retention.start()
         if self.executor is not None:
             self.executor.start()
 
     def stop(self) -> None:
         if self.executor is not None:
             self.executor.stop()
+        self.retention.stop()
         self.scheduler.stop()
         self.services.db.dispose()
 
@@ -126,7 +130,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             settings.region,
             services.region_architectures(),
         )
-    return Server(services, SchedulerLoop(services), executor)
+    return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services))
 
 
 def serve(settings: Settings) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
 
-from openhtc.domain.enums import LifecycleStatus
+from openhtc.domain.enums import NON_TERMINAL_STATUSES, LifecycleStatus
 from openhtc.store.db import Database
-from openhtc.store.tables import project_limits, projects, tasks
+from openhtc.store.tables import job_counters, project_limits, projects, tasks, workspaces
 
 
 class ProjectStore:
@@ -188,3 +188,69 @@ class ProjectStore:
     def update_task(self, task_id: str, **values: Any) -> None:
         with self.db.write() as conn:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(**values))
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def retention_candidates(self) -> list[Row[Any]]:
+        """ACTIVE and ARCHIVED tasks under a project or workspace retention policy, each with both
+        policies (``p_*``, ``w_*`` columns) and its count of unfinished jobs (``unfinished``)."""
+        unfinished = (
+            select(job_counters.c.task_id, func.sum(job_counters.c.count).label("n"))
+            .where(job_counters.c.status.in_([int(s) for s in NON_TERMINAL_STATUSES]))
+            .group_by(job_counters.c.task_id)
+            .subquery()
+        )
+        stmt = (
+            select(
+                tasks.c.id,
+                tasks.c.project_id,
+                tasks.c.lifecycle_status,
+                tasks.c.last_active_at,
+                tasks.c.archived_at,
+                projects.c.retention_created_at.label("p_created_at"),
+                projects.c.retention_archive_after.label("p_archive_after"),
+                projects.c.retention_delete_after.label("p_delete_after"),
+                workspaces.c.retention_created_at.label("w_created_at"),
+                workspaces.c.retention_archive_after.label("w_archive_after"),
+                workspaces.c.retention_delete_after.label("w_delete_after"),
+                func.coalesce(unfinished.c.n, 0).label("unfinished"),
+            )
+            .join(projects, projects.c.id == tasks.c.project_id)
+            .join(workspaces, workspaces.c.id == projects.c.workspace_id)
+            .outerjoin(unfinished, unfinished.c.task_id == tasks.c.id)
+            .where(
+                tasks.c.lifecycle_status.in_([LifecycleStatus.ACTIVE.value, LifecycleStatus.ARCHIVED.value]),
+                or_(
+                    projects.c.retention_created_at.is_not(None),
+                    workspaces.c.retention_created_at.is_not(None),
+                ),
+            )
+        )
+        with self.db.read() as conn:
+            return list(conn.execute(stmt))
+
+    def touch_tasks(self, task_ids: list[str], now: float) -> None:
+        """Record activity (``last_active_at = now``) on ACTIVE tasks."""
+        if task_ids:
+            with self.db.write() as conn:
+                conn.execute(
+                    update(tasks)
+                    .where(tasks.c.id.in_(task_ids), tasks.c.lifecycle_status == LifecycleStatus.ACTIVE.value)
+                    .values(last_active_at=now)
+                )
+
+    def auto_archive(self, task_id: str, seen_last_active_at: float, now: float) -> bool:
+        """Archive an ACTIVE task unless it changed since it was read (a submit moves
+        ``last_active_at`` in the transaction that adds jobs); True if it was archived."""
+        with self.db.write() as conn:
+            return bool(
+                conn.execute(
+                    update(tasks)
+                    .where(
+                        tasks.c.id == task_id,
+                        tasks.c.lifecycle_status == LifecycleStatus.ACTIVE.value,
+                        tasks.c.last_active_at == seen_last_active_at,
+                    )
+                    .values(lifecycle_status=LifecycleStatus.ARCHIVED.value, archived_at=now)
+                ).rowcount
+            )

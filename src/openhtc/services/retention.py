@@ -1,0 +1,160 @@
+"""Task retention: archive tasks left inactive, delete tasks left archived.
+
+A policy is ``archiveAfter``/``deleteAfter`` hours (0 disables that step), set on a project or
+on its workspace. A project policy, when one exists, is used whole: its zeros switch a step off
+even where the workspace policy would run it. :func:`decide` is the pure rule; the
+:class:`RetentionSweeper` reads the candidates, applies it and writes the outcome, on a
+background thread in the server or one :meth:`~RetentionSweeper.sweep` at a time in tests.
+
+A task counts as active while it has unfinished jobs: the sweep moves such a task's
+``lastActiveAt`` forward, so the inactivity clock starts when its last job ends, not when it was
+last submitted to. No step runs on a task with unfinished jobs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from openhtc.domain.enums import LifecycleStatus
+from openhtc.services.container import Services
+
+log = logging.getLogger("openhtc.retention")
+
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    archive_after_hours: int
+    delete_after_hours: int
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    lifecycle_status: str
+    last_active_at: float
+    archived_at: float | None
+    unfinished_jobs: int
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    TOUCH = "touch"  # busy: record the activity
+    ARCHIVE = "archive"
+    DELETE = "delete"
+
+
+def effective_policy(
+    project: RetentionPolicy | None, workspace: RetentionPolicy | None
+) -> RetentionPolicy | None:
+    """The project's policy when it has one, else the workspace's (None: no policy at all)."""
+    return project if project is not None else workspace
+
+
+def decide(policy: RetentionPolicy | None, task: TaskFacts, now: float) -> Action:
+    """What retention does to one task now."""
+    if policy is None:
+        return Action.NONE
+    if task.lifecycle_status == LifecycleStatus.ACTIVE.value and policy.archive_after_hours > 0:
+        if task.unfinished_jobs:
+            return Action.TOUCH if task.last_active_at < now else Action.NONE
+        if now - task.last_active_at >= policy.archive_after_hours * HOUR:
+            return Action.ARCHIVE
+    elif (
+        task.lifecycle_status == LifecycleStatus.ARCHIVED.value
+        and policy.delete_after_hours > 0
+        and task.archived_at is not None
+        and not task.unfinished_jobs
+        and now - task.archived_at >= policy.delete_after_hours * HOUR
+    ):
+        return Action.DELETE
+    return Action.NONE
+
+
+def _policy(
+    created_at: float | None, archive_after: int | None, delete_after: int | None
+) -> RetentionPolicy | None:
+    if created_at is None:
+        return None
+    return RetentionPolicy(archive_after or 0, delete_after or 0)
+
+
+def delete_task(services: Services, project_id: str, task_id: str, now: float) -> None:
+    """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage.
+
+    The one path for ``DELETE …/tasks/{id}`` and retention's auto-delete."""
+    if services.jobs.cancel(task_id, None, now):
+        services.wakeups.cancel()
+    services.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
+    storage = getattr(services, "storage", None)  # absent until a storage backend is configured
+    if storage is not None:
+        storage.delete_task(project_id, task_id)
+
+
+@dataclass
+class SweepResult:
+    touched: int = 0
+    archived: int = 0
+    deleted: int = 0
+
+
+class RetentionSweeper:
+    """Applies retention policies every ``settings.retention_sweep_seconds`` on its own thread."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        period = self.services.settings.retention_sweep_seconds
+        while not self._stopping.wait(period):
+            try:
+                result = self.sweep()
+                if result.archived or result.deleted:
+                    log.info("retention: archived %d and deleted %d tasks", result.archived, result.deleted)
+            except Exception:
+                log.exception("retention sweep failed")
+
+    def sweep(self) -> SweepResult:
+        """One pass over every task under a policy."""
+        s = self.services
+        now = s.clock.now()
+        result = SweepResult()
+        touch: list[str] = []
+        for row in s.projects.retention_candidates():
+            action = decide(_effective(row), _facts(row), now)
+            if action is Action.TOUCH:
+                touch.append(row.id)
+            elif action is Action.ARCHIVE:
+                result.archived += s.projects.auto_archive(row.id, row.last_active_at, now)
+            elif action is Action.DELETE:
+                delete_task(s, row.project_id, row.id, now)
+                result.deleted += 1
+        s.projects.touch_tasks(touch, now)
+        result.touched = len(touch)
+        return result
+
+
+def _effective(row: Any) -> RetentionPolicy | None:
+    return effective_policy(
+        _policy(row.p_created_at, row.p_archive_after, row.p_delete_after),
+        _policy(row.w_created_at, row.w_archive_after, row.w_delete_after),
+    )
+
+
+def _facts(row: Any) -> TaskFacts:
+    return TaskFacts(row.lifecycle_status, row.last_active_at, row.archived_at, int(row.unfinished))

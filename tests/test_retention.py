@@ -1,0 +1,314 @@
+"""Task retention: the pure rule, and the sweep in-process on SQLite and PostgreSQL.
+
+The sweep is driven by hand with an injected clock: nothing here waits for real time to pass.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openhtc.auth.tokens import Principal
+from openhtc.config import Settings
+from openhtc.domain.clock import Clock
+from openhtc.domain.enums import JobStatus, LifecycleStatus
+from openhtc.domain.models import AttemptReport, Capacity
+from openhtc.runtime import bootstrap, build_services
+from openhtc.services.container import Services
+from openhtc.services.executors import ExecutorService
+from openhtc.services.retention import (
+    Action,
+    RetentionPolicy,
+    RetentionSweeper,
+    TaskFacts,
+    decide,
+    effective_policy,
+)
+from openhtc.services.submission import submit
+
+HOUR = 3600.0
+REGION = "AWS_US_EAST_1"
+ACTIVE, ARCHIVED = LifecycleStatus.ACTIVE.value, LifecycleStatus.ARCHIVED.value
+
+
+# -- the pure rule ------------------------------------------------------------------------------
+
+
+def facts(status: str = ACTIVE, last_active: float = 0.0, archived: float | None = None, busy: int = 0):
+    return TaskFacts(status, last_active, archived, busy)
+
+
+def test_archive_is_due_after_archive_after_hours_of_inactivity() -> None:
+    policy = RetentionPolicy(archive_after_hours=2, delete_after_hours=0)
+    assert decide(policy, facts(last_active=0), 2 * HOUR - 1) is Action.NONE
+    assert decide(policy, facts(last_active=0), 2 * HOUR) is Action.ARCHIVE
+
+
+def test_a_busy_task_is_kept_active_and_its_activity_recorded() -> None:
+    policy = RetentionPolicy(archive_after_hours=1, delete_after_hours=1)
+    assert decide(policy, facts(last_active=0, busy=3), 10 * HOUR) is Action.TOUCH
+    assert decide(policy, facts(last_active=10 * HOUR, busy=3), 10 * HOUR) is Action.NONE
+    busy_archived = facts(ARCHIVED, archived=0, busy=1)
+    assert decide(policy, busy_archived, 10 * HOUR) is Action.NONE
+
+
+def test_delete_is_due_delete_after_hours_after_archiving() -> None:
+    policy = RetentionPolicy(archive_after_hours=0, delete_after_hours=3)
+    assert decide(policy, facts(ARCHIVED, archived=HOUR), 4 * HOUR - 1) is Action.NONE
+    assert decide(policy, facts(ARCHIVED, archived=HOUR), 4 * HOUR) is Action.DELETE
+    # deletion only ever follows archiving
+    assert decide(policy, facts(ACTIVE, last_active=0), 100 * HOUR) is Action.NONE
+
+
+def test_zero_disables_a_step() -> None:
+    off = RetentionPolicy(0, 0)
+    assert decide(off, facts(last_active=0), 1e9) is Action.NONE
+    assert decide(off, facts(ARCHIVED, archived=0), 1e9) is Action.NONE
+    assert decide(None, facts(last_active=0), 1e9) is Action.NONE
+
+
+def test_a_project_policy_is_used_whole_over_the_workspace_policy() -> None:
+    workspace = RetentionPolicy(archive_after_hours=1, delete_after_hours=1)
+    project = RetentionPolicy(archive_after_hours=0, delete_after_hours=5)
+    assert effective_policy(project, workspace) == project
+    assert effective_policy(None, workspace) == workspace
+    assert effective_policy(None, None) is None
+    # the project's 0 switches archiving off even though the workspace would archive
+    assert decide(effective_policy(project, workspace), facts(last_active=0), 50 * HOUR) is Action.NONE
+
+
+# -- the sweep against a real database ------------------------------------------------------------
+
+
+class ManualClock(Clock):
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, hours: float) -> None:
+        self.t += hours * HOUR
+
+
+class World:
+    """Services on a fresh database, a workspace admin, and helpers to make tasks and jobs."""
+
+    def __init__(self, services: Services, clock: ManualClock) -> None:
+        self.services = services
+        self.clock = clock
+        self.sweeper = RetentionSweeper(services)
+        bootstrap(services)
+        ws = services.accounts.workspaces()[0]
+        self.workspace_id = ws.id
+        user = services.accounts.user_by_email(ws.id, "admin@localhost")
+        assert user is not None
+        self.user = Principal(user_id=user.id, workspace_id=ws.id, role=user.role)
+        self.executor = ExecutorService(services)
+        self.executor.register("ex-1", "inc-1", REGION, ["X86"], Capacity(64, 1 << 20))
+
+    def project(self) -> Any:
+        return self.services.projects.create(
+            self.workspace_id,
+            f"p-{uuid.uuid4().hex[:6]}",
+            "",
+            [REGION],
+            None,
+            self.user.user_id,
+            self.clock.now(),
+        )
+
+    def task(self, project: Any) -> Any:
+        return self.services.projects.create_task(project, "t", "", self.user.user_id, self.clock.now())
+
+    def reload(self, task: Any) -> Any:
+        row = self.services.projects.task(task.project_id, task.id)
+        assert row is not None
+        return row
+
+    def status(self, task: Any) -> str:
+        return str(self.reload(task).lifecycle_status)
+
+    def submit(self, project: Any, task: Any, n: int = 1) -> None:
+        request = {
+            "jobName": "j",
+            "batchSize": n,
+            "regions": [REGION],
+            "htcJobDefinition": {
+                "imageName": "busybox:latest",
+                "commands": ["true"],
+                "maxVCpus": 1,
+                "maxMemory": 64,
+                "architecture": "X86",
+            },
+        }
+        submit(self.services, self.user, project, self.reload(task), [request], None)
+
+    def run_all(self) -> None:
+        """Claim every queued job and report it SUCCEEDED, as an executor would."""
+        now = self.clock.now()
+        claimed = self.executor.claim("ex-1", REGION, ["X86"], Capacity(64, 1 << 20), 1000)
+        assert claimed
+        self.executor.report(
+            "ex-1",
+            [
+                AttemptReport(
+                    j.job_id, j.attempt, status, now, exit_code=0 if status is JobStatus.SUCCEEDED else None
+                )
+                for j in claimed
+                for status in (JobStatus.STARTING, JobStatus.RUNNING, JobStatus.SUCCEEDED)
+            ],
+        )
+
+    def workspace_policy(self, archive: int, delete: int) -> None:
+        self.services.accounts.update_workspace(
+            self.workspace_id,
+            retention_archive_after=archive,
+            retention_delete_after=delete,
+            retention_created_at=self.clock.now(),
+        )
+
+    def project_policy(self, project: Any, archive: int, delete: int) -> None:
+        self.services.projects.update(
+            project.id,
+            retention_archive_after=archive,
+            retention_delete_after=delete,
+            retention_created_at=self.clock.now(),
+        )
+
+
+@pytest.fixture
+def world(tmp_path: Path, db_url: str | None) -> Iterator[World]:
+    clock = ManualClock(1_800_000_000.0)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False)
+    services = build_services(settings, clock)
+    try:
+        yield World(services, clock)
+    finally:
+        services.db.dispose()
+
+
+def test_sweep_archives_after_inactivity_then_deletes_after_the_grace_period(world: World) -> None:
+    world.workspace_policy(archive=24, delete=48)
+    project = world.project()
+    task = world.task(project)
+
+    world.clock.advance(23.9)
+    assert world.sweeper.sweep().archived == 0
+    assert world.status(task) == ACTIVE
+
+    world.clock.advance(0.1)
+    assert world.sweeper.sweep().archived == 1
+    row = world.reload(task)
+    assert row.lifecycle_status == ARCHIVED and row.archived_at == world.clock.now()
+
+    world.clock.advance(47.9)
+    assert world.sweeper.sweep().deleted == 0
+    world.clock.advance(0.1)
+    assert world.sweeper.sweep().deleted == 1
+    row = world.reload(task)
+    assert row.lifecycle_status == LifecycleStatus.DELETED.value and row.deleted_at == world.clock.now()
+    # a deleted task is left alone afterwards
+    world.clock.advance(1000)
+    assert world.sweeper.sweep() == type(world.sweeper.sweep())()
+
+
+def test_a_submit_restarts_the_inactivity_clock(world: World) -> None:
+    world.workspace_policy(archive=10, delete=0)
+    project = world.project()
+    task = world.task(project)
+    world.clock.advance(8)
+    world.submit(project, task)
+    world.run_all()
+    world.clock.advance(8)  # 16 h since creation, 8 h since the submit
+    world.sweeper.sweep()
+    assert world.status(task) == ACTIVE
+    world.clock.advance(2)
+    world.sweeper.sweep()
+    assert world.status(task) == ARCHIVED
+
+
+def test_a_task_with_unfinished_jobs_is_not_archived_and_counts_as_active(world: World) -> None:
+    world.workspace_policy(archive=1, delete=1)
+    project = world.project()
+    task = world.task(project)
+    world.submit(project, task, n=3)  # queued: unfinished
+
+    world.clock.advance(5)
+    result = world.sweeper.sweep()
+    assert (result.archived, result.touched) == (0, 1)
+    assert world.status(task) == ACTIVE
+    assert world.reload(task).last_active_at == world.clock.now()
+
+    world.run_all()  # the jobs end now; the inactivity clock starts at the last sweep that saw them
+    world.clock.advance(0.5)
+    world.sweeper.sweep()
+    assert world.status(task) == ACTIVE
+    world.clock.advance(0.5)
+    world.sweeper.sweep()
+    assert world.status(task) == ARCHIVED
+
+
+def test_zero_disables_archiving_and_deleting(world: World) -> None:
+    world.workspace_policy(archive=0, delete=1)
+    project = world.project()
+    idle = world.task(project)
+    world.clock.advance(10_000)
+    world.sweeper.sweep()
+    assert world.status(idle) == ACTIVE
+
+    world.workspace_policy(archive=1, delete=0)
+    world.sweeper.sweep()
+    assert world.status(idle) == ARCHIVED
+    world.clock.advance(10_000)
+    world.sweeper.sweep()
+    assert world.status(idle) == ARCHIVED
+
+
+def test_a_project_policy_overrides_the_workspace_policy(world: World) -> None:
+    world.workspace_policy(archive=1, delete=1)
+    governed, own = world.project(), world.project()
+    world.project_policy(own, archive=0, delete=0)  # this project opts out entirely
+    follows, keeps = world.task(governed), world.task(own)
+
+    world.clock.advance(2)
+    world.sweeper.sweep()
+    assert (world.status(follows), world.status(keeps)) == (ARCHIVED, ACTIVE)
+
+    world.project_policy(own, archive=5, delete=0)  # longer than the workspace's 1 h
+    world.clock.advance(2)  # 4 h idle
+    world.sweeper.sweep()
+    assert world.status(keeps) == ACTIVE
+    world.clock.advance(1)
+    world.sweeper.sweep()
+    assert world.status(keeps) == ARCHIVED
+    assert world.status(follows) == LifecycleStatus.DELETED.value
+
+
+def test_no_policy_means_nothing_happens(world: World) -> None:
+    project = world.project()
+    task = world.task(project)
+    world.clock.advance(100_000)
+    assert world.sweeper.sweep() == type(world.sweeper.sweep())()
+    assert world.status(task) == ACTIVE
+
+
+def test_an_unarchived_task_starts_over(world: World) -> None:
+    world.workspace_policy(archive=1, delete=2)
+    project = world.project()
+    task = world.task(project)
+    world.clock.advance(1)
+    world.sweeper.sweep()
+    assert world.status(task) == ARCHIVED
+    world.clock.advance(1.5)
+    # what PATCH lifecycleStatus=ACTIVE does
+    world.services.projects.update_task(
+        task.id, lifecycle_status=ACTIVE, archived_at=None, last_active_at=world.clock.now()
+    )
+    world.clock.advance(0.9)
+    world.sweeper.sweep()
+    assert world.status(task) == ACTIVE
