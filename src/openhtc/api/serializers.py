@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import JobStatus, LifecycleStatus, cloud_provider_of
 from openhtc.domain.models import Capacity
 
+if TYPE_CHECKING:
+    from openhtc.registry import Registry
 
-def project(row: Any) -> dict[str, Any]:
+
+def project(row: Any, registry: Registry | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "projectId": row.id,
         "projectName": row.name,
@@ -23,6 +26,10 @@ def project(row: Any) -> dict[str, Any]:
     }
     if row.region_settings:
         body["regionSettings"] = row.region_settings
+    if registry is not None:
+        # Repositories created through the API or pushed to (see docs/containers.md).
+        body["containerRegistry"] = registry.container_registry(row.id)
+        body["repositories"] = registry.repository_names(row.id)
     return body
 
 
@@ -110,9 +117,10 @@ def job(row: Any, batch: Any, simple: bool = False) -> dict[str, Any]:
     return body
 
 
-def event(row: Any, job_uuid: str) -> dict[str, Any]:
+def event(row: Any, job_uuid: str, index: int) -> dict[str, Any]:
     return {
-        "eventId": str(row.id),
+        # A batch's shared submission events get a distinct id in each of its jobs.
+        "eventId": str(row.id) if row.job_id is not None else f"{row.id}.{index}",
         "jobId": job_uuid,
         "dateTime": iso(row.at),
         "status": JobStatus(row.status).name,

@@ -22,11 +22,10 @@ _JOB_COLUMNS = (
     "batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
     " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled",
 )
-# One event per job and submit-time status, for every batch of the request, in id order.
+# The submission events, one per batch and submit-time status (job_id NULL: they belong to every
+# job of the batch; see tables.job_events).
 _INSERT_SUBMIT_EVENTS = (
-    "INSERT INTO job_events (job_id, attempt, status, at, cancelled)"
-    " SELECT j.id, 1, s.status, j.created_at, false"
-    " FROM jobs j CROSS JOIN ({statuses}) s WHERE {batches} ORDER BY j.id, s.status"
+    "INSERT INTO job_events (batch_id, attempt, status, at, cancelled) VALUES (?, 1, ?, ?, ?)"
 )
 
 
@@ -116,9 +115,10 @@ class JobStore:
                 )
                 echoes.append(echo)
             steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
-            statuses = " UNION ALL ".join(f"SELECT {int(step)} AS status" for step in steps)
-            events = _INSERT_SUBMIT_EVENTS.format(statuses=statuses, batches=self.db.in_ids("j.batch_id"))
-            cur.execute(self.db.sql(events), (self.db.ids_param(batch_ids),))
+            cur.executemany(
+                self.db.sql(_INSERT_SUBMIT_EVENTS),
+                [(batch_id, int(step), now, False) for batch_id in batch_ids for step in steps],
+            )
             conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
         return echoes
 
@@ -196,15 +196,20 @@ class JobStore:
                 ids.append(found[0].id)
         return ids
 
-    def events(self, conn: Connection, job_id: int, after_id: int, limit: int) -> list[Row[Any]]:
-        return list(
-            conn.execute(
-                select(job_events)
-                .where(and_(job_events.c.job_id == job_id, job_events.c.id > after_id))
-                .order_by(job_events.c.id)
-                .limit(limit)
-            ).all()
+    def events(
+        self, conn: Connection, job_id: int, batch_id: int, after_id: int, limit: int
+    ) -> list[Row[Any]]:
+        """The job's own events and its batch's shared ones, in the order they happened."""
+        own = select(job_events).where(and_(job_events.c.job_id == job_id, job_events.c.id > after_id))
+        shared = select(job_events).where(
+            and_(
+                job_events.c.batch_id == batch_id,
+                job_events.c.job_id.is_(None),
+                job_events.c.id > after_id,
+            )
         )
+        rows = [*conn.execute(own.order_by(job_events.c.id).limit(limit)), *conn.execute(shared)]
+        return sorted(rows, key=lambda row: row.id)[:limit]
 
     def summary(
         self, conn: Connection, task_id: str, groups: Sequence[str] | None = None

@@ -198,11 +198,15 @@ jobs = Table(
     ),
 )
 
+# A row with job_id set belongs to one job. A row with job_id NULL belongs to every job of
+# batch_id: the submission events, which all jobs of a batch share, are written once per batch
+# instead of once per job (two rows per job made up a quarter of a million-job submit).
 job_events = Table(
     "job_events",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("job_id", BigInteger, nullable=False),
+    Column("job_id", BigInteger),
+    Column("batch_id", BigInteger),
     Column("attempt", Integer, nullable=False),
     Column("status", SmallInteger, nullable=False),
     Column("at", Float, nullable=False),
@@ -211,6 +215,13 @@ job_events = Table(
     Column("executor_id", String(128)),
     Column("cancelled", Boolean, nullable=False, default=False),
     Index("ix_job_events_job", "job_id", "id"),
+    Index(
+        "ix_job_events_batch",
+        "batch_id",
+        "id",
+        sqlite_where=text("job_id IS NULL"),
+        postgresql_where=text("job_id IS NULL"),
+    ),
 )
 
 job_counters = Table(

@@ -122,9 +122,9 @@ def job_events(
     size = page_size(request)
     after = decode_cursor(request) or 0
     with svc.db.read() as conn:
-        rows = svc.jobs.events(conn, job.id, int(after), size + 1)
+        rows = svc.jobs.events(conn, job.id, job.batch_id, int(after), size + 1)
     body = page(request, rows, size, lambda r: r.id)
-    body["items"] = [ser.event(r, job_id) for r in body["items"]]
+    body["items"] = [ser.event(r, job_id, job.idx) for r in body["items"]]
     return JSONResponse(body)
 
 
