@@ -772,7 +772,7 @@ def test_member_key_works_but_cannot_change_workspace_retention(module_server: A
         f"/htc/workspaces/{workspace_id}/task-retention-policy",
         json={"deleteAfter": 1, "archiveAfter": 1},
     )
-    assert resp.status_code == 405, resp.text
+    assert resp.status_code == 403, resp.text  # the spec's "Not Allowed"
 
 
 @pytest.mark.second_workspace

@@ -8,7 +8,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import (
-    AdminOnly,
     Conflict,
     NotFound,
     OpenHTCError,
@@ -23,7 +22,6 @@ STATUS = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
-    AdminOnly: 405,
 }
 _TYPES = {
     400: "BAD_REQUEST",

@@ -6,7 +6,6 @@
     ├── PermissionDenied      authenticated but not allowed               -> 403
     ├── NotFound              absent, or belongs to another tenant        -> 404
     │   └── ImageUnavailable  the image does not exist (Rescale's error name)
-    ├── AdminOnly             the spec's 405 for admin-only writes         -> 405
     ├── Conflict              the request clashes with the object's state -> 400
     └── InvalidTransition     a job state change the table does not allow (internal)
 
@@ -58,12 +57,6 @@ class ImageUnavailable(NotFound):
     """The image is unavailable."""
 
     error = "IMAGE_UNAVAILABLE"
-
-
-class AdminOnly(OpenHTCError):
-    """Only a workspace administrator may do this."""
-
-    error = "METHOD_NOT_ALLOWED"
 
 
 class Conflict(OpenHTCError):

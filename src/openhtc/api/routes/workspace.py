@@ -13,7 +13,7 @@ from openhtc.api.validation import retention_body
 from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
-from openhtc.domain.errors import AdminOnly, NotFound, ValidationFailed
+from openhtc.domain.errors import NotFound, PermissionDenied, ValidationFailed
 from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
 
@@ -111,7 +111,7 @@ def put_workspace_retention(
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
     if who.is_job or who.role != Role.WORKSPACE_ADMIN.value:
-        raise AdminOnly("only a workspace administrator may set the workspace retention policy")
+        raise PermissionDenied("only a workspace administrator may set the workspace retention policy")
     archive_after, delete_after = retention_body(body)
     now = svc.clock.now()
     svc.accounts.update_workspace(
