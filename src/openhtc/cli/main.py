@@ -29,6 +29,7 @@ from openhtc.cli._common import (
 )
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
 from openhtc.cli.server import register
+from openhtc.cli.storage import app as storage_app
 from openhtc.cli.submit import submit
 from openhtc.client import (
     DEFAULT_URL,
@@ -54,6 +55,7 @@ projects_app = typer.Typer(help="List and create projects (`htc projects` lists 
 tasks_app = typer.Typer(help="List, create, archive and delete tasks (`htc tasks -p P` lists them).")
 app.add_typer(projects_app, name="projects")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(storage_app, name="storage")
 
 
 def _merge(
