@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     )
     registry_port: int | None = Field(None, description="Port of the embedded registry (default: free).")
     registry_binary: str = Field("docker-registry", description="The CNCF distribution registry binary.")
+    registry_public_host: str | None = Field(
+        None,
+        description="host[:port] users tag and push images to (projects' containerRegistry). "
+        "Default: the registry's own address (embedded: 127.0.0.1:PORT).",
+    )
 
     # -- storage -------------------------------------------------------------------------------
     storage: StorageBackend = Field(

@@ -14,6 +14,7 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import Role
 from openhtc.executor.local import LocalExecutor
+from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
@@ -52,6 +53,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         tokens=TokenService(key, clock, settings.token_ttl_seconds, settings.refresh_token_ttl_seconds),
         logs=LogStore(settings.data_dir / "logs"),
         wakeups=Wakeups(),
+        registry=Registry(settings, clock, db),
+        # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
+        images_required=settings.runtime not in ("process", "noop"),
     )
 
 
@@ -95,6 +99,8 @@ class Server:
     retention: RetentionSweeper
 
     def start(self) -> None:
+        if self.services.registry is not None:
+            self.services.registry.start()
         self.scheduler.start()
         self.retention.start()
         if self.executor is not None:
@@ -105,6 +111,8 @@ class Server:
             self.executor.stop()
         self.retention.stop()
         self.scheduler.stop()
+        if self.services.registry is not None:
+            self.services.registry.stop()
         self.services.db.dispose()
 
 

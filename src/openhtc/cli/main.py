@@ -27,6 +27,7 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.cli.image import image_app
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
 from openhtc.cli.server import register
 from openhtc.cli.storage import app as storage_app
@@ -55,6 +56,7 @@ projects_app = typer.Typer(help="List and create projects (`htc projects` lists 
 tasks_app = typer.Typer(help="List, create, archive and delete tasks (`htc tasks -p P` lists them).")
 app.add_typer(projects_app, name="projects")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(image_app, name="image")
 app.add_typer(storage_app, name="storage")
 
 

@@ -46,6 +46,13 @@ def server(
     no_executor: Annotated[
         bool, typer.Option("--no-executor", help="Run the API and scheduler only.")
     ] = False,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(envvar="OPENHTC_REGISTRY_URL", help="External registry URL [run docker-registry]."),
+    ] = None,
+    registry_port: Annotated[
+        int | None, typer.Option(envvar="OPENHTC_REGISTRY_PORT", help="Embedded registry port [free].")
+    ] = None,
 ) -> None:
     """Run the API, the scheduler and the local executor."""
     from openhtc.runtime import serve
@@ -60,6 +67,8 @@ def server(
         executor_vcpus=vcpus,
         executor_memory_mb=memory_mb,
         executor=False if no_executor else None,
+        registry_url=registry_url,
+        registry_port=registry_port,
     )
     serve(settings)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
@@ -15,6 +16,9 @@ from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
+
+if TYPE_CHECKING:
+    from openhtc.registry import Registry
 
 
 def host_architecture() -> str:
@@ -34,6 +38,10 @@ class Services:
     tokens: TokenService
     logs: LogStore
     wakeups: Wakeups
+    # The container registry (None only where a caller builds Services by hand).
+    registry: Registry | None = None
+    # True when jobs run from registry images (bwrap, podman): submissions then need them.
+    images_required: bool = False
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

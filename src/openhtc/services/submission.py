@@ -6,7 +6,7 @@ from typing import Any
 
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import LifecycleStatus, Priority
-from openhtc.domain.errors import Conflict, ValidationFailed
+from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
 from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
@@ -27,7 +27,18 @@ def submit(
     }
     capacity = _largest_executor(services)
     new = [_plan(req, i, project, region_archs, capacity, group) for i, req in enumerate(requests)]
+    if services.images_required:
+        _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
     return services.jobs.submit(task, new, principal.user_id, services.clock.now())
+
+
+def _check_images(services: Services, project_id: str, images: set[str]) -> None:
+    """Container runtimes pull each job's image from the project's namespace: refuse a missing
+    one now (404 naming it) rather than fail every job of the batch at start."""
+    if services.registry is None:
+        raise ImageUnavailable("this server has no container registry, so no image can be run")
+    for image in sorted(images):
+        services.registry.require_image(project_id, image)
 
 
 def _largest_executor(services: Services) -> tuple[int, int]:

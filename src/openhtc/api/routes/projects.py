@@ -49,7 +49,7 @@ def list_projects(
     if who.is_job:
         rows = [r for r in rows if r.id == who.project_id]
     body = page(request, rows, size, lambda r: [r.created_at, r.id])
-    body["items"] = [ser.project(r) for r in body["items"]]
+    body["items"] = [ser.project(r, svc.registry) for r in body["items"]]
     return JSONResponse(body)
 
 
@@ -72,14 +72,14 @@ def create_project(
     row = svc.projects.create(
         who.workspace_id, name, description, regions, obj.get("regionSettings"), who.user_id, svc.clock.now()
     )
-    return JSONResponse(ser.project(row))
+    return JSONResponse(ser.project(row, svc.registry))
 
 
 @router.get("/htc/projects/{project_id}")
 def get_project(
     project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
-    return JSONResponse(ser.project(project_for(svc, who, project_id)))
+    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
 
 
 @router.patch("/htc/projects/{project_id}")
@@ -95,7 +95,7 @@ def patch_project(
     if "regions" in obj:
         added = _regions(svc, who, obj["regions"], "regions")
         svc.projects.update(project_id, regions=list(dict.fromkeys([*project.regions, *added])))
-    return JSONResponse(ser.project(project_for(svc, who, project_id)))
+    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
 
 
 # -- dimensions ---------------------------------------------------------------------------------
