@@ -11,37 +11,46 @@ from pathlib import Path
 from bench import report
 from bench.common import DEFAULT_OUT, Result, log, machine
 from bench.context import Context
-from bench.systems import SYSTEMS
-from bench.workloads import WORKLOADS, Workload, resolve, target_for
+from bench.runners import RUNNERS
+from bench.systems import PEERS, SYSTEMS
+from bench.workloads import WORKLOADS, Workload, resolve
 from openhtc.testing.postgres import PostgresUnavailable
 
-RATIO_MEANING = {
-    "e2e": "(b) openhtc jobs/s ÷ spawn-floor jobs/s (1.00 = as fast as a bare sequential spawn loop)",
-    "latency": "(d) openhtc p50 ÷ spawn-floor p50 (how many bare spawn round trips one job's latency is)",
-}
+DEFAULT_SYSTEMS = "openhtc,spawn-floor"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="openhtc benchmarks. Each reports figures (and ratios to a baseline measured in "
-        "the same run); none asserts a time.",
+        description="openhtc benchmarks, side by side with peers (HyperQueue, Dask, Ray, Slurm) "
+        "on the same machine in the same run. Each reports figures and ratios to the other "
+        "systems measured in that run; none asserts a time.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="workloads:\n"
         + "\n".join(
-            f"  {w.letter}  {w.name:<14} {w.title} [N: {', '.join(map(str, w.sizes))}; "
-            f"smoke {', '.join(map(str, w.smoke_sizes))} {w.describe_n()}]"
+            f"  {w.id:<3} {w.name:<14} {w.title} [N: {', '.join(map(str, w.sizes))}; "
+            f"smoke {', '.join(map(str, w.smoke_sizes))} {w.n_means}]"
             for w in WORKLOADS.values()
         ),
     )
-    p.add_argument("--workload", default="all", help="all, or a comma list of names or letters a-d")
-    p.add_argument("--n", help="N for every chosen workload, a comma list (e.g. 10000,100000)")
-    p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
-    p.add_argument("--systems", default="openhtc,spawn-floor", help=f"comma list of: {', '.join(SYSTEMS)}")
+    p.add_argument("--workload", default="all", help="all, or a comma list of names or ids (w1-w5, cp)")
+    p.add_argument("--n", help="N for every chosen workload, a comma list (e.g. 200 or 10000,100000)")
+    p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both", help="openhtc's database")
+    p.add_argument(
+        "--systems", default=DEFAULT_SYSTEMS, help=f"comma list of: {', '.join(SYSTEMS)} [{DEFAULT_SYSTEMS}]"
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help=f"add every peer ({', '.join(PEERS)}) to --systems; a missing one is installed first "
+        "(pip into bench/.peers-venv, apt-get for Slurm)",
+    )
+    p.add_argument("--container", choices=RUNNERS, default="bwrap", help="W3's container runner [bwrap]")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory [bench/results/]")
-    p.add_argument("--smoke", action="store_true", help="small N everywhere (CI); well under 2 minutes")
-    p.add_argument("--vcpus", type=int, help="executor vCPUs of the process-runtime servers (b, d)")
-    p.add_argument("--profile", action="store_true", help="py-spy record the measured process of each run")
+    p.add_argument("--chart", type=Path, help="also copy the run's PNG chart here (e.g. docs/img/peers.png)")
+    p.add_argument("--smoke", action="store_true", help="small N everywhere (CI); well under a minute")
+    p.add_argument("--vcpus", type=int, help="CPUs every system may use (openhtc executor vCPUs, peer cores)")
+    p.add_argument("--profile", action="store_true", help="py-spy record openhtc's measured process")
     return p.parse_args(argv)
 
 
@@ -52,7 +61,7 @@ def sizes(args: argparse.Namespace, workload: Workload) -> list[int]:
 
 
 def run_one(system: str, workload: Workload, ctx: Context, db: str, n: int) -> Result:
-    log(f"{workload.letter}) {workload.name} / {system} / {db} / N={n}")
+    log(f"{workload.id.upper()} {workload.name} / {system} / {db} / N={n}")
     started = time.monotonic()
     try:
         result = SYSTEMS[system].run(workload.name, ctx, db, n)
@@ -68,63 +77,66 @@ def run_one(system: str, workload: Workload, ctx: Context, db: str, n: int) -> R
     return result
 
 
+def choose_systems(args: argparse.Namespace) -> list[str]:
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.peers:
+        systems += [s for s in ("openhtc", "spawn-floor", *PEERS) if s not in systems]
+    return systems
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workloads = resolve(args.workload)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    try:
+        workloads = resolve(args.workload)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    systems = choose_systems(args)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         print(f"unknown system(s): {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    ctx = Context(out=args.out, stamp=stamp, smoke=args.smoke, profile=args.profile, vcpus=args.vcpus)
+    ctx = Context(
+        out=args.out,
+        stamp=stamp,
+        smoke=args.smoke,
+        profile=args.profile,
+        vcpus=args.vcpus,
+        container=args.container,
+    )
     results: list[Result] = []
     began = time.monotonic()
     try:
         for workload in workloads:
             chosen = [s for s in systems if SYSTEMS[s].supports(workload.name)]
-            if workload.baseline in chosen:  # the baseline runs first, right before what it judges
+            if workload.baseline in chosen:  # the floor runs first, right before what it judges
                 chosen.remove(workload.baseline)
                 chosen.insert(0, workload.baseline)
             for n in sizes(args, workload):
-                baseline: Result | None = None
                 for system in chosen:
                     for db in dbs if SYSTEMS[system].uses_db else ["-"]:
-                        result = run_one(system, workload, ctx, db, n)
-                        if system == workload.baseline:
-                            baseline = result if result.status == "ok" else None
-                        elif baseline is not None and result.status == "ok":
-                            result.baseline = {
-                                "system": baseline.system,
-                                "figure": baseline.figure,
-                                "value": baseline.value,
-                                "unit": baseline.unit,
-                            }
-                            if baseline.value:
-                                result.ratio = result.value / baseline.value
-                                result.ratio_meaning = RATIO_MEANING.get(workload.name)
-                        result.target = target_for(workload, system, db, n)
-                        report.judge(result)
-                        results.append(result)
+                        results.append(run_one(system, workload, ctx, db, n))
     finally:
         ctx.close()
+    report.compare(results)
+    for result in results:
+        report.judge(result, args.container)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
         "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
+        "slots": ctx.slots,
         "wall_s": round(time.monotonic() - began, 1),
-        "notes": ctx.notes,
+        "notes": [*ctx.notes, f"every system may use {ctx.slots} CPUs; W3 runs under {args.container}"],
     }
-    md_path, json_path = report.write(args.out, stamp, results, meta)
+    md_path, json_path, png = report.write(args.out, stamp, results, meta, args.chart)
     print(report.markdown(results, meta))
-    log(f"wrote {md_path} and {json_path} ({meta['wall_s']} s)")
+    log(f"wrote {md_path}, {json_path}" + (f" and {png}" if png else "") + f" ({meta['wall_s']} s)")
     errors = [r for r in results if r.status == "error"]
-    if errors:  # a benchmark that broke, never a missed target, fails the run
-        log(
-            f"{len(errors)} benchmark(s) failed: "
-            + "; ".join(f"{r.workload}/{r.system}/{r.db}" for r in errors)
-        )
+    if errors:  # a benchmark that broke, never a missed target nor a peer that is unavailable, fails
+        log(f"{len(errors)} benchmark(s) failed: " + "; ".join(f"{r.workload}/{r.label}" for r in errors))
         return 1
     return 0

@@ -22,8 +22,11 @@ DEFAULT_OUT = REPO / "bench" / "results"
 class Result:
     """One figure of one system on one workload: the unit the tables and the JSON are made of.
 
-    ``figure`` names the headline entry of ``metrics``; ``ratio`` is that figure against the
-    baseline system measured in the same run (see ``ratio_meaning``), ``target`` the issue's goal.
+    ``figure`` names the headline entry of ``metrics``. ``ratios`` maps every other system
+    measured on the same workload and N in the same run (``system`` or ``system/db``) to this
+    result's *advantage* over it: figure ÷ theirs when higher is better (jobs/s), theirs ÷
+    figure when lower is (seconds, ms); above 1 means this system did better. ``targets`` are the
+    issue's goals for this result, each with ``met`` (None: not judged).
     """
 
     workload: str
@@ -35,16 +38,17 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    status: str = "ok"  # ok | skipped | error
-    baseline: dict[str, Any] | None = None  # {"system", "figure", "value", "unit"}
-    ratio: float | None = None
-    ratio_meaning: str | None = None
-    target: dict[str, Any] | None = None  # {"on": "value"|"ratio", "op": ">="|"<=", "value", "text"}
-    target_met: bool | None = None
+    status: str = "ok"  # ok | skipped | unavailable | error
+    ratios: dict[str, float] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def value(self) -> Any:
         return self.metrics.get(self.figure)
+
+    @property
+    def label(self) -> str:
+        return self.system if self.db == "-" else f"{self.system}/{self.db}"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,12 +66,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """VmHWM (peak resident set) of a process in MiB, from /proc; None where unavailable."""
+def peak_rss_mb(pid: int | str = "self", key: str = "VmHWM") -> float | None:
+    """VmHWM (peak resident set; or ``key``, e.g. VmRSS) of a process in MiB, from /proc."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return round(int(line.split()[1]) / 1024.0, 1)
     except OSError:
         return None
@@ -86,11 +90,19 @@ def cpu_seconds(pid: int | str = "self") -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def job_batches(n: int, max_memory: int | None = 64, command: str = "true") -> list[dict[str, Any]]:
+def job_batches(
+    n: int,
+    max_memory: int | None = 64,
+    commands: Sequence[str] = ("true",),
+    image: str = "bb",
+    max_vcpus: int | None = None,
+) -> list[dict[str, Any]]:
     """A submit body for n jobs in batches of at most 1000 (the API's limit)."""
-    definition: dict[str, Any] = {"imageName": "bb", "commands": [command]}
+    definition: dict[str, Any] = {"imageName": image, "commands": list(commands)}
     if max_memory is not None:
         definition["maxMemory"] = max_memory
+    if max_vcpus is not None:
+        definition["maxVCpus"] = max_vcpus
     body = []
     left = n
     while left > 0:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import log
+from bench.runners import ContainerRunner
 from openhtc.testing.postgres import PostgresCluster, PostgresUnavailable
 
 
@@ -16,8 +18,10 @@ class Context:
     smoke: bool = False
     profile: bool = False
     vcpus: int | None = None  # executor vCPUs for the process-runtime servers; None: server default
+    container: str = "bwrap"  # W3's container runner for every system: bwrap or podman
     _pg: PostgresCluster | None = None
     _pg_error: str | None = None
+    _runner: ContainerRunner | None = None
     notes: list[str] = field(default_factory=list)
 
     def database_url(self, db: str) -> str | None:
@@ -40,10 +44,24 @@ class Context:
             self.notes.append(f"PostgreSQL: {cluster.version}, private cluster, fsync/synchronous_commit off")
         return self._pg.new_database()
 
+    @property
+    def slots(self) -> int:
+        """CPUs every system may use: openhtc's executor vCPUs, the peers' worker cores."""
+        return self.vcpus or os.cpu_count() or 1
+
+    @property
+    def runner(self) -> ContainerRunner:
+        if self._runner is None:
+            self._runner = ContainerRunner(self.container)
+        return self._runner
+
     def profile_path(self, name: str) -> Path:
         return self.out / "profiles" / f"{self.stamp}-{name}.txt"
 
     def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
         if self._pg is not None:
             self._pg.stop()
             self._pg = None

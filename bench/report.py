@@ -1,13 +1,16 @@
-"""Results -> a markdown table and a JSON file (with the same run's baselines and ratios)."""
+"""Results -> ratios and targets, a markdown report, a JSON file and a PNG chart."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from bench.common import Result
-from bench.workloads import WORKLOADS
+from bench.workloads import WORKLOADS, targets_for
+
+PEER_ORDER = ("spawn-floor", "hyperqueue", "dask", "ray", "slurm")
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -29,17 +32,78 @@ def fmt(value: Any, unit: str = "") -> str:
     return f"{text} {unit}".strip() if unit else text
 
 
-def judge(result: Result) -> None:
-    """Fill target_met from target, value and ratio."""
-    target = result.target
-    if result.status != "ok" or not target or target.get("applies") is False:
-        result.target_met = None
-        return
-    got = result.ratio if target["on"] == "ratio" else result.value
-    if got is None:
-        result.target_met = None
-        return
-    result.target_met = got >= target["value"] if target["op"] == ">=" else got <= target["value"]
+def compare(results: list[Result]) -> None:
+    """Fill every ok result's ``ratios``: its advantage over each other system of the same
+    workload and N in this run (>1: better), from the two headline figures."""
+    for r in results:
+        if r.status != "ok" or not r.value:
+            continue
+        higher = WORKLOADS[r.workload].higher_is_better
+        for o in results:
+            if o is r or o.status != "ok" or not o.value or (o.workload, o.n) != (r.workload, r.n):
+                continue
+            if o.system == r.system:
+                continue
+            r.ratios[o.label] = r.value / o.value if higher else o.value / r.value
+
+
+def judge(result: Result, container: str) -> None:
+    """Attach the issue's targets for this result, each with ``got`` and ``met``."""
+    result.targets = targets_for(WORKLOADS[result.workload], result.system, result.db, result.n, container)
+    for t in result.targets:
+        on = t["on"]
+        if result.status != "ok":
+            got = None
+        elif on and on.startswith("vs:"):
+            got = result.ratios.get(on[3:])
+        else:
+            got = result.metrics.get(on or result.figure)
+        t["got"] = got
+        if got is None or not t["applies"]:
+            t["met"] = None
+        else:
+            t["met"] = got >= t["value"] if t["op"] == ">=" else got <= t["value"]
+
+
+def _target_cell(r: Result) -> str:
+    cells = []
+    for t in r.targets:
+        if not t["applies"]:
+            cells.append(f"{t['text']}: other N")
+            continue
+        got = t["got"]
+        shown = "-" if got is None else (f"{got:.2f}" if t["on"] and t["on"].startswith("vs:") else fmt(got))
+        verdict = {True: "yes", False: "**no**", None: "not judged"}[t["met"]]
+        cells.append(f"{t['text']}: {verdict} ({shown})")
+    return "<br>".join(cells) or "-"
+
+
+def _value_cell(r: Result) -> str:
+    if r.status == "ok":
+        return fmt(r.value, r.unit)
+    why = "; ".join(r.notes)
+    why = why if len(why) <= 140 else why[:137] + "..."
+    return f"**{r.status}**" + (f": {why}" if why else "")
+
+
+def tables(results: list[Result]) -> list[str]:
+    lines: list[str] = []
+    groups: dict[tuple[str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.n), []).append(r)
+    for (name, n), rows in groups.items():
+        w = WORKLOADS[name]
+        others = [s for s in PEER_ORDER if any(r.system == s and r.status == "ok" for r in rows)]
+        lines += [f"### {w.id.upper()} {name} — N = {n:,} {w.n_means}", "", w.title + ".", ""]
+        head = ["System", "DB", "Figure", "Value", "Startup", *[f"vs {o}" for o in others], "Targets"]
+        lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in rows:
+            startup = r.metrics.get("startup_s")
+            vs = [f"{r.ratios[o]:.2f}x" if o in r.ratios else "-" for o in others]
+            cells = [r.system, r.db, r.figure or "-", _value_cell(r), fmt(startup, "s") if startup else "-"]
+            lines.append("| " + " | ".join([*cells, *vs, _target_cell(r)]) + " |")
+        lines.append("")
+    return lines
 
 
 def markdown(results: list[Result], meta: dict[str, Any]) -> str:
@@ -52,31 +116,16 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         f"- Command: `{meta['command']}`",
         *(f"- {note}" for note in meta.get("notes", [])),
         "",
-        "| Workload | System | DB | N | Figure | Value | Baseline (same run) | Ratio | Target | Met |",
-        "| --- | --- | --- | ---: | --- | ---: | --- | ---: | --- | --- |",
+        "`vs X`: this row's advantage over X in the same run, from the two figures (jobs/s: "
+        "this ÷ X; seconds and ms: X ÷ this); above 1.00 this row did better. Startup: the "
+        "peer's own start, excluded from the figure.",
+        "",
+        *tables(results),
+        "## Details",
+        "",
     ]
     for r in results:
-        w = WORKLOADS[r.workload]
-        label = f"({w.letter}) {r.workload}"
-        if r.status != "ok":
-            lines.append(f"| {label} | {r.system} | {r.db} | {r.n:,} | - | **{r.status}** | - | - | - | - |")
-            continue
-        base = (
-            f"{r.baseline['system']}: {fmt(r.baseline['value'], r.baseline['unit'])}" if r.baseline else "-"
-        )
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
-        target = "-"
-        if r.target:
-            target = r.target["text"] + (" (other N)" if r.target.get("applies") is False else "")
-        met = {True: "yes", False: "**no**", None: "-"}[r.target_met]
-        lines.append(
-            f"| {label} | {r.system} | {r.db} | {r.n:,} | {r.figure} | {fmt(r.value, r.unit)} | {base} "
-            f"| {ratio} | {target} | {met} |"
-        )
-    lines += ["", "Ratios: " + "; ".join(sorted({r.ratio_meaning for r in results if r.ratio_meaning}))]
-    lines += ["", "## Details", ""]
-    for r in results:
-        lines.append(f"- **({WORKLOADS[r.workload].letter}) {r.workload} / {r.system} / {r.db} / N={r.n:,}**")
+        lines.append(f"- **{WORKLOADS[r.workload].id.upper()} {r.workload} / {r.label} / N={r.n:,}**")
         if r.metrics:
             lines.append("  - " + ", ".join(f"{k}={fmt(v)}" for k, v in r.metrics.items()))
         if r.params:
@@ -85,7 +134,12 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) -> tuple[Path, Path]:
+def write(
+    out: Path, stamp: str, results: list[Result], meta: dict[str, Any], chart: Path | None = None
+) -> tuple[Path, Path, Path | None]:
+    """bench-<stamp>.md/.json/.png and latest.* in ``out``; the PNG also to ``chart`` if given."""
+    from bench.chart import draw
+
     out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "results": [r.to_json() for r in results]}
     text = json.dumps(doc, indent=2, default=str) + "\n"
@@ -95,4 +149,12 @@ def write(out: Path, stamp: str, results: list[Result], meta: dict[str, Any]) ->
     md_path.write_text(md)
     (out / "latest.json").write_text(text)
     (out / "latest.md").write_text(md)
-    return md_path, json_path
+    png: Path | None = out / f"bench-{stamp}.png"
+    if png is not None and draw(results, meta, png):
+        shutil.copyfile(png, out / "latest.png")
+        if chart is not None:
+            chart.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, chart)
+    else:
+        png = None
+    return md_path, json_path, png

@@ -190,11 +190,16 @@ class Api:
     def submit(self, body: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self._ok(self.http.post(self._jobs + "/batch", json=body))  # type: ignore[no-any-return,unused-ignore]
 
-    def submit_jobs(self, n: int, max_memory: int | None = 64) -> list[dict[str, Any]]:
-        return self.submit(job_batches(n, max_memory))
+    def submit_jobs(self, n: int, max_memory: int | None = 64, **definition: Any) -> list[dict[str, Any]]:
+        """n jobs in batches of 1,000; ``definition``: job_batches' commands, image, max_vcpus."""
+        return self.submit(job_batches(n, max_memory, **definition))
 
     def job(self, job_uuid: str) -> httpx.Response:
         return self.http.get(f"{self._jobs}/{job_uuid}")
+
+    def jobs_page(self, page_size: int = 100) -> httpx.Response:
+        """The first page of the task's jobs (what a client's job listing fetches first)."""
+        return self.http.get(self._jobs, params={"pageSize": page_size})
 
     def statuses(self) -> dict[str, int]:
         url = f"/htc/projects/{self.project}/tasks/{self.task}/summary-statistics"

@@ -17,10 +17,20 @@ def true_path() -> str:
     return shutil.which("true") or "/bin/true"
 
 
-def spawn_loop(n: int, path: str | None = None) -> float:
-    """Seconds to posix_spawn + waitpid ``true`` n times in a row."""
-    path = path or true_path()
-    argv = [path]
+def resolve(argv: list[str] | None) -> list[str]:
+    """``argv`` with its program made an absolute path (posix_spawn does not search PATH)."""
+    if not argv:
+        return [true_path()]
+    found = shutil.which(argv[0])
+    if found is None:
+        raise FileNotFoundError(argv[0])
+    return [found, *argv[1:]]
+
+
+def spawn_loop(n: int, argv: list[str] | None = None) -> float:
+    """Seconds to posix_spawn + waitpid ``argv`` (default ``true``) n times in a row."""
+    argv = resolve(argv)
+    path = argv[0]
     start = time.perf_counter()
     for _ in range(n):
         pid = os.posix_spawn(path, argv, ENV)
@@ -41,9 +51,9 @@ def spawn_latencies(n: int) -> list[float]:
     return out
 
 
-def parallel_spawn(n: int, loops: int) -> float:
+def parallel_spawn(n: int, loops: int, argv: list[str] | None = None) -> float:
     """Seconds for `loops` forked children to run n spawns in total, released together."""
-    path = true_path()
+    argv = resolve(argv)
     per = [n // loops + (1 if i < n % loops else 0) for i in range(loops)]
     go_r, go_w = os.pipe()
     children = []
@@ -53,7 +63,7 @@ def parallel_spawn(n: int, loops: int) -> float:
             try:
                 os.close(go_w)
                 os.read(go_r, 1)
-                spawn_loop(count, path)
+                spawn_loop(count, argv)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -68,15 +78,15 @@ def parallel_spawn(n: int, loops: int) -> float:
     return elapsed
 
 
-def floor(n: int) -> dict[str, float | int]:
+def floor(n: int, argv: list[str] | None = None, loops: int | None = None) -> dict[str, float | int]:
     """Sequential and one-loop-per-core spawn rates for n spawns (after a short warm-up)."""
-    spawn_loop(min(100, n))
+    spawn_loop(min(100, n), argv)
     t0 = os.times()
-    seq = spawn_loop(n)
+    seq = spawn_loop(n, argv)
     t1 = os.times()
-    cpu = sum(t1[:4]) - sum(t0[:4])  # this process and the reaped `true`s, user + system
-    loops = os.cpu_count() or 1
-    par = parallel_spawn(n, loops)
+    cpu = sum(t1[:4]) - sum(t0[:4])  # this process and the reaped children, user + system
+    loops = loops or os.cpu_count() or 1
+    par = parallel_spawn(n, loops, argv)
     return {
         "jobs_per_s": n / seq,
         "seconds": seq,

@@ -1,115 +1,166 @@
-"""The workloads of the issue, their default sizes, baselines and targets."""
+"""The workloads of the issue (W1-W5, plus openhtc's control-plane capacity), their sizes,
+baselines and targets. Every system runs the same job command for a workload (``command``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue, judged on one result (never asserted).
+
+    ``on`` is a metric of the result (default: its figure) or ``vs:<system>``: the result's
+    advantage over that system's figure in the same run (>1 = better; see ``Result.ratios``).
+    ``when`` limits where it applies: ``system``, ``db``, ``n``, ``min_n``, ``container``.
+    """
+
+    text: str
+    op: str  # ">=" or "<="
+    value: float
+    on: str | None = None
+    when: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    letter: str
+    id: str  # w1-w5, cp
     title: str
     sizes: tuple[int, ...]  # N for a full run
     smoke_sizes: tuple[int, ...]  # N for --smoke
-    baseline: str | None  # the system whose figure every other system's is divided by
-    target: dict[str, Any] | None  # see Result.target; "when" limits where it applies
+    n_means: str
+    higher_is_better: bool  # of the figure: jobs/s yes, seconds and ms no
+    baseline: str | None = "spawn-floor"  # the floor every other system's figure is set against
+    targets: tuple[Target, ...] = ()
 
-    def describe_n(self) -> str:
-        return {
-            "control-plane": "jobs",
-            "e2e": "jobs",
-            "submit": "jobs in one call",
-            "latency": "samples",
-        }[self.name]
 
+SQLITE, PG = {"system": "openhtc", "db": "sqlite"}, {"system": "openhtc", "db": "postgres"}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
         Workload(
-            "control-plane",
-            "a",
-            "Control-plane capacity, in-process no-op executor: jobs/s from submit to terminal",
-            (10_000, 100_000),
-            (2_000,),
-            None,
-            {
-                "on": "value",
-                "op": ">=",
-                "value": 10_000,
-                "text": ">= 10,000 jobs/s on SQLite",
-                "when": {"db": "sqlite", "system": "openhtc", "min_n": 10_000},
-            },
-        ),
-        Workload(
             "e2e",
-            "b",
-            "End-to-end `true` jobs over HTTP, process runtime: jobs/s and ratio to the spawn floor",
+            "w1",
+            "N trivial `true` jobs, submitted at once: jobs/s from the first submit until all are done",
             (5_000,),
             (300,),
-            "spawn-floor",
-            {
-                "on": "ratio",
-                "op": ">=",
-                "value": 0.80,
-                "text": ">= 80 % of the spawn floor",
-                "when": {"system": "openhtc"},
-            },
+            "jobs",
+            True,
+            targets=(
+                Target(">= 80 % of the spawn floor (SQLite)", ">=", 0.80, "vs:spawn-floor", SQLITE),
+                Target(">= 2x HyperQueue (SQLite)", ">=", 2.0, "vs:hyperqueue", SQLITE),
+                Target(">= HyperQueue (PostgreSQL)", ">=", 1.0, "vs:hyperqueue", PG),
+            ),
+        ),
+        Workload(
+            "sleep",
+            "w2",
+            "N jobs that each run `sleep 0.05` and request 1 vCPU: jobs/s (ideal: vCPUs / 0.05 s)",
+            (1_000,),
+            (40,),
+            "jobs",
+            True,
+        ),
+        Workload(
+            "containers",
+            "w3",
+            "N container jobs (busybox `true` under --container: bwrap or podman): jobs/s",
+            (1_000,),
+            (50,),
+            "jobs",
+            True,
+            targets=(
+                Target(
+                    ">= 100 jobs/s with bwrap", ">=", 100.0, None, {"system": "openhtc", "container": "bwrap"}
+                ),
+            ),
         ),
         Workload(
             "submit",
-            "c",
-            "Time to submit a 100k-job batch (100 x batchSize 1000 in one call)",
-            (100_000,),
+            "w4",
+            "One submission of N jobs (batches of 1,000 in one call): time to accept it, then "
+            "summary statistics, one page of jobs and server RSS",
+            (1_000_000,),
             (10_000,),
-            None,
-            {
-                "on": "value",
-                "op": "<=",
-                "value": 2.0,
-                "text": "<= 2 s for 100k jobs",
-                "when": {"system": "openhtc", "n": 100_000},
-            },
+            "jobs in one call",
+            False,
+            baseline=None,
+            targets=(
+                Target("accepted <= 5 s", "<=", 5.0, None, {"system": "openhtc", "n": 1_000_000}),
+                Target("summary <= 10 ms", "<=", 10.0, "summary_ms", {"system": "openhtc", "n": 1_000_000}),
+                Target("page <= 50 ms", "<=", 50.0, "page_ms", {"system": "openhtc", "n": 1_000_000}),
+                Target("RSS <= 500 MB", "<=", 500.0, "rss_mb", {"system": "openhtc", "n": 1_000_000}),
+            ),
         ),
         Workload(
             "latency",
-            "d",
-            "Submit -> SUCCEEDED latency of one `true` job on an idle server (p50, p99)",
+            "w5",
+            "Submit -> SUCCEEDED latency of single `true` jobs on an idle system: p50 (and p99)",
             (200,),
             (20,),
-            "spawn-floor",
-            {"on": "value", "op": "<=", "value": 50.0, "text": "p50 <= 50 ms", "when": {"system": "openhtc"}},
+            "samples",
+            False,
+            targets=(
+                Target("p50 <= 50 ms", "<=", 50.0, None, {"system": "openhtc"}),
+                Target("p99 <= 200 ms", "<=", 200.0, "p99_ms", {"system": "openhtc"}),
+            ),
+        ),
+        Workload(
+            "control-plane",
+            "cp",
+            "Control-plane capacity (openhtc in one process, no-op runtime, no HTTP): jobs/s",
+            (10_000, 100_000),
+            (2_000,),
+            "jobs",
+            True,
+            baseline=None,
+            targets=(
+                Target(">= 10,000 jobs/s (SQLite)", ">=", 10_000.0, None, {**SQLITE, "min_n": 10_000}),
+                Target(">= 5,000 jobs/s (PostgreSQL)", ">=", 5_000.0, None, {**PG, "min_n": 10_000}),
+            ),
         ),
     )
 }
-ALIASES = {w.letter: w.name for w in WORKLOADS.values()}
+ALIASES = {w.id: w.name for w in WORKLOADS.values()}
+
+# The command every system runs per job (W3's comes from bench.runners).
+COMMANDS: dict[str, list[str]] = {
+    "e2e": ["true"],
+    "sleep": ["sleep", "0.05"],
+    "submit": ["true"],
+    "latency": ["true"],
+    "control-plane": ["true"],
+}
+SLEEP_S = 0.05
 
 
 def resolve(names: str) -> list[Workload]:
-    """'all', or a comma list of names or letters (a, b, c, d), in the issue's order."""
+    """'all', or a comma list of names or ids (w1-w5, cp), in the issue's order."""
     if names.strip() == "all":
         return list(WORKLOADS.values())
     wanted = []
     for raw in names.split(","):
-        name = ALIASES.get(raw.strip(), raw.strip())
+        name = ALIASES.get(raw.strip().lower(), raw.strip())
         if name not in WORKLOADS:
-            raise ValueError(f"unknown workload {raw!r}; choose from {', '.join(WORKLOADS)} or all")
+            raise ValueError(
+                f"unknown workload {raw!r}; choose from {', '.join(WORKLOADS)}, {', '.join(ALIASES)} or all"
+            )
         wanted.append(name)
     return [w for w in WORKLOADS.values() if w.name in wanted]
 
 
-def target_for(workload: Workload, system: str, db: str, n: int) -> dict[str, Any] | None:
-    target = workload.target
-    if target is None:
-        return None
-    when = target.get("when", {})
-    if "system" in when and when["system"] != system:
-        return None
-    if "db" in when and when["db"] != db:
-        return None
-    out = {k: v for k, v in target.items() if k != "when"}
-    if ("n" in when and when["n"] != n) or ("min_n" in when and n < when["min_n"]):
-        out["applies"] = False  # shown, but not judged: the target is defined for another N
+def targets_for(workload: Workload, system: str, db: str, n: int, container: str) -> list[dict[str, Any]]:
+    """The targets that concern one result; those defined for another N are kept but not judged."""
+    out = []
+    for t in workload.targets:
+        when = t.when
+        if when.get("system", system) != system or when.get("db", db) != db:
+            continue
+        if when.get("container", container) != container:
+            continue
+        applies = when.get("n", n) == n and n >= when.get("min_n", 0)
+        out.append({"text": t.text, "op": t.op, "value": t.value, "on": t.on, "applies": applies})
     return out

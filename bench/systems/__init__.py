@@ -1,7 +1,8 @@
 """The systems a workload can run on. Each one says which workloads it supports.
 
-To add a system for the side-by-side harness (HyperQueue, Dask, Ray, Slurm, ...), write a module
-here with a class like :class:`bench.systems.openhtc.Openhtc` and register it in ``SYSTEMS``.
+openhtc and the spawn floor run in this process's environment; the peers (HyperQueue, Dask,
+Ray, Slurm) run through drivers in their own environment (``bench.peers``). To add a system,
+write a class like :class:`bench.systems.peer.PeerSystem` and register it in ``SYSTEMS``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from typing import Protocol
 
 from bench.common import Result
 from bench.context import Context
+from bench.systems.dask import Dask
+from bench.systems.hyperqueue import HyperQueue
 from bench.systems.openhtc import Openhtc
+from bench.systems.ray import Ray
+from bench.systems.slurm import Slurm
 from bench.systems.spawn_floor import SpawnFloor
 
 
@@ -23,4 +28,11 @@ class System(Protocol):
     def run(self, workload: str, ctx: Context, db: str, n: int) -> Result: ...
 
 
-SYSTEMS: dict[str, System] = {s.name: s for s in (Openhtc(), SpawnFloor())}
+PEERS = ("hyperqueue", "dask", "ray", "slurm")
+
+
+def _systems() -> dict[str, System]:
+    return {s.name: s for s in (Openhtc(), SpawnFloor(), HyperQueue(), Dask(), Ray(), Slurm())}
+
+
+SYSTEMS: dict[str, System] = _systems()

@@ -1,18 +1,35 @@
-"""openhtc on the four workloads: in-process for (a), an ``htc server`` subprocess for (b)-(d)."""
+"""openhtc on the workloads: in-process for the control plane, an ``htc server`` subprocess for
+W1-W5 (W3 waits for the container runtimes)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import selectors
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from bench import report
-from bench.common import REPO, Profiler, Result, cpu_seconds, job_batches, log, percentile, stop_process
+from bench.common import (
+    REPO,
+    Profiler,
+    Result,
+    cpu_seconds,
+    job_batches,
+    log,
+    peak_rss_mb,
+    percentile,
+    stop_process,
+)
 from bench.server import TERMINAL, Api, OpenhtcServer, parse_time
+from bench.workloads import COMMANDS, SLEEP_S
+
+T = TypeVar("T")
 
 
 class Openhtc:
@@ -20,19 +37,22 @@ class Openhtc:
     uses_db = True
 
     def supports(self, workload: str) -> bool:
-        return workload in ("control-plane", "e2e", "submit", "latency")
+        return workload in ("control-plane", "e2e", "sleep", "containers", "submit", "latency")
 
     def run(self, workload: str, ctx: Any, db: str, n: int) -> Result:
+        if workload == "containers":
+            return containers(ctx, db, n)
         url = ctx.database_url(db)
         return {
             "control-plane": control_plane,
             "e2e": e2e,
+            "sleep": sleep,
             "submit": submit_batch,
             "latency": latency,
         }[workload](ctx, db, n, url)
 
 
-# -- (a) ------------------------------------------------------------------------------------------
+# -- control plane ------------------------------------------------------------------------------------------
 
 
 def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
@@ -125,21 +145,44 @@ def _tail(fh: Any, chars: int = 2000) -> str:
     return str(fh.read()[-chars:])
 
 
-# -- (b) ------------------------------------------------------------------------------------------
+# -- W1 and W2 ------------------------------------------------------------------------------------------
 
 
 def e2e(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    return throughput("e2e", ctx, db, n, url, COMMANDS["e2e"], None)
+
+
+def sleep(ctx: Any, db: str, n: int, url: str | None) -> Result:
+    result = throughput("sleep", ctx, db, n, url, COMMANDS["sleep"], 1)
+    ideal = (ctx.vcpus or os.cpu_count() or 1) / SLEEP_S
+    result.metrics["ideal_jobs_per_s"] = ideal
+    result.metrics["efficiency"] = result.metrics["jobs_per_s"] / ideal
+    return result
+
+
+def throughput(
+    workload: str,
+    ctx: Any,
+    db: str,
+    n: int,
+    url: str | None,
+    commands: list[str],
+    max_vcpus: int | None,
+    runtime: str = "process",
+) -> Result:
+    """N jobs of ``commands`` in one submit call; the clock stops when all are terminal."""
     timeout = 60 + n / 20
-    with OpenhtcServer(runtime="process", database_url=url, vcpus=ctx.vcpus) as srv, srv.api() as api:
+    definition: dict[str, Any] = {"commands": commands, "max_vcpus": max_vcpus}
+    with OpenhtcServer(runtime=runtime, database_url=url, vcpus=ctx.vcpus) as srv, srv.api() as api:
         api.new_task("warmup")
-        api.submit_jobs(20)  # first requests pay for lazy imports and caches; not measured
+        api.submit_jobs(20, **definition)  # first requests pay for lazy imports and caches; not measured
         api.wait_terminal(20, time.monotonic() + 60)
-        api.new_task("e2e")
-        profiler = Profiler(srv.pid, ctx.profile_path(f"e2e-{db}-{n}")) if ctx.profile else None
+        api.new_task(workload)
+        profiler = Profiler(srv.pid, ctx.profile_path(f"{workload}-{db}-{n}")) if ctx.profile else None
         try:
             cpu0 = cpu_seconds(srv.pid)
             start = time.perf_counter()
-            api.submit_jobs(n)
+            api.submit_jobs(n, **definition)
             submitted = time.perf_counter()
             counts = api.wait_terminal(n, time.monotonic() + timeout)
             finished = time.perf_counter()
@@ -151,7 +194,7 @@ def e2e(ctx: Any, db: str, n: int, url: str | None) -> Result:
     seconds = finished - start
     cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     result = Result(
-        "e2e",
+        workload,
         "openhtc",
         db,
         n,
@@ -168,9 +211,9 @@ def e2e(ctx: Any, db: str, n: int, url: str | None) -> Result:
             "server_cpu_ms_per_job": 1000 * cpu / n if cpu is not None else None,
         },
         params={
-            "runtime": "process",
+            "runtime": runtime,
             "executor_vcpus": ctx.vcpus or "server default (CPUs)",
-            "job": "commands ['true'], maxMemory 64",
+            "job": f"commands {commands}, maxMemory 64" + (f", maxVCpus {max_vcpus}" if max_vcpus else ""),
             "poll": "summary-statistics, every 0.5 % of the elapsed time (10-100 ms)",
         },
     )
@@ -181,7 +224,27 @@ def e2e(ctx: Any, db: str, n: int, url: str | None) -> Result:
     return result
 
 
-# -- (c) ------------------------------------------------------------------------------------------
+def containers(ctx: Any, db: str, n: int) -> Result:
+    """W3 on openhtc: busybox `true` under ``htc server --runtime <ctx.container>``.
+
+    The bwrap and podman runtimes are being built in another change; until
+    ``openhtc.runtimes.<name>`` exists this row is reported as skipped.
+    """
+    runtime = ctx.container
+    result = Result("containers", "openhtc", db, n, "jobs_per_s", "jobs/s", params={"runtime": runtime})
+    if importlib.util.find_spec(f"openhtc.runtimes.{runtime}") is None:
+        result.status = "skipped"
+        result.notes.append(f"openhtc has no '{runtime}' runtime in this build yet")
+        return result
+    result.status = "skipped"
+    result.notes.append(
+        f"the '{runtime}' runtime exists but the benchmark does not push its image yet "
+        "(bench/systems/openhtc.py: containers())"
+    )
+    return result
+
+
+# -- W4 ------------------------------------------------------------------------------------------
 
 
 def submit_batch(ctx: Any, db: str, n: int, url: str | None) -> Result:
@@ -204,7 +267,11 @@ def submit_batch(ctx: Any, db: str, n: int, url: str | None) -> Result:
         t0 = time.perf_counter()
         check = api.job(last)
         confirm_ms = (time.perf_counter() - t0) * 1000
+        summary_ms, summary = _timed(api.statuses)
+        page_ms, page = _timed(lambda: api.jobs_page(100))
         rss = srv.peak_rss_mb()
+        rss_now = peak_rss_mb(srv.pid, "VmRSS")
+    counted = sum(summary[-1].values())
     result = Result(
         "submit",
         "openhtc",
@@ -215,24 +282,46 @@ def submit_batch(ctx: Any, db: str, n: int, url: str | None) -> Result:
         {
             "seconds": seconds,
             "jobs_per_s": n / seconds,
+            "summary_ms": percentile(summary_ms, 50),
+            "summary_first_ms": summary_ms[0],
+            "page_ms": percentile(page_ms, 50),
+            "page_first_ms": page_ms[0],
             "last_job_get_ms": confirm_ms,
             "last_job_status_code": check.status_code,
+            "rss_mb": rss_now,
             "peak_rss_mb": rss,
             "server_cpu_s": cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
         },
         params={
             "request": f"{len(body)} x batchSize <=1000 in one POST .../jobs/batch",
             "server": "--no-executor (the scheduler runs; nothing executes)",
+            "summary": f"GET .../summary-statistics, median of {len(summary_ms)} calls",
+            "page": f"GET .../jobs?pageSize=100, median of {len(page_ms)} calls",
+            "rss": "rss_mb: the server's VmRSS after those calls; peak_rss_mb: its VmHWM",
         },
     )
     if profiler is not None:
         result.params["profile"] = str(profiler.out)
     if check.status_code != 200:
         result.notes.append(f"GET of the last job {last} answered {check.status_code}")
+    if counted != n:
+        result.notes.append(f"summary-statistics counted {counted} jobs, not {n}")
+    if page[-1].status_code != 200 or len(page[-1].json().get("items", [])) != 100:
+        result.notes.append(f"the jobs page answered {page[-1].status_code} without 100 items")
     return result
 
 
-# -- (d) ------------------------------------------------------------------------------------------
+def _timed(call: Callable[[], T], times: int = 5) -> tuple[list[float], list[T]]:
+    """Milliseconds of each of ``times`` calls, and what each returned."""
+    ms, out = [], []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        out.append(call())
+        ms.append((time.perf_counter() - t0) * 1000)
+    return ms, out
+
+
+# -- W5 ------------------------------------------------------------------------------------------
 
 
 def _one_job(api: Api) -> tuple[str, float, float]:
