@@ -270,6 +270,7 @@ def test_projects_cannot_reach_each_others_namespace(
         assert got.status_code == 401, (path, got.status_code)
 
 
+@pytest.mark.one_db  # no database-specific behaviour
 def test_token_endpoint_refuses_bad_credentials_with_a_json_401(
     registry_server: Callable[..., Any], registry_project: Callable[..., Any]
 ) -> None:
@@ -319,6 +320,7 @@ def test_submission_needs_the_image_in_the_project(
     assert len(a.api.jobs(a.project_id, task)) == 2, "a refused request stores nothing"
 
 
+@pytest.mark.one_db  # no database-specific behaviour
 def test_htc_image_push_and_ls(
     registry_server: Callable[..., Any],
     registry_project: Callable[..., Any],
@@ -396,6 +398,7 @@ def test_rescalehtc_client_with_an_aws_com_host_alias(
         htcjobs.create_job_batch(session, task, batch_size=1, image_name="app:2", commands=["true"], **common)
 
 
+@pytest.mark.one_db  # no database-specific behaviour
 def test_without_docker_registry_the_server_starts_and_says_what_to_install(
     registry_server: Callable[..., Any],
 ) -> None:
@@ -410,6 +413,7 @@ def test_without_docker_registry_the_server_starts_and_says_what_to_install(
     assert "apt-get install docker-registry" in server.log_tail()
 
 
+@pytest.mark.one_db  # no database-specific behaviour
 def test_a_dead_registry_is_restarted_on_the_same_address_and_stops_with_the_server(
     registry_server: Callable[..., Any], registry_project: Callable[..., Any], busybox_image: str
 ) -> None:
@@ -422,21 +426,34 @@ def test_a_dead_registry_is_restarted_on_the_same_address_and_stops_with_the_ser
     os.kill(first, signal.SIGKILL)
 
     deadline = time.monotonic() + 30
+    images = f"/htc/projects/{proj.project_id}/container-registry/images"
     while True:
-        resp = proj.status("app:1")
-        if resp.status_code == 200 and pid_in(pid_file) not in (None, first):
+        resp = proj.api.request("GET", images)  # a call that always reaches the registry
+        restarted = pid_in(pid_file) not in (None, first)
+        if restarted and resp.status_code == 200 and resp.json()["images"] == ["app:1"]:
             break
         assert time.monotonic() < deadline, f"the registry did not come back: {resp.text}"
         time.sleep(0.2)
     assert proj.api.get(f"/htc/projects/{proj.project_id}")["containerRegistry"] == proj.registry
     proj.push(busybox_image, "app:2")  # the same address and token still work
 
+    # A server killed with SIGKILL takes its registry along; the next start serves the same images
+    # at the same address.
     second = pid_in(pid_file)
     assert second is not None
+    server.kill9()
+    wait_until(lambda: not process_alive(second), "the registry to die with its killed server")
+    server.restart()
+    assert proj.status("app:2").json() == {"status": "READY"}
+    assert proj.api.get(f"/htc/projects/{proj.project_id}")["containerRegistry"] == proj.registry
+
+    third = pid_in(pid_file)
+    assert third is not None and third != second
     server.stop()
-    assert not process_alive(second), "the registry outlived its server"
+    assert not process_alive(third), "the registry outlived its server"
 
 
+@pytest.mark.one_db  # no database-specific behaviour
 def test_image_source_gives_a_pull_only_token_for_one_repository(
     registry_server: Callable[..., Any],
     registry_project: Callable[..., Any],
@@ -492,6 +509,13 @@ def pid_in(path: Path) -> int | None:
         return int(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def process_alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ ISSUER = "openhtc-registry-token-issuer"
 TOKEN_PATH = "/htc/registry/token"  # the token endpoint, under /api/v1 (and /)
 REGISTRY_TOKEN_TTL = 300
 PULL_TOKEN_TTL = 3600
+SEEN_TTL = 5.0  # seconds a found manifest is taken to still exist
 USERNAME = "AWS"  # what Rescale's ECR logins use; the token endpoint ignores the name
 
 
@@ -105,6 +107,7 @@ class Registry:
             )
         self.client = RegistryClient(lambda: self.url, self._server_token)
         self._pull_tokens: dict[str, IssuedToken] = {}
+        self._seen: dict[str, float] = {}  # "{pid}/repo:tag" -> until when it is known to exist
         self._lock = threading.Lock()
 
     # -- lifecycle and addresses ------------------------------------------------------------------
@@ -227,9 +230,20 @@ class Registry:
         return out
 
     def image_ready(self, project_id: str, image_name: str) -> bool:
+        """Whether the manifest exists. A found one is remembered a few seconds, so a burst of
+        submissions naming one image costs one registry round trip; a missing one never is."""
         repo, tag = split_image(image_name)
         self.require_available()
-        return self.client.manifest_exists(f"{project_id}/{repo}", tag)
+        key = f"{project_id}/{repo}:{tag}"
+        now = time.monotonic()
+        if self._seen.get(key, 0.0) > now:
+            return True
+        found = self.client.manifest_exists(f"{project_id}/{repo}", tag)
+        if found:
+            if len(self._seen) > 10000:
+                self._seen.clear()
+            self._seen[key] = now + SEEN_TTL
+        return found
 
     def require_image(self, project_id: str, image_name: str) -> None:
         if not self.image_ready(project_id, image_name):
