@@ -30,6 +30,7 @@ from openhtc.domain.clock import Clock
 from openhtc.domain.errors import Unauthenticated, ValidationFailed
 from openhtc.registry import Registry
 from openhtc.registry.keys import load_or_create_registry_key
+from openhtc.registry.supervisor import EmbeddedRegistry
 from openhtc.registry.tokens import (
     Access,
     RegistryTokens,
@@ -141,6 +142,43 @@ def test_key_files_kid_and_token_claims(tmp_path: Path) -> None:
     clock.t += 61
     with pytest.raises(Unauthenticated, match="expired"):
         tokens.verify_login(login)
+
+
+def test_a_registry_left_behind_is_replaced_on_the_kept_port(
+    tmp_path: Path, require_tools: Callable[..., None]
+) -> None:
+    """Without ``setpriv`` a registry could outlive a killed server: the next start kills it
+    (found through the pid file) and serves on the same port again."""
+    require_tools("docker-registry")
+    key = load_or_create_registry_key(tmp_path / "keys")
+
+    def embedded() -> EmbeddedRegistry:
+        return EmbeddedRegistry(
+            binary="docker-registry", root=tmp_path / "registry", port=None,
+            realm="http://127.0.0.1:9/token", service="s", issuer="i", cert_path=key.cert_path,
+        )  # fmt: skip
+
+    first = embedded()
+    assert first.start()
+    port = first.port
+    first.stop()
+    left = subprocess.Popen(
+        ["docker-registry", "serve", str(first.config_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        first.pid_path.write_text(f"{left.pid}\n")
+        wait_until(lambda: httpx_status(f"http://127.0.0.1:{port}/v2/") == 401, "the left-behind registry")
+        second = embedded()
+        assert second.start(), (tmp_path / "registry" / "registry.log").read_text()[-2000:]
+        assert left.wait(timeout=10) == -signal.SIGKILL
+        assert second.port == port and httpx_status(f"{second.url}/v2/") == 401
+        second.stop()
+        assert httpx_status(f"{second.url}/v2/") is None
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +554,13 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) ->
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def httpx_status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
 
 
 def process_alive(pid: int) -> bool:
