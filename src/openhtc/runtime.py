@@ -21,7 +21,9 @@ from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.retention import RetentionSweeper
+from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
+from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
@@ -42,7 +44,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = Database(settings.resolved_database_url())
     db.migrate()
     key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
-    return Services(
+    services = Services(
         settings=settings,
         clock=clock,
         db=db,
@@ -57,6 +59,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
         images_required=settings.runtime not in ("process", "noop"),
     )
+    services.storage = StorageService(settings, services.tokens, services.projects, clock)
+    return services
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -97,8 +101,11 @@ class Server:
     scheduler: SchedulerLoop
     executor: LocalExecutor | None
     retention: RetentionSweeper
+    storage_process: SeaweedFS | None = None  # --storage seaweedfs: the S3 server we supervise
 
     def start(self) -> None:
+        if self.services.storage is not None:
+            self.services.storage.open()  # creates the bucket if missing
         if self.services.registry is not None:
             self.services.registry.start()
         self.scheduler.start()
@@ -114,9 +121,12 @@ class Server:
         if self.services.registry is not None:
             self.services.registry.stop()
         self.services.db.dispose()
+        if self.storage_process is not None:  # last: the executor uploads outputs until it stops
+            self.storage_process.stop()
 
 
 def build_server(settings: Settings, clock: Clock | None = None) -> Server:
+    storage_process, settings = start_managed_storage(settings)
     services = build_services(settings, clock)
     new_key = bootstrap(services)
     if new_key:
@@ -137,8 +147,9 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.wakeups,
             settings.region,
             services.region_architectures(),
+            stager=services.storage.stager() if services.storage else None,
         )
-    return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services))
+    return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
 
 
 def serve(settings: Settings) -> None:

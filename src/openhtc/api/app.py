@@ -7,7 +7,7 @@ from fastapi import APIRouter, FastAPI
 from openhtc import __version__
 from openhtc.api import errors
 from openhtc.api.responses import JSONResponse
-from openhtc.api.routes import auth, jobs, projects, registry, system, tasks, workspace
+from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
 
 
@@ -24,7 +24,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     errors.install(app)
     api = APIRouter()
-    for module in (auth, workspace, projects, tasks, jobs, registry, system):
+    for module in (auth, workspace, projects, tasks, jobs, registry, storage, system):
         api.include_router(module.router)
     app.include_router(api, prefix="/api/v1")
     app.include_router(api, include_in_schema=False)

@@ -83,6 +83,22 @@ class TokenService:
     def refresh(self, principal: Principal) -> str:
         return self._encode(self._base_claims(principal, self.refresh_ttl_seconds, "refresh"))
 
+    def storage(self, subject: str, rw: list[str], ro: list[str], ttl: int) -> tuple[str, int]:
+        """A local-storage token: reaches the key prefixes ``rw`` (read-write) and ``ro``
+        (read-only) through openhtc's object API, and nothing else. Returns it and its expiry."""
+        now = int(self.clock.now())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": subject,
+            "iat": now,
+            "exp": now + ttl,
+            "typ": "storage",
+            "rw": rw,
+            "ro": ro,
+        }
+        return self._encode(claims), now + ttl
+
     def decode(self, token: str, typ: str = "bearer") -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(

@@ -46,6 +46,23 @@ def server(
     no_executor: Annotated[
         bool, typer.Option("--no-executor", help="Run the API and scheduler only.")
     ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(envvar="OPENHTC_STORAGE", help="local, s3, or seaweedfs (start one) [local]."),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(envvar="OPENHTC_S3_ENDPOINT", help="S3 endpoint URL [AWS].")
+    ] = None,
+    s3_bucket: Annotated[str | None, typer.Option(envvar="OPENHTC_S3_BUCKET", help="S3 bucket.")] = None,
+    s3_access_key: Annotated[
+        str | None, typer.Option(envvar="OPENHTC_S3_ACCESS_KEY", help="S3 access key.")
+    ] = None,
+    s3_secret_key: Annotated[
+        str | None, typer.Option(envvar="OPENHTC_S3_SECRET_KEY", help="S3 secret key.")
+    ] = None,
+    s3_role_arn: Annotated[
+        str | None, typer.Option(envvar="OPENHTC_S3_ROLE_ARN", help="Role for scoped STS tokens.")
+    ] = None,
     registry_url: Annotated[
         str | None,
         typer.Option(envvar="OPENHTC_REGISTRY_URL", help="External registry URL [run docker-registry]."),
@@ -67,6 +84,12 @@ def server(
         executor_vcpus=vcpus,
         executor_memory_mb=memory_mb,
         executor=False if no_executor else None,
+        storage=storage,
+        s3_endpoint=s3_endpoint,
+        s3_bucket=s3_bucket,
+        s3_access_key=s3_access_key,
+        s3_secret_key=s3_secret_key,
+        s3_role_arn=s3_role_arn,
         registry_url=registry_url,
         registry_port=registry_port,
     )

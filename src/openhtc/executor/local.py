@@ -21,10 +21,11 @@ from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
-from openhtc.runtimes.base import RunHandle, Runtime
+from openhtc.runtimes.base import Outcome, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
+from openhtc.storage.staging import NoStager, Stager
 
 log = logging.getLogger("openhtc.executor")
 TURN_SECONDS = 0.01
@@ -46,8 +47,10 @@ class LocalExecutor:
         wakeups: Wakeups,
         region: str,
         architectures: list[str],
+        stager: Stager | None = None,
     ) -> None:
         self.service = service
+        self.stager: Stager = stager or NoStager()
         self.runtime = runtime
         self.settings = settings
         self.logs = logs
@@ -197,18 +200,21 @@ class LocalExecutor:
             parent = launch.job_uuid.rpartition(":")[0]
             return self.logs.open_writer(launch.task_id, parent, launch.array_index, launch.attempt)
 
+        staged = False
         try:
+            # Storage folders first (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), then the job.
+            launch = launch._replace(mounts=self.stager.prepare(launch))
+            staged = True
             outcome = self.runtime.run(
                 launch, item.handle, open_log, lambda: self._report(launch, JobStatus.RUNNING)
             )
         except Exception as exc:
             log.exception("runtime failed on job %s", launch.job_uuid)
-            self._report(
-                launch, JobStatus.FAILED, None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}"
-            )
-        else:
-            status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
-            self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+            outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
+        if staged:  # before the report: a finished job's outputs are already in task storage
+            self.stager.finish(launch, item.handle.stopped, open_log)
+        status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
+        self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
 
     def _report(
         self,

@@ -166,6 +166,8 @@ class ProcessRuntime:
             "LANG": "C.UTF-8",
             "TMPDIR": workdir,
             **dict(launch.envs),
+            # No mount namespace: the storage folders are the host directories themselves.
+            **{m.env_name: m.host_path for m in launch.mounts},
             **dict(self._tag),
         }
         try:

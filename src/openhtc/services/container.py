@@ -19,6 +19,7 @@ from openhtc.store.queue import QueueStore
 
 if TYPE_CHECKING:
     from openhtc.registry import Registry
+    from openhtc.services.storage import StorageService
 
 
 def host_architecture() -> str:
@@ -42,6 +43,8 @@ class Services:
     registry: Registry | None = None
     # True when jobs run from registry images (bwrap, podman): submissions then need them.
     images_required: bool = False
+    # Project and task storage (None only where a caller builds Services by hand).
+    storage: StorageService | None = None
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

@@ -59,7 +59,7 @@ class ExecutorService:
         """The shared launch context of each batch; batch rows are read only on a cache miss."""
         now = self.services.clock.now()
         with self._lock:
-            found = {i: c for i in batch_ids if (c := self._contexts.get(i)) and c.expires_at - now > 3600}
+            found = {i: c for i in batch_ids if (c := self._contexts.get(i)) and c.renew_at > now}
         missing = batch_ids - found.keys()
         if missing:
             with self.services.db.read() as conn:
@@ -95,8 +95,17 @@ class ExecutorService:
             "RESCALE_HTC_REFRESH_TOKEN": self.services.tokens.refresh(principal),
             "OPENHTC_API_URL": f"http://{_connect_host(settings.host)}:{settings.port}/api/v1",
         }
+        renew_at = now + ttl - 3600  # a job starts with at least an hour left on its tokens
+        storage = self.services.storage
+        creds = None
+        if storage is not None:
+            creds = storage.job_credentials(batch.project_id, batch.task_id, batch.created_by)
+        if creds is not None:  # S3: AWS_* reaching the task (rw) and shared (ro); STS caps their life
+            shared.update(creds.values)
+            renew_at = min(renew_at, now + (creds.expires_at - now) / 2)
         context = _BatchContext(
             expires_at=now + ttl,
+            renew_at=renew_at,
             parent_job_id=batch.parent_job_id,
             image=definition.get("imageName", ""),
             commands=tuple(definition.get("commands", [])),
@@ -143,6 +152,7 @@ class ExecutorService:
 @dataclass(frozen=True, slots=True)
 class _BatchContext:
     expires_at: float
+    renew_at: float  # claims after this build a new context (fresh tokens)
     parent_job_id: str
     image: str
     commands: tuple[str, ...]

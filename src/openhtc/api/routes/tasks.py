@@ -100,6 +100,8 @@ def delete_task(
         if svc.jobs.cancel(task_id, None, now):
             svc.wakeups.cancel()
         svc.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
+        if svc.storage is not None:  # archiving keeps storage; deleting frees it
+            svc.storage.delete_task(project_id, task_id)
     return JSONResponse(ser.task(task_for(svc, who, project_id, task_id)[1]))
 
 
