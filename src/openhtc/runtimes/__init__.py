@@ -1,17 +1,76 @@
-"""Runtimes turn a JobLaunch into a running process: process (dev only), noop (benchmarks)."""
+"""Runtimes turn a JobLaunch into a running job: bwrap and podman (containers from registry
+images), process (host processes; development only), noop (benchmarks)."""
 
 from __future__ import annotations
 
-from openhtc.runtimes.base import Outcome, RunHandle, Runtime
+import shutil
+
+from openhtc.runtimes.base import ImagePull, ImageSource, Outcome, RunHandle, Runtime
 from openhtc.runtimes.noop import NoopRuntime
 from openhtc.runtimes.process import ProcessRuntime
+from openhtc.runtimes.scratch import GIB
 
-__all__ = ["NoopRuntime", "Outcome", "ProcessRuntime", "RunHandle", "Runtime", "build_runtime"]
+__all__ = [
+    "ImagePull",
+    "ImageSource",
+    "NoopRuntime",
+    "Outcome",
+    "ProcessRuntime",
+    "RunHandle",
+    "Runtime",
+    "RuntimeUnavailable",
+    "build_runtime",
+    "choose_runtime",
+]
 
 
-def build_runtime(name: str, work_root: str) -> Runtime:
+class RuntimeUnavailable(RuntimeError):
+    """No runtime can be used as configured; the message tells the user what to do."""
+
+
+def choose_runtime(name: str) -> str:
+    """Resolve 'auto': bwrap if bubblewrap is installed, else podman; never process silently."""
+    if name != "auto":
+        return name
+    if shutil.which("bwrap"):
+        return "bwrap"
+    if shutil.which("podman"):
+        return "podman"
+    raise RuntimeUnavailable(
+        "no container runtime found: install bubblewrap (Debian: apt-get install bubblewrap) or "
+        "podman, or pass --runtime process to run jobs as plain host processes (no isolation)"
+    )
+
+
+def build_runtime(
+    name: str,
+    work_root: str,
+    images: ImageSource | None = None,
+    *,
+    image_cache_gib: float = 10.0,
+    job_network: bool = False,
+) -> Runtime:
+    """The runtime called ``name`` ('auto' resolved by ``choose_runtime``).
+
+    ``images`` resolves job images to registry pulls (the server's registry); without it the
+    container runtimes fail every job with ErrorStartingContainer.
+    """
+    name = choose_runtime(name)
     if name == "process":
         return ProcessRuntime(work_root)
     if name == "noop":
         return NoopRuntime()
-    raise ValueError(f"unknown runtime {name!r} (choose process or noop)")
+    try:
+        if name == "bwrap":
+            from openhtc.runtimes.bwrap import BwrapRuntime
+
+            return BwrapRuntime(
+                work_root, images, image_cache_bytes=int(image_cache_gib * GIB), job_network=job_network
+            )
+        if name == "podman":
+            from openhtc.runtimes.podman import PodmanRuntime
+
+            return PodmanRuntime(work_root, images, job_network=job_network)
+    except Exception as exc:  # missing tools, no cgroup controllers, no loop devices
+        raise RuntimeUnavailable(f"the {name} runtime cannot start: {exc}") from exc
+    raise ValueError(f"unknown runtime {name!r} (choose auto, bwrap, podman, process or noop)")

@@ -33,12 +33,16 @@ class RunHandle:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._also_kill: Callable[[], object] | None = None
         self.stopped = False
         self.timed_out = False
 
-    def attach(self, proc: subprocess.Popen[bytes]) -> None:
+    def attach(self, proc: subprocess.Popen[bytes], also_kill: Callable[[], object] | None = None) -> None:
+        """Stop means kill ``proc``'s process group, and call ``also_kill`` (a container runtime
+        kills what escaped the group that way: a cgroup's processes, a podman container)."""
         with self._lock:
             self._proc = proc
+            self._also_kill = also_kill
             stop = self.stopped
         if stop:
             self._kill()
@@ -54,6 +58,8 @@ class RunHandle:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the job's whole process group
+        if self._also_kill is not None:
+            self._also_kill()
 
 
 LogOpener = Callable[[], TextIO]
@@ -93,4 +99,8 @@ class Runtime(Protocol):
     def adopt(self, owner: str, incarnation: str) -> int:
         """Tag future jobs with (owner, incarnation) and kill jobs an earlier incarnation of the
         same owner left behind (its process died without stopping them). Returns how many."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime holds on the host (mounts) once no job runs any more."""
         ...

@@ -20,3 +20,6 @@ class NoopRuntime:
 
     def adopt(self, owner: str, incarnation: str) -> int:
         return 0
+
+    def close(self) -> None:
+        pass

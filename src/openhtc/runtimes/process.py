@@ -150,6 +150,9 @@ class ProcessRuntime:
             shutil.rmtree(os.path.join(self.work_root, leftover), ignore_errors=True)
         return killed
 
+    def close(self) -> None:
+        pass
+
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
     ) -> Outcome:

@@ -1,0 +1,194 @@
+"""Size-capped writable root filesystems for jobs: an overlay on a loop-mounted ext4 disk.
+
+Each job sees its image's rootfs as a writable ``/``: an overlay whose lower layer is the
+cached, shared rootfs and whose upper layer lives on a small ext4 filesystem in a sparse file,
+loop-mounted on the host, of exactly ``maxDiskGiB``. Writing past it fails with ENOSPC, on disk
+rather than in memory (a size-capped tmpfs would also cap it, but in RAM, charged to the job's
+memory limit). The kernel here has no quota support (CONFIG_QUOTA), which rules out project
+quotas on a shared filesystem.
+
+Making a disk costs ~15 ms (truncate, mkfs, mount), so disks are pooled by size and reused:
+a job costs one overlay mount and unmount (~1 ms) and the removal of what it wrote. The disks
+are mounted with ``discard``, so deleted files give their space back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MNT_DETACH = 2
+GIB = 1 << 30
+
+
+class ScratchError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Disk:
+    size: int
+    image: str
+    mountpoint: str
+
+
+class ScratchPool:
+    def __init__(self, root: str, keep_free: int = 16) -> None:
+        self.root = os.path.abspath(root)
+        if "," in self.root or ":" in self.root:
+            raise ScratchError(f"the work directory {self.root!r} must not contain ',' or ':' (overlay)")
+        for tool in ("mkfs.ext4", "mount"):
+            if shutil.which(tool) is None:
+                raise ScratchError(f"{tool} is missing (Debian: e2fsprogs, mount)")
+        os.makedirs(self.root, exist_ok=True)
+        self.keep_free = keep_free
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._lock = threading.Lock()
+        self._free: dict[int, list[_Disk]] = {}
+        self._count = 0
+        self._prefix = "d"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def adopt(self, incarnation: str) -> None:
+        """Unmount and delete the disks a previous incarnation left (this root is ours alone)."""
+        self._prefix = incarnation[:12]
+        for mountpoint in sorted(self._mounts_below(), key=len, reverse=True):
+            self._umount(mountpoint, MNT_DETACH)
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def close(self) -> None:
+        with self._lock:
+            disks = [d for free in self._free.values() for d in free]
+            self._free.clear()
+        for disk in disks:
+            self._destroy(disk)
+
+    def _mounts_below(self) -> list[str]:
+        found = []
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                mountpoint = line.split()[4].replace("\\040", " ")
+                if mountpoint.startswith(self.root + "/"):
+                    found.append(mountpoint)
+        return found
+
+    # -- per job ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def layer(self, lower: str, size_bytes: int) -> Iterator[str]:
+        """A writable root over ``lower`` whose writes are capped at ``size_bytes``; yields its path."""
+        disk = self._acquire(self._clamp(size_bytes))
+        upper, work, merged = (os.path.join(disk.mountpoint, n) for n in ("upper", "work", "root"))
+        reusable = False
+        try:
+            for path in (upper, work, merged):  # the upper dir's mode becomes that of the job's /
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path, 0o755)
+            self._mount("overlay", merged, "overlay", f"lowerdir={lower},upperdir={upper},workdir={work}")
+            try:
+                yield merged
+            finally:
+                self._umount(merged)
+            reusable = True
+        finally:
+            self._release(disk, reusable and self._clean(upper))
+
+    def _clamp(self, size_bytes: int) -> int:
+        """At most the size of the host filesystem (a bigger sparse file could not be filled)."""
+        st = os.statvfs(self.root)
+        return max(64 << 20, min(size_bytes, st.f_blocks * st.f_frsize))
+
+    @staticmethod
+    def _clean(upper: str) -> bool:
+        """Remove what the job wrote (the overlay empties its own work dir at the next mount).
+        False if the disk cannot be made clean again."""
+        try:
+            if os.listdir(upper):
+                shutil.rmtree(upper)
+                os.mkdir(upper, 0o755)
+            return True
+        except OSError:
+            return False
+
+    # -- the pool -----------------------------------------------------------------------------
+
+    def _acquire(self, size: int) -> _Disk:
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+            self._count += 1
+            name = f"{self._prefix}-{self._count}"
+        return self._create(size, name)
+
+    def _release(self, disk: _Disk, reusable: bool) -> None:
+        evict: list[_Disk] = []
+        with self._lock:
+            if reusable:
+                self._free.setdefault(disk.size, []).append(disk)
+                total = sum(len(v) for v in self._free.values())
+                for size in sorted(self._free, key=lambda s: len(self._free[s])):
+                    while total > self.keep_free and self._free[size]:
+                        evict.append(self._free[size].pop(0))
+                        total -= 1
+            else:
+                evict.append(disk)
+        for old in evict:
+            self._destroy(old)
+
+    def _create(self, size: int, name: str) -> _Disk:
+        image = os.path.join(self.root, f"{name}.img")
+        mountpoint = os.path.join(self.root, name)
+        try:
+            with open(image, "wb") as fh:
+                fh.truncate(size)
+            os.mkdir(mountpoint, 0o700)
+            # No journal (the disk is thrown away after a crash); no reserved blocks; inode
+            # tables read as zeros from the sparse file, so nothing needs initialising.
+            self._run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+                      "-E", "lazy_itable_init=1,nodiscard", image)  # fmt: skip
+            self._run("mount", "-o", "loop,noinit_itable,discard", image, mountpoint)
+        except BaseException:
+            self._destroy(_Disk(size, image, mountpoint))
+            raise
+        return _Disk(size, image, mountpoint)
+
+    def _destroy(self, disk: _Disk) -> None:
+        if os.path.ismount(disk.mountpoint):
+            self._umount(disk.mountpoint, MNT_DETACH)
+        with contextlib.suppress(OSError):
+            os.rmdir(disk.mountpoint)
+        with contextlib.suppress(OSError):
+            os.unlink(disk.image)
+
+    @staticmethod
+    def _run(*cmd: str) -> None:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ScratchError(f"{' '.join(cmd[:2])} failed: {(done.stderr or done.stdout).strip()}")
+
+    def _mount(self, source: str, target: str, fstype: str, data: str) -> None:
+        if self._libc.mount(source.encode(), target.encode(), fstype.encode(), 0, data.encode()) != 0:
+            err = ctypes.get_errno()
+            raise ScratchError(f"cannot mount the job's {fstype} on {target}: {os.strerror(err)}")
+
+    def _umount(self, target: str, flags: int = 0) -> None:
+        if self._libc.umount2(target.encode(), flags) != 0:
+            err = ctypes.get_errno()
+            if flags == 0:  # busy: detach it instead, it goes once its last user does
+                self._umount(target, MNT_DETACH)
+            elif err != 22:  # EINVAL: not mounted
+                raise ScratchError(f"cannot unmount {target}: {os.strerror(err)}")
