@@ -55,6 +55,16 @@ class Settings(BaseSettings):
         0.25, description="Adaptive prefetch holds about this many seconds of work at the observed job rate."
     )
     max_running_jobs: int = Field(256, description="Upper bound on jobs one local executor runs at once.")
+    image_cache_gib: float = Field(
+        10.0,
+        description="bwrap runtime: size of the unpacked-image cache in the work directory; least "
+        "recently used images beyond it are removed (never one in use).",
+    )
+    job_network: bool = Field(
+        False,
+        description="Give container jobs (bwrap, podman) the host's network. Default: no network "
+        "at all (a private network namespace with only loopback).",
+    )
     lease_seconds: float = Field(
         60.0, description="An executor that misses heartbeats this long loses its jobs."
     )

@@ -116,6 +116,7 @@ class Server:
     def stop(self) -> None:
         if self.executor is not None:
             self.executor.stop()
+            self.executor.runtime.close()  # unmounts the bwrap runtime's scratch disks
         self.retention.stop()
         self.scheduler.stop()
         if self.services.registry is not None:
@@ -138,7 +139,14 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
         )
     executor = None
     if settings.executor:
-        runtime = build_runtime(settings.runtime, str(settings.data_dir / "work"))
+        runtime = build_runtime(
+            settings.runtime,
+            str(settings.data_dir / "work"),
+            services.registry,  # the ImageSource container runtimes pull job images through
+            image_cache_gib=settings.image_cache_gib,
+            job_network=settings.job_network,
+        )
+        log.info("executor runtime: %s (configured: %s)", runtime.name, settings.runtime)
         executor = LocalExecutor(
             ExecutorService(services),
             runtime,

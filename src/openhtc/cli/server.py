@@ -34,7 +34,11 @@ def server(
     port: Annotated[int | None, typer.Option(envvar="OPENHTC_PORT", help="Port [8080].")] = None,
     database_url: DatabaseUrl = None,
     runtime: Annotated[
-        str | None, typer.Option(envvar="OPENHTC_RUNTIME", help="process (development) or noop (benchmarks).")
+        str | None,
+        typer.Option(
+            envvar="OPENHTC_RUNTIME",
+            help="auto (bwrap, else podman), bwrap, podman, process (no isolation) or noop [auto].",
+        ),
     ] = None,
     region: Annotated[str | None, typer.Option(envvar="OPENHTC_REGION", help="Local region name.")] = None,
     vcpus: Annotated[
@@ -93,7 +97,13 @@ def server(
         registry_url=registry_url,
         registry_port=registry_port,
     )
-    serve(settings)
+    from openhtc.runtimes import RuntimeUnavailable
+
+    try:
+        serve(settings)
+    except RuntimeUnavailable as exc:
+        typer.echo(f"htc server: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 admin = typer.Typer(help="Administer an installation directly through its database.", no_args_is_help=True)
