@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -38,9 +39,11 @@ app = typer.Typer(
 )
 
 
+@dataclass(frozen=True)
 class _Context:
-    def __init__(self, target: StorageTarget, url: str | None, api_key: str | None) -> None:
-        self.target, self.url, self.api_key = target, url, api_key
+    target: StorageTarget
+    url: str | None
+    api_key: str | None
 
 
 @app.callback()

@@ -141,7 +141,7 @@ def upload_files(client: StorageClient, pairs: list[tuple[Path, str]], *, verbos
         for path, key in pairs:
             client.upload(path, key, _advance(progress))
             if verbose:
-                _report(progress, f"upload: {path} to {client.url(key)}")
+                _report(f"upload: {path} to {client.url(key)}")
     return total
 
 
@@ -154,12 +154,13 @@ def download_keys(
         for entry, path in pairs:
             client.download(entry.key, path, _advance(progress))
             if verbose:
-                _report(progress, f"download: {client.url(entry.key)} to {path}")
+                _report(f"download: {client.url(entry.key)} to {path}")
     return total
 
 
-def _report(progress: Progress | None, line: str) -> None:
-    (progress.console if progress is not None else out_console()).print(Text(line), soft_wrap=True)
+def _report(line: str) -> None:
+    """One line per object on stdout (above the progress bar: Rich redirects stdout while it draws)."""
+    out_console().print(Text(line), soft_wrap=True)
 
 
 def local_target(base: Path, relative: str) -> Path:
@@ -294,7 +295,7 @@ def rm(
         for k in keys:
             with suppress(NotFound):  # deleted meanwhile: the outcome asked for
                 client.delete(k)
-            _report(None, f"delete: {client.url(k)}")
+            _report(f"delete: {client.url(k)}")
         if recursive:
             out_console().print(f"{len(keys)} objects deleted.", highlight=False)
 

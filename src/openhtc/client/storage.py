@@ -443,6 +443,8 @@ class StorageClient(Closeable):
                 raise BadRequest(f"{path} is not in this storage ({self.scheme}://{self.storage_name}/)")
             return key
         rel = path.removeprefix(REMOTE_PREFIX).lstrip("/")
+        if any(part in (".", "..") for part in rel.split("/")):
+            raise BadRequest(f"{path}: '.' and '..' are not allowed in storage paths")
         return self.root_key + rel
 
     def url(self, key: str) -> str:
