@@ -25,6 +25,7 @@ from openhtc.storage.base import Credentials, ObjectBody, ObjectInfo
 from openhtc.storage.layout import Scope
 
 CHUNK = 1 << 20
+MULTIPART_BYTES = 8 << 20  # boto3's default multipart threshold
 # STS refuses sessions shorter than 15 minutes or longer than 12 hours.
 MIN_SESSION_SECONDS = 900
 MAX_SESSION_SECONDS = 43200
@@ -154,7 +155,12 @@ class S3Backend:
         return _S3Upload(self, key)
 
     def put_file(self, key: str, path: str) -> None:
-        self.s3.upload_file(path, self.bucket, key)
+        if os.path.getsize(path) < MULTIPART_BYTES:
+            # One request; upload_file would set up a transfer manager and threads per call.
+            with open(path, "rb") as body:
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+        else:
+            self.s3.upload_file(path, self.bucket, key)  # multipart, parts in parallel
 
     def get(self, key: str) -> ObjectBody:
         try:

@@ -148,6 +148,9 @@ class SyncStager:
     def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
         task = self._attempt_dir(launch)
         try:
+            with os.scandir(task) as entries:
+                if next(entries, None) is None:
+                    return  # nothing to upload (and no database look-up)
             if self.task_gone(launch.project_id, launch.task_id):
                 return
             failed = self._upload(task, task_prefix(launch.project_id, launch.task_id), open_log)
