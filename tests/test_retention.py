@@ -184,7 +184,7 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path, db_url: str | None) -> Iterator[World]:
     clock = ManualClock(1_800_000_000.0)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False, runtime="process")
     services = build_services(settings, clock)
     try:
         yield World(services, clock)
@@ -215,6 +215,34 @@ def test_sweep_archives_after_inactivity_then_deletes_after_the_grace_period(wor
     # a deleted task is left alone afterwards
     world.clock.advance(1000)
     assert world.sweeper.sweep() == type(world.sweeper.sweep())()
+
+
+def test_auto_delete_frees_the_tasks_storage_and_cancels_nothing_running(world: World) -> None:
+    world.workspace_policy(archive=1, delete=1)
+    project = world.project()
+    doomed, other = world.task(project), world.task(project)
+    storage = world.services.storage
+    assert storage is not None
+    backend = storage.backend
+    keys = {
+        doomed: f"projects/{project.id}/tasks/{doomed.id}/out/result.txt",
+        other: f"projects/{project.id}/tasks/{other.id}/out/result.txt",
+    }
+    shared = f"projects/{project.id}/shared/input.txt"
+    for key in [*keys.values(), shared]:
+        upload = backend.begin_put(key)
+        upload.write(b"data")
+        upload.commit()
+    world.submit(project, other)  # busy: stays active, keeps its storage
+
+    world.clock.advance(1)
+    world.sweeper.sweep()
+    world.clock.advance(1)
+    assert world.sweeper.sweep().deleted == 1
+    assert world.status(doomed) == LifecycleStatus.DELETED.value
+    assert backend.list(f"projects/{project.id}/tasks/{doomed.id}/", None, 10) == []
+    assert [o.key for o in backend.list(f"projects/{project.id}/", None, 10)] == sorted([keys[other], shared])
+    assert world.status(other) == ACTIVE
 
 
 def test_a_submit_restarts_the_inactivity_clock(world: World) -> None:

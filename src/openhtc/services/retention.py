@@ -21,6 +21,7 @@ from typing import Any
 
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.container import Services
+from openhtc.services.tasks import delete_task
 
 log = logging.getLogger("openhtc.retention")
 
@@ -81,18 +82,6 @@ def _policy(
     if created_at is None:
         return None
     return RetentionPolicy(archive_after or 0, delete_after or 0)
-
-
-def delete_task(services: Services, project_id: str, task_id: str, now: float) -> None:
-    """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage.
-
-    The one path for ``DELETE …/tasks/{id}`` and retention's auto-delete."""
-    if services.jobs.cancel(task_id, None, now):
-        services.wakeups.cancel()
-    services.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
-    storage = getattr(services, "storage", None)  # absent until a storage backend is configured
-    if storage is not None:
-        storage.delete_task(project_id, task_id)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.domain.errors import Conflict, ValidationFailed
+from openhtc.services import tasks as tasks_service
 from openhtc.services.container import Services
 
 router = APIRouter()
@@ -96,12 +97,7 @@ def delete_task(
     _, task = task_for(svc, who, project_id, task_id)
     require_user(who, "delete a task")
     if task.lifecycle_status != LifecycleStatus.DELETED.value:
-        now = svc.clock.now()
-        if svc.jobs.cancel(task_id, None, now):
-            svc.wakeups.cancel()
-        svc.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
-        if svc.storage is not None:  # archiving keeps storage; deleting frees it
-            svc.storage.delete_task(project_id, task_id)
+        tasks_service.delete_task(svc, project_id, task_id, svc.clock.now())
     return JSONResponse(ser.task(task_for(svc, who, project_id, task_id)[1]))
 
 
