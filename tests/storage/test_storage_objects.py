@@ -48,6 +48,10 @@ def test_objects_round_trip_with_pages(storage_server: Any, instant: Any) -> Non
         missing = http.get(f"/htc/storage/objects/{task}nothing-here")
         assert missing.status_code == 404 and missing.json()["errorType"] == "NOT_FOUND"
         assert http.get("/htc/storage/list", params={"prefix": ""}).status_code == 400
+        # A name both object and folder: S3 keeps both, a filesystem cannot (400, nothing changes).
+        clash = http.put(f"/htc/storage/objects/{task}a.txt/inner", content=b"x")
+        assert clash.status_code == (200 if s.s3 else 400), clash.text
+        assert http.get(f"/htc/storage/objects/{task}a.txt").content == b"a.txt"
     assert httpx.get(f"{s.server.api_url}/htc/storage/objects/{task}a.txt").status_code == 401
 
 

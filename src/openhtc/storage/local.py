@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from openhtc.auth.tokens import TokenService
-from openhtc.domain.errors import NotFound, PermissionDenied
+from openhtc.domain.errors import Conflict, NotFound, PermissionDenied
 from openhtc.storage.base import Credentials, ObjectBody, ObjectInfo
 from openhtc.storage.layout import Scope
 
@@ -68,6 +68,9 @@ class _FileUpload:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(self.tmp, 0o644)
             os.replace(self.tmp, path)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            self.abort()  # a file where a folder must be, or the reverse: S3 allows both, files not
+            raise Conflict(f"{self.key} clashes with an existing object or folder of that name") from None
         except BaseException:
             self.abort()
             raise
