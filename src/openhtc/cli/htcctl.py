@@ -109,7 +109,7 @@ def download(
     with _open(ctx) as client:
         pairs: list[tuple[StorageEntry, Path]] = []
         for rel in keys:
-            key = client.root_key + rel.lstrip("/")
+            key = client.resolve(rel)
             entries = [e for e in client.list(key) if e.key == key or e.key.startswith(key.rstrip("/") + "/")]
             if not entries:
                 raise fail(f"{rel}: no such object in {client.url(client.root_key)}")

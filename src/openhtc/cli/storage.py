@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,55 +107,31 @@ def _stat(client: StorageClient, key: str) -> StorageEntry | None:
 
 
 @contextmanager
-def _progress(total: int, description: str) -> Iterator[Progress | None]:
-    """A byte progress bar on stderr for large transfers; None (no bar) for small ones."""
+def _progress(total: int, description: str) -> Iterator[OnBytes | None]:
+    """For a large transfer, a byte progress bar on stderr and the callback that advances it."""
     if total < LARGE_TRANSFER:
         yield None
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console(),
-        transient=True,
-    )
-    with progress:
-        progress.add_task(description, total=total)
-        yield progress
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=err_console(), transient=True) as progress:
+        task_id = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task_id, n)
 
 
-def _advance(progress: Progress | None) -> OnBytes | None:
-    if progress is None:
-        return None
-    task_id = progress.task_ids[0]
-    advance: Callable[[int], None] = lambda n: progress.advance(task_id, n)  # noqa: E731
-    return advance
-
-
-def upload_files(client: StorageClient, pairs: list[tuple[Path, str]], *, verbose: bool = True) -> int:
-    """Upload (local file, key) pairs; returns the bytes sent."""
-    total = sum(path.stat().st_size for path, _ in pairs)
-    with _progress(total, "upload") as progress:
+def upload_files(client: StorageClient, pairs: list[tuple[Path, str]]) -> None:
+    """Upload (local file, key) pairs, one line each."""
+    with _progress(sum(path.stat().st_size for path, _ in pairs), "upload") as on_bytes:
         for path, key in pairs:
-            client.upload(path, key, _advance(progress))
-            if verbose:
-                _report(f"upload: {path} to {client.url(key)}")
-    return total
+            client.upload(path, key, on_bytes)
+            _report(f"upload: {path} to {client.url(key)}")
 
 
-def download_keys(
-    client: StorageClient, pairs: list[tuple[StorageEntry, Path]], *, verbose: bool = True
-) -> int:
-    """Download (object, local file) pairs; returns the bytes received."""
-    total = sum(entry.size for entry, _ in pairs)
-    with _progress(total, "download") as progress:
+def download_keys(client: StorageClient, pairs: list[tuple[StorageEntry, Path]]) -> None:
+    """Download (object, local file) pairs, one line each."""
+    with _progress(sum(entry.size for entry, _ in pairs), "download") as on_bytes:
         for entry, path in pairs:
-            client.download(entry.key, path, _advance(progress))
-            if verbose:
-                _report(f"download: {client.url(entry.key)} to {path}")
-    return total
+            client.download(entry.key, path, on_bytes)
+            _report(f"download: {client.url(entry.key)} to {path}")
 
 
 def _report(line: str) -> None:

@@ -281,13 +281,9 @@ class _S3Backend:
         first = tokens.current().credentials
         margin = tokens.margin()
 
-        def metadata() -> dict[str, Any]:
-            token = tokens.current(force=True)
-            return _boto_metadata(token)
-
         creds = RefreshableCredentials.create_from_metadata(
             metadata=_boto_metadata(tokens.current()),
-            refresh_using=metadata,
+            refresh_using=lambda: _boto_metadata(tokens.current(force=True)),
             method="openhtc-storage-token",
             advisory_timeout=margin,
             mandatory_timeout=margin / 2,

@@ -126,13 +126,16 @@ class RetentionSweeper:
         touch: list[str] = []
         for row in s.projects.retention_candidates():
             action = decide(_effective(row), _facts(row), now)
-            if action is Action.TOUCH:
-                touch.append(row.id)
-            elif action is Action.ARCHIVE:
-                result.archived += s.projects.auto_archive(row.id, row.last_active_at, now)
-            elif action is Action.DELETE:
-                delete_task(s, row.project_id, row.id, now)
-                result.deleted += 1
+            try:
+                if action is Action.TOUCH:
+                    touch.append(row.id)
+                elif action is Action.ARCHIVE:
+                    result.archived += s.projects.auto_archive(row.id, row.last_active_at, now)
+                elif action is Action.DELETE:
+                    delete_task(s, row.project_id, row.id, now)
+                    result.deleted += 1
+            except Exception:  # one task's failure (say, storage unreachable) must not stop the rest
+                log.exception("retention: could not %s task %s", action.value, row.id)
         s.projects.touch_tasks(touch, now)
         result.touched = len(touch)
         return result
