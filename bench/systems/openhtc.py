@@ -3,7 +3,6 @@ W1-W5 (W3 waits for the container runtimes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import selectors
@@ -225,23 +224,10 @@ def throughput(
 
 
 def containers(ctx: Any, db: str, n: int) -> Result:
-    """W3 on openhtc: busybox `true` under ``htc server --runtime <ctx.container>``.
+    """W3 on openhtc: busybox `true` under ``htc server --runtime <ctx.container>`` (bench.containers)."""
+    from bench.containers import openhtc_containers
 
-    The bwrap and podman runtimes are being built in another change; until
-    ``openhtc.runtimes.<name>`` exists this row is reported as skipped.
-    """
-    runtime = ctx.container
-    result = Result("containers", "openhtc", db, n, "jobs_per_s", "jobs/s", params={"runtime": runtime})
-    if importlib.util.find_spec(f"openhtc.runtimes.{runtime}") is None:
-        result.status = "skipped"
-        result.notes.append(f"openhtc has no '{runtime}' runtime in this build yet")
-        return result
-    result.status = "skipped"
-    result.notes.append(
-        f"the '{runtime}' runtime exists but the benchmark does not push its image yet "
-        "(bench/systems/openhtc.py: containers())"
-    )
-    return result
+    return openhtc_containers(ctx, db, n)
 
 
 # -- W4 ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,10 @@ def serve(settings: Settings) -> None:
     )
     server = build_server(settings)
     app = create_app(server.services)
+    # uvicorn re-raises SIGTERM once it has shut down, with the handler it found: without one of
+    # ours the process would die right there, skipping server.stop() below (executor, runtime
+    # mounts, registry). Exiting normally instead runs it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     try:
         uvicorn.run(

@@ -39,6 +39,7 @@ from runtime_support import (
 from openhtc.runtimes import RuntimeUnavailable, build_runtime, choose_runtime
 from openhtc.runtimes.base import RunHandle
 from openhtc.runtimes.bwrap import BwrapRuntime
+from openhtc.runtimes.cgroups import Cgroups
 from openhtc.runtimes.images import ImageCache, ImageError
 from openhtc.runtimes.images.unpack import LayerUnpacker
 from openhtc.runtimes.podman import PodmanRuntime
@@ -570,3 +571,81 @@ def runtime_owner(owner: str) -> str:
     from openhtc.runtimes.bwrap import owner_tag
 
     return owner_tag(owner)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the server: `htc server --runtime bwrap` with its embedded registry
+# --------------------------------------------------------------------------------------------
+
+FAST_LEASES = {"OPENHTC_LEASE_SECONDS": "10", "OPENHTC_HEARTBEAT_SECONDS": "2"}
+
+
+def _server_owner(server: Any) -> str:
+    import socket
+
+    return runtime_owner(f"local-{socket.gethostname()}@{Path(server.data_dir).resolve()}")
+
+
+def test_server_runs_container_jobs_under_bwrap(
+    registry_server: Any, registry_project: Any, busybox_image: str
+) -> None:
+    require_tool("bwrap")
+    server = registry_server(runtime="bwrap", executor=True)
+    project = registry_project(server)
+    project.push(busybox_image, "bb:1")
+    api = project.api
+    tid = api.create_task(project.project_id)["taskId"]
+    ok = api.job_request(
+        ["sh", "-c", "echo job $AWS_BATCH_JOB_ARRAY_INDEX; ls /root"], batch_size=3, imageName="bb:1"
+    )
+    image_cmd = api.job_request([], imageName="bb:1")  # the image's CMD: echo hello from busybox
+    hog = api.job_request(["sh", "-c", "head -c 300m /dev/zero | tail"], imageName="bb:1", maxMemory=64)
+    parents = [r["parentJobId"] for r in api.submit(project.project_id, tid, ok, image_cmd, hog)]
+    jobs = {j["jobUUID"]: j for j in api.wait_terminal(project.project_id, tid, 5, timeout=120)}
+    for i in range(3):
+        job = jobs[f"{parents[0]}:{i}"]
+        assert job["status"] == "SUCCEEDED", job
+        assert api.log_lines(project.project_id, tid, job["jobUUID"]) == [f"job {i}"]
+    assert api.log_lines(project.project_id, tid, f"{parents[1]}:0") == ["hello from busybox"]
+    hog_job = jobs[f"{parents[2]}:0"]
+    assert (hog_job["status"], hog_job["failureCode"]) == ("FAILED", "ErrorNotEnoughMemory"), hog_job
+    assert "executor runtime: bwrap" in Path(server.log_path).read_text()
+    server.stop()  # SIGTERM: a clean stop unmounts the executor's scratch disks
+    data_dir = str(Path(server.data_dir).resolve())
+    assert [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if data_dir in line] == []
+
+
+def test_kill_9_of_the_server_leaks_no_container_job(
+    registry_server: Any, registry_project: Any, busybox_image: str
+) -> None:
+    """Two bwrap jobs RUNNING when the server gets SIGKILL: after the restart no process, cgroup
+    or mount of theirs is left, and neither stays RUNNING."""
+    require_tool("bwrap")
+    server = registry_server(runtime="bwrap", executor=True, env=FAST_LEASES)
+    project = registry_project(server)
+    project.push(busybox_image, "bb:1")
+    api, pid = project.api, project.project_id
+    tid = api.create_task(pid)["taskId"]
+    name, value = _marker()
+    long = api.job_request(
+        ["sh", "-c", "sleep 300 & sleep 300; wait"], batch_size=2, imageName="bb:1",
+        envs=[{"name": name, "value": value}], max_retries=0,
+    )  # fmt: skip
+    api.submit(pid, tid, long)
+    api.wait_jobs(pid, tid, lambda js: all(j["status"] == "RUNNING" for j in js), timeout=60, what="RUNNING")
+    wait_for(lambda: len(pids_with_env(name, value)) >= 6, what="the jobs' processes")
+    server.kill9()
+    server.restart()
+    try:
+        jobs = api.wait_terminal(pid, tid, 2, timeout=120)
+        assert {(j["status"], j["failureCode"]) for j in jobs} == {("FAILED", "ErrorInfrastructureFault")}
+        wait_for(lambda: not pids_with_env(name, value), timeout=15, what="the jobs' processes to die")
+        cgroups = Cgroups.detect()
+        assert cgroups.leftovers(_server_owner(server)) == []
+        scratch = str(Path(server.data_dir).resolve() / "work")
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        # The new incarnation may keep a pooled scratch disk; none of the old one's overlays stay.
+        assert not [m for m in mounts if m.startswith(scratch) and m.endswith("/root")], mounts
+    finally:
+        for leftover in pids_with_env(name, value):
+            os.kill(leftover, signal.SIGKILL)

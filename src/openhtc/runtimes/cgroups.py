@@ -277,7 +277,9 @@ class Cgroups:
                 _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), memory)
             _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(cpu, "cpu.cfs_quota_us"), quota)
-        return JobCgroup(paths, relative, self.all_roots, self.v2)
+        # Only a container manager makes cgroups in the other hierarchies; bwrap jobs need not
+        # look there when they are removed.
+        return JobCgroup(paths, relative, self.all_roots if delegate else self.roots, self.v2)
 
     def leftovers(self, owner: str) -> list[str]:
         """Every cgroup below ``owner``'s incarnations, in any hierarchy (tests, diagnostics)."""

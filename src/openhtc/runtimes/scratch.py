@@ -7,8 +7,10 @@ rather than in memory (a size-capped tmpfs would also cap it, but in RAM, charge
 memory limit). The kernel here has no quota support (CONFIG_QUOTA), which rules out project
 quotas on a shared filesystem.
 
-Making a disk costs ~15 ms (truncate, mkfs, mount), so disks are pooled by size and reused:
-a job costs one overlay mount and unmount (~1 ms) and the removal of what it wrote. The disks
+Making a disk costs ~15 ms (truncate, mkfs, mount), so disks are pooled by size and reused.
+A job that leaves its upper layer empty (it wrote nothing that outlives it) leaves the overlay
+mounted for the next job of the same image: such a job costs no mount at all. Otherwise the
+overlay is unmounted (~1 ms with the next mount) and what the job wrote is removed. The disks
 are mounted with ``discard``, so deleted files give their space back to the host.
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 MNT_DETACH = 2
 GIB = 1 << 30
+UPPER_MODE = 0o40755  # a directory, rwxr-xr-x: the job's / as the overlay shows it
 
 
 class ScratchError(Exception):
@@ -36,6 +39,12 @@ class _Disk:
     size: int
     image: str
     mountpoint: str
+    # The lower layer of the overlay left mounted on it: (path, dev, inode, ctime). The
+    # identity, not just the path, tells a rootfs evicted and pulled again from the one mounted.
+    lower: tuple[str, int, int, int] | None = None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.mountpoint, name)
 
 
 class ScratchPool:
@@ -76,6 +85,13 @@ class ScratchPool:
         for disk in disks:
             self._destroy(disk)
 
+    def forget(self, lower: str) -> None:
+        """Unmount the idle overlays over ``lower`` (its image is leaving the cache)."""
+        with self._lock:
+            idle = [d for free in self._free.values() for d in free if d.lower and d.lower[0] == lower]
+            for disk in idle:
+                self._unmount_overlay(disk)
+
     def _mounts_below(self) -> list[str]:
         found = []
         with open("/proc/self/mountinfo") as fh:
@@ -89,22 +105,33 @@ class ScratchPool:
 
     @contextlib.contextmanager
     def layer(self, lower: str, size_bytes: int) -> Iterator[str]:
-        """A writable root over ``lower`` whose writes are capped at ``size_bytes``; yields its path."""
-        disk = self._acquire(self._clamp(size_bytes))
-        upper, work, merged = (os.path.join(disk.mountpoint, n) for n in ("upper", "work", "root"))
+        """A writable root over ``lower`` whose writes are capped at ``size_bytes``; yields its path.
+
+        Call it only once the previous user of the layer has no process left (the runtime
+        kills the job's cgroup first).
+        """
+        st = os.stat(lower)
+        ident = (lower, st.st_dev, st.st_ino, st.st_ctime_ns)
+        disk = self._acquire(self._clamp(size_bytes), ident)
         reusable = False
         try:
-            for path in (upper, work, merged):  # the upper dir's mode becomes that of the job's /
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(path, 0o755)
-            self._mount("overlay", merged, "overlay", f"lowerdir={lower},upperdir={upper},workdir={work}")
-            try:
-                yield merged
-            finally:
-                self._umount(merged)
-            reusable = True
+            if disk.lower != ident:
+                self._unmount_overlay(disk)
+                for name in ("upper", "work", "root"):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(disk.path(name))
+                os.chmod(disk.path("upper"), 0o755)  # the upper dir's mode becomes that of the job's /
+                upper, work = disk.path("upper"), disk.path("work")
+                options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+                self._mount("overlay", disk.path("root"), "overlay", options)
+                disk.lower = ident
+            yield disk.path("root")
+            reusable = self._untouched(disk) or self._unmount_overlay(disk)
         finally:
-            self._release(disk, reusable and self._clean(upper))
+            if not reusable:
+                with contextlib.suppress(ScratchError):
+                    self._unmount_overlay(disk)
+            self._release(disk, reusable)
 
     def _clamp(self, size_bytes: int) -> int:
         """At most the size of the host filesystem (a bigger sparse file could not be filled)."""
@@ -112,24 +139,41 @@ class ScratchPool:
         return max(64 << 20, min(size_bytes, st.f_blocks * st.f_frsize))
 
     @staticmethod
-    def _clean(upper: str) -> bool:
-        """Remove what the job wrote (the overlay empties its own work dir at the next mount).
-        False if the disk cannot be made clean again."""
+    def _untouched(disk: _Disk) -> bool:
+        """Whether the job left nothing in the upper layer: no file, no whiteout, / unchanged."""
         try:
-            if os.listdir(upper):
+            st = os.stat(disk.path("upper"))
+            return st.st_mode == UPPER_MODE and st.st_uid == 0 and not os.listdir(disk.path("upper"))
+        except OSError:
+            return False
+
+    def _unmount_overlay(self, disk: _Disk) -> bool:
+        """Unmount the disk's overlay (if any) and remove what the job wrote. True if clean."""
+        if disk.lower is not None:
+            disk.lower = None
+            self._umount(disk.path("root"))
+        upper = disk.path("upper")
+        try:
+            if os.path.lexists(upper) and (os.listdir(upper) or os.stat(upper).st_mode != UPPER_MODE):
                 shutil.rmtree(upper)
-                os.mkdir(upper, 0o755)
+                os.mkdir(upper)
+                os.chmod(upper, 0o755)
             return True
         except OSError:
             return False
 
     # -- the pool -----------------------------------------------------------------------------
 
-    def _acquire(self, size: int) -> _Disk:
+    def _acquire(self, size: int, ident: tuple[str, int, int, int]) -> _Disk:
+        """A free disk of ``size``: best one whose overlay is over ``ident`` already."""
         with self._lock:
             free = self._free.get(size)
             if free:
-                return free.pop()
+                for i, disk in enumerate(free):
+                    if disk.lower == ident:
+                        return free.pop(i)
+                idle = [i for i, d in enumerate(free) if d.lower is None]
+                return free.pop(idle[-1] if idle else -1)
             self._count += 1
             name = f"{self._prefix}-{self._count}"
         return self._create(size, name)
@@ -150,23 +194,25 @@ class ScratchPool:
             self._destroy(old)
 
     def _create(self, size: int, name: str) -> _Disk:
-        image = os.path.join(self.root, f"{name}.img")
-        mountpoint = os.path.join(self.root, name)
+        disk = _Disk(size, os.path.join(self.root, f"{name}.img"), os.path.join(self.root, name))
         try:
-            with open(image, "wb") as fh:
+            with open(disk.image, "wb") as fh:
                 fh.truncate(size)
-            os.mkdir(mountpoint, 0o700)
+            os.mkdir(disk.mountpoint, 0o700)
             # No journal (the disk is thrown away after a crash); no reserved blocks; inode
             # tables read as zeros from the sparse file, so nothing needs initialising.
             self._run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-                      "-E", "lazy_itable_init=1,nodiscard", image)  # fmt: skip
-            self._run("mount", "-o", "loop,noinit_itable,discard", image, mountpoint)
+                      "-E", "lazy_itable_init=1,nodiscard", disk.image)  # fmt: skip
+            self._run("mount", "-o", "loop,noinit_itable,discard", disk.image, disk.mountpoint)
         except BaseException:
-            self._destroy(_Disk(size, image, mountpoint))
+            self._destroy(disk)
             raise
-        return _Disk(size, image, mountpoint)
+        return disk
 
     def _destroy(self, disk: _Disk) -> None:
+        if disk.lower is not None:
+            disk.lower = None
+            self._umount(disk.path("root"), MNT_DETACH)
         if os.path.ismount(disk.mountpoint):
             self._umount(disk.mountpoint, MNT_DETACH)
         with contextlib.suppress(OSError):

@@ -67,11 +67,13 @@ class ImageCache:
         max_bytes: int,
         tag_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         self.tag_ttl = tag_ttl
         self.clock = clock
+        self.on_evict = on_evict  # told the rootfs path of an image leaving the cache
         self.pulls = 0  # images this process downloaded and unpacked (tests, metrics)
         os.makedirs(os.path.join(self.root, "locks"), exist_ok=True)
         self._lock = threading.Lock()
@@ -234,6 +236,8 @@ class ImageCache:
                 trash = None if self._users.get(key) else self._try_remove(key)
             if trash is None:
                 continue
+            if self.on_evict is not None:
+                self.on_evict(os.path.join(self.root, key, "rootfs"))
             shutil.rmtree(trash, ignore_errors=True)
             total -= size
             log.info("evicted image %s (%.1f MB) from the cache", key[:12], size / 1e6)
