@@ -109,6 +109,8 @@ class Slurm:
             raise Unavailable("the private Slurm runs its daemons as root")
         for sub in ("state", "spool", "log", "munge"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        for path in (os.path.dirname(self.dir), self.dir):  # munged (user munge) must reach its socket
+            os.chmod(path, 0o755)
         host = socket.gethostname().split(".")[0]
         values = {
             "host": host,
