@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: help install demo test lint typecheck pytest bench-smoke postgres containers clean distclean
+.PHONY: help install demo test lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
 
 help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
@@ -37,6 +37,7 @@ help:
 	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
 	@echo "make install     create or refresh $(VENV)"
 	@echo "make containers  apt-get install the container tools that are missing (bubblewrap, podman, …)"
+	@echo "make bench-peers the full side-by-side benchmark: openhtc, HyperQueue, Dask, Ray, Slurm (long)"
 	@echo "make clean       remove the demo data and caches; distclean also removes $(VENV)"
 
 # -- the virtualenv ---------------------------------------------------------------------------
@@ -106,6 +107,12 @@ bench-smoke: install
 	else \
 	    echo "bench-smoke: bench/__main__.py does not exist yet; nothing to run"; \
 	fi
+
+# Every workload on openhtc (SQLite and PostgreSQL), the spawn floor and every peer, in one run;
+# missing peers are installed first (pip into bench/.peers-venv; apt-get for Slurm). Writes
+# bench/results/latest.{md,json,png} and docs/img/peers.png (docs/performance.md, "Peers").
+bench-peers: install containers postgres
+	$(PY) -m bench --peers --chart docs/img/peers.png
 
 # The tests start a private PostgreSQL cluster from the installed server binaries; install them
 # when they are missing (never skipped in CI: without them the PostgreSQL tests fail there).
