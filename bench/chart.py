@@ -50,24 +50,24 @@ def draw(results: list[Result], meta: dict[str, Any], path: Path) -> bool:
         labels = [r.label for r in rows]
         values = [float(r.value) if r.status == "ok" and r.value else 0.0 for r in rows]
         colours = [COLOURS.get(r.system, "#17becf") for r in rows]
+        measured = [v for v in values if v > 0]
+        log_scale = max(measured) / min(measured) > 50  # e.g. latencies from 0.5 ms to 1 s
+        if log_scale:
+            ax.set_xscale("log")
         bars = ax.barh(range(len(rows)), values, color=colours)
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
         unit = next((r.unit for r in rows if r.status == "ok"), "")
         better = "higher is better" if w.higher_is_better else "lower is better"
-        ax.set_title(f"{w.id.upper()} {name}, N={n:,}: {unit} ({better})", fontsize=9, loc="left")
-        top = max(values) or 1.0
-        ax.set_xlim(0, top * 1.35)
+        scale = ", log scale" if log_scale else ""
+        ax.set_title(f"{w.id.upper()} {name}, N={n:,}: {unit} ({better}{scale})", fontsize=9, loc="left")
+        low, top = min(measured), max(measured)
+        ax.set_xlim(low / 3, top * 8) if log_scale else ax.set_xlim(0, top * 1.35)
         ax.tick_params(axis="x", labelsize=7)
-        for bar, r in zip(bars, rows, strict=True):
-            text = f"{r.value:,.1f}" if r.status == "ok" and r.value else r.status
-            ax.text(
-                bar.get_width() + top * 0.01,
-                bar.get_y() + bar.get_height() / 2,
-                text,
-                va="center",
-                fontsize=7,
-            )
+        for bar, r, v in zip(bars, rows, values, strict=True):
+            text = f"{v:,.1f}" if v > 0 else r.status
+            x = (v * 1.15 if v > 0 else low / 2.5) if log_scale else v + top * 0.01
+            ax.text(x, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=7)
     m = meta["machine"]
     fig.suptitle(
         f"openhtc and peers, one run on {m['cpus']} CPUs ({meta['date']}, git {m['git']})", fontsize=10
