@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench import spawn
-from bench.common import Result, cpu_seconds, log
+from bench.common import Profiler, Result, cpu_seconds, log
 from bench.runners import RunnerUnavailable
 from bench.server import Api, OpenhtcServer
 from openhtc.runtimes.base import ImagePull, RunHandle
@@ -109,13 +109,18 @@ def openhtc_containers(ctx: Any, db: str, n: int) -> Result:
         if warm.get("SUCCEEDED", 0) != 20:
             raise RuntimeError(f"warm-up jobs did not succeed: {warm}\n{srv.log_tail()}")
         api.new_task("containers")
-        cpu0 = cpu_seconds(srv.pid)
-        start = time.perf_counter()
-        api.submit_jobs(n, image=IMAGE)
-        submitted = time.perf_counter()
-        counts = api.wait_terminal(n, time.monotonic() + timeout)
-        seconds = time.perf_counter() - start
-        cpu1 = cpu_seconds(srv.pid)
+        profiler = Profiler(srv.pid, ctx.profile_path(f"containers-{kind}-{db}-{n}")) if ctx.profile else None
+        try:
+            cpu0 = cpu_seconds(srv.pid)
+            start = time.perf_counter()
+            api.submit_jobs(n, image=IMAGE)
+            submitted = time.perf_counter()
+            counts = api.wait_terminal(n, time.monotonic() + timeout)
+            seconds = time.perf_counter() - start
+            cpu1 = cpu_seconds(srv.pid)
+        finally:
+            if profiler is not None:
+                profiler.stop()
         rss = srv.peak_rss_mb()
         # Per-job overhead, sequential and in-process, against raw spawns of `true`.
         per = max(20, min(200, n // 5)) if kind == "bwrap" else 20
@@ -159,6 +164,8 @@ def openhtc_containers(ctx: Any, db: str, n: int) -> Result:
             "bare runner and true: posix_spawn + waitpid loops",
         },
     )
+    if profiler is not None:
+        result.params["profile"] = str(profiler.out)
     if counts.get("FAILED", 0):
         result.notes.append(f"{counts['FAILED']} job(s) FAILED")
     return result

@@ -296,10 +296,14 @@ def test_jobs_have_no_network_by_default(runtime: Any) -> None:
 
 
 def test_bwrap_root_is_writable_and_nothing_carries_over(bwrap_runtime: BwrapRuntime) -> None:
-    first = run_job(bwrap_runtime, launch("bb:1", ["sh", "-c", "echo x > /etc/leak; echo y > /tmp/leak"]))
-    assert first.outcome.succeeded, first.lines
-    second = run_job(bwrap_runtime, launch("bb:1", ["sh", "-c", "ls /etc/leak /tmp/leak || echo clean"]))
-    assert second.lines[-1] == "clean"
+    """Jobs of one image share a mounted overlay while they leave it untouched; whatever a job
+    changes (files, an empty directory, the mode of /) is gone for the next one."""
+    for change in ("echo x > /etc/leak", "echo y > /tmp/leak", "mkdir /empty-dir", "chmod 700 /"):
+        first = run_job(bwrap_runtime, launch("bb:1", ["sh", "-c", change]))
+        assert first.outcome.succeeded, (change, first.lines)
+        check = "test -e /etc/leak || test -e /tmp/leak || test -e /empty-dir || ls -ld /"
+        second = run_job(bwrap_runtime, launch("bb:1", ["sh", "-c", check]))
+        assert second.lines and second.lines[0].startswith("drwxr-xr-x "), (change, second.lines)
 
 
 def test_two_jobs_on_a_cold_cache_pull_once(bwrap_runtime: BwrapRuntime, images: PlainRegistry) -> None:

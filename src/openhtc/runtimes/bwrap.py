@@ -175,7 +175,8 @@ class BwrapRuntime:
         disk = (launch.disk_gib or DEFAULT_DISK_GIB) * GIB
         cgroup = self.cgroups.create(f"{launch.job_id}-{launch.attempt}", launch.memory_mb, launch.vcpus)
         try:
-            with self.scratch.layer(image.rootfs, disk) as root:
+            mount_points = [m.container_path for m in launch.mounts] + [cwd]
+            with self.scratch.layer(image.rootfs, disk, mount_points) as root:
                 job = _Job(launch, image, user, argv, cwd, root, cgroup)
                 try:
                     return self._sandbox(job, handle, open_log, on_running)
@@ -276,7 +277,7 @@ class BwrapRuntime:
                 # right after (parent-death signal). Waiting for that beats polling the cgroup.
                 select.select([pidfd], [], [], 2.0)
                 os.close(pidfd)
-        if job.cgroup.oom_kills() and code != 0 and not handle.timed_out:
+        if code != 0 and not handle.timed_out and job.cgroup.oom_kills():
             return Outcome(
                 137 if code < 0 else code,
                 FailureCode.ErrorNotEnoughMemory.value,

@@ -99,6 +99,7 @@ class JobCgroup:
     relative: str  # below every hierarchy's root, e.g. /openhtc/<owner>/<incarnation>/<job>
     all_roots: tuple[str, ...]  # every hierarchy a container manager may have created it in
     v2: bool
+    delegated: bool = False  # a container manager makes child cgroups below it
 
     def add(self, pid: int) -> None:
         for path in self.paths:
@@ -112,17 +113,15 @@ class JobCgroup:
     def watch_oom(self) -> OomWatch:
         return OomWatch(self)
 
-    def _everywhere(self) -> list[str]:
-        found: list[str] = []
-        for root in self.all_roots:
-            found += _tree(root + self.relative)
-        return found
+    def _own(self) -> list[str]:
+        """The job's cgroups holding processes: with their children when delegated."""
+        return _tree(self.paths[0]) if self.delegated else [self.paths[0]]
 
     def kill(self) -> int:
         if self.v2 and os.path.exists(os.path.join(self.paths[0], "cgroup.kill")):
             with contextlib.suppress(OSError):
                 _write(os.path.join(self.paths[0], "cgroup.kill"), "1")
-        return _kill_all(_tree(self.paths[0]))
+        return _kill_all(self._own())
 
     def remove(self, grace: float = 0.0) -> None:
         """Remove the cgroup (and what a container manager made below it, in any hierarchy).
@@ -131,10 +130,16 @@ class JobCgroup:
         its container), then are killed.
         """
         deadline = time.monotonic() + grace
-        while grace and any(_procs(p) for p in _tree(self.paths[0])) and time.monotonic() < deadline:
+        while any(_procs(p) for p in self._own()):
+            if time.monotonic() >= deadline:
+                self.kill()
+                break
             time.sleep(0.01)
-        self.kill()
-        for path in self._everywhere():
+        if self.delegated:
+            paths = [path for root in self.all_roots for path in _tree(root + self.relative)]
+        else:
+            paths = list(self.paths)
+        for path in paths:
             _rmdir(path)
 
 
@@ -275,11 +280,8 @@ class Cgroups:
             _write(os.path.join(mem, "memory.limit_in_bytes"), memory)
             with contextlib.suppress(OSError):  # only with swap accounting; keeps jobs off swap
                 _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), memory)
-            _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-            _write(os.path.join(cpu, "cpu.cfs_quota_us"), quota)
-        # Only a container manager makes cgroups in the other hierarchies; bwrap jobs need not
-        # look there when they are removed.
-        return JobCgroup(paths, relative, self.all_roots if delegate else self.roots, self.v2)
+            _write(os.path.join(cpu, "cpu.cfs_quota_us"), quota)  # cfs_period_us is 100 ms
+        return JobCgroup(paths, relative, self.all_roots, self.v2, delegate)
 
     def leftovers(self, owner: str) -> list[str]:
         """Every cgroup below ``owner``'s incarnations, in any hierarchy (tests, diagnostics)."""

@@ -22,12 +22,14 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 MNT_DETACH = 2
 GIB = 1 << 30
 UPPER_MODE = 0o40755  # a directory, rwxr-xr-x: the job's / as the overlay shows it
+ROOT_XATTRS = {"trusted.overlay.uuid"}  # what overlayfs itself puts on the upper dir
+SANDBOX_DIR_MODES = (0o40755, 0o40700)  # the modes of the mount points bwrap creates
 
 
 class ScratchError(Exception):
@@ -104,12 +106,18 @@ class ScratchPool:
     # -- per job ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def layer(self, lower: str, size_bytes: int) -> Iterator[str]:
+    def layer(self, lower: str, size_bytes: int, mount_points: Iterable[str] = ()) -> Iterator[str]:
         """A writable root over ``lower`` whose writes are capped at ``size_bytes``; yields its path.
 
-        Call it only once the previous user of the layer has no process left (the runtime
-        kills the job's cgroup first).
+        ``mount_points``: directories the sandbox itself creates in the root (bind targets, the
+        working directory); left empty, they do not count as the job's writes. Call it only
+        once the previous user of the layer has no process left (the runtime kills the job's
+        cgroup first).
         """
+        allowed: set[str] = set()  # those directories and their parents, relative to /
+        for point in mount_points:
+            parts = [p for p in point.split("/") if p]
+            allowed.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
         st = os.stat(lower)
         ident = (lower, st.st_dev, st.st_ino, st.st_ctime_ns)
         disk = self._acquire(self._clamp(size_bytes), ident)
@@ -126,7 +134,7 @@ class ScratchPool:
                 self._mount("overlay", disk.path("root"), "overlay", options)
                 disk.lower = ident
             yield disk.path("root")
-            reusable = self._untouched(disk) or self._unmount_overlay(disk)
+            reusable = self._untouched(disk, allowed) or self._unmount_overlay(disk)
         finally:
             if not reusable:
                 with contextlib.suppress(ScratchError):
@@ -139,11 +147,27 @@ class ScratchPool:
         return max(64 << 20, min(size_bytes, st.f_blocks * st.f_frsize))
 
     @staticmethod
-    def _untouched(disk: _Disk) -> bool:
-        """Whether the job left nothing in the upper layer: no file, no whiteout, / unchanged."""
+    def _untouched(disk: _Disk, allowed: set[str]) -> bool:
+        """Whether the job left nothing in the upper layer: no file, no whiteout, / unchanged,
+        and no directory but the empty mount points the sandbox made (as it will again)."""
+        upper = disk.path("upper")
         try:
-            st = os.stat(disk.path("upper"))
-            return st.st_mode == UPPER_MODE and st.st_uid == 0 and not os.listdir(disk.path("upper"))
+            st = os.stat(upper)
+            if st.st_mode != UPPER_MODE or st.st_uid != 0 or not set(os.listxattr(upper)) <= ROOT_XATTRS:
+                return False
+            for top, dirs, files in os.walk(upper):
+                if files:
+                    return False
+                for name in dirs:
+                    path = os.path.join(top, name)
+                    st = os.lstat(path)
+                    if (
+                        os.path.relpath(path, upper) not in allowed
+                        or st.st_mode not in SANDBOX_DIR_MODES
+                        or os.listxattr(path)
+                    ):
+                        return False
+            return True
         except OSError:
             return False
 
