@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job, end to end on the embedded default (SQLite, local executor, process runtime):
-# start `htc server`, log in with its admin key, create a project and a task, submit the
-# parameter sweep in examples/pi-sweep.yaml with a progress bar, show every job's result and
-# the combined answer, and stop the server.
+# The main job, end to end on the embedded default (SQLite, the supervised container registry,
+# local executor, bubblewrap runtime): start `htc server`, log in with its admin key, create a
+# project, build a small busybox image offline and push it to the project's registry with
+# `htc image push`, submit the parameter sweep in examples/pi-sweep.yaml with a progress bar,
+# show every job's result and the combined answer, and stop the server.
 #
 #   make demo                  # installs into .venv, then runs this script
 #   make demo PORT=8090        # another port (default 8080; a free one if 8080 is taken)
@@ -68,7 +69,7 @@ fi
 rm -rf "$DATA_DIR"
 mkdir -p "$DATA_DIR"
 touch "$DATA_DIR/.openhtc-demo"
-"$HTC" server --data-dir "$DATA_DIR" --port "$PORT" --runtime process >"$DATA_DIR/server.log" 2>&1 &
+"$HTC" server --data-dir "$DATA_DIR" --port "$PORT" >"$DATA_DIR/server.log" 2>&1 &
 SERVER_PID=$!
 
 stop_server() {
@@ -103,7 +104,8 @@ for _ in $(seq 1 150); do
 done
 "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$URL/health" \
     || { echo "demo: the server did not answer $URL/health within 30 s" >&2; exit 1; }
-echo "ready. The process runtime runs jobs as plain host processes: development only, no isolation."
+grep -m1 -o 'executor runtime: .*' "$DATA_DIR/server.log" || true
+echo "ready."
 
 # -- credentials ----------------------------------------------------------------------------
 # The first start wrote the admin API key to DATA_DIR/admin-api-key (mode 0600). The demo
@@ -120,6 +122,19 @@ PROJECT=$("$HTC" projects create "pi demo" -d "Monte Carlo estimate of pi" --jso
 TASK=$("$HTC" tasks create "pi-sweep" -p "$PROJECT" --json | json_field taskId)
 echo "project $PROJECT"
 echo "task    $TASK"
+
+# -- the image ------------------------------------------------------------------------------
+# No internet registry is needed: the image is a root filesystem holding the host's static
+# busybox (Debian package busybox-static), imported into podman. Any image you have locally
+# (podman build, podman pull) is pushed the same way.
+step "podman import a busybox image; htc image push localhost/pi-demo:1"
+ROOTFS="$DATA_DIR/pi-demo-rootfs"
+mkdir -p "$ROOTFS/bin" "$ROOTFS/etc" "$ROOTFS/tmp" "$ROOTFS/proc" "$ROOTFS/dev" "$ROOTFS/sys"
+cp /bin/busybox "$ROOTFS/bin/busybox"
+for applet in sh awk echo cat; do ln -sf busybox "$ROOTFS/bin/$applet"; done
+tar -C "$ROOTFS" -cf "$DATA_DIR/pi-demo.tar" .
+podman import --change 'CMD ["/bin/sh"]' "$DATA_DIR/pi-demo.tar" localhost/pi-demo:1 >/dev/null
+"$HTC" image push localhost/pi-demo:1 -p "$PROJECT"
 
 step "htc submit -p \$PROJECT -t \$TASK -f $SWEEP --wait"
 "$HTC" submit -p "$PROJECT" -t "$TASK" -f "$SWEEP" --wait --poll 0.5
