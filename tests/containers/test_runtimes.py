@@ -513,6 +513,21 @@ def test_auto_prefers_bwrap_and_never_picks_process_silently(
         build_runtime("auto", str(tmp_path / "work"))
 
 
+def test_htc_server_refuses_to_start_without_a_container_runtime(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
+    env["PATH"] = str(empty)  # neither bwrap nor podman (the htc script names its python itself)
+    htc = Path(sys.executable).parent / "htc"
+    done = subprocess.run(
+        [str(htc), "server", "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "install bubblewrap" in done.stderr and "--runtime process" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 CRASH_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
