@@ -14,6 +14,8 @@ Two figures per run:
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -40,7 +42,10 @@ def _push_image(api: Api, work: Path) -> tuple[str, str]:
     token.raise_for_status()
     local = f"localhost/openhtc-bench-w3:{uuid.uuid4().hex[:8]}"
     podman_import(busybox_rootfs_tar(work / "rootfs.tar"), local)
-    podman_push(local, f"{registry}{IMAGE}", token.text)
+    try:
+        podman_push(local, f"{registry}{IMAGE}", token.text)
+    finally:
+        subprocess.run(["podman", "rmi", "-f", local], capture_output=True, check=False)
     return registry, token.text
 
 
@@ -97,10 +102,17 @@ def _runtime_ms(kind: str, work: str, source: _ServerRegistry, project_id: str, 
 
 
 def openhtc_containers(ctx: Any, db: str, n: int) -> Result:
+    work = Path(tempfile.mkdtemp(prefix="openhtc-bench-w3-"))
+    try:
+        return _measure(ctx, db, n, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(ctx: Any, db: str, n: int, work: Path) -> Result:
     kind = ctx.container
     url = ctx.database_url(db)
     timeout = 120 + n / 5
-    work = Path(tempfile.mkdtemp(prefix="openhtc-bench-w3-"))
     with OpenhtcServer(runtime=kind, database_url=url, vcpus=ctx.vcpus) as srv, srv.api() as api:
         api.new_task("warmup")
         registry, login = _push_image(api, work)

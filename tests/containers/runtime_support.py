@@ -61,8 +61,8 @@ class PlainRegistry:
             f"storage:\n  filesystem: {{rootdirectory: {self.root / 'data'}}}\n  delete: {{enabled: true}}\n"
             f"http:\n  addr: {self.host}\n" + self.extra_config
         )
-        log = open(self.root / "registry.log", "wb")  # noqa: SIM115 - the process keeps it
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+        with open(self.root / "registry.log", "wb") as log:
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -70,6 +70,7 @@ class PlainRegistry:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"docker-registry did not start: {(self.root / 'registry.log').read_text()}")
 
     def stop(self) -> None:
@@ -84,11 +85,14 @@ class PlainRegistry:
         tar = busybox_rootfs_tar(tmp / f"rootfs-{abs(hash(repository))}.tar", extra_files=files or None)
         local = f"localhost/openhtc-test/{repository.replace('/', '-')}"
         podman_import(tar, local, list(changes))
-        subprocess.run(
-            ["podman", "push", "--tls-verify=false", local, f"{self.host}/{repository}"],
-            check=True,
-            capture_output=True,
-        )
+        try:
+            subprocess.run(
+                ["podman", "push", "--tls-verify=false", local, f"{self.host}/{repository}"],
+                check=True,
+                capture_output=True,
+            )
+        finally:  # the registry has it now; podman's own store need not keep it
+            subprocess.run(["podman", "rmi", "-f", local], capture_output=True, check=False)
 
     def put_blob(self, repository: str, data: bytes) -> dict[str, Any]:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
