@@ -263,8 +263,12 @@ class Cgroups:
         relative = f"/{BASE}/{self.owner}/{self.incarnation}/{name}"
         paths = tuple(root + relative for root in self.roots)
         for path in paths:
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.mkdir(path)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # the incarnation's cgroup went away (removed by hand)
+                os.makedirs(path, exist_ok=True)
         memory = str(memory_mb << 20)
         quota = str(max(1, vcpus) * CPU_PERIOD_US)
         if self.v2:
