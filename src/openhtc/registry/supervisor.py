@@ -101,7 +101,14 @@ class EmbeddedRegistry:
     def _choose_port(self) -> int:
         if self._fixed_port:
             return self._fixed_port  # the user asked for it: fail loudly if it is taken
-        if self.port and port_is_free(self.port):
+        if self.port:
+            # A registry killed just before (see _kill_orphan) can release its socket a moment
+            # after it is reaped: give the kept port a short while before picking another.
+            deadline = time.monotonic() + 2
+            while not port_is_free(self.port):
+                if time.monotonic() > deadline:
+                    return free_port()
+                time.sleep(0.05)
             return self.port
         return free_port()
 
