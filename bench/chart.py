@@ -31,6 +31,10 @@ def _panels(results: list[Result]) -> list[tuple[str, int, list[Result]]]:
     return out
 
 
+def _label(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.3g}"
+
+
 def draw(results: list[Result], meta: dict[str, Any], path: Path) -> bool:
     """Write the chart; False when no result has a figure to draw."""
     panels = _panels(results)
@@ -65,14 +69,14 @@ def draw(results: list[Result], meta: dict[str, Any], path: Path) -> bool:
         ax.set_xlim(low / 3, top * 8) if log_scale else ax.set_xlim(0, top * 1.35)
         ax.tick_params(axis="x", labelsize=7)
         for bar, r, v in zip(bars, rows, values, strict=True):
-            text = f"{v:,.1f}" if v > 0 else r.status
+            text = _label(v) if v > 0 else r.status
             x = (v * 1.15 if v > 0 else low / 2.5) if log_scale else v + top * 0.01
             ax.text(x, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=7)
     m = meta["machine"]
     fig.suptitle(
         f"openhtc and peers, one run on {m['cpus']} CPUs ({meta['date']}, git {m['git']})", fontsize=10
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
