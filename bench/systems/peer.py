@@ -20,8 +20,14 @@ from bench.runners import RunnerUnavailable
 from bench.workloads import COMMANDS, SLEEP_S
 
 WARMUP = 20
-MODES = {"e2e": "throughput", "sleep": "throughput", "containers": "throughput", "latency": "latency"}
-MODES["submit"] = "accept"
+# The driver mode of each workload: N jobs at once, N single jobs one by one, or N jobs only accepted.
+MODES = {
+    "e2e": "throughput",
+    "sleep": "throughput",
+    "containers": "throughput",
+    "submit": "accept",
+    "latency": "latency",
+}
 FIGURES = {"throughput": ("jobs_per_s", "jobs/s"), "latency": ("p50_ms", "ms"), "accept": ("seconds", "s")}
 
 
