@@ -42,6 +42,9 @@ from openhtc.store.db import Database
 from openhtc.testing.images import podman_push
 from openhtc.testing.postgres import free_port
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 P1 = "5e842126-96aa-4240-bd3d-ee40061676c1"
 P2 = "0b3d8a52-1f3e-4c55-9d7e-2a64b0c1f001"
 SHELL_SAFE = re.compile(r"[A-Za-z0-9._-]+")

@@ -44,6 +44,9 @@ from openhtc.runtimes.images import ImageCache, ImageError
 from openhtc.runtimes.images.unpack import LayerUnpacker
 from openhtc.runtimes.podman import PodmanRuntime
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 CONF_CHANGES = [
     'ENTRYPOINT ["/bin/sh", "-c"]',
     'CMD ["echo greeting=$GREETING; pwd; id -u; id -g"]',

@@ -61,7 +61,21 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory, weed_binary: str) -> Itera
         yield endpoint
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run only on these storage backends (default: all of BACKENDS)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``storage_backend`` over BACKENDS, or over a test's ``backends`` marker: a
+    test of something only one backend has is not generated for the other (no skips)."""
+    if "storage_backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("storage_backend", marker.args if marker else BACKENDS, indirect=True)
+
+
+@pytest.fixture
 def storage_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 BIN = Path(sys.executable).parent
 
 

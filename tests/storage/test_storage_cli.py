@@ -17,6 +17,9 @@ import pytest
 from openhtc.client import Connection
 from openhtc.client.storage import StorageClient
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 BIN = Path(sys.executable).parent
 
 
@@ -175,7 +178,7 @@ def test_token_exports_feed_the_aws_cli(storage_server: Any, tmp_path: Path) -> 
     assert f"projects/{pid}/tasks/{tid}/out/r.txt" in result.stdout
 
 
-@pytest.mark.parametrize("storage_backend", ["local"], indirect=True)  # S3 tokens live >= 15 min
+@pytest.mark.backends("local")  # S3 tokens live >= 15 min
 def test_a_storage_client_outlives_its_first_token(start_storage_server: Any, tmp_path: Path) -> None:
     s = start_storage_server(env={"OPENHTC_STORAGE_TOKEN_TTL_SECONDS": "2"})
     pid, tid = s.api.project_and_task()

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 
 def _run(s: Any, pid: str, tid: str, script: str, batch_size: int = 1, **kw: Any) -> list[dict[str, Any]]:
     s.api.submit_one(pid, tid, s.api.job_request(["sh", "-c", script], batch_size=batch_size, **kw))

@@ -11,6 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 
 def test_objects_round_trip_with_pages(storage_server: Any, instant: Any) -> None:
     s = storage_server
@@ -97,11 +100,10 @@ def test_object_api_keeps_users_and_jobs_in_their_scopes(storage_server: Any) ->
         assert third.status_code == 404
 
 
+@pytest.mark.backends("local")
 def test_links_left_by_a_job_are_not_followed(start_storage_server: Any, storage_backend: str) -> None:
     """A job may leave symbolic links in its (bind-mounted) task folder; the object API must not
     serve host files or another project's files through them."""
-    if storage_backend != "local":
-        pytest.skip("S3 has no links; staged uploads skip them (checked below)")
     s = start_storage_server()
     pid, tid = s.api.project_and_task()
     other_pid = s.api.create_project()["projectId"]
@@ -120,9 +122,8 @@ def test_links_left_by_a_job_are_not_followed(start_storage_server: Any, storage
     assert not (secret_dir / "planted.txt").exists()
 
 
+@pytest.mark.backends("seaweedfs")
 def test_staged_uploads_skip_links(start_storage_server: Any, storage_backend: str) -> None:
-    if storage_backend == "local":
-        pytest.skip("local storage binds the folder itself (see test_links_left_by_a_job_are_not_followed)")
     s = start_storage_server()
     pid, tid = s.api.project_and_task()
     script = 'ln -s /etc/passwd "$TASK_SHARED_FOLDER/passwd" && echo ok > "$TASK_SHARED_FOLDER/ok.txt"'

@@ -14,6 +14,9 @@ from openhtc.domain.models import JobLaunch
 from openhtc.storage.s3 import S3Backend
 from openhtc.storage.staging import SyncStager
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 
 def _launch(job_id: int, project: str = "p1", task: str = "t1") -> JobLaunch:
     return JobLaunch(job_id, 1, f"parent:{job_id}", 1, job_id, project, task, "AWS_US_EAST_1", "img",

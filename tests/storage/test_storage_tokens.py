@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
 REGION = "AWS_US_EAST_1"
 
 
@@ -107,9 +110,8 @@ def test_a_task_token_reaches_its_task_and_shared_storage_only(storage_server: A
         project_store.list(task)
 
 
+@pytest.mark.backends("seaweedfs")
 def test_aws_cli_works_with_a_task_token_alone(start_storage_server: Any, storage_backend: str) -> None:
-    if storage_backend == "local":
-        pytest.skip("the aws CLI speaks S3; local storage has openhtc's object API")
     s = start_storage_server()
     pid, tid = s.api.project_and_task()
     other_tid = s.api.create_task(pid)["taskId"]
