@@ -1,11 +1,13 @@
 """The pi sweep of examples/pi-sweep.yaml, driven from Python with ``openhtc.client``.
 
     OPENHTC_URL=http://127.0.0.1:8080 OPENHTC_API_KEY=$(cat ~/.local/share/openhtc/admin-api-key) \\
-        .venv/bin/python examples/pi_sweep.py --jobs 16
+        .venv/bin/python examples/pi_sweep.py --project PROJECT_ID --jobs 16
 
 Credentials come from the environment (``OPENHTC_URL``, ``OPENHTC_API_KEY``) or from
-``htc login``. Creates a project (or uses ``--project``) and a task, submits one batch whose
-jobs use ``AWS_BATCH_JOB_ARRAY_INDEX`` as their random seed, waits, and combines the results.
+``htc login``. The project must hold the image (``--image``, default ``pi-demo:1``, which
+examples/demo.sh builds; push it with ``htc image push localhost/pi-demo:1 -p PROJECT_ID``).
+Creates a task, submits one batch whose jobs use ``AWS_BATCH_JOB_ARRAY_INDEX`` as their random
+seed, waits, and combines the results.
 """
 
 from __future__ import annotations
@@ -15,33 +17,31 @@ import math
 
 from openhtc.client import Session, StatusCounts
 
-# The same job as examples/pi-sweep.yaml: one line of output per seed.
-JOB = """
-import os, random
-seed = int(os.environ["AWS_BATCH_JOB_ARRAY_INDEX"])
-samples = int(os.environ["SAMPLES"])
-rng = random.Random(seed)
-inside = sum(1 for _ in range(samples) if rng.random() ** 2 + rng.random() ** 2 <= 1.0)
-print(f"seed={seed} samples={samples} inside={inside} pi={4 * inside / samples:.6f}")
-"""
+# The same job as examples/pi-sweep.yaml: one line of output per seed; needs only sh and awk.
+JOB = (
+    'awk -v seed="$AWS_BATCH_JOB_ARRAY_INDEX" -v n="$SAMPLES" \'BEGIN { srand(seed + 1);'
+    " for (i = 0; i < n; i++) { x = rand(); y = rand(); if (x * x + y * y <= 1) inside++ }"
+    ' printf "seed=%d samples=%d inside=%d pi=%.6f\\n", seed, n, inside, 4 * inside / n }\''
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=16, help="jobs in the sweep (one seed each)")
     parser.add_argument("--samples", type=int, default=500_000, help="random points per job")
-    parser.add_argument("--project", help="an existing project ID (default: create one)")
+    parser.add_argument("--project", required=True, help="the project ID holding the image")
+    parser.add_argument("--image", default="pi-demo:1", help="imageName (default: pi-demo:1)")
     args = parser.parse_args()
 
     with Session() as htc:
-        project = htc.project(args.project) if args.project else htc.create_project("pi demo (Python)")
+        project = htc.project(args.project)
         task = project.create_task("pi-sweep")
         batch = task.submit(
-            "python:3.11-slim",  # recorded, not used, by the process runtime
-            ["python3", "-c", JOB],
+            args.image,
+            ["sh", "-c", JOB],
             batch_size=args.jobs,
             envs={"SAMPLES": str(args.samples)},
-            max_memory=256,
+            max_memory=64,
             exec_timeout=600,
             retries=1,
         )

@@ -1,7 +1,11 @@
 """The pi sweep with Rescale's own Python client, the unmodified PyPI package ``rescalehtc``.
 
     pip install rescalehtc==1.1.0        # already in openhtc's dev extra
-    OPENHTC_URL=http://127.0.0.1:8080 OPENHTC_API_KEY=... .venv/bin/python examples/rescalehtc_pi.py
+    OPENHTC_URL=http://127.0.0.1:8080 OPENHTC_API_KEY=... OPENHTC_PROJECT=<project ID> \\
+        .venv/bin/python examples/rescalehtc_pi.py
+
+The project must hold the image pi-demo:1 (examples/demo.sh builds it; push it with
+``htc image push localhost/pi-demo:1 -p <project ID>``).
 
 The client always talks to https://htc.rescale.com/api/v1; the one change is its base URL,
 which is replaced the way the client's own tests do it. Everything else is the client as
@@ -17,8 +21,7 @@ import platform
 import time
 
 from pi_sweep import JOB  # the same job as examples/pi_sweep.py
-from rescalehtc import HtcSession, api, htcjobs, htctasks
-from rescalehtc.htcprojects import HtcProject
+from rescalehtc import HtcSession, htcjobs, htcprojects, htctasks
 
 BASE_URL = os.environ.get("OPENHTC_URL", "http://127.0.0.1:8080").rstrip("/").removesuffix("/api/v1")
 HtcSession.get_rescale_api_base_url = staticmethod(lambda: f"{BASE_URL}/api/v1")
@@ -29,19 +32,17 @@ ARCHITECTURE = "AARCH64" if platform.machine().lower() in ("aarch64", "arm64") e
 
 def main() -> None:
     rescale = HtcSession(api_key=os.environ["OPENHTC_API_KEY"])
-    project = HtcProject(
-        api.post_htc_projects(rescale, {"projectName": "pi demo (rescalehtc)", "projectDescription": ""})
-    )
+    project = htcprojects.get_project_with_id(rescale, os.environ["OPENHTC_PROJECT"])
     task = htctasks.create_task_with_name(rescale, project, "pi-sweep")
     batch = htcjobs.create_job_batch(
         rescale,
         task,
         batch_size=16,
         priority="ON_DEMAND_PRIORITY",
-        image_name="python:3.11-slim",
+        image_name="pi-demo:1",
         exec_timeout_seconds=600,
-        max_memory_mib=256,
-        commands=["python3", "-c", JOB],
+        max_memory_mib=64,
+        commands=["sh", "-c", JOB],
         envs=[{"name": "SAMPLES", "value": "500000"}],
         architecture=ARCHITECTURE,
     )
