@@ -98,10 +98,11 @@ def server(
         registry_port=registry_port,
     )
     from openhtc.runtimes import RuntimeUnavailable
+    from openhtc.storage.seaweedfs import SeaweedUnavailable
 
     try:
         serve(settings)
-    except RuntimeUnavailable as exc:
+    except (RuntimeUnavailable, SeaweedUnavailable) as exc:
         typer.echo(f"htc server: {exc}", err=True)
         raise typer.Exit(2) from None
 
