@@ -213,6 +213,9 @@ class PodmanRuntime:
         try:
             proc = subprocess.Popen(
                 args,
+                # conmon leaves an empty file named "oom" in its working directory when the
+                # container is OOM-killed: keep that out of whatever directory the server runs in.
+                cwd=self.env_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
