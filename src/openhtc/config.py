@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = Field(21600, description="Lifetime of bearer tokens (6 h, as Rescale).")
     refresh_token_ttl_seconds: int = Field(14 * 86400, description="Lifetime of job refresh tokens.")
     admission_chunk: int = Field(5000, description="Jobs admitted per scheduler transaction.")
+    materialize_chunk: int = Field(
+        20000,
+        gt=0,
+        description="Job rows a submit writes before it answers; the rest of a larger submit is "
+        "written in the background, this many rows per transaction.",
+    )
     log_level: str = Field("info", description="Server log level.")
     retention_sweep_seconds: float = Field(
         300.0, gt=0, description="How often task retention policies are applied (archive, delete)."

@@ -1,4 +1,5 @@
-"""The scheduler loop: admits held jobs under the vCPU limits and recovers expired leases."""
+"""The scheduler loop: writes the rows of large submits, admits held jobs under the vCPU limits
+and recovers expired leases."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ class SchedulerLoop:
         self._thread.join(timeout=10)
 
     def tick(self) -> int:
-        """One round: admit as much as the limits allow, then recover lost jobs."""
+        """One round: write one chunk of missing job rows, then admit as much as the limits allow."""
         s = self.services
+        if s.jobs.materialize():
+            s.wakeups.queued()  # new rows to claim
+            s.wakeups.submitted.set()  # and another round at once, until all are written
         admitted = 0
         while not self._stopping.is_set():
             n = s.queue.admit(s.clock.now(), s.settings.admission_chunk)

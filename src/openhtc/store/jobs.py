@@ -12,16 +12,12 @@ from sqlalchemy import Connection, Row, and_, func, insert, select
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import Database
+from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
 from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
 from openhtc.store.transitions import Batch, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
-_JOB_COLUMNS = (
-    "jobs",
-    "batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
-    " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled",
-)
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
 _INSERT_SUBMIT_EVENTS = (
@@ -45,8 +41,10 @@ class NewBatch:
 
 
 class JobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, materialize_chunk: int = 20000) -> None:
         self.db = db
+        self.materializer = Materializer(db)
+        self.materialize_chunk = materialize_chunk
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -57,7 +55,8 @@ class JobStore:
 
         Jobs start in SUBMITTED_TO_RESCALE. When neither the project nor the workspace has a vCPU
         limit they are admitted at once (SUBMITTED_TO_PROVIDER, with both events recorded), so the
-        common case costs no second pass over the rows.
+        common case costs no second pass over the rows. Rows beyond the first
+        ``materialize_chunk`` jobs of the call are written later (see store/materialize.py).
         """
         echoes: list[dict[str, Any]] = []
         with self.db.write() as conn:
@@ -65,6 +64,9 @@ class JobStore:
             status = JobStatus.SUBMITTED_TO_PROVIDER if admit else JobStatus.SUBMITTED_TO_RESCALE
             cur = self.db.cursor(conn)
             batch_ids: list[int] = []
+            first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
+            budget = self.materialize_chunk
+            counters: dict[tuple[str, str, int, str], list[int]] = {}
             for nb in new_batches:
                 parent = str(uuid.uuid4())
                 group = nb.group or parent
@@ -81,6 +83,7 @@ class JobStore:
                     "rescaleTimeReceived": iso(now),
                     "jobDefinitionName": f"jobdef-{parent}",
                 }
+                written = min(nb.batch_size, budget)
                 batch_id = conn.execute(
                     insert(batches)
                     .values(
@@ -95,25 +98,41 @@ class JobStore:
                         region=nb.region,
                         max_retries=nb.max_retries,
                         request=echo,
+                        first_job_id=first_id,
+                        pending_from=written if written < nb.batch_size else None,
+                        job_status=int(status),
+                        architecture=nb.architecture,
+                        priority=nb.priority,
+                        vcpus=nb.vcpus,
+                        memory_mb=nb.memory_mb,
                     )
                     .returning(batches.c.id)
                 ).scalar_one()
-                head = (batch_id,)
-                tail = (task.id, task.project_id, group, nb.region, nb.architecture, int(status), 1, 0)
-                tail2 = (nb.priority, nb.vcpus, nb.memory_mb, now, now, False)
-                self.db.insert_numbered(cur, _JOB_COLUMNS, head, nb.batch_size, (*tail, *tail2))
-                batch_ids.append(batch_id)
-                bump_counters(
-                    self.db,
-                    conn,
-                    {
-                        (task.id, group, int(status), task.project_id): [
-                            nb.batch_size,
-                            nb.batch_size * nb.vcpus,
-                        ]
-                    },
+                fields = BatchFields(
+                    id=batch_id,
+                    first_job_id=first_id,
+                    pending_from=0,
+                    batch_size=nb.batch_size,
+                    task_id=task.id,
+                    project_id=task.project_id,
+                    group_name=group,
+                    region=nb.region,
+                    architecture=nb.architecture,
+                    job_status=int(status),
+                    priority=nb.priority,
+                    vcpus=nb.vcpus,
+                    memory_mb=nb.memory_mb,
+                    created_at=now,
                 )
+                self.materializer.write(conn, fields, 0, written)
+                first_id += nb.batch_size
+                budget -= written
+                batch_ids.append(batch_id)
+                counts = counters.setdefault((task.id, group, int(status), task.project_id), [0, 0])
+                counts[0] += nb.batch_size
+                counts[1] += nb.batch_size * nb.vcpus
                 echoes.append(echo)
+            bump_counters(self.db, conn, counters)
             steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
             cur.executemany(
                 self.db.sql(_INSERT_SUBMIT_EVENTS),
@@ -126,6 +145,7 @@ class JobStore:
         """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
         reason = "Job cancelled by user"
         with self.db.write() as conn:
+            self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
             batch = Batch(self.db, conn, now)
             where = f"j.task_id = ? AND j.status IN ({_NON_TERMINAL_SQL})"
             params: tuple[Any, ...] = (task_id,)
@@ -154,17 +174,20 @@ class JobStore:
         rows = conn.execute(select(batches).where(batches.c.id.in_(ids))).all()
         return {row.id: row for row in rows}
 
-    def get(self, conn: Connection, task_id: str, job_uuid: str) -> tuple[Row[Any], Row[Any]] | None:
-        """The job row and its batch row for ``{parentJobId}:{index}``."""
+    def get(self, conn: Connection, task_id: str, job_uuid: str) -> tuple[Any, Row[Any]] | None:
+        """The job (a row, or a PendingJob while its row is not written) and its batch row for
+        ``{parentJobId}:{index}``."""
         parent, sep, index = job_uuid.rpartition(":")
         if not sep or not index.isdigit():
             return None
-        batch = self.batch_by_parent(conn, parent)
+        batch = self.batch_by_parent(conn, parent)  # read first: see materialize.pending_job
         if batch is None or batch.task_id != task_id:
             return None
-        job = conn.execute(
+        job: Any = conn.execute(
             select(jobs).where(and_(jobs.c.batch_id == batch.id, jobs.c.idx == int(index)))
         ).first()
+        if job is None:
+            job = pending_job(batch, int(index))
         return (job, batch) if job is not None else None
 
     def list_jobs(
@@ -177,16 +200,31 @@ class JobStore:
         group: str | None = None,
         status: JobStatus | None = None,
         job_uuids: Sequence[str] = (),
-    ) -> list[Row[Any]]:
+    ) -> list[Any]:
+        """Jobs by id: rows, merged with the jobs whose rows are not written yet."""
+        # The batches first: a row written between the two reads then shows up twice, never
+        # not at all, and the row wins.
+        pending = [
+            b
+            for b in self.materializer.pending_batches(conn, task_id)
+            if (group is None or b.group_name == group) and (status is None or b.job_status == int(status))
+        ]
         cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
         if group is not None:
             cond = and_(cond, jobs.c.group_name == group)
         if status is not None:
             cond = and_(cond, jobs.c.status == int(status))
+        only: set[int] | None = None
         if job_uuids:
-            ids = self._ids_for_uuids(conn, task_id, job_uuids)
-            cond = and_(cond, jobs.c.id.in_(ids))
-        return list(conn.execute(select(jobs).where(cond).order_by(jobs.c.id).limit(limit)).all())
+            only = set(self._ids_for_uuids(conn, task_id, job_uuids))
+            cond = and_(cond, jobs.c.id.in_(only))
+        rows: list[Any] = list(conn.execute(select(jobs).where(cond).order_by(jobs.c.id).limit(limit)).all())
+        if not pending:
+            return rows
+        seen = {row.id for row in rows}
+        rows += [job for job in pending_jobs(pending, after_id, limit, only) if job.id not in seen]
+        rows.sort(key=lambda row: row.id)
+        return rows[:limit]
 
     def _ids_for_uuids(self, conn: Connection, task_id: str, job_uuids: Sequence[str]) -> list[int]:
         ids = []
@@ -195,6 +233,10 @@ class JobStore:
             if found:
                 ids.append(found[0].id)
         return ids
+
+    def materialize(self) -> int:
+        """Write up to ``materialize_chunk`` job rows still missing (the scheduler loop calls this)."""
+        return self.materializer.run(self.materialize_chunk)
 
     def events(
         self, conn: Connection, job_id: int, batch_id: int, after_id: int, limit: int

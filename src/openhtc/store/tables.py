@@ -153,6 +153,23 @@ batches = Table(
     Column("region", String(64), nullable=False),
     Column("max_retries", Integer, nullable=False),
     Column("request", JSON, nullable=False),  # the echoed HTCJobSubmitRequest
+    # Late materialization (store/materialize.py): job i of the batch has id first_job_id + i;
+    # rows idx >= pending_from are not written yet and read as the batch's fresh jobs, with
+    # status job_status and the scheduling fields below. NULL first_job_id: an older batch.
+    Column("first_job_id", BigInteger),
+    Column("pending_from", Integer),
+    Column("job_status", SmallInteger),
+    Column("architecture", String(16)),
+    Column("priority", SmallInteger),
+    Column("vcpus", Integer),
+    Column("memory_mb", Integer),
+    Index(
+        "ix_batches_pending",
+        "task_id",
+        "id",
+        sqlite_where=text("pending_from IS NOT NULL"),
+        postgresql_where=text("pending_from IS NOT NULL"),
+    ),
 )
 
 jobs = Table(
