@@ -127,6 +127,27 @@ class OpenhtcServer:
         except OSError:
             return "(no log)"
 
+    def rows_pending(self) -> int:
+        """Jobs accepted whose rows the server has yet to write (late materialization), read
+        from its database directly: the API shows no difference, by design."""
+        from sqlalchemy import create_engine, text
+
+        from openhtc.config import Settings
+
+        url = Settings(data_dir=self.data_dir, database_url=self.database_url).resolved_database_url()
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                pending = conn.execute(
+                    text(
+                        "SELECT COALESCE(SUM(batch_size - pending_from), 0) FROM batches"
+                        " WHERE pending_from IS NOT NULL"
+                    )
+                ).scalar_one()
+        finally:
+            engine.dispose()
+        return int(pending)
+
     def peak_rss_mb(self) -> float | None:
         return peak_rss_mb(self.pid) if self.proc is not None else None
 

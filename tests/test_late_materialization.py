@@ -144,8 +144,8 @@ def test_a_large_submit_reads_exactly_before_its_rows_exist(world: World) -> Non
     assert world.listing(status="RUNNING") == []
 
     # The same reads once every row is written: nothing a client sees changes.
-    while world.services.jobs.materialize():
-        pass
+    with world.services.db.write() as conn:
+        world.services.jobs.materializer.finish(conn, world.task_id, None)
     assert world.rows() == 11
     assert world.listing() == listed
     assert world.http.get(f"{world.jobs_url}/{second['parentJobId']}:4").json() == job
@@ -174,6 +174,23 @@ def test_jobs_without_rows_are_not_claimed_until_written_then_each_runs_once(wor
     assert world.summary() == {"SUCCEEDED": 10}
 
 
+def test_rows_are_written_as_the_queue_needs_them(world: World) -> None:
+    world.submit(batch(30))
+    assert world.rows() == CHUNK
+    while world.services.jobs.materialize():
+        pass
+    assert world.rows() == 2 * CHUNK  # a queue of 2 x materialize_chunk jobs with rows is enough
+    executor = ExecutorService(world.services)
+    executor.register("ex-1", "inc-1", REGION, ["X86"], Capacity(64, 1 << 20))
+    claimed = executor.claim("ex-1", REGION, ["X86"], Capacity(64, 1 << 20), 5)
+    assert len(claimed) == 5
+    while world.services.jobs.materialize():
+        pass
+    # refilled as jobs left the queue, a chunk at a time, to at least 2 x materialize_chunk
+    assert 2 * CHUNK <= world.rows() - 5 < 3 * CHUNK
+    assert world.summary() == {"SUBMITTED_TO_PROVIDER": 25, "RUNNABLE": 5}
+
+
 def test_cancel_reaches_jobs_without_rows(world: World) -> None:
     world.submit(batch(9))
     assert world.rows() == CHUNK
@@ -191,6 +208,9 @@ def test_rows_still_missing_after_a_restart_are_written_once(world: World, tmp_p
     settings = world.services.settings
     again = build_services(settings)  # a new process on the same database
     try:
+        executor = ExecutorService(again)
+        executor.register("ex-1", "inc-1", REGION, ["X86"], Capacity(64, 1 << 20))
+        assert len(executor.claim("ex-1", REGION, ["X86"], Capacity(64, 1 << 20), 100)) == 2 * CHUNK
         while again.jobs.materialize():
             pass
         with again.db.read() as conn:

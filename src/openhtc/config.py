@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         20000,
         gt=0,
         description="Job rows a submit writes before it answers; the rest of a larger submit is "
-        "written in the background, this many rows per transaction.",
+        "written as the queue needs them, this many rows per transaction.",
     )
     log_level: str = Field("info", description="Server log level.")
     retention_sweep_seconds: float = Field(

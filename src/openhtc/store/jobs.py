@@ -204,11 +204,14 @@ class JobStore:
         """Jobs by id: rows, merged with the jobs whose rows are not written yet."""
         # The batches first: a row written between the two reads then shows up twice, never
         # not at all, and the row wins.
-        pending = [
-            b
-            for b in self.materializer.pending_batches(conn, task_id)
-            if (group is None or b.group_name == group) and (status is None or b.job_status == int(status))
-        ]
+        pending = self.materializer.pending_batches(
+            conn,
+            task_id,
+            after_id,
+            None if job_uuids else limit,
+            group,
+            None if status is None else int(status),
+        )
         cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
         if group is not None:
             cond = and_(cond, jobs.c.group_name == group)
@@ -235,8 +238,9 @@ class JobStore:
         return ids
 
     def materialize(self) -> int:
-        """Write up to ``materialize_chunk`` job rows still missing (the scheduler loop calls this)."""
-        return self.materializer.run(self.materialize_chunk)
+        """Write up to ``materialize_chunk`` job rows still missing, for projects whose queue of
+        jobs with rows runs short (the scheduler loop calls this)."""
+        return self.materializer.run(self.materialize_chunk, ahead=2 * self.materialize_chunk)
 
     def events(
         self, conn: Connection, job_id: int, batch_id: int, after_id: int, limit: int

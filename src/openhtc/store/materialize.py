@@ -3,16 +3,21 @@
 A batch reserves a contiguous range of job ids when it is stored (job ``i`` has id
 ``first_job_id + i``), so every job's id, its place in listings and its page cursor are fixed
 at submit. The submit call writes the rows of its first ``chunk`` jobs itself, which covers any
-ordinary submit; the rows of the rest are written by the scheduler loop, ``chunk`` rows per
-transaction, oldest batch first. Until its row exists, job ``i`` of a batch reads as exactly
-what it is: a fresh job of that batch (status ``job_status``, attempt 1, created with the batch).
-Nothing else can have happened to it: only jobs with rows are admitted or claimed, and a cancel
-first writes every missing row of the jobs it cancels. The counters count every job from the
-submit on, so summaries are exact throughout. A crash loses nothing: a batch's ``pending_from``
-commits in the same transaction as the rows before it, and the restarted loop carries on.
+ordinary submit; the rows of the rest are written by the scheduler loop as they are needed:
+while a project has fewer than ``2 * chunk`` queued jobs with rows, it writes the next ``chunk``
+rows of the project's oldest batches, one transaction each. Until its row exists, job ``i`` of
+a batch reads as exactly what it is: a fresh job of that batch (status ``job_status``,
+attempt 1, created with the batch). Nothing else can have happened to it: only jobs with rows
+are admitted or claimed, and a cancel first writes every missing row of the jobs it cancels.
+The counters count every job from the submit on, so summaries are exact throughout. A crash
+loses nothing: a batch's ``pending_from`` commits in the same transaction as the rows before
+it, and the restarted loop carries on.
 
 Why: a million-job submit on PostgreSQL spent 12.8 s inserting rows into ``jobs`` and its
 indexes before it could answer; the rows are needed only when the jobs come up for scheduling.
+The price: within one project, a job without a row waits behind the (at most ``2 * chunk``)
+queued jobs with rows even if its priority is higher; and cancelling a huge queue writes its
+missing rows first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from openhtc.domain.enums import JobStatus
 from openhtc.store.db import Database
 
 # Written per job row; every job of a batch shares all but ``id`` and ``idx``.
@@ -36,6 +42,8 @@ _BATCH_FIELDS = (
     "id, first_job_id, pending_from, batch_size, task_id, project_id, group_name, region,"
     " architecture, job_status, priority, vcpus, memory_mb, created_at"
 )
+# The statuses a job can have at submit, before anything happened to it.
+_FRESH_SQL = f"{int(JobStatus.SUBMITTED_TO_RESCALE)},{int(JobStatus.SUBMITTED_TO_PROVIDER)}"
 # Serializes id reservations on PostgreSQL (SQLite serializes every write transaction anyway).
 _RESERVE_LOCK_KEY = 0x6F68746301
 
@@ -95,9 +103,12 @@ def pending_job(batch: Any, idx: int) -> PendingJob | None:
 def pending_jobs(
     batches: Iterable[Any], after_id: int, limit: int, only_ids: set[int] | None = None
 ) -> list[PendingJob]:
-    """Up to ``limit`` jobs without rows, of ``batches``, with ids above ``after_id``, by id."""
+    """Up to ``limit`` jobs without rows, of ``batches`` (in id order), with ids above
+    ``after_id``, by id."""
     out: list[PendingJob] = []
     for batch in batches:
+        if len(out) >= limit and only_ids is None:
+            break
         start = max(batch.pending_from, after_id + 1 - batch.first_job_id)
         if only_ids is not None:
             wanted = sorted(i - batch.first_job_id for i in only_ids)
@@ -169,21 +180,47 @@ class Materializer:
                 (*select_params, start, stop - 1),
             )
 
-    def run(self, chunk: int) -> int:
-        """Write up to ``chunk`` missing job rows, oldest batch first. Returns how many."""
+    def run(self, chunk: int, ahead: int) -> int:
+        """Write up to ``chunk`` missing job rows, oldest batch first, for the projects with
+        fewer than ``ahead`` queued jobs that have rows. Returns how many rows it wrote."""
         with self.db.read() as conn:  # the common case, nothing to write, takes no write lock
-            cur = self.db.cursor(conn)
-            cur.execute("SELECT 1 FROM batches WHERE pending_from IS NOT NULL LIMIT 1")
-            if cur.fetchone() is None:
-                return 0
+            projects = self._wanting_rows(conn, ahead)
+        if not projects:
+            return 0
         with self.db.write() as conn:
-            lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
             cur = self.db.cursor(conn)
+            marks = ",".join("?" * len(projects))
+            lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
             cur.execute(
-                f"SELECT {_BATCH_FIELDS} FROM batches WHERE pending_from IS NOT NULL ORDER BY id LIMIT 100"
-                + lock
+                self.db.sql(
+                    f"SELECT {_BATCH_FIELDS} FROM batches WHERE pending_from IS NOT NULL"
+                    f" AND project_id IN ({marks}) ORDER BY id LIMIT 100{lock}"
+                ),
+                projects,
             )
             return self._write_pending(conn, _rows(cur), chunk)
+
+    def _wanting_rows(self, conn: Connection, ahead: int) -> list[str]:
+        """Projects with jobs still without rows and fewer than ``ahead`` queued ones with rows."""
+        cur = self.db.cursor(conn)
+        cur.execute(
+            "SELECT project_id, SUM(batch_size - pending_from) FROM batches"
+            " WHERE pending_from IS NOT NULL GROUP BY project_id"
+        )
+        unwritten = {row[0]: int(row[1]) for row in cur.fetchall()}
+        if not unwritten:
+            return []
+        # A job without a row is always in its batch's first status, and counted in it.
+        marks = ",".join("?" * len(unwritten))
+        cur.execute(
+            self.db.sql(
+                f"SELECT project_id, SUM(count) FROM job_counters WHERE status IN ({_FRESH_SQL})"
+                f" AND project_id IN ({marks}) GROUP BY project_id"
+            ),
+            tuple(unwritten),
+        )
+        queued = {row[0]: int(row[1]) for row in cur.fetchall()}
+        return [p for p, n in unwritten.items() if queued.get(p, 0) - n < ahead]
 
     def finish(self, conn: Connection, task_id: str, group: str | None) -> None:
         """Write every missing job row of a task (or of one group of it), in ``conn``."""
@@ -196,16 +233,35 @@ class Materializer:
         cur.execute(self.db.sql(sql + " ORDER BY id" + ("" if self.db.is_sqlite else " FOR UPDATE")), params)
         self._write_pending(conn, _rows(cur), None)
 
-    def pending_batches(self, conn: Connection, task_id: str) -> list[Any]:
-        """The task's batches with rows still to write (few: they are written within seconds)."""
-        cur = self.db.cursor(conn)
-        cur.execute(
-            self.db.sql(
-                f"SELECT {_BATCH_FIELDS} FROM batches"
-                " WHERE task_id = ? AND pending_from IS NOT NULL ORDER BY id"
-            ),
-            (task_id,),
+    def pending_batches(
+        self,
+        conn: Connection,
+        task_id: str,
+        after_id: int,
+        limit: int | None,
+        group: str | None = None,
+        status: int | None = None,
+    ) -> list[Any]:
+        """The task's batches with jobs still without rows and ids above ``after_id``, in id order:
+        the first ``limit`` of them hold the first ``limit`` such jobs (a batch's ids ascend
+        with its id)."""
+        sql = (
+            f"SELECT {_BATCH_FIELDS} FROM batches WHERE task_id = ? AND pending_from IS NOT NULL"
+            " AND first_job_id + batch_size > ?"
         )
+        params: tuple[Any, ...] = (task_id, after_id + 1)
+        if group is not None:
+            sql += " AND group_name = ?"
+            params += (group,)
+        if status is not None:
+            sql += " AND job_status = ?"
+            params += (status,)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        cur = self.db.cursor(conn)
+        cur.execute(self.db.sql(sql), params)
         return _rows(cur)
 
     def _write_pending(self, conn: Connection, batches: Sequence[Any], budget: int | None) -> int:
