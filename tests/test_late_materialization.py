@@ -136,6 +136,8 @@ def test_a_large_submit_reads_exactly_before_its_rows_exist(world: World) -> Non
     assert job["createdAt"] == listed[0]["createdAt"]
     events = world.http.get(f"{world.jobs_url}/{second['parentJobId']}:4/events").json()["items"]
     assert [e["status"] for e in events] == ["SUBMITTED_TO_RESCALE", "SUBMITTED_TO_PROVIDER"]
+    logs = world.http.get(f"{world.jobs_url}/{second['parentJobId']}:4/logs")
+    assert logs.status_code == 200 and logs.json()["items"] == []
     assert world.http.get(f"{world.jobs_url}/{second['parentJobId']}:5").status_code == 404
 
     by_id = world.listing(jobId=[f"{second['parentJobId']}:3", f"{first['parentJobId']}:1"])
