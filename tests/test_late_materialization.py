@@ -9,6 +9,7 @@ runs such a submit to the end.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,23 @@ def test_rows_still_missing_after_a_restart_are_written_once(world: World, tmp_p
     ids = [r[2] for r in rows]
     assert ids == list(range(ids[0], ids[0] + 10))  # the ids reserved at submit, in order
     assert uuids(world.listing())[-1].endswith(":2")
+
+
+def test_concurrent_submits_reserve_disjoint_id_ranges(world: World) -> None:
+    def submit_some(_: int) -> None:
+        for _ in range(3):
+            world.submit(batch(3), batch(6))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(submit_some, range(4)))
+    with world.services.db.write() as conn:
+        world.services.jobs.materializer.finish(conn, world.task_id, None)
+        rows = conn.exec_driver_sql(
+            "SELECT j.id, b.first_job_id + j.idx FROM jobs j JOIN batches b ON b.id = j.batch_id"
+        ).all()
+    assert len(rows) == 4 * 3 * 9 and len({r[0] for r in rows}) == len(rows)
+    assert all(job_id == reserved for job_id, reserved in rows)
+    assert world.summary() == {"SUBMITTED_TO_PROVIDER": 4 * 3 * 9}
 
 
 def test_a_server_runs_every_job_of_a_large_submit_once(
