@@ -1,14 +1,23 @@
-"""The FastAPI application: every route under /api/v1 and /, one error mapping."""
+"""The FastAPI application: every route under /api/v1 and /, one error mapping.
+
+The routes are registered once, at the root; a request for ``/api/v1/…`` is routed with that
+prefix as its ``root_path`` (its URL, pagination links included, keeps the prefix). Registering
+the routes twice would double the list each request is matched against. The job and task
+routes, which clients poll, come first.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openhtc import __version__
 from openhtc.api import errors
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
+
+API_PREFIX = "/api/v1"
 
 
 def create_app(services: Services) -> FastAPI:
@@ -20,12 +29,23 @@ def create_app(services: Services) -> FastAPI:
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
+        servers=[{"url": API_PREFIX}],  # as Rescale's own OpenAPI file names its base URL
     )
     app.state.services = services
     errors.install(app)
-    api = APIRouter()
-    for module in (auth, workspace, projects, tasks, jobs, registry, storage, system):
-        api.include_router(module.router)
-    app.include_router(api, prefix="/api/v1")
-    app.include_router(api, include_in_schema=False)
+    for module in (jobs, tasks, projects, storage, registry, auth, workspace, system):
+        app.include_router(module.router)
+    app.add_middleware(ApiPrefix)
     return app
+
+
+class ApiPrefix:
+    """Routes ``/api/v1/…`` as ``/…``: the prefix becomes part of the request's root path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX + "/"):
+            scope = {**scope, "root_path": scope.get("root_path", "") + API_PREFIX}
+        await self.app(scope, receive, send)

@@ -1,4 +1,9 @@
-"""Request plumbing: the services of this app and the authenticated principal."""
+"""Request plumbing: the services of this app and the authenticated principal.
+
+The two dependencies are ``async``: FastAPI runs a plain ``def`` dependency on a worker thread,
+a hop that costs about 0.3 ms of CPU per dependency and request, and neither blocks (token
+checks are cached and never touch the database). Endpoints that query the store stay ``def``.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,13 @@ from openhtc.domain.errors import NotFound, Unauthenticated
 from openhtc.services.container import Services
 
 
-def services(request: Request) -> Services:
+def app_services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
+
+
+async def services(request: Request) -> Services:
+    return app_services(request)
 
 
 def credentials(request: Request, scheme: str) -> str:
@@ -25,9 +34,9 @@ def credentials(request: Request, scheme: str) -> str:
     return value.strip()
 
 
-def principal(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     token = credentials(request, "Bearer")
-    return services(request).tokens.verify(token)
+    return app_services(request).tokens.verify(token)
 
 
 def project_for(svc: Services, who: Principal, project_id: str) -> Any:
@@ -39,9 +48,13 @@ def project_for(svc: Services, who: Principal, project_id: str) -> Any:
 
 
 def task_for(svc: Services, who: Principal, project_id: str, task_id: str) -> tuple[Any, Any]:
-    project = project_for(svc, who, project_id)
+    check_project_scope(who, project_id)
+    with svc.db.read() as conn:  # one transaction for both lookups
+        project = svc.projects.get_in(conn, who.workspace_id, project_id)
+        task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
+    if project is None:
+        raise NotFound(f"project {project_id} not found")
     check_task_scope(who, project_id, task_id)
-    task = svc.projects.task(project_id, task_id)
     if task is None:
         raise NotFound(f"task {task_id} not found in project {project_id}")
     return project, task

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, insert, select
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select
 
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
@@ -18,6 +18,17 @@ from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
 from openhtc.store.transitions import Batch, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
+# Reads that every poll of a job or a task makes, built once: SQLAlchemy then reuses their
+# compiled form and cache key (building a select per call costs more than running it).
+_BATCH_BY_PARENT = select(batches).where(batches.c.parent_job_id == bindparam("parent"))
+_JOB_BY_INDEX = select(jobs).where(
+    and_(jobs.c.batch_id == bindparam("batch"), jobs.c.idx == bindparam("idx"))
+)
+_TASK_TOTALS = (
+    select(job_counters.c.status, func.sum(job_counters.c.count))
+    .where(job_counters.c.task_id == bindparam("task"))
+    .group_by(job_counters.c.status)
+)
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
 _INSERT_SUBMIT_EVENTS = (
@@ -166,7 +177,7 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------------
 
     def batch_by_parent(self, conn: Connection, parent_job_id: str) -> Row[Any] | None:
-        return conn.execute(select(batches).where(batches.c.parent_job_id == parent_job_id)).first()
+        return conn.execute(_BATCH_BY_PARENT, {"parent": parent_job_id}).first()
 
     def batches_by_id(self, conn: Connection, ids: set[int]) -> dict[int, Row[Any]]:
         if not ids:
@@ -183,9 +194,7 @@ class JobStore:
         batch = self.batch_by_parent(conn, parent)  # read first: see materialize.pending_job
         if batch is None or batch.task_id != task_id:
             return None
-        job: Any = conn.execute(
-            select(jobs).where(and_(jobs.c.batch_id == batch.id, jobs.c.idx == int(index)))
-        ).first()
+        job: Any = conn.execute(_JOB_BY_INDEX, {"batch": batch.id, "idx": int(index)}).first()
         if job is None:
             job = pending_job(batch, int(index))
         return (job, batch) if job is not None else None
@@ -270,6 +279,11 @@ class JobStore:
         ):
             out.setdefault(group, {})[JobStatus(status).name] = int(count)
         return out
+
+    def totals(self, conn: Connection, task_id: str) -> dict[str, int]:
+        """Counts per status name over all of a task's groups (summed by the database)."""
+        rows = conn.execute(_TASK_TOTALS, {"task": task_id})
+        return {JobStatus(status).name: int(count) for status, count in rows if count}
 
     def groups(self, conn: Connection, task_id: str, after: str | None, limit: int) -> list[str]:
         cond = job_counters.c.task_id == task_id

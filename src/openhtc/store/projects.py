@@ -5,11 +5,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
 
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, LifecycleStatus
 from openhtc.store.db import Database
 from openhtc.store.tables import job_counters, project_limits, projects, tasks, workspaces
+
+# Every request on a project or task looks these up: built once, so SQLAlchemy reuses their
+# compiled form and cache key (building a select per call costs more than running it).
+_PROJECT = select(projects).where(
+    and_(projects.c.id == bindparam("project"), projects.c.workspace_id == bindparam("workspace"))
+)
+_TASK = select(tasks).where(and_(tasks.c.id == bindparam("task"), tasks.c.project_id == bindparam("project")))
 
 
 class ProjectStore:
@@ -46,11 +53,10 @@ class ProjectStore:
 
     def get(self, workspace_id: str, project_id: str) -> Row[Any] | None:
         with self.db.read() as conn:
-            return conn.execute(
-                select(projects).where(
-                    and_(projects.c.id == project_id, projects.c.workspace_id == workspace_id)
-                )
-            ).first()
+            return self.get_in(conn, workspace_id, project_id)
+
+    def get_in(self, conn: Connection, workspace_id: str, project_id: str) -> Row[Any] | None:
+        return conn.execute(_PROJECT, {"project": project_id, "workspace": workspace_id}).first()
 
     def list_projects(
         self, workspace_id: str, after: tuple[float, str] | None, limit: int, created_by: str | None = None
@@ -167,9 +173,7 @@ class ProjectStore:
             return self.task_in(conn, project_id, task_id)
 
     def task_in(self, conn: Connection, project_id: str, task_id: str) -> Row[Any] | None:
-        return conn.execute(
-            select(tasks).where(and_(tasks.c.id == task_id, tasks.c.project_id == project_id))
-        ).first()
+        return conn.execute(_TASK, {"task": task_id, "project": project_id}).first()
 
     def tasks(self, project_id: str, after: tuple[float, str] | None, limit: int) -> list[Row[Any]]:
         cond = tasks.c.project_id == project_id

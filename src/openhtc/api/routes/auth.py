@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
 
-from openhtc.api.deps import credentials, services
+from openhtc.api.deps import app_services, credentials, services
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import Unauthenticated, ValidationFailed
@@ -82,7 +82,7 @@ def whoami(request: Request, svc: Services = Depends(services)) -> JSONResponse:
 @router.post("/oauth2/token")
 async def oauth2_token(request: Request) -> JSONResponse:
     """OAuth 2.0 client credentials: the API key is the client secret (in the form or HTTP Basic)."""
-    svc = services(request)
+    svc = app_services(request)
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     if form.get("grant_type") != "client_credentials":
         raise ValidationFailed("only 'client_credentials' is supported", field="grant_type")

@@ -106,11 +106,8 @@ def summary(
     project_id: str, task_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
-    totals: dict[str, int] = {}
     with svc.db.read() as conn:
-        for counts in svc.jobs.summary(conn, task_id).values():
-            for status, n in counts.items():
-                totals[status] = totals.get(status, 0) + n
+        totals = svc.jobs.totals(conn, task_id)
     return JSONResponse(ser.summary(None, totals))
 
 
