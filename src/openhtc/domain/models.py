@@ -63,6 +63,9 @@ class JobLaunch(NamedTuple):
     working_dir: str | None
     # Storage folders (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), filled in on the executor.
     mounts: tuple[Mount, ...] = ()
+    # What every job of the batch gets, after ``envs`` (the job's own): tokens, IDs, the user's
+    # ``envs``. One tuple shared by the batch's launches, so runtimes can cache what they build.
+    batch_envs: tuple[tuple[str, str], ...] = ()
 
 
 class AttemptReport(NamedTuple):

@@ -13,28 +13,48 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any
 
 from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
-from openhtc.runtimes.base import Outcome, RunHandle, Runtime
+from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 from openhtc.storage.staging import NoStager, Stager
 
 log = logging.getLogger("openhtc.executor")
+# A turn (report flush + claim) costs about a millisecond of CPU whatever it carries. Turns come
+# at most every TURN_SECONDS, so a lone job is seen finished within ~10 ms; while jobs finish
+# faster than BUSY_RATE a second, every BUSY_TURN_SECONDS, so each turn carries ten or more.
 TURN_SECONDS = 0.01
+BUSY_TURN_SECONDS = 0.05
+BUSY_RATE = 200.0
+# A job held behind a running one (see _work) looks for a free slot elsewhere this often.
+HOLD_SECONDS = 0.05
 
 
 @dataclass(slots=True)
 class _Running:
     launch: JobLaunch
     handle: RunHandle
+    reserved: Capacity  # what it holds of the machine: its own request, or its predecessor's
+
+
+@dataclass(slots=True)
+class _Begun:
+    """A job handed to the runtime: its staged launch and log, and how far it got."""
+
+    launch: JobLaunch
+    log: JobLog
+    staged: bool = False
+    started: Any = None  # what a pipelined runtime's start() returned
+    outcome: Outcome | None = None  # set if it ended before it started
 
 
 class LocalExecutor:
@@ -60,6 +80,7 @@ class LocalExecutor:
         self.executor_id = f"local-{socket.gethostname()}"
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
+        self._pipeline = runtime if isinstance(runtime, Pipelined) else None
         self.prefetch = Prefetch(
             settings.executor_prefetch, settings.executor_prefetch_seconds, self.capacity.vcpus
         )
@@ -112,9 +133,10 @@ class LocalExecutor:
         last_turn = 0.0
         while not self._stopping.is_set():
             self._wake.wait(timeout=0.25)
-            # At most one turn per TURN_SECONDS: completions that arrive meanwhile share one
-            # report and one claim. Prefetched jobs keep the machine busy in between.
-            pause = last_turn + TURN_SECONDS - time.monotonic()
+            # Completions that arrive between two turns share one report and one claim;
+            # prefetched jobs keep the machine busy in between.
+            busy = self.prefetch.rate >= BUSY_RATE
+            pause = last_turn + (BUSY_TURN_SECONDS if busy else TURN_SECONDS) - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             self._wake.clear()
@@ -170,51 +192,120 @@ class LocalExecutor:
         if not free.fits(launch.vcpus, launch.memory_mb):
             return None
         self._pending.popleft()
-        item = _Running(launch, RunHandle())
+        item = _Running(launch, RunHandle(), Capacity(launch.vcpus, launch.memory_mb))
         self._running[launch.job_id] = item
         self._used = self._used.plus(launch.vcpus, launch.memory_mb)
         return item
+
+    def _take_successor(self, current: _Running) -> _Running | None:
+        """Pop the next prefetched job if it fits in ``current``'s reservation, which it takes
+        over when ``current`` ends: the capacity in use stays the same."""
+        with self._lock:
+            if not self._pending or self._stopping.is_set():
+                return None
+            launch = self._pending[0]
+            if not current.reserved.fits(launch.vcpus, launch.memory_mb):
+                return None
+            self._pending.popleft()
+            item = _Running(launch, RunHandle(), current.reserved)
+            self._running[launch.job_id] = item
+            return item
 
     def _work(self, first: _Running) -> None:
         """Run a job, then the next prefetched one that fits, on this same thread.
 
         Taking the next job here, rather than handing it to another thread, keeps the gap
-        between two short jobs to a lock acquisition.
+        between two short jobs to a lock acquisition. A pipelined runtime gets the next job
+        while the current one still runs, and starts it the moment the current one ends.
         """
         item: _Running | None = first
-        while item is not None:
-            self._run(item)
-            launch = item.launch
+        begun: _Begun | None = self._begin(first, None)
+        while item is not None and begun is not None:
+            successor = self._take_successor(item) if self._pipeline is not None else None
+            after = self._begin(successor, begun.started) if successor is not None else None
+            if successor is not None and after is not None and self._withdrawn(begun, successor, after):
+                successor = after = None
+            self._end(item, begun)
             with self._lock:
                 self._completed += 1
-                self._running.pop(launch.job_id, None)
-                self._used = self._used.minus(launch.vcpus, launch.memory_mb)
-                item = None if self._stopping.is_set() else self._take_next()
+                self._running.pop(item.launch.job_id, None)
+                if successor is not None:  # it took over the reservation
+                    item, begun = successor, after
+                else:
+                    self._used = self._used.minus(item.reserved.vcpus, item.reserved.memory_mb)
+                    item, begun = None if self._stopping.is_set() else self._take_next(), None
+            if item is not None and begun is None:
+                begun = self._begin(item, None)
             self._wake.set()
 
-    def _run(self, item: _Running) -> None:
+    def _withdrawn(self, current: _Begun, successor: _Running, after: _Begun) -> bool:
+        """Wait while ``successor`` is held behind the running ``current``. Every HOLD_SECONDS
+        it looks for a free slot; given one, it is taken back from the runtime and queued first
+        again, for a thread of its own: no job waits behind a long one while the machine has
+        room. True if it was taken back."""
+        assert self._pipeline is not None
+        if current.started is None or after.started is None:
+            return False  # nothing runs that it could wait for
+        launch = successor.launch
+        while not self._pipeline.wait(current.started, HOLD_SECONDS):
+            with self._lock:
+                free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
+                if not free.fits(launch.vcpus, launch.memory_mb):
+                    continue
+            if not self._pipeline.withdraw(after.started):
+                return False  # it started meanwhile: the current job has just ended
+            with self._lock:
+                self._running.pop(launch.job_id, None)
+                self._pending.appendleft(launch)
+            self._wake.set()
+            return True
+        return False
+
+    def _begin(self, item: _Running, after: Any) -> _Begun:
+        """Report STARTING and stage the job's storage; a pipelined runtime starts it now
+        (behind the job that returned ``after``, if given)."""
         launch = item.launch
         self._report(launch, JobStatus.STARTING)
-
-        def open_log() -> TextIO:
-            parent = launch.job_uuid.rpartition(":")[0]
-            return self.logs.open_writer(launch.task_id, parent, launch.array_index, launch.attempt)
-
-        staged = False
+        parent = launch.job_uuid.rpartition(":")[0]
+        begun = _Begun(
+            launch, self.logs.attempt_log(launch.task_id, parent, launch.array_index, launch.attempt)
+        )
         try:
             # Storage folders first (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), then the job.
-            launch = launch._replace(mounts=self.stager.prepare(launch))
-            staged = True
-            outcome = self.runtime.run(
-                launch, item.handle, open_log, lambda: self._report(launch, JobStatus.RUNNING)
-            )
+            begun.launch = launch._replace(mounts=self.stager.prepare(launch))
+            begun.staged = True
+            if self._pipeline is not None:
+                started = self._pipeline.start(
+                    begun.launch, item.handle, begun.log, self._on_running(begun.launch), after
+                )
+                if isinstance(started, Outcome):
+                    begun.outcome = started
+                else:
+                    begun.started = started
         except Exception as exc:
             log.exception("runtime failed on job %s", launch.job_uuid)
-            outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
-        if staged:  # before the report: a finished job's outputs are already in task storage
-            self.stager.finish(launch, item.handle.stopped, open_log)
+            begun.outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
+        return begun
+
+    def _end(self, item: _Running, begun: _Begun) -> None:
+        """Run the job to its end (or wait for it), finish its storage, report the outcome."""
+        launch, outcome = begun.launch, begun.outcome
+        if outcome is None:
+            try:
+                if self._pipeline is not None:
+                    outcome = self._pipeline.finish(begun.started)
+                else:
+                    outcome = self.runtime.run(launch, item.handle, begun.log, self._on_running(launch))
+            except Exception as exc:
+                log.exception("runtime failed on job %s", launch.job_uuid)
+                outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
+        if begun.staged:  # before the report: a finished job's outputs are already in task storage
+            self.stager.finish(launch, item.handle.stopped, begun.log)
         status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
         self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+
+    def _on_running(self, launch: JobLaunch) -> Callable[[], None]:
+        return lambda: self._report(launch, JobStatus.RUNNING)
 
     def _report(
         self,
@@ -272,12 +363,12 @@ class Prefetch:
         self._last: tuple[int, float] | None = None
 
     def target(self, completed: int, now: float) -> int:
-        if self.fixed is not None:
-            return self.fixed
         if self._last is None:
             self._last = (completed, now)
-        elif now - self._last[1] >= 0.1:
+        elif now - self._last[1] >= 0.1:  # the rate is kept even with a fixed size: turns use it
             rate = (completed - self._last[0]) / (now - self._last[1])
             self.rate = 0.5 * self.rate + 0.5 * rate
             self._last = (completed, now)
+        if self.fixed is not None:
+            return self.fixed
         return max(self.floor, min(self.ceiling, int(self.rate * self.seconds)))

@@ -9,7 +9,8 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from pathlib import Path
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from openhtc.domain.models import JobLaunch
 
@@ -32,37 +33,53 @@ class RunHandle:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._also_kill: Callable[[], object] | None = None
+        self._kill_fn: Callable[[], object] | None = None
         self.stopped = False
         self.timed_out = False
 
     def attach(self, proc: subprocess.Popen[bytes], also_kill: Callable[[], object] | None = None) -> None:
         """Stop means kill ``proc``'s process group, and call ``also_kill`` (a container runtime
         kills what escaped the group that way: a cgroup's processes, a podman container)."""
+
+        def kill() -> None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the job's whole process group
+            if also_kill is not None:
+                also_kill()
+
+        self.attach_kill(kill)
+
+    def attach_kill(self, kill: Callable[[], object]) -> None:
+        """Stop means call ``kill``; called at once if the attempt was stopped already."""
         with self._lock:
-            self._proc = proc
-            self._also_kill = also_kill
+            self._kill_fn = kill
             stop = self.stopped
         if stop:
-            self._kill()
+            kill()
 
     def stop(self, timed_out: bool = False) -> None:
         with self._lock:
             self.stopped = True
             self.timed_out = self.timed_out or timed_out
-        self._kill()
-
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the job's whole process group
-        if self._also_kill is not None:
-            self._also_kill()
+            kill = self._kill_fn
+        if kill is not None:
+            kill()
 
 
 LogOpener = Callable[[], TextIO]
+
+
+@dataclass(frozen=True, slots=True)
+class JobLog:
+    """An attempt's log file: calling it opens the file for appending (a LogOpener); runtimes
+    that write it from elsewhere (the job launcher) use ``path``."""
+
+    path: Path
+
+    def __call__(self) -> TextIO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a", encoding="utf-8", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +108,7 @@ class Runtime(Protocol):
     blocking: bool
 
     def run(
-        self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
+        self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
     ) -> Outcome:
         """Run one attempt to completion, calling ``on_running`` once the process is up."""
         ...
@@ -103,4 +120,35 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release what the runtime holds on the host (mounts) once no job runs any more."""
+        ...
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    """A runtime that can hold a job behind a running one and start it the moment that one
+    ends, with no round trip to the executor in between (the process runtime's launcher)."""
+
+    def start(
+        self,
+        launch: JobLaunch,
+        handle: RunHandle,
+        open_log: JobLog,
+        on_running: Callable[[], None],
+        after: Any,
+    ) -> Any:
+        """Start the attempt (after the one ``after`` started, if given); returns what
+        ``finish`` takes, or an Outcome if it could not be started at all."""
+        ...
+
+    def wait(self, started: Any, timeout: float) -> bool:
+        """Whether the attempt ended within ``timeout`` seconds."""
+        ...
+
+    def withdraw(self, started: Any) -> bool:
+        """Take back an attempt held ``after`` another one if it has not started: True if so
+        (it never will), False if it has."""
+        ...
+
+    def finish(self, started: Any) -> Outcome:
+        """Wait for a started attempt to end."""
         ...

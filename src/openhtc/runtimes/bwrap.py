@@ -68,6 +68,7 @@ def job_env(launch: JobLaunch, image: PreparedImage, user: User) -> dict[str, st
     env = {"PATH": DEFAULT_PATH, "HOME": user.home}
     env.update(image.config.env)
     env.update(launch.envs)
+    env.update(launch.batch_envs)
     env.update((m.env_name, m.container_path) for m in launch.mounts)
     return env
 

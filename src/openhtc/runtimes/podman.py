@@ -156,7 +156,8 @@ class PodmanRuntime:
         fd, env_file = tempfile.mkstemp(prefix=f"{name}-", dir=self.env_dir)
         try:
             with os.fdopen(fd, "w") as fh:
-                for key, value in (*launch.envs, *((m.env_name, m.container_path) for m in launch.mounts)):
+                mounts = ((m.env_name, m.container_path) for m in launch.mounts)
+                for key, value in (*launch.envs, *launch.batch_envs, *mounts):
                     fh.write(f"{key}={value.replace(chr(10), ' ')}\n")
             cgroup = self.cgroups.create(name, launch.memory_mb, launch.vcpus, delegate=True)
             try:

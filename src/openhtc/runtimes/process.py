@@ -1,11 +1,12 @@
-"""The process runtime: a job's commands run on the host in a fresh working directory.
+"""The process runtime: a job's commands run on the host in an empty working directory.
 
 No isolation at all: for development and tests only. The image name is recorded but not used.
-Each job gets its own session, so a timeout or cancel kills its whole process group. Jobs
-carry an owner tag in their environment; after a crash, the restarted executor kills every
+The job launcher (``launcher.py``, a process of its own) spawns each job in its own session,
+so a timeout or cancel kills its whole process group, and copies its output to the job log.
+Jobs carry an owner tag in their environment; after a crash, the restarted executor kills every
 process its predecessor left before their jobs are re-queued (see ``adopt``), so a job never
-runs twice at once. (A parent-death signal would need ``preexec_fn``, which forces a full
-fork and costs about 6 ms per job; the sweep also reaches grandchildren, which it would not.)
+runs twice at once. (The launcher also kills its jobs when the server's end of its socket
+closes; the sweep is for what escaped: grandchildren that left the job's process group.)
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import heapq
 import os
 import shutil
 import signal
-import stat
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, TextIO
+from dataclasses import dataclass
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
-from openhtc.runtimes.base import LogOpener, Outcome, RunHandle
+from openhtc.runtimes.base import JobLog, Outcome, RunHandle
+from openhtc.runtimes.launcher import LaunchedJob, Launcher, SharedEnv
 
 OWNER_ENV = "OPENHTC_EXECUTOR_TAG"
 
@@ -44,22 +44,6 @@ def exit_outcome(code: int, handle: RunHandle, timeout_s: int | None) -> Outcome
     return Outcome(
         exit_code, FailureCode.ErrorNonZeroContainerExitCode.value, f"Container exited with code {exit_code}"
     )
-
-
-def pump_lines(stream: IO[bytes] | None, open_log: LogOpener) -> None:
-    """Copy a process's output to the job log, one timestamped line at a time."""
-    if stream is None:
-        return
-    log: TextIO | None = None
-    try:
-        for line in stream:
-            if log is None:
-                log = open_log()
-            text = line.decode("utf-8", "replace").rstrip("\n")
-            log.write(f"{time.time():.6f}\t{text}\n")
-    finally:
-        if log is not None:
-            log.close()
 
 
 class Deadlines:
@@ -100,6 +84,7 @@ class Deadlines:
 class ProcessRuntime:
     name = "process"
     blocking = True
+    pipelined = True  # start(..., after=) queues a job behind another one (see LocalExecutor)
 
     def __init__(self, work_root: str) -> None:
         self.work_root = work_root
@@ -107,12 +92,14 @@ class ProcessRuntime:
         self._tag: tuple[tuple[str, str], ...] = ()
         self._deadlines = Deadlines()
         self._local = threading.local()
+        self.launcher = Launcher()
+        self._shared: dict[tuple[object, ...], SharedEnv] = {}
 
     def _workdir(self) -> str:
         """An empty working directory owned by this worker thread.
 
-        Each worker keeps one and reuses it while jobs leave it empty, which saves a mkdir and
-        an rmdir per job; a job that leaves files behind gets its directory replaced.
+        Each worker keeps one for all its jobs, which saves a mkdir and an rmdir per job; the
+        launcher empties it after a job that left files behind.
         """
         path: str | None = getattr(self._local, "workdir", None)
         if path is None:
@@ -120,14 +107,11 @@ class ProcessRuntime:
             self._local.workdir = path
         return path
 
-    def _release_workdir(self, path: str) -> None:
-        try:
-            if not os.listdir(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o700:
-                return
-        except OSError:
-            pass
+    def _drop_workdir(self, path: str) -> None:
+        """After a launcher failure: the next job of this thread gets a new directory."""
         shutil.rmtree(path, ignore_errors=True)
-        self._local.workdir = None
+        if getattr(self._local, "workdir", None) == path:
+            self._local.workdir = None
 
     def adopt(self, owner: str, incarnation: str) -> int:
         """Find and kill what a dead predecessor left running: every job carries an owner tag in
@@ -151,11 +135,24 @@ class ProcessRuntime:
         return killed
 
     def close(self) -> None:
-        pass
+        self.launcher.close()
 
     def run(
-        self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
+        self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
     ) -> Outcome:
+        started = self.start(launch, handle, open_log, on_running)
+        return started if isinstance(started, Outcome) else self.finish(started)
+
+    def start(
+        self,
+        launch: JobLaunch,
+        handle: RunHandle,
+        open_log: JobLog,
+        on_running: Callable[[], None],
+        after: Started | None = None,
+    ) -> Started | Outcome:
+        """Hand the job to the launcher and return at once; with ``after``, it starts the moment
+        that job (started from this same worker thread) ends. ``finish`` waits for it."""
         if not launch.commands:
             return Outcome(
                 None,
@@ -163,44 +160,82 @@ class ProcessRuntime:
                 "The process runtime needs 'commands': it does not read an image's entrypoint",
             )
         workdir = self._workdir()
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": workdir,
-            "LANG": "C.UTF-8",
-            "TMPDIR": workdir,
-            **dict(launch.envs),
-            # No mount namespace: the storage folders are the host directories themselves.
-            **{m.env_name: m.host_path for m in launch.mounts},
-            **dict(self._tag),
-        }
-        try:
-            try:
-                proc = subprocess.Popen(
-                    list(launch.commands),
-                    cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                return Outcome(
-                    None,
-                    FailureCode.ErrorStartingContainer.value,
-                    f"Cannot start {launch.commands[0]}: {exc}",
-                )
-            handle.attach(proc)
-            on_running()
-            cancel_timeout = None
+        own = {"HOME": workdir, "TMPDIR": workdir, **dict(launch.envs)}
+        started = Started(launch, handle, workdir)
+
+        def running() -> None:  # on the launcher's reader thread, once the process exists
             if launch.timeout_s:
-                cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
-            try:
-                pump_lines(proc.stdout, open_log)
-                code = proc.wait()
-            finally:
-                if cancel_timeout is not None:
-                    cancel_timeout()
-            return exit_outcome(code, handle, launch.timeout_s)
+                started.cancel_timeout = self._deadlines.add(
+                    launch.timeout_s, lambda: handle.stop(timed_out=True)
+                )
+            on_running()
+
+        previous = after.job if after is not None else None
+        shared = self._shared_env(launch)
+        log_path = str(open_log.path)
+        started.job = self.launcher.start(launch.commands, shared, own, workdir, log_path, running, previous)
+        handle.attach_kill(started.job.kill)
+        return started
+
+    def _shared_env(self, launch: JobLaunch) -> SharedEnv:
+        """What the jobs of a batch (in one task: its storage folders) share, built once.
+
+        A job's environment is its own variables (HOME, TMPDIR, its index and ids) updated
+        with this: PATH and LANG, the batch's variables with the user's ``envs`` last, the
+        storage folders and the owner tag.
+        """
+        key = (launch.batch_envs, launch.mounts)
+        shared = self._shared.get(key)
+        if shared is None:
+            if len(self._shared) >= 1024:
+                self._shared.clear()
+                self.launcher.forget_shared_envs()
+            variables = {
+                "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                "LANG": "C.UTF-8",
+                **dict(launch.batch_envs),
+                # No mount namespace: the storage folders are the host directories themselves.
+                **{m.env_name: m.host_path for m in launch.mounts},
+                **dict(self._tag),
+            }
+            shared = self._shared[key] = self.launcher.shared_env(variables)
+        return shared
+
+    def wait(self, started: Started, timeout: float) -> bool:
+        """Whether the job ended within ``timeout`` seconds."""
+        return started.job is None or started.job.wait(timeout)
+
+    def withdraw(self, started: Started) -> bool:
+        """Take back a job held ``after`` another one, if it has not started: True if so."""
+        return started.job is not None and started.job.withdraw()
+
+    def finish(self, started: Started) -> Outcome:
+        """Wait for a started job to end; its outcome."""
+        job, launch = started.job, started.launch
+        assert job is not None
+        try:
+            job.wait()
         finally:
-            self._release_workdir(workdir)
+            if started.cancel_timeout is not None:
+                started.cancel_timeout()
+        if job.error is not None or job.lost:
+            self._drop_workdir(started.workdir)
+        if job.error is not None:
+            reason = f"Cannot start {launch.commands[0]}: {job.error}"
+            return Outcome(None, FailureCode.ErrorStartingContainer.value, reason)
+        if job.lost or job.returncode is None:
+            return Outcome(
+                None, FailureCode.ErrorInfrastructureFault.value, "The job launcher stopped while the job ran"
+            )
+        return exit_outcome(job.returncode, started.handle, launch.timeout_s)
+
+
+@dataclass(slots=True)
+class Started:
+    """A job the launcher has (running, or held behind another)."""
+
+    launch: JobLaunch
+    handle: RunHandle
+    workdir: str
+    job: LaunchedJob | None = None
+    cancel_timeout: Callable[[], None] | None = None

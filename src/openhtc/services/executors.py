@@ -109,8 +109,8 @@ class ExecutorService:
             parent_job_id=batch.parent_job_id,
             image=definition.get("imageName", ""),
             commands=tuple(definition.get("commands", [])),
-            shared_env=tuple(shared.items()),
-            user_env=tuple((e["name"], e["value"]) for e in definition.get("envs", [])),
+            # the user's envs last: they win over openhtc's (as they always have)
+            batch_env=(*shared.items(), *((e["name"], e["value"]) for e in definition.get("envs", []))),
             disk_gib=int(definition.get("maxDiskGiB", 10)),
             timeout_s=definition.get("execTimeoutSeconds"),
             working_dir=definition.get("workingDir"),
@@ -140,7 +140,8 @@ class ExecutorService:
             region=job.region,
             image=ctx.image,
             commands=ctx.commands,
-            envs=per_job + ctx.shared_env + ctx.user_env,
+            envs=per_job,
+            batch_envs=ctx.batch_env,
             vcpus=job.vcpus,
             memory_mb=job.memory_mb,
             disk_gib=ctx.disk_gib,
@@ -156,8 +157,7 @@ class _BatchContext:
     parent_job_id: str
     image: str
     commands: tuple[str, ...]
-    shared_env: tuple[tuple[str, str], ...]
-    user_env: tuple[tuple[str, str], ...]
+    batch_env: tuple[tuple[str, str], ...]
     disk_gib: int
     timeout_s: int | None
     working_dir: str | None

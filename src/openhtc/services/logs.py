@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+
+from openhtc.runtimes.base import JobLog
 
 
 class LogStore:
@@ -17,10 +18,9 @@ class LogStore:
     def path(self, task_id: str, parent_job_id: str, index: int, attempt: int) -> Path:
         return self.root / task_id / parent_job_id / f"{index}.{attempt}.log"
 
-    def open_writer(self, task_id: str, parent_job_id: str, index: int, attempt: int) -> TextIO:
-        path = self.path(task_id, parent_job_id, index, attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a", encoding="utf-8", errors="replace")
+    def attempt_log(self, task_id: str, parent_job_id: str, index: int, attempt: int) -> JobLog:
+        """Where a runtime writes an attempt's output (the file appears at the first line)."""
+        return JobLog(self.path(task_id, parent_job_id, index, attempt))
 
     def lines(self, task_id: str, parent_job_id: str, index: int, attempts: int) -> list[tuple[float, str]]:
         """Every captured line of every attempt, oldest first."""
