@@ -9,7 +9,6 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
 from openhtc.domain.models import JobLaunch
@@ -75,10 +74,10 @@ class JobLog:
     """An attempt's log file: calling it opens the file for appending (a LogOpener); runtimes
     that write it from elsewhere (the job launcher) use ``path``."""
 
-    path: Path
+    path: str
 
     def __call__(self) -> TextIO:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         return open(self.path, "a", encoding="utf-8", errors="replace")
 
 

@@ -69,7 +69,7 @@ class LaunchedJob:
         self.lost = False  # its launcher died under it
         self.withdrawn = False  # taken back before it started
         self._done = threading.Event()
-        self._answered = threading.Event()  # the launcher answered a withdraw
+        self._answered: threading.Event | None = None  # the answer to a withdraw(), made by it
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the job's end; False if ``timeout`` passed first."""
@@ -83,9 +83,10 @@ class LaunchedJob:
     def withdraw(self) -> bool:
         """Take back a job held ``after`` another one: True if it had not started (it never
         will), False if it has (or has ended)."""
+        answered = self._answered = threading.Event()  # before the send: the answer sets it
         if self._done.is_set() or not self.process.send("withdraw", self.key):
             return self.withdrawn
-        self._answered.wait()  # the answer, or the launcher's death
+        answered.wait()  # the answer, or the launcher's death
         return self.withdrawn
 
 
@@ -259,7 +260,8 @@ class _Process:
             job.withdrawn = True
         if ends:
             job._done.set()
-        job._answered.set()
+        if job._answered is not None:
+            job._answered.set()
 
     def _gone(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
         """The process ended: kill what it had started, fail what it held."""
@@ -278,4 +280,5 @@ class _Process:
                     os.killpg(job.pid, signal.SIGKILL)
             job.lost = True
             job._done.set()
-            job._answered.set()
+            if job._answered is not None:
+                job._answered.set()

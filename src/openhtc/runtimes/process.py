@@ -172,7 +172,7 @@ class ProcessRuntime:
 
         previous = after.job if after is not None else None
         shared = self._shared_env(launch)
-        log_path = str(open_log.path)
+        log_path = open_log.path
         started.job = self.launcher.start(launch.commands, shared, own, workdir, log_path, running, previous)
         handle.attach_kill(started.job.kill)
         return started

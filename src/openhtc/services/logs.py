@@ -19,8 +19,11 @@ class LogStore:
         return self.root / task_id / parent_job_id / f"{index}.{attempt}.log"
 
     def attempt_log(self, task_id: str, parent_job_id: str, index: int, attempt: int) -> JobLog:
-        """Where a runtime writes an attempt's output (the file appears at the first line)."""
-        return JobLog(self.path(task_id, parent_job_id, index, attempt))
+        """Where a runtime writes an attempt's output (the file appears at the first line).
+
+        A string, not a Path: made for every job on the executor's hot path, where pathlib's
+        joins cost more than the rest of it."""
+        return JobLog(f"{self.root}/{task_id}/{parent_job_id}/{index}.{attempt}.log")
 
     def lines(self, task_id: str, parent_job_id: str, index: int, attempts: int) -> list[tuple[float, str]]:
         """Every captured line of every attempt, oldest first."""
