@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,32 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class BulkStatement:
+    """One statement applied to many rows of parameters.
+
+    SQLite runs in-process, so ``sqlite`` (one '?' per column) is simply run once per row. On
+    PostgreSQL each execution is a round trip, so ``postgres`` runs once for all rows: they travel
+    as one JSON array of arrays (encoded in C, where psycopg's per-value array dumping is Python)
+    and the statement reads them from the table :func:`json_rows` writes.
+    """
+
+    sqlite: str
+    postgres: str
+
+
+def json_rows(columns: Sequence[tuple[str, str]], numbered: bool = False) -> str:
+    """A PostgreSQL table ``v(name, ...)`` of the rows in one JSON array-of-arrays parameter.
+
+    ``columns`` are (name, SQL type) pairs in row order; ``numbered`` adds the row's position as
+    column ``n``, to keep the rows' order where it matters.
+    """
+    fields = ", ".join(f"(r->>{i})::{sql_type} AS {name}" for i, (name, sql_type) in enumerate(columns))
+    if numbered:
+        return f"(SELECT {fields}, n FROM json_array_elements(%s::json) WITH ORDINALITY AS t(r, n)) AS v"
+    return f"(SELECT {fields} FROM json_array_elements(%s::json) AS t(r)) AS v"
 
 
 class Database:
@@ -68,6 +95,16 @@ class Database:
     def cursor(self, conn: Connection) -> Any:
         """A DB-API cursor inside ``conn``'s transaction, for the hot paths (no SQL compilation)."""
         return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    def run_bulk(self, cur: Any, statement: BulkStatement, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Apply ``statement`` to every row; returns the number of rows it changed."""
+        if not rows:
+            return 0
+        if self.is_sqlite:
+            cur.executemany(statement.sqlite, rows)
+        else:
+            cur.execute(statement.postgres, (json.dumps(rows),))
+        return int(cur.rowcount)
 
     def in_ids(self, column: str) -> str:
         """A predicate matching ``column`` against one parameter holding a list of ids."""

@@ -2,7 +2,8 @@
 
 Every status write in openhtc goes through a :class:`Batch` inside the caller's transaction, so
 the per (task, group, status) counters never drift from the job rows. This is the hottest code
-in the server, so it speaks plain DB-API ``executemany`` with tuples instead of compiled SQL.
+in the server, so it speaks plain DB-API with tuples instead of compiled SQL: ``executemany`` on
+SQLite, one statement over column arrays on PostgreSQL (see :class:`BulkStatement`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.models import AttemptReport
 from openhtc.domain.states import TRANSITIONS, check_transition
-from openhtc.store.db import Database
+from openhtc.store.db import BulkStatement, Database, json_rows
 
 S = JobStatus
 _FIRST_TERMINAL = int(S.SUCCEEDED)
@@ -29,22 +30,67 @@ _STATE_SELECT = (
     " j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region, b.max_retries"
     " FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE "
 )
-_UPDATE = (
-    "UPDATE jobs SET status=?, attempt=?, failed_attempts=?, executor_id=?, lease_expires_at=?, updated_at=?,"
-    " started_at=?, completed_at=?, exit_code=?, failure_code=?, status_reason=?, cancelled=?"
-    " WHERE id=? AND status=? AND attempt=?"
+_JOB_COLUMNS = (
+    ("status", "smallint"),
+    ("attempt", "int"),
+    ("failed_attempts", "int"),
+    ("executor_id", "text"),
+    ("lease_expires_at", "float8"),
+    ("updated_at", "float8"),
+    ("started_at", "float8"),
+    ("completed_at", "float8"),
+    ("exit_code", "int"),
+    ("failure_code", "text"),
+    ("status_reason", "text"),
+    ("cancelled", "bool"),
 )
-_INSERT_EVENT = (
-    "INSERT INTO job_events (job_id, attempt, status, at, reason, exit_code, executor_id, cancelled)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# compare-and-set: the row must still be in the status and attempt it was loaded in
+_KEY_COLUMNS = (("id", "bigint"), ("loaded_status", "smallint"), ("loaded_attempt", "int"))
+_UPDATE = BulkStatement(
+    sqlite="UPDATE jobs SET "
+    + ", ".join(f"{name}=?" for name, _ in _JOB_COLUMNS)
+    + " WHERE id=? AND status=? AND attempt=?",
+    postgres="UPDATE jobs AS j SET "
+    + ", ".join(f"{name}=v.{name}" for name, _ in _JOB_COLUMNS)
+    + f" FROM {json_rows(_JOB_COLUMNS + _KEY_COLUMNS)}"
+    + " WHERE j.id = v.id AND j.status = v.loaded_status AND j.attempt = v.loaded_attempt",
 )
-
-
-_BUMP_COUNTERS = (
-    "INSERT INTO job_counters (task_id, group_name, status, project_id, count, vcpus)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+_EVENT_COLUMNS = (
+    ("job_id", "bigint"),
+    ("attempt", "int"),
+    ("status", "smallint"),
+    ("at", "float8"),
+    ("reason", "text"),
+    ("exit_code", "int"),
+    ("executor_id", "text"),
+    ("cancelled", "bool"),
+)
+_EVENT_NAMES = ", ".join(name for name, _ in _EVENT_COLUMNS)
+_INSERT_EVENT = BulkStatement(
+    sqlite=f"INSERT INTO job_events ({_EVENT_NAMES}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})",
+    # ids follow the row order, and event order per job is its history
+    postgres=f"INSERT INTO job_events ({_EVENT_NAMES}) SELECT {_EVENT_NAMES} FROM "
+    + json_rows(_EVENT_COLUMNS, numbered=True)
+    + " ORDER BY n",
+)
+_COUNTER_COLUMNS = (
+    ("task_id", "text"),
+    ("group_name", "text"),
+    ("status", "smallint"),
+    ("project_id", "text"),
+    ("count", "bigint"),
+    ("vcpus", "bigint"),
+)
+_COUNTER_NAMES = ", ".join(name for name, _ in _COUNTER_COLUMNS)
+_ON_CONFLICT_ADD = (
     " ON CONFLICT (task_id, group_name, status)"
     " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus"
+)
+_BUMP_COUNTERS = BulkStatement(
+    sqlite=f"INSERT INTO job_counters ({_COUNTER_NAMES}) VALUES (?, ?, ?, ?, ?, ?)" + _ON_CONFLICT_ADD,
+    postgres=f"INSERT INTO job_counters ({_COUNTER_NAMES}) SELECT {_COUNTER_NAMES} FROM "
+    + json_rows(_COUNTER_COLUMNS)
+    + _ON_CONFLICT_ADD,
 )
 
 
@@ -246,11 +292,10 @@ class Batch:
             )
             for s in changed
         ]
-        cur.executemany(self.db.sql(_UPDATE), rows)
-        if cur.rowcount not in (-1, len(rows)):
-            raise StoreConsistencyError(f"{len(rows) - cur.rowcount} job rows changed under us")
-        if self._events:
-            cur.executemany(self.db.sql(_INSERT_EVENT), self._events)
+        updated = self.db.run_bulk(cur, _UPDATE, rows)
+        if updated not in (-1, len(rows)):
+            raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
+        self.db.run_bulk(cur, _INSERT_EVENT, self._events)
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
         for s in changed:
             if s.status != s.loaded_status:
@@ -271,5 +316,4 @@ class Batch:
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
     """Add (count, vCPU) deltas keyed by (task, group, status, project)."""
     rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in deltas.items() if d[0] or d[1]]
-    if rows:
-        db.cursor(conn).executemany(db.sql(_BUMP_COUNTERS), rows)
+    db.run_bulk(db.cursor(conn), _BUMP_COUNTERS, rows)
