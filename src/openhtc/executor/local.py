@@ -191,11 +191,8 @@ class LocalExecutor:
         free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
         if not free.fits(launch.vcpus, launch.memory_mb):
             return None
-        self._pending.popleft()
-        item = _Running(launch, RunHandle(), Capacity(launch.vcpus, launch.memory_mb))
-        self._running[launch.job_id] = item
         self._used = self._used.plus(launch.vcpus, launch.memory_mb)
-        return item
+        return self._pop_pending(Capacity(launch.vcpus, launch.memory_mb))
 
     def _take_successor(self, current: _Running) -> _Running | None:
         """Pop the next prefetched job if it fits in ``current``'s reservation, which it takes
@@ -206,10 +203,14 @@ class LocalExecutor:
             launch = self._pending[0]
             if not current.reserved.fits(launch.vcpus, launch.memory_mb):
                 return None
-            self._pending.popleft()
-            item = _Running(launch, RunHandle(), current.reserved)
-            self._running[launch.job_id] = item
-            return item
+            return self._pop_pending(current.reserved)
+
+    def _pop_pending(self, reserved: Capacity) -> _Running:
+        """Move the first prefetched job to the running ones, holding ``reserved`` (hold ``_lock``)."""
+        launch = self._pending.popleft()
+        item = _Running(launch, RunHandle(), reserved)
+        self._running[launch.job_id] = item
+        return item
 
     def _work(self, first: _Running) -> None:
         """Run a job, then the next prefetched one that fits, on this same thread.

@@ -16,7 +16,8 @@ from openhtc.store.jobs import NewBatch
 def submit(
     services: Services, principal: Principal, project: Any, task: Any, body: Any, group: str | None
 ) -> list[dict[str, Any]]:
-    """Validate every request first, so a bad one stores nothing, then store all batches."""
+    """Validate every request first, so a bad one stores nothing, then store all batches and wake
+    the scheduler and the executors."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; jobs cannot be submitted to it")
     if group is not None and not group.strip():
@@ -29,7 +30,10 @@ def submit(
     new = [_plan(req, i, project, region_archs, capacity, group) for i, req in enumerate(requests)]
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
-    return services.jobs.submit(task, new, principal.user_id, services.clock.now())
+    echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
+    services.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
+    services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
+    return echoes
 
 
 def _check_images(services: Services, project_id: str, images: set[str]) -> None:

@@ -33,10 +33,7 @@ def submit_batch(
     svc: Services = Depends(services),
 ) -> JSONResponse:
     project, task = task_for(svc, who, project_id, task_id)
-    echoes = submit(svc, who, project, task, body, first(request, "group"))
-    svc.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
-    svc.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
-    return JSONResponse(echoes)
+    return JSONResponse(submit(svc, who, project, task, body, first(request, "group")))
 
 
 @router.post(JOBS + "/cancel")
