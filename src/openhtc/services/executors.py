@@ -24,6 +24,11 @@ class ExecutorService:
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()
 
+    @property
+    def concurrent_writes(self) -> bool:
+        """Whether a report and a claim gain from running at once (see Database)."""
+        return self.services.db.concurrent_writes
+
     def register(
         self, executor_id: str, incarnation: str, region: str, architectures: list[str], capacity: Capacity
     ) -> int:

@@ -58,6 +58,12 @@ class Database:
         else:
             self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
+    @property
+    def concurrent_writes(self) -> bool:
+        """Whether two write transactions make progress at once (PostgreSQL's row locks), or
+        one waits for the other's end (SQLite's single write lock)."""
+        return not self.is_sqlite
+
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A read-write transaction (the SQLite write lock is taken at BEGIN)."""

@@ -89,7 +89,8 @@ _ON_CONFLICT_ADD = (
 _BUMP_COUNTERS = BulkStatement(
     sqlite=f"INSERT INTO job_counters ({_COUNTER_NAMES}) VALUES (?, ?, ?, ?, ?, ?)" + _ON_CONFLICT_ADD,
     postgres=f"INSERT INTO job_counters ({_COUNTER_NAMES}) SELECT {_COUNTER_NAMES} FROM "
-    + json_rows(_COUNTER_COLUMNS)
+    + json_rows(_COUNTER_COLUMNS, numbered=True)
+    + " ORDER BY n"  # rows lock in the order bump_counters gives
     + _ON_CONFLICT_ADD,
 )
 
@@ -314,6 +315,10 @@ class Batch:
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
-    """Add (count, vCPU) deltas keyed by (task, group, status, project)."""
-    rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in deltas.items() if d[0] or d[1]]
+    """Add (count, vCPU) deltas keyed by (task, group, status, project).
+
+    The rows are upserted in key order, so transactions that run at once (an executor's report
+    and claim, the scheduler's admission) lock the counter rows they share in the same order.
+    """
+    rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in sorted(deltas.items()) if d[0] or d[1]]
     db.run_bulk(db.cursor(conn), _BUMP_COUNTERS, rows)
