@@ -34,6 +34,17 @@ class BulkStatement:
     sqlite: str
     postgres: str
 
+    @classmethod
+    def insert(cls, table: str, columns: Sequence[tuple[str, str]], suffix: str = "") -> BulkStatement:
+        """An INSERT of rows of ``columns`` ((name, SQL type) pairs), then ``suffix`` (an ON
+        CONFLICT clause). The rows go in in their order: ids follow it, and so do row locks."""
+        names = ", ".join(name for name, _ in columns)
+        return cls(
+            sqlite=f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))}){suffix}",
+            postgres=f"INSERT INTO {table} ({names}) SELECT {names} FROM "
+            f"{json_rows(columns, numbered=True)} ORDER BY n{suffix}",
+        )
+
 
 def json_rows(columns: Sequence[tuple[str, str]], numbered: bool = False) -> str:
     """A PostgreSQL table ``v(name, ...)`` of the rows in one JSON array-of-arrays parameter.

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select
 
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
-from openhtc.store.db import Database
+from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
 from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
@@ -31,8 +31,15 @@ _TASK_TOTALS = (
 )
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
-_INSERT_SUBMIT_EVENTS = (
-    "INSERT INTO job_events (batch_id, attempt, status, at, cancelled) VALUES (?, 1, ?, ?, ?)"
+_INSERT_SUBMIT_EVENTS = BulkStatement.insert(
+    "job_events",
+    (
+        ("batch_id", "bigint"),
+        ("attempt", "int"),
+        ("status", "smallint"),
+        ("at", "float8"),
+        ("cancelled", "bool"),
+    ),
 )
 
 
@@ -145,9 +152,10 @@ class JobStore:
                 echoes.append(echo)
             bump_counters(self.db, conn, counters)
             steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
-            cur.executemany(
-                self.db.sql(_INSERT_SUBMIT_EVENTS),
-                [(batch_id, int(step), now, False) for batch_id in batch_ids for step in steps],
+            self.db.run_bulk(
+                cur,
+                _INSERT_SUBMIT_EVENTS,
+                [(batch_id, 1, int(step), now, False) for batch_id in batch_ids for step in steps],
             )
             conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
         return echoes

@@ -3,7 +3,7 @@
 Every status write in openhtc goes through a :class:`Batch` inside the caller's transaction, so
 the per (task, group, status) counters never drift from the job rows. This is the hottest code
 in the server, so it speaks plain DB-API with tuples instead of compiled SQL: ``executemany`` on
-SQLite, one statement over column arrays on PostgreSQL (see :class:`BulkStatement`).
+SQLite, one statement for all rows on PostgreSQL (see :class:`BulkStatement`).
 """
 
 from __future__ import annotations
@@ -65,14 +65,8 @@ _EVENT_COLUMNS = (
     ("executor_id", "text"),
     ("cancelled", "bool"),
 )
-_EVENT_NAMES = ", ".join(name for name, _ in _EVENT_COLUMNS)
-_INSERT_EVENT = BulkStatement(
-    sqlite=f"INSERT INTO job_events ({_EVENT_NAMES}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})",
-    # ids follow the row order, and event order per job is its history
-    postgres=f"INSERT INTO job_events ({_EVENT_NAMES}) SELECT {_EVENT_NAMES} FROM "
-    + json_rows(_EVENT_COLUMNS, numbered=True)
-    + " ORDER BY n",
-)
+# ids follow the row order, and the order of one job's events is its history
+_INSERT_EVENT = BulkStatement.insert("job_events", _EVENT_COLUMNS)
 _COUNTER_COLUMNS = (
     ("task_id", "text"),
     ("group_name", "text"),
@@ -81,17 +75,12 @@ _COUNTER_COLUMNS = (
     ("count", "bigint"),
     ("vcpus", "bigint"),
 )
-_COUNTER_NAMES = ", ".join(name for name, _ in _COUNTER_COLUMNS)
-_ON_CONFLICT_ADD = (
+# rows lock in the order bump_counters gives them
+_BUMP_COUNTERS = BulkStatement.insert(
+    "job_counters",
+    _COUNTER_COLUMNS,
     " ON CONFLICT (task_id, group_name, status)"
-    " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus"
-)
-_BUMP_COUNTERS = BulkStatement(
-    sqlite=f"INSERT INTO job_counters ({_COUNTER_NAMES}) VALUES (?, ?, ?, ?, ?, ?)" + _ON_CONFLICT_ADD,
-    postgres=f"INSERT INTO job_counters ({_COUNTER_NAMES}) SELECT {_COUNTER_NAMES} FROM "
-    + json_rows(_COUNTER_COLUMNS, numbered=True)
-    + " ORDER BY n"  # rows lock in the order bump_counters gives
-    + _ON_CONFLICT_ADD,
+    " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus",
 )
 
 
