@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
+from openhtc import __version__
 from openhtc.auth.keys import load_or_create_signing_key
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import Role
+from openhtc.domain.errors import OpenHTCError
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
@@ -24,6 +30,14 @@ from openhtc.services.logs import LogStore
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
+from openhtc.startup import (
+    DataDirLock,
+    StartupError,
+    bind_listener,
+    check_settings,
+    describe,
+    explain_database_failure,
+)
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
@@ -129,8 +143,13 @@ class Server:
 
 def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     storage_process, settings = start_managed_storage(settings)
-    services = build_services(settings, clock)
-    new_key = bootstrap(services)
+    try:
+        services = build_services(settings, clock)
+        new_key = bootstrap(services)
+    except BaseException:
+        if storage_process is not None:
+            storage_process.stop()
+        raise
     if new_key:
         print(
             "openhtc: created the admin API key (shown once; also in "
@@ -147,7 +166,6 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             image_cache_gib=settings.image_cache_gib,
             job_network=settings.job_network,
         )
-        log.info("executor runtime: %s (configured: %s)", runtime.name, settings.runtime)
         executor = LocalExecutor(
             ExecutorService(services),
             runtime,
@@ -162,7 +180,12 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
 
 
 def serve(settings: Settings) -> None:
-    """Run the API, scheduler and local executor until interrupted."""
+    """Run the API, scheduler and local executor until interrupted.
+
+    Raises StartupError (one clear message) for what an operator must fix: settings that would
+    be ignored, a port in use, a data directory another server owns or that cannot be written,
+    a database that cannot be opened. The checks come in that order, before anything is made.
+    """
     import uvicorn
 
     from openhtc.api.app import create_app
@@ -170,20 +193,55 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = build_server(settings)
-    app = create_app(server.services)
+    check_settings(settings)
+    lock = DataDirLock(settings.data_dir)
+    try:
+        if settings.data_dir.is_dir():  # an existing directory: its owner is the first thing to know
+            lock.acquire(settings.host, settings.port)
+        listener = bind_listener(settings.host, settings.port)
+        try:
+            if not settings.data_dir.is_dir():
+                lock.acquire(settings.host, settings.port)
+            server = _build_or_explain(settings)
+            _run(server, create_app(server.services), listener, uvicorn)
+        finally:
+            listener.close()
+    finally:
+        lock.release()
+
+
+def _build_or_explain(settings: Settings) -> Server:
+    try:
+        server = build_server(settings)
+    except (DBAPIError, OpenHTCError) as exc:
+        raise StartupError(explain_database_failure(settings, exc)) from None
+    except OSError as exc:
+        where = exc.filename or settings.data_dir
+        raise StartupError(
+            f"cannot write {where}: {exc.strerror or exc}; fix its permissions or free space, "
+            "or choose another --data-dir"
+        ) from None
+    runtime = server.executor.runtime.name if server.executor else "none (--no-executor)"
+    lines = describe(settings, runtime)
+    log.info("openhtc %s\n  %s", __version__, "\n  ".join(lines))
+    return server
+
+
+def _run(server: Server, app: Any, listener: socket.socket, uvicorn: Any) -> None:
     # uvicorn re-raises SIGTERM once it has shut down, with the handler it found: without one of
     # ours the process would die right there, skipping server.stop() below (executor, runtime
     # mounts, registry). Exiting normally instead runs it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
+    settings = server.services.settings
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             log_level="warning" if settings.log_level == "info" else settings.log_level,
             access_log=False,
         )
+        uvicorn.Server(config).run(sockets=[listener])  # the socket bound at start-up
     finally:
         server.stop()

@@ -98,11 +98,12 @@ def server(
         registry_port=registry_port,
     )
     from openhtc.runtimes import RuntimeUnavailable
+    from openhtc.startup import StartupError
     from openhtc.storage.seaweedfs import SeaweedUnavailable
 
     try:
         serve(settings)
-    except (RuntimeUnavailable, SeaweedUnavailable) as exc:
+    except (RuntimeUnavailable, SeaweedUnavailable, StartupError) as exc:
         typer.echo(f"htc server: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -288,7 +288,14 @@ def main(argv: list[str]) -> int:
     fd = int(argv[1])
     os.set_inheritable(fd, False)  # passed to us inheritable; jobs must not hold the control socket
     sock = socket.socket(fileno=fd)
-    Loop(sock).run()
+    try:
+        Loop(sock).run()
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        # The server died (kill -9) with messages unread: an expected end, not a crash to trace.
+        print(
+            f"openhtc job launcher: the server went away ({exc.strerror}); its jobs were killed",
+            file=sys.stderr,
+        )
     return 0
 
 
