@@ -9,12 +9,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import (
     Conflict,
+    InsufficientStorage,
     NotFound,
     OpenHTCError,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     ValidationFailed,
 )
+from openhtc.store.db import failure
 
 STATUS = {
     ValidationFailed: 400,
@@ -22,6 +25,8 @@ STATUS = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
+    Unavailable: 503,
+    InsufficientStorage: 507,
 }
 _TYPES = {
     400: "BAD_REQUEST",
@@ -29,6 +34,7 @@ _TYPES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    500: "INTERNAL_SERVER_ERROR",
 }
 
 
@@ -45,12 +51,27 @@ def status_of(exc: OpenHTCError) -> int:
     return 500
 
 
+def _response(exc: OpenHTCError) -> JSONResponse:
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "5"}
+    return JSONResponse(error_body(status, exc.message, exc.error), status_code=status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OpenHTCError)
     async def _openhtc(_request: Request, exc: OpenHTCError) -> JSONResponse:
-        status = status_of(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(error_body(status, exc.message, exc.error), status_code=status, headers=headers)
+        return _response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        """A full disk met outside the database layer (a log, an upload) is still a 507; any
+        other failure is a 500 with the error body (Starlette then logs its traceback)."""
+        known = failure(exc)
+        if known is not None:
+            return _response(known)
+        return JSONResponse(error_body(500, "internal server error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

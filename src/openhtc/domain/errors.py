@@ -7,6 +7,8 @@
     ├── NotFound              absent, or belongs to another tenant        -> 404
     │   └── ImageUnavailable  the image does not exist (Rescale's error name)
     ├── Conflict              the request clashes with the object's state -> 400
+    ├── Unavailable           the database cannot be reached right now     -> 503
+    ├── InsufficientStorage   a disk (or the database's) is full          -> 507
     └── InvalidTransition     a job state change the table does not allow (internal)
 
 Only ``openhtc.api.errors`` knows how these map to HTTP.
@@ -63,6 +65,18 @@ class Conflict(OpenHTCError):
     """The request conflicts with the current state."""
 
     error = "CONFLICT"
+
+
+class Unavailable(OpenHTCError):
+    """The service is temporarily unavailable: the database cannot be reached. Try again later."""
+
+    error = "SERVICE_UNAVAILABLE"
+
+
+class InsufficientStorage(OpenHTCError):
+    """The server's disk is full; nothing was changed. Try again once space is freed."""
+
+    error = "INSUFFICIENT_STORAGE"
 
 
 class InvalidTransition(OpenHTCError):

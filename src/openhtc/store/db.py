@@ -6,6 +6,7 @@ writers never deadlock upgrading a read lock. PostgreSQL uses psycopg 3.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from openhtc.domain.errors import InsufficientStorage, OpenHTCError, Unavailable
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -78,7 +82,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A read-write transaction (the SQLite write lock is taken at BEGIN)."""
-        with self.engine.connect() as conn:
+        with translated_failures(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
@@ -94,7 +98,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only transaction with a consistent snapshot."""
-        with self.engine.connect() as conn:
+        with translated_failures(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN")
                 try:
@@ -182,6 +186,45 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# SQLite errors that mean "the file cannot be used right now", not "this statement is wrong".
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error", "readonly")
+
+
+def failure(exc: BaseException) -> OpenHTCError | None:
+    """The domain error an outage or a full disk is, or None for any other failure.
+
+    The one place that recognises them: OSError ENOSPC, SQLite's "database or disk is full",
+    PostgreSQL's disk_full (53100) -> InsufficientStorage; a lost or refused connection, or an
+    SQLite file that cannot be opened or written -> Unavailable.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage()
+    if not isinstance(exc, DBAPIError):
+        return None
+    text = str(exc.orig).lower()
+    if "database or disk is full" in text or getattr(exc.orig, "sqlstate", None) == "53100":
+        return InsufficientStorage()
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return Unavailable()
+    if isinstance(exc, OperationalError):
+        if type(exc.orig).__module__.startswith("sqlite3"):
+            return Unavailable() if any(m in text for m in _SQLITE_UNAVAILABLE) else None
+        return Unavailable()  # psycopg: connection refused or lost, server shutting down
+    return None
+
+
+@contextmanager
+def translated_failures() -> Iterator[None]:
+    """Raise outages and full disks as their domain errors (the cause kept as __cause__)."""
+    try:
+        yield
+    except (OSError, DBAPIError) as exc:
+        translated = failure(exc)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -8,9 +8,11 @@ from sqlalchemy import func, select
 from starlette.responses import Response
 
 from openhtc.api.deps import principal, services
+from openhtc.api.errors import error_body
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import JobStatus
+from openhtc.domain.errors import OpenHTCError
 from openhtc.services.container import Services
 from openhtc.store.tables import job_counters, projects
 
@@ -18,8 +20,15 @@ router = APIRouter()
 
 
 @router.get("/health")
-def health() -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+def health(svc: Services = Depends(services)) -> JSONResponse:
+    """200 while the database answers; 503 naming the part that is down otherwise."""
+    try:
+        with svc.db.read() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except OpenHTCError as exc:  # Unavailable, InsufficientStorage: see store.db.failure
+        body = {"status": "unavailable", "database": "unavailable", **error_body(503, exc.message, exc.error)}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ok", "database": "ok"})
 
 
 @router.get("/htc/metrics")
