@@ -140,11 +140,25 @@ def job_logs(
     order = (first(request, "sort") or "desc").lower()
     if order not in ("asc", "desc"):
         raise ValidationFailed("must be asc or desc", field="sort")
-    offset = decode_cursor(request) or 0
-    lines = svc.logs.lines(task_id, batch.parent_job_id, job.idx, job.attempt)
-    if order == "desc":
-        lines.reverse()
-    window = lines[int(offset) : int(offset) + size + 1]
-    body = page(request, window, size, lambda _line: int(offset) + size)
-    body["items"] = [{"timestamp": iso(ts), "message": message} for ts, message in body["items"]]
+    start = _log_position(decode_cursor(request), job.attempt)
+    lines = svc.logs.page(
+        (task_id, batch.parent_job_id, job.idx), job.attempt, size + 1, order == "desc", start
+    )
+    body = page(request, lines, size, lambda line: list(line.after))
+    body["items"] = [{"timestamp": iso(line.timestamp), "message": line.message} for line in body["items"]]
     return JSONResponse(body)
+
+
+def _log_position(cursor: Any, attempts: int) -> tuple[int, int] | None:
+    """A logs cursor is [attempt, byte offset]: where the previous page stopped reading."""
+    if cursor is None:
+        return None
+    if (
+        isinstance(cursor, list)
+        and len(cursor) == 2
+        and all(type(v) is int for v in cursor)
+        and 1 <= cursor[0] <= attempts
+        and cursor[1] >= 0
+    ):
+        return cursor[0], cursor[1]
+    raise ValidationFailed("not a page index this server issued", field="pageIndex")
