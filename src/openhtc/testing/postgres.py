@@ -80,6 +80,7 @@ class PostgresCluster:
         self.data = self.base / "data"
         self.log = self.base / "postgres.log"
         self.port = 0
+        self._options = ""
         self.started = False
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -113,6 +114,7 @@ class PostgresCluster:
                 f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base} "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
             )
+            self._options = options
             try:
                 self._run(
                     str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
@@ -145,6 +147,17 @@ class PostgresCluster:
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
+
+    def pause(self) -> None:
+        """Stop the server but keep its data, as an outage would (see :meth:`resume`)."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the paused server again, on the same port."""
+        self._run(
+            str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+            "-o", self._options, "-w", "-t", "60", "start",
+        )  # fmt: skip
 
     def stop(self) -> None:
         if self.started:
