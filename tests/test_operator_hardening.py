@@ -278,6 +278,7 @@ def test_a_postgresql_outage_answers_503_and_health_names_the_database(
     jobs_path = f"{api.task_path(pid, tid)}/jobs"
     before = api.jobs(pid, tid)
 
+    log_start = server.log_path.stat().st_size
     private_pg.pause()
     try:
         assert_error_body(api.client.get(jobs_path), 503, "SERVICE_UNAVAILABLE")
@@ -296,6 +297,10 @@ def test_a_postgresql_outage_answers_503_and_health_names_the_database(
     assert api.jobs(pid, tid) == before
     names = [p["projectName"] for p in api.get("/htc/projects")["items"]]
     assert "during-outage" not in names
+    with open(server.log_path, "rb") as fh:
+        fh.seek(log_start)
+        during = fh.read().decode(errors="replace")
+    assert "Traceback" not in during, during[-3000:]  # an outage is logged in one line per event
 
 
 # `htc ARGS` with the SQLite database on an 8 MiB tmpfs at DATA_DIR/db, in a mount namespace of

@@ -20,6 +20,7 @@ from typing import Any
 
 from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
+from openhtc.domain.errors import InsufficientStorage, Unavailable
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
@@ -150,6 +151,9 @@ class LocalExecutor:
                     self._heartbeat()
                     next_heartbeat = now + self.settings.heartbeat_seconds
                 self._start_pending()
+            except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
+                log.warning("executor: %s", exc.message)
+                time.sleep(0.5)
             except Exception:  # keep the executor alive; the lease protects the jobs
                 log.exception("executor loop error")
                 time.sleep(0.5)

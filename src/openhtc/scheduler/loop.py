@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 
+from openhtc.domain.errors import InsufficientStorage, Unavailable
 from openhtc.services.container import Services
 
 log = logging.getLogger("openhtc.scheduler")
@@ -54,6 +55,9 @@ class SchedulerLoop:
                     if s.queue.expire_leases(s.clock.now()):
                         s.wakeups.submitted.set()
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
+            except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
+                log.warning("scheduler: %s", exc.message)
+                time.sleep(0.5)
             except Exception:
                 log.exception("scheduler loop error")
                 time.sleep(0.5)
