@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -342,6 +343,36 @@ def test_a_full_disk_answers_507_and_changes_nothing(
     assert len(api.jobs(pid, tid)) == 5
     api.submit(pid, tid, request)  # space is back: submits work again, no restart
     api.wait_terminal(pid, tid, 10)
+
+
+def unread_by(pid: int) -> int:
+    """Bytes waiting, unread, in the Unix stream sockets of process ``pid`` (``ss -x``)."""
+    out = subprocess.run(["ss", "-xpn"], capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[2]) for line in out.splitlines() if f"pid={pid}," in line)
+
+
+@pytest.mark.one_db
+@pytest.mark.crash
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_kill_9_of_the_server_leaves_one_line_from_the_job_launcher(server: Any, marker: Any) -> None:
+    api = server.api()
+    pid, tid = api.project_and_task()
+    api.submit_one(pid, tid, api.job_request(["sh", "-c", "sleep 1"], envs=marker.envs))
+    api.wait_jobs(pid, tid, lambda jobs: jobs[0]["status"] == "RUNNING", what="the job to run")
+    # Stopped, the server reads nothing: the launcher's "exited" for the job stays unread, as
+    # when a busy server dies; its death then resets the launcher's connection.
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while unread_by(server.proc.pid) == 0:
+        assert time.monotonic() < deadline, "the job launcher reported nothing"
+        time.sleep(0.05)
+    server.kill9()
+    said = "openhtc job launcher: the server went away"
+    deadline = time.monotonic() + 30
+    while said not in server.log_path.read_text():
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+    assert "Traceback" not in server.log_path.read_text(), server.log_tail()
 
 
 # --------------------------------------------------------------------------------------------
