@@ -222,7 +222,7 @@ def _build_or_explain(settings: Settings) -> Server:
             "or choose another --data-dir"
         ) from None
     runtime = server.executor.runtime.name if server.executor else "none (--no-executor)"
-    lines = describe(settings, runtime)
+    lines = describe(server.services.settings, runtime)  # with a managed SeaweedFS: its endpoint
     log.info("openhtc %s\n  %s", __version__, "\n  ".join(lines))
     return server
 
