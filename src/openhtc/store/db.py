@@ -190,6 +190,7 @@ class Database:
 
 # SQLite errors that mean "the file cannot be used right now", not "this statement is wrong".
 _SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error", "readonly")
+_PG_UNAVAILABLE = ("57P01", "57P02", "57P03", "53300")  # admin/crash shutdown, cannot connect now, too many
 
 
 def failure(exc: BaseException) -> OpenHTCError | None:
@@ -211,7 +212,12 @@ def failure(exc: BaseException) -> OpenHTCError | None:
     if isinstance(exc, OperationalError):
         if type(exc.orig).__module__.startswith("sqlite3"):
             return Unavailable() if any(m in text for m in _SQLITE_UNAVAILABLE) else None
-        return Unavailable()  # psycopg: connection refused or lost, server shutting down
+        # psycopg: no SQLSTATE when the connection was refused or lost; class 08 (connection
+        # exception), a server shutting down or starting, too many connections. A deadlock or
+        # a statement timeout stays what it is.
+        state = getattr(exc.orig, "sqlstate", None)
+        if state is None or state.startswith("08") or state in _PG_UNAVAILABLE:
+            return Unavailable()
     return None
 
 
