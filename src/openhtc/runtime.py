@@ -17,6 +17,7 @@ from openhtc.domain.enums import Role
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
+from openhtc.runtimes.jobnet import Endpoint, loopback_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
@@ -127,6 +128,23 @@ class Server:
             self.storage_process.stop()
 
 
+def job_endpoints(settings: Settings) -> list[Endpoint]:
+    """What `--job-network openhtc` lets a job reach: the API, and the S3 store its tokens are for
+    when that is on loopback (SeaweedFS's, or an S3 endpoint given as 127.x)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    urls = [f"http://{host}:{settings.port}"]
+    if settings.storage != "local" and settings.s3_endpoint:
+        urls.append(settings.s3_endpoint)
+    endpoints = []
+    for url in urls:
+        endpoint = loopback_endpoint(url)
+        if endpoint is not None:
+            endpoints.append(endpoint)
+        elif settings.job_network == "openhtc":
+            log.warning("jobs cannot reach %s (not on loopback): use --job-network full for that", url)
+    return endpoints
+
+
 def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     storage_process, settings = start_managed_storage(settings)
     services = build_services(settings, clock)
@@ -146,6 +164,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.registry,  # the ImageSource container runtimes pull job images through
             image_cache_gib=settings.image_cache_gib,
             job_network=settings.job_network,
+            job_endpoints=job_endpoints(settings),
         )
         log.info("executor runtime: %s (configured: %s)", runtime.name, settings.runtime)
         executor = LocalExecutor(

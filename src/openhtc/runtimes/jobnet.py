@@ -1,0 +1,396 @@
+"""What a container job's network reaches: nothing, openhtc only, or the host's whole network.
+
+``none``: the job's own network namespace with only ``lo``. ``full``: the host's network
+(``bwrap --share-net``, ``podman --network host``). ``openhtc`` (the default): the job keeps a
+network namespace of its own, and in it the server opens a listening socket on each endpoint a
+job may reach (the API, the S3 store on loopback) at the very address and port of the host's,
+so the URLs in the job's environment work unchanged. A socket keeps the namespace it was created
+in, so the server creates them from a thread that enters the job's namespace (``setns``, which
+switches only the calling thread) and comes back. One forwarder thread accepts on every job's
+listeners and copies bytes to the real endpoint on the host's loopback. Nothing else is routed:
+the namespace has no other interface, so any other address is refused or unreachable.
+
+bwrap creates the namespace (``--unshare-all``); ``attach`` adds the listeners while bwrap waits
+on ``--block-fd`` and watches the sandbox's pidfd, closing them when the sandbox ends. For podman
+the server creates the namespace itself (``unshare``, ``lo`` up) and hands it to
+``podman run --network ns:/proc/<server>/fd/<n>``; it is closed when the job ends.
+
+Only loopback endpoints can be offered this way: an external S3 endpoint (AWS, a remote store)
+is not reachable from ``openhtc`` jobs (``runtime.py`` logs which); ``full`` reaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+log = logging.getLogger("openhtc.runtimes.jobnet")
+
+MODES = ("none", "openhtc", "full")
+CLONE_NEWNET = 0x40000000
+IP_FREEBIND = 15  # bind before bwrap has brought `lo` up in the namespace
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+CHUNK = 256 * 1024
+MAX_CONNECTIONS = 128  # open at once per job; more are refused (each holds two server fds)
+
+
+class JobNetError(OSError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A host:port a job may reach; inside the job it is served at the same address."""
+
+    host: str
+    port: int
+
+
+def loopback_endpoint(url: str) -> Endpoint | None:
+    """The endpoint of ``url`` if it is on the host's loopback (the only ones we can offer)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        if not ipaddress.IPv4Address(host).is_loopback:
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a name, IPv6 or a bad port
+        return None
+    return Endpoint(host, port)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise JobNetError(code, os.strerror(code))
+
+
+class JobNetwork:
+    """The job network of one runtime; ``mode`` is none, openhtc or full."""
+
+    def __init__(self, mode: str, endpoints: Iterable[Endpoint] = ()) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown job network {mode!r} (choose none, openhtc or full)")
+        self.mode = mode
+        self.endpoints = tuple(dict.fromkeys(endpoints))
+        self._forwarder: _Forwarder | None = None
+        if mode == "openhtc" and self.endpoints:
+            self._forwarder = _Forwarder(self.endpoints)
+
+    @property
+    def full(self) -> bool:
+        return self.mode == "full"
+
+    def attach(self, pid: int) -> None:
+        """bwrap: open the endpoints in the network namespace of ``pid`` (the sandbox, not yet
+        running the job) until that process ends. Raises OSError if it is gone."""
+        if self._forwarder is None:
+            return
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            listeners = self._forwarder.listen_in(netns, join=True)
+        finally:
+            os.close(netns)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            for sock in listeners:
+                sock.close()
+            raise
+        self._forwarder.add(_Group(listeners, pidfd))
+
+    @contextlib.contextmanager
+    def podman_network(self) -> Iterator[str]:
+        """podman: the ``--network`` value for one job, valid inside the block."""
+        if self._forwarder is None:
+            yield "host" if self.full else "none"
+            return
+        netns, listeners = self._forwarder.new_namespace()
+        group = _Group(listeners, None)
+        self._forwarder.add(group)
+        try:
+            yield f"ns:/proc/{os.getpid()}/fd/{netns}"
+        finally:
+            os.close(netns)
+            self._forwarder.remove(group)
+
+    def close(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.close()
+
+
+@dataclass(eq=False)
+class _Group:
+    """One job's listeners, its open connections and (bwrap) the pidfd that ends them."""
+
+    listeners: list[socket.socket]
+    pidfd: int | None
+    conns: set[_Conn] = field(default_factory=set)
+    closed: bool = False
+
+
+class _Forwarder:
+    """One thread, one epoll: accepts on every job's listeners and splices to the endpoints."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self.endpoints = endpoints
+        self._libc = _libc()
+        self._host_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._sel = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._wake, selectors.EVENT_READ, self._commands)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, _Group]] = []
+        self._groups: set[_Group] = set()  # the forwarder thread's only
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="jobnet-forwarder", daemon=True)
+        self._thread.start()
+
+    # -- called from job threads ----------------------------------------------------------------
+
+    def listen_in(self, netns: int, *, join: bool) -> list[socket.socket]:
+        """Listening sockets on every endpoint, created in ``netns`` (join) or a new namespace
+        (not join: the caller's thread stays there until it calls ``_leave``)."""
+        _check(self._libc.setns(netns, CLONE_NEWNET))
+        try:
+            return self._listeners()
+        finally:
+            self._leave()
+
+    def new_namespace(self) -> tuple[int, list[socket.socket]]:
+        """A new network namespace with ``lo`` up and the listeners: (its fd, the listeners)."""
+        _check(self._libc.unshare(CLONE_NEWNET))
+        try:
+            netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    ifreq = fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))
+                    flags = struct.unpack_from("16sH", ifreq)[1]
+                    fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+                return netns, self._listeners()
+            except BaseException:
+                os.close(netns)
+                raise
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        # Back to the host's namespace; a thread left in a job's would be a leak, so this is fatal.
+        if self._libc.setns(self._host_netns, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            log.critical("cannot return to the host network namespace: %s", os.strerror(code))
+            os.abort()
+
+    def _listeners(self) -> list[socket.socket]:
+        made: list[socket.socket] = []
+        try:
+            for endpoint in self.endpoints:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                made.append(sock)
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+                sock.bind((endpoint.host, endpoint.port))
+                sock.listen(64)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return made
+
+    def add(self, group: _Group) -> None:
+        self._send("add", group)
+
+    def remove(self, group: _Group) -> None:
+        self._send("remove", group)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        self._thread.join(timeout=10)
+
+    def _send(self, what: str, group: _Group) -> None:
+        with self._lock:
+            self._pending.append((what, group))
+        os.eventfd_write(self._wake, 1)
+
+    # -- the forwarder thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            for key, mask in self._sel.select():
+                try:
+                    key.data(key.fileobj, mask)
+                except Exception:  # never let one connection stop every job's network
+                    log.exception("job network forwarder")
+            with self._lock:
+                stopping = self._stopping
+            if stopping:
+                break
+        for group in list(self._groups):
+            self._close_group(group)
+        self._sel.close()
+        os.close(self._wake)
+        os.close(self._host_netns)
+
+    def _commands(self, _fd: object, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for what, group in pending:
+            if what == "add":
+                self._groups.add(group)
+                for sock in group.listeners:
+                    self._sel.register(sock, selectors.EVENT_READ, self._acceptor(group))
+                if group.pidfd is not None:  # readable once the sandbox has ended
+                    ended = lambda *_, g=group: self._close_group(g)  # noqa: E731
+                    self._sel.register(group.pidfd, selectors.EVENT_READ, ended)
+            else:
+                self._close_group(group)
+
+    def _acceptor(self, group: _Group) -> Callable[[socket.socket, int], None]:
+        def accept(listener: socket.socket, _mask: int) -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # ECONNABORTED and the like: this one only
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        log.warning("job network: %s", exc)
+                        return
+                    continue
+                if len(group.conns) >= MAX_CONNECTIONS:
+                    client.close()
+                    continue
+                port = listener.getsockname()[1]
+                endpoint = next(e for e in self.endpoints if e.port == port)
+                _Conn(self, group, client, endpoint)
+
+        return accept
+
+    def _close_group(self, group: _Group) -> None:
+        if group.closed:
+            return
+        group.closed = True
+        self._groups.discard(group)
+        for sock in group.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+            sock.close()
+        for conn in list(group.conns):
+            conn.close()
+        if group.pidfd is not None:
+            self._sel.unregister(group.pidfd)
+            os.close(group.pidfd)
+
+
+class _Conn:
+    """One job connection and its upstream: bytes copied both ways, half-closes passed on."""
+
+    def __init__(self, fwd: _Forwarder, group: _Group, client: socket.socket, endpoint: Endpoint) -> None:
+        self.sel = fwd._sel
+        self.group = group
+        self.client = client
+        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.connected = False
+        self.pending = {client: b"", self.upstream: b""}  # bytes waiting to be written to each
+        self.eof = {client: False, self.upstream: False}  # each has sent its EOF
+        self.events = {client: 0, self.upstream: 0}
+        self.closed = False
+        group.conns.add(self)
+        client.setblocking(False)
+        self.upstream.setblocking(False)
+        code = self.upstream.connect_ex((endpoint.host, endpoint.port))
+        if code not in (0, errno.EINPROGRESS):
+            self.close()
+            return
+        self._update()
+
+    def _other(self, sock: socket.socket) -> socket.socket:
+        return self.upstream if sock is self.client else self.client
+
+    def on_event(self, sock: socket.socket, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                if sock is self.upstream and not self.connected:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        self.close()
+                        return
+                    self.connected = True
+                self._flush(sock)
+            if mask & selectors.EVENT_READ:
+                data = sock.recv(CHUNK)
+                other = self._other(sock)
+                if data:
+                    self.pending[other] += data
+                    if self.connected:
+                        self._flush(other)
+                else:
+                    self.eof[sock] = True
+                    if self.connected:
+                        self._flush(other)
+        except OSError:  # reset, refused, broken pipe: the connection is over
+            self.close()
+            return
+        if self.eof[self.client] and self.eof[self.upstream] and not any(self.pending.values()):
+            self.close()
+            return
+        self._update()
+
+    def _flush(self, sock: socket.socket) -> None:
+        data = self.pending[sock]
+        if data:
+            sent = sock.send(data)
+            self.pending[sock] = data[sent:]
+        if not self.pending[sock] and self.eof[self._other(sock)]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+
+    def _update(self) -> None:
+        for sock in (self.client, self.upstream):
+            other = self._other(sock)
+            want = 0
+            if not self.eof[sock] and not self.pending[other] and (self.connected or sock is self.client):
+                want |= selectors.EVENT_READ
+            if self.pending[sock] and (self.connected or sock is self.client):
+                want |= selectors.EVENT_WRITE
+            if sock is self.upstream and not self.connected:
+                want |= selectors.EVENT_WRITE
+            if want != self.events[sock]:
+                if self.events[sock] == 0:
+                    self.sel.register(sock, want, self.on_event)
+                elif want == 0:
+                    self.sel.unregister(sock)
+                else:
+                    self.sel.modify(sock, want, self.on_event)
+                self.events[sock] = want
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.group.conns.discard(self)
+        for sock in (self.client, self.upstream):
+            if self.events[sock]:
+                self.sel.unregister(sock)
+            sock.close()
