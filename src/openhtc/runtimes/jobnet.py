@@ -25,10 +25,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -147,28 +148,37 @@ class _Group:
     closed: bool = False
 
 
+Handler = Callable[[int], None]
+
+
 class _Forwarder:
-    """One thread, one epoll: accepts on every job's listeners and splices to the endpoints."""
+    """One thread, one epoll: accepts on every job's listeners and splices to the endpoints.
+
+    Job threads register a job's listeners and pidfd with the epoll themselves (a handler is in
+    ``_handlers`` before its fd is in the epoll), so adding a job wakes nobody; everything else,
+    closing included, happens in the forwarder thread.
+    """
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.endpoints = endpoints
         self._libc = _libc()
         self._host_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self._sel = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self._handlers: dict[int, Handler] = {}
+        self._dropped: set[int] = set()  # fds closed while handling this round's events
+        self._groups: set[_Group] = set()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._sel.register(self._wake, selectors.EVENT_READ, self._commands)
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, _Group]] = []
-        self._groups: set[_Group] = set()  # the forwarder thread's only
+        self._removals: list[_Group] = []
         self._stopping = False
+        self.watch(self._wake, select.EPOLLIN, self._commands)
         self._thread = threading.Thread(target=self._loop, name="jobnet-forwarder", daemon=True)
         self._thread.start()
 
     # -- called from job threads ----------------------------------------------------------------
 
     def listen_in(self, netns: int, *, join: bool) -> list[socket.socket]:
-        """Listening sockets on every endpoint, created in ``netns`` (join) or a new namespace
-        (not join: the caller's thread stays there until it calls ``_leave``)."""
+        """Listening sockets on every endpoint, created in the network namespace ``netns``."""
         _check(self._libc.setns(netns, CLONE_NEWNET))
         try:
             return self._listeners()
@@ -193,7 +203,8 @@ class _Forwarder:
             self._leave()
 
     def _leave(self) -> None:
-        # Back to the host's namespace; a thread left in a job's would be a leak, so this is fatal.
+        # Back to the host's namespace. A server thread left in a job's would open its database
+        # and API connections there: better to stop than to go on like that.
         if self._libc.setns(self._host_netns, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             log.critical("cannot return to the host network namespace: %s", os.strerror(code))
@@ -203,12 +214,11 @@ class _Forwarder:
         made: list[socket.socket] = []
         try:
             for endpoint in self.endpoints:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 made.append(sock)
                 sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
                 sock.bind((endpoint.host, endpoint.port))
                 sock.listen(64)
-                sock.setblocking(False)
         except BaseException:
             for sock in made:
                 sock.close()
@@ -216,10 +226,16 @@ class _Forwarder:
         return made
 
     def add(self, group: _Group) -> None:
-        self._send("add", group)
+        self._groups.add(group)
+        for sock, endpoint in zip(group.listeners, self.endpoints, strict=True):
+            self.watch(sock.fileno(), select.EPOLLIN, self._acceptor(group, sock, endpoint))
+        if group.pidfd is not None:  # readable once the sandbox has ended
+            self.watch(group.pidfd, select.EPOLLIN, lambda _events: self._close_group(group))
 
     def remove(self, group: _Group) -> None:
-        self._send("remove", group)
+        with self._lock:
+            self._removals.append(group)
+        os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         with self._lock:
@@ -227,48 +243,49 @@ class _Forwarder:
         os.eventfd_write(self._wake, 1)
         self._thread.join(timeout=10)
 
-    def _send(self, what: str, group: _Group) -> None:
-        with self._lock:
-            self._pending.append((what, group))
-        os.eventfd_write(self._wake, 1)
-
     # -- the forwarder thread -------------------------------------------------------------------
+
+    def watch(self, fd: int, events: int, handler: Handler) -> None:
+        self._handlers[fd] = handler
+        self.epoll.register(fd, events)
+
+    def drop(self, fd: int) -> None:
+        """Stop watching ``fd`` before the caller closes it; its pending events are skipped."""
+        if self._handlers.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+        self._dropped.add(fd)
 
     def _loop(self) -> None:
         while True:
-            for key, mask in self._sel.select():
+            events = self.epoll.poll()
+            self._dropped.clear()
+            for fd, mask in events:
+                handler = self._handlers.get(fd)
+                if handler is None or fd in self._dropped:
+                    continue
                 try:
-                    key.data(key.fileobj, mask)
+                    handler(mask)
                 except Exception:  # never let one connection stop every job's network
                     log.exception("job network forwarder")
             with self._lock:
-                stopping = self._stopping
-            if stopping:
-                break
+                if self._stopping:
+                    break
         for group in list(self._groups):
             self._close_group(group)
-        self._sel.close()
+        self.epoll.close()
         os.close(self._wake)
         os.close(self._host_netns)
 
-    def _commands(self, _fd: object, _mask: int) -> None:
+    def _commands(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
         with self._lock:
-            pending, self._pending = self._pending, []
-        for what, group in pending:
-            if what == "add":
-                self._groups.add(group)
-                for sock in group.listeners:
-                    self._sel.register(sock, selectors.EVENT_READ, self._acceptor(group))
-                if group.pidfd is not None:  # readable once the sandbox has ended
-                    ended = lambda *_, g=group: self._close_group(g)  # noqa: E731
-                    self._sel.register(group.pidfd, selectors.EVENT_READ, ended)
-            else:
-                self._close_group(group)
+            removals, self._removals = self._removals, []
+        for group in removals:
+            self._close_group(group)
 
-    def _acceptor(self, group: _Group) -> Callable[[socket.socket, int], None]:
-        def accept(listener: socket.socket, _mask: int) -> None:
+    def _acceptor(self, group: _Group, listener: socket.socket, endpoint: Endpoint) -> Handler:
+        def accept(_events: int) -> None:
             while True:
                 try:
                     client, _ = listener.accept()
@@ -282,8 +299,6 @@ class _Forwarder:
                 if len(group.conns) >= MAX_CONNECTIONS:
                     client.close()
                     continue
-                port = listener.getsockname()[1]
-                endpoint = next(e for e in self.endpoints if e.port == port)
                 _Conn(self, group, client, endpoint)
 
         return accept
@@ -294,13 +309,12 @@ class _Forwarder:
         group.closed = True
         self._groups.discard(group)
         for sock in group.listeners:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(sock)
+            self.drop(sock.fileno())
             sock.close()
         for conn in list(group.conns):
             conn.close()
         if group.pidfd is not None:
-            self._sel.unregister(group.pidfd)
+            self.drop(group.pidfd)
             os.close(group.pidfd)
 
 
@@ -308,10 +322,10 @@ class _Conn:
     """One job connection and its upstream: bytes copied both ways, half-closes passed on."""
 
     def __init__(self, fwd: _Forwarder, group: _Group, client: socket.socket, endpoint: Endpoint) -> None:
-        self.sel = fwd._sel
+        self.fwd = fwd
         self.group = group
         self.client = client
-        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.connected = False
         self.pending = {client: b"", self.upstream: b""}  # bytes waiting to be written to each
         self.eof = {client: False, self.upstream: False}  # each has sent its EOF
@@ -319,7 +333,6 @@ class _Conn:
         self.closed = False
         group.conns.add(self)
         client.setblocking(False)
-        self.upstream.setblocking(False)
         code = self.upstream.connect_ex((endpoint.host, endpoint.port))
         if code not in (0, errno.EINPROGRESS):
             self.close()
@@ -329,26 +342,26 @@ class _Conn:
     def _other(self, sock: socket.socket) -> socket.socket:
         return self.upstream if sock is self.client else self.client
 
-    def on_event(self, sock: socket.socket, mask: int) -> None:
+    def _on_event(self, sock: socket.socket, mask: int) -> None:
         try:
-            if mask & selectors.EVENT_WRITE:
+            if mask & (select.EPOLLOUT | select.EPOLLERR):
                 if sock is self.upstream and not self.connected:
                     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                         self.close()
                         return
                     self.connected = True
                 self._flush(sock)
-            if mask & selectors.EVENT_READ:
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 data = sock.recv(CHUNK)
                 other = self._other(sock)
                 if data:
                     self.pending[other] += data
-                    if self.connected:
-                        self._flush(other)
                 else:
                     self.eof[sock] = True
-                    if self.connected:
-                        self._flush(other)
+                if self.connected:
+                    self._flush(other)
+        except BlockingIOError:
+            pass
         except OSError:  # reset, refused, broken pipe: the connection is over
             self.close()
             return
@@ -368,22 +381,22 @@ class _Conn:
 
     def _update(self) -> None:
         for sock in (self.client, self.upstream):
-            other = self._other(sock)
+            ready = self.connected or sock is self.client
             want = 0
-            if not self.eof[sock] and not self.pending[other] and (self.connected or sock is self.client):
-                want |= selectors.EVENT_READ
-            if self.pending[sock] and (self.connected or sock is self.client):
-                want |= selectors.EVENT_WRITE
-            if sock is self.upstream and not self.connected:
-                want |= selectors.EVENT_WRITE
-            if want != self.events[sock]:
-                if self.events[sock] == 0:
-                    self.sel.register(sock, want, self.on_event)
-                elif want == 0:
-                    self.sel.unregister(sock)
-                else:
-                    self.sel.modify(sock, want, self.on_event)
-                self.events[sock] = want
+            if not self.eof[sock] and not self.pending[self._other(sock)] and ready:
+                want |= select.EPOLLIN
+            if (self.pending[sock] and ready) or (sock is self.upstream and not self.connected):
+                want |= select.EPOLLOUT
+            if want == self.events[sock]:
+                continue
+            fd = sock.fileno()
+            if self.events[sock] == 0:
+                self.fwd.watch(fd, want, functools.partial(self._on_event, sock))
+            elif want == 0:
+                self.fwd.drop(fd)
+            else:
+                self.fwd.epoll.modify(fd, want)
+            self.events[sock] = want
 
     def close(self) -> None:
         if self.closed:
@@ -392,5 +405,5 @@ class _Conn:
         self.group.conns.discard(self)
         for sock in (self.client, self.upstream):
             if self.events[sock]:
-                self.sel.unregister(sock)
+                self.fwd.drop(sock.fileno())
             sock.close()
