@@ -107,7 +107,7 @@ class JobNetwork:
             return
         netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            listeners = self._forwarder.listen_in(netns, join=True)
+            listeners = self._forwarder.listen_in(netns)
         finally:
             os.close(netns)
         try:
@@ -177,7 +177,7 @@ class _Forwarder:
 
     # -- called from job threads ----------------------------------------------------------------
 
-    def listen_in(self, netns: int, *, join: bool) -> list[socket.socket]:
+    def listen_in(self, netns: int) -> list[socket.socket]:
         """Listening sockets on every endpoint, created in the network namespace ``netns``."""
         _check(self._libc.setns(netns, CLONE_NEWNET))
         try:
@@ -234,13 +234,17 @@ class _Forwarder:
 
     def remove(self, group: _Group) -> None:
         with self._lock:
+            if self._stopping:  # the forwarder closes every group as it stops
+                return
             self._removals.append(group)
-        os.eventfd_write(self._wake, 1)
+            os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         with self._lock:
+            if self._stopping:
+                return
             self._stopping = True
-        os.eventfd_write(self._wake, 1)
+            os.eventfd_write(self._wake, 1)  # under the lock: the thread closes it once stopping
         self._thread.join(timeout=10)
 
     # -- the forwarder thread -------------------------------------------------------------------
