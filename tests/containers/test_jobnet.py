@@ -214,6 +214,30 @@ def test_default_server_jobs_reach_the_api_and_fds_do_not_grow(
     wait_for(lambda: _fds(pid) <= before + 5, timeout=10, what="the fds to settle")
 
 
+def test_default_server_podman_jobs_reach_the_api_only(
+    registry_server: Any, registry_project: Any, busybox_image: str, other_port: int
+) -> None:
+    server = registry_server(runtime="podman", executor=True)
+    project = registry_project(server)
+    project.push(busybox_image, "bb:1")
+    api, pid = project.api, project.project_id
+    tid = api.create_task(pid)["taskId"]
+    probe = (
+        f'{WGET} --header "Authorization: Bearer $RESCALE_HTC_BEARER_TOKEN" '
+        '"$OPENHTC_API_URL/htc/projects/$RESCALE_PROJECT_ID" | grep -o "\\"projectId\\":\\"[^\\"]*\\""; '
+        f"{WGET} http://127.0.0.1:{other_port}/; cat /proc/net/dev"
+    )
+    parent = api.submit(pid, tid, api.job_request(["sh", "-c", probe], imageName="bb:1"))[0]["parentJobId"]
+    jobs = api.wait_terminal(pid, tid, 1, timeout=180)
+    lines = api.log_lines(pid, tid, f"{parent}:0")
+    assert jobs[0]["status"] == "SUCCEEDED", (jobs, lines)
+    # podman passes stdout and stderr on separately: their lines may come in either order
+    assert f'"projectId":"{pid}"' in lines, lines
+    assert [line for line in lines if "Connection refused" in line], lines
+    assert not [line for line in lines if "host-reached" in line], lines
+    assert _interfaces(lines) == {"lo"}, lines
+
+
 def test_jobs_reach_seaweedfs_s3(registry_server: Any, registry_project: Any, busybox_image: str) -> None:
     """--storage seaweedfs: the job's AWS_ENDPOINT_URL answers (S3 refuses the anonymous
     request with its own 403, which proves the connection got there)."""
