@@ -33,12 +33,16 @@ from openhtc.storage.seaweedfs import find_weed
 pytestmark = pytest.mark.one_db
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+BIG = b"".join(b"%07d %s\n" % (i, b"y" * 92) for i in range(50000))  # 5 MB
 WGET = "/bin/busybox wget -q -O-"  # no -T: it crashes Debian 12's static busybox
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        self._answer(self.server.answer)  # type: ignore[attr-defined]
+        if self.path == "/big":  # a download the job checks
+            self._answer(BIG.decode())
+        else:
+            self._answer(self.server.answer)  # type: ignore[attr-defined]
 
     def do_POST(self) -> None:  # the sha256 of the body: checks bytes survive the forwarder
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -129,20 +133,20 @@ def test_openhtc_jobs_reach_the_api_and_nothing_else(
         payload = "\n".join(f"line {i} {'x' * 100}" for i in range(30000)).encode()  # ~3.2 MB
         (tmp_path / "up").mkdir()
         (tmp_path / "up" / "payload").write_bytes(payload)
-        upload = run_job(
-            runtime,
-            launch(
-                "bb:1",
-                ["sh", "-c", f"{WGET} --post-file /up/payload http://127.0.0.1:{api_port}/"],
-                mounts=[("UP", str(tmp_path / "up"), "/up", True)],
-            ),
+        url = f"http://127.0.0.1:{api_port}"
+        script = f"{WGET} --post-file /up/payload {url}/; echo; {WGET} {url}/big | sha256sum"
+        transfers = run_job(
+            runtime, launch("bb:1", ["sh", "-c", script], mounts=[("UP", str(tmp_path / "up"), "/up", True)])
         )
     finally:
         runtime.close()
     assert "api-ok from the api" in ran.lines, ran.lines
     assert "host-reached" not in ran.text, ran.lines
     assert _interfaces(ran.lines) == {"lo"}, ran.lines
-    assert upload.lines == [f"sha256={hashlib.sha256(payload).hexdigest()}"], upload.lines
+    assert transfers.lines == [
+        f"sha256={hashlib.sha256(payload).hexdigest()}",
+        f"{hashlib.sha256(BIG).hexdigest()}  -",
+    ], transfers.lines
 
 
 @pytest.mark.parametrize("kind", ["bwrap", "podman"])
