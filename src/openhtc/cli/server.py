@@ -79,7 +79,7 @@ def server(
         typer.Option(
             envvar="OPENHTC_JOB_NETWORK",
             help="What container jobs reach: openhtc (the API and storage only), none, or full "
-            "(the host's network) [openhtc].",
+            "(the host's network); default: openhtc.",
         ),
     ] = None,
 ) -> None:
