@@ -295,11 +295,11 @@ class _Forwarder:
                     client, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError as exc:  # ECONNABORTED and the like: this one only
-                    if exc.errno in (errno.EMFILE, errno.ENFILE):
-                        log.warning("job network: %s", exc)
-                        return
-                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ECONNABORTED:  # that one gave up: the next
+                        continue
+                    log.warning("job network: cannot accept: %s", exc)
+                    return
                 if len(group.conns) >= MAX_CONNECTIONS:
                     client.close()
                     continue
