@@ -272,3 +272,20 @@ def test_the_setting_defaults_to_openhtc_and_reads_the_old_booleans(monkeypatch:
         assert Settings().job_network == new
     with pytest.raises(ValidationError, match="'none', 'openhtc' or 'full'"):
         Settings(job_network="everything")
+
+
+def test_only_loopback_endpoints_are_offered_and_the_others_are_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from openhtc.config import Settings
+    from openhtc.runtime import job_endpoints
+
+    seaweed = Settings(host="0.0.0.0", port=9000, storage="seaweedfs", s3_endpoint="http://127.0.0.1:8333")
+    assert job_endpoints(seaweed) == [Endpoint("127.0.0.1", 9000), Endpoint("127.0.0.1", 8333)]
+    assert job_endpoints(Settings(port=9000, storage="local", s3_endpoint="http://127.0.0.1:8333")) == [
+        Endpoint("127.0.0.1", 9000)
+    ]
+    with caplog.at_level("WARNING", logger="openhtc"):
+        aws = Settings(port=9000, storage="s3", s3_endpoint="https://s3.eu-west-1.amazonaws.com")
+        assert job_endpoints(aws) == [Endpoint("127.0.0.1", 9000)]
+    assert "jobs cannot reach https://s3.eu-west-1.amazonaws.com" in caplog.text
