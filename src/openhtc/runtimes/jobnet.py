@@ -179,6 +179,7 @@ class _Forwarder:
 
     def listen_in(self, netns: int) -> list[socket.socket]:
         """Listening sockets on every endpoint, created in the network namespace ``netns``."""
+        self._check_open()
         _check(self._libc.setns(netns, CLONE_NEWNET))
         try:
             return self._listeners()
@@ -187,6 +188,7 @@ class _Forwarder:
 
     def new_namespace(self) -> tuple[int, list[socket.socket]]:
         """A new network namespace with ``lo`` up and the listeners: (its fd, the listeners)."""
+        self._check_open()
         _check(self._libc.unshare(CLONE_NEWNET))
         try:
             netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -201,6 +203,11 @@ class _Forwarder:
                 raise
         finally:
             self._leave()
+
+    def _check_open(self) -> None:
+        with self._lock:
+            if self._stopping:
+                raise JobNetError(errno.ESHUTDOWN, "the job network is closed")
 
     def _leave(self) -> None:
         # Back to the host's namespace. A server thread left in a job's would open its database
@@ -246,6 +253,7 @@ class _Forwarder:
             self._stopping = True
             os.eventfd_write(self._wake, 1)  # under the lock: the thread closes it once stopping
         self._thread.join(timeout=10)
+        os.close(self._host_netns)
 
     # -- the forwarder thread -------------------------------------------------------------------
 
@@ -278,7 +286,6 @@ class _Forwarder:
             self._close_group(group)
         self.epoll.close()
         os.close(self._wake)
-        os.close(self._host_netns)
 
     def _commands(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
