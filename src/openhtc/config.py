@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     job_network: JobNetworkMode = Field(
         "openhtc",
         description="What container jobs (bwrap, podman) can reach: 'openhtc' (the API and the "
-        "storage endpoint on loopback, nothing else), 'none' (no network: only their own "
-        "loopback), 'full' (the host's network). true/false mean full/none.",
+        "S3 endpoint if given by IPv4 address, nothing else), 'none' (no network: only their "
+        "own loopback), 'full' (the host's network). true/false mean full/none.",
     )
     lease_seconds: float = Field(
         60.0, description="An executor that misses heartbeats this long loses its jobs."

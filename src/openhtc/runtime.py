@@ -17,7 +17,7 @@ from openhtc.domain.enums import Role
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
-from openhtc.runtimes.jobnet import Endpoint, loopback_endpoint
+from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
@@ -130,18 +130,18 @@ class Server:
 
 def job_endpoints(settings: Settings) -> list[Endpoint]:
     """What `--job-network openhtc` lets a job reach: the API, and the S3 store its tokens are for
-    when that is on loopback (SeaweedFS's, or an S3 endpoint given as 127.x)."""
+    when its URL names an IPv4 address (SeaweedFS's is 127.0.0.1); jobs have no DNS."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
     urls = [f"http://{host}:{settings.port}"]
     if settings.storage != "local" and settings.s3_endpoint:
         urls.append(settings.s3_endpoint)
     endpoints = []
     for url in urls:
-        endpoint = loopback_endpoint(url)
+        endpoint = url_endpoint(url)
         if endpoint is not None:
             endpoints.append(endpoint)
         elif settings.job_network == "openhtc":
-            log.warning("jobs cannot reach %s (not on loopback): use --job-network full for that", url)
+            log.warning("jobs cannot reach %s (not an IPv4 address): --job-network full can", url)
     return endpoints
 
 

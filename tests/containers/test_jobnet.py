@@ -100,8 +100,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlainRegistry]:
     registry.stop()
 
 
-def _runtime(kind: str, mode: str, api_port: int, images: PlainRegistry, work: Path) -> Any:
-    network = JobNetwork(mode, [Endpoint("127.0.0.1", api_port)])
+def _runtime(kind: str, mode: str, api_port: int, images: PlainRegistry, work: Path, *more: Endpoint) -> Any:
+    network = JobNetwork(mode, [Endpoint("127.0.0.1", api_port), *more])
     if kind == "bwrap":
         require_tool("bwrap")
         runtime: Any = BwrapRuntime(str(work), StaticSource(images), job_network=network)
@@ -165,6 +165,31 @@ def test_none_reaches_nothing_and_full_reaches_the_host(
     assert _interfaces(seen["none"]) == {"lo"}, seen["none"]
     assert "api-ok from the api" in seen["full"], seen["full"]
     assert "host-reached via 127.0.0.1" in seen["full"], seen["full"]
+
+
+@pytest.mark.parametrize("kind", ["bwrap", "podman"])
+def test_an_endpoint_on_another_address_is_reached_there_and_only_on_its_port(
+    kind: str, api_port: int, other_port: int, images: PlainRegistry, tmp_path: Path
+) -> None:
+    """An S3 store (or an API) on a non-loopback address: the job reaches that address:port."""
+    addresses = _host_addresses()
+    if not addresses:
+        pytest.skip("the host has no non-loopback IPv4 address")
+    address = addresses[0]
+    for port in _http_server(address, "store-ok"):
+        runtime = _runtime(kind, "openhtc", api_port, images, tmp_path, Endpoint(address, port))
+        try:
+            script = (
+                f"{WGET} http://{address}:{port}/ && echo ' from the store';"
+                f"{WGET} http://{address}:{other_port}/ && echo ' via {address}'; cat /proc/net/dev"
+            )
+            ran = run_job(runtime, launch("bb:1", ["sh", "-c", script]))
+        finally:
+            runtime.close()
+    assert "store-ok from the store" in ran.lines, ran.lines
+    assert [line for line in ran.lines if "Connection refused" in line], ran.lines
+    assert "host-reached" not in ran.text, ran.lines
+    assert _interfaces(ran.lines) == {"lo"}, ran.lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +299,7 @@ def test_the_setting_defaults_to_openhtc_and_reads_the_old_booleans(monkeypatch:
         Settings(job_network="everything")
 
 
-def test_only_loopback_endpoints_are_offered_and_the_others_are_named(
+def test_endpoints_named_by_address_are_offered_and_the_others_are_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from openhtc.config import Settings
@@ -285,6 +310,8 @@ def test_only_loopback_endpoints_are_offered_and_the_others_are_named(
     assert job_endpoints(Settings(port=9000, storage="local", s3_endpoint="http://127.0.0.1:8333")) == [
         Endpoint("127.0.0.1", 9000)
     ]
+    minio = Settings(host="10.1.2.3", port=9000, storage="s3", s3_endpoint="https://10.1.2.4")
+    assert job_endpoints(minio) == [Endpoint("10.1.2.3", 9000), Endpoint("10.1.2.4", 443)]
     with caplog.at_level("WARNING", logger="openhtc"):
         aws = Settings(port=9000, storage="s3", s3_endpoint="https://s3.eu-west-1.amazonaws.com")
         assert job_endpoints(aws) == [Endpoint("127.0.0.1", 9000)]

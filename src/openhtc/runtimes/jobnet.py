@@ -3,20 +3,22 @@
 ``none``: the job's own network namespace with only ``lo``. ``full``: the host's network
 (``bwrap --share-net``, ``podman --network host``). ``openhtc`` (the default): the job keeps a
 network namespace of its own, and in it the server opens a listening socket on each endpoint a
-job may reach (the API, the S3 store on loopback) at the very address and port of the host's,
-so the URLs in the job's environment work unchanged. A socket keeps the namespace it was created
-in, so the server creates them from a thread that enters the job's namespace (``setns``, which
-switches only the calling thread) and comes back. One forwarder thread accepts on every job's
-listeners and copies bytes to the real endpoint on the host's loopback. Nothing else is routed:
-the namespace has no other interface, so any other address is refused or unreachable.
+job may reach (the API, the S3 store) at the very address and port the host reaches it on, so
+the URLs in the job's environment work unchanged (an address that is not loopback is added to
+the job's ``lo`` first). A socket keeps the namespace it was created in, so the server creates
+them from a thread that enters the job's namespace (``setns``, which switches only the calling
+thread) and comes back. One forwarder thread accepts on every job's listeners and copies bytes
+to the real endpoint from the host's namespace. Nothing else is routed: the namespace has no
+other interface, so any other address is refused or unreachable.
 
 bwrap creates the namespace (``--unshare-all``); ``attach`` adds the listeners while bwrap waits
 on ``--block-fd`` and watches the sandbox's pidfd, closing them when the sandbox ends. For podman
 the server creates the namespace itself (``unshare``, ``lo`` up) and hands it to
 ``podman run --network ns:/proc/<server>/fd/<n>``; it is closed when the job ends.
 
-Only loopback endpoints can be offered this way: an external S3 endpoint (AWS, a remote store)
-is not reachable from ``openhtc`` jobs (``runtime.py`` logs which); ``full`` reaches it.
+Endpoints must be IPv4 addresses: the job has no DNS, so an S3 endpoint given by name (AWS, a
+store on another machine) is not reachable from ``openhtc`` jobs (``runtime.py`` logs which);
+``full`` reaches it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ MODES = ("none", "openhtc", "full")
 CLONE_NEWNET = 0x40000000
 IP_FREEBIND = 15  # bind before bwrap has brought `lo` up in the namespace
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+RTM_NEWADDR, IFA_ADDRESS, IFA_LOCAL, RT_SCOPE_HOST = 20, 1, 2, 254
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLMSG_ERROR = 0x1, 0x4, 0x200, 0x400, 2
 CHUNK = 256 * 1024
 MAX_CONNECTIONS = 128  # open at once per job; more are refused (each holds two server fds)
 
@@ -59,19 +63,34 @@ class Endpoint:
     port: int
 
 
-def loopback_endpoint(url: str) -> Endpoint | None:
-    """The endpoint of ``url`` if it is on the host's loopback (the only ones we can offer)."""
+def url_endpoint(url: str) -> Endpoint | None:
+    """The endpoint of ``url`` if its host is an IPv4 address (or localhost): jobs have no DNS."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if host == "localhost":
         host = "127.0.0.1"
     try:
-        if not ipaddress.IPv4Address(host).is_loopback:
-            return None
+        ip = ipaddress.IPv4Address(host)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:  # a name, IPv6 or a bad port
         return None
+    if ip.is_unspecified or ip.is_multicast:
+        return None
     return Endpoint(host, port)
+
+
+def _add_to_lo(address: str) -> None:
+    """Give the calling thread's network namespace ``address``/32 on ``lo`` (rtnetlink)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        ip = socket.inet_aton(address)
+        body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, RT_SCOPE_HOST, socket.if_nametoindex("lo"))
+        body += struct.pack("=HH4s", 8, IFA_LOCAL, ip) + struct.pack("=HH4s", 8, IFA_ADDRESS, ip)
+        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        nl.send(struct.pack("=IHHII", 16 + len(body), RTM_NEWADDR, flags, 1, 0) + body)
+        reply = nl.recv(4096)
+        kind, code = struct.unpack_from("=H", reply, 4)[0], struct.unpack_from("=i", reply, 16)[0]
+        if kind == NLMSG_ERROR and code not in (0, -errno.EEXIST):
+            raise JobNetError(-code, f"cannot add {address} to the job's lo: {os.strerror(-code)}")
 
 
 def _libc() -> ctypes.CDLL:
@@ -161,6 +180,10 @@ class _Forwarder:
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.endpoints = endpoints
+        # Addresses the job's `lo` lacks: every 127.x is there already.
+        self._extra_addresses = sorted(
+            {e.host for e in endpoints if not ipaddress.IPv4Address(e.host).is_loopback}
+        )
         self._libc = _libc()
         self._host_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.epoll = select.epoll()
@@ -220,6 +243,8 @@ class _Forwarder:
     def _listeners(self) -> list[socket.socket]:
         made: list[socket.socket] = []
         try:
+            for address in self._extra_addresses:
+                _add_to_lo(address)
             for endpoint in self.endpoints:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 made.append(sock)
