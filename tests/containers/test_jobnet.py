@@ -1,7 +1,8 @@
 """What container jobs can reach (``--job-network none|openhtc|full``), on real bwrap and podman.
 
 The runtime tests drive each runtime in-process with a stand-in "API" (an HTTP server on the
-host's loopback, given to the runtime as the endpoint jobs may reach) and a "forbidden" HTTP
+host's loopback, given to the runtime as the endpoint jobs may reach; another on a non-loopback
+address plays an S3 store there) and a "forbidden" HTTP
 server on every host address (0.0.0.0): the job tries both with busybox ``wget``. The server
 tests run ``htc server`` with its defaults and a job that calls the real API, S3 on SeaweedFS,
 and count the server's file descriptors over many jobs.
@@ -233,14 +234,14 @@ def test_default_server_jobs_reach_the_api_and_fds_do_not_grow(
     assert [line for line in lines[1:] if "Connection refused" in line] == lines[1:] and len(lines) == 3
 
     assert server.proc is not None
-    before = _fds(server.proc.pid)
+    server_pid = server.proc.pid
+    before = _fds(server_pid)
     many = api.job_request(["sh", "-c", fetch], batch_size=200, imageName="bb:1")
     api.submit(pid, tid, many)
     jobs = api.wait_terminal(pid, tid, 201, timeout=300)
     assert {j["status"] for j in jobs} == {"SUCCEEDED"}
     # Listeners close as the forwarder sees each sandbox end: give it a moment, no more.
-    pid = server.proc.pid
-    wait_for(lambda: _fds(pid) <= before + 5, timeout=10, what="the fds to settle")
+    wait_for(lambda: _fds(server_pid) <= before + 5, timeout=10, what="the fds to settle")
 
 
 def test_default_server_podman_jobs_reach_the_api_only(
