@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RuntimeName = Literal["auto", "bwrap", "podman", "process", "noop"]
 StorageBackend = Literal["local", "s3", "seaweedfs"]
+JobNetworkMode = Literal["none", "openhtc", "full"]
 
 
 def default_data_dir() -> Path:
@@ -60,10 +61,11 @@ class Settings(BaseSettings):
         description="bwrap runtime: size of the unpacked-image cache in the work directory; least "
         "recently used images beyond it are removed (never one in use).",
     )
-    job_network: bool = Field(
-        False,
-        description="Give container jobs (bwrap, podman) the host's network. Default: no network "
-        "at all (a private network namespace with only loopback).",
+    job_network: JobNetworkMode = Field(
+        "openhtc",
+        description="What container jobs (bwrap, podman) can reach: 'openhtc' (the API and the "
+        "S3 endpoint if given by IPv4 address, nothing else), 'none' (no network: only their "
+        "own loopback), 'full' (the host's network). true/false mean full/none.",
     )
     lease_seconds: float = Field(
         60.0, description="An executor that misses heartbeats this long loses its jobs."
@@ -111,6 +113,18 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="Signing region of the S3 endpoint.")
     storage_token_ttl_seconds: int = Field(3600, description="Lifetime of storage tokens.")
     presigned_url_ttl_seconds: int = Field(3600, description="Lifetime of presigned upload URLs.")
+
+    @field_validator("job_network", mode="before")
+    @classmethod
+    def _job_network_bool(cls, value: object) -> object:
+        """The old boolean setting: true was the host's network, false none."""
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            old = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+            return old.get(lowered, lowered)
+        return value
 
     @property
     def sqlite_path(self) -> Path:

@@ -23,6 +23,7 @@ from openhtc.domain.errors import OpenHTCError
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
+from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
@@ -141,6 +142,23 @@ class Server:
             self.storage_process.stop()
 
 
+def job_endpoints(settings: Settings) -> list[Endpoint]:
+    """What `--job-network openhtc` lets a job reach: the API, and the S3 store its tokens are for
+    when its URL names an IPv4 address (SeaweedFS's is 127.0.0.1); jobs have no DNS."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    urls = [f"http://{host}:{settings.port}"]
+    if settings.storage != "local" and settings.s3_endpoint:
+        urls.append(settings.s3_endpoint)
+    endpoints = []
+    for url in urls:
+        endpoint = url_endpoint(url)
+        if endpoint is not None:
+            endpoints.append(endpoint)
+        elif settings.job_network == "openhtc":
+            log.warning("jobs cannot reach %s (not an IPv4 address): --job-network full can", url)
+    return endpoints
+
+
 def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     storage_process, settings = start_managed_storage(settings)
     try:
@@ -165,6 +183,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.registry,  # the ImageSource container runtimes pull job images through
             image_cache_gib=settings.image_cache_gib,
             job_network=settings.job_network,
+            job_endpoints=job_endpoints(settings),
         )
         executor = LocalExecutor(
             ExecutorService(services),

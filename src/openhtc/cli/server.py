@@ -74,6 +74,14 @@ def server(
     registry_port: Annotated[
         int | None, typer.Option(envvar="OPENHTC_REGISTRY_PORT", help="Embedded registry port [free].")
     ] = None,
+    job_network: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OPENHTC_JOB_NETWORK",
+            help="What container jobs reach: openhtc (the API and storage only), none, or full "
+            "(the host's network); default: openhtc.",
+        ),
+    ] = None,
 ) -> None:
     """Run the API, the scheduler and the local executor."""
     from openhtc.runtime import serve
@@ -96,6 +104,7 @@ def server(
         s3_role_arn=s3_role_arn,
         registry_url=registry_url,
         registry_port=registry_port,
+        job_network=job_network,
     )
     from openhtc.runtimes import RuntimeUnavailable
     from openhtc.startup import StartupError

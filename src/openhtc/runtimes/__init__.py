@@ -4,8 +4,10 @@ images), process (host processes; development only), noop (benchmarks)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 
 from openhtc.runtimes.base import ImagePull, ImageSource, Outcome, RunHandle, Runtime
+from openhtc.runtimes.jobnet import Endpoint, JobNetwork
 from openhtc.runtimes.noop import NoopRuntime
 from openhtc.runtimes.process import ProcessRuntime
 from openhtc.runtimes.scratch import GIB
@@ -48,29 +50,35 @@ def build_runtime(
     images: ImageSource | None = None,
     *,
     image_cache_gib: float = 10.0,
-    job_network: bool = False,
+    job_network: str | bool = "none",
+    job_endpoints: Iterable[Endpoint] = (),
 ) -> Runtime:
     """The runtime called ``name`` ('auto' resolved by ``choose_runtime``).
 
     ``images`` resolves job images to registry pulls (the server's registry); without it the
-    container runtimes fail every job with ErrorStartingContainer.
+    container runtimes fail every job with ErrorStartingContainer. ``job_network`` is none,
+    openhtc (only ``job_endpoints`` are reachable) or full (True/False: full/none).
     """
     name = choose_runtime(name)
     if name == "process":
         return ProcessRuntime(work_root)
     if name == "noop":
         return NoopRuntime()
+    if name not in ("bwrap", "podman"):
+        raise ValueError(f"unknown runtime {name!r} (choose auto, bwrap, podman, process or noop)")
+    if isinstance(job_network, bool):
+        job_network = "full" if job_network else "none"
+    network = JobNetwork(job_network, job_endpoints)
     try:
         if name == "bwrap":
             from openhtc.runtimes.bwrap import BwrapRuntime
 
             return BwrapRuntime(
-                work_root, images, image_cache_bytes=int(image_cache_gib * GIB), job_network=job_network
+                work_root, images, image_cache_bytes=int(image_cache_gib * GIB), job_network=network
             )
-        if name == "podman":
-            from openhtc.runtimes.podman import PodmanRuntime
+        from openhtc.runtimes.podman import PodmanRuntime
 
-            return PodmanRuntime(work_root, images, job_network=job_network)
+        return PodmanRuntime(work_root, images, job_network=network)
     except Exception as exc:  # missing tools, no cgroup controllers, no loop devices
+        network.close()
         raise RuntimeUnavailable(f"the {name} runtime cannot start: {exc}") from exc
-    raise ValueError(f"unknown runtime {name!r} (choose auto, bwrap, podman, process or noop)")

@@ -1,8 +1,9 @@
 """The bwrap runtime: each job runs under bubblewrap over its image's cached root filesystem.
 
 Per job: a cgroup with the job's memory and CPU limits, a writable overlay root capped at
-``maxDiskGiB`` (see scratch.py), and ``bwrap --unshare-all`` (network too, unless
-``job_network``) with a fresh /proc and /dev, the job's mounts, its user and working directory.
+``maxDiskGiB`` (see scratch.py), and ``bwrap --unshare-all`` (network too, unless the job
+network is ``full``; see jobnet.py) with a fresh /proc and /dev, the job's mounts, its user and
+working directory.
 
 The job joins its cgroup before any of its code runs: bwrap reports the sandbox's pid on
 ``--info-fd`` and waits on ``--block-fd``; the pids go into ``cgroup.procs`` and only then is
@@ -35,6 +36,7 @@ from openhtc.runtimes.base import ImageSource, LogOpener, Outcome, RunHandle
 from openhtc.runtimes.cgroups import Cgroups, JobCgroup
 from openhtc.runtimes.images import ImageCache, ImageError, PreparedImage, User, resolve_user
 from openhtc.runtimes.images.oci import DEFAULT_PATH
+from openhtc.runtimes.jobnet import JobNetwork
 from openhtc.runtimes.process import Deadlines, exit_outcome
 from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
 
@@ -101,7 +103,7 @@ class BwrapRuntime:
         images: ImageSource | None,
         *,
         image_cache_bytes: int = 10 * GIB,
-        job_network: bool = False,
+        job_network: JobNetwork | None = None,
         bwrap: str | None = None,
     ) -> None:
         found = bwrap or shutil.which("bwrap")
@@ -125,6 +127,8 @@ class BwrapRuntime:
         return killed
 
     def close(self) -> None:
+        if self.job_network is not None:
+            self.job_network.close()
         self.scratch.close()
         self.cgroups.close()
 
@@ -190,7 +194,7 @@ class BwrapRuntime:
 
     def _args(self, job: _Job) -> list[str]:
         args = [self.bwrap, "--unshare-all"]
-        if self.job_network:
+        if self.job_network is not None and self.job_network.full:
             args.append("--share-net")
         args += ["--die-with-parent", "--new-session", "--bind", job.root, "/"]
         args += ["--proc", "/proc", "--dev", "/dev"]
@@ -241,6 +245,8 @@ class BwrapRuntime:
             try:
                 job.cgroup.add(child)
                 pidfd = os.pidfd_open(child)
+                if self.job_network is not None:  # openhtc: the API and storage in its netns
+                    self.job_network.attach(child)
                 os.write(block_w, b"go")
             except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
                 if pidfd is not None:

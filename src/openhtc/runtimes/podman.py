@@ -33,6 +33,7 @@ from openhtc.runtimes.base import ImageSource, LogOpener, Outcome, RunHandle
 from openhtc.runtimes.bwrap import DEFAULT_DISK_GIB, owner_tag, pump_output, starting_failure
 from openhtc.runtimes.cgroups import Cgroups, JobCgroup
 from openhtc.runtimes.images.oci import ImageConfig
+from openhtc.runtimes.jobnet import JobNetwork
 from openhtc.runtimes.process import Deadlines, exit_outcome
 from openhtc.runtimes.scratch import GIB
 
@@ -52,7 +53,7 @@ class PodmanRuntime:
         work_root: str,
         images: ImageSource | None,
         *,
-        job_network: bool = False,
+        job_network: JobNetwork | None = None,
         podman: str | None = None,
         tag_ttl: float = 30.0,
     ) -> None:
@@ -61,7 +62,7 @@ class PodmanRuntime:
             raise RuntimeError("podman is not installed (Debian: apt-get install podman)")
         self.podman = found
         self.images = images
-        self.job_network = job_network
+        self.job_network = job_network or JobNetwork("none")
         self.tag_ttl = tag_ttl
         self.env_dir = os.path.join(work_root, "podman-env")
         os.makedirs(self.env_dir, mode=0o700, exist_ok=True)
@@ -104,6 +105,7 @@ class PodmanRuntime:
         return max(killed, removed)
 
     def close(self) -> None:
+        self.job_network.close()
         self.cgroups.close()
 
     # -- images -------------------------------------------------------------------------------
@@ -161,8 +163,9 @@ class PodmanRuntime:
                     fh.write(f"{key}={value.replace(chr(10), ' ')}\n")
             cgroup = self.cgroups.create(name, launch.memory_mb, launch.vcpus, delegate=True)
             try:
-                args = self._args(launch, name, image_id, config, env_file, cgroup)
-                return self._run(launch, name, args, cgroup, handle, open_log, on_running)
+                with self.job_network.podman_network() as network:  # none, host or the job's netns
+                    args = self._args(launch, name, image_id, config, env_file, cgroup, network)
+                    return self._run(launch, name, args, cgroup, handle, open_log, on_running)
             finally:
                 cgroup.remove(grace=5.0)  # conmon tidies up after the container, then leaves
         finally:
@@ -176,13 +179,14 @@ class PodmanRuntime:
         config: ImageConfig,
         env_file: str,
         cgroup: JobCgroup,
+        network: str = "none",
     ) -> list[str]:
         disk = (launch.disk_gib or DEFAULT_DISK_GIB) * GIB
         args = [
             self.podman, "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run", "--rm", "--name", name,
             "--label", f"openhtc.owner={self._owner}", "--label", f"openhtc.incarnation={self._incarnation}",
             "--cgroup-parent", cgroup.relative,  # which holds the job's memory and CPU limits
-            "--network", "host" if self.job_network else "none",
+            "--network", network,
             "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
             "--log-driver", "none", "--read-only", "--read-only-tmpfs=false",
             "--mount", f"type=tmpfs,destination=/tmp,tmpfs-size={disk}",
