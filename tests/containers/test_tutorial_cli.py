@@ -3,6 +3,7 @@ an unknown image under a container runtime, and `--help` without type placeholde
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,3 +39,44 @@ def test_help_shows_no_type_placeholders() -> None:
         assert "--help" in out
         for placeholder in ("<bool>", "<str>", "<int>", "<path>"):
             assert placeholder not in out, (command, out)
+
+
+def test_podman_login_and_push_as_the_tutorial_writes_them_after_htc_image_trust(
+    registry_server: Callable[..., Any],
+    registry_project: Callable[..., Any],
+    run_htc: Callable[..., Any],
+    busybox_image: str,
+    tmp_path: Path,
+) -> None:
+    """`podman login` and `podman push "$REGISTRY_URI$REPO_NAME:$IMAGE_TAG"` with no
+    --tls-verify=false, once `htc image trust` has marked the registry in registries.conf."""
+    server = registry_server()
+    proj = registry_project(server)
+    conf = tmp_path / "registries.conf"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")},
+        "CONTAINERS_REGISTRIES_CONF": str(conf),
+        "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json"),
+    }
+
+    def podman(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", *args], input=stdin, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    repo = proj.api.post(f"/htc/projects/{proj.project_id}/container-registry/repo/tutorial", {})
+    reference = f"{repo['registryURI']}tutorial:v1"  # $REGISTRY_URI$REPO_NAME:$IMAGE_TAG
+    assert podman("tag", busybox_image, reference).returncode == 0
+    conf.write_text("unqualified-search-registries = []\n")
+    refused = podman("login", "--username", "AWS", "--password-stdin", proj.host, stdin=proj.token)
+    assert refused.returncode != 0  # HTTPS expected: the flag-free line fails before the trust step
+
+    run_htc(server, "image", "trust", "--file", str(conf))
+    run_htc(server, "image", "trust", "--file", str(conf))  # idempotent
+    assert conf.read_text().count("[[registry]]") == 1
+    login = podman("login", "--username", "AWS", "--password-stdin", proj.host, stdin=proj.token)
+    assert login.returncode == 0, login.stderr
+    pushed = podman("push", reference)
+    assert pushed.returncode == 0, pushed.stderr
+    assert proj.status("tutorial:v1", expect=200).json() == {"status": "READY"}
+    podman("rmi", reference)
