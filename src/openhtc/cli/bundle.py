@@ -19,7 +19,7 @@ from openhtc.cli import htcctl
 
 __all__ = ["build_bundle", "htcctl_bundle"]
 
-MAIN = "import sys\n\nfrom htcctl import run\n\nsys.exit(run())\n"
+MAIN = "from htcctl import main\n\nmain()\n"
 
 
 def build_bundle(out: Path) -> Path:

@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+if TYPE_CHECKING:
+    import http.client
 
 __all__ = ["HtcctlError", "main"]
 
@@ -80,6 +80,7 @@ class Api:
 
     def __init__(self, url: str | None, env: Mapping[str, str]) -> None:
         self.env = env
+        self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
         login = _login_file(env)
         chosen = url or env.get("OPENHTC_API_URL") or env.get("RESCALE_API_URL") or env.get("OPENHTC_URL")
         if not chosen and not login.get("url"):
@@ -133,14 +134,38 @@ class Api:
         return {"Authorization": f"Bearer {self.bearer}", **(extra or {})}
 
     def _open(self, method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
-        req = urllib.request.Request(url, data=body, method=method, headers=headers)
-        try:
-            return urllib.request.urlopen(req, timeout=TIMEOUT)
-        except urllib.error.HTTPError as exc:
-            raise _Status(exc.code, f"{method} {_path(url)}: {exc.code} {_reason(exc)}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise HtcctlError(f"cannot reach {self.base}: {reason}. {self.hint()}") from None
+        """One request on a kept-alive connection; the response, to be read (or closed) before
+        the next request."""
+        from http.client import RemoteDisconnected  # here: main() may keep ssl out first
+
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        for attempt in (0, 1):
+            conn = self._connection(parts.scheme, parts.netloc)
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                response = conn.getresponse()
+                break
+            except (RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self._conns.pop((parts.scheme, parts.netloc), None)  # a kept-alive connection closed
+                if attempt or hasattr(body, "read"):
+                    raise HtcctlError(f"cannot reach {self.base}: {exc}. {self.hint()}") from None
+            except OSError as exc:
+                self._conns.pop((parts.scheme, parts.netloc), None)
+                reason = exc.strerror or exc
+                raise HtcctlError(f"cannot reach {self.base}: {reason}. {self.hint()}") from None
+        if response.status >= 400:
+            raise _Status(response.status, f"{method} {parts.path}: {response.status} {_reason(response)}")
+        return response
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        import http.client
+
+        conn = self._conns.get((scheme, netloc))
+        if conn is None:
+            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = self._conns[(scheme, netloc)] = cls(netloc, timeout=TIMEOUT)
+        return conn
 
     def hint(self) -> str:
         if in_job(self.env):
@@ -159,17 +184,13 @@ class _Status(Exception):
         self.message = message
 
 
-def _path(url: str) -> str:
-    return urllib.parse.urlsplit(url).path
-
-
-def _reason(exc: urllib.error.HTTPError) -> str:
+def _reason(response: http.client.HTTPResponse) -> str:
     try:
-        body = json.loads(exc.read() or b"{}")
+        body = json.loads(response.read() or b"{}")
     except ValueError:
         body = {}
     message = body.get("message") or body.get("errorDescription") if isinstance(body, dict) else None
-    return str(message or exc.reason)
+    return str(message or response.reason)
 
 
 class Storage:
@@ -178,19 +199,17 @@ class Storage:
     def __init__(self, api: Api, project: str, task: str | None) -> None:
         self.api = api
         self.project = project
-        quoted = urllib.parse.quote(project, safe="")
+        quoted = quote(project, safe="")
         self.root = (
-            f"projects/{quoted}/tasks/{urllib.parse.quote(task, safe='')}/"
-            if task
-            else (f"projects/{quoted}/shared/")
+            f"projects/{quoted}/tasks/{quote(task, safe='')}/" if task else (f"projects/{quoted}/shared/")
         )
 
     def _object_url(self, key: str) -> str:
-        return f"{self.api.base}/htc/storage/objects/{urllib.parse.quote(key)}"
+        return f"{self.api.base}/htc/storage/objects/{quote(key)}"
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(key, size) of every object under ``prefix``, in key order."""
-        query = urllib.parse.urlencode({"prefix": prefix, "pageSize": PAGE})
+        query = urlencode({"prefix": prefix, "pageSize": PAGE})
         url: str | None = f"{self.api.base}/htc/storage/list?{query}"
         while url:
             with self.api.request("GET", url) as response:
@@ -202,14 +221,14 @@ class Storage:
     def upload(self, path: Path, key: str) -> None:
         size = path.stat().st_size
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        with open(path, "rb") as fh, self.api.request("PUT", self._object_url(key), fh, headers):
-            pass
+        with open(path, "rb") as fh, self.api.request("PUT", self._object_url(key), fh, headers) as response:
+            response.read()  # all of it: the connection is kept for the next request
 
     def download(self, key: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(target.parent), prefix=f".{target.name}.", suffix=".part")
+        tmp = str(target.parent / f".{target.name}.{os.getpid()}.part")
         try:
-            with os.fdopen(fd, "wb") as out, self.api.request("GET", self._object_url(key)) as response:
+            with open(tmp, "wb") as out, self.api.request("GET", self._object_url(key)) as response:
                 while True:
                     data = response.read(CHUNK)
                     if not data:
@@ -326,12 +345,19 @@ def run(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> 
     except HtcctlError as exc:
         print(f"htcctl: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a local file, a broken response: still one line, and its kind
+        print(f"htcctl: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
 
 
 def main() -> None:
+    """The process entry point (the console script and the bundle's ``__main__``)."""
+    # Plain HTTP needs no ssl: not loading OpenSSL saves a good part of a call's start-up.
+    if not any(v.startswith("https:") for v in sys.argv + list(os.environ.values())):
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     sys.exit(run())
 
 
