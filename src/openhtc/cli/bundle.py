@@ -1,12 +1,14 @@
 """``htc htcctl-bundle OUT``: ``htcctl`` as one executable file for images.
 
 The file is a zipapp holding :mod:`openhtc.cli.htcctl` (which needs only Python's standard
-library) and a ``__main__`` calling it, run by ``/usr/bin/env python3``: copy it into an image
-(see examples/Containerfile.htcctl) and jobs have ``htcctl`` without installing openhtc.
+library; source and bytecode) and a ``__main__`` calling it, run by ``/usr/bin/env python3``:
+copy it into an image (see examples/Containerfile.htcctl) and jobs have ``htcctl`` without
+installing openhtc.
 """
 
 from __future__ import annotations
 
+import py_compile
 import shutil
 import tempfile
 import zipapp
@@ -28,6 +30,15 @@ def build_bundle(out: Path) -> Path:
         src = Path(tmp) / "src"
         src.mkdir()
         shutil.copyfile(htcctl.__file__, src / "htcctl.py")
+        # Compiled too, for the Python that builds the bundle: another version's zipimport finds
+        # the wrong magic number and compiles the source instead (a few ms more per call).
+        py_compile.compile(
+            str(src / "htcctl.py"),
+            cfile=str(src / "htcctl.pyc"),
+            dfile="htcctl.py",
+            doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
         (src / "__main__.py").write_text(MAIN, encoding="utf-8")
         out.parent.mkdir(parents=True, exist_ok=True)
         zipapp.create_archive(src, out, interpreter="/usr/bin/env python3", compressed=True)
