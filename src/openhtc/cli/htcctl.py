@@ -114,9 +114,7 @@ class Api:
         if self.bearer is None:
             self._renew()
         try:
-            return self._open(
-                method, url, {"Authorization": f"Bearer {self.bearer}", **(headers or {})}, body
-            )
+            return self._open(method, url, self._headers(headers), body)
         except _Status as exc:
             if exc.code != 401 or not (self.api_key or self.refresh):
                 raise HtcctlError(exc.message) from None
@@ -124,9 +122,7 @@ class Api:
         if hasattr(body, "seek"):
             body.seek(0)
         try:
-            return self._open(
-                method, url, {"Authorization": f"Bearer {self.bearer}", **(headers or {})}, body
-            )
+            return self._open(method, url, self._headers(headers), body)
         except _Status as exc:
             raise HtcctlError(exc.message) from None
 
