@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: help install demo test lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
+.PHONY: htcctl-bundle help install demo test lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
 
 help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
@@ -38,6 +38,7 @@ help:
 	@echo "make install     create or refresh $(VENV)"
 	@echo "make containers  apt-get install the container tools that are missing (bubblewrap, podman, …)"
 	@echo "make bench-peers the full side-by-side benchmark: openhtc, HyperQueue, Dask, Ray, Slurm (long)"
+	@echo "make htcctl-bundle  write dist/htcctl: htcctl as one file needing only python3 (for images)"
 	@echo "make clean       remove the demo data and caches; distclean also removes $(VENV)"
 
 # -- the virtualenv ---------------------------------------------------------------------------
@@ -68,6 +69,10 @@ $(STAMP): pyproject.toml
 
 demo: install containers
 	@PORT='$(PORT)' DATA_DIR='$(DEMO_DIR)' HTC='$(VENV)/bin/htc' PY='$(PY)' bash examples/demo.sh
+
+# htcctl as one file for container images (examples/Containerfile.htcctl).
+htcctl-bundle: install
+	@$(VENV)/bin/htc htcctl-bundle dist/htcctl
 
 # -- the checks -------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ port_free() {
     "$PY" - "$1" <<'EOF'
 import socket, sys
 with socket.socket() as s:
+    # As the server binds: connections of a previous run in TIME_WAIT do not make it "in use".
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", int(sys.argv[1])))
     except OSError:

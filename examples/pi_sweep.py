@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from openhtc.client import Session, StatusCounts
+from openhtc.client import HtcError, NotFound, Session, StatusCounts
 
 # The same job as examples/pi-sweep.yaml: one line of output per seed; needs only sh and awk.
 JOB = (
@@ -33,18 +33,32 @@ def main() -> None:
     parser.add_argument("--image", default="pi-demo:1", help="imageName (default: pi-demo:1)")
     args = parser.parse_args()
 
+    try:
+        sweep(args)
+    except HtcError as exc:  # one line, not a traceback: the server says what is wrong
+        raise SystemExit(f"pi_sweep: {exc}") from None
+
+
+def sweep(args: argparse.Namespace) -> None:
     with Session() as htc:
         project = htc.project(args.project)
         task = project.create_task("pi-sweep")
-        batch = task.submit(
-            args.image,
-            ["sh", "-c", JOB],
-            batch_size=args.jobs,
-            envs={"SAMPLES": str(args.samples)},
-            max_memory=64,
-            exec_timeout=600,
-            retries=1,
-        )
+        try:
+            batch = task.submit(
+                args.image,
+                ["sh", "-c", JOB],
+                batch_size=args.jobs,
+                envs={"SAMPLES": str(args.samples)},
+                max_memory=64,
+                exec_timeout=600,
+                retries=1,
+            )
+        except NotFound as exc:
+            task.delete()
+            raise SystemExit(
+                f"pi_sweep: {exc}\npush the image first: htc image push localhost/pi-demo:1 -p {project.id} "
+                "(examples/demo.sh builds it)"
+            ) from None
         print(f"submitted {batch.batch_size} jobs to task {task.id} (project {project.id})")
 
         seen: list[int] = []

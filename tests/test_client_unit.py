@@ -594,7 +594,7 @@ def test_cli_flags_override_file_requests() -> None:
                 "envs": [{"name": "A", "value": "1"}],
             },
         },
-        {"htcJobDefinition": {"commands": ["other"], "maxMemory": 8000}},
+        {"htcJobDefinition": {"commands": ["other"], "maxMemory": 8000, "imageName": "b:2"}},
     ]
     overrides = SubmitOverrides(batch_size=2, envs=parse_envs(["B=2", "A=9"]), retries=1)
     [(g1, r1), (g2, r2)] = build_requests(file_requests, overrides)
@@ -603,7 +603,7 @@ def test_cli_flags_override_file_requests() -> None:
     assert (r1["jobName"], r1["batchSize"], r1["retryStrategy"]) == ("from-file", 2, {"maxRetries": 1})
     assert r1["htcJobDefinition"]["envs"] == [{"name": "A", "value": "9"}, {"name": "B", "value": "2"}]
     assert r1["htcJobDefinition"]["imageName"] == "a:1"
-    assert r2["htcJobDefinition"]["imageName"] == "local/process:latest"
+    assert r2["htcJobDefinition"]["imageName"] == "b:2"
     assert r2["htcJobDefinition"]["maxMemory"] == 8000
     assert r2["htcJobDefinition"]["commands"] == ["other"]
 

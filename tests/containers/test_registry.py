@@ -248,7 +248,7 @@ def test_repository_creation_is_idempotent_and_validates_names(
         "projectId": proj.project_id,
         "createdBy": first["createdBy"],
         "workspaceId": first["workspaceId"],
-        "registryURI": f"{proj.registry}tools/my-app",
+        "registryURI": proj.registry,  # the prefix: the tutorial appends the repository
     }
     resp = server.client(prefix="").post(f"{path}/tools/my-app")  # no body, root prefix
     assert resp.status_code == 200 and resp.json()["successfullyCreated"] is False, resp.text

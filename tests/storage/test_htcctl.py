@@ -78,7 +78,7 @@ def test_failures_exit_non_zero_with_one_line(storage_server: Any, tmp_path: Pat
         (("-s", "--project-id", pid, "download", "missing.txt"), "missing.txt"),
         (("-s", "--project-id", pid, "upload", "absent.txt"), "absent.txt"),
         (("--project-id", pid, "list"), "--task-id"),  # task storage without a task
-        (("-s", "--project-id", "no-such-project", "list"), "not found"),
+        (("-s", "--project-id", "no-such-project", "list"), "no-such-project"),
     ]
     for args, needle in cases:
         result = htcctl(s, *args, cwd=tmp_path)
@@ -128,3 +128,56 @@ def test_jobs_use_htcctl_and_htc_storage_with_no_set_up(start_storage_server: An
     assert s.store(s.token(pid)).list(f"projects/{pid}/shared/") == [
         f"projects/{pid}/shared/inputs/words.txt"
     ]
+
+
+def test_the_bundle_needs_only_the_standard_library(storage_server: Any, tmp_path: Path) -> None:
+    """`htc htcctl-bundle` writes one file that works with python3 -I -S (no site-packages, so
+    no openhtc, httpx or boto3), with the tutorial's variables: RESCALE_API_URL and an API key,
+    then a job's bearer token only."""
+    s = storage_server
+    pid, tid = s.api.project_and_task()
+    bundle = tmp_path / "bin" / "htcctl"
+    out = subprocess.run(
+        [str(BIN / "htc"), "htcctl-bundle", str(bundle)], capture_output=True, text=True, check=True
+    )
+    assert bundle.stat().st_mode & 0o111 and str(bundle) in out.stdout
+    work = tmp_path / "work"
+    (work / "inputs").mkdir(parents=True)
+    (work / "inputs" / "a.txt").write_text("alpha\n")
+
+    def run(*args: str, **env: str) -> str:
+        clean = {"PATH": "/usr/bin:/bin", "HOME": str(work), "RESCALE_API_URL": s.server.url, **env}
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", str(bundle), *args],
+            env=clean, cwd=work, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return ok(result)
+
+    key = {"RESCALE_API_TOKEN": s.server.api_key}
+    run("--project-shared", "--project-id", pid, "upload", "inputs", **key)
+    assert run("-s", "--project-id", pid, "list", **key).split() == ["inputs/a.txt"]
+    # as the tutorial simulates a job: the bearer token, project and task in the environment
+    job = {"RESCALE_HTC_BEARER_TOKEN": s.job_bearer(pid, tid), "RESCALE_HTC_PROJECT_ID": pid}
+    job["RESCALE_HTC_TASK_ID"] = tid
+    run("-s", "download", "inputs/a.txt", "-d", "got", **job)
+    assert (work / "got" / "inputs" / "a.txt").read_text() == "alpha\n"
+    run("upload", "got/inputs/a.txt", **job)
+    assert run("list", **job).split() == ["got/inputs/a.txt"]
+    assert s.store(s.token(pid, tid)).get(f"projects/{pid}/tasks/{tid}/got/inputs/a.txt") == b"alpha\n"
+
+
+def test_connection_hints_name_the_real_option_and_the_job_network(tmp_path: Path) -> None:
+    """Nothing listens on the URL: outside a job the hint names --api-url and RESCALE_API_URL;
+    inside one (its variables set) it says the job may have no network."""
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RESCALE_API_URL": "http://127.0.0.1:9/api/v1"}
+    cases = [
+        ({"RESCALE_API_TOKEN": "k"}, "--api-url or RESCALE_API_URL"),
+        ({"RESCALE_HTC_BEARER_TOKEN": "t"}, "no network"),
+    ]
+    for env, needle in cases:
+        result = subprocess.run(
+            [str(BIN / "htcctl"), "-s", "--project-id", "p", "list"],
+            env={**base, **env}, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 1 and needle in result.stderr, result.stderr
+        assert "127.0.0.1:9" in result.stderr and "8080" not in result.stderr

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -121,8 +122,26 @@ def open_session(url: str | None, api_key: str | None) -> Session:
         raise typer.BadParameter(str(exc), param_hint="--url") from exc
 
 
+def plain_metavars(command: Any) -> None:
+    """Help without Typer's ``<bool>``/``<str>`` type placeholders: flags show nothing, other
+    options their name (``--data-dir DATA_DIR``), arguments their name only; explicit metavars
+    stay."""
+    help_option = command.get_help_option(click.Context(command, info_name=command.name))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if param.param_type_name == "option" and param.metavar is None:
+            param.metavar = "" if getattr(param, "is_flag", False) else (param.name or "value").upper()
+        elif param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None  # its name column says it already
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+
+
 class HtcGroup(TyperGroup):
     """The root command group: turns client errors into one-line messages and exit code 1."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        plain_metavars(self)  # here: Typer adds the commands after __init__
+        return super().main(*args, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:
         try:

@@ -8,6 +8,7 @@ else skopeo. It prints the ``imageName`` jobs use: ``repo:tag``, relative to the
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,7 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.cli.registry_trust import default_dropin, write_entry
 from openhtc.client._transport import segment
 from openhtc.domain.submission import IMAGE_NAME_RE
 
@@ -195,3 +197,39 @@ def ls(
     out.print(table)
     if not body.get("images"):
         out.print(f"[dim]no images yet in {registry}; push one with `htc image push`[/]")
+
+
+@image_app.command("trust")
+def trust(
+    project: ProjectOption = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="registries.conf file to add the entry to [a drop-in in /etc/containers/registries.conf.d "
+            "as root, else ~/.config/containers/registries.conf.d].",
+        ),
+    ] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Mark the server's registry insecure (plain HTTP) for podman, buildah and skopeo, once:
+    afterwards `podman login`/`podman push` need no --tls-verify=false."""
+    with open_session(url, api_key) as session:
+        if project:
+            body = session.connection.get(f"/htc/projects/{segment(project)}")
+        else:
+            first = next(iter(session.projects()), None)
+            if first is None:
+                raise fail("no project yet: create one (htc projects create NAME) or give --project")
+            body = first.data
+    host = str(body.get("containerRegistry") or "").split("/", 1)[0]
+    if not host:
+        raise fail("this server has no container registry")
+    path = file or default_dropin(host, Path.home(), os.geteuid() == 0)
+    added = write_entry(path, host)
+    out_console().print(
+        f"{path}: {host} {'marked' if added else 'already marked'} insecure (plain HTTP) for podman, "
+        "buildah and skopeo",
+        highlight=False,
+    )

@@ -39,6 +39,7 @@ from openhtc.cli._common import (
     print_json,
     short_time,
 )
+from openhtc.cli.aws_config import LOCAL_STORAGE_NOTE, write_profile
 from openhtc.client import NotFound
 from openhtc.client.storage import REMOTE_PREFIX, StorageClient, StorageEntry
 from openhtc.client.storage import Progress as OnBytes
@@ -288,8 +289,52 @@ def token(
     """Print storage credentials as shell exports: eval "$(htc storage token -p P -t T)"."""
     with open_storage(StorageTarget(project, task, shared), url, api_key) as client:
         current = client.token
+    if current.provider == "OPENHTC":
+        err_console().print(f"note: {LOCAL_STORAGE_NOTE}", highlight=False, soft_wrap=True)
     if json_out:
         print_json(current.raw)
         return
     for name, value in current.environment().items():
         print(f"export {name}={shlex.quote(value)}")
+
+
+@app.command("configure-aws")
+def configure_aws(
+    project: ProjectOpt = None,
+    profile: Annotated[
+        str, typer.Option("--profile", help="AWS CLI profile to write (default: default).")
+    ] = "default",
+    config_file: Annotated[
+        Path,
+        typer.Option(
+            "--config-file", envvar="AWS_CONFIG_FILE", help="AWS config file (default: ~/.aws/config)."
+        ),
+    ] = Path("~/.aws/config"),
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Write the S3 endpoint and region into an AWS CLI profile, once: afterwards the three
+    AWS_* keys of a storage token suffice for `aws s3` (as in Rescale's tutorial)."""
+    if not project:
+        with open_session(url, api_key) as session:
+            first = next(iter(session.projects()), None)
+        if first is None:
+            raise fail("no project yet: create one (htc projects create NAME) or give --project")
+        project = first.id
+    with open_storage(StorageTarget(project, None, True), url, api_key) as client:
+        current = client.token
+    if current.provider == "OPENHTC":
+        raise fail(LOCAL_STORAGE_NOTE)
+    endpoint = current.credentials.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        raise fail("this server's storage is AWS S3 itself: the AWS CLI needs no endpoint")
+    region = (
+        current.credentials.get("AWS_DEFAULT_REGION") or current.credentials.get("AWS_REGION") or "us-east-1"
+    )
+    path = config_file.expanduser()
+    write_profile(path, profile, endpoint, region)
+    out_console().print(
+        f"{path}: profile {profile} now sends S3 requests to {endpoint} (region {region})", highlight=False
+    )
+    if profile != "default":
+        out_console().print(f"use it with: export AWS_PROFILE={profile}", highlight=False)

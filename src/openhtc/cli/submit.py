@@ -30,7 +30,7 @@ from openhtc.cli._common import (
     require,
 )
 from openhtc.cli.render import counts_line, summary_table
-from openhtc.client import DEFAULT_IMAGE, JobBatch, StatusCounts, Task, normalize_priority
+from openhtc.client import HtcError, JobBatch, StatusCounts, Task, normalize_priority
 
 __all__ = ["SubmitOverrides", "build_requests", "load_request_file", "parse_envs", "submit"]
 
@@ -126,8 +126,15 @@ def build_requests(
             request["jobName"] = o.job_name or "htc-submit"
         if o.batch_size is not None or "batchSize" not in request:
             request["batchSize"] = o.batch_size or 1
-        if o.image is not None or "imageName" not in definition:
-            definition["imageName"] = o.image or DEFAULT_IMAGE
+        if o.image is not None:
+            definition["imageName"] = o.image
+        if not definition.get("imageName"):
+            # No default: the container runtimes run only images in the project's registry.
+            raise typer.BadParameter(
+                "no image: give one with -i/--image REPO:TAG (an image of the project's registry: "
+                "`htc image push`, `htc image ls`) or the file's htcJobDefinition.imageName",
+                param_hint="--image",
+            )
         if o.command:
             definition["commands"] = list(o.command)
         if not definition.get("commands"):
@@ -153,13 +160,20 @@ def build_requests(
     return result
 
 
-def _submit_all(task: Task, pairs: list[tuple[str | None, dict[str, Any]]]) -> list[JobBatch]:
+def _submit_all(task: Task, pairs: list[tuple[str | None, dict[str, Any]]], created: bool) -> list[JobBatch]:
+    """Submit by group; if the first submission into a task made for it is refused (an unknown
+    image, say), the task is deleted again: a failed ``htc submit`` leaves no empty task."""
     by_group: dict[str | None, list[dict[str, Any]]] = {}
     for group, request in pairs:
         by_group.setdefault(group, []).append(request)
     batches: list[JobBatch] = []
     for group, requests in by_group.items():
-        batches.extend(task.submit_requests(requests, group=group))
+        try:
+            batches.extend(task.submit_requests(requests, group=group))
+        except HtcError:
+            if created and not batches:
+                task.delete()
+            raise
     return batches
 
 
@@ -213,7 +227,12 @@ def submit(
     ] = None,
     image: Annotated[
         str | None,
-        typer.Option("--image", "-i", help=f"Image name. Default: {DEFAULT_IMAGE}.", show_default=False),
+        typer.Option(
+            "--image",
+            "-i",
+            help="Image: REPO:TAG in the project's registry (htc image ls).",
+            show_default=False,
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", "-n", min=1, max=1000, help="Jobs in the batch (default 1).")
@@ -283,12 +302,13 @@ def submit(
     with open_session(url, api_key) as session:
         if task_id:
             task = session.task(project_id, task_id)
+            batches = _submit_all(task, pairs, created=False)
         else:
             name = task_name or time.strftime("htc-submit-%Y%m%d-%H%M%S")
             task = session.project(project_id).create_task(name, "created by htc submit")
+            batches = _submit_all(task, pairs, created=True)
             if not json_out:
                 out.print(f"Created task [bold]{task.id}[/] ({name})", highlight=False)
-        batches = _submit_all(task, pairs)
         result: dict[str, Any] = {
             "projectId": task.project_id,
             "taskId": task.id,

@@ -90,3 +90,77 @@ def podman_push(
         text=True,
         check=True,
     )
+
+
+# Not needed by a job's python3 and the bulk of the standard library's size.
+STDLIB_SKIP = frozenset(
+    {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "site-packages",
+     "dist-packages", "venv"}
+)  # fmt: skip
+
+
+def python_rootfs_tar(
+    dest: Path, extra_files: dict[str, bytes] | None = None, python: str = "/usr/bin/python3"
+) -> Path:
+    """A busybox rootfs plus the host's ``python`` (``/usr/bin/python3``, ``python``), its standard
+    library and the shared libraries it and its extension modules load: a small python3 image
+    made offline. ``/usr/bin/env`` is busybox, so ``#!/usr/bin/env python3`` scripts run."""
+    info = subprocess.run(
+        [python, "-c", "import sys, sysconfig; p = sysconfig.get_paths(); "
+         "print(sys.executable); print(p['stdlib']); print(p['platstdlib']); print(sys.version_info[1])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    binary, stdlib, platstdlib, minor = Path(info[0]).resolve(), Path(info[1]), Path(info[2]), info[3]
+    dynload = platstdlib / "lib-dynload"
+    modules = sorted(p for p in dynload.glob("*.so") if "_test" not in p.name and "xx" not in p.name)
+    libs: set[str] = set()
+    for obj in [binary, *modules]:
+        out = subprocess.run(["ldd", str(obj)], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if (
+                "=>" in parts
+                and len(parts) > parts.index("=>") + 1
+                and parts[parts.index("=>") + 1].startswith("/")
+            ):
+                libs.add(parts[parts.index("=>") + 1])
+            elif parts and parts[0].startswith("/"):
+                libs.add(parts[0])  # the dynamic loader
+    busybox_rootfs_tar(dest, extra_files)
+
+    def skip(tarinfo: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(tarinfo.name).parts
+        unneeded = STDLIB_SKIP.intersection(parts) or "config-3" in tarinfo.name or ".opt-" in tarinfo.name
+        return None if unneeded else tarinfo
+
+    with tarfile.open(dest, "a") as tar:
+        existing = set(tar.getnames())
+
+        def parents(name: str) -> None:
+            for parent in reversed(Path(name).parents[:-1]):
+                if str(parent) not in existing:
+                    info = tarfile.TarInfo(str(parent))
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                    existing.add(str(parent))
+
+        exe = f"usr/bin/python3.{minor}"
+        parents(exe)
+        tar.add(str(binary), exe)
+        for alias in ("python3", "python"):
+            link = tarfile.TarInfo(f"usr/bin/{alias}")
+            link.type, link.linkname, link.mode = tarfile.SYMTYPE, f"python3.{minor}", 0o777
+            tar.addfile(link)
+        env = tarfile.TarInfo("usr/bin/env")
+        env.type, env.linkname, env.mode = tarfile.SYMTYPE, "/bin/busybox", 0o777
+        tar.addfile(env)
+        target = f"usr/lib/python3.{minor}"
+        parents(target)
+        tar.add(str(stdlib), target, filter=skip)
+        if not dynload.is_relative_to(stdlib):
+            tar.add(str(dynload), f"{target}/lib-dynload", filter=skip)
+        for lib in sorted(libs):
+            name = lib.lstrip("/")
+            parents(name)
+            tar.add(str(Path(lib).resolve()), name)
+    return dest

@@ -37,7 +37,10 @@ def _registry(svc: Services) -> Registry:
 def create_repository(
     project_id: str, repo_name: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
-    """Idempotent: ``successfullyCreated`` is false when the repository already existed."""
+    """Idempotent: ``successfullyCreated`` is false when the repository already existed.
+
+    ``registryURI`` is the project's registry prefix ending in ``/``, as Rescale answers it: the
+    tutorial pushes to ``$REGISTRY_URI$REPO_NAME:$IMAGE_TAG``."""
     project = project_for(svc, who, project_id)
     require_user(who, "create repositories")
     registry = _registry(svc)
@@ -52,7 +55,7 @@ def create_repository(
             "projectId": project_id,
             "createdBy": row.created_by,
             "workspaceId": project.workspace_id,
-            "registryURI": f"{registry.container_registry(project_id)}{repo_name}",
+            "registryURI": registry.container_registry(project_id),
         }
     )
 
