@@ -40,10 +40,6 @@ IMAGES = 20  # the tutorial's 5,000 COCO images, scaled down
 BATCH_SIZE = 10
 POLL = 0.5  # the tutorial sleeps 30 s between polls
 
-# >>> JOB NETWORK (remove at merge of the `jobnet` branch): until container jobs reach the API by
-# default, this test opens the job network. The tutorial itself sets no such variable.
-JOB_NETWORK_ENV = {"OPENHTC_JOB_NETWORK": "true"}
-# <<< JOB NETWORK
 
 
 def _need(*tools: str) -> None:
@@ -155,7 +151,7 @@ class Tutorial:
 def test_the_rescale_tutorial_end_to_end(
     start_storage_server: Any, storage_backend: str, tools: dict[str, Any], tmp_path: Path
 ) -> None:
-    s = start_storage_server(env=JOB_NETWORK_ENV, args=("--region", REGION, "--vcpus", "4"), runtime="auto")
+    s = start_storage_server(args=("--region", REGION, "--vcpus", "4"), runtime="auto")
     t = Tutorial(s, tools, tmp_path)
 
     # -- Authentication: /auth/token, without /api/v1 ---------------------------------------------
