@@ -22,6 +22,7 @@ from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
+from openhtc.executor.journal import AttemptJournal
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
@@ -37,6 +38,7 @@ BUSY_TURN_SECONDS = 0.05
 BUSY_RATE = 200.0
 # A job held behind a running one (see _work) looks for a free slot elsewhere this often.
 HOLD_SECONDS = 0.05
+_ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class _Running:
     launch: JobLaunch
     handle: RunHandle
     reserved: Capacity  # what it holds of the machine: its own request, or its predecessor's
+    marked: bool = False  # in the attempt journal: its process may have started
 
 
 @dataclass(slots=True)
@@ -81,6 +84,12 @@ class LocalExecutor:
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
         self._pipeline = runtime if isinstance(runtime, Pipelined) else None
+        # Attempts handed to the runtime, on disk before the hand-off (see journal.py). A
+        # runtime that never blocks (noop) starts no process, so it needs none.
+        self.journal: AttemptJournal | None = None
+        if runtime.blocking:
+            path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"
+            self.journal = AttemptJournal(path, sync=settings.executor_journal_sync)
         self.prefetch = Prefetch(
             settings.executor_prefetch, settings.executor_prefetch_seconds, self.capacity.vcpus
         )
@@ -105,11 +114,21 @@ class LocalExecutor:
         orphans = self.runtime.adopt(owner, self.incarnation)
         if orphans:
             log.warning("killed %d process(es) left running by a previous start of this executor", orphans)
+        # What the previous start handed to its runtime and never saw end may have run: its
+        # orphans are dead now (adopt), and recovery fails those attempts instead of re-queueing.
+        may_have_started = self.journal.replay() if self.journal is not None else set()
         recovered = self.service.register(
-            self.executor_id, self.incarnation, self.region, self.architectures, self.capacity
+            self.executor_id,
+            self.incarnation,
+            self.region,
+            self.architectures,
+            self.capacity,
+            may_have_started,
         )
         if recovered:
             log.warning("recovered %d job(s) left running by a previous start of this executor", recovered)
+        if self.journal is not None:
+            self.journal.open()  # only now: the recovery that needed the old one is committed
         self._thread.start()
 
     def stop(self) -> None:
@@ -124,6 +143,8 @@ class LocalExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._reporter.shutdown(wait=True)
         self._flush()
+        if self.journal is not None:
+            self.journal.close()
 
     def kick(self) -> None:
         self._wake.set()
@@ -277,6 +298,7 @@ class LocalExecutor:
                     continue
             if not self._pipeline.withdraw(after.started):
                 return False  # it started meanwhile: the current job has just ended
+            self._unmark(successor)  # it never started
             with self._lock:
                 self._running.pop(launch.job_id, None)
                 self._pending.appendleft(launch)
@@ -298,6 +320,7 @@ class LocalExecutor:
             begun.launch = launch._replace(mounts=self.stager.prepare(launch))
             begun.staged = True
             if self._pipeline is not None:
+                self._mark(item)
                 started = self._pipeline.start(
                     begun.launch, item.handle, begun.log, self._on_running(begun.launch), after
                 )
@@ -318,6 +341,7 @@ class LocalExecutor:
                 if self._pipeline is not None:
                     outcome = self._pipeline.finish(begun.started)
                 else:
+                    self._mark(item)
                     outcome = self.runtime.run(launch, item.handle, begun.log, self._on_running(launch))
             except Exception as exc:
                 log.exception("runtime failed on job %s", launch.job_uuid)
@@ -326,6 +350,17 @@ class LocalExecutor:
             self.stager.finish(launch, item.handle.stopped, begun.log)
         status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
         self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+
+    def _mark(self, item: _Running) -> None:
+        """Record durably that the attempt may start: before any hand-off to the runtime."""
+        if self.journal is not None and not item.marked:
+            self.journal.begin(item.launch.job_id, item.launch.attempt)
+            item.marked = True
+
+    def _unmark(self, item: _Running) -> None:
+        if self.journal is not None and item.marked:
+            self.journal.end([(item.launch.job_id, item.launch.attempt)])
+            item.marked = False
 
     def _on_running(self, launch: JobLaunch) -> Callable[[], None]:
         return lambda: self._report(launch, JobStatus.RUNNING)
@@ -354,6 +389,8 @@ class LocalExecutor:
                 with self._lock:  # keep them for the next flush; the store ignores duplicates
                     self._reports[:0] = reports
                 raise
+            if self.journal is not None:  # their end is committed: a crash can no longer re-run them
+                self.journal.end((r.job_id, r.attempt) for r in reports if r.status in _ENDS)
 
     def _heartbeat(self) -> None:
         with self._lock:
