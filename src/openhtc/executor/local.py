@@ -7,6 +7,7 @@ RUNNABLE (prefetched) so a finishing job is replaced at once, without waiting fo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -38,6 +39,8 @@ BUSY_TURN_SECONDS = 0.05
 BUSY_RATE = 200.0
 # A job held behind a running one (see _work) looks for a free slot elsewhere this often.
 HOLD_SECONDS = 0.05
+# The attempt journal is written ahead for the jobs expected to start before the next turn.
+PREMARK_SECONDS = BUSY_TURN_SECONDS
 _ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
@@ -97,6 +100,8 @@ class LocalExecutor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._pending: deque[JobLaunch] = deque()
+        # pending attempts journaled ahead of their hand-off (see _premark): True once on disk
+        self._premarked: dict[tuple[int, int], bool] = {}
         self._running: dict[int, _Running] = {}
         self._used = Capacity(0, 0)
         self._completed = 0
@@ -144,6 +149,9 @@ class LocalExecutor:
         self._reporter.shutdown(wait=True)
         self._flush()
         if self.journal is not None:
+            with self._lock:  # journaled ahead, never started: a restart re-queues them free
+                ahead, self._premarked = list(self._premarked), {}
+            self.journal.end(ahead)
             self.journal.close()
 
     def kick(self) -> None:
@@ -170,6 +178,7 @@ class LocalExecutor:
                 if now >= next_heartbeat or self._cancel_requested():
                     self._heartbeat()
                     next_heartbeat = now + self.settings.heartbeat_seconds
+                self._premark()
                 self._start_pending()
             except Exception:  # keep the executor alive; the lease protects the jobs
                 log.exception("executor loop error")
@@ -251,7 +260,10 @@ class LocalExecutor:
     def _pop_pending(self, reserved: Capacity) -> _Running:
         """Move the first prefetched job to the running ones, holding ``reserved`` (hold ``_lock``)."""
         launch = self._pending.popleft()
-        item = _Running(launch, RunHandle(), reserved)
+        # journaled ahead and on disk: marked already (in the sync, or not ahead: _mark does it)
+        item = _Running(
+            launch, RunHandle(), reserved, self._premarked.pop((launch.job_id, launch.attempt), False)
+        )
         self._running[launch.job_id] = item
         return item
 
@@ -351,6 +363,36 @@ class LocalExecutor:
         status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
         self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
 
+    def _premark(self) -> None:
+        """Journal the attempts next in line, all with one sync, ahead of their hand-off.
+
+        A sync costs about a millisecond, as much as a whole `true` job: paid by a worker thread
+        per job, between a job's end and its successor's hand-off, it cut W1 by ~30 %. Journaled
+        here, once a turn, for the jobs likely to start before the next turn (those that fit in
+        the free vCPUs, plus PREMARK_SECONDS of work at the observed rate), it is off their
+        path; a job beyond that window is journaled by its worker. The price: a crash also fails
+        the attempts journaled ahead and not yet started (they may have started, as far as
+        recovery can tell), a few dozen at a thousand jobs a second.
+        """
+        if self.journal is None or not self.journal.sync:
+            return
+        with self._lock:
+            free = max(0, self.capacity.vcpus - self._used.vcpus)
+            window = free + int(self.prefetch.rate * PREMARK_SECONDS)
+            keys = []
+            for launch in itertools.islice(self._pending, window):
+                key = (launch.job_id, launch.attempt)
+                if key not in self._premarked:
+                    self._premarked[key] = False
+                    keys.append(key)
+        if not keys:
+            return
+        self.journal.begin_many(keys)
+        with self._lock:
+            for key in keys:
+                if key in self._premarked:  # else a worker took it meanwhile (and synced itself)
+                    self._premarked[key] = True
+
     def _mark(self, item: _Running) -> None:
         """Record durably that the attempt may start: before any hand-off to the runtime."""
         if self.journal is not None and not item.marked:
@@ -402,6 +444,9 @@ class LocalExecutor:
         with self._lock:
             self._pending = deque(j for j in self._pending if (j.job_id, j.attempt) not in stop)
             victims = [r for r in self._running.values() if (r.launch.job_id, r.launch.attempt) in stop]
+            dropped = [key for key in stop if self._premarked.pop(key, None) is not None]
+        if self.journal is not None and dropped:
+            self.journal.end(dropped)  # taken from the queue before they started
         for victim in victims:
             victim.handle.stop()
 
