@@ -82,3 +82,28 @@ def test_no_attempt_runs_twice_across_kills(start_server: Callable[..., Any], tm
     except AssertionError as exc:
         problems.append(f"summary counters disagree with the job list: {exc}")
     assert not problems, "\n".join(problems[:20]) + f"\noutcomes (status, code, executed): {dict(outcomes)}"
+
+
+def test_a_graceful_restart_charges_no_job_it_had_not_started(
+    start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """SIGTERM while jobs start at full speed, then start again: the executor journals the jobs
+    next in line ahead of their hand-off, and a clean stop must take back those it never
+    handed over, so none of them fails as "may have started" after the restart."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    srv = start_server(env=ENV)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    command = f'mktemp "{runs}/$RESCALE_JOB_ID.XXXXXX"'
+    request = api.job_request(["sh", "-c", command], batch_size=JOBS // 2, max_retries=0)
+    api.submit(pid, tid, request, request)
+    wait_executed(runs, int(JOBS * KILL_AT[0]))
+    srv.restart()  # SIGTERM first: a clean stop
+    jobs = api.wait_terminal(pid, tid, JOBS, timeout=120)
+    ran = executions(runs)
+    assert max(ran.values()) == 1
+    charged = [
+        (j["jobUUID"], j["statusReason"]) for j in jobs if j.get("failureCode") == "ErrorInfrastructureFault"
+    ]
+    assert not charged, f"{len(charged)} job(s) charged by a clean restart: {charged[:5]}"

@@ -50,6 +50,7 @@ class _Running:
     handle: RunHandle
     reserved: Capacity  # what it holds of the machine: its own request, or its predecessor's
     marked: bool = False  # in the attempt journal: its process may have started
+    begun: bool = False  # a worker took it up (else its turn was cancelled at stop)
 
 
 @dataclass(slots=True)
@@ -151,6 +152,8 @@ class LocalExecutor:
         if self.journal is not None:
             with self._lock:  # journaled ahead, never started: a restart re-queues them free
                 ahead, self._premarked = list(self._premarked), {}
+                # taken from the queue, but their worker's turn was cancelled by the shutdown
+                ahead += [(r.launch.job_id, r.launch.attempt) for r in self._running.values() if not r.begun]
             self.journal.end(ahead)
             self.journal.close()
 
@@ -322,6 +325,7 @@ class LocalExecutor:
         """Report STARTING and stage the job's storage; a pipelined runtime starts it now
         (behind the job that returned ``after``, if given)."""
         launch = item.launch
+        item.begun = True
         self._report(launch, JobStatus.STARTING)
         parent = launch.job_uuid.rpartition(":")[0]
         begun = _Begun(
