@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import crash, report
 from bench.common import DEFAULT_OUT, Result, log, machine
 from bench.context import Context
 from bench.runners import RUNNERS
@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"  {w.id:<3} {w.name:<14} {w.title} [N: {', '.join(map(str, w.sizes))}; "
             f"smoke {', '.join(map(str, w.smoke_sizes))} {w.n_means}]"
             for w in WORKLOADS.values()
-        ),
+        )
+        + "\n  crash          N short jobs (maxRetries 0), --kills x kill -9 and restart: lost jobs, "
+        "counter mismatches, executions per job from marker files; exits 1 if the guarantee broke "
+        "[N: 100000; smoke 2000]",
     )
     p.add_argument("--workload", default="all", help="all, or a comma list of names or ids (w1-w5, cp)")
     p.add_argument("--n", help="N for every chosen workload, a comma list (e.g. 200 or 10000,100000)")
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="small N everywhere (CI); well under a minute")
     p.add_argument("--vcpus", type=int, help="CPUs every system may use (openhtc executor vCPUs, peer cores)")
     p.add_argument("--profile", action="store_true", help="py-spy record openhtc's measured process")
+    p.add_argument("--kills", type=int, default=5, help="crash workload: kill -9s spread over the run [5]")
     return p.parse_args(argv)
 
 
@@ -84,8 +88,19 @@ def choose_systems(args: argparse.Namespace) -> list[str]:
     return systems
 
 
+def run_crash(args: argparse.Namespace) -> int:
+    n = int(args.n.replace("_", "")) if args.n else (2_000 if args.smoke else 100_000)
+    ctx = Context(out=args.out, stamp=time.strftime("%Y%m%d-%H%M%S"), smoke=args.smoke, vcpus=args.vcpus)
+    try:
+        return crash.main(ctx, ["sqlite", "postgres"] if args.db == "both" else [args.db], n, args.kills)
+    finally:
+        ctx.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload == "crash":  # a correctness run, not a figure side by side with peers
+        return run_crash(args)
     try:
         workloads = resolve(args.workload)
     except ValueError as exc:

@@ -100,7 +100,7 @@ class OpenhtcServer:
             env["OPENHTC_EXECUTOR_VCPUS"] = str(self.vcpus)
         if self.memory_mb:
             env["OPENHTC_EXECUTOR_MEMORY_MB"] = str(self.memory_mb)
-        with open(self.log_path, "wb") as logf:
+        with open(self.log_path, "ab") as logf:  # a restart appends
             self.proc = subprocess.Popen(
                 cmd,
                 stdout=logf,
@@ -120,6 +120,16 @@ class OpenhtcServer:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"htc server did not answer /health in {self.start_timeout}s:\n{self.log_tail()}")
+
+    def kill9(self) -> None:
+        """SIGKILL the server process only (its job launchers and jobs are left), as a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self) -> OpenhtcServer:
+        """Start again on the same data directory and database (on a new port)."""
+        return self.start()
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

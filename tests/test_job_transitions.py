@@ -129,3 +129,46 @@ def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(q
     assert queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id") == before
     assert queue.sql("SELECT COUNT(*) FROM job_events") == events_before
     assert queue.counters() == {S.RUNNABLE: 3}
+
+
+def test_a_restarted_executor_requeues_free_only_attempts_it_never_handed_to_a_runtime(queue: Queue) -> None:
+    """Recovery at registration (issue 13 item 2): the executor names the attempts it may have
+    started (its journal); those fail, whatever their status says; the rest are re-queued free."""
+    jobs = queue.submit_and_claim(5)
+    reports = [AttemptReport(j.job_id, j.attempt, S.STARTING, 1.0) for j in jobs[:4]]
+    reports.append(AttemptReport(jobs[3].job_id, jobs[3].attempt, S.RUNNING, 1.5))
+    queue.executor.report(EXECUTOR, reports)
+    marked = {(jobs[1].job_id, jobs[1].attempt), (jobs[2].job_id, jobs[2].attempt)}
+    marked.add((jobs[0].job_id, jobs[0].attempt + 1))  # another attempt's marker says nothing
+    region = queue.services.settings.region
+    recovered = queue.executor.register(EXECUTOR, "inc-2", region, ["X86"], Capacity(64, 1 << 20), marked)
+    assert recovered == 5
+    rows = {
+        row[0]: row[1:]
+        for row in queue.sql(
+            "SELECT id, status, attempt, failed_attempts, failure_code, status_reason FROM jobs"
+        )
+    }
+    requeued_reason = "Re-queued: the executor restarted before the job started"
+    fault = "ErrorInfrastructureFault"
+    # STARTING, never handed over: a free new attempt
+    assert rows[jobs[0].job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, None, requeued_reason)
+    # STARTING or RUNNABLE in the database, but handed over: its RUNNING report may be what was lost
+    for job in jobs[1:3]:
+        status, attempt, failed, code, reason = rows[job.job_id]
+        assert (status, attempt, failed, code) == (S.FAILED, 1, 1, fault)
+        assert "may have started" in reason
+    assert rows[jobs[3].job_id][:4] == (S.FAILED, 1, 1, fault)  # RUNNING: it ran
+    assert rows[jobs[4].job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, None, requeued_reason)  # RUNNABLE
+    assert queue.counters() == {S.SUBMITTED_TO_RESCALE: 2, S.FAILED: 3}
+
+
+def test_lease_expiry_fails_every_attempt_it_cannot_vouch_for(queue: Queue) -> None:
+    """A lost executor cannot say what it started: its held jobs fail their attempt."""
+    jobs = queue.submit_and_claim(3)
+    queue.executor.report(EXECUTOR, [AttemptReport(jobs[0].job_id, jobs[0].attempt, S.STARTING, 1.0)])
+    far_future = queue.services.clock.now() + 10 * queue.services.settings.lease_seconds
+    assert queue.services.queue.expire_leases(far_future) == 3
+    rows = queue.sql("SELECT status, failure_code, failed_attempts FROM jobs")
+    assert rows == [(S.FAILED, "ErrorInfrastructureFault", 1)] * 3
+    assert queue.counters() == {S.FAILED: 3}

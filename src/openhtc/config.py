@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     executor_prefetch_seconds: float = Field(
         0.25, description="Adaptive prefetch holds about this many seconds of work at the observed job rate."
     )
+    executor_journal_sync: bool = Field(
+        True,
+        description="fdatasync the executor's attempt journal before each hand-off to the runtime, so "
+        "recovery knows which attempts may have run even after a power loss (a server crash alone "
+        "needs no sync).",
+    )
     max_running_jobs: int = Field(256, description="Upper bound on jobs one local executor runs at once.")
     image_cache_gib: float = Field(
         10.0,

@@ -124,10 +124,12 @@ class Server:
             self.services.storage.open()  # creates the bucket if missing
         if self.services.registry is not None:
             self.services.registry.start()
+        if self.executor is not None:
+            # first: its registration recovers its own jobs knowing which may have started;
+            # the scheduler's lease expiry would have to assume they all may have
+            self.executor.start()
         self.scheduler.start()
         self.retention.start()
-        if self.executor is not None:
-            self.executor.start()
 
     def stop(self) -> None:
         if self.executor is not None:

@@ -9,7 +9,7 @@ scope is its task, so every job of a batch can share one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,24 @@ class ExecutorService:
         return self.services.db.concurrent_writes
 
     def register(
-        self, executor_id: str, incarnation: str, region: str, architectures: list[str], capacity: Capacity
+        self,
+        executor_id: str,
+        incarnation: str,
+        region: str,
+        architectures: list[str],
+        capacity: Capacity,
+        may_have_started: Collection[tuple[int, int]] = (),
     ) -> int:
+        """Record an executor (re)start; recover what its previous start held. ``may_have_started``:
+        the (job, attempt) pairs that start handed to a runtime and never saw end."""
         recovered = self.services.queue.register(
-            executor_id, incarnation, region, architectures, capacity, self.services.clock.now()
+            executor_id,
+            incarnation,
+            region,
+            architectures,
+            capacity,
+            self.services.clock.now(),
+            may_have_started,
         )
         if recovered:
             self.services.wakeups.submitted.set()

@@ -9,7 +9,7 @@ recovered when its lease expires or when that executor registers again.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
@@ -140,8 +140,10 @@ class QueueStore:
         architectures: list[str],
         capacity: Capacity,
         now: float,
+        may_have_started: Collection[tuple[int, int]] = (),
     ) -> int:
-        """Record an executor (re)start. Jobs its previous incarnation held are recovered."""
+        """Record an executor (re)start. Jobs its previous incarnation held are recovered:
+        ``may_have_started`` holds the (job, attempt) pairs it may have started (its markers)."""
         with self.db.write() as conn:
             values = {
                 "region": region,
@@ -155,8 +157,9 @@ class QueueStore:
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             batch = Batch(self.db, conn, now)
             lost = batch.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
+            marked = set(may_have_started)
             for job in lost:
-                batch.recover(job, "the executor restarted")
+                batch.recover(job, "the executor restarted", (job.id, job.attempt) in marked)
             return batch.flush()
 
     def expire_leases(self, now: float) -> int:
@@ -164,7 +167,8 @@ class QueueStore:
         with self.db.write() as conn:
             batch = Batch(self.db, conn, now)
             for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
-                batch.recover(job, "the executor stopped responding (lease expired)")
+                # nobody can say whether it started: it is treated as if it may have
+                batch.recover(job, "the executor stopped responding (lease expired)", None)
             return batch.flush()
 
     def claim(

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from openhtc.domain import recovery
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.models import AttemptReport
@@ -247,12 +248,14 @@ class Batch:
             job.completed_at = report.at
             job.lease_expires_at = None
 
-    def recover(self, job: JobState, reason: str) -> None:
-        """The executor holding this job is gone: re-queue it if it never started, else fail the attempt."""
-        if job.status in (S.RUNNABLE, S.STARTING):
-            self.requeue(job, self.now, f"Re-queued: {reason} before the job started", counted=False)
+    def recover(self, job: JobState, cause: str, may_have_started: bool | None) -> None:
+        """The executor holding this job is gone: apply the recovery rule (domain/recovery.py)."""
+        outcome = recovery.recover(job.status, may_have_started)
+        why = recovery.reason(cause, outcome)
+        if outcome is recovery.Recovery.REQUEUE:
+            self.requeue(job, self.now, why, counted=False)
         else:
-            self.fail_attempt(job, self.now, FailureCode.ErrorInfrastructureFault.value, reason)
+            self.fail_attempt(job, self.now, FailureCode.ErrorInfrastructureFault.value, why)
 
     # -- writing --------------------------------------------------------------------------------
 
