@@ -41,7 +41,6 @@ BATCH_SIZE = 10
 POLL = 0.5  # the tutorial sleeps 30 s between polls
 
 
-
 def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing or find_busybox() is None or not Path("/usr/bin/python3").exists():
