@@ -12,6 +12,7 @@ from openhtc.domain.errors import (
     NotFound,
     OpenHTCError,
     PermissionDenied,
+    TooLarge,
     Unauthenticated,
     ValidationFailed,
 )
@@ -22,6 +23,7 @@ STATUS = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
+    TooLarge: 413,
 }
 _TYPES = {
     400: "BAD_REQUEST",
@@ -29,6 +31,7 @@ _TYPES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
 }
 
 
@@ -45,12 +48,17 @@ def status_of(exc: OpenHTCError) -> int:
     return 500
 
 
+def response_for(exc: OpenHTCError) -> JSONResponse:
+    """The HTTP response of an openhtc error (also for middleware, outside the handlers)."""
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, exc.message, exc.error), status_code=status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OpenHTCError)
     async def _openhtc(_request: Request, exc: OpenHTCError) -> JSONResponse:
-        status = status_of(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(error_body(status, exc.message, exc.error), status_code=status, headers=headers)
+        return response_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,6 +7,7 @@
     ├── NotFound              absent, or belongs to another tenant        -> 404
     │   └── ImageUnavailable  the image does not exist (Rescale's error name)
     ├── Conflict              the request clashes with the object's state -> 400
+    ├── TooLarge              a request body over its limit               -> 413
     └── InvalidTransition     a job state change the table does not allow (internal)
 
 Only ``openhtc.api.errors`` knows how these map to HTTP.
@@ -57,6 +58,12 @@ class ImageUnavailable(NotFound):
     """The image is unavailable."""
 
     error = "IMAGE_UNAVAILABLE"
+
+
+class TooLarge(OpenHTCError):
+    """The request is too large."""
+
+    error = "PAYLOAD_TOO_LARGE"
 
 
 class Conflict(OpenHTCError):

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Path, Request
 
 from openhtc.api import serializers as ser
 from openhtc.api.deps import principal, project_for, services
-from openhtc.api.pagination import decode_cursor, first, page, page_size
+from openhtc.api.pagination import ID_MAX, decode_cursor, first, page, page_size
 from openhtc.api.responses import JSONResponse
 from openhtc.api.validation import int_field, require_object, retention_body, str_field
 from openhtc.auth.permissions import require_role, require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import RESCALE_REGIONS, Priority, Role
 from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.domain.limits import check_description, check_name
 from openhtc.services.container import Services
 from openhtc.services.wakeups import Wakeups
 
 router = APIRouter()
+# The spec's AutoscalingProfile.
+SCALING_POLICIES = ("PROFILE_UNSPECIFIED", "OPTIMIZE_UTILIZATION", "BALANCED", "UNRECOGNIZED")
 
 
 def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]:
@@ -41,7 +44,7 @@ def list_projects(
     request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
     size = page_size(request)
-    cursor = decode_cursor(request)
+    cursor = decode_cursor(request, "pair")
     only_mine = (first(request, "onlyMyProjects") or "").lower() == "true"
     rows = svc.projects.list_projects(
         who.workspace_id, tuple(cursor) if cursor else None, size + 1, who.user_id if only_mine else None
@@ -69,6 +72,8 @@ def create_project(
     assert name is not None
     if not name.strip():
         raise ValidationFailed("must not be empty", field="projectName")
+    check_name(name, "projectName", svc.limits)
+    check_description(description, "projectDescription", svc.limits)
     row = svc.projects.create(
         who.workspace_id, name, description, regions, obj.get("regionSettings"), who.user_id, svc.clock.now()
     )
@@ -133,7 +138,10 @@ def put_dimensions(
         priority = str_field(entry, "priority", required=False, choices=tuple(Priority.__members__))
         if priority is not None:
             clean["priority"] = priority
-        for key, kind in (("machineType", str), ("hyperthreading", bool), ("computeScalingPolicy", str)):
+        policy = str_field(entry, "computeScalingPolicy", required=False, choices=SCALING_POLICIES)
+        if policy is not None:
+            clean["computeScalingPolicy"] = policy
+        for key, kind in (("machineType", str), ("hyperthreading", bool)):
             if entry.get(key) is not None:
                 if not isinstance(entry[key], kind):
                     raise ValidationFailed(f"must be a {kind.__name__}", field=f"[{i}].{key}")
@@ -202,14 +210,20 @@ def _limit(svc: Services, who: Principal, project_id: str, limit_id: int) -> Any
 
 @router.get("/htc/projects/{project_id}/limits/{limit_id}")
 def get_limit(
-    project_id: str, limit_id: int, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    limit_id: int = Path(ge=0, le=ID_MAX),
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(ser.limit(_limit(svc, who, project_id, limit_id)))
 
 
 @router.delete("/htc/projects/{project_id}/limits/{limit_id}", status_code=204)
 def delete_limit(
-    project_id: str, limit_id: int, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    limit_id: int = Path(ge=0, le=ID_MAX),
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> None:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -220,7 +234,7 @@ def delete_limit(
 @router.patch("/htc/projects/{project_id}/limits/{limit_id}")
 def patch_limit(
     project_id: str,
-    limit_id: int,
+    limit_id: int = Path(ge=0, le=ID_MAX),
     body: Any = Body(None),
     who: Principal = Depends(principal),
     svc: Services = Depends(services),
