@@ -23,7 +23,7 @@ from openhtc.domain.errors import OpenHTCError, TooLarge, ValidationFailed
 from openhtc.domain.limits import Limits
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_STREAMED = ("/htc/storage/objects/", "/htc/storage/upload/")  # raw uploads, any size
+_STREAMED = ("/htc/storage/objects/", "/htc/storage/upload/")  # raw object bodies, any size
 
 
 class RequestGuard:
@@ -35,9 +35,10 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        streamed = any(p in scope["path"] for p in _STREAMED)  # their keys are checked as keys
         try:
-            check_target(scope["path"], scope.get("query_string", b""))
-            if scope["method"] in ("POST", "PUT", "PATCH") and not any(p in scope["path"] for p in _STREAMED):
+            check_target("" if streamed else scope["path"], scope.get("query_string", b""))
+            if scope["method"] in ("POST", "PUT", "PATCH") and not streamed:
                 body = await self._read(scope, receive)
                 if _is_json(scope):
                     check_json_body(body, self.limits)
