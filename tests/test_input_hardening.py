@@ -409,3 +409,26 @@ def test_a_job_token_reads_no_workspace_metrics_or_settings(api: Any, module_ser
         refused(job.client.get(path), 403)
     assert job.client.get(f"{tp(pid, tid)}/jobs").status_code == 200  # its own task still works
     assert api.client.get("/htc/metrics").status_code == 200
+
+
+def test_region_settings_and_claims_are_bounded_too(api: Any) -> None:
+    before = {p["projectId"] for p in api.list_all("/htc/projects")}
+    for settings, field in (
+        (
+            [{"computeSettings": {"computeRegion": "MOON_1"}}],
+            "regionSettings[0].computeSettings.computeRegion",
+        ),
+        ([{"junk": "x" * 1000}] * 100, "regionSettings"),
+        ("x", "regionSettings"),
+    ):
+        body = {"projectName": "p", "projectDescription": "", "regionSettings": settings}
+        refused(api.client.post("/htc/projects", json=body), 400, field)
+    assert {p["projectId"] for p in api.list_all("/htc/projects")} == before
+    kept = [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}, "other": "dropped"}]
+    project = api.create_project(regionSettings=kept)
+    assert project["regionSettings"] == [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}}]
+    pid, tid = api.project_and_task()
+    claims = [{"name": f"c{i}", "value": "v" * 100_000} for i in range(11)]
+    resp = _submit(api, pid, tid, _with(api.job_request(["true"]), "htcJobDefinition.claims", claims))
+    refused(resp, 400, "command_bytes")
+    assert job_count(api, pid, tid) == 0

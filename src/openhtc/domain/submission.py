@@ -193,17 +193,21 @@ def _check_limits(request: SubmitRequest, where: str, limits: Limits) -> None:
                 field=f"{here}.commands[{i}]",
             )
         total += size + 1
-    for i, pair in enumerate(definition.envs):
-        check_name(pair.name, f"{here}.envs[{i}].name", limits)
+    # claims reach the job's environment too, inside its token (as userDefined_*)
+    pairs = [("envs", i, pair) for i, pair in enumerate(definition.envs)]
+    pairs += [("claims", i, pair) for i, pair in enumerate(definition.claims)]
+    for kind, i, pair in pairs:
+        check_name(pair.name, f"{here}.{kind}[{i}].name", limits)
         size = len(pair.name.encode("utf-8")) + len(pair.value.encode("utf-8")) + 1
         if size > MAX_ARG_BYTES:
             raise ValidationFailed(
                 f"NAME=value is {size} bytes; the kernel runs no env string over {MAX_ARG_BYTES} bytes",
-                field=f"{here}.envs[{i}]",
+                field=f"{here}.{kind}[{i}]",
             )
         total += size + 1
     if total > limits.command_bytes:
         raise ValidationFailed(
-            f"commands and envs take {total} bytes; the limit (command_bytes) is {limits.command_bytes}",
+            f"commands, envs and claims take {total} bytes; the limit (command_bytes) is "
+            f"{limits.command_bytes}",
             field=f"{here}.commands",
         )

@@ -39,6 +39,34 @@ def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]
     return list(dict.fromkeys(value))
 
 
+def _region_settings(value: Any) -> list[dict[str, Any]] | None:
+    """HTCRegionSettings, as the spec has them: only their known fields, with Rescale regions."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > len(RESCALE_REGIONS):
+        raise ValidationFailed(
+            f"must be an array of at most {len(RESCALE_REGIONS)} HTCRegionSettings", field="regionSettings"
+        )
+    out = []
+    for i, entry in enumerate(value):
+        where = f"regionSettings[{i}]"
+        if not isinstance(entry, dict):
+            raise ValidationFailed("must be an HTCRegionSettings object", field=where)
+        clean: dict[str, Any] = {}
+        for part, key in (("computeSettings", "computeRegion"), ("storageSettings", "storageRegion")):
+            settings = entry.get(part)
+            if settings is None:
+                continue
+            if not isinstance(settings, dict):
+                raise ValidationFailed("must be an object", field=f"{where}.{part}")
+            region = settings.get(key)
+            if region is not None and (not isinstance(region, str) or region not in RESCALE_REGIONS):
+                raise ValidationFailed("must be a Rescale region name", field=f"{where}.{part}.{key}")
+            clean[part] = {key: region} if region is not None else {}
+        out.append(clean)
+    return out
+
+
 @router.get("/htc/projects")
 def list_projects(
     request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
@@ -75,7 +103,13 @@ def create_project(
     check_name(name, "projectName", svc.limits)
     check_description(description, "projectDescription", svc.limits)
     row = svc.projects.create(
-        who.workspace_id, name, description, regions, obj.get("regionSettings"), who.user_id, svc.clock.now()
+        who.workspace_id,
+        name,
+        description,
+        regions,
+        _region_settings(obj.get("regionSettings")),
+        who.user_id,
+        svc.clock.now(),
     )
     return JSONResponse(ser.project(row, svc.registry))
 
