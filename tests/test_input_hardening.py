@@ -241,6 +241,14 @@ def test_out_of_range_integers_in_paths_and_queries_answer_4xx(api: Any) -> None
         resp = api.client.request(method, f"/htc/projects/{pid}/limits/{big}", json={"vCPUs": 1})
         refused(resp, 400, "limit_id")
     refused(api.client.get(f"/htc/projects/{pid}/limits/-1"), 400)
+    tid = api.create_task(pid)["taskId"]
+    parent = api.submit_one(pid, tid, api.job_request(["true"]))["parentJobId"]
+    for index in (str(2**63), "99999999999", "\u00b2", "1e3", "-1"):
+        assert api.client.get(f"{tp(pid, tid)}/jobs/{parent}:{index}").status_code == 404
+        assert (
+            api.client.get(f"{tp(pid, tid)}/jobs", params={"jobId": f"{parent}:{index}"}).json()["items"]
+            == []
+        )
     assert api.client.get(f"/htc/projects/{pid}/limits/{2**63 - 1}").status_code == 404
     for size in (big, "99999999999999999999999", "-5", "1e3"):
         refused(api.client.get("/htc/projects", params={"pageSize": size}), 400, "pageSize")
