@@ -328,6 +328,9 @@ def test_project_descriptions_and_scaling_policies_are_bounded(api: Any) -> None
     dims = f"/htc/projects/{pid}/dimensions"
     refused(api.client.put(dims, json=[{"computeScalingPolicy": "ANYTHING"}]), 400, "computeScalingPolicy")
     assert api.get(dims) == []
+    refused(api.client.put(dims, json=[{"machineType": "m" * 501}]), 400, "[0].machineType", "name_chars")
+    refused(api.client.put(dims, json=[{}] * 1001), 400, "body", "1000")
+    assert api.get(dims) == []
     assert api.client.put(dims, json=[{"computeScalingPolicy": "BALANCED"}]).status_code == 201
 
 

@@ -21,6 +21,7 @@ from openhtc.services.wakeups import Wakeups
 
 router = APIRouter()
 # The spec's AutoscalingProfile.
+MAX_DIMENSIONS = 1000  # compute environments of one project: far more than regions x priorities
 SCALING_POLICIES = ("PROFILE_UNSPECIFIED", "OPTIMIZE_UTILIZATION", "BALANCED", "UNRECOGNIZED")
 
 
@@ -158,6 +159,8 @@ def put_dimensions(
     require_role(who, Role.PROJECT_ADMIN, "changing project dimensions")
     if not isinstance(body, list):
         raise ValidationFailed("the body must be a JSON array of HTCComputeEnvironment", field="body")
+    if len(body) > MAX_DIMENSIONS:
+        raise ValidationFailed(f"holds {len(body)} entries; at most {MAX_DIMENSIONS} are kept", field="body")
     dims = []
     for i, item in enumerate(body):
         entry = require_object(item)
@@ -180,6 +183,8 @@ def put_dimensions(
                 if not isinstance(entry[key], kind):
                     raise ValidationFailed(f"must be a {kind.__name__}", field=f"[{i}].{key}")
                 clean[key] = entry[key]
+        if "machineType" in clean:
+            check_name(clean["machineType"], f"[{i}].machineType", svc.limits)
         dims.append(clean)
     svc.projects.update(project_id, dimensions=dims)
     return JSONResponse(dims, status_code=201)
