@@ -313,10 +313,10 @@ def test_submissions_that_could_never_run_or_would_bloat_the_store_are_refused(a
     }
     for name, (request, words) in cases.items():
         assert name and refused(_submit(api, pid, tid, request), 400, *words)
-    refused(_submit(api, pid, tid, *[ok] * 101), 400, "requests_per_call", "100")
+    refused(_submit(api, pid, tid, *[ok] * 1001), 400, "requests_per_call", "1000")
     assert job_count(api, pid, tid) == 0, "a refused submit stored jobs"
-    assert api.submit(pid, tid, *[ok] * 100)  # at the limit
-    assert job_count(api, pid, tid) == 100
+    assert api.submit(pid, tid, ok, _with(ok, f"{d}.commands", ["x" * 100_000] * 10))  # within every limit
+    assert job_count(api, pid, tid) == 2
 
 
 def test_project_descriptions_and_scaling_policies_are_bounded(api: Any) -> None:

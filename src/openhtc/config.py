@@ -96,7 +96,9 @@ class Settings(BaseSettings):
         1024 * 1024, gt=0, description="Most bytes of one job's commands and envs together."
     )
     max_envs_per_job: int = Field(1000, gt=0, description="Most envs (and most tags) of one job definition.")
-    max_requests_per_call: int = Field(100, gt=0, description="Most HTCJobSubmitRequests in one submit call.")
+    max_requests_per_call: int = Field(
+        1000, gt=0, description="Most HTCJobSubmitRequests in one submit call."
+    )
 
     # -- container registry ------------------------------------------------------------------
     registry_url: str | None = Field(

@@ -19,7 +19,7 @@ class Limits:
     description_chars: int = 65536  # project and task descriptions
     command_bytes: int = 1024 * 1024  # a job's commands and envs together, as execve gets them
     envs_per_job: int = 1000  # envs (and tags) of one job definition
-    requests_per_call: int = 100  # HTCJobSubmitRequest objects in one submit call
+    requests_per_call: int = 1000  # HTCJobSubmitRequest objects in one submit call
 
 
 def check_name(value: str, field: str, limits: Limits) -> str:
