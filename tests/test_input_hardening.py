@@ -429,15 +429,17 @@ def test_region_settings_and_claims_are_bounded_too(api: Any) -> None:
             [{"computeSettings": {"computeRegion": "MOON_1"}}],
             "regionSettings[0].computeSettings.computeRegion",
         ),
+        ([{"computeSettings": {}}], "regionSettings[0].storageSettings"),
         ([{"junk": "x" * 1000}] * 100, "regionSettings"),
         ("x", "regionSettings"),
     ):
         body = {"projectName": "p", "projectDescription": "", "regionSettings": settings}
         refused(api.client.post("/htc/projects", json=body), 400, field)
     assert {p["projectId"] for p in api.list_all("/htc/projects")} == before
-    kept = [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}, "other": "dropped"}]
+    kept = [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}, "storageSettings": {}, "other": "x"}]
     project = api.create_project(regionSettings=kept)
-    assert project["regionSettings"] == [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}}]
+    expected = [{"computeSettings": {"computeRegion": "AWS_US_EAST_1"}, "storageSettings": {}}]
+    assert project["regionSettings"] == expected
     pid, tid = api.project_and_task()
     claims = [{"name": f"c{i}", "value": "v" * 100_000} for i in range(11)]
     resp = _submit(api, pid, tid, _with(api.job_request(["true"]), "htcJobDefinition.claims", claims))

@@ -56,10 +56,8 @@ def _region_settings(value: Any) -> list[dict[str, Any]] | None:
         clean: dict[str, Any] = {}
         for part, key in (("computeSettings", "computeRegion"), ("storageSettings", "storageRegion")):
             settings = entry.get(part)
-            if settings is None:
-                continue
             if not isinstance(settings, dict):
-                raise ValidationFailed("must be an object", field=f"{where}.{part}")
+                raise ValidationFailed("is required, as an object", field=f"{where}.{part}")
             region = settings.get(key)
             if region is not None and (not isinstance(region, str) or region not in RESCALE_REGIONS):
                 raise ValidationFailed("must be a Rescale region name", field=f"{where}.{part}.{key}")
