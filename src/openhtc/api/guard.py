@@ -16,6 +16,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openhtc.api.errors import response_for
@@ -110,10 +111,35 @@ def check_json_body(body: bytes, limits: Limits) -> None:
         raise ValidationFailed("is nested too deeply", field="body") from None
     except ValueError:
         return  # not JSON: the route answers 400 for it
-    try:
+    if _clean(document, body, limits.string_chars):
+        return
+    try:  # something is wrong: find it, with its field path (slower)
         _walk(document, "", limits.string_chars)
     except RecursionError:
         raise ValidationFailed("is nested too deeply", field="body") from None
+
+
+def _clean(document: Any, body: bytes, max_chars: int) -> bool:
+    """True when no string is bad, cheaply: orjson (in C) refuses lone surrogates; NUL can only
+    arrive as ``\\u0000``; only a body over ``max_chars`` can hold a string over it."""
+    try:
+        orjson.dumps(document)
+    except TypeError:  # a surrogate (or an integer beyond 64 bits): look closer
+        return False
+    if b"\\u0000" not in body and len(body) <= max_chars:
+        return True
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if len(value) > max_chars or "\x00" in value:
+                return False
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+            stack.extend(value.keys())
+    return True
 
 
 def _walk(value: Any, path: str, max_chars: int) -> None:
