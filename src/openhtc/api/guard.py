@@ -5,7 +5,8 @@
 - Any string of a JSON body (values and keys) holding a lone UTF-16 surrogate (``"\\ud800"``,
   which no UTF-8 encoder accepts) or NUL, or longer than ``string_chars``, answers 400 naming
   the field. A body without ``\\u`` escapes, without the bytes of a UTF-8-encoded surrogate and
-  shorter than ``string_chars`` cannot hold either, so most bodies skip the walk.
+  shorter than ``string_chars`` cannot hold either, so most bodies are not parsed here; the
+  others are checked by orjson in C, and walked in Python (to name the field) only when bad.
 - NUL in the path or a query parameter answers 400 (PostgreSQL cannot store it; nothing uses it).
 """
 
