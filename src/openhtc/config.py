@@ -91,6 +91,23 @@ class Settings(BaseSettings):
         300.0, gt=0, description="How often task retention policies are applied (archive, delete)."
     )
 
+    # -- request limits (400 or 413 naming the limit; see docs/configuration.md#limits) ---------
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest JSON request body (413).")
+    max_string_chars: int = Field(
+        1024 * 1024, gt=0, description="Longest string anywhere in a JSON request body."
+    )
+    max_name_chars: int = Field(
+        500, gt=0, le=500, description="Longest name: project, task, job, group, image, env name."
+    )
+    max_description_chars: int = Field(65536, gt=0, description="Longest project or task description.")
+    max_command_bytes: int = Field(
+        1024 * 1024, gt=0, description="Most bytes of one job's commands and envs together."
+    )
+    max_envs_per_job: int = Field(1000, gt=0, description="Most envs (and most tags) of one job definition.")
+    max_requests_per_call: int = Field(
+        1000, gt=0, description="Most HTCJobSubmitRequests in one submit call."
+    )
+
     # -- container registry ------------------------------------------------------------------
     registry_url: str | None = Field(
         None,

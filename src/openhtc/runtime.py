@@ -20,6 +20,7 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import OpenHTCError
+from openhtc.domain.limits import Limits
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
@@ -74,9 +75,22 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         registry=Registry(settings, clock, db),
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
         images_required=settings.runtime not in ("process", "noop"),
+        limits=limits_of(settings),
     )
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     return services
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        request_bytes=settings.max_request_bytes,
+        string_chars=settings.max_string_chars,
+        name_chars=settings.max_name_chars,
+        description_chars=settings.max_description_chars,
+        command_bytes=settings.max_command_bytes,
+        envs_per_job=settings.max_envs_per_job,
+        requests_per_call=settings.max_requests_per_call,
+    )
 
 
 def write_secret(path: Path, value: str) -> None:

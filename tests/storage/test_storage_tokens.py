@@ -33,7 +33,7 @@ def test_token_routes_answer_the_rescale_shapes(storage_server: Any, instant: An
         keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
         keys |= {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}  # SeaweedFS is not AWS
     else:
-        root, provider, name = "openhtc://openhtc-local/", "OPENHTC", "openhtc-local"
+        root, provider, name = "openhtc://openhtc-local/", "UNASSIGNED", "openhtc-local"
         keys = {"OPENHTC_STORAGE_TOKEN", "OPENHTC_STORAGE_URL"}
         assert task_token["credentials"]["OPENHTC_STORAGE_URL"] == s.server.api_url
     for token in (project_token, task_token):

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openhtc import __version__
 from openhtc.api import errors
+from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
@@ -35,6 +36,7 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system):
         app.include_router(module.router)
+    app.add_middleware(RequestGuard, limits=services.limits)
     app.add_middleware(ApiPrefix)
     return app
 

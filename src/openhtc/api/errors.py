@@ -13,6 +13,7 @@ from openhtc.domain.errors import (
     NotFound,
     OpenHTCError,
     PermissionDenied,
+    TooLarge,
     Unauthenticated,
     Unavailable,
     ValidationFailed,
@@ -25,6 +26,7 @@ STATUS = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
+    TooLarge: 413,
     Unavailable: 503,
     InsufficientStorage: 507,
 }
@@ -34,6 +36,7 @@ _TYPES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
     500: "INTERNAL_SERVER_ERROR",
 }
 
@@ -51,7 +54,8 @@ def status_of(exc: OpenHTCError) -> int:
     return 500
 
 
-def _response(exc: OpenHTCError) -> JSONResponse:
+def response_for(exc: OpenHTCError) -> JSONResponse:
+    """The HTTP response of an openhtc error (also for middleware, outside the handlers)."""
     status = status_of(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 503:
@@ -62,7 +66,7 @@ def _response(exc: OpenHTCError) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(OpenHTCError)
     async def _openhtc(_request: Request, exc: OpenHTCError) -> JSONResponse:
-        return _response(exc)
+        return response_for(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -70,7 +74,7 @@ def install(app: FastAPI) -> None:
         other failure is a 500 with the error body (Starlette then logs its traceback)."""
         known = failure(exc)
         if known is not None:
-            return _response(known)
+            return response_for(known)
         return JSONResponse(error_body(500, "internal server error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import Request
 
 from openhtc.domain.errors import ValidationFailed
+
+CursorKind = Literal["int", "pair", "str"]
+ID_MAX = 2**63 - 1  # the largest BIGINT: larger ids in paths and cursors are refused, not overflowed
 
 
 def first(request: Request, name: str) -> str | None:
@@ -40,14 +44,48 @@ def encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def decode_cursor(request: Request) -> Any:
+def decode_cursor(request: Request, kind: CursorKind = "int") -> Any:
+    """The cursor of ``pageIndex``, or None; 400 unless it has the shape this list issues:
+    ``int`` (a row id or offset), ``pair`` ([createdAt, id]) or ``str`` (a group name)."""
     raw = first(request, "pageIndex")
     if not raw:
         return None
     try:
-        return json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed("not a page index this server issued", field="pageIndex") from None
+        value = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        value = _FORGED
+    if not _SHAPES[kind](value):
+        raise ValidationFailed("not a page index this server issued", field="pageIndex")
+    return value
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ID_MAX
+
+
+def _is_pair(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], (int, float))
+        and not isinstance(value[0], bool)
+        and math.isfinite(value[0])
+        and _is_name(value[1])
+    )
+
+
+def _is_name(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 500 or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")  # no lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_FORGED = object()
+_SHAPES = {"int": _is_id, "pair": _is_pair, "str": _is_name}
 
 
 def next_url(request: Request, cursor: Any) -> str:

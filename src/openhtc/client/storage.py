@@ -405,7 +405,7 @@ class StorageClient(Closeable):
         token = self._tokens.current()
         self.scheme, self.storage_name, self.root_key = split_uri(token.root)
         self._backend: _Backend
-        if token.provider == "OPENHTC":
+        if self.scheme == "openhtc" or token.provider == "OPENHTC":  # "OPENHTC": servers before 0.2
             self._backend = _OpenhtcBackend(self._tokens, timeout)
         else:
             self._backend = _S3Backend(self._tokens, self.storage_name)

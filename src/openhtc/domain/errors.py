@@ -9,6 +9,7 @@
     ├── Conflict              the request clashes with the object's state -> 400
     ├── Unavailable           the database cannot be reached right now     -> 503
     ├── InsufficientStorage   a disk (or the database's) is full          -> 507
+    ├── TooLarge              a request body over its limit               -> 413
     └── InvalidTransition     a job state change the table does not allow (internal)
 
 Only ``openhtc.api.errors`` knows how these map to HTTP.
@@ -59,6 +60,12 @@ class ImageUnavailable(NotFound):
     """The image is unavailable."""
 
     error = "IMAGE_UNAVAILABLE"
+
+
+class TooLarge(OpenHTCError):
+    """The request is too large."""
+
+    error = "PAYLOAD_TOO_LARGE"
 
 
 class Conflict(OpenHTCError):

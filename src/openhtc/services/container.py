@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
+from openhtc.domain.limits import Limits
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 from openhtc.store.accounts import AccountStore
@@ -45,6 +46,8 @@ class Services:
     images_required: bool = False
     # Project and task storage (None only where a caller builds Services by hand).
     storage: StorageService | None = None
+    # Request limits (config: max_*), enforced at the API's edge and in validation.
+    limits: Limits = field(default_factory=Limits)
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

@@ -26,7 +26,14 @@ from openhtc.domain.clock import Clock
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.domain.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from openhtc.storage.base import Backend, Credentials
-from openhtc.storage.layout import Scope, clean_relative, parse_layout, shared_prefix, task_prefix
+from openhtc.storage.layout import (
+    Scope,
+    clean_key,
+    clean_relative,
+    parse_layout,
+    shared_prefix,
+    task_prefix,
+)
 from openhtc.storage.local import LocalBackend, UrlSigner
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.storage.staging import BindStager, Stager, SyncStager
@@ -193,6 +200,7 @@ class StorageService:
             if task.lifecycle_status == LifecycleStatus.DELETED.value:
                 raise Conflict(f"task {task.id} is DELETED and its storage was freed")
             key = task_prefix(project_id, task.id) + relative
+        clean_key(key, "filePath")  # the whole key, prefix included, within MAX_KEY_BYTES
         return self.backend.presign_put(key, self.settings.presigned_url_ttl_seconds, api_url)
 
     def check_presigned(self, key: str, expires: str | None, signature: str | None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
+from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
 from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
@@ -20,9 +21,11 @@ def submit(
     the scheduler and the executors."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; jobs cannot be submitted to it")
-    if group is not None and not group.strip():
-        raise ValidationFailed("must not be empty", field="group")
-    requests = parse_submit_requests(body)
+    if group is not None:
+        if not group.strip():
+            raise ValidationFailed("must not be empty", field="group")
+        check_name(group, "group", services.limits)
+    requests = parse_submit_requests(body, services.limits)
     region_archs = {
         r.name: list(r.architectures) for r in services.accounts.regions(project.workspace_id) if r.enabled
     }

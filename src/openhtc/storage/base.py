@@ -54,7 +54,7 @@ class Upload(Protocol):
 class Backend(Protocol):
     """Where project and task storage lives. Keys are clean (see ``storage.layout``)."""
 
-    provider: str  # the wire's "provider": "AWS" for S3 stores, "OPENHTC" for local files
+    provider: str  # the wire's "provider": "AWS" for S3 stores, "UNASSIGNED" for local files
     storage_name: str  # the wire's "storageName": the bucket, or "openhtc-local"
 
     def url(self, key: str) -> str:

@@ -21,6 +21,7 @@ PROJECT_SHARED_ENV = "PROJECT_SHARED_FOLDER"
 TASK_SHARED_ENV = "TASK_SHARED_FOLDER"
 
 MAX_KEY_BYTES = 1024  # the S3 limit
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of every Linux filesystem (the local backend's files)
 
 
 def shared_prefix(project_id: str) -> str:
@@ -79,6 +80,8 @@ def _check_segments(path: str, field: str) -> None:
             raise ValidationFailed(
                 "must not contain empty, '.' or '..' path segments (no path traversal)", field=field
             )
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise ValidationFailed(f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes", field=field)
 
 
 @dataclass(frozen=True, slots=True)

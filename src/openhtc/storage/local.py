@@ -83,7 +83,7 @@ class _FileUpload:
 
 
 class LocalBackend:
-    provider = "OPENHTC"
+    provider = "UNASSIGNED"  # in the spec's CloudProvider enum, which strict clients enforce
     storage_name = STORAGE_NAME
 
     def __init__(self, root: Path, tokens: TokenService, signer: UrlSigner) -> None:

@@ -197,7 +197,9 @@ class JobStore:
         """The job (a row, or a PendingJob while its row is not written) and its batch row for
         ``{parentJobId}:{index}``."""
         parent, sep, index = job_uuid.rpartition(":")
-        if not sep or not index.isdigit():
+        # ASCII digits only ("²".isdigit() is true), and no index beyond any batch (a larger
+        # number would overflow the INTEGER column on PostgreSQL).
+        if not sep or not (index.isascii() and index.isdigit()) or len(index) > 9:
             return None
         batch = self.batch_by_parent(conn, parent)  # read first: see materialize.pending_job
         if batch is None or batch.task_id != task_id:

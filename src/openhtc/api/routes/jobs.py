@@ -61,7 +61,7 @@ def list_jobs(
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     size = page_size(request)
-    after = decode_cursor(request) or 0
+    after = decode_cursor(request, "int") or 0
     status_name = first(request, "status")
     if status_name is not None and status_name not in STATUS_NAMES:
         raise ValidationFailed(f"must be one of {', '.join(STATUS_NAMES)}", field="status")
@@ -117,7 +117,7 @@ def job_events(
     task_for(svc, who, project_id, task_id)
     job, _ = _job(svc, task_id, job_id)
     size = page_size(request)
-    after = decode_cursor(request) or 0
+    after = decode_cursor(request, "int") or 0
     with svc.db.read() as conn:
         rows = svc.jobs.events(conn, job.id, job.batch_id, int(after), size + 1)
     body = page(request, rows, size, lambda r: r.id)

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Path, Request
 
 from openhtc.api import serializers as ser
 from openhtc.api.deps import principal, project_for, services
-from openhtc.api.pagination import decode_cursor, first, page, page_size
+from openhtc.api.pagination import ID_MAX, decode_cursor, first, page, page_size
 from openhtc.api.responses import JSONResponse
 from openhtc.api.validation import int_field, require_object, retention_body, str_field
 from openhtc.auth.permissions import require_role, require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import RESCALE_REGIONS, Priority, Role
 from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.domain.limits import check_description, check_name
 from openhtc.services.container import Services
 from openhtc.services.wakeups import Wakeups
 
 router = APIRouter()
+# The spec's AutoscalingProfile.
+MAX_DIMENSIONS = 1000  # compute environments of one project: far more than regions x priorities
+SCALING_POLICIES = ("PROFILE_UNSPECIFIED", "OPTIMIZE_UTILIZATION", "BALANCED", "UNRECOGNIZED")
 
 
 def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]:
@@ -36,12 +40,38 @@ def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]
     return list(dict.fromkeys(value))
 
 
+def _region_settings(value: Any) -> list[dict[str, Any]] | None:
+    """HTCRegionSettings, as the spec has them: only their known fields, with Rescale regions."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > len(RESCALE_REGIONS):
+        raise ValidationFailed(
+            f"must be an array of at most {len(RESCALE_REGIONS)} HTCRegionSettings", field="regionSettings"
+        )
+    out = []
+    for i, entry in enumerate(value):
+        where = f"regionSettings[{i}]"
+        if not isinstance(entry, dict):
+            raise ValidationFailed("must be an HTCRegionSettings object", field=where)
+        clean: dict[str, Any] = {}
+        for part, key in (("computeSettings", "computeRegion"), ("storageSettings", "storageRegion")):
+            settings = entry.get(part)
+            if not isinstance(settings, dict):
+                raise ValidationFailed("is required, as an object", field=f"{where}.{part}")
+            region = settings.get(key)
+            if region is not None and (not isinstance(region, str) or region not in RESCALE_REGIONS):
+                raise ValidationFailed("must be a Rescale region name", field=f"{where}.{part}.{key}")
+            clean[part] = {key: region} if region is not None else {}
+        out.append(clean)
+    return out
+
+
 @router.get("/htc/projects")
 def list_projects(
     request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
     size = page_size(request)
-    cursor = decode_cursor(request)
+    cursor = decode_cursor(request, "pair")
     only_mine = (first(request, "onlyMyProjects") or "").lower() == "true"
     rows = svc.projects.list_projects(
         who.workspace_id, tuple(cursor) if cursor else None, size + 1, who.user_id if only_mine else None
@@ -69,8 +99,16 @@ def create_project(
     assert name is not None
     if not name.strip():
         raise ValidationFailed("must not be empty", field="projectName")
+    check_name(name, "projectName", svc.limits)
+    check_description(description, "projectDescription", svc.limits)
     row = svc.projects.create(
-        who.workspace_id, name, description, regions, obj.get("regionSettings"), who.user_id, svc.clock.now()
+        who.workspace_id,
+        name,
+        description,
+        regions,
+        _region_settings(obj.get("regionSettings")),
+        who.user_id,
+        svc.clock.now(),
     )
     return JSONResponse(ser.project(row, svc.registry))
 
@@ -119,6 +157,8 @@ def put_dimensions(
     require_role(who, Role.PROJECT_ADMIN, "changing project dimensions")
     if not isinstance(body, list):
         raise ValidationFailed("the body must be a JSON array of HTCComputeEnvironment", field="body")
+    if len(body) > MAX_DIMENSIONS:
+        raise ValidationFailed(f"holds {len(body)} entries; at most {MAX_DIMENSIONS} are kept", field="body")
     dims = []
     for i, item in enumerate(body):
         entry = require_object(item)
@@ -133,11 +173,16 @@ def put_dimensions(
         priority = str_field(entry, "priority", required=False, choices=tuple(Priority.__members__))
         if priority is not None:
             clean["priority"] = priority
-        for key, kind in (("machineType", str), ("hyperthreading", bool), ("computeScalingPolicy", str)):
+        policy = str_field(entry, "computeScalingPolicy", required=False, choices=SCALING_POLICIES)
+        if policy is not None:
+            clean["computeScalingPolicy"] = policy
+        for key, kind in (("machineType", str), ("hyperthreading", bool)):
             if entry.get(key) is not None:
                 if not isinstance(entry[key], kind):
                     raise ValidationFailed(f"must be a {kind.__name__}", field=f"[{i}].{key}")
                 clean[key] = entry[key]
+        if "machineType" in clean:
+            check_name(clean["machineType"], f"[{i}].machineType", svc.limits)
         dims.append(clean)
     svc.projects.update(project_id, dimensions=dims)
     return JSONResponse(dims, status_code=201)
@@ -202,14 +247,20 @@ def _limit(svc: Services, who: Principal, project_id: str, limit_id: int) -> Any
 
 @router.get("/htc/projects/{project_id}/limits/{limit_id}")
 def get_limit(
-    project_id: str, limit_id: int, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    limit_id: int = Path(ge=0, le=ID_MAX),
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(ser.limit(_limit(svc, who, project_id, limit_id)))
 
 
 @router.delete("/htc/projects/{project_id}/limits/{limit_id}", status_code=204)
 def delete_limit(
-    project_id: str, limit_id: int, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    limit_id: int = Path(ge=0, le=ID_MAX),
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
 ) -> None:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -220,7 +271,7 @@ def delete_limit(
 @router.patch("/htc/projects/{project_id}/limits/{limit_id}")
 def patch_limit(
     project_id: str,
-    limit_id: int,
+    limit_id: int = Path(ge=0, le=ID_MAX),
     body: Any = Body(None),
     who: Principal = Depends(principal),
     svc: Services = Depends(services),

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from openhtc.api.deps import principal, services
 from openhtc.api.errors import error_body
 from openhtc.api.responses import JSONResponse
+from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import OpenHTCError
@@ -33,6 +34,7 @@ def health(svc: Services = Depends(services)) -> JSONResponse:
 
 @router.get("/htc/metrics")
 def metrics(who: Principal = Depends(principal), svc: Services = Depends(services)) -> Response:
+    require_user(who, "read workspace metrics")  # they name every project of the workspace
     registry = CollectorRegistry()
     jobs = Gauge(
         "htc_jobs", "Jobs by project and status", ["project_id", "project_name", "status"], registry=registry

@@ -15,6 +15,7 @@ from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.domain.errors import Conflict, ValidationFailed
+from openhtc.domain.limits import check_description, check_name
 from openhtc.services import tasks as tasks_service
 from openhtc.services.container import Services
 
@@ -28,7 +29,7 @@ def list_tasks(
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     size = page_size(request)
-    cursor = decode_cursor(request)
+    cursor = decode_cursor(request, "pair")
     rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, size + 1)
     if who.is_job:
         rows = [r for r in rows if r.id == who.task_id]
@@ -52,6 +53,8 @@ def create_task(
     if not name.strip():
         raise ValidationFailed("must not be empty", field="taskName")
     description = str_field(obj, "taskDescription", required=False) or ""
+    check_name(name, "taskName", svc.limits)
+    check_description(description, "taskDescription", svc.limits)
     return JSONResponse(
         ser.task(svc.projects.create_task(project, name, description, who.user_id, svc.clock.now()))
     )
@@ -122,7 +125,7 @@ def group_summary(
     task_for(svc, who, project_id, task_id)
     wanted = request.query_params.getlist("group")
     size = page_size(request)
-    after = decode_cursor(request)
+    after = decode_cursor(request, "str")
     with svc.db.read() as conn:
         if wanted:
             names = sorted(g for g in set(wanted) if after is None or g > after)[: size + 1]

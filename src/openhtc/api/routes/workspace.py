@@ -10,6 +10,7 @@ from openhtc.api import serializers as ser
 from openhtc.api.deps import principal, services
 from openhtc.api.responses import JSONResponse
 from openhtc.api.validation import retention_body
+from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
@@ -22,8 +23,10 @@ UNLIMITED_VCPUS = 999999  # the schema's maximum; reported when no workspace lim
 
 
 def _own_workspace(who: Principal, workspace_id: str) -> None:
+    """Another workspace: 404. A job token, scoped to one task, reads no workspace-wide data: 403."""
     if workspace_id != who.workspace_id:
         raise NotFound(f"workspace {workspace_id} not found")
+    require_user(who, "read workspace settings")
 
 
 @router.get("/htc/regions")
