@@ -18,7 +18,7 @@ from fastapi import Request
 
 from openhtc.domain.errors import ValidationFailed
 
-CursorKind = Literal["int", "pair", "str"]
+CursorKind = Literal["int", "pair", "str", "position"]
 ID_MAX = 2**63 - 1  # the largest BIGINT: larger ids in paths and cursors are refused, not overflowed
 
 
@@ -46,7 +46,8 @@ def encode_cursor(value: Any) -> str:
 
 def decode_cursor(request: Request, kind: CursorKind = "int") -> Any:
     """The cursor of ``pageIndex``, or None; 400 unless it has the shape this list issues:
-    ``int`` (a row id or offset), ``pair`` ([createdAt, id]) or ``str`` (a group name)."""
+    ``int`` (a row id or offset), ``pair`` ([createdAt, id]), ``str`` (a group name) or
+    ``position`` ([attempt, byte offset] in a job's logs)."""
     raw = first(request, "pageIndex")
     if not raw:
         return None
@@ -84,8 +85,12 @@ def _is_name(value: Any) -> bool:
     return True
 
 
+def _is_position(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_id(v) for v in value)
+
+
 _FORGED = object()
-_SHAPES = {"int": _is_id, "pair": _is_pair, "str": _is_name}
+_SHAPES = {"int": _is_id, "pair": _is_pair, "str": _is_name, "position": _is_position}
 
 
 def next_url(request: Request, cursor: Any) -> str:

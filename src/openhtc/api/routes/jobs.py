@@ -140,7 +140,7 @@ def job_logs(
     order = (first(request, "sort") or "desc").lower()
     if order not in ("asc", "desc"):
         raise ValidationFailed("must be asc or desc", field="sort")
-    start = _log_position(decode_cursor(request), job.attempt)
+    start = _log_position(decode_cursor(request, "position"), job.attempt)
     lines = svc.logs.page(
         (task_id, batch.parent_job_id, job.idx), job.attempt, size + 1, order == "desc", start
     )
