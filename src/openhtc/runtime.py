@@ -146,6 +146,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.registry,  # the ImageSource container runtimes pull job images through
             image_cache_gib=settings.image_cache_gib,
             job_network=settings.job_network,
+            max_log_bytes=settings.max_log_bytes_per_job,
         )
         log.info("executor runtime: %s (configured: %s)", runtime.name, settings.runtime)
         executor = LocalExecutor(

@@ -49,15 +49,17 @@ def build_runtime(
     *,
     image_cache_gib: float = 10.0,
     job_network: bool = False,
+    max_log_bytes: int | None = None,
 ) -> Runtime:
     """The runtime called ``name`` ('auto' resolved by ``choose_runtime``).
 
     ``images`` resolves job images to registry pulls (the server's registry); without it the
-    container runtimes fail every job with ErrorStartingContainer.
+    container runtimes fail every job with ErrorStartingContainer. ``max_log_bytes``: output
+    a job may write to its log (None: no cap); past it the rest is discarded after a marker.
     """
     name = choose_runtime(name)
     if name == "process":
-        return ProcessRuntime(work_root)
+        return ProcessRuntime(work_root, max_log_bytes)
     if name == "noop":
         return NoopRuntime()
     try:
@@ -65,12 +67,16 @@ def build_runtime(
             from openhtc.runtimes.bwrap import BwrapRuntime
 
             return BwrapRuntime(
-                work_root, images, image_cache_bytes=int(image_cache_gib * GIB), job_network=job_network
+                work_root,
+                images,
+                image_cache_bytes=int(image_cache_gib * GIB),
+                job_network=job_network,
+                max_log_bytes=max_log_bytes,
             )
         if name == "podman":
             from openhtc.runtimes.podman import PodmanRuntime
 
-            return PodmanRuntime(work_root, images, job_network=job_network)
+            return PodmanRuntime(work_root, images, job_network=job_network, max_log_bytes=max_log_bytes)
     except Exception as exc:  # missing tools, no cgroup controllers, no loop devices
         raise RuntimeUnavailable(f"the {name} runtime cannot start: {exc}") from exc
     raise ValueError(f"unknown runtime {name!r} (choose auto, bwrap, podman, process or noop)")
