@@ -191,3 +191,62 @@ def test_a_full_disk_loses_one_jobs_output_not_the_job_nor_the_others(
     assert lines(after) == ["still here"]
     if runtime.name == "process":  # the launcher process lived through it
         assert all(p._proc is None or p._proc.poll() is None for p in runtime.launcher._processes)
+
+
+# -- through the server ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_server_ends_jobs_at_their_main_exit_frees_cancelled_slots_and_stops_clean(
+    kind: str, registry_server: Any, registry_project: Any, busybox_image: str, start_server: Any
+) -> None:
+    """Issue 13's case: ``setsid sleep & echo x`` SUCCEEDS at once (it stayed RUNNING 150 s);
+    with one slot, cancelling a job whose children escaped lets the next job run; SIGTERM
+    stops the server (not the fixture's SIGKILL) and kills a running job's whole tree."""
+    env = {"OPENHTC_EXECUTOR_VCPUS": "1"}
+    if kind == "process":
+        server = start_server(runtime="process", env=env)
+        api = server.api()
+        pid = api.create_project()["projectId"]
+        image = "busybox:latest"
+    else:
+        require_tool(kind)
+        server = registry_server(runtime=kind, executor=True, env=env)
+        project = registry_project(server)
+        project.push(busybox_image, "bb:1")
+        api, pid, image = project.api, project.project_id, "bb:1"
+    tid = api.create_task(pid)["taskId"]
+    marks = {name: Marked() for name in ("ends", "cancelled", "stopped")}
+    try:
+
+        def submit(name: str, script: str, **kw: Any) -> str:
+            envs = [{"name": marks[name].name, "value": marks[name].value}] if name in marks else []
+            request = api.job_request(["sh", "-c", script], imageName=image, envs=envs, max_retries=0, **kw)
+            return str(api.submit(pid, tid, request, group=name)[0]["parentJobId"]) + ":0"
+
+        def status(job_id: str) -> str:
+            return str(api.job(pid, tid, job_id)["status"])
+
+        ends = submit("ends", "setsid sleep 150 & echo x", execTimeoutSeconds=60)
+        wait_for(lambda: status(ends) == "SUCCEEDED", timeout=45, what="the job to end with its main process")
+        assert api.log_lines(pid, tid, ends) == ["x"]
+        marks["ends"].gone("after the job ended")
+
+        cancelled = submit("cancelled", ESCAPE + "; sleep 300")
+        wait_for(lambda: status(cancelled) == "RUNNING", timeout=60, what="the job to run")
+        wait_for(lambda: len(marks["cancelled"].pids()) >= 2, what="its children to run")
+        behind = submit("behind", "echo next")  # waits for the one slot
+        api.cancel(pid, tid, "cancelled")
+        wait_for(lambda: status(behind) == "SUCCEEDED", timeout=45, what="the next job to get the freed slot")
+        marks["cancelled"].gone("after the cancel")
+
+        stopped = submit("stopped", ESCAPE + "; sleep 300")
+        wait_for(lambda: status(stopped) == "RUNNING", timeout=60, what="the job to run")
+        wait_for(lambda: len(marks["stopped"].pids()) >= 2, what="its children to run")
+        assert server.proc is not None
+        server.stop()  # SIGTERM; the fixture would SIGKILL after 15 s
+        assert server.proc.returncode == 0, f"the server did not stop on SIGTERM ({server.proc.returncode})"
+        marks["stopped"].gone("after the server stopped")
+    finally:
+        for mark in marks.values():
+            mark.kill()
