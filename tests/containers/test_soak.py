@@ -20,7 +20,7 @@ from openhtc.testing.soak import problems, soak, table
 pytestmark = pytest.mark.one_db
 
 # Jobs per runtime: together about three minutes on a 2-core machine (podman ~0.3 s a job).
-SOAK_JOBS = {"bwrap": 2000, "process": 3000, "podman": 150}
+SOAK_JOBS = {"bwrap": 2000, "process": 5000, "podman": 150}
 
 
 @pytest.mark.parametrize("kind", ["bwrap", "process", "podman"])
