@@ -6,9 +6,9 @@ is read and discarded, and one marker line says so; the job runs on. A log that 
 written (a full disk: ENOSPC) ends the copying the same way, marker attempted, and the job runs
 on: its output is lost, never the job or another job.
 
-The copy ends at EOF, or once the job's main process has exited (``exited``, a pidfd): then
-``on_exit`` kills what the job left behind and what is already in the pipe is drained, so a
-background child holding the pipe open cannot keep a job from ending.
+The copy ends at EOF, or shortly after the job's main process has exited (``exited``, a pidfd):
+then ``on_exit`` kills what the job left behind and what is already in the pipe is drained, so
+a background child holding the pipe open cannot keep a job from ending.
 """
 
 from __future__ import annotations
@@ -122,24 +122,37 @@ def pump_output(
     max_bytes: int | None = None,
     exited: int | None = None,
     on_exit: Callable[[], object] | None = None,
+    grace: float = 0.05,
 ) -> str:
-    """Copy the job's output from ``fd`` to its log until EOF or until the pidfd ``exited``
-    is readable (then ``on_exit`` runs and the pipe is drained). Returns the last line."""
+    """Copy the job's output from ``fd`` to its log until EOF, or until ``grace`` seconds after
+    the pidfd ``exited`` is readable (then ``on_exit`` runs and the pipe is drained). Returns
+    the last line."""
     sink = LogSink(open_log, max_bytes)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     if exited is not None:
         poller.register(exited, select.POLLIN)
+    deadline = None  # once the main process has exited
     try:
         while True:
-            events = dict(poller.poll())
+            if deadline is None:
+                events = dict(poller.poll())
+            else:
+                left = deadline - time.monotonic()
+                events = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
             if fd in events:
                 data = os.read(fd, CHUNK)
                 if not data:
                     break
                 sink.feed(data)
                 continue
-            if exited is not None and exited in events:
+            if deadline is None and exited is not None and exited in events:
+                # The rest of the sandbox usually closes the pipe a moment later; what does
+                # not within ``grace`` is left behind, and is killed.
+                poller.unregister(exited)
+                deadline = time.monotonic() + grace
+                continue
+            if deadline is not None:
                 if on_exit is not None:
                     on_exit()
                 os.set_blocking(fd, False)
