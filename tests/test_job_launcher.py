@@ -157,7 +157,8 @@ def test_a_daemon_lives_while_its_job_runs_and_dies_when_it_ends(runner: Runner,
     script = f"{daemons}; while [ ! -e {flag} ]; do sleep 0.05; done"
     job, _ = runner.start(script)
     _wait_until(lambda: len(_pids_running(f"sleep {duration}")) == 2, "both daemons to run")
-    time.sleep(0.3)  # several of the launcher's sweeps: a running job's daemons are left alone
+    assert runner.run("true")[0].returncode == 0  # another job's end sweeps for orphans
+    time.sleep(0.3)  # and so do the sweeps after it: a running job's daemons are left alone
     assert len(_pids_running(f"sleep {duration}")) == 2
     flag.touch()
     assert job.wait(10) and job.returncode == 0

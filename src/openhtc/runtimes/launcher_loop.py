@@ -25,8 +25,8 @@ is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdr
 ``("kill", key)``.
 To the server:
 ``("started", key, pid)``, ``("failed", key, why)`` when it could not spawn,
-``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's process
-has exited and its output reached EOF (``returncode`` as ``Popen.returncode``: -N means
+``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's main
+process has exited and what it wrote is in the log (``returncode`` as ``Popen.returncode``: -N means
 killed by signal N; a held job that is killed before it started exits with -9 without a
 "started").
 
@@ -34,7 +34,8 @@ A job ends when its main process exits; what it left behind is killed then: its 
 group, and every process it started that left the group (``setsid``, ``nohup``, a double fork).
 The launcher is a child subreaper, so such orphans become its children; each job carries
 ``OPENHTC_LAUNCHER_JOB=<key>`` in its environment, and an orphan whose job has ended (or that
-carries no key) is killed within 20 ms of a job's end, and again shortly after.
+carries no key and no job that started before it still runs) is killed within 20 ms of a
+job's end, and again shortly after.
 
 Output past ``max_log_bytes`` (argv[2], 0 for no cap) is discarded after one marker line; a log
 that cannot be written (ENOSPC) loses the job's output, never the launcher or another job.
@@ -66,7 +67,9 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 JOB_ENV = "OPENHTC_LAUNCHER_JOB"  # names the job a process belongs to, inherited by its children
 PR_SET_CHILD_SUBREAPER = 36
-FOLLOW_UP_SWEEPS = (0.02, 0.2, 1.0)  # seconds after a job's end: late orphans of its tree
+FOLLOW_UP_SWEEPS = (0.02, 0.2, 1.0, 5.0)  # seconds after a job's end: late orphans of its tree
+START_SLACK = 0.05  # /proc start times are in clock ticks (10 ms): compare them generously
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def encode(message: tuple[Any, ...]) -> bytes:
@@ -98,7 +101,7 @@ class Decoder:
 class _Job:
     __slots__ = (
         "code", "cwd", "done", "key", "log", "log_path", "max_bytes", "out", "partial", "pid", "pidfd",
-        "written",
+        "spawned", "written",
     )  # fmt: skip
 
     def __init__(
@@ -115,6 +118,7 @@ class _Job:
         self.code: int | None = None  # set once reaped
         self.max_bytes = max_bytes  # 0: no cap
         self.written = 0
+        self.spawned = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock of /proc's start times
         self.done = False  # past the cap, or the log failed: output is discarded
 
     def write(self, data: bytes) -> None:
@@ -373,18 +377,25 @@ class Loop:
 
     def _sweep(self) -> int:
         """Kill and reap our children that are no running job's main process: orphans of
-        ended jobs (or of none). Returns how many were found."""
+        ended jobs. Returns how many were found.
+
+        An orphan names its job in its environment. One that cleared it could belong to any job
+        started before it: it is kept while such a job runs, and killed once none does."""
         mains = {job.pid for job in self.jobs.values()}
         found = 0
         for pid in _children(self.pid):
             if pid in mains:
                 continue
-            key = _job_key(pid)
-            if key is not None and key in self.jobs:
-                continue  # a running job's daemon: it lives as long as its job
+            state, started = _stat(pid)
+            if state not in ("Z", "X", ""):  # zombies are only reaped
+                key = _job_key(pid)
+                if key is not None and key in self.jobs:
+                    continue  # a running job's daemon: it lives as long as its job
+                if key is None and any(j.spawned <= started + START_SLACK for j in self.jobs.values()):
+                    continue
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             found += 1
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.waitpid(pid, os.WNOHANG)
         return found
@@ -408,6 +419,16 @@ def _children(pid: int) -> list[int]:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
             found += [int(p) for p in fh.read().split()]
     return found
+
+
+def _stat(pid: int) -> tuple[str, float]:
+    """(state, start time in CLOCK_BOOTTIME seconds) of a process; ("", 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return fields[0], int(fields[19]) / TICKS
+    except (OSError, IndexError, ValueError):
+        return "", 0.0
 
 
 def _job_key(pid: int) -> int | None:
