@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "counter mismatches, executions per job from marker files; exits 1 if the guarantee broke "
         "[N: 100000; smoke 2000]",
     )
-    p.add_argument("--workload", default="all", help="all, or a comma list of names or ids (w1-w5, cp)")
+    p.add_argument(
+        "--workload", default="all", help="all (not soak), or a comma list of names or ids (w1-w5, cp, soak)"
+    )
     p.add_argument("--n", help="N for every chosen workload, a comma list (e.g. 200 or 10000,100000)")
     p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both", help="openhtc's database")
     p.add_argument(
@@ -49,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(pip into bench/.peers-venv, apt-get for Slurm)",
     )
     p.add_argument("--container", choices=RUNNERS, default="bwrap", help="W3's container runner [bwrap]")
+    p.add_argument(
+        "--runtime",
+        choices=("bwrap", "podman", "process"),
+        default="bwrap",
+        help="the soak workload's runtime [bwrap]",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory [bench/results/]")
     p.add_argument("--chart", type=Path, help="also copy the run's PNG chart here (e.g. docs/img/peers.png)")
     p.add_argument("--smoke", action="store_true", help="small N everywhere (CI); well under a minute")
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
         vcpus=args.vcpus,
         container=args.container,
+        runtime=args.runtime,
     )
     results: list[Result] = []
     began = time.monotonic()

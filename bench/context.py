@@ -19,6 +19,7 @@ class Context:
     profile: bool = False
     vcpus: int | None = None  # executor vCPUs for the process-runtime servers; None: server default
     container: str = "bwrap"  # W3's container runner for every system: bwrap or podman
+    runtime: str = "bwrap"  # the soak workload's runtime: bwrap, podman or process
     _pg: PostgresCluster | None = None
     _pg_error: str | None = None
     _runner: ContainerRunner | None = None

@@ -122,6 +122,17 @@ WORKLOADS: dict[str, Workload] = {
                 Target(">= 5,000 jobs/s (PostgreSQL)", ">=", 5_000.0, None, {**PG, "min_n": 10_000}),
             ),
         ),
+        Workload(
+            "soak",
+            "soak",
+            "N container jobs (busybox `true` under --runtime) through one server; descriptors, "
+            "threads and RSS of the server and its children sampled every N/10 jobs must stay flat",
+            (100_000,),
+            (1_000,),
+            "jobs",
+            True,
+            baseline=None,
+        ),
     )
 }
 ALIASES = {w.id: w.name for w in WORKLOADS.values()}
@@ -133,14 +144,16 @@ COMMANDS: dict[str, list[str]] = {
     "submit": ["true"],
     "latency": ["true"],
     "control-plane": ["true"],
+    "soak": ["true"],
 }
 SLEEP_S = 0.05
 
 
 def resolve(names: str) -> list[Workload]:
-    """'all', or a comma list of names or ids (w1-w5, cp), in the issue's order."""
+    """'all' (W1-W5 and cp; the soak runs only when named), or a comma list of names or ids
+    (w1-w5, cp, soak), in the issue's order."""
     if names.strip() == "all":
-        return list(WORKLOADS.values())
+        return [w for w in WORKLOADS.values() if w.name != "soak"]
     wanted = []
     for raw in names.split(","):
         name = ALIASES.get(raw.strip().lower(), raw.strip())

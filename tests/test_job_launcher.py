@@ -128,6 +128,51 @@ def test_kill_stops_the_whole_process_group(runner: Runner, tmp_path: Path) -> N
         time.sleep(0.05)
 
 
+def _pids_running(argv_marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmdline.startswith(argv_marker) and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def _wait_until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_daemon_lives_while_its_job_runs_and_dies_when_it_ends(runner: Runner, tmp_path: Path) -> None:
+    """A double fork into a new session with the environment cleared (no way back to the job
+    but being the launcher's orphan) runs as long as its job does, and not a moment longer."""
+    duration = f"3{time.monotonic_ns() % 100000}.5"  # an argv no other process has
+    flag = tmp_path / "go"
+    daemons = f"(setsid env -i sleep {duration} &); (setsid sleep {duration} &)"
+    script = f"{daemons}; while [ ! -e {flag} ]; do sleep 0.05; done"
+    job, _ = runner.start(script)
+    _wait_until(lambda: len(_pids_running(f"sleep {duration}")) == 2, "both daemons to run")
+    assert runner.run("true")[0].returncode == 0  # another job's end sweeps for orphans
+    time.sleep(0.3)  # and so do the sweeps after it: a running job's daemons are left alone
+    assert len(_pids_running(f"sleep {duration}")) == 2
+    flag.touch()
+    assert job.wait(10) and job.returncode == 0
+    _wait_until(lambda: not _pids_running(f"sleep {duration}"), "the daemons to be killed")
+
+
+def test_a_job_ends_when_its_main_process_exits_even_if_a_child_holds_its_output(runner: Runner) -> None:
+    duration = f"3{time.monotonic_ns() % 100000}.25"
+    job, log = runner.run(f"setsid sleep {duration} & echo main done")
+    assert job.returncode == 0
+    assert log_lines(log) == ["main done"]
+    _wait_until(lambda: not _pids_running(f"sleep {duration}"), "the leftover to be killed")
+
+
 def test_a_dirty_working_directory_is_emptied_before_the_next_job(runner: Runner, tmp_path: Path) -> None:
     cwd = runner.workdir()
     runner.run("mkdir -p deep/er && echo x > deep/er/file && echo y > top && chmod 0755 .", cwd=cwd)

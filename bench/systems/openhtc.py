@@ -36,11 +36,15 @@ class Openhtc:
     uses_db = True
 
     def supports(self, workload: str) -> bool:
-        return workload in ("control-plane", "e2e", "sleep", "containers", "submit", "latency")
+        return workload in ("control-plane", "e2e", "sleep", "containers", "submit", "latency", "soak")
 
     def run(self, workload: str, ctx: Any, db: str, n: int) -> Result:
         if workload == "containers":
             return containers(ctx, db, n)
+        if workload == "soak":
+            from bench.soak import openhtc_soak
+
+            return openhtc_soak(ctx, db, n)
         url = ctx.database_url(db)
         return {
             "control-plane": control_plane,

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         description="bwrap runtime: size of the unpacked-image cache in the work directory; least "
         "recently used images beyond it are removed (never one in use).",
     )
+    max_log_bytes_per_job: int = Field(
+        100 * 1024 * 1024,
+        gt=0,
+        description="Output one job attempt may write to its log; past it the rest is discarded "
+        "and one truncation marker line is written (the job runs on).",
+    )
     job_network: JobNetworkMode = Field(
         "openhtc",
         description="What container jobs (bwrap, podman) can reach: 'openhtc' (the API and the "

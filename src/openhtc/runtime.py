@@ -200,6 +200,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             image_cache_gib=settings.image_cache_gib,
             job_network=settings.job_network,
             job_endpoints=job_endpoints(settings),
+            max_log_bytes=settings.max_log_bytes_per_job,
         )
         executor = LocalExecutor(
             ExecutorService(services),

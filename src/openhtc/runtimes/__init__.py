@@ -52,16 +52,19 @@ def build_runtime(
     image_cache_gib: float = 10.0,
     job_network: str | bool = "none",
     job_endpoints: Iterable[Endpoint] = (),
+    max_log_bytes: int | None = None,
 ) -> Runtime:
     """The runtime called ``name`` ('auto' resolved by ``choose_runtime``).
 
     ``images`` resolves job images to registry pulls (the server's registry); without it the
     container runtimes fail every job with ErrorStartingContainer. ``job_network`` is none,
     openhtc (only ``job_endpoints`` are reachable) or full (True/False: full/none).
+    ``max_log_bytes``: output a job may write to its log (None: no cap); past it the rest is
+    discarded after a marker.
     """
     name = choose_runtime(name)
     if name == "process":
-        return ProcessRuntime(work_root)
+        return ProcessRuntime(work_root, max_log_bytes)
     if name == "noop":
         return NoopRuntime()
     if name not in ("bwrap", "podman"):
@@ -74,11 +77,15 @@ def build_runtime(
             from openhtc.runtimes.bwrap import BwrapRuntime
 
             return BwrapRuntime(
-                work_root, images, image_cache_bytes=int(image_cache_gib * GIB), job_network=network
+                work_root,
+                images,
+                image_cache_bytes=int(image_cache_gib * GIB),
+                job_network=network,
+                max_log_bytes=max_log_bytes,
             )
         from openhtc.runtimes.podman import PodmanRuntime
 
-        return PodmanRuntime(work_root, images, job_network=network)
+        return PodmanRuntime(work_root, images, job_network=network, max_log_bytes=max_log_bytes)
     except Exception as exc:  # missing tools, no cgroup controllers, no loop devices
         network.close()
         raise RuntimeUnavailable(f"the {name} runtime cannot start: {exc}") from exc

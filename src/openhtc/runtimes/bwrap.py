@@ -25,10 +25,8 @@ import select
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TextIO
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
@@ -37,6 +35,7 @@ from openhtc.runtimes.cgroups import Cgroups, JobCgroup
 from openhtc.runtimes.images import ImageCache, ImageError, PreparedImage, User, resolve_user
 from openhtc.runtimes.images.oci import DEFAULT_PATH
 from openhtc.runtimes.jobnet import JobNetwork
+from openhtc.runtimes.output import pump_output
 from openhtc.runtimes.process import Deadlines, exit_outcome
 from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
 
@@ -75,24 +74,6 @@ def job_env(launch: JobLaunch, image: PreparedImage, user: User) -> dict[str, st
     return env
 
 
-def pump_output(stream: IO[bytes] | None, open_log: LogOpener) -> str:
-    """Copy output to the job log line by line (as process.pump_lines); return the last line."""
-    last = b""
-    if stream is None:
-        return ""
-    log_file: TextIO | None = None
-    try:
-        for line in stream:
-            if log_file is None:
-                log_file = open_log()
-            last = line
-            log_file.write(f"{time.time():.6f}\t{line.decode('utf-8', 'replace').rstrip(chr(10))}\n")
-    finally:
-        if log_file is not None:
-            log_file.close()
-    return last.decode("utf-8", "replace").strip()
-
-
 class BwrapRuntime:
     name = "bwrap"
     blocking = True
@@ -105,6 +86,7 @@ class BwrapRuntime:
         image_cache_bytes: int = 10 * GIB,
         job_network: JobNetwork | None = None,
         bwrap: str | None = None,
+        max_log_bytes: int | None = None,
     ) -> None:
         found = bwrap or shutil.which("bwrap")
         if found is None:
@@ -112,6 +94,7 @@ class BwrapRuntime:
         self.bwrap = found
         self.images = images
         self.job_network = job_network
+        self.max_log_bytes = max_log_bytes
         self.scratch = ScratchPool(os.path.join(work_root, "scratch"))
         self.cache = ImageCache(
             os.path.join(work_root, "images"), image_cache_bytes, on_evict=self.scratch.forget
@@ -237,7 +220,7 @@ class BwrapRuntime:
                 child = int(json.loads(_read_all(info_r))["child-pid"])
             except (ValueError, KeyError, TypeError):
                 message = proc.stdout.read().decode("utf-8", "replace").strip() if proc.stdout else ""
-                proc.wait()
+                _reap(proc)
                 return message or "bwrap failed"
             # The sandbox's init; what it forks inherits the cgroup. bwrap's outer process stays
             # outside (one migration less, ~0.3 ms): it only waits, and dies with the job.
@@ -252,7 +235,7 @@ class BwrapRuntime:
                 if pidfd is not None:
                     os.close(pidfd)
                 proc.kill()
-                proc.wait()
+                _reap(proc)
                 return f"the sandbox ended before it started the job ({exc.strerror})"
             return proc, pidfd
         finally:
@@ -269,20 +252,28 @@ class BwrapRuntime:
                 return exit_outcome(-9, handle, launch.timeout_s)
             return starting_failure(f"Cannot start the sandbox: {started}")
         proc, pidfd = started
-        on_running()
+        assert proc.stdout is not None
+        exited = None
         cancel_timeout = None
-        if launch.timeout_s:
-            cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
         try:
-            last = pump_output(proc.stdout, open_log)
+            exited = os.pidfd_open(proc.pid)  # bwrap exits with the job's main process
+            on_running()
+            if launch.timeout_s:
+                cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
+            # The job ends when its main process does: what it left running is killed then
+            # (its cgroup), even a setsid child that holds the output pipe open.
+            last = pump_output(proc.stdout.fileno(), open_log, self.max_log_bytes, exited, job.cgroup.kill)
             code = proc.wait()
         finally:
             if cancel_timeout is not None:
                 cancel_timeout()
+            _reap(proc)
+            if exited is not None:
+                os.close(exited)
             if pidfd is not None:
                 # bwrap exits as soon as it has the job's status; its init in the sandbox dies
                 # right after (parent-death signal). Waiting for that beats polling the cgroup.
-                select.select([pidfd], [], [], 2.0)
+                _wait_fd(pidfd, 2.0)
                 os.close(pidfd)
         if code != 0 and not handle.timed_out and job.cgroup.oom_kills():
             return Outcome(
@@ -313,3 +304,20 @@ def _read_all(fd: int) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for bwrap and close its output pipe (every path: a Popen kept alive by a RunHandle
+    would otherwise hold the pipe open, one descriptor per job)."""
+    if proc.returncode is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _wait_fd(fd: int, timeout: float) -> None:
+    """Wait for ``fd`` (a pidfd) to be readable; poll, not select, takes descriptors >= 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll(timeout * 1000)

@@ -93,11 +93,11 @@ class LaunchedJob:
 class Launcher:
     """A pool of launcher processes."""
 
-    def __init__(self, processes: int | None = None) -> None:
+    def __init__(self, processes: int | None = None, max_log_bytes: int | None = None) -> None:
         count = processes or min(os.cpu_count() or 1, 8)
         self._keys = itertools.count(1)
         self._env_ids = itertools.count(1)
-        self._processes = [_Process(i) for i in range(count)]
+        self._processes = [_Process(i, max_log_bytes or 0) for i in range(count)]
         self._closed = False
 
     def shared_env(self, variables: dict[str, str]) -> SharedEnv:
@@ -138,8 +138,9 @@ class Launcher:
 class _Process:
     """One launcher process, its socket and the jobs in its hands."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, max_log_bytes: int = 0) -> None:
         self.index = index
+        self.max_log_bytes = max_log_bytes  # per job; 0: no cap
         self._lock = threading.Lock()  # guards the process, the socket and ``_jobs``
         self._jobs: dict[int, LaunchedJob] = {}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -217,7 +218,7 @@ class _Process:
             # A session of its own: a Ctrl-C in the server's terminal must not reach it, the
             # server stops it. -I -S: no site-packages, no environment; it needs the stdlib only.
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(LOOP_SCRIPT), str(theirs.fileno())],
+                [sys.executable, "-I", "-S", str(LOOP_SCRIPT), str(theirs.fileno()), str(self.max_log_bytes)],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,

@@ -25,18 +25,29 @@ is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdr
 ``("kill", key)``.
 To the server:
 ``("started", key, pid)``, ``("failed", key, why)`` when it could not spawn,
-``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's process
-has exited and its output reached EOF (``returncode`` as ``Popen.returncode``: -N means
+``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's main
+process has exited and what it wrote is in the log (``returncode`` as ``Popen.returncode``: -N means
 killed by signal N; a held job that is killed before it started exits with -9 without a
 "started").
 
-When the server's end of the socket closes (a clean stop or a ``kill -9``), it kills the process
-group of every job still running, and exits.
+A job ends when its main process exits; what it left behind is killed then: its process
+group, and every process it started that left the group (``setsid``, ``nohup``, a double fork).
+The launcher is a child subreaper, so such orphans become its children; each job carries
+``OPENHTC_LAUNCHER_JOB=<key>`` in its environment, and an orphan whose job has ended (or that
+carries no key and no job that started before it still runs) is killed within 20 ms of a
+job's end, and again shortly after.
+
+Output past ``max_log_bytes`` (argv[2], 0 for no cap) is discarded after one marker line; a log
+that cannot be written (ENOSPC) loses the job's output, never the launcher or another job.
+
+When the server's end of the socket closes (a clean stop or a ``kill -9``), it kills every job
+still running and everything they started, and exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import selectors
@@ -54,6 +65,11 @@ HEADER = struct.Struct("!I")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Python ignores SIGPIPE (and SIGXFSZ); a spawned job would inherit that. Popen restores them too.
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+JOB_ENV = "OPENHTC_LAUNCHER_JOB"  # names the job a process belongs to, inherited by its children
+PR_SET_CHILD_SUBREAPER = 36
+FOLLOW_UP_SWEEPS = (0.02, 0.2, 1.0, 5.0)  # seconds after a job's end: late orphans of its tree
+START_SLACK = 0.05  # /proc start times are in clock ticks (10 ms): compare them generously
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def encode(message: tuple[Any, ...]) -> bytes:
@@ -83,9 +99,14 @@ class Decoder:
 
 
 class _Job:
-    __slots__ = ("code", "cwd", "key", "log", "log_path", "out", "partial", "pid", "pidfd")
+    __slots__ = (
+        "code", "cwd", "done", "key", "log", "log_path", "max_bytes", "out", "partial", "pid", "pidfd",
+        "spawned", "written",
+    )  # fmt: skip
 
-    def __init__(self, key: int, pid: int, pidfd: int, out: int, cwd: str, log_path: str) -> None:
+    def __init__(
+        self, key: int, pid: int, pidfd: int, out: int, cwd: str, log_path: str, max_bytes: int
+    ) -> None:
         self.key = key
         self.pid = pid
         self.pidfd = pidfd
@@ -95,26 +116,74 @@ class _Job:
         self.log: TextIO | None = None  # opened at the first line: silent jobs write no file
         self.partial = b""
         self.code: int | None = None  # set once reaped
+        self.max_bytes = max_bytes  # 0: no cap
+        self.written = 0
+        self.spawned = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock of /proc's start times
+        self.done = False  # past the cap, or the log failed: output is discarded
 
     def write(self, data: bytes) -> None:
+        if self.done:
+            return
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
+        if len(self.partial) > 1 << 16:  # no newline for a long while: write what there is
+            lines.append(self.partial)
+            self.partial = b""
         if lines:
             self._write_lines(lines)
 
     def _write_lines(self, lines: list[bytes]) -> None:
-        if self.log is None:
-            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-            self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+        marker = None
+        if self.max_bytes:
+            size = sum(len(line) + 1 for line in lines)
+            if self.written + size > self.max_bytes:
+                room, kept = self.max_bytes - self.written, []
+                for line in lines:
+                    if len(line) + 1 > room:
+                        break
+                    kept.append(line)
+                    room -= len(line) + 1
+                lines, size = kept, self.max_bytes - room - self.written
+                marker = (
+                    f"[openhtc] output truncated: the job wrote more than {self.max_bytes} bytes; "
+                    "the rest is discarded"
+                )
+            self.written += size
         stamp = f"{time.time():.6f}\t"
-        self.log.write("".join(f"{stamp}{line.decode('utf-8', 'replace')}\n" for line in lines))
+        text = "".join(f"{stamp}{line.decode('utf-8', 'replace')}\n" for line in lines)
+        if marker is not None:
+            text += f"{stamp}{marker}\n"
+            self.done = True
+        try:
+            if self.log is None:
+                os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+                self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            self.log.write(text)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """The log cannot be written (a full disk): discard the rest, say so if at all possible."""
+        self.done = True
+        self.partial = b""
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.close()
+            self.log = None
+        marker = f"[openhtc] output truncated: the log could not be written ({exc.strerror or exc})"
+        with contextlib.suppress(OSError), open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.time():.6f}\t{marker}\n")
 
     def close_output(self) -> None:
-        if self.partial:
+        if self.partial and not self.done:
             self._write_lines([self.partial])
-            self.partial = b""
+        self.partial = b""
         if self.log is not None:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError as exc:
+                self.log = None
+                self._failed(exc)
             self.log = None
 
 
@@ -136,8 +205,11 @@ def reset_workdir(path: str) -> None:
 
 
 class Loop:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_log_bytes: int = 0) -> None:
         self.sock = sock
+        self.max_log_bytes = max_log_bytes
+        self.pid = os.getpid()
+        self.sweeps: list[float] = []  # when to look for orphans again (monotonic, ascending)
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.decoder = Decoder()
@@ -151,7 +223,8 @@ class Loop:
     def run(self) -> None:
         try:
             while True:
-                for key, _ in self.sel.select():
+                timeout = max(0.0, self.sweeps[0] - time.monotonic()) if self.sweeps else None
+                for key, _ in self.sel.select(timeout):
                     if key.data is None:
                         if not self._control():
                             return
@@ -161,6 +234,9 @@ class Loop:
                             self._reap(job)
                         else:
                             self._output(job)
+                if self.sweeps and self.sweeps[0] <= time.monotonic():
+                    del self.sweeps[0]
+                    self._sweep()
                 if self.replies:
                     self.sock.sendall(b"".join(self.replies))
                     self.replies.clear()
@@ -169,6 +245,10 @@ class Loop:
                 if job.code is None:
                     with contextlib.suppress(OSError):
                         os.killpg(job.pid, signal.SIGKILL)
+            self.jobs.clear()
+            deadline = time.monotonic() + 5
+            while self._sweep() and time.monotonic() < deadline:  # until nothing is left
+                time.sleep(0.01)
 
     def _control(self) -> bool:
         data = self.sock.recv(1 << 16)
@@ -198,6 +278,7 @@ class Loop:
         return True
 
     def _start(self, key: int, argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
+        env[JOB_ENV] = str(key)
         read_end, write_end = os.pipe()
         try:
             # posix_spawnp searches this process's PATH, so make it the job's (as execvpe would).
@@ -225,7 +306,7 @@ class Loop:
         finally:
             os.close(write_end)
         pidfd = os.pidfd_open(pid)
-        job = _Job(key, pid, pidfd, read_end, cwd, log_path)
+        job = _Job(key, pid, pidfd, read_end, cwd, log_path, self.max_log_bytes)
         self.jobs[key] = job
         self.sel.register(read_end, selectors.EVENT_READ, (job, False))
         self.sel.register(pidfd, selectors.EVENT_READ, (job, True))
@@ -258,23 +339,66 @@ class Loop:
         self._finish(job)
 
     def _reap(self, job: _Job) -> None:
+        """The job's main process has exited: the job ends now. What it left in its process
+        group dies with it (the leader is not reaped yet, so the group's id is still its own)."""
+        with contextlib.suppress(OSError):
+            os.killpg(job.pid, signal.SIGKILL)
         pid, status = os.waitpid(job.pid, os.WNOHANG)
         if pid == 0:
             return
         job.code = os.waitstatus_to_exitcode(status)
         self.sel.unregister(job.pidfd)
         os.close(job.pidfd)
+        if job.out is not None:  # what is in the pipe already is the job's; then stop reading
+            os.set_blocking(job.out, False)
+            with contextlib.suppress(OSError):
+                while data := os.read(job.out, 1 << 16):
+                    job.write(data)
+            self.sel.unregister(job.out)
+            os.close(job.out)
+            job.out = None
+            job.close_output()
         self._finish(job)
 
     def _finish(self, job: _Job) -> None:
-        """Report the job once its process is reaped and its output is at EOF (a background
-        child that keeps the output open keeps the job running, as with Popen)."""
+        """Report the job once its process is reaped and its output closed."""
         if job.code is None or job.out is not None:
             return
         del self.jobs[job.key]
-        reset_workdir(job.cwd)
+        with contextlib.suppress(OSError):  # a full disk: the next job here fails to start
+            reset_workdir(job.cwd)
         self.replies.append(encode(("exited", job.key, job.code)))
         self._start_held_behind(job.key)
+        # Orphans of the job are killed by the next sweep, within FOLLOW_UP_SWEEPS[0]: one sweep
+        # per job would cost ~10 % of the launcher's job rate; this is one per 20 ms at most.
+        now = time.monotonic()
+        if not self.sweeps or self.sweeps[0] > now + FOLLOW_UP_SWEEPS[0]:
+            self.sweeps = [now + delay for delay in FOLLOW_UP_SWEEPS]
+
+    def _sweep(self) -> int:
+        """Kill and reap our children that are no running job's main process: orphans of
+        ended jobs. Returns how many were found.
+
+        An orphan names its job in its environment. One that cleared it could belong to any job
+        started before it: it is kept while such a job runs, and killed once none does."""
+        mains = {job.pid for job in self.jobs.values()}
+        found = 0
+        for pid in _children(self.pid):
+            if pid in mains:
+                continue
+            state, started = _stat(pid)
+            if state not in ("Z", "X", ""):  # zombies are only reaped
+                key = _job_key(pid)
+                if key is not None and key in self.jobs:
+                    continue  # a running job's daemon: it lives as long as its job
+                if key is None and any(j.spawned <= started + START_SLACK for j in self.jobs.values()):
+                    continue
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            found += 1
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, os.WNOHANG)
+        return found
 
     def _start_held_behind(self, key: int) -> None:
         """Start what was held behind the job ``key``, which has ended."""
@@ -284,12 +408,51 @@ class Loop:
             self._start(*start)
 
 
+def _children(pid: int) -> list[int]:
+    """Our children (reparented orphans included), from every thread's list."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
+            found += [int(p) for p in fh.read().split()]
+    return found
+
+
+def _stat(pid: int) -> tuple[str, float]:
+    """(state, start time in CLOCK_BOOTTIME seconds) of a process; ("", 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return fields[0], int(fields[19]) / TICKS
+    except (OSError, IndexError, ValueError):
+        return "", 0.0
+
+
+def _job_key(pid: int) -> int | None:
+    """The job a process belongs to, from its environment (None: none, or unreadable)."""
+    needle = f"{JOB_ENV}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            for item in fh.read().split(b"\0"):
+                if item.startswith(needle):
+                    return int(item[len(needle) :])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def main(argv: list[str]) -> int:
     fd = int(argv[1])
+    max_log_bytes = int(argv[2]) if len(argv) > 2 else 0
     os.set_inheritable(fd, False)  # passed to us inheritable; jobs must not hold the control socket
+    # Orphans of our jobs (setsid, nohup, double forks) become our children, not init's.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sock = socket.socket(fileno=fd)
     try:
-        Loop(sock).run()
+        Loop(sock, max_log_bytes).run()
     except (ConnectionResetError, BrokenPipeError) as exc:
         # The server died (kill -9) with messages unread: an expected end, not a crash to trace.
         print(

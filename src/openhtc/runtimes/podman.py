@@ -30,10 +30,11 @@ from collections.abc import Callable
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
 from openhtc.runtimes.base import ImageSource, LogOpener, Outcome, RunHandle
-from openhtc.runtimes.bwrap import DEFAULT_DISK_GIB, owner_tag, pump_output, starting_failure
+from openhtc.runtimes.bwrap import DEFAULT_DISK_GIB, owner_tag, starting_failure
 from openhtc.runtimes.cgroups import Cgroups, JobCgroup
 from openhtc.runtimes.images.oci import ImageConfig
 from openhtc.runtimes.jobnet import JobNetwork
+from openhtc.runtimes.output import pump_output
 from openhtc.runtimes.process import Deadlines, exit_outcome
 from openhtc.runtimes.scratch import GIB
 
@@ -56,6 +57,7 @@ class PodmanRuntime:
         job_network: JobNetwork | None = None,
         podman: str | None = None,
         tag_ttl: float = 30.0,
+        max_log_bytes: int | None = None,
     ) -> None:
         found = podman or shutil.which("podman")
         if found is None:
@@ -64,6 +66,7 @@ class PodmanRuntime:
         self.images = images
         self.job_network = job_network or JobNetwork("none")
         self.tag_ttl = tag_ttl
+        self.max_log_bytes = max_log_bytes
         self.env_dir = os.path.join(work_root, "podman-env")
         os.makedirs(self.env_dir, mode=0o700, exist_ok=True)
         self.cgroups = Cgroups.detect()
@@ -215,6 +218,8 @@ class PodmanRuntime:
         on_running: Callable[[], None],
     ) -> Outcome:
         oom = cgroup.watch_oom()
+        proc: subprocess.Popen[bytes] | None = None
+        exited = None
         try:
             proc = subprocess.Popen(
                 args,
@@ -226,13 +231,17 @@ class PodmanRuntime:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            assert proc.stdout is not None
+            exited = os.pidfd_open(proc.pid)
             handle.attach(proc, lambda: self._kill(name))
             on_running()
             cancel_timeout = None
             if launch.timeout_s:
                 cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
             try:
-                last = pump_output(proc.stdout, open_log)
+                # Until `podman run` exits: the container's init is the job's main process, and
+                # its end kills the rest of the container (a pid namespace of its own).
+                last = pump_output(proc.stdout.fileno(), open_log, self.max_log_bytes, exited)
                 code = proc.wait()
             finally:
                 if cancel_timeout is not None:
@@ -247,6 +256,14 @@ class PodmanRuntime:
                 )
         finally:
             oom.close()
+            if exited is not None:
+                os.close(exited)
+            if proc is not None:
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
         if code in PODMAN_ERRORS and last.startswith("Error: ") and not handle.stopped:
             return Outcome(
                 code, FailureCode.ErrorStartingContainer.value, f"Cannot start the job: {last[7:]}"

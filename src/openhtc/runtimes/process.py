@@ -1,8 +1,11 @@
 """The process runtime: a job's commands run on the host in an empty working directory.
 
 No isolation at all: for development and tests only. The image name is recorded but not used.
-The job launcher (``launcher.py``, a process of its own) spawns each job in its own session,
-so a timeout or cancel kills its whole process group, and copies its output to the job log.
+The job launcher (``launcher.py``, a process of its own) spawns each job in its own session
+and copies its output to the job log. A job ends when its main process exits; the launcher then
+kills what the job left behind, its process group and any process that left it (``setsid``,
+``nohup``: the launcher is their subreaper). A timeout or cancel kills the main process, so the
+same happens.
 Jobs carry an owner tag in their environment; after a crash, the restarted executor kills every
 process its predecessor left before their jobs are re-queued (see ``adopt``), so a job never
 runs twice at once. (The launcher also kills its jobs when the server's end of its socket
@@ -86,13 +89,13 @@ class ProcessRuntime:
     blocking = True
     pipelined = True  # start(..., after=) queues a job behind another one (see LocalExecutor)
 
-    def __init__(self, work_root: str) -> None:
+    def __init__(self, work_root: str, max_log_bytes: int | None = None) -> None:
         self.work_root = work_root
         os.makedirs(work_root, exist_ok=True)
         self._tag: tuple[tuple[str, str], ...] = ()
         self._deadlines = Deadlines()
         self._local = threading.local()
-        self.launcher = Launcher()
+        self.launcher = Launcher(max_log_bytes=max_log_bytes)
         self._shared: dict[tuple[object, ...], SharedEnv] = {}
 
     def _workdir(self) -> str:
