@@ -289,7 +289,7 @@ def token(
     """Print storage credentials as shell exports: eval "$(htc storage token -p P -t T)"."""
     with open_storage(StorageTarget(project, task, shared), url, api_key) as client:
         current = client.token
-    if current.provider == "OPENHTC":
+    if current.is_local:
         err_console().print(f"note: {LOCAL_STORAGE_NOTE}", highlight=False, soft_wrap=True)
     if json_out:
         print_json(current.raw)
@@ -323,7 +323,7 @@ def configure_aws(
         project = first.id
     with open_storage(StorageTarget(project, None, True), url, api_key) as client:
         current = client.token
-    if current.provider == "OPENHTC":
+    if current.is_local:
         raise fail(LOCAL_STORAGE_NOTE)
     endpoint = current.credentials.get("AWS_ENDPOINT_URL")
     if not endpoint:

@@ -118,6 +118,12 @@ class StorageToken:
         """The storage this token is for: the task's, else the project's shared storage."""
         return self.task_path or self.shared_path
 
+    @property
+    def is_local(self) -> bool:
+        """Storage on the server's own files (``openhtc://``), reached through its object API
+        only: S3 tools cannot use it. (Servers before 0.2 said so with provider "OPENHTC".)"""
+        return split_uri(self.root)[0] == "openhtc" or self.provider == "OPENHTC"
+
     def environment(self) -> dict[str, str]:
         """The credentials plus ``STORAGE_PATH``: what ``aws s3 ls $STORAGE_PATH`` needs."""
         return {**self.credentials, "STORAGE_PATH": self.root}
@@ -405,7 +411,7 @@ class StorageClient(Closeable):
         token = self._tokens.current()
         self.scheme, self.storage_name, self.root_key = split_uri(token.root)
         self._backend: _Backend
-        if self.scheme == "openhtc" or token.provider == "OPENHTC":  # "OPENHTC": servers before 0.2
+        if token.is_local:
             self._backend = _OpenhtcBackend(self._tokens, timeout)
         else:
             self._backend = _S3Backend(self._tokens, self.storage_name)
