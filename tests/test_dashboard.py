@@ -6,14 +6,24 @@ tasks, groups, jobs, events and logs created through the API.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import shutil
+import subprocess
+import time
 import uuid
-from contextlib import closing
+from contextlib import ExitStack, closing
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
+from openhtc.testing.postgres import free_port
+
+CHROMIUM = shutil.which("chromium")
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -198,3 +208,108 @@ def test_a_followed_log_continues_from_its_cursor(module_server: Any, api: Any) 
         assert "End of log" in rest
         seen = [int(n) for n in numbers.findall(first) + numbers.findall(rest)]
         assert seen == list(range(1, 651))
+
+
+# -- a real browser ----------------------------------------------------------------------------
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (Debian's `chromium`, no downloads).
+
+    Every request other than to loopback goes to a dead loopback proxy: the browser reaches
+    nothing but the server under test."""
+
+    def __init__(self, profile: Path, port: int) -> None:
+        self.stack = ExitStack()
+        self.proc = subprocess.Popen(
+            [
+                CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-extensions", "--proxy-server=http://127.0.0.1:9",
+                f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
+                "--window-size=1280,900", "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.ws = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None))
+        self.ids = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.ids += 1
+        self.ws.send(json.dumps({"id": self.ids, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.ids:
+                assert "error" not in message, message
+                return dict(message.get("result", {}))
+
+    def js(self, expression: str) -> Any:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, what: str, timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}; page text: {self.js('document.body.innerText')!r}")
+
+    def close(self) -> None:
+        self.stack.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.one_db
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make containers installs it)")
+def test_in_a_real_browser_the_overview_counts_move_without_reloading(
+    module_server: Any, api: Any, tmp_path: Path
+) -> None:
+    name = f"browser-{uuid.uuid4().hex[:8]}"
+    project_id = api.create_project(name)["projectId"]
+    task_id = api.create_task(project_id)["taskId"]
+    api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=3))
+    api.wait_terminal(project_id, task_id, 3)
+    browser = Chromium(tmp_path / "profile", free_port())
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{module_server.url}/ui/")
+        browser.wait_for("location.pathname === '/ui/login'", "the sign-in page")
+        browser.wait_for("document.readyState === 'complete'", "the sign-in page to load")
+        browser.js(
+            f"document.getElementById('api_key').value = {json.dumps(module_server.api_key)};"
+            "document.querySelector('form').submit()"
+        )
+        browser.wait_for(f"document.body.innerText.includes({json.dumps(name)})", "the overview")
+        assert browser.js("location.pathname") == "/ui/"
+        assert browser.js("document.cookie") == ""  # HttpOnly: no script reads the session
+        assert "SUCCEEDED 3" in browser.js("document.body.innerText")
+        browser.js("window.notReloaded = true")  # gone if the page reloads
+        api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=2))
+        api.wait_terminal(project_id, task_id, 5)
+        browser.wait_for("document.body.innerText.includes('SUCCEEDED 5')", "the live counts to move")
+        assert browser.js("window.notReloaded") is True
+        shot = browser.call("Page.captureScreenshot", format="png")["data"]
+        (tmp_path / "overview.png").write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+    # and the plain DOM dump of a page without a session is the sign-in form
+    dom = subprocess.run(
+        [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+         "--proxy-server=http://127.0.0.1:9", f"--user-data-dir={tmp_path / 'dump'}",
+         "--dump-dom", f"{module_server.url}/ui/"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert 'id="api_key"' in dom and name not in dom
