@@ -115,6 +115,33 @@ def test_forms_without_the_csrf_token_are_refused_and_change_nothing(module_serv
         assert api.get(api.task_path(project_id, task_id))["lifecycleStatus"] == "DELETED"
 
 
+@pytest.mark.one_db
+def test_cancelling_a_group_from_the_task_page_cancels_only_that_group(module_server: Any, api: Any) -> None:
+    project_id, task_id = api.project_and_task()
+    api.post(f"/htc/projects/{project_id}/limits", {"vCPUs": 0, "modifierRole": "PROJECT_ADMIN"}, expect=201)
+    for group in ("keep", "drop"):  # held by the limit: they stay queued until cancelled
+        api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=2), group=group)
+    base = f"/ui/projects/{project_id}/tasks/{task_id}"
+    with closing(sign_in(module_server)) as client:
+        overview = client.get("/ui/").text
+        assert "SUBMITTED_TO_RESCALE 4" in overview and "0 / 0" in overview  # vCPUs against the limit
+        confirm = client.get(f"{base}/confirm/cancel", params={"group": "drop"})
+        assert "group drop" in confirm.text
+        resp = client.post(f"{base}/cancel", data={"csrf": CSRF.search(confirm.text)[1], "group": "drop"})  # type: ignore[index]
+        assert resp.status_code == 303
+        jobs = api.wait_jobs(
+            project_id, task_id,
+            lambda jobs: sum(j["status"] == "FAILED" for j in jobs) == 2,
+            what="the dropped group to be cancelled",
+        )  # fmt: skip
+        assert {j["group"] for j in jobs if j["status"] == "FAILED"} == {"drop"}
+        assert {j["status"] for j in jobs if j["group"] == "keep"} == {"SUBMITTED_TO_RESCALE"}
+        # signing out ends the session
+        out = client.post("/ui/logout", data={"csrf": csrf_of(client, "/ui/")})
+        assert out.status_code == 303
+        assert client.get("/ui/").status_code == 303
+
+
 @pytest.mark.second_workspace
 def test_a_user_of_another_workspace_sees_nothing_of_this_one(module_server: Any, api: Any) -> None:
     name = f"secret-{uuid.uuid4().hex[:8]}"
