@@ -88,7 +88,10 @@ def test_session_cookie_is_httponly_samesite_strict_and_signin_needs_csrf(module
         flags = {part.strip().lower() for part in cookie.split(";")[1:]}
         assert "httponly" in flags and "samesite=strict" in flags and "path=/ui" in flags, cookie
         assert module_server.api_key not in cookie  # the key itself is never stored
-        assert client.get("/ui/").status_code == 200
+        page = client.get("/ui/")
+        assert page.status_code == 200
+        assert page.headers["x-frame-options"] == "DENY"  # the confirmation forms cannot be framed
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
 
 
 @pytest.mark.one_db

@@ -35,6 +35,15 @@ UI_PREFIX = "/ui"
 TASK = "/projects/{project_id}/tasks/{task_id}"
 PAGE = 50  # rows per page of projects, tasks, groups and jobs
 LOG_LINES = 500  # log lines per poll
+# Pages are never cached, framed (no clickjacking of the confirmation forms) or given scripts
+# from elsewhere; the status bars' widths are inline styles.
+HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'"
+    ),
+}
 LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html")}
 ACTIONS = {"archive": "Archive", "unarchive": "Unarchive", "delete": "Delete", "cancel": "Cancel"}
 
@@ -48,7 +57,7 @@ def _render_error(request: Request, exc: OpenHTCError) -> Response:
         return RedirectResponse(target, status_code=303)
     env: Environment = request.app.state.ui_templates
     body = env.get_template("error.html").render(status=status, message=exc.message)
-    return HTMLResponse(body, status_code=status)
+    return HTMLResponse(body, status_code=status, headers=HEADERS)
 
 
 class UiRoute(APIRoute):
@@ -109,7 +118,7 @@ def create_router() -> APIRouter:
         query = request.url.query
         self_url = request.url.path + (f"?{query}" if query else "")
         body = env.get_template(name).render(self_url=self_url, **ctx)
-        return HTMLResponse(body, status_code=code, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(body, status_code=code, headers=HEADERS)
 
     @router.get("", include_in_schema=False)
     async def root() -> Response:
