@@ -123,9 +123,13 @@ def test_cancelling_a_group_from_the_task_page_cancels_only_that_group(module_se
     project_id, task_id = api.project_and_task()
     api.post(f"/htc/projects/{project_id}/limits", {"vCPUs": 0, "modifierRole": "PROJECT_ADMIN"}, expect=201)
     for group in ("keep", "drop"):  # held by the limit: they stay queued until cancelled
-        api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=2), group=group)
+        held = api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=2), group=group)
     base = f"/ui/projects/{project_id}/tasks/{task_id}"
     with closing(sign_in(module_server)) as client:
+        job = client.get(f"{base}/jobs/{held['parentJobId']}:1")
+        assert job.status_code == 200 and "Not started yet" in job.text
+        log = client.get(f"{base}/jobs/{held['parentJobId']}:1/log", headers={"HX-Request": "true"})
+        assert log.status_code == 200 and "End of log" not in log.text  # keeps following
         overview = client.get("/ui/").text
         assert "SUBMITTED_TO_RESCALE 4" in overview and "0 / 0" in overview  # vCPUs against the limit
         confirm = client.get(f"{base}/confirm/cancel", params={"group": "drop"})

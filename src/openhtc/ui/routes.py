@@ -312,8 +312,8 @@ def create_router() -> APIRouter:
             ]
         attempts: dict[int, dict[str, Any]] = {}
         for event in events:
-            if event["attempt"]:
-                attempts[event["attempt"]] = event  # the last event of each attempt
+            if event["attempt"] and (event["instanceId"] or event["attempt"] in attempts):
+                attempts[event["attempt"]] = event  # an attempt's last event, once an executor had it
         return render(
             request,
             "job.html",
