@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from openhtc.domain.capacity import ExecutorOffer, largest_by_region
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import JobStatus, LifecycleStatus, cloud_provider_of
-from openhtc.domain.models import Capacity
 
 if TYPE_CHECKING:
     from openhtc.registry import Registry
@@ -163,13 +163,18 @@ def region(row: Any) -> dict[str, Any]:
     }
 
 
-def dimensions(region_rows: list[Any], capacity: Capacity) -> list[dict[str, Any]]:
-    """What each enabled region offers, per priority, as HTCComputeEnvironment entries."""
+def dimensions(region_rows: list[Any], offers: list[ExecutorOffer]) -> list[dict[str, Any]]:
+    """What each enabled region offers, per priority, as HTCComputeEnvironment entries: the
+    largest registered executor of each region and architecture (none registered: no entry)."""
+    largest = largest_by_region(offers)
     out = []
     for row in region_rows:
         if not row.enabled:
             continue
         for arch in row.architectures:
+            capacity = largest.get((row.name, arch))
+            if capacity is None:
+                continue
             for priority in ("ON_DEMAND_PRIORITY", "ON_DEMAND_ECONOMY"):
                 out.append(
                     {

@@ -15,8 +15,8 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import NotFound, PermissionDenied, ValidationFailed
-from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
+from openhtc.services.executors import live_offers
 
 router = APIRouter()
 UNLIMITED_VCPUS = 999999  # the schema's maximum; reported when no workspace limit is set
@@ -61,7 +61,7 @@ def workspace_dimensions(
     workspace_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
-    return JSONResponse(ser.dimensions(svc.accounts.regions(workspace_id), local_capacity(svc.settings)))
+    return JSONResponse(ser.dimensions(svc.accounts.regions(workspace_id), live_offers(svc)))
 
 
 @router.get("/htc/workspaces/{workspace_id}/limits")
