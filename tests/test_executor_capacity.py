@@ -17,7 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openhtc.api.app import create_app
-from openhtc.domain.capacity import ExecutorOffer, largest_by_region, offers_for, why_not_fit
+from openhtc.domain.capacity import (
+    ExecutorOffer,
+    largest_by_region,
+    offers_for,
+    region_architectures,
+    why_not_fit,
+)
 from openhtc.domain.clock import Clock
 from openhtc.domain.models import Capacity
 from openhtc.testing.inprocess import EXECUTOR, REGION, StoreHarness, in_process_services
@@ -54,6 +60,17 @@ def test_a_job_fits_when_one_executor_of_its_region_and_architecture_holds_it() 
         ("R2", "X86"): Capacity(96, 512 * GIB),
         ("R1", "ARM64"): Capacity(64, 256 * GIB),
     }
+
+
+@pytest.mark.unit
+def test_a_region_offers_the_architectures_its_executors_registered() -> None:
+    offers = [
+        ExecutorOffer("R1", ("AARCH64",), Capacity(8, GIB)),
+        ExecutorOffer("R1", ("X86", "UNKNOWN"), Capacity(8, GIB)),
+    ]
+    assert region_architectures(["X86"], offers, "R1") == ["X86", "AARCH64"]  # configured first
+    assert region_architectures(["X86"], offers[:1], "R1") == ["AARCH64"]  # no X86 executor left
+    assert region_architectures(["X86"], offers, "R2") == ["X86"]  # none registered: the configured
 
 
 # -- in process: executors registered elsewhere -------------------------------------------------
@@ -119,6 +136,21 @@ def test_submit_and_dimensions_follow_the_executors_that_registered(cluster: Clu
     # an executor in another region does not make this region's jobs fit
     cluster.executor.register("agent-elsewhere", "inc-1", "AWS_EU_WEST_1", ["X86"], Capacity(256, 1024 * GIB))
     assert cluster.post(vcpus=64).status_code == 400
+
+
+def test_an_architecture_is_offered_once_an_executor_of_it_registers(cluster: Cluster) -> None:
+    arm = cluster.job_request(1, architecture="AARCH64")
+    refused = cluster.http.post(cluster.jobs_url + "/batch", json=[arm])
+    assert refused.status_code == 400 and "architecture" in refused.text, refused.text
+
+    cluster.executor.register("agent-arm", "inc-1", REGION, ["AARCH64"], Capacity(16, 32 * GIB))
+    region = cluster.http.get(f"/api/v1/htc/regions/{REGION}").json()
+    assert region["supportedArchitectures"] == ["X86", "AARCH64"]
+    listed = cluster.http.get("/api/v1/htc/regions").json()
+    assert [r["supportedArchitectures"] for r in listed if r["region"] == REGION] == [["X86", "AARCH64"]]
+    assert cluster.http.post(cluster.jobs_url + "/batch", json=[arm]).status_code == 200
+    arm_dims = {(d["derived"]["architecture"], d["derived"]["vCPUs"]) for d in cluster.dimensions()}
+    assert arm_dims == {("X86", 4), ("AARCH64", 16)}
 
 
 def test_an_executor_silent_past_its_lease_no_longer_counts(cluster: Cluster) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from openhtc.domain.capacity import ExecutorOffer, largest_by_region
+from openhtc.domain.capacity import ExecutorOffer, largest_by_region, region_architectures
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import JobStatus, LifecycleStatus, cloud_provider_of
 
@@ -151,14 +151,15 @@ def limit(row: Any) -> dict[str, Any]:
     }
 
 
-def region(row: Any) -> dict[str, Any]:
+def region(row: Any, architectures: list[str] | None = None) -> dict[str, Any]:
+    """A region's settings; ``architectures``: what its executors offer (default: the stored ones)."""
     return {
         "region": row.name,
         "enabled": bool(row.enabled),
         "weight": row.weight,
         "updatedBy": row.updated_by,
         "updatedAt": iso(row.updated_at),
-        "supportedArchitectures": list(row.architectures),
+        "supportedArchitectures": list(row.architectures if architectures is None else architectures),
         "cloudProvider": cloud_provider_of(row.name),
     }
 
@@ -171,7 +172,7 @@ def dimensions(region_rows: list[Any], offers: list[ExecutorOffer]) -> list[dict
     for row in region_rows:
         if not row.enabled:
             continue
-        for arch in row.architectures:
+        for arch in region_architectures(row.architectures, offers, row.name):
             capacity = largest.get((row.name, arch))
             if capacity is None:
                 continue

@@ -7,10 +7,13 @@ another machine (``htc agent``) counts the same as the embedded one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from openhtc.domain.enums import Architecture
 from openhtc.domain.models import Capacity
+
+_ARCHITECTURES = frozenset(a.value for a in Architecture)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,21 @@ def why_not_fit(
     if memory_mb > most_memory:
         return "maxMemory", f"{memory_mb} MiB exceeds the largest executor in {region} ({most_memory} MiB)"
     return "maxVCpus", f"no executor in {region} offers both {vcpus} vCPUs and {memory_mb} MiB"
+
+
+def region_architectures(
+    configured: Sequence[str], offers: Iterable[ExecutorOffer], region: str
+) -> list[str]:
+    """The architectures a region offers: those its live executors serve, the configured ones
+    (the server host's) first; while none is live there, the configured ones. Only the API's
+    enum values are answered."""
+    served: list[str] = []
+    for offer in offers:
+        if offer.region == region:
+            served.extend(a for a in offer.architectures if a in _ARCHITECTURES and a not in served)
+    if not served:
+        return list(configured)
+    return [a for a in configured if a in served] + sorted(a for a in served if a not in configured)
 
 
 def largest_by_region(offers: Iterable[ExecutorOffer]) -> dict[tuple[str, str], Capacity]:

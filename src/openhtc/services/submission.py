@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from openhtc.auth.tokens import Principal
-from openhtc.domain.capacity import ExecutorOffer, offers_for, why_not_fit
+from openhtc.domain.capacity import ExecutorOffer, offers_for, region_architectures, why_not_fit
 from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
@@ -27,10 +27,12 @@ def submit(
             raise ValidationFailed("must not be empty", field="group")
         check_name(group, "group", services.limits)
     requests = parse_submit_requests(body, services.limits)
+    offers = live_offers(services)  # what no registered executor can run is refused
     region_archs = {
-        r.name: list(r.architectures) for r in services.accounts.regions(project.workspace_id) if r.enabled
+        r.name: region_architectures(r.architectures, offers, r.name)
+        for r in services.accounts.regions(project.workspace_id)
+        if r.enabled
     }
-    offers = live_offers(services)  # jobs bigger than every registered executor are refused
     new = [_plan(req, i, project, region_archs, offers, group) for i, req in enumerate(requests)]
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
