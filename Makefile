@@ -142,7 +142,8 @@ postgres:
 # Container jobs need bubblewrap (the default runtime), podman with runc, the CNCF registry that
 # `htc server` supervises, and skopeo, umoci and a static busybox for the test images. Install
 # whatever is missing (never skipped in CI: without them the container tests fail there).
-CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static
+# chromium: the dashboard's headless-browser test (tests/test_dashboard.py).
+CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static chromium
 containers:
 	@missing=""; for pkg in $(CONTAINER_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \
