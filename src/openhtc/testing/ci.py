@@ -19,14 +19,14 @@ def in_ci(environ: Mapping[str, str] | None = None) -> bool:
     return env.get("CI", "").lower() == "true"
 
 
-IN_CI = in_ci()  # read once, when the test session imports this
+IN_CI = in_ci()  # for the test modules and hooks that read it as a constant
 
 
 def skip_or_fail(message: str) -> NoReturn:
     """``pytest.skip(message)`` locally, ``pytest.fail(message)`` in CI."""
     import pytest  # the test tools are a dev dependency: import them only when a test runs
 
-    if IN_CI:
+    if in_ci():
         pytest.fail(message)
     pytest.skip(message)
 
