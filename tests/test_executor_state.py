@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -19,6 +20,8 @@ from openhtc.executor.state import (
     ExecutorState,
     Prefetch,
 )
+
+pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
 
 _ids = itertools.count(1)
 
