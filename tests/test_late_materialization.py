@@ -30,18 +30,7 @@ CHUNK = 4
 
 
 def batch(n: int, name: str = "j") -> dict[str, Any]:
-    return {
-        "jobName": name,
-        "batchSize": n,
-        "regions": [REGION],
-        "htcJobDefinition": {
-            "imageName": "busybox:latest",
-            "commands": ["true"],
-            "maxVCpus": 1,
-            "maxMemory": 64,
-            "architecture": "X86",
-        },
-    }
+    return StoreHarness.job_request(n, name)
 
 
 class World:

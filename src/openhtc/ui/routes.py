@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from openhtc import __version__
 from openhtc.api import serializers as ser
-from openhtc.api.deps import app_services, project_for, task_for
+from openhtc.api.deps import app_services, job_for, project_for, task_for
 from openhtc.api.errors import status_of
 from openhtc.api.pagination import decode_cursor, encode_cursor, first
 from openhtc.api.routes import tasks as task_routes
@@ -305,7 +305,7 @@ def create_router() -> APIRouter:
         svc = app_services(request)
         who = session.viewer(svc, request)
         project, task = task_for(svc, who, project_id, task_id)
-        job, batch = _job(svc, task_id, job_id)
+        job, batch = job_for(svc, task_id, job_id)
         with svc.db.read() as conn:
             events = [
                 ser.event(e, job_id, job.idx) for e in svc.jobs.events(conn, job.id, job.batch_id, 0, 1000)
@@ -331,7 +331,7 @@ def create_router() -> APIRouter:
         svc = app_services(request)
         who = session.viewer(svc, request)
         task_for(svc, who, project_id, task_id)
-        job, batch = _job(svc, task_id, job_id)
+        job, batch = job_for(svc, task_id, job_id)
         start = _log_cursor(first(request, "after"), job.attempt)
         lines = svc.logs.page((task_id, batch.parent_job_id, job.idx), job.attempt, LOG_LINES, False, start)
         position = lines[-1].after if lines else start
@@ -346,14 +346,6 @@ def create_router() -> APIRouter:
         )
 
     return router
-
-
-def _job(svc: Services, task_id: str, job_id: str) -> tuple[Any, Any]:
-    with svc.db.read() as conn:
-        found = svc.jobs.get(conn, task_id, job_id)
-    if found is None:
-        raise NotFound(f"job {job_id} not found in task {task_id}")
-    return found
 
 
 def _act(svc: Services, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
