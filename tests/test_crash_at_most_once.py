@@ -84,33 +84,46 @@ def test_no_attempt_runs_twice_across_kills(start_server: Callable[..., Any], tm
     assert not problems, "\n".join(problems[:20]) + f"\noutcomes (status, code, executed): {dict(outcomes)}"
 
 
+LONG = 6  # of 8 vCPUs: jobs that outlast the stop, each with the next job held behind it
+
+
 def test_a_graceful_restart_charges_no_job_it_had_not_started(
     start_server: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """SIGTERM while jobs start at full speed, then start again: the executor journals the jobs
-    next in line ahead of their hand-off, and a clean stop must take back those it never
-    handed over, so none of them fails as "may have started" after the restart."""
+    """SIGTERM while jobs start at full speed, with a few long ones running, then start again.
+
+    Pipelining hands each slot's next job to the job launcher while the slot's job runs; behind
+    a long job it waits there (no slot is free to withdraw it to). A clean stop must take back
+    every job it had not started, held in a launcher or journaled ahead, so that none is
+    charged: every job executes exactly once (counted from the files the jobs make), and the
+    only failures are the long jobs that were running, killed once the stop's grace ran out:
+    FAILED with ErrorInfrastructureFault, as after a crash (``maxRetries: 0``)."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    srv = start_server(env=ENV)
+    gate = tmp_path / "gate"  # once it exists, a long job that starts ends at once
+    srv = start_server(env={**ENV, "OPENHTC_EXECUTOR_STOP_GRACE_SECONDS": "2"})
     api = srv.api()
     pid, tid = api.project_and_task()
-    command = f'mktemp "{runs}/$RESCALE_JOB_ID.XXXXXX"'
-    request = api.job_request(["sh", "-c", command], batch_size=JOBS // 2, max_retries=0)
-    api.submit(pid, tid, request, request)
-    wait_executed(runs, int(JOBS * KILL_AT[0]))
+    mark = f'mktemp "{runs}/$RESCALE_JOB_ID.XXXXXX"'
+    long = api.job_request(["sh", "-c", f'{mark} && {{ test -e "{gate}" || exec sleep 60; }}'], max_retries=0)
+    short = api.job_request(["sh", "-c", mark], batch_size=JOBS // 2, max_retries=0)
+    long_parents = [api.submit(pid, tid, long)[0]["parentJobId"] for _ in range(LONG)]
+    api.submit(pid, tid, short, short)
+    wait_executed(runs, LONG + JOBS // 10)
+    gate.touch()
+    running_long = {f"{parent}:0" for parent in long_parents} & set(executions(runs))
     srv.restart()  # SIGTERM first: a clean stop
-    jobs = api.wait_terminal(pid, tid, JOBS, timeout=120)
+    jobs = api.wait_terminal(pid, tid, JOBS + LONG, timeout=120)
     ran = executions(runs)
-    assert max(ran.values()) == 1
-    # The journal's part: what was journaled ahead but never handed over is taken back, so the
-    # restart's recovery charges nothing. (A job already handed to a job launcher when the stop
-    # came can still end "The job launcher stopped while the job ran" without having run: a
-    # known gap of the clean stop, not of the journal, tracked separately.)
-    charged = [
-        (j["jobUUID"], j["statusReason"])
+
+    not_once = {j["jobUUID"]: ran[j["jobUUID"]] for j in jobs if ran[j["jobUUID"]] != 1}
+    assert not not_once, (
+        f"{len(not_once)} job(s) did not execute exactly once: {sorted(not_once.items())[:5]}"
+    )
+    failed = {
+        j["jobUUID"]: (j.get("failureCode"), j.get("statusReason"))
         for j in jobs
-        if j.get("failureCode") == "ErrorInfrastructureFault"
-        and "may have started" in (j.get("statusReason") or "")
-    ]
-    assert not charged, f"{len(charged)} job(s) charged by a clean restart: {charged[:5]}"
+        if j["status"] != "SUCCEEDED"
+    }
+    assert set(failed) == running_long, f"failed: {sorted(failed.items())[:5]}; running long: {running_long}"
+    assert {code for code, _ in failed.values()} <= {"ErrorInfrastructureFault"}, failed

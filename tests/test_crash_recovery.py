@@ -179,3 +179,53 @@ def test_held_jobs_survive_a_crash(start_server: Callable[..., Any]) -> None:
     assert sorted(j["jobUUID"] for j in jobs) == sorted(f"{parent}:{i}" for i in range(20))
     assert {j["status"] for j in jobs} == {"SUCCEEDED"}
     api.assert_summary_matches_jobs(pid, tid, 20)
+
+
+def test_a_clean_stop_takes_back_the_job_held_behind_a_running_one(
+    start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """One vCPU: a long job runs and the next job waits behind it in the job launcher (STARTING;
+    no slot is free to move it to). On SIGTERM the stop withdraws the held job before it kills
+    the long one (whose end would start it): the held job never starts, and after the restart
+    it runs in its one attempt. The long job, killed, fails as after a crash. Executions are
+    counted from the files the jobs make, and the server log says what the stop did."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    gate = tmp_path / "gate"  # once it exists, a long job that starts ends at once
+    srv = start_server(env={**FAST_LEASES, "OPENHTC_EXECUTOR_VCPUS": "1"})
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    mark = f'mktemp "{runs}/$RESCALE_JOB_ID.XXXXXX"'
+    long = api.job_request(
+        ["sh", "-c", f'{mark} && {{ test -e "{gate}" || exec sleep 300; }}'], max_retries=0
+    )
+    short = api.job_request(["sh", "-c", mark], batch_size=SHORT, max_retries=0)
+    long_parent, short_parent = (r["parentJobId"] for r in api.submit(pid, tid, long, short))
+    long_id, held_id = f"{long_parent}:0", f"{short_parent}:0"
+
+    def held_behind(jobs: list[dict[str, Any]]) -> bool:
+        status = {j["jobUUID"]: j["status"] for j in jobs}
+        return status.get(long_id) == "RUNNING" and status.get(held_id) == "STARTING"
+
+    api.wait_jobs(
+        pid,
+        tid,
+        held_behind,
+        timeout=RECOVERY_TIMEOUT,
+        what="the long job to run with the next one held behind it",
+    )
+    gate.touch()
+    srv.restart()  # SIGTERM first: a clean stop
+    jobs = {j["jobUUID"]: j for j in api.wait_terminal(pid, tid, 1 + SHORT, timeout=RECOVERY_TIMEOUT)}
+    ran = {p.name.rpartition(".")[0] for p in runs.iterdir()}
+    assert len(list(runs.iterdir())) == len(ran) == 1 + SHORT, sorted(p.name for p in runs.iterdir())
+    ends = {job_id: (j["status"], j.get("failureCode"), j.get("statusReason")) for job_id, j in jobs.items()}
+    assert ends.pop(long_id) == (
+        "FAILED",
+        "ErrorInfrastructureFault",
+        "Infrastructure fault: the server stopped while the job ran",
+    )
+    assert {end[:2] for end in ends.values()} == {("SUCCEEDED", None)}, ends
+    log = srv.log_path.read_text(errors="replace")
+    assert "(1 held, not started, taken back)" in log
+    assert "1 job(s) killed" in log

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         "recovery knows which attempts may have run even after a power loss (a server crash alone "
         "needs no sync).",
     )
+    executor_stop_grace_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="On a clean stop (SIGTERM), how long the executor lets running jobs finish "
+        "before it kills them (a killed job fails with ErrorInfrastructureFault). Jobs not "
+        "started yet are taken back either way and re-queued free at the next start.",
+    )
     max_running_jobs: int = Field(256, description="Upper bound on jobs one local executor runs at once.")
     image_cache_gib: float = Field(
         10.0,

@@ -32,6 +32,8 @@ from openhtc.services.wakeups import Wakeups
 from openhtc.storage.staging import NoStager, Stager
 
 log = logging.getLogger("openhtc.executor")
+# A job killed by a clean stop: it may have run, as after a crash (architecture.md, Crash guarantee).
+STOP_REASON = "Infrastructure fault: the server stopped while the job ran"
 
 
 @dataclass(slots=True)
@@ -43,6 +45,7 @@ class _Begun:
     staged: bool = False
     started: Any = None  # what a pipelined runtime's start() returned
     outcome: Outcome | None = None  # set if it ended before it started
+    refused: bool = False  # not handed over: the executor is stopping
 
 
 class LocalExecutor:
@@ -82,7 +85,12 @@ class LocalExecutor:
             self.capacity, settings.max_running_jobs, prefetch, settings.heartbeat_seconds, RunHandle
         )
         self._lock = threading.Lock()  # around every call into self.state
+        # Every hand-off to the runtime passes this gate; a stop closes it, then withdraws or
+        # kills what was handed over, knowing that nothing more will be.
+        self._gate = threading.Lock()
+        self._gate_closed = False
         self._wake = threading.Event()
+        self._drained = threading.Event()  # a job ended: a draining stop looks again
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
         self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-report")
@@ -115,24 +123,75 @@ class LocalExecutor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop claiming, kill what runs, report it, and leave."""
+        """Stop taking work; take back what has not started, let what runs finish for
+        ``executor_stop_grace_seconds``, kill the rest, report it, and leave.
+
+        The order matters: a job held in the runtime behind a running one starts the moment
+        that one ends, so the held jobs are withdrawn before anything is killed (or drained).
+        What was taken and never started stays this executor's, out of the journal: the next
+        start re-queues it free. What was killed fails as an infrastructure fault.
+        """
+        began = time.monotonic()
         with self._lock:
             self.state.stop()
+            prefetched = len(self.state.pending)
+        with self._gate:  # from here on, nothing is handed to the runtime
+            self._gate_closed = True
+        with self._lock:
+            held = self.state.held_in_runtime()
+            handed = self.state.handed_over()
+        taken: set[int] = set()  # ids of the withdrawn hand-offs (their workers take them back)
+        if self._pipeline is not None:
+            taken = {id(started) for started in held if self._pipeline.withdraw(started)}
+        log.info(
+            "executor stopping: %d job(s) handed to the runtime (%d held, not started, taken back), "
+            "%d prefetched and not started",
+            handed,
+            len(taken),
+            prefetched,
+        )
+        self._drain(self.settings.executor_stop_grace_seconds)
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=10)
         with self._lock:
-            running = list(self.state.running.values())
+            running = [a for a in self.state.running.values() if a.begun]
+        killed = 0
         for attempt in running:
+            killed += attempt.driver.attached and id(attempt.handoff) not in taken
             attempt.driver.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._reporter.shutdown(wait=True)
         self._flush()
-        if self.journal is not None:
-            with self._lock:  # journaled ahead or taken, never started: a restart re-queues them free
-                never_started = self.state.never_started()
+        with self._lock:
+            unstarted = len(self.state.pending) + sum(not a.begun for a in self.state.running.values())
+            never_started = self.state.never_started()
+        if self.journal is not None:  # journaled ahead or taken, never started: out of the journal
             self.journal.end(never_started)
             self.journal.close()
+        log.info(
+            "executor stopped in %.1f s: %d job(s) killed, %d not started (re-queued free at the next start)",
+            time.monotonic() - began,
+            killed,
+            unstarted,
+        )
+
+    def _drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the jobs handed over to end, while the control
+        thread still reports and heartbeats (it claims and launches nothing any more)."""
+        if grace <= 0:
+            return
+        deadline = time.monotonic() + grace
+        while True:
+            with self._lock:
+                left = self.state.handed_over()
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                log.info("executor stopping: %d job(s) still running after %.0f s, killing them", left, grace)
+                return
+            self._drained.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self._drained.clear()
 
     def kick(self) -> None:
         self._wake.set()
@@ -219,6 +278,9 @@ class LocalExecutor:
         item: Attempt | None = first
         begun: _Begun | None = self._begin(first, None)
         while item is not None and begun is not None:
+            if begun.refused:  # the executor is stopping: the job stays unstarted
+                self._take_back(item)
+                return
             successor: Attempt | None = None
             if self._pipeline is not None:
                 with self._lock:
@@ -226,9 +288,17 @@ class LocalExecutor:
             after: _Begun | None = None
             if successor is not None:
                 after = self._begin(successor, begun.started)
-                if self._withdrawn(begun, successor, after):
+                if after.refused:
+                    self._take_back(successor)
                     successor = after = None
-            self._end(item, begun)
+                elif self._withdrawn(begun, successor, after):
+                    successor = after = None
+            if not self._end(item, begun):
+                self._take_back(item)
+                return
+            if successor is not None and self._taken_by_stop(after):
+                self._take_back(successor)
+                successor = after = None
             with self._lock:
                 fresh = self.state.ended(item, successor)
             if successor is not None:  # it took over the slot
@@ -238,6 +308,21 @@ class LocalExecutor:
             if item is not None and begun is None:
                 begun = self._begin(item, None)
             self._wake.set()
+            self._drained.set()
+
+    def _taken_by_stop(self, after: _Begun | None) -> bool:
+        """Whether a stop withdrew this held job (before it killed the one it waited for)."""
+        if not self._gate_closed or after is None or after.started is None:
+            return False
+        assert self._pipeline is not None
+        return self._pipeline.withdraw(after.started)  # at once if withdrawn: it has ended
+
+    def _take_back(self, item: Attempt) -> None:
+        """``item`` never started (withdrawn, or refused at stop): out of the journal, queued again."""
+        self._unmark(item)  # it never started: out of the journal before it is queued again
+        with self._lock:
+            self.state.withdrawn(item)
+        self._drained.set()
 
     def _withdrawn(self, current: _Begun, successor: Attempt, after: _Begun) -> bool:
         """Wait while ``successor`` is held behind the running ``current``; when the state says
@@ -252,9 +337,7 @@ class LocalExecutor:
                     continue
             if not self._pipeline.withdraw(after.started):
                 return False  # it started meanwhile: the current job has just ended
-            self._unmark(successor)  # it never started: out of the journal before it is queued again
-            with self._lock:
-                self.state.withdrawn(successor)
+            self._take_back(successor)
             self._wake.set()
             return True
         return False
@@ -264,6 +347,8 @@ class LocalExecutor:
         (behind the job that returned ``after``, if given)."""
         launch = item.launch
         item.begun = True
+        if self._gate_closed:  # stopping: not even STARTING (the gate below is what decides)
+            return _Begun(launch, JobLog(""), refused=True)
         self._report(launch, JobStatus.STARTING)
         parent = launch.job_uuid.rpartition(":")[0]
         begun = _Begun(
@@ -275,20 +360,25 @@ class LocalExecutor:
             begun.staged = True
             if self._pipeline is not None:
                 self._mark(item)
-                started = self._pipeline.start(
-                    begun.launch, item.driver, begun.log, self._on_running(begun.launch), after
-                )
-                if isinstance(started, Outcome):
-                    begun.outcome = started
-                else:
-                    begun.started = started
+                with self._gate:
+                    if self._gate_closed:
+                        begun.refused = True
+                        return begun
+                    started = self._pipeline.start(
+                        begun.launch, item.driver, begun.log, self._on_running(begun.launch), after
+                    )
+                    if isinstance(started, Outcome):
+                        begun.outcome = started
+                    else:
+                        begun.started = item.handoff = started
         except Exception as exc:
             log.exception("runtime failed on job %s", launch.job_uuid)
             begun.outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
         return begun
 
-    def _end(self, item: Attempt, begun: _Begun) -> None:
-        """Run the job to its end (or wait for it), finish its storage, report the outcome."""
+    def _end(self, item: Attempt, begun: _Begun) -> bool:
+        """Run the job to its end (or wait for it), finish its storage, report the outcome.
+        False if it never started: the executor is stopping (nothing is reported)."""
         launch, outcome = begun.launch, begun.outcome
         handle: RunHandle = item.driver
         if outcome is None:
@@ -296,15 +386,22 @@ class LocalExecutor:
                 if self._pipeline is not None:
                     outcome = self._pipeline.finish(begun.started)
                 else:
+                    if self._gate_closed:  # a stop racing past this is caught by the handle below
+                        return False
                     self._mark(item)
                     outcome = self.runtime.run(launch, handle, begun.log, self._on_running(launch))
             except Exception as exc:
                 log.exception("runtime failed on job %s", launch.job_uuid)
                 outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
+            if handle.stopped and not handle.timed_out and self._gate_closed and not outcome.succeeded:
+                if not handle.attached:
+                    return False  # stopped before the runtime started anything
+                outcome = Outcome(outcome.exit_code, FailureCode.ErrorInfrastructureFault.value, STOP_REASON)
         if begun.staged:  # before the report: a finished job's outputs are already in task storage
             self.stager.finish(launch, handle.stopped, begun.log)
         status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
         self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+        return True
 
     # -- the attempt journal --------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class Attempt:
     marked: bool = False  # in the attempt journal: its process may have started
     begun: bool = False  # a worker took it up (else its turn was cancelled at stop)
     held_at: float | None = None  # when it was handed over behind the slot's running job
+    handoff: Any = None  # what a pipelined runtime's start returned: a clean stop withdraws it
     driver: Any = None  # the driver's own data (the local executor's RunHandle)
 
     @property
@@ -175,7 +176,8 @@ class ExecutorState:
 
     def withdrawn(self, held: Attempt) -> None:
         """``held`` was taken back before it started: queued first again, out of its slot.
-        (Its journal record is ended first: ``to_unmark``.)"""
+        (Its journal record is ended first: ``to_unmark``.) At stop, also an attempt that was
+        never handed over; its slot is not given back then (nothing launches any more)."""
         self.running.pop(held.launch.job_id, None)
         self.pending.appendleft(held.launch)
 
@@ -195,6 +197,8 @@ class ExecutorState:
     def to_premark(self) -> list[Key]:
         """The attempts next in line, to journal at once ahead of their hand-off: those that fit
         in the free vCPUs, plus PREMARK_SECONDS of work at the observed rate."""
+        if self.stopping:
+            return []
         window = max(0, self.capacity.vcpus - self.used.vcpus) + int(self.prefetch.rate * PREMARK_SECONDS)
         keys = []
         for launch in itertools.islice(self.pending, window):
@@ -273,8 +277,18 @@ class ExecutorState:
         return Stop(kill, unjournal)
 
     def stop(self) -> None:
-        """Take no more work: no claims, launches or successors."""
+        """Take no more work: no claims, launches, successors or journaling ahead."""
         self.stopping = True
+
+    def held_in_runtime(self) -> list[Any]:
+        """At stop: what the runtime holds behind running jobs (their ``handoff``), to withdraw
+        before those are killed, since a job's end starts what waits behind it. Some may have
+        started meanwhile: their withdrawal fails and they are killed with the rest."""
+        return [a.handoff for a in self.running.values() if a.held_at is not None and a.handoff is not None]
+
+    def handed_over(self) -> int:
+        """At stop: how many attempts a worker has taken up and not yet ended or taken back."""
+        return sum(1 for a in self.running.values() if a.begun)
 
     def never_started(self) -> list[Key]:
         """At stop: the attempts journaled ahead or taken and never handed over, whose journal

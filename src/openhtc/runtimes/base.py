@@ -57,6 +57,12 @@ class RunHandle:
         if stop:
             kill()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the runtime has handed the attempt on (a process exists, or the job launcher
+        has it): stopped before that, it never started."""
+        return self._kill_fn is not None
+
     def stop(self, timed_out: bool = False) -> None:
         with self._lock:
             self.stopped = True

@@ -82,8 +82,9 @@ class LaunchedJob:
 
     def withdraw(self) -> bool:
         """Take back a job held ``after`` another one: True if it had not started (it never
-        will), False if it has (or has ended)."""
-        answered = self._answered = threading.Event()  # before the send: the answer sets it
+        will), False if it has (or has ended). Two threads may ask at once (a worker, and the
+        executor's stop): both get the one answer."""
+        answered = self.process.answer_event(self)  # before the send: the answer sets it
         if self._done.is_set() or not self.process.send("withdraw", self.key):
             return self.withdrawn
         answered.wait()  # the answer, or the launcher's death
@@ -180,6 +181,13 @@ class _Process:
                 with contextlib.suppress(OSError):
                     self._sock.sendall(encode(("forget",)))
             self._sent.clear()
+
+    def answer_event(self, job: LaunchedJob) -> threading.Event:
+        """The event the answer to a withdraw of ``job`` sets (one per job, made on first use)."""
+        with self._lock:
+            if job._answered is None:
+                job._answered = threading.Event()
+            return job._answered
 
     def send(self, kind: str, key: int) -> bool:
         """A "kill" or "withdraw" for one of this process's jobs; False if it has none such."""
