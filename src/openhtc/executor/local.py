@@ -308,7 +308,8 @@ class LocalExecutor:
             if item is not None and begun is None:
                 begun = self._begin(item, None)
             self._wake.set()
-            self._drained.set()
+            if self._gate_closed:
+                self._drained.set()
 
     def _taken_by_stop(self, after: _Begun | None) -> bool:
         """Whether a stop withdrew this held job (before it killed the one it waited for)."""
