@@ -209,6 +209,29 @@ def test_a_held_job_can_be_withdrawn_until_it_starts(runner: Runner, tmp_path: P
     assert running.wait(10)
 
 
+def test_two_threads_withdrawing_one_held_job_both_get_the_answer(runner: Runner) -> None:
+    """A worker and the executor's stop may withdraw the same held job at once: neither may
+    wait forever for an answer the other one took."""
+    first, _ = runner.start("sleep 300")
+    for _ in range(20):
+        held, _ = runner.start("true", after=first)
+        barrier = threading.Barrier(2)
+        answers: list[bool] = []
+
+        def withdraw(job: LaunchedJob = held, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            answers.append(job.withdraw())
+
+        threads = [threading.Thread(target=withdraw, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert answers == [True, True], "a withdraw never got its answer"
+    first.kill()
+    assert first.wait(10)
+
+
 def test_killing_a_held_job_lets_the_one_behind_it_start(runner: Runner) -> None:
     first, _ = runner.start("sleep 300")
     second, _ = runner.start("true", after=first)
