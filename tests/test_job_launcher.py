@@ -218,11 +218,10 @@ def test_two_threads_withdrawing_one_held_job_both_get_the_answer(runner: Runner
         barrier = threading.Barrier(2)
         answers: list[bool] = []
 
-        def withdraw(job: LaunchedJob = held, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait()
-            answers.append(job.withdraw())
-
-        threads = [threading.Thread(target=withdraw, daemon=True) for _ in range(2)]
+        threads = [
+            threading.Thread(target=_withdraw_after, args=(held, barrier, answers), daemon=True)
+            for _ in range(2)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -230,6 +229,11 @@ def test_two_threads_withdrawing_one_held_job_both_get_the_answer(runner: Runner
         assert answers == [True, True], "a withdraw never got its answer"
     first.kill()
     assert first.wait(10)
+
+
+def _withdraw_after(job: LaunchedJob, barrier: threading.Barrier, answers: list[bool]) -> None:
+    barrier.wait()
+    answers.append(job.withdraw())
 
 
 def test_killing_a_held_job_lets_the_one_behind_it_start(runner: Runner) -> None:
