@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, runtime_checkable
 
 from openhtc.domain.models import JobLaunch
+from openhtc.runtimes.joblog import append_to
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +84,7 @@ class JobLog:
     path: str
 
     def __call__(self) -> TextIO:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        return open(self.path, "a", encoding="utf-8", errors="replace")
+        return append_to(self.path)
 
 
 @dataclass(frozen=True, slots=True)

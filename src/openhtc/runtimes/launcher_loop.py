@@ -1,15 +1,15 @@
 """The job launcher's own process: starts, watches and reaps the process runtime's jobs.
 
 Run as ``python -I -S launcher_loop.py FD`` by :mod:`openhtc.runtimes.launcher`; FD is its end
-of a socket pair. It imports only the standard library, so it starts in a few milliseconds.
+of a socket pair. It imports only the standard library and ``joblog.py`` (beside it, standard
+library only too: the log rules every runtime shares), so it starts in a few milliseconds.
 
 Why a process of its own: the server's worker threads share one GIL with the API, the
 scheduler and the executor's database turns, and a thread that spawns a job needs the GIL back
 after every system call (pipe, vfork, exec, read, wait). Once another thread keeps the GIL
 busy half the time, such threads start half as many jobs. Here one single-threaded epoll loop
 does only this: ``posix_spawn`` (it may ``chdir`` first: it has no other threads), a pidfd per
-job for its exit, and the job's output copied to its log file with a timestamp per line
-(``"{unix time}\t{line}"``, what :mod:`openhtc.services.logs` reads).
+job for its exit, and the job's output copied to its log file (``joblog.LogWriter``).
 
 A start may name the job it comes ``after``: it is held here and spawned the moment that one
 ends, so a slot of the executor never waits for a round trip to the server between two jobs.
@@ -38,7 +38,8 @@ carries no key and no job that started before it still runs) is killed within 20
 job's end, and again shortly after.
 
 Output past ``max_log_bytes`` (argv[2], 0 for no cap) is discarded after one marker line; a log
-that cannot be written (ENOSPC) loses the job's output, never the launcher or another job.
+that cannot be written (ENOSPC) loses the job's output, never the launcher or another job
+(``joblog.py``).
 
 When the server's end of the socket closes (a clean stop or a ``kill -9``), it kills every job
 still running and everything they started, and exits.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import pickle
 import selectors
@@ -59,7 +61,13 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or __package__:  # imported by the server, as part of openhtc
+    from openhtc.runtimes.joblog import LogWriter, append_to
+else:  # run as a script by ``python -I -S``: the module beside this file (standard library only)
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    from joblog import LogWriter, append_to
 
 HEADER = struct.Struct("!I")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -99,10 +107,7 @@ class Decoder:
 
 
 class _Job:
-    __slots__ = (
-        "code", "cwd", "done", "key", "log", "log_path", "max_bytes", "out", "partial", "pid", "pidfd",
-        "spawned", "written",
-    )  # fmt: skip
+    __slots__ = ("code", "cwd", "key", "out", "output", "pid", "pidfd", "spawned")
 
     def __init__(
         self, key: int, pid: int, pidfd: int, out: int, cwd: str, log_path: str, max_bytes: int
@@ -112,80 +117,10 @@ class _Job:
         self.pidfd = pidfd
         self.out: int | None = out  # read end of the job's stdout/stderr; None at EOF
         self.cwd = cwd
-        self.log_path = log_path
-        self.log: TextIO | None = None  # opened at the first line: silent jobs write no file
-        self.partial = b""
+        # the log, opened at the first line: silent jobs write no file
+        self.output = LogWriter(functools.partial(append_to, log_path), max_bytes or None)
         self.code: int | None = None  # set once reaped
-        self.max_bytes = max_bytes  # 0: no cap
-        self.written = 0
         self.spawned = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock of /proc's start times
-        self.done = False  # past the cap, or the log failed: output is discarded
-
-    def write(self, data: bytes) -> None:
-        if self.done:
-            return
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        if len(self.partial) > 1 << 16:  # no newline for a long while: write what there is
-            lines.append(self.partial)
-            self.partial = b""
-        if lines:
-            self._write_lines(lines)
-
-    def _write_lines(self, lines: list[bytes]) -> None:
-        marker = None
-        if self.max_bytes:
-            size = sum(len(line) + 1 for line in lines)
-            if self.written + size > self.max_bytes:
-                room, kept = self.max_bytes - self.written, []
-                for line in lines:
-                    if len(line) + 1 > room:
-                        break
-                    kept.append(line)
-                    room -= len(line) + 1
-                lines, size = kept, self.max_bytes - room - self.written
-                marker = (
-                    f"[openhtc] output truncated: the job wrote more than {self.max_bytes} bytes; "
-                    "the rest is discarded"
-                )
-            self.written += size
-        stamp = f"{time.time():.6f}\t"
-        text = "".join(f"{stamp}{line.decode('utf-8', 'replace')}\n" for line in lines)
-        if marker is not None:
-            text += f"{stamp}{marker}\n"
-            self.done = True
-        try:
-            if self.log is None:
-                os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-                self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
-            self.log.write(text)
-            self.log.flush()  # a chunk at a time: readers of a running job's log see it now
-        except OSError as exc:
-            self._failed(exc)
-
-    def _failed(self, exc: OSError) -> None:
-        """The log cannot be written (a full disk): discard the rest, say so if at all possible."""
-        self.done = True
-        self.partial = b""
-        if self.log is not None:
-            with contextlib.suppress(OSError):
-                self.log.close()
-            self.log = None
-        marker = f"[openhtc] output truncated: the log could not be written ({exc.strerror or exc})"
-        with contextlib.suppress(OSError), open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.time():.6f}\t{marker}\n")
-
-    def close_output(self) -> None:
-        if self.partial and not self.done:
-            self._write_lines([self.partial])
-        self.partial = b""
-        if self.log is not None:
-            try:
-                self.log.close()
-            except OSError as exc:
-                self.log = None
-                self._failed(exc)
-            self.log = None
 
 
 def reset_workdir(path: str) -> None:
@@ -331,12 +266,12 @@ class Loop:
         assert job.out is not None
         data = os.read(job.out, 1 << 16)
         if data:
-            job.write(data)
+            job.output.feed(data)
             return
         self.sel.unregister(job.out)
         os.close(job.out)
         job.out = None
-        job.close_output()
+        job.output.close()
         self._finish(job)
 
     def _reap(self, job: _Job) -> None:
@@ -354,11 +289,11 @@ class Loop:
             os.set_blocking(job.out, False)
             with contextlib.suppress(OSError):
                 while data := os.read(job.out, 1 << 16):
-                    job.write(data)
+                    job.output.feed(data)
             self.sel.unregister(job.out)
             os.close(job.out)
             job.out = None
-            job.close_output()
+            job.output.close()
         self._finish(job)
 
     def _finish(self, job: _Job) -> None:
