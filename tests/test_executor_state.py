@@ -271,6 +271,23 @@ def test_at_stop_what_never_started_leaves_the_journal() -> None:
     assert set(state.never_started()) == {*ahead} - {begun.key} | {taken.key}
 
 
+def test_at_stop_the_held_hand_offs_are_named_for_withdrawal_and_nothing_is_journaled_ahead() -> None:
+    state = core(vcpus=2)
+    state.claimed([job() for _ in range(6)])
+    first, second = launch_all(state)
+    first.begun = second.begun = True
+    held = state.successor(first, 0.0)
+    assert held is not None
+    held.begun, held.handoff = True, "held behind first"
+    first.handoff = "running"  # a fresh slot's job is never held: not named
+    state.stop()
+    assert state.held_in_runtime() == ["held behind first"]
+    assert state.handed_over() == 3
+    assert state.to_premark() == []
+    state.withdrawn(held)  # the stop withdrew it: it is queued again, and no longer handed over
+    assert state.handed_over() == 2 and state.pending[0] == held.launch
+
+
 # -- exits in any order, and no capacity leak ----------------------------------------------------
 
 
