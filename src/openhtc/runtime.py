@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ class Server:
         self.retention.start()
 
     def stop(self) -> None:
+        began = time.monotonic()
+        log.info("openhtc stopping")
         if self.executor is not None:
             self.executor.stop()
             self.executor.runtime.close()  # unmounts the bwrap runtime's scratch disks
@@ -156,6 +159,7 @@ class Server:
         self.services.db.dispose()
         if self.storage_process is not None:  # last: the executor uploads outputs until it stops
             self.storage_process.stop()
+        log.info("openhtc stopped in %.1f s", time.monotonic() - began)
 
 
 def job_endpoints(settings: Settings) -> list[Endpoint]:

@@ -34,6 +34,7 @@ from openhtc.storage.staging import NoStager, Stager
 log = logging.getLogger("openhtc.executor")
 # A job killed by a clean stop: it may have run, as after a crash (architecture.md, Crash guarantee).
 STOP_REASON = "Infrastructure fault: the server stopped while the job ran"
+DRAIN_REPORT_SECONDS = 5.0  # a stop that waits for running jobs says so this often
 
 
 @dataclass(slots=True)
@@ -182,14 +183,19 @@ class LocalExecutor:
         if grace <= 0:
             return
         deadline = time.monotonic() + grace
+        report_at = time.monotonic() + DRAIN_REPORT_SECONDS
         while True:
             with self._lock:
                 left = self.state.handed_over()
             if not left:
                 return
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 log.info("executor stopping: %d job(s) still running after %.0f s, killing them", left, grace)
                 return
+            if now >= report_at:
+                log.info("executor stopping: %d job(s) still running, %.0f s left", left, deadline - now)
+                report_at = now + DRAIN_REPORT_SECONDS
             self._drained.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self._drained.clear()
 
