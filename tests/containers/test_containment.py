@@ -261,6 +261,13 @@ def test_server_ends_jobs_at_their_main_exit_frees_cancelled_slots_and_stops_cle
         server.stop()  # SIGTERM; the fixture would SIGKILL after 15 s
         assert server.proc.returncode == 0, f"the server did not stop on SIGTERM ({server.proc.returncode})"
         marks["stopped"].gone("after the server stopped")
+        server.restart()  # the stop reported the killed job: as after a crash, it may have run
+        job = server.api().job(pid, tid, stopped)
+        assert (job["status"], job["failureCode"], job["statusReason"]) == (
+            "FAILED",
+            "ErrorInfrastructureFault",
+            "Infrastructure fault: the server stopped while the job ran",
+        )
     finally:
         for mark in marks.values():
             mark.kill()
