@@ -229,3 +229,45 @@ def test_a_clean_stop_takes_back_the_job_held_behind_a_running_one(
     log = srv.log_path.read_text(errors="replace")
     assert "(1 held, not started, taken back)" in log
     assert "1 job(s) killed" in log
+
+
+def test_a_stop_with_a_grace_lets_the_running_job_finish_and_starts_nothing(
+    start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``executor_stop_grace_seconds``: SIGTERM lets the running job finish (it succeeds), while
+    the job held behind it is taken back at once, not started when the running one ends; it
+    runs after the next start (it finds the gate the test opens in between)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    gate = tmp_path / "gate"
+    srv = start_server(
+        env={**FAST_LEASES, "OPENHTC_EXECUTOR_VCPUS": "1", "OPENHTC_EXECUTOR_STOP_GRACE_SECONDS": "60"}
+    )
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    running = api.job_request(["sh", "-c", f"sleep 1; touch {runs}/finished"], max_retries=0)
+    held = api.job_request(
+        ["sh", "-c", f'if [ -e "{gate}" ]; then touch {runs}/later; else touch {runs}/early; fi']
+    )
+    running_parent, held_parent = (r["parentJobId"] for r in api.submit(pid, tid, running, held))
+    running_id, held_id = f"{running_parent}:0", f"{held_parent}:0"
+
+    def held_behind(jobs: list[dict[str, Any]]) -> bool:
+        status = {j["jobUUID"]: j["status"] for j in jobs}
+        return status.get(running_id) == "RUNNING" and status.get(held_id) == "STARTING"
+
+    api.wait_jobs(
+        pid, tid, held_behind, timeout=RECOVERY_TIMEOUT, what="a running job and one held behind it"
+    )
+    srv.stop()  # SIGTERM: waits for the running job
+    assert srv.proc is not None and srv.proc.returncode == 0
+    gate.touch()
+    srv.start()
+    jobs = {j["jobUUID"]: j for j in srv.api().wait_terminal(pid, tid, 2, timeout=RECOVERY_TIMEOUT)}
+    assert {job_id: j["status"] for job_id, j in jobs.items()} == {
+        running_id: "SUCCEEDED",
+        held_id: "SUCCEEDED",
+    }
+    assert sorted(p.name for p in runs.iterdir()) == ["finished", "later"]
+    log = srv.log_path.read_text(errors="replace")
+    assert "(1 held, not started, taken back)" in log and "0 job(s) killed" in log
