@@ -20,6 +20,7 @@ quick; a server that reclaims its own executor's jobs at start-up does not need 
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,3 +272,28 @@ def test_a_stop_with_a_grace_lets_the_running_job_finish_and_starts_nothing(
     assert sorted(p.name for p in runs.iterdir()) == ["finished", "later"]
     log = srv.log_path.read_text(errors="replace")
     assert "(1 held, not started, taken back)" in log and "0 job(s) killed" in log
+
+
+def test_a_second_sigterm_ends_the_grace_and_kills_the_running_job(
+    start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """With a long grace, the first SIGTERM waits for the running job; a second one kills it
+    at once (it fails as after a crash) and the server exits cleanly."""
+    env = {**FAST_LEASES, "OPENHTC_EXECUTOR_VCPUS": "1", "OPENHTC_EXECUTOR_STOP_GRACE_SECONDS": "3600"}
+    srv = start_server(env=env)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    parent = api.submit_one(pid, tid, api.job_request(["sleep", "3600"], max_retries=0))["parentJobId"]
+    api.wait_jobs(pid, tid, lambda jobs: jobs[0]["status"] == "RUNNING", what="the job to run")
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while "executor stopping" not in srv.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log_tail()
+        time.sleep(0.05)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=RECOVERY_TIMEOUT) == 0
+    srv.start()
+    job = srv.api().job(pid, tid, f"{parent}:0")
+    assert (job["status"], job["failureCode"]) == ("FAILED", "ErrorInfrastructureFault")
+    assert "killing the 1 job(s) still running" in srv.log_path.read_text(errors="replace")

@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,4 +285,22 @@ def _run(server: Server, app: Any, listener: socket.socket, uvicorn: Any) -> Non
         )
         uvicorn.Server(config).run(sockets=[listener])  # the socket bound at start-up
     finally:
+        if server.executor is not None:
+            handler = _on_signal_while_stopping(server.executor)
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
         server.stop()
+
+
+def _on_signal_while_stopping(executor: LocalExecutor) -> Callable[..., None]:
+    """A second SIGTERM or Ctrl-C kills the running jobs now (no more grace); a third leaves."""
+    hurried = False
+
+    def handle(*_: object) -> None:
+        nonlocal hurried
+        if hurried:
+            sys.exit(1)
+        hurried = True
+        executor.hurry()
+
+    return handle

@@ -92,6 +92,7 @@ class LocalExecutor:
         self._gate_closed = False
         self._wake = threading.Event()
         self._drained = threading.Event()  # a job ended: a draining stop looks again
+        self._hurried = False  # the draining stop is to kill what runs now
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
         self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-report")
@@ -190,14 +191,19 @@ class LocalExecutor:
             if not left:
                 return
             now = time.monotonic()
-            if now >= deadline:
-                log.info("executor stopping: %d job(s) still running after %.0f s, killing them", left, grace)
+            if now >= deadline or self._hurried:
+                log.info("executor stopping: killing the %d job(s) still running", left)
                 return
             if now >= report_at:
                 log.info("executor stopping: %d job(s) still running, %.0f s left", left, deadline - now)
                 report_at = now + DRAIN_REPORT_SECONDS
             self._drained.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self._drained.clear()
+
+    def hurry(self) -> None:
+        """End a draining stop's wait: what still runs is killed now (a second SIGTERM)."""
+        self._hurried = True
+        self._drained.set()
 
     def kick(self) -> None:
         self._wake.set()
