@@ -1,0 +1,210 @@
+"""openhtc's extension routes for clients that wait (/openhtc/v1): pushed waits and event streams,
+against a real server subprocess on both databases."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from openhtc.testing.procstats import fd_kinds, sample
+from openhtc.testing.server import HtcApi, HtcServer
+
+LIVE = "/openhtc/v1/projects/{p}/tasks/{t}"
+
+
+def live(project_id: str, task_id: str) -> str:
+    """The extension routes of a task, at the server's root (not under /api/v1)."""
+    return ROOT[0] + LIVE.format(p=project_id, t=task_id)
+
+
+ROOT = [""]
+
+
+@pytest.fixture(autouse=True)
+def _root(module_server: HtcServer) -> None:
+    ROOT[0] = module_server.url
+
+
+def sse(api: HtcApi, path: str, **kw: Any) -> Iterator[tuple[str, str, Any]]:
+    """(event, id, data) of a Server-Sent Events stream, until the server ends it."""
+    import json
+
+    with api.client.stream("GET", path, timeout=60, **kw) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        name, ident, data = "message", "", ""
+        for line in resp.iter_lines():
+            if line == "":
+                if data:
+                    yield name, ident, json.loads(data)
+                name, ident, data = "message", "", ""
+            elif line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("id: "):
+                ident = line[4:]
+            elif line.startswith("data: "):
+                data += line[6:]
+
+
+def test_job_wait_answers_when_the_job_ends(api: HtcApi) -> None:
+    p, t = api.project_and_task()
+    job = api.submit_one(p, t, api.job_request(["sleep", "0.5"]))["parentJobId"] + ":0"
+    # Without a push the long poll would answer at its timeout with the job still running.
+    body = api.get(f"{live(p, t)}/jobs/{job}/wait", timeout=60)
+    assert body["status"] == "SUCCEEDED"
+    assert body == api.job(p, t, job)  # the same representation as GET …/jobs/{id}
+
+
+def test_job_wait_answers_at_the_timeout_then_on_cancel(api: HtcApi) -> None:
+    p, t = api.project_and_task()
+    job = api.submit_one(p, t, api.job_request(["sleep", "300"]))["parentJobId"] + ":0"
+    early = api.get(f"{live(p, t)}/jobs/{job}/wait", timeout=0.3)
+    assert early["status"] not in ("SUCCEEDED", "FAILED")
+    answer: dict[str, Any] = {}
+    waiter = threading.Thread(
+        target=lambda: answer.update(api.get(f"{live(p, t)}/jobs/{job}/wait", timeout=60))
+    )
+    waiter.start()
+    api.wait_jobs(p, t, lambda jobs: jobs[0]["status"] == "RUNNING", what="the job to run")
+    api.cancel(p, t)
+    waiter.join(70)
+    assert answer["status"] == "FAILED"
+
+
+def test_batch_and_task_waits(api: HtcApi) -> None:
+    p, t = api.project_and_task()
+    first = api.submit_one(p, t, api.job_request(["sleep", "0.2"], batch_size=4), group="g1")
+    api.submit_one(p, t, api.job_request(["sleep", "300"]), group="g2")
+    parent = first["parentJobId"]
+    batch = api.get(f"{live(p, t)}/batches/{parent}/wait", timeout=60)
+    assert batch == {"parentJobId": parent, "taskId": t, "group": "g1", "batchSize": 4, "done": True}
+    assert {j["status"] for j in api.jobs(p, t, group="g1")} == {"SUCCEEDED"}
+    group = api.get(f"{live(p, t)}/wait", timeout=60, group="g1")
+    assert group == {"taskId": t, "groups": ["g1"], "done": True, "statusCounts": {"SUCCEEDED": 4}}
+    task = api.get(f"{live(p, t)}/wait", timeout=0.2)
+    assert task["done"] is False and task["statusCounts"]["SUCCEEDED"] == 4
+    answer: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: answer.update(api.get(f"{live(p, t)}/wait", timeout=60)))
+    waiter.start()
+    api.cancel(p, t, group="g2")
+    waiter.join(70)
+    assert answer["done"] is True
+    assert answer["statusCounts"] == {"SUCCEEDED": 4, "FAILED": 1}
+
+
+def test_bad_input_is_refused_clearly(api: HtcApi, module_server: HtcServer) -> None:
+    p, t = api.project_and_task()
+    job = api.submit_one(p, t, api.job_request(["true"]))["parentJobId"] + ":0"
+    base = live(p, t)
+    for value in ("abc", "-1", "61", "nan"):
+        body = api.get(f"{base}/jobs/{job}/wait", expect=400, timeout=value)
+        assert "timeout" in body["errorDescription"] or "timeout" in str(body), body
+    api.get(f"{base}/jobs/{job[:-1]}7/wait", expect=404)
+    api.get(f"{base}/batches/nope/wait", expect=404)
+    _, other_task = api.project_and_task()
+    api.get(f"{live(p, other_task)}/batches/{job[:-2]}/wait", expect=404)  # another task's batch
+    api.get(f"{ROOT[0]}/openhtc/v1/projects/nope/tasks/{t}/wait", expect=404)
+    bad = api.request(
+        "GET", f"{base}/jobs/{job}/logs/stream", headers={"Last-Event-ID": "garbage"}, expect=400
+    )
+    assert "Last-Event-ID" in bad.text
+    anonymous = httpx.Client(base_url=module_server.url)
+    assert anonymous.get(f"{base}/wait").status_code == 401
+
+
+def test_log_stream_follows_a_running_job_and_resumes(api: HtcApi) -> None:
+    p, t = api.project_and_task()
+    script = "for i in 1 2 3; do echo line$i; sleep 0.3; done"
+    job = api.submit_one(p, t, api.job_request(["sh", "-c", script]))["parentJobId"] + ":0"
+    events = list(sse(api, f"{live(p, t)}/jobs/{job}/logs/stream"))
+    lines = [(ident, data["message"]) for name, ident, data in events if name == "line"]
+    assert [m for _, m in lines] == ["line1", "line2", "line3"]
+    assert events[-1][0] == "end" and events[-1][2]["status"] == "SUCCEEDED"
+    # Resumed after the first line: the rest only, then the end.
+    resumed = list(sse(api, f"{live(p, t)}/jobs/{job}/logs/stream", headers={"Last-Event-ID": lines[0][0]}))
+    assert [d["message"] for n, _, d in resumed if n == "line"] == ["line2", "line3"]
+    assert resumed[-1][0] == "end"
+
+
+def test_counts_stream_shows_a_task_moving(api: HtcApi) -> None:
+    p, t = api.project_and_task()
+    api.submit_one(p, t, api.job_request(["sleep", "0.3"], batch_size=2))
+    seen = []
+    for name, _, data in sse(api, f"{live(p, t)}/stream"):
+        assert name == "counts"
+        seen.append(data)
+        if data["done"]:
+            break
+    assert seen[-1]["statusCounts"] == {"SUCCEEDED": 2}
+    assert len(seen) >= 2  # an event at once, and more as the jobs moved
+
+
+def _open_stream(url: str, path: str, token: str) -> socket.socket:
+    host, _, port = url.removeprefix("http://").partition(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    if "/wait" in path:  # a long poll answers only at its end
+        return sock
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def test_dropped_streams_release_everything(api: HtcApi, module_server: HtcServer) -> None:
+    p, t = api.project_and_task()
+    job = api.submit_one(p, t, api.job_request(["sh", "-c", "echo hi; sleep 300"]))["parentJobId"] + ":0"
+    api.wait_jobs(p, t, lambda jobs: jobs[0]["status"] == "RUNNING", what="the job to run")
+    token = module_server.token()
+    base = LIVE.format(p=p, t=t)
+    paths = [f"{base}/jobs/{job}/logs/stream", f"{base}/stream", f"{base}/wait?timeout=60"]
+    assert module_server.proc is not None
+    pid = module_server.proc.pid
+
+    def settled() -> Any:
+        """The server's descriptors and threads once they stop changing."""
+        last = None
+        for _ in range(100):
+            now = sample(pid)
+            if last is not None and (now.fds, now.threads) == (last.fds, last.threads):
+                return now
+            last = now
+            time.sleep(0.2)
+        return last
+
+    def round_of_200() -> Any:
+        socks = [_open_stream(module_server.url, paths[i % 3], token) for i in range(200)]
+        during = sample(pid)
+        assert during.fds >= before.fds + 150  # they were open at once
+        for sock in socks:
+            sock.close()
+        return settled()
+
+    # The first round grows the server's pools (worker threads, database connections) to
+    # their size; a second round must leave nothing more behind.
+    before = settled()
+    first = round_of_200()
+    second = round_of_200()
+    third = round_of_200()
+    assert second.fds <= first.fds + 3 and third.fds <= first.fds + 3, (first, second, third, fd_kinds(pid))
+    assert second.threads <= first.threads + 2 and third.threads <= first.threads + 2, (first, second, third)
+    # and every subscription and log watch was released, long polls included (they would
+    # otherwise hold theirs until their 60 s timeout)
+    deadline = time.monotonic() + 10
+    stats = api.get(f"{ROOT[0]}/openhtc/v1/live")
+    while stats != {"subscriptions": 0, "watchedLogDirectories": 0} and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stats = api.get(f"{ROOT[0]}/openhtc/v1/live")
+    assert stats == {"subscriptions": 0, "watchedLogDirectories": 0}
+    # the server still answers, and the job still runs
+    assert api.job(p, t, job)["status"] == "RUNNING"
