@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from openhtc.testing.postgres import free_port
 from openhtc.testing.procstats import fd_kinds, sample
 from openhtc.testing.server import HtcApi, HtcServer
 
@@ -208,3 +209,76 @@ def test_dropped_streams_release_everything(api: HtcApi, module_server: HtcServe
     assert stats == {"subscriptions": 0, "watchedLogDirectories": 0}
     # the server still answers, and the job still runs
     assert api.job(p, t, job)["status"] == "RUNNING"
+
+
+# -- the dashboard's job page follows its log through the same stream ----------------------------
+
+
+def dashboard(server: HtcServer) -> httpx.Client:
+    """A browser-like client signed in to the dashboard with the admin key (session cookie)."""
+    import re
+
+    client = httpx.Client(base_url=server.url, follow_redirects=False, timeout=60)
+    page = client.get("/ui/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None, page.text
+    resp = client.post("/ui/login", data={"api_key": server.api_key, "csrf": token[1]})
+    assert resp.status_code == 303, resp.text
+    return client
+
+
+def test_the_dashboard_follows_a_log_through_events(api: HtcApi, module_server: HtcServer) -> None:
+    p, t = api.project_and_task()
+    job = api.submit_one(p, t, api.job_request(["sh", "-c", "echo one; sleep 0.5; echo two"]))
+    job_id = job["parentJobId"] + ":0"
+    base = f"/ui/projects/{p}/tasks/{t}/jobs/{job_id}"
+    client = dashboard(module_server)
+    try:
+        page = client.get(base)
+        assert f'data-log-stream="{base}/log/stream"' in page.text and "logstream.js" in page.text
+        assert client.get("/ui/static/logstream.js").status_code == 200
+        browser_like = HtcApi(client, module_server.url)
+        events = list(sse(browser_like, f"{base}/log/stream"))
+        assert [d["message"] for n, _, d in events if n == "line"] == ["one", "two"]
+        assert events[-1][0] == "end"
+    finally:
+        client.close()
+    with httpx.Client(base_url=module_server.url) as anonymous:  # no session: to sign-in
+        assert anonymous.get(f"{base}/log/stream").status_code == 303
+
+
+@pytest.mark.one_db
+def test_in_a_real_browser_a_running_jobs_log_lines_arrive(
+    api: HtcApi, module_server: HtcServer, tmp_path: Any
+) -> None:
+    import json
+    import shutil
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (make containers installs it)")
+    from test_dashboard import Chromium  # the dashboard tests' DevTools driver
+
+    p, t = api.project_and_task()
+    script = "echo first-line; sleep 2; echo second-line; sleep 1"
+    job_id = api.submit_one(p, t, api.job_request(["sh", "-c", script]))["parentJobId"] + ":0"
+    api.wait_jobs(p, t, lambda jobs: jobs[0]["status"] == "RUNNING", what="the job to run")
+    browser = Chromium(tmp_path / "profile", free_port())
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{module_server.url}/ui/login")
+        browser.wait_for("document.readyState === 'complete'", "the sign-in page to load")
+        browser.js(
+            f"document.getElementById('api_key').value = {json.dumps(module_server.api_key)};"
+            "document.querySelector('form').submit()"
+        )
+        browser.wait_for("location.pathname === '/ui/'", "the overview")
+        browser.call("Page.navigate", url=f"{module_server.url}/ui/projects/{p}/tasks/{t}/jobs/{job_id}")
+        browser.wait_for("document.body.innerText.includes('first-line')", "the first line")
+        assert "second-line" not in browser.js("document.querySelector('.log').innerText")
+        browser.js("window.notReloaded = true")
+        browser.wait_for("document.body.innerText.includes('second-line')", "the second line to arrive")
+        browser.wait_for("document.body.innerText.includes('End of log.')", "the end of the log")
+        assert browser.js("window.notReloaded") is True
+        assert browser.js("document.querySelectorAll('.log .line').length") == 2
+    finally:
+        browser.close()

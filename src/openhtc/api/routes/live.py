@@ -237,7 +237,7 @@ def event(name: str, data: Any, event_id: str | None = None) -> bytes:
     return f"{head}event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def _resume_position(request: Request, attempts: int) -> tuple[int, int] | None:
+def resume_position(request: Request, attempts: int) -> tuple[int, int] | None:
     """Where a log stream starts: ``Last-Event-ID`` (the id of the last line received, a logs
     cursor), else the ``from`` parameter (the same), else the beginning."""
     raw = request.headers.get("last-event-id") or first(request, "from")
@@ -273,7 +273,7 @@ async def stream_log(
     tail = _tail(request)
     await _scoped(svc, who, project_id, task_id)
     job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
-    start = _resume_position(request, job.attempt)
+    start = resume_position(request, job.attempt)
     skip = 0
     if start is None and tail is not None:  # from the start of the tail-th last line
         key = (task_id, batch.parent_job_id, job.idx)
