@@ -49,7 +49,10 @@ class Subscription:
 
     async def wait(self, timeout: float) -> bool:
         """True if a change was published since the last wait, waiting up to ``timeout`` s."""
-        if timeout <= 0 and not self._event.is_set():
+        if self._event.is_set():
+            self._event.clear()
+            return True
+        if timeout <= 0:
             return False
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
