@@ -67,7 +67,9 @@ def _is_route_missing(response: httpx.Response) -> bool:
     return " not found" not in text or text.strip().lower() == "not found"
 
 
-def _long_poll(conn: Connection, url: str, timeout: float, params: dict[str, Any]) -> JsonDict:
+def _long_poll(conn: Connection, url: str, timeout: float, params: dict[str, Any], key: str) -> JsonDict:
+    """One long poll; an answer without ``key`` comes from a server that does not know the route
+    (a catch-all): it counts as a server without the extension."""
     if not supported(conn):
         raise Unsupported(url)
     wait = max(0.0, min(timeout, MAX_WAIT))
@@ -77,7 +79,12 @@ def _long_poll(conn: Connection, url: str, timeout: float, params: dict[str, Any
         if exc.response is not None and _is_route_missing(exc.response):
             raise _missing(conn) from None
         raise
-    body: JsonDict = response.json()
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or key not in body:
+        raise _missing(conn)
     return body
 
 
@@ -85,7 +92,7 @@ def wait_job(conn: Connection, project_id: str, task_id: str, job_id: str, timeo
     """``GET /openhtc/v1/…/jobs/{jobId}/wait``: the job (an HTCJob), as soon as it has ended or
     after ``timeout`` seconds (at most 60) with its status then."""
     url = f"{_task_url(conn, project_id, task_id)}/jobs/{segment(job_id)}/wait"
-    return _long_poll(conn, url, timeout, {})
+    return _long_poll(conn, url, timeout, {}, "status")
 
 
 def wait_batch(
@@ -94,7 +101,7 @@ def wait_batch(
     """``GET /openhtc/v1/…/batches/{parentJobId}/wait``: ``{parentJobId, taskId, group,
     batchSize, done}``, as soon as every job of the batch has ended or after ``timeout`` s."""
     url = f"{_task_url(conn, project_id, task_id)}/batches/{segment(parent_job_id)}/wait"
-    return _long_poll(conn, url, timeout, {})
+    return _long_poll(conn, url, timeout, {}, "done")
 
 
 def wait_task(
@@ -107,7 +114,7 @@ def wait_task(
     """``GET /openhtc/v1/…/tasks/{taskId}/wait[?group=G…]``: ``{taskId, groups, done,
     statusCounts}``, as soon as none of the jobs is left to end or after ``timeout`` s."""
     url = f"{_task_url(conn, project_id, task_id)}/wait"
-    return _long_poll(conn, url, timeout, {"group": list(groups)} if groups else {})
+    return _long_poll(conn, url, timeout, {"group": list(groups)} if groups else {}, "done")
 
 
 def stream(
@@ -132,6 +139,8 @@ def stream(
                 if response.status_code == 404 and _is_route_missing(response):
                     raise _missing(conn)
                 raise error_from_response(response)
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                raise _missing(conn)  # a catch-all answering any path: not openhtc's stream
             yield from _events(response.iter_lines())
     except httpx.TransportError as exc:
         raise HtcConnectionError(f"cannot reach {conn.base_url}: {exc or type(exc).__name__}") from exc
