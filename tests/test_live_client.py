@@ -9,6 +9,7 @@ import subprocess
 from typing import Any
 
 import httpx
+import pytest
 
 from openhtc.client import Connection, Job, Session, Task
 from openhtc.testing.server import HtcApi, HtcServer, htc_command
@@ -90,3 +91,18 @@ def test_submit_wait_and_logs_follow_are_pushed(api: HtcApi, module_server: HtcS
     live_job = running["parentJobId"] + ":0"
     follow = htc(module_server, "logs", live_job, "--project", p, "--task", t, "-f", "--poll", str(HOUR))
     assert follow.stdout.split() == ["first", "last"], follow.stderr
+
+
+def test_pushed_waits_give_up_at_their_timeout(api: HtcApi, module_server: HtcServer) -> None:
+    p, t = api.project_and_task()
+    with session_for(module_server) as htc:
+        task = htc.task(p, t)
+        batch = task.submit("busybox:latest", ["sleep", "300"], batch_size=1)
+        with pytest.raises(TimeoutError):
+            batch.job(0).wait(timeout=0.5, poll=HOUR)
+        with pytest.raises(TimeoutError):
+            task.wait(timeout=0.5, poll=HOUR)  # the long poll
+        with pytest.raises(TimeoutError):
+            task.wait(timeout=0.5, poll=HOUR, on_progress=lambda counts: None)  # the stream
+        task.cancel()
+        assert batch.job(0).wait(poll=HOUR, timeout=60).status == "FAILED"

@@ -22,6 +22,7 @@ from openhtc.client._transport import API_PREFIX, Connection, segment
 JsonDict = dict[str, Any]
 PREFIX = "/openhtc/v1"
 MAX_WAIT = 60.0  # the longest long poll the server holds
+RECONNECTS = 30  # a followed log gives up after this many failed reconnects in a row (~1 s apart)
 
 
 class Unsupported(Exception):
@@ -142,6 +143,8 @@ def stream(
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 raise _missing(conn)  # a catch-all answering any path: not openhtc's stream
             yield from _events(response.iter_lines())
+    except httpx.ReadTimeout:
+        raise  # nothing arrived within read_timeout: the caller decides
     except httpx.TransportError as exc:
         raise HtcConnectionError(f"cannot reach {conn.base_url}: {exc or type(exc).__name__}") from exc
 
@@ -183,9 +186,11 @@ def follow_log(
     url = f"{_task_url(conn, project_id, task_id)}/jobs/{segment(job_id)}/logs/stream"
     position = after
     params = {"tail": tail} if tail is not None and after is None else {}
+    failures = 0
     while True:
         try:
             for event in stream(conn, url, {} if position else params, position):
+                failures = 0
                 if event.name == "line":
                     position = event.id or position
                 yield event
@@ -193,6 +198,9 @@ def follow_log(
                     return
             return
         except (HtcConnectionError, httpx.ReadTimeout):
+            failures += 1
+            if failures > RECONNECTS:
+                raise
             time.sleep(1.0)  # the server restarts, or the network hiccups: resume where we were
 
 
