@@ -115,6 +115,10 @@ def test_bad_input_is_refused_clearly(api: HtcApi, module_server: HtcServer) -> 
         "GET", f"{base}/jobs/{job}/logs/stream", headers={"Last-Event-ID": "garbage"}, expect=400
     )
     assert "Last-Event-ID" in bad.text
+    for params in ({"tail": "-1"}, {"tail": "x"}, {"from": "WzksOV0"}):  # WzksOV0 = [9,9]: no attempt 9
+        api.request("GET", f"{base}/jobs/{job}/logs/stream", params=params, expect=400)
+    api.request("GET", f"{base}/stream", params={"group": ""}, expect=400)
+    api.request("GET", f"{base}/wait", params={"group": ""}, expect=400)
     anonymous = httpx.Client(base_url=module_server.url)
     assert anonymous.get(f"{base}/wait").status_code == 401
 
