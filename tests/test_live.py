@@ -87,7 +87,15 @@ def test_batch_and_task_waits(api: HtcApi) -> None:
     assert batch == {"parentJobId": parent, "taskId": t, "group": "g1", "batchSize": 4, "done": True}
     assert {j["status"] for j in api.jobs(p, t, group="g1")} == {"SUCCEEDED"}
     group = api.get(f"{live(p, t)}/wait", timeout=60, group="g1")
-    assert group == {"taskId": t, "groups": ["g1"], "done": True, "statusCounts": {"SUCCEEDED": 4}}
+    assert group == {
+        "taskId": t,
+        "groups": ["g1"],
+        "done": True,
+        "statusCounts": {"SUCCEEDED": 4},
+        "groupCounts": {"g1": {"SUCCEEDED": 4}},
+    }
+    both = api.get(f"{live(p, t)}/wait", timeout=0, group=["g1", "g2"])
+    assert both["groupCounts"]["g1"] == {"SUCCEEDED": 4} and both["done"] is False
     task = api.get(f"{live(p, t)}/wait", timeout=0.2)
     assert task["done"] is False and task["statusCounts"]["SUCCEEDED"] == 4
     answer: dict[str, Any] = {}

@@ -182,7 +182,7 @@ async def wait_task(
     await _scoped(svc, who, project_id, task_id)
 
     def check() -> tuple[bool, dict[str, Any]]:
-        body = _counts_body(task_id, groups, _counts(svc, task_id, groups))
+        body = _counts(svc, task_id, groups)
         return body["done"], body
 
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
@@ -196,23 +196,25 @@ def _groups(request: Request) -> list[str]:
     return groups
 
 
-def _counts(svc: Services, task_id: str, groups: list[str]) -> dict[str, int]:
-    """Jobs by status name (none at zero), of the task or of the given groups (summed)."""
+def _counts(svc: Services, task_id: str, groups: list[str]) -> dict[str, Any]:
+    """The body of a task's wait and counts events: jobs by status name (none at zero), of the
+    task or of the given groups (summed, and each group's in ``groupCounts``)."""
     with svc.db.read() as conn:
         if not groups:
-            return svc.jobs.totals(conn, task_id)
-        per_group = svc.jobs.summary(conn, task_id, groups)
-    counts: dict[str, int] = {}
-    for by_status in per_group.values():
-        for name, count in by_status.items():
-            if count:
-                counts[name] = counts.get(name, 0) + count
-    return counts
-
-
-def _counts_body(task_id: str, groups: list[str], counts: dict[str, int]) -> dict[str, Any]:
+            counts = svc.jobs.totals(conn, task_id)
+            per_group = None
+        else:
+            found = svc.jobs.summary(conn, task_id, groups)
+            per_group = {g: {n: c for n, c in found.get(g, {}).items() if c} for g in groups}
+            counts = {}
+            for by_status in per_group.values():
+                for name, count in by_status.items():
+                    counts[name] = counts.get(name, 0) + count
     done = not any(counts.get(name) for name in _OPEN)
-    return {"taskId": task_id, "groups": groups, "done": done, "statusCounts": counts}
+    body: dict[str, Any] = {"taskId": task_id, "groups": groups, "done": done, "statusCounts": counts}
+    if per_group is not None:
+        body["groupCounts"] = per_group
+    return body
 
 
 # -- event streams --------------------------------------------------------------------------------
@@ -364,15 +366,15 @@ async def stream_task(
 
 
 async def follow_counts(svc: Services, task_id: str, groups: list[str]) -> AsyncIterator[bytes]:
-    last: dict[str, int] | None = None
+    last: dict[str, Any] | None = None
     quiet = 0.0
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
         while True:
-            counts = await run_in_threadpool(_counts, svc, task_id, groups)
-            if counts != last:
-                last = counts
+            body = await run_in_threadpool(_counts, svc, task_id, groups)
+            if body != last:
+                last = body
                 quiet = 0.0
-                yield event("counts", _counts_body(task_id, groups, counts))
+                yield event("counts", body)
                 await asyncio.sleep(COUNTS_GAP)
             if not await sub.wait(COUNTS_REFRESH):
                 quiet += COUNTS_REFRESH
