@@ -406,7 +406,12 @@ def logs(
         bool, typer.Option("--timestamps", "-T", help="Prefix each line with its time.")
     ] = False,
     poll: Annotated[
-        float, typer.Option("--poll", min=0.05, help="Seconds between polls with --follow.")
+        float,
+        typer.Option(
+            "--poll",
+            min=0.05,
+            help="Seconds between polls with --follow (servers without openhtc's log stream).",
+        ),
     ] = 1.0,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
