@@ -213,9 +213,8 @@ def test_dropped_streams_release_everything(api: HtcApi, module_server: HtcServe
     before = settled()
     first = round_of_200()
     second = round_of_200()
-    third = round_of_200()
-    assert second.fds <= first.fds + 3 and third.fds <= first.fds + 3, (first, second, third, fd_kinds(pid))
-    assert second.threads <= first.threads + 2 and third.threads <= first.threads + 2, (first, second, third)
+    assert second.fds <= first.fds + 3, (first, second, fd_kinds(pid))
+    assert second.threads <= first.threads + 2, (first, second)
     # and every subscription and log watch was released, long polls included (they would
     # otherwise hold theirs until their 60 s timeout)
     deadline = time.monotonic() + 10
