@@ -106,3 +106,31 @@ def test_pushed_waits_give_up_at_their_timeout(api: HtcApi, module_server: HtcSe
             task.wait(timeout=0.5, poll=HOUR, on_progress=lambda counts: None)  # the stream
         task.cancel()
         assert batch.job(0).wait(poll=HOUR, timeout=60).status == "FAILED"
+
+
+def test_streams_of_a_server_without_them_say_so_once() -> None:
+    from openhtc.client import live
+
+    calls: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    conn = Connection("http://htc.example", bearer_token="t", transport=httpx.MockTransport(server))
+    with pytest.raises(live.Unsupported):
+        list(live.follow_log(conn, "p", "t", "b:0"))
+    assert not conn.live_supported and calls == ["/openhtc/v1/projects/p/tasks/t/jobs/b:0/logs/stream"]
+    with pytest.raises(live.Unsupported):  # known now: not asked again
+        list(live.follow_counts(conn, "p", "t"))
+    assert len(calls) == 1
+
+
+def test_a_missing_job_is_not_mistaken_for_a_missing_route(api: HtcApi, module_server: HtcServer) -> None:
+    from openhtc.client import NotFound, live
+
+    p, t = api.project_and_task()
+    conn = Connection(module_server.url, api_key=module_server.api_key)
+    with pytest.raises(NotFound):
+        live.wait_job(conn, p, t, "no-such-batch:0", timeout=1)
+    assert conn.live_supported
