@@ -182,6 +182,7 @@ class Api:
 
     def __init__(self, base_url: str, api_key: str) -> None:
         self.http = httpx.Client(base_url=base_url, timeout=300.0)
+        self.root = base_url.removesuffix("/").removesuffix("/api/v1")  # openhtc's /openhtc/v1 routes
         token = self.http.get("/auth/token", headers={"Authorization": f"Token {api_key}"})
         token.raise_for_status()
         self.http.headers["Authorization"] = f"Bearer {token.json()['tokenValue']}"
@@ -227,6 +228,11 @@ class Api:
 
     def job(self, job_uuid: str) -> httpx.Response:
         return self.http.get(f"{self._jobs}/{job_uuid}")
+
+    def wait_job(self, job_uuid: str, timeout: float = 30.0) -> httpx.Response:
+        """openhtc's pushed wait: answers the moment the job has ended (or at ``timeout``)."""
+        url = f"{self.root}/openhtc/v1/projects/{self.project}/tasks/{self.task}/jobs/{job_uuid}/wait"
+        return self.http.get(url, params={"timeout": timeout})
 
     def jobs_page(self, page_size: int = 100) -> httpx.Response:
         """The first page of the task's jobs (what a client's job listing fetches first)."""

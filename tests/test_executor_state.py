@@ -119,9 +119,21 @@ def test_a_fixed_prefetch_overrides_the_rate_but_turns_still_see_the_rate() -> N
     state.completed = 100
     state.claim(1.0)
     assert state.prefetch.rate > 0
+    state.claimed([job()])  # an executor holding work paces its turns
     assert state.next_turn(5.0) == 5.0 + TURN_SECONDS
     state.prefetch.rate = 1000.0
     assert state.next_turn(5.0) == 5.0 + BUSY_TURN_SECONDS
+
+
+def test_an_idle_executor_turns_at_once() -> None:
+    """Nothing runs or waits: a lone job's end is reported without waiting for the pace."""
+    state = core(vcpus=2)
+    state.claimed([job()])
+    (attempt,) = launch_all(state)
+    assert state.next_turn(5.0) == 5.0 + TURN_SECONDS  # it runs
+    state.report(attempt.launch, JobStatus.SUCCEEDED, 6.0)
+    state.ended(attempt, None)
+    assert state.next_turn(5.0) == 5.0
 
 
 def test_a_stopping_executor_claims_and_launches_nothing() -> None:

@@ -31,6 +31,8 @@ from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
+from openhtc.services.logwatch import LogWatch
+from openhtc.services.notify import LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
@@ -78,6 +80,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
         images_required=settings.runtime not in ("process", "noop"),
         limits=limits_of(settings),
+        # one process: waiters are told in process (cluster mode: PostgreSQL LISTEN/NOTIFY)
+        notify=LocalNotifier(),
+        logwatch=LogWatch(),
     )
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     return services

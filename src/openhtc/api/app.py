@@ -15,7 +15,7 @@ from openhtc import __version__
 from openhtc.api import errors
 from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
-from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
+from openhtc.api.routes import auth, jobs, live, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
 from openhtc.ui import install as install_ui
 
@@ -35,7 +35,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     errors.install(app)
-    for module in (jobs, tasks, projects, storage, registry, auth, workspace, system):
+    for module in (jobs, tasks, projects, storage, registry, auth, workspace, system, live):
         app.include_router(module.router)
     install_ui(app)  # the dashboard, under /ui/
     app.add_middleware(RequestGuard, limits=services.limits)

@@ -38,6 +38,7 @@ from openhtc.client import (
     JOB_STATUSES,
     Connection,
     api,
+    live,
     load_credentials,
     normalize_base_url,
     save_credentials,
@@ -372,6 +373,26 @@ def _emit_logs(entries: list[dict[str, Any]], *, as_json: bool, timestamps: bool
     sys.stdout.flush()
 
 
+def _follow_pushed(
+    conn: Connection,
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    tail: int | None,
+    as_json: bool,
+    timestamps: bool,
+) -> bool:
+    """Follow the log through the server's event stream (openhtc's /openhtc/v1); False if the
+    server has none (then the caller polls the logs route)."""
+    try:
+        for event in live.follow_log(conn, project_id, task_id, job_id, tail=tail):
+            if event.name == "line":
+                _emit_logs([event.data], as_json=as_json, timestamps=timestamps)
+    except live.Unsupported:
+        return False
+    return True
+
+
 @app.command()
 def logs(
     job_id: Annotated[str, typer.Argument(help="Job ID: PARENT_JOB_ID:INDEX.")],
@@ -385,7 +406,12 @@ def logs(
         bool, typer.Option("--timestamps", "-T", help="Prefix each line with its time.")
     ] = False,
     poll: Annotated[
-        float, typer.Option("--poll", min=0.05, help="Seconds between polls with --follow.")
+        float,
+        typer.Option(
+            "--poll",
+            min=0.05,
+            help="Seconds between polls with --follow (servers without openhtc's log stream).",
+        ),
     ] = 1.0,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -411,6 +437,11 @@ def logs(
             else:
                 _emit_logs(entries, as_json=False, timestamps=timestamps)
             return
+        try:
+            if _follow_pushed(conn, project_id, task_id, job_id, tail, json_out, timestamps):
+                return
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
         seen = 0
         first = True
         try:

@@ -268,7 +268,12 @@ def submit(
         bool,
         typer.Option("--wait", "-w", help="Show progress until every job finished; exit 1 if any failed."),
     ] = False,
-    poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between polls with --wait.")] = 1.0,
+    poll: Annotated[
+        float,
+        typer.Option(
+            "--poll", min=0.05, help="Seconds between polls with --wait (servers without pushed waits)."
+        ),
+    ] = 1.0,
     wait_timeout: Annotated[
         float | None, typer.Option("--wait-timeout", help="Give up waiting after this many seconds (exit 2).")
     ] = None,

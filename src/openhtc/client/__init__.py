@@ -12,7 +12,7 @@ Both raise :class:`HtcError` subclasses (``NotFound``, ``Unauthorized``, …) on
 
 from __future__ import annotations
 
-from openhtc.client import api
+from openhtc.client import api, live
 from openhtc.client._config import StoredCredentials, credentials_path, load_credentials, save_credentials
 from openhtc.client._errors import (
     BadRequest,
@@ -73,6 +73,7 @@ __all__ = [
     "env_pairs",
     "job_request",
     "jwt_claims",
+    "live",
     "load_credentials",
     "normalize_base_url",
     "normalize_priority",

@@ -231,6 +231,8 @@ class Connection(Closeable):
         )
         origin = httpx.URL(self.base_url)
         self._origin = (origin.scheme, origin.host, origin.port)
+        # False once the server answered that it has no /openhtc/v1 routes (client/live.py)
+        self.live_supported = True
 
     @classmethod
     def from_env(
@@ -342,8 +344,19 @@ class Connection(Closeable):
             return path
         return f"{self.base_url}/{path.lstrip('/')}"
 
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying httpx client (streams use it directly)."""
+        return self._client
+
     def _send(
-        self, method: str, url: str, params: dict[str, Any] | None, json_body: Any, headers: dict[str, str]
+        self,
+        method: str,
+        url: str,
+        params: dict[str, Any] | None,
+        json_body: Any,
+        headers: dict[str, str],
+        timeout: float | None = None,
     ) -> httpx.Response:
         try:
             return self._client.request(
@@ -352,6 +365,7 @@ class Connection(Closeable):
                 params=params or None,
                 json=json_body,
                 headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
         except (httpx.TransportError, httpx.InvalidURL) as exc:
             raise HtcConnectionError(f"cannot reach {self.base_url}: {exc or type(exc).__name__}") from exc
@@ -365,21 +379,22 @@ class Connection(Closeable):
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         auth: bool = True,
+        timeout: float | None = None,
     ) -> httpx.Response:
         """Send a request; raise :class:`HtcError` (or a subclass) on any status >= 400.
 
         With ``auth`` the bearer token is attached; a 401 is retried once with a fresh token
-        when one can be obtained.
+        when one can be obtained. ``timeout``: this request's, instead of the connection's.
         """
         url = self.url_for(path)
         query = _clean_params(params)
         hdrs = dict(headers or {})
         if auth and "Authorization" not in hdrs:
             hdrs["Authorization"] = f"Bearer {self.bearer_token()}"
-        response = self._send(method, url, query, json, hdrs)
+        response = self._send(method, url, query, json, hdrs, timeout)
         if response.status_code == 401 and auth and "Authorization" not in (headers or {}) and self.can_renew:
             hdrs["Authorization"] = f"Bearer {self.bearer_token(force=True)}"
-            response = self._send(method, url, query, json, hdrs)
+            response = self._send(method, url, query, json, hdrs, timeout)
         if response.status_code >= 400:
             raise error_from_response(response)
         return response

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
-from openhtc.client import api
+import httpx
+
+from openhtc.client import api, live
 from openhtc.client._requests import EnvInput, job_request
 from openhtc.client._transport import Closeable, Connection
 
@@ -325,12 +327,21 @@ class Task(_Resource):
         *,
         expected: int = 0,
     ) -> StatusCounts:
-        """Poll the summary until every job (of ``group``/groups, if given) is SUCCEEDED or FAILED
-        and at least ``expected`` jobs are counted; return the final counts.
+        """Wait until every job (of ``group``/groups, if given) is SUCCEEDED or FAILED and at
+        least ``expected`` jobs are counted; return the final counts.
 
+        On an openhtc server the counts are pushed (``/openhtc/v1``, client/live.py): the call
+        returns the moment the last job ends, and ``on_progress`` receives the counts each
+        time they change. Elsewhere it polls the summary every ``poll`` seconds and
         ``on_progress`` receives every polled summary. Raises ``TimeoutError`` after ``timeout`` s.
         """
         deadline = _deadline(timeout)
+        if live.supported(self._conn):
+            groups = [] if group is None else [group] if isinstance(group, str) else list(group)
+            try:
+                return self._wait_pushed(groups, deadline, poll, on_progress, expected)
+            except live.Unsupported:
+                pass
         while True:
             counts = self.summary(group)
             if on_progress is not None:
@@ -338,6 +349,41 @@ class Task(_Resource):
             if counts.total >= expected and counts.done:
                 return counts
             _sleep_until_next(deadline, poll, f"task {self.id}")
+
+    def _wait_pushed(
+        self,
+        groups: list[str],
+        deadline: float | None,
+        poll: float,
+        on_progress: Callable[[StatusCounts], None] | None,
+        expected: int,
+    ) -> StatusCounts:
+        conn = self._conn
+        counts = StatusCounts.from_statuses()
+        while True:
+            left = live.MAX_WAIT if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out waiting for task {self.id}")
+            if on_progress is None:  # one long poll answers when done
+                body = live.wait_task(conn, self.project_id, self.id, groups, min(left, live.MAX_WAIT))
+                counts = StatusCounts.from_statuses(body.get("statusCounts") or {})
+                if counts.total >= expected and counts.done:
+                    return counts
+            else:  # a stream of counts, for the progress
+                try:
+                    for event in live.follow_counts(
+                        conn, self.project_id, self.id, groups, read_timeout=min(left, live.MAX_WAIT)
+                    ):
+                        counts = StatusCounts.from_statuses(event.data.get("statusCounts") or {})
+                        on_progress(counts)
+                        if counts.total >= expected and counts.done:
+                            return counts
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError(f"timed out waiting for task {self.id}")
+                except httpx.ReadTimeout:
+                    continue  # the deadline is checked above
+            if counts.done:  # done, yet fewer jobs than expected are counted: look again soon
+                _sleep_until_next(deadline, poll, f"task {self.id}")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -487,8 +533,22 @@ class Job:
         return api.get_htc_projects_tasks_jobs_events(self._conn, self.task.project_id, self.task.id, self.id)
 
     def wait(self, timeout: float | None = None, poll: float = 1.0) -> Self:
-        """Poll until the job is SUCCEEDED or FAILED."""
+        """Wait until the job is SUCCEEDED or FAILED: pushed on an openhtc server (returns the
+        moment it ends), else polled every ``poll`` seconds."""
         deadline = _deadline(timeout)
+        conn, task = self._conn, self.task
+        while live.supported(conn):
+            left = live.MAX_WAIT if deadline is None else deadline - time.monotonic()
+            try:
+                self._data = live.wait_job(
+                    conn, task.project_id, task.id, self.id, max(0.0, min(left, live.MAX_WAIT))
+                )
+            except live.Unsupported:
+                break
+            if self.done:
+                return self
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out waiting for job {self.id}")
         while not self.refresh().done:
             _sleep_until_next(deadline, poll, f"job {self.id}")
         return self

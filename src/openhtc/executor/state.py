@@ -107,7 +107,11 @@ class ExecutorState:
     # -- turns and claims -----------------------------------------------------------------------
 
     def next_turn(self, last_turn: float) -> float:
-        """When the next turn may start, given when the last one did."""
+        """When the next turn may start, given when the last one did. At once when nothing
+        runs or waits: a lone job's end has nothing to share its turn with, and a client waits
+        for it (W5)."""
+        if not self.running and not self.pending:
+            return last_turn
         busy = self.prefetch.rate >= BUSY_RATE
         return last_turn + (BUSY_TURN_SECONDS if busy else TURN_SECONDS)
 

@@ -9,6 +9,7 @@ import time
 
 from openhtc.domain.errors import InsufficientStorage, Unavailable
 from openhtc.services.container import Services
+from openhtc.services.notify import EVERYTHING
 
 log = logging.getLogger("openhtc.scheduler")
 
@@ -54,6 +55,7 @@ class SchedulerLoop:
                 if now >= next_expiry:
                     if s.queue.expire_leases(s.clock.now()):
                         s.wakeups.submitted.set()
+                        s.notify.publish((EVERYTHING,))  # recovered jobs: waiters look again
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
                 log.warning("scheduler: %s", exc.message)

@@ -11,6 +11,8 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.limits import Limits
 from openhtc.services.logs import LogStore
+from openhtc.services.logwatch import LogWatch
+from openhtc.services.notify import EVERYTHING, LocalNotifier, Notifier
 from openhtc.services.wakeups import Wakeups
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
@@ -48,6 +50,13 @@ class Services:
     storage: StorageService | None = None
     # Request limits (config: max_*), enforced at the API's edge and in validation.
     limits: Limits = field(default_factory=Limits)
+    # Clients that wait (openhtc's /openhtc/v1 routes) are told of committed changes here.
+    notify: Notifier = field(default_factory=LocalNotifier)
+    logwatch: LogWatch = field(default_factory=LogWatch)  # log streams: when a followed log grows
+
+    def __post_init__(self) -> None:
+        # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).
+        self.wakeups.on_cancel(lambda: self.notify.publish((EVERYTHING,)))
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

@@ -15,8 +15,12 @@ from typing import Any
 
 from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer
+from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.container import Services
+from openhtc.services.notify import EVERYTHING, Key, job_key, task_key
+
+_ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
 def live_offers(services: Services) -> list[ExecutorOffer]:
@@ -30,6 +34,9 @@ class ExecutorService:
         self.services = services
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()
+        # job id -> task id of the jobs claimed and not yet ended: a report names only the job,
+        # and a task's waiters are woken by its jobs' reports
+        self._task_of: dict[int, str] = {}
 
     @property
     def concurrent_writes(self) -> bool:
@@ -58,6 +65,7 @@ class ExecutorService:
         )
         if recovered:
             self.services.wakeups.submitted.set()
+            self.services.notify.publish((EVERYTHING,))
         return recovered
 
     def claim(
@@ -68,12 +76,36 @@ class ExecutorService:
             executor_id, region, architectures, free, max_jobs, s.settings.lease_seconds, s.clock.now()
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
+        task_of = self._task_of
+        for job in claimed:
+            task_of[job.id] = job.task_id
+        if claimed and not s.notify.idle:
+            s.notify.publish({task_key(job.task_id) for job in claimed})
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
         if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.submitted.set()
+        self._notify(reports)
+
+    def _notify(self, reports: Sequence[AttemptReport]) -> None:
+        """After the commit: wake who waits for these jobs or their tasks; forget ended jobs."""
+        task_of = self._task_of
+        if self.services.notify.idle:
+            for report in reports:
+                if report.status in _ENDS:
+                    task_of.pop(report.job_id, None)
+            return
+        keys: set[Key] = set()
+        for report in reports:
+            task = task_of.get(report.job_id)
+            if task is not None:
+                keys.add(task_key(task))
+            if report.status in _ENDS:
+                keys.add(job_key(report.job_id))
+                task_of.pop(report.job_id, None)
+        self.services.notify.publish(keys)
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services

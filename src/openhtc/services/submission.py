@@ -12,6 +12,7 @@ from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
 from openhtc.services.container import Services
 from openhtc.services.executors import live_offers
+from openhtc.services.notify import task_key
 from openhtc.store.jobs import NewBatch
 
 
@@ -39,6 +40,7 @@ def submit(
     echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
     services.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
     services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
+    services.notify.publish((task_key(task.id),))  # its status counts changed
     return echoes
 
 

@@ -26,9 +26,13 @@ class Wakeups:
         self.submitted = Signal()  # new held jobs: the scheduler admits them
         self.cancelled = Signal()  # executors should check which of their jobs to stop
         self._executor_kicks: list[Callable[[], None]] = []
+        self._cancel_hooks: list[Callable[[], None]] = []
 
     def on_executor_work(self, kick: Callable[[], None]) -> None:
         self._executor_kicks.append(kick)
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        self._cancel_hooks.append(hook)
 
     def queued(self) -> None:
         """Jobs became claimable."""
@@ -38,3 +42,5 @@ class Wakeups:
     def cancel(self) -> None:
         self.cancelled.set()
         self.queued()
+        for hook in self._cancel_hooks:
+            hook()

@@ -29,6 +29,18 @@ _TASK_TOTALS = (
     .where(job_counters.c.task_id == bindparam("task"))
     .group_by(job_counters.c.status)
 )
+_FIRST_UNFINISHED = (
+    select(jobs.c.idx)
+    .where(
+        and_(
+            jobs.c.batch_id == bindparam("batch"),
+            jobs.c.idx >= bindparam("idx"),
+            jobs.c.status.in_([int(s) for s in NON_TERMINAL_STATUSES]),
+        )
+    )
+    .order_by(jobs.c.idx)
+    .limit(1)
+)
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
 _INSERT_SUBMIT_EVENTS = BulkStatement.insert(
@@ -307,6 +319,17 @@ class JobStore:
             .limit(limit)
         )
         return [row[0] for row in conn.execute(stmt)]
+
+    def first_unfinished(self, conn: Connection, batch: Any, from_idx: int = 0) -> int | None:
+        """The lowest index >= ``from_idx`` of a batch's jobs that has not ended, or None when
+        all have. A terminal status is final, so a waiter re-asks from the last answer: the
+        whole wait reads each row of the batch about once (its (batch_id, idx) index)."""
+        if batch.pending_from is not None:  # rows not yet written: those jobs have not ended
+            from_idx = min(from_idx, batch.pending_from)
+        row = conn.execute(_FIRST_UNFINISHED, {"batch": batch.id, "idx": from_idx}).first()
+        if row is not None:
+            return int(row[0])
+        return batch.pending_from
 
     def running_count(self, conn: Connection, task_id: str) -> int:
         stmt = select(func.coalesce(func.sum(job_counters.c.count), 0)).where(

@@ -11,6 +11,7 @@ from importlib.resources import files
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from openhtc.ui.live import create_live_router
 from openhtc.ui.routes import UI_PREFIX, create_router, templates
 
 
@@ -18,5 +19,6 @@ def install(app: FastAPI) -> None:
     """Mount the dashboard's pages and static files on ``app``."""
     app.state.ui_templates = templates()
     app.include_router(create_router())
+    app.include_router(create_live_router())  # the job page's live log (ui/live.py)
     static = files("openhtc.ui").joinpath("static")
     app.mount(f"{UI_PREFIX}/static", StaticFiles(directory=str(static)), name="ui-static")

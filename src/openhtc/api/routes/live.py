@@ -1,0 +1,383 @@
+"""openhtc's extension routes for clients that wait: pushed waits (long polls) and event streams.
+
+Under ``/openhtc/v1/`` (docs/extensions.md), scoped exactly as the Rescale routes scope the
+same task and job (``task_for``, ``job_for``). A waiter subscribes to the notifier
+(services/notify.py) before it reads what it waits for, then reads again on each wake-up, so it
+answers the moment the store has committed the change; nothing polls. A client that goes away
+is noticed at once (its ``http.disconnect``) and releases its subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from openhtc.api import serializers as ser
+from openhtc.api.deps import job_for, principal, services, task_for
+from openhtc.api.pagination import encode_cursor, first
+from openhtc.api.responses import JSONResponse
+from openhtc.auth.permissions import require_user
+from openhtc.auth.tokens import Principal
+from openhtc.domain.clock import iso
+from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
+from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.services.container import Services
+from openhtc.services.logwatch import FALLBACK_SECONDS
+from openhtc.services.notify import Subscription, job_key, task_key
+
+router = APIRouter()
+PREFIX = "/openhtc/v1"
+TASK = PREFIX + "/projects/{project_id}/tasks/{task_id}"
+MAX_WAIT = 60.0  # seconds a long poll may hold; proxies commonly cut idle requests at 60-100 s
+DEFAULT_WAIT = 30.0
+KEEPALIVE = 15.0  # an idle stream sends a comment this often
+COUNTS_REFRESH = 5.0  # a counts stream re-reads this often too (admissions publish nothing)
+COUNTS_GAP = 0.25  # at most 4 counts events a second
+LOG_GAP = 0.05  # new log lines are sent at most 20 times a second, in as few events as they fill
+LOG_PAGE = 1000
+_OPEN = frozenset(s.name for s in NON_TERMINAL_STATUSES)
+T = TypeVar("T")
+
+
+def _timeout(request: Request) -> float:
+    raw = first(request, "timeout")
+    if raw is None or raw == "":
+        return DEFAULT_WAIT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationFailed(f"'{raw}' is not a number of seconds", field="timeout") from None
+    if not math.isfinite(value) or value < 0 or value > MAX_WAIT:
+        raise ValidationFailed(f"must be between 0 and {MAX_WAIT:g} seconds", field="timeout")
+    return value
+
+
+async def _scoped(svc: Services, who: Principal, project_id: str, task_id: str) -> Any:
+    _, task = await run_in_threadpool(task_for, svc, who, project_id, task_id)
+    return task
+
+
+async def _wait(
+    request: Request, sub: Subscription, timeout: float, check: Callable[[], tuple[bool, T]]
+) -> T:
+    """Read with ``check`` (on a worker thread) until it says done, or until ``timeout``; a
+    client that disconnects ends the wait at once (its answer is dropped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    gone = asyncio.Event()
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        sub.fire()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        while True:
+            done, body = await run_in_threadpool(check)
+            left = deadline - loop.time()
+            if done or left <= 0 or gone.is_set():
+                return body
+            await sub.wait(left)
+            if gone.is_set():
+                return body
+    finally:
+        watcher.cancel()
+
+
+@router.get(PREFIX + "/live")
+async def live_stats(who: Principal = Depends(principal), svc: Services = Depends(services)) -> JSONResponse:
+    """What this server holds for clients that wait: open subscriptions (long polls and
+    streams) and watched log directories."""
+    require_user(who, "read the server's live statistics")
+    return JSONResponse(
+        {"subscriptions": svc.notify.waiters(), "watchedLogDirectories": svc.logwatch.watched()}
+    )
+
+
+# -- pushed waits ---------------------------------------------------------------------------------
+
+
+@router.get(TASK + "/jobs/{job_id}/wait")
+async def wait_job(
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    """The job (as ``GET …/jobs/{id}``), once it has ended or at the timeout."""
+    timeout = _timeout(request)
+    await _scoped(svc, who, project_id, task_id)
+    job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
+    if JobStatus(job.status).terminal or timeout == 0:
+        return JSONResponse(ser.job(job, batch))
+
+    def check() -> tuple[bool, dict[str, Any]]:
+        found, row = job_for(svc, task_id, job_id)
+        return JobStatus(found.status).terminal, ser.job(found, row)
+
+    async with svc.notify.subscribe((job_key(job.id),)) as sub:
+        return JSONResponse(await _wait(request, sub, timeout, check))
+
+
+@router.get(TASK + "/batches/{parent_job_id}/wait")
+async def wait_batch(
+    project_id: str,
+    task_id: str,
+    parent_job_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    """A submitted batch (the ``parentJobId`` its submit answered): done once all its jobs
+    have ended, or at the timeout."""
+    timeout = _timeout(request)
+    await _scoped(svc, who, project_id, task_id)
+    unfinished = [0]
+
+    def check() -> tuple[bool, dict[str, Any]]:
+        with svc.db.read() as conn:
+            batch = svc.jobs.batch_by_parent(conn, parent_job_id)
+            if batch is None or batch.task_id != task_id:
+                raise NotFound(f"batch {parent_job_id} not found in task {task_id}")
+            left = svc.jobs.first_unfinished(conn, batch, unfinished[0])
+        if left is not None:
+            unfinished[0] = left
+        body = {
+            "parentJobId": parent_job_id,
+            "taskId": task_id,
+            "group": batch.group_name,
+            "batchSize": batch.batch_size,
+            "done": left is None,
+        }
+        return left is None, body
+
+    async with svc.notify.subscribe((task_key(task_id),)) as sub:
+        return JSONResponse(await _wait(request, sub, timeout, check))
+
+
+@router.get(TASK + "/wait")
+async def wait_task(
+    project_id: str,
+    task_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> JSONResponse:
+    """A task (or its ``group``s, the parameter repeated): done once none of its jobs is left
+    to end, or at the timeout."""
+    timeout = _timeout(request)
+    groups = _groups(request)
+    await _scoped(svc, who, project_id, task_id)
+
+    def check() -> tuple[bool, dict[str, Any]]:
+        body = _counts(svc, task_id, groups)
+        return body["done"], body
+
+    async with svc.notify.subscribe((task_key(task_id),)) as sub:
+        return JSONResponse(await _wait(request, sub, timeout, check))
+
+
+def _groups(request: Request) -> list[str]:
+    groups = request.query_params.getlist("group")
+    if len(groups) > 1000 or any(not g for g in groups):
+        raise ValidationFailed("at most 1000 groups, none empty", field="group")
+    return groups
+
+
+def _counts(svc: Services, task_id: str, groups: list[str]) -> dict[str, Any]:
+    """The body of a task's wait and counts events: jobs by status name (none at zero), of the
+    task or of the given groups (summed, and each group's in ``groupCounts``)."""
+    with svc.db.read() as conn:
+        if not groups:
+            counts = svc.jobs.totals(conn, task_id)
+            per_group = None
+        else:
+            found = svc.jobs.summary(conn, task_id, groups)
+            per_group = {g: {n: c for n, c in found.get(g, {}).items() if c} for g in groups}
+            counts = {}
+            for by_status in per_group.values():
+                for name, count in by_status.items():
+                    counts[name] = counts.get(name, 0) + count
+    done = not any(counts.get(name) for name in _OPEN)
+    body: dict[str, Any] = {"taskId": task_id, "groups": groups, "done": done, "statusCounts": counts}
+    if per_group is not None:
+        body["groupCounts"] = per_group
+    return body
+
+
+# -- event streams --------------------------------------------------------------------------------
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events. Starlette stops the stream (and runs its clean-up) when the client
+    disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            events,
+            media_type=self.media_type,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+def event(name: str, data: Any, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def resume_position(request: Request, attempts: int) -> tuple[int, int] | None:
+    """Where a log stream starts: ``Last-Event-ID`` (the id of the last line received, a logs
+    cursor), else the ``from`` parameter (the same), else the beginning."""
+    raw = request.headers.get("last-event-id") or first(request, "from")
+    if not raw:
+        return None
+    try:
+        value = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        value = None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(v) is int and v >= 0 for v in value)
+        and 1 <= value[0] <= attempts
+    ):
+        return value[0], value[1]
+    raise ValidationFailed("not a log position this server issued", field="Last-Event-ID")
+
+
+@router.get(TASK + "/jobs/{job_id}/logs/stream")
+async def stream_log(
+    project_id: str,
+    task_id: str,
+    job_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> Response:
+    """A job's log lines as they are written (``line`` events, each ``id`` a position to resume
+    from), then one ``end`` event with the job once it has ended and every line was sent.
+    It starts after ``Last-Event-ID`` (or ``from``), else with the last ``tail`` lines written
+    so far, else at the first line."""
+    tail = _tail(request)
+    await _scoped(svc, who, project_id, task_id)
+    job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
+    start = resume_position(request, job.attempt)
+    skip = 0
+    if start is None and tail is not None:  # from the start of the tail-th last line
+        key = (task_id, batch.parent_job_id, job.idx)
+        newest = await run_in_threadpool(svc.logs.page, key, job.attempt, max(tail, 1), True, None)
+        if newest:
+            start = newest[-1].after  # read backward, a line's position is its start
+            skip = max(0, len(newest) - tail)  # tail 0: the newest line is skipped too
+    events = follow_log(svc, task_id, job_id, job.id, batch.parent_job_id, job.idx, start, skip)
+    return EventStream(events)
+
+
+def _tail(request: Request) -> int | None:
+    raw = first(request, "tail")
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > LOG_PAGE * 100:
+        raise ValidationFailed(f"must be a whole number from 0 to {LOG_PAGE * 100}", field="tail")
+    return int(raw)
+
+
+async def follow_log(
+    svc: Services,
+    task_id: str,
+    job_id: str,
+    row_id: int,
+    parent_job_id: str,
+    idx: int,
+    start: tuple[int, int] | None,
+    skip: int = 0,
+) -> AsyncIterator[bytes]:
+    """The events of a log stream (the dashboard's job page follows a log through this too);
+    the first ``skip`` lines from ``start`` are not sent."""
+    directory = str(svc.logs.path(task_id, parent_job_id, idx, 1).parent)
+    position = start
+
+    def read() -> tuple[Any, Any, list[Any]]:
+        job, batch = job_for(svc, task_id, job_id)  # the status first: lines read after it are all
+        lines = svc.logs.page((task_id, parent_job_id, idx), job.attempt, LOG_PAGE, False, position)
+        return job, batch, lines
+
+    async with (
+        svc.notify.subscribe((job_key(row_id),)) as sub,
+        svc.logwatch.watch(directory, sub.fire) as watched,
+    ):
+        idle = KEEPALIVE if watched else FALLBACK_SECONDS
+        quiet = 0.0
+        while True:
+            job, batch, lines = await run_in_threadpool(read)
+            if lines:
+                quiet = 0.0
+                chunk = []
+                for line in lines:
+                    position = line.after
+                    chunk.append(
+                        event(
+                            "line",
+                            {"timestamp": iso(line.timestamp), "message": line.message},
+                            encode_cursor(list(line.after)),
+                        )
+                    )
+                yield b"".join(chunk)
+                if len(lines) == LOG_PAGE:
+                    continue
+            if JobStatus(job.status).terminal:
+                yield event("end", ser.job(job, batch))
+                return
+            await asyncio.sleep(LOG_GAP)  # coalesce a chatty job's writes
+            if not await sub.wait(idle):
+                quiet += idle
+                if quiet >= KEEPALIVE:
+                    quiet = 0.0
+                    yield b": keep-alive\n\n"
+
+
+@router.get(TASK + "/stream")
+async def stream_task(
+    project_id: str,
+    task_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: Services = Depends(services),
+) -> Response:
+    """A task's (or its ``group``s') status counts: a ``counts`` event at once, then one each
+    time they change, at most four a second."""
+    groups = _groups(request)
+    await _scoped(svc, who, project_id, task_id)
+    return EventStream(follow_counts(svc, task_id, groups))
+
+
+async def follow_counts(svc: Services, task_id: str, groups: list[str]) -> AsyncIterator[bytes]:
+    last: dict[str, Any] | None = None
+    quiet = 0.0
+    async with svc.notify.subscribe((task_key(task_id),)) as sub:
+        while True:
+            body = await run_in_threadpool(_counts, svc, task_id, groups)
+            if body != last:
+                last = body
+                quiet = 0.0
+                yield event("counts", body)
+                await asyncio.sleep(COUNTS_GAP)
+            if not await sub.wait(COUNTS_REFRESH):
+                quiet += COUNTS_REFRESH
+                if quiet >= KEEPALIVE:
+                    quiet = 0.0
+                    yield b": keep-alive\n\n"
