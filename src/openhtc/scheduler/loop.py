@@ -52,7 +52,8 @@ class SchedulerLoop:
                 self.tick()
                 now = time.monotonic()
                 if now >= next_expiry:
-                    if s.queue.expire_leases(s.clock.now()):
+                    if expired := s.queue.expire_leases(s.clock.now()):
+                        s.metrics.jobs.leases_expired(expired)
                         s.wakeups.submitted.set()
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback

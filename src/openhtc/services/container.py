@@ -10,6 +10,7 @@ from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.limits import Limits
+from openhtc.metrics import Metrics
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 from openhtc.store.accounts import AccountStore
@@ -48,6 +49,8 @@ class Services:
     storage: StorageService | None = None
     # Request limits (config: max_*), enforced at the API's edge and in validation.
     limits: Limits = field(default_factory=Limits)
+    # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
+    metrics: Metrics = field(default_factory=Metrics)
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

@@ -10,7 +10,8 @@ def delete_task(services: Services, project_id: str, task_id: str, now: float) -
     """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage
     (archiving keeps storage; deleting frees it). ``DELETE …/tasks/{id}`` and retention's
     auto-delete both come here."""
-    if services.jobs.cancel(task_id, None, now):
+    if cancelled := services.jobs.cancel(task_id, None, now):
+        services.metrics.jobs.cancelled(task_id, None, cancelled)
         services.wakeups.cancel()
     services.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
     if services.storage is not None:

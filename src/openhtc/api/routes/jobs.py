@@ -46,7 +46,9 @@ def cancel(
 ) -> Response:
     task_for(svc, who, project_id, task_id)
     require_user(who, "cancel jobs")
-    if svc.jobs.cancel(task_id, first(request, "group"), svc.clock.now()):
+    group = first(request, "group")
+    if cancelled := svc.jobs.cancel(task_id, group, svc.clock.now()):
+        svc.metrics.jobs.cancelled(task_id, group, cancelled)
         svc.wakeups.cancel()
     return Response(status_code=200)  # "200 with an empty body", as Rescale answers
 

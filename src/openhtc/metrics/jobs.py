@@ -1,0 +1,192 @@
+"""What the executor protocol tells about jobs, turned into counts and durations.
+
+Counted at the service layer, after the store has committed a claim, a report or a cancel. The
+store answers a report with how many jobs it sent back for retry, not with which reports it
+applied, so :class:`HeldAttempts` remembers the attempts it saw claimed: a report for an attempt
+the heartbeat told its executor to stop (cancelled, or leased elsewhere) is not counted again.
+A report for an attempt claimed before this process started is counted as it comes.
+
+Everything is aggregated per call under one lock: a claim or report of hundreds of jobs costs a
+dict operation per job and one update per label set, never a lock per job.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client.utils import floatToGoString
+
+from openhtc.domain.enums import JobStatus
+from openhtc.domain.models import AttemptReport
+
+CANCELLED = "Cancelled"  # the failure_code label of a user's cancel (Rescale has no failureCode for it)
+MAX_HELD = 200_000  # attempts remembered; past it the oldest are forgotten (lost executors' jobs)
+
+
+@dataclass(slots=True)
+class _Held:
+    attempt: int
+    project_id: str
+    task_id: str
+    group: str
+    vcpus: int
+    started_at: float | None = None
+    fenced: bool = False  # stopped by a heartbeat answer or a cancel: its later reports are stale
+
+
+@dataclass
+class Buckets:
+    """A histogram without labels: cumulative counts per upper bound, a sum and a count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
+# seconds: from sub-second `true` jobs to day-long runs, and queue waits of limited projects
+DURATION_BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+
+
+class JobMetrics:
+    """Job counts and durations of one server process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, _Held] = {}
+        self.transitions: dict[tuple[str, str], int] = defaultdict(int)  # (status, failure code)
+        self.vcpu_seconds: dict[str, float] = defaultdict(float)  # project id ->
+        self.queue_wait = Buckets(DURATION_BOUNDS)
+        self.run_time = Buckets(DURATION_BOUNDS)
+        self.claim_calls = 0
+        self.claimed_jobs = 0
+        self.reports = 0
+        self.lease_expiries = 0
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def claimed(self, jobs: Sequence[_ClaimedJob], submitted_at: dict[int, float], now: float) -> None:
+        """An executor claimed ``jobs`` (now RUNNABLE); ``submitted_at``: batch id -> its submit time."""
+        with self._lock:
+            self.claim_calls += 1
+            if not jobs:
+                return
+            self.claimed_jobs += len(jobs)
+            self.transitions[(JobStatus.RUNNABLE.name, "")] += len(jobs)
+            held = self._held
+            for job in jobs:
+                held[job.id] = _Held(job.attempt, job.project_id, job.task_id, job.group_name, job.vcpus)
+                if job.attempt == 1 and (at := submitted_at.get(job.batch_id)) is not None:
+                    self.queue_wait.observe(max(0.0, now - at))  # retries waited before: not counted
+            if len(held) > MAX_HELD:
+                for key in list(held)[: len(held) - MAX_HELD // 2]:  # oldest first (insertion order)
+                    del held[key]
+
+    def reported(self, reports: Sequence[AttemptReport], requeued: int) -> None:
+        """An executor's reports were applied; ``requeued`` of them sent a job back for a retry."""
+        with self._lock:
+            self.reports += len(reports)
+            if requeued:
+                self.transitions[(JobStatus.SUBMITTED_TO_RESCALE.name, "")] += requeued
+            counts: dict[tuple[str, str], int] = defaultdict(int)
+            held = self._held
+            for report in reports:
+                entry = held.get(report.job_id)
+                if entry is not None and (entry.attempt != report.attempt or entry.fenced):
+                    if report.status.terminal and entry.attempt == report.attempt:
+                        del held[report.job_id]
+                    continue  # stale: the store ignored it too
+                status = report.status
+                code = (report.failure_code or "ErrorUnknownFailure") if status == JobStatus.FAILED else ""
+                counts[(status.name, code)] += 1
+                if entry is None:
+                    continue
+                if status == JobStatus.RUNNING:
+                    entry.started_at = report.at
+                elif status.terminal:
+                    del held[report.job_id]
+                    if entry.started_at is not None:
+                        ran = max(0.0, report.at - entry.started_at)
+                        self.run_time.observe(ran)
+                        self.vcpu_seconds[entry.project_id] += ran * entry.vcpus
+            for key, n in counts.items():
+                self.transitions[key] += n
+
+    def stopped(self, attempts: Iterable[tuple[int, int]]) -> None:
+        """A heartbeat told an executor to stop these (job, attempt)s: their reports are stale."""
+        with self._lock:
+            for job_id, attempt in attempts:
+                entry = self._held.get(job_id)
+                if entry is not None and entry.attempt == attempt:
+                    entry.fenced = True
+
+    def cancelled(self, task_id: str, group: str | None, count: int) -> None:
+        """A user cancelled ``count`` jobs of a task (or one of its groups): they are FAILED."""
+        if not count:
+            return
+        with self._lock:
+            self.transitions[(JobStatus.FAILED.name, CANCELLED)] += count
+            for entry in self._held.values():
+                if entry.task_id == task_id and (group is None or entry.group == group):
+                    entry.fenced = True
+
+    def leases_expired(self, count: int) -> None:
+        with self._lock:
+            self.lease_expiries += count
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            return JobSnapshot(
+                transitions=dict(self.transitions),
+                vcpu_seconds=dict(self.vcpu_seconds),
+                queue_wait=(self.queue_wait.cumulative(), self.queue_wait.total),
+                run_time=(self.run_time.cumulative(), self.run_time.total),
+                claim_calls=self.claim_calls,
+                claimed_jobs=self.claimed_jobs,
+                reports=self.reports,
+                lease_expiries=self.lease_expiries,
+            )
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    transitions: dict[tuple[str, str], int]
+    vcpu_seconds: dict[str, float]
+    queue_wait: tuple[list[tuple[str, float]], float]
+    run_time: tuple[list[tuple[str, float]], float]
+    claim_calls: int
+    claimed_jobs: int
+    reports: int
+    lease_expiries: int
+
+
+class _ClaimedJob(Protocol):
+    """What a claim returns per job (the store's JobState), as far as metrics read it."""
+
+    id: int
+    attempt: int
+    batch_id: int
+    project_id: str
+    task_id: str
+    group_name: str
+    vcpus: int
