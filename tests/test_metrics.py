@@ -14,12 +14,16 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from openhtc.domain.enums import JobStatus
+from openhtc.domain.models import AttemptReport
+from openhtc.metrics.jobs import Buckets, JobMetrics
 from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.postgres import free_port
 from openhtc.testing.server import HtcApi
@@ -264,3 +268,55 @@ def test_metrics_take_an_api_key_and_scope_what_they_show(module_server: Any, ap
     other = exposition(module_server, other_key)
     assert project_id not in other
     assert SERVER_FAMILY in other
+
+
+# -- the counting rules, without a server ---------------------------------------------------
+
+
+@dataclass
+class Claimed:
+    id: int
+    attempt: int = 1
+    batch_id: int = 1
+    project_id: str = "p"
+    task_id: str = "t"
+    group_name: str = "g"
+    vcpus: int = 2
+
+
+@pytest.mark.unit
+def test_a_report_the_store_ignores_as_stale_is_not_counted() -> None:
+    jobs = JobMetrics()
+    jobs.claimed([Claimed(1), Claimed(2), Claimed(3, task_id="t3")], {1: 100.0}, now=103.0)
+    jobs.claimed([Claimed(4, attempt=2)], {1: 100.0}, now=104.0)  # a retry: its wait is not counted
+    jobs.reported([AttemptReport(i, 1, JobStatus.RUNNING, 110.0) for i in (1, 2, 3)], requeued=0)
+    jobs.stopped([(2, 1)])  # leased elsewhere: its executor's later report is stale
+    jobs.cancelled("t3", None, 1)  # job 3's task: cancelled, job 3 killed
+    jobs.reported(
+        [
+            AttemptReport(1, 1, JobStatus.SUCCEEDED, 115.0),
+            AttemptReport(2, 1, JobStatus.SUCCEEDED, 115.0),
+            AttemptReport(3, 1, JobStatus.FAILED, 115.0, failure_code="ErrorNonZeroContainerExitCode"),
+            AttemptReport(4, 1, JobStatus.SUCCEEDED, 115.0),  # its first attempt's, too late
+        ],
+        requeued=0,
+    )
+    snap = jobs.snapshot()
+    assert snap.transitions[("SUCCEEDED", "")] == 1
+    assert snap.transitions[("FAILED", "Cancelled")] == 1
+    assert ("FAILED", "ErrorNonZeroContainerExitCode") not in snap.transitions
+    assert snap.transitions[("RUNNABLE", "")] == 4
+    # jobs 1, 2 and 3 kept 2 vCPUs busy for 5 s each, whether they ended or were killed
+    assert snap.vcpu_seconds == {"p": 3 * 2 * 5.0}
+    assert snap.run_time[0][-1] == ("+Inf", 3.0)
+    assert snap.queue_wait[0][-1] == ("+Inf", 3.0) and snap.queue_wait[1] == 9.0
+    assert snap.reports == 7
+
+
+@pytest.mark.unit
+def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
+    buckets = Buckets((1.0, 5.0))
+    for value in (0.5, 1.0, 3.0, 9.0):
+        buckets.observe(value)
+    assert buckets.cumulative() == [("1.0", 2.0), ("5.0", 3.0), ("+Inf", 4.0)]
+    assert buckets.total == 13.5

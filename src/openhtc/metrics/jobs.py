@@ -109,21 +109,22 @@ class JobMetrics:
             counts: dict[tuple[str, str], int] = defaultdict(int)
             held = self._held
             for report in reports:
-                entry = held.get(report.job_id)
-                if entry is not None and (entry.attempt != report.attempt or entry.fenced):
-                    if report.status.terminal and entry.attempt == report.attempt:
-                        del held[report.job_id]
-                    continue  # stale: the store ignored it too
                 status = report.status
-                code = (report.failure_code or "ErrorUnknownFailure") if status == JobStatus.FAILED else ""
-                counts[(status.name, code)] += 1
+                entry = held.get(report.job_id)
+                if entry is not None and entry.attempt != report.attempt:
+                    continue  # an attempt the job has moved past: the store ignored it too
+                if entry is None or not entry.fenced:  # a fenced one's report is stale, but it ran
+                    code = (
+                        (report.failure_code or "ErrorUnknownFailure") if status == JobStatus.FAILED else ""
+                    )
+                    counts[(status.name, code)] += 1
                 if entry is None:
                     continue
                 if status == JobStatus.RUNNING:
                     entry.started_at = report.at
                 elif status.terminal:
                     del held[report.job_id]
-                    if entry.started_at is not None:
+                    if entry.started_at is not None:  # its vCPUs were busy until now, killed or not
                         ran = max(0.0, report.at - entry.started_at)
                         self.run_time.observe(ran)
                         self.vcpu_seconds[entry.project_id] += ran * entry.vcpus
