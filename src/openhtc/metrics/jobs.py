@@ -25,6 +25,7 @@ from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport
 
 CANCELLED = "Cancelled"  # the failure_code label of a user's cancel (Rescale has no failureCode for it)
+UNKNOWN = "ErrorUnknownFailure"  # as the store records a FAILED report without a code
 MAX_HELD = 200_000  # attempts remembered; past it the oldest are forgotten (lost executors' jobs)
 
 
