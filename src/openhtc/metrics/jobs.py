@@ -115,9 +115,7 @@ class JobMetrics:
                 if entry is not None and entry.attempt != report.attempt:
                     continue  # an attempt the job has moved past: the store ignored it too
                 if entry is None or not entry.fenced:  # a fenced one's report is stale, but it ran
-                    code = (
-                        (report.failure_code or "ErrorUnknownFailure") if status == JobStatus.FAILED else ""
-                    )
+                    code = (report.failure_code or UNKNOWN) if status == JobStatus.FAILED else ""
                     counts[(status.name, code)] += 1
                 if entry is None:
                     continue
