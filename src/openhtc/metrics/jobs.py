@@ -29,15 +29,12 @@ UNKNOWN = "ErrorUnknownFailure"  # as the store records a FAILED report without 
 MAX_HELD = 200_000  # attempts remembered; past it the oldest are forgotten (lost executors' jobs)
 
 
-@dataclass(slots=True)
-class _Held:
-    attempt: int
-    project_id: str
-    task_id: str
-    group: str
-    vcpus: int
-    started_at: float | None = None
-    fenced: bool = False  # stopped by a heartbeat answer or a cancel: its later reports are stale
+# A held attempt: (attempt, project id, task id, group, vCPUs). Plain tuples and ints here: this
+# runs for every job, and an object per job or an enum's name per report would cost more than the
+# rest together.
+_Held = tuple[int, str, str, str, int]
+_RUNNING, _SUCCEEDED, _FAILED = int(JobStatus.RUNNING), int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
+_NAMES = {int(s): s.name for s in JobStatus}
 
 
 @dataclass
@@ -72,8 +69,10 @@ class JobMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[int, _Held] = {}
-        self.transitions: dict[tuple[str, str], int] = defaultdict(int)  # (status, failure code)
+        self._held: dict[int, _Held] = {}  # job id ->
+        self._started: dict[int, float] = {}  # job id -> its held attempt's RUNNING report time
+        self._fenced: set[int] = set()  # job ids whose held attempt was stopped: reports are stale
+        self.transitions: dict[tuple[int, str], int] = defaultdict(int)  # (status, failure code)
         self.vcpu_seconds: dict[str, float] = defaultdict(float)  # project id ->
         self.queue_wait = Buckets(DURATION_BOUNDS)
         self.run_time = Buckets(DURATION_BOUNDS)
@@ -91,42 +90,45 @@ class JobMetrics:
             if not jobs:
                 return
             self.claimed_jobs += len(jobs)
-            self.transitions[(JobStatus.RUNNABLE.name, "")] += len(jobs)
-            held = self._held
+            self.transitions[(int(JobStatus.RUNNABLE), "")] += len(jobs)
+            held, observe = self._held, self.queue_wait.observe
             for job in jobs:
-                held[job.id] = _Held(job.attempt, job.project_id, job.task_id, job.group_name, job.vcpus)
+                held[job.id] = (job.attempt, job.project_id, job.task_id, job.group_name, job.vcpus)
                 if job.attempt == 1 and (at := submitted_at.get(job.batch_id)) is not None:
-                    self.queue_wait.observe(max(0.0, now - at))  # retries waited before: not counted
+                    observe(max(0.0, now - at))  # a retry's wait is not counted: it waited before
             if len(held) > MAX_HELD:
                 for key in list(held)[: len(held) - MAX_HELD // 2]:  # oldest first (insertion order)
                     del held[key]
+                    self._started.pop(key, None)
+                    self._fenced.discard(key)
 
     def reported(self, reports: Sequence[AttemptReport], requeued: int) -> None:
         """An executor's reports were applied; ``requeued`` of them sent a job back for a retry."""
         with self._lock:
             self.reports += len(reports)
             if requeued:
-                self.transitions[(JobStatus.SUBMITTED_TO_RESCALE.name, "")] += requeued
-            counts: dict[tuple[str, str], int] = defaultdict(int)
-            held = self._held
+                self.transitions[(int(JobStatus.SUBMITTED_TO_RESCALE), "")] += requeued
+            counts: dict[tuple[int, str], int] = defaultdict(int)
+            held, started, fenced = self._held, self._started, self._fenced
             for report in reports:
-                status = report.status
-                entry = held.get(report.job_id)
-                if entry is not None and entry.attempt != report.attempt:
+                job_id, attempt, status, at = report.job_id, report.attempt, report.status, report.at
+                entry = held.get(job_id)
+                if entry is not None and entry[0] != attempt:
                     continue  # an attempt the job has moved past: the store ignored it too
-                if entry is None or not entry.fenced:  # a fenced one's report is stale, but it ran
-                    code = (report.failure_code or UNKNOWN) if status == JobStatus.FAILED else ""
-                    counts[(status.name, code)] += 1
+                if entry is None or job_id not in fenced:  # a fenced one's report is stale, but it ran
+                    counts[(status, (report.failure_code or UNKNOWN) if status == _FAILED else "")] += 1
                 if entry is None:
                     continue
-                if status == JobStatus.RUNNING:
-                    entry.started_at = report.at
-                elif status.terminal:
-                    del held[report.job_id]
-                    if entry.started_at is not None:  # its vCPUs were busy until now, killed or not
-                        ran = max(0.0, report.at - entry.started_at)
+                if status == _RUNNING:
+                    started[job_id] = at
+                elif status >= _SUCCEEDED:
+                    del held[job_id]
+                    fenced.discard(job_id)
+                    began = started.pop(job_id, None)
+                    if began is not None:  # its vCPUs were busy until now, killed or not
+                        ran = max(0.0, at - began)
                         self.run_time.observe(ran)
-                        self.vcpu_seconds[entry.project_id] += ran * entry.vcpus
+                        self.vcpu_seconds[entry[1]] += ran * entry[4]
             for key, n in counts.items():
                 self.transitions[key] += n
 
@@ -135,18 +137,18 @@ class JobMetrics:
         with self._lock:
             for job_id, attempt in attempts:
                 entry = self._held.get(job_id)
-                if entry is not None and entry.attempt == attempt:
-                    entry.fenced = True
+                if entry is not None and entry[0] == attempt:
+                    self._fenced.add(job_id)
 
     def cancelled(self, task_id: str, group: str | None, count: int) -> None:
         """A user cancelled ``count`` jobs of a task (or one of its groups): they are FAILED."""
         if not count:
             return
         with self._lock:
-            self.transitions[(JobStatus.FAILED.name, CANCELLED)] += count
-            for entry in self._held.values():
-                if entry.task_id == task_id and (group is None or entry.group == group):
-                    entry.fenced = True
+            self.transitions[(_FAILED, CANCELLED)] += count
+            for job_id, (_, _, task, job_group, _) in self._held.items():
+                if task == task_id and (group is None or job_group == group):
+                    self._fenced.add(job_id)
 
     def leases_expired(self, count: int) -> None:
         with self._lock:
@@ -157,7 +159,7 @@ class JobMetrics:
     def snapshot(self) -> JobSnapshot:
         with self._lock:
             return JobSnapshot(
-                transitions=dict(self.transitions),
+                transitions={(_NAMES[s], code): n for (s, code), n in self.transitions.items()},
                 vcpu_seconds=dict(self.vcpu_seconds),
                 queue_wait=(self.queue_wait.cumulative(), self.queue_wait.total),
                 run_time=(self.run_time.cumulative(), self.run_time.total),
