@@ -311,6 +311,12 @@ def test_a_report_the_store_ignores_as_stale_is_not_counted() -> None:
     assert snap.run_time[0][-1] == ("+Inf", 3.0)
     assert snap.queue_wait[0][-1] == ("+Inf", 3.0) and snap.queue_wait[1] == 9.0
     assert snap.reports == 7
+    # an attempt stopped and never heard from again (its executor is gone): the next is counted
+    jobs.claimed([Claimed(5)], {}, now=120.0)
+    jobs.stopped([(5, 1)])
+    jobs.claimed([Claimed(5, attempt=2)], {}, now=121.0)
+    jobs.reported([AttemptReport(5, 2, JobStatus.SUCCEEDED, 122.0)], requeued=0)
+    assert jobs.snapshot().transitions[("SUCCEEDED", "")] == 2
 
 
 @pytest.mark.unit

@@ -2,7 +2,7 @@
 
 Counted at the service layer, after the store has committed a claim, a report or a cancel. The
 store answers a report with how many jobs it sent back for retry, not with which reports it
-applied, so :class:`HeldAttempts` remembers the attempts it saw claimed: a report for an attempt
+applied, so :class:`JobMetrics` remembers the attempts it saw claimed: a report for an attempt
 the heartbeat told its executor to stop (cancelled, or leased elsewhere) is not counted again.
 A report for an attempt claimed before this process started is counted as it comes.
 
@@ -92,8 +92,12 @@ class JobMetrics:
             self.claimed_jobs += len(jobs)
             self.transitions[(int(JobStatus.RUNNABLE), "")] += len(jobs)
             held, observe = self._held, self.queue_wait.observe
+            fenced, started = self._fenced, self._started
             for job in jobs:
                 held[job.id] = (job.attempt, job.project_id, job.task_id, job.group_name, job.vcpus)
+                if fenced or started:  # a new attempt starts clean (its predecessor may have been lost)
+                    fenced.discard(job.id)
+                    started.pop(job.id, None)
                 if job.attempt == 1 and (at := submitted_at.get(job.batch_id)) is not None:
                     observe(max(0.0, now - at))  # a retry's wait is not counted: it waited before
             if len(held) > MAX_HELD:
