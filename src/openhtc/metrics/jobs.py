@@ -112,29 +112,39 @@ class JobMetrics:
             self.reports += len(reports)
             if requeued:
                 self.transitions[(int(JobStatus.SUBMITTED_TO_RESCALE), "")] += requeued
-            counts: dict[tuple[int, str], int] = defaultdict(int)
+            by_status = [0] * len(_NAMES)  # index: status; FAILED is counted by failure code
+            failed: dict[str, int] = defaultdict(int)
             held, started, fenced = self._held, self._started, self._fenced
             for report in reports:
-                job_id, attempt, status, at = report.job_id, report.attempt, report.status, report.at
+                job_id, status = report.job_id, report.status
                 entry = held.get(job_id)
-                if entry is not None and entry[0] != attempt:
-                    continue  # an attempt the job has moved past: the store ignored it too
-                if entry is None or job_id not in fenced:  # a fenced one's report is stale, but it ran
-                    counts[(status, (report.failure_code or UNKNOWN) if status == _FAILED else "")] += 1
-                if entry is None:
-                    continue
-                if status == _RUNNING:
-                    started[job_id] = at
-                elif status >= _SUCCEEDED:
-                    del held[job_id]
-                    fenced.discard(job_id)
-                    began = started.pop(job_id, None)
-                    if began is not None:  # its vCPUs were busy until now, killed or not
-                        ran = max(0.0, at - began)
-                        self.run_time.observe(ran)
-                        self.vcpu_seconds[entry[1]] += ran * entry[4]
-            for key, n in counts.items():
-                self.transitions[key] += n
+                if entry is not None:
+                    if entry[0] != report.attempt:
+                        continue  # an attempt the job has moved past: the store ignored it too
+                    if status == _RUNNING:
+                        started[job_id] = report.at
+                    elif status >= _SUCCEEDED:
+                        del held[job_id]
+                        began = started.pop(job_id, None)
+                        if began is not None:  # its vCPUs were busy until now, killed or not
+                            ran = max(0.0, report.at - began)
+                            self.run_time.observe(ran)
+                            self.vcpu_seconds[entry[1]] += ran * entry[4]
+                        if fenced and job_id in fenced:
+                            fenced.discard(job_id)
+                            continue
+                    if fenced and job_id in fenced:
+                        continue  # stopped: the store ignored it
+                if status == _FAILED:
+                    failed[report.failure_code or UNKNOWN] += 1
+                else:
+                    by_status[status] += 1
+            transitions = self.transitions
+            for code, n in enumerate(by_status):
+                if n:
+                    transitions[(code, "")] += n
+            for failure, n in failed.items():
+                transitions[(_FAILED, failure)] += n
 
     def stopped(self, attempts: Iterable[tuple[int, int]]) -> None:
         """A heartbeat told an executor to stop these (job, attempt)s: their reports are stale."""
