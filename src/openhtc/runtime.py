@@ -24,6 +24,8 @@ from openhtc.domain.enums import Role
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.limits import Limits
 from openhtc.executor.local import LocalExecutor
+from openhtc.metrics import Metrics
+from openhtc.metrics.store import executors_by_state
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
@@ -65,6 +67,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = Database(settings.resolved_database_url())
     db.migrate()
     key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
+    metrics = Metrics(lambda: executors_by_state(db, clock.now() - settings.lease_seconds))
+    db.observer = metrics.db_transaction
     services = Services(
         settings=settings,
         clock=clock,
@@ -83,6 +87,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         # one process: waiters are told in process (cluster mode: PostgreSQL LISTEN/NOTIFY)
         notify=LocalNotifier(),
         logwatch=LogWatch(),
+        metrics=metrics,
     )
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     return services

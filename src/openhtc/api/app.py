@@ -16,6 +16,7 @@ from openhtc.api import errors
 from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, live, projects, registry, storage, system, tasks, workspace
+from openhtc.metrics.http import HttpMetrics
 from openhtc.services.container import Services
 from openhtc.ui import install as install_ui
 
@@ -39,6 +40,7 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(module.router)
     install_ui(app)  # the dashboard, under /ui/
     app.add_middleware(RequestGuard, limits=services.limits)
+    app.add_middleware(HttpMetrics, metrics=services.metrics)  # inside ApiPrefix: see HttpMetrics
     app.add_middleware(ApiPrefix)
     return app
 

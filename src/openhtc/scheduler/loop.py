@@ -53,7 +53,8 @@ class SchedulerLoop:
                 self.tick()
                 now = time.monotonic()
                 if now >= next_expiry:
-                    if s.queue.expire_leases(s.clock.now()):
+                    if expired := s.queue.expire_leases(s.clock.now()):
+                        s.metrics.jobs.leases_expired(expired)
                         s.wakeups.submitted.set()
                         s.notify.publish((EVERYTHING,))  # recovered jobs: waiters look again
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)

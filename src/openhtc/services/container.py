@@ -10,6 +10,7 @@ from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.limits import Limits
+from openhtc.metrics import Metrics
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
 from openhtc.services.notify import EVERYTHING, LocalNotifier, Notifier
@@ -57,6 +58,8 @@ class Services:
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).
         self.wakeups.on_cancel(lambda: self.notify.publish((EVERYTHING,)))
+    # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
+    metrics: Metrics = field(default_factory=Metrics)
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]

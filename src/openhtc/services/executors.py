@@ -81,10 +81,12 @@ class ExecutorService:
             task_of[job.id] = job.task_id
         if claimed and not s.notify.idle:
             s.notify.publish({task_key(job.task_id) for job in claimed})
+        s.metrics.jobs.claimed(claimed, {i: c.submitted_at for i, c in contexts.items()}, s.clock.now())
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
+        self.services.metrics.jobs.reported(reports, requeued)
         if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.submitted.set()
         self._notify(reports)
@@ -109,7 +111,10 @@ class ExecutorService:
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services
-        return s.queue.heartbeat(executor_id, held, s.settings.lease_seconds, s.clock.now())
+        stop = s.queue.heartbeat(executor_id, held, s.settings.lease_seconds, s.clock.now())
+        if stop:
+            s.metrics.jobs.stopped(stop)
+        return stop
 
     # -- launches -------------------------------------------------------------------------------
 
@@ -162,6 +167,7 @@ class ExecutorService:
             shared.update(creds.values)
             renew_at = min(renew_at, now + (creds.expires_at - now) / 2)
         context = _BatchContext(
+            submitted_at=batch.created_at,
             expires_at=now + ttl,
             renew_at=renew_at,
             parent_job_id=batch.parent_job_id,
@@ -210,6 +216,7 @@ class ExecutorService:
 
 @dataclass(frozen=True, slots=True)
 class _BatchContext:
+    submitted_at: float
     expires_at: float
     renew_at: float  # claims after this build a new context (fresh tokens)
     parent_job_id: str

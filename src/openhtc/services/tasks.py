@@ -6,12 +6,21 @@ from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.container import Services
 
 
+def cancel_jobs(services: Services, task_id: str, group: str | None, now: float) -> int:
+    """Cancel a task's (or group's) unfinished jobs: the API's and the dashboard's cancel, and a
+    delete. Returns how many; counted in the metrics, which then ignore the killed jobs' reports."""
+    cancelled = services.jobs.cancel(task_id, group, now)
+    if cancelled:
+        services.metrics.jobs.cancelled(task_id, group, cancelled)
+        services.wakeups.cancel()
+    return cancelled
+
+
 def delete_task(services: Services, project_id: str, task_id: str, now: float) -> None:
     """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage
     (archiving keeps storage; deleting frees it). ``DELETE …/tasks/{id}`` and retention's
     auto-delete both come here."""
-    if services.jobs.cancel(task_id, None, now):
-        services.wakeups.cancel()
+    cancel_jobs(services, task_id, None, now)
     services.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
     if services.storage is not None:
         services.storage.delete_task(project_id, task_id)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        # told each transaction's kind ("read", "write") and seconds: the metrics' hook
+        self.observer: Callable[[str, float], None] | None = None
         if self.is_sqlite:
             self.engine = _sqlite_engine(url)
         else:
@@ -82,7 +85,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A read-write transaction (the SQLite write lock is taken at BEGIN)."""
-        with translated_failures(), self.engine.connect() as conn:
+        with self._timed("write"), translated_failures(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
@@ -98,7 +101,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only transaction with a consistent snapshot."""
-        with translated_failures(), self.engine.connect() as conn:
+        with self._timed("read"), translated_failures(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN")
                 try:
@@ -108,6 +111,18 @@ class Database:
             else:
                 with conn.begin():
                     yield conn
+
+    @contextmanager
+    def _timed(self, kind: str) -> Iterator[None]:
+        observer = self.observer
+        if observer is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            observer(kind, time.perf_counter() - start)
 
     def sql(self, statement: str) -> str:
         """Hot-path SQL is written with '?' placeholders; psycopg wants '%s'."""

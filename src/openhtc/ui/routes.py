@@ -29,6 +29,7 @@ from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
 from openhtc.services import overview
 from openhtc.services.container import Services
+from openhtc.services.tasks import cancel_jobs
 from openhtc.ui import session
 
 UI_PREFIX = "/ui"
@@ -352,8 +353,7 @@ def _act(svc: Services, who: Any, project_id: str, task_id: str, action: str, gr
     if action == "cancel":
         task_for(svc, who, project_id, task_id)
         require_user(who, "cancel jobs")
-        if svc.jobs.cancel(task_id, group, svc.clock.now()):
-            svc.wakeups.cancel()
+        cancel_jobs(svc, task_id, group, svc.clock.now())
     elif action == "delete":
         task_routes.delete_task(project_id, task_id, who, svc)
     else:

@@ -18,6 +18,7 @@ from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import ValidationFailed
 from openhtc.services.container import Services
 from openhtc.services.submission import submit
+from openhtc.services.tasks import cancel_jobs
 
 router = APIRouter()
 JOBS = "/htc/projects/{project_id}/tasks/{task_id}/jobs"
@@ -46,8 +47,7 @@ def cancel(
 ) -> Response:
     task_for(svc, who, project_id, task_id)
     require_user(who, "cancel jobs")
-    if svc.jobs.cancel(task_id, first(request, "group"), svc.clock.now()):
-        svc.wakeups.cancel()
+    cancel_jobs(svc, task_id, first(request, "group"), svc.clock.now())
     return Response(status_code=200)  # "200 with an empty body", as Rescale answers
 
 

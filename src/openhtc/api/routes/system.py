@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
 from starlette.responses import Response
 
-from openhtc.api.deps import principal, services
+from openhtc.api.deps import app_services, services
 from openhtc.api.errors import error_body
 from openhtc.api.responses import JSONResponse
+from openhtc.api.routes.auth import principal_for_api_key
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
-from openhtc.domain.enums import JobStatus
-from openhtc.domain.errors import OpenHTCError
+from openhtc.domain.enums import JobStatus, Role
+from openhtc.domain.errors import OpenHTCError, Unauthenticated
 from openhtc.services.container import Services
 from openhtc.store.tables import job_counters, projects
 
@@ -32,8 +33,23 @@ def health(svc: Services = Depends(services)) -> JSONResponse:
     return JSONResponse({"status": "ok", "database": "ok"})
 
 
+def scraper(request: Request) -> Principal:
+    """The caller of /htc/metrics: a bearer token, as every Rescale route, or an API key
+    (``Authorization: Token <apiKey>``), which a Prometheus scrape config can hold: a bearer
+    token expires after token_ttl_seconds and Prometheus cannot renew it."""
+    svc = app_services(request)
+    kind, _, value = request.headers.get("authorization", "").partition(" ")
+    if kind.lower() == "bearer" and value.strip():
+        return svc.tokens.verify(value.strip())
+    if kind.lower() == "token" and value.strip():
+        return principal_for_api_key(svc, value.strip())
+    raise Unauthenticated("expected 'Authorization: Bearer <token>' or 'Token <apiKey>'")
+
+
 @router.get("/htc/metrics")
-def metrics(who: Principal = Depends(principal), svc: Services = Depends(services)) -> Response:
+def metrics(who: Principal = Depends(scraper), svc: Services = Depends(services)) -> Response:
+    """Rescale's workspace gauges, then openhtc's own families (docs/metrics.md): the per-project
+    ones for the workspace's projects; the server-wide ones for a workspace admin."""
     require_user(who, "read workspace metrics")  # they name every project of the workspace
     registry = CollectorRegistry()
     jobs = Gauge(
@@ -61,7 +77,14 @@ def metrics(who: Principal = Depends(principal), svc: Services = Depends(service
         for project_id, name, status, count, cpu in conn.execute(stmt):
             jobs.labels(project_id, name, JobStatus(status).name).set(count or 0)
             vcpus.labels(project_id, JobStatus(status).name).set(cpu or 0)
+        project_ids = set(
+            conn.execute(select(projects.c.id).where(projects.c.workspace_id == who.workspace_id)).scalars()
+        )
     ws = svc.accounts.workspace(who.workspace_id)
     if ws is not None and ws.vcpu_limit is not None:
         Gauge("htc_job_limit_vcpus", "Workspace vCPU limit", registry=registry).set(ws.vcpu_limit)
-    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+    body = generate_latest(registry) + svc.metrics.project_families(project_ids)
+    if who.role == Role.WORKSPACE_ADMIN.value:
+        body += svc.metrics.server_families()
+    # the classic text format, which every Prometheus version parses
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
