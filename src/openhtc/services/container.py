@@ -55,11 +55,12 @@ class Services:
     notify: Notifier = field(default_factory=LocalNotifier)
     logwatch: LogWatch = field(default_factory=LogWatch)  # log streams: when a followed log grows
 
+    # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
+    metrics: Metrics = field(default_factory=Metrics)
+
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).
         self.wakeups.on_cancel(lambda: self.notify.publish((EVERYTHING,)))
-    # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
-    metrics: Metrics = field(default_factory=Metrics)
 
     def region_architectures(self) -> list[str]:
         return [host_architecture()]
