@@ -219,23 +219,31 @@ class JobStore:
         group: str | None = None,
         status: JobStatus | None = None,
         job_uuids: Sequence[str] = (),
+        failure_code: str | None = None,
     ) -> list[Any]:
-        """Jobs by id: rows, merged with the jobs whose rows are not written yet."""
+        """Jobs by id: rows, merged with the jobs whose rows are not written yet (which have no
+        failure code: a failure code filter reads rows only)."""
         # The batches first: a row written between the two reads then shows up twice, never
         # not at all, and the row wins.
-        pending = self.materializer.pending_batches(
-            conn,
-            task_id,
-            after_id,
-            None if job_uuids else limit,
-            group,
-            None if status is None else int(status),
+        pending = (
+            []
+            if failure_code is not None
+            else self.materializer.pending_batches(
+                conn,
+                task_id,
+                after_id,
+                None if job_uuids else limit,
+                group,
+                None if status is None else int(status),
+            )
         )
         cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
         if group is not None:
             cond = and_(cond, jobs.c.group_name == group)
         if status is not None:
             cond = and_(cond, jobs.c.status == int(status))
+        if failure_code is not None:  # ix_jobs_task_failure: only jobs that failed are in it
+            cond = and_(cond, jobs.c.failure_code == failure_code, jobs.c.failure_code.is_not(None))
         only: set[int] | None = None
         if job_uuids:
             only = set(self._ids_for_uuids(conn, task_id, job_uuids))

@@ -25,11 +25,12 @@ from openhtc.api.routes import tasks as task_routes
 from openhtc.api.routes.auth import principal_for_api_key
 from openhtc.auth.permissions import require_user
 from openhtc.domain.clock import iso
-from openhtc.domain.enums import STATUS_NAMES, JobStatus
+from openhtc.domain.enums import STATUS_NAMES, FailureCode, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
 from openhtc.services import overview
 from openhtc.services.container import Services
-from openhtc.ui import session
+from openhtc.services.explain import explain_job
+from openhtc.ui import charts, session
 
 UI_PREFIX = "/ui"
 TASK = "/projects/{project_id}/tasks/{task_id}"
@@ -44,7 +45,8 @@ HEADERS = {
         "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'"
     ),
 }
-LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html")}
+LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html", "executors.html")}
+FAILURE_CODES = tuple(c.value for c in FailureCode)
 ACTIONS = {"archive": "Archive", "unarchive": "Unarchive", "delete": "Delete", "cancel": "Cancel"}
 
 
@@ -79,6 +81,13 @@ def _status_filter(request: Request) -> str | None:
     value = first(request, "status") or None
     if value is not None and value not in STATUS_NAMES:
         raise ValidationFailed(f"status must be one of {', '.join(STATUS_NAMES)}", field="status")
+    return value
+
+
+def _failure_filter(request: Request) -> str | None:
+    value = first(request, "failureCode") or None
+    if value is not None and value not in FAILURE_CODES:
+        raise ValidationFailed(f"failureCode must be one of {', '.join(FAILURE_CODES)}", field="failureCode")
     return value
 
 
@@ -170,20 +179,23 @@ def create_router() -> APIRouter:
     def overview_page(request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
-        projects = svc.projects.list_projects(who.workspace_id, None, PAGE)
-        usage = overview.workspace_usage(svc, who.workspace_id)
-        rows = [
-            (p, usage.get(p.id, overview.ProjectUsage()), overview.project_limit(svc, p.id)) for p in projects
-        ]
-        workspace = svc.accounts.workspace(who.workspace_id)
+        view = overview.snapshot(svc, who, PAGE)
         return render(
             request,
             "overview.html",
             who=who,
-            rows=rows,
-            vcpus_in_use=sum(u.vcpus_in_use for u in usage.values()),
-            workspace_limit=workspace.vcpu_limit if workspace is not None else None,
-            executors=overview.executor_views(svc),
+            view=view,
+            chart=charts.per_minute(view.hour.succeeded, view.hour.failed),
+        )
+
+    @router.get("/executors")
+    def executors_page(request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        require_user(who, "list executors")
+        admin = overview.is_admin(who)
+        return render(
+            request, "executors.html", who=who, admin=admin, executors=overview.executor_views(svc, admin)
         )
 
     @router.get("/projects/{project_id}")
@@ -272,6 +284,7 @@ def create_router() -> APIRouter:
         project, task = task_for(svc, who, project_id, task_id)
         status = _status_filter(request)
         group = first(request, "group") or None
+        failure = _failure_filter(request)
         after = int(decode_cursor(request, "int") or 0)
         with svc.db.read() as conn:
             rows = svc.jobs.list_jobs(
@@ -281,10 +294,11 @@ def create_router() -> APIRouter:
                 limit=PAGE + 1,
                 group=group,
                 status=JobStatus[status] if status else None,
+                failure_code=failure,
             )
             batch_rows = svc.jobs.batches_by_id(conn, {r.batch_id for r in rows[:PAGE]})
         jobs = [ser.job(r, batch_rows[r.batch_id], simple=True) for r in rows[:PAGE]]
-        query = {k: v for k, v in (("status", status), ("group", group)) if v}
+        query = {k: v for k, v in (("status", status), ("group", group), ("failureCode", failure)) if v}
         next_page = None
         if len(rows) > PAGE:
             next_page = urlencode({**query, "pageIndex": encode_cursor(rows[PAGE - 1].id)})
@@ -297,6 +311,8 @@ def create_router() -> APIRouter:
             jobs=jobs,
             status=status,
             group=group,
+            failure=failure,
+            failure_codes=FAILURE_CODES,
             next_page=next_page,
         )
 
@@ -321,6 +337,7 @@ def create_router() -> APIRouter:
             project=project,
             task=task,
             job=ser.job(job, batch),
+            reasons=explain_job(svc, job) if JobStatus(job.status) < JobStatus.RUNNABLE else [],
             events=events,
             attempts=sorted(attempts.items()),
         )
