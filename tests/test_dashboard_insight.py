@@ -157,3 +157,30 @@ def test_the_failure_code_filter_reads_an_index_on_both_databases(tmp_path: Path
                 conn.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table: ask for the index
                 plan = " ".join(r[0] for r in conn.execute(text("EXPLAIN " + sql)))
         assert "ix_jobs_task_failure" in plan, plan
+
+
+@pytest.mark.one_db
+def test_a_tasks_files_are_listed_and_downloaded_and_only_for_who_may_read_them(
+    module_server: Any, api: Any
+) -> None:
+    project_id, task_id = api.project_and_task()
+    key = f"projects/{project_id}/tasks/{task_id}/out/result 1.txt"
+    api.request("PUT", f"/htc/storage/objects/{key}", content=b"forty-two\n", expect=200)
+    base = f"/ui/projects/{project_id}/tasks/{task_id}"
+    with closing(sign_in(module_server)) as client:
+        page = client.get(f"{base}/files")
+        assert page.status_code == 200 and "out/result 1.txt" in page.text
+        got = client.get(f"{base}/files/download", params={"path": "out/result 1.txt"})
+        assert got.status_code == 200 and got.content == b"forty-two\n"
+        assert "attachment" in got.headers["content-disposition"]
+        assert client.get(f"{base}/files/download", params={"path": "../../shared/x"}).status_code == 400
+        assert client.get(f"{base}/files/download", params={"path": "nope.txt"}).status_code == 404
+        images = client.get(f"/ui/projects/{project_id}/images")
+        assert images.status_code == 200 and "Images of" in images.text
+    other = module_server.cli(
+        "admin", "create-workspace", f"w-{uuid.uuid4().hex[:6]}", "--admin-email", "f@x.org"
+    )
+    with closing(sign_in(module_server, other.stdout.split()[-1])) as stranger:
+        assert stranger.get(f"{base}/files").status_code == 404
+        assert stranger.get(f"{base}/files/download", params={"path": "out/result 1.txt"}).status_code == 404
+        assert stranger.get(f"/ui/projects/{project_id}/images").status_code == 404

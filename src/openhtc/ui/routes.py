@@ -30,7 +30,7 @@ from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, Valid
 from openhtc.services import overview
 from openhtc.services.container import Services
 from openhtc.services.explain import explain_job
-from openhtc.ui import charts, session
+from openhtc.ui import charts, session, storage_pages
 
 UI_PREFIX = "/ui"
 TASK = "/projects/{project_id}/tasks/{task_id}"
@@ -128,6 +128,8 @@ def create_router() -> APIRouter:
         self_url = request.url.path + (f"?{query}" if query else "")
         body = env.get_template(name).render(self_url=self_url, **ctx)
         return HTMLResponse(body, status_code=code, headers=HEADERS)
+
+    storage_pages.add_routes(router, render)
 
     @router.get("", include_in_schema=False)
     async def root() -> Response:
