@@ -381,8 +381,12 @@ def test_in_a_real_browser_a_job_log_arrives_a_group_is_cancelled_and_a_phone_se
     name = f"sweep-{uuid.uuid4().hex[:8]}"
     project_id = api.create_project(name)["projectId"]
     task_id = api.create_task(project_id)["taskId"]
-    ticking = "for i in 1 2 3 4 5 6 7 8; do echo tick-$i; sleep 0.4; done"
+    flag = tmp_path / "go"  # the job prints its last line once the test has seen the first one
+    ticking = f"echo tick-1; for i in $(seq 600); do [ -e {flag} ] && break; sleep 0.1; done; echo tick-8"
     talker = api.submit_one(project_id, task_id, api.job_request(["sh", "-c", ticking]), group="talker")
+    api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=12), group="sweep")
+    broken = api.job_request(["sh", "-c", "exit 3"], batch_size=2, max_retries=0)
+    api.submit_one(project_id, task_id, broken, group="broken")
     api.submit_one(project_id, task_id, api.job_request(["sleep", "120"], batch_size=3), group="hold")
     other = module_server.cli(
         "admin", "create-workspace", f"w-{uuid.uuid4().hex[:6]}", "--admin-email", "b@x.org"
@@ -409,6 +413,8 @@ def test_in_a_real_browser_a_job_log_arrives_a_group_is_cancelled_and_a_phone_se
         _navigate(browser, job_url)
         browser.js("window.notReloaded = true")
         browser.wait_for("document.querySelector('.log').innerText.includes('tick-1')", "the first log line")
+        assert "tick-8" not in browser.js("document.querySelector('.log').innerText")
+        flag.touch()
         browser.wait_for("document.querySelector('.log').innerText.includes('tick-8')", "the last log line")
         assert browser.js("window.notReloaded") is True
         _screenshot(browser, tmp_path, "dashboard-job.png")
@@ -423,10 +429,10 @@ def test_in_a_real_browser_a_job_log_arrives_a_group_is_cancelled_and_a_phone_se
         browser.wait_for("!!document.querySelector('form button.danger')", "the confirmation form")
         browser.js("document.querySelector('form button.danger').click()")
         browser.wait_for(f"location.href === {json.dumps(base)}", "back on the task page")
-        browser.wait_for("document.body.innerText.includes('FAILED 3')", "the cancelled group's counts")
-        assert api.summary(project_id, task_id).get("FAILED") == 3
+        browser.wait_for("document.body.innerText.includes('FAILED 5')", "the cancelled group's counts")
+        assert api.summary(project_id, task_id).get("FAILED") == 5
         statuses = {j["group"]: j["status"] for j in api.jobs(project_id, task_id)}
-        assert statuses == {"talker": "SUCCEEDED", "hold": "FAILED"}
+        assert statuses == {"talker": "SUCCEEDED", "sweep": "SUCCEEDED", "hold": "FAILED", "broken": "FAILED"}
         _screenshot(browser, tmp_path, "dashboard-task.png")
         _navigate(browser, f"{ui}/")
         browser.wait_for("!!document.querySelector('.chart svg')", "the throughput chart")
