@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from tests.test_dashboard import sign_in
 
-from openhtc.store.tables import jobs
+from openhtc.domain.enums import JobStatus
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 from openhtc.testing.server import htc_command
 
@@ -142,21 +142,20 @@ def test_the_failure_code_filter_reads_an_index_on_both_databases(tmp_path: Path
         project = harness.create_project()
         task = harness.create_task(project)
         harness.submit(project, task, harness.job_request(50))
-        stmt = (
-            jobs.select()
-            .where(jobs.c.task_id == task.id, jobs.c.id > 0)
-            .where(jobs.c.failure_code == "ErrorTimeout", jobs.c.failure_code.is_not(None))
-            .order_by(jobs.c.id)
-            .limit(51)
-        )
-        with services.db.read() as conn:
-            sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
-            if services.db.is_sqlite:
-                plan = " ".join(str(r) for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
-            else:
-                conn.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table: ask for the index
-                plan = " ".join(r[0] for r in conn.execute(text("EXPLAIN " + sql)))
-        assert "ix_jobs_task_failure" in plan, plan
+
+        def plan(**filters: Any) -> str:
+            with services.db.read() as conn:
+                stmt = services.jobs.list_statement(conn, task.id, 0, 51, **filters)
+                sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+                if services.db.is_sqlite:
+                    return " ".join(str(r) for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+                conn.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table: ask for an index
+                return " ".join(r[0] for r in conn.execute(text("EXPLAIN " + sql)))
+
+        assert "ix_jobs_task_failure" in plan(failure_code="ErrorTimeout")
+        # a status few jobs of the project are in: its range of the queue index, not a walk of the task
+        assert "ix_jobs_queue" in plan(status=JobStatus.FAILED)
+        assert "ix_jobs_task_group" in plan(group="g")
 
 
 @pytest.mark.one_db
