@@ -210,6 +210,7 @@ def test_pages_show_the_projects_tasks_jobs_and_logs_made_through_the_api(
         # an htmx poll gets the live part only: the counts, without the page around them
         live = client.get(base, headers={"HX-Request": "true"})
         assert "SUCCEEDED 2" in live.text and "<html" not in live.text
+        assert f'href="{base}/jobs?group=good"' in live.text  # its links still lead to the groups
         failed = client.get(f"{base}/jobs", params={"status": "FAILED"})
         assert failed.status_code == 200
         assert failed.text.count(f"{base}/jobs/") == 1 and ">3<" in failed.text  # its exit code

@@ -85,12 +85,15 @@ def executor_views(svc: Services, admin: bool = False) -> list[ExecutorView]:
     with svc.db.read() as conn:
         rows: list[Any] = list(conn.execute(select(executors).order_by(executors.c.id)))
         held: dict[str, int] = {}
-        if admin:  # the partial index ix_jobs_executor: only jobs an executor holds
+        if admin and rows:
+            # Ranges of ix_jobs_executor (executor, status), one per executor and active status:
+            # a job keeps its executor id once done, so the index holds every job ever run.
             stmt = (
                 select(jobs.c.executor_id, func.count())
                 .where(
                     and_(
-                        jobs.c.executor_id.is_not(None), jobs.c.status.in_([int(s) for s in ACTIVE_STATUSES])
+                        jobs.c.executor_id.in_([r.id for r in rows]),
+                        jobs.c.status.in_([int(s) for s in ACTIVE_STATUSES]),
                     )
                 )
                 .group_by(jobs.c.executor_id)

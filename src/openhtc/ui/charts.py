@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from markupsafe import Markup
+
+from openhtc.domain.enums import STATUS_NAMES
+
 WIDTH, HEIGHT = 600, 120  # the viewBox; the SVG scales to its container
 
 
@@ -46,3 +50,25 @@ def per_minute(succeeded: list[int], failed: list[int]) -> Chart:
             y = HEIGHT - (ok + fail) * scale
             rects.append(Rect(x, y, step - 1, fail * scale, "fail", f"{when}: {fail} failed"))
     return Chart(rects, peak, sum(succeeded), sum(failed))
+
+
+def status_bar(counts: dict[str, int]) -> Markup:
+    """A bar of a set of jobs by status, with the counts in its label. Built here rather than in
+    a template loop: every poll of a task page draws one per group (50), and a Jinja loop made
+    that the page's main cost."""
+    total = sum(counts.values())
+    label = ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUS_NAMES)
+    segments = "".join(
+        f'<span class="seg s-{s}" style="width: {100 * n / total:.3f}%" title="{s}: {n}"></span>'
+        for s in STATUS_NAMES
+        if (n := counts.get(s, 0))
+    )
+    return Markup(f'<div class="bar" role="img" aria-label="{label}">{segments}</div>')
+
+
+def status_counts(counts: dict[str, int]) -> Markup:
+    """The non-zero counts by status, as text beside a bar."""
+    parts = " ".join(
+        f'<span class="count c-{s}">{s} {n}</span>' for s in STATUS_NAMES if (n := counts.get(s, 0))
+    )
+    return Markup(f'<span class="counts">{parts or "no jobs"}</span>')

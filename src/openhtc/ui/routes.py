@@ -110,7 +110,14 @@ def templates() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(prefix=UI_PREFIX, version=__version__, iso=iso, statuses=STATUS_NAMES)
+    env.globals.update(
+        prefix=UI_PREFIX,
+        version=__version__,
+        iso=iso,
+        statuses=STATUS_NAMES,
+        status_bar=charts.status_bar,
+        status_counts=charts.status_counts,
+    )
     return env
 
 
