@@ -183,3 +183,26 @@ def test_a_tasks_files_are_listed_and_downloaded_and_only_for_who_may_read_them(
         assert stranger.get(f"{base}/files").status_code == 404
         assert stranger.get(f"{base}/files/download", params={"path": "out/result 1.txt"}).status_code == 404
         assert stranger.get(f"/ui/projects/{project_id}/images").status_code == 404
+
+
+@pytest.mark.one_db
+def test_a_polled_fragment_is_shared_only_with_the_same_workspace_and_role(
+    module_server: Any, api: Any
+) -> None:
+    """Polls are answered from a one-second cache; another workspace or role never gets its entry."""
+    project_id, task_id = api.project_and_task()
+    base = f"/ui/projects/{project_id}/tasks/{task_id}"
+    poll = {"HX-Request": "true"}
+    other = module_server.cli(
+        "admin", "create-workspace", f"w-{uuid.uuid4().hex[:6]}", "--admin-email", "c@x.org"
+    )
+    with (
+        closing(sign_in(module_server)) as admin,
+        closing(sign_in(module_server, other.stdout.split()[-1])) as stranger,
+        closing(sign_in(module_server, member_key(module_server))) as member,
+    ):
+        assert "All jobs" in admin.get(base, headers=poll).text
+        assert stranger.get(base, headers=poll).status_code == 404
+        assert "Leases held" in admin.get("/ui/executors", headers=poll).text
+        assert "Leases held</th>" not in member.get("/ui/executors", headers=poll).text
+        assert "Leases held" in admin.get("/ui/executors", headers=poll).text

@@ -11,12 +11,14 @@ from importlib.resources import files
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from openhtc.ui.livecache import LiveCache
 from openhtc.ui.routes import UI_PREFIX, create_router, templates
 
 
 def install(app: FastAPI) -> None:
     """Mount the dashboard's pages and static files on ``app``."""
     app.state.ui_templates = templates()
+    app.state.ui_live_cache = LiveCache()
     app.include_router(create_router())
     static = files("openhtc.ui").joinpath("static")
     app.mount(f"{UI_PREFIX}/static", StaticFiles(directory=str(static)), name="ui-static")

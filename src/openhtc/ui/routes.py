@@ -24,6 +24,7 @@ from openhtc.api.pagination import decode_cursor, encode_cursor, first
 from openhtc.api.routes import tasks as task_routes
 from openhtc.api.routes.auth import principal_for_api_key
 from openhtc.auth.permissions import require_user
+from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, FailureCode, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
@@ -31,6 +32,7 @@ from openhtc.services import overview
 from openhtc.services.container import Services
 from openhtc.services.explain import explain_job
 from openhtc.ui import charts, session, storage_pages
+from openhtc.ui.livecache import LiveCache
 
 UI_PREFIX = "/ui"
 TASK = "/projects/{project_id}/tasks/{task_id}"
@@ -129,12 +131,25 @@ def create_router() -> APIRouter:
         token = request.cookies.get(session.SESSION_COOKIE, "")
         svc = app_services(request)
         ctx.setdefault("csrf", session.csrf_token(svc, token) if token else "")
-        if request.headers.get("hx-request") and name in LIVE:
-            name = LIVE[name]  # a poll: only the page's live part
         query = request.url.query
         self_url = request.url.path + (f"?{query}" if query else "")
+        live = bool(request.headers.get("hx-request")) and name in LIVE and code == 200
+        if live:
+            name = LIVE[name]  # a poll: only the page's live part (no forms, so no CSRF token)
         body = env.get_template(name).render(self_url=self_url, **ctx)
+        if live and "who" in ctx:
+            request.app.state.ui_live_cache.put(LiveCache.key(ctx["who"], self_url), body)
         return HTMLResponse(body, status_code=code, headers=HEADERS)
+
+    def cached(request: Request, who: Principal) -> Response | None:
+        """A poll's fragment rendered for the same audience within the last second."""
+        if not request.headers.get("hx-request"):
+            return None
+        query = request.url.query
+        body = request.app.state.ui_live_cache.get(
+            LiveCache.key(who, request.url.path + (f"?{query}" if query else ""))
+        )
+        return HTMLResponse(body, headers=HEADERS) if body is not None else None
 
     storage_pages.add_routes(router, render)
 
@@ -188,6 +203,8 @@ def create_router() -> APIRouter:
     def overview_page(request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        if (hit := cached(request, who)) is not None:
+            return hit
         view = overview.snapshot(svc, who, PAGE)
         return render(
             request,
@@ -202,6 +219,8 @@ def create_router() -> APIRouter:
         svc = app_services(request)
         who = session.viewer(svc, request)
         require_user(who, "list executors")
+        if (hit := cached(request, who)) is not None:
+            return hit
         admin = overview.is_admin(who)
         return render(
             request, "executors.html", who=who, admin=admin, executors=overview.executor_views(svc, admin)
@@ -211,6 +230,8 @@ def create_router() -> APIRouter:
     def project_page(project_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        if (hit := cached(request, who)) is not None:
+            return hit
         project = project_for(svc, who, project_id)
         cursor = decode_cursor(request, "pair")
         rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
@@ -233,6 +254,8 @@ def create_router() -> APIRouter:
     def task_page(project_id: str, task_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        if (hit := cached(request, who)) is not None:
+            return hit
         project, task = task_for(svc, who, project_id, task_id)
         after = decode_cursor(request, "str")
         with svc.db.read() as conn:
