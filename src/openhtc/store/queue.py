@@ -153,7 +153,7 @@ class QueueStore:
     ) -> tuple[int, int]:
         """Jobs of the project before ``job_id`` in its queue (priority, then id), and those of a
         higher priority: ranges of ix_jobs_queue, each counted up to ``cap + 1``."""
-        sql = self.db.sql(
+        sql = (
             "SELECT COUNT(*) FROM (SELECT 1 FROM jobs"
             " WHERE status = ? AND project_id = ? AND {} LIMIT ?) AS t"
         )
@@ -164,7 +164,7 @@ class QueueStore:
                 ("(priority < ? OR (priority = ? AND id < ?))", (priority, priority, job_id)),
                 ("priority < ?", (priority,)),
             ):
-                cur.execute(sql.format(cond), (int(status), project_id, *extra, cap + 1))
+                cur.execute(self.db.sql(sql.format(cond)), (int(status), project_id, *extra, cap + 1))
                 counts.append(int(cur.fetchone()[0]))
         return counts[0], counts[1]
 
