@@ -114,7 +114,8 @@ test-unit: install
 # The benchmark smoke run, once bench/__main__.py exists.
 bench-smoke: install
 	@if [ -f bench/__main__.py ]; then \
-	    echo "$(PY) -m bench --smoke"; $(PY) -m bench --smoke; \
+	    echo "$(PY) -m bench --smoke"; $(PY) -m bench --smoke && \
+	    echo "$(PY) -m bench.dashboards --smoke"; $(PY) -m bench.dashboards --smoke; \
 	else \
 	    echo "bench-smoke: bench/__main__.py does not exist yet; nothing to run"; \
 	fi

@@ -3,7 +3,8 @@
 # local executor, bubblewrap runtime): start `htc server`, log in with its admin key, create a
 # project, build a small busybox image offline and push it to the project's registry with
 # `htc image push`, submit the parameter sweep in examples/pi-sweep.yaml with a progress bar,
-# show every job's result and the combined answer, and stop the server.
+# show every job's result and the combined answer, print the dashboard's URL and how to sign in
+# (an interactive run keeps the server up until Enter), and stop the server.
 #
 #   make demo                  # installs into .venv, then runs this script
 #   make demo PORT=8090        # another port (default 8080; a free one if 8080 is taken)
@@ -11,7 +12,8 @@
 #
 # Environment: PORT, DATA_DIR (default .htc-demo; an earlier demo's is wiped at start, and it is
 # kept afterwards for a look at server.log), HTC (the htc executable), PY (a python with
-# openhtc installed), SWEEP (the job file, default examples/pi-sweep.yaml).
+# openhtc installed), SWEEP (the job file, default examples/pi-sweep.yaml), KEEP_SERVER (1: wait
+# for Enter before stopping the server even without a terminal; 0: never wait).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -176,6 +178,18 @@ printf '%s' "$RESULTS" | awk '
         printf "%d jobs, %d samples: pi ~ %.6f (off by %.6f)\n", jobs, samples, pi, err
     }'
 
+step "The dashboard"
+echo "Open $URL/ui/ and sign in with the demo's admin API key:"
+echo "  $OPENHTC_API_KEY   (also in $DATA_DIR/admin-api-key)"
+echo "The project \"pi demo\" and its task pi-sweep are there: the jobs, their logs, the charts."
+echo "In a terminal: $HTC top --url $URL --api-key \$(cat $DATA_DIR/admin-api-key)"
+
+# An interactive run keeps the server up for a look at the dashboard; a scripted one (stdin
+# not a terminal, or KEEP_SERVER=0) stops it now.
+if [ "${KEEP_SERVER:-}" != 0 ] && { [ "${KEEP_SERVER:-}" = 1 ] || [ -t 0 ]; }; then
+    step "The server keeps running: press Enter (or Ctrl-C) to stop it"
+    read -r _ || true
+fi
 step "Done"
 echo "The server stops now; its data stays in $DATA_DIR/ until the next \`make demo\`."
 echo "To keep one running: $HTC server   (README.md and docs/quickstart-cli.md tell the rest);"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -209,6 +210,7 @@ def test_pages_show_the_projects_tasks_jobs_and_logs_made_through_the_api(
         # an htmx poll gets the live part only: the counts, without the page around them
         live = client.get(base, headers={"HX-Request": "true"})
         assert "SUCCEEDED 2" in live.text and "<html" not in live.text
+        assert f'href="{base}/jobs?group=good"' in live.text  # its links still lead to the groups
         failed = client.get(f"{base}/jobs", params={"status": "FAILED"})
         assert failed.status_code == 200
         assert failed.text.count(f"{base}/jobs/") == 1 and ">3<" in failed.text  # its exit code
@@ -347,3 +349,107 @@ def test_in_a_real_browser_the_overview_counts_move_without_reloading(
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert 'id="api_key"' in dom and name not in dom
+
+
+def _navigate(browser: Chromium, url: str) -> None:
+    browser.js("window.notReloaded = undefined")
+    browser.call("Page.navigate", url=url)
+    browser.wait_for(
+        f"location.href === {json.dumps(url)} && document.readyState === 'complete'", f"{url} to load"
+    )
+
+
+def _screenshot(browser: Chromium, tmp_path: Path, name: str) -> None:
+    """Into tmp_path; also into OPENHTC_UI_SCREENSHOTS when set (how docs/img/ is refreshed)."""
+    data = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / name).write_bytes(data)
+    target = os.environ.get("OPENHTC_UI_SCREENSHOTS")
+    if target:
+        (Path(target) / name).write_bytes(data)
+
+
+UNLABELLED = (
+    "[...document.querySelectorAll('input:not([type=hidden]), select')]"
+    ".filter(e => !e.labels.length && !e.getAttribute('aria-label')).length"
+)
+
+
+@pytest.mark.one_db
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make containers installs it)")
+def test_in_a_real_browser_a_job_log_arrives_a_group_is_cancelled_and_a_phone_sees_it_all(
+    module_server: Any, api: Any, tmp_path: Path
+) -> None:
+    name = f"sweep-{uuid.uuid4().hex[:8]}"
+    project_id = api.create_project(name)["projectId"]
+    task_id = api.create_task(project_id)["taskId"]
+    flag = tmp_path / "go"  # the job prints its last line once the test has seen the first one
+    ticking = f"echo tick-1; for i in $(seq 600); do [ -e {flag} ] && break; sleep 0.1; done; echo tick-8"
+    talker = api.submit_one(project_id, task_id, api.job_request(["sh", "-c", ticking]), group="talker")
+    api.submit_one(project_id, task_id, api.job_request(["true"], batch_size=12), group="sweep")
+    broken = api.job_request(["sh", "-c", "exit 3"], batch_size=2, max_retries=0)
+    api.submit_one(project_id, task_id, broken, group="broken")
+    api.submit_one(project_id, task_id, api.job_request(["sleep", "120"], batch_size=3), group="hold")
+    other = module_server.cli(
+        "admin", "create-workspace", f"w-{uuid.uuid4().hex[:6]}", "--admin-email", "b@x.org"
+    )
+    other_api = module_server.api(module_server.token(other.stdout.split()[-1]))
+    foreign = other_api.create_project(f"foreign-{uuid.uuid4().hex[:6]}")["projectId"]
+    ui = f"{module_server.url}/ui"
+    base = f"{ui}/projects/{project_id}/tasks/{task_id}"
+    browser = Chromium(tmp_path / "profile", free_port())
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{ui}/")
+        browser.wait_for(
+            "document.readyState === 'complete' && !!document.getElementById('api_key')", "sign-in"
+        )
+        assert browser.js(UNLABELLED) == 0
+        browser.js(
+            f"document.getElementById('api_key').value = {json.dumps(module_server.api_key)};"
+            "document.querySelector('form').submit()"
+        )
+        browser.wait_for(f"document.body.innerText.includes({json.dumps(name)})", "the overview")
+        # the job's log lines arrive while it runs, without reloading the page
+        job_url = f"{base}/jobs/{talker['parentJobId']}:0"
+        _navigate(browser, job_url)
+        browser.js("window.notReloaded = true")
+        browser.wait_for("document.querySelector('.log').innerText.includes('tick-1')", "the first log line")
+        assert "tick-8" not in browser.js("document.querySelector('.log').innerText")
+        flag.touch()
+        browser.wait_for("document.querySelector('.log').innerText.includes('tick-8')", "the last log line")
+        assert browser.js("window.notReloaded") is True
+        _screenshot(browser, tmp_path, "dashboard-job.png")
+        # cancel the group "hold" through the task page's link and its confirmation form
+        _navigate(browser, base)
+        assert browser.js(UNLABELLED) == 0
+        browser.js(
+            "[...document.querySelectorAll('a')]"
+            ".find(a => a.href.includes('confirm/cancel?group=hold')).click()"
+        )
+        browser.wait_for("location.pathname.endsWith('/confirm/cancel')", "the confirmation page")
+        browser.wait_for("!!document.querySelector('form button.danger')", "the confirmation form")
+        browser.js("document.querySelector('form button.danger').click()")
+        browser.wait_for(f"location.href === {json.dumps(base)}", "back on the task page")
+        browser.wait_for("document.body.innerText.includes('FAILED 5')", "the cancelled group's counts")
+        assert api.summary(project_id, task_id).get("FAILED") == 5
+        statuses = {j["group"]: j["status"] for j in api.jobs(project_id, task_id)}
+        assert statuses == {"talker": "SUCCEEDED", "sweep": "SUCCEEDED", "hold": "FAILED", "broken": "FAILED"}
+        _screenshot(browser, tmp_path, "dashboard-task.png")
+        _navigate(browser, f"{ui}/")
+        browser.wait_for("!!document.querySelector('.chart svg')", "the throughput chart")
+        _screenshot(browser, tmp_path, "dashboard-overview.png")
+        # another workspace's project: the same 404 page as the API's answer
+        _navigate(browser, f"{ui}/projects/{foreign}")
+        assert browser.js("document.title").startswith("404")
+        # a phone: the pages fit the narrow viewport (tables scroll inside their box)
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2, mobile=True
+        )
+        for url in (f"{ui}/", base, job_url, f"{base}/jobs"):
+            _navigate(browser, url)
+            overflow = browser.js("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, (url, overflow)
+        _navigate(browser, f"{ui}/")
+        _screenshot(browser, tmp_path, "dashboard-phone.png")
+    finally:
+        browser.close()

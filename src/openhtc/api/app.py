@@ -15,7 +15,19 @@ from openhtc import __version__
 from openhtc.api import errors
 from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
-from openhtc.api.routes import auth, jobs, live, projects, registry, storage, system, tasks, workspace
+from openhtc.api.routes import (
+    auth,
+    explain,
+    jobs,
+    live,
+    overview,
+    projects,
+    registry,
+    storage,
+    system,
+    tasks,
+    workspace,
+)
 from openhtc.metrics.http import HttpMetrics
 from openhtc.services.container import Services
 from openhtc.ui import install as install_ui
@@ -37,6 +49,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system, live):
+        app.include_router(module.router)
+    for module in (explain, overview):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
     install_ui(app)  # the dashboard, under /ui/
     app.add_middleware(RequestGuard, limits=services.limits)

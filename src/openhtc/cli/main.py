@@ -33,6 +33,7 @@ from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_
 from openhtc.cli.server import register
 from openhtc.cli.storage import app as storage_app
 from openhtc.cli.submit import submit
+from openhtc.cli.top import register as register_top
 from openhtc.client import (
     DEFAULT_URL,
     JOB_STATUSES,
@@ -501,6 +502,7 @@ def summary(
 
 
 register(app)
+register_top(app)
 
 
 def main() -> None:

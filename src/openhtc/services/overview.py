@@ -1,7 +1,8 @@
-"""Read models for the dashboard's overview: job counts per project and the executors.
+"""Read models for the dashboard's overview and ``htc top``: job counts per project, the last
+hour's throughput and queue waits, and the executors.
 
 Read from the same counters the task summaries and /htc/metrics use (O(projects x statuses),
-never a scan of the jobs).
+never a scan of the jobs), and from the in-memory hour the store keeps (domain/throughput.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
-from openhtc.domain.enums import LIMITED_STATUSES, JobStatus
+from openhtc.auth.tokens import Principal
+from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus, Role
+from openhtc.domain.throughput import Hour
 from openhtc.scheduler.policy import effective_limit
 from openhtc.services.container import Services
-from openhtc.store.tables import executors, job_counters, projects
+from openhtc.store.tables import executors, job_counters, jobs, projects
 
 _LIMITED = {int(s) for s in LIMITED_STATUSES}
 
@@ -52,6 +55,11 @@ def project_limit(svc: Services, project_id: str) -> int | None:
     return effective_limit(row.vcpus for row in svc.projects.limits(project_id))
 
 
+def hour(svc: Services, project_ids: list[str]) -> Hour:
+    """Completions and failures per minute over the last hour, and queue wait p50/p95."""
+    return svc.queue.throughput.hour(svc.clock.now(), project_ids)
+
+
 @dataclass(frozen=True)
 class ExecutorView:
     id: str
@@ -61,13 +69,36 @@ class ExecutorView:
     memory_mb: int
     last_heartbeat: float
     online: bool
+    # Only for workspace admins (None otherwise): jobs it holds, and its current incarnation
+    # (a new one each time the executor process starts).
+    leases: int | None = None
+    incarnation: str | None = None
 
 
-def executor_views(svc: Services) -> list[ExecutorView]:
-    """The executors that registered, online while their heartbeat is within the lease."""
+def executor_views(svc: Services, admin: bool = False) -> list[ExecutorView]:
+    """The executors that registered, online while their heartbeat is within the lease.
+
+    Everyone sees where executors run and what they offer (what the dimensions route tells any
+    user); admins also see the leases each holds, which count other workspaces' jobs too.
+    """
     now = svc.clock.now()
     with svc.db.read() as conn:
         rows: list[Any] = list(conn.execute(select(executors).order_by(executors.c.id)))
+        held: dict[str, int] = {}
+        if admin and rows:
+            # Ranges of ix_jobs_executor (executor, status), one per executor and active status:
+            # a job keeps its executor id once done, so the index holds every job ever run.
+            stmt = (
+                select(jobs.c.executor_id, func.count())
+                .where(
+                    and_(
+                        jobs.c.executor_id.in_([r.id for r in rows]),
+                        jobs.c.status.in_([int(s) for s in ACTIVE_STATUSES]),
+                    )
+                )
+                .group_by(jobs.c.executor_id)
+            )
+            held = {row[0]: int(row[1]) for row in conn.execute(stmt)}
     return [
         ExecutorView(
             r.id,
@@ -77,6 +108,59 @@ def executor_views(svc: Services) -> list[ExecutorView]:
             int(r.memory_mb),
             float(r.last_heartbeat),
             now - r.last_heartbeat <= svc.settings.lease_seconds,
+            held.get(r.id, 0) if admin else None,
+            r.incarnation if admin else None,
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class ProjectView:
+    id: str
+    name: str
+    counts: dict[str, int]
+    vcpus_in_use: int
+    vcpu_limit: int | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the overview page and ``htc top`` show, for one user."""
+
+    workspace_name: str
+    vcpus_in_use: int
+    workspace_limit: int | None
+    projects: list[ProjectView]
+    hour: Hour
+    executors: list[ExecutorView]
+
+
+def is_admin(who: Principal) -> bool:
+    return not who.is_job and who.role == Role.WORKSPACE_ADMIN.value
+
+
+def snapshot(svc: Services, who: Principal, max_projects: int = 50) -> Snapshot:
+    """The workspace's first ``max_projects`` projects (the throughput sums all of them)."""
+    listed = svc.projects.list_projects(who.workspace_id, None, max_projects)
+    usage = workspace_usage(svc, who.workspace_id)
+    workspace = svc.accounts.workspace(who.workspace_id)
+    projects_ = [
+        ProjectView(
+            p.id,
+            p.name,
+            usage.get(p.id, ProjectUsage()).counts,
+            usage.get(p.id, ProjectUsage()).vcpus_in_use,
+            project_limit(svc, p.id),
+        )
+        for p in listed
+    ]
+    return Snapshot(
+        workspace_name=workspace.name if workspace is not None else who.workspace_name,
+        vcpus_in_use=sum(u.vcpus_in_use for u in usage.values()),
+        workspace_limit=workspace.vcpu_limit if workspace is not None else None,
+        projects=projects_,
+        # usage holds every project of the workspace that has jobs
+        hour=hour(svc, list(usage)),
+        executors=executor_views(svc, admin=is_admin(who)),
+    )

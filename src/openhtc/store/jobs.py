@@ -41,6 +41,13 @@ _FIRST_UNFINISHED = (
     .order_by(jobs.c.idx)
     .limit(1)
 )
+_PROJECT_OF_TASK = (
+    select(job_counters.c.project_id).where(job_counters.c.task_id == bindparam("task")).limit(1)
+)
+_PROJECT_STATUS_COUNT = select(func.sum(job_counters.c.count)).where(
+    and_(job_counters.c.project_id == bindparam("project"), job_counters.c.status == bindparam("status"))
+)
+RARE = 50_000  # jobs of a project in one status, up to which a status filter reads ix_jobs_queue
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
 _INSERT_SUBMIT_EVENTS = BulkStatement.insert(
@@ -231,34 +238,95 @@ class JobStore:
         group: str | None = None,
         status: JobStatus | None = None,
         job_uuids: Sequence[str] = (),
+        failure_code: str | None = None,
     ) -> list[Any]:
-        """Jobs by id: rows, merged with the jobs whose rows are not written yet."""
+        """Jobs by id: rows, merged with the jobs whose rows are not written yet (which have no
+        failure code: a failure code filter reads rows only)."""
         # The batches first: a row written between the two reads then shows up twice, never
         # not at all, and the row wins.
-        pending = self.materializer.pending_batches(
-            conn,
-            task_id,
-            after_id,
-            None if job_uuids else limit,
-            group,
-            None if status is None else int(status),
+        pending = (
+            []
+            if failure_code is not None
+            else self.materializer.pending_batches(
+                conn,
+                task_id,
+                after_id,
+                None if job_uuids else limit,
+                group,
+                None if status is None else int(status),
+            )
         )
-        cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
-        if group is not None:
-            cond = and_(cond, jobs.c.group_name == group)
-        if status is not None:
-            cond = and_(cond, jobs.c.status == int(status))
         only: set[int] | None = None
         if job_uuids:
             only = set(self._ids_for_uuids(conn, task_id, job_uuids))
-            cond = and_(cond, jobs.c.id.in_(only))
-        rows: list[Any] = list(conn.execute(select(jobs).where(cond).order_by(jobs.c.id).limit(limit)).all())
+        stmt = self.list_statement(conn, task_id, after_id, limit, group, status, failure_code, only)
+        rows: list[Any] = list(conn.execute(stmt).all())
         if not pending:
             return rows
         seen = {row.id for row in rows}
         rows += [job for job in pending_jobs(pending, after_id, limit, only) if job.id not in seen]
         rows.sort(key=lambda row: row.id)
         return rows[:limit]
+
+    def list_statement(
+        self,
+        conn: Connection,
+        task_id: str,
+        after_id: int,
+        limit: int,
+        group: str | None = None,
+        status: JobStatus | None = None,
+        failure_code: str | None = None,
+        only: set[int] | None = None,
+    ) -> Any:
+        """The select of a page of job rows (``bench.joblist`` and a test EXPLAIN it): each filter
+        is an index range; keyset paging by id, no OFFSET, no count."""
+        cond = and_(jobs.c.task_id == task_id, jobs.c.id > after_id)
+        if group is not None:
+            cond = and_(cond, jobs.c.group_name == group)
+        if status is not None:
+            cond = and_(cond, jobs.c.status == int(status))
+        if failure_code is not None:  # ix_jobs_task_failure: only jobs that failed are in it
+            cond = and_(cond, jobs.c.failure_code == failure_code, jobs.c.failure_code.is_not(None))
+        if only is not None:
+            cond = and_(cond, jobs.c.id.in_(only))
+        stmt = select(jobs).where(cond).order_by(jobs.c.id).limit(limit)
+        if status is not None and group is None and failure_code is None and only is None:
+            rare = self._rare_status(conn, task_id, status, after_id, limit)
+            if rare is not None:
+                return rare
+        return stmt
+
+    def _rare_status(
+        self, conn: Connection, task_id: str, status: JobStatus, after_id: int, limit: int
+    ) -> Any:
+        """A status few of the project's jobs are in (FAILED, RUNNING in a task of a million jobs
+        that succeeded) is read from its range of ix_jobs_queue (status, project) and sorted,
+        instead of walking the task's ids past every job in other statuses; None: the status is
+        common (more than RARE jobs of the project), and the walk finds a page soon. The other
+        terms are written so that no index serves them (``|| ''``, ``+ 0``): both planners then
+        take the queue index, whatever their statistics say."""
+        found = conn.execute(_PROJECT_OF_TASK, {"task": task_id}).first()
+        if found is None:
+            return None
+        in_project = conn.execute(
+            _PROJECT_STATUS_COUNT, {"project": found[0], "status": int(status)}
+        ).scalar()
+        if int(in_project or 0) > RARE:
+            return None
+        return (
+            select(jobs)
+            .where(
+                and_(
+                    jobs.c.status == int(status),
+                    jobs.c.project_id == found[0],
+                    jobs.c.task_id.concat("") == task_id,
+                    jobs.c.id + 0 > after_id,
+                )
+            )
+            .order_by(jobs.c.id + 0)
+            .limit(limit)
+        )
 
     def _ids_for_uuids(self, conn: Connection, task_id: str, job_uuids: Sequence[str]) -> list[int]:
         ids = []

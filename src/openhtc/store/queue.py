@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, func, select
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity
+from openhtc.domain.throughput import Throughput
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
@@ -30,6 +31,7 @@ _ACTIVE_SQL = ",".join(str(s) for s in ACTIVE)
 class QueueStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.throughput = Throughput()  # this process's last hour, for the dashboard
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -131,6 +133,41 @@ class QueueStore:
         )
         return {row[0]: int(row[1] or 0) for row in cur.fetchall()}
 
+    # -- explaining (GET …/jobs/{j}/explain) ----------------------------------------------------
+
+    def limits_of(self, project_id: str) -> tuple[int, int | None, int, int | None]:
+        """The vCPUs the project's and its workspace's admitted jobs hold, and their limits."""
+        with self.db.read() as conn:
+            limits = load_limits(conn, [project_id])
+            workspace_id = limits.workspace_of.get(project_id, "")
+            used = self._vcpus_by_project(conn, LIMITED_STATUSES).get(project_id, 0)
+            return (
+                used,
+                policy.effective_limit(limits.by_project.get(project_id, [])),
+                self._workspace_vcpus(conn, workspace_id),
+                limits.workspace_limits.get(workspace_id),
+            )
+
+    def queue_ahead(
+        self, project_id: str, status: JobStatus, priority: int, job_id: int, cap: int
+    ) -> tuple[int, int]:
+        """Jobs of the project before ``job_id`` in its queue (priority, then id), and those of a
+        higher priority: ranges of ix_jobs_queue, each counted up to ``cap + 1``."""
+        sql = (
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs"
+            " WHERE status = ? AND project_id = ? AND {} LIMIT ?) AS t"
+        )
+        with self.db.read() as conn:
+            cur = self.db.cursor(conn)
+            counts = []
+            for cond, extra in (
+                ("(priority < ? OR (priority = ? AND id < ?))", (priority, priority, job_id)),
+                ("priority < ?", (priority,)),
+            ):
+                cur.execute(self.db.sql(sql.format(cond)), (int(status), project_id, *extra, cap + 1))
+                counts.append(int(cur.fetchone()[0]))
+        return counts[0], counts[1]
+
     # -- executors ------------------------------------------------------------------------------
 
     def executor_offers(self, heard_since: float) -> list[ExecutorOffer]:
@@ -170,7 +207,9 @@ class QueueStore:
             marked = set(may_have_started)
             for job in lost:
                 batch.recover(job, "the executor restarted", (job.id, job.attempt) in marked)
-            return batch.flush()
+            changed = batch.flush()
+        self._count(batch, now)
+        return changed
 
     def expire_leases(self, now: float) -> int:
         """Recover jobs whose executor stopped renewing its lease."""
@@ -179,7 +218,9 @@ class QueueStore:
             for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
                 batch.recover(job, "the executor stopped responding (lease expired)", None)
-            return batch.flush()
+            changed = batch.flush()
+        self._count(batch, now)
+        return changed
 
     def claim(
         self,
@@ -246,7 +287,13 @@ class QueueStore:
                 for report in by_job[job.id]:
                     batch.apply_report(job, report)
             batch.flush()
-            return batch.requeued
+        self._count(batch, now)  # once committed
+        return batch.requeued
+
+    def _count(self, batch: Batch, now: float) -> None:
+        for project in batch.ended.keys() | batch.waits.keys():
+            succeeded, failed = batch.ended.get(project, (0, 0))
+            self.throughput.record(now, project, succeeded, failed, batch.waits.get(project, ()))
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float

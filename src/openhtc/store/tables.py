@@ -205,6 +205,15 @@ jobs = Table(
     Index("ix_jobs_queue", "status", "project_id", "priority", "id"),
     Index("ix_jobs_task", "task_id", "id"),
     Index("ix_jobs_task_group", "task_id", "group_name", "id"),
+    # The dashboard's failure code filter; jobs that never failed stay out of the index.
+    Index(
+        "ix_jobs_task_failure",
+        "task_id",
+        "failure_code",
+        "id",
+        sqlite_where=text("failure_code IS NOT NULL"),
+        postgresql_where=text("failure_code IS NOT NULL"),
+    ),
     # Only jobs held by an executor are looked up by executor; queued ones stay out of the index.
     Index(
         "ix_jobs_executor",

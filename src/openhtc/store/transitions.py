@@ -28,7 +28,7 @@ _FIRST_TERMINAL = int(S.SUCCEEDED)
 _STATE_SELECT = (
     "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.executor_id, j.lease_expires_at, j.started_at,"
     " j.completed_at, j.exit_code, j.failure_code, j.status_reason, j.cancelled, j.task_id, j.group_name,"
-    " j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region, b.max_retries"
+    " j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region, b.max_retries, j.created_at"
     " FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE "
 )
 _JOB_COLUMNS = (
@@ -114,6 +114,7 @@ class JobState:
     idx: int
     region: str
     max_retries: int
+    created_at: float
     loaded_status: int = 0
     loaded_attempt: int = 0
     dirty: bool = False
@@ -130,6 +131,10 @@ class Batch:
         self.states: list[JobState] = []
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
         self._events: list[tuple[Any, ...]] = []
+        # For the dashboard's throughput (domain/throughput.py), by project: jobs that ended
+        # (succeeded, failed; cancelled ones not counted) and queue waits of attempts that started.
+        self.ended: dict[str, list[int]] = {}
+        self.waits: dict[str, list[float]] = {}
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -241,6 +246,7 @@ class Batch:
         self.move(job, status, report.at, report.reason, report.exit_code)
         if status == S.RUNNING:
             job.started_at = report.at
+            self.waits.setdefault(job.project_id, []).append(report.at - job.created_at)
         elif status == S.SUCCEEDED:
             job.exit_code = report.exit_code
             job.failure_code = None
@@ -298,6 +304,9 @@ class Batch:
                 old[1] -= s.vcpus
                 new[0] += 1
                 new[1] += s.vcpus
+                if s.status >= _FIRST_TERMINAL and not s.cancelled:
+                    ended = self.ended.setdefault(s.project_id, [0, 0])
+                    ended[s.status != S.SUCCEEDED] += 1
         bump_counters(self.db, self.conn, deltas)
         n = len(changed)
         for s in changed:

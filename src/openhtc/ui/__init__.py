@@ -12,12 +12,14 @@ from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
 from openhtc.ui.live import create_live_router
+from openhtc.ui.livecache import LiveCache
 from openhtc.ui.routes import UI_PREFIX, create_router, templates
 
 
 def install(app: FastAPI) -> None:
     """Mount the dashboard's pages and static files on ``app``."""
     app.state.ui_templates = templates()
+    app.state.ui_live_cache = LiveCache()
     app.include_router(create_router())
     app.include_router(create_live_router())  # the job page's live log (ui/live.py)
     static = files("openhtc.ui").joinpath("static")

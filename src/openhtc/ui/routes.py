@@ -24,13 +24,16 @@ from openhtc.api.pagination import decode_cursor, encode_cursor, first
 from openhtc.api.routes import tasks as task_routes
 from openhtc.api.routes.auth import principal_for_api_key
 from openhtc.auth.permissions import require_user
+from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
-from openhtc.domain.enums import STATUS_NAMES, JobStatus
+from openhtc.domain.enums import STATUS_NAMES, FailureCode, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
 from openhtc.services import overview
 from openhtc.services.container import Services
+from openhtc.services.explain import explain_job
 from openhtc.services.tasks import cancel_jobs
-from openhtc.ui import session
+from openhtc.ui import charts, session, storage_pages
+from openhtc.ui.livecache import LiveCache
 
 UI_PREFIX = "/ui"
 TASK = "/projects/{project_id}/tasks/{task_id}"
@@ -45,7 +48,8 @@ HEADERS = {
         "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'"
     ),
 }
-LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html")}
+LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html", "executors.html")}
+FAILURE_CODES = tuple(c.value for c in FailureCode)
 ACTIONS = {"archive": "Archive", "unarchive": "Unarchive", "delete": "Delete", "cancel": "Cancel"}
 
 
@@ -83,6 +87,13 @@ def _status_filter(request: Request) -> str | None:
     return value
 
 
+def _failure_filter(request: Request) -> str | None:
+    value = first(request, "failureCode") or None
+    if value is not None and value not in FAILURE_CODES:
+        raise ValidationFailed(f"failureCode must be one of {', '.join(FAILURE_CODES)}", field="failureCode")
+    return value
+
+
 def _log_cursor(raw: str | None, attempts: int) -> tuple[int, int] | None:
     """The log poll's cursor, ``attempt.offset`` (the position the logs route's cursor holds)."""
     if not raw:
@@ -102,7 +113,14 @@ def templates() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(prefix=UI_PREFIX, version=__version__, iso=iso, statuses=STATUS_NAMES)
+    env.globals.update(
+        prefix=UI_PREFIX,
+        version=__version__,
+        iso=iso,
+        statuses=STATUS_NAMES,
+        status_bar=charts.status_bar,
+        status_counts=charts.status_counts,
+    )
     return env
 
 
@@ -114,12 +132,27 @@ def create_router() -> APIRouter:
         token = request.cookies.get(session.SESSION_COOKIE, "")
         svc = app_services(request)
         ctx.setdefault("csrf", session.csrf_token(svc, token) if token else "")
-        if request.headers.get("hx-request") and name in LIVE:
-            name = LIVE[name]  # a poll: only the page's live part
         query = request.url.query
         self_url = request.url.path + (f"?{query}" if query else "")
+        live = bool(request.headers.get("hx-request")) and name in LIVE and code == 200
+        if live:
+            name = LIVE[name]  # a poll: only the page's live part (no forms, so no CSRF token)
         body = env.get_template(name).render(self_url=self_url, **ctx)
+        if live and "who" in ctx:
+            request.app.state.ui_live_cache.put(LiveCache.key(ctx["who"], self_url), body)
         return HTMLResponse(body, status_code=code, headers=HEADERS)
+
+    def cached(request: Request, who: Principal) -> Response | None:
+        """A poll's fragment rendered for the same audience within the last second."""
+        if not request.headers.get("hx-request"):
+            return None
+        query = request.url.query
+        body = request.app.state.ui_live_cache.get(
+            LiveCache.key(who, request.url.path + (f"?{query}" if query else ""))
+        )
+        return HTMLResponse(body, headers=HEADERS) if body is not None else None
+
+    storage_pages.add_routes(router, render)
 
     @router.get("", include_in_schema=False)
     async def root() -> Response:
@@ -171,26 +204,35 @@ def create_router() -> APIRouter:
     def overview_page(request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
-        projects = svc.projects.list_projects(who.workspace_id, None, PAGE)
-        usage = overview.workspace_usage(svc, who.workspace_id)
-        rows = [
-            (p, usage.get(p.id, overview.ProjectUsage()), overview.project_limit(svc, p.id)) for p in projects
-        ]
-        workspace = svc.accounts.workspace(who.workspace_id)
+        if (hit := cached(request, who)) is not None:
+            return hit
+        view = overview.snapshot(svc, who, PAGE)
         return render(
             request,
             "overview.html",
             who=who,
-            rows=rows,
-            vcpus_in_use=sum(u.vcpus_in_use for u in usage.values()),
-            workspace_limit=workspace.vcpu_limit if workspace is not None else None,
-            executors=overview.executor_views(svc),
+            view=view,
+            chart=charts.per_minute(view.hour.succeeded, view.hour.failed),
+        )
+
+    @router.get("/executors")
+    def executors_page(request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        require_user(who, "list executors")
+        if (hit := cached(request, who)) is not None:
+            return hit
+        admin = overview.is_admin(who)
+        return render(
+            request, "executors.html", who=who, admin=admin, executors=overview.executor_views(svc, admin)
         )
 
     @router.get("/projects/{project_id}")
     def project_page(project_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        if (hit := cached(request, who)) is not None:
+            return hit
         project = project_for(svc, who, project_id)
         cursor = decode_cursor(request, "pair")
         rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
@@ -213,6 +255,8 @@ def create_router() -> APIRouter:
     def task_page(project_id: str, task_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        if (hit := cached(request, who)) is not None:
+            return hit
         project, task = task_for(svc, who, project_id, task_id)
         after = decode_cursor(request, "str")
         with svc.db.read() as conn:
@@ -273,6 +317,7 @@ def create_router() -> APIRouter:
         project, task = task_for(svc, who, project_id, task_id)
         status = _status_filter(request)
         group = first(request, "group") or None
+        failure = _failure_filter(request)
         after = int(decode_cursor(request, "int") or 0)
         with svc.db.read() as conn:
             rows = svc.jobs.list_jobs(
@@ -282,10 +327,11 @@ def create_router() -> APIRouter:
                 limit=PAGE + 1,
                 group=group,
                 status=JobStatus[status] if status else None,
+                failure_code=failure,
             )
             batch_rows = svc.jobs.batches_by_id(conn, {r.batch_id for r in rows[:PAGE]})
         jobs = [ser.job(r, batch_rows[r.batch_id], simple=True) for r in rows[:PAGE]]
-        query = {k: v for k, v in (("status", status), ("group", group)) if v}
+        query = {k: v for k, v in (("status", status), ("group", group), ("failureCode", failure)) if v}
         next_page = None
         if len(rows) > PAGE:
             next_page = urlencode({**query, "pageIndex": encode_cursor(rows[PAGE - 1].id)})
@@ -298,6 +344,8 @@ def create_router() -> APIRouter:
             jobs=jobs,
             status=status,
             group=group,
+            failure=failure,
+            failure_codes=FAILURE_CODES,
             next_page=next_page,
         )
 
@@ -322,6 +370,7 @@ def create_router() -> APIRouter:
             project=project,
             task=task,
             job=ser.job(job, batch),
+            reasons=explain_job(svc, job) if JobStatus(job.status) < JobStatus.RUNNABLE else [],
             events=events,
             attempts=sorted(attempts.items()),
         )
