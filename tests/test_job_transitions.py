@@ -124,7 +124,7 @@ def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(q
             db.sql("UPDATE jobs SET attempt = attempt + 1 WHERE id = ?"), (claimed[1].job_id,)
         )
         for job in jobs:
-            batch.move(job, S.STARTING, 2.0)
+            batch.report(job, AttemptReport(job.id, job.attempt, S.STARTING, 2.0))
         batch.flush()
     assert queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id") == before
     assert queue.sql("SELECT COUNT(*) FROM job_events") == events_before

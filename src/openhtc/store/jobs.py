@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select
 
+from openhtc.domain import lifecycle
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import BulkStatement, Database
@@ -78,8 +79,8 @@ class JobStore:
         """
         echoes: list[dict[str, Any]] = []
         with self.db.write() as conn:
-            admit = load_limits(conn, [task.project_id]).unlimited(task.project_id)
-            status = JobStatus.SUBMITTED_TO_PROVIDER if admit else JobStatus.SUBMITTED_TO_RESCALE
+            steps = lifecycle.submitted(admit=load_limits(conn, [task.project_id]).unlimited(task.project_id))
+            status = steps[-1]
             cur = self.db.cursor(conn)
             batch_ids: list[int] = []
             first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
@@ -151,7 +152,6 @@ class JobStore:
                 counts[1] += nb.batch_size * nb.vcpus
                 echoes.append(echo)
             bump_counters(self.db, conn, counters)
-            steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
             self.db.run_bulk(
                 cur,
                 _INSERT_SUBMIT_EVENTS,
@@ -162,7 +162,6 @@ class JobStore:
 
     def cancel(self, task_id: str, group: str | None, now: float) -> int:
         """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
-        reason = "Job cancelled by user"
         with self.db.write() as conn:
             self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
             batch = Batch(self.db, conn, now)
@@ -172,11 +171,7 @@ class JobStore:
                 where += " AND j.group_name = ?"
                 params += (group,)
             for job in batch.load(where, params):
-                batch.move(job, JobStatus.FAILED, now, reason, cancelled=True)
-                job.cancelled = True
-                job.status_reason = reason
-                job.completed_at = now
-                job.lease_expires_at = None
+                batch.cancel(job)
             cancelled = batch.flush()
             if cancelled:
                 conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))

@@ -14,7 +14,9 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
 
+from openhtc.domain import lifecycle
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
@@ -53,8 +55,7 @@ class QueueStore:
                 admitted.extend(self._admit_limited(conn, limited, limits, chunk))
             batch = Batch(self.db, conn, now)
             for job in batch.load_ids(admitted):
-                if job.status == S.SUBMITTED_TO_RESCALE:
-                    batch.move(job, S.SUBMITTED_TO_PROVIDER, now)
+                batch.admit(job)  # a job no longer held is left alone
             return batch.flush()
 
     def _admit_limited(self, conn: Connection, limited: list[str], limits: Limits, chunk: int) -> list[int]:
@@ -159,7 +160,7 @@ class QueueStore:
             lost = batch.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
             marked = set(may_have_started)
             for job in lost:
-                batch.recover(job, "the executor restarted", (job.id, job.attempt) in marked)
+                batch.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
             return batch.flush()
 
     def expire_leases(self, now: float) -> int:
@@ -168,7 +169,7 @@ class QueueStore:
             batch = Batch(self.db, conn, now)
             for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
-                batch.recover(job, "the executor stopped responding (lease expired)", None)
+                batch.lose_executor(job, "the executor stopped responding (lease expired)", None)
             return batch.flush()
 
     def claim(
@@ -212,9 +213,7 @@ class QueueStore:
             claimed = sorted(batch.load_ids(list(order)), key=lambda job: order[job.id])
             lease = now + lease_seconds
             for job in claimed:
-                job.executor_id = executor_id
-                job.lease_expires_at = lease
-                batch.move(job, S.RUNNABLE, now)
+                batch.claim(job, executor_id, lease)
             batch.flush()
             return claimed
 
@@ -231,10 +230,8 @@ class QueueStore:
         with self.db.write() as conn:
             batch = Batch(self.db, conn, now, executor_id)
             for job in batch.load_ids(list(by_job)):
-                if job.executor_id != executor_id:
-                    continue
                 for report in by_job[job.id]:
-                    batch.apply_report(job, report)
+                    batch.report(job, report)  # fenced: stale ones change nothing
             batch.flush()
             return batch.requeued
 
@@ -252,24 +249,18 @@ class QueueStore:
             if not held:
                 return []
             current = {
-                row.id: row
+                row.id: JobRecord(row.id, row.status, row.attempt, executor_id=row.executor_id)
                 for row in conn.execute(
                     select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id).where(
                         jobs.c.id.in_([job_id for job_id, _ in held])
                     )
                 )
             }
-        stop = []
-        for job_id, attempt in held:
-            row = current.get(job_id)
-            if (
-                row is None
-                or row.attempt != attempt
-                or row.executor_id != executor_id
-                or row.status not in ACTIVE
-            ):
-                stop.append((job_id, attempt))
-        return stop
+        return [
+            (job_id, attempt)
+            for job_id, attempt in held
+            if not lifecycle.still_holds(executor_id, attempt, current.get(job_id))
+        ]
 
 
 class Limits:

@@ -1,5 +1,7 @@
-"""Applies job state changes: compare-and-set row updates, events and counters in one go.
+"""Writes job state changes: compare-and-set row updates, events and counters in one go.
 
+The store decides nothing here: a :class:`Batch` loads rows under lock, asks the pure lifecycle
+(``domain/lifecycle.py``) what each input does, and writes the records and events it returns.
 Every status write in openhtc goes through a :class:`Batch` inside the caller's transaction, so
 the per (task, group, status) counters never drift from the job rows. This is the hottest code
 in the server, so it speaks plain DB-API with tuples instead of compiled SQL: ``executemany`` on
@@ -15,15 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from openhtc.domain import recovery
-from openhtc.domain.enums import FailureCode, JobStatus
+from openhtc.domain import lifecycle
 from openhtc.domain.errors import OpenHTCError
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport
-from openhtc.domain.states import TRANSITIONS, check_transition
 from openhtc.store.db import BulkStatement, Database, json_rows
-
-S = JobStatus
-_FIRST_TERMINAL = int(S.SUCCEEDED)
 
 _STATE_SELECT = (
     "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.executor_id, j.lease_expires_at, j.started_at,"
@@ -91,20 +89,10 @@ class StoreConsistencyError(OpenHTCError):
 
 @dataclass(slots=True)
 class JobState:
-    """The mutable part of a job row, loaded under lock, changed in memory, written back."""
+    """A job row loaded under lock: its lifecycle record, which only the lifecycle changes
+    (``domain/lifecycle.py``), and the fields that say where it counts and how it runs."""
 
-    id: int
-    status: int
-    attempt: int
-    failed_attempts: int
-    executor_id: str | None
-    lease_expires_at: float | None
-    started_at: float | None
-    completed_at: float | None
-    exit_code: int | None
-    failure_code: str | None
-    status_reason: str | None
-    cancelled: bool
+    rec: JobRecord
     task_id: str
     group_name: str
     project_id: str
@@ -113,14 +101,42 @@ class JobState:
     batch_id: int
     idx: int
     region: str
-    max_retries: int
-    loaded_status: int = 0
-    loaded_attempt: int = 0
+    loaded_status: int
+    loaded_attempt: int
     dirty: bool = False
+
+    @property
+    def id(self) -> int:
+        return self.rec.id
+
+    @property
+    def status(self) -> int:
+        return self.rec.status
+
+    @property
+    def attempt(self) -> int:
+        return self.rec.attempt
+
+    @property
+    def executor_id(self) -> str | None:
+        return self.rec.executor_id
+
+
+def _state(row: Sequence[Any]) -> JobState:
+    """A JobState from a row of ``_STATE_SELECT``."""
+    (id_, status, attempt, failed, executor, lease, started, completed, exit_code, code, reason, cancelled,
+     task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, max_retries) = row  # fmt: skip
+    rec = JobRecord(
+        id_, status, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code,
+        reason, bool(cancelled),
+    )  # fmt: skip
+    return JobState(
+        rec, task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, status, attempt
+    )
 
 
 class Batch:
-    """Collects state changes for many jobs and writes them with three statements."""
+    """Applies lifecycle steps to many jobs and writes them with three statements."""
 
     def __init__(self, db: Database, conn: Connection, now: float, executor_id: str | None = None) -> None:
         self.db = db
@@ -137,10 +153,7 @@ class Batch:
         """Load and (on PostgreSQL) lock the jobs matching ``where`` (columns of ``j``)."""
         cur = self.db.cursor(self.conn)
         cur.execute(self.db.sql(_STATE_SELECT + where + " ORDER BY j.id" + self.db.for_update), tuple(params))
-        states = [JobState(*row) for row in cur.fetchall()]
-        for state in states:
-            state.cancelled = bool(state.cancelled)
-            state.loaded_status, state.loaded_attempt = state.status, state.attempt
+        states = [_state(row) for row in cur.fetchall()]
         self.states.extend(states)
         return states
 
@@ -149,113 +162,39 @@ class Batch:
             return []
         return self.load(self.db.in_ids("j.id"), (self.db.ids_param(ids),))
 
-    # -- changes --------------------------------------------------------------------------------
+    # -- changes: each asks the lifecycle, then records what it returned ------------------------
 
-    def move(
-        self,
-        job: JobState,
-        status: JobStatus,
-        at: float,
-        reason: str | None = None,
-        exit_code: int | None = None,
-        cancelled: bool = False,
-    ) -> None:
-        """One step of the lifecycle, checked against the transition table and recorded as an event."""
-        if status not in TRANSITIONS[job.status]:  # type: ignore[index]
-            check_transition(job.id, S(job.status), status)  # raises with a readable message
-        job.status = int(status)
-        self._event(job, status, at, reason, exit_code, cancelled)
-
-    def _event(
-        self,
-        job: JobState,
-        status: JobStatus,
-        at: float,
-        reason: str | None,
-        exit_code: int | None,
-        cancelled: bool,
-    ) -> None:
+    def apply(self, job: JobState, step: lifecycle.Step) -> bool:
+        """Record one lifecycle step of a loaded job; returns whether it changed the job."""
+        if not step.events:
+            return False
+        job.rec = step.record
         job.dirty = True
-        self._events.append(
-            (
-                job.id,
-                job.attempt,
-                int(status),
-                at,
-                reason,
-                exit_code,
-                self.executor_id or job.executor_id,
-                cancelled,
-            )
+        if step.requeued:
+            self.requeued += 1
+        job_id, executor = job.rec.id, self.executor_id
+        self._events.extend(
+            (job_id, e.attempt, e.status, e.at, e.reason, e.exit_code, executor or e.executor_id, e.cancelled)
+            for e in step.events
         )
+        return True
 
-    def requeue(self, job: JobState, at: float, reason: str, counted: bool) -> None:
-        """Send the job back to SUBMITTED_TO_RESCALE as a new attempt."""
-        if counted:
-            job.failed_attempts += 1
-        self.requeued += 1
-        job.attempt += 1
-        job.executor_id = None
-        job.lease_expires_at = None
-        job.started_at = None
-        job.status_reason = reason
-        self.move(job, S.SUBMITTED_TO_RESCALE, at, reason)
+    def admit(self, job: JobState) -> bool:
+        return self.apply(job, lifecycle.admit(job.rec, self.now))
 
-    def fail_attempt(
-        self, job: JobState, at: float, failure_code: str, reason: str, exit_code: int | None = None
-    ) -> None:
-        """End the current attempt as failed; retry it if the retry strategy allows.
+    def claim(self, job: JobState, executor_id: str, lease_expires_at: float) -> bool:
+        return self.apply(job, lifecycle.claim(job.rec, executor_id, lease_expires_at, self.now))
 
-        A retried job records the attempt's FAILED event but moves straight on to
-        SUBMITTED_TO_RESCALE, so its status never shows FAILED while it still has attempts left.
-        """
-        check_transition(job.id, S(job.status), S.FAILED)
-        self._event(job, S.FAILED, at, reason, exit_code, False)
-        job.exit_code = exit_code
-        job.failure_code = failure_code
-        job.status_reason = reason
-        job.lease_expires_at = None
-        if job.failed_attempts < job.max_retries:
-            self.requeue(
-                job, at, f"Retrying after attempt {job.attempt} failed ({failure_code})", counted=True
-            )
-        else:
-            job.failed_attempts += 1
-            job.status = int(S.FAILED)
-            job.completed_at = at
+    def report(self, job: JobState, report: AttemptReport) -> bool:
+        """Fold one executor report into the job; stale or repeated ones change nothing (fencing)."""
+        return self.apply(job, lifecycle.report(job.rec, report, self.executor_id))
 
-    def apply_report(self, job: JobState, report: AttemptReport) -> None:
-        """Fold one executor report into the job, ignoring stale or repeated ones (fencing)."""
-        if report.attempt != job.attempt or job.status >= _FIRST_TERMINAL or job.status == report.status:
-            return
-        status = report.status
-        if status == S.FAILED:
-            self.fail_attempt(
-                job,
-                report.at,
-                report.failure_code or FailureCode.ErrorUnknownFailure.value,
-                report.reason or "",
-                report.exit_code,
-            )
-            return
-        self.move(job, status, report.at, report.reason, report.exit_code)
-        if status == S.RUNNING:
-            job.started_at = report.at
-        elif status == S.SUCCEEDED:
-            job.exit_code = report.exit_code
-            job.failure_code = None
-            job.status_reason = report.reason
-            job.completed_at = report.at
-            job.lease_expires_at = None
+    def cancel(self, job: JobState) -> bool:
+        return self.apply(job, lifecycle.cancel(job.rec, self.now))
 
-    def recover(self, job: JobState, cause: str, may_have_started: bool | None) -> None:
-        """The executor holding this job is gone: apply the recovery rule (domain/recovery.py)."""
-        outcome = recovery.recover(job.status, may_have_started)
-        why = recovery.reason(cause, outcome)
-        if outcome is recovery.Recovery.REQUEUE:
-            self.requeue(job, self.now, why, counted=False)
-        else:
-            self.fail_attempt(job, self.now, FailureCode.ErrorInfrastructureFault.value, why)
+    def lose_executor(self, job: JobState, cause: str, may_have_started: bool | None) -> bool:
+        """The executor holding this job is gone: the crash rule decides (domain/lifecycle.py)."""
+        return self.apply(job, lifecycle.lose_executor(job.rec, self.now, cause, may_have_started))
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -265,25 +204,27 @@ class Batch:
         if not changed and not self._events:
             return 0
         cur = self.db.cursor(self.conn)
+        now = self.now
         rows = [
             (
-                s.status,
-                s.attempt,
-                s.failed_attempts,
-                s.executor_id,
-                s.lease_expires_at,
-                self.now,
-                s.started_at,
-                s.completed_at,
-                s.exit_code,
-                s.failure_code,
-                s.status_reason,
-                s.cancelled,
-                s.id,
+                r.status,
+                r.attempt,
+                r.failed_attempts,
+                r.executor_id,
+                r.lease_expires_at,
+                now,
+                r.started_at,
+                r.completed_at,
+                r.exit_code,
+                r.failure_code,
+                r.status_reason,
+                r.cancelled,
+                r.id,
                 s.loaded_status,
                 s.loaded_attempt,
             )
             for s in changed
+            for r in (s.rec,)
         ]
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
@@ -291,17 +232,14 @@ class Batch:
         self.db.run_bulk(cur, _INSERT_EVENT, self._events)
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
         for s in changed:
-            if s.status != s.loaded_status:
-                old = deltas[(s.task_id, s.group_name, s.loaded_status, s.project_id)]
-                new = deltas[(s.task_id, s.group_name, s.status, s.project_id)]
-                old[0] -= 1
-                old[1] -= s.vcpus
-                new[0] += 1
-                new[1] += s.vcpus
+            for status, count, vcpus in lifecycle.counter_deltas(s.loaded_status, s.rec.status, s.vcpus):
+                delta = deltas[(s.task_id, s.group_name, status, s.project_id)]
+                delta[0] += count
+                delta[1] += vcpus
         bump_counters(self.db, self.conn, deltas)
         n = len(changed)
         for s in changed:
-            s.loaded_status, s.loaded_attempt, s.dirty = s.status, s.attempt, False
+            s.loaded_status, s.loaded_attempt, s.dirty = s.rec.status, s.rec.attempt, False
         self._events = []
         return n
 

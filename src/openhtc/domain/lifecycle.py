@@ -1,0 +1,288 @@
+"""The job lifecycle, pure: every status change a job makes, as functions of plain values.
+
+Each step takes a job's :class:`JobRecord` (the part of its row the lifecycle owns) and one input
+(a submission, an admission, a claim, an executor's report, a cancel, the loss of its executor)
+and returns a :class:`Step`: the new record and the events to write. The store loads rows under
+lock, calls these functions and writes what they return (``store/transitions.py``); nothing else
+sets a status field. The counter deltas follow from the statuses (:func:`counter_deltas`).
+
+Every move goes through :data:`EFFECTS`, a ``(from, to) -> effect`` table: a move that is not in
+it raises :class:`InvalidTransition`, and the effect says which fields the move sets. Inputs that
+do not apply (a report for an old attempt, a repeated one, one from an executor that no longer
+holds the job, anything for a job already terminal) return the record unchanged and no events:
+that is the fencing of stale attempts.
+
+The crash rule (``domain/recovery.py``, docs/architecture.md "Crash guarantee") is applied by
+:func:`lose_executor`: an attempt that may have started counts as an attempt, one that cannot
+have started goes back to the queue free.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from openhtc.domain import recovery
+from openhtc.domain.enums import ACTIVE_STATUSES, FailureCode, JobStatus
+from openhtc.domain.errors import InvalidTransition
+from openhtc.domain.models import AttemptReport
+
+S = JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What the lifecycle knows of a job: its status fields and its retry budget."""
+
+    id: int  # the job's id, for error messages
+    status: int
+    attempt: int = 1
+    failed_attempts: int = 0  # attempts that counted against max_retries
+    max_retries: int = 0
+    executor_id: str | None = None
+    lease_expires_at: float | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    exit_code: int | None = None
+    failure_code: str | None = None
+    status_reason: str | None = None
+    cancelled: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status >= _FIRST_TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One status a job passed through, for its event history (``job_events``)."""
+
+    attempt: int
+    status: int
+    at: float
+    reason: str | None = None
+    exit_code: int | None = None
+    executor_id: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The outcome of one input: the new record, the events to append, and whether the job went
+    back to SUBMITTED_TO_RESCALE (the scheduler must then run an admission round)."""
+
+    record: JobRecord
+    events: tuple[Event, ...] = ()
+    requeued: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.events)
+
+
+class Effect(enum.Enum):
+    """What entering a status does to the record's other fields."""
+
+    ADMIT = "admit"  # nothing more: the job is queued for its region
+    CLAIM = "claim"  # executor and lease set
+    SET_UP = "set-up"  # nothing more: image pull, sandbox
+    START = "start"  # started_at
+    SUCCEED = "succeed"  # exit code, reason, completed_at; lease dropped
+    FAIL = "fail"  # the attempt failed: retried (REQUEUE follows) or final
+    REQUEUE = "requeue"  # a new attempt: executor, lease and started_at dropped
+
+
+# short names for the table below, and the stored codes the records carry
+_A, _P, _RN, _ST, _RU, _OK, _F = (int(s) for s in S)
+_FIRST_TERMINAL = _OK
+_ACTIVE = frozenset(int(s) for s in ACTIVE_STATUSES)
+
+# The legal moves and what each does. FAILED is reachable from every non-terminal status
+# (cancel, final failure); an active job whose attempt ends early goes back to SUBMITTED_TO_RESCALE.
+EFFECTS: dict[tuple[JobStatus, JobStatus], Effect] = {
+    (S.SUBMITTED_TO_RESCALE, S.SUBMITTED_TO_PROVIDER): Effect.ADMIT,
+    (S.SUBMITTED_TO_RESCALE, S.FAILED): Effect.FAIL,
+    (S.SUBMITTED_TO_PROVIDER, S.RUNNABLE): Effect.CLAIM,
+    (S.SUBMITTED_TO_PROVIDER, S.FAILED): Effect.FAIL,
+    (S.RUNNABLE, S.STARTING): Effect.SET_UP,
+    (S.RUNNABLE, S.FAILED): Effect.FAIL,
+    (S.RUNNABLE, S.SUBMITTED_TO_RESCALE): Effect.REQUEUE,
+    (S.STARTING, S.RUNNING): Effect.START,
+    (S.STARTING, S.FAILED): Effect.FAIL,
+    (S.STARTING, S.SUBMITTED_TO_RESCALE): Effect.REQUEUE,
+    (S.RUNNING, S.SUCCEEDED): Effect.SUCCEED,
+    (S.RUNNING, S.FAILED): Effect.FAIL,
+    (S.RUNNING, S.SUBMITTED_TO_RESCALE): Effect.REQUEUE,
+}
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    src: frozenset(dst for (s, dst) in EFFECTS if s == src) for src in S
+}
+_LEGAL = frozenset((int(a), int(b)) for a, b in EFFECTS)
+
+
+def can_transition(src: JobStatus | int, dst: JobStatus | int) -> bool:
+    return (int(src), int(dst)) in _LEGAL
+
+
+def check_transition(job_key: object, src: JobStatus | int, dst: JobStatus | int) -> None:
+    if (int(src), int(dst)) not in _LEGAL:
+        raise InvalidTransition(f"job {job_key}: {S(src).name} -> {S(dst).name} is not allowed")
+
+
+# -- submission and admission -------------------------------------------------------------------
+
+
+def submitted(admit: bool) -> tuple[JobStatus, ...]:
+    """The statuses a new job passes through at submission; the last is the one it is stored in.
+
+    A job of a project with no vCPU limit is admitted at once (both events are recorded);
+    any other job is held in SUBMITTED_TO_RESCALE until an admission round lets it through.
+    """
+    return (S.SUBMITTED_TO_RESCALE, S.SUBMITTED_TO_PROVIDER) if admit else (S.SUBMITTED_TO_RESCALE,)
+
+
+def admit(rec: JobRecord, at: float) -> Step:
+    """Admit a held job (vCPU limits allow it). A job no longer held is left alone."""
+    if rec.status != S.SUBMITTED_TO_RESCALE:
+        return Step(rec)
+    return _enter(rec, S.SUBMITTED_TO_PROVIDER, Event(rec.attempt, _P, at, executor_id=rec.executor_id))
+
+
+def claim(rec: JobRecord, executor_id: str, lease_expires_at: float, at: float) -> Step:
+    """Match a queued job to an executor: it holds the job until the lease expires."""
+    check_transition(rec.id, rec.status, S.RUNNABLE)
+    new = replace(rec, status=_RN, executor_id=executor_id, lease_expires_at=lease_expires_at)
+    return Step(new, (Event(rec.attempt, _RN, at, executor_id=executor_id),))
+
+
+# -- an executor's reports ----------------------------------------------------------------------
+
+
+def report(rec: JobRecord, r: AttemptReport, executor_id: str | None = None) -> Step:
+    """Fold one executor report into the job.
+
+    Fencing: a report from an executor that does not hold the job, for another attempt, for a
+    job already terminal, or for a status the attempt has reached already (a duplicate, or one
+    that arrives late), changes nothing.
+    """
+    if (
+        (executor_id is not None and rec.executor_id != executor_id)
+        or r.attempt != rec.attempt
+        or rec.status >= _FIRST_TERMINAL
+        or r.status <= rec.status
+    ):
+        return Step(rec)
+    status = r.status
+    if status == S.FAILED:
+        code = r.failure_code or FailureCode.ErrorUnknownFailure.value
+        return fail_attempt(rec, r.at, code, r.reason or "", r.exit_code)
+    check_transition(rec.id, rec.status, status)
+    event = Event(rec.attempt, int(status), r.at, r.reason, r.exit_code, rec.executor_id)
+    if status == S.RUNNING:
+        return Step(replace(rec, status=_RU, started_at=r.at), (event,))
+    if status == S.SUCCEEDED:
+        new = replace(
+            rec,
+            status=_OK,
+            exit_code=r.exit_code,
+            failure_code=None,
+            status_reason=r.reason,
+            completed_at=r.at,
+            lease_expires_at=None,
+        )
+        return Step(new, (event,))
+    return _enter(rec, int(status), event)
+
+
+def fail_attempt(
+    rec: JobRecord, at: float, failure_code: str, reason: str, exit_code: int | None = None
+) -> Step:
+    """End the current attempt as failed (non-zero exit, timeout, OOM, start failure, a lost
+    executor after the attempt may have started); retry it if ``max_retries`` allows.
+
+    A retried job records the attempt's FAILED event but moves straight on to
+    SUBMITTED_TO_RESCALE, so its status never shows FAILED while it still has attempts left.
+    """
+    check_transition(rec.id, rec.status, S.FAILED)
+    failed = Event(rec.attempt, _F, at, reason, exit_code, rec.executor_id)
+    rec = replace(
+        rec, exit_code=exit_code, failure_code=failure_code, status_reason=reason, lease_expires_at=None
+    )
+    if rec.failed_attempts < rec.max_retries:
+        why = f"Retrying after attempt {rec.attempt} failed ({failure_code})"
+        step = _requeue(rec, at, why, counted=True)
+        return Step(step.record, (failed, *step.events), True)
+    new = replace(rec, status=_F, failed_attempts=rec.failed_attempts + 1, completed_at=at)
+    return Step(new, (failed,))
+
+
+# -- cancel and executor loss -------------------------------------------------------------------
+
+CANCEL_REASON = "Job cancelled by user"
+
+
+def cancel(rec: JobRecord, at: float, reason: str = CANCEL_REASON) -> Step:
+    """The user cancelled the job: it fails with userCancelledEvent set. No retry follows."""
+    if rec.status >= _FIRST_TERMINAL:
+        return Step(rec)
+    event = Event(rec.attempt, _F, at, reason, None, rec.executor_id, True)
+    new = replace(
+        rec, status=_F, cancelled=True, status_reason=reason, completed_at=at, lease_expires_at=None
+    )
+    return Step(new, (event,))
+
+
+def lose_executor(rec: JobRecord, at: float, cause: str, may_have_started: bool | None) -> Step:
+    """The executor holding this active job is gone (it restarted, or its lease expired): apply
+    the crash rule of ``domain/recovery.py``. ``may_have_started`` is the executor's word on the
+    current attempt, None when it could not be asked."""
+    outcome = recovery.recover(rec.status, may_have_started)
+    why = recovery.reason(cause, outcome)
+    if outcome is recovery.Recovery.REQUEUE:
+        return _requeue(rec, at, why, counted=False)
+    return fail_attempt(rec, at, FailureCode.ErrorInfrastructureFault.value, why)
+
+
+def still_holds(executor_id: str, attempt: int, rec: JobRecord | None) -> bool:
+    """Whether an executor's attempt is still the job's current one and may run on; when not
+    (cancelled, recovered, re-queued, finished) the executor must stop it."""
+    return (
+        rec is not None
+        and rec.attempt == attempt
+        and rec.executor_id == executor_id
+        and rec.status in _ACTIVE
+    )
+
+
+# -- counters -----------------------------------------------------------------------------------
+
+
+def counter_deltas(before: int, after: int, vcpus: int) -> tuple[tuple[int, int, int], ...]:
+    """(status, count, vCPUs) deltas of the per-status counters for a job that moved."""
+    if before == after:
+        return ()
+    return ((before, -1, -vcpus), (after, 1, vcpus))
+
+
+# -- internals ----------------------------------------------------------------------------------
+
+
+def _enter(rec: JobRecord, status: JobStatus | int, event: Event) -> Step:
+    check_transition(rec.id, rec.status, status)
+    return Step(replace(rec, status=int(status)), (event,))
+
+
+def _requeue(rec: JobRecord, at: float, reason: str, counted: bool) -> Step:
+    """Send an active job back to SUBMITTED_TO_RESCALE as a new attempt."""
+    check_transition(rec.id, rec.status, S.SUBMITTED_TO_RESCALE)
+    new = replace(
+        rec,
+        status=_A,
+        attempt=rec.attempt + 1,
+        failed_attempts=rec.failed_attempts + (1 if counted else 0),
+        executor_id=None,
+        lease_expires_at=None,
+        started_at=None,
+        status_reason=reason,
+    )
+    return Step(new, (Event(new.attempt, _A, at, reason),), True)

@@ -1,0 +1,248 @@
+"""The pure job lifecycle (domain/lifecycle.py) under random sequences of inputs.
+
+A Hypothesis state machine submits jobs and drives them with claims, executor reports (in order,
+duplicated, late, for old attempts, from the wrong executor), lease expiry, executor restarts and
+cancels. After every step it checks what a user relies on: each job is in exactly one status, the
+per-status counters (kept from the counter deltas the lifecycle returns) equal a recount, a
+terminal status never changes, a stale report changes nothing, and a job runs at most
+``maxRetries + 1`` counted attempts, an attempt that never started being re-queued for free.
+No database: the whole machine runs in well under a second per example.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from openhtc.domain import lifecycle
+from openhtc.domain.enums import ACTIVE_STATUSES, FailureCode, JobStatus
+from openhtc.domain.errors import InvalidTransition
+from openhtc.domain.lifecycle import JobRecord, Step
+from openhtc.domain.models import AttemptReport
+
+S = JobStatus
+EXECUTORS = ("exec-a", "exec-b")
+ACTIVE = {int(s) for s in ACTIVE_STATUSES}
+# what an executor may report for an attempt, and the failure codes it reports with FAILED
+REPORTED = (S.STARTING, S.RUNNING, S.SUCCEEDED, S.FAILED)
+FAILURES = (
+    FailureCode.ErrorNonZeroContainerExitCode,
+    FailureCode.ErrorTimeout,
+    FailureCode.ErrorNotEnoughMemory,
+    FailureCode.ErrorStartingContainer,
+)
+
+
+class Lifecycle(RuleBasedStateMachine):
+    """Jobs as the store would hold them, changed only by what the lifecycle returns."""
+
+    jobs = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[int, JobRecord] = {}
+        self.counters: Counter[int] = Counter()
+        self.history: dict[int, list[lifecycle.Event]] = {}
+        self.reports: list[tuple[str, AttemptReport]] = []  # every report sent, for late replays
+        self.started: dict[int, set[int]] = {}  # attempts whose process may have started
+        self.now = 0.0
+
+    # -- the store's part: apply a step as transitions.Batch does -------------------------------
+
+    def apply(self, job_id: int, step: Step) -> None:
+        before = self.records[job_id]
+        if not step.changed:
+            assert step.record == before, "a step without events changed the record"
+            return
+        assert not before.terminal, f"job {job_id} left terminal {S(before.status).name}"
+        for status, count, _vcpus in lifecycle.counter_deltas(before.status, step.record.status, 1):
+            self.counters[status] += count
+        self.records[job_id] = step.record
+        self.history[job_id].extend(step.events)
+
+    def tick(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    # -- rules -----------------------------------------------------------------------------------
+
+    @rule(target=jobs, admit=st.booleans(), max_retries=st.integers(0, 2))
+    def submit(self, admit: bool, max_retries: int) -> int:
+        job_id = len(self.records) + 1
+        statuses = lifecycle.submitted(admit)
+        self.records[job_id] = JobRecord(job_id, int(statuses[-1]), max_retries=max_retries)
+        self.counters[int(statuses[-1])] += 1
+        self.history[job_id] = []
+        self.started[job_id] = set()
+        return job_id
+
+    @rule(job_id=jobs)
+    def admit(self, job_id: int) -> None:
+        self.apply(job_id, lifecycle.admit(self.records[job_id], self.tick()))
+
+    @rule(job_id=jobs, executor=st.sampled_from(EXECUTORS))
+    def claim(self, job_id: int, executor: str) -> None:
+        rec = self.records[job_id]
+        if rec.status != S.SUBMITTED_TO_PROVIDER:  # the store only claims queued jobs
+            with pytest.raises(InvalidTransition):
+                lifecycle.claim(rec, executor, self.now + 30, self.now)
+            return
+        at = self.tick()
+        step = lifecycle.claim(rec, executor, at + 30, at)
+        assert step.record.executor_id == executor and step.record.lease_expires_at == at + 30
+        self.apply(job_id, step)
+
+    @rule(
+        job_id=jobs,
+        status=st.sampled_from(REPORTED),
+        failure=st.sampled_from(FAILURES),
+        exit_code=st.integers(0, 3),
+    )
+    def report(self, job_id: int, status: JobStatus, failure: FailureCode, exit_code: int) -> None:
+        """The executor holding the job reports on its current attempt, as the runtime saw it."""
+        rec = self.records[job_id]
+        if rec.executor_id is None or rec.status not in ACTIVE:
+            return
+        if status in (S.STARTING, S.RUNNING, S.SUCCEEDED) and not self._reachable(rec.status, status):
+            return  # an executor reports its attempt's statuses in order
+        r = AttemptReport(job_id, rec.attempt, status, self.tick(), exit_code, failure.value, "why")
+        if status is not S.STARTING or rec.status != S.RUNNABLE:
+            self.started[job_id].add(rec.attempt)  # the process ran (or its start failed)
+        self.reports.append((rec.executor_id, r))
+        self.apply(job_id, lifecycle.report(rec, r, rec.executor_id))
+
+    @rule(data=st.data())
+    def replay_a_report(self, data: st.DataObject) -> None:
+        """A duplicate or late report (an old attempt, a job since re-queued, cancelled or ended)."""
+        if not self.reports:
+            return
+        # every report was applied (or fenced) when it was sent: sent again, it changes nothing
+        executor, r = data.draw(st.sampled_from(self.reports))
+        rec = self.records[r.job_id]
+        step = lifecycle.report(rec, r, executor)
+        assert not step.changed and step.record == rec, "a duplicate or late report changed the job"
+
+    @rule(job_id=jobs, executor=st.sampled_from(EXECUTORS))
+    def report_from_another_executor(self, job_id: int, executor: str) -> None:
+        rec = self.records[job_id]
+        if rec.executor_id == executor:
+            return
+        r = AttemptReport(job_id, rec.attempt, S.SUCCEEDED, self.tick(), 0)
+        step = lifecycle.report(rec, r, executor)
+        assert not step.changed and step.record == rec, "a report from a non-holder changed the job"
+
+    @rule(job_id=jobs)
+    def lease_expires(self, job_id: int) -> None:
+        rec = self.records[job_id]
+        if rec.status not in ACTIVE:
+            return
+        self.lose(job_id, None)
+
+    @rule(executor=st.sampled_from(EXECUTORS))
+    def executor_restarts(self, executor: str) -> None:
+        """The executor registers again and names the attempts it may have started."""
+        for job_id, rec in list(self.records.items()):
+            if rec.executor_id == executor and rec.status in ACTIVE:
+                self.lose(job_id, rec.attempt in self.started[job_id])
+
+    def lose(self, job_id: int, may_have_started: bool | None) -> None:
+        """The crash rule: an attempt that may have started counts as an attempt (and is retried
+        only as maxRetries allows); one that cannot have started is re-queued free."""
+        rec = self.records[job_id]
+        self.apply(job_id, lifecycle.lose_executor(rec, self.tick(), "lost", may_have_started))
+        new = self.records[job_id]
+        if may_have_started is False and rec.status != S.RUNNING:
+            assert (new.status, new.attempt, new.failed_attempts) == (
+                S.SUBMITTED_TO_RESCALE,
+                rec.attempt + 1,
+                rec.failed_attempts,
+            )
+        else:
+            assert new.failed_attempts == rec.failed_attempts + 1
+            assert new.failure_code == FailureCode.ErrorInfrastructureFault
+            retried = rec.failed_attempts < rec.max_retries
+            assert new.status == (S.SUBMITTED_TO_RESCALE if retried else S.FAILED)
+        assert new.executor_id is None or new.status == S.FAILED
+
+    @rule(job_id=jobs)
+    def cancel(self, job_id: int) -> None:
+        rec = self.records[job_id]
+        step = lifecycle.cancel(rec, self.tick())
+        self.apply(job_id, step)
+        assert self.records[job_id].terminal
+        if not rec.terminal:
+            assert self.records[job_id].cancelled and self.records[job_id].status == S.FAILED
+
+    @rule(job_id=consumes(jobs))
+    def forget(self, job_id: int) -> None:
+        """Keeps the bundle small so rules hit the same jobs often (the job stays counted)."""
+
+    # -- invariants ------------------------------------------------------------------------------
+
+    @invariant()
+    def each_job_in_one_status_and_counters_match_a_recount(self) -> None:
+        recount = Counter(rec.status for rec in self.records.values())
+        assert +self.counters == recount
+        assert sum(recount.values()) == len(self.records)
+
+    @invariant()
+    def terminal_jobs_are_settled(self) -> None:
+        for rec in self.records.values():
+            if rec.terminal:
+                assert rec.lease_expires_at is None and rec.completed_at is not None
+                assert rec.status == S.SUCCEEDED or rec.failure_code or rec.cancelled
+
+    @invariant()
+    def counted_attempts_never_exceed_max_retries_plus_one(self) -> None:
+        for job_id, rec in self.records.items():
+            started = len(self.started[job_id])
+            assert rec.failed_attempts <= rec.max_retries + 1
+            # an attempt that may have started counts (unless it succeeded or was cancelled)
+            assert started <= rec.failed_attempts + 1
+            if rec.status == S.FAILED and not rec.cancelled:
+                assert rec.failed_attempts == rec.max_retries + 1
+            failed_events = [e for e in self.history[job_id] if e.status == S.FAILED and not e.cancelled]
+            assert len(failed_events) == rec.failed_attempts
+
+    @invariant()
+    def a_queued_job_holds_no_executor(self) -> None:
+        for rec in self.records.values():
+            if rec.status in (S.SUBMITTED_TO_RESCALE, S.SUBMITTED_TO_PROVIDER):
+                assert rec.executor_id is None and rec.lease_expires_at is None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reachable(src: int, dst: JobStatus) -> bool:
+        return lifecycle.can_transition(src, dst)
+
+
+TestLifecycle = Lifecycle.TestCase
+TestLifecycle.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def test_the_legality_table_is_the_effect_table() -> None:
+    for (src, dst), _effect in lifecycle.EFFECTS.items():
+        assert lifecycle.can_transition(src, dst)
+    assert not lifecycle.can_transition(S.SUCCEEDED, S.FAILED)
+    assert not lifecycle.can_transition(S.SUBMITTED_TO_PROVIDER, S.SUBMITTED_TO_RESCALE)
+
+
+def test_a_lost_executor_requeues_an_unstarted_attempt_free_and_fails_a_started_one() -> None:
+    claimed = lifecycle.claim(JobRecord(1, int(S.SUBMITTED_TO_PROVIDER)), "e", 30.0, 1.0).record
+    free = lifecycle.lose_executor(claimed, 2.0, "restarted", False)
+    assert free.requeued and free.record.attempt == 2 and free.record.failed_attempts == 0
+    assert free.record.executor_id is None and free.record.status == S.SUBMITTED_TO_RESCALE
+    final = lifecycle.lose_executor(claimed, 2.0, "restarted", True)
+    assert final.record.status == S.FAILED and final.record.failed_attempts == 1
+    assert final.record.failure_code == FailureCode.ErrorInfrastructureFault
