@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from openhtc.domain import lifecycle
 from openhtc.domain.enums import ACTIVE_STATUSES, FailureCode, JobStatus
@@ -27,8 +27,9 @@ from openhtc.domain.models import AttemptReport
 S = JobStatus
 EXECUTORS = ("exec-a", "exec-b")
 ACTIVE = {int(s) for s in ACTIVE_STATUSES}
-# what an executor may report for an attempt, and the failure codes it reports with FAILED
-REPORTED = (S.STARTING, S.RUNNING, S.SUCCEEDED, S.FAILED)
+JOB = st.integers(0, 3)  # which job a rule acts on: an index from the newest
+# the status an executor reports next for an attempt, and the failure codes it reports with FAILED
+NEXT = {S.RUNNABLE: S.STARTING, S.STARTING: S.RUNNING, S.RUNNING: S.SUCCEEDED}
 FAILURES = (
     FailureCode.ErrorNonZeroContainerExitCode,
     FailureCode.ErrorTimeout,
@@ -39,8 +40,6 @@ FAILURES = (
 
 class Lifecycle(RuleBasedStateMachine):
     """Jobs as the store would hold them, changed only by what the lifecycle returns."""
-
-    jobs = Bundle("jobs")
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,56 +63,77 @@ class Lifecycle(RuleBasedStateMachine):
         self.records[job_id] = step.record
         self.history[job_id].extend(step.events)
 
+    def pick(self, i: int) -> int:
+        """One of the jobs submitted so far (rules draw an index: the later jobs are hit often)."""
+        ids = list(self.records)
+        return ids[-1 - i % len(ids)]
+
+    @initialize()
+    def first_job(self) -> None:
+        self.submit(True, 1)
+
     def tick(self) -> float:
         self.now += 1.0
         return self.now
 
     # -- rules -----------------------------------------------------------------------------------
 
-    @rule(target=jobs, admit=st.booleans(), max_retries=st.integers(0, 2))
-    def submit(self, admit: bool, max_retries: int) -> int:
+    @rule(admit=st.booleans(), max_retries=st.integers(0, 2))
+    def submit(self, admit: bool, max_retries: int) -> None:
         job_id = len(self.records) + 1
         statuses = lifecycle.submitted(admit)
         self.records[job_id] = JobRecord(job_id, int(statuses[-1]), max_retries=max_retries)
         self.counters[int(statuses[-1])] += 1
         self.history[job_id] = []
         self.started[job_id] = set()
-        return job_id
 
-    @rule(job_id=jobs)
+    @rule(job_id=JOB)
     def admit(self, job_id: int) -> None:
+        job_id = self.pick(job_id)
         self.apply(job_id, lifecycle.admit(self.records[job_id], self.tick()))
 
-    @rule(job_id=jobs, executor=st.sampled_from(EXECUTORS))
+    @rule(job_id=JOB, executor=st.sampled_from(EXECUTORS))
     def claim(self, job_id: int, executor: str) -> None:
-        rec = self.records[job_id]
-        if rec.status != S.SUBMITTED_TO_PROVIDER:  # the store only claims queued jobs
+        """The executor claims a queued job; claiming one that is not queued is refused."""
+        job_id = self.pick(job_id)
+        if self.records[job_id].status != S.SUBMITTED_TO_PROVIDER:
             with pytest.raises(InvalidTransition):
-                lifecycle.claim(rec, executor, self.now + 30, self.now)
-            return
+                lifecycle.claim(self.records[job_id], executor, self.now + 30, self.now)
+            queued = [j for j, rec in self.records.items() if rec.status == S.SUBMITTED_TO_PROVIDER]
+            if not queued:
+                return
+            job_id = queued[0]
         at = self.tick()
-        step = lifecycle.claim(rec, executor, at + 30, at)
+        step = lifecycle.claim(self.records[job_id], executor, at + 30, at)
         assert step.record.executor_id == executor and step.record.lease_expires_at == at + 30
         self.apply(job_id, step)
 
     @rule(
-        job_id=jobs,
-        status=st.sampled_from(REPORTED),
+        job_id=JOB,
+        fails=st.sampled_from((False, False, True)),
         failure=st.sampled_from(FAILURES),
         exit_code=st.integers(0, 3),
+        late=st.booleans(),
     )
-    def report(self, job_id: int, status: JobStatus, failure: FailureCode, exit_code: int) -> None:
-        """The executor holding the job reports on its current attempt, as the runtime saw it."""
-        rec = self.records[job_id]
-        if rec.executor_id is None or rec.status not in ACTIVE:
+    def report(self, job_id: int, fails: bool, failure: FailureCode, exit_code: int, late: bool) -> None:
+        """The executor holding the job reports its attempt's next status (an executor reports
+        them in order), or its failure (non-zero exit, timeout, OOM, start failure)."""
+        active = [j for j, rec in self.records.items() if rec.status in ACTIVE]
+        if not active:
             return
-        if status in (S.STARTING, S.RUNNING, S.SUCCEEDED) and not self._reachable(rec.status, status):
-            return  # an executor reports its attempt's statuses in order
+        job_id = active[job_id % len(active)]
+        rec = self.records[job_id]
+        status = S.FAILED if fails else NEXT[S(rec.status)]
         r = AttemptReport(job_id, rec.attempt, status, self.tick(), exit_code, failure.value, "why")
         if status is not S.STARTING or rec.status != S.RUNNABLE:
             self.started[job_id].add(rec.attempt)  # the process ran (or its start failed)
         self.reports.append((rec.executor_id, r))
         self.apply(job_id, lifecycle.report(rec, r, rec.executor_id))
+        if late:  # every earlier report of the job arrives again, after this one
+            for executor, old in [(e, o) for e, o in self.reports[:-1] if o.job_id == job_id]:
+                now = self.records[job_id]
+                step = lifecycle.report(now, old, executor)
+                assert not step.changed and step.record == now, "a late report changed the job"
 
     @rule(data=st.data())
     def replay_a_report(self, data: st.DataObject) -> None:
@@ -126,8 +146,24 @@ class Lifecycle(RuleBasedStateMachine):
         step = lifecycle.report(rec, r, executor)
         assert not step.changed and step.record == rec, "a duplicate or late report changed the job"
 
-    @rule(job_id=jobs, executor=st.sampled_from(EXECUTORS))
+    @rule(job_id=JOB)
+    def replay_every_report_of_a_job(self, job_id: int) -> None:
+        """All of one job's reports arrive again, oldest first (an executor's retried flush).
+        A job still running its attempt is chosen first: there the late ones matter."""
+        reported = {r.job_id for _, r in self.reports}
+        if not reported:
+            return
+        running = sorted(j for j in reported if self.records[j].status in ACTIVE)
+        candidates = running or sorted(reported)
+        job_id = candidates[job_id % len(candidates)]
+        for executor, r in [(e, r) for e, r in self.reports if r.job_id == job_id]:
+            rec = self.records[job_id]
+            step = lifecycle.report(rec, r, executor)
+            assert not step.changed and step.record == rec, "a duplicate or late report changed the job"
+
+    @rule(job_id=JOB, executor=st.sampled_from(EXECUTORS))
     def report_from_another_executor(self, job_id: int, executor: str) -> None:
+        job_id = self.pick(job_id)
         rec = self.records[job_id]
         if rec.executor_id == executor:
             return
@@ -135,8 +171,9 @@ class Lifecycle(RuleBasedStateMachine):
         step = lifecycle.report(rec, r, executor)
         assert not step.changed and step.record == rec, "a report from a non-holder changed the job"
 
-    @rule(job_id=jobs)
+    @rule(job_id=JOB)
     def lease_expires(self, job_id: int) -> None:
+        job_id = self.pick(job_id)
         rec = self.records[job_id]
         if rec.status not in ACTIVE:
             return
@@ -168,18 +205,17 @@ class Lifecycle(RuleBasedStateMachine):
             assert new.status == (S.SUBMITTED_TO_RESCALE if retried else S.FAILED)
         assert new.executor_id is None or new.status == S.FAILED
 
-    @rule(job_id=jobs)
-    def cancel(self, job_id: int) -> None:
+    @rule(job_id=JOB, often=st.integers(0, 3))
+    def cancel(self, job_id: int, often: int) -> None:
+        if often:  # one draw in four: a cancel ends the job, and the other rules need live ones
+            return
+        job_id = self.pick(job_id)
         rec = self.records[job_id]
         step = lifecycle.cancel(rec, self.tick())
         self.apply(job_id, step)
         assert self.records[job_id].terminal
         if not rec.terminal:
             assert self.records[job_id].cancelled and self.records[job_id].status == S.FAILED
-
-    @rule(job_id=consumes(jobs))
-    def forget(self, job_id: int) -> None:
-        """Keeps the bundle small so rules hit the same jobs often (the job stays counted)."""
 
     # -- invariants ------------------------------------------------------------------------------
 
@@ -214,17 +250,11 @@ class Lifecycle(RuleBasedStateMachine):
             if rec.status in (S.SUBMITTED_TO_RESCALE, S.SUBMITTED_TO_PROVIDER):
                 assert rec.executor_id is None and rec.lease_expires_at is None
 
-    # -- helpers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _reachable(src: int, dst: JobStatus) -> bool:
-        return lifecycle.can_transition(src, dst)
-
 
 TestLifecycle = Lifecycle.TestCase
 TestLifecycle.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=200,
+    stateful_step_count=50,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
