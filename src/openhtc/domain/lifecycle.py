@@ -97,6 +97,8 @@ class Effect(enum.Enum):
 _A, _P, _RN, _ST, _RU, _OK, _F = (int(s) for s in S)
 _FIRST_TERMINAL = _OK
 _ACTIVE = frozenset(int(s) for s in ACTIVE_STATUSES)
+# tuple.__new__ builds a NamedTuple without its Python-level __new__: the hot steps use it
+_new = tuple.__new__
 
 # The legal moves and what each does. FAILED is reachable from every non-terminal status
 # (cancel, final failure); an active job whose attempt ends early goes back to SUBMITTED_TO_RESCALE.
@@ -154,11 +156,11 @@ def claim(rec: JobRecord, executor_id: str, lease_expires_at: float, at: float) 
     if (rec.status, _RN) not in _LEGAL:
         check_transition(rec.id, rec.status, S.RUNNABLE)
     id_, _, attempt, failed, max_retries, _, _, started, completed, exit_code, code, reason, done = rec
-    new = JobRecord(
+    new = _new(JobRecord, (
         id_, _RN, attempt, failed, max_retries, executor_id, lease_expires_at, started, completed, exit_code,
         code, reason, done,
-    )  # fmt: skip
-    return Step(new, (Event(attempt, _RN, at, None, None, executor_id, False),), False)
+    ))  # fmt: skip
+    return _new(Step, (new, (_new(Event, (attempt, _RN, at, None, None, executor_id, False)),), False))
 
 
 # -- an executor's reports ----------------------------------------------------------------------
@@ -171,32 +173,34 @@ def report(rec: JobRecord, r: AttemptReport, executor_id: str | None = None) -> 
     job already terminal, or for a status the attempt has reached already (a duplicate, or one
     that arrives late), changes nothing.
     """
+    # unpacked once and rebuilt field by field (see _new): this runs three times per job, and
+    # attribute reads and _replace cost several times more
+    (id_, current, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code, reason,
+     cancelled) = rec  # fmt: skip
+    status: int = r.status
     if (
-        (executor_id is not None and rec.executor_id != executor_id)
-        or r.attempt != rec.attempt
-        or rec.status >= _FIRST_TERMINAL
-        or r.status <= rec.status
+        (executor_id is not None and executor != executor_id)
+        or r.attempt != attempt
+        or current >= _FIRST_TERMINAL
+        or status <= current
     ):
         return Step(rec)
-    if r.status == S.FAILED:
+    if status == _F:
         failure = r.failure_code or FailureCode.ErrorUnknownFailure.value
         return fail_attempt(rec, r.at, failure, r.reason or "", r.exit_code)
-    status = int(r.status)
-    if (rec.status, status) not in _LEGAL:
-        check_transition(rec.id, rec.status, status)
-    # built field by field: this runs three times per job, and _replace costs several times more
-    (id_, _, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code, reason,
-     cancelled) = rec  # fmt: skip
-    event = Event(attempt, status, r.at, r.reason, r.exit_code, executor, False)
+    status = int(status)
+    if (current, status) not in _LEGAL:
+        check_transition(id_, current, status)
+    event = _new(Event, (attempt, status, r.at, r.reason, r.exit_code, executor, False))
     if status == _RU:
         started = r.at
     elif status == _OK:
         exit_code, code, reason, completed, lease = r.exit_code, None, r.reason, r.at, None
-    new = JobRecord(
+    new = _new(JobRecord, (
         id_, status, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code,
         reason, cancelled,
-    )  # fmt: skip
-    return Step(new, (event,), False)
+    ))  # fmt: skip
+    return _new(Step, (new, (event,), False))
 
 
 def fail_attempt(

@@ -24,9 +24,10 @@ from openhtc.domain.models import AttemptReport
 from openhtc.store.db import BulkStatement, Database, json_rows
 
 _STATE_SELECT = (
-    "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.executor_id, j.lease_expires_at, j.started_at,"
-    " j.completed_at, j.exit_code, j.failure_code, j.status_reason, j.cancelled, j.task_id, j.group_name,"
-    " j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region, b.max_retries"
+    # the first 13 columns are a JobRecord, in its field order
+    "SELECT j.id, j.status, j.attempt, j.failed_attempts, b.max_retries, j.executor_id, j.lease_expires_at,"
+    " j.started_at, j.completed_at, j.exit_code, j.failure_code, j.status_reason, j.cancelled, j.task_id,"
+    " j.group_name, j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region"
     " FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE "
 )
 _JOB_COLUMNS = (
@@ -124,14 +125,10 @@ class JobState:
 
 def _state(row: Sequence[Any]) -> JobState:
     """A JobState from a row of ``_STATE_SELECT``."""
-    (id_, status, attempt, failed, executor, lease, started, completed, exit_code, code, reason, cancelled,
-     task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, max_retries) = row  # fmt: skip
-    rec = JobRecord(
-        id_, status, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code,
-        reason, bool(cancelled),
-    )  # fmt: skip
+    rec = JobRecord._make(row[:13])  # cancelled is 0/1 on SQLite: the lifecycle only tests its truth
+    task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region = row[13:]
     return JobState(
-        rec, task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, status, attempt
+        rec, task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, rec.status, rec.attempt
     )
 
 
@@ -166,17 +163,16 @@ class Batch:
 
     def apply(self, job: JobState, step: lifecycle.Step) -> bool:
         """Record one lifecycle step of a loaded job; returns whether it changed the job."""
-        if not step.events:
+        record, events, requeued = step
+        if not events:
             return False
-        job.rec = step.record
+        job.rec = record
         job.dirty = True
-        if step.requeued:
+        if requeued:
             self.requeued += 1
-        job_id, executor = job.rec.id, self.executor_id
-        self._events.extend(
-            (job_id, e.attempt, e.status, e.at, e.reason, e.exit_code, executor or e.executor_id, e.cancelled)
-            for e in step.events
-        )
+        job_id, executor, append = record.id, self.executor_id, self._events.append
+        for attempt, status, at, reason, exit_code, event_executor, cancelled in events:
+            append((job_id, attempt, status, at, reason, exit_code, executor or event_executor, cancelled))
         return True
 
     def admit(self, job: JobState) -> bool:
