@@ -58,7 +58,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert step.record == before, "a step without events changed the record"
             return
         assert not before.terminal, f"job {job_id} left terminal {S(before.status).name}"
-        for status, count, _vcpus in lifecycle.counter_deltas(before.status, step.record.status, 1):
+        for status, count, _vcpus in lifecycle.counter_deltas(before.status, step.record.status, 1, 1):
             self.counters[status] += count
         self.records[job_id] = step.record
         self.history[job_id].extend(step.events)

@@ -266,11 +266,12 @@ def still_holds(executor_id: str, attempt: int, rec: JobRecord | None) -> bool:
 # -- counters -----------------------------------------------------------------------------------
 
 
-def counter_deltas(before: int, after: int, vcpus: int) -> tuple[tuple[int, int, int], ...]:
-    """(status, count, vCPUs) deltas of the per-status counters for a job that moved."""
+def counter_deltas(before: int, after: int, jobs: int, vcpus: int) -> tuple[tuple[int, int, int], ...]:
+    """(status, count, vCPUs) deltas of the per-status counters for ``jobs`` jobs of ``vcpus``
+    vCPUs in all that moved from ``before`` to ``after``."""
     if before == after:
         return ()
-    return ((before, -1, -vcpus), (after, 1, vcpus))
+    return ((before, -jobs, -vcpus), (after, jobs, vcpus))
 
 
 # -- internals ----------------------------------------------------------------------------------

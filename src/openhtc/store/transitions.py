@@ -124,12 +124,12 @@ class JobState:
 
 
 def _state(row: Sequence[Any]) -> JobState:
-    """A JobState from a row of ``_STATE_SELECT``."""
-    rec = JobRecord._make(row[:13])  # cancelled is 0/1 on SQLite: the lifecycle only tests its truth
-    task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region = row[13:]
-    return JobState(
-        rec, task_id, group_name, project_id, vcpus, memory_mb, batch_id, idx, region, rec.status, rec.attempt
-    )
+    """A JobState from a row of ``_STATE_SELECT`` (built with tuple.__new__: one per job loaded)."""
+    rec = _new(JobRecord, row[:13])  # cancelled is 0/1 on SQLite: the lifecycle only tests its truth
+    return JobState(rec, *row[13:], rec[1], rec[2])  # type: ignore[call-arg]
+
+
+_new = tuple.__new__
 
 
 class Batch:
@@ -201,37 +201,29 @@ class Batch:
             return 0
         cur = self.db.cursor(self.conn)
         now = self.now
-        rows = [
-            (
-                r.status,
-                r.attempt,
-                r.failed_attempts,
-                r.executor_id,
-                r.lease_expires_at,
-                now,
-                r.started_at,
-                r.completed_at,
-                r.exit_code,
-                r.failure_code,
-                r.status_reason,
-                r.cancelled,
-                r.id,
-                s.loaded_status,
-                s.loaded_attempt,
-            )
-            for s in changed
-            for r in (s.rec,)
-        ]
+        rows = []
+        moves: dict[tuple[str, str, str, int, int], list[int]] = defaultdict(lambda: [0, 0])
+        for s in changed:
+            (id_, status, attempt, failed, _, executor, lease, started, completed, exit_code, code, reason,
+             cancelled) = s.rec  # fmt: skip
+            rows.append((
+                status, attempt, failed, executor, lease, now, started, completed, exit_code, code, reason,
+                cancelled, id_, s.loaded_status, s.loaded_attempt,
+            ))  # fmt: skip
+            if status != s.loaded_status:
+                move = moves[(s.task_id, s.group_name, s.project_id, s.loaded_status, status)]
+                move[0] += 1
+                move[1] += s.vcpus
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
         self.db.run_bulk(cur, _INSERT_EVENT, self._events)
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
-        for s in changed:
-            for status, count, vcpus in lifecycle.counter_deltas(s.loaded_status, s.rec.status, s.vcpus):
-                delta = deltas[(s.task_id, s.group_name, status, s.project_id)]
+        for (task, group, project, before, after), (jobs, vcpus) in moves.items():
+            for status, count, vcpu_delta in lifecycle.counter_deltas(before, after, jobs, vcpus):
+                delta = deltas[(task, group, status, project)]
                 delta[0] += count
-                delta[1] += vcpus
+                delta[1] += vcpu_delta
         bump_counters(self.db, self.conn, deltas)
         n = len(changed)
         for s in changed:
