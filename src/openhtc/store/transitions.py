@@ -94,6 +94,7 @@ class JobState:
     (``domain/lifecycle.py``), and the fields that say where it counts and how it runs."""
 
     rec: JobRecord
+    id: int  # rec.id, read often (claim order, report grouping)
     task_id: str
     group_name: str
     project_id: str
@@ -105,10 +106,6 @@ class JobState:
     loaded_status: int
     loaded_attempt: int
     dirty: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.rec.id
 
     @property
     def status(self) -> int:
@@ -126,7 +123,7 @@ class JobState:
 def _state(row: Sequence[Any]) -> JobState:
     """A JobState from a row of ``_STATE_SELECT`` (built with tuple.__new__: one per job loaded)."""
     rec = _new(JobRecord, row[:13])  # cancelled is 0/1 on SQLite: the lifecycle only tests its truth
-    return JobState(rec, *row[13:], rec[1], rec[2])  # type: ignore[call-arg]
+    return JobState(rec, rec[0], *row[13:], rec[1], rec[2])  # type: ignore[call-arg]
 
 
 _new = tuple.__new__
@@ -183,7 +180,17 @@ class Batch:
 
     def report(self, job: JobState, report: AttemptReport) -> bool:
         """Fold one executor report into the job; stale or repeated ones change nothing (fencing)."""
-        return self.apply(job, lifecycle.report(job.rec, report, self.executor_id))
+        step = lifecycle.report(job.rec, report, self.executor_id)
+        if not step[1]:  # the common no-op (a fenced report) and the common one-event step, inline
+            return False
+        if step[2] or len(step[1]) > 1:
+            return self.apply(job, step)
+        job.rec = record = step[0]
+        job.dirty = True
+        attempt, status, at, reason, exit_code, event_executor, cancelled = step[1][0]
+        executor = self.executor_id or event_executor
+        self._events.append((record.id, attempt, status, at, reason, exit_code, executor, cancelled))
+        return True
 
     def cancel(self, job: JobState) -> bool:
         return self.apply(job, lifecycle.cancel(job.rec, self.now))
