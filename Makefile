@@ -1,6 +1,7 @@
 # openhtc developer entry points.
 #
 #   make demo    the main job: start a server, run a parameter sweep, show the results
+#   make test-unit  the pure tests only (pytest -m unit): no server, database or runtime; seconds
 #   make test    what CI runs (.ci/run): ruff, ruff format, mypy, pytest on SQLite and PostgreSQL,
 #                and the benchmark smoke run once bench/ has one
 #
@@ -27,11 +28,12 @@ PYTEST_ARGS ?=
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: htcctl-bundle help install demo test lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
+.PHONY: htcctl-bundle help install demo test test-unit lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
 
 help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
 	@echo "make test        ruff, ruff format --check, mypy, pytest (DB=both|sqlite|postgres), bench smoke"
+	@echo "make test-unit   the pure tests only (marked unit): no server, database or runtime; seconds"
 	@echo "make lint        ruff check and ruff format --check"
 	@echo "make typecheck   mypy"
 	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
@@ -105,6 +107,10 @@ pytest: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): that is a failure" >&2; fi; \
 	exit $$rc
 
+# The pure tests (@pytest.mark.unit): what a newcomer runs first, in seconds.
+test-unit: install
+	$(PY) -m pytest tests -m unit -q -p no:cacheprovider --db sqlite $(PYTEST_ARGS)
+
 # The benchmark smoke run, once bench/__main__.py exists.
 bench-smoke: install
 	@if [ -f bench/__main__.py ]; then \
@@ -136,7 +142,8 @@ postgres:
 # Container jobs need bubblewrap (the default runtime), podman with runc, the CNCF registry that
 # `htc server` supervises, and skopeo, umoci and a static busybox for the test images. Install
 # whatever is missing (never skipped in CI: without them the container tests fail there).
-CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static
+# chromium: the dashboard's headless-browser test (tests/test_dashboard.py).
+CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static chromium
 containers:
 	@missing=""; for pkg in $(CONTAINER_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \

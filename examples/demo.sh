@@ -178,4 +178,5 @@ printf '%s' "$RESULTS" | awk '
 
 step "Done"
 echo "The server stops now; its data stays in $DATA_DIR/ until the next \`make demo\`."
-echo "To keep one running: $HTC server   (README.md and docs/quickstart-cli.md tell the rest)"
+echo "To keep one running: $HTC server   (README.md and docs/quickstart-cli.md tell the rest);"
+echo "its dashboard is then at http://127.0.0.1:8080/ui/ (sign in with the admin key; docs/dashboard.md)"

@@ -38,6 +38,8 @@ from openhtc.client import (
     save_credentials,
 )
 
+pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
+
 BASE = "http://htc.test/api/v1"
 Handler = Callable[[httpx.Request], httpx.Response]
 

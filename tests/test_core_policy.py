@@ -10,6 +10,8 @@ from openhtc.domain.models import Capacity
 from openhtc.domain.states import TRANSITIONS, check_transition
 from openhtc.scheduler.policy import QueuedJob, admit, dispatch, effective_limit
 
+pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
+
 P, E = int(Priority.ON_DEMAND_PRIORITY), int(Priority.ON_DEMAND_ECONOMY)
 
 

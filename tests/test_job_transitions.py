@@ -10,66 +10,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from openhtc.auth.tokens import Principal
-from openhtc.config import Settings
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.runtime import bootstrap, build_services
 from openhtc.services.container import Services
-from openhtc.services.executors import ExecutorService
-from openhtc.services.submission import submit
 from openhtc.store.transitions import Batch, StoreConsistencyError
+from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
 
 S = JobStatus
-EXECUTOR = "ex-1"
 
 
-class Queue:
+class Queue(StoreHarness):
     """A task with jobs submitted, and an executor that claims and reports them by hand."""
 
     def __init__(self, services: Services) -> None:
-        self.services = services
-        bootstrap(services)
-        ws = services.accounts.workspaces()[0]
-        region = services.settings.region
-        self.project = services.projects.create(ws.id, "p", "", [region], None, "test", 1.0)
-        self.task = services.projects.create_task(self.project, "t", "", "test", 1.0)
-        self.who = Principal("test", ws.id, "WORKSPACE_ADMIN")
-        self.executor = ExecutorService(services)
-        self.executor.register(EXECUTOR, "inc-1", region, ["X86"], Capacity(64, 1 << 20))
+        super().__init__(services)
+        self.project = self.create_project("p")
+        self.task = self.create_task(self.project)
 
     def submit_and_claim(self, n: int) -> list[JobLaunch]:
-        body = [
-            {"batchSize": n, "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64}}
-        ]
-        submit(self.services, self.who, self.project, self.task, body, None)
-        region = self.services.settings.region
-        claimed = self.executor.claim(EXECUTOR, region, ["X86"], Capacity(64, 1 << 20), n)
+        body = {
+            "batchSize": n,
+            "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64},
+        }
+        self.submit(self.project, self.task, body)
+        claimed = self.claim(n)
         assert len(claimed) == n
         return claimed
 
-    def sql(self, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-        db = self.services.db
-        with db.read() as conn:
-            return [tuple(row) for row in conn.exec_driver_sql(db.sql(statement), params).all()]
-
-    def counters(self) -> dict[int, int]:
-        rows = self.sql("SELECT status, count FROM job_counters WHERE task_id = ?", self.task.id)
-        return {status: count for status, count in rows if count}
+    def counters(self, task_id: str | None = None) -> dict[int, int]:
+        return super().counters(task_id or self.task.id)
 
 
 @pytest.fixture
 def queue(tmp_path: Path, db_url: str | None) -> Iterator[Queue]:
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False, runtime="noop")
-    services = build_services(settings)
-    try:
+    with in_process_services(tmp_path / "data", db_url) as services:
         yield Queue(services)
-    finally:
-        services.db.dispose()
 
 
 def test_reports_written_together_keep_each_jobs_history_and_exact_values(queue: Queue) -> None:

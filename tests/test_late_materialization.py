@@ -18,41 +18,27 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openhtc.api.app import create_app
-from openhtc.auth.tokens import Principal
-from openhtc.config import Settings
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity
-from openhtc.runtime import bootstrap, build_services
+from openhtc.runtime import build_services
 from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
+from openhtc.testing.inprocess import StoreHarness, in_process_services
 
 REGION = "AWS_US_EAST_1"
 CHUNK = 4
 
 
 def batch(n: int, name: str = "j") -> dict[str, Any]:
-    return {
-        "jobName": name,
-        "batchSize": n,
-        "regions": [REGION],
-        "htcJobDefinition": {
-            "imageName": "busybox:latest",
-            "commands": ["true"],
-            "maxVCpus": 1,
-            "maxMemory": 64,
-            "architecture": "X86",
-        },
-    }
+    return StoreHarness.job_request(n, name)
 
 
 class World:
+    """The HTTP routes in process over bootstrapped services; no scheduler or executor threads."""
+
     def __init__(self, services: Services) -> None:
         self.services = services
-        bootstrap(services)
-        ws = services.accounts.workspaces()[0]
-        user = services.accounts.user_by_email(ws.id, "admin@localhost")
-        assert user is not None
-        principal = Principal(user_id=user.id, workspace_id=ws.id, role=user.role)
+        principal = StoreHarness(services).who  # bootstraps; registers an executor nobody runs
         token, _ = services.tokens.bearer(principal)
         self.http = TestClient(create_app(services), headers={"Authorization": f"Bearer {token}"})
         project = self.http.post("/api/v1/htc/projects", json={"projectName": "lazy", "regions": [REGION]})
@@ -99,18 +85,10 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, db_url: str | None) -> Iterator[World]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        executor=False,
-        runtime="process",
-        materialize_chunk=CHUNK,
-    )
-    services = build_services(settings)
-    try:
+    with in_process_services(
+        tmp_path / "data", db_url, runtime="process", materialize_chunk=CHUNK
+    ) as services:
         yield World(services)
-    finally:
-        services.db.dispose()
 
 
 def uuids(items: list[dict[str, Any]]) -> list[str]:

@@ -25,10 +25,9 @@ import pytest
 
 from openhtc.api.pagination import encode_cursor
 from openhtc.config import Settings
-from openhtc.testing.postgres import PostgresCluster, PostgresUnavailable, free_port
+from openhtc.testing.postgres import PostgresCluster, free_port, running_cluster
 
 HTC = str(Path(sys.executable).parent / "htc")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -247,17 +246,8 @@ def test_a_read_only_data_dir_or_database_fails_start_up_in_one_line(tmp_path: P
 @pytest.fixture
 def private_pg() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of this test's own, to stop and start without disturbing others."""
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def assert_error_body(resp: httpx.Response, status: int, kind: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from openhtc.domain.recovery import Recovery, reason, recover
 from openhtc.executor import journal as journal_module
 from openhtc.executor.journal import AttemptJournal
 
+pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
+
 S = JobStatus
 
 

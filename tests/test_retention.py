@@ -5,21 +5,15 @@ The sweep is driven by hand with an injected clock: nothing here waits for real 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from openhtc.auth.tokens import Principal
-from openhtc.config import Settings
 from openhtc.domain.clock import Clock
-from openhtc.domain.enums import JobStatus, LifecycleStatus
-from openhtc.domain.models import AttemptReport, Capacity
-from openhtc.runtime import bootstrap, build_services
+from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.container import Services
-from openhtc.services.executors import ExecutorService
 from openhtc.services.retention import (
     Action,
     RetentionPolicy,
@@ -28,7 +22,7 @@ from openhtc.services.retention import (
     decide,
     effective_policy,
 )
-from openhtc.services.submission import submit
+from openhtc.testing.inprocess import StoreHarness, in_process_services
 
 HOUR = 3600.0
 REGION = "AWS_US_EAST_1"
@@ -42,12 +36,14 @@ def facts(status: str = ACTIVE, last_active: float = 0.0, archived: float | None
     return TaskFacts(status, last_active, archived, busy)
 
 
+@pytest.mark.unit
 def test_archive_is_due_after_archive_after_hours_of_inactivity() -> None:
     policy = RetentionPolicy(archive_after_hours=2, delete_after_hours=0)
     assert decide(policy, facts(last_active=0), 2 * HOUR - 1) is Action.NONE
     assert decide(policy, facts(last_active=0), 2 * HOUR) is Action.ARCHIVE
 
 
+@pytest.mark.unit
 def test_a_busy_task_is_kept_active_and_its_activity_recorded() -> None:
     policy = RetentionPolicy(archive_after_hours=1, delete_after_hours=1)
     assert decide(policy, facts(last_active=0, busy=3), 10 * HOUR) is Action.TOUCH
@@ -56,6 +52,7 @@ def test_a_busy_task_is_kept_active_and_its_activity_recorded() -> None:
     assert decide(policy, busy_archived, 10 * HOUR) is Action.NONE
 
 
+@pytest.mark.unit
 def test_delete_is_due_delete_after_hours_after_archiving() -> None:
     policy = RetentionPolicy(archive_after_hours=0, delete_after_hours=3)
     assert decide(policy, facts(ARCHIVED, archived=HOUR), 4 * HOUR - 1) is Action.NONE
@@ -64,6 +61,7 @@ def test_delete_is_due_delete_after_hours_after_archiving() -> None:
     assert decide(policy, facts(ACTIVE, last_active=0), 100 * HOUR) is Action.NONE
 
 
+@pytest.mark.unit
 def test_zero_disables_a_step() -> None:
     off = RetentionPolicy(0, 0)
     assert decide(off, facts(last_active=0), 1e9) is Action.NONE
@@ -71,6 +69,7 @@ def test_zero_disables_a_step() -> None:
     assert decide(None, facts(last_active=0), 1e9) is Action.NONE
 
 
+@pytest.mark.unit
 def test_a_project_policy_is_used_whole_over_the_workspace_policy() -> None:
     workspace = RetentionPolicy(archive_after_hours=1, delete_after_hours=1)
     project = RetentionPolicy(archive_after_hours=0, delete_after_hours=5)
@@ -102,67 +101,29 @@ class World:
         self.services = services
         self.clock = clock
         self.sweeper = RetentionSweeper(services)
-        bootstrap(services)
-        ws = services.accounts.workspaces()[0]
-        self.workspace_id = ws.id
-        user = services.accounts.user_by_email(ws.id, "admin@localhost")
-        assert user is not None
-        self.user = Principal(user_id=user.id, workspace_id=ws.id, role=user.role)
-        self.executor = ExecutorService(services)
-        self.executor.register("ex-1", "inc-1", REGION, ["X86"], Capacity(64, 1 << 20))
+        self.store = StoreHarness(services)
+        self.workspace_id = self.store.workspace_id
 
     def project(self) -> Any:
-        return self.services.projects.create(
-            self.workspace_id,
-            f"p-{uuid.uuid4().hex[:6]}",
-            "",
-            [REGION],
-            None,
-            self.user.user_id,
-            self.clock.now(),
-        )
+        return self.store.create_project()
 
     def task(self, project: Any) -> Any:
-        return self.services.projects.create_task(project, "t", "", self.user.user_id, self.clock.now())
+        return self.store.create_task(project)
 
     def reload(self, task: Any) -> Any:
-        row = self.services.projects.task(task.project_id, task.id)
-        assert row is not None
-        return row
+        return self.store.reload_task(task)
 
     def status(self, task: Any) -> str:
         return str(self.reload(task).lifecycle_status)
 
     def submit(self, project: Any, task: Any, n: int = 1) -> None:
-        request = {
-            "jobName": "j",
-            "batchSize": n,
-            "regions": [REGION],
-            "htcJobDefinition": {
-                "imageName": "busybox:latest",
-                "commands": ["true"],
-                "maxVCpus": 1,
-                "maxMemory": 64,
-                "architecture": "X86",
-            },
-        }
-        submit(self.services, self.user, project, self.reload(task), [request], None)
+        self.store.submit(project, task, self.store.job_request(n))
 
     def run_all(self) -> None:
         """Claim every queued job and report it SUCCEEDED, as an executor would."""
-        now = self.clock.now()
-        claimed = self.executor.claim("ex-1", REGION, ["X86"], Capacity(64, 1 << 20), 1000)
+        claimed = self.store.claim(1000)
         assert claimed
-        self.executor.report(
-            "ex-1",
-            [
-                AttemptReport(
-                    j.job_id, j.attempt, status, now, exit_code=0 if status is JobStatus.SUCCEEDED else None
-                )
-                for j in claimed
-                for status in (JobStatus.STARTING, JobStatus.RUNNING, JobStatus.SUCCEEDED)
-            ],
-        )
+        self.store.succeed(claimed)
 
     def workspace_policy(self, archive: int, delete: int) -> None:
         self.services.accounts.update_workspace(
@@ -184,12 +145,8 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path, db_url: str | None) -> Iterator[World]:
     clock = ManualClock(1_800_000_000.0)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False, runtime="process")
-    services = build_services(settings, clock)
-    try:
+    with in_process_services(tmp_path / "data", db_url, clock, runtime="process") as services:
         yield World(services, clock)
-    finally:
-        services.db.dispose()
 
 
 def test_sweep_archives_after_inactivity_then_deletes_after_the_grace_period(world: World) -> None:

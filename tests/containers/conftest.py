@@ -29,19 +29,9 @@ from typing import Any
 
 import pytest
 
+from openhtc.testing.ci import require_tools as need
+from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.images import busybox_rootfs_tar, find_busybox, podman_import, podman_push
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def need(*tools: str) -> None:
-    """Skip (locally) or fail (in CI) unless every tool is on PATH."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"not installed: {', '.join(missing)} (make containers installs them)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture
@@ -54,7 +44,7 @@ def require_tools() -> Callable[..., None]:
 def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     need("podman")
     if find_busybox() is None:
-        (pytest.fail if IN_CI else pytest.skip)("no static busybox: apt-get install busybox-static")
+        skip_or_fail("no static busybox: apt-get install busybox-static")
     tar = busybox_rootfs_tar(tmp_path_factory.mktemp("bb") / "rootfs.tar")
     name = f"localhost/htc-test-bb:{uuid.uuid4().hex[:8]}"
     podman_import(tar, name, changes=['CMD ["/bin/sh", "-c", "echo hello from busybox"]'])

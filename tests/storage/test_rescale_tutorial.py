@@ -26,11 +26,11 @@ import httpx
 import pytest
 
 from openhtc.cli.bundle import build_bundle
+from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.images import find_busybox, podman_import, python_rootfs_tar
 
 pytestmark = pytest.mark.one_db
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parents[2]
 TAGGER = ROOT / "examples" / "rescale-tutorial" / "face_tagger.py"
 BIN = Path(sys.executable).parent
@@ -45,7 +45,7 @@ def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing or find_busybox() is None or not Path("/usr/bin/python3").exists():
         message = f"missing: {', '.join(missing) or 'busybox-static or /usr/bin/python3'}"
-        (pytest.fail if IN_CI else pytest.skip)(message)
+        skip_or_fail(message)
 
 
 @pytest.fixture(scope="module")

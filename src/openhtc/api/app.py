@@ -17,6 +17,7 @@ from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
+from openhtc.ui import install as install_ui
 
 API_PREFIX = "/api/v1"
 
@@ -36,6 +37,7 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system):
         app.include_router(module.router)
+    install_ui(app)  # the dashboard, under /ui/
     app.add_middleware(RequestGuard, limits=services.limits)
     app.add_middleware(ApiPrefix)
     return app

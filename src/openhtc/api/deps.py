@@ -58,3 +58,12 @@ def task_for(svc: Services, who: Principal, project_id: str, task_id: str) -> tu
     if task is None:
         raise NotFound(f"task {task_id} not found in project {project_id}")
     return project, task
+
+
+def job_for(svc: Services, task_id: str, job_id: str) -> tuple[Any, Any]:
+    """A job of a task the caller was already checked for (``task_for``), and its batch."""
+    with svc.db.read() as conn:
+        found = svc.jobs.get(conn, task_id, job_id)
+    if found is None:
+        raise NotFound(f"job {job_id} not found in task {task_id}")
+    return found

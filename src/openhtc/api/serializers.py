@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from openhtc.domain.capacity import ExecutorOffer, largest_by_region, region_architectures
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import JobStatus, LifecycleStatus, cloud_provider_of
-from openhtc.domain.models import Capacity
 
 if TYPE_CHECKING:
     from openhtc.registry import Registry
@@ -151,25 +151,31 @@ def limit(row: Any) -> dict[str, Any]:
     }
 
 
-def region(row: Any) -> dict[str, Any]:
+def region(row: Any, architectures: list[str] | None = None) -> dict[str, Any]:
+    """A region's settings; ``architectures``: what its executors offer (default: the stored ones)."""
     return {
         "region": row.name,
         "enabled": bool(row.enabled),
         "weight": row.weight,
         "updatedBy": row.updated_by,
         "updatedAt": iso(row.updated_at),
-        "supportedArchitectures": list(row.architectures),
+        "supportedArchitectures": list(row.architectures if architectures is None else architectures),
         "cloudProvider": cloud_provider_of(row.name),
     }
 
 
-def dimensions(region_rows: list[Any], capacity: Capacity) -> list[dict[str, Any]]:
-    """What each enabled region offers, per priority, as HTCComputeEnvironment entries."""
+def dimensions(region_rows: list[Any], offers: list[ExecutorOffer]) -> list[dict[str, Any]]:
+    """What each enabled region offers, per priority, as HTCComputeEnvironment entries: the
+    largest registered executor of each region and architecture (none registered: no entry)."""
+    largest = largest_by_region(offers)
     out = []
     for row in region_rows:
         if not row.enabled:
             continue
-        for arch in row.architectures:
+        for arch in region_architectures(row.architectures, offers, row.name):
+            capacity = largest.get((row.name, arch))
+            if capacity is None:
+                continue
             for priority in ("ON_DEMAND_PRIORITY", "ON_DEMAND_ECONOMY"):
                 out.append(
                     {

@@ -1,19 +1,18 @@
 """The embedded local executor: runs jobs on this machine through a runtime.
 
-One control thread claims work, flushes reports and heartbeats; a thread pool runs attempts.
-Jobs are packed into the machine's capacity by vCPUs and memory. A few extra jobs are held
-RUNNABLE (prefetched) so a finishing job is replaced at once, without waiting for the database.
+A driver around the executor's state (``state.py``, no I/O): one control thread claims work,
+flushes reports and heartbeats; a thread pool runs attempts. Every decision (what to claim,
+what fits where, which job follows which, when a held job is withdrawn, what the journal must
+hold) is the state's; this module does the I/O it asks for, under one lock around it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import Any
 from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.errors import InsufficientStorage, Unavailable
-from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
+from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
@@ -32,26 +32,6 @@ from openhtc.services.wakeups import Wakeups
 from openhtc.storage.staging import NoStager, Stager
 
 log = logging.getLogger("openhtc.executor")
-# A turn (report flush + claim) costs about a millisecond of CPU whatever it carries. Turns come
-# at most every TURN_SECONDS, so a lone job is seen finished within ~10 ms; while jobs finish
-# faster than BUSY_RATE a second, every BUSY_TURN_SECONDS, so each turn carries ten or more.
-TURN_SECONDS = 0.01
-BUSY_TURN_SECONDS = 0.05
-BUSY_RATE = 200.0
-# A job held behind a running one (see _work) looks for a free slot elsewhere this often.
-HOLD_SECONDS = 0.05
-# The attempt journal is written ahead for the jobs expected to start before the next turn.
-PREMARK_SECONDS = BUSY_TURN_SECONDS
-_ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
-
-
-@dataclass(slots=True)
-class _Running:
-    launch: JobLaunch
-    handle: RunHandle
-    reserved: Capacity  # what it holds of the machine: its own request, or its predecessor's
-    marked: bool = False  # in the attempt journal: its process may have started
-    begun: bool = False  # a worker took it up (else its turn was cancelled at stop)
 
 
 @dataclass(slots=True)
@@ -95,19 +75,15 @@ class LocalExecutor:
         if runtime.blocking:
             path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"
             self.journal = AttemptJournal(path, sync=settings.executor_journal_sync)
-        self.prefetch = Prefetch(
+        prefetch = Prefetch(
             settings.executor_prefetch, settings.executor_prefetch_seconds, self.capacity.vcpus
         )
-        self._lock = threading.Lock()
+        self.state = ExecutorState(
+            self.capacity, settings.max_running_jobs, prefetch, settings.heartbeat_seconds, RunHandle
+        )
+        self._lock = threading.Lock()  # around every call into self.state
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._pending: deque[JobLaunch] = deque()
-        # pending attempts journaled ahead of their hand-off (see _premark): True once on disk
-        self._premarked: dict[tuple[int, int], bool] = {}
-        self._running: dict[int, _Running] = {}
-        self._used = Capacity(0, 0)
-        self._completed = 0
-        self._reports: list[AttemptReport] = []
         self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
         self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-report")
         self._thread = threading.Thread(target=self._loop, name="local-executor", daemon=True)
@@ -140,22 +116,22 @@ class LocalExecutor:
 
     def stop(self) -> None:
         """Stop claiming, kill what runs, report it, and leave."""
+        with self._lock:
+            self.state.stop()
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=10)
         with self._lock:
-            running = list(self._running.values())
-        for item in running:
-            item.handle.stop()
+            running = list(self.state.running.values())
+        for attempt in running:
+            attempt.driver.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._reporter.shutdown(wait=True)
         self._flush()
         if self.journal is not None:
-            with self._lock:  # journaled ahead, never started: a restart re-queues them free
-                ahead, self._premarked = list(self._premarked), {}
-                # taken from the queue, but their worker's turn was cancelled by the shutdown
-                ahead += [(r.launch.job_id, r.launch.attempt) for r in self._running.values() if not r.begun]
-            self.journal.end(ahead)
+            with self._lock:  # journaled ahead or taken, never started: a restart re-queues them free
+                never_started = self.state.never_started()
+            self.journal.end(never_started)
             self.journal.close()
 
     def kick(self) -> None:
@@ -164,24 +140,20 @@ class LocalExecutor:
     # -- control loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        next_heartbeat = 0.0
         last_turn = 0.0
         while not self._stopping.is_set():
             self._wake.wait(timeout=0.25)
             # Completions that arrive between two turns share one report and one claim;
             # prefetched jobs keep the machine busy in between.
-            busy = self.prefetch.rate >= BUSY_RATE
-            pause = last_turn + (BUSY_TURN_SECONDS if busy else TURN_SECONDS) - time.monotonic()
+            pause = self.state.next_turn(last_turn) - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             self._wake.clear()
             last_turn = time.monotonic()
             try:
                 self._report_and_claim()
-                now = time.monotonic()
-                if now >= next_heartbeat or self._cancel_requested():
+                if self.state.heartbeat_due(time.monotonic(), self.wakeups.cancelled.wait(0)):
                     self._heartbeat()
-                    next_heartbeat = now + self.settings.heartbeat_seconds
                 self._premark()
                 self._start_pending()
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
@@ -201,7 +173,7 @@ class LocalExecutor:
         second would only wait for the first, so they run one after the other.
         """
         with self._lock:
-            has_reports = bool(self._reports)
+            has_reports = bool(self.state.reports)
         if not has_reports or not self.service.concurrent_writes:
             self._flush()
             self._claim()
@@ -212,120 +184,82 @@ class LocalExecutor:
         finally:
             flushed.result()
 
-    def _cancel_requested(self) -> bool:
-        return self.wakeups.cancelled.wait(0)
-
     def _claim(self) -> None:
-        if self._stopping.is_set():
-            return
         with self._lock:
-            target = self.prefetch.target(self._completed, time.monotonic())
-            want = target + self.capacity.vcpus - len(self._pending) - len(self._running)
-        if want <= 0:
+            claim = self.state.claim(time.monotonic())
+        if claim is None:
             return
-        # Claims are bounded by count; jobs are packed into the real capacity when they start.
-        unbounded = Capacity(want * self.capacity.vcpus, want * self.capacity.memory_mb)
-        launches = self.service.claim(self.executor_id, self.region, self.architectures, unbounded, want)
+        launches = self.service.claim(
+            self.executor_id, self.region, self.architectures, claim.bound, claim.max_jobs
+        )
         if launches:
             with self._lock:
-                self._pending.extend(launches)
+                self.state.claimed(launches)
 
     def _start_pending(self) -> None:
         """Start prefetched jobs while they fit in the free capacity."""
         while True:
             with self._lock:
-                item = self._take_next()
-            if item is None:
+                attempt = self.state.launch()
+            if attempt is None:
                 return
             if self.runtime.blocking:
-                self._pool.submit(self._work, item)
+                self._pool.submit(self._work, attempt)
             else:
-                self._work(item)  # finishes at once, and drains what else fits
+                self._work(attempt)  # finishes at once, and drains what else fits
 
-    def _take_next(self) -> _Running | None:
-        """Pop the next prefetched job if it fits in the free capacity (hold ``_lock``)."""
-        if not self._pending or len(self._running) >= self.settings.max_running_jobs:
-            return None
-        launch = self._pending[0]
-        free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
-        if not free.fits(launch.vcpus, launch.memory_mb):
-            return None
-        self._used = self._used.plus(launch.vcpus, launch.memory_mb)
-        return self._pop_pending(Capacity(launch.vcpus, launch.memory_mb))
-
-    def _take_successor(self, current: _Running) -> _Running | None:
-        """Pop the next prefetched job if it fits in ``current``'s reservation, which it takes
-        over when ``current`` ends: the capacity in use stays the same."""
-        with self._lock:
-            if not self._pending or self._stopping.is_set():
-                return None
-            launch = self._pending[0]
-            if not current.reserved.fits(launch.vcpus, launch.memory_mb):
-                return None
-            return self._pop_pending(current.reserved)
-
-    def _pop_pending(self, reserved: Capacity) -> _Running:
-        """Move the first prefetched job to the running ones, holding ``reserved`` (hold ``_lock``)."""
-        launch = self._pending.popleft()
-        # journaled ahead and on disk: marked already (in the sync, or not ahead: _mark does it)
-        item = _Running(
-            launch, RunHandle(), reserved, self._premarked.pop((launch.job_id, launch.attempt), False)
-        )
-        self._running[launch.job_id] = item
-        return item
-
-    def _work(self, first: _Running) -> None:
+    def _work(self, first: Attempt) -> None:
         """Run a job, then the next prefetched one that fits, on this same thread.
 
         Taking the next job here, rather than handing it to another thread, keeps the gap
         between two short jobs to a lock acquisition. A pipelined runtime gets the next job
-        while the current one still runs, and starts it the moment the current one ends.
+        (the slot's successor) while the current one still runs, and starts it the moment the
+        current one ends.
         """
-        item: _Running | None = first
+        item: Attempt | None = first
         begun: _Begun | None = self._begin(first, None)
         while item is not None and begun is not None:
-            successor = self._take_successor(item) if self._pipeline is not None else None
-            after = self._begin(successor, begun.started) if successor is not None else None
-            if successor is not None and after is not None and self._withdrawn(begun, successor, after):
-                successor = after = None
+            successor: Attempt | None = None
+            if self._pipeline is not None:
+                with self._lock:
+                    successor = self.state.successor(item, time.monotonic())
+            after: _Begun | None = None
+            if successor is not None:
+                after = self._begin(successor, begun.started)
+                if self._withdrawn(begun, successor, after):
+                    successor = after = None
             self._end(item, begun)
             with self._lock:
-                self._completed += 1
-                self._running.pop(item.launch.job_id, None)
-                if successor is not None:  # it took over the reservation
-                    item, begun = successor, after
-                else:
-                    self._used = self._used.minus(item.reserved.vcpus, item.reserved.memory_mb)
-                    item, begun = None if self._stopping.is_set() else self._take_next(), None
+                fresh = self.state.ended(item, successor)
+            if successor is not None:  # it took over the slot
+                item, begun = successor, after
+            else:
+                item, begun = fresh, None
             if item is not None and begun is None:
                 begun = self._begin(item, None)
             self._wake.set()
 
-    def _withdrawn(self, current: _Begun, successor: _Running, after: _Begun) -> bool:
-        """Wait while ``successor`` is held behind the running ``current``. Every HOLD_SECONDS
-        it looks for a free slot; given one, it is taken back from the runtime and queued first
-        again, for a thread of its own: no job waits behind a long one while the machine has
-        room. True if it was taken back."""
+    def _withdrawn(self, current: _Begun, successor: Attempt, after: _Begun) -> bool:
+        """Wait while ``successor`` is held behind the running ``current``; when the state says
+        so (it waited long enough and fits elsewhere), take it back from the runtime and queue
+        it first again, for a thread of its own. True if it was taken back."""
         assert self._pipeline is not None
         if current.started is None or after.started is None:
             return False  # nothing runs that it could wait for
-        launch = successor.launch
         while not self._pipeline.wait(current.started, HOLD_SECONDS):
             with self._lock:
-                free = self.capacity.minus(self._used.vcpus, self._used.memory_mb)
-                if not free.fits(launch.vcpus, launch.memory_mb):
+                if not self.state.should_withdraw(successor, time.monotonic()):
                     continue
             if not self._pipeline.withdraw(after.started):
                 return False  # it started meanwhile: the current job has just ended
-            self._unmark(successor)  # it never started
+            self._unmark(successor)  # it never started: out of the journal before it is queued again
             with self._lock:
-                self._running.pop(launch.job_id, None)
-                self._pending.appendleft(launch)
+                self.state.withdrawn(successor)
             self._wake.set()
             return True
         return False
 
-    def _begin(self, item: _Running, after: Any) -> _Begun:
+    def _begin(self, item: Attempt, after: Any) -> _Begun:
         """Report STARTING and stage the job's storage; a pipelined runtime starts it now
         (behind the job that returned ``after``, if given)."""
         launch = item.launch
@@ -342,7 +276,7 @@ class LocalExecutor:
             if self._pipeline is not None:
                 self._mark(item)
                 started = self._pipeline.start(
-                    begun.launch, item.handle, begun.log, self._on_running(begun.launch), after
+                    begun.launch, item.driver, begun.log, self._on_running(begun.launch), after
                 )
                 if isinstance(started, Outcome):
                     begun.outcome = started
@@ -353,64 +287,59 @@ class LocalExecutor:
             begun.outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
         return begun
 
-    def _end(self, item: _Running, begun: _Begun) -> None:
+    def _end(self, item: Attempt, begun: _Begun) -> None:
         """Run the job to its end (or wait for it), finish its storage, report the outcome."""
         launch, outcome = begun.launch, begun.outcome
+        handle: RunHandle = item.driver
         if outcome is None:
             try:
                 if self._pipeline is not None:
                     outcome = self._pipeline.finish(begun.started)
                 else:
                     self._mark(item)
-                    outcome = self.runtime.run(launch, item.handle, begun.log, self._on_running(launch))
+                    outcome = self.runtime.run(launch, handle, begun.log, self._on_running(launch))
             except Exception as exc:
                 log.exception("runtime failed on job %s", launch.job_uuid)
                 outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
         if begun.staged:  # before the report: a finished job's outputs are already in task storage
-            self.stager.finish(launch, item.handle.stopped, begun.log)
+            self.stager.finish(launch, handle.stopped, begun.log)
         status = JobStatus.SUCCEEDED if outcome.succeeded else JobStatus.FAILED
         self._report(launch, status, outcome.exit_code, outcome.failure_code, outcome.reason)
+
+    # -- the attempt journal --------------------------------------------------------------------
 
     def _premark(self) -> None:
         """Journal the attempts next in line, all with one sync, ahead of their hand-off.
 
         A sync costs about a millisecond, as much as a whole `true` job: paid by a worker thread
         per job, between a job's end and its successor's hand-off, it cut W1 by ~30 %. Journaled
-        here, once a turn, for the jobs likely to start before the next turn (those that fit in
-        the free vCPUs, plus PREMARK_SECONDS of work at the observed rate), it is off their
-        path; a job beyond that window is journaled by its worker. The price: a crash also fails
-        the attempts journaled ahead and not yet started (they may have started, as far as
-        recovery can tell), a few dozen at a thousand jobs a second.
+        here, once a turn, for the jobs likely to start before the next turn (the state's
+        ``to_premark``), it is off their path; a job beyond that window is journaled by its
+        worker. The price: a crash also fails the attempts journaled ahead and not yet started
+        (they may have started, as far as recovery can tell), a few dozen at a thousand jobs a
+        second.
         """
         if self.journal is None or not self.journal.sync:
             return
         with self._lock:
-            free = max(0, self.capacity.vcpus - self._used.vcpus)
-            window = free + int(self.prefetch.rate * PREMARK_SECONDS)
-            keys = []
-            for launch in itertools.islice(self._pending, window):
-                key = (launch.job_id, launch.attempt)
-                if key not in self._premarked:
-                    self._premarked[key] = False
-                    keys.append(key)
+            keys = self.state.to_premark()
         if not keys:
             return
         self.journal.begin_many(keys)
         with self._lock:
-            for key in keys:
-                if key in self._premarked:  # else a worker took it meanwhile (and synced itself)
-                    self._premarked[key] = True
+            self.state.premarked_on_disk(keys)
 
-    def _mark(self, item: _Running) -> None:
+    def _mark(self, item: Attempt) -> None:
         """Record durably that the attempt may start: before any hand-off to the runtime."""
-        if self.journal is not None and not item.marked:
-            self.journal.begin(item.launch.job_id, item.launch.attempt)
-            item.marked = True
+        if self.journal is not None and (key := self.state.to_mark(item)) is not None:
+            self.journal.begin(*key)
+            self.state.journaled(item)
 
-    def _unmark(self, item: _Running) -> None:
-        if self.journal is not None and item.marked:
-            self.journal.end([(item.launch.job_id, item.launch.attempt)])
-            item.marked = False
+    def _unmark(self, item: Attempt) -> None:
+        if self.journal is not None and (key := self.state.to_unmark(item)) is not None:
+            self.journal.end([key])
+
+    # -- reports and heartbeats -----------------------------------------------------------------
 
     def _on_running(self, launch: JobLaunch) -> Callable[[], None]:
         return lambda: self._report(launch, JobStatus.RUNNING)
@@ -423,65 +352,32 @@ class LocalExecutor:
         failure_code: str | None = None,
         reason: str | None = None,
     ) -> None:
-        report = AttemptReport(
-            launch.job_id, launch.attempt, status, time.time(), exit_code, failure_code, reason
-        )
+        at = time.time()
         with self._lock:
-            self._reports.append(report)
+            self.state.report(launch, status, at, exit_code, failure_code, reason)
 
     def _flush(self) -> None:
         with self._lock:
-            reports, self._reports = self._reports, []
+            reports = self.state.take_reports()
         if reports:
             try:
                 self.service.report(self.executor_id, reports)
             except Exception:
-                with self._lock:  # keep them for the next flush; the store ignores duplicates
-                    self._reports[:0] = reports
+                with self._lock:
+                    self.state.reports_failed(reports)
                 raise
             if self.journal is not None:  # their end is committed: a crash can no longer re-run them
-                self.journal.end((r.job_id, r.attempt) for r in reports if r.status in _ENDS)
+                self.journal.end(self.state.reports_delivered(reports))
 
     def _heartbeat(self) -> None:
         with self._lock:
-            held = [(j.job_id, j.attempt) for j in self._pending]
-            held += [(r.launch.job_id, r.launch.attempt) for r in self._running.values()]
-        stop = set(self.service.heartbeat(self.executor_id, held))
+            held = self.state.held()
+        stop = self.service.heartbeat(self.executor_id, held)
         if not stop:
             return
         with self._lock:
-            self._pending = deque(j for j in self._pending if (j.job_id, j.attempt) not in stop)
-            victims = [r for r in self._running.values() if (r.launch.job_id, r.launch.attempt) in stop]
-            dropped = [key for key in stop if self._premarked.pop(key, None) is not None]
-        if self.journal is not None and dropped:
-            self.journal.end(dropped)  # taken from the queue before they started
-        for victim in victims:
-            victim.handle.stop()
-
-
-class Prefetch:
-    """How many RUNNABLE jobs to hold beyond those running: about ``seconds`` of work.
-
-    Short jobs finish faster than a claim round trip, so the executor keeps a buffer sized by
-    the observed completion rate (at least two per vCPU). Long jobs keep it small, so a project
-    that submits later waits behind little prefetched work. A fixed size overrides this.
-    """
-
-    def __init__(self, fixed: int | None, seconds: float, vcpus: int, ceiling: int = 4096) -> None:
-        self.fixed = fixed
-        self.seconds = seconds
-        self.floor = 2 * vcpus
-        self.ceiling = ceiling
-        self.rate = 0.0
-        self._last: tuple[int, float] | None = None
-
-    def target(self, completed: int, now: float) -> int:
-        if self._last is None:
-            self._last = (completed, now)
-        elif now - self._last[1] >= 0.1:  # the rate is kept even with a fixed size: turns use it
-            rate = (completed - self._last[0]) / (now - self._last[1])
-            self.rate = 0.5 * self.rate + 0.5 * rate
-            self._last = (completed, now)
-        if self.fixed is not None:
-            return self.fixed
-        return max(self.floor, min(self.ceiling, int(self.rate * self.seconds)))
+            answer = self.state.stop_attempts(stop)
+        if self.journal is not None and answer.unjournal:
+            self.journal.end(answer.unjournal)  # taken from the queue before they started
+        for victim in answer.kill:
+            victim.driver.stop()

@@ -159,6 +159,7 @@ class _Job:
                 os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
                 self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
             self.log.write(text)
+            self.log.flush()  # a chunk at a time: readers of a running job's log see it now
         except OSError as exc:
             self._failed(exc)
 

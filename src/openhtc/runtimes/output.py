@@ -91,8 +91,7 @@ class LogSink:
             if self._file is None:
                 self._file = self.open_log()
             self._file.write(text)
-            if marker is not None:
-                self._file.flush()
+            self._file.flush()  # a chunk at a time: readers of a running job's log see it now
         except OSError as exc:
             self._fail(exc)
             return

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from openhtc.auth.tokens import Principal
+from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.container import Services
+
+
+def live_offers(services: Services) -> list[ExecutorOffer]:
+    """What the executors offer that have been heard from within a lease: one silent longer has
+    lost its jobs, and its capacity no longer counts either."""
+    return services.queue.executor_offers(services.clock.now() - services.settings.lease_seconds)
 
 
 class ExecutorService:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from openhtc.auth.tokens import Principal
+from openhtc.domain.capacity import ExecutorOffer, offers_for, region_architectures, why_not_fit
 from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
-from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
+from openhtc.services.executors import live_offers
 from openhtc.store.jobs import NewBatch
 
 
@@ -26,11 +27,13 @@ def submit(
             raise ValidationFailed("must not be empty", field="group")
         check_name(group, "group", services.limits)
     requests = parse_submit_requests(body, services.limits)
+    offers = live_offers(services)  # what no registered executor can run is refused
     region_archs = {
-        r.name: list(r.architectures) for r in services.accounts.regions(project.workspace_id) if r.enabled
+        r.name: region_architectures(r.architectures, offers, r.name)
+        for r in services.accounts.regions(project.workspace_id)
+        if r.enabled
     }
-    capacity = _largest_executor(services)
-    new = [_plan(req, i, project, region_archs, capacity, group) for i, req in enumerate(requests)]
+    new = [_plan(req, i, project, region_archs, offers, group) for i, req in enumerate(requests)]
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
     echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
@@ -48,17 +51,12 @@ def _check_images(services: Services, project_id: str, images: set[str]) -> None
         services.registry.require_image(project_id, image)
 
 
-def _largest_executor(services: Services) -> tuple[int, int]:
-    cap = local_capacity(services.settings)
-    return cap.vcpus, cap.memory_mb
-
-
 def _plan(
     req: SubmitRequest,
     i: int,
     project: Any,
     region_archs: dict[str, list[str]],
-    capacity: tuple[int, int],
+    offers: list[ExecutorOffer],
     group: str | None,
 ) -> NewBatch:
     definition = req.htcJobDefinition
@@ -82,17 +80,12 @@ def _plan(
             field=f"[{i}].htcJobDefinition.architecture",
         )
     region = next(r for r in candidates if architecture in region_archs[r])
-    vcpus, memory = capacity
-    if definition.maxVCpus > vcpus:
-        raise ValidationFailed(
-            f"{definition.maxVCpus} exceeds the largest executor in {region} ({vcpus} vCPUs)",
-            field=f"[{i}].htcJobDefinition.maxVCpus",
-        )
-    if definition.maxMemory > memory:
-        raise ValidationFailed(
-            f"{definition.maxMemory} MiB exceeds the largest executor in {region} ({memory} MiB)",
-            field=f"[{i}].htcJobDefinition.maxMemory",
-        )
+    misfit = why_not_fit(
+        offers_for(offers, region, architecture), region, definition.maxVCpus, definition.maxMemory
+    )
+    if misfit is not None:
+        field, message = misfit
+        raise ValidationFailed(message, field=f"[{i}].htcJobDefinition.{field}")
     priority = definition.priority if definition.priority is not None else Priority.ON_DEMAND_PRIORITY
     _check_dimensions(project.dimensions or [], region, priority.name, i)
     echo = req.model_dump(mode="json", exclude_none=True, exclude={"region", "regions"})

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, select
 
 from openhtc.domain import lifecycle
+from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
@@ -132,6 +133,15 @@ class QueueStore:
         return {row[0]: int(row[1] or 0) for row in cur.fetchall()}
 
     # -- executors ------------------------------------------------------------------------------
+
+    def executor_offers(self, heard_since: float) -> list[ExecutorOffer]:
+        """The executors that registered and have been heard from since ``heard_since``."""
+        query = select(
+            executors.c.region, executors.c.architectures, executors.c.vcpus, executors.c.memory_mb
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(query.where(executors.c.last_heartbeat >= heard_since)).all()
+        return [ExecutorOffer(r.region, tuple(r.architectures), Capacity(r.vcpus, r.memory_mb)) for r in rows]
 
     def register(
         self,

@@ -19,6 +19,8 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -166,3 +168,20 @@ class PostgresCluster:
             finally:
                 self.started = False
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A started cluster, stopped and deleted on exit. In a test: when the PostgreSQL binaries
+    are missing it skips, or fails in CI (see openhtc.testing.ci)."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        from openhtc.testing.ci import skip_or_fail
+
+        skip_or_fail(f"PostgreSQL unavailable (required in CI): {exc}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -8,14 +8,14 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
 from openhtc.api import serializers as ser
-from openhtc.api.deps import principal, services, task_for
+from openhtc.api.deps import job_for, principal, services, task_for
 from openhtc.api.pagination import decode_cursor, first, page, page_size
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, JobStatus
-from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.domain.errors import ValidationFailed
 from openhtc.services.container import Services
 from openhtc.services.submission import submit
 
@@ -84,14 +84,6 @@ def list_jobs(
     return JSONResponse(body)
 
 
-def _job(svc: Services, task_id: str, job_id: str) -> tuple[Any, Any]:
-    with svc.db.read() as conn:
-        found = svc.jobs.get(conn, task_id, job_id)
-    if found is None:
-        raise NotFound(f"job {job_id} not found in task {task_id}")
-    return found
-
-
 @router.get(JOBS + "/{job_id}")
 def get_job(
     project_id: str,
@@ -101,7 +93,7 @@ def get_job(
     svc: Services = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
-    job, batch = _job(svc, task_id, job_id)
+    job, batch = job_for(svc, task_id, job_id)
     return JSONResponse(ser.job(job, batch))
 
 
@@ -115,7 +107,7 @@ def job_events(
     svc: Services = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
-    job, _ = _job(svc, task_id, job_id)
+    job, _ = job_for(svc, task_id, job_id)
     size = page_size(request)
     after = decode_cursor(request, "int") or 0
     with svc.db.read() as conn:
@@ -135,7 +127,7 @@ def job_logs(
     svc: Services = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
-    job, batch = _job(svc, task_id, job_id)
+    job, batch = job_for(svc, task_id, job_id)
     size = page_size(request, default=100, maximum=10000)
     order = (first(request, "sort") or "desc").lower()
     if order not in ("asc", "desc"):

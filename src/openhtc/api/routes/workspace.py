@@ -12,11 +12,12 @@ from openhtc.api.responses import JSONResponse
 from openhtc.api.validation import retention_body
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
+from openhtc.domain.capacity import region_architectures
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import NotFound, PermissionDenied, ValidationFailed
-from openhtc.executor.capacity import local_capacity
 from openhtc.services.container import Services
+from openhtc.services.executors import live_offers
 
 router = APIRouter()
 UNLIMITED_VCPUS = 999999  # the schema's maximum; reported when no workspace limit is set
@@ -38,7 +39,8 @@ def list_regions(
     enabled = request.query_params.get("enabled")
     if enabled is not None and enabled.lower() not in ("true", "false"):
         raise ValidationFailed("must be true or false", field="enabled")
-    out = [ser.region(r) for r in rows]
+    offers = live_offers(svc)  # a region offers the architectures its executors registered
+    out = [ser.region(r, region_architectures(r.architectures, offers, r.name)) for r in rows]
     if provider:
         out = [r for r in out if r["cloudProvider"] == provider]
     if enabled is not None:
@@ -52,7 +54,8 @@ def get_region(
 ) -> JSONResponse:
     for row in svc.accounts.regions(who.workspace_id):
         if row.name == region:
-            return JSONResponse(ser.region(row))
+            architectures = region_architectures(row.architectures, live_offers(svc), row.name)
+            return JSONResponse(ser.region(row, architectures))
     raise NotFound(f"region {region} is not configured in this workspace")
 
 
@@ -61,7 +64,7 @@ def workspace_dimensions(
     workspace_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
-    return JSONResponse(ser.dimensions(svc.accounts.regions(workspace_id), local_capacity(svc.settings)))
+    return JSONResponse(ser.dimensions(svc.accounts.regions(workspace_id), live_offers(svc)))
 
 
 @router.get("/htc/workspaces/{workspace_id}/limits")

@@ -1,0 +1,82 @@
+"""Read models for the dashboard's overview: job counts per project and the executors.
+
+Read from the same counters the task summaries and /htc/metrics use (O(projects x statuses),
+never a scan of the jobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from openhtc.domain.enums import LIMITED_STATUSES, JobStatus
+from openhtc.scheduler.policy import effective_limit
+from openhtc.services.container import Services
+from openhtc.store.tables import executors, job_counters, projects
+
+_LIMITED = {int(s) for s in LIMITED_STATUSES}
+
+
+@dataclass
+class ProjectUsage:
+    """One project's jobs by status name, and the vCPUs its admitted jobs hold against its limit."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    vcpus_in_use: int = 0
+    vcpu_limit: int | None = None
+
+
+def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]:
+    """Every project of the workspace that has jobs, by project id."""
+    stmt = (
+        select(job_counters.c.project_id, job_counters.c.status, func.sum(job_counters.c.count))
+        .add_columns(func.sum(job_counters.c.vcpus))
+        .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
+        .where(projects.c.workspace_id == workspace_id)
+        .group_by(job_counters.c.project_id, job_counters.c.status)
+    )
+    out: dict[str, ProjectUsage] = {}
+    with svc.db.read() as conn:
+        for project_id, status, count, vcpus in conn.execute(stmt):
+            usage = out.setdefault(project_id, ProjectUsage())
+            usage.counts[JobStatus(status).name] = int(count or 0)
+            if status in _LIMITED:
+                usage.vcpus_in_use += int(vcpus or 0)
+    return out
+
+
+def project_limit(svc: Services, project_id: str) -> int | None:
+    """The tightest vCPU limit set on the project (None: unlimited)."""
+    return effective_limit(row.vcpus for row in svc.projects.limits(project_id))
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    id: str
+    region: str
+    architectures: list[str]
+    vcpus: int
+    memory_mb: int
+    last_heartbeat: float
+    online: bool
+
+
+def executor_views(svc: Services) -> list[ExecutorView]:
+    """The executors that registered, online while their heartbeat is within the lease."""
+    now = svc.clock.now()
+    with svc.db.read() as conn:
+        rows: list[Any] = list(conn.execute(select(executors).order_by(executors.c.id)))
+    return [
+        ExecutorView(
+            r.id,
+            r.region,
+            list(r.architectures or []),
+            int(r.vcpus),
+            int(r.memory_mb),
+            float(r.last_heartbeat),
+            now - r.last_heartbeat <= svc.settings.lease_seconds,
+        )
+        for r in rows
+    ]

@@ -1,0 +1,368 @@
+"""The dashboard's pages. Every page reuses the API's lookups and scope checks (api.deps,
+auth.permissions) and the stores' keyset reads, so a user sees exactly what the API shows them.
+
+A page asked for by htmx (``HX-Request``) renders only its live part, for polling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from openhtc import __version__
+from openhtc.api import serializers as ser
+from openhtc.api.deps import app_services, job_for, project_for, task_for
+from openhtc.api.errors import status_of
+from openhtc.api.pagination import decode_cursor, encode_cursor, first
+from openhtc.api.routes import tasks as task_routes
+from openhtc.api.routes.auth import principal_for_api_key
+from openhtc.auth.permissions import require_user
+from openhtc.domain.clock import iso
+from openhtc.domain.enums import STATUS_NAMES, JobStatus
+from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
+from openhtc.services import overview
+from openhtc.services.container import Services
+from openhtc.ui import session
+
+UI_PREFIX = "/ui"
+TASK = "/projects/{project_id}/tasks/{task_id}"
+PAGE = 50  # rows per page of projects, tasks, groups and jobs
+LOG_LINES = 500  # log lines per poll
+# Pages are never cached, framed (no clickjacking of the confirmation forms) or given scripts
+# from elsewhere; the status bars' widths are inline styles.
+HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'"
+    ),
+}
+LIVE = {p: f"live_{p}" for p in ("overview.html", "project.html", "task.html")}
+ACTIONS = {"archive": "Archive", "unarchive": "Unarchive", "delete": "Delete", "cancel": "Cancel"}
+
+
+def _render_error(request: Request, exc: OpenHTCError) -> Response:
+    status = status_of(exc)
+    if status == 401:
+        target = f"{UI_PREFIX}/login?" + urlencode({"next": request.url.path})
+        if request.headers.get("hx-request"):  # a poll whose session ended: reload into sign-in
+            return Response(status_code=204, headers={"HX-Redirect": target})
+        return RedirectResponse(target, status_code=303)
+    env: Environment = request.app.state.ui_templates
+    body = env.get_template("error.html").render(status=status, message=exc.message)
+    return HTMLResponse(body, status_code=status, headers=HEADERS)
+
+
+class UiRoute(APIRoute):
+    """Errors become HTML pages (and a missing session a redirect to sign-in), not JSON."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenHTCError as exc:
+                return _render_error(request, exc)
+
+        return handle
+
+
+def _status_filter(request: Request) -> str | None:
+    value = first(request, "status") or None
+    if value is not None and value not in STATUS_NAMES:
+        raise ValidationFailed(f"status must be one of {', '.join(STATUS_NAMES)}", field="status")
+    return value
+
+
+def _log_cursor(raw: str | None, attempts: int) -> tuple[int, int] | None:
+    """The log poll's cursor, ``attempt.offset`` (the position the logs route's cursor holds)."""
+    if not raw:
+        return None
+    attempt, _, offset = raw.partition(".")
+    if not (attempt.isascii() and attempt.isdigit() and offset.isascii() and offset.isdigit()):
+        raise ValidationFailed("not a log position", field="after")
+    if not 1 <= int(attempt) <= attempts or len(offset) > 18:
+        raise ValidationFailed("not a log position", field="after")
+    return int(attempt), int(offset)
+
+
+def templates() -> Environment:
+    env = Environment(
+        loader=PackageLoader("openhtc.ui", "templates"),
+        autoescape=select_autoescape(default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals.update(prefix=UI_PREFIX, version=__version__, iso=iso, statuses=STATUS_NAMES)
+    return env
+
+
+def create_router() -> APIRouter:
+    router = APIRouter(prefix=UI_PREFIX, route_class=UiRoute, include_in_schema=False)
+
+    def render(request: Request, name: str, code: int = 200, **ctx: Any) -> HTMLResponse:
+        env: Environment = request.app.state.ui_templates
+        token = request.cookies.get(session.SESSION_COOKIE, "")
+        svc = app_services(request)
+        ctx.setdefault("csrf", session.csrf_token(svc, token) if token else "")
+        if request.headers.get("hx-request") and name in LIVE:
+            name = LIVE[name]  # a poll: only the page's live part
+        query = request.url.query
+        self_url = request.url.path + (f"?{query}" if query else "")
+        body = env.get_template(name).render(self_url=self_url, **ctx)
+        return HTMLResponse(body, status_code=code, headers=HEADERS)
+
+    @router.get("", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse(f"{UI_PREFIX}/", status_code=307)
+
+    # -- sign-in ----------------------------------------------------------------------------
+
+    @router.get("/login")
+    async def login_page(request: Request) -> Response:
+        token = session.new_login_csrf()
+        response = render(request, "login.html", csrf=token, next=_safe_next(first(request, "next")))
+        session.set_cookie(response, request, session.LOGIN_CSRF_COOKIE, token, 3600, f"{UI_PREFIX}/login")
+        return response
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        svc = app_services(request)
+        fields = await session.form(request)
+        session.check_login_csrf(request, fields)
+        try:
+            who = principal_for_api_key(svc, fields.get("api_key", "").strip())
+        except Unauthenticated:
+            token = session.new_login_csrf()
+            response = render(
+                request, "login.html", 401, csrf=token, next=_safe_next(fields.get("next")),
+                error="Unknown or revoked API key.",
+            )  # fmt: skip
+            session.set_cookie(
+                response, request, session.LOGIN_CSRF_COOKIE, token, 3600, f"{UI_PREFIX}/login"
+            )
+            return response
+        bearer, ttl = svc.tokens.bearer(who)
+        signed_in = RedirectResponse(_safe_next(fields.get("next")), status_code=303)
+        session.set_cookie(signed_in, request, session.SESSION_COOKIE, bearer, ttl, UI_PREFIX)
+        signed_in.delete_cookie(session.LOGIN_CSRF_COOKIE, path=f"{UI_PREFIX}/login")
+        return signed_in
+
+    @router.post("/logout")
+    async def logout(request: Request) -> Response:
+        svc = app_services(request)
+        session.check_csrf(svc, request, await session.form(request))
+        response = RedirectResponse(f"{UI_PREFIX}/login", status_code=303)
+        response.delete_cookie(session.SESSION_COOKIE, path=UI_PREFIX)
+        return response
+
+    # -- overview and projects ----------------------------------------------------------------
+
+    @router.get("/")
+    def overview_page(request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        projects = svc.projects.list_projects(who.workspace_id, None, PAGE)
+        usage = overview.workspace_usage(svc, who.workspace_id)
+        rows = [
+            (p, usage.get(p.id, overview.ProjectUsage()), overview.project_limit(svc, p.id)) for p in projects
+        ]
+        workspace = svc.accounts.workspace(who.workspace_id)
+        return render(
+            request,
+            "overview.html",
+            who=who,
+            rows=rows,
+            vcpus_in_use=sum(u.vcpus_in_use for u in usage.values()),
+            workspace_limit=workspace.vcpu_limit if workspace is not None else None,
+            executors=overview.executor_views(svc),
+        )
+
+    @router.get("/projects/{project_id}")
+    def project_page(project_id: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        project = project_for(svc, who, project_id)
+        cursor = decode_cursor(request, "pair")
+        rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
+        with svc.db.read() as conn:
+            tasks = [(t, svc.jobs.totals(conn, t.id)) for t in rows[:PAGE]]
+        more = encode_cursor([rows[PAGE - 1].created_at, rows[PAGE - 1].id]) if len(rows) > PAGE else None
+        return render(
+            request,
+            "project.html",
+            who=who,
+            project=project,
+            tasks=tasks,
+            limit=overview.project_limit(svc, project_id),
+            next_page=more,
+        )
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    @router.get(TASK)
+    def task_page(project_id: str, task_id: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        project, task = task_for(svc, who, project_id, task_id)
+        after = decode_cursor(request, "str")
+        with svc.db.read() as conn:
+            totals = svc.jobs.totals(conn, task_id)
+            names = svc.jobs.groups(conn, task_id, after, PAGE + 1)
+            counts = svc.jobs.summary(conn, task_id, names[:PAGE])
+        groups = [(g, counts.get(g, {})) for g in names[:PAGE]]
+        return render(
+            request,
+            "task.html",
+            who=who,
+            project=project,
+            task=task,
+            totals=totals,
+            groups=groups,
+            next_page=encode_cursor(names[PAGE - 1]) if len(names) > PAGE else None,
+        )
+
+    @router.get(TASK + "/confirm/{action}")
+    def confirm_page(project_id: str, task_id: str, action: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        project, task = task_for(svc, who, project_id, task_id)
+        if action not in ACTIONS:
+            raise NotFound(f"no action {action}")
+        return render(
+            request,
+            "confirm.html",
+            who=who,
+            project=project,
+            task=task,
+            action=action,
+            label=ACTIONS[action],
+            group=first(request, "group") or None,
+        )
+
+    @router.post(TASK + "/{action}")
+    async def task_action(project_id: str, task_id: str, action: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        fields = await session.form(request)
+        session.check_csrf(svc, request, fields)
+        if action not in ACTIONS:
+            raise NotFound(f"no action {action}")
+        # Through the API's own routes and rules (a threadpool hop: they query the store).
+        await run_in_threadpool(_act, svc, who, project_id, task_id, action, fields.get("group") or None)
+        target = f"{UI_PREFIX}/projects/{project_id}"
+        if action != "delete":
+            target += f"/tasks/{task_id}"
+        return RedirectResponse(target, status_code=303)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    @router.get(TASK + "/jobs")
+    def jobs_page(project_id: str, task_id: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        project, task = task_for(svc, who, project_id, task_id)
+        status = _status_filter(request)
+        group = first(request, "group") or None
+        after = int(decode_cursor(request, "int") or 0)
+        with svc.db.read() as conn:
+            rows = svc.jobs.list_jobs(
+                conn,
+                task_id,
+                after_id=after,
+                limit=PAGE + 1,
+                group=group,
+                status=JobStatus[status] if status else None,
+            )
+            batch_rows = svc.jobs.batches_by_id(conn, {r.batch_id for r in rows[:PAGE]})
+        jobs = [ser.job(r, batch_rows[r.batch_id], simple=True) for r in rows[:PAGE]]
+        query = {k: v for k, v in (("status", status), ("group", group)) if v}
+        next_page = None
+        if len(rows) > PAGE:
+            next_page = urlencode({**query, "pageIndex": encode_cursor(rows[PAGE - 1].id)})
+        return render(
+            request,
+            "jobs.html",
+            who=who,
+            project=project,
+            task=task,
+            jobs=jobs,
+            status=status,
+            group=group,
+            next_page=next_page,
+        )
+
+    @router.get(TASK + "/jobs/{job_id}")
+    def job_page(project_id: str, task_id: str, job_id: str, request: Request) -> Response:
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        project, task = task_for(svc, who, project_id, task_id)
+        job, batch = job_for(svc, task_id, job_id)
+        with svc.db.read() as conn:
+            events = [
+                ser.event(e, job_id, job.idx) for e in svc.jobs.events(conn, job.id, job.batch_id, 0, 1000)
+            ]
+        attempts: dict[int, dict[str, Any]] = {}
+        for event in events:
+            if event["attempt"] and (event["instanceId"] or event["attempt"] in attempts):
+                attempts[event["attempt"]] = event  # an attempt's last event, once an executor had it
+        return render(
+            request,
+            "job.html",
+            who=who,
+            project=project,
+            task=task,
+            job=ser.job(job, batch),
+            events=events,
+            attempts=sorted(attempts.items()),
+        )
+
+    @router.get(TASK + "/jobs/{job_id}/log")
+    def job_log(project_id: str, task_id: str, job_id: str, request: Request) -> Response:
+        """New log lines from the cursor ``after`` on, and the element that polls for the next."""
+        svc = app_services(request)
+        who = session.viewer(svc, request)
+        task_for(svc, who, project_id, task_id)
+        job, batch = job_for(svc, task_id, job_id)
+        start = _log_cursor(first(request, "after"), job.attempt)
+        lines = svc.logs.page((task_id, batch.parent_job_id, job.idx), job.attempt, LOG_LINES, False, start)
+        position = lines[-1].after if lines else start
+        done = JobStatus(job.status).terminal and len(lines) < LOG_LINES
+        return render(
+            request,
+            "log.html",
+            lines=[(iso(line.timestamp), line.message) for line in lines],
+            after=f"{position[0]}.{position[1]}" if position else "",
+            follow=not done,
+            url=f"{UI_PREFIX}/projects/{project_id}/tasks/{task_id}/jobs/{job_id}/log",
+        )
+
+    return router
+
+
+def _act(svc: Services, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
+    if action == "cancel":
+        task_for(svc, who, project_id, task_id)
+        require_user(who, "cancel jobs")
+        if svc.jobs.cancel(task_id, group, svc.clock.now()):
+            svc.wakeups.cancel()
+    elif action == "delete":
+        task_routes.delete_task(project_id, task_id, who, svc)
+    else:
+        target = "ARCHIVED" if action == "archive" else "ACTIVE"
+        task_routes.patch_task(project_id, task_id, {"lifecycleStatus": target}, who, svc)
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path of the dashboard itself (no open redirect to another site)."""
+    if value and value.startswith(UI_PREFIX + "/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return f"{UI_PREFIX}/"
