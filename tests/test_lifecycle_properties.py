@@ -1,11 +1,13 @@
 """The pure job lifecycle (domain/lifecycle.py) under random sequences of inputs.
 
 A Hypothesis state machine submits jobs and drives them with claims, executor reports (in order,
-duplicated, late, for old attempts, from the wrong executor), lease expiry, executor restarts and
-cancels. After every step it checks what a user relies on: each job is in exactly one status, the
+several at once, duplicated, late, for old attempts, from the wrong executor, infrastructure
+failures), lease expiry, executor restarts and cancels, under a drawn ``max_infrastructure_retries``.
+After every step it checks what a user relies on: each job is in exactly one status, the
 per-status counters (kept from the counter deltas the lifecycle returns) equal a recount, a
-terminal status never changes, a stale report changes nothing, and a job runs at most
-``maxRetries + 1`` counted attempts, an attempt that never started being re-queued for free.
+terminal status never changes, a stale report changes nothing, retries never exceed
+``maxRetries``, infrastructure loss never spends a user retry, infrastructure re-runs never
+exceed their budget, and an attempt that never started is re-queued for free.
 No database: the whole machine runs in well under a second per example.
 """
 
@@ -49,6 +51,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.reports: list[tuple[str, AttemptReport]] = []  # every report sent, for late replays
         self.started: dict[int, set[int]] = {}  # attempts whose process may have started
         self.now = 0.0
+        self.budget = 0  # max_infrastructure_retries, drawn per run
 
     # -- the store's part: apply a step as transitions.Batch does -------------------------------
 
@@ -68,8 +71,9 @@ class Lifecycle(RuleBasedStateMachine):
         ids = list(self.records)
         return ids[-1 - i % len(ids)]
 
-    @initialize()
-    def first_job(self) -> None:
+    @initialize(budget=st.integers(0, 2))
+    def first_job(self, budget: int) -> None:
+        self.budget = budget
         self.submit(True, 1)
 
     def tick(self) -> float:
@@ -98,15 +102,15 @@ class Lifecycle(RuleBasedStateMachine):
         job_id = self.pick(job_id)
         if self.records[job_id].status != S.SUBMITTED_TO_PROVIDER:
             with pytest.raises(InvalidTransition):
-                lifecycle.claim(self.records[job_id], executor, self.now + 30, self.now)
+                lifecycle.claim([self.records[job_id]], executor, self.now + 30, self.now)
             queued = [j for j, rec in self.records.items() if rec.status == S.SUBMITTED_TO_PROVIDER]
             if not queued:
                 return
             job_id = queued[0]
         at = self.tick()
-        step = lifecycle.claim(self.records[job_id], executor, at + 30, at)
-        assert step.record.executor_id == executor and step.record.lease_expires_at == at + 30
-        self.apply(job_id, step)
+        (record,), events = lifecycle.claim([self.records[job_id]], executor, at + 30, at)
+        assert record.executor_id == executor and record.lease_expires_at == at + 30
+        self.apply(job_id, Step(record, tuple(events)))
 
     @rule(
         job_id=JOB,
@@ -128,12 +132,61 @@ class Lifecycle(RuleBasedStateMachine):
         if status is not S.STARTING or rec.status != S.RUNNABLE:
             self.started[job_id].add(rec.attempt)  # the process ran (or its start failed)
         self.reports.append((rec.executor_id, r))
-        self.apply(job_id, lifecycle.report(rec, r, rec.executor_id))
+        self.apply(job_id, self.fold(rec, [r], rec.executor_id))
         if late:  # every earlier report of the job arrives again, after this one
             for executor, old in [(e, o) for e, o in self.reports[:-1] if o.job_id == job_id]:
                 now = self.records[job_id]
-                step = lifecycle.report(now, old, executor)
+                step = self.fold(now, [old], executor)
                 assert not step.changed and step.record == now, "a late report changed the job"
+
+    @rule(job_id=JOB, upto=st.sampled_from((S.RUNNING, S.SUCCEEDED)), fails=st.booleans())
+    def report_several_at_once(self, job_id: int, upto: JobStatus, fails: bool) -> None:
+        """The executor sends the rest of an attempt's statuses in one flush (a short job starts,
+        runs and ends between two turns), perhaps ending in a failure, with a duplicate inside:
+        folded in one call, they give what they give one by one."""
+        active = [j for j, rec in self.records.items() if rec.status in ACTIVE]
+        if not active:
+            return
+        job_id = active[job_id % len(active)]
+        rec = self.records[job_id]
+        statuses = [s for s in (S.STARTING, S.RUNNING, S.SUCCEEDED) if rec.status < s <= upto]
+        if fails:
+            statuses[-1:] = [S.FAILED]
+        sent = []
+        for status in statuses:
+            code = FailureCode.ErrorNonZeroContainerExitCode.value if status == S.FAILED else None
+            sent.append(
+                AttemptReport(job_id, rec.attempt, status, self.tick(), 1 if code else 0, code, "why")
+            )
+        if sent:
+            sent.insert(1, sent[0])  # a duplicate in the same flush changes nothing
+            self.started[job_id].add(rec.attempt)
+        one_by_one = rec
+        for r in sent:
+            one_by_one = self.fold(one_by_one, [r], rec.executor_id).record
+        step = self.fold(rec, sent, rec.executor_id)
+        assert step.record == one_by_one
+        self.reports.extend((rec.executor_id, r) for r in sent)
+        self.apply(job_id, step)
+
+    @rule(job_id=JOB)
+    def report_an_infrastructure_failure(self, job_id: int) -> None:
+        """The executor's own infrastructure fails the attempt (its job launcher stopped while
+        the job ran): like a lost executor, it spends no user retry."""
+        active = [j for j, rec in self.records.items() if rec.status in ACTIVE]
+        if not active:
+            return
+        job_id = active[job_id % len(active)]
+        rec = self.records[job_id]
+        fault = FailureCode.ErrorInfrastructureFault.value
+        r = AttemptReport(job_id, rec.attempt, S.FAILED, self.tick(), None, fault, "launcher stopped")
+        self.started[job_id].add(rec.attempt)
+        self.reports.append((rec.executor_id, r))
+        self.apply(job_id, self.fold(rec, [r], rec.executor_id))
+        self.check_infrastructure_fault(rec, self.records[job_id])
+
+    def fold(self, rec: JobRecord, reports: list[AttemptReport], executor: str | None) -> Step:
+        return lifecycle.report(rec, reports, executor, self.budget)
 
     @rule(data=st.data())
     def replay_a_report(self, data: st.DataObject) -> None:
@@ -143,7 +196,7 @@ class Lifecycle(RuleBasedStateMachine):
         # every report was applied (or fenced) when it was sent: sent again, it changes nothing
         executor, r = data.draw(st.sampled_from(self.reports))
         rec = self.records[r.job_id]
-        step = lifecycle.report(rec, r, executor)
+        step = self.fold(rec, [r], executor)
         assert not step.changed and step.record == rec, "a duplicate or late report changed the job"
 
     @rule(job_id=JOB)
@@ -158,7 +211,7 @@ class Lifecycle(RuleBasedStateMachine):
         job_id = candidates[job_id % len(candidates)]
         for executor, r in [(e, r) for e, r in self.reports if r.job_id == job_id]:
             rec = self.records[job_id]
-            step = lifecycle.report(rec, r, executor)
+            step = self.fold(rec, [r], executor)
             assert not step.changed and step.record == rec, "a duplicate or late report changed the job"
 
     @rule(job_id=JOB, executor=st.sampled_from(EXECUTORS))
@@ -168,7 +221,7 @@ class Lifecycle(RuleBasedStateMachine):
         if rec.executor_id == executor:
             return
         r = AttemptReport(job_id, rec.attempt, S.SUCCEEDED, self.tick(), 0)
-        step = lifecycle.report(rec, r, executor)
+        step = self.fold(rec, [r], executor)
         assert not step.changed and step.record == rec, "a report from a non-holder changed the job"
 
     @rule(job_id=JOB)
@@ -187,23 +240,35 @@ class Lifecycle(RuleBasedStateMachine):
                 self.lose(job_id, rec.attempt in self.started[job_id])
 
     def lose(self, job_id: int, may_have_started: bool | None) -> None:
-        """The crash rule: an attempt that may have started counts as an attempt (and is retried
-        only as maxRetries allows); one that cannot have started is re-queued free."""
+        """The crash rule: an attempt that cannot have started is re-queued free; one that may
+        have is an infrastructure fault."""
         rec = self.records[job_id]
-        self.apply(job_id, lifecycle.lose_executor(rec, self.tick(), "lost", may_have_started))
+        self.apply(job_id, lifecycle.lose_executor(rec, self.tick(), "lost", may_have_started, self.budget))
         new = self.records[job_id]
         if may_have_started is False and rec.status != S.RUNNING:
-            assert (new.status, new.attempt, new.failed_attempts) == (
+            assert (new.status, new.attempt, new.failed_attempts, new.infra_retries) == (
                 S.SUBMITTED_TO_RESCALE,
                 rec.attempt + 1,
                 rec.failed_attempts,
+                rec.infra_retries,
             )
         else:
-            assert new.failed_attempts == rec.failed_attempts + 1
-            assert new.failure_code == FailureCode.ErrorInfrastructureFault
-            retried = rec.failed_attempts < rec.max_retries
-            assert new.status == (S.SUBMITTED_TO_RESCALE if retried else S.FAILED)
+            self.check_infrastructure_fault(rec, new)
         assert new.executor_id is None or new.status == S.FAILED
+
+    def check_infrastructure_fault(self, rec: JobRecord, new: JobRecord) -> None:
+        """Infrastructure loss never spends a user retry: the job is re-run on its budget, or
+        fails once that is spent."""
+        assert new.failed_attempts == rec.failed_attempts, "an infrastructure fault spent a user retry"
+        assert new.failure_code == FailureCode.ErrorInfrastructureFault
+        if rec.infra_retries < self.budget:
+            assert (new.status, new.attempt, new.infra_retries) == (
+                S.SUBMITTED_TO_RESCALE,
+                rec.attempt + 1,
+                rec.infra_retries + 1,
+            )
+        else:
+            assert (new.status, new.attempt, new.infra_retries) == (S.FAILED, rec.attempt, rec.infra_retries)
 
     @rule(job_id=JOB, often=st.integers(0, 3))
     def cancel(self, job_id: int, often: int) -> None:
@@ -233,16 +298,35 @@ class Lifecycle(RuleBasedStateMachine):
                 assert rec.status == S.SUCCEEDED or rec.failure_code or rec.cancelled
 
     @invariant()
-    def counted_attempts_never_exceed_max_retries_plus_one(self) -> None:
+    def retries_and_infrastructure_reruns_stay_within_their_budgets(self) -> None:
         for job_id, rec in self.records.items():
             started = len(self.started[job_id])
-            assert rec.failed_attempts <= rec.max_retries + 1
-            # an attempt that may have started counts (unless it succeeded or was cancelled)
-            assert started <= rec.failed_attempts + 1
-            if rec.status == S.FAILED and not rec.cancelled:
-                assert rec.failed_attempts == rec.max_retries + 1
+            assert rec.failed_attempts <= rec.max_retries + 1, "retries exceeded maxRetries"
+            assert rec.infra_retries <= self.budget, "infrastructure re-runs exceeded their budget"
+            # every attempt that may have started is accounted for, as a user retry or an
+            # infrastructure re-run (the last one may still run, or have succeeded or been cancelled)
+            assert started <= rec.failed_attempts + rec.infra_retries + 1
             failed_events = [e for e in self.history[job_id] if e.status == S.FAILED and not e.cancelled]
-            assert len(failed_events) == rec.failed_attempts
+            spent_on_infra = (
+                rec.status == S.FAILED
+                and not rec.cancelled
+                and rec.failure_code == FailureCode.ErrorInfrastructureFault
+            )
+            if rec.status == S.FAILED and not rec.cancelled:  # a final failure: a budget is spent
+                if spent_on_infra:
+                    assert rec.infra_retries == self.budget
+                else:
+                    assert rec.failed_attempts == rec.max_retries + 1
+            assert len(failed_events) == rec.failed_attempts + rec.infra_retries + spent_on_infra
+            # each attempt's number is its place: first + retries + re-runs + free re-queues
+            requeued_free = sum(1 for e in self.history[job_id] if e.status == S.SUBMITTED_TO_RESCALE) - (
+                rec.infra_retries + min(rec.failed_attempts, rec.max_retries)
+            )
+            assert requeued_free >= 0
+            assert (
+                rec.attempt
+                == 1 + rec.infra_retries + min(rec.failed_attempts, rec.max_retries) + requeued_free
+            )
 
     @invariant()
     def a_queued_job_holds_no_executor(self) -> None:
@@ -268,11 +352,18 @@ def test_the_legality_table_is_the_effect_table() -> None:
     assert not lifecycle.can_transition(S.SUBMITTED_TO_PROVIDER, S.SUBMITTED_TO_RESCALE)
 
 
-def test_a_lost_executor_requeues_an_unstarted_attempt_free_and_fails_a_started_one() -> None:
-    claimed = lifecycle.claim(JobRecord(1, int(S.SUBMITTED_TO_PROVIDER)), "e", 30.0, 1.0).record
-    free = lifecycle.lose_executor(claimed, 2.0, "restarted", False)
+def test_a_lost_executor_requeues_an_unstarted_attempt_free_and_reruns_a_started_one_on_its_budget() -> None:
+    (claimed,), _ = lifecycle.claim([JobRecord(1, int(S.SUBMITTED_TO_PROVIDER))], "e", 30.0, 1.0)
+    free = lifecycle.lose_executor(claimed, 2.0, "restarted", False, 0)
     assert free.requeued and free.record.attempt == 2 and free.record.failed_attempts == 0
     assert free.record.executor_id is None and free.record.status == S.SUBMITTED_TO_RESCALE
-    final = lifecycle.lose_executor(claimed, 2.0, "restarted", True)
-    assert final.record.status == S.FAILED and final.record.failed_attempts == 1
+    rerun = lifecycle.lose_executor(claimed, 2.0, "restarted", True, 1)
+    assert rerun.requeued and rerun.record.status == S.SUBMITTED_TO_RESCALE
+    assert (rerun.record.attempt, rerun.record.failed_attempts, rerun.record.infra_retries) == (2, 0, 1)
+    assert [e.status for e in rerun.events] == [S.FAILED, S.SUBMITTED_TO_RESCALE]
+    assert "may have started" in (rerun.events[0].reason or "")
+    final = lifecycle.lose_executor(claimed._replace(infra_retries=1), 2.0, "restarted", True, 1)
+    assert final.record.status == S.FAILED and final.record.failed_attempts == 0
     assert final.record.failure_code == FailureCode.ErrorInfrastructureFault
+    at_most_once = lifecycle.lose_executor(claimed, 2.0, "restarted", True, 0)
+    assert at_most_once.record.status == S.FAILED and at_most_once.record.infra_retries == 0

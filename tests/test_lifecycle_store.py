@@ -1,8 +1,9 @@
 """The store writes exactly what the pure lifecycle says, on SQLite and PostgreSQL.
 
 The Hypothesis state machine of ``test_lifecycle_properties.py`` drives the pure model; this one
-sends the same kinds of inputs (submit, claim, reports in order, duplicated and late, lease
-expiry, executor restarts, admission of retries, cancel) through the real store
+sends the same kinds of inputs (submit, claim, reports in order, several in one flush,
+duplicated and late, infrastructure failures, lease expiry, executor restarts, admission of
+retries and re-runs, cancel) through the real store
 (``QueueStore``/``JobStore`` on a real database) and keeps a pure model beside it, fed the same
 inputs through ``domain/lifecycle.py``. After every step each job's row, its own events and the
 task's counters must equal the model's, so the writer (load under lock, compare-and-set, bulk
@@ -41,9 +42,10 @@ LEASE = 30.0
 NEXT = {S.RUNNABLE: S.STARTING, S.STARTING: S.RUNNING, S.RUNNING: S.SUCCEEDED}
 RESTARTED = "the executor restarted"  # the causes the store names
 EXPIRED = "the executor stopped responding (lease expired)"
+BUDGET = 1  # max_infrastructure_retries: one re-run after an infrastructure fault, then failure
 _ROW = (
-    "SELECT id, status, attempt, failed_attempts, executor_id, lease_expires_at, started_at, completed_at,"
-    " exit_code, failure_code, status_reason, cancelled FROM jobs WHERE task_id = ? ORDER BY id"
+    "SELECT id, status, attempt, failed_attempts, infra_retries, executor_id, lease_expires_at, started_at,"
+    " completed_at, exit_code, failure_code, status_reason, cancelled FROM jobs WHERE task_id = ? ORDER BY id"
 )
 
 
@@ -102,27 +104,41 @@ class StoreLifecycle(RuleBasedStateMachine):
         claimed = self.services.queue.claim(executor, self.region, ["X86"], CAPACITY, max_jobs, LEASE, at)
         for job in claimed:
             assert self.records[job.id].status == S.SUBMITTED_TO_PROVIDER
-            self.apply(job.id, lifecycle.claim(self.records[job.id], executor, at + LEASE, at))
+            (record,), events = lifecycle.claim([self.records[job.id]], executor, at + LEASE, at)
+            self.apply(job.id, lifecycle.Step(record, tuple(events)))
 
     @rule(
         job_id=jobs,
         fails=st.booleans(),
-        failure=st.sampled_from((FailureCode.ErrorNonZeroContainerExitCode, FailureCode.ErrorTimeout)),
+        failure=st.sampled_from(
+            (
+                FailureCode.ErrorNonZeroContainerExitCode,
+                FailureCode.ErrorTimeout,
+                FailureCode.ErrorInfrastructureFault,  # the executor's launcher stopped
+            )
+        ),
+        several=st.booleans(),
     )
-    def report(self, job_id: int, fails: bool, failure: FailureCode) -> None:
-        """The executor holding the job reports its attempt's next status, or its failure."""
+    def report(self, job_id: int, fails: bool, failure: FailureCode, several: bool) -> None:
+        """The executor holding the job reports its attempt's next status, or its failure; or
+        (``several``) the rest of the attempt's statuses in one flush."""
         rec = self.records[job_id]
         if rec.executor_id is None or rec.status not in ACTIVE:
             return
-        status = S.FAILED if fails else NEXT[S(rec.status)]
-        r = AttemptReport(
-            job_id, rec.attempt, status, self.tick(), 1 if status == S.FAILED else 0, failure.value
-        )
-        if status != S.STARTING:
+        statuses = [NEXT[S(rec.status)]]
+        while several and statuses[-1] != S.SUCCEEDED:
+            statuses.append(NEXT[statuses[-1]])
+        if fails:
+            statuses[-1] = S.FAILED
+        sent = [
+            AttemptReport(job_id, rec.attempt, s, self.tick(), 1 if s == S.FAILED else 0, failure.value)
+            for s in statuses
+        ]
+        if statuses != [S.STARTING]:
             self.started.add((job_id, rec.attempt))
-        self.reports.append((rec.executor_id, r))
-        self.services.queue.report(rec.executor_id, [r], self.now)
-        self.apply(job_id, lifecycle.report(rec, r, rec.executor_id))
+        self.reports.extend((rec.executor_id, r) for r in sent)
+        self.services.queue.report(rec.executor_id, sent, self.now)
+        self.apply(job_id, lifecycle.report(rec, sent, rec.executor_id, BUDGET))
 
     @rule(data=st.data())
     def replay_a_report(self, data: st.DataObject) -> None:
@@ -136,7 +152,7 @@ class StoreLifecycle(RuleBasedStateMachine):
         self.services.queue.expire_leases(at)
         for job_id, rec in self.records.items():
             if rec.status in ACTIVE and rec.lease_expires_at is not None and rec.lease_expires_at < at:
-                self.apply(job_id, lifecycle.lose_executor(rec, at, EXPIRED, None))
+                self.apply(job_id, lifecycle.lose_executor(rec, at, EXPIRED, None, BUDGET))
 
     @rule(executor=st.sampled_from(EXECUTORS))
     def executor_restarts(self, executor: str) -> None:
@@ -148,7 +164,7 @@ class StoreLifecycle(RuleBasedStateMachine):
         for job_id, rec in self.records.items():
             if rec.executor_id == executor and rec.status in ACTIVE:
                 marked = (job_id, rec.attempt) in self.started
-                self.apply(job_id, lifecycle.lose_executor(rec, at, RESTARTED, marked))
+                self.apply(job_id, lifecycle.lose_executor(rec, at, RESTARTED, marked, BUDGET))
 
     @rule()
     def admit_retries(self) -> None:
@@ -178,10 +194,11 @@ class StoreLifecycle(RuleBasedStateMachine):
         for row in rows:
             r = self.records[row[0]]
             model = (
-                r.id, r.status, r.attempt, r.failed_attempts, r.executor_id, r.lease_expires_at, r.started_at,
-                r.completed_at, r.exit_code, r.failure_code, r.status_reason, r.cancelled,
+                r.id, r.status, r.attempt, r.failed_attempts, r.infra_retries, r.executor_id,
+                r.lease_expires_at, r.started_at, r.completed_at, r.exit_code, r.failure_code,
+                r.status_reason, r.cancelled,
             )  # fmt: skip
-            assert (*row[:11], bool(row[11])) == pytest.approx(model)
+            assert (*row[:12], bool(row[12])) == pytest.approx(model)
 
     @invariant()
     def events_equal_the_model(self) -> None:
@@ -209,7 +226,13 @@ class StoreLifecycle(RuleBasedStateMachine):
 
 @pytest.fixture
 def services(tmp_path: Path, db_url: str | None) -> Iterator[Services]:
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, executor=False, runtime="noop")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        executor=False,
+        runtime="noop",
+        max_infrastructure_retries=BUDGET,
+    )
     services = build_services(settings)
     try:
         bootstrap(services)

@@ -1,7 +1,7 @@
 """The job lifecycle, pure: every status change a job makes, as functions of plain values.
 
 Each step takes a job's :class:`JobRecord` (the part of its row the lifecycle owns) and one input
-(a submission, an admission, a claim, an executor's report, a cancel, the loss of its executor)
+(a submission, an admission, a claim, an executor's reports, a cancel, the loss of its executor)
 and returns a :class:`Step`: the new record and the events to write. The store loads rows under
 lock, calls these functions and writes what they return (``store/transitions.py``); nothing else
 sets a status field. The counter deltas follow from the statuses (:func:`counter_deltas`).
@@ -12,14 +12,22 @@ do not apply (a report for an old attempt, a repeated one, one from an executor 
 holds the job, anything for a job already terminal) return the record unchanged and no events:
 that is the fencing of stale attempts.
 
-The crash rule (``domain/recovery.py``, docs/architecture.md "Crash guarantee") is applied by
-:func:`lose_executor`: an attempt that may have started counts as an attempt, one that cannot
-have started goes back to the queue free.
+Failures come in two kinds. The job's own (non-zero exit, timeout, OOM, start failure) spend a
+user retry (``maxRetries``). Infrastructure faults (the executor lost, restarted or silent past
+its lease after the attempt may have started, or the executor's own infrastructure failing it)
+spend none: the job is re-run on a separate budget, ``max_infrastructure_retries``, and fails
+with ``ErrorInfrastructureFault`` once that is spent. An attempt that cannot have started goes
+back to the queue free (the crash rule, ``domain/recovery.py``).
+
+The hot steps (claim, reports) build their tuples with ``tuple.__new__`` from unpacked fields:
+they run for every job several times a second at thousands of jobs a second, and attribute
+reads and ``_replace`` cost several times more.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from openhtc.domain import recovery
@@ -28,19 +36,21 @@ from openhtc.domain.errors import InvalidTransition
 from openhtc.domain.models import AttemptReport
 
 S = JobStatus
+INFRASTRUCTURE_FAULT = FailureCode.ErrorInfrastructureFault.value
 
 
 class JobRecord(NamedTuple):
-    """What the lifecycle knows of a job: its status fields and its retry budget.
+    """What the lifecycle knows of a job: its status fields and its retry budgets.
 
     Immutable; a NamedTuple rather than a frozen dataclass because every job builds several per
-    run on the hottest path (claim, three reports), and a tuple builds several times faster.
+    run on the hottest path (claim, reports), and a tuple builds several times faster.
     """
 
-    id: int  # the job's id, for error messages
+    id: int  # the job's id, for events and error messages
     status: int
     attempt: int = 1
-    failed_attempts: int = 0  # attempts that counted against max_retries
+    failed_attempts: int = 0  # attempts of the job's own failing: they count against max_retries
+    infra_retries: int = 0  # attempts re-run after an infrastructure fault (no user retry spent)
     max_retries: int = 0
     executor_id: str | None = None
     lease_expires_at: float | None = None
@@ -57,8 +67,9 @@ class JobRecord(NamedTuple):
 
 
 class Event(NamedTuple):
-    """One status a job passed through, for its event history (``job_events``)."""
+    """One status a job passed through: a row of its event history (``job_events``)."""
 
+    job_id: int
     attempt: int
     status: int
     at: float
@@ -89,7 +100,7 @@ class Effect(enum.Enum):
     SET_UP = "set-up"  # nothing more: image pull, sandbox
     START = "start"  # started_at
     SUCCEED = "succeed"  # exit code, reason, completed_at; lease dropped
-    FAIL = "fail"  # the attempt failed: retried (REQUEUE follows) or final
+    FAIL = "fail"  # the attempt failed: a retry or re-run (REQUEUE follows), or final
     REQUEUE = "requeue"  # a new attempt: executor, lease and started_at dropped
 
 
@@ -148,78 +159,112 @@ def admit(rec: JobRecord, at: float) -> Step:
     """Admit a held job (vCPU limits allow it). A job no longer held is left alone."""
     if rec.status != S.SUBMITTED_TO_RESCALE:
         return Step(rec)
-    return _enter(rec, S.SUBMITTED_TO_PROVIDER, Event(rec.attempt, _P, at, executor_id=rec.executor_id))
+    check_transition(rec.id, rec.status, S.SUBMITTED_TO_PROVIDER)
+    return Step(rec._replace(status=_P), (Event(rec.id, rec.attempt, _P, at),))
 
 
-def claim(rec: JobRecord, executor_id: str, lease_expires_at: float, at: float) -> Step:
-    """Match a queued job to an executor: it holds the job until the lease expires."""
-    if (rec.status, _RN) not in _LEGAL:
-        check_transition(rec.id, rec.status, S.RUNNABLE)
-    id_, _, attempt, failed, max_retries, _, _, started, completed, exit_code, code, reason, done = rec
-    new = _new(JobRecord, (
-        id_, _RN, attempt, failed, max_retries, executor_id, lease_expires_at, started, completed, exit_code,
-        code, reason, done,
-    ))  # fmt: skip
-    return _new(Step, (new, (_new(Event, (attempt, _RN, at, None, None, executor_id, False)),), False))
+def claim(
+    records: Sequence[JobRecord], executor_id: str, lease_expires_at: float, at: float
+) -> tuple[list[JobRecord], list[Event]]:
+    """Match queued jobs to an executor: it holds each until the lease expires. Returns the new
+    records, in order, and their events (one claim is many jobs: one call for all of them)."""
+    new: list[JobRecord] = []
+    events: list[Event] = []
+    for rec in records:
+        (id_, status, attempt, failed, infra, max_retries, _, _, started, completed, exit_code, code,
+         reason, cancelled) = rec  # fmt: skip
+        if status != _P:
+            check_transition(id_, status, S.RUNNABLE)
+        new.append(_new(JobRecord, (
+            id_, _RN, attempt, failed, infra, max_retries, executor_id, lease_expires_at, started, completed,
+            exit_code, code, reason, cancelled,
+        )))  # fmt: skip
+        events.append(_new(Event, (id_, attempt, _RN, at, None, None, executor_id, False)))
+    return new, events
 
 
 # -- an executor's reports ----------------------------------------------------------------------
 
 
-def report(rec: JobRecord, r: AttemptReport, executor_id: str | None = None) -> Step:
-    """Fold one executor report into the job.
+def report(
+    rec: JobRecord,
+    reports: Sequence[AttemptReport],
+    executor_id: str | None = None,
+    max_infra_retries: int = 0,
+) -> Step:
+    """Fold an executor's reports on one job, in the order it sent them, into one step.
 
     Fencing: a report from an executor that does not hold the job, for another attempt, for a
     job already terminal, or for a status the attempt has reached already (a duplicate, or one
-    that arrives late), changes nothing.
+    that arrives late), changes nothing. A FAILED report ends the attempt (:func:`fail_attempt`).
     """
-    # unpacked once and rebuilt field by field (see _new): this runs three times per job, and
-    # attribute reads and _replace cost several times more
-    (id_, current, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code, reason,
-     cancelled) = rec  # fmt: skip
-    status: int = r.status
-    if (
-        (executor_id is not None and executor != executor_id)
-        or r.attempt != attempt
-        or current >= _FIRST_TERMINAL
-        or status <= current
-    ):
+    (id_, current, attempt, failed, infra, max_retries, executor, lease, started, completed, exit_code, code,
+     reason, cancelled) = rec  # fmt: skip
+    if (executor_id is not None and executor != executor_id) or current >= _FIRST_TERMINAL:
         return Step(rec)
-    if status == _F:
-        failure = r.failure_code or FailureCode.ErrorUnknownFailure.value
-        return fail_attempt(rec, r.at, failure, r.reason or "", r.exit_code)
-    status = int(status)
-    if (current, status) not in _LEGAL:
-        check_transition(id_, current, status)
-    event = _new(Event, (attempt, status, r.at, r.reason, r.exit_code, executor, False))
-    if status == _RU:
-        started = r.at
-    elif status == _OK:
-        exit_code, code, reason, completed, lease = r.exit_code, None, r.reason, r.at, None
+    events: list[Event] = []
+    for r in reports:
+        status: int = r.status
+        if r.attempt != attempt or status <= current:
+            continue
+        if status == _F:  # the attempt ends here: what follows it is for a finished attempt
+            so_far = _new(JobRecord, (
+                id_, current, attempt, failed, infra, max_retries, executor, lease, started, completed,
+                exit_code, code, reason, cancelled,
+            ))  # fmt: skip
+            failure = r.failure_code or FailureCode.ErrorUnknownFailure.value
+            step = fail_attempt(so_far, r.at, failure, r.reason or "", r.exit_code, max_infra_retries)
+            return Step(step.record, (*events, *step.events), step.requeued)
+        status = int(status)
+        if (current, status) not in _LEGAL:
+            check_transition(id_, current, status)
+        events.append(_new(Event, (id_, attempt, status, r.at, r.reason, r.exit_code, executor, False)))
+        current = status
+        if status == _RU:
+            started = r.at
+        elif status == _OK:
+            exit_code, code, reason, completed, lease = r.exit_code, None, r.reason, r.at, None
+            break  # terminal: nothing after it applies
+    if not events:
+        return Step(rec)
     new = _new(JobRecord, (
-        id_, status, attempt, failed, max_retries, executor, lease, started, completed, exit_code, code,
-        reason, cancelled,
+        id_, current, attempt, failed, infra, max_retries, executor, lease, started, completed, exit_code,
+        code, reason, cancelled,
     ))  # fmt: skip
-    return _new(Step, (new, (event,), False))
+    return _new(Step, (new, tuple(events), False))
 
 
 def fail_attempt(
-    rec: JobRecord, at: float, failure_code: str, reason: str, exit_code: int | None = None
+    rec: JobRecord,
+    at: float,
+    failure_code: str,
+    reason: str,
+    exit_code: int | None = None,
+    max_infra_retries: int = 0,
 ) -> Step:
-    """End the current attempt as failed (non-zero exit, timeout, OOM, start failure, a lost
-    executor after the attempt may have started); retry it if ``max_retries`` allows.
+    """End the current attempt as failed, and decide what follows.
 
-    A retried job records the attempt's FAILED event but moves straight on to
+    The job's own failure (non-zero exit, timeout, OOM, start failure) is retried while
+    ``max_retries`` allows. An infrastructure fault (``ErrorInfrastructureFault``) spends no
+    retry: the job is re-run while ``max_infra_retries`` allows (see :func:`lose_executor`).
+    A job that runs again records the attempt's FAILED event but moves straight on to
     SUBMITTED_TO_RESCALE, so its status never shows FAILED while it still has attempts left.
     """
     check_transition(rec.id, rec.status, S.FAILED)
-    failed = Event(rec.attempt, _F, at, reason, exit_code, rec.executor_id)
+    failed = Event(rec.id, rec.attempt, _F, at, reason, exit_code, rec.executor_id)
     rec = rec._replace(
         exit_code=exit_code, failure_code=failure_code, status_reason=reason, lease_expires_at=None
     )
+    if failure_code == INFRASTRUCTURE_FAULT:
+        if recovery.rerun_allowed(rec.infra_retries, max_infra_retries):
+            why = recovery.rerun_reason(reason, rec.infra_retries + 1, max_infra_retries)
+            step = _requeue(rec._replace(infra_retries=rec.infra_retries + 1), at, why)
+            return Step(step.record, (failed, *step.events), True)
+        spent = recovery.spent_reason(reason, max_infra_retries)
+        return Step(rec._replace(status=_F, status_reason=spent, completed_at=at), (failed,))
     if rec.failed_attempts < rec.max_retries:
         why = f"Retrying after attempt {rec.attempt} failed ({failure_code})"
-        step = _requeue(rec, at, why, counted=True)
+        step = _requeue(rec._replace(failed_attempts=rec.failed_attempts + 1), at, why)
         return Step(step.record, (failed, *step.events), True)
     new = rec._replace(status=_F, failed_attempts=rec.failed_attempts + 1, completed_at=at)
     return Step(new, (failed,))
@@ -234,22 +279,25 @@ def cancel(rec: JobRecord, at: float, reason: str = CANCEL_REASON) -> Step:
     """The user cancelled the job: it fails with userCancelledEvent set. No retry follows."""
     if rec.status >= _FIRST_TERMINAL:
         return Step(rec)
-    event = Event(rec.attempt, _F, at, reason, None, rec.executor_id, True)
+    event = Event(rec.id, rec.attempt, _F, at, reason, None, rec.executor_id, True)
     new = rec._replace(
         status=_F, cancelled=True, status_reason=reason, completed_at=at, lease_expires_at=None
     )
     return Step(new, (event,))
 
 
-def lose_executor(rec: JobRecord, at: float, cause: str, may_have_started: bool | None) -> Step:
+def lose_executor(
+    rec: JobRecord, at: float, cause: str, may_have_started: bool | None, max_infra_retries: int
+) -> Step:
     """The executor holding this active job is gone (it restarted, or its lease expired): apply
     the crash rule of ``domain/recovery.py``. ``may_have_started`` is the executor's word on the
-    current attempt, None when it could not be asked."""
+    current attempt, None when it could not be asked. An attempt that cannot have started is
+    re-queued free; one that may have is an infrastructure fault (re-run on the budget)."""
     outcome = recovery.recover(rec.status, may_have_started)
     why = recovery.reason(cause, outcome)
     if outcome is recovery.Recovery.REQUEUE:
-        return _requeue(rec, at, why, counted=False)
-    return fail_attempt(rec, at, FailureCode.ErrorInfrastructureFault.value, why)
+        return _requeue(rec, at, why)
+    return fail_attempt(rec, at, INFRASTRUCTURE_FAULT, why, None, max_infra_retries)
 
 
 def still_holds(executor_id: str, attempt: int, rec: JobRecord | None) -> bool:
@@ -277,21 +325,16 @@ def counter_deltas(before: int, after: int, jobs: int, vcpus: int) -> tuple[tupl
 # -- internals ----------------------------------------------------------------------------------
 
 
-def _enter(rec: JobRecord, status: JobStatus | int, event: Event) -> Step:
-    check_transition(rec.id, rec.status, status)
-    return Step(rec._replace(status=int(status)), (event,))
-
-
-def _requeue(rec: JobRecord, at: float, reason: str, counted: bool) -> Step:
-    """Send an active job back to SUBMITTED_TO_RESCALE as a new attempt."""
+def _requeue(rec: JobRecord, at: float, reason: str) -> Step:
+    """Send an active job back to SUBMITTED_TO_RESCALE as a new attempt (the budget it spends,
+    if any, is already counted in ``rec``)."""
     check_transition(rec.id, rec.status, S.SUBMITTED_TO_RESCALE)
     new = rec._replace(
         status=_A,
         attempt=rec.attempt + 1,
-        failed_attempts=rec.failed_attempts + (1 if counted else 0),
         executor_id=None,
         lease_expires_at=None,
         started_at=None,
         status_reason=reason,
     )
-    return Step(new, (Event(new.attempt, _A, at, reason),), True)
+    return Step(new, (Event(rec.id, new.attempt, _A, at, reason),), True)

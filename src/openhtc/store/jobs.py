@@ -16,7 +16,7 @@ from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
 from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
-from openhtc.store.transitions import Batch, bump_counters
+from openhtc.store.transitions import StatusWrites, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
 # Reads that every poll of a job or a task makes, built once: SQLAlchemy then reuses their
@@ -164,15 +164,15 @@ class JobStore:
         """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
         with self.db.write() as conn:
             self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
-            batch = Batch(self.db, conn, now)
+            writes = StatusWrites(self.db, conn, now)
             where = f"j.task_id = ? AND j.status IN ({_NON_TERMINAL_SQL})"
             params: tuple[Any, ...] = (task_id,)
             if group is not None:
                 where += " AND j.group_name = ?"
                 params += (group,)
-            for job in batch.load(where, params):
-                batch.cancel(job)
-            cancelled = batch.flush()
+            for job in writes.load(where, params):
+                writes.cancel(job)
+            cancelled = writes.flush()
             if cancelled:
                 conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))
         return cancelled

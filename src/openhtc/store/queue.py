@@ -22,7 +22,7 @@ from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
-from openhtc.store.transitions import Batch, JobState
+from openhtc.store.transitions import JobState, StatusWrites
 
 ACTIVE = [int(s) for s in ACTIVE_STATUSES]
 S = JobStatus
@@ -30,8 +30,13 @@ _ACTIVE_SQL = ",".join(str(s) for s in ACTIVE)
 
 
 class QueueStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_infra_retries: int = 3) -> None:
         self.db = db
+        # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
+        self.max_infra_retries = max_infra_retries
+
+    def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
+        return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -54,10 +59,10 @@ class QueueStore:
             limited = [p for p in held_projects if not limits.unlimited(p)]
             if limited:
                 admitted.extend(self._admit_limited(conn, limited, limits, chunk))
-            batch = Batch(self.db, conn, now)
-            for job in batch.load_ids(admitted):
-                batch.admit(job)  # a job no longer held is left alone
-            return batch.flush()
+            writes = self._writes(conn, now)
+            for job in writes.load_ids(admitted):
+                writes.admit(job)  # a job no longer held is left alone
+            return writes.flush()
 
     def _admit_limited(self, conn: Connection, limited: list[str], limits: Limits, chunk: int) -> list[int]:
         used = self._vcpus_by_project(conn, LIMITED_STATUSES)
@@ -166,21 +171,21 @@ class QueueStore:
             }
             stmt = self.db.upsert(executors).values(id=executor_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
-            batch = Batch(self.db, conn, now)
-            lost = batch.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
+            writes = self._writes(conn, now)
+            lost = writes.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
             marked = set(may_have_started)
             for job in lost:
-                batch.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
-            return batch.flush()
+                writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
+            return writes.flush()
 
     def expire_leases(self, now: float) -> int:
         """Recover jobs whose executor stopped renewing its lease."""
         with self.db.write() as conn:
-            batch = Batch(self.db, conn, now)
-            for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
+            writes = self._writes(conn, now)
+            for job in writes.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
-                batch.lose_executor(job, "the executor stopped responding (lease expired)", None)
-            return batch.flush()
+                writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
+            return writes.flush()
 
     def claim(
         self,
@@ -217,14 +222,12 @@ class QueueStore:
             chosen = policy.dispatch(queues, running, free, max_jobs)
             if not chosen:
                 return []
-            batch = Batch(self.db, conn, now, executor_id)
+            writes = self._writes(conn, now, executor_id)
             order = {j.job_id: i for i, j in enumerate(chosen)}
             # the executor starts them in this order: keep the one dispatch chose
-            claimed = sorted(batch.load_ids(list(order)), key=lambda job: order[job.id])
-            lease = now + lease_seconds
-            for job in claimed:
-                batch.claim(job, executor_id, lease)
-            batch.flush()
+            claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
+            writes.claim(claimed, executor_id, now + lease_seconds)
+            writes.flush()
             return claimed
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
@@ -238,12 +241,11 @@ class QueueStore:
         for report in reports:
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
-            batch = Batch(self.db, conn, now, executor_id)
-            for job in batch.load_ids(list(by_job)):
-                for report in by_job[job.id]:
-                    batch.report(job, report)  # fenced: stale ones change nothing
-            batch.flush()
-            return batch.requeued
+            writes = self._writes(conn, now, executor_id)
+            for job in writes.load_ids(list(by_job)):
+                writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
+            writes.flush()
+            return writes.requeued
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float

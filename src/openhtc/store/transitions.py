@@ -1,8 +1,8 @@
 """Writes job state changes: compare-and-set row updates, events and counters in one go.
 
-The store decides nothing here: a :class:`Batch` loads rows under lock, asks the pure lifecycle
-(``domain/lifecycle.py``) what each input does, and writes the records and events it returns.
-Every status write in openhtc goes through a :class:`Batch` inside the caller's transaction, so
+The store decides nothing here: a :class:`StatusWrites` loads rows under lock, asks the pure
+lifecycle (``domain/lifecycle.py``) what each input does, and writes the records and events it
+returns. Every status write in openhtc goes through one inside the caller's transaction, so
 the per (task, group, status) counters never drift from the job rows. This is the hottest code
 in the server, so it speaks plain DB-API with tuples instead of compiled SQL: ``executemany`` on
 SQLite, one statement for all rows on PostgreSQL (see :class:`BulkStatement`).
@@ -24,16 +24,18 @@ from openhtc.domain.models import AttemptReport
 from openhtc.store.db import BulkStatement, Database, json_rows
 
 _STATE_SELECT = (
-    # the first 13 columns are a JobRecord, in its field order
-    "SELECT j.id, j.status, j.attempt, j.failed_attempts, b.max_retries, j.executor_id, j.lease_expires_at,"
-    " j.started_at, j.completed_at, j.exit_code, j.failure_code, j.status_reason, j.cancelled, j.task_id,"
-    " j.group_name, j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region"
+    # the first 14 columns are a JobRecord, in its field order
+    "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.infra_retries, b.max_retries, j.executor_id,"
+    " j.lease_expires_at, j.started_at, j.completed_at, j.exit_code, j.failure_code, j.status_reason,"
+    " j.cancelled, j.task_id, j.group_name, j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region"
     " FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE "
 )
+_RECORD = len(JobRecord._fields)
 _JOB_COLUMNS = (
     ("status", "smallint"),
     ("attempt", "int"),
     ("failed_attempts", "int"),
+    ("infra_retries", "int"),
     ("executor_id", "text"),
     ("lease_expires_at", "float8"),
     ("updated_at", "float8"),
@@ -88,24 +90,23 @@ class StoreConsistencyError(OpenHTCError):
     """A compare-and-set write found a row in an unexpected state."""
 
 
+def _column(i: int) -> Any:
+    """A read-only attribute for column ``i`` of a JobState's loaded row."""
+    return property(lambda state: state.row[i])
+
+
 @dataclass(slots=True)
 class JobState:
     """A job row loaded under lock: its lifecycle record, which only the lifecycle changes
-    (``domain/lifecycle.py``), and the fields that say where it counts and how it runs."""
+    (``domain/lifecycle.py``), and the row as loaded (where the job counts and how it runs)."""
 
     rec: JobRecord
-    id: int  # rec.id, read often (claim order, report grouping)
-    task_id: str
-    group_name: str
-    project_id: str
-    vcpus: int
-    memory_mb: int
-    batch_id: int
-    idx: int
-    region: str
-    loaded_status: int
-    loaded_attempt: int
+    row: tuple[Any, ...]  # the columns of _STATE_SELECT; its status and attempt are the loaded ones
     dirty: bool = False
+
+    @property
+    def id(self) -> int:
+        return self.row[0]
 
     @property
     def status(self) -> int:
@@ -119,27 +120,41 @@ class JobState:
     def executor_id(self) -> str | None:
         return self.rec.executor_id
 
-
-def _state(row: Sequence[Any]) -> JobState:
-    """A JobState from a row of ``_STATE_SELECT`` (built with tuple.__new__: one per job loaded)."""
-    rec = _new(JobRecord, row[:13])  # cancelled is 0/1 on SQLite: the lifecycle only tests its truth
-    return JobState(rec, rec[0], *row[13:], rec[1], rec[2])  # type: ignore[call-arg]
+    # where it counts and how it runs (the claim's launch reads these)
+    task_id = _column(_RECORD)
+    group_name = _column(_RECORD + 1)
+    project_id = _column(_RECORD + 2)
+    vcpus = _column(_RECORD + 3)
+    memory_mb = _column(_RECORD + 4)
+    batch_id = _column(_RECORD + 5)
+    idx = _column(_RECORD + 6)
+    region = _column(_RECORD + 7)
 
 
 _new = tuple.__new__
 
 
-class Batch:
-    """Applies lifecycle steps to many jobs and writes them with three statements."""
+class StatusWrites:
+    """A unit of work for job status changes: applies lifecycle steps to many jobs loaded under
+    lock, then writes them all with three statements (rows, events, counters)."""
 
-    def __init__(self, db: Database, conn: Connection, now: float, executor_id: str | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        conn: Connection,
+        now: float,
+        executor_id: str | None = None,
+        max_infra_retries: int = 0,
+    ) -> None:
         self.db = db
         self.conn = conn
         self.now = now
         self.executor_id = executor_id
+        self.max_infra_retries = max_infra_retries  # re-runs after infrastructure faults (settings)
         self.states: list[JobState] = []
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
         self._events: list[tuple[Any, ...]] = []
+        self.flushed = False
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -147,7 +162,9 @@ class Batch:
         """Load and (on PostgreSQL) lock the jobs matching ``where`` (columns of ``j``)."""
         cur = self.db.cursor(self.conn)
         cur.execute(self.db.sql(_STATE_SELECT + where + " ORDER BY j.id" + self.db.for_update), tuple(params))
-        states = [_state(row) for row in cur.fetchall()]
+        # one JobRecord per row, built from its first columns (``cancelled`` is 0/1 on SQLite:
+        # the lifecycle only tests its truth)
+        states = [JobState(_new(JobRecord, row[:_RECORD]), row) for row in cur.fetchall()]
         self.states.extend(states)
         return states
 
@@ -167,29 +184,35 @@ class Batch:
         job.dirty = True
         if requeued:
             self.requeued += 1
-        job_id, executor, append = record.id, self.executor_id, self._events.append
-        for attempt, status, at, reason, exit_code, event_executor, cancelled in events:
-            append((job_id, attempt, status, at, reason, exit_code, executor or event_executor, cancelled))
+        executor = self.executor_id
+        if executor is None:
+            self._events.extend(events)
+        else:  # the reporting executor is named on every event of its report (a retry's too)
+            self._events.extend(e if e[6] is not None else e._replace(executor_id=executor) for e in events)
         return True
 
     def admit(self, job: JobState) -> bool:
         return self.apply(job, lifecycle.admit(job.rec, self.now))
 
-    def claim(self, job: JobState, executor_id: str, lease_expires_at: float) -> bool:
-        return self.apply(job, lifecycle.claim(job.rec, executor_id, lease_expires_at, self.now))
+    def claim(self, jobs: Sequence[JobState], executor_id: str, lease_expires_at: float) -> None:
+        """Hand queued jobs to an executor (one lifecycle call for all of them)."""
+        records, events = lifecycle.claim([job.rec for job in jobs], executor_id, lease_expires_at, self.now)
+        for job, record in zip(jobs, records, strict=True):
+            job.rec = record
+            job.dirty = True
+        self._events.extend(events)
 
-    def report(self, job: JobState, report: AttemptReport) -> bool:
-        """Fold one executor report into the job; stale or repeated ones change nothing (fencing)."""
-        step = lifecycle.report(job.rec, report, self.executor_id)
-        if not step[1]:  # the common no-op (a fenced report) and the common one-event step, inline
-            return False
-        if step[2] or len(step[1]) > 1:
+    def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
+        """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
+        step = lifecycle.report(job.rec, reports, self.executor_id, self.max_infra_retries)
+        if step[2]:
             return self.apply(job, step)
-        job.rec = record = step[0]
+        if not step[1]:
+            return False
+        # the common case, inline: the events already name the reporting executor
+        job.rec = step[0]
         job.dirty = True
-        attempt, status, at, reason, exit_code, event_executor, cancelled = step[1][0]
-        executor = self.executor_id or event_executor
-        self._events.append((record.id, attempt, status, at, reason, exit_code, executor, cancelled))
+        self._events.extend(step[1])
         return True
 
     def cancel(self, job: JobState) -> bool:
@@ -197,30 +220,37 @@ class Batch:
 
     def lose_executor(self, job: JobState, cause: str, may_have_started: bool | None) -> bool:
         """The executor holding this job is gone: the crash rule decides (domain/lifecycle.py)."""
-        return self.apply(job, lifecycle.lose_executor(job.rec, self.now, cause, may_have_started))
+        step = lifecycle.lose_executor(job.rec, self.now, cause, may_have_started, self.max_infra_retries)
+        return self.apply(job, step)
 
     # -- writing --------------------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Write every changed job, its events and the counter deltas. Returns how many jobs changed."""
+        """Write every changed job, its events and the counter deltas, once: this ends the unit
+        of work (the rows' loaded status and attempt are what the writes compare with). Returns
+        how many jobs changed."""
+        if self.flushed:
+            raise RuntimeError("a StatusWrites is flushed once")
+        self.flushed = True
         changed = [s for s in self.states if s.dirty]
         if not changed and not self._events:
             return 0
         cur = self.db.cursor(self.conn)
         now = self.now
         rows = []
-        moves: dict[tuple[str, str, str, int, int], list[int]] = defaultdict(lambda: [0, 0])
+        moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
         for s in changed:
-            (id_, status, attempt, failed, _, executor, lease, started, completed, exit_code, code, reason,
-             cancelled) = s.rec  # fmt: skip
+            (id_, status, attempt, failed, infra, _, executor, lease, started, completed, exit_code, code,
+             reason, cancelled) = s.rec  # fmt: skip
+            row = s.row
             rows.append((
-                status, attempt, failed, executor, lease, now, started, completed, exit_code, code, reason,
-                cancelled, id_, s.loaded_status, s.loaded_attempt,
+                status, attempt, failed, infra, executor, lease, now, started, completed, exit_code, code,
+                reason, cancelled, id_, row[1], row[2],
             ))  # fmt: skip
-            if status != s.loaded_status:
-                move = moves[(s.task_id, s.group_name, s.project_id, s.loaded_status, status)]
+            if status != row[1]:
+                move = moves[(row[_RECORD], row[_RECORD + 1], row[_RECORD + 2], row[1], status)]
                 move[0] += 1
-                move[1] += s.vcpus
+                move[1] += row[_RECORD + 3]
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
@@ -232,11 +262,7 @@ class Batch:
                 delta[0] += count
                 delta[1] += vcpu_delta
         bump_counters(self.db, self.conn, deltas)
-        n = len(changed)
-        for s in changed:
-            s.loaded_status, s.loaded_attempt, s.dirty = s.rec.status, s.rec.attempt, False
-        self._events = []
-        return n
+        return len(changed)
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
