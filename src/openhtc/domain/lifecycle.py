@@ -104,6 +104,10 @@ class Effect(enum.Enum):
     REQUEUE = "requeue"  # a new attempt: executor, lease and started_at dropped
 
 
+# The statuses in which an executor holds a job under a lease: heartbeats renew it, and the job
+# is recovered (lose_executor) when it expires or the executor registers again.
+HELD_STATUSES = ACTIVE_STATUSES
+
 # short names for the table below, and the stored codes the records carry
 _A, _P, _RN, _ST, _RU, _OK, _F = (int(s) for s in S)
 _FIRST_TERMINAL = _OK
@@ -132,6 +136,9 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     src: frozenset(dst for (s, dst) in EFFECTS if s == src) for src in S
 }
 _LEGAL = frozenset((int(a), int(b)) for a, b in EFFECTS)
+# the hot steps' forms of the table: the moves out of each status, and each status's plain code
+_ALLOWED = tuple(frozenset(int(dst) for dst in TRANSITIONS[src]) for src in S)
+_CODE = {s: int(s) for s in S}
 
 
 def can_transition(src: JobStatus | int, dst: JobStatus | int) -> bool:
@@ -202,28 +209,28 @@ def report(
      reason, cancelled) = rec  # fmt: skip
     if (executor_id is not None and executor != executor_id) or current >= _FIRST_TERMINAL:
         return Step(rec)
-    events: list[Event] = []
+    events: tuple[Event, ...] = ()
     for r in reports:
-        status: int = r.status
-        if r.attempt != attempt or status <= current:
+        _, r_attempt, r_status, at, r_exit_code, r_code, r_reason = r
+        status = _CODE[r_status]
+        if r_attempt != attempt or status <= current:
             continue
         if status == _F:  # the attempt ends here: what follows it is for a finished attempt
             so_far = _new(JobRecord, (
                 id_, current, attempt, failed, infra, max_retries, executor, lease, started, completed,
                 exit_code, code, reason, cancelled,
             ))  # fmt: skip
-            failure = r.failure_code or FailureCode.ErrorUnknownFailure.value
-            step = fail_attempt(so_far, r.at, failure, r.reason or "", r.exit_code, max_infra_retries)
+            failure = r_code or FailureCode.ErrorUnknownFailure.value
+            step = fail_attempt(so_far, at, failure, r_reason or "", r_exit_code, max_infra_retries)
             return Step(step.record, (*events, *step.events), step.requeued)
-        status = int(status)
-        if (current, status) not in _LEGAL:
+        if status not in _ALLOWED[current]:
             check_transition(id_, current, status)
-        events.append(_new(Event, (id_, attempt, status, r.at, r.reason, r.exit_code, executor, False)))
+        events += (_new(Event, (id_, attempt, status, at, r_reason, r_exit_code, executor, False)),)
         current = status
         if status == _RU:
-            started = r.at
+            started = at
         elif status == _OK:
-            exit_code, code, reason, completed, lease = r.exit_code, None, r.reason, r.at, None
+            exit_code, code, reason, completed, lease = r_exit_code, None, r_reason, at, None
             break  # terminal: nothing after it applies
     if not events:
         return Step(rec)
@@ -231,7 +238,7 @@ def report(
         id_, current, attempt, failed, infra, max_retries, executor, lease, started, completed, exit_code,
         code, reason, cancelled,
     ))  # fmt: skip
-    return _new(Step, (new, tuple(events), False))
+    return _new(Step, (new, events, False))
 
 
 def fail_attempt(
@@ -298,6 +305,11 @@ def lose_executor(
     if outcome is recovery.Recovery.REQUEUE:
         return _requeue(rec, at, why)
     return fail_attempt(rec, at, INFRASTRUCTURE_FAULT, why, None, max_infra_retries)
+
+
+def lease_until(now: float, lease_seconds: float) -> float:
+    """When a lease taken or renewed at ``now`` expires."""
+    return now + lease_seconds
 
 
 def still_holds(executor_id: str, attempt: int, rec: JobRecord | None) -> bool:

@@ -24,9 +24,9 @@ from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
 from openhtc.store.transitions import JobState, StatusWrites
 
-ACTIVE = [int(s) for s in ACTIVE_STATUSES]
 S = JobStatus
-_ACTIVE_SQL = ",".join(str(s) for s in ACTIVE)
+_HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
+_HELD_SQL = ",".join(str(s) for s in _HELD)
 
 
 class QueueStore:
@@ -172,7 +172,7 @@ class QueueStore:
             stmt = self.db.upsert(executors).values(id=executor_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             writes = self._writes(conn, now)
-            lost = writes.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
+            lost = writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (executor_id,))
             marked = set(may_have_started)
             for job in lost:
                 writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
@@ -182,7 +182,7 @@ class QueueStore:
         """Recover jobs whose executor stopped renewing its lease."""
         with self.db.write() as conn:
             writes = self._writes(conn, now)
-            for job in writes.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
+            for job in writes.load(f"j.status IN ({_HELD_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
                 writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
             return writes.flush()
@@ -226,7 +226,7 @@ class QueueStore:
             order = {j.job_id: i for i, j in enumerate(chosen)}
             # the executor starts them in this order: keep the one dispatch chose
             claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
-            writes.claim(claimed, executor_id, now + lease_seconds)
+            writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
             writes.flush()
             return claimed
 
@@ -255,8 +255,8 @@ class QueueStore:
             conn.execute(executors.update().where(executors.c.id == executor_id).values(last_heartbeat=now))
             conn.execute(
                 jobs.update()
-                .where(and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(ACTIVE)))
-                .values(lease_expires_at=now + lease_seconds)
+                .where(and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(_HELD)))
+                .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
             )
             if not held:
                 return []

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
@@ -90,45 +89,34 @@ class StoreConsistencyError(OpenHTCError):
     """A compare-and-set write found a row in an unexpected state."""
 
 
-def _column(i: int) -> Any:
-    """A read-only attribute for column ``i`` of a JobState's loaded row."""
-    return property(lambda state: state.row[i])
+class JobState(NamedTuple):
+    """A job row as loaded under lock (the columns of ``_STATE_SELECT``). Its first fields are
+    the job's lifecycle record as loaded (:meth:`StatusWrites.record` gives the current one);
+    the rest say where it counts and how it runs. Immutable: the writes compare the row's
+    status and attempt with these."""
 
-
-@dataclass(slots=True)
-class JobState:
-    """A job row loaded under lock: its lifecycle record, which only the lifecycle changes
-    (``domain/lifecycle.py``), and the row as loaded (where the job counts and how it runs)."""
-
-    rec: JobRecord
-    row: tuple[Any, ...]  # the columns of _STATE_SELECT; its status and attempt are the loaded ones
-    dirty: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.row[0]
-
-    @property
-    def status(self) -> int:
-        return self.rec.status
-
-    @property
-    def attempt(self) -> int:
-        return self.rec.attempt
-
-    @property
-    def executor_id(self) -> str | None:
-        return self.rec.executor_id
-
-    # where it counts and how it runs (the claim's launch reads these)
-    task_id = _column(_RECORD)
-    group_name = _column(_RECORD + 1)
-    project_id = _column(_RECORD + 2)
-    vcpus = _column(_RECORD + 3)
-    memory_mb = _column(_RECORD + 4)
-    batch_id = _column(_RECORD + 5)
-    idx = _column(_RECORD + 6)
-    region = _column(_RECORD + 7)
+    id: int
+    status: int
+    attempt: int
+    failed_attempts: int
+    infra_retries: int
+    max_retries: int
+    executor_id: str | None
+    lease_expires_at: float | None
+    started_at: float | None
+    completed_at: float | None
+    exit_code: int | None
+    failure_code: str | None
+    status_reason: str | None
+    cancelled: bool
+    task_id: str
+    group_name: str
+    project_id: str
+    vcpus: int
+    memory_mb: int
+    batch_id: int
+    idx: int
+    region: str
 
 
 _new = tuple.__new__
@@ -151,10 +139,11 @@ class StatusWrites:
         self.now = now
         self.executor_id = executor_id
         self.max_infra_retries = max_infra_retries  # re-runs after infrastructure faults (settings)
-        self.states: list[JobState] = []
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
-        self._events: list[tuple[Any, ...]] = []
         self.flushed = False
+        # job id -> (the row as loaded, its record now): the jobs a step changed
+        self._changed: dict[int, tuple[JobState, JobRecord]] = {}
+        self._events: list[tuple[Any, ...]] = []
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -162,16 +151,18 @@ class StatusWrites:
         """Load and (on PostgreSQL) lock the jobs matching ``where`` (columns of ``j``)."""
         cur = self.db.cursor(self.conn)
         cur.execute(self.db.sql(_STATE_SELECT + where + " ORDER BY j.id" + self.db.for_update), tuple(params))
-        # one JobRecord per row, built from its first columns (``cancelled`` is 0/1 on SQLite:
-        # the lifecycle only tests its truth)
-        states = [JobState(_new(JobRecord, row[:_RECORD]), row) for row in cur.fetchall()]
-        self.states.extend(states)
-        return states
+        return [_new(JobState, row) for row in cur.fetchall()]
 
     def load_ids(self, ids: Sequence[int]) -> list[JobState]:
         if not ids:
             return []
         return self.load(self.db.in_ids("j.id"), (self.db.ids_param(ids),))
+
+    def record(self, job: JobState) -> JobRecord:
+        """The job's lifecycle record now: as loaded, or as the last step left it. (``cancelled``
+        is 0/1 on SQLite: the lifecycle only tests its truth.)"""
+        changed = self._changed.get(job[0])
+        return changed[1] if changed is not None else _new(JobRecord, job[:_RECORD])
 
     # -- changes: each asks the lifecycle, then records what it returned ------------------------
 
@@ -180,8 +171,7 @@ class StatusWrites:
         record, events, requeued = step
         if not events:
             return False
-        job.rec = record
-        job.dirty = True
+        self._changed[job[0]] = (job, record)
         if requeued:
             self.requeued += 1
         executor = self.executor_id
@@ -192,35 +182,42 @@ class StatusWrites:
         return True
 
     def admit(self, job: JobState) -> bool:
-        return self.apply(job, lifecycle.admit(job.rec, self.now))
+        return self.apply(job, lifecycle.admit(self.record(job), self.now))
 
     def claim(self, jobs: Sequence[JobState], executor_id: str, lease_expires_at: float) -> None:
         """Hand queued jobs to an executor (one lifecycle call for all of them)."""
-        records, events = lifecycle.claim([job.rec for job in jobs], executor_id, lease_expires_at, self.now)
+        if self._changed:
+            records_now = [self.record(job) for job in jobs]
+        else:  # the common case: fresh from the database
+            records_now = [_new(JobRecord, job[:_RECORD]) for job in jobs]
+        records, events = lifecycle.claim(records_now, executor_id, lease_expires_at, self.now)
+        changed = self._changed
         for job, record in zip(jobs, records, strict=True):
-            job.rec = record
-            job.dirty = True
+            changed[job[0]] = (job, record)
         self._events.extend(events)
 
     def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
         """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
-        step = lifecycle.report(job.rec, reports, self.executor_id, self.max_infra_retries)
+        changed = self._changed.get(job[0])  # self.record, inline: this runs for every job
+        rec = changed[1] if changed is not None else _new(JobRecord, job[:_RECORD])
+        step = lifecycle.report(rec, reports, self.executor_id, self.max_infra_retries)
         if step[2]:
             return self.apply(job, step)
         if not step[1]:
             return False
         # the common case, inline: the events already name the reporting executor
-        job.rec = step[0]
-        job.dirty = True
+        self._changed[job[0]] = (job, step[0])
         self._events.extend(step[1])
         return True
 
     def cancel(self, job: JobState) -> bool:
-        return self.apply(job, lifecycle.cancel(job.rec, self.now))
+        return self.apply(job, lifecycle.cancel(self.record(job), self.now))
 
     def lose_executor(self, job: JobState, cause: str, may_have_started: bool | None) -> bool:
         """The executor holding this job is gone: the crash rule decides (domain/lifecycle.py)."""
-        step = lifecycle.lose_executor(job.rec, self.now, cause, may_have_started, self.max_infra_retries)
+        step = lifecycle.lose_executor(
+            self.record(job), self.now, cause, may_have_started, self.max_infra_retries
+        )
         return self.apply(job, step)
 
     # -- writing --------------------------------------------------------------------------------
@@ -232,25 +229,25 @@ class StatusWrites:
         if self.flushed:
             raise RuntimeError("a StatusWrites is flushed once")
         self.flushed = True
-        changed = [s for s in self.states if s.dirty]
+        changed = self._changed
         if not changed and not self._events:
             return 0
         cur = self.db.cursor(self.conn)
         now = self.now
         rows = []
         moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
-        for s in changed:
+        for job, rec in changed.values():
             (id_, status, attempt, failed, infra, _, executor, lease, started, completed, exit_code, code,
-             reason, cancelled) = s.rec  # fmt: skip
-            row = s.row
+             reason, cancelled) = rec  # fmt: skip
+            loaded = job.status
             rows.append((
                 status, attempt, failed, infra, executor, lease, now, started, completed, exit_code, code,
-                reason, cancelled, id_, row[1], row[2],
+                reason, cancelled, id_, loaded, job.attempt,
             ))  # fmt: skip
-            if status != row[1]:
-                move = moves[(row[_RECORD], row[_RECORD + 1], row[_RECORD + 2], row[1], status)]
+            if status != loaded:
+                move = moves[(job.task_id, job.group_name, job.project_id, loaded, status)]
                 move[0] += 1
-                move[1] += row[_RECORD + 3]
+                move[1] += job.vcpus
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
