@@ -27,7 +27,7 @@ reads and ``_replace`` cost several times more.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from openhtc.domain import recovery
@@ -171,7 +171,7 @@ def admit(rec: JobRecord, at: float) -> Step:
 
 
 def claim(
-    records: Sequence[JobRecord], executor_id: str, lease_expires_at: float, at: float
+    records: Iterable[JobRecord], executor_id: str, lease_expires_at: float, at: float
 ) -> tuple[list[JobRecord], list[Event]]:
     """Match queued jobs to an executor: it holds each until the lease expires. Returns the new
     records, in order, and their events (one claim is many jobs: one call for all of them)."""

@@ -141,8 +141,12 @@ class StatusWrites:
         self.max_infra_retries = max_infra_retries  # re-runs after infrastructure faults (settings)
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
         self.flushed = False
-        # job id -> (the row as loaded, its record now): the jobs a step changed
-        self._changed: dict[int, tuple[JobState, JobRecord]] = {}
+        # Every row loaded; the record now of each job a step changed (by id); the events. The
+        # last two are kept as plain tuples: the GC stops tracking a plain tuple of plain values,
+        # never a NamedTuple, and at thousands of jobs a second every tracked object held until
+        # the flush makes each collection longer (a third more store CPU on PostgreSQL).
+        self._loaded: list[JobState] = []
+        self._changed: dict[int, tuple[Any, ...]] = {}
         self._events: list[tuple[Any, ...]] = []
 
     # -- loading --------------------------------------------------------------------------------
@@ -151,7 +155,9 @@ class StatusWrites:
         """Load and (on PostgreSQL) lock the jobs matching ``where`` (columns of ``j``)."""
         cur = self.db.cursor(self.conn)
         cur.execute(self.db.sql(_STATE_SELECT + where + " ORDER BY j.id" + self.db.for_update), tuple(params))
-        return [_new(JobState, row) for row in cur.fetchall()]
+        states = [_new(JobState, row) for row in cur.fetchall()]
+        self._loaded += states
+        return states
 
     def load_ids(self, ids: Sequence[int]) -> list[JobState]:
         if not ids:
@@ -162,7 +168,7 @@ class StatusWrites:
         """The job's lifecycle record now: as loaded, or as the last step left it. (``cancelled``
         is 0/1 on SQLite: the lifecycle only tests its truth.)"""
         changed = self._changed.get(job[0])
-        return changed[1] if changed is not None else _new(JobRecord, job[:_RECORD])
+        return _new(JobRecord, changed if changed is not None else job[:_RECORD])
 
     # -- changes: each asks the lifecycle, then records what it returned ------------------------
 
@@ -171,14 +177,16 @@ class StatusWrites:
         record, events, requeued = step
         if not events:
             return False
-        self._changed[job[0]] = (job, record)
+        self._changed[job[0]] = tuple(record)
         if requeued:
             self.requeued += 1
         executor = self.executor_id
         if executor is None:
-            self._events.extend(events)
+            self._events.extend(map(tuple, events))
         else:  # the reporting executor is named on every event of its report (a retry's too)
-            self._events.extend(e if e[6] is not None else e._replace(executor_id=executor) for e in events)
+            self._events.extend(
+                tuple(e if e[6] is not None else e._replace(executor_id=executor)) for e in events
+            )
         return True
 
     def admit(self, job: JobState) -> bool:
@@ -186,28 +194,28 @@ class StatusWrites:
 
     def claim(self, jobs: Sequence[JobState], executor_id: str, lease_expires_at: float) -> None:
         """Hand queued jobs to an executor (one lifecycle call for all of them)."""
-        if self._changed:
-            records_now = [self.record(job) for job in jobs]
-        else:  # the common case: fresh from the database
-            records_now = [_new(JobRecord, job[:_RECORD]) for job in jobs]
-        records, events = lifecycle.claim(records_now, executor_id, lease_expires_at, self.now)
+        # records made one at a time, as the lifecycle takes them: a list of them all would be
+        # one more object per job alive at once, and the GC's work grows with those
+        records, events = lifecycle.claim(
+            (self.record(job) for job in jobs), executor_id, lease_expires_at, self.now
+        )
         changed = self._changed
         for job, record in zip(jobs, records, strict=True):
-            changed[job[0]] = (job, record)
-        self._events.extend(events)
+            changed[job[0]] = tuple(record)
+        self._events.extend(map(tuple, events))
 
     def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
         """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
         changed = self._changed.get(job[0])  # self.record, inline: this runs for every job
-        rec = changed[1] if changed is not None else _new(JobRecord, job[:_RECORD])
+        rec = _new(JobRecord, changed if changed is not None else job[:_RECORD])
         step = lifecycle.report(rec, reports, self.executor_id, self.max_infra_retries)
         if step[2]:
             return self.apply(job, step)
         if not step[1]:
             return False
         # the common case, inline: the events already name the reporting executor
-        self._changed[job[0]] = (job, step[0])
-        self._events.extend(step[1])
+        self._changed[job[0]] = tuple(step[0])
+        self._events.extend(map(tuple, step[1]))
         return True
 
     def cancel(self, job: JobState) -> bool:
@@ -236,7 +244,10 @@ class StatusWrites:
         now = self.now
         rows = []
         moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
-        for job, rec in changed.values():
+        for job in self._loaded:
+            rec = changed.pop(job[0], None)  # once per job, even if loaded twice
+            if rec is None:
+                continue
             (id_, status, attempt, failed, infra, _, executor, lease, started, completed, exit_code, code,
              reason, cancelled) = rec  # fmt: skip
             loaded = job.status
@@ -248,6 +259,8 @@ class StatusWrites:
                 move = moves[(job.task_id, job.group_name, job.project_id, loaded, status)]
                 move[0] += 1
                 move[1] += job.vcpus
+        if changed:
+            raise ValueError(f"steps on jobs not loaded here: {sorted(changed)[:5]}")
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
@@ -259,7 +272,7 @@ class StatusWrites:
                 delta[0] += count
                 delta[1] += vcpu_delta
         bump_counters(self.db, self.conn, deltas)
-        return len(changed)
+        return len(rows)
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
