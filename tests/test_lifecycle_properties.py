@@ -64,7 +64,7 @@ class Lifecycle(RuleBasedStateMachine):
         for status, count, _vcpus in lifecycle.counter_deltas(before.status, step.record.status, 1, 1):
             self.counters[status] += count
         self.records[job_id] = step.record
-        self.history[job_id].extend(step.events)
+        self.history[job_id].extend(map(lifecycle.Event._make, step.events))  # the hot steps give plain rows
 
     def pick(self, i: int) -> int:
         """One of the jobs submitted so far (rules draw an index: the later jobs are hit often)."""

@@ -72,7 +72,9 @@ class StoreLifecycle(RuleBasedStateMachine):
 
     def apply(self, job_id: int, step: lifecycle.Step) -> None:
         self.records[job_id] = step.record
-        self.history[job_id].extend((e.attempt, e.status, e.cancelled) for e in step.events)
+        self.history[job_id].extend(
+            (e.attempt, e.status, e.cancelled) for e in map(lifecycle.Event._make, step.events)
+        )
 
     def sql(self, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         db = self.services.db

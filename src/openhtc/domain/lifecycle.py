@@ -67,7 +67,12 @@ class JobRecord(NamedTuple):
 
 
 class Event(NamedTuple):
-    """One status a job passed through: a row of its event history (``job_events``)."""
+    """One status a job passed through: a row of its event history (``job_events``).
+
+    The hot steps (claim, reports) give their events as plain tuples in this field order
+    (:data:`EventRow`; ``Event._make`` names one): the store holds thousands of them until it
+    writes them, and the GC stops tracking a plain tuple of plain values, never a NamedTuple.
+    """
 
     job_id: int
     attempt: int
@@ -79,12 +84,15 @@ class Event(NamedTuple):
     cancelled: bool = False
 
 
+EventRow = tuple[int, int, int, float, str | None, int | None, str | None, bool]
+
+
 class Step(NamedTuple):
     """The outcome of one input: the new record, the events to append, and whether the job went
     back to SUBMITTED_TO_RESCALE (the scheduler must then run an admission round)."""
 
     record: JobRecord
-    events: tuple[Event, ...] = ()
+    events: tuple[EventRow, ...] = ()  # Events, or their plain rows (the hot steps)
     requeued: bool = False
 
     @property
@@ -172,11 +180,11 @@ def admit(rec: JobRecord, at: float) -> Step:
 
 def claim(
     records: Iterable[JobRecord], executor_id: str, lease_expires_at: float, at: float
-) -> tuple[list[JobRecord], list[Event]]:
+) -> tuple[list[JobRecord], list[EventRow]]:
     """Match queued jobs to an executor: it holds each until the lease expires. Returns the new
     records, in order, and their events (one claim is many jobs: one call for all of them)."""
     new: list[JobRecord] = []
-    events: list[Event] = []
+    events: list[EventRow] = []
     for rec in records:
         (id_, status, attempt, failed, infra, max_retries, _, _, started, completed, exit_code, code,
          reason, cancelled) = rec  # fmt: skip
@@ -186,7 +194,7 @@ def claim(
             id_, _RN, attempt, failed, infra, max_retries, executor_id, lease_expires_at, started, completed,
             exit_code, code, reason, cancelled,
         )))  # fmt: skip
-        events.append(_new(Event, (id_, attempt, _RN, at, None, None, executor_id, False)))
+        events.append((id_, attempt, _RN, at, None, None, executor_id, False))
     return new, events
 
 
@@ -209,7 +217,7 @@ def report(
      reason, cancelled) = rec  # fmt: skip
     if (executor_id is not None and executor != executor_id) or current >= _FIRST_TERMINAL:
         return Step(rec)
-    events: tuple[Event, ...] = ()
+    events: tuple[EventRow, ...] = ()
     for r in reports:
         _, r_attempt, r_status, at, r_exit_code, r_code, r_reason = r
         status = _CODE[r_status]
@@ -225,7 +233,7 @@ def report(
             return Step(step.record, (*events, *step.events), step.requeued)
         if status not in _ALLOWED[current]:
             check_transition(id_, current, status)
-        events += (_new(Event, (id_, attempt, status, at, r_reason, r_exit_code, executor, False)),)
+        events += ((id_, attempt, status, at, r_reason, r_exit_code, executor, False),)
         current = status
         if status == _RU:
             started = at

@@ -184,9 +184,7 @@ class StatusWrites:
         if executor is None:
             self._events.extend(map(tuple, events))
         else:  # the reporting executor is named on every event of its report (a retry's too)
-            self._events.extend(
-                tuple(e if e[6] is not None else e._replace(executor_id=executor)) for e in events
-            )
+            self._events.extend(tuple(e) if e[6] is not None else (*e[:6], executor, e[7]) for e in events)
         return True
 
     def admit(self, job: JobState) -> bool:
@@ -202,7 +200,7 @@ class StatusWrites:
         changed = self._changed
         for job, record in zip(jobs, records, strict=True):
             changed[job[0]] = tuple(record)
-        self._events.extend(map(tuple, events))
+        self._events.extend(events)  # plain rows already (see lifecycle.Event)
 
     def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
         """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
@@ -215,7 +213,7 @@ class StatusWrites:
             return False
         # the common case, inline: the events already name the reporting executor
         self._changed[job[0]] = tuple(step[0])
-        self._events.extend(map(tuple, step[1]))
+        self._events.extend(step[1])  # plain rows already (see lifecycle.Event)
         return True
 
     def cancel(self, job: JobState) -> bool:
