@@ -194,9 +194,11 @@ class StatusWrites:
         """Hand queued jobs to an executor (one lifecycle call for all of them)."""
         # records made one at a time, as the lifecycle takes them: a list of them all would be
         # one more object per job alive at once, and the GC's work grows with those
-        records, events = lifecycle.claim(
-            (self.record(job) for job in jobs), executor_id, lease_expires_at, self.now
-        )
+        if self._changed:
+            loaded = (self.record(job) for job in jobs)
+        else:  # the common case: all fresh from the database
+            loaded = (_new(JobRecord, job[:_RECORD]) for job in jobs)
+        records, events = lifecycle.claim(loaded, executor_id, lease_expires_at, self.now)
         changed = self._changed
         for job, record in zip(jobs, records, strict=True):
             changed[job[0]] = tuple(record)
