@@ -26,6 +26,8 @@ from openhtc.domain.errors import InvalidTransition
 from openhtc.domain.lifecycle import JobRecord, Step
 from openhtc.domain.models import AttemptReport
 
+pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
+
 S = JobStatus
 EXECUTORS = ("exec-a", "exec-b")
 ACTIVE = {int(s) for s in ACTIVE_STATUSES}
