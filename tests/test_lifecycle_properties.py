@@ -110,7 +110,8 @@ class Lifecycle(RuleBasedStateMachine):
                 return
             job_id = queued[0]
         at = self.tick()
-        (record,), events = lifecycle.claim([self.records[job_id]], executor, at + 30, at)
+        (row,), events = lifecycle.claim([self.records[job_id]], executor, at + 30, at)
+        record = JobRecord._make(row)
         assert record.executor_id == executor and record.lease_expires_at == at + 30
         self.apply(job_id, Step(record, tuple(events)))
 
@@ -355,7 +356,8 @@ def test_the_legality_table_is_the_effect_table() -> None:
 
 
 def test_a_lost_executor_requeues_an_unstarted_attempt_free_and_reruns_a_started_one_on_its_budget() -> None:
-    (claimed,), _ = lifecycle.claim([JobRecord(1, int(S.SUBMITTED_TO_PROVIDER))], "e", 30.0, 1.0)
+    (row,), _ = lifecycle.claim([JobRecord(1, int(S.SUBMITTED_TO_PROVIDER))], "e", 30.0, 1.0)
+    claimed = JobRecord._make(row)
     free = lifecycle.lose_executor(claimed, 2.0, "restarted", False, 0)
     assert free.requeued and free.record.attempt == 2 and free.record.failed_attempts == 0
     assert free.record.executor_id is None and free.record.status == S.SUBMITTED_TO_RESCALE

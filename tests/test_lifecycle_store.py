@@ -106,8 +106,8 @@ class StoreLifecycle(RuleBasedStateMachine):
         claimed = self.services.queue.claim(executor, self.region, ["X86"], CAPACITY, max_jobs, LEASE, at)
         for job in claimed:
             assert self.records[job.id].status == S.SUBMITTED_TO_PROVIDER
-            (record,), events = lifecycle.claim([self.records[job.id]], executor, at + LEASE, at)
-            self.apply(job.id, lifecycle.Step(record, tuple(events)))
+            (row,), events = lifecycle.claim([self.records[job.id]], executor, at + LEASE, at)
+            self.apply(job.id, lifecycle.Step(JobRecord._make(row), tuple(events)))
 
     @rule(
         job_id=jobs,

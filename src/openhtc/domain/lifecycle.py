@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from openhtc.domain import recovery
 from openhtc.domain.enums import ACTIVE_STATUSES, FailureCode, JobStatus
@@ -180,20 +180,21 @@ def admit(rec: JobRecord, at: float) -> Step:
 
 def claim(
     records: Iterable[JobRecord], executor_id: str, lease_expires_at: float, at: float
-) -> tuple[list[JobRecord], list[EventRow]]:
+) -> tuple[list[tuple[Any, ...]], list[EventRow]]:
     """Match queued jobs to an executor: it holds each until the lease expires. Returns the new
-    records, in order, and their events (one claim is many jobs: one call for all of them)."""
-    new: list[JobRecord] = []
+    records, in order, as plain rows in JobRecord's field order (``JobRecord._make`` names one;
+    see :class:`Event` for why), and their events (one claim is many jobs: one call for all)."""
+    new: list[tuple[Any, ...]] = []
     events: list[EventRow] = []
     for rec in records:
         (id_, status, attempt, failed, infra, max_retries, _, _, started, completed, exit_code, code,
          reason, cancelled) = rec  # fmt: skip
         if status != _P:
             check_transition(id_, status, S.RUNNABLE)
-        new.append(_new(JobRecord, (
+        new.append((
             id_, _RN, attempt, failed, infra, max_retries, executor_id, lease_expires_at, started, completed,
             exit_code, code, reason, cancelled,
-        )))  # fmt: skip
+        ))  # fmt: skip
         events.append((id_, attempt, _RN, at, None, None, executor_id, False))
     return new, events
 

@@ -201,8 +201,8 @@ class StatusWrites:
         records, events = lifecycle.claim(loaded, executor_id, lease_expires_at, self.now)
         changed = self._changed
         for job, record in zip(jobs, records, strict=True):
-            changed[job[0]] = tuple(record)
-        self._events.extend(events)  # plain rows already (see lifecycle.Event)
+            changed[job[0]] = record  # a plain row already, as the events (see lifecycle.Event)
+        self._events.extend(events)
 
     def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
         """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
