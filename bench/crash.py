@@ -1,17 +1,21 @@
 """``python -m bench --workload crash``: kill -9 the server while it runs many short jobs.
 
 N jobs (default 100,000, ``maxRetries`` 0) each leave one file per execution (``mktemp`` named
-by the job), so executions are counted from the host, not from what the server says. The server
+by the job and its attempt), so executions are counted from the host, not from what the server
+says. The server
 gets ``kill -9`` ``--kills`` times (default 5), evenly spread over the run (once that share of
 the jobs has finished), and is restarted on the same data directory and database each time.
 Once every job has ended, it reports, per database:
 
 * lost jobs (submitted but missing from the job list) and counter mismatches (the task's
   summary against a count of the job list): both must be 0;
-* executions per job, and jobs executed more often than their attempts allow (maxRetries + 1
-  = 1): must be 0;
-* jobs failed with ``ErrorInfrastructureFault`` because they may have started at a kill, split
-  into those that had executed and those that had not yet (handed over, not yet spawned).
+* executions per job; attempts executed more than once (must be 0: recovery never re-runs an
+  attempt as itself); jobs executed more often than allowed, ``1 + maxRetries + the server's
+  max_infrastructure_retries`` (must be 0); and jobs executed more than once whose events do not
+  record a re-run after an infrastructure fault for each extra execution (must be 0);
+* jobs re-run after an infrastructure fault (a kill while they may have started: no retry
+  spent), and jobs failed with ``ErrorInfrastructureFault`` (their re-runs spent), split into
+  those that had executed and those that had not yet (handed over, not yet spawned).
 
 It exits non-zero if any job was lost or ran more often than allowed, or counters disagree.
 Nothing here is timed against a target; the wall time is printed for information.
@@ -31,8 +35,11 @@ from typing import Any
 from bench.common import job_batches, log
 from bench.context import Context
 from bench.server import TERMINAL, Api, OpenhtcServer
+from openhtc.config import Settings
 
 MAX_RETRIES = 0
+# the servers run with the default: re-runs after infrastructure faults spend no user retry
+INFRA_RETRIES: int = Settings.model_fields["max_infrastructure_retries"].default
 
 
 def run(ctx: Context, db: str, n: int, kills: int) -> dict[str, Any]:
@@ -43,7 +50,14 @@ def run(ctx: Context, db: str, n: int, kills: int) -> dict[str, Any]:
         srv.start()
         api = srv.api()
         api.new_task("crash")
-        body = job_batches(n, commands=["sh", "-c", f'mktemp "{runs}/$RESCALE_JOB_ID.XXXXXX" >/dev/null'])
+        body = job_batches(
+            n,
+            commands=[
+                "sh",
+                "-c",
+                f'mktemp "{runs}/$RESCALE_JOB_ID.$AWS_BATCH_JOB_ATTEMPT.XXXXXX" >/dev/null',
+            ],
+        )
         for batch in body:
             batch["retryStrategy"] = {"maxRetries": MAX_RETRIES}
         parents = [(r["parentJobId"], b["batchSize"]) for r, b in zip(api.submit(body), body, strict=True)]
@@ -83,8 +97,12 @@ def _audit(
 ) -> dict[str, Any]:
     jobs = _list_jobs(api)
     summary = api.statuses()
-    ran = Counter(name.rpartition(".")[0] for name in os.listdir(runs))
+    by_attempt = Counter(tuple(name.rsplit(".", 2)[:2]) for name in os.listdir(runs))
+    ran: Counter[str] = Counter()
+    for (job_id, _), count in by_attempt.items():
+        ran[job_id] += count
     expected = {f"{parent}:{i}" for parent, size in parents for i in range(size)}
+    rerun = [j for j in expected if ran[j] > 1]
     listed = Counter(j["status"] for j in jobs.values())
     mismatches = {s: (summary.get(s, 0), listed.get(s, 0)) for s in set(summary) | set(listed)}
     mismatches = {s: v for s, v in mismatches.items() if v[0] != v[1]}
@@ -101,7 +119,10 @@ def _audit(
         "counter_mismatches": mismatches,
         "statuses": dict(listed),
         "executions_per_job": dict(sorted(Counter(ran[j] for j in expected).items())),
-        "over_allowed": sum(1 for j in expected if ran[j] > MAX_RETRIES + 1),
+        "attempts_executed_twice": sum(1 for count in by_attempt.values() if count > 1),
+        "over_allowed": sum(1 for j in expected if ran[j] > 1 + MAX_RETRIES + INFRA_RETRIES),
+        "reruns_unrecorded": sum(1 for j in rerun if _infra_reruns(api, j) < ran[j] - 1),
+        "executed_again_after_infra_fault": len(rerun),
         "succeeded_without_execution": sum(
             1 for j in expected if jobs.get(j, {}).get("status") == "SUCCEEDED" and not ran[j]
         ),
@@ -109,6 +130,22 @@ def _audit(
         "infra_fault_not_executed": sum(1 for j in infra if not ran[j["jobUUID"]]),
         "other_failures": dict(other_failures),
     }
+
+
+def _infra_reruns(api: Api, job_id: str) -> int:
+    """How many re-runs after an infrastructure fault the job's events record."""
+    url: str | None = f"/htc/projects/{api.project}/tasks/{api.task}/jobs/{job_id}/events?pageSize=1000"
+    reruns = 0
+    while url:
+        page = api._ok(api.http.get(url))
+        reruns += sum(
+            1
+            for e in page["items"]
+            if e["status"] == "SUBMITTED_TO_RESCALE"
+            and "after an infrastructure fault" in (e["statusReason"] or "")
+        )
+        url = page.get("next") or None
+    return reruns
 
 
 def _list_jobs(api: Api) -> dict[str, dict[str, Any]]:
@@ -129,8 +166,18 @@ def failed(result: dict[str, Any]) -> list[str]:
         problems.append(f"{result['lost']} job(s) lost, {result['invented']} invented")
     if result["counter_mismatches"]:
         problems.append(f"counters disagree with the job list: {result['counter_mismatches']}")
+    if result["attempts_executed_twice"]:
+        problems.append(f"{result['attempts_executed_twice']} attempt(s) executed more than once")
     if result["over_allowed"]:
-        problems.append(f"{result['over_allowed']} job(s) executed more than maxRetries + 1 times")
+        allowed = 1 + MAX_RETRIES + INFRA_RETRIES
+        problems.append(
+            f"{result['over_allowed']} job(s) executed more than {allowed} times"
+            " (1 + maxRetries + max_infrastructure_retries)"
+        )
+    if result["reruns_unrecorded"]:
+        problems.append(
+            f"{result['reruns_unrecorded']} job(s) executed again without a re-run in their events"
+        )
     if result["succeeded_without_execution"]:
         problems.append(f"{result['succeeded_without_execution']} job(s) SUCCEEDED without executing")
     return problems

@@ -5,8 +5,10 @@ five minutes) and four short jobs are queued behind them when the server gets ``
 restarted on the same data directory and database. Then:
 
 * every job reaches SUCCEEDED or FAILED, none stays RUNNING and none is lost;
-* a long job whose process died is FAILED with ``ErrorInfrastructureFault`` when it has no
-  retries left, and runs again (its retry finds a flag file and succeeds) when it has;
+* a long job whose process died runs again as a new attempt without spending a retry
+  (``maxRetries: 0``; its re-run finds a flag file and succeeds), and is FAILED with
+  ``ErrorInfrastructureFault`` when the server allows no re-run after infrastructure faults
+  (``max_infrastructure_retries`` 0);
 * the queued short jobs run normally, including those the executor had already claimed
   (RUNNABLE) but not started: a crash must not use up an attempt that never began;
 * the summary counters equal a count of the job list;
@@ -61,9 +63,9 @@ class Crashed:
 
 
 def crash_while_running(
-    start_server: Callable[..., Any], marker: Any, flag_dir: Path, max_retries: int
+    start_server: Callable[..., Any], marker: Any, flag_dir: Path, max_retries: int, infra_retries: int
 ) -> Crashed:
-    srv = start_server(env=FAST_LEASES)
+    srv = start_server(env={**FAST_LEASES, "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": str(infra_retries)})
     api = srv.api()
     pid, tid = api.project_and_task()
     long_request = api.job_request(
@@ -128,34 +130,46 @@ def _describe(pids: list[int]) -> list[str]:
     return out
 
 
-def test_running_jobs_fail_with_infrastructure_fault_after_a_crash(
+def test_running_jobs_fail_with_infrastructure_fault_after_a_crash_when_no_rerun_is_allowed(
     start_server: Callable[..., Any], marker: Any, tmp_path: Path
 ) -> None:
-    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=0)
+    """max_infrastructure_retries 0 (at most once) and maxRetries 1: the crash ends the job; the
+    user's retry is not spent on the server's fault either."""
+    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=1, infra_retries=0)
     # The client from before the crash keeps working: tokens survive the restart.
     assert isinstance(crashed.api.get("/htc/projects")["items"], list)
     jobs, problems = recovery_problems(crashed, marker)
     for job_id in crashed.long_ids():
         job = jobs[job_id]
         if (job["status"], job["failureCode"]) != ("FAILED", "ErrorInfrastructureFault"):
-            problems.append(f"{job_id} RUNNING, no retries, but ended {job['status']} {job['failureCode']}")
+            problems.append(
+                f"{job_id} RUNNING, no re-run allowed, but ended {job['status']} {job['failureCode']}"
+            )
         statuses = [e["status"] for e in crashed.api.events(crashed.project, crashed.task, job_id)]
         if statuses.count("RUNNING") != 1 or "FAILED" not in statuses:
             problems.append(f"{job_id} events: {statuses}")
     assert not problems, "\n".join(problems)
 
 
-def test_running_jobs_are_retried_after_a_crash(
+def test_running_jobs_are_rerun_after_a_crash_without_spending_a_retry(
     start_server: Callable[..., Any], marker: Any, tmp_path: Path
 ) -> None:
-    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=1)
+    """The default: a crash is the infrastructure's fault, so a job with maxRetries 0 runs again."""
+    crashed = crash_while_running(start_server, marker, tmp_path, max_retries=0, infra_retries=3)
     jobs, problems = recovery_problems(crashed, marker)
     for job_id in crashed.long_ids():
         if jobs[job_id]["status"] != "SUCCEEDED":
-            problems.append(f"{job_id} had a retry left but ended {jobs[job_id]['status']}")
-        statuses = [e["status"] for e in crashed.api.events(crashed.project, crashed.task, job_id)]
+            problems.append(f"{job_id} had a re-run left but ended {jobs[job_id]['status']}")
+        events = crashed.api.events(crashed.project, crashed.task, job_id)
+        statuses = [e["status"] for e in events]
         if statuses.count("RUNNING") != 2:
-            problems.append(f"{job_id}: expected the crashed attempt and one retry: {statuses}")
+            problems.append(f"{job_id}: expected the crashed attempt and one re-run: {statuses}")
+        if not any(
+            "Re-run 1 of 3 after an infrastructure fault" in (e["statusReason"] or "") for e in events
+        ):
+            problems.append(
+                f"{job_id}: no event says why it ran again: {[e['statusReason'] for e in events]}"
+            )
         lines = crashed.api.log_lines(crashed.project, crashed.task, job_id)
         if not lines or lines[-1] != "retried":
             problems.append(f"{job_id}: the retry did not run to the end: {lines}")

@@ -8,7 +8,8 @@ under it refuses as a whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.container import Services
-from openhtc.store.transitions import Batch, StoreConsistencyError
+from openhtc.store.transitions import StatusWrites, StoreConsistencyError
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
 
 S = JobStatus
@@ -45,9 +46,17 @@ class Queue(StoreHarness):
 
 
 @pytest.fixture
-def queue(tmp_path: Path, db_url: str | None) -> Iterator[Queue]:
-    with in_process_services(tmp_path / "data", db_url) as services:
-        yield Queue(services)
+def queue_with(tmp_path: Path, db_url: str | None) -> Iterator[Callable[..., Queue]]:
+    """A Queue on services built with the given settings."""
+    with ExitStack() as stack:
+        yield lambda **settings: Queue(
+            stack.enter_context(in_process_services(tmp_path / "data", db_url, **settings))
+        )
+
+
+@pytest.fixture
+def queue(queue_with: Callable[..., Queue]) -> Queue:
+    return queue_with()
 
 
 def test_reports_written_together_keep_each_jobs_history_and_exact_values(queue: Queue) -> None:
@@ -95,23 +104,23 @@ def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(q
     before = queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id")
     events_before = queue.sql("SELECT COUNT(*) FROM job_events")
     with pytest.raises(StoreConsistencyError, match="1 job rows changed under us"), db.write() as conn:
-        batch = Batch(db, conn, 2.0, EXECUTOR)
-        jobs = batch.load_ids([job.job_id for job in claimed])
-        # another writer moves one job on after this batch loaded it
+        writes = StatusWrites(db, conn, 2.0, EXECUTOR)
+        jobs = writes.load_ids([job.job_id for job in claimed])
+        # another writer moves one job on after these rows were loaded
         conn.exec_driver_sql(
             db.sql("UPDATE jobs SET attempt = attempt + 1 WHERE id = ?"), (claimed[1].job_id,)
         )
         for job in jobs:
-            batch.move(job, S.STARTING, 2.0)
-        batch.flush()
+            writes.report(job, [AttemptReport(job.id, job.attempt, S.STARTING, 2.0)])
+        writes.flush()
     assert queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id") == before
     assert queue.sql("SELECT COUNT(*) FROM job_events") == events_before
     assert queue.counters() == {S.RUNNABLE: 3}
 
 
-def test_a_restarted_executor_requeues_free_only_attempts_it_never_handed_to_a_runtime(queue: Queue) -> None:
-    """Recovery at registration (issue 13 item 2): the executor names the attempts it may have
-    started (its journal); those fail, whatever their status says; the rest are re-queued free."""
+def _restart_with_markers(queue: Queue) -> list[JobLaunch]:
+    """Five claimed jobs: 0-3 reported STARTING (3 also RUNNING), 4 still RUNNABLE; the executor
+    restarts naming jobs 1 and 2 as handed to its runtime (and job 0's next attempt)."""
     jobs = queue.submit_and_claim(5)
     reports = [AttemptReport(j.job_id, j.attempt, S.STARTING, 1.0) for j in jobs[:4]]
     reports.append(AttemptReport(jobs[3].job_id, jobs[3].attempt, S.RUNNING, 1.5))
@@ -121,32 +130,79 @@ def test_a_restarted_executor_requeues_free_only_attempts_it_never_handed_to_a_r
     region = queue.services.settings.region
     recovered = queue.executor.register(EXECUTOR, "inc-2", region, ["X86"], Capacity(64, 1 << 20), marked)
     assert recovered == 5
-    rows = {
-        row[0]: row[1:]
-        for row in queue.sql(
-            "SELECT id, status, attempt, failed_attempts, failure_code, status_reason FROM jobs"
+    return jobs
+
+
+_ROWS = "SELECT id, status, attempt, failed_attempts, infra_retries, failure_code, status_reason FROM jobs"
+REQUEUED_FREE = "Re-queued: the executor restarted before the job started"
+FAULT = "ErrorInfrastructureFault"
+
+
+def test_a_restarted_executor_reruns_what_it_may_have_started_without_spending_a_retry(queue: Queue) -> None:
+    """Recovery at registration: an attempt never handed to a runtime is re-queued free; one
+    the executor may have started (its journal names it, or it was RUNNING) is an infrastructure
+    fault: a new attempt on max_infrastructure_retries (3 by default), no user retry spent."""
+    jobs = _restart_with_markers(queue)
+    rows = {row[0]: row[1:] for row in queue.sql(_ROWS)}
+    # STARTING or RUNNABLE, never handed over: a free new attempt
+    for job in (jobs[0], jobs[4]):
+        assert rows[job.job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, 0, None, REQUEUED_FREE)
+    # handed over (its RUNNING report may be what was lost), or RUNNING: re-run, maxRetries 0 untouched
+    for job in jobs[1:4]:
+        status, attempt, failed, infra, code, reason = rows[job.job_id]
+        assert (status, attempt, failed, infra, code) == (S.SUBMITTED_TO_RESCALE, 2, 0, 1, FAULT)
+        assert (
+            reason.startswith("Re-run 1 of 3 after an infrastructure fault") and "may have started" in reason
         )
-    }
-    requeued_reason = "Re-queued: the executor restarted before the job started"
-    fault = "ErrorInfrastructureFault"
-    # STARTING, never handed over: a free new attempt
-    assert rows[jobs[0].job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, None, requeued_reason)
-    # STARTING or RUNNABLE in the database, but handed over: its RUNNING report may be what was lost
-    for job in jobs[1:3]:
-        status, attempt, failed, code, reason = rows[job.job_id]
-        assert (status, attempt, failed, code) == (S.FAILED, 1, 1, fault)
+        events = queue.sql(
+            "SELECT attempt, status, reason FROM job_events WHERE job_id = ? ORDER BY id", job.job_id
+        )
+        assert [e[:2] for e in events[-2:]] == [(1, S.FAILED), (2, S.SUBMITTED_TO_RESCALE)]
+        assert "may have started" in events[-2][2]  # the lost attempt's event says why
+    assert queue.counters() == {S.SUBMITTED_TO_RESCALE: 5}
+
+
+def test_with_no_infrastructure_retries_a_restart_fails_what_may_have_started(
+    queue_with: Callable[..., Queue],
+) -> None:
+    """max_infrastructure_retries = 0: at most once. What may have started fails at the first
+    infrastructure fault; what cannot have started is still re-queued free."""
+    queue = queue_with(max_infrastructure_retries=0)
+    jobs = _restart_with_markers(queue)
+    rows = {row[0]: row[1:] for row in queue.sql(_ROWS)}
+    for job in (jobs[0], jobs[4]):
+        assert rows[job.job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, 0, None, REQUEUED_FREE)
+    for job in jobs[1:4]:
+        status, attempt, failed, infra, code, reason = rows[job.job_id]
+        assert (status, attempt, failed, infra, code) == (S.FAILED, 1, 0, 0, FAULT)
         assert "may have started" in reason
-    assert rows[jobs[3].job_id][:4] == (S.FAILED, 1, 1, fault)  # RUNNING: it ran
-    assert rows[jobs[4].job_id] == (S.SUBMITTED_TO_RESCALE, 2, 0, None, requeued_reason)  # RUNNABLE
     assert queue.counters() == {S.SUBMITTED_TO_RESCALE: 2, S.FAILED: 3}
 
 
-def test_lease_expiry_fails_every_attempt_it_cannot_vouch_for(queue: Queue) -> None:
-    """A lost executor cannot say what it started: its held jobs fail their attempt."""
-    jobs = queue.submit_and_claim(3)
+def test_lease_expiry_reruns_on_the_infrastructure_budget_then_fails(
+    queue_with: Callable[..., Queue],
+) -> None:
+    """A lost executor cannot say what it started: each expiry is an infrastructure fault. The
+    job is re-run while max_infrastructure_retries allows (here 1) and then fails; its own
+    retries (maxRetries 2) are never spent on it."""
+    queue = queue_with(max_infrastructure_retries=1)
+    queue.submit(queue.project, queue.task, queue.job_request(3, retryStrategy={"maxRetries": 2}))
+    jobs = queue.claim(3)
     queue.executor.report(EXECUTOR, [AttemptReport(jobs[0].job_id, jobs[0].attempt, S.STARTING, 1.0)])
-    far_future = queue.services.clock.now() + 10 * queue.services.settings.lease_seconds
+    lease = queue.services.settings.lease_seconds
+    far_future = queue.services.clock.now() + 10 * lease
     assert queue.services.queue.expire_leases(far_future) == 3
-    rows = queue.sql("SELECT status, failure_code, failed_attempts FROM jobs")
-    assert rows == [(S.FAILED, "ErrorInfrastructureFault", 1)] * 3
+    assert (
+        queue.sql("SELECT status, attempt, failed_attempts, infra_retries, failure_code FROM jobs")
+        == [(S.SUBMITTED_TO_RESCALE, 2, 0, 1, FAULT)] * 3
+    )
+    queue.services.queue.admit(queue.services.clock.now(), 100)
+    assert len(queue.claim(3)) == 3
+    assert queue.services.queue.expire_leases(far_future + 10 * lease) == 3
+    rows = queue.sql(
+        "SELECT status, attempt, failed_attempts, infra_retries, failure_code, status_reason FROM jobs"
+    )
+    for status, attempt, failed, infra, code, reason in rows:
+        assert (status, attempt, failed, infra, code) == (S.FAILED, 2, 0, 1, FAULT)
+        assert reason.endswith("its 1 re-run(s) after infrastructure faults are spent")
     assert queue.counters() == {S.FAILED: 3}

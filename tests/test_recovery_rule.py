@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from openhtc.domain.enums import JobStatus
-from openhtc.domain.recovery import Recovery, reason, recover
+from openhtc.domain.recovery import Recovery, reason, recover, rerun_allowed, rerun_reason, spent_reason
 from openhtc.executor import journal as journal_module
 from openhtc.executor.journal import AttemptJournal
 
@@ -58,6 +58,20 @@ def test_reasons_say_what_happened() -> None:
     )
     failed = reason("the executor restarted", Recovery.FAIL_ATTEMPT)
     assert "may have started" in failed and "the executor restarted" in failed
+
+
+def test_an_infrastructure_fault_reruns_until_its_own_budget_is_spent() -> None:
+    """Infrastructure faults have their own budget (max_infrastructure_retries); 0 means the
+    first one ends the job (at most once)."""
+    assert [rerun_allowed(done, 3) for done in range(5)] == [True, True, True, False, False]
+    assert not rerun_allowed(0, 0)
+    fault = reason("the executor restarted", Recovery.FAIL_ATTEMPT)
+    assert rerun_reason(fault, 2, 3) == (
+        "Re-run 2 of 3 after an infrastructure fault, no retry spent"
+        " (Infrastructure fault: the executor restarted after the attempt may have started)"
+    )
+    assert spent_reason(fault, 0) == fault
+    assert spent_reason(fault, 3).endswith("its 3 re-run(s) after infrastructure faults are spent")
 
 
 def test_journal_replays_the_attempts_begun_and_not_ended(tmp_path: Path) -> None:

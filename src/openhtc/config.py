@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         60.0, description="An executor that misses heartbeats this long loses its jobs."
     )
     heartbeat_seconds: float = Field(5.0, description="How often executors renew their leases.")
+    max_infrastructure_retries: int = Field(
+        3,
+        ge=0,
+        description="Re-runs a job gets when its executor is lost after its attempt may have "
+        "started (restart, lease expiry); they spend no retry of its retryStrategy. Past them the "
+        "job fails with ErrorInfrastructureFault. 0: fail at the first such loss (at most once).",
+    )
     token_ttl_seconds: int = Field(21600, description="Lifetime of bearer tokens (6 h, as Rescale).")
     refresh_token_ttl_seconds: int = Field(14 * 86400, description="Lifetime of job refresh tokens.")
     admission_chunk: int = Field(5000, description="Jobs admitted per scheduler transaction.")

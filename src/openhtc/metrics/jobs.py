@@ -197,12 +197,19 @@ class JobSnapshot:
 
 
 class _ClaimedJob(Protocol):
-    """What a claim returns per job (the store's JobState), as far as metrics read it."""
+    """What a claim returns per job (the store's JobState), as far as metrics read it (read-only)."""
 
-    id: int
-    attempt: int
-    batch_id: int
-    project_id: str
-    task_id: str
-    group_name: str
-    vcpus: int
+    @property
+    def id(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def batch_id(self) -> int: ...
+    @property
+    def project_id(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def group_name(self) -> str: ...
+    @property
+    def vcpus(self) -> int: ...

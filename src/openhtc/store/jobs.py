@@ -9,13 +9,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select
 
+from openhtc.domain import lifecycle
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
 from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
-from openhtc.store.transitions import Batch, bump_counters
+from openhtc.store.transitions import StatusWrites, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
 # Reads that every poll of a job or a task makes, built once: SQLAlchemy then reuses their
@@ -97,8 +98,8 @@ class JobStore:
         """
         echoes: list[dict[str, Any]] = []
         with self.db.write() as conn:
-            admit = load_limits(conn, [task.project_id]).unlimited(task.project_id)
-            status = JobStatus.SUBMITTED_TO_PROVIDER if admit else JobStatus.SUBMITTED_TO_RESCALE
+            steps = lifecycle.submitted(admit=load_limits(conn, [task.project_id]).unlimited(task.project_id))
+            status = steps[-1]
             cur = self.db.cursor(conn)
             batch_ids: list[int] = []
             first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
@@ -170,7 +171,6 @@ class JobStore:
                 counts[1] += nb.batch_size * nb.vcpus
                 echoes.append(echo)
             bump_counters(self.db, conn, counters)
-            steps = (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER) if admit else (status,)
             self.db.run_bulk(
                 cur,
                 _INSERT_SUBMIT_EVENTS,
@@ -181,22 +181,17 @@ class JobStore:
 
     def cancel(self, task_id: str, group: str | None, now: float) -> int:
         """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
-        reason = "Job cancelled by user"
         with self.db.write() as conn:
             self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
-            batch = Batch(self.db, conn, now)
+            writes = StatusWrites(self.db, conn, now)
             where = f"j.task_id = ? AND j.status IN ({_NON_TERMINAL_SQL})"
             params: tuple[Any, ...] = (task_id,)
             if group is not None:
                 where += " AND j.group_name = ?"
                 params += (group,)
-            for job in batch.load(where, params):
-                batch.move(job, JobStatus.FAILED, now, reason, cancelled=True)
-                job.cancelled = True
-                job.status_reason = reason
-                job.completed_at = now
-                job.lease_expires_at = None
-            cancelled = batch.flush()
+            for job in writes.load(where, params):
+                writes.cancel(job)
+            cancelled = writes.flush()
             if cancelled:
                 conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))
         return cancelled

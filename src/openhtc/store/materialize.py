@@ -34,9 +34,9 @@ from openhtc.store.db import Database
 # Written per job row; every job of a batch shares all but ``id`` and ``idx``.
 _COLUMNS = (
     "id, batch_id, idx, task_id, project_id, group_name, region, architecture, status, attempt,"
-    " failed_attempts, priority, vcpus, memory_mb, created_at, updated_at, cancelled"
+    " failed_attempts, infra_retries, priority, vcpus, memory_mb, created_at, updated_at, cancelled"
 )
-_VALUES = "? + seq.i, ?, seq.i, ?, ?, ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?"
+_VALUES = "? + seq.i, ?, seq.i, ?, ?, ?, ?, ?, ?, 1, 0, 0, ?, ?, ?, ?, ?, ?"
 _PG_VALUES = _VALUES.replace("? + seq.i", "CAST(? AS bigint) + seq.i")
 _BATCH_FIELDS = (
     "id, first_job_id, pending_from, batch_size, task_id, project_id, group_name, region,"
@@ -68,6 +68,7 @@ class PendingJob:
     updated_at: float
     attempt: int = 1
     failed_attempts: int = 0
+    infra_retries: int = 0
     executor_id: str | None = None
     lease_expires_at: float | None = None
     started_at: float | None = None

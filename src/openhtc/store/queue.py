@@ -14,24 +14,31 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
 
+from openhtc.domain import lifecycle
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.domain.throughput import Throughput
 from openhtc.scheduler import policy
 from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
-from openhtc.store.transitions import Batch, JobState
+from openhtc.store.transitions import JobState, StatusWrites
 
-ACTIVE = [int(s) for s in ACTIVE_STATUSES]
 S = JobStatus
-_ACTIVE_SQL = ",".join(str(s) for s in ACTIVE)
+_HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
+_HELD_SQL = ",".join(str(s) for s in _HELD)
 
 
 class QueueStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_infra_retries: int = 3) -> None:
         self.db = db
+        # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
+        self.max_infra_retries = max_infra_retries
         self.throughput = Throughput()  # this process's last hour, for the dashboard
+
+    def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
+        return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -54,11 +61,10 @@ class QueueStore:
             limited = [p for p in held_projects if not limits.unlimited(p)]
             if limited:
                 admitted.extend(self._admit_limited(conn, limited, limits, chunk))
-            batch = Batch(self.db, conn, now)
-            for job in batch.load_ids(admitted):
-                if job.status == S.SUBMITTED_TO_RESCALE:
-                    batch.move(job, S.SUBMITTED_TO_PROVIDER, now)
-            return batch.flush()
+            writes = self._writes(conn, now)
+            for job in writes.load_ids(admitted):
+                writes.admit(job)  # a job no longer held is left alone
+            return writes.flush()
 
     def _admit_limited(self, conn: Connection, limited: list[str], limits: Limits, chunk: int) -> list[int]:
         used = self._vcpus_by_project(conn, LIMITED_STATUSES)
@@ -133,6 +139,8 @@ class QueueStore:
         )
         return {row[0]: int(row[1] or 0) for row in cur.fetchall()}
 
+    # -- executors ------------------------------------------------------------------------------
+
     # -- explaining (GET …/jobs/{j}/explain) ----------------------------------------------------
 
     def limits_of(self, project_id: str) -> tuple[int, int | None, int, int | None]:
@@ -168,8 +176,6 @@ class QueueStore:
                 counts.append(int(cur.fetchone()[0]))
         return counts[0], counts[1]
 
-    # -- executors ------------------------------------------------------------------------------
-
     def executor_offers(self, heard_since: float) -> list[ExecutorOffer]:
         """The executors that registered and have been heard from since ``heard_since``."""
         query = select(
@@ -202,24 +208,24 @@ class QueueStore:
             }
             stmt = self.db.upsert(executors).values(id=executor_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
-            batch = Batch(self.db, conn, now)
-            lost = batch.load(f"j.executor_id = ? AND j.status IN ({_ACTIVE_SQL})", (executor_id,))
+            writes = self._writes(conn, now)
+            lost = writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (executor_id,))
             marked = set(may_have_started)
             for job in lost:
-                batch.recover(job, "the executor restarted", (job.id, job.attempt) in marked)
-            changed = batch.flush()
-        self._count(batch, now)
+                writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
+            changed = writes.flush()
+        self._count(writes, now)  # once committed
         return changed
 
     def expire_leases(self, now: float) -> int:
         """Recover jobs whose executor stopped renewing its lease."""
         with self.db.write() as conn:
-            batch = Batch(self.db, conn, now)
-            for job in batch.load(f"j.status IN ({_ACTIVE_SQL}) AND j.lease_expires_at < ?", (now,)):
+            writes = self._writes(conn, now)
+            for job in writes.load(f"j.status IN ({_HELD_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
-                batch.recover(job, "the executor stopped responding (lease expired)", None)
-            changed = batch.flush()
-        self._count(batch, now)
+                writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
+            changed = writes.flush()
+        self._count(writes, now)  # once committed
         return changed
 
     def claim(
@@ -257,16 +263,12 @@ class QueueStore:
             chosen = policy.dispatch(queues, running, free, max_jobs)
             if not chosen:
                 return []
-            batch = Batch(self.db, conn, now, executor_id)
+            writes = self._writes(conn, now, executor_id)
             order = {j.job_id: i for i, j in enumerate(chosen)}
             # the executor starts them in this order: keep the one dispatch chose
-            claimed = sorted(batch.load_ids(list(order)), key=lambda job: order[job.id])
-            lease = now + lease_seconds
-            for job in claimed:
-                job.executor_id = executor_id
-                job.lease_expires_at = lease
-                batch.move(job, S.RUNNABLE, now)
-            batch.flush()
+            claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
+            writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
+            writes.flush()
             return claimed
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
@@ -280,20 +282,17 @@ class QueueStore:
         for report in reports:
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
-            batch = Batch(self.db, conn, now, executor_id)
-            for job in batch.load_ids(list(by_job)):
-                if job.executor_id != executor_id:
-                    continue
-                for report in by_job[job.id]:
-                    batch.apply_report(job, report)
-            batch.flush()
-        self._count(batch, now)  # once committed
-        return batch.requeued
+            writes = self._writes(conn, now, executor_id)
+            for job in writes.load_ids(list(by_job)):
+                writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
+            writes.flush()
+        self._count(writes, now)  # once committed
+        return writes.requeued
 
-    def _count(self, batch: Batch, now: float) -> None:
-        for project in batch.ended.keys() | batch.waits.keys():
-            succeeded, failed = batch.ended.get(project, (0, 0))
-            self.throughput.record(now, project, succeeded, failed, batch.waits.get(project, ()))
+    def _count(self, writes: StatusWrites, now: float) -> None:
+        for project in writes.ended.keys() | writes.waits.keys():
+            succeeded, failed = writes.ended.get(project, (0, 0))
+            self.throughput.record(now, project, succeeded, failed, writes.waits.get(project, ()))
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float
@@ -303,30 +302,24 @@ class QueueStore:
             conn.execute(executors.update().where(executors.c.id == executor_id).values(last_heartbeat=now))
             conn.execute(
                 jobs.update()
-                .where(and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(ACTIVE)))
-                .values(lease_expires_at=now + lease_seconds)
+                .where(and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(_HELD)))
+                .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
             )
             if not held:
                 return []
             current = {
-                row.id: row
+                row.id: JobRecord(row.id, row.status, row.attempt, executor_id=row.executor_id)
                 for row in conn.execute(
                     select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id).where(
                         jobs.c.id.in_([job_id for job_id, _ in held])
                     )
                 )
             }
-        stop = []
-        for job_id, attempt in held:
-            row = current.get(job_id)
-            if (
-                row is None
-                or row.attempt != attempt
-                or row.executor_id != executor_id
-                or row.status not in ACTIVE
-            ):
-                stop.append((job_id, attempt))
-        return stop
+        return [
+            (job_id, attempt)
+            for job_id, attempt in held
+            if not lifecycle.still_holds(executor_id, attempt, current.get(job_id))
+        ]
 
 
 class Limits:

@@ -188,6 +188,9 @@ jobs = Table(
     # Attempts that failed and count against retryStrategy.maxRetries. An attempt lost before
     # its process started (executor restart, lease expiry while RUNNABLE) does not count.
     Column("failed_attempts", Integer, nullable=False, default=0),
+    # Attempts re-run after an infrastructure fault (an executor lost after the attempt may have
+    # started); they spend no user retry, only settings.max_infrastructure_retries.
+    Column("infra_retries", Integer, nullable=False, default=0, server_default="0"),
     Column("priority", SmallInteger, nullable=False),
     Column("vcpus", Integer, nullable=False),
     Column("memory_mb", Integer, nullable=False),

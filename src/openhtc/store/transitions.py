@@ -1,6 +1,8 @@
-"""Applies job state changes: compare-and-set row updates, events and counters in one go.
+"""Writes job state changes: compare-and-set row updates, events and counters in one go.
 
-Every status write in openhtc goes through a :class:`Batch` inside the caller's transaction, so
+The store decides nothing here: a :class:`StatusWrites` loads rows under lock, asks the pure
+lifecycle (``domain/lifecycle.py``) what each input does, and writes the records and events it
+returns. Every status write in openhtc goes through one inside the caller's transaction, so
 the per (task, group, status) counters never drift from the job rows. This is the hottest code
 in the server, so it speaks plain DB-API with tuples instead of compiled SQL: ``executemany`` on
 SQLite, one statement for all rows on PostgreSQL (see :class:`BulkStatement`).
@@ -10,31 +12,31 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
-from openhtc.domain import recovery
-from openhtc.domain.enums import FailureCode, JobStatus
+from openhtc.domain import lifecycle
+from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import OpenHTCError
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport
-from openhtc.domain.states import TRANSITIONS, check_transition
 from openhtc.store.db import BulkStatement, Database, json_rows
 
-S = JobStatus
-_FIRST_TERMINAL = int(S.SUCCEEDED)
-
 _STATE_SELECT = (
-    "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.executor_id, j.lease_expires_at, j.started_at,"
-    " j.completed_at, j.exit_code, j.failure_code, j.status_reason, j.cancelled, j.task_id, j.group_name,"
-    " j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region, b.max_retries, j.created_at"
+    # the first 14 columns are a JobRecord, in its field order
+    "SELECT j.id, j.status, j.attempt, j.failed_attempts, j.infra_retries, b.max_retries, j.executor_id,"
+    " j.lease_expires_at, j.started_at, j.completed_at, j.exit_code, j.failure_code, j.status_reason,"
+    " j.cancelled, j.task_id, j.group_name, j.project_id, j.vcpus, j.memory_mb, j.batch_id, j.idx, j.region,"
+    " j.created_at"
     " FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE "
 )
+_RECORD = len(JobRecord._fields)
 _JOB_COLUMNS = (
     ("status", "smallint"),
     ("attempt", "int"),
     ("failed_attempts", "int"),
+    ("infra_retries", "int"),
     ("executor_id", "text"),
     ("lease_expires_at", "float8"),
     ("updated_at", "float8"),
@@ -89,14 +91,18 @@ class StoreConsistencyError(OpenHTCError):
     """A compare-and-set write found a row in an unexpected state."""
 
 
-@dataclass(slots=True)
-class JobState:
-    """The mutable part of a job row, loaded under lock, changed in memory, written back."""
+class JobState(NamedTuple):
+    """A job row as loaded under lock (the columns of ``_STATE_SELECT``). Its first fields are
+    the job's lifecycle record as loaded (:meth:`StatusWrites.record` gives the current one);
+    the rest say where it counts and how it runs. Immutable: the writes compare the row's
+    status and attempt with these."""
 
     id: int
     status: int
     attempt: int
     failed_attempts: int
+    infra_retries: int
+    max_retries: int
     executor_id: str | None
     lease_expires_at: float | None
     started_at: float | None
@@ -113,26 +119,43 @@ class JobState:
     batch_id: int
     idx: int
     region: str
-    max_retries: int
     created_at: float
-    loaded_status: int = 0
-    loaded_attempt: int = 0
-    dirty: bool = False
 
 
-class Batch:
-    """Collects state changes for many jobs and writes them with three statements."""
+_new = tuple.__new__
+_SUCCEEDED = int(JobStatus.SUCCEEDED)
+_TERMINAL = frozenset(int(s) for s in JobStatus if s.terminal)
 
-    def __init__(self, db: Database, conn: Connection, now: float, executor_id: str | None = None) -> None:
+
+class StatusWrites:
+    """A unit of work for job status changes: applies lifecycle steps to many jobs loaded under
+    lock, then writes them all with three statements (rows, events, counters)."""
+
+    def __init__(
+        self,
+        db: Database,
+        conn: Connection,
+        now: float,
+        executor_id: str | None = None,
+        max_infra_retries: int = 0,
+    ) -> None:
         self.db = db
         self.conn = conn
         self.now = now
         self.executor_id = executor_id
-        self.states: list[JobState] = []
+        self.max_infra_retries = max_infra_retries  # re-runs after infrastructure faults (settings)
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
+        self.flushed = False
+        # Every row loaded; the record now of each job a step changed (by id); the events. The
+        # last two are kept as plain tuples: the GC stops tracking a plain tuple of plain values,
+        # never a NamedTuple, and at thousands of jobs a second every tracked object held until
+        # the flush makes each collection longer (a third more store CPU on PostgreSQL).
+        self._loaded: list[JobState] = []
+        self._changed: dict[int, tuple[Any, ...]] = {}
         self._events: list[tuple[Any, ...]] = []
-        # For the dashboard's throughput (domain/throughput.py), by project: jobs that ended
-        # (succeeded, failed; cancelled ones not counted) and queue waits of attempts that started.
+        # For the dashboard's last hour (domain/throughput.py), by project, filled by flush: jobs
+        # that ended (succeeded, failed; cancelled ones not counted), and the queue waits of
+        # first attempts that started (submission to RUNNING).
         self.ended: dict[str, list[int]] = {}
         self.waits: dict[str, list[float]] = {}
 
@@ -142,11 +165,8 @@ class Batch:
         """Load and (on PostgreSQL) lock the jobs matching ``where`` (columns of ``j``)."""
         cur = self.db.cursor(self.conn)
         cur.execute(self.db.sql(_STATE_SELECT + where + " ORDER BY j.id" + self.db.for_update), tuple(params))
-        states = [JobState(*row) for row in cur.fetchall()]
-        for state in states:
-            state.cancelled = bool(state.cancelled)
-            state.loaded_status, state.loaded_attempt = state.status, state.attempt
-        self.states.extend(states)
+        states = [_new(JobState, row) for row in cur.fetchall()]
+        self._loaded += states
         return states
 
     def load_ids(self, ids: Sequence[int]) -> list[JobState]:
@@ -154,165 +174,119 @@ class Batch:
             return []
         return self.load(self.db.in_ids("j.id"), (self.db.ids_param(ids),))
 
-    # -- changes --------------------------------------------------------------------------------
+    def record(self, job: JobState) -> JobRecord:
+        """The job's lifecycle record now: as loaded, or as the last step left it. (``cancelled``
+        is 0/1 on SQLite: the lifecycle only tests its truth.)"""
+        changed = self._changed.get(job[0])
+        return _new(JobRecord, changed if changed is not None else job[:_RECORD])
 
-    def move(
-        self,
-        job: JobState,
-        status: JobStatus,
-        at: float,
-        reason: str | None = None,
-        exit_code: int | None = None,
-        cancelled: bool = False,
-    ) -> None:
-        """One step of the lifecycle, checked against the transition table and recorded as an event."""
-        if status not in TRANSITIONS[job.status]:  # type: ignore[index]
-            check_transition(job.id, S(job.status), status)  # raises with a readable message
-        job.status = int(status)
-        self._event(job, status, at, reason, exit_code, cancelled)
+    # -- changes: each asks the lifecycle, then records what it returned ------------------------
 
-    def _event(
-        self,
-        job: JobState,
-        status: JobStatus,
-        at: float,
-        reason: str | None,
-        exit_code: int | None,
-        cancelled: bool,
-    ) -> None:
-        job.dirty = True
-        self._events.append(
-            (
-                job.id,
-                job.attempt,
-                int(status),
-                at,
-                reason,
-                exit_code,
-                self.executor_id or job.executor_id,
-                cancelled,
-            )
+    def apply(self, job: JobState, step: lifecycle.Step) -> bool:
+        """Record one lifecycle step of a loaded job; returns whether it changed the job."""
+        record, events, requeued = step
+        if not events:
+            return False
+        self._changed[job[0]] = tuple(record)
+        if requeued:
+            self.requeued += 1
+        executor = self.executor_id
+        if executor is None:
+            self._events.extend(map(tuple, events))
+        else:  # the reporting executor is named on every event of its report (a retry's too)
+            self._events.extend(tuple(e) if e[6] is not None else (*e[:6], executor, e[7]) for e in events)
+        return True
+
+    def admit(self, job: JobState) -> bool:
+        return self.apply(job, lifecycle.admit(self.record(job), self.now))
+
+    def claim(self, jobs: Sequence[JobState], executor_id: str, lease_expires_at: float) -> None:
+        """Hand queued jobs to an executor (one lifecycle call for all of them)."""
+        # records made one at a time, as the lifecycle takes them: a list of them all would be
+        # one more object per job alive at once, and the GC's work grows with those
+        if self._changed:
+            loaded = (self.record(job) for job in jobs)
+        else:  # the common case: all fresh from the database
+            loaded = (_new(JobRecord, job[:_RECORD]) for job in jobs)
+        records, events = lifecycle.claim(loaded, executor_id, lease_expires_at, self.now)
+        changed = self._changed
+        for job, record in zip(jobs, records, strict=True):
+            changed[job[0]] = record  # a plain row already, as the events (see lifecycle.Event)
+        self._events.extend(events)
+
+    def report(self, job: JobState, reports: Sequence[AttemptReport]) -> bool:
+        """Fold an executor's reports on one job; stale or repeated ones change nothing (fencing)."""
+        changed = self._changed.get(job[0])  # self.record, inline: this runs for every job
+        rec = _new(JobRecord, changed if changed is not None else job[:_RECORD])
+        step = lifecycle.report(rec, reports, self.executor_id, self.max_infra_retries)
+        if step[2]:
+            return self.apply(job, step)
+        if not step[1]:
+            return False
+        # the common case, inline: the events already name the reporting executor
+        self._changed[job[0]] = tuple(step[0])
+        self._events.extend(step[1])  # plain rows already (see lifecycle.Event)
+        return True
+
+    def cancel(self, job: JobState) -> bool:
+        return self.apply(job, lifecycle.cancel(self.record(job), self.now))
+
+    def lose_executor(self, job: JobState, cause: str, may_have_started: bool | None) -> bool:
+        """The executor holding this job is gone: the crash rule decides (domain/lifecycle.py)."""
+        step = lifecycle.lose_executor(
+            self.record(job), self.now, cause, may_have_started, self.max_infra_retries
         )
-
-    def requeue(self, job: JobState, at: float, reason: str, counted: bool) -> None:
-        """Send the job back to SUBMITTED_TO_RESCALE as a new attempt."""
-        if counted:
-            job.failed_attempts += 1
-        self.requeued += 1
-        job.attempt += 1
-        job.executor_id = None
-        job.lease_expires_at = None
-        job.started_at = None
-        job.status_reason = reason
-        self.move(job, S.SUBMITTED_TO_RESCALE, at, reason)
-
-    def fail_attempt(
-        self, job: JobState, at: float, failure_code: str, reason: str, exit_code: int | None = None
-    ) -> None:
-        """End the current attempt as failed; retry it if the retry strategy allows.
-
-        A retried job records the attempt's FAILED event but moves straight on to
-        SUBMITTED_TO_RESCALE, so its status never shows FAILED while it still has attempts left.
-        """
-        check_transition(job.id, S(job.status), S.FAILED)
-        self._event(job, S.FAILED, at, reason, exit_code, False)
-        job.exit_code = exit_code
-        job.failure_code = failure_code
-        job.status_reason = reason
-        job.lease_expires_at = None
-        if job.failed_attempts < job.max_retries:
-            self.requeue(
-                job, at, f"Retrying after attempt {job.attempt} failed ({failure_code})", counted=True
-            )
-        else:
-            job.failed_attempts += 1
-            job.status = int(S.FAILED)
-            job.completed_at = at
-
-    def apply_report(self, job: JobState, report: AttemptReport) -> None:
-        """Fold one executor report into the job, ignoring stale or repeated ones (fencing)."""
-        if report.attempt != job.attempt or job.status >= _FIRST_TERMINAL or job.status == report.status:
-            return
-        status = report.status
-        if status == S.FAILED:
-            self.fail_attempt(
-                job,
-                report.at,
-                report.failure_code or FailureCode.ErrorUnknownFailure.value,
-                report.reason or "",
-                report.exit_code,
-            )
-            return
-        self.move(job, status, report.at, report.reason, report.exit_code)
-        if status == S.RUNNING:
-            job.started_at = report.at
-            self.waits.setdefault(job.project_id, []).append(report.at - job.created_at)
-        elif status == S.SUCCEEDED:
-            job.exit_code = report.exit_code
-            job.failure_code = None
-            job.status_reason = report.reason
-            job.completed_at = report.at
-            job.lease_expires_at = None
-
-    def recover(self, job: JobState, cause: str, may_have_started: bool | None) -> None:
-        """The executor holding this job is gone: apply the recovery rule (domain/recovery.py)."""
-        outcome = recovery.recover(job.status, may_have_started)
-        why = recovery.reason(cause, outcome)
-        if outcome is recovery.Recovery.REQUEUE:
-            self.requeue(job, self.now, why, counted=False)
-        else:
-            self.fail_attempt(job, self.now, FailureCode.ErrorInfrastructureFault.value, why)
+        return self.apply(job, step)
 
     # -- writing --------------------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Write every changed job, its events and the counter deltas. Returns how many jobs changed."""
-        changed = [s for s in self.states if s.dirty]
+        """Write every changed job, its events and the counter deltas, once: this ends the unit
+        of work (the rows' loaded status and attempt are what the writes compare with). Returns
+        how many jobs changed."""
+        if self.flushed:
+            raise RuntimeError("a StatusWrites is flushed once")
+        self.flushed = True
+        changed = self._changed
         if not changed and not self._events:
             return 0
         cur = self.db.cursor(self.conn)
-        rows = [
-            (
-                s.status,
-                s.attempt,
-                s.failed_attempts,
-                s.executor_id,
-                s.lease_expires_at,
-                self.now,
-                s.started_at,
-                s.completed_at,
-                s.exit_code,
-                s.failure_code,
-                s.status_reason,
-                s.cancelled,
-                s.id,
-                s.loaded_status,
-                s.loaded_attempt,
-            )
-            for s in changed
-        ]
+        now = self.now
+        rows = []
+        moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
+        for job in self._loaded:
+            rec = changed.pop(job[0], None)  # once per job, even if loaded twice
+            if rec is None:
+                continue
+            (id_, status, attempt, failed, infra, _, executor, lease, started, completed, exit_code, code,
+             reason, cancelled) = rec  # fmt: skip
+            loaded = job.status
+            rows.append((
+                status, attempt, failed, infra, executor, lease, now, started, completed, exit_code, code,
+                reason, cancelled, id_, loaded, job.attempt,
+            ))  # fmt: skip
+            if status != loaded:
+                move = moves[(job.task_id, job.group_name, job.project_id, loaded, status)]
+                move[0] += 1
+                move[1] += job.vcpus
+                if status in _TERMINAL and not cancelled:
+                    self.ended.setdefault(job.project_id, [0, 0])[status != _SUCCEEDED] += 1
+            if started is not None and job.started_at is None and attempt == 1:
+                self.waits.setdefault(job.project_id, []).append(started - job.created_at)
+        if changed:
+            raise ValueError(f"steps on jobs not loaded here: {sorted(changed)[:5]}")
         updated = self.db.run_bulk(cur, _UPDATE, rows)
         if updated not in (-1, len(rows)):
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
         self.db.run_bulk(cur, _INSERT_EVENT, self._events)
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
-        for s in changed:
-            if s.status != s.loaded_status:
-                old = deltas[(s.task_id, s.group_name, s.loaded_status, s.project_id)]
-                new = deltas[(s.task_id, s.group_name, s.status, s.project_id)]
-                old[0] -= 1
-                old[1] -= s.vcpus
-                new[0] += 1
-                new[1] += s.vcpus
-                if s.status >= _FIRST_TERMINAL and not s.cancelled:
-                    ended = self.ended.setdefault(s.project_id, [0, 0])
-                    ended[s.status != S.SUCCEEDED] += 1
+        for (task, group, project, before, after), (jobs, vcpus) in moves.items():
+            for status, count, vcpu_delta in lifecycle.counter_deltas(before, after, jobs, vcpus):
+                delta = deltas[(task, group, status, project)]
+                delta[0] += count
+                delta[1] += vcpu_delta
         bump_counters(self.db, self.conn, deltas)
-        n = len(changed)
-        for s in changed:
-            s.loaded_status, s.loaded_attempt, s.dirty = s.status, s.attempt, False
-        self._events = []
-        return n
+        return len(rows)
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
