@@ -8,6 +8,10 @@ directory they both see.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +30,7 @@ from runtime_support import (
 
 from openhtc.domain.enums import FailureCode
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle
-from openhtc.runtimes.bwrap import BwrapRuntime, Started
+from openhtc.runtimes.bwrap import BwrapRuntime, Started, owner_tag
 
 pytestmark = pytest.mark.one_db
 
@@ -148,3 +152,71 @@ def test_a_reused_cgroup_does_not_carry_an_earlier_jobs_oom_kill(
     )
     again = run("head -c 300m /dev/zero | tail")
     assert again.failure_code == FailureCode.ErrorNotEnoughMemory.value, again
+
+
+HELD_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {support!r})
+    from runtime_support import PlainRegistry, StaticSource, launch
+    from openhtc.runtimes.base import JobLog, RunHandle
+    from openhtc.runtimes.bwrap import BwrapRuntime
+    registry = PlainRegistry.__new__(PlainRegistry)
+    registry.url, registry.host = {url!r}, {host!r}
+    runtime = BwrapRuntime({work!r}, StaticSource(registry))
+    runtime.adopt({owner!r}, "first")
+    mounts = [("SHARED", {shared!r}, "/shared", False)]
+    def job(script, n):
+        return launch("bb:1", ["sh", "-c", script], envs={{"HTC_PIPELINE_TEST": {marker!r}}}, mounts=mounts,
+                      job_id=n)
+    log = JobLog({shared!r} + "/log")
+    first = runtime.start(job("sleep 300", 1), RunHandle(), log, lambda: None)
+    runtime.start(job("touch /shared/held-ran", 2), RunHandle(), log, lambda: None, first)
+    print("held", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_held_sandbox_never_runs_its_job_when_the_server_dies(
+    runtime: BwrapRuntime, tmp_path: Path
+) -> None:
+    """kill -9 of the process holding a sandbox behind a running job: the held job never runs
+    (bwrap's --block-fd would read EOF and go on), and the next incarnation removes it all."""
+    registry = runtime.images.registry  # type: ignore[union-attr]
+    shared, work, marker = tmp_path / "shared", str(tmp_path / "work"), uuid.uuid4().hex
+    shared.mkdir()
+    owner = f"test-{uuid.uuid4().hex[:8]}@{os.getpid()}"
+    script = HELD_SCRIPT.format(
+        support=str(Path(__file__).parent), url=registry.url, host=registry.host, work=work,
+        owner=owner, shared=str(shared), marker=marker,
+    )  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # The running job dies with the server (--die-with-parent) and so does every bwrap.
+        wait_for(lambda: not [p for p in pids_with_env("HTC_PIPELINE_TEST", marker) if _is_bwrap(p)],
+                 what="the sandboxes' bwrap processes to die")  # fmt: skip
+        assert not (shared / "held-ran").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        second = BwrapRuntime(work, runtime.images)  # kills and unmounts what the first left
+        second.adopt(owner, "second")
+    wait_for(lambda: not pids_with_env("HTC_PIPELINE_TEST", marker), what="the held sandbox to be killed")
+    assert second.cgroups.leftovers(owner_tag(owner)) == []
+    second.close()
+    assert not (shared / "held-ran").exists()
+
+
+def _is_bwrap(pid: int) -> bool:
+    """bwrap's outer process (not the sandbox's init, which is bwrap too, inside its own pid ns)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        leader = os.getpgid(pid) == pid
+    except OSError:
+        return False
+    return state != "Z" and cmdline[0].endswith(b"bwrap") and leader

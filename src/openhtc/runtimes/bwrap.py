@@ -5,9 +5,9 @@ Per job: a cgroup with the job's memory and CPU limits, a writable overlay root 
 network is ``full``; see jobnet.py) with a fresh /proc and /dev, the job's mounts, its user and
 working directory.
 
-The job joins its cgroup before any of its code runs: bwrap reports the sandbox's pid on
-``--info-fd`` and waits on ``--block-fd``; the pids go into ``cgroup.procs`` and only then is
-bwrap released (no wrapper shell, no ``preexec_fn``). The environment reaches the job through
+The job is born in its cgroup: bwrap waits for its ``--args`` while it is moved there, then
+sets the sandbox up, reports its pid on ``--info-fd`` and waits on ``--block-fd`` until it is
+released (no wrapper shell, no ``preexec_fn``; see sandbox.py). The environment reaches the job through
 bwrap's own environment, not its command line, so tokens do not show in ``ps``.
 
 The runtime is pipelined (see ``base.Pipelined``): ``start(..., after=)`` sets up the slot's
@@ -259,10 +259,11 @@ class BwrapRuntime:
             return f"cannot run {self.bwrap}: {exc.strerror or exc}"
         handle.attach_kill(sandbox.kill)
         try:
-            # The sandbox's init; what it forks inherits the cgroup. bwrap's outer process stays
-            # outside (one migration less): it only waits, and dies with the job.
+            # bwrap waits for its --args: moved now, while it loads, the sandbox it starts is
+            # born in the job's cgroup (what the job forks inherits it).
+            job.cgroup.add(sandbox.pid)
+            sandbox.proceed()
             child = sandbox.wait_ready()
-            job.cgroup.add(child)
             if self.job_network is not None:  # openhtc: the API and storage in its netns
                 self.job_network.attach(child)
         except SandboxGone as exc:

@@ -1,11 +1,18 @@
 """One bwrap sandbox's process: spawned held, released, its output copied, reaped.
 
 bwrap is started with ``os.posix_spawn`` (no ``fork`` of the big, multi-threaded server, no
-``Popen`` bookkeeping) and stops before it runs the job: it reports the sandbox's pid on
-``--info-fd`` and waits on ``--block-fd``. The runtime puts that pid in the job's cgroup (and
-network) while it waits. ``release`` then lets it run the job: at once, or the moment the job
-ahead of it in the same slot ends (its pump releases it), so a slot's next sandbox is set up
-while the current job still runs.
+``Popen`` bookkeeping) and waits twice. First for its ``--args`` (read before it does anything):
+meanwhile the runtime moves it into the job's cgroup, so the sandbox is born there (one cgroup
+migration, overlapping bwrap's own start, instead of one after it). ``proceed`` lets it go on;
+it reports the sandbox's pid on ``--info-fd`` and waits on ``--block-fd`` (the runtime joins
+the job's network then). ``release`` lets it run the job: at once, or the moment the job ahead
+of it in the same slot ends (its pump releases it), so a slot's next sandbox is set up while
+the current job still runs.
+
+bwrap reads ``--block-fd`` until a byte or EOF, and EOF would come if the server died while a
+sandbox is held: the sandbox keeps the write end itself (``--sync-fd``, closed before the job's
+command runs), so a held sandbox never runs its job unless told; bwrap's outer process dies
+with the server (``--die-with-parent``) and the restarted executor kills what its cgroup holds.
 
 The output is copied to the job's log by whichever thread calls ``pump`` (the executor's worker
 for this slot), with the rules of ``output.pump_output``: the job ends when bwrap does (its
@@ -54,11 +61,13 @@ class Sandbox:
         self._child_fd: int | None = None
         self._sink: LogSink | None = None
         self._deadline: float | None = None
+        args_r, self._args_w = os.pipe()
         info_r, info_w = os.pipe()
         block_r, self._block_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
-            argv = [*bwrap_args, "--info-fd", str(info_w), "--block-fd", str(block_r), "--", *command]
+            argv = [bwrap_args[0], "--args", str(args_r), *bwrap_args[1:], "--info-fd", str(info_w)]
+            argv += ["--block-fd", str(block_r), "--sync-fd", str(self._block_w), "--", *command]
             self.pid = os.posix_spawn(
                 argv[0],
                 argv,
@@ -67,18 +76,18 @@ class Sandbox:
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, out_w, 1),
                     (os.POSIX_SPAWN_DUP2, out_w, 2),
-                    (os.POSIX_SPAWN_DUP2, info_w, info_w),  # clears close-on-exec: bwrap keeps them
-                    (os.POSIX_SPAWN_DUP2, block_r, block_r),
+                    # dup2 onto itself clears close-on-exec: bwrap gets these, and nothing else
+                    *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in (args_r, info_w, block_r, self._block_w)),
                 ],
                 setsid=True,
                 setsigdef=RESTORED_SIGNALS,
             )
         except BaseException:
-            for fd in (info_r, self._block_w, out_r):
+            for fd in (self._args_w, info_r, self._block_w, out_r):
                 os.close(fd)
             raise
         finally:
-            for fd in (info_w, block_r, out_w):
+            for fd in (args_r, info_w, block_r, out_w):
                 os.close(fd)
         self.out: int | None = out_r
         self._info = info_r
@@ -88,6 +97,12 @@ class Sandbox:
         self._poller.register(self.exited, select.POLLIN)
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def proceed(self) -> None:
+        """Let bwrap go on past its ``--args`` (it has none more) and set the sandbox up."""
+        if self._args_w >= 0:
+            os.close(self._args_w)
+            self._args_w = -1
 
     def wait_ready(self) -> int:
         """The sandbox's init pid, once bwrap has set it up and waits for ``release``."""
@@ -212,9 +227,9 @@ class Sandbox:
             _, status = os.waitpid(self.pid, 0)
             with self._lock:
                 self.code = os.waitstatus_to_exitcode(status)
-        for fd in (self.exited, self._child_fd, self._block_w):
+        for fd in (self.exited, self._child_fd, self._block_w, self._args_w):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.exited, self._child_fd, self._block_w = -1, None, -1
+        self.exited, self._child_fd, self._block_w, self._args_w = -1, None, -1, -1
         return self.code
