@@ -11,6 +11,7 @@ from bench.workloads import WORKLOADS
 COLOURS = {
     "openhtc": "#1f77b4",
     "spawn-floor": "#7f7f7f",
+    "concurrent-floor": "#bcbcbc",
     "hyperqueue": "#d62728",
     "dask": "#ff7f0e",
     "ray": "#2ca02c",

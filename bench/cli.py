@@ -16,7 +16,7 @@ from bench.systems import PEERS, SYSTEMS
 from bench.workloads import WORKLOADS, Workload, resolve
 from openhtc.testing.postgres import PostgresUnavailable
 
-DEFAULT_SYSTEMS = "openhtc,spawn-floor"
+DEFAULT_SYSTEMS = "openhtc,spawn-floor,concurrent-floor"  # the last runs in W3 only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,7 +92,7 @@ def run_one(system: str, workload: Workload, ctx: Context, db: str, n: int) -> R
 def choose_systems(args: argparse.Namespace) -> list[str]:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.peers:
-        systems += [s for s in ("openhtc", "spawn-floor", *PEERS) if s not in systems]
+        systems += [s for s in ("openhtc", "spawn-floor", "concurrent-floor", *PEERS) if s not in systems]
     return systems
 
 
@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for workload in workloads:
             chosen = [s for s in systems if SYSTEMS[s].supports(workload.name)]
-            if workload.baseline in chosen:  # the floor runs first, right before what it judges
-                chosen.remove(workload.baseline)
-                chosen.insert(0, workload.baseline)
+            for floor in ("concurrent-floor", workload.baseline):  # the floors run first
+                if floor in chosen:
+                    chosen.remove(floor)
+                    chosen.insert(0, floor)
             for n in sizes(args, workload):
                 for system in chosen:
                     for db in dbs if SYSTEMS[system].uses_db else ["-"]:

@@ -8,7 +8,10 @@ Two figures per run:
 - per-job overhead of the runtime itself: the same runtime driven in this process, one job
   after the other (no server, no HTTP), against a sequential loop of raw ``true`` spawns and of
   the bare container command of W3's runner (``bwrap ... /bin/true`` or ``podman run ...``):
-  milliseconds per job and their ratios to ``true``.
+  milliseconds per job and their ratios to ``true``. Twice for bwrap: with ``run`` (each job
+  set up, run and tidied up before the next) and the way an executor slot drives it
+  (``start(next, after=current)`` then ``finish(current)``: the next sandbox is set up while
+  the current job runs).
 """
 
 from __future__ import annotations
@@ -78,25 +81,50 @@ def _launch(project_id: str, i: int) -> Any:
     )
 
 
-def _runtime_ms(kind: str, work: str, source: _ServerRegistry, project_id: str, n: int) -> float:
-    """Milliseconds per job of the runtime run in-process, sequentially (image already cached)."""
+def _runtime_ms(
+    kind: str, work: str, source: _ServerRegistry, project_id: str, n: int
+) -> tuple[float, float | None]:
+    """Milliseconds per job of the runtime run in-process, one job after the other (image
+    already cached): with ``run``, and pipelined as an executor slot drives it (None if the
+    runtime is not pipelined)."""
     from openhtc.runtimes import build_runtime
+    from openhtc.runtimes.base import Outcome, Pipelined
 
     runtime = build_runtime(kind, work, source)
     runtime.adopt(f"bench-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex)
+
+    def check(out: Outcome) -> None:
+        if not out.succeeded:
+            raise RuntimeError(f"in-process {kind} job failed: {out}")
+
     try:
 
         def one(i: int) -> None:
-            out = runtime.run(_launch(project_id, i), RunHandle(), io.StringIO, lambda: None)
-            if not out.succeeded:
-                raise RuntimeError(f"in-process {kind} job failed: {out}")
+            check(runtime.run(_launch(project_id, i), RunHandle(), io.StringIO, lambda: None))
 
-        for i in range(min(5, n)):  # warm-up: the pull and the first scratch disk
+        for i in range(min(5, n)):  # warm-up: the pull and the first scratch disks
             one(i)
         start = time.perf_counter()
         for i in range(n):
             one(100 + i)
-        return 1000 * (time.perf_counter() - start) / n
+        sequential = 1000 * (time.perf_counter() - start) / n
+        if not isinstance(runtime, Pipelined):
+            return sequential, None
+
+        def begin(i: int, after: Any) -> Any:
+            started = runtime.start(_launch(project_id, i), RunHandle(), io.StringIO, lambda: None, after)
+            if isinstance(started, Outcome):
+                check(started)
+            return started
+
+        start = time.perf_counter()
+        current = begin(10_000, None)
+        for i in range(1, n):
+            following = begin(10_000 + i, current)
+            check(runtime.finish(current))
+            current = following
+        check(runtime.finish(current))
+        return sequential, 1000 * (time.perf_counter() - start) / n
     finally:
         runtime.close()
 
@@ -137,7 +165,7 @@ def _measure(ctx: Any, db: str, n: int, work: Path) -> Result:
         # Per-job overhead, sequential and in-process, against raw spawns of `true`.
         per = max(20, min(200, n // 5)) if kind == "bwrap" else 20
         log(f"W3: {kind} runtime in-process, {per} sequential jobs")
-        runtime_ms = _runtime_ms(
+        runtime_ms, pipelined_ms = _runtime_ms(
             kind, str(work / "runtime"), _ServerRegistry(srv, registry, login), api.project, per
         )
     true_ms = 1000 * spawn.spawn_loop(per * 5) / (per * 5)
@@ -159,6 +187,8 @@ def _measure(ctx: Any, db: str, n: int, work: Path) -> Result:
         "runtime_vs_true": runtime_ms / true_ms,
         "bare_runner_vs_true": bare_ms / true_ms if bare_ms else None,
         "runtime_vs_bare_runner": runtime_ms / bare_ms if bare_ms else None,
+        "runtime_pipelined_ms_per_job": pipelined_ms,
+        "runtime_pipelined_vs_bare_runner": pipelined_ms / bare_ms if bare_ms and pipelined_ms else None,
     }
     result = Result(
         "containers",
@@ -172,8 +202,9 @@ def _measure(ctx: Any, db: str, n: int, work: Path) -> Result:
             "runtime": kind,
             "image": "busybox (podman import, pushed to the embedded registry)",
             "job": "commands ['true'], maxMemory 64, maxDiskGiB 10",
-            "overhead": f"{per} jobs through the runtime in-process, one after the other; "
-            "bare runner and true: posix_spawn + waitpid loops",
+            "overhead": f"{per} jobs through the runtime in-process, one after the other (run; "
+            "and pipelined: start(next, after=current), finish(current)); bare runner and true: "
+            "posix_spawn + waitpid loops",
         },
     )
     if profiler is not None:

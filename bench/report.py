@@ -10,7 +10,8 @@ from typing import Any
 from bench.common import Result
 from bench.workloads import WORKLOADS, targets_for
 
-PEER_ORDER = ("spawn-floor", "hyperqueue", "dask", "ray", "slurm")
+PEER_ORDER = ("spawn-floor", "concurrent-floor", "hyperqueue", "dask", "ray", "slurm")
+PEERS = ("hyperqueue", "dask", "ray", "slurm")  # "vs:fastest-peer": the least of these ratios
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -54,6 +55,8 @@ def judge(result: Result, container: str) -> None:
         on = t["on"]
         if result.status != "ok":
             got = None
+        elif on == "vs:fastest-peer":
+            got = min((result.ratios[p] for p in PEERS if p in result.ratios), default=None)
         elif on and on.startswith("vs:"):
             got = result.ratios.get(on[3:])
         else:

@@ -37,6 +37,7 @@ class Workload:
 
 
 SQLITE, PG = {"system": "openhtc", "db": "sqlite"}, {"system": "openhtc", "db": "postgres"}
+BWRAP = {"container": "bwrap"}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -75,6 +76,17 @@ WORKLOADS: dict[str, Workload] = {
             targets=(
                 Target(
                     ">= 100 jobs/s with bwrap", ">=", 100.0, None, {"system": "openhtc", "container": "bwrap"}
+                ),
+                Target(
+                    ">= 1.1x the fastest peer (SQLite)", ">=", 1.1, "vs:fastest-peer", {**SQLITE, **BWRAP}
+                ),
+                Target(">= the fastest peer (PostgreSQL)", ">=", 1.0, "vs:fastest-peer", {**PG, **BWRAP}),
+                Target(
+                    "runtime in process <= 1.2x the bare runner",
+                    "<=",
+                    1.2,
+                    "runtime_vs_bare_runner",
+                    {"system": "openhtc", **BWRAP},
                 ),
             ),
         ),

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from bench.common import Result
 from bench.context import Context
+from bench.systems.concurrent_floor import ConcurrentFloor
 from bench.systems.dask import Dask
 from bench.systems.hyperqueue import HyperQueue
 from bench.systems.openhtc import Openhtc
@@ -32,7 +33,8 @@ PEERS = ("hyperqueue", "dask", "ray", "slurm")
 
 
 def _systems() -> dict[str, System]:
-    return {s.name: s for s in (Openhtc(), SpawnFloor(), HyperQueue(), Dask(), Ray(), Slurm())}
+    systems = (Openhtc(), SpawnFloor(), ConcurrentFloor(), HyperQueue(), Dask(), Ray(), Slurm())
+    return {s.name: s for s in systems}
 
 
 SYSTEMS: dict[str, System] = _systems()

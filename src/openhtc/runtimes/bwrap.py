@@ -5,10 +5,16 @@ Per job: a cgroup with the job's memory and CPU limits, a writable overlay root 
 network is ``full``; see jobnet.py) with a fresh /proc and /dev, the job's mounts, its user and
 working directory.
 
-The job joins its cgroup before any of its code runs: bwrap reports the sandbox's pid on
-``--info-fd`` and waits on ``--block-fd``; the pids go into ``cgroup.procs`` and only then is
-bwrap released (no wrapper shell, no ``preexec_fn``). The environment reaches the job through
+The job is born in its cgroup: bwrap waits for its ``--args`` while it is moved there, then
+sets the sandbox up, reports its pid on ``--info-fd`` and waits on ``--block-fd`` until it is
+released (no wrapper shell, no ``preexec_fn``; see sandbox.py). The environment reaches the job through
 bwrap's own environment, not its command line, so tokens do not show in ``ps``.
+
+The runtime is pipelined (see ``base.Pipelined``): ``start(..., after=)`` sets up the slot's
+next sandbox (image, cgroup, disk, bwrap held at ``--block-fd``, cgroup and network joined)
+while the current job runs, and it is released the moment that job's bwrap exits. Job cgroups
+are pooled (``Cgroups.acquire``/``recycle``), and a job's clean-up after it ends (its cgroup,
+its disk) overlaps the next job's run.
 
 A timeout or cancel kills bwrap's process group and every process in the job's cgroup. After a
 crash, ``adopt`` kills what a dead incarnation's cgroups still hold, removes them, and unmounts
@@ -17,13 +23,11 @@ its scratch disks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
-import select
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +39,9 @@ from openhtc.runtimes.cgroups import Cgroups, JobCgroup
 from openhtc.runtimes.images import ImageCache, ImageError, PreparedImage, User, resolve_user
 from openhtc.runtimes.images.oci import DEFAULT_PATH
 from openhtc.runtimes.jobnet import JobNetwork
-from openhtc.runtimes.output import pump_output
+from openhtc.runtimes.output import LogSink
 from openhtc.runtimes.process import Deadlines, exit_outcome
+from openhtc.runtimes.sandbox import Sandbox, SandboxGone
 from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
 
 log = logging.getLogger("openhtc.runtimes.bwrap")
@@ -77,6 +82,7 @@ def job_env(launch: JobLaunch, image: PreparedImage, user: User) -> dict[str, st
 class BwrapRuntime:
     name = "bwrap"
     blocking = True
+    pipelined = True  # start(..., after=) holds a job behind another one (see LocalExecutor)
 
     def __init__(
         self,
@@ -120,6 +126,19 @@ class BwrapRuntime:
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
     ) -> Outcome:
+        started = self.start(launch, handle, open_log, on_running)
+        return started if isinstance(started, Outcome) else self.finish(started)
+
+    def start(
+        self,
+        launch: JobLaunch,
+        handle: RunHandle,
+        open_log: LogOpener,
+        on_running: Callable[[], None],
+        after: Started | None = None,
+    ) -> Started | Outcome:
+        """Set the job's sandbox up and let it run: at once, or (``after``) the moment that
+        job (started from this same worker thread) ends. ``finish`` waits for it."""
         if self.images is None:
             return starting_failure("No container registry is configured, so no image can be pulled")
         try:
@@ -127,9 +146,44 @@ class BwrapRuntime:
         except ImageError as exc:
             return starting_failure(f"Cannot pull image {launch.image!r}: {exc}")
         try:
-            return self._run_image(launch, image, handle, open_log, on_running)
-        finally:
+            started = self._prepare(launch, image, handle, open_log)
+        except BaseException:
             self.cache.release(image)
+            raise
+        if isinstance(started, Outcome):
+            self.cache.release(image)
+            return started
+
+        def running() -> None:  # the job's own process starts now
+            if launch.timeout_s:
+                stop = lambda: handle.stop(timed_out=True)  # noqa: E731
+                started.cancel_timeout = self._deadlines.add(launch.timeout_s, stop)
+            on_running()
+
+        sandbox = started.sandbox
+        sandbox.on_release = running
+        ahead = after.sandbox if after is not None else None
+        if ahead is None or ahead.over:
+            sandbox.release()
+        else:
+            ahead.successor = sandbox
+        return started
+
+    def wait(self, started: Started, timeout: float) -> bool:
+        """Whether the job ended within ``timeout`` seconds (its output is copied meanwhile)."""
+        return started.sandbox.pump(started.sink, timeout)
+
+    def withdraw(self, started: Started) -> bool:
+        """Take back a job held ``after`` another one if it has not started: True if so."""
+        if started.sandbox.released:
+            return False
+        started.sandbox.kill()
+        self._end(started)
+        return True
+
+    def finish(self, started: Started) -> Outcome:
+        """Wait for a started job to end; its outcome."""
+        return self._end(started)
 
     def _user(self, image: PreparedImage) -> User:
         with self._lock:
@@ -140,14 +194,10 @@ class BwrapRuntime:
                 self._users[image.key] = user
         return user
 
-    def _run_image(
-        self,
-        launch: JobLaunch,
-        image: PreparedImage,
-        handle: RunHandle,
-        open_log: LogOpener,
-        on_running: Callable[[], None],
-    ) -> Outcome:
+    def _prepare(
+        self, launch: JobLaunch, image: PreparedImage, handle: RunHandle, open_log: LogOpener
+    ) -> Started | Outcome:
+        """The job's cgroup, disk and held sandbox (in its cgroup and network), or why not."""
         argv = job_argv(launch, image)
         if not argv:
             return starting_failure(
@@ -161,19 +211,26 @@ class BwrapRuntime:
             return exit_outcome(-9, handle, launch.timeout_s)
         cwd = launch.working_dir or image.config.working_dir or "/"
         disk = (launch.disk_gib or DEFAULT_DISK_GIB) * GIB
-        cgroup = self.cgroups.create(f"{launch.job_id}-{launch.attempt}", launch.memory_mb, launch.vcpus)
+        cgroup = self.cgroups.acquire(launch.memory_mb, launch.vcpus)
+        layer = contextlib.ExitStack()
         try:
             mount_points = [m.container_path for m in launch.mounts] + [cwd]
-            with self.scratch.layer(image.rootfs, disk, mount_points) as root:
-                job = _Job(launch, image, user, argv, cwd, root, cgroup)
-                try:
-                    return self._sandbox(job, handle, open_log, on_running)
-                finally:
-                    cgroup.kill()  # nothing of the job may outlive it, nor keep its disk busy
-        except ScratchError as exc:
-            return starting_failure(f"Cannot set up the job's disk: {exc}")
-        finally:
-            cgroup.remove()
+            try:
+                root = layer.enter_context(self.scratch.layer(image.rootfs, disk, mount_points))
+            except ScratchError as exc:
+                self._teardown(launch, cgroup, layer)
+                return starting_failure(f"Cannot set up the job's disk: {exc}")
+            job = _Job(launch, image, user, argv, cwd, root, cgroup)
+            sandbox = self._spawn(job, handle)
+        except BaseException:
+            self._teardown(launch, cgroup, layer)
+            raise
+        if isinstance(sandbox, str):
+            self._teardown(launch, cgroup, layer)
+            if handle.stopped:
+                return exit_outcome(-9, handle, launch.timeout_s)
+            return starting_failure(f"Cannot start the sandbox: {sandbox}")
+        return Started(launch, handle, image, cgroup, layer, sandbox, LogSink(open_log, self.max_log_bytes))
 
     def _args(self, job: _Job) -> list[str]:
         args = [self.bwrap, "--unshare-all"]
@@ -192,98 +249,70 @@ class BwrapRuntime:
                 args += ["--cap-add", cap]
         return args
 
-    def _start(self, job: _Job, handle: RunHandle) -> tuple[subprocess.Popen[bytes], int | None] | str:
-        """Start bwrap, put the sandbox in the job's cgroup, then let it run the job.
+    def _spawn(self, job: _Job, handle: RunHandle) -> Sandbox | str:
+        """Start bwrap and put the sandbox in the job's cgroup (and network), held before the
+        job runs; or why the sandbox could not be set up."""
+        try:
+            env = job_env(job.launch, job.image, job.user)
+            sandbox = Sandbox(self._args(job), job.argv, env, job.cgroup.kill)
+        except OSError as exc:
+            return f"cannot run {self.bwrap}: {exc.strerror or exc}"
+        handle.attach_kill(sandbox.kill)
+        try:
+            # bwrap waits for its --args: moved now, while it loads, the sandbox it starts is
+            # born in the job's cgroup (what the job forks inherits it).
+            job.cgroup.add(sandbox.pid)
+            sandbox.proceed()
+            child = sandbox.wait_ready()
+            if self.job_network is not None:  # openhtc: the API and storage in its netns
+                self.job_network.attach(child)
+        except SandboxGone as exc:
+            return str(exc)
+        except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
+            sandbox.kill()
+            sandbox.reap()
+            return f"the sandbox ended before it started the job ({exc.strerror})"
+        return sandbox
 
-        Returns the process and a pidfd of the sandbox's init, or why the sandbox could not be
-        set up.
-        """
-        info_r, info_w = os.pipe()
-        block_r, block_w = os.pipe()
-        args = [*self._args(job), "--info-fd", str(info_w), "--block-fd", str(block_r), "--", *job.argv]
+    def _end(self, started: Started) -> Outcome:
+        """Copy the job's output until it ends, tidy up after it, and tell how it went."""
+        launch, handle, sandbox, cgroup = started.launch, started.handle, started.sandbox, started.cgroup
         try:
             try:
-                proc = subprocess.Popen(
-                    args,
-                    env=job_env(job.launch, job.image, job.user),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(info_w, block_r),
-                    start_new_session=True,
-                )
+                sandbox.pump(started.sink, None)
             finally:
-                os.close(info_w)
-                os.close(block_r)
-            handle.attach(proc, job.cgroup.kill)
-            try:
-                child = int(json.loads(_read_all(info_r))["child-pid"])
-            except (ValueError, KeyError, TypeError):
-                message = proc.stdout.read().decode("utf-8", "replace").strip() if proc.stdout else ""
-                _reap(proc)
-                return message or "bwrap failed"
-            # The sandbox's init; what it forks inherits the cgroup. bwrap's outer process stays
-            # outside (one migration less, ~0.3 ms): it only waits, and dies with the job.
-            pidfd = None
-            try:
-                job.cgroup.add(child)
-                pidfd = os.pidfd_open(child)
-                if self.job_network is not None:  # openhtc: the API and storage in its netns
-                    self.job_network.attach(child)
-                os.write(block_w, b"go")
-            except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
-                if pidfd is not None:
-                    os.close(pidfd)
-                proc.kill()
-                _reap(proc)
-                return f"the sandbox ended before it started the job ({exc.strerror})"
-            return proc, pidfd
+                started.sink.close()
+                if started.cancel_timeout is not None:
+                    started.cancel_timeout()
+                if not sandbox.ended:  # an error while copying: nothing of the job may stay
+                    sandbox.kill()
+            sandbox.wait_init()
+            code = sandbox.reap()
+            oom = code != 0 and not handle.timed_out and cgroup.oom_kills() > 0
         finally:
-            os.close(info_r)
-            os.close(block_w)
-
-    def _sandbox(
-        self, job: _Job, handle: RunHandle, open_log: LogOpener, on_running: Callable[[], None]
-    ) -> Outcome:
-        launch = job.launch
-        started = self._start(job, handle)
-        if isinstance(started, str):
-            if handle.stopped:
-                return exit_outcome(-9, handle, launch.timeout_s)
-            return starting_failure(f"Cannot start the sandbox: {started}")
-        proc, pidfd = started
-        assert proc.stdout is not None
-        exited = None
-        cancel_timeout = None
-        try:
-            exited = os.pidfd_open(proc.pid)  # bwrap exits with the job's main process
-            on_running()
-            if launch.timeout_s:
-                cancel_timeout = self._deadlines.add(launch.timeout_s, lambda: handle.stop(timed_out=True))
-            # The job ends when its main process does: what it left running is killed then
-            # (its cgroup), even a setsid child that holds the output pipe open.
-            last = pump_output(proc.stdout.fileno(), open_log, self.max_log_bytes, exited, job.cgroup.kill)
-            code = proc.wait()
-        finally:
-            if cancel_timeout is not None:
-                cancel_timeout()
-            _reap(proc)
-            if exited is not None:
-                os.close(exited)
-            if pidfd is not None:
-                # bwrap exits as soon as it has the job's status; its init in the sandbox dies
-                # right after (parent-death signal). Waiting for that beats polling the cgroup.
-                _wait_fd(pidfd, 2.0)
-                os.close(pidfd)
-        if code != 0 and not handle.timed_out and job.cgroup.oom_kills():
+            self._teardown(launch, cgroup, started.layer)
+            self.cache.release(started.image)
+        if oom:
             return Outcome(
                 137 if code < 0 else code,
                 FailureCode.ErrorNotEnoughMemory.value,
                 f"Job exceeded maxMemory={launch.memory_mb} MiB and was killed",
             )
+        last = sandbox.last_output.strip()
         if code == 1 and last.startswith("bwrap: ") and not handle.stopped:
             return Outcome(1, FailureCode.ErrorStartingContainer.value, f"Cannot start the job: {last[7:]}")
         return exit_outcome(code, handle, launch.timeout_s)
+
+    def _teardown(self, launch: JobLaunch, cgroup: JobCgroup, layer: contextlib.ExitStack) -> None:
+        """Kill what is left of the job (nothing of it may outlive it, nor keep its disk busy),
+        give its disk back, and its cgroup to the pool."""
+        try:
+            cgroup.kill()
+            layer.close()
+        except ScratchError as exc:  # the disk is dropped from the pool; the job's outcome stands
+            log.warning("job %s: cannot tidy up its disk: %s", launch.job_uuid, exc)
+        finally:
+            self.cgroups.recycle(cgroup, launch.memory_mb, launch.vcpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,27 +326,15 @@ class _Job:
     cgroup: JobCgroup
 
 
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+@dataclass(slots=True, eq=False)
+class Started:
+    """A job whose sandbox is set up (running, or held behind another job)."""
 
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for bwrap and close its output pipe (every path: a Popen kept alive by a RunHandle
-    would otherwise hold the pipe open, one descriptor per job)."""
-    if proc.returncode is None:
-        proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
-def _wait_fd(fd: int, timeout: float) -> None:
-    """Wait for ``fd`` (a pidfd) to be readable; poll, not select, takes descriptors >= 1024."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.poll(timeout * 1000)
+    launch: JobLaunch
+    handle: RunHandle
+    image: PreparedImage
+    cgroup: JobCgroup
+    layer: contextlib.ExitStack  # the job's scratch disk, given back when closed
+    sandbox: Sandbox
+    sink: LogSink
+    cancel_timeout: Callable[[], None] | None = None
