@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from openhtc.domain.enums import LIMITED_STATUSES, JobStatus
-from openhtc.scheduler.policy import effective_limit
+from openhtc.domain.scheduling import effective_limit
 from openhtc.services.container import Services
 from openhtc.store.tables import executors, job_counters, projects
 
