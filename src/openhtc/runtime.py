@@ -225,6 +225,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from openhtc.api.app import create_app
+    from openhtc.ui import install as install_dashboard
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -239,7 +240,8 @@ def serve(settings: Settings) -> None:
             if not settings.data_dir.is_dir():
                 lock.acquire(settings.host, settings.port)
             server = _build_or_explain(settings)
-            _run(server, create_app(server.services), listener, uvicorn)
+            app = create_app(server.services, extensions=[install_dashboard])  # the dashboard: /ui/
+            _run(server, app, listener, uvicorn)
         finally:
             listener.close()
     finally:

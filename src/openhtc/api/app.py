@@ -8,6 +8,8 @@ routes, which clients poll, come first.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,12 +19,13 @@ from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
 from openhtc.services.container import Services
-from openhtc.ui import install as install_ui
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: Services, extensions: Sequence[Callable[[FastAPI], None]] = ()) -> FastAPI:
+    """The API; ``extensions`` add routes of their own (the composition root passes the dashboard's,
+    ``openhtc.ui.install``: the dashboard builds on the API, so the API does not import it)."""
     app = FastAPI(
         title="openhtc",
         version=__version__,
@@ -37,7 +40,8 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system):
         app.include_router(module.router)
-    install_ui(app)  # the dashboard, under /ui/
+    for extend in extensions:
+        extend(app)
     app.add_middleware(RequestGuard, limits=services.limits)
     app.add_middleware(ApiPrefix)
     return app
