@@ -1,7 +1,8 @@
-"""Read models for the dashboard's overview: job counts per project and the executors.
+"""Read models for the dashboard's overview and ``/htc/metrics``: job counts per project and the
+executors.
 
-Read from the same counters the task summaries and /htc/metrics use (O(projects x statuses),
-never a scan of the jobs).
+Read from the job counters the task summaries use too (O(projects x statuses), never a scan of
+the jobs).
 """
 
 from __future__ import annotations
@@ -28,22 +29,44 @@ class ProjectUsage:
     vcpu_limit: int | None = None
 
 
-def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]:
-    """Every project of the workspace that has jobs, by project id."""
+@dataclass(frozen=True)
+class JobCount:
+    """The jobs of one project in one status, and the vCPUs they request."""
+
+    project_id: str
+    project_name: str
+    status: JobStatus
+    count: int
+    vcpus: int
+
+
+def job_counts(svc: Services, workspace_id: str) -> list[JobCount]:
+    """Every (project, status) of the workspace that has jobs."""
     stmt = (
-        select(job_counters.c.project_id, job_counters.c.status, func.sum(job_counters.c.count))
-        .add_columns(func.sum(job_counters.c.vcpus))
+        select(
+            job_counters.c.project_id,
+            projects.c.name,
+            job_counters.c.status,
+            func.sum(job_counters.c.count),
+            func.sum(job_counters.c.vcpus),
+        )
         .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
         .where(projects.c.workspace_id == workspace_id)
-        .group_by(job_counters.c.project_id, job_counters.c.status)
+        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
     )
-    out: dict[str, ProjectUsage] = {}
     with svc.db.read() as conn:
-        for project_id, status, count, vcpus in conn.execute(stmt):
-            usage = out.setdefault(project_id, ProjectUsage())
-            usage.counts[JobStatus(status).name] = int(count or 0)
-            if status in _LIMITED:
-                usage.vcpus_in_use += int(vcpus or 0)
+        rows = list(conn.execute(stmt))
+    return [JobCount(p, name, JobStatus(s), int(n or 0), int(v or 0)) for p, name, s, n, v in rows]
+
+
+def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]:
+    """Every project of the workspace that has jobs, by project id."""
+    out: dict[str, ProjectUsage] = {}
+    for row in job_counts(svc, workspace_id):
+        usage = out.setdefault(row.project_id, ProjectUsage())
+        usage.counts[row.status.name] = row.count
+        if row.status in _LIMITED:
+            usage.vcpus_in_use += row.vcpus
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request
@@ -66,6 +67,15 @@ def _region_settings(value: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def bodies(svc: Services, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The projects' wire bodies; the repositories of all of them in one query."""
+    registry = svc.registry
+    if registry is None:
+        return [ser.project(r) for r in rows]
+    names = registry.repository_names([r.id for r in rows])
+    return [ser.project(r, registry.container_registry(r.id), names[r.id]) for r in rows]
+
+
 @router.get("/htc/projects")
 def list_projects(
     request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
@@ -79,7 +89,7 @@ def list_projects(
     if who.is_job:
         rows = [r for r in rows if r.id == who.project_id]
     body = page(request, rows, size, lambda r: [r.created_at, r.id])
-    body["items"] = [ser.project(r, svc.registry) for r in body["items"]]
+    body["items"] = bodies(svc, body["items"])
     return JSONResponse(body)
 
 
@@ -110,14 +120,14 @@ def create_project(
         who.user_id,
         svc.clock.now(),
     )
-    return JSONResponse(ser.project(row, svc.registry))
+    return JSONResponse(bodies(svc, [row])[0])
 
 
 @router.get("/htc/projects/{project_id}")
 def get_project(
     project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
 ) -> JSONResponse:
-    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
+    return JSONResponse(bodies(svc, [project_for(svc, who, project_id)])[0])
 
 
 @router.patch("/htc/projects/{project_id}")
@@ -133,7 +143,7 @@ def patch_project(
     if "regions" in obj:
         added = _regions(svc, who, obj["regions"], "regions")
         svc.projects.update(project_id, regions=list(dict.fromkeys([*project.regions, *added])))
-    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
+    return JSONResponse(bodies(svc, [project_for(svc, who, project_id)])[0])
 
 
 # -- dimensions ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from sqlalchemy import func, select
 from starlette.responses import Response
 
 from openhtc.api.deps import principal, services
@@ -12,10 +11,9 @@ from openhtc.api.errors import error_body
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
-from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import OpenHTCError
+from openhtc.services import overview
 from openhtc.services.container import Services
-from openhtc.store.tables import job_counters, projects
 
 router = APIRouter()
 
@@ -24,8 +22,7 @@ router = APIRouter()
 def health(svc: Services = Depends(services)) -> JSONResponse:
     """200 while the database answers; 503 naming the part that is down otherwise."""
     try:
-        with svc.db.read() as conn:
-            conn.exec_driver_sql("SELECT 1")
+        svc.db.ping()
     except OpenHTCError as exc:  # Unavailable, InsufficientStorage: see store.db.failure
         body = {"status": "unavailable", "database": "unavailable", **error_body(503, exc.message, exc.error)}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
@@ -45,22 +42,9 @@ def metrics(who: Principal = Depends(principal), svc: Services = Depends(service
         ["project_id", "status"],
         registry=registry,
     )
-    stmt = (
-        select(
-            job_counters.c.project_id,
-            projects.c.name,
-            job_counters.c.status,
-            func.sum(job_counters.c.count),
-            func.sum(job_counters.c.vcpus),
-        )
-        .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
-        .where(projects.c.workspace_id == who.workspace_id)
-        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
-    )
-    with svc.db.read() as conn:
-        for project_id, name, status, count, cpu in conn.execute(stmt):
-            jobs.labels(project_id, name, JobStatus(status).name).set(count or 0)
-            vcpus.labels(project_id, JobStatus(status).name).set(cpu or 0)
+    for row in overview.job_counts(svc, who.workspace_id):
+        jobs.labels(row.project_id, row.project_name, row.status.name).set(row.count)
+        vcpus.labels(row.project_id, row.status.name).set(row.vcpus)
     ws = svc.accounts.workspace(who.workspace_id)
     if ws is not None and ws.vcpu_limit is not None:
         Gauge("htc_job_limit_vcpus", "Workspace vCPU limit", registry=registry).set(ws.vcpu_limit)
