@@ -24,7 +24,7 @@ class SchedulerLoop:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.services.wakeups.submitted.set()
+        self.services.wakeups.schedule_round.set()
         self._thread.join(timeout=10)
 
     def tick(self) -> int:
@@ -32,7 +32,7 @@ class SchedulerLoop:
         s = self.services
         if s.jobs.materialize():
             s.wakeups.queued()  # new rows to claim
-            s.wakeups.submitted.set()  # and another round at once, until all are written
+            s.wakeups.schedule_round.set()  # and another round at once, until all are written
         admitted = 0
         while not self._stopping.is_set():
             n = s.queue.admit(s.clock.now(), s.settings.admission_chunk)
@@ -47,13 +47,13 @@ class SchedulerLoop:
         s = self.services
         next_expiry = 0.0
         while not self._stopping.is_set():
-            s.wakeups.submitted.wait(timeout=1.0)
+            s.wakeups.schedule_round.wait(timeout=1.0)
             try:
                 self.tick()
                 now = time.monotonic()
                 if now >= next_expiry:
                     if s.queue.expire_leases(s.clock.now()):
-                        s.wakeups.submitted.set()
+                        s.wakeups.schedule_round.set()
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
                 log.warning("scheduler: %s", exc.message)

@@ -57,7 +57,7 @@ class ExecutorService:
             may_have_started,
         )
         if recovered:
-            self.services.wakeups.submitted.set()
+            self.services.wakeups.schedule_round.set()
         return recovered
 
     def claim(
@@ -73,7 +73,7 @@ class ExecutorService:
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
         if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
-            self.services.wakeups.submitted.set()
+            self.services.wakeups.schedule_round.set()
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services

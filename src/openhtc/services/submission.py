@@ -37,7 +37,7 @@ def submit(
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
     echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
-    services.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
+    services.wakeups.schedule_round.set()  # held jobs (under a limit) wait for the scheduler
     services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
     return echoes
 

@@ -207,7 +207,7 @@ def _limit_role_check(who: Principal, role: str) -> None:
 
 
 def _released(wakeups: Wakeups) -> None:
-    wakeups.submitted.set()  # a looser limit may admit held jobs
+    wakeups.schedule_round.set()  # a looser limit may admit held jobs
 
 
 @router.get("/htc/projects/{project_id}/limits")
