@@ -21,6 +21,7 @@ from openhtc.domain.clock import Clock
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.limits import Limits
+from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
@@ -117,9 +118,7 @@ def bootstrap(services: Services) -> str | None:
         new_key = accounts.create_api_key(user_id, now, label="bootstrap admin key")
         write_secret(services.settings.data_dir / "admin-api-key", new_key)
     for ws in accounts.workspaces():
-        accounts.ensure_region(
-            ws.id, services.settings.region, services.region_architectures(), "openhtc", now
-        )
+        accounts.ensure_region(ws.id, services.settings.region, [host_architecture()], "openhtc", now)
     return new_key
 
 
@@ -209,7 +208,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.logs,
             services.wakeups,
             settings.region,
-            services.region_architectures(),
+            [host_architecture()],
             stager=services.storage.stager() if services.storage else None,
         )
     return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)

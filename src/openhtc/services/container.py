@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,11 +20,6 @@ from openhtc.store.queue import QueueStore
 if TYPE_CHECKING:
     from openhtc.registry import Registry
     from openhtc.services.storage import StorageService
-
-
-def host_architecture() -> str:
-    machine = platform.machine().lower()
-    return "AARCH64" if machine in ("aarch64", "arm64") else "X86"
 
 
 @dataclass
@@ -48,6 +42,3 @@ class Services:
     storage: StorageService | None = None
     # Request limits (config: max_*), enforced at the API's edge and in validation.
     limits: Limits = field(default_factory=Limits)
-
-    def region_architectures(self) -> list[str]:
-        return [host_architecture()]
