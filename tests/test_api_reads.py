@@ -19,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from openhtc.api.app import create_app
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 
 
 class World:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self.harness = StoreHarness(services)
         token, _ = services.tokens.bearer(self.harness.who)

@@ -27,10 +27,10 @@ from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
-from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.retention import RetentionSweeper
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
@@ -55,14 +55,14 @@ ADMIN_EMAIL = "admin@localhost"
 DEFAULT_WORKSPACE = "openhtc"
 
 
-def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet:
     """Open the database (migrating it) and build the shared services. No threads start here."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     clock = clock or Clock()
     db = Database(settings.resolved_database_url())
     db.migrate()
     key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
-    services = Services(
+    services = ServiceSet(
         settings=settings,
         clock=clock,
         db=db,
@@ -101,7 +101,7 @@ def write_secret(path: Path, value: str) -> None:
     os.chmod(path, 0o600)
 
 
-def bootstrap(services: Services) -> str | None:
+def bootstrap(services: ServiceSet) -> str | None:
     """First start: a workspace, an admin with an API key, and the local region.
 
     Returns the new admin key (also written to DATA_DIR/admin-api-key), or None if the
@@ -126,7 +126,7 @@ def bootstrap(services: Services) -> str | None:
 class Server:
     """A running control plane: services, scheduler and (optionally) the local executor."""
 
-    services: Services
+    services: ServiceSet
     scheduler: SchedulerLoop
     executor: LocalExecutor | None
     retention: RetentionSweeper

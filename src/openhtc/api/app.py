@@ -18,12 +18,12 @@ from openhtc.api import errors
 from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import auth, jobs, projects, registry, storage, system, tasks, workspace
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(services: Services, extensions: Sequence[Callable[[FastAPI], None]] = ()) -> FastAPI:
+def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], None]] = ()) -> FastAPI:
     """The API; ``extensions`` add routes of their own (the composition root passes the dashboard's,
     ``openhtc.ui.install``: the dashboard builds on the API, so the API does not import it)."""
     app = FastAPI(

@@ -1,4 +1,4 @@
-"""The registry facade the rest of openhtc uses: ``Services.registry``.
+"""The registry facade the rest of openhtc uses: ``ServiceSet.registry``.
 
 It owns the token keys, the embedded registry process (or the URL of an external one), the
 server's registry client and the repositories table, and it is the executors' ``ImageSource``.

@@ -8,13 +8,13 @@ import threading
 import time
 
 from openhtc.domain.errors import InsufficientStorage, Unavailable
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 log = logging.getLogger("openhtc.scheduler")
 
 
 class SchedulerLoop:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)

@@ -16,17 +16,17 @@ from typing import Any
 from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 
-def live_offers(services: Services) -> list[ExecutorOffer]:
+def live_offers(services: ServiceSet) -> list[ExecutorOffer]:
     """What the executors offer that have been heard from within a lease: one silent longer has
     lost its jobs, and its capacity no longer counts either."""
     return services.queue.executor_offers(services.clock.now() - services.settings.lease_seconds)
 
 
 class ExecutorService:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()

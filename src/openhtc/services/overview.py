@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from openhtc.domain.enums import LIMITED_STATUSES, JobStatus
 from openhtc.domain.scheduling import effective_limit
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.tables import executors, job_counters, projects
 
 _LIMITED = {int(s) for s in LIMITED_STATUSES}
@@ -40,7 +40,7 @@ class JobCount:
     vcpus: int
 
 
-def job_counts(svc: Services, workspace_id: str) -> list[JobCount]:
+def job_counts(svc: ServiceSet, workspace_id: str) -> list[JobCount]:
     """Every (project, status) of the workspace that has jobs."""
     stmt = (
         select(
@@ -59,7 +59,7 @@ def job_counts(svc: Services, workspace_id: str) -> list[JobCount]:
     return [JobCount(p, name, JobStatus(s), int(n or 0), int(v or 0)) for p, name, s, n, v in rows]
 
 
-def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]:
+def workspace_usage(svc: ServiceSet, workspace_id: str) -> dict[str, ProjectUsage]:
     """Every project of the workspace that has jobs, by project id."""
     out: dict[str, ProjectUsage] = {}
     for row in job_counts(svc, workspace_id):
@@ -70,7 +70,7 @@ def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]
     return out
 
 
-def project_limit(svc: Services, project_id: str) -> int | None:
+def project_limit(svc: ServiceSet, project_id: str) -> int | None:
     """The tightest vCPU limit set on the project (None: unlimited)."""
     return effective_limit(row.vcpus for row in svc.projects.limits(project_id))
 
@@ -86,7 +86,7 @@ class ExecutorView:
     online: bool
 
 
-def executor_views(svc: Services) -> list[ExecutorView]:
+def executor_views(svc: ServiceSet) -> list[ExecutorView]:
     """The executors that registered, online while their heartbeat is within the lease."""
     now = svc.clock.now()
     with svc.db.read() as conn:

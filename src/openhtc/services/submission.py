@@ -10,13 +10,13 @@ from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
-from openhtc.services.container import Services
 from openhtc.services.executors import live_offers
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.jobs import NewBatch
 
 
 def submit(
-    services: Services, principal: Principal, project: Any, task: Any, body: Any, group: str | None
+    services: ServiceSet, principal: Principal, project: Any, task: Any, body: Any, group: str | None
 ) -> list[dict[str, Any]]:
     """Validate every request first, so a bad one stores nothing, then store all batches and wake
     the scheduler and the executors."""
@@ -42,7 +42,7 @@ def submit(
     return echoes
 
 
-def _check_images(services: Services, project_id: str, images: set[str]) -> None:
+def _check_images(services: ServiceSet, project_id: str, images: set[str]) -> None:
     """Container runtimes pull each job's image from the project's namespace: refuse a missing
     one now (404 naming it) rather than fail every job of the batch at start."""
     if services.registry is None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from openhtc.domain.enums import LifecycleStatus
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 
-def delete_task(services: Services, project_id: str, task_id: str, now: float) -> None:
+def delete_task(services: ServiceSet, project_id: str, task_id: str, now: float) -> None:
     """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage
     (archiving keeps storage; deleting frees it). ``DELETE …/tasks/{id}`` and retention's
     auto-delete both come here."""

@@ -28,7 +28,7 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
 from openhtc.services import overview
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.ui import session
 
 UI_PREFIX = "/ui"
@@ -348,7 +348,7 @@ def create_router() -> APIRouter:
     return router
 
 
-def _act(svc: Services, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
+def _act(svc: ServiceSet, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
     if action == "cancel":
         task_for(svc, who, project_id, task_id)
         require_user(who, "cancel jobs")

@@ -17,7 +17,7 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import RESCALE_REGIONS, Priority, Role
 from openhtc.domain.errors import NotFound, ValidationFailed
 from openhtc.domain.limits import check_description, check_name
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.wakeups import Wakeups
 
 router = APIRouter()
@@ -26,7 +26,7 @@ MAX_DIMENSIONS = 1000  # compute environments of one project: far more than regi
 SCALING_POLICIES = ("PROFILE_UNSPECIFIED", "OPTIMIZE_UTILIZATION", "BALANCED", "UNRECOGNIZED")
 
 
-def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]:
+def _regions(svc: ServiceSet, who: Principal, value: Any, field: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
         raise ValidationFailed("must be an array of region names", field=field)
     enabled = {r.name for r in svc.accounts.regions(who.workspace_id) if r.enabled}
@@ -67,7 +67,7 @@ def _region_settings(value: Any) -> list[dict[str, Any]] | None:
     return out
 
 
-def bodies(svc: Services, rows: Sequence[Any]) -> list[dict[str, Any]]:
+def bodies(svc: ServiceSet, rows: Sequence[Any]) -> list[dict[str, Any]]:
     """The projects' wire bodies; the repositories of all of them in one query."""
     registry = svc.registry
     if registry is None:
@@ -78,7 +78,7 @@ def bodies(svc: Services, rows: Sequence[Any]) -> list[dict[str, Any]]:
 
 @router.get("/htc/projects")
 def list_projects(
-    request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    request: Request, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     size = page_size(request)
     cursor = decode_cursor(request, "pair")
@@ -95,7 +95,7 @@ def list_projects(
 
 @router.post("/htc/projects")
 def create_project(
-    body: Any = Body(None), who: Principal = Depends(principal), svc: Services = Depends(services)
+    body: Any = Body(None), who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     require_role(who, Role.PROJECT_ADMIN, "creating a project")
     obj = require_object(body)
@@ -125,7 +125,7 @@ def create_project(
 
 @router.get("/htc/projects/{project_id}")
 def get_project(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     return JSONResponse(bodies(svc, [project_for(svc, who, project_id)])[0])
 
@@ -135,7 +135,7 @@ def patch_project(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "changing a project")
@@ -151,7 +151,7 @@ def patch_project(
 
 @router.get("/htc/projects/{project_id}/dimensions")
 def get_dimensions(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     return JSONResponse(project_for(svc, who, project_id).dimensions or [])
 
@@ -161,7 +161,7 @@ def put_dimensions(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "changing project dimensions")
@@ -212,7 +212,7 @@ def _released(wakeups: Wakeups) -> None:
 
 @router.get("/htc/projects/{project_id}/limits")
 def get_limits(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     return JSONResponse([ser.limit(r) for r in svc.projects.limits(project_id)])
@@ -223,7 +223,7 @@ def post_limit(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     obj = require_object(body)
@@ -238,7 +238,7 @@ def post_limit(
 
 @router.delete("/htc/projects/{project_id}/limits", status_code=204)
 def delete_limits(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> None:
     project_for(svc, who, project_id)
     for row in svc.projects.limits(project_id):
@@ -247,7 +247,7 @@ def delete_limits(
     _released(svc.wakeups)
 
 
-def _limit(svc: Services, who: Principal, project_id: str, limit_id: int) -> Any:
+def _limit(svc: ServiceSet, who: Principal, project_id: str, limit_id: int) -> Any:
     project_for(svc, who, project_id)
     row = svc.projects.limit(project_id, limit_id)
     if row is None:
@@ -260,7 +260,7 @@ def get_limit(
     project_id: str,
     limit_id: int = Path(ge=0, le=ID_MAX),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(ser.limit(_limit(svc, who, project_id, limit_id)))
 
@@ -270,7 +270,7 @@ def delete_limit(
     project_id: str,
     limit_id: int = Path(ge=0, le=ID_MAX),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> None:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -284,7 +284,7 @@ def patch_limit(
     limit_id: int = Path(ge=0, le=ID_MAX),
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -300,7 +300,7 @@ def patch_limit(
 
 @router.get("/htc/projects/{project_id}/task-retention-policy")
 def get_retention(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     if project.retention_created_at is None:
@@ -321,7 +321,7 @@ def put_retention(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "setting a retention policy")
@@ -340,7 +340,7 @@ def put_retention(
 
 @router.delete("/htc/projects/{project_id}/task-retention-policy", status_code=204)
 def delete_retention(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> None:
     project_for(svc, who, project_id)
     require_user(who, "delete a retention policy")

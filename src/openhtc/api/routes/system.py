@@ -13,13 +13,13 @@ from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import OpenHTCError
 from openhtc.services import overview
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 
 
 @router.get("/health")
-def health(svc: Services = Depends(services)) -> JSONResponse:
+def health(svc: ServiceSet = Depends(services)) -> JSONResponse:
     """200 while the database answers; 503 naming the part that is down otherwise."""
     try:
         svc.db.ping()
@@ -30,7 +30,7 @@ def health(svc: Services = Depends(services)) -> JSONResponse:
 
 
 @router.get("/htc/metrics")
-def metrics(who: Principal = Depends(principal), svc: Services = Depends(services)) -> Response:
+def metrics(who: Principal = Depends(principal), svc: ServiceSet = Depends(services)) -> Response:
     require_user(who, "read workspace metrics")  # they name every project of the workspace
     registry = CollectorRegistry()
     jobs = Gauge(

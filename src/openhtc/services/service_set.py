@@ -1,4 +1,5 @@
-"""The services one server process shares, built once by the composition root (openhtc.runtime)."""
+"""The services one server process shares, built once by the composition root (openhtc.runtime): a
+plain bag of the stores and services, passed to the loops and the API."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Services:
+class ServiceSet:
     settings: Settings
     clock: Clock
     db: Database
@@ -34,11 +35,11 @@ class Services:
     tokens: TokenService
     logs: LogStore
     wakeups: Wakeups
-    # The container registry (None only where a caller builds Services by hand).
+    # The container registry (None only where a caller builds ServiceSet by hand).
     registry: Registry | None = None
     # True when jobs run from registry images (bwrap, podman): submissions then need them.
     images_required: bool = False
-    # Project and task storage (None only where a caller builds Services by hand).
+    # Project and task storage (None only where a caller builds ServiceSet by hand).
     storage: StorageService | None = None
     # Request limits (config: max_*), enforced at the API's edge and in validation.
     limits: Limits = field(default_factory=Limits)
