@@ -1,4 +1,4 @@
-"""The services one server process shares, built once by the composition root (openhtc.runtime): a
+"""The services one server process shares, built once by the composition root (openhtc.wiring): a
 plain bag of the stores and services, passed to the loops and the API."""
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.runtime import bootstrap, build_services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import submit
+from openhtc.wiring import bootstrap, build_services
 
 REGION = "AWS_US_EAST_1"
 EXECUTOR = "ex-1"
