@@ -2,7 +2,7 @@
 #
 #   make demo    the main job: start a server, run a parameter sweep, show the results
 #   make test-unit  the pure tests only (pytest -m unit): no server, database or runtime; seconds
-#   make test    what CI runs (.ci/run): ruff, ruff format, mypy, pytest on SQLite and PostgreSQL,
+#   make test    what CI runs (.ci/run): ruff, ruff format, lint-imports, mypy, pytest on SQLite and PostgreSQL,
 #                and the benchmark smoke run once bench/ has one
 #
 # Both first create or refresh the virtualenv in .venv (python3 -m venv; pip install -e '.[dev]').
@@ -34,7 +34,7 @@ help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
 	@echo "make test        ruff, ruff format --check, mypy, pytest (DB=both|sqlite|postgres), bench smoke"
 	@echo "make test-unit   the pure tests only (marked unit): no server, database or runtime; seconds"
-	@echo "make lint        ruff check and ruff format --check"
+	@echo "make lint        ruff check, ruff format --check, lint-imports (the layer contracts)"
 	@echo "make typecheck   mypy"
 	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
 	@echo "make install     create or refresh $(VENV)"
@@ -94,9 +94,11 @@ test: install postgres containers
 	fi; \
 	echo "make test: PASSED:$$passed (DB=$(DB); $${took}s$$note)"
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]; docs/architecture.md, "Layers").
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -27,8 +27,8 @@ from bench.common import cpu_seconds, job_batches, peak_rss_mb
 def trial(n: int, database_url: str | None, timeout: float, poll: float = 0.005) -> dict[str, Any]:
     from openhtc.auth.tokens import Principal
     from openhtc.config import Settings
-    from openhtc.runtime import build_server
     from openhtc.services.submission import submit
+    from openhtc.wiring import build_server
 
     tmp = tempfile.mkdtemp(prefix="openhtc-bench-cp-")
     try:

@@ -7,8 +7,8 @@ import pytest
 from openhtc.domain.enums import JobStatus, Priority
 from openhtc.domain.errors import InvalidTransition
 from openhtc.domain.models import Capacity
+from openhtc.domain.scheduling import QueuedJob, admit, dispatch, effective_limit
 from openhtc.domain.states import TRANSITIONS, check_transition
-from openhtc.scheduler.policy import QueuedJob, admit, dispatch, effective_limit
 
 pytestmark = pytest.mark.unit  # pure code: make test-unit runs it
 

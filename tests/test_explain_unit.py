@@ -9,8 +9,8 @@ import pytest
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import JobStatus, Priority
 from openhtc.domain.models import Capacity
+from openhtc.domain.pending import Facts, explain
 from openhtc.domain.throughput import MINUTES, Throughput
-from openhtc.scheduler.explain import Facts, explain
 from openhtc.ui.charts import per_minute
 
 pytestmark = pytest.mark.unit

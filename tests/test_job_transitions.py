@@ -16,7 +16,7 @@ import pytest
 
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.transitions import StatusWrites, StoreConsistencyError
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
 
@@ -26,7 +26,7 @@ S = JobStatus
 class Queue(StoreHarness):
     """A task with jobs submitted, and an executor that claims and reports them by hand."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         super().__init__(services)
         self.project = self.create_project("p")
         self.task = self.create_task(self.project)

@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from openhtc.api.app import create_app
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity
-from openhtc.runtime import build_services
-from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
+from openhtc.services.service_set import ServiceSet
 from openhtc.testing.inprocess import StoreHarness, in_process_services
+from openhtc.wiring import build_services
 
 REGION = "AWS_US_EAST_1"
 CHUNK = 4
@@ -36,7 +36,7 @@ def batch(n: int, name: str = "j") -> dict[str, Any]:
 class World:
     """The HTTP routes in process over bootstrapped services; no scheduler or executor threads."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         principal = StoreHarness(services).who  # bootstraps; registers an executor nobody runs
         token, _ = services.tokens.bearer(principal)

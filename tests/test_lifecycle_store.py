@@ -30,9 +30,9 @@ from openhtc.domain import lifecycle
 from openhtc.domain.enums import ACTIVE_STATUSES, FailureCode, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
-from openhtc.runtime import bootstrap, build_services
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import submit
+from openhtc.wiring import bootstrap, build_services
 
 S = JobStatus
 EXECUTORS = ("exec-a", "exec-b")
@@ -52,7 +52,7 @@ _ROW = (
 class StoreLifecycle(RuleBasedStateMachine):
     jobs = Bundle("jobs")
 
-    def __init__(self, services: Services, project: Any, who: Principal) -> None:
+    def __init__(self, services: ServiceSet, project: Any, who: Principal) -> None:
         super().__init__()
         self.services = services
         self.project = project
@@ -227,7 +227,7 @@ class StoreLifecycle(RuleBasedStateMachine):
 
 
 @pytest.fixture
-def services(tmp_path: Path, db_url: str | None) -> Iterator[Services]:
+def services(tmp_path: Path, db_url: str | None) -> Iterator[ServiceSet]:
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=db_url,
@@ -243,7 +243,7 @@ def services(tmp_path: Path, db_url: str | None) -> Iterator[Services]:
         services.db.dispose()
 
 
-def test_the_store_writes_what_the_pure_lifecycle_says(services: Services) -> None:
+def test_the_store_writes_what_the_pure_lifecycle_says(services: ServiceSet) -> None:
     ws = services.accounts.workspaces()[0]
     project = services.projects.create(ws.id, "p", "", [services.settings.region], None, "test", 1.0)
     who = Principal("test", ws.id, "WORKSPACE_ADMIN")

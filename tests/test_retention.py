@@ -13,7 +13,6 @@ import pytest
 
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import LifecycleStatus
-from openhtc.services.container import Services
 from openhtc.services.retention import (
     Action,
     RetentionPolicy,
@@ -22,6 +21,7 @@ from openhtc.services.retention import (
     decide,
     effective_policy,
 )
+from openhtc.services.service_set import ServiceSet
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 
 HOUR = 3600.0
@@ -95,9 +95,9 @@ class ManualClock(Clock):
 
 
 class World:
-    """Services on a fresh database, a workspace admin, and helpers to make tasks and jobs."""
+    """The services on a fresh database, a workspace admin, and helpers to make tasks and jobs."""
 
-    def __init__(self, services: Services, clock: ManualClock) -> None:
+    def __init__(self, services: ServiceSet, clock: ManualClock) -> None:
         self.services = services
         self.clock = clock
         self.sweeper = RetentionSweeper(services)

@@ -1,6 +1,6 @@
 """Start-up checks of `htc server`: each problem becomes one clear line, before anything is made.
 
-The order matters (see :func:`openhtc.runtime.serve`): the settings are checked first, then the
+The order matters (see :func:`openhtc.wiring.serve`): the settings are checked first, then the
 listen port is bound (so a port in use is reported before the data directory, the database or
 the admin key exist), then the data directory is locked so that only one server owns it.
 """

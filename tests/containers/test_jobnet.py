@@ -295,7 +295,7 @@ def test_endpoints_named_by_address_are_offered_and_the_others_are_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from openhtc.config import Settings
-    from openhtc.runtime import job_endpoints
+    from openhtc.wiring import job_endpoints
 
     seaweed = Settings(host="0.0.0.0", port=9000, storage="seaweedfs", s3_endpoint="http://127.0.0.1:8333")
     assert job_endpoints(seaweed) == [Endpoint("127.0.0.1", 9000), Endpoint("127.0.0.1", 8333)]

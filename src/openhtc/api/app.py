@@ -8,6 +8,8 @@ routes, which clients poll, come first.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,13 +31,14 @@ from openhtc.api.routes import (
     workspace,
 )
 from openhtc.metrics.http import HttpMetrics
-from openhtc.services.container import Services
-from openhtc.ui import install as install_ui
+from openhtc.services.service_set import ServiceSet
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], None]] = ()) -> FastAPI:
+    """The API; ``extensions`` add routes of their own (the composition root passes the dashboard's,
+    ``openhtc.ui.install``: the dashboard builds on the API, so the API does not import it)."""
     app = FastAPI(
         title="openhtc",
         version=__version__,
@@ -52,7 +55,8 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(module.router)
     for module in (explain, overview):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
-    install_ui(app)  # the dashboard, under /ui/
+    for extend in extensions:
+        extend(app)
     app.add_middleware(RequestGuard, limits=services.limits)
     app.add_middleware(HttpMetrics, metrics=services.metrics)  # inside ApiPrefix: see HttpMetrics
     app.add_middleware(ApiPrefix)

@@ -14,15 +14,15 @@ from fastapi import Request
 from openhtc.auth.permissions import check_project_scope, check_task_scope
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import NotFound, Unauthenticated
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 
-def app_services(request: Request) -> Services:
-    svc: Services = request.app.state.services
+def app_services(request: Request) -> ServiceSet:
+    svc: ServiceSet = request.app.state.services
     return svc
 
 
-async def services(request: Request) -> Services:
+async def services(request: Request) -> ServiceSet:
     return app_services(request)
 
 
@@ -39,7 +39,7 @@ async def principal(request: Request) -> Principal:
     return app_services(request).tokens.verify(token)
 
 
-def project_for(svc: Services, who: Principal, project_id: str) -> Any:
+def project_for(svc: ServiceSet, who: Principal, project_id: str) -> Any:
     check_project_scope(who, project_id)
     project = svc.projects.get(who.workspace_id, project_id)
     if project is None:
@@ -47,7 +47,7 @@ def project_for(svc: Services, who: Principal, project_id: str) -> Any:
     return project
 
 
-def task_for(svc: Services, who: Principal, project_id: str, task_id: str) -> tuple[Any, Any]:
+def task_for(svc: ServiceSet, who: Principal, project_id: str, task_id: str) -> tuple[Any, Any]:
     check_project_scope(who, project_id)
     with svc.db.read() as conn:  # one transaction for both lookups
         project = svc.projects.get_in(conn, who.workspace_id, project_id)
@@ -60,7 +60,7 @@ def task_for(svc: Services, who: Principal, project_id: str, task_id: str) -> tu
     return project, task
 
 
-def job_for(svc: Services, task_id: str, job_id: str) -> tuple[Any, Any]:
+def job_for(svc: ServiceSet, task_id: str, job_id: str) -> tuple[Any, Any]:
     """A job of a task the caller was already checked for (``task_for``), and its batch."""
     with svc.db.read() as conn:
         found = svc.jobs.get(conn, task_id, job_id)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from openhtc.domain.capacity import ExecutorOffer, largest_by_region, region_architectures
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import JobStatus, LifecycleStatus, cloud_provider_of
 
-if TYPE_CHECKING:
-    from openhtc.registry import Registry
 
-
-def project(row: Any, registry: Registry | None = None) -> dict[str, Any]:
+def project(row: Any, registry_prefix: str | None = None, repositories: Sequence[str] = ()) -> dict[str, Any]:
+    """``registry_prefix`` and ``repositories``: the project's container registry, where the
+    server has one (see ``api.routes.projects.bodies``)."""
     body: dict[str, Any] = {
         "projectId": row.id,
         "projectName": row.name,
@@ -26,10 +26,10 @@ def project(row: Any, registry: Registry | None = None) -> dict[str, Any]:
     }
     if row.region_settings:
         body["regionSettings"] = row.region_settings
-    if registry is not None:
+    if registry_prefix is not None:
         # Repositories created through the API or pushed to (see docs/containers.md).
-        body["containerRegistry"] = registry.container_registry(row.id)
-        body["repositories"] = registry.repository_names(row.id)
+        body["containerRegistry"] = registry_prefix
+        body["repositories"] = list(repositories)
     return body
 
 

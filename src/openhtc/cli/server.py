@@ -84,7 +84,7 @@ def server(
     ] = None,
 ) -> None:
     """Run the API, the scheduler and the local executor."""
-    from openhtc.runtime import serve
+    from openhtc.wiring import serve
 
     settings = _settings(
         data_dir=data_dir,
@@ -121,7 +121,7 @@ admin = typer.Typer(help="Administer an installation directly through its databa
 
 
 def _services(data_dir: Path | None, database_url: str | None) -> Any:
-    from openhtc.runtime import bootstrap, build_services
+    from openhtc.wiring import bootstrap, build_services
 
     services = build_services(_settings(data_dir=data_dir, database_url=database_url))
     bootstrap(services)
@@ -182,7 +182,7 @@ def create_workspace(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a workspace with an admin user; print 'WORKSPACE_ID API_KEY'."""
-    from openhtc.runtime import bootstrap
+    from openhtc.wiring import bootstrap
 
     services = _services(data_dir, database_url)
     now = services.clock.now()

@@ -130,7 +130,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
-def raise_validation(exc: ValidationError, prefix: str = "") -> ValidationFailed:
+def validation_error(exc: ValidationError, prefix: str = "") -> ValidationFailed:
     """Turn pydantic's first error into a ValidationFailed that names the field."""
     first = exc.errors()[0]
     path = _field_path(tuple(first["loc"]))
@@ -155,7 +155,7 @@ def parse_submit_requests(body: Any, limits: Limits | None = None) -> list[Submi
         try:
             request = SubmitRequest.model_validate(item)
         except ValidationError as exc:
-            raise raise_validation(exc, prefix=f"[{i}].") from None
+            raise validation_error(exc, prefix=f"[{i}].") from None
         _check_limits(request, f"[{i}]", limits)
         requests.append(request)
     return requests

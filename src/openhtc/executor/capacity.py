@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import platform
 
 from openhtc.config import Settings
 from openhtc.domain.models import Capacity
+
+
+def host_architecture() -> str:
+    """This machine's architecture, as the API names it."""
+    machine = platform.machine().lower()
+    return "AARCH64" if machine in ("aarch64", "arm64") else "X86"
 
 
 def machine_memory_mb() -> int:

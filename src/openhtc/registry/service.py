@@ -1,4 +1,4 @@
-"""The registry facade the rest of openhtc uses: ``Services.registry``.
+"""The registry facade the rest of openhtc uses: ``ServiceSet.registry``.
 
 It owns the token keys, the embedded registry process (or the URL of an external one), the
 server's registry client and the repositories table, and it is the executors' ``ImageSource``.
@@ -216,8 +216,9 @@ class Registry:
             raise ValidationFailed(f"is too long (at most {MAX_REPOSITORY_LENGTH} characters with "
                                    "the project ID)", field="repoName")  # fmt: skip
 
-    def repository_names(self, project_id: str) -> list[str]:
-        return self.repositories.names(project_id)
+    def repository_names(self, project_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The repositories of each project (one query for a page of the project list)."""
+        return self.repositories.names(project_ids)
 
     def images(self, project_id: str) -> list[str]:
         """``repo:tag`` for every tag in the project's namespace."""

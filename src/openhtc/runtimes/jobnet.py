@@ -17,7 +17,7 @@ the server creates the namespace itself (``unshare``, ``lo`` up) and hands it to
 ``podman run --network ns:/proc/<server>/fd/<n>``; it is closed when the job ends.
 
 Endpoints must be IPv4 addresses: the job has no DNS, so an S3 endpoint given by name (AWS, a
-store on another machine) is not reachable from ``openhtc`` jobs (``runtime.py`` logs which);
+store on another machine) is not reachable from ``openhtc`` jobs (``wiring.py`` logs which);
 ``full`` reaches it.
 """
 

@@ -1,3 +1,3 @@
-"""Scheduling: pure decisions (policy) and the loop that applies them (loop)."""
+"""The scheduler loop (loop.py); the decisions it applies are pure, in ``openhtc.domain.scheduling``."""
 
 from __future__ import annotations

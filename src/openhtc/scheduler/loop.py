@@ -8,14 +8,14 @@ import threading
 import time
 
 from openhtc.domain.errors import InsufficientStorage, Unavailable
-from openhtc.services.container import Services
 from openhtc.services.notify import EVERYTHING
+from openhtc.services.service_set import ServiceSet
 
 log = logging.getLogger("openhtc.scheduler")
 
 
 class SchedulerLoop:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -25,7 +25,7 @@ class SchedulerLoop:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.services.wakeups.submitted.set()
+        self.services.wakeups.schedule_round.set()
         self._thread.join(timeout=10)
 
     def tick(self) -> int:
@@ -33,7 +33,7 @@ class SchedulerLoop:
         s = self.services
         if s.jobs.materialize():
             s.wakeups.queued()  # new rows to claim
-            s.wakeups.submitted.set()  # and another round at once, until all are written
+            s.wakeups.schedule_round.set()  # and another round at once, until all are written
         admitted = 0
         while not self._stopping.is_set():
             n = s.queue.admit(s.clock.now(), s.settings.admission_chunk)
@@ -48,14 +48,14 @@ class SchedulerLoop:
         s = self.services
         next_expiry = 0.0
         while not self._stopping.is_set():
-            s.wakeups.submitted.wait(timeout=1.0)
+            s.wakeups.schedule_round.wait(timeout=1.0)
             try:
                 self.tick()
                 now = time.monotonic()
                 if now >= next_expiry:
                     if expired := s.queue.expire_leases(s.clock.now()):
                         s.metrics.jobs.leases_expired(expired)
-                        s.wakeups.submitted.set()
+                        s.wakeups.schedule_round.set()
                         s.notify.publish((EVERYTHING,))  # recovered jobs: waiters look again
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback

@@ -17,20 +17,20 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.services.container import Services
 from openhtc.services.notify import EVERYTHING, Key, job_key, task_key
+from openhtc.services.service_set import ServiceSet
 
 _ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
-def live_offers(services: Services) -> list[ExecutorOffer]:
+def live_offers(services: ServiceSet) -> list[ExecutorOffer]:
     """What the executors offer that have been heard from within a lease: one silent longer has
     lost its jobs, and its capacity no longer counts either."""
     return services.queue.executor_offers(services.clock.now() - services.settings.lease_seconds)
 
 
 class ExecutorService:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()
@@ -64,7 +64,7 @@ class ExecutorService:
             may_have_started,
         )
         if recovered:
-            self.services.wakeups.submitted.set()
+            self.services.wakeups.schedule_round.set()
             self.services.notify.publish((EVERYTHING,))
         return recovered
 
@@ -88,7 +88,7 @@ class ExecutorService:
         requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
         self.services.metrics.jobs.reported(reports, requeued)
         if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
-            self.services.wakeups.submitted.set()
+            self.services.wakeups.schedule_round.set()
         self._notify(reports)
 
     def _notify(self, reports: Sequence[AttemptReport]) -> None:

@@ -1,19 +1,19 @@
-"""Gathers the facts the pure explainer (scheduler/explain.py) needs for one job."""
+"""Gathers the facts the pure explainer (domain/pending.py) needs for one job."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from openhtc.domain.enums import JobStatus
-from openhtc.scheduler.explain import Facts, Reason, explain
-from openhtc.services.container import Services
+from openhtc.domain.pending import Facts, Reason, explain
 from openhtc.services.executors import live_offers
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.materialize import PendingJob
 
 CAP = 10_000  # jobs ahead are counted up to this many
 
 
-def explain_job(svc: Services, job: Any) -> list[Reason]:
+def explain_job(svc: ServiceSet, job: Any) -> list[Reason]:
     """``job``: a row of jobs, or a PendingJob (its row is not written yet)."""
     status = JobStatus(job.status)
     if status not in (JobStatus.SUBMITTED_TO_RESCALE, JobStatus.SUBMITTED_TO_PROVIDER):

@@ -14,9 +14,9 @@ from sqlalchemy import and_, func, select
 
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus, Role
+from openhtc.domain.scheduling import effective_limit
 from openhtc.domain.throughput import Hour
-from openhtc.scheduler.policy import effective_limit
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.tables import executors, job_counters, jobs, projects
 
 _LIMITED = {int(s) for s in LIMITED_STATUSES}
@@ -31,31 +31,53 @@ class ProjectUsage:
     vcpu_limit: int | None = None
 
 
-def workspace_usage(svc: Services, workspace_id: str) -> dict[str, ProjectUsage]:
-    """Every project of the workspace that has jobs, by project id."""
+@dataclass(frozen=True)
+class JobCount:
+    """The jobs of one project in one status, and the vCPUs they request."""
+
+    project_id: str
+    project_name: str
+    status: JobStatus
+    count: int
+    vcpus: int
+
+
+def job_counts(svc: ServiceSet, workspace_id: str) -> list[JobCount]:
+    """Every (project, status) of the workspace that has jobs."""
     stmt = (
-        select(job_counters.c.project_id, job_counters.c.status, func.sum(job_counters.c.count))
-        .add_columns(func.sum(job_counters.c.vcpus))
+        select(
+            job_counters.c.project_id,
+            projects.c.name,
+            job_counters.c.status,
+            func.sum(job_counters.c.count),
+            func.sum(job_counters.c.vcpus),
+        )
         .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
         .where(projects.c.workspace_id == workspace_id)
-        .group_by(job_counters.c.project_id, job_counters.c.status)
+        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
     )
-    out: dict[str, ProjectUsage] = {}
     with svc.db.read() as conn:
-        for project_id, status, count, vcpus in conn.execute(stmt):
-            usage = out.setdefault(project_id, ProjectUsage())
-            usage.counts[JobStatus(status).name] = int(count or 0)
-            if status in _LIMITED:
-                usage.vcpus_in_use += int(vcpus or 0)
+        rows = list(conn.execute(stmt))
+    return [JobCount(p, name, JobStatus(s), int(n or 0), int(v or 0)) for p, name, s, n, v in rows]
+
+
+def workspace_usage(svc: ServiceSet, workspace_id: str) -> dict[str, ProjectUsage]:
+    """Every project of the workspace that has jobs, by project id."""
+    out: dict[str, ProjectUsage] = {}
+    for row in job_counts(svc, workspace_id):
+        usage = out.setdefault(row.project_id, ProjectUsage())
+        usage.counts[row.status.name] = row.count
+        if row.status in _LIMITED:
+            usage.vcpus_in_use += row.vcpus
     return out
 
 
-def project_limit(svc: Services, project_id: str) -> int | None:
+def project_limit(svc: ServiceSet, project_id: str) -> int | None:
     """The tightest vCPU limit set on the project (None: unlimited)."""
     return effective_limit(row.vcpus for row in svc.projects.limits(project_id))
 
 
-def hour(svc: Services, project_ids: list[str]) -> Hour:
+def hour(svc: ServiceSet, project_ids: list[str]) -> Hour:
     """Completions and failures per minute over the last hour, and queue wait p50/p95."""
     return svc.queue.throughput.hour(svc.clock.now(), project_ids)
 
@@ -75,7 +97,7 @@ class ExecutorView:
     incarnation: str | None = None
 
 
-def executor_views(svc: Services, admin: bool = False) -> list[ExecutorView]:
+def executor_views(svc: ServiceSet, admin: bool = False) -> list[ExecutorView]:
     """The executors that registered, online while their heartbeat is within the lease.
 
     Everyone sees where executors run and what they offer (what the dimensions route tells any
@@ -140,7 +162,7 @@ def is_admin(who: Principal) -> bool:
     return not who.is_job and who.role == Role.WORKSPACE_ADMIN.value
 
 
-def snapshot(svc: Services, who: Principal, max_projects: int = 50) -> Snapshot:
+def snapshot(svc: ServiceSet, who: Principal, max_projects: int = 50) -> Snapshot:
     """The workspace's first ``max_projects`` projects (the throughput sums all of them)."""
     listed = svc.projects.list_projects(who.workspace_id, None, max_projects)
     usage = workspace_usage(svc, who.workspace_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from openhtc.domain.enums import LifecycleStatus
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.tasks import delete_task
 
 log = logging.getLogger("openhtc.retention")
@@ -94,7 +94,7 @@ class SweepResult:
 class RetentionSweeper:
     """Applies retention policies every ``settings.retention_sweep_seconds`` on its own thread."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

@@ -10,14 +10,14 @@ from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
-from openhtc.services.container import Services
 from openhtc.services.executors import live_offers
 from openhtc.services.notify import task_key
+from openhtc.services.service_set import ServiceSet
 from openhtc.store.jobs import NewBatch
 
 
 def submit(
-    services: Services, principal: Principal, project: Any, task: Any, body: Any, group: str | None
+    services: ServiceSet, principal: Principal, project: Any, task: Any, body: Any, group: str | None
 ) -> list[dict[str, Any]]:
     """Validate every request first, so a bad one stores nothing, then store all batches and wake
     the scheduler and the executors."""
@@ -38,13 +38,13 @@ def submit(
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
     echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
-    services.wakeups.submitted.set()  # held jobs (under a limit) wait for the scheduler
+    services.wakeups.schedule_round.set()  # held jobs (under a limit) wait for the scheduler
     services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
     services.notify.publish((task_key(task.id),))  # its status counts changed
     return echoes
 
 
-def _check_images(services: Services, project_id: str, images: set[str]) -> None:
+def _check_images(services: ServiceSet, project_id: str, images: set[str]) -> None:
     """Container runtimes pull each job's image from the project's namespace: refuse a missing
     one now (404 naming it) rather than fail every job of the batch at start."""
     if services.registry is None:

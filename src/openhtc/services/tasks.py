@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from openhtc.domain.enums import LifecycleStatus
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 
-def cancel_jobs(services: Services, task_id: str, group: str | None, now: float) -> int:
+def cancel_jobs(services: ServiceSet, task_id: str, group: str | None, now: float) -> int:
     """Cancel a task's (or group's) unfinished jobs: the API's and the dashboard's cancel, and a
     delete. Returns how many; counted in the metrics, which then ignore the killed jobs' reports."""
     cancelled = services.jobs.cancel(task_id, group, now)
@@ -16,7 +16,7 @@ def cancel_jobs(services: Services, task_id: str, group: str | None, now: float)
     return cancelled
 
 
-def delete_task(services: Services, project_id: str, task_id: str, now: float) -> None:
+def delete_task(services: ServiceSet, project_id: str, task_id: str, now: float) -> None:
     """Delete a task: cancel its unfinished jobs, mark it DELETED, free its storage
     (archiving keeps storage; deleting frees it). ``DELETE …/tasks/{id}`` and retention's
     auto-delete both come here."""

@@ -23,7 +23,8 @@ class Signal:
 
 class Wakeups:
     def __init__(self) -> None:
-        self.submitted = Signal()  # new held jobs: the scheduler admits them
+        # The scheduler should run a round: jobs held or re-queued, rows left to write, a looser limit.
+        self.schedule_round = Signal()
         self.cancelled = Signal()  # executors should check which of their jobs to stop
         self._executor_kicks: list[Callable[[], None]] = []
         self._cancel_hooks: list[Callable[[], None]] = []

@@ -124,6 +124,11 @@ class Database:
         finally:
             observer(kind, time.perf_counter() - start)
 
+    def ping(self) -> None:
+        """One round trip; raises ``Unavailable`` or ``InsufficientStorage`` as any read does."""
+        with self.read() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def sql(self, statement: str) -> str:
         """Hot-path SQL is written with '?' placeholders; psycopg wants '%s'."""
         return statement if self.is_sqlite else statement.replace("?", "%s")

@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, select
 
 from openhtc.domain import lifecycle
+from openhtc.domain import scheduling as policy
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.domain.throughput import Throughput
-from openhtc.scheduler import policy
 from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
 from openhtc.store.transitions import JobState, StatusWrites

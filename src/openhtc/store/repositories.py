@@ -3,7 +3,7 @@ been granted push to. Names are relative to the project's namespace (``repo``, n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Row, and_, insert, select
@@ -58,11 +58,17 @@ class RepositoryStore:
             if self.get(project_id, name) is None:
                 self.create(project_id, workspace_id, name, user_id, now)
 
-    def names(self, project_id: str) -> list[str]:
+    def names(self, project_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The repository names of each project, sorted, in one query."""
+        out: dict[str, list[str]] = {p: [] for p in project_ids}
+        if not project_ids:
+            return out
         with self.db.read() as conn:
             rows = conn.execute(
-                select(repositories.c.name)
-                .where(repositories.c.project_id == project_id)
-                .order_by(repositories.c.name)
+                select(repositories.c.project_id, repositories.c.name)
+                .where(repositories.c.project_id.in_(list(project_ids)))
+                .order_by(repositories.c.project_id, repositories.c.name)
             )
-            return [r.name for r in rows]
+            for row in rows:
+                out[row.project_id].append(row.name)
+        return out

@@ -18,10 +18,10 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.runtime import bootstrap, build_services
-from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import submit
+from openhtc.wiring import bootstrap, build_services
 
 REGION = "AWS_US_EAST_1"
 EXECUTOR = "ex-1"
@@ -31,8 +31,8 @@ EXECUTOR_CAPACITY = Capacity(64, 1 << 20)
 @contextmanager
 def in_process_services(
     data_dir: Path, database_url: str | None, clock: Clock | None = None, **settings: Any
-) -> Iterator[Services]:
-    """Services on a fresh database (SQLite in ``data_dir`` when ``database_url`` is None),
+) -> Iterator[ServiceSet]:
+    """The services on a fresh database (SQLite in ``data_dir`` when ``database_url`` is None),
     with no executor and no runtime: the caller plays both. Disposed of on exit."""
     values: dict[str, Any] = {"executor": False, "runtime": "noop", **settings}
     services = build_services(Settings(data_dir=data_dir, database_url=database_url, **values), clock)
@@ -46,7 +46,7 @@ class StoreHarness:
     """Bootstrapped services, the workspace admin, and an executor (``ex-1``) that claims and
     reports by hand."""
 
-    def __init__(self, services: Services, *, capacity: Capacity = EXECUTOR_CAPACITY) -> None:
+    def __init__(self, services: ServiceSet, *, capacity: Capacity = EXECUTOR_CAPACITY) -> None:
         self.services = services
         bootstrap(services)
         ws = services.accounts.workspaces()[0]

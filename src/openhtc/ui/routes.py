@@ -29,8 +29,8 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, FailureCode, JobStatus
 from openhtc.domain.errors import NotFound, OpenHTCError, Unauthenticated, ValidationFailed
 from openhtc.services import overview
-from openhtc.services.container import Services
 from openhtc.services.explain import explain_job
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.tasks import cancel_jobs
 from openhtc.ui import charts, session, storage_pages
 from openhtc.ui.livecache import LiveCache
@@ -398,7 +398,7 @@ def create_router() -> APIRouter:
     return router
 
 
-def _act(svc: Services, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
+def _act(svc: ServiceSet, who: Any, project_id: str, task_id: str, action: str, group: str | None) -> None:
     if action == "cancel":
         task_for(svc, who, project_id, task_id)
         require_user(who, "cancel jobs")

@@ -20,19 +20,19 @@ from starlette.responses import Response
 
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import PermissionDenied, Unauthenticated
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 SESSION_COOKIE = "openhtc_session"
 LOGIN_CSRF_COOKIE = "openhtc_login_csrf"
 MAX_FORM_BYTES = 16 * 1024
 
 
-def _csrf_key(svc: Services) -> bytes:
+def _csrf_key(svc: ServiceSet) -> bytes:
     private = svc.tokens.key.private_key.private_numbers().d
     return hashlib.sha256(b"openhtc-ui-csrf:" + str(private).encode()).digest()
 
 
-def csrf_token(svc: Services, session_token: str) -> str:
+def csrf_token(svc: ServiceSet, session_token: str) -> str:
     return hmac.new(_csrf_key(svc), session_token.encode(), hashlib.sha256).hexdigest()
 
 
@@ -43,7 +43,7 @@ def session_token(request: Request) -> str:
     return token
 
 
-def viewer(svc: Services, request: Request) -> Principal:
+def viewer(svc: ServiceSet, request: Request) -> Principal:
     """The signed-in user; Unauthenticated (a redirect to the sign-in page) otherwise."""
     return svc.tokens.verify(session_token(request))
 
@@ -56,7 +56,7 @@ async def form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
 
 
-def check_csrf(svc: Services, request: Request, fields: dict[str, str]) -> None:
+def check_csrf(svc: ServiceSet, request: Request, fields: dict[str, str]) -> None:
     expected = csrf_token(svc, session_token(request))
     if not hmac.compare_digest(fields.get("csrf", ""), expected):
         raise PermissionDenied("missing or wrong CSRF token: reload the page and try again")

@@ -15,7 +15,7 @@ from openhtc.api.deps import app_services, project_for, task_for
 from openhtc.api.pagination import first
 from openhtc.auth.permissions import require_user
 from openhtc.domain.errors import PermissionDenied, Unavailable
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.storage import StorageService
 from openhtc.storage.layout import clean_relative, task_prefix
 from openhtc.ui import session
@@ -24,13 +24,13 @@ FILES = 100  # objects per page
 TASK = "/projects/{project_id}/tasks/{task_id}"
 
 
-def _storage(svc: Services) -> StorageService:
+def _storage(svc: ServiceSet) -> StorageService:
     if svc.storage is None:
         raise Unavailable("this server has no storage")
     return svc.storage
 
 
-def _readable(svc: Services, who: Any, key: str) -> None:
+def _readable(svc: ServiceSet, who: Any, key: str) -> None:
     if not _storage(svc).scope_of(who, key).can_read(key):
         raise PermissionDenied(f"you may not read {key}")
 

@@ -12,12 +12,12 @@ from openhtc.api.deps import app_services, credentials, services
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import Unauthenticated, ValidationFailed
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 
 
-def principal_for_api_key(svc: Services, key: str) -> Principal:
+def principal_for_api_key(svc: ServiceSet, key: str) -> Principal:
     user = svc.accounts.user_for_api_key(key)
     if user is None:
         raise Unauthenticated("unknown or revoked API key")
@@ -33,12 +33,12 @@ def principal_for_api_key(svc: Services, key: str) -> Principal:
 
 
 @router.get("/.well-known/jwks.json")
-def jwks(svc: Services = Depends(services)) -> JSONResponse:
+def jwks(svc: ServiceSet = Depends(services)) -> JSONResponse:
     return JSONResponse({"keys": [svc.tokens.key.jwk()]})
 
 
 @router.get("/auth/token")
-def token(request: Request, svc: Services = Depends(services)) -> JSONResponse:
+def token(request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     header = request.headers.get("authorization", "")
     kind, _, value = header.partition(" ")
     if kind.lower() == "token" and value.strip():
@@ -52,13 +52,13 @@ def token(request: Request, svc: Services = Depends(services)) -> JSONResponse:
 
 
 @router.get("/auth/token/whoami")
-def token_whoami(request: Request, svc: Services = Depends(services)) -> JSONResponse:
+def token_whoami(request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     claims = svc.tokens.decode(credentials(request, "Bearer"))
     return JSONResponse(claims)
 
 
 @router.get("/auth/whoami")
-def whoami(request: Request, svc: Services = Depends(services)) -> JSONResponse:
+def whoami(request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     who = principal_for_api_key(svc, credentials(request, "Token"))
     admin = who.role == "WORKSPACE_ADMIN"
     user: dict[str, Any] = {

@@ -8,8 +8,8 @@ from openhtc.api.deps import job_for, principal, services, task_for
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import JobStatus
-from openhtc.services.container import Services
 from openhtc.services.explain import explain_job
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 
@@ -20,7 +20,7 @@ def explain(
     task_id: str,
     job_id: str,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     job, _ = job_for(svc, task_id, job_id)

@@ -16,7 +16,7 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import ValidationFailed
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import submit
 from openhtc.services.tasks import cancel_jobs
 
@@ -31,7 +31,7 @@ def submit_batch(
     request: Request,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project, task = task_for(svc, who, project_id, task_id)
     return JSONResponse(submit(svc, who, project, task, body, first(request, "group")))
@@ -43,7 +43,7 @@ def cancel(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> Response:
     task_for(svc, who, project_id, task_id)
     require_user(who, "cancel jobs")
@@ -57,7 +57,7 @@ def list_jobs(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     size = page_size(request)
@@ -90,7 +90,7 @@ def get_job(
     task_id: str,
     job_id: str,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     job, batch = job_for(svc, task_id, job_id)
@@ -104,7 +104,7 @@ def job_events(
     job_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     job, _ = job_for(svc, task_id, job_id)
@@ -124,7 +124,7 @@ def job_logs(
     job_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     job, batch = job_for(svc, task_id, job_id)

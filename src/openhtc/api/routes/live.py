@@ -29,9 +29,9 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.domain.errors import NotFound, ValidationFailed
-from openhtc.services.container import Services
 from openhtc.services.logwatch import FALLBACK_SECONDS
 from openhtc.services.notify import Subscription, job_key, task_key
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 PREFIX = "/openhtc/v1"
@@ -60,7 +60,7 @@ def _timeout(request: Request) -> float:
     return value
 
 
-async def _scoped(svc: Services, who: Principal, project_id: str, task_id: str) -> Any:
+async def _scoped(svc: ServiceSet, who: Principal, project_id: str, task_id: str) -> Any:
     _, task = await run_in_threadpool(task_for, svc, who, project_id, task_id)
     return task
 
@@ -95,7 +95,9 @@ async def _wait(
 
 
 @router.get(PREFIX + "/live")
-async def live_stats(who: Principal = Depends(principal), svc: Services = Depends(services)) -> JSONResponse:
+async def live_stats(
+    who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
+) -> JSONResponse:
     """What this server holds for clients that wait: open subscriptions (long polls and
     streams) and watched log directories."""
     require_user(who, "read the server's live statistics")
@@ -114,7 +116,7 @@ async def wait_job(
     job_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     """The job (as ``GET …/jobs/{id}``), once it has ended or at the timeout."""
     timeout = _timeout(request)
@@ -138,7 +140,7 @@ async def wait_batch(
     parent_job_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     """A submitted batch (the ``parentJobId`` its submit answered): done once all its jobs
     have ended, or at the timeout."""
@@ -173,7 +175,7 @@ async def wait_task(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     """A task (or its ``group``s, the parameter repeated): done once none of its jobs is left
     to end, or at the timeout."""
@@ -196,7 +198,7 @@ def _groups(request: Request) -> list[str]:
     return groups
 
 
-def _counts(svc: Services, task_id: str, groups: list[str]) -> dict[str, Any]:
+def _counts(svc: ServiceSet, task_id: str, groups: list[str]) -> dict[str, Any]:
     """The body of a task's wait and counts events: jobs by status name (none at zero), of the
     task or of the given groups (summed, and each group's in ``groupCounts``)."""
     with svc.db.read() as conn:
@@ -266,7 +268,7 @@ async def stream_log(
     job_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> Response:
     """A job's log lines as they are written (``line`` events, each ``id`` a position to resume
     from), then one ``end`` event with the job once it has ended and every line was sent.
@@ -297,7 +299,7 @@ def _tail(request: Request) -> int | None:
 
 
 async def follow_log(
-    svc: Services,
+    svc: ServiceSet,
     task_id: str,
     job_id: str,
     row_id: int,
@@ -356,7 +358,7 @@ async def stream_task(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> Response:
     """A task's (or its ``group``s') status counts: a ``counts`` event at once, then one each
     time they change, at most four a second."""
@@ -365,7 +367,7 @@ async def stream_task(
     return EventStream(follow_counts(svc, task_id, groups))
 
 
-async def follow_counts(svc: Services, task_id: str, groups: list[str]) -> AsyncIterator[bytes]:
+async def follow_counts(svc: ServiceSet, task_id: str, groups: list[str]) -> AsyncIterator[bytes]:
     last: dict[str, Any] | None = None
     quiet = 0.0
     async with svc.notify.subscribe((task_key(task_id),)) as sub:

@@ -11,13 +11,13 @@ from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.services import overview
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 
 
 @router.get("/openhtc/v1/overview")
-def get_overview(who: Principal = Depends(principal), svc: Services = Depends(services)) -> JSONResponse:
+def get_overview(who: Principal = Depends(principal), svc: ServiceSet = Depends(services)) -> JSONResponse:
     require_user(who, "read the overview")
     view = overview.snapshot(svc, who)
     return JSONResponse(_json(view))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request
@@ -16,7 +17,7 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import RESCALE_REGIONS, Priority, Role
 from openhtc.domain.errors import NotFound, ValidationFailed
 from openhtc.domain.limits import check_description, check_name
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.wakeups import Wakeups
 
 router = APIRouter()
@@ -25,7 +26,7 @@ MAX_DIMENSIONS = 1000  # compute environments of one project: far more than regi
 SCALING_POLICIES = ("PROFILE_UNSPECIFIED", "OPTIMIZE_UTILIZATION", "BALANCED", "UNRECOGNIZED")
 
 
-def _regions(svc: Services, who: Principal, value: Any, field: str) -> list[str]:
+def _regions(svc: ServiceSet, who: Principal, value: Any, field: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
         raise ValidationFailed("must be an array of region names", field=field)
     enabled = {r.name for r in svc.accounts.regions(who.workspace_id) if r.enabled}
@@ -66,9 +67,18 @@ def _region_settings(value: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def bodies(svc: ServiceSet, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The projects' wire bodies; the repositories of all of them in one query."""
+    registry = svc.registry
+    if registry is None:
+        return [ser.project(r) for r in rows]
+    names = registry.repository_names([r.id for r in rows])
+    return [ser.project(r, registry.container_registry(r.id), names[r.id]) for r in rows]
+
+
 @router.get("/htc/projects")
 def list_projects(
-    request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    request: Request, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     size = page_size(request)
     cursor = decode_cursor(request, "pair")
@@ -79,13 +89,13 @@ def list_projects(
     if who.is_job:
         rows = [r for r in rows if r.id == who.project_id]
     body = page(request, rows, size, lambda r: [r.created_at, r.id])
-    body["items"] = [ser.project(r, svc.registry) for r in body["items"]]
+    body["items"] = bodies(svc, body["items"])
     return JSONResponse(body)
 
 
 @router.post("/htc/projects")
 def create_project(
-    body: Any = Body(None), who: Principal = Depends(principal), svc: Services = Depends(services)
+    body: Any = Body(None), who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     require_role(who, Role.PROJECT_ADMIN, "creating a project")
     obj = require_object(body)
@@ -110,14 +120,14 @@ def create_project(
         who.user_id,
         svc.clock.now(),
     )
-    return JSONResponse(ser.project(row, svc.registry))
+    return JSONResponse(bodies(svc, [row])[0])
 
 
 @router.get("/htc/projects/{project_id}")
 def get_project(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
-    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
+    return JSONResponse(bodies(svc, [project_for(svc, who, project_id)])[0])
 
 
 @router.patch("/htc/projects/{project_id}")
@@ -125,7 +135,7 @@ def patch_project(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "changing a project")
@@ -133,7 +143,7 @@ def patch_project(
     if "regions" in obj:
         added = _regions(svc, who, obj["regions"], "regions")
         svc.projects.update(project_id, regions=list(dict.fromkeys([*project.regions, *added])))
-    return JSONResponse(ser.project(project_for(svc, who, project_id), svc.registry))
+    return JSONResponse(bodies(svc, [project_for(svc, who, project_id)])[0])
 
 
 # -- dimensions ---------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ def patch_project(
 
 @router.get("/htc/projects/{project_id}/dimensions")
 def get_dimensions(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     return JSONResponse(project_for(svc, who, project_id).dimensions or [])
 
@@ -151,7 +161,7 @@ def put_dimensions(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "changing project dimensions")
@@ -197,12 +207,12 @@ def _limit_role_check(who: Principal, role: str) -> None:
 
 
 def _released(wakeups: Wakeups) -> None:
-    wakeups.submitted.set()  # a looser limit may admit held jobs
+    wakeups.schedule_round.set()  # a looser limit may admit held jobs
 
 
 @router.get("/htc/projects/{project_id}/limits")
 def get_limits(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     return JSONResponse([ser.limit(r) for r in svc.projects.limits(project_id)])
@@ -213,7 +223,7 @@ def post_limit(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     obj = require_object(body)
@@ -228,7 +238,7 @@ def post_limit(
 
 @router.delete("/htc/projects/{project_id}/limits", status_code=204)
 def delete_limits(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> None:
     project_for(svc, who, project_id)
     for row in svc.projects.limits(project_id):
@@ -237,7 +247,7 @@ def delete_limits(
     _released(svc.wakeups)
 
 
-def _limit(svc: Services, who: Principal, project_id: str, limit_id: int) -> Any:
+def _limit(svc: ServiceSet, who: Principal, project_id: str, limit_id: int) -> Any:
     project_for(svc, who, project_id)
     row = svc.projects.limit(project_id, limit_id)
     if row is None:
@@ -250,7 +260,7 @@ def get_limit(
     project_id: str,
     limit_id: int = Path(ge=0, le=ID_MAX),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(ser.limit(_limit(svc, who, project_id, limit_id)))
 
@@ -260,7 +270,7 @@ def delete_limit(
     project_id: str,
     limit_id: int = Path(ge=0, le=ID_MAX),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> None:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -274,7 +284,7 @@ def patch_limit(
     limit_id: int = Path(ge=0, le=ID_MAX),
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     row = _limit(svc, who, project_id, limit_id)
     _limit_role_check(who, row.modifier_role)
@@ -290,7 +300,7 @@ def patch_limit(
 
 @router.get("/htc/projects/{project_id}/task-retention-policy")
 def get_retention(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     if project.retention_created_at is None:
@@ -311,7 +321,7 @@ def put_retention(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     require_role(who, Role.PROJECT_ADMIN, "setting a retention policy")
@@ -330,7 +340,7 @@ def put_retention(
 
 @router.delete("/htc/projects/{project_id}/task-retention-policy", status_code=204)
 def delete_retention(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> None:
     project_for(svc, who, project_id)
     require_user(who, "delete a retention policy")

@@ -18,13 +18,13 @@ from openhtc.domain.submission import IMAGE_NAME_RE
 from openhtc.registry import TOKEN_PATH, Registry, RegistryUnavailable
 from openhtc.registry.service import unavailable_message
 from openhtc.registry.tokens import JOB_ACTIONS, USER_ACTIONS, parse_scopes
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 PREFIX = "/htc/projects/{project_id}/container-registry"
 
 
-def _registry(svc: Services) -> Registry:
+def _registry(svc: ServiceSet) -> Registry:
     if svc.registry is None:
         raise RegistryUnavailable("this server has no container registry")
     return svc.registry
@@ -35,7 +35,7 @@ def _registry(svc: Services) -> Registry:
 
 @router.post(PREFIX + "/repo/{repo_name:path}")
 def create_repository(
-    project_id: str, repo_name: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, repo_name: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     """Idempotent: ``successfullyCreated`` is false when the repository already existed.
 
@@ -62,7 +62,7 @@ def create_repository(
 
 @router.get(PREFIX + "/images")
 def list_images(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     registry = _registry(svc)
@@ -73,7 +73,7 @@ def list_images(
 
 @router.get(PREFIX + "/images/{image_name:path}")
 def image_status(
-    project_id: str, image_name: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, image_name: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     """READY when the manifest is in the registry, else 404 (``latest`` when no tag is given).
 
@@ -91,7 +91,7 @@ def image_status(
 
 @router.get(PREFIX + "/token")
 def registry_login_token(
-    project_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> Response:
     """The project's registry password (raw text) for ``podman login -u AWS``; a job's is pull-only."""
     project = project_for(svc, who, project_id)
@@ -123,7 +123,7 @@ def _password(request: Request) -> str:
 
 
 @router.get(TOKEN_PATH)
-def registry_token(request: Request, svc: Services = Depends(services)) -> JSONResponse:
+def registry_token(request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     """Docker registry token spec: ``?service=…&scope=repository:NAME:ACTIONS`` (repeatable)."""
     registry = _registry(svc)
     caller = registry.authenticate(

@@ -22,7 +22,7 @@ from openhtc.api.responses import JSONResponse
 from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.errors import NotFound
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.storage import StorageService, StorageToken
 from openhtc.storage.layout import clean_key, clean_prefix
 
@@ -31,7 +31,7 @@ PROJECT = "/htc/projects/{project_id}/storage"
 TASK = "/htc/projects/{project_id}/tasks/{task_id}/storage"
 
 
-def _storage(svc: Services) -> StorageService:
+def _storage(svc: ServiceSet) -> StorageService:
     if svc.storage is None:
         raise NotFound("this server has no storage configured")
     return svc.storage
@@ -68,14 +68,17 @@ def token_body(token: StorageToken) -> dict[str, Any]:
 # -- project storage ----------------------------------------------------------------------------
 
 
-def _project_token(request: Request, svc: Services, who: Principal, project_id: str) -> StorageToken:
+def _project_token(request: Request, svc: ServiceSet, who: Principal, project_id: str) -> StorageToken:
     project = project_for(svc, who, project_id)
     return _storage(svc).project_token(who, project, api_url(request))
 
 
 @router.get(PROJECT + "/token")
 def project_token(
-    project_id: str, request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(token_body(_project_token(request, svc, who, project_id)))
 
@@ -86,7 +89,7 @@ def project_token_in(
     region: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     _storage(svc).check_region(region)
     return JSONResponse(token_body(_project_token(request, svc, who, project_id)))
@@ -94,7 +97,10 @@ def project_token_in(
 
 @router.get(PROJECT + "/tokens")
 def project_tokens(
-    project_id: str, request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     token = token_body(_project_token(request, svc, who, project_id))
     return JSONResponse({"defaultRegion": _storage(svc).region, "regionStores": [token]})
@@ -102,7 +108,10 @@ def project_tokens(
 
 @router.get(PROJECT + "/presigned-url")
 def project_presigned_url(
-    project_id: str, request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     url, expires = _storage(svc).presigned_put(
@@ -111,7 +120,7 @@ def project_presigned_url(
     return JSONResponse(_presigned_body(svc, url, expires))
 
 
-def _presigned_body(svc: Services, url: str, expires: float) -> dict[str, Any]:
+def _presigned_body(svc: ServiceSet, url: str, expires: float) -> dict[str, Any]:
     return {
         "url": url,
         "storageName": _storage(svc).backend.storage_name,
@@ -124,7 +133,7 @@ def _presigned_body(svc: Services, url: str, expires: float) -> dict[str, Any]:
 
 
 def _task_token(
-    request: Request, svc: Services, who: Principal, project_id: str, task_id: str
+    request: Request, svc: ServiceSet, who: Principal, project_id: str, task_id: str
 ) -> StorageToken:
     _, task = task_for(svc, who, project_id, task_id)
     return _storage(svc).task_token(who, task, api_url(request))
@@ -136,7 +145,7 @@ def task_token(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     return JSONResponse(token_body(_task_token(request, svc, who, project_id, task_id)))
 
@@ -148,7 +157,7 @@ def task_token_in(
     region: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     _storage(svc).check_region(region)
     return JSONResponse(token_body(_task_token(request, svc, who, project_id, task_id)))
@@ -160,7 +169,7 @@ def task_tokens(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     token = token_body(_task_token(request, svc, who, project_id, task_id))
     return JSONResponse({"defaultRegion": _storage(svc).region, "regionStores": [token]})
@@ -172,7 +181,7 @@ def regional_storage(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     token = _task_token(request, svc, who, project_id, task_id)
     store = {
@@ -191,7 +200,7 @@ def task_presigned_url(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     _, task = task_for(svc, who, project_id, task_id)
     url, expires = _storage(svc).presigned_put(
@@ -203,19 +212,21 @@ def task_presigned_url(
 # -- storage options ----------------------------------------------------------------------------
 
 
-def _option(svc: Services) -> dict[str, str]:
+def _option(svc: ServiceSet) -> dict[str, str]:
     backend = _storage(svc).backend
     return {"storageName": backend.storage_name, "region": _storage(svc).region, "provider": backend.provider}
 
 
 @router.get("/htc/storage")
-def storage_options(_who: Principal = Depends(principal), svc: Services = Depends(services)) -> JSONResponse:
+def storage_options(
+    _who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
+) -> JSONResponse:
     return JSONResponse([_option(svc)])
 
 
 @router.get("/htc/storage/region/{region}")
 def storage_option(
-    region: str, _who: Principal = Depends(principal), svc: Services = Depends(services)
+    region: str, _who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     _storage(svc).check_region(region)
     return JSONResponse(_option(svc))
@@ -225,7 +236,7 @@ def storage_option(
 
 
 @router.get("/htc/storage/objects/{key:path}")
-def get_object(key: str, request: Request, svc: Services = Depends(services)) -> Response:
+def get_object(key: str, request: Request, svc: ServiceSet = Depends(services)) -> Response:
     key = clean_key(key)
     _storage(svc).access(credentials(request, "Bearer")).check_read(key)
     body = _storage(svc).backend.get(key)
@@ -238,7 +249,7 @@ def get_object(key: str, request: Request, svc: Services = Depends(services)) ->
 
 
 @router.put("/htc/storage/objects/{key:path}")
-async def put_object(key: str, request: Request, svc: Services = Depends(services)) -> JSONResponse:
+async def put_object(key: str, request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     key = clean_key(key)
     access = await run_in_threadpool(_storage(svc).access, credentials(request, "Bearer"))
     await run_in_threadpool(access.check_write, key)
@@ -246,14 +257,14 @@ async def put_object(key: str, request: Request, svc: Services = Depends(service
 
 
 @router.put("/htc/storage/upload/{key:path}")
-async def presigned_upload(key: str, request: Request, svc: Services = Depends(services)) -> JSONResponse:
+async def presigned_upload(key: str, request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     """Where the local backend's presigned URLs point: no credentials but the URL's signature."""
     key = clean_key(key)
     _storage(svc).check_presigned(key, first(request, "expires"), first(request, "signature"))
     return JSONResponse({"key": key, "size": await _receive(request, svc, key)})
 
 
-async def _receive(request: Request, svc: Services, key: str) -> int:
+async def _receive(request: Request, svc: ServiceSet, key: str) -> int:
     """Stream the request body into the object; nothing appears unless all of it arrived."""
     upload = await run_in_threadpool(_storage(svc).backend.begin_put, key)
     try:
@@ -267,7 +278,7 @@ async def _receive(request: Request, svc: Services, key: str) -> int:
 
 
 @router.delete("/htc/storage/objects/{key:path}")
-def delete_object(key: str, request: Request, svc: Services = Depends(services)) -> Response:
+def delete_object(key: str, request: Request, svc: ServiceSet = Depends(services)) -> Response:
     key = clean_key(key)
     _storage(svc).access(credentials(request, "Bearer")).check_write(key)
     _storage(svc).backend.delete(key)
@@ -275,7 +286,7 @@ def delete_object(key: str, request: Request, svc: Services = Depends(services))
 
 
 @router.get("/htc/storage/list")
-def list_objects(request: Request, svc: Services = Depends(services)) -> JSONResponse:
+def list_objects(request: Request, svc: ServiceSet = Depends(services)) -> JSONResponse:
     prefix = clean_prefix(first(request, "prefix"))
     size = page_size(request, default=1000, maximum=1000)
     after = first(request, "after") or None

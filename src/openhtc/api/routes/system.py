@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from sqlalchemy import func, select
 from starlette.responses import Response
 
 from openhtc.api.deps import app_services, services
@@ -13,20 +12,19 @@ from openhtc.api.responses import JSONResponse
 from openhtc.api.routes.auth import principal_for_api_key
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
-from openhtc.domain.enums import JobStatus, Role
+from openhtc.domain.enums import Role
 from openhtc.domain.errors import OpenHTCError, Unauthenticated
-from openhtc.services.container import Services
-from openhtc.store.tables import job_counters, projects
+from openhtc.services import overview
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 
 
 @router.get("/health")
-def health(svc: Services = Depends(services)) -> JSONResponse:
+def health(svc: ServiceSet = Depends(services)) -> JSONResponse:
     """200 while the database answers; 503 naming the part that is down otherwise."""
     try:
-        with svc.db.read() as conn:
-            conn.exec_driver_sql("SELECT 1")
+        svc.db.ping()
     except OpenHTCError as exc:  # Unavailable, InsufficientStorage: see store.db.failure
         body = {"status": "unavailable", "database": "unavailable", **error_body(503, exc.message, exc.error)}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
@@ -47,7 +45,7 @@ def scraper(request: Request) -> Principal:
 
 
 @router.get("/htc/metrics")
-def metrics(who: Principal = Depends(scraper), svc: Services = Depends(services)) -> Response:
+def metrics(who: Principal = Depends(scraper), svc: ServiceSet = Depends(services)) -> Response:
     """Rescale's workspace gauges, then openhtc's own families (docs/metrics.md): the per-project
     ones for the workspace's projects; the server-wide ones for a workspace admin."""
     require_user(who, "read workspace metrics")  # they name every project of the workspace
@@ -61,25 +59,11 @@ def metrics(who: Principal = Depends(scraper), svc: Services = Depends(services)
         ["project_id", "status"],
         registry=registry,
     )
-    stmt = (
-        select(
-            job_counters.c.project_id,
-            projects.c.name,
-            job_counters.c.status,
-            func.sum(job_counters.c.count),
-            func.sum(job_counters.c.vcpus),
-        )
-        .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
-        .where(projects.c.workspace_id == who.workspace_id)
-        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
-    )
-    with svc.db.read() as conn:
-        for project_id, name, status, count, cpu in conn.execute(stmt):
-            jobs.labels(project_id, name, JobStatus(status).name).set(count or 0)
-            vcpus.labels(project_id, JobStatus(status).name).set(cpu or 0)
-        project_ids = set(
-            conn.execute(select(projects.c.id).where(projects.c.workspace_id == who.workspace_id)).scalars()
-        )
+    rows = overview.job_counts(svc, who.workspace_id)
+    for row in rows:
+        jobs.labels(row.project_id, row.project_name, row.status.name).set(row.count)
+        vcpus.labels(row.project_id, row.status.name).set(row.vcpus)
+    project_ids = {row.project_id for row in rows}
     ws = svc.accounts.workspace(who.workspace_id)
     if ws is not None and ws.vcpu_limit is not None:
         Gauge("htc_job_limit_vcpus", "Workspace vCPU limit", registry=registry).set(ws.vcpu_limit)

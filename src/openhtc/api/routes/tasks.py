@@ -17,7 +17,7 @@ from openhtc.domain.enums import LifecycleStatus
 from openhtc.domain.errors import Conflict, ValidationFailed
 from openhtc.domain.limits import check_description, check_name
 from openhtc.services import tasks as tasks_service
-from openhtc.services.container import Services
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 TASK = "/htc/projects/{project_id}/tasks/{task_id}"
@@ -25,7 +25,10 @@ TASK = "/htc/projects/{project_id}/tasks/{task_id}"
 
 @router.get("/htc/projects/{project_id}/tasks")
 def list_tasks(
-    project_id: str, request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str,
+    request: Request,
+    who: Principal = Depends(principal),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project_for(svc, who, project_id)
     size = page_size(request)
@@ -43,7 +46,7 @@ def create_task(
     project_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     project = project_for(svc, who, project_id)
     require_user(who, "create tasks")
@@ -62,7 +65,7 @@ def create_task(
 
 @router.get(TASK)
 def get_task(
-    project_id: str, task_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, task_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     return JSONResponse(ser.task(task_for(svc, who, project_id, task_id)[1]))
 
@@ -73,7 +76,7 @@ def patch_task(
     task_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     _, task = task_for(svc, who, project_id, task_id)
     require_user(who, "change a task's lifecycle")
@@ -95,7 +98,7 @@ def patch_task(
 
 @router.delete(TASK)
 def delete_task(
-    project_id: str, task_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, task_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     _, task = task_for(svc, who, project_id, task_id)
     require_user(who, "delete a task")
@@ -106,7 +109,7 @@ def delete_task(
 
 @router.get(TASK + "/summary-statistics")
 def summary(
-    project_id: str, task_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, task_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     with svc.db.read() as conn:
@@ -120,7 +123,7 @@ def group_summary(
     task_id: str,
     request: Request,
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     wanted = request.query_params.getlist("group")
@@ -139,7 +142,7 @@ def group_summary(
 
 @router.get(TASK + "/groups")
 def groups(
-    project_id: str, task_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    project_id: str, task_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     task_for(svc, who, project_id, task_id)
     with svc.db.read() as conn:

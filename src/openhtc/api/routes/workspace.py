@@ -16,8 +16,8 @@ from openhtc.domain.capacity import region_architectures
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import NotFound, PermissionDenied, ValidationFailed
-from openhtc.services.container import Services
 from openhtc.services.executors import live_offers
+from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
 UNLIMITED_VCPUS = 999999  # the schema's maximum; reported when no workspace limit is set
@@ -32,7 +32,7 @@ def _own_workspace(who: Principal, workspace_id: str) -> None:
 
 @router.get("/htc/regions")
 def list_regions(
-    request: Request, who: Principal = Depends(principal), svc: Services = Depends(services)
+    request: Request, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     rows = svc.accounts.regions(who.workspace_id)
     provider = request.query_params.get("cloudProvider")
@@ -50,7 +50,7 @@ def list_regions(
 
 @router.get("/htc/regions/{region}")
 def get_region(
-    region: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    region: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     for row in svc.accounts.regions(who.workspace_id):
         if row.name == region:
@@ -61,7 +61,7 @@ def get_region(
 
 @router.get("/htc/workspaces/{workspace_id}/dimensions")
 def workspace_dimensions(
-    workspace_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    workspace_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
     return JSONResponse(ser.dimensions(svc.accounts.regions(workspace_id), live_offers(svc)))
@@ -69,7 +69,7 @@ def workspace_dimensions(
 
 @router.get("/htc/workspaces/{workspace_id}/limits")
 def workspace_limits(
-    workspace_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    workspace_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
     ws = svc.accounts.workspace(workspace_id)
@@ -91,7 +91,7 @@ def workspace_limits(
 
 @router.get("/htc/workspaces/{workspace_id}/task-retention-policy")
 def get_workspace_retention(
-    workspace_id: str, who: Principal = Depends(principal), svc: Services = Depends(services)
+    workspace_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
     ws = svc.accounts.workspace(workspace_id)
@@ -113,7 +113,7 @@ def put_workspace_retention(
     workspace_id: str,
     body: Any = Body(None),
     who: Principal = Depends(principal),
-    svc: Services = Depends(services),
+    svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
     _own_workspace(who, workspace_id)
     if who.is_job or who.role != Role.WORKSPACE_ADMIN.value:

@@ -23,6 +23,7 @@ from openhtc.domain.clock import Clock
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.limits import Limits
+from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
 from openhtc.metrics import Metrics
 from openhtc.metrics.store import executors_by_state
@@ -30,12 +31,12 @@ from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
-from openhtc.services.container import Services
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
 from openhtc.services.notify import LocalNotifier
 from openhtc.services.retention import RetentionSweeper
+from openhtc.services.service_set import ServiceSet
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
@@ -60,7 +61,7 @@ ADMIN_EMAIL = "admin@localhost"
 DEFAULT_WORKSPACE = "openhtc"
 
 
-def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet:
     """Open the database (migrating it) and build the shared services. No threads start here."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     clock = clock or Clock()
@@ -69,7 +70,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
     metrics = Metrics(lambda: executors_by_state(db, clock.now() - settings.lease_seconds))
     db.observer = metrics.db_transaction
-    services = Services(
+    services = ServiceSet(
         settings=settings,
         clock=clock,
         db=db,
@@ -112,7 +113,7 @@ def write_secret(path: Path, value: str) -> None:
     os.chmod(path, 0o600)
 
 
-def bootstrap(services: Services) -> str | None:
+def bootstrap(services: ServiceSet) -> str | None:
     """First start: a workspace, an admin with an API key, and the local region.
 
     Returns the new admin key (also written to DATA_DIR/admin-api-key), or None if the
@@ -129,9 +130,7 @@ def bootstrap(services: Services) -> str | None:
         new_key = accounts.create_api_key(user_id, now, label="bootstrap admin key")
         write_secret(services.settings.data_dir / "admin-api-key", new_key)
     for ws in accounts.workspaces():
-        accounts.ensure_region(
-            ws.id, services.settings.region, services.region_architectures(), "openhtc", now
-        )
+        accounts.ensure_region(ws.id, services.settings.region, [host_architecture()], "openhtc", now)
     return new_key
 
 
@@ -139,7 +138,7 @@ def bootstrap(services: Services) -> str | None:
 class Server:
     """A running control plane: services, scheduler and (optionally) the local executor."""
 
-    services: Services
+    services: ServiceSet
     scheduler: SchedulerLoop
     executor: LocalExecutor | None
     retention: RetentionSweeper
@@ -224,7 +223,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.logs,
             services.wakeups,
             settings.region,
-            services.region_architectures(),
+            [host_architecture()],
             stager=services.storage.stager() if services.storage else None,
         )
     return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
@@ -240,6 +239,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from openhtc.api.app import create_app
+    from openhtc.ui import install as install_dashboard
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -254,7 +254,8 @@ def serve(settings: Settings) -> None:
             if not settings.data_dir.is_dir():
                 lock.acquire(settings.host, settings.port)
             server = _build_or_explain(settings)
-            _run(server, create_app(server.services), listener, uvicorn)
+            app = create_app(server.services, extensions=[install_dashboard])  # the dashboard: /ui/
+            _run(server, app, listener, uvicorn)
         finally:
             listener.close()
     finally:

@@ -1,8 +1,8 @@
-"""The services one server process shares, built once by the composition root (openhtc.runtime)."""
+"""The services one server process shares, built once by the composition root (openhtc.wiring): a
+plain bag of the stores and services, passed to the loops and the API."""
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,13 +26,8 @@ if TYPE_CHECKING:
     from openhtc.services.storage import StorageService
 
 
-def host_architecture() -> str:
-    machine = platform.machine().lower()
-    return "AARCH64" if machine in ("aarch64", "arm64") else "X86"
-
-
 @dataclass
-class Services:
+class ServiceSet:
     settings: Settings
     clock: Clock
     db: Database
@@ -43,11 +38,11 @@ class Services:
     tokens: TokenService
     logs: LogStore
     wakeups: Wakeups
-    # The container registry (None only where a caller builds Services by hand).
+    # The container registry (None only where a caller builds ServiceSet by hand).
     registry: Registry | None = None
     # True when jobs run from registry images (bwrap, podman): submissions then need them.
     images_required: bool = False
-    # Project and task storage (None only where a caller builds Services by hand).
+    # Project and task storage (None only where a caller builds ServiceSet by hand).
     storage: StorageService | None = None
     # Request limits (config: max_*), enforced at the API's edge and in validation.
     limits: Limits = field(default_factory=Limits)
@@ -61,6 +56,3 @@ class Services:
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).
         self.wakeups.on_cancel(lambda: self.notify.publish((EVERYTHING,)))
-
-    def region_architectures(self) -> list[str]:
-        return [host_architecture()]
