@@ -75,6 +75,13 @@ def test_a_job_token_never_gets_another_tasks_polled_fragment(module_server: Any
                 assert refused.status_code == 404, (path, refused.text)
             refused = job_b2.get(task_page, headers=POLL)
             assert refused.status_code == 404, refused.text
+        # the project page lists a job token's own task only, and the overview (every project) is a user's
+        for headers in ({}, POLL):
+            listed = job_b2.get(project_page, headers=headers)
+            assert listed.status_code == 200 and task_b2 in listed.text and task_b not in listed.text
+            assert task_b in admin.get(project_page, headers=headers).text
+            overview = job_a.get("/ui/", headers=headers)
+            assert overview.status_code == 403 and project_b not in overview.text
 
 
 ODD = (

@@ -206,6 +206,7 @@ def create_router() -> APIRouter:
     def overview_page(request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        require_user(who, "read the overview")  # it names every project: not for a job token
         if (hit := cached(request, who)) is not None:
             return hit
         view = overview.snapshot(svc, who, PAGE)
@@ -237,7 +238,11 @@ def create_router() -> APIRouter:
         if (hit := cached(request, who)) is not None:
             return hit
         cursor = decode_cursor(request, "pair")
-        rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
+        if who.is_job:  # a job token lists only its own task, as in the API's list of tasks
+            own = svc.projects.task(project_id, who.task_id or "")
+            rows = [own] if own is not None and cursor is None else []
+        else:
+            rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
         with svc.db.read() as conn:
             tasks = [(t, svc.jobs.totals(conn, t.id)) for t in rows[:PAGE]]
         more = encode_cursor([rows[PAGE - 1].created_at, rows[PAGE - 1].id]) if len(rows) > PAGE else None
