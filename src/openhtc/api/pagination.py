@@ -20,6 +20,7 @@ from openhtc.domain.errors import ValidationFailed
 
 CursorKind = Literal["int", "pair", "str", "position"]
 ID_MAX = 2**63 - 1  # the largest BIGINT: larger ids in paths and cursors are refused, not overflowed
+TIME_MAX = 2**53  # a pair cursor's timestamp: exact as a float, and no driver overflows on it
 
 
 def first(request: Request, name: str) -> str | None:
@@ -71,6 +72,7 @@ def _is_pair(value: Any) -> bool:
         and isinstance(value[0], (int, float))
         and not isinstance(value[0], bool)
         and math.isfinite(value[0])
+        and abs(value[0]) <= TIME_MAX
         and _is_name(value[1])
     )
 

@@ -5,7 +5,8 @@ answer costs the server a few database reads and a render, on the interpreter th
 the scheduler and the executor. Within ``ttl`` seconds a fragment is answered once per audience.
 What a page shows depends only on the workspace and the role of its viewer (every lookup is
 scoped by workspace; roles decide the admin-only columns), so that is the key, with the URL;
-a fragment is at most ``ttl`` seconds older than a fresh one.
+a fragment is at most ``ttl`` seconds older than a fresh one. The pages consult it only after
+their own scope checks, and not for job tokens (scoped to one task, which the key does not hold).
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def _log_cursor(raw: str | None, attempts: int) -> tuple[int, int] | None:
     attempt, _, offset = raw.partition(".")
     if not (attempt.isascii() and attempt.isdigit() and offset.isascii() and offset.isdigit()):
         raise ValidationFailed("not a log position", field="after")
-    if not 1 <= int(attempt) <= attempts or len(offset) > 18:
+    if len(attempt) > 9 or len(offset) > 18 or not 1 <= int(attempt) <= attempts:  # int() of no huge string
         raise ValidationFailed("not a log position", field="after")
     return int(attempt), int(offset)
 
@@ -138,13 +138,15 @@ def create_router() -> APIRouter:
         if live:
             name = LIVE[name]  # a poll: only the page's live part (no forms, so no CSRF token)
         body = env.get_template(name).render(self_url=self_url, **ctx)
-        if live and "who" in ctx:
+        if live and "who" in ctx and not ctx["who"].is_job:
             request.app.state.ui_live_cache.put(LiveCache.key(ctx["who"], self_url), body)
         return HTMLResponse(body, status_code=code, headers=HEADERS)
 
     def cached(request: Request, who: Principal) -> Response | None:
-        """A poll's fragment rendered for the same audience within the last second."""
-        if not request.headers.get("hx-request"):
+        """A poll's fragment rendered for the same audience within the last second. Call it only
+        after the page's own scope checks; a job token (scoped to one task, which the key does
+        not hold) is never answered from the cache nor fills it."""
+        if who.is_job or not request.headers.get("hx-request"):
             return None
         query = request.url.query
         body = request.app.state.ui_live_cache.get(
@@ -204,6 +206,7 @@ def create_router() -> APIRouter:
     def overview_page(request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        require_user(who, "read the overview")  # it names every project: not for a job token
         if (hit := cached(request, who)) is not None:
             return hit
         view = overview.snapshot(svc, who, PAGE)
@@ -231,11 +234,15 @@ def create_router() -> APIRouter:
     def project_page(project_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        project = project_for(svc, who, project_id)
         if (hit := cached(request, who)) is not None:
             return hit
-        project = project_for(svc, who, project_id)
         cursor = decode_cursor(request, "pair")
-        rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
+        if who.is_job:  # a job token lists only its own task, as in the API's list of tasks
+            own = svc.projects.task(project_id, who.task_id or "")
+            rows = [own] if own is not None and cursor is None else []
+        else:
+            rows = svc.projects.tasks(project_id, tuple(cursor) if cursor else None, PAGE + 1)
         with svc.db.read() as conn:
             tasks = [(t, svc.jobs.totals(conn, t.id)) for t in rows[:PAGE]]
         more = encode_cursor([rows[PAGE - 1].created_at, rows[PAGE - 1].id]) if len(rows) > PAGE else None
@@ -255,9 +262,9 @@ def create_router() -> APIRouter:
     def task_page(project_id: str, task_id: str, request: Request) -> Response:
         svc = app_services(request)
         who = session.viewer(svc, request)
+        project, task = task_for(svc, who, project_id, task_id)
         if (hit := cached(request, who)) is not None:
             return hit
-        project, task = task_for(svc, who, project_id, task_id)
         after = decode_cursor(request, "str")
         with svc.db.read() as conn:
             totals = svc.jobs.totals(conn, task_id)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from openhtc.api.deps import app_services, project_for, task_for
 from openhtc.api.pagination import first
@@ -17,6 +18,7 @@ from openhtc.auth.permissions import require_user
 from openhtc.domain.errors import PermissionDenied, Unavailable
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.storage import StorageService
+from openhtc.storage.base import ObjectBody
 from openhtc.storage.layout import clean_relative, task_prefix
 from openhtc.ui import session
 
@@ -33,6 +35,28 @@ def _storage(svc: ServiceSet) -> StorageService:
 def _readable(svc: ServiceSet, who: Any, key: str) -> None:
     if not _storage(svc).scope_of(who, key).can_read(key):
         raise PermissionDenied(f"you may not read {key}")
+
+
+def attachment(name: str) -> str:
+    """``Content-Disposition`` for a download of ``name`` (RFC 6266): an ASCII fallback for old
+    clients and the exact name percent-encoded as UTF-8 (RFC 5987), since headers are Latin-1."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+class _Download(StreamingResponse):
+    """An object's bytes, closing it however the response ends (sent, failed or disconnected:
+    a background task would run only after a complete send)."""
+
+    def __init__(self, body: ObjectBody, headers: dict[str, str]) -> None:
+        super().__init__(body.chunks, media_type="application/octet-stream", headers=headers)
+        self.body_object = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.body_object.close()
 
 
 def add_routes(router: APIRouter, render: Callable[..., Response]) -> None:
@@ -67,19 +91,17 @@ def add_routes(router: APIRouter, render: Callable[..., Response]) -> None:
         relative = clean_relative(first(request, "path"), "path")
         key = task_prefix(project_id, task_id) + relative
         _readable(svc, who, key)
+        headers = {
+            "Content-Disposition": attachment(relative.rsplit("/", 1)[-1]),
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        }
         body = _storage(svc).backend.get(key)  # NotFound if there is none
-        name = relative.rsplit("/", 1)[-1].replace('"', "")
-        return StreamingResponse(
-            body.chunks,
-            media_type="application/octet-stream",
-            headers={
-                "Content-Length": str(body.size),
-                "Content-Disposition": f'attachment; filename="{name}"',
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-            },
-            background=BackgroundTask(body.close),
-        )
+        try:
+            return _Download(body, {**headers, "Content-Length": str(body.size)})
+        except BaseException:
+            body.close()
+            raise
 
     @router.get("/projects/{project_id}/images")
     def images(project_id: str, request: Request) -> Response:
