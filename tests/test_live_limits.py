@@ -187,3 +187,40 @@ def test_a_log_watch_wakes_only_for_its_own_files_and_all_on_overflow(tmp_path: 
     assert other == 0  # another job's write (same batch, same directory) does not wake it
     assert own >= 1
     assert overflow >= 1  # lost events: every follower looks again
+
+
+@pytest.mark.unit
+def test_task_waits_coalesce_a_burst_of_reports_job_waits_do_not() -> None:
+    from openhtc.api.routes.live import TASK_GAP, _wait
+    from openhtc.services.notify import Subscription
+
+    class Request:  # a client that stays
+        async def receive(self) -> dict[str, str]:
+            await asyncio.Event().wait()
+            return {}
+
+    async def checks_during_burst(gap: float) -> int:
+        sub = Subscription(frozenset())
+        reads = [0]
+        ended = [False]
+
+        def check() -> tuple[bool, int]:
+            reads[0] += 1
+            return ended[0], reads[0]
+
+        async def reports() -> None:  # 100 reports of the task's jobs, a few ms apart
+            for _ in range(100):
+                await asyncio.sleep(0.003)
+                sub.fire()
+            ended[0] = True
+            sub.fire()
+
+        burst = asyncio.create_task(reports())
+        got = await _wait(Request(), sub, 60, check, gap)  # type: ignore[arg-type]
+        await burst
+        return got
+
+    coalesced = asyncio.run(checks_during_burst(TASK_GAP))
+    immediate = asyncio.run(checks_during_burst(0.0))
+    # each report wakes the wait; a task wait reads at most every TASK_GAP s, a job wait each time
+    assert coalesced < immediate / 3, (coalesced, immediate)
