@@ -224,3 +224,39 @@ def test_task_waits_coalesce_a_burst_of_reports_job_waits_do_not() -> None:
     immediate = asyncio.run(checks_during_burst(0.0))
     # each report wakes the wait; a task wait reads at most every TASK_GAP s, a job wait each time
     assert coalesced < immediate / 3, (coalesced, immediate)
+
+
+def test_a_followed_log_resumes_across_a_server_restart(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    import threading
+
+    server = start_server()
+    api = server.api()
+    p, t = api.project_and_task()
+    go = tmp_path / "go"
+    script = f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second"
+    job = api.submit_one(p, t, api.job_request(["sh", "-c", script]))["parentJobId"] + ":0"
+    events: list[client_live.Event] = []
+    failed: list[BaseException] = []
+    first = threading.Event()
+
+    def follow() -> None:
+        try:
+            with Session(connection=Connection(server.url, api_key=server.api_key)) as htc:
+                for event in client_live.follow_log(htc.connection, p, t, job):
+                    events.append(event)
+                    first.set()
+        except BaseException as exc:  # reported below
+            failed.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    assert first.wait(60), server.log_tail()
+    server.restart()  # SIGTERM: the stream ends without its `end` event
+    go.touch()
+    follower.join(90)
+    assert not follower.is_alive() and not failed, failed
+    messages = [e.data["message"] for e in events if e.name == "line"]
+    assert messages[0] == "first" and messages[-1] == "second", messages
+    assert events[-1].name == "end"  # without the resume the follow ended silently at the stop
