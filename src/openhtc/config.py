@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     max_requests_per_call: int = Field(
         1000, gt=0, description="Most HTCJobSubmitRequests in one submit call."
     )
+    max_live_subscriptions: int = Field(
+        2000, gt=0, description="Most open long polls and event streams (/openhtc/v1); past it: 503."
+    )
 
     # -- container registry ------------------------------------------------------------------
     registry_url: str | None = Field(

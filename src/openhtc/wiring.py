@@ -59,6 +59,7 @@ ADMIN_EMAIL = "admin@localhost"
 # Not "default": the rescalehtc client's `rauthenticate` makes a folder named after the workspace
 # beside a symlink called "default", and the two would collide.
 DEFAULT_WORKSPACE = "openhtc"
+GRACEFUL_SECONDS = 5  # at SIGTERM, how long uvicorn waits for responses in progress
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet:
@@ -293,8 +294,19 @@ def _run(server: Server, app: Any, listener: socket.socket, uvicorn: Any) -> Non
             port=settings.port,
             log_level="warning" if settings.log_level == "info" else settings.log_level,
             access_log=False,
+            # a backstop: open waits and streams end as the notifier closes (_Uvicorn.shutdown)
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
         )
-        uvicorn.Server(config).run(sockets=[listener])  # the socket bound at start-up
+        notify = server.services.notify
+
+        class _Uvicorn(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn waits for every response in progress: long polls and streams first
+                # answer (the notifier wakes them all and they see it closing)
+                notify.close()
+                await super().shutdown(sockets)
+
+        _Uvicorn(config).run(sockets=[listener])  # the socket bound at start-up
     finally:
         if server.executor is not None:
             handler = _on_signal_while_stopping(server.executor)

@@ -3,7 +3,8 @@
 Pushed waits (long polls answered the moment a job, batch or task is done) and Server-Sent Events
 streams (a job's log lines, a task's status counts). A server without them (Rescale, an older
 openhtc) answers 404: :class:`Unsupported` is raised, once per connection, and the callers in
-``session.py`` fall back to polling the Rescale routes.
+``session.py`` fall back to polling the Rescale routes. A server holding too many open waits
+answers 503: :class:`Busy` (an Unsupported) is raised for that call only, and it polls too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from openhtc.client._errors import HtcConnectionError, NotFound, error_from_response
+from openhtc.client._errors import HtcConnectionError, NotFound, ServerError, error_from_response
 from openhtc.client._transport import API_PREFIX, Connection, segment
 
 JsonDict = dict[str, Any]
@@ -27,6 +28,10 @@ RECONNECTS = 30  # a followed log gives up after this many failed reconnects in 
 
 class Unsupported(Exception):
     """The server has no openhtc extension routes: poll instead."""
+
+
+class Busy(Unsupported):
+    """The server holds too many open waits and streams right now (503): poll this time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,10 @@ def _long_poll(conn: Connection, url: str, timeout: float, params: dict[str, Any
     except NotFound as exc:
         if exc.response is not None and _is_route_missing(exc.response):
             raise _missing(conn) from None
+        raise
+    except ServerError as exc:
+        if exc.status_code == 503:
+            raise Busy(str(exc)) from None
         raise
     try:
         body = response.json()
@@ -139,6 +148,8 @@ def stream(
                 response.read()
                 if response.status_code == 404 and _is_route_missing(response):
                     raise _missing(conn)
+                if response.status_code == 503:
+                    raise Busy(f"{url}: the server is busy")
                 raise error_from_response(response)
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 raise _missing(conn)  # a catch-all answering any path: not openhtc's stream
@@ -182,7 +193,8 @@ def follow_log(
     """A job's log as it is written: ``line`` events (data ``{timestamp, message}``, id a
     position), then one ``end`` event (data: the job) once it has ended. It starts after the
     line whose id is ``after``, else with the last ``tail`` lines written so far, else at the
-    first line. A dropped connection resumes after the last line received."""
+    first line. A dropped connection, a stream the server ended without ``end`` (it stopped) or
+    a busy server (503) resumes after the last line received."""
     url = f"{_task_url(conn, project_id, task_id)}/jobs/{segment(job_id)}/logs/stream"
     position = after
     params = {"tail": tail} if tail is not None and after is None else {}
@@ -196,7 +208,15 @@ def follow_log(
                 yield event
                 if event.name == "end":
                     return
-            return
+            # ended without its end: the server stops (it may come back): as a dropped connection
+            raise HtcConnectionError(f"{url}: the stream ended before the job did")
+        except Busy:
+            if position is None:  # nothing received yet: the caller polls the logs route instead
+                raise
+            failures += 1
+            if failures > RECONNECTS:
+                raise
+            time.sleep(1.0)
         except (HtcConnectionError, httpx.ReadTimeout):
             failures += 1
             if failures > RECONNECTS:

@@ -2,8 +2,9 @@
 
 Job logs are written by whichever process runs the job (a job launcher process, a runtime's
 output thread), so the writer cannot tell the server's event loop itself. Linux's inotify can:
-one inotify descriptor per server, a watch on a job's log directory only while somebody follows
-a job in it, and the kernel coalesces repeated writes into one pending event. Writers pay
+one inotify descriptor per server, a watch on a job's log directory (one per batch) only while
+somebody follows a job in it, each follower woken only by its own job's files (their name
+prefix), and the kernel coalesces repeated writes into one pending event. Writers pay
 nothing, and nothing is watched when nobody follows a log. Where inotify is missing, ``watch``
 reports no support and the stream looks again every ``FALLBACK_SECONDS``.
 """
@@ -26,36 +27,40 @@ IN_MODIFY = 0x002
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_TO = 0x080
 IN_CREATE = 0x100
+IN_Q_OVERFLOW = 0x4000  # the kernel's queue overflowed (wd -1): events were lost
 IN_IGNORED = 0x8000
 _MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
 FALLBACK_SECONDS = 0.5  # how often a stream looks again without inotify
+_Hook = tuple[bytes, Callable[[], None]]
 
 
 class LogWatch:
-    """Calls the hooks of a directory when a file in it is written (on the event loop)."""
+    """Calls the hooks of a directory when a file of theirs in it is written (on the event loop)."""
 
     def __init__(self) -> None:
         self._fd: int | None = None
         self._libc: ctypes.CDLL | None = None
         self._unsupported = False
         self._wds: dict[str, int] = {}  # directory -> watch descriptor
-        self._hooks: dict[int, list[Callable[[], None]]] = {}  # watch descriptor -> hooks
+        self._hooks: dict[int, list[_Hook]] = {}  # watch descriptor -> (name prefix, hook)
 
     @asynccontextmanager
-    async def watch(self, directory: str, hook: Callable[[], None]) -> AsyncIterator[bool]:
-        """Call ``hook`` whenever a file of ``directory`` (made if missing) changes, until the
-        context exits. Yields False when this system cannot watch (then nothing is called)."""
+    async def watch(self, directory: str, hook: Callable[[], None], prefix: str = "") -> AsyncIterator[bool]:
+        """Call ``hook`` whenever a file of ``directory`` (made if missing) whose name starts
+        with ``prefix`` changes, until the context exits. Yields False when this system cannot
+        watch (then nothing is called)."""
         wd = self._add(directory)
         if wd is None:
             yield False
             return
         hooks = self._hooks.setdefault(wd, [])
-        hooks.append(hook)
+        entry = (os.fsencode(prefix), hook)
+        hooks.append(entry)
         try:
             yield True
         finally:
-            hooks.remove(hook)
+            hooks.remove(entry)
             if not hooks:
                 self._remove(directory, wd)
 
@@ -110,20 +115,27 @@ class LogWatch:
             data = os.read(self._fd, 64 * 1024)
         except BlockingIOError:
             return
-        fired: set[int] = set()
+        fired: set[tuple[int, bytes]] = set()  # (wd, file name): the kernel coalesces only repeats
         offset = 0
         while offset + _EVENT.size <= len(data):
             wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            offset += _EVENT.size + length
+            start = offset + _EVENT.size
+            offset = start + length
+            if mask & IN_Q_OVERFLOW:  # events were lost: everybody looks again
+                for hooks in list(self._hooks.values()):
+                    for _, hook in list(hooks):
+                        hook()
+                continue
             if mask & IN_IGNORED:  # the directory went away (a task deleted)
                 for directory, known in list(self._wds.items()):
                     if known == wd:
                         del self._wds[directory]
                 continue
-            fired.add(wd)
-        for wd in fired:
-            for hook in list(self._hooks.get(wd, ())):
-                hook()
+            fired.add((wd, data[start:offset].rstrip(b"\0")))
+        for wd, name in fired:
+            for prefix, hook in list(self._hooks.get(wd, ())):
+                if name.startswith(prefix):
+                    hook()
 
     def close(self) -> None:
         if self._fd is not None:

@@ -13,9 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from openhtc.api.deps import app_services, job_for, task_for
-from openhtc.api.routes.live import EventStream, follow_log, resume_position
+from openhtc.api.routes.live import EventStream, admit, follow_log, log_start
 from openhtc.ui import session
-from openhtc.ui.routes import TASK, UI_PREFIX, UiRoute
+from openhtc.ui.routes import LOG_LINES, TASK, UI_PREFIX, UiRoute
 
 
 def create_live_router() -> APIRouter:
@@ -23,12 +23,15 @@ def create_live_router() -> APIRouter:
 
     @router.get(TASK + "/jobs/{job_id}/log/stream")
     async def job_log_stream(project_id: str, task_id: str, job_id: str, request: Request) -> Response:
-        """The job's log lines as they are written (``line`` events), then ``end``."""
+        """The job's log lines as they are written (``line`` events), then ``end``: from the
+        last LOG_LINES lines written so far, or after ``Last-Event-ID`` (a reconnect)."""
         svc = app_services(request)
         who = session.viewer(svc, request)
         await run_in_threadpool(task_for, svc, who, project_id, task_id)
         job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
-        start = resume_position(request, job.attempt)
-        return EventStream(follow_log(svc, task_id, job_id, job.id, batch.parent_job_id, job.idx, start))
+        start, skip = await log_start(svc, request, task_id, job, batch, LOG_LINES)
+        admit(svc)
+        events = follow_log(svc, task_id, job_id, job.id, batch.parent_job_id, job.idx, start, skip)
+        return EventStream(events)
 
     return router

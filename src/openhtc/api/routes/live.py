@@ -4,7 +4,10 @@ Under ``/openhtc/v1/`` (docs/extensions.md), scoped exactly as the Rescale route
 same task and job (``task_for``, ``job_for``). A waiter subscribes to the notifier
 (services/notify.py) before it reads what it waits for, then reads again on each wake-up, so it
 answers the moment the store has committed the change; nothing polls. A client that goes away
-is noticed at once (its ``http.disconnect``) and releases its subscription.
+is noticed at once (its ``http.disconnect``) and releases its subscription. When the server
+stops, the notifier closes: every long poll answers and every stream ends, so the shutdown does
+not wait for them. Past ``max_live_subscriptions`` open waits, new ones answer 503 (the client
+polls instead).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
-from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.domain.errors import NotFound, Unavailable, ValidationFailed
 from openhtc.services.logwatch import FALLBACK_SECONDS
 from openhtc.services.notify import Subscription, job_key, task_key
 from openhtc.services.service_set import ServiceSet
@@ -43,6 +46,8 @@ COUNTS_REFRESH = 5.0  # a counts stream re-reads this often too (admissions publ
 COUNTS_GAP = 0.25  # at most 4 counts events a second
 LOG_GAP = 0.05  # new log lines are sent at most 20 times a second, in as few events as they fill
 LOG_PAGE = 1000
+TASK_GAP = 0.25  # task and batch waits look again at most 4 times a second (every job's report wakes them)
+MAX_POSITION = 2**62  # a log position beyond any file: refused before the stream starts
 _OPEN = frozenset(s.name for s in NON_TERMINAL_STATUSES)
 T = TypeVar("T")
 
@@ -65,11 +70,24 @@ async def _scoped(svc: ServiceSet, who: Principal, project_id: str, task_id: str
     return task
 
 
+def admit(svc: ServiceSet) -> None:
+    """Refuse a new long poll or stream past ``max_live_subscriptions`` open ones (503 with a
+    Retry-After): the client falls back to polling."""
+    if svc.notify.waiters() >= svc.settings.max_live_subscriptions:
+        raise Unavailable("too many open waits and streams on this server; poll instead, or retry later")
+
+
 async def _wait(
-    request: Request, sub: Subscription, timeout: float, check: Callable[[], tuple[bool, T]]
+    request: Request,
+    sub: Subscription,
+    timeout: float,
+    check: Callable[[], tuple[bool, T]],
+    gap: float = 0.0,
+    closing: Callable[[], bool] = lambda: False,
 ) -> T:
-    """Read with ``check`` (on a worker thread) until it says done, or until ``timeout``; a
-    client that disconnects ends the wait at once (its answer is dropped)."""
+    """Read with ``check`` (on a worker thread) until it says done, or until ``timeout``, at
+    most once every ``gap`` s; a client that disconnects ends the wait at once (its answer is
+    dropped), a server that stops (``closing``) answers with what it read last."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     gone = asyncio.Event()
@@ -84,12 +102,16 @@ async def _wait(
     try:
         while True:
             done, body = await run_in_threadpool(check)
-            left = deadline - loop.time()
-            if done or left <= 0 or gone.is_set():
+            checked = loop.time()
+            left = deadline - checked
+            if done or left <= 0 or gone.is_set() or closing():
                 return body
             await sub.wait(left)
-            if gone.is_set():
+            if gone.is_set() or closing():
                 return body
+            pause = min(checked + gap, deadline) - loop.time()
+            if pause > 0:  # coalesce a busy task's reports into one read
+                await asyncio.sleep(pause)
     finally:
         watcher.cancel()
 
@@ -129,8 +151,9 @@ async def wait_job(
         found, row = job_for(svc, task_id, job_id)
         return JobStatus(found.status).terminal, ser.job(found, row)
 
+    admit(svc)
     async with svc.notify.subscribe((job_key(job.id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check))
+        return JSONResponse(await _wait(request, sub, timeout, check, 0.0, _closing(svc)))
 
 
 @router.get(TASK + "/batches/{parent_job_id}/wait")
@@ -165,8 +188,9 @@ async def wait_batch(
         }
         return left is None, body
 
+    admit(svc)
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check))
+        return JSONResponse(await _wait(request, sub, timeout, check, TASK_GAP, _closing(svc)))
 
 
 @router.get(TASK + "/wait")
@@ -187,8 +211,13 @@ async def wait_task(
         body = _counts(svc, task_id, groups)
         return body["done"], body
 
+    admit(svc)
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check))
+        return JSONResponse(await _wait(request, sub, timeout, check, TASK_GAP, _closing(svc)))
+
+
+def _closing(svc: ServiceSet) -> Callable[[], bool]:
+    return lambda: svc.notify.closing
 
 
 def _groups(request: Request) -> list[str]:
@@ -254,7 +283,7 @@ def resume_position(request: Request, attempts: int) -> tuple[int, int] | None:
     if (
         isinstance(value, list)
         and len(value) == 2
-        and all(type(v) is int and v >= 0 for v in value)
+        and all(type(v) is int and 0 <= v <= MAX_POSITION for v in value)
         and 1 <= value[0] <= attempts
     ):
         return value[0], value[1]
@@ -277,16 +306,27 @@ async def stream_log(
     tail = _tail(request)
     await _scoped(svc, who, project_id, task_id)
     job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
-    start = resume_position(request, job.attempt)
-    skip = 0
-    if start is None and tail is not None:  # from the start of the tail-th last line
-        key = (task_id, batch.parent_job_id, job.idx)
-        newest = await run_in_threadpool(svc.logs.page, key, job.attempt, max(tail, 1), True, None)
-        if newest:
-            start = newest[-1].after  # read backward, a line's position is its start
-            skip = max(0, len(newest) - tail)  # tail 0: the newest line is skipped too
+    start, skip = await log_start(svc, request, task_id, job, batch, tail)
+    admit(svc)
     events = follow_log(svc, task_id, job_id, job.id, batch.parent_job_id, job.idx, start, skip)
     return EventStream(events)
+
+
+async def log_start(
+    svc: ServiceSet, request: Request, task_id: str, job: Any, batch: Any, tail: int | None
+) -> tuple[tuple[int, int] | None, int]:
+    """Where a log stream starts, and how many lines from there it skips: after
+    ``Last-Event-ID`` (or ``from``), else at the ``tail``-th last line written so far (tail 0:
+    only lines written from now on), else at the first line."""
+    start = resume_position(request, job.attempt)
+    if start is not None or tail is None:
+        return start, 0
+    key = (task_id, batch.parent_job_id, job.idx)
+    newest = await run_in_threadpool(svc.logs.page, key, job.attempt, max(tail, 1), True, None)
+    if not newest:
+        return None, 0
+    # read backward, a line's position is its start; tail 0: the newest line is skipped too
+    return newest[-1].after, max(0, len(newest) - tail)
 
 
 def _tail(request: Request) -> int | None:
@@ -309,8 +349,9 @@ async def follow_log(
     skip: int = 0,
 ) -> AsyncIterator[bytes]:
     """The events of a log stream (the dashboard's job page follows a log through this too);
-    the first ``skip`` lines from ``start`` are not sent."""
-    directory = str(svc.logs.path(task_id, parent_job_id, idx, 1).parent)
+    the first ``skip`` lines from ``start`` are not sent. It ends without ``end`` when the
+    server stops (a client resumes after the last line it received)."""
+    directory = str(svc.logs.path(task_id, parent_job_id, idx, 1).parent)  # one per batch
     position = start
 
     def read() -> tuple[Any, Any, list[Any]]:
@@ -320,17 +361,20 @@ async def follow_log(
 
     async with (
         svc.notify.subscribe((job_key(row_id),)) as sub,
-        svc.logwatch.watch(directory, sub.fire) as watched,
+        svc.logwatch.watch(directory, sub.fire, prefix=f"{idx}.") as watched,
     ):
         idle = KEEPALIVE if watched else FALLBACK_SECONDS
         quiet = 0.0
-        while True:
+        while not svc.notify.closing:
             job, batch, lines = await run_in_threadpool(read)
             if lines:
                 quiet = 0.0
                 chunk = []
                 for line in lines:
                     position = line.after
+                    if skip:
+                        skip -= 1
+                        continue
                     chunk.append(
                         event(
                             "line",
@@ -338,7 +382,8 @@ async def follow_log(
                             encode_cursor(list(line.after)),
                         )
                     )
-                yield b"".join(chunk)
+                if chunk:
+                    yield b"".join(chunk)
                 if len(lines) == LOG_PAGE:
                     continue
             if JobStatus(job.status).terminal:
@@ -364,6 +409,7 @@ async def stream_task(
     time they change, at most four a second."""
     groups = _groups(request)
     await _scoped(svc, who, project_id, task_id)
+    admit(svc)
     return EventStream(follow_counts(svc, task_id, groups))
 
 
@@ -371,7 +417,7 @@ async def follow_counts(svc: ServiceSet, task_id: str, groups: list[str]) -> Asy
     last: dict[str, Any] | None = None
     quiet = 0.0
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        while True:
+        while not svc.notify.closing:
             body = await run_in_threadpool(_counts, svc, task_id, groups)
             if body != last:
                 last = body
