@@ -7,6 +7,7 @@ HTTP API. The Grafana dashboard's queries are checked against the exposition.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -19,10 +20,17 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport
+from openhtc.metrics import Metrics
+from openhtc.metrics.http import HttpMetrics
 from openhtc.metrics.jobs import Buckets
 from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
@@ -351,3 +359,38 @@ def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
         buckets.observe(value)
     assert buckets.cumulative() == [("1.0", 2.0), ("5.0", 3.0), ("+Inf", 4.0)]
     assert buckets.total == 13.5
+
+
+@pytest.mark.unit
+def test_an_unhandled_error_counts_as_a_500_and_methods_are_a_fixed_set() -> None:
+    def boom(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    metrics = Metrics()
+    app = Starlette(
+        routes=[Route("/boom/{x}", boom), Route("/ok", ok, methods=["GET", "PURGE"])],
+        middleware=[Middleware(HttpMetrics, metrics=metrics)],
+    )
+
+    async def send() -> list[int]:
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                (await client.request(method, path)).status_code
+                for method, path in (("GET", "/boom/1"), ("PURGE", "/ok"), ("GET", "/ok"))
+            ]
+
+    assert asyncio.run(send()) == [500, 200, 200]
+
+    def requests(method: str, route: str, status: str) -> float | None:
+        labels = {"method": method, "route": route, "status": status}
+        return metrics.registry.get_sample_value("openhtc_http_requests_total", labels)
+
+    assert requests("GET", "/boom/{x}", "500") == 1
+    latency = {"method": "GET", "route": "/boom/{x}"}
+    assert metrics.registry.get_sample_value("openhtc_http_request_duration_seconds_count", latency) == 1
+    assert requests("other", "/ok", "200") == 1 and requests("GET", "/ok", "200") == 1
+    assert requests("PURGE", "/ok", "200") is None
