@@ -191,14 +191,14 @@ def test_lease_expiry_reruns_on_the_infrastructure_budget_then_fails(
     queue.executor.report(EXECUTOR, [AttemptReport(jobs[0].job_id, jobs[0].attempt, S.STARTING, 1.0)])
     lease = queue.services.settings.lease_seconds
     far_future = queue.services.clock.now() + 10 * lease
-    assert queue.services.queue.expire_leases(far_future) == 3
+    assert len(queue.services.queue.expire_leases(far_future).changes) == 3
     assert (
         queue.sql("SELECT status, attempt, failed_attempts, infra_retries, failure_code FROM jobs")
         == [(S.SUBMITTED_TO_RESCALE, 2, 0, 1, FAULT)] * 3
     )
     queue.services.queue.admit(queue.services.clock.now(), 100)
     assert len(queue.claim(3)) == 3
-    assert queue.services.queue.expire_leases(far_future + 10 * lease) == 3
+    assert len(queue.services.queue.expire_leases(far_future + 10 * lease).changes) == 3
     rows = queue.sql(
         "SELECT status, attempt, failed_attempts, infra_retries, failure_code, status_reason FROM jobs"
     )

@@ -7,6 +7,7 @@ HTTP API. The Grafana dashboard's queries are checked against the exposition.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -14,20 +15,29 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
+from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport
-from openhtc.metrics.jobs import Buckets, JobMetrics
+from openhtc.metrics import Metrics
+from openhtc.metrics.http import HttpMetrics
+from openhtc.metrics.jobs import Buckets
 from openhtc.testing.ci import skip_or_fail
+from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
 from openhtc.testing.postgres import free_port
 from openhtc.testing.server import HtcApi
 
+S = JobStatus
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "openhtc.json"
 SERVER_FAMILY = "openhtc_job_transitions_total"  # one of the server-wide families
 WAIT = 30.0
@@ -273,50 +283,73 @@ def test_metrics_take_an_api_key_and_scope_what_they_show(module_server: Any, ap
 # -- the counting rules, without a server ---------------------------------------------------
 
 
-@dataclass
-class Claimed:
-    id: int
-    attempt: int = 1
-    batch_id: int = 1
-    project_id: str = "p"
-    task_id: str = "t"
-    group_name: str = "g"
-    vcpus: int = 2
+class HandClock(Clock):
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def now(self) -> float:
+        return self.at
 
 
-@pytest.mark.unit
-def test_a_report_the_store_ignores_as_stale_is_not_counted() -> None:
-    jobs = JobMetrics()
-    jobs.claimed([Claimed(1), Claimed(2), Claimed(3, task_id="t3")], {1: 100.0}, now=103.0)
-    jobs.claimed([Claimed(4, attempt=2)], {1: 100.0}, now=104.0)  # a retry: its wait is not counted
-    jobs.reported([AttemptReport(i, 1, JobStatus.RUNNING, 110.0) for i in (1, 2, 3)], requeued=0)
-    jobs.stopped([(2, 1)])  # leased elsewhere: its executor's later report is stale
-    jobs.cancelled("t3", None, 1)  # job 3's task: cancelled, job 3 killed
-    jobs.reported(
-        [
-            AttemptReport(1, 1, JobStatus.SUCCEEDED, 115.0),
-            AttemptReport(2, 1, JobStatus.SUCCEEDED, 115.0),
-            AttemptReport(3, 1, JobStatus.FAILED, 115.0, failure_code="ErrorNonZeroContainerExitCode"),
-            AttemptReport(4, 1, JobStatus.SUCCEEDED, 115.0),  # its first attempt's, too late
-        ],
-        requeued=0,
-    )
-    snap = jobs.snapshot()
-    assert snap.transitions[("SUCCEEDED", "")] == 1
-    assert snap.transitions[("FAILED", "Cancelled")] == 1
-    assert ("FAILED", "ErrorNonZeroContainerExitCode") not in snap.transitions
-    assert snap.transitions[("RUNNABLE", "")] == 4
-    # jobs 1, 2 and 3 kept 2 vCPUs busy for 5 s each, whether they ended or were killed
-    assert snap.vcpu_seconds == {"p": 3 * 2 * 5.0}
-    assert snap.run_time[0][-1] == ("+Inf", 3.0)
-    assert snap.queue_wait[0][-1] == ("+Inf", 3.0) and snap.queue_wait[1] == 9.0
-    assert snap.reports == 7
-    # an attempt stopped and never heard from again (its executor is gone): the next is counted
-    jobs.claimed([Claimed(5)], {}, now=120.0)
-    jobs.stopped([(5, 1)])
-    jobs.claimed([Claimed(5, attempt=2)], {}, now=121.0)
-    jobs.reported([AttemptReport(5, 2, JobStatus.SUCCEEDED, 122.0)], requeued=0)
-    assert jobs.snapshot().transitions[("SUCCEEDED", "")] == 2
+def test_counts_follow_what_the_store_applied_when_a_cancel_races_the_reports(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    clock = HandClock(990.0)
+    with in_process_services(tmp_path / "data", db_url, clock) as services:
+        store = StoreHarness(services)
+        project = store.create_project()
+        task = store.create_task(project)
+        store.submit(project, task, store.job_request(4, maxVCpus=2))
+        clock.at = 1000.0
+        a, b, c, d = store.claim(4)  # each waited 10 s
+        ex, jobs = store.executor, services.metrics.jobs
+        ex.report(
+            EXECUTOR,
+            [AttemptReport(j.job_id, 1, s, 1010.0) for j in (a, b, c, d) for s in (S.STARTING, S.RUNNING)],
+        )
+        ex.report(EXECUTOR, [AttemptReport(a.job_id, 1, S.SUCCEEDED, 1015.0, 0)])
+        # the user cancels the task; job b finished just before, and its report lands between the
+        # cancel's commit and its counting (the store ignores it: b is cancelled already)
+        clock.at = 1020.0
+        cancel = services.jobs.cancel(task.id, None, clock.now())
+        ex.report(EXECUTOR, [AttemptReport(b.job_id, 1, S.SUCCEEDED, 1019.0, 0)])
+        jobs.applied(cancel)
+        # the killed jobs' ends, and a repeated end of a: all stale
+        ex.report(
+            EXECUTOR,
+            [
+                AttemptReport(c.job_id, 1, S.FAILED, 1021.0, 137, "ErrorNonZeroContainerExitCode"),
+                AttemptReport(d.job_id, 1, S.FAILED, 1021.0, 137, "ErrorNonZeroContainerExitCode"),
+                AttemptReport(a.job_id, 1, S.SUCCEEDED, 1015.0, 0),
+            ],
+        )
+        snap = jobs.snapshot()
+        failed = {code: n for (status, code), n in snap.transitions.items() if status == "FAILED"}
+        assert failed == {"Cancelled": 3}
+        assert snap.transitions[("SUCCEEDED", "")] == 1
+        assert [snap.transitions[(s, "")] for s in ("RUNNABLE", "STARTING", "RUNNING")] == [4, 4, 4]
+        # a ran 5 s, b, c and d 10 s until the cancel: 2 vCPUs each
+        assert snap.run_time[0][-1] == ("+Inf", 4.0) and snap.run_time[1] == 35.0
+        assert snap.vcpu_seconds == {project.id: 70.0}
+        assert snap.queue_wait[0][-1] == ("+Inf", 4.0) and snap.queue_wait[1] == 40.0
+        assert snap.reports == 8 + 1 + 1 + 3
+
+        # an executor restarts before starting e: e runs again as attempt 2, and attempt 1's late
+        # end is not counted (nor does attempt 2 wait again)
+        other = store.create_task(project, "t2")
+        store.submit(project, other, store.job_request(1))
+        (e,) = store.claim(1)
+        ex.register(EXECUTOR, "inc-2", store.region, ["X86"], store.capacity)
+        services.queue.admit(clock.now(), 10)
+        (e2,) = store.claim(1)
+        assert (e2.job_id, e2.attempt) == (e.job_id, 2)
+        ex.report(EXECUTOR, [AttemptReport(e.job_id, 1, S.SUCCEEDED, 1021.0, 0)])
+        store.succeed([e2])
+        snap = jobs.snapshot()
+        assert snap.transitions[("SUCCEEDED", "")] == 2
+        assert snap.transitions[("SUBMITTED_TO_RESCALE", "")] == 1
+        assert snap.transitions[("RUNNABLE", "")] == 6
+        assert snap.queue_wait[0][-1] == ("+Inf", 5.0)
 
 
 @pytest.mark.unit
@@ -326,3 +359,38 @@ def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
         buckets.observe(value)
     assert buckets.cumulative() == [("1.0", 2.0), ("5.0", 3.0), ("+Inf", 4.0)]
     assert buckets.total == 13.5
+
+
+@pytest.mark.unit
+def test_an_unhandled_error_counts_as_a_500_and_methods_are_a_fixed_set() -> None:
+    def boom(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    metrics = Metrics()
+    app = Starlette(
+        routes=[Route("/boom/{x}", boom), Route("/ok", ok, methods=["GET", "PURGE"])],
+        middleware=[Middleware(HttpMetrics, metrics=metrics)],
+    )
+
+    async def send() -> list[int]:
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                (await client.request(method, path)).status_code
+                for method, path in (("GET", "/boom/1"), ("PURGE", "/ok"), ("GET", "/ok"))
+            ]
+
+    assert asyncio.run(send()) == [500, 200, 200]
+
+    def requests(method: str, route: str, status: str) -> float | None:
+        labels = {"method": method, "route": route, "status": status}
+        return metrics.registry.get_sample_value("openhtc_http_requests_total", labels)
+
+    assert requests("GET", "/boom/{x}", "500") == 1
+    latency = {"method": "GET", "route": "/boom/{x}"}
+    assert metrics.registry.get_sample_value("openhtc_http_request_duration_seconds_count", latency) == 1
+    assert requests("other", "/ok", "200") == 1 and requests("GET", "/ok", "200") == 1
+    assert requests("PURGE", "/ok", "200") is None

@@ -1,13 +1,13 @@
-"""What the executor protocol tells about jobs, turned into counts and durations.
+"""What the store applied to jobs, turned into counts and durations.
 
-Counted at the service layer, after the store has committed a claim, a report or a cancel. The
-store answers a report with how many jobs it sent back for retry, not with which reports it
-applied, so :class:`JobMetrics` remembers the attempts it saw claimed: a report for an attempt
-the heartbeat told its executor to stop (cancelled, or leased elsewhere) is not counted again.
-A report for an attempt claimed before this process started is counted as it comes.
+Counted at the service layer from what a committed claim, report, cancel or recovery returns
+(``store.transitions.Applied``): the jobs it changed and the statuses each passed through. A
+stale or repeated report changes nothing in the store, so it is in none of these and is never
+counted; a cancel and a job ending at the same moment are one change or the other, never both.
+Nothing here remembers jobs between calls.
 
 Everything is aggregated per call under one lock: a claim or report of hundreds of jobs costs a
-dict operation per job and one update per label set, never a lock per job.
+few operations per job and one update per label set, never a lock per job.
 """
 
 from __future__ import annotations
@@ -15,25 +15,21 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client.utils import floatToGoString
 
 from openhtc.domain.enums import JobStatus
-from openhtc.domain.models import AttemptReport
+from openhtc.store.transitions import Applied
 
 CANCELLED = "Cancelled"  # the failure_code label of a user's cancel (Rescale has no failureCode for it)
 UNKNOWN = "ErrorUnknownFailure"  # as the store records a FAILED report without a code
-MAX_HELD = 200_000  # attempts remembered; past it the oldest are forgotten (lost executors' jobs)
 
-
-# A held attempt: (attempt, project id, task id, group, vCPUs). Plain tuples and ints here: this
-# runs for every job, and an object per job or an enum's name per report would cost more than the
-# rest together.
-_Held = tuple[int, str, str, str, int]
-_RUNNING, _SUCCEEDED, _FAILED = int(JobStatus.RUNNING), int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
+# plain ints: this runs for every job, and an enum's name per job would cost more than the rest
+_RUNNABLE, _SUCCEEDED, _FAILED = int(JobStatus.RUNNABLE), int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
+_REQUEUED = int(JobStatus.SUBMITTED_TO_RESCALE)
 _NAMES = {int(s): s.name for s in JobStatus}
 
 
@@ -69,9 +65,6 @@ class JobMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[int, _Held] = {}  # job id ->
-        self._started: dict[int, float] = {}  # job id -> its held attempt's RUNNING report time
-        self._fenced: set[int] = set()  # job ids whose held attempt was stopped: reports are stale
         self.transitions: dict[tuple[int, str], int] = defaultdict(int)  # (status, failure code)
         self.vcpu_seconds: dict[str, float] = defaultdict(float)  # project id ->
         self.queue_wait = Buckets(DURATION_BOUNDS)
@@ -83,90 +76,73 @@ class JobMetrics:
 
     # -- recording ------------------------------------------------------------------------------
 
-    def claimed(self, jobs: Sequence[_ClaimedJob], submitted_at: dict[int, float], now: float) -> None:
-        """An executor claimed ``jobs`` (now RUNNABLE); ``submitted_at``: batch id -> its submit time."""
+    def claimed(self, jobs: Sequence[_ClaimedJob], now: float) -> None:
+        """An executor claimed ``jobs`` (the store made them RUNNABLE, every one, at ``now``)."""
         with self._lock:
             self.claim_calls += 1
             if not jobs:
                 return
             self.claimed_jobs += len(jobs)
-            self.transitions[(int(JobStatus.RUNNABLE), "")] += len(jobs)
-            held, observe = self._held, self.queue_wait.observe
-            fenced, started = self._fenced, self._started
+            self.transitions[(_RUNNABLE, "")] += len(jobs)
+            observe = self.queue_wait.observe
             for job in jobs:
-                held[job.id] = (job.attempt, job.project_id, job.task_id, job.group_name, job.vcpus)
-                if fenced or started:  # a new attempt starts clean (its predecessor may have been lost)
-                    fenced.discard(job.id)
-                    started.pop(job.id, None)
-                if job.attempt == 1 and (at := submitted_at.get(job.batch_id)) is not None:
-                    observe(max(0.0, now - at))  # a retry's wait is not counted: it waited before
-            if len(held) > MAX_HELD:
-                for key in list(held)[: len(held) - MAX_HELD // 2]:  # oldest first (insertion order)
-                    del held[key]
-                    self._started.pop(key, None)
-                    self._fenced.discard(key)
+                if job.attempt == 1:  # a retry's wait is not counted: it waited before
+                    observe(max(0.0, now - job.created_at))
 
-    def reported(self, reports: Sequence[AttemptReport], requeued: int) -> None:
-        """An executor's reports were applied; ``requeued`` of them sent a job back for a retry."""
+    def reported(self, count: int, applied: Applied) -> None:
+        """An executor sent ``count`` reports; the store applied ``applied`` of them."""
         with self._lock:
-            self.reports += len(reports)
-            if requeued:
-                self.transitions[(int(JobStatus.SUBMITTED_TO_RESCALE), "")] += requeued
-            by_status = [0] * len(_NAMES)  # index: status; FAILED is counted by failure code
-            failed: dict[str, int] = defaultdict(int)
-            held, started, fenced = self._held, self._started, self._fenced
-            for report in reports:
-                job_id, status = report.job_id, report.status
-                entry = held.get(job_id)
-                if entry is not None:
-                    if entry[0] != report.attempt:
-                        continue  # an attempt the job has moved past: the store ignored it too
-                    if status == _RUNNING:
-                        started[job_id] = report.at
-                    elif status >= _SUCCEEDED:
-                        del held[job_id]
-                        began = started.pop(job_id, None)
-                        if began is not None:  # its vCPUs were busy until now, killed or not
-                            ran = max(0.0, report.at - began)
-                            self.run_time.observe(ran)
-                            self.vcpu_seconds[entry[1]] += ran * entry[4]
-                        if fenced and job_id in fenced:
-                            fenced.discard(job_id)
-                            continue
-                    if fenced and job_id in fenced:
-                        continue  # stopped: the store ignored it
-                if status == _FAILED:
-                    failed[report.failure_code or UNKNOWN] += 1
-                else:
-                    by_status[status] += 1
-            transitions = self.transitions
-            for code, n in enumerate(by_status):
-                if n:
-                    transitions[(code, "")] += n
-            for failure, n in failed.items():
-                transitions[(_FAILED, failure)] += n
+            self.reports += count
+            self._count(applied)
 
-    def stopped(self, attempts: Iterable[tuple[int, int]]) -> None:
-        """A heartbeat told an executor to stop these (job, attempt)s: their reports are stale."""
+    def applied(self, applied: Applied) -> None:
+        """A cancel or a recovery committed ``applied``."""
         with self._lock:
-            for job_id, attempt in attempts:
-                entry = self._held.get(job_id)
-                if entry is not None and entry[0] == attempt:
-                    self._fenced.add(job_id)
+            self._count(applied)
 
-    def cancelled(self, task_id: str, group: str | None, count: int) -> None:
-        """A user cancelled ``count`` jobs of a task (or one of its groups): they are FAILED."""
-        if not count:
+    def leases_expired(self, applied: Applied) -> None:
+        with self._lock:
+            self.lease_expiries += len(applied.changes)
+            self._count(applied)
+
+    def _count(self, applied: Applied) -> None:
+        """Count every status the changed jobs passed through, and each attempt that ended here
+        after it ran: its run time, and its vCPUs busy as long (ended, killed or lost alike)."""
+        at, changes, events, _ = applied
+        if not changes:
             return
-        with self._lock:
-            self.transitions[(_FAILED, CANCELLED)] += count
-            for job_id, (_, _, task, job_group, _) in self._held.items():
-                if task == task_id and (group is None or job_group == group):
-                    self._fenced.add(job_id)
-
-    def leases_expired(self, count: int) -> None:
-        with self._lock:
-            self.lease_expiries += count
+        by_status = [0] * (max(_NAMES) + 1)  # index: status; FAILED is counted by failure code
+        failed: dict[str, int] = defaultdict(int)
+        codes: dict[int, str | None] | None = None
+        for event in events:
+            status = event[2]
+            if status != _FAILED:
+                by_status[status] += 1
+            elif event[7]:
+                failed[CANCELLED] += 1
+            else:
+                if codes is None:  # built only when an attempt failed
+                    codes = {c[0]: c[7] for c in changes}
+                failed[codes.get(event[0]) or UNKNOWN] += 1
+        transitions = self.transitions
+        for status, n in enumerate(by_status):
+            if n:
+                transitions[(status, "")] += n
+        for code, n in failed.items():
+            transitions[(_FAILED, code)] += n
+        observe, vcpu_seconds = self.run_time.observe, self.vcpu_seconds
+        for _, _, project, vcpus, _, status, _, _, _, _, began, completed in changes:
+            if began is None:
+                continue  # never ran (or still runs: below)
+            if status >= _SUCCEEDED:
+                ended = completed if completed is not None else at
+            elif status == _REQUEUED:  # the attempt ended, another follows
+                ended = at
+            else:
+                continue
+            ran = max(0.0, ended - began)
+            observe(ran)
+            vcpu_seconds[project] += ran * vcpus
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -204,12 +180,4 @@ class _ClaimedJob(Protocol):
     @property
     def attempt(self) -> int: ...
     @property
-    def batch_id(self) -> int: ...
-    @property
-    def project_id(self) -> str: ...
-    @property
-    def task_id(self) -> str: ...
-    @property
-    def group_name(self) -> str: ...
-    @property
-    def vcpus(self) -> int: ...
+    def created_at(self) -> float: ...

@@ -53,7 +53,7 @@ class SchedulerLoop:
                 self.tick()
                 now = time.monotonic()
                 if now >= next_expiry:
-                    if expired := s.queue.expire_leases(s.clock.now()):
+                    if (expired := s.queue.expire_leases(s.clock.now())).changes:
                         s.metrics.jobs.leases_expired(expired)
                         s.wakeups.schedule_round.set()
                         s.notify.publish((EVERYTHING,))  # recovered jobs: waiters look again

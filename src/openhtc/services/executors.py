@@ -19,8 +19,10 @@ from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.notify import EVERYTHING, Key, job_key, task_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.transitions import Applied
 
-_ENDS = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+# a change to these ends an attempt: its job's waiters look again (a retry's too)
+_ENDS = frozenset(int(s) for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUBMITTED_TO_RESCALE))
 
 
 def live_offers(services: ServiceSet) -> list[ExecutorOffer]:
@@ -34,9 +36,6 @@ class ExecutorService:
         self.services = services
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
         self._lock = threading.Lock()
-        # job id -> task id of the jobs claimed and not yet ended: a report names only the job,
-        # and a task's waiters are woken by its jobs' reports
-        self._task_of: dict[int, str] = {}
 
     @property
     def concurrent_writes(self) -> bool:
@@ -54,7 +53,7 @@ class ExecutorService:
     ) -> int:
         """Record an executor (re)start; recover what its previous start held. ``may_have_started``:
         the (job, attempt) pairs that start handed to a runtime and never saw end."""
-        recovered = self.services.queue.register(
+        applied = self.services.queue.register(
             executor_id,
             incarnation,
             region,
@@ -63,10 +62,11 @@ class ExecutorService:
             self.services.clock.now(),
             may_have_started,
         )
-        if recovered:
+        if applied.changes:
+            self.services.metrics.jobs.applied(applied)
             self.services.wakeups.schedule_round.set()
             self.services.notify.publish((EVERYTHING,))
-        return recovered
+        return len(applied.changes)
 
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
@@ -76,45 +76,32 @@ class ExecutorService:
             executor_id, region, architectures, free, max_jobs, s.settings.lease_seconds, s.clock.now()
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
-        task_of = self._task_of
-        for job in claimed:
-            task_of[job.id] = job.task_id
         if claimed and not s.notify.idle:
             s.notify.publish({task_key(job.task_id) for job in claimed})
-        s.metrics.jobs.claimed(claimed, {i: c.submitted_at for i, c in contexts.items()}, s.clock.now())
+        s.metrics.jobs.claimed(claimed, s.clock.now())
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
-        requeued = self.services.queue.report(executor_id, reports, self.services.clock.now())
-        self.services.metrics.jobs.reported(reports, requeued)
-        if requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
+        applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
+        self.services.metrics.jobs.reported(len(reports), applied)
+        if applied.requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.schedule_round.set()
-        self._notify(reports)
+        if applied.changes and not self.services.notify.idle:
+            self._notify(applied)
 
-    def _notify(self, reports: Sequence[AttemptReport]) -> None:
-        """After the commit: wake who waits for these jobs or their tasks; forget ended jobs."""
-        task_of = self._task_of
-        if self.services.notify.idle:
-            for report in reports:
-                if report.status in _ENDS:
-                    task_of.pop(report.job_id, None)
-            return
+    def _notify(self, applied: Applied) -> None:
+        """After the commit: wake who waits for the tasks of the jobs the reports changed, and
+        for the jobs whose attempt ended (stale reports changed nothing: they wake nobody)."""
         keys: set[Key] = set()
-        for report in reports:
-            task = task_of.get(report.job_id)
-            if task is not None:
-                keys.add(task_key(task))
-            if report.status in _ENDS:
-                keys.add(job_key(report.job_id))
-                task_of.pop(report.job_id, None)
+        for change in applied.changes:
+            keys.add(task_key(change[1]))
+            if change[5] in _ENDS:
+                keys.add(job_key(change[0]))
         self.services.notify.publish(keys)
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services
-        stop = s.queue.heartbeat(executor_id, held, s.settings.lease_seconds, s.clock.now())
-        if stop:
-            s.metrics.jobs.stopped(stop)
-        return stop
+        return s.queue.heartbeat(executor_id, held, s.settings.lease_seconds, s.clock.now())
 
     # -- launches -------------------------------------------------------------------------------
 
@@ -167,7 +154,6 @@ class ExecutorService:
             shared.update(creds.values)
             renew_at = min(renew_at, now + (creds.expires_at - now) / 2)
         context = _BatchContext(
-            submitted_at=batch.created_at,
             expires_at=now + ttl,
             renew_at=renew_at,
             parent_job_id=batch.parent_job_id,
@@ -216,7 +202,6 @@ class ExecutorService:
 
 @dataclass(frozen=True, slots=True)
 class _BatchContext:
-    submitted_at: float
     expires_at: float
     renew_at: float  # claims after this build a new context (fresh tokens)
     parent_job_id: str

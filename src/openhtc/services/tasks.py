@@ -8,12 +8,12 @@ from openhtc.services.service_set import ServiceSet
 
 def cancel_jobs(services: ServiceSet, task_id: str, group: str | None, now: float) -> int:
     """Cancel a task's (or group's) unfinished jobs: the API's and the dashboard's cancel, and a
-    delete. Returns how many; counted in the metrics, which then ignore the killed jobs' reports."""
-    cancelled = services.jobs.cancel(task_id, group, now)
-    if cancelled:
-        services.metrics.jobs.cancelled(task_id, group, cancelled)
+    delete. Returns how many (counted in the metrics as the store applied them)."""
+    applied = services.jobs.cancel(task_id, group, now)
+    if applied.changes:
+        services.metrics.jobs.applied(applied)
         services.wakeups.cancel()
-    return cancelled
+    return len(applied.changes)
 
 
 def delete_task(services: ServiceSet, project_id: str, task_id: str, now: float) -> None:

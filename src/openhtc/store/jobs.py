@@ -16,7 +16,7 @@ from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
 from openhtc.store.queue import load_limits
 from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
-from openhtc.store.transitions import StatusWrites, bump_counters
+from openhtc.store.transitions import Applied, StatusWrites, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
 # Reads that every poll of a job or a task makes, built once: SQLAlchemy then reuses their
@@ -179,8 +179,9 @@ class JobStore:
             conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
         return echoes
 
-    def cancel(self, task_id: str, group: str | None, now: float) -> int:
-        """Fail every non-terminal job of the task (or group) with userCancelledEvent set."""
+    def cancel(self, task_id: str, group: str | None, now: float) -> Applied:
+        """Fail every non-terminal job of the task (or group) with userCancelledEvent set;
+        returns what that changed."""
         with self.db.write() as conn:
             self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
             writes = StatusWrites(self.db, conn, now)
@@ -191,10 +192,9 @@ class JobStore:
                 params += (group,)
             for job in writes.load(where, params):
                 writes.cancel(job)
-            cancelled = writes.flush()
-            if cancelled:
+            if writes.flush():
                 conn.execute(tasks.update().where(tasks.c.id == task_id).values(last_active_at=now))
-        return cancelled
+        return writes.applied()
 
     # -- reads ----------------------------------------------------------------------------------
 

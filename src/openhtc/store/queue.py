@@ -23,7 +23,7 @@ from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.domain.throughput import Throughput
 from openhtc.store.db import Database
 from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
-from openhtc.store.transitions import JobState, StatusWrites
+from openhtc.store.transitions import Applied, JobState, StatusWrites
 
 S = JobStatus
 _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
@@ -194,9 +194,10 @@ class QueueStore:
         capacity: Capacity,
         now: float,
         may_have_started: Collection[tuple[int, int]] = (),
-    ) -> int:
+    ) -> Applied:
         """Record an executor (re)start. Jobs its previous incarnation held are recovered:
-        ``may_have_started`` holds the (job, attempt) pairs it may have started (its markers)."""
+        ``may_have_started`` holds the (job, attempt) pairs it may have started (its markers).
+        Returns what the recovery changed."""
         with self.db.write() as conn:
             values = {
                 "region": region,
@@ -213,20 +214,20 @@ class QueueStore:
             marked = set(may_have_started)
             for job in lost:
                 writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
-            changed = writes.flush()
+            writes.flush()
         self._count(writes, now)  # once committed
-        return changed
+        return writes.applied()
 
-    def expire_leases(self, now: float) -> int:
-        """Recover jobs whose executor stopped renewing its lease."""
+    def expire_leases(self, now: float) -> Applied:
+        """Recover jobs whose executor stopped renewing its lease; returns what that changed."""
         with self.db.write() as conn:
             writes = self._writes(conn, now)
             for job in writes.load(f"j.status IN ({_HELD_SQL}) AND j.lease_expires_at < ?", (now,)):
                 # nobody can say whether it started: it is treated as if it may have
                 writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
-            changed = writes.flush()
+            writes.flush()
         self._count(writes, now)  # once committed
-        return changed
+        return writes.applied()
 
     def claim(
         self,
@@ -271,13 +272,14 @@ class QueueStore:
             writes.flush()
             return claimed
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> int:
+    def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> Applied:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored.
 
-        Returns how many jobs went back to the queue for another attempt.
+        Returns what they changed: only the jobs and statuses the store applied, so what counts
+        or wakes on it never sees a stale report.
         """
         if not reports:
-            return 0
+            return Applied(now, [], [], 0)
         by_job: dict[int, list[AttemptReport]] = defaultdict(list)
         for report in reports:
             by_job[report.job_id].append(report)
@@ -287,7 +289,7 @@ class QueueStore:
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
             writes.flush()
         self._count(writes, now)  # once committed
-        return writes.requeued
+        return writes.applied()
 
     def _count(self, writes: StatusWrites, now: float) -> None:
         for project in writes.ended.keys() | writes.waits.keys():

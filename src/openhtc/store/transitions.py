@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 from openhtc.domain import lifecycle
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import OpenHTCError
-from openhtc.domain.lifecycle import JobRecord
+from openhtc.domain.lifecycle import EventRow, JobRecord
 from openhtc.domain.models import AttemptReport
 from openhtc.store.db import BulkStatement, Database, json_rows
 
@@ -122,6 +122,23 @@ class JobState(NamedTuple):
     created_at: float
 
 
+# What a flush changed, one plain tuple per job (see StatusWrites' GC note), in this order: job id,
+# task id, project id, vCPUs, status loaded, status now, attempt now, failure code, cancelled, created
+# at, the start of the attempt it ran last (None if it never ran), completed at.
+Change = tuple[int, str, str, int, int, int, int, str | None, bool, float, float | None, float | None]
+
+
+class Applied(NamedTuple):
+    """What one committed unit of work did: its time, the jobs it changed (:data:`Change`), their
+    events (``lifecycle.EventRow``: every status each passed through) and how many it re-queued.
+    Stale or repeated reports are in none of them."""
+
+    at: float
+    changes: list[Change]
+    events: list[EventRow]
+    requeued: int
+
+
 _new = tuple.__new__
 _SUCCEEDED = int(JobStatus.SUCCEEDED)
 _TERMINAL = frozenset(int(s) for s in JobStatus if s.terminal)
@@ -146,6 +163,7 @@ class StatusWrites:
         self.max_infra_retries = max_infra_retries  # re-runs after infrastructure faults (settings)
         self.requeued = 0  # jobs sent back to SUBMITTED_TO_RESCALE: the scheduler must admit them
         self.flushed = False
+        self.changes: list[Change] = []  # filled by flush (see applied)
         # Every row loaded; the record now of each job a step changed (by id); the events. The
         # last two are kept as plain tuples: the GC stops tracking a plain tuple of plain values,
         # never a NamedTuple, and at thousands of jobs a second every tracked object held until
@@ -253,6 +271,7 @@ class StatusWrites:
         cur = self.db.cursor(self.conn)
         now = self.now
         rows = []
+        changes = self.changes
         moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
         for job in self._loaded:
             rec = changed.pop(job[0], None)  # once per job, even if loaded twice
@@ -264,6 +283,10 @@ class StatusWrites:
             rows.append((
                 status, attempt, failed, infra, executor, lease, now, started, completed, exit_code, code,
                 reason, cancelled, id_, loaded, job.attempt,
+            ))  # fmt: skip
+            changes.append((
+                id_, job.task_id, job.project_id, job.vcpus, loaded, status, attempt, code, cancelled,
+                job.created_at, started if started is not None else job.started_at, completed,
             ))  # fmt: skip
             if status != loaded:
                 move = moves[(job.task_id, job.group_name, job.project_id, loaded, status)]
@@ -287,6 +310,10 @@ class StatusWrites:
                 delta[1] += vcpu_delta
         bump_counters(self.db, self.conn, deltas)
         return len(rows)
+
+    def applied(self) -> Applied:
+        """What the flush wrote (to hand on once the transaction has committed)."""
+        return Applied(self.now, self.changes, self._events, self.requeued)
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
