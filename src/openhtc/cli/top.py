@@ -26,17 +26,9 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.client import JOB_STATUSES as STATUSES
 from openhtc.client import Connection
 
-STATUSES = (
-    "SUBMITTED_TO_RESCALE",
-    "SUBMITTED_TO_PROVIDER",
-    "RUNNABLE",
-    "STARTING",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-)
 SHORT = {"SUBMITTED_TO_RESCALE": "held", "SUBMITTED_TO_PROVIDER": "queued"}
 SPARK = " ▁▂▃▄▅▆▇█"
 

@@ -33,7 +33,7 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.domain.errors import NotFound, Unavailable, ValidationFailed
 from openhtc.services.logwatch import FALLBACK_SECONDS
-from openhtc.services.notify import Subscription, job_key, task_key
+from openhtc.services.notify import Key, Subscription, job_key, task_key
 from openhtc.services.service_set import ServiceSet
 
 router = APIRouter()
@@ -151,9 +151,7 @@ async def wait_job(
         found, row = job_for(svc, task_id, job_id)
         return JobStatus(found.status).terminal, ser.job(found, row)
 
-    admit(svc)
-    async with svc.notify.subscribe((job_key(job.id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check, 0.0, _closing(svc)))
+    return await _answer(request, svc, job_key(job.id), timeout, check, 0.0)
 
 
 @router.get(TASK + "/batches/{parent_job_id}/wait")
@@ -188,9 +186,7 @@ async def wait_batch(
         }
         return left is None, body
 
-    admit(svc)
-    async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check, TASK_GAP, _closing(svc)))
+    return await _answer(request, svc, task_key(task_id), timeout, check, TASK_GAP)
 
 
 @router.get(TASK + "/wait")
@@ -211,9 +207,21 @@ async def wait_task(
         body = _counts(svc, task_id, groups)
         return body["done"], body
 
+    return await _answer(request, svc, task_key(task_id), timeout, check, TASK_GAP)
+
+
+async def _answer(
+    request: Request,
+    svc: ServiceSet,
+    key: Key,
+    timeout: float,
+    check: Callable[[], tuple[bool, T]],
+    gap: float,
+) -> JSONResponse:
+    """A long poll's answer: ``check``'s body once it says done, woken by changes of ``key``."""
     admit(svc)
-    async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, timeout, check, TASK_GAP, _closing(svc)))
+    async with svc.notify.subscribe((key,)) as sub:
+        return JSONResponse(await _wait(request, sub, timeout, check, gap, _closing(svc)))
 
 
 def _closing(svc: ServiceSet) -> Callable[[], bool]:
