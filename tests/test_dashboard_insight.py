@@ -3,6 +3,7 @@ pending?" (route, job page, ``htc explain``) and ``htc top``, against the real s
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from contextlib import closing
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import text
 from tests.test_dashboard import sign_in
 
+import openhtc
 from openhtc.domain.enums import JobStatus
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 from openhtc.testing.server import htc_command
@@ -125,6 +127,8 @@ def test_the_executors_page_shows_leases_to_admins_only_and_htc_top_renders(
         page = admin.get("/ui/executors")
         assert page.status_code == 200 and "Leases held" in page.text
         assert '<td class="leases">1</td>' in page.text  # the sleeping job
+        assert f'<td class="version">{openhtc.__version__}</td>' in page.text
+        assert socket.gethostname() in page.text  # where it runs
     member = member_key(module_server)
     with closing(sign_in(module_server, member)) as client:
         page = client.get("/ui/executors")

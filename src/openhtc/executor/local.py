@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from openhtc import __version__
 from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.errors import InsufficientStorage, Unavailable
@@ -117,6 +118,8 @@ class LocalExecutor:
             self.architectures,
             self.capacity,
             may_have_started,
+            __version__,
+            socket.gethostname(),
         )
         if recovered:
             log.warning("recovered %d job(s) left running by a previous start of this executor", recovered)

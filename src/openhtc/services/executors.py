@@ -50,6 +50,8 @@ class ExecutorService:
         architectures: list[str],
         capacity: Capacity,
         may_have_started: Collection[tuple[int, int]] = (),
+        version: str | None = None,
+        host: str | None = None,
     ) -> int:
         """Record an executor (re)start; recover what its previous start held. ``may_have_started``:
         the (job, attempt) pairs that start handed to a runtime and never saw end."""
@@ -61,6 +63,8 @@ class ExecutorService:
             capacity,
             self.services.clock.now(),
             may_have_started,
+            version,
+            host,
         )
         if applied.changes:
             self.services.metrics.jobs.applied(applied)

@@ -91,6 +91,8 @@ class ExecutorView:
     memory_mb: int
     last_heartbeat: float
     online: bool
+    version: str | None  # the openhtc version it runs, and its host name (None: not reported)
+    host: str | None
     # Only for workspace admins (None otherwise): jobs it holds, and its current incarnation
     # (a new one each time the executor process starts).
     leases: int | None = None
@@ -130,6 +132,8 @@ def executor_views(svc: ServiceSet, admin: bool = False) -> list[ExecutorView]:
             int(r.memory_mb),
             float(r.last_heartbeat),
             now - r.last_heartbeat <= svc.settings.lease_seconds,
+            r.version,
+            r.host,
             held.get(r.id, 0) if admin else None,
             r.incarnation if admin else None,
         )

@@ -194,6 +194,8 @@ class QueueStore:
         capacity: Capacity,
         now: float,
         may_have_started: Collection[tuple[int, int]] = (),
+        version: str | None = None,
+        host: str | None = None,
     ) -> Applied:
         """Record an executor (re)start. Jobs its previous incarnation held are recovered:
         ``may_have_started`` holds the (job, attempt) pairs it may have started (its markers).
@@ -206,6 +208,8 @@ class QueueStore:
                 "vcpus": capacity.vcpus,
                 "memory_mb": capacity.memory_mb,
                 "last_heartbeat": now,
+                "version": version,
+                "host": host,
             }
             stmt = self.db.upsert(executors).values(id=executor_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))

@@ -275,6 +275,8 @@ executors = Table(
     Column("vcpus", Integer, nullable=False),
     Column("memory_mb", BigInteger, nullable=False),
     Column("last_heartbeat", Float, nullable=False),
+    Column("version", String(64), nullable=True),  # the openhtc version the executor runs
+    Column("host", String(255), nullable=True),  # the host name it runs on
 )
 
 # Container repositories created through the API (POST …/container-registry/repo/{name}).

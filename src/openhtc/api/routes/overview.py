@@ -57,6 +57,8 @@ def _json(view: overview.Snapshot) -> dict[str, Any]:
                 "vcpus": e.vcpus,
                 "memoryMb": e.memory_mb,
                 "lastHeartbeat": e.last_heartbeat,
+                "version": e.version,
+                "host": e.host,
                 "leases": e.leases,
             }
             for e in view.executors
