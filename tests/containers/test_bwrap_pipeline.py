@@ -8,6 +8,7 @@ directory they both see.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +221,19 @@ def _is_bwrap(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z" and cmdline[0].endswith(b"bwrap") and leader
+
+
+def test_a_sandbox_killed_while_it_is_set_up_is_gone_not_an_error() -> None:
+    """A cancel that comes while bwrap sets the sandbox up (before it told the child's pid): the
+    runtime learns the sandbox is gone, with what bwrap said, and the job ends as stopped."""
+    require_tool("bwrap")
+    from openhtc.runtimes.sandbox import Sandbox, SandboxGone
+
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None
+    sandbox = Sandbox([bwrap, "--ro-bind", "/", "/"], ["true"], {}, lambda: None)
+    sandbox.kill()  # before it is set up, as handle.stop() does from another thread
+    sandbox.proceed()
+    with pytest.raises(SandboxGone):
+        sandbox.wait_ready()
+    assert sandbox.code is not None  # reaped: no process or descriptor of it is left
