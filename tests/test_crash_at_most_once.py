@@ -159,7 +159,11 @@ def test_a_graceful_restart_charges_no_job_it_had_not_started(
     jobs = api.wait_terminal(pid, tid, JOBS + LONG, timeout=120)
     ran = per_job(executions(runs))
 
-    not_once = {j["jobUUID"]: ran[j["jobUUID"]] for j in jobs if ran[j["jobUUID"]] != 1}
+    not_once = {
+        j["jobUUID"]: (ran[j["jobUUID"]], j["status"], j.get("failureCode"), j.get("statusReason"))
+        for j in jobs
+        if ran[j["jobUUID"]] != 1
+    }
     assert not not_once, (
         f"{len(not_once)} job(s) did not execute exactly once: {sorted(not_once.items())[:5]}"
     )
