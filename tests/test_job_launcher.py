@@ -317,3 +317,35 @@ def test_short_jobs_do_not_wait_behind_a_long_one(start_server: Callable[..., An
     assert long_job["status"] == "RUNNING", long_job
     api.cancel(pid, tid)
     api.wait_terminal(pid, tid, 12)
+
+
+def test_an_exit_and_its_output_seen_in_one_wakeup_end_the_job_once(tmp_path: Path) -> None:
+    """One epoll wake-up can carry both a job's exit and its last output; the exit, handled
+    first, drains and closes the pipe, and the output event must not take the launcher down
+    (it did, under load: every job it held was then lost)."""
+    import socket
+
+    from openhtc.runtimes.launcher_loop import Decoder, Loop
+
+    ours, theirs = socket.socketpair()
+    loop = Loop(theirs)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    log = tmp_path / "job.log"
+    loop._start(
+        1,
+        ["sh", "-c", "echo last words"],
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        str(work),
+        str(log),
+    )
+    job = loop.jobs[1]
+    os.waitid(os.P_PIDFD, job.pidfd, os.WEXITED | os.WNOWAIT)  # exited, output still in the pipe
+    loop._reap(job)
+    loop._output(job)  # the stale event of the same wake-up
+    messages = Decoder().feed(b"".join(loop.replies))
+    assert [m[0] for m in messages] == ["started", "exited"]
+    assert messages[-1][2] == 0
+    assert "last words" in log.read_text()
+    ours.close()
+    theirs.close()

@@ -263,7 +263,10 @@ class Loop:
                 os.killpg(job.pid, signal.SIGKILL)
 
     def _output(self, job: _Job) -> None:
-        assert job.out is not None
+        if job.out is None:
+            # One select() can return both the job's exit and its output: _reap, run first,
+            # drained and closed the pipe already, so this event is stale.
+            return
         data = os.read(job.out, 1 << 16)
         if data:
             job.output.feed(data)
