@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, literal_column, select
 
 from openhtc.domain import lifecycle
 from openhtc.domain.clock import iso
@@ -296,11 +296,14 @@ class JobStore:
         self, conn: Connection, task_id: str, status: JobStatus, after_id: int, limit: int
     ) -> Any:
         """A status few of the project's jobs are in (FAILED, RUNNING in a task of a million jobs
-        that succeeded) is read from its range of ix_jobs_queue (status, project) and sorted,
+        that succeeded) is read from its range of ix_jobs_queue (status, project) and sorted
+        (on PostgreSQL: of the partial index holding that status, and SUCCEEDED is walked),
         instead of walking the task's ids past every job in other statuses; None: the status is
         common (more than RARE jobs of the project), and the walk finds a page soon. The other
         terms are written so that no index serves them (``|| ''``, ``+ 0``): both planners then
         take the queue index, whatever their statistics say."""
+        if status == JobStatus.SUCCEEDED and not self.db.is_sqlite:
+            return None  # no PostgreSQL index holds succeeded jobs by status (tables.py)
         found = conn.execute(_PROJECT_OF_TASK, {"task": task_id}).first()
         if found is None:
             return None
@@ -313,7 +316,8 @@ class JobStore:
             select(jobs)
             .where(
                 and_(
-                    jobs.c.status == int(status),
+                    # a literal: PostgreSQL's status indexes are partial (tables.py)
+                    jobs.c.status == literal_column(str(int(status))),
                     jobs.c.project_id == found[0],
                     jobs.c.task_id.concat("") == task_id,
                     jobs.c.id + 0 > after_id,

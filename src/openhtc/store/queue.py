@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select
+from sqlalchemy import Connection, and_, func, select, text
 
 from openhtc.domain import lifecycle
 from openhtc.domain import scheduling as policy
@@ -112,14 +112,15 @@ class QueueStore:
         out: list[policy.QueuedJob] = []
         cur = self.db.cursor(conn)
         lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
+        # the status a literal: PostgreSQL's queue index is partial (tables.py)
         sql = self.db.sql(
-            "SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE status = ? AND project_id = ?"
-            f"{extra} ORDER BY priority, id LIMIT ?{lock}"
+            f"SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE status = {int(status)}"
+            f" AND project_id = ?{extra} ORDER BY priority, id LIMIT ?{lock}"
         )
         for project in project_ids:
             if len(out) >= limit:
                 break
-            cur.execute(sql, (int(status), project, *params, limit - len(out)))
+            cur.execute(sql, (project, *params, limit - len(out)))
             out.extend(policy.QueuedJob(*row) for row in cur.fetchall())
         return out
 
@@ -163,7 +164,7 @@ class QueueStore:
         higher priority: ranges of ix_jobs_queue, each counted up to ``cap + 1``."""
         sql = (
             "SELECT COUNT(*) FROM (SELECT 1 FROM jobs"
-            " WHERE status = ? AND project_id = ? AND {} LIMIT ?) AS t"
+            f" WHERE status = {int(status)} AND project_id = ? AND {{}} LIMIT ?) AS t"
         )
         with self.db.read() as conn:
             cur = self.db.cursor(conn)
@@ -172,7 +173,7 @@ class QueueStore:
                 ("(priority < ? OR (priority = ? AND id < ?))", (priority, priority, job_id)),
                 ("priority < ?", (priority,)),
             ):
-                cur.execute(self.db.sql(sql.format(cond)), (int(status), project_id, *extra, cap + 1))
+                cur.execute(self.db.sql(sql.format(cond)), (project_id, *extra, cap + 1))
                 counts.append(int(cur.fetchone()[0]))
         return counts[0], counts[1]
 
@@ -308,7 +309,7 @@ class QueueStore:
             conn.execute(executors.update().where(executors.c.id == executor_id).values(last_heartbeat=now))
             conn.execute(
                 jobs.update()
-                .where(and_(jobs.c.executor_id == executor_id, jobs.c.status.in_(_HELD)))
+                .where(and_(jobs.c.executor_id == executor_id, text(f"jobs.status IN ({_HELD_SQL})")))
                 .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
             )
             if not held:

@@ -205,7 +205,19 @@ jobs = Table(
     Column("status_reason", Text),
     Column("cancelled", Boolean, nullable=False, default=False),
     UniqueConstraint("batch_id", "idx"),
-    Index("ix_jobs_queue", "status", "project_id", "priority", "id"),
+    # On PostgreSQL (migration 0012) the status indexes are partial, so that a status change
+    # past the queue writes no entry in them: the queue index holds queued jobs (0, 1), the
+    # executor index held ones (2-4), ix_jobs_failed failed ones. Queries name the statuses as
+    # literals, so the planner can prove they fall inside. SQLite keeps them whole (its planner
+    # matches a partial index's condition only word for word).
+    Index(
+        "ix_jobs_queue",
+        "status",
+        "project_id",
+        "priority",
+        "id",
+        postgresql_where=text("status IN (0, 1)"),
+    ),
     Index("ix_jobs_task", "task_id", "id"),
     Index("ix_jobs_task_group", "task_id", "group_name", "id"),
     # The dashboard's failure code filter; jobs that never failed stay out of the index.
@@ -223,8 +235,10 @@ jobs = Table(
         "executor_id",
         "status",
         sqlite_where=text("executor_id IS NOT NULL"),
-        postgresql_where=text("executor_id IS NOT NULL"),
+        postgresql_where=text("status IN (2, 3, 4)"),
     ),
+    # PostgreSQL only (migration 0012): the job list's filter on status FAILED.
+    Index("ix_jobs_failed", "project_id", "id", postgresql_where=text("status = 6")),
 )
 
 # A row with job_id set belongs to one job. A row with job_id NULL belongs to every job of
