@@ -10,6 +10,7 @@ SQLite, one statement for all rows on PostgreSQL (see :class:`BulkStatement`).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -53,15 +54,18 @@ _KEY_COLUMNS = (("id", "bigint"), ("loaded_status", "smallint"), ("loaded_attemp
 # the id alone, the planner (which guesses 100 rows for any JSON array, and plans a reused
 # prepared statement once) read every row of jobs into a hash table on each call: 1-4 ms of a
 # ~5 ms UPDATE of 60 rows at 5,000 jobs, and more as the table grows (bench/pgstats.py).
+_UPDATE_ROWS = f"v AS MATERIALIZED (SELECT * FROM {json_rows(_JOB_COLUMNS + _KEY_COLUMNS)})"
+_UPDATE_FROM_V = (
+    "UPDATE jobs AS j SET "
+    + ", ".join(f"{name}=v.{name}" for name, _ in _JOB_COLUMNS)
+    + " FROM v WHERE j.id = ANY(ARRAY(SELECT v.id FROM v))"
+    + " AND j.id = v.id AND j.status = v.loaded_status AND j.attempt = v.loaded_attempt"
+)
 _UPDATE = BulkStatement(
     sqlite="UPDATE jobs SET "
     + ", ".join(f"{name}=?" for name, _ in _JOB_COLUMNS)
     + " WHERE id=? AND status=? AND attempt=?",
-    postgres=f"WITH v AS MATERIALIZED (SELECT * FROM {json_rows(_JOB_COLUMNS + _KEY_COLUMNS)})"
-    + " UPDATE jobs AS j SET "
-    + ", ".join(f"{name}=v.{name}" for name, _ in _JOB_COLUMNS)
-    + " FROM v WHERE j.id = ANY(ARRAY(SELECT v.id FROM v))"
-    + " AND j.id = v.id AND j.status = v.loaded_status AND j.attempt = v.loaded_attempt",
+    postgres=f"WITH {_UPDATE_ROWS} {_UPDATE_FROM_V}",
 )
 _EVENT_COLUMNS = (
     ("job_id", "bigint"),
@@ -89,6 +93,16 @@ _BUMP_COUNTERS = BulkStatement.insert(
     _COUNTER_COLUMNS,
     " ON CONFLICT (task_id, group_name, status)"
     " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus",
+)
+
+# PostgreSQL: a flush's three writes (rows, events, counters) in one statement, one round trip
+# instead of three; it answers how many rows the compare-and-set updated. The CTEs the main
+# query does not read run after it, in their order: job rows, events, then the counters in
+# key order (the lock order bump_counters keeps).
+_FLUSH_PG = (
+    f"WITH {_UPDATE_ROWS}, u AS ({_UPDATE_FROM_V} RETURNING 1),"
+    f" e AS ({_INSERT_EVENT.postgres}), c AS ({_BUMP_COUNTERS.postgres})"
+    " SELECT count(*) FROM u"
 )
 
 
@@ -303,17 +317,23 @@ class StatusWrites:
                 self.waits.setdefault(job.project_id, []).append(started - job.created_at)
         if changed:
             raise ValueError(f"steps on jobs not loaded here: {sorted(changed)[:5]}")
-        updated = self.db.run_bulk(cur, _UPDATE, rows)
-        if updated not in (-1, len(rows)):
-            raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
-        self.db.run_bulk(cur, _INSERT_EVENT, self._events)
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
         for (task, group, project, before, after), (jobs, vcpus) in moves.items():
             for status, count, vcpu_delta in lifecycle.counter_deltas(before, after, jobs, vcpus):
                 delta = deltas[(task, group, status, project)]
                 delta[0] += count
                 delta[1] += vcpu_delta
-        bump_counters(self.db, self.conn, deltas)
+        if self.db.is_sqlite:
+            updated = self.db.run_bulk(cur, _UPDATE, rows)
+            self.db.run_bulk(cur, _INSERT_EVENT, self._events)
+            bump_counters(self.db, self.conn, deltas)
+        else:
+            cur.execute(
+                _FLUSH_PG, (json.dumps(rows), json.dumps(self._events), json.dumps(_counter_rows(deltas)))
+            )
+            updated = int(cur.fetchone()[0])
+        if updated not in (-1, len(rows)):  # the caller's transaction rolls back what was written
+            raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
         return len(rows)
 
     def applied(self) -> Applied:
@@ -327,5 +347,8 @@ def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, i
     The rows are upserted in key order, so transactions that run at once (an executor's report
     and claim, the scheduler's admission) lock the counter rows they share in the same order.
     """
-    rows = [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in sorted(deltas.items()) if d[0] or d[1]]
-    db.run_bulk(db.cursor(conn), _BUMP_COUNTERS, rows)
+    db.run_bulk(db.cursor(conn), _BUMP_COUNTERS, _counter_rows(deltas))
+
+
+def _counter_rows(deltas: dict[tuple[str, str, int, str], list[int]]) -> list[tuple[Any, ...]]:
+    return [(t, g, s, p, d[0], d[1]) for (t, g, s, p), d in sorted(deltas.items()) if d[0] or d[1]]
