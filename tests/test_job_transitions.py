@@ -8,6 +8,7 @@ under it refuses as a whole.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.service_set import ServiceSet
-from openhtc.store.transitions import StatusWrites, StoreConsistencyError
+from openhtc.store.transitions import _FLUSH_PG, StatusWrites, StoreConsistencyError
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
 
 S = JobStatus
@@ -206,3 +207,24 @@ def test_lease_expiry_reruns_on_the_infrastructure_budget_then_fails(
         assert (status, attempt, failed, infra, code) == (S.FAILED, 2, 0, 1, FAULT)
         assert reason.endswith("its 1 re-run(s) after infrastructure faults are spent")
     assert queue.counters() == {S.FAILED: 3}
+
+
+def test_a_flush_on_postgresql_finds_its_rows_by_the_primary_key(queue: Queue) -> None:
+    """The statement of a PostgreSQL flush looks its rows up by id. Joined on the id alone, the
+    planner (which guesses 100 rows for any JSON array) hashed a sequential scan of every job
+    on each flush: the largest PostgreSQL cost per job of W1 (docs/performance.md)."""
+    db = queue.services.db
+    if db.is_sqlite:
+        pytest.skip("a PostgreSQL plan")
+    body = {"batchSize": 1000, "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64}}
+    for _ in range(3):
+        queue.submit(queue.project, queue.task, body)
+    claimed = queue.claim(40)
+    # each job's columns as a flush writes them, then the compare-and-set key (id, status, attempt)
+    started = (S.STARTING, 1, 0, 0, EXECUTOR, 9e9, 2.0, None, None, None, None, None, False)
+    rows = [[*started, j.job_id, S.RUNNABLE, j.attempt] for j in claimed]
+    with db.read() as conn:
+        plan = "\n".join(
+            row[0] for row in conn.exec_driver_sql("EXPLAIN " + _FLUSH_PG, (json.dumps(rows), "[]", "[]"))
+        )
+    assert "pk_jobs" in plan and "Seq Scan on jobs" not in plan, plan
