@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from openhtc import __version__
-from openhtc.auth.keys import load_or_create_signing_key
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
@@ -32,25 +31,30 @@ from openhtc.runtimes import build_runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.executors import ExecutorService
+from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
 from openhtc.services.notify import LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
     DataDirLock,
+    SqliteLock,
     StartupError,
     bind_listener,
     check_settings,
     describe,
     explain_database_failure,
+    sqlite_file,
 )
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
+from openhtc.store.leader_lock import PgLeaderLock
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
 
@@ -68,7 +72,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
     clock = clock or Clock()
     db = Database(settings.resolved_database_url())
     db.migrate()
-    key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
+    key = jwt_signing_key(settings, db)  # shared by every server on one PostgreSQL
+    share_registry_key(settings, db)
     metrics = Metrics(lambda: executors_by_state(db, clock.now() - settings.lease_seconds))
     db.observer = metrics.db_transaction
     services = ServiceSet(
@@ -90,7 +95,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
         notify=LocalNotifier(),
         logwatch=LogWatch(),
         metrics=metrics,
+        # several servers on one PostgreSQL elect the one running the singletons; SQLite: one server
+        leadership=Leadership.always() if db.is_sqlite else Leadership(PgLeaderLock(db.url)),
     )
+    metrics.leader = lambda: services.leadership.is_leader
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     return services
 
@@ -155,6 +163,7 @@ class Server:
             # the scheduler's lease expiry would have to assume they all may have
             self.executor.start()
         self.scheduler.start()
+        self.services.leadership.start()  # after the scheduler: it listens for taking the lead
         self.retention.start()
 
     def stop(self) -> None:
@@ -165,6 +174,7 @@ class Server:
             self.executor.runtime.close()  # unmounts the bwrap runtime's scratch disks
         self.retention.stop()
         self.scheduler.stop()
+        self.services.leadership.stop()  # after the singletons stopped: the next leader starts clean
         if self.services.registry is not None:
             self.services.registry.stop()
         self.services.db.dispose()
@@ -247,6 +257,8 @@ def serve(settings: Settings) -> None:
     )
     check_settings(settings)
     lock = DataDirLock(settings.data_dir)
+    database = sqlite_file(settings)
+    sqlite_lock = SqliteLock(database) if database is not None else None
     try:
         if settings.data_dir.is_dir():  # an existing directory: its owner is the first thing to know
             lock.acquire(settings.host, settings.port)
@@ -254,12 +266,16 @@ def serve(settings: Settings) -> None:
         try:
             if not settings.data_dir.is_dir():
                 lock.acquire(settings.host, settings.port)
+            if sqlite_lock is not None:
+                sqlite_lock.acquire(settings.host, settings.port)
             server = _build_or_explain(settings)
             app = create_app(server.services, extensions=[install_dashboard])  # the dashboard: /ui/
             _run(server, app, listener, uvicorn)
         finally:
             listener.close()
     finally:
+        if sqlite_lock is not None:
+            sqlite_lock.release()
         lock.release()
 
 
