@@ -34,7 +34,7 @@ from openhtc.services.executors import ExecutorService
 from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
-from openhtc.services.notify import LocalNotifier
+from openhtc.services.notify import ClusterNotifier, LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
@@ -55,6 +55,7 @@ from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
 from openhtc.store.leader_lock import PgLeaderLock
+from openhtc.store.pg_notify import PgChannel
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
 
@@ -76,6 +77,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
     share_registry_key(settings, db)
     metrics = Metrics(lambda: executors_by_state(db, clock.now() - settings.lease_seconds))
     db.observer = metrics.db_transaction
+    wakeups = Wakeups()
+    # several servers on one PostgreSQL elect the one running the singletons; SQLite: one server
+    leadership = Leadership.always() if db.is_sqlite else Leadership(PgLeaderLock(db.url))
+    # waiters, and the loops' wake-ups, are told in process; with PostgreSQL also on the other
+    # servers on it, through LISTEN/NOTIFY
+    notify: LocalNotifier | ClusterNotifier = (
+        LocalNotifier()
+        if db.is_sqlite
+        else ClusterNotifier(PgChannel(db.url), wakeups, lambda: leadership.is_leader)
+    )
     services = ServiceSet(
         settings=settings,
         clock=clock,
@@ -86,17 +97,15 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
         queue=QueueStore(db, settings.max_infrastructure_retries),
         tokens=TokenService(key, clock, settings.token_ttl_seconds, settings.refresh_token_ttl_seconds),
         logs=LogStore(settings.data_dir / "logs"),
-        wakeups=Wakeups(),
+        wakeups=wakeups,
         registry=Registry(settings, clock, db),
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
         images_required=settings.runtime not in ("process", "noop"),
         limits=limits_of(settings),
-        # one process: waiters are told in process (cluster mode: PostgreSQL LISTEN/NOTIFY)
-        notify=LocalNotifier(),
+        notify=notify,
         logwatch=LogWatch(),
         metrics=metrics,
-        # several servers on one PostgreSQL elect the one running the singletons; SQLite: one server
-        leadership=Leadership.always() if db.is_sqlite else Leadership(PgLeaderLock(db.url)),
+        leadership=leadership,
     )
     metrics.leader = lambda: services.leadership.is_leader
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
@@ -154,6 +163,8 @@ class Server:
     storage_process: SeaweedFS | None = None  # --storage seaweedfs: the S3 server we supervise
 
     def start(self) -> None:
+        if isinstance(self.services.notify, ClusterNotifier):
+            self.services.notify.start()
         if self.services.storage is not None:
             self.services.storage.open()  # creates the bucket if missing
         if self.services.registry is not None:
@@ -177,6 +188,8 @@ class Server:
         self.services.leadership.stop()  # after the singletons stopped: the next leader starts clean
         if self.services.registry is not None:
             self.services.registry.stop()
+        if isinstance(self.services.notify, ClusterNotifier):
+            self.services.notify.stop()
         self.services.db.dispose()
         if self.storage_process is not None:  # last: the executor uploads outputs until it stops
             self.storage_process.stop()

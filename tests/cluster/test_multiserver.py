@@ -111,6 +111,15 @@ def check_each_ran_once(
     assert sum(ran.values()) == expected, f"{sum(ran.values())} executions of {expected} jobs"
 
 
+def claimed_jobs(srv: HtcServer) -> float:
+    """Jobs the server's embedded executor claimed, from its metrics."""
+    text = srv.client().get("/htc/metrics").text
+    for line in text.splitlines():
+        if line.startswith("openhtc_executor_claimed_jobs_total "):
+            return float(line.split()[1])
+    raise AssertionError("no openhtc_executor_claimed_jobs_total in /htc/metrics")
+
+
 def limited_project(api: HtcApi, vcpus: int) -> tuple[str, str]:
     """A project whose jobs wait for the scheduler: at most ``vcpus`` of them admitted at a time."""
     pid, tid = api.project_and_task()
@@ -153,3 +162,46 @@ def test_sqlite_refuses_a_second_server_on_one_database_file(
     assert result.returncode != 0
     assert "SQLite allows one server" in result.stderr, result.stderr
     assert health(first).get("status") == "ok"  # the first one is untouched
+
+
+def test_claims_through_two_servers_hand_each_job_to_one_executor(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """300 short jobs submitted alternately through two servers, each with its embedded executor."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    url = pg_cluster.new_database()
+    a = start(servers, tmp_path, url)
+    b = start(servers, tmp_path, url)
+    apis = [a.api(), b.api()]
+    pid, tid = apis[0].project_and_task()
+    request = apis[0].job_request(
+        ["sh", "-c", COMMAND.format(runs=runs, sleep=0)], batch_size=15, max_retries=0
+    )
+    for i in range(20):
+        apis[i % 2].submit(pid, tid, request)
+    check_each_ran_once(apis[1], pid, tid, runs, 300)
+    # both executors took part (each offers 4 vCPUs and claims as soon as jobs are queued)
+    assert claimed_jobs(a) > 0 and claimed_jobs(b) > 0, (claimed_jobs(a), claimed_jobs(b))
+
+
+def test_killing_the_leader_hands_the_scheduler_to_another_server(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """The leader (API and scheduler only) gets kill -9 while jobs wait for its admissions."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    url = pg_cluster.new_database()
+    leader = start(servers, tmp_path, url, executor=False)
+    follower = start(servers, tmp_path, url)  # runs the jobs
+    assert wait_one_leader(servers) is leader
+    api = follower.api()
+    pid, tid = limited_project(api, 2)  # two jobs admitted at a time: the rest wait for rounds
+    request = api.job_request(
+        ["sh", "-c", COMMAND.format(runs=runs, sleep=0.2)], batch_size=30, max_retries=0
+    )
+    api.submit(pid, tid, request)
+    wait_executed(runs, 6)
+    leader.kill9()
+    assert wait_one_leader(servers) is follower
+    check_each_ran_once(api, pid, tid, runs, 30)
