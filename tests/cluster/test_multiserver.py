@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from openhtc.testing.postgres import PostgresCluster
+from openhtc.testing.postgres import PostgresCluster, running_cluster
 from openhtc.testing.server import HtcApi, HtcServer, htc_command
 
 # one file per execution: <job>.<attempt>.<random>
@@ -205,3 +205,54 @@ def test_killing_the_leader_hands_the_scheduler_to_another_server(
     leader.kill9()
     assert wait_one_leader(servers) is follower
     check_each_ran_once(api, pid, tid, runs, 30)
+
+
+def test_a_wait_on_one_server_is_told_of_a_job_run_through_another(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """A long poll on the leader (no executor) answers when the follower's executor ends the job:
+    the change reaches it through LISTEN/NOTIFY (without it the poll answers at its timeout)."""
+    url = pg_cluster.new_database()
+    a = start(servers, tmp_path, url, executor=False)
+    b = start(servers, tmp_path, url)
+    api_a = a.api(prefix="")
+    pid, tid = a.api().project_and_task()
+    job = a.api().submit_one(pid, tid, a.api().job_request(["sleep", "1"]))["parentJobId"] + ":0"
+    body = api_a.get(f"/openhtc/v1/projects/{pid}/tasks/{tid}/jobs/{job}/wait", timeout=60)
+    assert body["status"] == "SUCCEEDED", body
+    assert b.api().job(pid, tid, job)["status"] == "SUCCEEDED"
+
+
+OUTAGE = 10.0  # seconds PostgreSQL stays down
+
+
+def test_servers_recover_from_a_postgresql_outage_without_a_restart(
+    servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """PostgreSQL stops for 10 s while jobs run and wait for the scheduler, then starts again."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with running_cluster() as cluster:  # its own cluster: the session's stays up for other tests
+        url = cluster.new_database()
+        leader = start(servers, tmp_path, url, executor=False)
+        follower = start(servers, tmp_path, url)
+        assert wait_one_leader(servers) is leader
+        api = follower.api()
+        pid, tid = limited_project(api, 2)
+        command = COMMAND.format(runs=runs, sleep=0.3)
+        api.submit(pid, tid, api.job_request(["sh", "-c", command], batch_size=20, max_retries=0))
+        clients = {srv.url: srv.client() for srv in servers}  # tokens minted while the database is up
+        wait_executed(runs, 4)
+        cluster.pause()
+        down_since = time.monotonic()
+        answers: dict[str, set[int]] = {srv.url: set() for srv in servers}
+        while time.monotonic() - down_since < OUTAGE:
+            for where, client in clients.items():
+                answers[where].add(client.get("/htc/projects", timeout=10).status_code)
+            time.sleep(0.5)
+        cluster.resume()
+        # while it was down every server answered 503 (Unavailable), never 500
+        assert all(codes == {503} for codes in answers.values()), answers
+        wait_one_leader(servers)
+        check_each_ran_once(api, pid, tid, runs, 20)
+        assert all(srv.alive for srv in servers)
