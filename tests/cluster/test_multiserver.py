@@ -144,6 +144,14 @@ def test_a_token_minted_by_one_server_works_on_another(
     # a project made through one server is seen through the other, with the other's token
     pid, _ = a.api().project_and_task()
     assert b.api(a.token()).get(f"/htc/projects/{pid}")["projectId"] == pid
+    # one registry serves both: `htc admin registry-config` names the same certificate through either
+    certs = []
+    for srv in (a, b):
+        out = srv.cli("admin", "registry-config", "--cert-out", str(srv.data_dir / "trust.crt")).stdout
+        assert "realm: http://" in out and "/api/v1/htc/registry/token" in out, out
+        assert f"rootcertbundle: {srv.data_dir / 'trust.crt'}" in out, out
+        certs.append((srv.data_dir / "trust.crt").read_text())
+    assert certs[0] == certs[1] and "BEGIN CERTIFICATE" in certs[0]
 
 
 def test_sqlite_refuses_a_second_server_on_one_database_file(
