@@ -264,3 +264,28 @@ def test_servers_recover_from_a_postgresql_outage_without_a_restart(
         wait_one_leader(servers)
         check_each_ran_once(api, pid, tid, runs, 20)
         assert all(srv.alive for srv in servers)
+
+
+def test_servers_started_together_on_a_new_database_make_one_installation(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """Migrations, the shared keys and the first workspace are each made once, under locks."""
+    import psycopg
+
+    url = pg_cluster.new_database()
+    pair = [HtcServer(tmp_path / f"together{i}", url, env=ENV, args=("--no-executor",)) for i in range(2)]
+    for srv in pair:
+        srv.data_dir.mkdir()
+        servers.append(srv)
+        srv._spawn()  # both start before either answers
+    for srv in pair:
+        assert srv._wait_healthy() is None, srv.log_tail()
+    keys = [srv.data_dir / "admin-api-key" for srv in pair if (srv.data_dir / "admin-api-key").exists()]
+    assert len(keys) == 1, "exactly one server creates the installation and its admin key"
+    with psycopg.connect(url) as conn:
+        workspaces = conn.execute("SELECT count(*) FROM workspaces").fetchone()
+        secrets = conn.execute("SELECT count(*) FROM shared_secrets").fetchone()
+    assert workspaces == (1,) and secrets == (2,), (workspaces, secrets)
+    for srv in pair:
+        srv.api_key = keys[0].read_text().strip()
+    assert pair[1].client(pair[0].token()).get("/htc/projects").status_code == 200
