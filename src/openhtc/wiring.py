@@ -56,9 +56,9 @@ from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
 from openhtc.store.leader_lock import PgLeaderLock
 from openhtc.store.pg_notify import PgChannel
-from openhtc.store.shared_secrets import bootstrap_lock
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
+from openhtc.store.shared_secrets import bootstrap_lock
 
 log = logging.getLogger("openhtc")
 ADMIN_EMAIL = "admin@localhost"
