@@ -74,7 +74,9 @@ def _notifier(is_leader: bool = False) -> tuple[ClusterNotifier, Wakeups, list[s
     wakeups = Wakeups()
     kicks: list[str] = []
     wakeups.on_executor_work(lambda: kicks.append("kick"))
-    return ClusterNotifier(FakeChannel(), wakeups, lambda: is_leader), wakeups, kicks
+    notifier = ClusterNotifier(FakeChannel(), wakeups, lambda: is_leader)
+    notifier.connected = True  # as if started, without its threads: the tests take messages by hand
+    return notifier, wakeups, kicks
 
 
 def test_keys_and_wake_ups_go_out_in_one_message() -> None:
