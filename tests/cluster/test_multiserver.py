@@ -261,9 +261,13 @@ def test_servers_recover_from_a_postgresql_outage_without_a_restart(
         cluster.resume()
         # while it was down every server answered 503 (Unavailable), never 500
         assert all(codes == {503} for codes in answers.values()), answers
+        # the leader noticed it had lost its lock's session and stepped down, then one led again
+        assert "stepped down" in leader.log_path.read_text()
         wait_one_leader(servers)
         check_each_ran_once(api, pid, tid, runs, 20)
         assert all(srv.alive for srv in servers)
+        for srv in servers:  # before their database goes
+            srv.stop()
 
 
 def test_servers_started_together_on_a_new_database_make_one_installation(
