@@ -232,18 +232,22 @@ def test_a_wait_on_one_server_is_told_of_a_job_run_through_another(
 
 
 OUTAGE = 10.0  # seconds PostgreSQL stays down
+# leases shorter than the outage: every lease has run out when the database is back, and the
+# leader must let the executors renew them before it takes their jobs for lost
+SHORT_LEASES = {"OPENHTC_LEASE_SECONDS": "6", "OPENHTC_HEARTBEAT_SECONDS": "1"}
 
 
 def test_servers_recover_from_a_postgresql_outage_without_a_restart(
     servers: list[HtcServer], tmp_path: Path
 ) -> None:
-    """PostgreSQL stops for 10 s while jobs run and wait for the scheduler, then starts again."""
+    """PostgreSQL stops for 10 s, longer than the leases, while jobs run and wait for the
+    scheduler, then starts again."""
     runs = tmp_path / "runs"
     runs.mkdir()
     with running_cluster() as cluster:  # its own cluster: the session's stays up for other tests
         url = cluster.new_database()
-        leader = start(servers, tmp_path, url, executor=False)
-        follower = start(servers, tmp_path, url)
+        leader = start(servers, tmp_path, url, executor=False, env=SHORT_LEASES)
+        follower = start(servers, tmp_path, url, env=SHORT_LEASES)
         assert wait_one_leader(servers) is leader
         api = follower.api()
         pid, tid = limited_project(api, 2)
