@@ -297,3 +297,16 @@ def test_servers_started_together_on_a_new_database_make_one_installation(
     for srv in pair:
         srv.api_key = keys[0].read_text().strip()
     assert pair[1].client(pair[0].token()).get("/htc/projects").status_code == 200
+
+
+def test_the_signing_key_can_come_from_a_file_every_server_reads(tmp_path: Path) -> None:
+    """OPENHTC_SIGNING_KEY_FILE: servers reading one file sign alike, whatever their data dirs."""
+    from openhtc.testing.inprocess import in_process_services
+
+    key_file = tmp_path / "shared" / "jwt.pem"
+    with (
+        in_process_services(tmp_path / "one", None, signing_key_file=key_file) as one,
+        in_process_services(tmp_path / "two", None, signing_key_file=key_file) as two,
+    ):
+        assert key_file.exists() and not (tmp_path / "one" / "keys" / "jwt-signing.pem").exists()
+        assert one.tokens.key.kid == two.tokens.key.kid
