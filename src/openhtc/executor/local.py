@@ -27,6 +27,7 @@ from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
+from openhtc.runtimes.launcher import dismiss_launchers
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
@@ -108,6 +109,10 @@ class LocalExecutor:
         # First the jobs a crashed predecessor's launchers kept running (process runtime):
         # they are taken back, not recovered. Then whatever else it left is killed (adopt).
         survived = self.runtime.survivors(RunHandle) if isinstance(self.runtime, Surviving) else None
+        if survived is None:  # another runtime now: what a process runtime left must not run on
+            gone = dismiss_launchers(str(self.settings.data_dir / "executor" / "launchers"))
+            if gone:
+                log.warning("ended %d job(s) of the process runtime a previous start left running", gone)
         orphans = self.runtime.adopt(owner, self.incarnation)
         if orphans:
             log.warning("killed %d process(es) left running by a previous start of this executor", orphans)

@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -128,7 +128,9 @@ class Launcher:
         self._keys = itertools.count(1)
         self._env_ids = itertools.count(1)
         survive = (sock_dir, adopt_seconds) if sock_dir and adopt_seconds > 0 else None
-        self.sock_dir = sock_dir if survive else None
+        self.sock_dir = sock_dir  # taken back from even when new launchers are not to survive
+        if survive is not None:
+            os.makedirs(survive[0], mode=0o700, exist_ok=True)
         self._processes = [_Process(i, max_log_bytes or 0, survive) for i in range(count)]
         self._closed = False
 
@@ -138,21 +140,8 @@ class Launcher:
         found = Survivors([], [], [])
         if self.sock_dir is None:
             return found
-        os.makedirs(self.sock_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.sock_dir, 0o700)
         top = 0
-        for name in sorted(os.listdir(self.sock_dir)):
-            stem, _, ext = name.partition(".")
-            if ext != "sock" or not stem.isdigit():
-                continue
-            path = os.path.join(self.sock_dir, name)
-            inventory = _connect(path)
-            if inventory is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)  # a launcher that is gone (or serves another server)
-                continue
-            sock, (_, running, ended, dropped) = inventory
-            index = int(stem)
+        for index, sock, (_, running, ended, dropped) in waiting_launchers(self.sock_dir):
             while len(self._processes) <= index:
                 self._processes.append(_Process(len(self._processes), *self._processes[0].config()))
             process = self._processes[index]
@@ -385,6 +374,44 @@ class _Process:
             job._done.set()
             if job._answered is not None:
                 job._answered.set()
+
+
+def waiting_launchers(sock_dir: str) -> Iterator[tuple[int, socket.socket, tuple[Any, ...]]]:
+    """(index, socket, inventory) of each launcher a dead server left waiting in ``sock_dir``;
+    a socket nobody answers on (an older crash's) is removed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(sock_dir, 0o700)
+    try:
+        names = sorted(os.listdir(sock_dir))
+    except FileNotFoundError:
+        return
+    for name in names:
+        stem, _, ext = name.partition(".")
+        if ext != "sock" or not stem.isdigit():
+            continue
+        path = os.path.join(sock_dir, name)
+        inventory = _connect(path)
+        if inventory is None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # a launcher that is gone (or serves another server)
+            continue
+        yield int(stem), *inventory
+
+
+def dismiss_launchers(sock_dir: str) -> int:
+    """End the launchers a dead server left waiting, and their jobs (for a server that will not
+    take them back: another runtime now). Returns how many jobs they still ran."""
+    jobs = 0
+    for _, sock, inventory in waiting_launchers(sock_dir):
+        jobs += len(inventory[1])
+        pid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )[0]
+        with contextlib.suppress(OSError):
+            sock.sendall(encode(("bye",)))
+        sock.close()
+        _wait(pid, 10, kill=True)
+    return jobs
 
 
 def _connect(path: str) -> tuple[socket.socket, tuple[Any, ...]] | None:

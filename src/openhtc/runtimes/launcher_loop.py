@@ -20,9 +20,9 @@ in is replaced by an empty one (0700) before the next job starts in it.
 
 Messages are length-prefixed pickles (both ends are openhtc). From the server:
 ``("env", env_id, variables)`` (what many jobs share, sent once), ``("forget",)`` (drop them
-all), ``("start", key, argv, env_id, variables, cwd, log_path, after)`` (the job's environment
-is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdraw", key)`` and
-``("kill", key)``.
+all), ``("start", key, argv, env_id, variables, cwd, log_path, after, ident)`` (the job's environment
+is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdraw", key)``,
+``("kill", key)`` and ``("bye",)`` (a clean stop: see below).
 To the server:
 ``("started", key, pid)``, ``("failed", key, why)`` when it could not spawn,
 ``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's main
