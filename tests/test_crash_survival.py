@@ -8,6 +8,7 @@ real ends. Executions are counted with one marker file per attempt (``mktemp``).
   SUCCEEDED in its first attempt, executed exactly once, with its whole log (a line before and
   one after its sleep);
 * jobs that end while no server runs are reported with their real exit code;
+* jobs survive two crashes in a row;
 * a launcher whose server never comes back kills its jobs after ``executor_adopt_seconds``
   and exits; the next start then recovers them as before (a re-run after an infrastructure
   fault), over a stale launcher socket left in the data directory.
@@ -133,6 +134,34 @@ def test_a_job_that_ends_while_the_server_is_down_reports_its_exit_code(
         statuses = [e["status"] for e in api.events(pid, tid, job["jobUUID"])]
         assert statuses.count("RUNNING") == 1, statuses
     assert executions(runs) == Counter({(j["jobUUID"], 1): 1 for j in jobs})
+
+
+def test_jobs_survive_two_crashes_in_a_row(start_server: Callable[..., Any], tmp_path: Path) -> None:
+    """The server taken back jobs from is killed too: the next one takes them back again (they
+    are in its journal and the launchers wait again), and a job started in between as well."""
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    srv = start_server(env=ENV)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    script = f"{MARK.format(runs=runs)}; echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after"
+    request = api.job_request(["sh", "-c", script], batch_size=4, max_retries=0)
+    api.submit_one(pid, tid, request)
+    wait_for(lambda: sum(executions(runs).values()) >= 4, "the first jobs to start")
+    srv.kill9()
+    srv.restart()
+    api.submit_one(pid, tid, request)
+    wait_for(lambda: sum(executions(runs).values()) >= 8, "the second jobs to start")
+    api.wait_jobs(pid, tid, lambda js: all(j["status"] == "RUNNING" for j in js), what="all 8 RUNNING")
+    srv.kill9()
+    srv.restart()
+    gate.touch()
+    jobs = api.wait_terminal(pid, tid, 8, timeout=60)
+    assert {j["status"] for j in jobs} == {"SUCCEEDED"}, [(j["jobUUID"], j["statusReason"]) for j in jobs]
+    assert executions(runs) == Counter({(j["jobUUID"], 1): 1 for j in jobs})
+    for job in jobs:
+        assert api.log_lines(pid, tid, job["jobUUID"]) == ["before", "after"]
+    api.assert_summary_matches_jobs(pid, tid, 8)
 
 
 def test_launchers_kill_their_jobs_when_no_server_comes_back(
