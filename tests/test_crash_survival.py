@@ -8,7 +8,7 @@ real ends. Executions are counted with one marker file per attempt (``mktemp``).
   SUCCEEDED in its first attempt, executed exactly once, with its whole log (a line before and
   one after its sleep);
 * jobs that end while no server runs are reported with their real exit code;
-* jobs survive two crashes in a row;
+* a job taken back still times out; jobs survive two crashes in a row;
 * a launcher whose server never comes back kills its jobs after ``executor_adopt_seconds``
   and exits; the next start then recovers them as before (a re-run after an infrastructure
   fault), over a stale launcher socket left in the data directory.
@@ -134,6 +134,25 @@ def test_a_job_that_ends_while_the_server_is_down_reports_its_exit_code(
         statuses = [e["status"] for e in api.events(pid, tid, job["jobUUID"])]
         assert statuses.count("RUNNING") == 1, statuses
     assert executions(runs) == Counter({(j["jobUUID"], 1): 1 for j in jobs})
+
+
+def test_a_job_taken_back_still_times_out(start_server: Callable[..., Any], tmp_path: Path) -> None:
+    """``execTimeoutSeconds`` holds for a job taken back (counted from its real start)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    srv = start_server(env=ENV)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    script = f"{MARK.format(runs=runs)}; echo before; sleep 300"
+    request = api.job_request(["sh", "-c", script], max_retries=0, execTimeoutSeconds=4)
+    api.submit_one(pid, tid, request)
+    wait_for(lambda: sum(executions(runs).values()) >= 1, "the job to start")
+    srv.kill9()
+    srv.restart()
+    (job,) = api.wait_terminal(pid, tid, 1, timeout=60)
+    assert (job["status"], job["failureCode"]) == ("FAILED", "ErrorTimeout"), job
+    assert api.log_lines(pid, tid, job["jobUUID"]) == ["before"]
+    assert sum(executions(runs).values()) == 1
 
 
 def test_jobs_survive_two_crashes_in_a_row(start_server: Callable[..., Any], tmp_path: Path) -> None:

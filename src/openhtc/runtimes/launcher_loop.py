@@ -89,8 +89,10 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 JOB_ENV = "OPENHTC_LAUNCHER_JOB"  # names the job a process belongs to, inherited by its children
 PR_SET_CHILD_SUBREAPER = 36
-ENDED_KEPT_SECONDS = 120.0  # ended jobs the inventory of a next server lists
-ENDED_KEPT_MAX = 100_000
+ENDED_KEPT_SECONDS = 30.0  # ended jobs the inventory of a next server lists: a report flush
+# takes milliseconds; an end older than this whose report was never committed is recovered from
+# the journal instead (an infrastructure fault). The cap bounds the memory at high job rates.
+ENDED_KEPT_MAX = 20_000
 FOLLOW_UP_SWEEPS = (0.02, 0.2, 1.0, 5.0)  # seconds after a job's end: late orphans of its tree
 START_SLACK = 0.05  # /proc start times are in clock ticks (10 ms): compare them generously
 TICKS = os.sysconf("SC_CLK_TCK")
