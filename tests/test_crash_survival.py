@@ -8,7 +8,7 @@ real ends. Executions are counted with one marker file per attempt (``mktemp``).
   SUCCEEDED in its first attempt, executed exactly once, with its whole log (a line before and
   one after its sleep);
 * jobs that end while no server runs are reported with their real exit code;
-* a job taken back still times out; jobs survive two crashes in a row;
+* jobs survive two crashes in a row;
 * a launcher whose server never comes back kills its jobs after ``executor_adopt_seconds``
   and exits; the next start then recovers them as before (a re-run after an infrastructure
   fault), over a stale launcher socket left in the data directory.
@@ -136,25 +136,6 @@ def test_a_job_that_ends_while_the_server_is_down_reports_its_exit_code(
     assert executions(runs) == Counter({(j["jobUUID"], 1): 1 for j in jobs})
 
 
-def test_a_job_taken_back_still_times_out(start_server: Callable[..., Any], tmp_path: Path) -> None:
-    """``execTimeoutSeconds`` holds for a job taken back (counted from its real start)."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    srv = start_server(env=ENV)
-    api = srv.api()
-    pid, tid = api.project_and_task()
-    script = f"{MARK.format(runs=runs)}; echo before; sleep 300"
-    request = api.job_request(["sh", "-c", script], max_retries=0, execTimeoutSeconds=4)
-    api.submit_one(pid, tid, request)
-    wait_for(lambda: sum(executions(runs).values()) >= 1, "the job to start")
-    srv.kill9()
-    srv.restart()
-    (job,) = api.wait_terminal(pid, tid, 1, timeout=60)
-    assert (job["status"], job["failureCode"]) == ("FAILED", "ErrorTimeout"), job
-    assert api.log_lines(pid, tid, job["jobUUID"]) == ["before"]
-    assert sum(executions(runs).values()) == 1
-
-
 def test_jobs_survive_two_crashes_in_a_row(start_server: Callable[..., Any], tmp_path: Path) -> None:
     """The server taken back jobs from is killed too: the next one takes them back again (they
     are in its journal and the launchers wait again), and a job started in between as well."""
@@ -219,6 +200,25 @@ def test_launchers_kill_their_jobs_when_no_server_comes_back(
     assert [e["status"] for e in events].count("SUBMITTED_TO_RESCALE") == 2  # a second attempt
     assert any("after an infrastructure fault" in (e["statusReason"] or "") for e in events)
     assert os.stat(launchers / "0.sock").st_mode & 0o777 == 0o600  # the new launcher's, not the stale one
+
+
+def test_a_server_with_another_runtime_ends_the_jobs_left_waiting(
+    start_server: Callable[..., Any], marker: Any
+) -> None:
+    """Restarted with a runtime that cannot take them back (noop here), the server ends the
+    waiting launchers and their jobs before it recovers the attempts, so none runs twice."""
+    srv = start_server(env=ENV)
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    api.submit_one(pid, tid, api.job_request(["sh", "-c", "sleep 300"], envs=marker.envs, max_retries=0))
+    api.wait_jobs(pid, tid, lambda js: js[0]["status"] == "RUNNING", what="the job to run")
+    srv.kill9()
+    srv.runtime = "noop"
+    srv.restart()
+    (job,) = api.wait_terminal(pid, tid, 1, timeout=60)
+    assert (job["status"], job["failureCode"]) == ("FAILED", "ErrorInfrastructureFault"), job
+    assert not marker.pids(), "the job of the process runtime still runs"
+    assert not list((srv.data_dir / "executor" / "launchers").glob("*.sock"))
 
 
 def test_adoption_keeps_the_attempt_and_renews_its_lease() -> None:

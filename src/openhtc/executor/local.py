@@ -139,26 +139,31 @@ class LocalExecutor:
         if self.journal is not None:
             self.journal.open()  # only now: the recovery that needed the old one is committed
             self.journal.begin_many(kept)  # a second crash must know these may have run
-        if kept:
-            running = sum(1 for _, ran in kept.values() if ran)
-            log.warning(
-                "took back %d job(s) a previous start of this executor left: %d still running, "
-                "%d ended meanwhile (reported now)",
-                len(kept),
-                running,
-                len(kept) - running,
-            )
-        for launch, started in ((s.launch, s) for s, _ in kept.values()):
+        self._resume(kept)
+        self._thread.start()
+
+    def _resume(self, kept: dict[tuple[int, int], tuple[Any, bool]]) -> None:
+        """Watch the attempts taken back, each in a slot of its own, and report their ends."""
+        if not kept:
+            return
+        running = sum(1 for _, ran in kept.values() if ran)
+        log.warning(
+            "took back %d job(s) a previous start of this executor left: %d still running, "
+            "%d ended meanwhile (reported now)",
+            len(kept),
+            running,
+            len(kept) - running,
+        )
+        for started, _ in kept.values():
+            launch = started.launch
             self._report(launch, JobStatus.STARTING)
             self._report(launch, JobStatus.RUNNING)  # a duplicate of what was reported is ignored
             with self._lock:
                 attempt = self.state.adopted(launch, started.handle)
             parent = launch.job_uuid.rpartition(":")[0]
             log_ = self.logs.attempt_log(launch.task_id, parent, launch.array_index, launch.attempt)
-            begun = _Begun(launch, log_, staged=True, started=started)
             attempt.handoff = started
-            self._pool.submit(self._work, attempt, begun)
-        self._thread.start()
+            self._pool.submit(self._work, attempt, _Begun(launch, log_, staged=True, started=started))
 
     @staticmethod
     def _kept(survived: Any, journaled: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[Any, bool]]:
