@@ -55,7 +55,9 @@ the last ``ENDED_KEPT_SECONDS`` (the server may not have seen or recorded those 
 them against its attempt journal), ``dropped`` as the ``ident`` of dropped held starts. A start
 message carries its ``ident`` (plain values: the job's identity, opaque here). From then on
 that server is the launcher's; no second connection is served while one is. If no server
-comes within ``adopt_seconds``, the launcher kills its jobs and exits, as after a ``bye``.
+comes within ``adopt_seconds``, the launcher kills its jobs and exits, as after a ``bye``. A
+launcher with no job running when its server goes away waits at most ENDED_KEPT_SECONDS (for
+the ends it keeps), and one with nothing at all to hand over exits at once.
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ class Decoder:
         return out
 
 
+class ServerGone(Exception):
+    """The server went away and nothing waits for the next one: the loop ends (said already)."""
+
+
 class _Job:
     __slots__ = ("code", "cwd", "ident", "key", "out", "output", "pid", "pidfd", "spawned")
 
@@ -172,6 +178,7 @@ class Loop:
         self.listener = listener  # where the next server finds us after a crash (None: nowhere)
         self.adopt_seconds = adopt_seconds
         self.orphaned_at: float | None = None  # when the server went away without a bye
+        self.waits = adopt_seconds  # from then on, how long for the next one
         self.ended: collections.deque[tuple[float, int, Any, int]] = collections.deque()
         self.dropped: list[Any] = []  # idents of held starts dropped when the server went away
         self.pid = os.getpid()
@@ -194,7 +201,7 @@ class Loop:
             while True:
                 timeout = max(0.0, self.sweeps[0] - time.monotonic()) if self.sweeps else None
                 if self.orphaned_at is not None:
-                    left = self.orphaned_at + self.adopt_seconds - time.monotonic()
+                    left = self.orphaned_at + self.waits - time.monotonic()
                     if left <= 0:
                         _say("no server came back in time; its jobs were killed")
                         return
@@ -235,7 +242,7 @@ class Loop:
             self.sock.sendall(data)
         except OSError:  # the server died with messages unread
             if not self._orphan(self.sock):
-                raise
+                raise ServerGone from None
 
     def _orphan(self, sock: Any) -> bool:
         """The server's end closed without a bye: wait for the next server (True), or not (False:
@@ -247,14 +254,23 @@ class Loop:
             self.sock = None
         self.decoder = Decoder()
         self.replies.clear()
-        if self.listener is None or self.adopt_seconds <= 0 or self.bye:
+        if self.bye:
+            return False
+        if self.listener is None or self.adopt_seconds <= 0:
+            _say("the server went away; its jobs were killed")
             return False
         self.orphaned_at = time.monotonic()
+        # With jobs running, adopt_seconds; with only ends to hand over, as long as they are kept.
+        self.waits = self.adopt_seconds if self.jobs else min(self.adopt_seconds, ENDED_KEPT_SECONDS)
         # Held starts never started: dropped, and named to the next server.
         self.dropped += [start[5] for start in self.held.values()]
         self.held.clear()
         self.held_keys.clear()
-        _say(f"the server went away; {len(self.jobs)} job(s) keep running for {self.adopt_seconds:.0f} s")
+        self._prune_ended()
+        if not self.jobs and not self.ended and not self.dropped:
+            _say("the server went away; no job to keep")
+            return False  # nothing a next server could take back
+        _say(f"the server went away; {len(self.jobs)} job(s) keep running, for {self.waits:.0f} s at most")
         return True
 
     def _accept(self) -> None:
@@ -283,8 +299,13 @@ class Loop:
         self.sel.register(conn, selectors.EVENT_READ, None)
 
     def _prune_ended(self) -> None:
-        horizon = time.monotonic() - ENDED_KEPT_SECONDS
-        while self.ended and (self.ended[0][0] < horizon or len(self.ended) > ENDED_KEPT_MAX):
+        """Forget ends older than ENDED_KEPT_SECONDS before the server went away (or now, while
+        one is connected); an end after it went away is kept for the next one."""
+        orphaned = self.orphaned_at
+        horizon = (orphaned if orphaned is not None else time.monotonic()) - ENDED_KEPT_SECONDS
+        while self.ended and (
+            self.ended[0][0] < horizon or (orphaned is None and len(self.ended) > ENDED_KEPT_MAX)
+        ):
             self.ended.popleft()
 
     def _control(self) -> bool:
@@ -499,7 +520,7 @@ def _job_key(pid: int) -> int | None:
 def _say(message: str) -> None:
     """One line to stderr (the server's log, which may be gone)."""
     with contextlib.suppress(OSError, ValueError):
-        print(f"openhtc job launcher {os.getpid()}: {message}", file=sys.stderr, flush=True)
+        print(f"openhtc job launcher: {message} (launcher pid {os.getpid()})", file=sys.stderr, flush=True)
 
 
 def listen(path: str) -> socket.socket | None:
@@ -555,6 +576,8 @@ def main(argv: list[str]) -> int:
     listener = listen(listen_path) if listen_path and adopt_seconds > 0 else None
     try:
         Loop(sock, max_log_bytes, listener, adopt_seconds).run()
+    except ServerGone:
+        pass
     except (ConnectionResetError, BrokenPipeError) as exc:
         # The server died (kill -9) with messages unread: an expected end, not a crash to trace.
         _say(f"the server went away ({exc.strerror}); its jobs were killed")
