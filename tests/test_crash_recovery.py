@@ -18,6 +18,11 @@ restarted on the same data directory and database. Then:
 
 The server gets short executor leases (10 s) so a recovery that relies on lease expiry stays
 quick; a server that reclaims its own executor's jobs at start-up does not need them.
+
+These tests are about the recovery of jobs whose processes died with the server (a machine's
+crash, or launchers that gave up waiting): ``executor_adopt_seconds`` 0 makes the launchers
+kill their jobs at once. With the default, running jobs outlive a crash instead
+(``test_crash_survival.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ import pytest
 
 pytestmark = pytest.mark.crash
 
-FAST_LEASES = {"OPENHTC_LEASE_SECONDS": "10", "OPENHTC_HEARTBEAT_SECONDS": "2"}
+FAST_LEASES = {
+    "OPENHTC_LEASE_SECONDS": "10",
+    "OPENHTC_HEARTBEAT_SECONDS": "2",
+    "OPENHTC_EXECUTOR_ADOPT_SECONDS": "0",  # the jobs die with the server (see above)
+}
 # the clean-stop tests: a killed job's charge shows as its failure rather than as a re-run
 AT_MOST_ONCE = {**FAST_LEASES, "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"}
 LONG, SHORT = 2, 4

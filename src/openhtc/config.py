@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         "recovery knows which attempts may have run even after a power loss (a server crash alone "
         "needs no sync).",
     )
+    executor_adopt_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="How long the process runtime's job launchers keep a crashed server's running "
+        "jobs (their logs and exit codes) for the next start of the server to take back; after "
+        "that they kill them. 0: jobs die with the server and are recovered as before.",
+    )
     executor_stop_grace_seconds: float = Field(
         0.0,
         ge=0,

@@ -241,6 +241,8 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             job_network=settings.job_network,
             job_endpoints=job_endpoints(settings),
             max_log_bytes=settings.max_log_bytes_per_job,
+            launcher_dir=str(settings.data_dir / "executor" / "launchers"),
+            adopt_seconds=settings.executor_adopt_seconds,
         )
         executor = LocalExecutor(
             ExecutorService(services),

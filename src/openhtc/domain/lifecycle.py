@@ -316,6 +316,17 @@ def lose_executor(
     return fail_attempt(rec, at, INFRASTRUCTURE_FAULT, why, None, max_infra_retries)
 
 
+def adopt(rec: JobRecord, executor_id: str, attempt: int, lease_expires_at: float) -> JobRecord | None:
+    """An executor restarted and found this attempt still in its runtime's hands (a job
+    launcher outlived the crash, running it or holding its exit code). It is not lost: it stays
+    the executor's, in its status, with its lease renewed (no event; its end is reported as
+    usual). None when the attempt is no longer the job's current one held by that executor: it
+    is not adopted (the executor's next heartbeat tells it to stop the process)."""
+    if not still_holds(executor_id, attempt, rec):
+        return None
+    return rec._replace(lease_expires_at=lease_expires_at)
+
+
 def lease_until(now: float, lease_seconds: float) -> float:
     """When a lease taken or renewed at ``now`` expires."""
     return now + lease_seconds

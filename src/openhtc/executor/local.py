@@ -26,7 +26,8 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
-from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
+from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
+from openhtc.runtimes.launcher import dismiss_launchers
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
@@ -105,12 +106,23 @@ class LocalExecutor:
         self.wakeups.on_executor_work(self.kick)
         # The tag names this installation too: several servers may share one host.
         owner = f"{self.executor_id}@{self.settings.data_dir.resolve()}"
+        # First the jobs a crashed predecessor's launchers kept running (process runtime):
+        # they are taken back, not recovered. Then whatever else it left is killed (adopt).
+        survived = self.runtime.survivors(RunHandle) if isinstance(self.runtime, Surviving) else None
+        if survived is None:  # another runtime now: what a process runtime left must not run on
+            gone = dismiss_launchers(str(self.settings.data_dir / "executor" / "launchers"))
+            if gone:
+                log.warning("ended %d job(s) of the process runtime a previous start left running", gone)
         orphans = self.runtime.adopt(owner, self.incarnation)
         if orphans:
             log.warning("killed %d process(es) left running by a previous start of this executor", orphans)
         # What the previous start handed to its runtime and never saw end may have run: its
         # orphans are dead now (adopt), and recovery fails those attempts instead of re-queueing.
         may_have_started = self.journal.replay() if self.journal is not None else set()
+        kept = self._kept(survived, may_have_started)
+        may_have_started -= kept.keys()
+        if survived is not None:
+            may_have_started -= set(survived.dropped)  # held behind another, dropped unstarted
         recovered = self.service.register(
             self.executor_id,
             self.incarnation,
@@ -120,12 +132,50 @@ class LocalExecutor:
             may_have_started,
             __version__,
             socket.gethostname(),
+            adopted=kept.keys(),
         )
         if recovered:
             log.warning("recovered %d job(s) left running by a previous start of this executor", recovered)
         if self.journal is not None:
             self.journal.open()  # only now: the recovery that needed the old one is committed
+            self.journal.begin_many(kept)  # a second crash must know these may have run
+        self._resume(kept)
         self._thread.start()
+
+    def _resume(self, kept: dict[tuple[int, int], tuple[Any, bool]]) -> None:
+        """Watch the attempts taken back, each in a slot of its own, and report their ends."""
+        if not kept:
+            return
+        running = sum(1 for _, ran in kept.values() if ran)
+        log.warning(
+            "took back %d job(s) a previous start of this executor left: %d still running, "
+            "%d ended meanwhile (reported now)",
+            len(kept),
+            running,
+            len(kept) - running,
+        )
+        for started, _ in kept.values():
+            launch = started.launch
+            self._report(launch, JobStatus.STARTING)
+            self._report(launch, JobStatus.RUNNING)  # a duplicate of what was reported is ignored
+            with self._lock:
+                attempt = self.state.adopted(launch, started.handle)
+            parent = launch.job_uuid.rpartition(":")[0]
+            log_ = self.logs.attempt_log(launch.task_id, parent, launch.array_index, launch.attempt)
+            attempt.handoff = started
+            self._pool.submit(self._work, attempt, _Begun(launch, log_, staged=True, started=started))
+
+    @staticmethod
+    def _kept(survived: Any, journaled: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[Any, bool]]:
+        """The attempts to take back: every job still running, and those that ended while no
+        server was there and whose end the journal says was never committed."""
+        if survived is None:
+            return {}
+        return {
+            (launch.job_id, launch.attempt): (started, ran)
+            for launch, started, ran in survived.jobs
+            if ran or (launch.job_id, launch.attempt) in journaled
+        }
 
     def stop(self) -> None:
         """Stop taking work; take back what has not started, let what runs finish for
@@ -282,7 +332,7 @@ class LocalExecutor:
             else:
                 self._work(attempt)  # finishes at once, and drains what else fits
 
-    def _work(self, first: Attempt) -> None:
+    def _work(self, first: Attempt, adopted: _Begun | None = None) -> None:
         """Run a job, then the next prefetched one that fits, on this same thread.
 
         Taking the next job here, rather than handing it to another thread, keeps the gap
@@ -291,7 +341,7 @@ class LocalExecutor:
         current one ends.
         """
         item: Attempt | None = first
-        begun: _Begun | None = self._begin(first, None)
+        begun: _Begun | None = adopted or self._begin(first, None)
         while item is not None and begun is not None:
             if begun.refused:  # the executor is stopping: the job stays unstarted
                 self._take_back(item)

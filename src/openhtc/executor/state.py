@@ -170,6 +170,16 @@ class ExecutorState:
         self.running[launch.job_id] = attempt
         return attempt
 
+    def adopted(self, launch: JobLaunch, driver: Any) -> Attempt:
+        """An attempt a crashed predecessor handed over and the runtime still has (running, or
+        ended with its exit code): it runs in a fresh slot of its own request, journaled and
+        begun already, and ends as any other (``ended``)."""
+        reserved = Capacity(launch.vcpus, launch.memory_mb)
+        self.used = self.used.plus(reserved.vcpus, reserved.memory_mb)
+        attempt = Attempt(launch, next(self._slots), reserved, marked=True, begun=True, driver=driver)
+        self.running[launch.job_id] = attempt
+        return attempt
+
     def should_withdraw(self, held: Attempt, now: float) -> bool:
         """Whether ``held``, waiting behind its slot's running job, should be taken back: it
         has waited HOLD_SECONDS and it fits in the free capacity (no job waits behind a long

@@ -53,6 +53,8 @@ def build_runtime(
     job_network: str | bool = "none",
     job_endpoints: Iterable[Endpoint] = (),
     max_log_bytes: int | None = None,
+    launcher_dir: str | None = None,
+    adopt_seconds: float = 0.0,
 ) -> Runtime:
     """The runtime called ``name`` ('auto' resolved by ``choose_runtime``).
 
@@ -60,11 +62,12 @@ def build_runtime(
     container runtimes fail every job with ErrorStartingContainer. ``job_network`` is none,
     openhtc (only ``job_endpoints`` are reachable) or full (True/False: full/none).
     ``max_log_bytes``: output a job may write to its log (None: no cap); past it the rest is
-    discarded after a marker.
+    discarded after a marker. ``launcher_dir``, ``adopt_seconds``: where the process runtime's
+    job launchers wait for the next server after a crash, and for how long.
     """
     name = choose_runtime(name)
     if name == "process":
-        return ProcessRuntime(work_root, max_log_bytes)
+        return ProcessRuntime(work_root, max_log_bytes, launcher_dir, adopt_seconds)
     if name == "noop":
         return NoopRuntime()
     if name not in ("bwrap", "podman"):

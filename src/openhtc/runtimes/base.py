@@ -157,3 +157,13 @@ class Pipelined(Protocol):
     def finish(self, started: Any) -> Outcome:
         """Wait for a started attempt to end."""
         ...
+
+
+@runtime_checkable
+class Surviving(Protocol):
+    """A runtime whose jobs can outlive a crashed server (the process runtime's launchers)."""
+
+    def survivors(self, new_handle: Callable[[], RunHandle]) -> Any:
+        """Take back what a crashed predecessor left running (before ``adopt``): a ``Survived``
+        (``process.py``)."""
+        ...

@@ -20,9 +20,9 @@ in is replaced by an empty one (0700) before the next job starts in it.
 
 Messages are length-prefixed pickles (both ends are openhtc). From the server:
 ``("env", env_id, variables)`` (what many jobs share, sent once), ``("forget",)`` (drop them
-all), ``("start", key, argv, env_id, variables, cwd, log_path, after)`` (the job's environment
-is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdraw", key)`` and
-``("kill", key)``.
+all), ``("start", key, argv, env_id, variables, cwd, log_path, after, ident)`` (the job's environment
+is its own ``variables`` updated with the shared ones of ``env_id``), ``("withdraw", key)``,
+``("kill", key)`` and ``("bye",)`` (a clean stop: see below).
 To the server:
 ``("started", key, pid)``, ``("failed", key, why)`` when it could not spawn,
 ``("withdrawn", key, was_held)`` and ``("exited", key, returncode)`` once the job's main
@@ -41,12 +41,28 @@ Output past ``max_log_bytes`` (argv[2], 0 for no cap) is discarded after one mar
 that cannot be written (ENOSPC) loses the job's output, never the launcher or another job
 (``joblog.py``).
 
-When the server's end of the socket closes (a clean stop or a ``kill -9``), it kills every job
-still running and everything they started, and exits.
+A clean stop sends ``("bye",)`` first: then, or when the server's end of the socket closes
+and the launcher has no place to wait for the next server, it kills every job still running and
+everything they started, and exits.
+
+Surviving the server (argv[3], argv[4]: a unix socket path and ``adopt_seconds``): the launcher
+listens on that socket (0600). When the server's end closes without a ``bye`` (``kill -9``, a
+crash), its jobs keep running, their output still goes to their logs and each one's exit code
+is kept; held starts are dropped (they never started). The next server connects to the socket
+and gets ``("inventory", running, ended, dropped)``: ``running`` as ``(key, ident, pid,
+seconds_run, cwd)``, ``ended`` as ``(key, ident, returncode)`` for the jobs that ended in
+the last ``ENDED_KEPT_SECONDS`` (the server may not have seen or recorded those ends; it matches
+them against its attempt journal), ``dropped`` as the ``ident`` of dropped held starts. A start
+message carries its ``ident`` (plain values: the job's identity, opaque here). From then on
+that server is the launcher's; no second connection is served while one is. If no server
+comes within ``adopt_seconds``, the launcher kills its jobs and exits, as after a ``bye``. A
+launcher with no job running when its server goes away waits at most ENDED_KEPT_SECONDS (for
+the ends it keeps), and one with nothing at all to hand over exits at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -75,6 +91,10 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 JOB_ENV = "OPENHTC_LAUNCHER_JOB"  # names the job a process belongs to, inherited by its children
 PR_SET_CHILD_SUBREAPER = 36
+ENDED_KEPT_SECONDS = 30.0  # ended jobs the inventory of a next server lists: a report flush
+# takes milliseconds; an end older than this whose report was never committed is recovered from
+# the journal instead (an infrastructure fault). The cap bounds the memory at high job rates.
+ENDED_KEPT_MAX = 20_000
 FOLLOW_UP_SWEEPS = (0.02, 0.2, 1.0, 5.0)  # seconds after a job's end: late orphans of its tree
 START_SLACK = 0.05  # /proc start times are in clock ticks (10 ms): compare them generously
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -106,13 +126,18 @@ class Decoder:
         return out
 
 
+class ServerGone(Exception):
+    """The server went away and nothing waits for the next one: the loop ends (said already)."""
+
+
 class _Job:
-    __slots__ = ("code", "cwd", "key", "out", "output", "pid", "pidfd", "spawned")
+    __slots__ = ("code", "cwd", "ident", "key", "out", "output", "pid", "pidfd", "spawned")
 
     def __init__(
-        self, key: int, pid: int, pidfd: int, out: int, cwd: str, log_path: str, max_bytes: int
+        self, key: int, pid: int, pidfd: int, out: int, cwd: str, log_path: str, max_bytes: int, ident: Any
     ) -> None:
         self.key = key
+        self.ident = ident
         self.pid = pid
         self.pidfd = pidfd
         self.out: int | None = out  # read end of the job's stdout/stderr; None at EOF
@@ -141,13 +166,27 @@ def reset_workdir(path: str) -> None:
 
 
 class Loop:
-    def __init__(self, sock: socket.socket, max_log_bytes: int = 0) -> None:
-        self.sock = sock
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_log_bytes: int = 0,
+        listener: socket.socket | None = None,
+        adopt_seconds: float = 0.0,
+    ) -> None:
+        self.sock: socket.socket | None = sock
         self.max_log_bytes = max_log_bytes
+        self.listener = listener  # where the next server finds us after a crash (None: nowhere)
+        self.adopt_seconds = adopt_seconds
+        self.orphaned_at: float | None = None  # when the server went away without a bye
+        self.waits = adopt_seconds  # from then on, how long for the next one
+        self.ended: collections.deque[tuple[float, int, Any, int]] = collections.deque()
+        self.dropped: list[Any] = []  # idents of held starts dropped when the server went away
         self.pid = os.getpid()
         self.sweeps: list[float] = []  # when to look for orphans again (monotonic, ascending)
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
+        if listener is not None:
+            self.sel.register(listener, selectors.EVENT_READ, "listen")
         self.decoder = Decoder()
         self.jobs: dict[int, _Job] = {}
         self.held: dict[int, tuple[Any, ...]] = {}  # job key -> the start that waits for it
@@ -155,15 +194,24 @@ class Loop:
         self.shared_envs: dict[int, dict[str, str]] = {}
         self.devnull = os.devnull
         self.replies: list[bytes] = []
+        self.bye = False  # a clean stop: the server's close ends the jobs
 
     def run(self) -> None:
         try:
             while True:
                 timeout = max(0.0, self.sweeps[0] - time.monotonic()) if self.sweeps else None
+                if self.orphaned_at is not None:
+                    left = self.orphaned_at + self.waits - time.monotonic()
+                    if left <= 0:
+                        _say("no server came back in time; its jobs were killed")
+                        return
+                    timeout = left if timeout is None else min(timeout, left)
                 for key, _ in self.sel.select(timeout):
                     if key.data is None:
-                        if not self._control():
+                        if not self._control() and not self._orphan(key.fileobj):
                             return
+                    elif key.data == "listen":
+                        self._accept()
                     else:
                         job, is_exit = key.data
                         if is_exit:
@@ -174,8 +222,7 @@ class Loop:
                     del self.sweeps[0]
                     self._sweep()
                 if self.replies:
-                    self.sock.sendall(b"".join(self.replies))
-                    self.replies.clear()
+                    self._send()
         finally:
             for job in self.jobs.values():
                 if job.code is None:
@@ -186,15 +233,94 @@ class Loop:
             while self._sweep() and time.monotonic() < deadline:  # until nothing is left
                 time.sleep(0.01)
 
+    def _send(self) -> None:
+        data = b"".join(self.replies)
+        self.replies.clear()
+        if self.sock is None:
+            return  # no server: what the next one needs is in the inventory
+        try:
+            self.sock.sendall(data)
+        except OSError:  # the server died with messages unread
+            if not self._orphan(self.sock):
+                raise ServerGone from None
+
+    def _orphan(self, sock: Any) -> bool:
+        """The server's end closed without a bye: wait for the next server (True), or not (False:
+        the caller ends the loop, which kills every job)."""
+        if self.sock is not None and sock is self.sock:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.decoder = Decoder()
+        self.replies.clear()
+        if self.bye:
+            return False
+        if self.listener is None or self.adopt_seconds <= 0:
+            _say("the server went away; its jobs were killed")
+            return False
+        self.orphaned_at = time.monotonic()
+        # With jobs running, adopt_seconds; with only ends to hand over, as long as they are kept.
+        self.waits = self.adopt_seconds if self.jobs else min(self.adopt_seconds, ENDED_KEPT_SECONDS)
+        # Held starts never started: dropped, and named to the next server.
+        self.dropped += [start[5] for start in self.held.values()]
+        self.held.clear()
+        self.held_keys.clear()
+        self._prune_ended()
+        if not self.jobs and not self.ended and not self.dropped:
+            _say("the server went away; no job to keep")
+            return False  # nothing a next server could take back
+        _say(f"the server went away; {len(self.jobs)} job(s) keep running, for {self.waits:.0f} s at most")
+        return True
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        if self.sock is not None:  # a server has us: no second one
+            conn.close()
+            return
+        conn.setblocking(True)
+        self._prune_ended()
+        running = [
+            (j.key, j.ident, j.pid, time.clock_gettime(time.CLOCK_BOOTTIME) - j.spawned, j.cwd)
+            for j in self.jobs.values()
+        ]
+        ended = [(key, ident, code) for _, key, ident, code in self.ended]
+        try:
+            conn.sendall(encode(("inventory", running, ended, self.dropped)))
+        except OSError:
+            conn.close()
+            return
+        self.sock, self.orphaned_at, self.dropped = conn, None, []
+        self.shared_envs.clear()  # the new server numbers its environments afresh
+        self.sel.register(conn, selectors.EVENT_READ, None)
+
+    def _prune_ended(self) -> None:
+        """Forget ends older than ENDED_KEPT_SECONDS before the server went away (or now, while
+        one is connected); an end after it went away is kept for the next one."""
+        orphaned = self.orphaned_at
+        horizon = (orphaned if orphaned is not None else time.monotonic()) - ENDED_KEPT_SECONDS
+        while self.ended and (
+            self.ended[0][0] < horizon or (orphaned is None and len(self.ended) > ENDED_KEPT_MAX)
+        ):
+            self.ended.popleft()
+
     def _control(self) -> bool:
-        data = self.sock.recv(1 << 16)
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            data = b""
         if not data:
             return False
         for message in self.decoder.feed(data):
             if message[0] == "start":
-                _, key, argv, env_id, env, cwd, log_path, after = message
+                _, key, argv, env_id, env, cwd, log_path, after, *rest = message
                 env.update(self.shared_envs[env_id])
-                start = (key, argv, env, cwd, log_path)
+                start = (key, argv, env, cwd, log_path, rest[0] if rest else None)
                 if after is not None and (after in self.jobs or after in self.held_keys):
                     self.held[after] = start
                     self.held_keys[key] = after
@@ -211,9 +337,13 @@ class Loop:
                 self.shared_envs[message[1]] = message[2]
             elif message[0] == "forget":
                 self.shared_envs.clear()
+            elif message[0] == "bye":
+                self.bye = True
         return True
 
-    def _start(self, key: int, argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
+    def _start(
+        self, key: int, argv: list[str], env: dict[str, str], cwd: str, log_path: str, ident: Any = None
+    ) -> None:
         env[JOB_ENV] = str(key)
         read_end, write_end = os.pipe()
         try:
@@ -242,7 +372,7 @@ class Loop:
         finally:
             os.close(write_end)
         pidfd = os.pidfd_open(pid)
-        job = _Job(key, pid, pidfd, read_end, cwd, log_path, self.max_log_bytes)
+        job = _Job(key, pid, pidfd, read_end, cwd, log_path, self.max_log_bytes, ident)
         self.jobs[key] = job
         self.sel.register(read_end, selectors.EVENT_READ, (job, False))
         self.sel.register(pidfd, selectors.EVENT_READ, (job, True))
@@ -307,6 +437,10 @@ class Loop:
         with contextlib.suppress(OSError):  # a full disk: the next job here fails to start
             reset_workdir(job.cwd)
         self.replies.append(encode(("exited", job.key, job.code)))
+        if self.listener is not None:  # for the inventory of a next server, should this one die
+            self.ended.append((time.monotonic(), job.key, job.ident, job.code))
+            if len(self.ended) > ENDED_KEPT_MAX or self.ended[0][0] < time.monotonic() - ENDED_KEPT_SECONDS:
+                self._prune_ended()
         self._start_held_behind(job.key)
         # Orphans of the job are killed by the next sweep, within FOLLOW_UP_SWEEPS[0]: one sweep
         # per job would cost ~10 % of the launcher's job rate; this is one per 20 ms at most.
@@ -383,21 +517,73 @@ def _job_key(pid: int) -> int | None:
     return None
 
 
+def _say(message: str) -> None:
+    """One line to stderr (the server's log, which may be gone)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"openhtc job launcher: {message} (launcher pid {os.getpid()})", file=sys.stderr, flush=True)
+
+
+def listen(path: str) -> socket.socket | None:
+    """A unix socket at ``path`` (0600) for the next server; it replaces what an older crash
+    left there (the server connected to every live launcher before it started new ones)."""
+    tmp = f"{path}.{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        old = os.umask(0o177)
+        try:
+            sock.bind(tmp)
+        finally:
+            os.umask(old)
+        os.chmod(tmp, 0o600)
+        sock.listen(4)
+        os.rename(tmp, path)  # atomic: a stale socket is replaced, never half there
+        with open(f"{path}.owner", "w") as fh:  # which launcher the socket is, for unlisten
+            fh.write(str(os.getpid()))
+    except OSError as exc:  # a path too long for a unix socket, a read-only directory
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _say(f"cannot listen on {path} ({exc}); its jobs will not outlive the server")
+        return None
+    sock.setblocking(False)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def unlisten(path: str, pid: int) -> None:
+    """Remove our socket file, unless a newer launcher has replaced it meanwhile."""
+    with contextlib.suppress(OSError):
+        with open(f"{path}.owner") as fh:
+            if int(fh.read() or 0) != pid:
+                return
+        os.unlink(path)
+
+
 def main(argv: list[str]) -> int:
     fd = int(argv[1])
     max_log_bytes = int(argv[2]) if len(argv) > 2 else 0
+    listen_path = argv[3] if len(argv) > 3 and argv[3] else None
+    adopt_seconds = float(argv[4]) if len(argv) > 4 else 0.0
     os.set_inheritable(fd, False)  # passed to us inheritable; jobs must not hold the control socket
     # Orphans of our jobs (setsid, nohup, double forks) become our children, not init's.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # A server that dies while we wait for it must not take us with a SIGPIPE or a terminal's
+    # SIGHUP (we are in a session of our own; this is for a re-parented terminal).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
+    listener = listen(listen_path) if listen_path and adopt_seconds > 0 else None
     try:
-        Loop(sock, max_log_bytes).run()
+        Loop(sock, max_log_bytes, listener, adopt_seconds).run()
+    except ServerGone:
+        pass
     except (ConnectionResetError, BrokenPipeError) as exc:
         # The server died (kill -9) with messages unread: an expected end, not a crash to trace.
-        print(
-            f"openhtc job launcher: the server went away ({exc.strerror}); its jobs were killed",
-            file=sys.stderr,
-        )
+        _say(f"the server went away ({exc.strerror}); its jobs were killed")
+    finally:
+        if listener is not None and listen_path:
+            unlisten(listen_path, os.getpid())
     return 0
 
 

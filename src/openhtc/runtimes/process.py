@@ -6,15 +6,16 @@ and copies its output to the job log. A job ends when its main process exits; th
 kills what the job left behind, its process group and any process that left it (``setsid``,
 ``nohup``: the launcher is their subreaper). A timeout or cancel kills the main process, so the
 same happens.
-Jobs carry an owner tag in their environment; after a crash, the restarted executor kills every
-process its predecessor left before their jobs are re-queued (see ``adopt``), so a job never
-runs twice at once. (The launcher also kills its jobs when the server's end of its socket
-closes; the sweep is for what escaped: grandchildren that left the job's process group.)
+Jobs carry an owner tag in their environment. The launchers outlive a crashed server (given
+``sock_dir`` and ``adopt_seconds``, see ``launcher.py``): the restarted executor first takes
+them back with their jobs (``survivors``), then kills every other process its predecessor left
+(``adopt``) before those jobs are recovered, so a job never runs twice at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import os
 import shutil
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from openhtc.domain.enums import FailureCode
-from openhtc.domain.models import JobLaunch
+from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle
 from openhtc.runtimes.launcher import LaunchedJob, Launcher, SharedEnv
 
@@ -89,14 +90,41 @@ class ProcessRuntime:
     blocking = True
     pipelined = True  # start(..., after=) queues a job behind another one (see LocalExecutor)
 
-    def __init__(self, work_root: str, max_log_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        work_root: str,
+        max_log_bytes: int | None = None,
+        sock_dir: str | None = None,
+        adopt_seconds: float = 0.0,
+    ) -> None:
         self.work_root = work_root
         os.makedirs(work_root, exist_ok=True)
         self._tag: tuple[tuple[str, str], ...] = ()
         self._deadlines = Deadlines()
         self._local = threading.local()
-        self.launcher = Launcher(max_log_bytes=max_log_bytes)
+        self.launcher = Launcher(max_log_bytes=max_log_bytes, sock_dir=sock_dir, adopt_seconds=adopt_seconds)
         self._shared: dict[tuple[object, ...], SharedEnv] = {}
+        self._kept: tuple[set[int], set[str]] = (set(), set())  # launchers and work dirs taken over
+
+    def survivors(self, new_handle: Callable[[], RunHandle]) -> Survived:
+        """Take back the jobs a crashed predecessor's launchers kept (call before ``adopt``):
+        each as its launch and what ``finish`` takes (a job that ended meanwhile finishes at
+        once with its exit code), plus the (job, attempt) pairs dropped before they started."""
+        found = self.launcher.reconnect()
+        survived = Survived([], [(ident[0], ident[1]) for ident in found.dropped if ident])
+        self._kept = (set(found.launchers), {s.cwd for s in found.jobs if s.cwd})
+        for survivor in found.jobs:
+            if not survivor.ident:
+                continue  # started without an identity: nothing to report it to
+            launch = _launch_of(survivor.ident)
+            handle = new_handle()
+            started = Started(launch, handle, survivor.cwd or "", survivor.job, adopted=True)
+            handle.attach_kill(survivor.job.kill)
+            if launch.timeout_s and survivor.cwd is not None:
+                left = max(0.0, launch.timeout_s - survivor.seconds_run)
+                started.cancel_timeout = self._deadlines.add(left, functools.partial(handle.stop, True))
+            survived.jobs.append((launch, started, survivor.cwd is not None))
+        return survived
 
     def _workdir(self) -> str:
         """An empty working directory owned by this worker thread.
@@ -123,6 +151,7 @@ class ProcessRuntime:
         mine = f"{OWNER_ENV}={owner}/".encode()
         current = f"{OWNER_ENV}={owner}/{incarnation}".encode()
         killed = 0
+        launchers, workdirs = self._kept
         for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
             try:
                 with open(f"/proc/{pid}/environ", "rb") as fh:
@@ -130,11 +159,15 @@ class ProcessRuntime:
             except OSError:
                 continue
             if any(item.startswith(mine) and item != current for item in env):
+                if launchers and _descends_from(pid, launchers):
+                    continue  # a job of a launcher taken over: it runs on, ours now
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
         for leftover in os.listdir(self.work_root):  # work directories of the dead incarnation
-            shutil.rmtree(os.path.join(self.work_root, leftover), ignore_errors=True)
+            path = os.path.join(self.work_root, leftover)
+            if path not in workdirs:
+                shutil.rmtree(path, ignore_errors=True)
         return killed
 
     def close(self) -> None:
@@ -176,7 +209,9 @@ class ProcessRuntime:
         previous = after.job if after is not None else None
         shared = self._shared_env(launch)
         log_path = open_log.path
-        started.job = self.launcher.start(launch.commands, shared, own, workdir, log_path, running, previous)
+        started.job = self.launcher.start(
+            launch.commands, shared, own, workdir, log_path, running, previous, _ident(launch)
+        )
         handle.attach_kill(started.job.kill)
         return started
 
@@ -221,8 +256,8 @@ class ProcessRuntime:
         finally:
             if started.cancel_timeout is not None:
                 started.cancel_timeout()
-        if job.error is not None or job.lost:
-            self._drop_workdir(started.workdir)
+        if job.error is not None or job.lost or (started.adopted and started.workdir):
+            self._drop_workdir(started.workdir)  # (an adopted job's directory is no thread's)
         if job.error is not None:
             reason = f"Cannot start {launch.commands[0]}: {job.error}"
             return Outcome(None, FailureCode.ErrorStartingContainer.value, reason)
@@ -242,3 +277,40 @@ class Started:
     workdir: str
     job: LaunchedJob | None = None
     cancel_timeout: Callable[[], None] | None = None
+    adopted: bool = False  # taken over from a crashed server's launcher
+
+
+@dataclass(slots=True)
+class Survived:
+    """What a crashed server's launchers kept: (launch, started, whether it was still running)
+    for each job, and the attempts held behind another that were dropped unstarted."""
+
+    jobs: list[tuple[JobLaunch, Started, bool]]
+    dropped: list[tuple[int, int]]
+
+
+def _ident(launch: JobLaunch) -> tuple[object, ...]:
+    """The launch as plain values, kept by the launcher for a next server (no environment:
+    it holds tokens, and a report needs none of it)."""
+    mounts = tuple(tuple(m) for m in launch.mounts)
+    return tuple(launch._replace(envs=(), batch_envs=(), mounts=mounts))  # type: ignore[arg-type]
+
+
+def _launch_of(ident: tuple[object, ...]) -> JobLaunch:
+    launch = JobLaunch._make(ident)
+    return launch._replace(mounts=tuple(Mount._make(m) for m in launch.mounts))
+
+
+def _descends_from(pid: int, ancestors: set[int]) -> bool:
+    """Whether ``pid`` is in the process tree of one of ``ancestors``."""
+    for _ in range(64):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                pid = int(fh.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid in ancestors:
+            return True
+        if pid <= 1:
+            return False
+    return False

@@ -52,9 +52,11 @@ class ExecutorService:
         may_have_started: Collection[tuple[int, int]] = (),
         version: str | None = None,
         host: str | None = None,
+        adopted: Collection[tuple[int, int]] = (),
     ) -> int:
         """Record an executor (re)start; recover what its previous start held. ``may_have_started``:
-        the (job, attempt) pairs that start handed to a runtime and never saw end."""
+        the (job, attempt) pairs that start handed to a runtime and never saw end; ``adopted``:
+        those its runtime still has (running, or ended with an exit code), kept, not recovered."""
         applied = self.services.queue.register(
             executor_id,
             incarnation,
@@ -65,6 +67,8 @@ class ExecutorService:
             may_have_started,
             version,
             host,
+            adopted,
+            self.services.settings.lease_seconds,
         )
         if applied.changes:
             self.services.metrics.jobs.applied(applied)

@@ -197,10 +197,13 @@ class QueueStore:
         may_have_started: Collection[tuple[int, int]] = (),
         version: str | None = None,
         host: str | None = None,
+        adopted: Collection[tuple[int, int]] = (),
+        lease_seconds: float = 0.0,
     ) -> Applied:
         """Record an executor (re)start. Jobs its previous incarnation held are recovered:
         ``may_have_started`` holds the (job, attempt) pairs it may have started (its markers).
-        Returns what the recovery changed."""
+        ``adopted`` ones are still in its runtime's hands: not recovered, their lease renewed
+        (``lifecycle.adopt``). Returns what the recovery changed."""
         with self.db.write() as conn:
             values = {
                 "region": region,
@@ -216,10 +219,19 @@ class QueueStore:
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             writes = self._writes(conn, now)
             lost = writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (executor_id,))
-            marked = set(may_have_started)
+            marked, kept = set(may_have_started), set(adopted)
+            renewed: list[int] = []
+            lease = lifecycle.lease_until(now, lease_seconds)
             for job in lost:
+                if (job.id, job.attempt) in kept and lifecycle.adopt(
+                    writes.record(job), executor_id, job.attempt, lease
+                ):
+                    renewed.append(job.id)
+                    continue
                 writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
             writes.flush()
+            if renewed:
+                conn.execute(jobs.update().where(jobs.c.id.in_(renewed)).values(lease_expires_at=lease))
         self._count(writes, now)  # once committed
         return writes.applied()
 
