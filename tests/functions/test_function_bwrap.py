@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import _fresh_db_url
+from tests.functions.conftest import HANDLERS, Functions
 
 from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.images import find_busybox, podman_import, podman_push, python_rootfs_tar
 from openhtc.testing.server import HtcServer
-from tests.conftest import _fresh_db_url
-from tests.functions.conftest import HANDLERS, Functions
 
 pytestmark = pytest.mark.one_db
 
