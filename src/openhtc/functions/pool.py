@@ -44,6 +44,7 @@ log = logging.getLogger("openhtc.functions")
 EVENT_CHUNK = 2000  # events read per query
 PIPELINED_BYTES = 16 * 1024  # a call up to this size is sent while the worker's current one runs
 START_SECONDS = 120.0  # a worker's start (image, sandbox, imports) may take this long
+CODE_CHECK_SECONDS = 1.0  # a code zip's file is looked at again after this long
 RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
@@ -103,6 +104,7 @@ class FunctionPool:
         self._chunks: dict[tuple[int, int], dict[int, str]] = {}
         self._results: list[CallResult] = []
         self._codes: dict[tuple[str, int, int], str] = {}
+        self._recent: dict[tuple[str | None, str], tuple[float, str]] = {}  # code checked when
         self._closed = False
         shutil.rmtree(self.root, ignore_errors=True)  # pipes and code of an earlier start
         runner_dir = self.root / "runner"
@@ -406,6 +408,10 @@ class FunctionPool:
         """The code zip from project storage, unpacked once per content (by its SHA-256)."""
         shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
         path = os.path.join(shared, code) if shared else None
+        now = time.monotonic()
+        recent = self._recent.get((shared, code))
+        if recent is not None and now - recent[0] < CODE_CHECK_SECONDS:
+            return recent[1]  # checked a moment ago: no stat per call
         try:
             if path is None:
                 raise FileNotFoundError("this server has no project storage")
@@ -414,6 +420,7 @@ class FunctionPool:
             with self._lock:
                 ready = self._codes.get(seen)
             if ready is not None:
+                self._recent[(shared, code)] = (now, ready)
                 return ready
             digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             target = self.root / "code" / digest
