@@ -185,7 +185,7 @@ def results_page(
     with services.db.read() as conn:
         batch = function_batch(services, conn, task_id, batch_id)
         rows = store.page(conn, batch.id, start, limit)
-        done, failed = store.counts(conn, batch.id)
+        done, failed = store.counts(conn, batch)
     items: list[dict[str, Any]] = []
     for row in rows:
         if row.idx != start + len(items) or not JobStatus(row.status).terminal:

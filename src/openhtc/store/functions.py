@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -102,16 +103,26 @@ class FunctionStore:
         )
         return [CallRow(*row) for row in cur.fetchall()]
 
-    def counts(self, conn: Connection, batch_id: int) -> tuple[int, int]:
-        """(ended, failed) calls of a batch."""
+    def counts(self, conn: Connection, batch: Any) -> tuple[int, int]:
+        """(ended, failed) calls of a batch: from the task's counters when the batch is alone in
+        its group (the default group is the batch's own), else by reading its jobs."""
         cur = self.db.cursor(conn)
-        cur.execute(
-            self.db.sql(
-                f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
-                " GROUP BY status"
-            ),
-            (batch_id,),
-        )
+        if batch.group_name == batch.parent_job_id:
+            cur.execute(
+                self.db.sql(
+                    "SELECT status, count FROM job_counters WHERE task_id = ? AND group_name = ?"
+                    f" AND status IN ({_TERMINAL_SQL})"
+                ),
+                (batch.task_id, batch.group_name),
+            )
+        else:
+            cur.execute(
+                self.db.sql(
+                    f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
+                    " GROUP BY status"
+                ),
+                (batch.id,),
+            )
         counts = {int(status): int(n) for status, n in cur.fetchall()}
         failed = counts.get(int(JobStatus.FAILED), 0)
         return counts.get(int(JobStatus.SUCCEEDED), 0) + failed, failed
