@@ -36,6 +36,31 @@ def test_results_come_back_in_order_with_the_handlers_values(fn: Functions) -> N
     assert job["status"] == "SUCCEEDED"
 
 
+EVENTS: list[Any] = [
+    'a "quoted" \\ string',
+    "ünïcödé ✓",
+    "",
+    0,
+    -7,
+    2**62,
+    1.5,
+    0.1,
+    1e300,
+    True,
+    False,
+    None,
+    [1, [2, {"a": None}]],
+    {"k": "v", "n": {"deep": [True, 0.25]}},
+    {},
+    [],
+]
+
+
+def test_every_kind_of_json_event_reaches_the_handler_unchanged(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.identity", EVENTS, code="handlers.zip")
+    assert [item["result"] for item in fn.results(batch, len(EVENTS))] == EVENTS
+
+
 @pytest.mark.one_db
 def test_warm_workers_serve_many_calls_with_a_lambda_context(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.echo_context", [{} for _ in range(50)], code="handlers.zip")

@@ -16,7 +16,6 @@ from sqlalchemy import Connection
 from openhtc.domain.enums import JobStatus
 from openhtc.store.db import BulkStatement, Database, json_rows
 
-_INSERT = BulkStatement.insert("function_calls", (("batch_id", "bigint"), ("idx", "int"), ("event", "text")))
 _RESULT_COLUMNS = (
     ("result", "text"),
     ("error", "text"),
@@ -63,12 +62,25 @@ class FunctionStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def insert_events(self, conn: Connection, batch_id: int, events: Sequence[str]) -> None:
+    def insert_events(self, conn: Connection, batch_id: int, events_json: str) -> None:
+        """A batch's events, from the JSON array of them, as one statement: the database splits
+        the array (no Python tuple per event)."""
         cur = self.db.cursor(conn)
-        step = 20000  # bounded PostgreSQL parameters (one JSON array each)
-        for start in range(0, len(events), step):
-            chunk = events[start : start + step]
-            self.db.run_bulk(cur, _INSERT, [(batch_id, start + i, e) for i, e in enumerate(chunk)])
+        if self.db.is_sqlite:
+            # json_each gives SQL values; a value's JSON text is rebuilt from its type.
+            cur.execute(
+                "INSERT INTO function_calls (batch_id, idx, event) SELECT ?, key, CASE type"
+                " WHEN 'object' THEN value WHEN 'array' THEN value WHEN 'text' THEN json_quote(value)"
+                " WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'null' THEN 'null'"
+                " ELSE CAST(value AS TEXT) END FROM json_each(?)",
+                (batch_id, events_json),
+            )
+        else:
+            cur.execute(
+                "INSERT INTO function_calls (batch_id, idx, event) SELECT %s, n - 1, v::text"
+                " FROM json_array_elements(%s::json) WITH ORDINALITY AS t(v, n)",
+                (batch_id, events_json),
+            )
 
     def events(self, batch_id: int, start: int, stop: int) -> dict[int, str]:
         """The events of calls ``start <= idx < stop`` of a batch."""
