@@ -210,3 +210,18 @@ def test_ten_thousand_events(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(10_000)], code="handlers.zip")
     items = fn.results(batch, 10_000, timeout=300)
     assert [item["result"] for item in items] == [2 * i for i in range(10_000)]
+
+
+@pytest.mark.one_db
+def test_function_calls_and_ordinary_jobs_share_the_executor(fn: Functions) -> None:
+    # A slot's next job may be of the other kind: each still runs on its own path.
+    jobs = fn.api.submit(fn.project_id, fn.task_id, fn.api.job_request(["true"], batch_size=200))
+    batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(400)], code="handlers.zip")
+    more = fn.api.submit(fn.project_id, fn.task_id, fn.api.job_request(["true"], batch_size=200))
+    assert [item["result"] for item in fn.results(batch, 400)] == [2 * i for i in range(400)]
+    deadline = time.monotonic() + 120
+    while (summary := fn.api.summary(fn.project_id, fn.task_id)).get("SUCCEEDED", 0) < 800:
+        assert time.monotonic() < deadline, summary
+        assert summary.get("FAILED", 0) == 0, summary
+        time.sleep(0.2)
+    assert len(jobs) == len(more) == 1
