@@ -26,6 +26,7 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
+from openhtc.functions.pool import FunctionCall, FunctionPool, is_function
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
 from openhtc.runtimes.launcher import dismiss_launchers
 from openhtc.services.executors import ExecutorService
@@ -62,8 +63,10 @@ class LocalExecutor:
         region: str,
         architectures: list[str],
         stager: Stager | None = None,
+        functions: FunctionPool | None = None,
     ) -> None:
         self.service = service
+        self.functions = functions  # runs function calls (warm workers) instead of the runtime
         self.stager: Stager = stager or NoStager()
         self.runtime = runtime
         self.settings = settings
@@ -196,8 +199,7 @@ class LocalExecutor:
             held = self.state.held_in_runtime()
             handed = self.state.handed_over()
         taken: set[int] = set()  # ids of the withdrawn hand-offs (their workers take them back)
-        if self._pipeline is not None:
-            taken = {id(started) for started in held if self._pipeline.withdraw(started)}
+        taken = {id(started) for started in held if (p := self._pipe_of(started)) and p.withdraw(started)}
         log.info(
             "executor stopping: %d job(s) handed to the runtime (%d held, not started, taken back), "
             "%d prefetched and not started",
@@ -218,6 +220,8 @@ class LocalExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._reporter.shutdown(wait=True)
         self._flush()
+        if self.functions is not None:
+            self.functions.close()
         with self._lock:
             unstarted = len(self.state.pending) + sum(not a.begun for a in self.state.running.values())
             never_started = self.state.never_started()
@@ -347,11 +351,15 @@ class LocalExecutor:
                 self._take_back(item)
                 return
             successor: Attempt | None = None
-            if self._pipeline is not None:
+            if self._pipeline_for(item.launch) is not None:
                 with self._lock:
                     successor = self.state.successor(item, time.monotonic())
             after: _Begun | None = None
-            if successor is not None:
+            if successor is not None and self._pipeline_for(successor.launch) is not self._pipeline_for(
+                item.launch
+            ):
+                pass  # a job and a function call: the successor is begun once the item has ended
+            elif successor is not None:
                 after = self._begin(successor, begun.started)
                 if after.refused:
                     self._take_back(successor)
@@ -376,12 +384,23 @@ class LocalExecutor:
             if self._gate_closed:
                 self._drained.set()
 
+    def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
+        """The pipelined runtime, or the function pool for a function call."""
+        if self.functions is not None and is_function(launch):
+            return self.functions
+        return self._pipeline
+
+    def _pipe_of(self, started: Any) -> Pipelined | None:
+        """What took a hand-off: the function pool (a call) or the pipelined runtime."""
+        return self.functions if isinstance(started, FunctionCall) else self._pipeline
+
     def _taken_by_stop(self, after: _Begun | None) -> bool:
         """Whether a stop withdrew this held job (before it killed the one it waited for)."""
         if not self._gate_closed or after is None or after.started is None:
             return False
-        assert self._pipeline is not None
-        return self._pipeline.withdraw(after.started)  # at once if withdrawn: it has ended
+        pipeline = self._pipe_of(after.started)
+        assert pipeline is not None
+        return pipeline.withdraw(after.started)  # at once if withdrawn: it has ended
 
     def _take_back(self, item: Attempt) -> None:
         """``item`` never started (withdrawn, or refused at stop): out of the journal, queued again."""
@@ -394,14 +413,15 @@ class LocalExecutor:
         """Wait while ``successor`` is held behind the running ``current``; when the state says
         so (it waited long enough and fits elsewhere), take it back from the runtime and queue
         it first again, for a thread of its own. True if it was taken back."""
-        assert self._pipeline is not None
         if current.started is None or after.started is None:
             return False  # nothing runs that it could wait for
-        while not self._pipeline.wait(current.started, HOLD_SECONDS):
+        pipeline = self._pipe_of(after.started)
+        assert pipeline is not None
+        while not pipeline.wait(current.started, HOLD_SECONDS):
             with self._lock:
                 if not self.state.should_withdraw(successor, time.monotonic()):
                     continue
-            if not self._pipeline.withdraw(after.started):
+            if not pipeline.withdraw(after.started):
                 return False  # it started meanwhile: the current job has just ended
             self._take_back(successor)
             self._wake.set()
@@ -424,13 +444,13 @@ class LocalExecutor:
             # Storage folders first (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), then the job.
             begun.launch = launch._replace(mounts=self.stager.prepare(launch))
             begun.staged = True
-            if self._pipeline is not None:
+            if (pipeline := self._pipeline_for(launch)) is not None:
                 self._mark(item)
                 with self._gate:
                     if self._gate_closed:
                         begun.refused = True
                         return begun
-                    started = self._pipeline.start(
+                    started = pipeline.start(
                         begun.launch, item.driver, begun.log, self._on_running(begun.launch), after
                     )
                     if isinstance(started, Outcome):
@@ -449,8 +469,8 @@ class LocalExecutor:
         handle: RunHandle = item.driver
         if outcome is None:
             try:
-                if self._pipeline is not None:
-                    outcome = self._pipeline.finish(begun.started)
+                if (pipeline := self._pipeline_for(launch)) is not None:
+                    outcome = pipeline.finish(begun.started)
                 else:
                     if self._gate_closed:  # a stop racing past this is caught by the handle below
                         return False
@@ -524,6 +544,8 @@ class LocalExecutor:
             reports = self.state.take_reports()
         if reports:
             try:
+                if self.functions is not None:  # after the take: it holds the results of these
+                    self.functions.flush()  # calls, committed first (an ended call has its result)
                 self.service.report(self.executor_id, reports)
             except Exception:
                 with self._lock:
