@@ -113,6 +113,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         executor_id=agent_id_for(str(work)),
     )
     transport.held = executor.held
+    transport.idle = executor.idle
     shipper = LogShipper(transport, logs, executor.held)
     return executor, transport, shipper, outbox
 

@@ -60,6 +60,7 @@ class HttpTransport:
         self.runtime = runtime
         self.version = version
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
+        self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
         self.draining = False
         self.poll_seconds = 0.0
         self.registry_host: str | None = None
@@ -136,7 +137,7 @@ class HttpTransport:
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
-        idle = not self.held() and not len(self.outbox)
+        idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
         answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
         if answer is None:

@@ -72,6 +72,7 @@ class AgentService:
         self._lock = threading.Lock()
         self._seqs: dict[str, dict[Attempt, int]] = {}  # agent -> highest seq applied per attempt
         self._log_paths: dict[int, tuple[str, str, int]] = {}  # job id -> (task, parent job, index)
+        self._draining: set[str] = set()  # agents that said they stop: their long polls answer
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
@@ -110,6 +111,7 @@ class AgentService:
         )
         with self._lock:
             self._seqs.pop(agent.agent_id, None)
+            self._draining.discard(agent.agent_id)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()
@@ -173,6 +175,15 @@ class AgentService:
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
+
+    def drain(self, agent_id: str) -> None:
+        """The agent stops: it gets no new job, and the long poll it may have open answers now."""
+        with self._lock:
+            self._draining.add(agent_id)
+        self.services.notify.publish((agent_key(agent_id),))
+
+    def draining(self, agent_id: str) -> bool:
+        return agent_id in self._draining
 
     def claim(
         self, agent_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int

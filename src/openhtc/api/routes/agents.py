@@ -107,7 +107,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     if req.draining:  # a stopping agent: the long poll it may have open answers now
-        svc.notify.publish((agent_key(agent_id),))
+        agents.drain(agent_id)
     # subscribed before the claim: no wake-up is lost
     async with svc.notify.subscribe((AGENT_WORK, agent_key(agent_id))) as woken:
         try:
@@ -130,7 +130,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             left = deadline - loop.time()
             if left <= 0 or not await woken.wait(left):
                 break
-            if svc.notify.closing or await request.is_disconnected():
+            if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
                 break
             leases = await run_in_threadpool(
                 agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
