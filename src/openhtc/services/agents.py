@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain import lifecycle
-from openhtc.domain.errors import InvalidTransition, ValidationFailed
+from openhtc.domain.errors import InvalidTransition, PermissionDenied, ValidationFailed
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
 from openhtc.services.notify import EVERYTHING, Key
@@ -127,8 +127,10 @@ class AgentService:
         free: Capacity,
         max_jobs: int,
         draining: bool,
+        token_region: str = "*",
     ) -> Exchanged:
-        """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs."""
+        """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs.
+        ``token_region``: the region the caller's agent token allows ("*": any)."""
         s = self.services
         now = s.clock.now()
         self._heard(now)
@@ -137,6 +139,8 @@ class AgentService:
         )
         if reason is not None:
             raise MustRegister(reason)
+        if token_region not in ("*", region):
+            raise PermissionDenied(f"this agent token is for region {token_region}, not {region}")
         out = Exchanged(region, architectures)
         with self._lock:
             seqs = self._seqs.setdefault(agent_id, {})

@@ -100,7 +100,7 @@ async def register(request: Request) -> JSONResponse:
 @router.post(wire.PREFIX + "/{agent_id}/exchange")
 async def exchange(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
-    _agent_claims(request, svc)
+    claims = _agent_claims(request, svc)
     req = await _body(request, wire.ExchangeRequest)
     agents = _service(svc)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
@@ -120,6 +120,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
                 free,
                 req.max_jobs,
                 req.draining,
+                str(claims.get("region", "*")),
             )
         except MustRegister as exc:
             return _must_register(exc.reason)
