@@ -173,3 +173,24 @@ def test_a_jobs_end_survives_the_agent_crashing_while_the_server_is_down(
         assert all(e["status"] != "FAILED" and e["attempt"] == 1 for e in events), events
     finally:
         restarted.stop()
+
+
+def test_a_cancel_kills_the_job_on_the_agent(
+    cluster: tuple[HtcServer, HtcApi, AgentProcess], tmp_path: Path
+) -> None:
+    _, api, _ = cluster
+    pid_file = tmp_path / "pid"
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 300"]))
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the job to start")
+    pid = int(pid_file.read_text())
+    api.cancel(project_id, task_id)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+    wait_for(gone, "the cancelled job's process to be killed")

@@ -61,6 +61,7 @@ class HttpTransport:
         self.version = version
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
         self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
+        self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
         self.draining = False
         self.poll_seconds = 0.0
         self.registry_host: str | None = None
@@ -233,7 +234,9 @@ class HttpTransport:
         self.outbox.done(answer.acked)
         if answer.refused:
             self.outbox.forget_attempt(answer.refused)
-        self._kills.update(answer.kill)
+        if answer.kill:
+            self._kills.update(answer.kill)
+            self.on_kill()
         for lease in answer.leases:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
