@@ -32,6 +32,7 @@ from openhtc.runtimes import build_runtime
 from openhtc.runtimes.base import Runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
+from openhtc.services.agents import AgentService
 from openhtc.services.executors import ExecutorService
 from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
@@ -113,6 +114,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
     )
     metrics.leader = lambda: services.leadership.is_leader
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
+    services.agents = AgentService(services, ExecutorService(services))  # htc agent, over HTTP
     return services
 
 
@@ -248,7 +250,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             adopt_seconds=settings.executor_adopt_seconds,
         )
         executor = LocalExecutor(
-            ExecutorService(services),
+            services.agents.executors if services.agents else ExecutorService(services),
             runtime,
             settings,
             services.logs,

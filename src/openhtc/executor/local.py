@@ -26,10 +26,10 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
+from openhtc.executor.transport import ExecutorPort
 from openhtc.functions.pool import FunctionCall, FunctionPool, is_function
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
 from openhtc.runtimes.launcher import dismiss_launchers
-from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 from openhtc.storage.staging import NoStager, Stager
@@ -55,7 +55,7 @@ class _Begun:
 class LocalExecutor:
     def __init__(
         self,
-        service: ExecutorService,
+        service: ExecutorPort,  # ExecutorService in-process; htc agent's HTTP transport
         runtime: Runtime,
         settings: Settings,
         logs: LogStore,
@@ -64,6 +64,7 @@ class LocalExecutor:
         architectures: list[str],
         stager: Stager | None = None,
         functions: FunctionPool | None = None,
+        executor_id: str | None = None,  # htc agent names itself (default: local-<host>)
     ) -> None:
         self.service = service
         self.functions = functions  # runs function calls (warm workers) instead of the runtime
@@ -74,7 +75,7 @@ class LocalExecutor:
         self.wakeups = wakeups
         self.region = region
         self.architectures = architectures
-        self.executor_id = f"local-{socket.gethostname()}"
+        self.executor_id = executor_id or f"local-{socket.gethostname()}"
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
         self._pipeline = runtime if isinstance(runtime, Pipelined) else None
@@ -264,6 +265,16 @@ class LocalExecutor:
 
     def kick(self) -> None:
         self._wake.set()
+
+    def held(self) -> list[tuple[int, int]]:
+        """The attempts this executor holds (prefetched or running)."""
+        with self._lock:
+            return self.state.held()
+
+    def idle(self) -> bool:
+        """Nothing held and nothing to report: a claim may wait for work (htc agent's long poll)."""
+        with self._lock:
+            return not (self.state.running or self.state.pending or self.state.reports)
 
     # -- control loop ---------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ plain bag of the stores and services, passed to the loops and the API."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
@@ -56,6 +56,9 @@ class ServiceSet:
     # Whether this server runs the singletons (scheduler, lease expiry, retention): several
     # servers on one PostgreSQL elect one (services/leadership.py); SQLite: always.
     leadership: Leadership = field(default_factory=Leadership.always)
+    # services.agents.AgentService: the executor protocol for `htc agent` over HTTP (None where a
+    # caller builds ServiceSet by hand). Typed loosely: it is built on this bag (no import cycle).
+    agents: Any = None
 
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).

@@ -1,0 +1,233 @@
+"""The executor protocol on the wire: what ``htc agent`` and the server exchange over HTTP.
+
+Served under openhtc's own prefix ``/openhtc/v1/agents/...`` (never a Rescale route). These
+models are the contract (docs/architecture.md, "Cluster mode: the agent protocol"): fields may
+be added, as optional ones, never renamed. The converters turn the in-process values
+(``JobLaunch``, ``AttemptReport``) into their JSON form and back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from openhtc.domain.enums import JobStatus
+from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+
+PREFIX = "/openhtc/v1/agents"
+
+# (job_id, attempt) on the wire: a two-element JSON array
+AttemptKey = tuple[int, int]
+
+
+class _Model(BaseModel):
+    # unknown fields are ignored: a newer peer may send optional fields this one does not know
+    model_config = ConfigDict(extra="ignore")
+
+
+class Resources(_Model):
+    vcpus: int = Field(ge=0)
+    memory_mb: int = Field(ge=0)
+
+    def capacity(self) -> Capacity:
+        return Capacity(self.vcpus, self.memory_mb)
+
+
+class RegisterRequest(_Model):
+    agent_id: str = Field(min_length=1, max_length=200)
+    incarnation: str = Field(min_length=1, max_length=100)
+    region: str = Field(min_length=1, max_length=100)
+    architectures: list[str] = Field(min_length=1)
+    capacity: Resources
+    labels: dict[str, str] = Field(default_factory=dict)
+    version: str = ""
+    host: str = ""
+    runtime: str = ""
+    # attempts this agent runs right now and keeps (a re-register after a lost connection)
+    running: list[AttemptKey] = Field(default_factory=list)
+    # attempts a previous incarnation handed to a runtime and never saw end
+    may_have_started: list[AttemptKey] = Field(default_factory=list)
+
+
+class StorageInfo(_Model):
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["local", "s3"] | None = None
+
+
+class RegistryInfo(_Model):
+    host: str
+
+
+class RegisterResponse(_Model):
+    agent_id: str
+    liveness_seconds: float
+    lease_seconds: float
+    poll_seconds: float  # the longest an exchange is held by the server
+    server_time: float
+    registry: RegistryInfo | None = None
+    storage: StorageInfo | None = None
+    recovered: int = 0
+    kill: list[AttemptKey] = Field(default_factory=list)
+
+
+class Report(_Model):
+    job_id: int
+    attempt: int
+    seq: int = Field(ge=1)  # per attempt, from 1, strictly increasing
+    status: int = Field(ge=0, le=6)  # a JobStatus value
+    at: float
+    exit_code: int | None = None
+    failure_code: str | None = None
+    reason: str | None = Field(default=None, max_length=10000)
+
+
+class ExchangeRequest(_Model):
+    incarnation: str = Field(min_length=1, max_length=100)
+    free: Resources
+    max_jobs: int = Field(ge=0, le=10000)
+    held: list[AttemptKey] = Field(default_factory=list)
+    reports: list[Report] = Field(default_factory=list)
+    wait_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
+    draining: bool = False
+
+
+class Launch(_Model):
+    """``JobLaunch`` as JSON, plus the registry pull token of the job's project."""
+
+    job_id: int
+    attempt: int
+    job_uuid: str
+    batch_id: int
+    array_index: int
+    project_id: str
+    task_id: str
+    region: str
+    image: str
+    commands: list[str]
+    envs: list[tuple[str, str]]
+    vcpus: int
+    memory_mb: int
+    disk_gib: int
+    timeout_s: int | None = None
+    working_dir: str | None = None
+    batch_envs: list[tuple[str, str]] = Field(default_factory=list)
+    pull_token: str | None = None
+
+
+class ExchangeResponse(_Model):
+    acked: list[tuple[int, int, int]] = Field(default_factory=list)  # (job, attempt, seq)
+    refused: list[AttemptKey] = Field(default_factory=list)
+    leases: list[Launch] = Field(default_factory=list)
+    kill: list[AttemptKey] = Field(default_factory=list)
+    lease_seconds: float
+    next_call_seconds: float
+
+
+class LogChunk(_Model):
+    job_id: int
+    attempt: int
+    offset: int = Field(ge=0)  # byte offset of ``data`` in the attempt's log
+    data: str  # UTF-8 text, whole lines
+
+
+class LogsRequest(_Model):
+    incarnation: str = Field(min_length=1, max_length=100)
+    chunks: list[LogChunk] = Field(default_factory=list)
+
+
+class LogsResponse(_Model):
+    acked: list[tuple[int, int, int]] = Field(default_factory=list)  # (job, attempt, next_offset)
+
+
+class ErrorBody(_Model):
+    error: str  # 409: "unknown agent" | "agent lost" | "stale incarnation"
+
+
+# -- converters -----------------------------------------------------------------------------------
+
+
+def launch_to_wire(launch: JobLaunch, pull_token: str | None = None) -> Launch:
+    """A launch for the wire; its mounts stay behind (the agent fills in its own)."""
+    return Launch(
+        job_id=launch.job_id,
+        attempt=launch.attempt,
+        job_uuid=launch.job_uuid,
+        batch_id=launch.batch_id,
+        array_index=launch.array_index,
+        project_id=launch.project_id,
+        task_id=launch.task_id,
+        region=launch.region,
+        image=launch.image,
+        commands=list(launch.commands),
+        envs=[(k, v) for k, v in launch.envs],
+        vcpus=launch.vcpus,
+        memory_mb=launch.memory_mb,
+        disk_gib=launch.disk_gib,
+        timeout_s=launch.timeout_s,
+        working_dir=launch.working_dir,
+        batch_envs=[(k, v) for k, v in launch.batch_envs],
+        pull_token=pull_token,
+    )
+
+
+def launch_from_wire(
+    wire: Launch, batch_envs: dict[int, tuple[tuple[str, str], ...]] | None = None
+) -> JobLaunch:
+    """A ``JobLaunch`` from the wire. ``batch_envs`` (batch id -> envs), if given, lets the
+    launches of one batch share one tuple, as in-process ones do (runtimes cache on it)."""
+    envs = tuple((k, v) for k, v in wire.batch_envs)
+    if batch_envs is not None:
+        cached = batch_envs.get(wire.batch_id)
+        if cached == envs:
+            envs = cached
+        else:
+            batch_envs[wire.batch_id] = envs
+    return JobLaunch(
+        job_id=wire.job_id,
+        attempt=wire.attempt,
+        job_uuid=wire.job_uuid,
+        batch_id=wire.batch_id,
+        array_index=wire.array_index,
+        project_id=wire.project_id,
+        task_id=wire.task_id,
+        region=wire.region,
+        image=wire.image,
+        commands=tuple(wire.commands),
+        envs=tuple((k, v) for k, v in wire.envs),
+        vcpus=wire.vcpus,
+        memory_mb=wire.memory_mb,
+        disk_gib=wire.disk_gib,
+        timeout_s=wire.timeout_s,
+        working_dir=wire.working_dir,
+        batch_envs=envs,
+    )
+
+
+def report_to_wire(report: AttemptReport, seq: int) -> Report:
+    return Report(
+        job_id=report.job_id,
+        attempt=report.attempt,
+        seq=seq,
+        status=int(report.status),
+        at=report.at,
+        exit_code=report.exit_code,
+        failure_code=report.failure_code,
+        reason=report.reason,
+    )
+
+
+def report_from_wire(wire: Report) -> AttemptReport:
+    return AttemptReport(
+        wire.job_id,
+        wire.attempt,
+        JobStatus(wire.status),
+        wire.at,
+        wire.exit_code,
+        wire.failure_code,
+        wire.reason,
+    )
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
