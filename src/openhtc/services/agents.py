@@ -208,7 +208,11 @@ class AgentService:
             self._heard(heard)
         with self._lock:
             quiet = now - self._last_heard
-            if now < self._grace_until or self.liveness < quiet < 3 * self.liveness:
+            # Agents call at staggered times: when the server is cut off, the first of them look
+            # silent for a liveness timeout before the fleet as a whole does. An agent is lost only
+            # while others are heard (quiet < half the timeout; agents with work call every
+            # third of it at most), or once the whole fleet has been silent three timeouts.
+            if now < self._grace_until or self.liveness / 2 < quiet < 3 * self.liveness:
                 return 0
         applied, lost = s.queue.lose_agents(now - self.liveness, now)
         if lost:
