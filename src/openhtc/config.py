@@ -140,6 +140,13 @@ class Settings(BaseSettings):
         2000, gt=0, description="Most open long polls and event streams (/openhtc/v1); past it: 503."
     )
 
+    signing_key_file: Path | None = Field(
+        None,
+        description="PEM file of the RS256 key that signs tokens (created if missing). Default: "
+        "DATA_DIR/keys/jwt-signing.pem with SQLite; with PostgreSQL, one key kept in the database "
+        "and shared by every server on it.",
+    )
+
     # -- container registry ------------------------------------------------------------------
     registry_url: str | None = Field(
         None,

@@ -77,6 +77,12 @@ class DataDirLock:
         self.path = data_dir / LOCK_FILE
         self._fd: int | None = None
 
+    def _refusal(self, pid: str, where: str) -> str:
+        return (
+            f"data directory {self.path.parent} is in use by another openhtc server "
+            f"(pid {pid}, listening on {where}); stop it or choose another --data-dir"
+        )
+
     def acquire(self, host: str, port: int) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,10 +95,7 @@ class DataDirLock:
             owner = os.pread(fd, 256, 0).decode(errors="replace").split()
             os.close(fd)
             pid, where = [*owner, "?", "?"][:2]
-            raise StartupError(
-                f"data directory {self.path.parent} is in use by another openhtc server "
-                f"(pid {pid}, listening on {where}); stop it or choose another --data-dir"
-            ) from None
+            raise StartupError(self._refusal(pid, where)) from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {host}:{port}\n".encode(), 0)
@@ -105,6 +108,32 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the lock; the file stays (removing it would race)
             self._fd = None
+
+
+class SqliteLock(DataDirLock):
+    """SQLite allows one server: a flock beside the database file, for two data directories
+    whose --database-url name one SQLite file (the data-directory lock covers the default)."""
+
+    def __init__(self, database: Path) -> None:
+        super().__init__(database.parent)
+        self.database = database
+        self.path = database.with_name(database.name + ".server.lock")
+
+    def _refusal(self, pid: str, where: str) -> str:
+        return (
+            f"SQLite database {self.database} is in use by another openhtc server (pid {pid}, "
+            f"listening on {where}); SQLite allows one server: stop it, or use PostgreSQL "
+            "(--database-url postgresql://…) to run several servers on one database"
+        )
+
+
+def sqlite_file(settings: Settings) -> Path | None:
+    """The SQLite database file, or None for PostgreSQL or an in-memory database."""
+    url = settings.resolved_database_url()
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return None if not path or path == ":memory:" else Path(path).resolve()
 
 
 def _not_writable(directory: Path, exc: OSError) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from openhtc import __version__
-from openhtc.auth.keys import load_or_create_signing_key
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
@@ -33,25 +32,31 @@ from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.agents import AgentService
 from openhtc.services.executors import ExecutorService
+from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
-from openhtc.services.notify import LocalNotifier
+from openhtc.services.notify import ClusterNotifier, LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
     DataDirLock,
+    SqliteLock,
     StartupError,
     bind_listener,
     check_settings,
     describe,
     explain_database_failure,
+    sqlite_file,
 )
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
 from openhtc.store.jobs import JobStore
+from openhtc.store.leader_lock import PgLeaderLock
+from openhtc.store.pg_notify import PgChannel
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
 
@@ -69,9 +74,20 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
     clock = clock or Clock()
     db = Database(settings.resolved_database_url())
     db.migrate()
-    key = load_or_create_signing_key(settings.data_dir / "keys" / "jwt-signing.pem")
+    key = jwt_signing_key(settings, db)  # shared by every server on one PostgreSQL
+    share_registry_key(settings, db)
     metrics = Metrics(lambda: executors_by_state(db, clock.now() - settings.lease_seconds))
     db.observer = metrics.db_transaction
+    wakeups = Wakeups()
+    # several servers on one PostgreSQL elect the one running the singletons; SQLite: one server
+    leadership = Leadership.always() if db.is_sqlite else Leadership(PgLeaderLock(db.url))
+    # waiters, and the loops' wake-ups, are told in process; with PostgreSQL also on the other
+    # servers on it, through LISTEN/NOTIFY
+    notify: LocalNotifier | ClusterNotifier = (
+        LocalNotifier()
+        if db.is_sqlite
+        else ClusterNotifier(PgChannel(db.url), wakeups, lambda: leadership.is_leader)
+    )
     services = ServiceSet(
         settings=settings,
         clock=clock,
@@ -82,16 +98,17 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
         queue=QueueStore(db, settings.max_infrastructure_retries),
         tokens=TokenService(key, clock, settings.token_ttl_seconds, settings.refresh_token_ttl_seconds),
         logs=LogStore(settings.data_dir / "logs"),
-        wakeups=Wakeups(),
+        wakeups=wakeups,
         registry=Registry(settings, clock, db),
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.
         images_required=settings.runtime not in ("process", "noop"),
         limits=limits_of(settings),
-        # one process: waiters are told in process (cluster mode: PostgreSQL LISTEN/NOTIFY)
-        notify=LocalNotifier(),
+        notify=notify,
         logwatch=LogWatch(),
         metrics=metrics,
+        leadership=leadership,
     )
+    metrics.leader = lambda: services.leadership.is_leader
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     services.agents = AgentService(services, ExecutorService(services))  # htc agent, over HTTP
     return services
@@ -148,6 +165,8 @@ class Server:
     storage_process: SeaweedFS | None = None  # --storage seaweedfs: the S3 server we supervise
 
     def start(self) -> None:
+        if isinstance(self.services.notify, ClusterNotifier):
+            self.services.notify.start()
         if self.services.storage is not None:
             self.services.storage.open()  # creates the bucket if missing
         if self.services.registry is not None:
@@ -157,6 +176,7 @@ class Server:
             # the scheduler's lease expiry would have to assume they all may have
             self.executor.start()
         self.scheduler.start()
+        self.services.leadership.start()  # after the scheduler: it listens for taking the lead
         self.retention.start()
 
     def stop(self) -> None:
@@ -167,8 +187,11 @@ class Server:
             self.executor.runtime.close()  # unmounts the bwrap runtime's scratch disks
         self.retention.stop()
         self.scheduler.stop()
+        self.services.leadership.stop()  # after the singletons stopped: the next leader starts clean
         if self.services.registry is not None:
             self.services.registry.stop()
+        if isinstance(self.services.notify, ClusterNotifier):
+            self.services.notify.stop()
         self.services.db.dispose()
         if self.storage_process is not None:  # last: the executor uploads outputs until it stops
             self.storage_process.stop()
@@ -249,6 +272,8 @@ def serve(settings: Settings) -> None:
     )
     check_settings(settings)
     lock = DataDirLock(settings.data_dir)
+    database = sqlite_file(settings)
+    sqlite_lock = SqliteLock(database) if database is not None else None
     try:
         if settings.data_dir.is_dir():  # an existing directory: its owner is the first thing to know
             lock.acquire(settings.host, settings.port)
@@ -256,12 +281,16 @@ def serve(settings: Settings) -> None:
         try:
             if not settings.data_dir.is_dir():
                 lock.acquire(settings.host, settings.port)
+            if sqlite_lock is not None:
+                sqlite_lock.acquire(settings.host, settings.port)
             server = _build_or_explain(settings)
             app = create_app(server.services, extensions=[install_dashboard])  # the dashboard: /ui/
             _run(server, app, listener, uvicorn)
         finally:
             listener.close()
     finally:
+        if sqlite_lock is not None:
+            sqlite_lock.release()
         lock.release()
 
 

@@ -1,4 +1,5 @@
-"""The RS256 signing key, kept in the data directory so tokens survive restarts."""
+"""The RS256 signing key, kept in the data directory (or, with several servers on one PostgreSQL,
+in the database: services/shared_keys.py) so tokens survive restarts."""
 
 from __future__ import annotations
 
@@ -39,24 +40,31 @@ class SigningKey:
         }
 
 
-def load_or_create_signing_key(path: Path) -> SigningKey:
-    """Read the PEM at ``path``; create it (mode 0600) on first start."""
-    if path.exists():
-        private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(private_key, rsa.RSAPrivateKey):
-            raise ValueError(f"{path} does not hold an RSA private key")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        os.replace(tmp, path)
+def new_signing_key_pem() -> bytes:
+    """A new RSA 2048 private key, PKCS#8 PEM."""
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def signing_key_from_pem(pem: bytes, source: str = "the signing key") -> SigningKey:
+    private_key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(private_key, rsa.RSAPrivateKey):
+        raise ValueError(f"{source} does not hold an RSA private key")
     der = private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return SigningKey(private_key, hashlib.sha256(der).hexdigest()[:32])
+
+
+def load_or_create_signing_key(path: Path) -> SigningKey:
+    """Read the PEM at ``path``; create it (mode 0600) on first start."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(new_signing_key_pem())
+        os.replace(tmp, path)
+    return signing_key_from_pem(path.read_bytes(), str(path))

@@ -236,3 +236,44 @@ def set_workspace_limit(
 def register(app: typer.Typer) -> None:
     app.command("server")(server)
     app.add_typer(admin, name="admin")
+
+
+@admin.command("registry-config")
+def registry_config(
+    realm: Annotated[
+        str | None,
+        typer.Option(help="The token endpoint as the registry's clients reach the API [this server's]."),
+    ] = None,
+    cert_out: Annotated[
+        Path | None,
+        typer.Option(help="Write the certificate the registry must trust here [DATA_DIR/keys/…]."),
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Print the `auth:` section an external CNCF registry needs to trust this installation's
+    registry tokens. With PostgreSQL every server on the database signs with one key, so one
+    registry serves them all."""
+    import yaml
+
+    from openhtc.registry.keys import CERT_FILE
+    from openhtc.registry.service import ISSUER, SERVICE, token_realm
+
+    services = _services(data_dir, database_url)
+    settings = services.settings
+    cert = settings.data_dir / "keys" / CERT_FILE
+    if services.registry is None or not cert.exists():
+        raise typer.BadParameter("this installation has no registry token key")
+    if cert_out is not None:
+        cert_out.write_bytes(cert.read_bytes())
+        cert = cert_out
+    auth = {
+        "token": {
+            "realm": realm or token_realm(settings),
+            "service": SERVICE,
+            "issuer": ISSUER,
+            "rootcertbundle": str(cert.resolve()),
+        }
+    }
+    typer.echo("# openhtc token auth for docker-registry's config.yml (docs/containers.md)")
+    typer.echo(yaml.safe_dump({"auth": auth}, sort_keys=False).rstrip())

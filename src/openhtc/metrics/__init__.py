@@ -37,6 +37,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = JobMetrics()
         self._executors = executors
+        self.leader: Callable[[], bool] = lambda: True  # set by the composition root (leadership)
         self.http_latency = Histogram(
             "openhtc_http_request_duration_seconds",
             "Time from a request's arrival to its response's first byte, by route template",
@@ -143,6 +144,11 @@ class _ServerCollector(Collector):
             vcpus.add_metric([state], cpu)
         yield executors
         yield vcpus
+        yield GaugeMetricFamily(
+            "openhtc_leader",
+            "1 while this server leads (runs the scheduler, lease expiry and retention), else 0",
+            value=1 if self.metrics.leader() else 0,
+        )
 
 
 class _ProjectCollector(Collector):

@@ -90,3 +90,26 @@ def _cert_matches(cert_path: Path, key: ec.EllipticCurvePrivateKey) -> bool:
     except ValueError:
         return False
     return bool(cert.public_key() == key.public_key())
+
+
+def new_registry_key_bundle() -> str:
+    """A new key and its certificate as one PEM text (key first): what several servers on one
+    PostgreSQL share through the database (services/shared_keys.py)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return (pem + _self_signed(key).public_bytes(serialization.Encoding.PEM)).decode()
+
+
+def install_registry_key_bundle(keys_dir: Path, bundle: str) -> None:
+    """Write a shared bundle's key and certificate where :func:`load_or_create_registry_key` reads them."""
+    marker = "-----BEGIN CERTIFICATE-----"
+    key_pem, _, cert_pem = bundle.partition(marker)
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in (
+        (keys_dir / KEY_FILE, key_pem.encode()),
+        (keys_dir / CERT_FILE, (marker + cert_pem).encode()),
+    ):
+        if not path.exists() or path.read_bytes() != data:
+            _write_private(path, data)

@@ -21,7 +21,13 @@ class SchedulerLoop:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     def start(self) -> None:
+        # a new leader runs a round at once (submits while no server led are held)
+        self.services.leadership.on_change(self._leading)
         self._thread.start()
+
+    def _leading(self, leading: bool) -> None:
+        if leading:  # a new leader runs a round at once
+            self.services.wakeups.schedule_round.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -49,6 +55,9 @@ class SchedulerLoop:
         next_expiry = next_liveness = 0.0
         while not self._stopping.is_set():
             s.wakeups.schedule_round.wait(timeout=1.0)
+            if not s.leadership.is_leader:  # another server runs the rounds (services/leadership.py)
+                next_expiry = 0.0  # on taking over: recover expired leases at once
+                continue
             try:
                 self.tick()
                 now = time.monotonic()

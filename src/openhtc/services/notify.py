@@ -8,9 +8,11 @@ they wait for. A notification says only "look again": a waiter always re-reads t
 spurious or coalesced wake-up is harmless, and a waiter subscribes before its first read, so no
 change between that read and its wait is lost.
 
-Cluster mode (several servers on one PostgreSQL) backs the same port with ``LISTEN``/``NOTIFY``:
-``publish`` becomes a ``NOTIFY openhtc_changes, '<key>'`` sent after the commit, and one listening
-connection per server feeds the keys it receives into the local waiters.
+Several servers on one PostgreSQL back the same port with ``LISTEN``/``NOTIFY``
+(:class:`ClusterNotifier`): ``publish`` wakes this server's waiters and sends the keys, batched, in
+a ``NOTIFY openhtc_changes`` after the commit; one listening connection per server feeds the keys
+the others send into its local waiters. The same messages carry the wake-ups of the loops
+(services/wakeups.py), so a submit on one server wakes the leader's scheduler on another.
 
 When nobody waits, ``publish`` is one dictionary test: writers pay nothing for the feature.
 """
@@ -19,9 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
+
+from openhtc.services.wakeups import CANCEL, QUEUED, ROUND, Wakeups
+
+log = logging.getLogger("openhtc.notify")
 
 Key = tuple[str, object]  # ("job", job row id) | ("task", task id)
 EVERYTHING: Key = ("*", None)  # every waiter is woken: recoveries, cancels
@@ -154,3 +164,137 @@ class LocalNotifier:
     def waiters(self) -> int:
         """How many subscriptions are open (every one is under EVERYTHING)."""
         return len(self._subs.get(EVERYTHING, ()))
+
+
+class ChangeChannel(Protocol):
+    """Messages between the servers on one database (store/pg_notify.py: LISTEN/NOTIFY)."""
+
+    def send(self, payloads: Sequence[str]) -> None: ...
+
+    def listen(self, deliver: Callable[[str | None], None], stopping: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+MAX_PAYLOAD = 7000  # bytes; PostgreSQL's NOTIFY payload limit is 8000
+SEND_INTERVAL = 0.01  # seconds: what is published meanwhile goes out in one message
+
+
+class ClusterNotifier:
+    """The notifier of several servers on one PostgreSQL: this server's waiters are told at once
+    (a :class:`LocalNotifier`), and a sender thread passes the keys and the relayed wake-ups
+    (services/wakeups.py) to every other server in one NOTIFY per ``SEND_INTERVAL``; a listener
+    thread applies what the others send. Keys too many for one message become ``EVERYTHING``."""
+
+    def __init__(
+        self, channel: ChangeChannel, wakeups: Wakeups, is_leader: Callable[[], bool] = lambda: False
+    ) -> None:
+        self.local = LocalNotifier()
+        self.channel = channel
+        self.wakeups = wakeups
+        self.sender_id = uuid.uuid4().hex[:12]  # a server ignores its own messages
+        self._lock = threading.Lock()
+        self._keys: set[Key] = set()
+        self._wakes: set[str] = set()
+        self._pending = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        wakeups.relay_to(self._relay, round_wanted=lambda: not is_leader())
+
+    # -- the Notifier port ---------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return False  # waiters on other servers are not known here: writers always say what changed
+
+    @property
+    def closing(self) -> bool:
+        return self.local.closing
+
+    def close(self) -> None:
+        self.local.close()
+
+    def publish(self, keys: Iterable[Key]) -> None:
+        keys = frozenset(keys)
+        if not keys:
+            return
+        self.local.publish(keys)
+        with self._lock:
+            self._keys |= keys
+        self._pending.set()
+
+    def subscribe(self, keys: Iterable[Key]) -> AbstractAsyncContextManager[Subscription]:
+        return self.local.subscribe(keys)
+
+    def waiters(self) -> int:
+        return self.local.waiters()
+
+    # -- between servers -----------------------------------------------------------------------
+
+    def _relay(self, kind: str) -> None:
+        with self._lock:
+            self._wakes.add(kind)
+        self._pending.set()
+
+    def start(self) -> None:
+        for target, name in ((self._send_loop, "notify-send"), (self._listen, "notify-listen")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._pending.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.channel.close()
+
+    def message(self) -> str | None:
+        """The pending keys and wake-ups as one payload (None when there are none); taken."""
+        with self._lock:
+            keys, self._keys = self._keys, set()
+            wakes, self._wakes = self._wakes, set()
+        if not keys and not wakes:
+            return None
+        body = {"s": self.sender_id, "w": sorted(wakes), "k": [list(k) for k in keys]}
+        payload = json.dumps(body, separators=(",", ":"))
+        if len(payload) > MAX_PAYLOAD:
+            body["k"] = [list(EVERYTHING)]
+            payload = json.dumps(body, separators=(",", ":"))
+        return payload
+
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._pending.wait()
+            self._pending.clear()
+            payload = self.message()
+            if payload is not None:
+                try:
+                    self.channel.send([payload])
+                except Exception as exc:  # a hint lost: the loops' and waiters' timers cover it
+                    log.debug("notify: not sent (%s)", exc)
+            self._stopping.wait(SEND_INTERVAL)
+
+    def _listen(self) -> None:
+        self.channel.listen(self.receive, self._stopping)
+
+    def receive(self, payload: str | None) -> None:
+        """A message from another server (None: messages may have been missed: look at all)."""
+        if payload is None:
+            self.local.publish((EVERYTHING,))
+            for kind in (ROUND, QUEUED, CANCEL):
+                self.wakeups.apply(kind)
+            return
+        try:
+            body = json.loads(payload)
+            if body.get("s") == self.sender_id:
+                return
+            keys = [(str(k[0]), k[1]) for k in body.get("k", ())]
+            wakes = [str(w) for w in body.get("w", ())]
+        except (ValueError, TypeError, IndexError, AttributeError):
+            log.warning("notify: ignored a malformed message %r", payload[:200])
+            return
+        if keys:
+            self.local.publish(keys)
+        for kind in wakes:
+            self.wakeups.apply(kind)

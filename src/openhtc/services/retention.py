@@ -111,6 +111,8 @@ class RetentionSweeper:
     def _run(self) -> None:
         period = self.services.settings.retention_sweep_seconds
         while not self._stopping.wait(period):
+            if not self.services.leadership.is_leader:  # one server sweeps (services/leadership.py)
+                continue
             try:
                 result = self.sweep()
                 if result.archived or result.deleted:

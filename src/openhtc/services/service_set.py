@@ -11,6 +11,7 @@ from openhtc.config import Settings
 from openhtc.domain.clock import Clock
 from openhtc.domain.limits import Limits
 from openhtc.metrics import Metrics
+from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
 from openhtc.services.notify import EVERYTHING, LocalNotifier, Notifier
@@ -55,6 +56,9 @@ class ServiceSet:
     # services.agents.AgentService: the executor protocol for `htc agent` over HTTP (None where a
     # caller builds ServiceSet by hand). Typed loosely: it is built on this bag (no import cycle).
     agents: Any = None
+    # Whether this server runs the singletons (scheduler, lease expiry, retention): several
+    # servers on one PostgreSQL elect one (services/leadership.py); SQLite: always.
+    leadership: Leadership = field(default_factory=Leadership.always)
 
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).

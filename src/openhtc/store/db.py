@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from openhtc.domain.errors import InsufficientStorage, OpenHTCError, Unavailable
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATE_LOCK_KEY = int.from_bytes(b"openhtc\x03", "big")  # pg_advisory_xact_lock around migrations
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,8 @@ class Database:
             if self.is_sqlite:
                 # Alembic manages its own transaction; give it the driver's default behaviour.
                 conn.exec_driver_sql("BEGIN")
+            else:  # servers starting together on one PostgreSQL migrate one after the other
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK_KEY,))
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
             if self.is_sqlite:

@@ -294,3 +294,13 @@ repositories = Table(
     Column("created_by", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+# Secrets every server of an installation must share (several servers on one PostgreSQL): the
+# JWT signing key, the registry token key. Created once by the first server to start.
+shared_secrets = Table(
+    "shared_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)

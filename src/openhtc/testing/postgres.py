@@ -84,6 +84,7 @@ class PostgresCluster:
         self.port = 0
         self._options = ""
         self.started = False
+        self.paused = False
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -153,6 +154,7 @@ class PostgresCluster:
     def pause(self) -> None:
         """Stop the server but keep its data, as an outage would (see :meth:`resume`)."""
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.paused = True
 
     def resume(self) -> None:
         """Start the paused server again, on the same port."""
@@ -160,9 +162,10 @@ class PostgresCluster:
             str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
             "-o", self._options, "-w", "-t", "60", "start",
         )  # fmt: skip
+        self.paused = False
 
     def stop(self) -> None:
-        if self.started:
+        if self.started and not self.paused:  # a test that failed while it was paused
             try:
                 self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
             finally:

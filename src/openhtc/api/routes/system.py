@@ -28,7 +28,8 @@ def health(svc: ServiceSet = Depends(services)) -> JSONResponse:
     except OpenHTCError as exc:  # Unavailable, InsufficientStorage: see store.db.failure
         body = {"status": "unavailable", "database": "unavailable", **error_body(503, exc.message, exc.error)}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ok", "database": "ok"})
+    # leader: whether this server runs the singletons (several servers on one PostgreSQL elect one)
+    return JSONResponse({"status": "ok", "database": "ok", "leader": svc.leadership.is_leader})
 
 
 def scraper(request: Request) -> Principal:
