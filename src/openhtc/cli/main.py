@@ -27,6 +27,7 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.cli.alloc import register as register_alloc
 from openhtc.cli.bundle import htcctl_bundle
 from openhtc.cli.image import image_app
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
@@ -503,6 +504,7 @@ def summary(
 
 register(app)
 register_top(app)
+register_alloc(app)
 
 
 def main() -> None:

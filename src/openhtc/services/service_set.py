@@ -59,6 +59,8 @@ class ServiceSet:
     # Whether this server runs the singletons (scheduler, lease expiry, retention): several
     # servers on one PostgreSQL elect one (services/leadership.py); SQLite: always.
     leadership: Leadership = field(default_factory=Leadership.always)
+    # services.allocation.AllocationService: Slurm pilot queues (issue 17); typed loosely as agents.
+    allocation: Any = None
 
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).
