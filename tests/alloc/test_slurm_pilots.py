@@ -1,0 +1,90 @@
+"""Allocation queues against a real Slurm (private munged + slurmctld + slurmd, conftest.py).
+
+The server runs no embedded executor: jobs run only on pilots' agents (``htc agent`` started by
+the sbatch scripts the queue submits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from openhtc.testing.server import DEFAULT_REGION, HtcServer, htc_command
+
+pytestmark = pytest.mark.timeout(240)
+PrivateSlurm = Any  # tests/alloc/conftest.py: the private Slurm fixture
+
+
+def _server(start_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
+    return start_server(
+        env={
+            **slurm.env,
+            "OPENHTC_ALLOC_PERIOD_SECONDS": "0.3",
+            "OPENHTC_ALLOC_AGENT_COMMAND": " ".join(htc_command()),
+            "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0",
+            **env,
+        },
+        args=("--no-executor",),
+    )
+
+
+def _alloc(srv: HtcServer, *args: str, check: bool = True) -> Any:
+    """``htc alloc ARGS`` against the server, with its admin key (env: the private Slurm's)."""
+    import subprocess
+
+    cmd = [*htc_command(), "alloc", *args]
+    env = {**srv.environment(), "OPENHTC_URL": srv.url, "OPENHTC_API_KEY": srv.api_key}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def _queues(srv: HtcServer) -> list[dict[str, Any]]:
+    return list(json.loads(_alloc(srv, "ls", "--json").stdout))
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_its_reason(
+    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+) -> None:
+    srv = _server(start_server, slurm)
+    # the dry run (sbatch --test-only) refuses it: nothing is added
+    done = _alloc(
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "10m", "--", "--partition=nosuch",
+        check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "sbatch --test-only refused" in done.stderr and "partition" in done.stderr.lower(), done.stderr
+    assert _queues(srv) == []
+
+    # without the dry run it is added; its submissions fail until it pauses itself, saying why
+    _alloc(
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "10m", "--no-dry-run",
+        "--", "--partition=nosuch",
+    )  # fmt: skip
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit_one(project_id, task_id, api.job_request(["true"]))
+    paused = _wait("the queue to pause", lambda: [q for q in _queues(srv) if q["state"] == "paused"])
+    reason = paused[0]["pauseReason"]
+    assert "10 submissions failed in a row" in reason and "partition" in reason.lower(), reason
+    assert paused[0]["pilots"] == []
+    assert not [j for j in slurm.squeue() if j[1].startswith("openhtc-")]
+    shown = _alloc(srv, "ls").stdout
+    assert "paused: 10 submissions failed" in " ".join(shown.split()), shown
+    assert "paused" in srv.log_tail(200)
