@@ -27,6 +27,7 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.cli.agent import register as register_agent
 from openhtc.cli.alloc import register as register_alloc
 from openhtc.cli.bundle import htcctl_bundle
 from openhtc.cli.image import image_app
@@ -505,6 +506,7 @@ def summary(
 register(app)
 register_top(app)
 register_alloc(app)
+register_agent(app)
 
 
 def main() -> None:

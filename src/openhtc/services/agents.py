@@ -36,6 +36,11 @@ AGENT_WORK: Key = ("agent-work", None)  # jobs became claimable: waiting exchang
 Attempt = tuple[int, int]
 
 
+def agent_key(agent_id: str) -> Key:
+    """One agent's own wake-up: its draining call ends the long poll it has open."""
+    return ("agent", agent_id)
+
+
 class MustRegister(Exception):
     """The agent must register again before its next exchange (HTTP 409)."""
 

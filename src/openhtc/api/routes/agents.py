@@ -21,7 +21,7 @@ from openhtc.api.deps import app_services
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
 from openhtc.executor import protocol as wire
-from openhtc.services.agents import AGENT_WORK, AgentService, MustRegister
+from openhtc.services.agents import AGENT_WORK, AgentService, MustRegister, agent_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.queue import AgentInfo
 
@@ -106,7 +106,10 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
-    async with svc.notify.subscribe((AGENT_WORK,)) as woken:  # before the claim: no wake-up lost
+    if req.draining:  # a stopping agent: the long poll it may have open answers now
+        svc.notify.publish((agent_key(agent_id),))
+    # subscribed before the claim: no wake-up is lost
+    async with svc.notify.subscribe((AGENT_WORK, agent_key(agent_id))) as woken:
         try:
             done = await run_in_threadpool(
                 agents.exchange,
