@@ -106,7 +106,9 @@ class Settings(BaseSettings):
         None, description="The URL pilots' agents call this server at (default: http://HOST:PORT)."
     )
     alloc_agent_command: str = Field(
-        "htc", description="The command pilots run `agent` with (on the batch system's nodes)."
+        "htc agent",
+        description="What a pilot runs (on the batch system's node), before its --server, --region, "
+        "--vcpus, --labels and --work-dir: e.g. '/opt/openhtc/bin/htc agent --runtime podman'.",
     )
     max_infrastructure_retries: int = Field(
         3,

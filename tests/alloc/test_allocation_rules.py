@@ -79,7 +79,9 @@ def test_a_job_fits_a_pilot_only_with_its_timeout_inside_the_time_left() -> None
     assert rules.fits(600, None)  # no walltime
     assert rules.fits(600, 3600)
     assert not rules.fits(3600, 3600)  # the pilot drains a minute before its end
-    assert not rules.fits(None, 3600)  # an unbounded job never fits a bounded pilot
+    assert rules.fits(None, 3600)  # a job stating no timeout fits any pilot (as in HyperQueue)
+    assert rules.max_timeout(3600) == 3540 and rules.max_timeout(None) is None
+    assert rules.fits(3540, 3600) and not rules.fits(3541, 3600)
 
 
 def test_idle_after_the_idle_timeout() -> None:

@@ -88,3 +88,51 @@ def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_it
     shown = _alloc(srv, "ls").stdout
     assert "paused: 10 submissions failed" in " ".join(shown.split()), shown
     assert "paused" in srv.log_tail(200)
+
+
+def _pilot_server(start_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
+    """A server whose pilots run ``htc agent --runtime process`` (the agents' liveness: 3 s)."""
+    return _server(
+        start_server,
+        slurm,
+        OPENHTC_ALLOC_AGENT_COMMAND=" ".join([*htc_command(), "agent", "--runtime", "process"]),
+        OPENHTC_AGENT_LIVENESS_SECONDS="3",
+        OPENHTC_AGENT_POLL_SECONDS="1",
+        **env,
+    )
+
+
+def _our_pilots(slurm: PrivateSlurm) -> list[tuple[str, str, str]]:
+    return [j for j in slurm.squeue() if j[1].startswith("openhtc-")]
+
+
+def test_pilots_appear_for_queued_jobs_run_them_and_leave_when_idle(
+    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+) -> None:
+    srv = _pilot_server(start_server, slurm)
+    _alloc(
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--max-pilots", "2",
+        "--idle-timeout", "3s",
+    )  # fmt: skip
+    assert _our_pilots(slurm) == []  # nothing queued: no pilot
+
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit_one(
+        project_id,
+        task_id,
+        api.job_request(["sh", "-c", "echo ran $AWS_BATCH_JOB_ARRAY_INDEX"], batch_size=6),
+    )
+    jobs = api.wait_terminal(project_id, task_id, 6, timeout=120)
+    assert {j["status"] for j in jobs} == {"SUCCEEDED"}, [(j["status"], j.get("statusReason")) for j in jobs]
+
+    (queue,) = _queues(srv)
+    ran = [p for p in queue["pilots"] if p["agentId"]]
+    assert ran and all(p["slurmJobId"].isdigit() for p in ran), queue["pilots"]
+
+    # no work left: every pilot exits after its idle timeout and Slurm's queue is empty
+    _wait("the pilots to leave squeue", lambda: _our_pilots(slurm) == [], timeout=60)
+    (queue,) = _wait("every pilot to be ended", lambda: [q for q in _queues(srv) if all(
+        p["state"] == "ended" for p in q["pilots"])])  # fmt: skip
+    assert queue["state"] == "active" and queue["failedStarts"] == 0, queue
+    assert any("idle" in (p["detail"] or "") for p in queue["pilots"]), queue["pilots"]

@@ -109,11 +109,17 @@ def after_pilot_end(health: Health, agent_called: bool, detail: str) -> tuple[He
 def fits(timeout_s: int | None, seconds_left: float | None, margin: float = DRAIN_BEFORE_END) -> bool:
     """Whether a job with ``timeout_s`` (None: no timeout) may start on a pilot with
     ``seconds_left`` of walltime (None: no end). The pilot drains ``margin`` before its end."""
-    if seconds_left is None:
-        return True
-    if timeout_s is None:
-        return False  # an unbounded job never fits a bounded allocation
+    if seconds_left is None or timeout_s is None:
+        return True  # as HyperQueue: a job that states no time limit fits any pilot
     return timeout_s <= seconds_left - margin
+
+
+def max_timeout(seconds_left: float | None, margin: float = DRAIN_BEFORE_END) -> int | None:
+    """The longest ``execTimeoutSeconds`` a pilot with ``seconds_left`` may start (None: any);
+    ``fits(t, seconds_left)`` exactly when ``t <= max_timeout(seconds_left)``. Below zero: none."""
+    if seconds_left is None:
+        return None
+    return math.floor(seconds_left - margin)
 
 
 def is_idle(last_busy: float, now: float, idle_timeout: float) -> bool:

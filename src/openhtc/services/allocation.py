@@ -22,7 +22,7 @@ import logging
 import shlex
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.allocation.slurm import Slurm, SlurmError, SlurmJob
@@ -72,6 +72,8 @@ class AllocationService:
         self.agent_command = agent_command
         self.log_dir = log_dir
         self._lock = threading.Lock()  # one round (or queue change) at a time in this process
+        self._ends_lock = threading.Lock()
+        self._ends: dict[str, tuple[float, bool, float | None]] = {}  # agent -> (read at, pilot?, end)
 
     # -- queues (CLI and admin API) -------------------------------------------------------------
 
@@ -150,6 +152,27 @@ class AllocationService:
                     )
             self.store.remove_queue(queue_id)
 
+    # -- walltime ---------------------------------------------------------------------------------
+
+    def max_timeout(self, agent_id: str) -> int | None:
+        """The longest execTimeoutSeconds ``agent_id`` may start now: a pilot's walltime left less
+        the drain margin; None for an agent that is no pilot's. Read at most once a second per
+        agent (each exchange of each agent asks)."""
+        now = self.services.clock.now()
+        with self._ends_lock:
+            cached = self._ends.get(agent_id)
+        if cached is None or now - cached[0] > (1.0 if cached[1] else 60.0):
+            is_pilot, ends_at = self.store.pilot_end(agent_id, now)
+            cached = (now, is_pilot, ends_at)
+            with self._ends_lock:
+                if len(self._ends) > 100000:
+                    self._ends.clear()
+                self._ends[agent_id] = cached
+        _, is_pilot, ends_at = cached
+        if not is_pilot or ends_at is None:
+            return None
+        return rules.max_timeout(ends_at - now)
+
     # -- one round ------------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -159,91 +182,100 @@ class AllocationService:
                 return
             now = self.services.clock.now()
             agents = self.store.agents(now - self.services.settings.agent_liveness_seconds)
-            queued = self.store.queued_vcpus()
-            waiting_vcpus: dict[str, int] = {}  # by region: what pilots of earlier queues bring
-            for queue in queues:
+            rounds: list[_Round] = []
+            for queue in queues:  # first every queue's pilots, then submissions: they count them all
                 try:
-                    self._round(queue, agents, queued, waiting_vcpus, now)
+                    rounds.append(self._refresh(queue, agents, now))
                 except SlurmError as exc:  # squeue down, say: try again next round
                     log.warning("allocation queue %s: %s", queue.id, exc)
+            stopping = {p for r in rounds for p in r.stopping}
+            # by region: the vCPUs live agents have free (not those asked to stop), and what waits
+            coming: dict[str, int] = {}
+            for agent in agents:
+                if agent.pilot_id not in stopping:
+                    coming[agent.region] = coming.get(agent.region, 0) + agent.vcpus - agent.held_vcpus
+            for r in rounds:
+                coming[r.queue.region] = coming.get(r.queue.region, 0) + r.waiting * r.queue.pilot_vcpus
+            for r in rounds:
+                self._finish(r, coming, now)
 
-    def _round(
-        self,
-        queue: QueueRow,
-        agents: list[AgentHolding],
-        queued: dict[str, int],
-        waiting_vcpus: dict[str, int],
-        now: float,
-    ) -> None:
-        health = rules.Health(queue.failed_submissions, queue.failed_starts)
-        pause: str | None = None
+    def _refresh(self, queue: QueueRow, agents: list[AgentHolding], now: float) -> _Round:
+        """Bring the queue's pilots up to date with squeue and their agents; stop idle ones."""
+        out = _Round(queue, rules.Health(queue.failed_submissions, queue.failed_starts))
         alive = self.store.pilots(queue.id, alive_only=True)
         seen = self.slurm.jobs(job_name(queue.id)) if alive else {}
         unlinked = [p.id for p in alive if p.agent_id is None]
         linked = self.store.agent_ids_of(unlinked) if unlinked else {}
         by_pilot = {a.pilot_id: a for a in agents if a.pilot_id}
-        still: list[PilotRow] = []
         for pilot in alive:
             agent_id = pilot.agent_id or linked.get(pilot.id)
             job = seen.get(pilot.batch_job_id)
             if job is None and pilot.state == PilotState.SUBMITTED.value and now - pilot.submitted_at < 30:
-                still.append(pilot)  # sbatch answered; squeue may not show it yet
+                out.alive += 1  # sbatch answered; squeue may not show it yet
+                out.waiting += 1
                 continue
             if job is None or not (job.waiting or job.running):
                 detail = _ended(job, pilot)
                 self.store.update_pilot(
                     pilot.id, state=PilotState.ENDED.value, ended_at=now, agent_id=agent_id, detail=detail
                 )
-                health, reason = rules.after_pilot_end(health, agent_id is not None, detail)
-                pause = pause or reason
+                out.health, reason = rules.after_pilot_end(out.health, agent_id is not None, detail)
+                out.pause = out.pause or reason
                 continue
             values: dict[str, object] = {}
             if agent_id != pilot.agent_id:
-                values["agent_id"] = agent_id
+                values.update(agent_id=agent_id, last_busy_at=now)  # idle counts from its agent's start
             state = PilotState.RUNNING if job.running else PilotState.PENDING
             if state.value != pilot.state:
                 values["state"] = state.value
             if job.running and pilot.started_at is None:
-                values.update(started_at=now, last_busy_at=now)
+                values["started_at"] = now
             if job.ends_at is not None and job.ends_at != pilot.ends_at:
                 values["ends_at"] = job.ends_at
             agent = by_pilot.get(pilot.id)
             if agent is not None and agent.held_jobs:
                 values["last_busy_at"] = now
-            elif agent is not None and pilot.detail is None:
-                last_busy = pilot.last_busy_at or pilot.started_at or now
-                if rules.is_idle(last_busy, now, queue.idle_timeout_s):
-                    self.slurm.cancel(pilot.batch_job_id, signal="TERM")  # the agent drains, exits
-                    values["detail"] = f"idle for {queue.idle_timeout_s} s: asked to stop"
-                    log.info("pilot %s (Slurm job %s) idle: stopping it", pilot.id, pilot.batch_job_id)
+            elif (
+                agent is not None
+                and pilot.detail is None
+                and pilot.last_busy_at is not None
+                and rules.is_idle(pilot.last_busy_at, now, queue.idle_timeout_s)
+            ):
+                self.slurm.cancel(pilot.batch_job_id, signal="TERM")  # the agent drains, exits
+                values["detail"] = f"idle for {queue.idle_timeout_s} s: asked to stop"
+                log.info("pilot %s (Slurm job %s) idle: stopping it", pilot.id, pilot.batch_job_id)
             if values:
                 self.store.update_pilot(pilot.id, **values)
             if values.get("detail") is None and pilot.detail is None:
-                still.append(pilot)
-        waiting = [p for p in still if _waiting(seen.get(p.batch_job_id))]
-        region = queue.region
-        if queue.state == QueueState.ACTIVE.value and pause is None:
-            free = sum(a.vcpus - a.held_vcpus for a in agents if a.region == region)
-            demand = rules.Demand(queued.get(region, 0), free + waiting_vcpus.get(region, 0))
+                out.alive += 1
+                out.waiting += job.waiting
+            else:
+                out.stopping.append(pilot.id)
+        return out
+
+    def _finish(self, r: _Round, coming: dict[str, int], now: float) -> None:
+        """Submit what the queue's region needs (unless paused); record failures, pause."""
+        queue, region = r.queue, r.queue.region
+        if queue.state == QueueState.ACTIVE.value and r.pause is None:
+            # only the work a fresh pilot could take: a job longer than its walltime never fits
+            queued = self.store.queued_vcpus(region, rules.max_timeout(queue.time_limit_s))
+            demand = rules.Demand(queued, coming.get(region, 0))
             limits = rules.QueueLimits(queue.max_pilots, queue.backlog, queue.pilot_vcpus)
-            count = rules.pilots_to_submit(limits, demand, len(waiting), len(still))
+            # `coming` counts every queue's waiting pilots (the region's); the backlog is this queue's
+            count = min(rules.pilots_to_submit(limits, demand, 0, r.alive), max(0, queue.backlog - r.waiting))
             for _ in range(count):
                 error = self._submit(queue, now)
-                health, reason = rules.after_submission(health, error)
+                r.health, reason = rules.after_submission(r.health, error)
                 if error is None:
-                    waiting_vcpus[region] = waiting_vcpus.get(region, 0) + queue.pilot_vcpus
+                    coming[region] = coming.get(region, 0) + queue.pilot_vcpus
                 if reason is not None:
-                    pause = reason
+                    r.pause = reason
                     break
-        waiting_vcpus[region] = waiting_vcpus.get(region, 0) + len(waiting) * queue.pilot_vcpus
-        if (health.failed_submissions, health.failed_starts) != (
-            queue.failed_submissions,
-            queue.failed_starts,
-        ):
-            self.store.set_health(queue.id, health.failed_submissions, health.failed_starts)
-        if pause is not None and queue.state == QueueState.ACTIVE.value:
-            self.store.set_state(queue.id, QueueState.PAUSED.value, pause)
-            log.warning("allocation queue %s paused: %s", queue.id, pause)
+        if r.health != rules.Health(queue.failed_submissions, queue.failed_starts):
+            self.store.set_health(queue.id, r.health.failed_submissions, r.health.failed_starts)
+        if r.pause is not None and queue.state == QueueState.ACTIVE.value:
+            self.store.set_state(queue.id, QueueState.PAUSED.value, r.pause)
+            log.warning("allocation queue %s paused: %s", queue.id, r.pause)
 
     def _submit(self, queue: QueueRow, now: float) -> str | None:
         """Submit one pilot; the error when Slurm refused it."""
@@ -292,18 +324,26 @@ class AllocationService:
             "#!/bin/sh\n"
             "# an openhtc pilot: one htc agent for the length of this allocation (docs/allocation.md)\n"
             f"export OPENHTC_AGENT_TOKEN={shlex.quote(token)}\n"
-            f"exec {self.agent_command} agent --server {shlex.quote(self.server_url)}"
+            f"exec {self.agent_command} --server {shlex.quote(self.server_url)}"
             f" --region {shlex.quote(queue.region)} --vcpus {queue.pilot_vcpus}"
             f' --labels "{labels}" --work-dir "${{TMPDIR:-/tmp}}/openhtc-pilot-$SLURM_JOB_ID"\n'
         )
 
 
+@dataclass
+class _Round:
+    """One queue in one round: its counters, pause reason, and pilots alive, waiting, stopping."""
+
+    queue: QueueRow
+    health: rules.Health
+    pause: str | None = None
+    alive: int = 0
+    waiting: int = 0
+    stopping: list[str] = field(default_factory=list)
+
+
 def job_name(queue_id: str) -> str:
     return f"openhtc-{queue_id}"
-
-
-def _waiting(job: SlurmJob | None) -> bool:
-    return job is None or job.waiting  # not yet in squeue: submitted, so waiting
 
 
 def _ended(job: SlurmJob | None, pilot: PilotRow) -> str:

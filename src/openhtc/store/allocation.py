@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select, update
 
 from openhtc.domain.enums import ACTIVE_STATUSES, JobStatus
 from openhtc.store.db import Database
-from openhtc.store.tables import alloc_queues, executors, jobs, pilots
+from openhtc.store.tables import alloc_queues, batches, executors, jobs, pilots
 
 PILOT_LABEL = "openhtc.pilot"  # the agent label naming its pilot (the pilot script sets it)
 SLURM_JOB_LABEL = "slurm.job"  # the agent label carrying its Slurm job id
@@ -123,15 +123,18 @@ class AllocStore:
 
     # -- what the allocator decides on ----------------------------------------------------------
 
-    def queued_vcpus(self) -> dict[str, int]:
-        """Queued (admitted, not claimed) vCPUs per region."""
-        query = (
-            select(jobs.c.region, func.sum(jobs.c.vcpus))
-            .where(jobs.c.status == int(JobStatus.SUBMITTED_TO_PROVIDER))
-            .group_by(jobs.c.region)
+    def queued_vcpus(self, region: str, max_timeout_s: int | None) -> int:
+        """Queued (admitted, not claimed) vCPUs of a region whose jobs' execTimeoutSeconds is at
+        most ``max_timeout_s`` (or unset): the work a fresh pilot could take."""
+        query = select(func.sum(jobs.c.vcpus)).where(
+            jobs.c.status == int(JobStatus.SUBMITTED_TO_PROVIDER), jobs.c.region == region
         )
+        if max_timeout_s is not None:
+            timeout = batches.c.request[("htcJobDefinition", "execTimeoutSeconds")].as_integer()
+            fitting = select(batches.c.id).where(func.coalesce(timeout, 0) <= max_timeout_s)
+            query = query.where(jobs.c.batch_id.in_(fitting))
         with self.db.read() as conn:
-            return {r[0]: int(r[1] or 0) for r in conn.execute(query).all()}
+            return int(conn.execute(query).scalar() or 0)
 
     def agents(self, heard_since: float) -> list[AgentHolding]:
         """The agents heard from since ``heard_since`` (and not lost), with what they hold."""
@@ -162,6 +165,25 @@ class AllocStore:
         with self.db.read() as conn:
             rows = conn.execute(query).all()
         return {pilot: r.id for r in rows if (pilot := (r.labels or {}).get(PILOT_LABEL)) in wanted and pilot}
+
+    def pilot_end(self, agent_id: str, now: float) -> tuple[bool, float | None]:
+        """(whether ``agent_id`` is a pilot's agent, when its walltime ends). Before squeue has
+        shown the end, it is estimated from the pilot's start (or now) and its queue's time limit."""
+        with self.db.read() as conn:
+            labels = conn.execute(select(executors.c.labels).where(executors.c.id == agent_id)).scalar()
+            pilot_id = (labels or {}).get(PILOT_LABEL)
+            if not pilot_id:
+                return False, None
+            row = conn.execute(
+                select(pilots.c.ends_at, pilots.c.started_at, alloc_queues.c.time_limit_s)
+                .join(alloc_queues, alloc_queues.c.id == pilots.c.queue_id)
+                .where(pilots.c.id == pilot_id)
+            ).first()
+        if row is None:  # its queue was removed: it ends soon
+            return True, now
+        if row.ends_at is not None:
+            return True, float(row.ends_at)
+        return True, (row.started_at or now) + row.time_limit_s
 
 
 def _fields(row: Any) -> dict[str, Any]:
