@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,7 +66,7 @@ def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_it
     srv = _server(start_server, slurm)
     # the dry run (sbatch --test-only) refuses it: nothing is added
     done = _alloc(
-        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "10m", "--", "--partition=nosuch",
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--", "--partition=nosuch",
         check=False,
     )  # fmt: skip
     assert done.returncode != 0
@@ -74,7 +75,7 @@ def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_it
 
     # without the dry run it is added; its submissions fail until it pauses itself, saying why
     _alloc(
-        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "10m", "--no-dry-run",
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--no-dry-run",
         "--", "--partition=nosuch",
     )  # fmt: skip
     api = srv.api()
@@ -136,3 +137,64 @@ def test_pilots_appear_for_queued_jobs_run_them_and_leave_when_idle(
         p["state"] == "ended" for p in q["pilots"])])  # fmt: skip
     assert queue["state"] == "active" and queue["failedStarts"] == 0, queue
     assert any("idle" in (p["detail"] or "") for p in queue["pilots"]), queue["pilots"]
+
+
+def test_scancel_of_a_busy_pilot_recovers_its_jobs_none_lost_none_run_twice_at_once(
+    start_server: Callable[..., HtcServer], slurm: PrivateSlurm, tmp_path: Path
+) -> None:
+    srv = _pilot_server(start_server, slurm, OPENHTC_MAX_INFRASTRUCTURE_RETRIES="3")
+    _alloc(
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--max-pilots", "1",
+        "--pilot-vcpus", "2", "--idle-timeout", "3s",
+    )  # fmt: skip
+    shared = tmp_path / "runs"
+    shared.mkdir()
+    shared.chmod(0o777)
+    # each run appends a line; a run while another of the same job still holds its lock fails
+    script = f"exec flock -n {shared}/lock-$I sh -c 'echo run >> {shared}/runs-$I; sleep 6'"
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit_one(
+        project_id,
+        task_id,
+        api.job_request(["sh", "-c", f"export I=$AWS_BATCH_JOB_ARRAY_INDEX; {script}"], batch_size=2),
+    )
+    api.wait_jobs(project_id, task_id, lambda js: all(j["status"] == "RUNNING" for j in js), timeout=90,
+                  what="both jobs to run on the pilot")  # fmt: skip
+    (pilot,) = _our_pilots(slurm)
+    slurm.cmd("scancel", pilot[0])  # the node is lost: Slurm kills the agent and its jobs
+
+    jobs = api.wait_terminal(project_id, task_id, 2, timeout=150)
+    assert [j["status"] for j in jobs] == ["SUCCEEDED"] * 2, [
+        (j["status"], j.get("statusReason")) for j in jobs
+    ]
+    for index in (0, 1):  # each ran again on a fresh pilot: twice in all, never at once (flock)
+        assert (shared / f"runs-{index}").read_text().split() == ["run", "run"]
+    (queue,) = _queues(srv)
+    assert len(queue["pilots"]) >= 2 and queue["state"] == "active", queue
+
+
+def test_a_job_longer_than_a_pilots_walltime_left_waits_for_a_fresh_pilot(
+    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+) -> None:
+    srv = _pilot_server(start_server, slurm)
+    # 4 min pilots drain 1 min before their end: a fresh one takes jobs of up to ~3 min
+    _alloc(
+        srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "4m", "--max-pilots", "1",
+        "--idle-timeout", "3s",
+    )  # fmt: skip
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    short = api.job_request(["sleep", "20"], execTimeoutSeconds=60)
+    api.submit_one(project_id, task_id, short, group="short")
+    api.wait_terminal(project_id, task_id, 1, timeout=90)
+    # 170 s fits a fresh pilot, not the first one now that its short job used ~20 s of it
+    api.submit_one(project_id, task_id, api.job_request(["true"], execTimeoutSeconds=170), group="long")
+    jobs = api.wait_terminal(project_id, task_id, 2, timeout=150)
+    assert [j["status"] for j in jobs] == ["SUCCEEDED"] * 2, [
+        (j["status"], j.get("statusReason")) for j in jobs
+    ]
+    agents = {j["group"]: j["jobExecutionEnvironment"]["instanceId"] for j in jobs}
+    assert agents["short"] != agents["long"], agents
+    pilots = {p["agentId"]: p for p in _queues(srv)[0]["pilots"]}
+    assert agents["short"] in pilots and agents["long"] in pilots, (agents, pilots)

@@ -319,14 +319,24 @@ class AllocationService:
         ]
 
     def _script(self, queue: QueueRow, pilot_id: str, token: str) -> str:
+        """The pilot: one agent in a work directory of its own (its agent id is derived from it),
+        removed when the agent exits. SIGTERM (idle, or the walltime's end near) is passed on to
+        the agent, which drains."""
         labels = f"{PILOT_LABEL}={pilot_id},{SLURM_JOB_LABEL}=$SLURM_JOB_ID"
+        work = f'"${{TMPDIR:-/tmp}}/openhtc-pilot-{pilot_id}"'
         return (
             "#!/bin/sh\n"
             "# an openhtc pilot: one htc agent for the length of this allocation (docs/allocation.md)\n"
             f"export OPENHTC_AGENT_TOKEN={shlex.quote(token)}\n"
-            f"exec {self.agent_command} --server {shlex.quote(self.server_url)}"
+            f"{self.agent_command} --server {shlex.quote(self.server_url)}"
             f" --region {shlex.quote(queue.region)} --vcpus {queue.pilot_vcpus}"
-            f' --labels "{labels}" --work-dir "${{TMPDIR:-/tmp}}/openhtc-pilot-$SLURM_JOB_ID"\n'
+            f' --labels "{labels}" --work-dir {work} &\n'
+            "agent=$!\n"
+            "trap 'kill -TERM \"$agent\"' TERM\n"
+            'wait "$agent"; status=$?\n'
+            'wait "$agent" 2>/dev/null && status=$?\n'  # after a trapped signal: its real end
+            f"rm -rf {work}\n"
+            'exit "$status"\n'
         )
 
 
