@@ -152,6 +152,19 @@ class AllocationService:
                     )
             self.store.remove_queue(queue_id)
 
+    def queue_depth(self, region: str) -> dict[str, int | str]:
+        """The metric an autoscaler (KEDA's metrics-api scaler) reads: a region's queued and active
+        jobs and vCPUs; ``wantedVcpus`` (queued + active) is what its agents should offer."""
+        queued, queued_vcpus, active, active_vcpus = self.store.queue_depth(region)
+        return {
+            "region": region,
+            "queuedJobs": queued,
+            "queuedVcpus": queued_vcpus,
+            "activeJobs": active,
+            "activeVcpus": active_vcpus,
+            "wantedVcpus": queued_vcpus + active_vcpus,
+        }
+
     # -- walltime ---------------------------------------------------------------------------------
 
     def max_timeout(self, agent_id: str) -> int | None:

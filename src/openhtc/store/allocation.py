@@ -136,6 +136,21 @@ class AllocStore:
         with self.db.read() as conn:
             return int(conn.execute(query).scalar() or 0)
 
+    def queue_depth(self, region: str) -> tuple[int, int, int, int]:
+        """A region's (queued jobs, queued vCPUs, active jobs, active vCPUs): the autoscaler's metric."""
+
+        def count(statuses: list[int]) -> tuple[int, int]:
+            query = select(func.count(), func.sum(jobs.c.vcpus)).where(
+                jobs.c.status.in_(statuses), jobs.c.region == region
+            )
+            row = conn.execute(query).one()
+            return int(row[0] or 0), int(row[1] or 0)
+
+        with self.db.read() as conn:
+            queued = count([int(JobStatus.SUBMITTED_TO_PROVIDER)])
+            active = count([int(s) for s in ACTIVE_STATUSES])
+        return (*queued, *active)
+
     def agents(self, heard_since: float) -> list[AgentHolding]:
         """The agents heard from since ``heard_since`` (and not lost), with what they hold."""
         held = (

@@ -18,7 +18,7 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain import allocation as rules
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
-from openhtc.domain.errors import PermissionDenied, ValidationFailed
+from openhtc.domain.errors import PermissionDenied, Unauthenticated, ValidationFailed
 from openhtc.services.allocation import AllocationService, QueueSpec
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.allocation import PilotRow, QueueRow
@@ -141,3 +141,27 @@ def remove_queue(
 ) -> Response:
     _admin(who, svc).remove(queue_id)
     return Response(status_code=204)
+
+
+@router.get("/openhtc/v1/alloc/queue-depth")
+def queue_depth(
+    request: Request, region: str | None = None, svc: ServiceSet = Depends(services)
+) -> JSONResponse:
+    """A region's queue depth for autoscalers (KEDA's metrics-api scaler; docs/deploy-kubernetes.md).
+    An agent token (for its region, or any with ``*``) or a workspace administrator's token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("expected 'Authorization: Bearer <agent token>'")
+    try:
+        claims = svc.tokens.verify_agent(token.strip())
+        scope = str(claims.get("region", "*"))
+    except PermissionDenied:  # not an agent token: a user's
+        _admin(svc.tokens.verify(token.strip()), svc)
+        scope = "*"
+    wanted = region or (scope if scope != "*" else svc.settings.region)
+    if scope not in ("*", wanted):
+        raise PermissionDenied(f"this agent token is for region {scope}, not {wanted}")
+    allocation: AllocationService | None = svc.allocation
+    if allocation is None:
+        raise PermissionDenied("this server runs no allocation queues")
+    return JSONResponse(allocation.queue_depth(wanted))
