@@ -129,6 +129,7 @@ def test_the_executors_page_shows_leases_to_admins_only_and_htc_top_renders(
         assert '<td class="leases">1</td>' in page.text  # the sleeping job
         assert f'<td class="version">{openhtc.__version__}</td>' in page.text
         assert socket.gethostname() in page.text  # where it runs
+        assert "This server leads" in page.text  # one server: it runs the scheduler
     member = member_key(module_server)
     with closing(sign_in(module_server, member)) as client:
         page = client.get("/ui/executors")

@@ -183,10 +183,16 @@ def describe(settings: Settings, runtime_name: str) -> list[str]:
     else:
         endpoint = settings.s3_endpoint or "AWS"
         storage = f"{settings.storage} (endpoint {endpoint}, bucket {settings.s3_bucket})"
-    return [
+    lines = [
         f"listening on http://{settings.host}:{settings.port} (API at /api/v1)",
         f"data directory: {settings.data_dir}",
         f"database: {_database_name(settings)}",
         f"storage: {storage}",
         f"executor runtime: {runtime_name} (configured: {settings.runtime})",
     ]
+    if not settings.resolved_database_url().startswith("sqlite"):
+        lines.append(
+            "several servers may share this database (one leads: GET /health); a registry they "
+            "share trusts what `htc admin registry-config` prints (docs/deployment.md)"
+        )
+    return lines

@@ -62,6 +62,7 @@ from openhtc.store.leader_lock import PgLeaderLock
 from openhtc.store.pg_notify import PgChannel
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
+from openhtc.store.shared_secrets import bootstrap_lock
 
 log = logging.getLogger("openhtc")
 ADMIN_EMAIL = "admin@localhost"
@@ -242,7 +243,8 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     storage_process, settings = start_managed_storage(settings)
     try:
         services = build_services(settings, clock)
-        new_key = bootstrap(services)
+        with bootstrap_lock(services.db):  # servers starting together: one creates the installation
+            new_key = bootstrap(services)
     except BaseException:
         if storage_process is not None:
             storage_process.stop()

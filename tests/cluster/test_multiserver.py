@@ -232,18 +232,22 @@ def test_a_wait_on_one_server_is_told_of_a_job_run_through_another(
 
 
 OUTAGE = 10.0  # seconds PostgreSQL stays down
+# leases shorter than the outage: every lease has run out when the database is back, and the
+# leader must let the executors renew them before it takes their jobs for lost
+SHORT_LEASES = {"OPENHTC_LEASE_SECONDS": "6", "OPENHTC_HEARTBEAT_SECONDS": "1"}
 
 
 def test_servers_recover_from_a_postgresql_outage_without_a_restart(
     servers: list[HtcServer], tmp_path: Path
 ) -> None:
-    """PostgreSQL stops for 10 s while jobs run and wait for the scheduler, then starts again."""
+    """PostgreSQL stops for 10 s, longer than the leases, while jobs run and wait for the
+    scheduler, then starts again."""
     runs = tmp_path / "runs"
     runs.mkdir()
     with running_cluster() as cluster:  # its own cluster: the session's stays up for other tests
         url = cluster.new_database()
-        leader = start(servers, tmp_path, url, executor=False)
-        follower = start(servers, tmp_path, url)
+        leader = start(servers, tmp_path, url, executor=False, env=SHORT_LEASES)
+        follower = start(servers, tmp_path, url, env=SHORT_LEASES)
         assert wait_one_leader(servers) is leader
         api = follower.api()
         pid, tid = limited_project(api, 2)
@@ -261,6 +265,48 @@ def test_servers_recover_from_a_postgresql_outage_without_a_restart(
         cluster.resume()
         # while it was down every server answered 503 (Unavailable), never 500
         assert all(codes == {503} for codes in answers.values()), answers
+        # the leader noticed it had lost its lock's session and stepped down, then one led again
+        assert "stepped down" in leader.log_path.read_text()
         wait_one_leader(servers)
         check_each_ran_once(api, pid, tid, runs, 20)
         assert all(srv.alive for srv in servers)
+        for srv in servers:  # before their database goes
+            srv.stop()
+
+
+def test_servers_started_together_on_a_new_database_make_one_installation(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """Migrations, the shared keys and the first workspace are each made once, under locks."""
+    import psycopg
+
+    url = pg_cluster.new_database()
+    pair = [HtcServer(tmp_path / f"together{i}", url, env=ENV, args=("--no-executor",)) for i in range(2)]
+    for srv in pair:
+        srv.data_dir.mkdir()
+        servers.append(srv)
+        srv._spawn()  # both start before either answers
+    for srv in pair:
+        assert srv._wait_healthy() is None, srv.log_tail()
+    keys = [srv.data_dir / "admin-api-key" for srv in pair if (srv.data_dir / "admin-api-key").exists()]
+    assert len(keys) == 1, "exactly one server creates the installation and its admin key"
+    with psycopg.connect(url) as conn:
+        workspaces = conn.execute("SELECT count(*) FROM workspaces").fetchone()
+        secrets = conn.execute("SELECT count(*) FROM shared_secrets").fetchone()
+    assert workspaces == (1,) and secrets == (2,), (workspaces, secrets)
+    for srv in pair:
+        srv.api_key = keys[0].read_text().strip()
+    assert pair[1].client(pair[0].token()).get("/htc/projects").status_code == 200
+
+
+def test_the_signing_key_can_come_from_a_file_every_server_reads(tmp_path: Path) -> None:
+    """OPENHTC_SIGNING_KEY_FILE: servers reading one file sign alike, whatever their data dirs."""
+    from openhtc.testing.inprocess import in_process_services
+
+    key_file = tmp_path / "shared" / "jwt.pem"
+    with (
+        in_process_services(tmp_path / "one", None, signing_key_file=key_file) as one,
+        in_process_services(tmp_path / "two", None, signing_key_file=key_file) as two,
+    ):
+        assert key_file.exists() and not (tmp_path / "one" / "keys" / "jwt-signing.pem").exists()
+        assert one.tokens.key.kid == two.tokens.key.kid

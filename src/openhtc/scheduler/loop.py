@@ -19,15 +19,24 @@ class SchedulerLoop:
         self.services = services
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        # Set when this server takes the lead or the database comes back: the executors renew
+        # their leases before the next expiry pass, so leases that ran out while nobody could
+        # renew them (the database was away) are not taken for dead executors.
+        self._renew_first = False
 
     def start(self) -> None:
-        # a new leader runs a round at once (submits while no server led are held)
         self.services.leadership.on_change(self._leading)
         self._thread.start()
 
     def _leading(self, leading: bool) -> None:
-        if leading:  # a new leader runs a round at once
+        if leading:  # a new leader runs a round at once (submits meanwhile were held)
+            self._renew_first = True
             self.services.wakeups.schedule_round.set()
+
+    def renewal_grace(self) -> float:
+        """How long executors get to renew their leases before an expiry pass (see _renew_first)."""
+        settings = self.services.settings
+        return min(3 * settings.heartbeat_seconds, settings.lease_seconds)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -56,11 +65,13 @@ class SchedulerLoop:
         while not self._stopping.is_set():
             s.wakeups.schedule_round.wait(timeout=1.0)
             if not s.leadership.is_leader:  # another server runs the rounds (services/leadership.py)
-                next_expiry = 0.0  # on taking over: recover expired leases at once
                 continue
             try:
                 self.tick()
                 now = time.monotonic()
+                if self._renew_first:
+                    self._renew_first = False
+                    next_expiry = max(next_expiry, now + self.renewal_grace())
                 if now >= next_expiry:
                     if (expired := s.queue.expire_leases(s.clock.now())).changes:
                         s.metrics.jobs.leases_expired(expired)
@@ -72,6 +83,7 @@ class SchedulerLoop:
                     next_liveness = now + max(0.5, s.settings.agent_liveness_seconds / 8)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
                 log.warning("scheduler: %s", exc.message)
+                self._renew_first = True
                 time.sleep(0.5)
             except Exception:
                 log.exception("scheduler loop error")

@@ -199,6 +199,7 @@ class ClusterNotifier:
         self._pending = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.connected = False  # start() sets it: then what is published goes to the others
         wakeups.relay_to(self._relay, round_wanted=lambda: not is_leader())
 
     # -- the Notifier port ---------------------------------------------------------------------
@@ -219,6 +220,8 @@ class ClusterNotifier:
         if not keys:
             return
         self.local.publish(keys)
+        if not self.connected:  # not started (a command, a test's services): nobody to tell
+            return
         with self._lock:
             self._keys |= keys
         self._pending.set()
@@ -232,11 +235,14 @@ class ClusterNotifier:
     # -- between servers -----------------------------------------------------------------------
 
     def _relay(self, kind: str) -> None:
+        if not self.connected:
+            return
         with self._lock:
             self._wakes.add(kind)
         self._pending.set()
 
     def start(self) -> None:
+        self.connected = True
         for target, name in ((self._send_loop, "notify-send"), (self._listen, "notify-listen")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

@@ -19,6 +19,11 @@ log = logging.getLogger("openhtc.leadership")
 # pg_try_advisory_lock's bigint key: "openhtc\x01" read as an integer, unlikely to collide.
 LEADER_KEY = int.from_bytes(b"openhtc\x01", "big")
 CONNECT_TIMEOUT = 3  # seconds: a follower's try must not hang on an unreachable database
+# A lost host or network: the client gives up on a query unanswered for 5 s (so the leader steps
+# down), and the database ends the session after about 11 s of silence (5 s idle, then 3 probes
+# 2 s apart), which frees the lock for a follower only once the old leader has stepped down.
+CLIENT_TCP_USER_TIMEOUT_MS = 5000
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 
 
 def psycopg_params(url: str) -> dict[str, Any]:
@@ -35,14 +40,17 @@ def connect(url: str, **extra: Any) -> Any:
     """A dedicated autocommit connection with keepalives (the lock's, the notifier's)."""
     import psycopg
 
+    params = psycopg_params(url)
+    params["options"] = f"{params.get('options', '')} {SERVER_KEEPALIVES}".strip()
     return psycopg.connect(
-        **psycopg_params(url),
+        **params,
         autocommit=True,
         connect_timeout=CONNECT_TIMEOUT,
         keepalives=1,
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=3,
+        tcp_user_timeout=CLIENT_TCP_USER_TIMEOUT_MS,
         **extra,
     )
 

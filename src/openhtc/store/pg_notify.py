@@ -50,6 +50,7 @@ class PgChannel:
         """Feed each payload received to ``deliver`` until ``stopping`` is set; after a
         reconnection ``deliver(None)`` says that notifications may have been missed."""
         first = True
+        quiet = False  # an outage is announced once; the retries each second say nothing new
         while not stopping.is_set():
             try:
                 conn = connect(self.url, application_name="openhtc listen")
@@ -58,15 +59,20 @@ class PgChannel:
                 if not first:
                     log.info("notify: listening again")
                     deliver(None)
-                first = False
+                first = quiet = False
                 while not stopping.is_set():
                     for note in conn.notifies(timeout=0.5):
                         deliver(note.payload)
             except Exception as exc:
                 if stopping.is_set():
                     break
-                log.warning("notify: listening connection lost (%s); reconnecting", str(exc).strip()[:200])
-                first = False
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                log.log(
+                    logging.DEBUG if quiet else logging.WARNING,
+                    "notify: not listening (%s); retrying",
+                    reason,
+                )
+                first, quiet = False, True
                 stopping.wait(RECONNECT_SECONDS)
             finally:
                 self._close_listen()

@@ -7,7 +7,8 @@ runs under a transaction advisory lock, so servers starting together agree on on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import select
 
@@ -15,6 +16,24 @@ from openhtc.store.db import Database
 from openhtc.store.tables import shared_secrets
 
 SECRETS_LOCK_KEY = int.from_bytes(b"openhtc\x02", "big")
+BOOTSTRAP_LOCK_KEY = int.from_bytes(b"openhtc\x04", "big")
+
+
+@contextmanager
+def bootstrap_lock(db: Database) -> Iterator[None]:
+    """Servers starting together on one PostgreSQL bootstrap (first workspace, admin key) one
+    after the other, so only one of them creates the installation."""
+    if db.is_sqlite:  # one server per SQLite database
+        yield
+        return
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_LOCK_KEY,))
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (BOOTSTRAP_LOCK_KEY,))
+            conn.commit()
 
 
 def shared_secret(db: Database, name: str, make: Callable[[], str]) -> str:

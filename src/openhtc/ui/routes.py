@@ -227,7 +227,12 @@ def create_router() -> APIRouter:
             return hit
         admin = overview.is_admin(who)
         return render(
-            request, "executors.html", who=who, admin=admin, executors=overview.executor_views(svc, admin)
+            request,
+            "executors.html",
+            who=who,
+            admin=admin,
+            executors=overview.executor_views(svc, admin),
+            leader=svc.leadership.is_leader,
         )
 
     @router.get("/projects/{project_id}")
