@@ -52,16 +52,24 @@ def plain_array(slurm: Slurm, n: int) -> dict[str, float]:
 def through_pilots(api: httpx.Client, project: str, n: int) -> dict[str, float]:
     task = api.post(f"/htc/projects/{project}/tasks", json={"taskName": "p", "taskDescription": "b"}).json()
     jobs = f"/htc/projects/{project}/tasks/{task['taskId']}"
-    body = [
+    definition = {
+        "imageName": "busybox:latest",
+        "maxVCpus": 1,
+        "maxMemory": 64,
+        "commands": ["true"],
+        "execTimeoutSeconds": 600,
+        "architecture": "X86",
+        "priority": "ON_DEMAND_PRIORITY",
+    }
+    body = [  # batches of at most 1,000 (the API's limit)
         {
             "jobName": "true",
-            "batchSize": n,
+            "batchSize": min(1000, n - i),
             "regions": ["AWS_US_EAST_1"],
-            "htcJobDefinition": {"imageName": "busybox:latest", "maxVCpus": 1, "maxMemory": 64,
-                                 "commands": ["true"], "execTimeoutSeconds": 600,
-                                 "architecture": "X86", "priority": "ON_DEMAND_PRIORITY"},
+            "htcJobDefinition": definition,
         }
-    ]  # fmt: skip
+        for i in range(0, n, 1000)
+    ]
     start = time.perf_counter()
     api.post(jobs + "/jobs/batch", json=body).raise_for_status()
     first = None
