@@ -146,8 +146,10 @@ postgres:
 # `htc server` supervises, and skopeo, umoci and a static busybox for the test images. Install
 # whatever is missing (never skipped in CI: without them the container tests fail there).
 # chromium: the dashboard's headless-browser test (tests/test_dashboard.py); prometheus: the metrics
-# test scrapes the server with a real Prometheus (tests/test_metrics.py).
-CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static chromium prometheus
+# test scrapes the server with a real Prometheus (tests/test_metrics.py); slurm-wlm, munge: a private
+# Slurm for the allocation queue tests (tests/alloc/test_slurm_pilots.py).
+CONTAINER_PACKAGES := bubblewrap podman runc docker-registry skopeo umoci busybox-static chromium prometheus \
+  slurm-wlm munge
 containers:
 	@missing=""; for pkg in $(CONTAINER_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \

@@ -49,7 +49,9 @@ class OpenhtcServer:
         vcpus: int | None = None,
         memory_mb: int | None = None,
         start_timeout: float = 90.0,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = dict(env or {})  # settings beyond the above (OPENHTC_*), and SLURM_CONF
         self.runtime = runtime
         self.database_url = database_url
         self.executor = executor
@@ -100,6 +102,7 @@ class OpenhtcServer:
             env["OPENHTC_EXECUTOR_VCPUS"] = str(self.vcpus)
         if self.memory_mb:
             env["OPENHTC_EXECUTOR_MEMORY_MB"] = str(self.memory_mb)
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as logf:  # a restart appends
             self.proc = subprocess.Popen(
                 cmd,

@@ -117,6 +117,17 @@ class Settings(BaseSettings):
     agent_poll_seconds: float = Field(
         20.0, ge=0, description="The longest the server holds an idle agent's exchange (long poll)."
     )
+    alloc_period_seconds: float = Field(
+        5.0, gt=0, description="How often the leader looks at allocation queues (Slurm pilots)."
+    )
+    alloc_server_url: str | None = Field(
+        None, description="The URL pilots' agents call this server at (default: http://HOST:PORT)."
+    )
+    alloc_agent_command: str = Field(
+        "htc agent",
+        description="What a pilot runs (on the batch system's node), before its --server, --region, "
+        "--vcpus, --labels and --work-dir: e.g. '/opt/openhtc/bin/htc agent --runtime podman'.",
+    )
     max_infrastructure_retries: int = Field(
         3,
         ge=0,

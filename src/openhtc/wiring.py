@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from openhtc import __version__
+from openhtc.allocation.slurm import Slurm
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
 from openhtc.domain.clock import Clock
@@ -33,6 +34,7 @@ from openhtc.runtimes.base import Runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.agents import AgentService
+from openhtc.services.allocation import AllocationLoop, AllocationService
 from openhtc.services.executors import ExecutorService
 from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
@@ -55,6 +57,7 @@ from openhtc.startup import (
 )
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
+from openhtc.store.allocation import AllocStore
 from openhtc.store.db import Database
 from openhtc.store.functions import FunctionStore
 from openhtc.store.jobs import JobStore
@@ -115,7 +118,22 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
     metrics.leader = lambda: services.leadership.is_leader
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
     services.agents = AgentService(services, ExecutorService(services))  # htc agent, over HTTP
+    services.allocation = AllocationService(  # Slurm pilot queues (docs/allocation.md)
+        services,
+        AllocStore(db),
+        Slurm(),
+        alloc_server_url(settings),
+        settings.alloc_agent_command,
+        settings.data_dir / "pilots",
+    )
     return services
+
+
+def alloc_server_url(settings: Settings) -> str:
+    if settings.alloc_server_url:
+        return settings.alloc_server_url.rstrip("/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    return f"http://{host}:{settings.port}"
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -167,6 +185,7 @@ class Server:
     executor: LocalExecutor | None
     retention: RetentionSweeper
     storage_process: SeaweedFS | None = None  # --storage seaweedfs: the S3 server we supervise
+    allocation: AllocationLoop | None = None  # submits Slurm pilots (leader only)
 
     def start(self) -> None:
         if isinstance(self.services.notify, ClusterNotifier):
@@ -182,6 +201,8 @@ class Server:
         self.scheduler.start()
         self.services.leadership.start()  # after the scheduler: it listens for taking the lead
         self.retention.start()
+        if self.allocation is not None:
+            self.allocation.start()
 
     def stop(self) -> None:
         began = time.monotonic()
@@ -189,6 +210,8 @@ class Server:
         if self.executor is not None:
             self.executor.stop()
             self.executor.runtime.close()  # unmounts the bwrap runtime's scratch disks
+        if self.allocation is not None:
+            self.allocation.stop()
         self.retention.stop()
         self.scheduler.stop()
         self.services.leadership.stop()  # after the singletons stopped: the next leader starts clean
@@ -260,7 +283,10 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             stager=services.storage.stager() if services.storage else None,
             functions=_function_pool(services, runtime),
         )
-    return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
+    server = Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
+    if services.allocation is not None:
+        server.allocation = AllocationLoop(services, services.allocation)
+    return server
 
 
 def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:

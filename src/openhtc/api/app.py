@@ -19,6 +19,7 @@ from openhtc.api.guard import RequestGuard
 from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import (
     agents,
+    alloc,
     auth,
     explain,
     functions,
@@ -55,7 +56,7 @@ def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], No
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system, live):
         app.include_router(module.router)
-    for module in (explain, overview, functions, agents):  # openhtc extensions (docs/extensions.md)
+    for module in (explain, overview, functions, agents, alloc):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
     for extend in extensions:
         extend(app)

@@ -28,6 +28,7 @@ from openhtc.cli._common import (
     require,
 )
 from openhtc.cli.agent import register as register_agent
+from openhtc.cli.alloc import register as register_alloc
 from openhtc.cli.bundle import htcctl_bundle
 from openhtc.cli.image import image_app
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
@@ -504,6 +505,7 @@ def summary(
 
 register(app)
 register_top(app)
+register_alloc(app)
 register_agent(app)
 
 

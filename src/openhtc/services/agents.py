@@ -194,7 +194,12 @@ class AgentService:
     ) -> list[JobLaunch]:
         if max_jobs <= 0 or free.vcpus <= 0:
             return []
-        return self.executors.claim(agent_id, region, architectures, free, max_jobs)
+        # a Slurm pilot's agent takes only jobs whose timeout fits its walltime left (issue 17)
+        allocation = self.services.allocation
+        max_timeout = allocation.max_timeout(agent_id) if allocation is not None else None
+        if max_timeout is not None and max_timeout < 0:
+            return []
+        return self.executors.claim(agent_id, region, architectures, free, max_jobs, max_timeout)
 
     def check_liveness(self) -> int:
         """Mark lost the agents silent past their liveness (unless the server suspects itself);

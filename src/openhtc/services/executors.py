@@ -77,11 +77,26 @@ class ExecutorService:
         return len(applied.changes)
 
     def claim(
-        self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
+        self,
+        executor_id: str,
+        region: str,
+        architectures: Sequence[str],
+        free: Capacity,
+        max_jobs: int,
+        max_timeout_s: int | None = None,
     ) -> list[JobLaunch]:
+        """``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (a pilot's
+        walltime left); jobs without one always qualify."""
         s = self.services
         claimed = s.queue.claim(
-            executor_id, region, architectures, free, max_jobs, s.settings.lease_seconds, s.clock.now()
+            executor_id,
+            region,
+            architectures,
+            free,
+            max_jobs,
+            s.settings.lease_seconds,
+            s.clock.now(),
+            max_timeout_s,
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
         if claimed and not s.notify.idle:

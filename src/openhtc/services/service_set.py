@@ -53,12 +53,14 @@ class ServiceSet:
 
     # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
     metrics: Metrics = field(default_factory=Metrics)
-    # Whether this server runs the singletons (scheduler, lease expiry, retention): several
-    # servers on one PostgreSQL elect one (services/leadership.py); SQLite: always.
-    leadership: Leadership = field(default_factory=Leadership.always)
     # services.agents.AgentService: the executor protocol for `htc agent` over HTTP (None where a
     # caller builds ServiceSet by hand). Typed loosely: it is built on this bag (no import cycle).
     agents: Any = None
+    # Whether this server runs the singletons (scheduler, lease expiry, retention): several
+    # servers on one PostgreSQL elect one (services/leadership.py); SQLite: always.
+    leadership: Leadership = field(default_factory=Leadership.always)
+    # services.allocation.AllocationService: Slurm pilot queues (issue 17); typed loosely as agents.
+    allocation: Any = None
 
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).

@@ -261,8 +261,10 @@ class QueueStore:
         max_jobs: int,
         lease_seconds: float,
         now: float,
+        max_timeout_s: int | None = None,
     ) -> list[JobState]:
-        """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE."""
+        """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE.
+        ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset)."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         with self.db.write() as conn:
@@ -279,8 +281,8 @@ class QueueStore:
                     S.SUBMITTED_TO_PROVIDER,
                     [project],
                     per_project,
-                    f" AND region = ? AND architecture IN ({arch_sql})",
-                    (region, *architectures),
+                    f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}",
+                    (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,)),
                 )
                 for project in queued_projects
             }
@@ -294,6 +296,17 @@ class QueueStore:
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
             writes.flush()
             return claimed
+
+    def _timeout_sql(self, max_timeout_s: int | None) -> str:
+        """A claim filter on the batch's execTimeoutSeconds (a Slurm pilot's walltime left)."""
+        if max_timeout_s is None:
+            return ""
+        timeout = (
+            "CAST(json_extract(b.request, '$.htcJobDefinition.execTimeoutSeconds') AS INTEGER)"
+            if self.db.is_sqlite
+            else "(b.request->'htcJobDefinition'->>'execTimeoutSeconds')::bigint"
+        )
+        return f" AND batch_id IN (SELECT b.id FROM batches b WHERE COALESCE({timeout}, 0) <= ?)"
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> Applied:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored.

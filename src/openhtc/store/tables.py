@@ -333,3 +333,42 @@ function_calls = Table(
     Column("result_key", Text),
     Column("attempt", Integer),
 )
+
+# Allocation queues (issue 17): each submits pilot jobs running `htc agent` to a batch system
+# (Slurm) for one region, within its limits (domain/allocation.py; docs/allocation.md).
+alloc_queues = Table(
+    "alloc_queues",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(16), nullable=False),  # "slurm"
+    Column("region", String(64), nullable=False),
+    Column("time_limit_s", Integer, nullable=False),
+    Column("max_pilots", Integer, nullable=False),
+    Column("backlog", Integer, nullable=False),
+    Column("pilot_vcpus", Integer, nullable=False),
+    Column("idle_timeout_s", Integer, nullable=False),
+    Column("extra_args", JSON, nullable=False),  # extra sbatch arguments
+    Column("state", String(16), nullable=False),  # active | paused
+    Column("pause_reason", Text, nullable=True),
+    Column("failed_submissions", Integer, nullable=False, default=0),
+    Column("failed_starts", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per pilot a queue submitted; kept after it ended (its state then "ended").
+pilots = Table(
+    "pilots",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("queue_id", String(32), nullable=False),
+    Column("batch_job_id", String(64), nullable=False),  # Slurm's job id
+    Column("state", String(16), nullable=False),  # domain/allocation.py: PilotState
+    Column("submitted_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("ends_at", Float, nullable=True),  # its walltime's end, once running
+    Column("ended_at", Float, nullable=True),
+    Column("agent_id", String(128), nullable=True),  # its agent, once that registered
+    Column("last_busy_at", Float, nullable=True),  # when its agent last held a job (or started)
+    Column("detail", Text, nullable=True),  # why it ended, when known
+    Index("ix_pilots_queue_state", "queue_id", "state"),
+)

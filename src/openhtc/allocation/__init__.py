@@ -1,0 +1,1 @@
+"""Adapters to the batch systems allocation queues submit pilots to (Slurm)."""
