@@ -28,6 +28,7 @@ from openhtc.cli._common import (
     require,
 )
 from openhtc.cli.bundle import htcctl_bundle
+from openhtc.cli.cluster import register as register_cluster
 from openhtc.cli.image import image_app
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
 from openhtc.cli.server import register
@@ -503,6 +504,7 @@ def summary(
 
 register(app)
 register_top(app)
+register_cluster(app)
 
 
 def main() -> None:
