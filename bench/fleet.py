@@ -83,7 +83,7 @@ class SimAgent:
         self.incarnation = uuid.uuid4().hex
         body = {
             "agent_id": self.agent_id, "incarnation": self.incarnation, "region": self.region,
-            "architectures": ["x86_64"],
+            "architectures": ["X86"],
             "capacity": {"vcpus": self.slots, "memory_mb": self.slots * MEMORY_PER_SLOT_MB},
             "labels": {"fleet": "sim"}, "version": "sim", "host": "sim", "runtime": "noop",
             "running": [list(k) for k in self.held], "may_have_started": [],
