@@ -161,6 +161,9 @@ def real_agents(ctx: Context, n: int, agents: int = 4) -> dict[str, Any]:
 
     if os.geteuid() != 0:
         return {"skipped": "network namespaces need root"}
+    probe = subprocess.run([htc_binary(), "agent", "--help"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return {"skipped": "this installation has no `htc agent`"}
     embedded = OpenhtcServer(runtime="process", database_url=ctx.database_url("postgres"))
     try:
         embedded.start()

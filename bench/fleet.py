@@ -4,9 +4,10 @@
 runs in a process of its own (so its CPU is not the measuring process's), one asyncio loop,
 one ``httpx.AsyncClient`` per server URL (agent K talks to URL ``K % len(urls)``). Each agent
 registers, then loops on ``/exchange``: it offers its free slots, long-polls when it has
-nothing to report, and "runs" every lease at once: RUNNING and SUCCEEDED go in its next call.
+nothing to report, and "runs" every lease at once: STARTING, RUNNING and SUCCEEDED go in its next call.
 It stops on SIGTERM (or SIGINT) and writes what it measured to ``--out``: exchange round trips
-(p50/p99), exchanges made, leases taken, reports acknowledged, refusals, 409s and errors.
+(p50/p99 of the calls that carry reports, so wait for nothing), exchanges made, leases taken,
+reports acknowledged, refusals, 409s and errors.
 A file ``--ready`` is written once every agent has registered.
 """
 
@@ -26,14 +27,14 @@ from typing import Any
 
 import httpx
 
-RUNNING, SUCCEEDED = 4, 5
+STARTING, RUNNING, SUCCEEDED = 3, 4, 5
 MEMORY_PER_SLOT_MB = 1024
 
 
 @dataclass
 class Stats:
-    rtts: list[float] = field(default_factory=list)  # seconds, exchanges answered with leases or acks
-    idle_rtts: int = 0  # long polls that came back empty (their time is the server's wait)
+    rtts: list[float] = field(default_factory=list)  # seconds, of the calls that carried reports
+    idle_rtts: int = 0  # long polls (they wait for work: their time is no round trip)
     exchanges: int = 0
     leases: int = 0
     acked: int = 0
@@ -51,8 +52,8 @@ class Stats:
 
         return {
             "exchanges": self.exchanges,
-            "busy_exchanges": len(rtts),
-            "idle_exchanges": self.idle_rtts,
+            "report_exchanges": len(rtts),
+            "long_polls": self.idle_rtts,
             "rtt_p50_ms": pct(0.50),
             "rtt_p99_ms": pct(0.99),
             "rtt_max_ms": round(rtts[-1] * 1000, 2) if rtts else None,
@@ -147,12 +148,12 @@ class SimAgent:
         for lease in leases:  # the no-op runtime: started and ended at once
             key = (lease["job_id"], lease["attempt"])
             self.held.add(key)
-            self._report(key, RUNNING)
-            self._report(key, SUCCEEDED)
+            for status in (STARTING, RUNNING, SUCCEEDED):  # as the executor core reports them
+                self._report(key, status)
         self.stats.leases += len(leases)
-        if leases or reports:
+        if reports:  # a call that waits for nothing: its time is the server's answer
             self.stats.rtts.append(rtt)
-        else:
+        else:  # a long poll: its time is mostly the wait for work
             self.stats.idle_rtts += 1
         if self.pending or leases or rtt >= 1.0:
             return 0.0  # more to report, maybe more to take, or the server held the call: again
