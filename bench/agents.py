@@ -112,18 +112,20 @@ def simulated_fleet(
             time.sleep(0.2)
         log(f"   {agents} simulated agents registered in {(work / 'ready').read_text()} s")
         time.sleep(min(5.0, idle_s / 2))  # the first long polls settle
-        cpu0, t0 = _cpu(pids), time.monotonic()
+        cpu0, fleet0, t0 = _cpu(pids), _cpu([fleet.pid]), time.monotonic()
         time.sleep(idle_s)
         idle_pct = 100.0 * (_cpu(pids) - cpu0) / (time.monotonic() - t0)
-        log(f"   idle: servers use {idle_pct:.2f} % of a core")
+        fleet_idle_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / (time.monotonic() - t0)
+        log(f"   idle: servers use {idle_pct:.2f} % of a core (the fleet {fleet_idle_pct:.1f} %)")
         api = srvs[0].api()
         api.new_task("agents")
         with _PgConnections(url) as pg:
-            cpu0, began = _cpu(pids), time.monotonic()
+            cpu0, fleet0, began = _cpu(pids), _cpu([fleet.pid]), time.monotonic()
             api.submit_jobs(n)
             counts = api.wait_terminal(n, time.monotonic() + max(600.0, n / 50))
             wall = time.monotonic() - began
             cpu = _cpu(pids) - cpu0
+            fleet_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / wall
         fleet.send_signal(signal.SIGTERM)
         fleet.wait(timeout=120)
         fleet_log.close()
@@ -135,6 +137,7 @@ def simulated_fleet(
             "rtt_p50_ms": stats["rtt_p50_ms"], "rtt_p99_ms": stats["rtt_p99_ms"],
             "server_cpu_ms_per_job": round(1000 * cpu / n, 3), "server_cpu_s": round(cpu, 2),
             "pg_connections_peak": pg.peak, "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
+            "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
             "fleet": stats,
         }  # fmt: skip
     finally:
@@ -201,6 +204,10 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
     lines.append(f"| exchange p50 (ms) | {fleet.get('rtt_p50_ms')} | |")
     lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
     lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
+    lines.append(
+        f"| the fleet's own CPU, run / idle (% of a core) | {fleet.get('fleet_cpu_pct')} / "
+        f"{fleet.get('fleet_idle_cpu_pct')} | (100: the load generator is the bottleneck) |"
+    )
     if "ratio" in real:
         ok = real["ratio"] >= 0.8
         lines.append(
