@@ -90,6 +90,15 @@ class Settings(BaseSettings):
         60.0, description="An executor that misses heartbeats this long loses its jobs."
     )
     heartbeat_seconds: float = Field(5.0, description="How often executors renew their leases.")
+    agent_liveness_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="An `htc agent` silent this long is lost: its jobs are recovered (infrastructure "
+        "retry). Not before this long after the server hears from any agent again.",
+    )
+    agent_poll_seconds: float = Field(
+        20.0, ge=0, description="The longest the server holds an idle agent's exchange (long poll)."
+    )
     max_infrastructure_retries: int = Field(
         3,
         ge=0,

@@ -31,6 +31,7 @@ from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
+from openhtc.services.agents import AgentService
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
@@ -92,6 +93,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
         metrics=metrics,
     )
     services.storage = StorageService(settings, services.tokens, services.projects, clock)
+    services.agents = AgentService(services, ExecutorService(services))  # htc agent, over HTTP
     return services
 
 
@@ -218,7 +220,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             max_log_bytes=settings.max_log_bytes_per_job,
         )
         executor = LocalExecutor(
-            ExecutorService(services),
+            services.agents.executors if services.agents else ExecutorService(services),
             runtime,
             settings,
             services.logs,

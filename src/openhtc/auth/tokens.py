@@ -11,10 +11,11 @@ import jwt
 
 from openhtc.auth.keys import SigningKey
 from openhtc.domain.clock import Clock
-from openhtc.domain.errors import Unauthenticated
+from openhtc.domain.errors import PermissionDenied, Unauthenticated
 
 ISSUER = "openhtc"
 AUDIENCE = "openhtc-api"
+AGENT = "agent"  # the typ and scope of agent tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,34 @@ class TokenService:
         }
         return self._encode(claims), now + ttl
 
+    def agent(self, name: str, region: str, ttl: int) -> str:
+        """An agent token: authenticates ``htc agent`` on /openhtc/v1/agents/... and nothing else.
+        ``region`` is the one region its agents may register in ("*": any)."""
+        now = int(self.clock.now())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": name,
+            "iat": now,
+            "exp": now + ttl,
+            "typ": AGENT,
+            "scope": AGENT,
+            "region": region,
+        }
+        return self._encode(claims)
+
+    def verify_agent(self, token: str) -> dict[str, Any]:
+        """The claims of an agent token; any other credential is refused (403)."""
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid token") from None
+        if unverified.get("typ") != AGENT:
+            raise PermissionDenied(
+                "only an agent token (htc admin create-agent-token) reaches the agent routes"
+            )
+        return self.decode(token, AGENT)
+
     def decode(self, token: str, typ: str = "bearer") -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -113,6 +142,8 @@ class TokenService:
             raise Unauthenticated(f"invalid token: {exc}") from None
         if claims.get("exp", 0) <= self.clock.now():
             raise Unauthenticated("token expired")
+        if claims.get("typ") == AGENT and typ != AGENT:
+            raise PermissionDenied("an agent token reaches only the agent routes (/openhtc/v1/agents/...)")
         if claims.get("typ") != typ:
             raise Unauthenticated(f"a {claims.get('typ')} token cannot be used here")
         return claims

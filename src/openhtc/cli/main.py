@@ -27,6 +27,7 @@ from openhtc.cli._common import (
     print_json,
     require,
 )
+from openhtc.cli.agent import register as register_agent
 from openhtc.cli.bundle import htcctl_bundle
 from openhtc.cli.cluster import register as register_cluster
 from openhtc.cli.image import image_app
@@ -504,6 +505,7 @@ def summary(
 
 register(app)
 register_top(app)
+register_agent(app)
 register_cluster(app)
 
 

@@ -26,8 +26,8 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
+from openhtc.executor.transport import ExecutorPort
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
-from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
 from openhtc.services.wakeups import Wakeups
 from openhtc.storage.staging import NoStager, Stager
@@ -53,7 +53,7 @@ class _Begun:
 class LocalExecutor:
     def __init__(
         self,
-        service: ExecutorService,
+        service: ExecutorPort,  # ExecutorService in-process; htc agent's HTTP transport
         runtime: Runtime,
         settings: Settings,
         logs: LogStore,
@@ -61,6 +61,7 @@ class LocalExecutor:
         region: str,
         architectures: list[str],
         stager: Stager | None = None,
+        executor_id: str | None = None,  # htc agent names itself (default: local-<host>)
     ) -> None:
         self.service = service
         self.stager: Stager = stager or NoStager()
@@ -70,7 +71,7 @@ class LocalExecutor:
         self.wakeups = wakeups
         self.region = region
         self.architectures = architectures
-        self.executor_id = f"local-{socket.gethostname()}"
+        self.executor_id = executor_id or f"local-{socket.gethostname()}"
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
         self._pipeline = runtime if isinstance(runtime, Pipelined) else None
@@ -210,6 +211,16 @@ class LocalExecutor:
 
     def kick(self) -> None:
         self._wake.set()
+
+    def held(self) -> list[tuple[int, int]]:
+        """The attempts this executor holds (prefetched or running)."""
+        with self._lock:
+            return self.state.held()
+
+    def running_launches(self) -> list[JobLaunch]:
+        """The attempts handed over or about to be (htc agent ships their logs)."""
+        with self._lock:
+            return [a.launch for a in self.state.running.values()]
 
     # -- control loop ---------------------------------------------------------------------------
 

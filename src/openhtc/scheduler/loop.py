@@ -46,7 +46,7 @@ class SchedulerLoop:
 
     def _run(self) -> None:
         s = self.services
-        next_expiry = 0.0
+        next_expiry = next_liveness = 0.0
         while not self._stopping.is_set():
             s.wakeups.schedule_round.wait(timeout=1.0)
             try:
@@ -58,6 +58,9 @@ class SchedulerLoop:
                         s.wakeups.schedule_round.set()
                         s.notify.publish((EVERYTHING,))  # recovered jobs: waiters look again
                     next_expiry = now + max(1.0, s.settings.lease_seconds / 4)
+                if s.agents is not None and now >= next_liveness:
+                    s.agents.check_liveness()  # agents silent past their liveness are lost
+                    next_liveness = now + max(0.5, s.settings.agent_liveness_seconds / 8)
             except (Unavailable, InsufficientStorage) as exc:  # an outage: one line, not a traceback
                 log.warning("scheduler: %s", exc.message)
                 time.sleep(0.5)

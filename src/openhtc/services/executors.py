@@ -85,13 +85,15 @@ class ExecutorService:
         s.metrics.jobs.claimed(claimed, s.clock.now())
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
+    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> Applied:
+        """Apply an executor's reports; returns what they changed."""
         applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
         self.services.metrics.jobs.reported(len(reports), applied)
         if applied.requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.schedule_round.set()
         if applied.changes and not self.services.notify.idle:
             self._notify(applied)
+        return applied
 
     def _notify(self, applied: Applied) -> None:
         """After the commit: wake who waits for the tasks of the jobs the reports changed, and

@@ -4,7 +4,7 @@ plain bag of the stores and services, passed to the loops and the API."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openhtc.auth.tokens import TokenService
 from openhtc.config import Settings
@@ -52,6 +52,9 @@ class ServiceSet:
 
     # Prometheus metrics of this process (served at /htc/metrics; docs/metrics.md).
     metrics: Metrics = field(default_factory=Metrics)
+    # services.agents.AgentService: the executor protocol for `htc agent` over HTTP (None where a
+    # caller builds ServiceSet by hand). Typed loosely: it is built on this bag (no import cycle).
+    agents: Any = None
 
     def __post_init__(self) -> None:
         # A cancel changes jobs of a task in bulk: every waiter looks again (cancels are rare).

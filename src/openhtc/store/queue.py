@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, func, select
 
@@ -22,7 +22,7 @@ from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.domain.throughput import Throughput
 from openhtc.store.db import Database
-from openhtc.store.tables import executors, job_counters, jobs, project_limits, projects, workspaces
+from openhtc.store.tables import batches, executors, job_counters, jobs, project_limits, projects, workspaces
 from openhtc.store.transitions import Applied, JobState, StatusWrites
 
 S = JobStatus
@@ -226,7 +226,13 @@ class QueueStore:
         """Recover jobs whose executor stopped renewing its lease; returns what that changed."""
         with self.db.write() as conn:
             writes = self._writes(conn, now)
-            for job in writes.load(f"j.status IN ({_HELD_SQL}) AND j.lease_expires_at < ?", (now,)):
+            # an agent's jobs are recovered by its liveness clock instead (lose_agents)
+            for job in writes.load(
+                f"j.status IN ({_HELD_SQL}) AND j.lease_expires_at < ?"
+                " AND (j.executor_id IS NULL"
+                " OR j.executor_id NOT IN (SELECT id FROM executors WHERE kind = 'agent'))",
+                (now,),
+            ):
                 # nobody can say whether it started: it is treated as if it may have
                 writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
             writes.flush()
@@ -326,6 +332,147 @@ class QueueStore:
             for job_id, attempt in held
             if not lifecycle.still_holds(executor_id, attempt, current.get(job_id))
         ]
+
+    # -- agents (htc agent over HTTP) -------------------------------------------------------------
+
+    def register_agent(
+        self,
+        agent: AgentInfo,
+        now: float,
+        lease_seconds: float,
+        running: Collection[tuple[int, int]],
+        may_have_started: Collection[tuple[int, int]],
+    ) -> tuple[Applied, list[tuple[int, int]]]:
+        """Record an agent's (re)start or re-register. The attempts it still runs (``running``)
+        and the store still gives it stay its own, their leases renewed; the others it held are
+        recovered (``may_have_started``: which of those it may have started). Returns what the
+        recovery changed and the attempts of ``running`` it must kill (no longer its own)."""
+        keep = set(running)
+        with self.db.write() as conn:
+            values = {
+                "region": agent.region,
+                "incarnation": agent.incarnation,
+                "architectures": list(agent.architectures),
+                "vcpus": agent.capacity.vcpus,
+                "memory_mb": agent.capacity.memory_mb,
+                "last_heartbeat": now,
+                "version": agent.version[:64] or None,
+                "host": agent.host[:255] or None,
+                "kind": "agent",
+                "labels": dict(agent.labels),
+                "runtime": agent.runtime[:32] or None,
+                "lost_at": None,
+            }
+            stmt = self.db.upsert(executors).values(id=agent.agent_id, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+            writes = self._writes(conn, now)
+            kept: set[tuple[int, int]] = set()
+            marked = set(may_have_started)
+            for job in writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (agent.agent_id,)):
+                if (job.id, job.attempt) in keep:
+                    kept.add((job.id, job.attempt))
+                else:
+                    writes.lose_executor(job, "the agent restarted", (job.id, job.attempt) in marked)
+            writes.flush()
+            if kept:
+                conn.execute(
+                    jobs.update()
+                    .where(and_(jobs.c.executor_id == agent.agent_id, jobs.c.status.in_(_HELD)))
+                    .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
+                )
+        self._count(writes, now)
+        return writes.applied(), [key for key in running if key not in kept]
+
+    def agent_beat(
+        self, agent_id: str, incarnation: str, lease_seconds: float, now: float
+    ) -> tuple[str | None, str, list[str]]:
+        """An agent's exchange: refresh its liveness and renew its jobs' leases. Returns why it
+        must register again (None: it need not), its region and its architectures."""
+        with self.db.write() as conn:
+            row = conn.execute(
+                select(
+                    executors.c.incarnation,
+                    executors.c.lost_at,
+                    executors.c.region,
+                    executors.c.architectures,
+                    executors.c.kind,
+                ).where(executors.c.id == agent_id)
+            ).first()
+            if row is None or row.kind != "agent":
+                return "unknown agent", "", []
+            if row.lost_at is not None:
+                return "agent lost", row.region, []
+            if row.incarnation != incarnation:
+                return "stale incarnation", row.region, []
+            conn.execute(executors.update().where(executors.c.id == agent_id).values(last_heartbeat=now))
+            conn.execute(
+                jobs.update()
+                .where(and_(jobs.c.executor_id == agent_id, jobs.c.status.in_(_HELD)))
+                .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
+            )
+        return None, row.region, list(row.architectures)
+
+    def records(self, job_ids: Collection[int]) -> dict[int, JobRecord]:
+        """The lifecycle records of these jobs, as committed."""
+        if not job_ids:
+            return {}
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id).where(
+                    jobs.c.id.in_(list(job_ids))
+                )
+            ).all()
+        return {r.id: JobRecord(r.id, r.status, r.attempt, executor_id=r.executor_id) for r in rows}
+
+    def log_keys(self, job_ids: Collection[int]) -> dict[int, tuple[str, str, int]]:
+        """Where each job's logs live: (task id, parent job id, array index)."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.task_id, batches.c.parent_job_id, jobs.c.idx)
+                .select_from(jobs.join(batches, batches.c.id == jobs.c.batch_id))
+                .where(jobs.c.id.in_(list(job_ids)))
+            ).all()
+        return {r.id: (r.task_id, r.parent_job_id, r.idx) for r in rows}
+
+    def lose_agents(self, silent_since: float, now: float) -> tuple[Applied, list[str]]:
+        """Mark lost the agents not heard from since ``silent_since``, and recover their jobs
+        (nobody can say whether they started: the crash rule treats them as if they may have)."""
+        with self.db.write() as conn:
+            lost = list(
+                conn.execute(
+                    select(executors.c.id).where(
+                        and_(
+                            executors.c.kind == "agent",
+                            executors.c.lost_at.is_(None),
+                            executors.c.last_heartbeat < silent_since,
+                        )
+                    )
+                ).scalars()
+            )
+            if not lost:
+                return Applied(now, [], [], 0), []
+            conn.execute(executors.update().where(executors.c.id.in_(lost)).values(lost_at=now))
+            writes = self._writes(conn, now)
+            marks = ",".join("?" * len(lost))
+            for job in writes.load(f"j.executor_id IN ({marks}) AND j.status IN ({_HELD_SQL})", lost):
+                writes.lose_executor(job, "the agent stopped responding (lost)", None)
+            writes.flush()
+        self._count(writes, now)
+        return writes.applied(), lost
+
+
+class AgentInfo(NamedTuple):
+    """What an agent says of itself when it registers."""
+
+    agent_id: str
+    incarnation: str
+    region: str
+    architectures: Sequence[str]
+    capacity: Capacity
+    labels: dict[str, str]
+    version: str
+    host: str
+    runtime: str
 
 
 class Limits:

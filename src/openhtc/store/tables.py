@@ -277,6 +277,10 @@ executors = Table(
     Column("last_heartbeat", Float, nullable=False),
     Column("version", String(64), nullable=True),  # the openhtc version the executor runs
     Column("host", String(255), nullable=True),  # the host name it runs on
+    Column("kind", String(16), nullable=True),  # "agent" (htc agent over HTTP); NULL: embedded
+    Column("labels", JSON, nullable=True),  # an agent's labels (k=v)
+    Column("runtime", String(32), nullable=True),  # the runtime an agent runs jobs with
+    Column("lost_at", Float, nullable=True),  # an agent marked lost (liveness): re-register first
 )
 
 # Container repositories created through the API (POST …/container-registry/repo/{name}).

@@ -1,0 +1,96 @@
+"""Ships the logs of the attempts an agent runs to the server, as they grow.
+
+Its own thread: a slow upload never holds up the executor's exchanges. Each attempt's local log
+(written by the runtime, one timestamped line per output line) is read from the byte offset the
+server has, whole lines only, and POSTed at least every ``INTERVAL`` seconds while it grows;
+the server writes each chunk at its offset (idempotent), so ``GET …/logs`` and ``htc logs -f``
+show the lines within a second. An attempt that ended is shipped to its end, then forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from openhtc.agent.transport import HttpTransport
+from openhtc.services.logs import LogStore
+
+log = logging.getLogger("openhtc.agent")
+INTERVAL = 0.3
+MAX_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True)
+class _Tail:
+    path: str
+    offset: int = 0
+    seen: bool = False  # among the executor's held attempts once
+    ended: bool = False
+
+
+class LogShipper:
+    def __init__(
+        self, transport: HttpTransport, logs: LogStore, held: Callable[[], list[tuple[int, int]]]
+    ) -> None:
+        self.transport = transport
+        self.logs = logs
+        self.held = held  # the attempts the executor holds: one seen there that left it has ended
+        self._tails: dict[tuple[int, int], _Tail] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-logs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.ship()  # the last lines of what ended
+
+    def _run(self) -> None:
+        while not self._stop.wait(INTERVAL):
+            try:
+                self.ship()
+            except Exception:
+                log.exception("agent: log shipping failed")
+
+    def ship(self) -> None:
+        held = set(self.held())
+        for key, launch in list(self.transport.launched.items()):
+            if key not in self._tails:
+                parent = launch.job_uuid.rpartition(":")[0]
+                path = self.logs.path(launch.task_id, parent, launch.array_index, launch.attempt)
+                self._tails[key] = _Tail(str(path))
+        chunks = []
+        for key, tail in list(self._tails.items()):
+            # read before deciding it ended: its last lines were written before it left
+            tail.seen = tail.seen or key in held
+            ended = tail.seen and key not in held
+            data = _whole_lines(tail.path, tail.offset)
+            if data:
+                chunks.append({"job_id": key[0], "attempt": key[1], "offset": tail.offset,
+                               "data": data.decode("utf-8", "replace")})  # fmt: skip
+            elif tail.ended:  # ended, and shipped to its end
+                del self._tails[key]
+                self.transport.launched.pop(key, None)
+            tail.ended = ended
+        if not chunks:
+            return
+        acked = self.transport.send_logs(chunks)
+        for job_id, attempt, next_offset in acked or ():
+            shipped = self._tails.get((job_id, attempt))
+            if shipped is not None:
+                shipped.offset = next_offset
+
+
+def _whole_lines(path: str, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(MAX_CHUNK)
+    except FileNotFoundError:
+        return b""
+    cut = data.rfind(b"\n")
+    return data[: cut + 1] if cut >= 0 else b""

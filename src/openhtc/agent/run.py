@@ -1,0 +1,164 @@
+"""``htc agent``: build the local executor over the HTTP transport, run it until SIGTERM.
+
+The agent is the embedded executor (executor/local.py: claims, prefetch, journal, runtimes,
+clean stop) with another transport; only what is remote differs: reports buffered on disk,
+logs shipped, images pulled with the lease's token from the advertised registry.
+
+SIGTERM drains: no new claims, running jobs finish (up to ``drain_seconds``), their ends are
+reported, then the agent exits. A second SIGTERM (or Ctrl-C) kills what still runs, reports it
+as an infrastructure fault, and exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import socket
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from openhtc import __version__
+from openhtc.agent.logship import LogShipper
+from openhtc.agent.outbox import Outbox
+from openhtc.agent.settings import AgentSettings
+from openhtc.agent.transport import HttpTransport
+from openhtc.config import Settings
+from openhtc.domain.errors import ImageUnavailable
+from openhtc.executor.capacity import host_architecture
+from openhtc.executor.local import LocalExecutor
+from openhtc.registry.service import split_image
+from openhtc.runtimes import build_runtime
+from openhtc.runtimes.base import ImagePull
+from openhtc.runtimes.jobnet import url_endpoint
+from openhtc.services.logs import LogStore
+from openhtc.services.wakeups import Wakeups
+
+log = logging.getLogger("openhtc.agent")
+
+
+class LeaseImages:
+    """ImageSource for container runtimes: the advertised registry, with the token of the lease."""
+
+    def __init__(self, transport: HttpTransport) -> None:
+        self.transport = transport
+
+    def pull_access(self, project_id: str, image_name: str) -> ImagePull:
+        token = self.transport.pull_tokens.get((project_id, image_name))
+        host = self.transport.registry_host
+        if token is None or host is None:
+            raise ImageUnavailable(f"no registry pull token for {image_name} (the server has no registry)")
+        repo, tag = split_image(image_name)
+        repository = f"{project_id}/{repo}"
+        return ImagePull(
+            registry_url=f"http://{host}",
+            reference=f"{host}/{repository}:{tag}",
+            repository=repository,
+            tag=tag,
+            username="openhtc-executor",
+            password=token,
+            insecure=True,
+        )
+
+
+def agent_id_for(work_dir: str) -> str:
+    """Stable per machine and work directory."""
+    digest = hashlib.sha256(f"{socket.gethostname()}:{work_dir}".encode()).hexdigest()[:10]
+    return f"agent-{socket.gethostname()}-{digest}"
+
+
+def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, LogShipper, Outbox]:
+    work = settings.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    executor_settings = Settings.model_validate(
+        {
+            "data_dir": work,
+            "region": settings.region,
+            "runtime": settings.runtime,
+            "executor_vcpus": settings.vcpus,
+            "executor_memory_mb": settings.memory_mb,
+            "executor_stop_grace_seconds": settings.drain_seconds,
+            "max_running_jobs": settings.max_running_jobs,
+        }
+    )
+    outbox = Outbox(work / "agent" / "reports.jsonl", settings.max_buffered_reports)
+    outbox.open()
+    transport = HttpTransport(
+        settings.server,
+        settings.token,
+        outbox,
+        labels=settings.label_map(),
+        runtime=settings.runtime,
+        version=__version__,
+    )
+    endpoint = url_endpoint(settings.server)
+    runtime = build_runtime(
+        settings.runtime,
+        str(work / "work"),
+        LeaseImages(transport),
+        job_network=settings.job_network,
+        job_endpoints=[endpoint] if endpoint is not None else [],
+        max_log_bytes=executor_settings.max_log_bytes_per_job,
+    )
+    logs = LogStore(work / "logs")
+    executor = LocalExecutor(
+        transport,
+        runtime,
+        executor_settings,
+        logs,
+        Wakeups(),
+        settings.region,
+        [host_architecture()],
+        executor_id=agent_id_for(str(work)),
+    )
+    transport.held = executor.held
+    shipper = LogShipper(transport, logs, executor.held)
+    return executor, transport, shipper, outbox
+
+
+def run_agent(settings: AgentSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per exchange
+    stop = threading.Event()
+    signals = {"count": 0}
+    executor_box: dict[str, Any] = {}
+
+    def on_signal(*_: object) -> None:
+        signals["count"] += 1
+        stop.set()
+        if signals["count"] == 2 and "executor" in executor_box:
+            log.warning("agent: second signal: killing the running jobs")
+            executor_box["executor"].hurry()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    executor, transport, shipper, outbox = build_agent(settings)
+    executor_box["executor"] = executor
+    log.info(
+        "htc agent %s: %s in %s, %d vCPUs, runtime %s, server %s (%s)",
+        __version__,
+        executor.executor_id,
+        settings.region,
+        executor.capacity.vcpus,
+        executor.runtime.name,
+        settings.server,
+        urlsplit(settings.server).netloc,
+    )
+    executor.start()
+    shipper.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("agent: draining (no new jobs; a second SIGTERM kills the running ones)")
+        transport.draining = True
+        transport.interrupt()  # a long poll in progress answers now
+        executor.stop()
+        shipper.stop()
+        if len(outbox):  # the last ends: one more try before leaving (they stay on disk anyway)
+            transport.heartbeat(executor.executor_id, [])
+        outbox.close()
+        transport.close()
+        executor.runtime.close()
+        log.info("agent: stopped (%d report(s) left to send at the next start)", len(outbox))

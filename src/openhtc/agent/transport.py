@@ -1,0 +1,264 @@
+"""The executor protocol over HTTP: ``ExecutorPort`` (executor/transport.py) for ``htc agent``.
+
+The local executor (executor/local.py) calls register, claim, report and heartbeat as it does
+in-process; here each becomes an exchange with the server (one persistent connection pool):
+
+- every exchange carries the reports not yet acknowledged (the on-disk outbox) and every
+  attempt held, and renews the agent's liveness and its leases;
+- ``report`` buffers on disk first and returns even when the server is away (the reports go
+  with the next exchange that gets through);
+- an idle agent (nothing held, nothing to report) long-polls: the server holds the call until a
+  job is admitted, up to its ``poll_seconds``;
+- when the server is unreachable the agent keeps running what it has, claims nothing, and tries
+  again with exponential backoff and jitter; when the server answers 409 (it restarted and lost
+  the agent, or marked it lost) it registers again with its ``running`` list first;
+- kill lists (cancelled, recovered, fenced attempts) are handed to the executor at its next
+  heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import httpx
+
+from openhtc.agent.outbox import Outbox
+from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.executor import protocol as wire
+
+log = logging.getLogger("openhtc.agent")
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 10.0  # well below the server's liveness timeout: a short outage loses no agent
+
+
+class ServerAway(Exception):
+    """The server cannot be reached (or refused us) right now."""
+
+
+class HttpTransport:
+    concurrent_writes = False  # one exchange carries both: no gain from two at once
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        outbox: Outbox,
+        *,
+        labels: dict[str, str],
+        runtime: str,
+        version: str,
+    ) -> None:
+        self.server = server
+        self.outbox = outbox
+        self.labels = labels
+        self.runtime = runtime
+        self.version = version
+        self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
+        self.draining = False
+        self.poll_seconds = 0.0
+        self.registry_host: str | None = None
+        self.pull_tokens: dict[tuple[str, str], str] = {}  # (project, image) -> registry token
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._client = self._new_client(60.0)
+        self._lock = threading.Lock()  # one exchange at a time (the control thread, or a stop)
+        self._kills: set[tuple[int, int]] = set()
+        self._registration: dict[str, Any] | None = None
+        self._registered = False
+        self._backoff = 0.0
+        self._next_try = 0.0
+        self._batch_envs: dict[int, tuple[tuple[str, str], ...]] = {}
+        Envs = tuple[tuple[str, str], ...]
+        self._fixed_envs: dict[int, tuple[Envs, Envs]] = {}  # batch -> (as sent, as run)
+        self.launched: dict[tuple[int, int], JobLaunch] = {}  # claimed, until its log is shipped
+
+    def _new_client(self, read_timeout: float) -> httpx.Client:
+        # the read timeout exceeds the longest long poll; connecting fails fast
+        timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=30.0, pool=5.0)
+        return httpx.Client(base_url=self.server, headers=self._headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def interrupt(self) -> None:
+        """End a long poll in progress (a stop): a draining call, on a connection of its own,
+        makes the server answer it."""
+        if not getattr(self, "agent_id", None):
+            return
+        body = {"incarnation": self.incarnation, "free": {"vcpus": 0, "memory_mb": 0}, "max_jobs": 0,
+                "draining": True}  # fmt: skip
+        try:
+            with self._new_client(10.0) as client:
+                client.post(f"{wire.PREFIX}/{self.agent_id}/exchange", json=body)
+        except httpx.HTTPError:
+            pass  # the server is away: nothing is held there either
+
+    # -- ExecutorPort ---------------------------------------------------------------------------
+
+    def register(
+        self,
+        executor_id: str,
+        incarnation: str,
+        region: str,
+        architectures: list[str],
+        capacity: Capacity,
+        may_have_started: Collection[tuple[int, int]] = (),
+        version: str | None = None,
+        host: str | None = None,
+    ) -> int:
+        """The first registration: retried (with backoff) until the server answers."""
+        self.agent_id = executor_id
+        self.incarnation = incarnation
+        self._registration = {
+            "agent_id": executor_id,
+            "incarnation": incarnation,
+            "region": region,
+            "architectures": list(architectures),
+            "capacity": {"vcpus": capacity.vcpus, "memory_mb": capacity.memory_mb},
+            "labels": self.labels,
+            "version": self.version,
+            "host": host or socket.gethostname(),
+            "runtime": self.runtime,
+        }
+        while True:
+            try:
+                return self._register(may_have_started)
+            except ServerAway as exc:
+                delay = self._failed()
+                log.warning("agent: cannot register with %s (%s); again in %.1f s", self.server, exc, delay)
+                time.sleep(delay)
+
+    def claim(
+        self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
+    ) -> list[JobLaunch]:
+        idle = not self.held() and not len(self.outbox)
+        wait = self.poll_seconds if idle else 0.0
+        answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
+        if answer is None:
+            return []
+        return [self._launch(lease) for lease in answer.leases]
+
+    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
+        self.outbox.add(reports)  # on disk: delivered by this exchange or a later one
+        self._exchange(Capacity(0, 0), 0, 0.0)
+
+    def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        self._exchange(Capacity(0, 0), 0, 0.0)
+        with self._lock:
+            kills, self._kills = sorted(self._kills), set()
+        return kills
+
+    # -- the wire -------------------------------------------------------------------------------
+
+    def _failed(self) -> float:
+        """The connection failed: when to try again (exponential backoff with jitter)."""
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
+        delay = self._backoff * random.uniform(0.5, 1.0)
+        self._next_try = time.monotonic() + delay
+        return delay
+
+    def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
+        assert self._registration is not None
+        # what it runs and keeps, and the attempts whose reports are not yet acknowledged
+        running = sorted(set(self.held()) | self.outbox.attempts())
+        body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
+        resp = self._post("/register", body)
+        if resp.status_code != 200:
+            raise ServerAway(f"register: HTTP {resp.status_code} {resp.text[:200]}")
+        answer = wire.RegisterResponse.model_validate_json(resp.content)
+        self.poll_seconds = answer.poll_seconds
+        self.registry_host = answer.registry.host if answer.registry else None
+        with self._lock:
+            self._kills.update(answer.kill)
+        self._registered = True
+        self._backoff = 0.0
+        if answer.recovered:
+            log.warning("agent: the server recovered %d job(s) this agent no longer runs", answer.recovered)
+        return answer.recovered
+
+    def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> httpx.Response:
+        try:
+            if timeout is None:
+                return self._client.post(wire.PREFIX + path, json=body)
+            return self._client.post(wire.PREFIX + path, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise ServerAway(str(exc) or type(exc).__name__) from None
+
+    def _exchange(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
+        """One exchange; None while the server is away (nothing claimed, reports kept)."""
+        if time.monotonic() < self._next_try:
+            return None
+        with self._lock:
+            try:
+                if not self._registered:
+                    self._register()
+                    log.info("agent: registered again with %s", self.server)
+                return self._exchange_once(free, max_jobs, wait)
+            except ServerAway as exc:
+                was = self._backoff == 0.0
+                delay = self._failed()
+                if was:
+                    log.warning("agent: lost the server (%s); running jobs go on, retrying", exc)
+                else:
+                    log.debug("agent: server still away (%s); again in %.1f s", exc, delay)
+                return None
+
+    def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
+        reports = self.outbox.pending()
+        body = {
+            "incarnation": self.incarnation,
+            "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
+            "max_jobs": max_jobs,
+            "held": sorted(set(self.held())),
+            "reports": [r.model_dump() for r in reports],
+            "wait_seconds": wait,
+            "draining": self.draining,
+        }
+        resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
+        if resp.status_code == 409:  # the server does not know this agent as it is: register first
+            log.warning("agent: the server says %s; registering again", resp.text[:100])
+            self._registered = False
+            self._register()
+            return None
+        if resp.status_code != 200:
+            raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}")
+        answer = wire.ExchangeResponse.model_validate_json(resp.content)
+        self._backoff = 0.0
+        self.outbox.done(answer.acked)
+        if answer.refused:
+            self.outbox.forget_attempt(answer.refused)
+        self._kills.update(answer.kill)
+        for lease in answer.leases:
+            if lease.pull_token:
+                self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
+        return answer
+
+    def _launch(self, lease: wire.Launch) -> JobLaunch:
+        launch = wire.launch_from_wire(lease, self._batch_envs)
+        # the job reaches the API at the URL this agent reaches the server by
+        api = f"{self.server}/api/v1"
+        source = launch.batch_envs
+        cached = self._fixed_envs.get(launch.batch_id)
+        if cached is None or cached[0] != source:  # one tuple per batch: runtimes cache on it
+            cached = (source, tuple((k, api if k == "OPENHTC_API_URL" else v) for k, v in source))
+            self._fixed_envs[launch.batch_id] = cached
+        launch = launch._replace(batch_envs=cached[1])
+        self.launched[(launch.job_id, launch.attempt)] = launch
+        return launch
+
+    def send_logs(self, chunks: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:
+        """POST log chunks; None if the server did not take them (sent again later)."""
+        if not self._registered or time.monotonic() < self._next_try:
+            return None
+        try:
+            resp = self._post(f"/{self.agent_id}/logs", {"incarnation": self.incarnation, "chunks": chunks})
+        except ServerAway:
+            return None
+        if resp.status_code != 200:
+            return None
+        return wire.LogsResponse.model_validate_json(resp.content).acked

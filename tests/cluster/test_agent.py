@@ -1,0 +1,148 @@
+"""`htc agent`: a real agent process runs the jobs of a real server that has no executor of its own.
+
+What a user of a cluster notices: a sweep runs on the agent; its output shows through the API
+while it runs; a SIGTERM lets the running job finish and takes no new one; a server restart
+does not disturb the job the agent runs, whose end is reported once the server is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from openhtc.testing.server import HtcApi, HtcServer, htc_command
+
+
+class AgentProcess:
+    def __init__(self, srv: HtcServer, work_dir: Path) -> None:
+        token = srv.cli("admin", "create-agent-token").stdout.strip()
+        self.work_dir = work_dir
+        self.log_path = work_dir / "agent.log"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
+        env.update({"OPENHTC_AGENT_TOKEN": token, "OPENHTC_AGENT_SERVER": srv.url})
+        cmd = [*htc_command(), "agent", "--runtime", "process", "--vcpus", "2", "--work-dir", str(work_dir)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # the second kills what still runs
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def cluster(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> Iterator[tuple[HtcServer, HtcApi, AgentProcess]]:
+    srv = start_server(args=("--no-executor",), env={"OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"})
+    agent = AgentProcess(srv, tmp_path / "agent")
+    try:
+        yield srv, srv.api(), agent
+    finally:
+        agent.stop()
+        print(agent.log()[-5000:])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def gated(marker: Path, line: str) -> list[str]:
+    """A job that prints ``line``, then runs until ``marker`` exists."""
+    return ["sh", "-c", f"echo {line}; while [ ! -e {marker} ]; do sleep 0.05; done; echo done"]
+
+
+def test_a_sweep_runs_on_the_agent_with_its_logs(cluster: tuple[HtcServer, HtcApi, AgentProcess]) -> None:
+    _, api, _ = cluster
+    project_id, task_id = api.project_and_task()
+    api.submit(
+        project_id,
+        task_id,
+        api.job_request(["sh", "-c", 'echo "line $AWS_BATCH_JOB_ARRAY_INDEX"'], batch_size=6),
+    )
+    jobs = api.wait_terminal(project_id, task_id, 6)
+    assert {j["status"] for j in jobs} == {"SUCCEEDED"}, [(j["status"], j.get("statusReason")) for j in jobs]
+    for job in jobs:
+        index = job["jobUUID"].rpartition(":")[2]
+        wait_for(
+            lambda job=job, index=index: (
+                f"line {index}" in api.log_lines(project_id, task_id, job["jobUUID"])
+            ),
+            f"the log of {job['jobUUID']}",
+        )
+
+
+def test_logs_show_while_the_job_runs_and_sigterm_drains(
+    cluster: tuple[HtcServer, HtcApi, AgentProcess], tmp_path: Path
+) -> None:
+    _, api, agent = cluster
+    marker = tmp_path / "go"
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(gated(marker, "hello-from-agent")))
+    running = api.wait_jobs(project_id, task_id, lambda js: js[0]["status"] == "RUNNING", what="RUNNING")
+    job_id = running[0]["jobUUID"]
+    wait_for(
+        lambda: "hello-from-agent" in api.log_lines(project_id, task_id, job_id), "the line while it runs"
+    )
+    assert api.job(project_id, task_id, job_id)["status"] == "RUNNING"
+    # SIGTERM: the running job goes on, no new job is taken
+    agent.signal(signal.SIGTERM)
+    wait_for(lambda: "draining" in agent.log(), "the agent to drain")
+    other_project, other_task = api.project_and_task()
+    api.submit(other_project, other_task, api.job_request(["true"]))
+    api.wait_admitted(other_project, other_task)
+    assert agent.proc.poll() is None, "the agent left while its job ran"
+    marker.touch()
+    done = api.wait_terminal(project_id, task_id, 1)
+    assert done[0]["status"] == "SUCCEEDED", done
+    agent.proc.wait(timeout=30)
+    assert agent.proc.returncode == 0, agent.log()[-3000:]
+    (queued,) = api.jobs(other_project, other_task)
+    assert queued["status"] == "SUBMITTED_TO_PROVIDER", queued
+    assert "done" in api.log_lines(project_id, task_id, job_id)
+
+
+def test_a_server_restart_leaves_the_agents_job_running(
+    cluster: tuple[HtcServer, HtcApi, AgentProcess], tmp_path: Path
+) -> None:
+    srv, api, agent = cluster
+    marker = tmp_path / "go"
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(gated(marker, "before-restart")))
+    running = api.wait_jobs(project_id, task_id, lambda js: js[0]["status"] == "RUNNING", what="RUNNING")
+    job_id = running[0]["jobUUID"]
+    srv.stop()
+    marker.touch()  # the job ends while the server is down: its end waits on the agent's disk
+    time.sleep(1.0)
+    srv.start()
+    api = srv.api()
+    done = api.wait_terminal(project_id, task_id, 1)
+    assert done[0]["status"] == "SUCCEEDED", done
+    events = api.events(project_id, task_id, job_id)
+    assert all(e["status"] != "FAILED" for e in events), events  # one attempt, never recovered
+    assert agent.proc.poll() is None
