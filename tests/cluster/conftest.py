@@ -5,6 +5,8 @@ own. Needs root (namespaces, veths) and ``ip``; skipped locally without them, fa
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,23 +31,29 @@ def api_for(cluster: LocalCluster, server: int = 0) -> HtcApi:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+def make_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., LocalCluster]]:
     """``make_cluster(agents=2, servers=2, vcpus=2)``: a started cluster, stopped at teardown
     (its servers' and agents' logs are printed when the test failed)."""
     if os.geteuid() != 0:
         skip_or_fail("a local cluster needs root (network namespaces); CI runs as root")
     require_tools("ip", hint="iproute2")
     started: list[LocalCluster] = []
+    # Not under tmp_path (mode 0700): PostgreSQL runs as 'postgres' and must reach its directory.
+    base = Path(tempfile.mkdtemp(prefix="openhtc-cluster-"))
+    base.chmod(0o755)
+    request.node.cluster_dirs = []
 
     def make(agents: int = 2, servers: int = 2, vcpus: int = 2) -> LocalCluster:
-        directory = tmp_path / f"cluster-{len(started)}"
+        directory = base / f"cluster-{len(started)}"
+        request.node.cluster_dirs.append(directory)
         spec = ClusterSpec(
             directory=directory,
             agents=agents,
             servers=servers,
             agent_vcpus=vcpus,
             agent_memory_mb=4096,
-            server_env={"OPENHTC_AGENT_LIVENESS_SECONDS": str(LIVENESS)},
+            # an idle exchange is held at most 1 s: well within the liveness timeout
+            server_env={"OPENHTC_AGENT_LIVENESS_SECONDS": str(LIVENESS), "OPENHTC_AGENT_POLL_SECONDS": "1"},
         )
         cluster = LocalCluster(spec)
         started.append(cluster)
@@ -55,16 +63,18 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
     yield make
     for cluster in started:
         cluster.down()
+    if not getattr(request.node, "cluster_failed", False):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """On a failure, attach the tail of every cluster log of the test's directory."""
+    """On a failure, attach the tail of every log of the test's clusters (and keep them)."""
     report = yield
     if report.failed and call.when == "call":
-        tmp = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
-        if isinstance(tmp, Path):
-            for log in sorted(tmp.glob("cluster-*/*.log")):
+        item.cluster_failed = True  # type: ignore[attr-defined]
+        for directory in getattr(item, "cluster_dirs", []):
+            for log in sorted(directory.glob("*.log")):
                 text = log.read_text(errors="replace")[-4000:]
-                report.sections.append((f"cluster log {log.parent.name}/{log.name}", text))
+                report.sections.append((f"cluster log {log}", text))
     return report
