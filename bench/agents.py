@@ -33,6 +33,7 @@ from typing import Any
 from bench.common import cpu_seconds, log, machine
 from bench.context import Context
 from bench.server import Api, OpenhtcServer, htc_binary
+from openhtc.testing.procstats import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 REGION = "AWS_US_EAST_1"
@@ -53,6 +54,18 @@ def mint_agent_token(server: OpenhtcServer) -> str:
 
 def _cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+def _pg_cpu(ctx: Context) -> float:
+    """CPU seconds of the PostgreSQL postmaster and its live backends (pooled: they stay)."""
+    pg = ctx._pg
+    if pg is None:
+        return 0.0
+    try:
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return _cpu([postmaster, *descendants(postmaster)])
 
 
 class _PgConnections:
@@ -120,12 +133,13 @@ def simulated_fleet(
         api = srvs[0].api()
         api.new_task("agents")
         with _PgConnections(url) as pg:
-            cpu0, fleet0, began = _cpu(pids), _cpu([fleet.pid]), time.monotonic()
+            cpu0, fleet0, pg0, began = _cpu(pids), _cpu([fleet.pid]), _pg_cpu(ctx), time.monotonic()
             api.submit_jobs(n)
             counts = api.wait_terminal(n, time.monotonic() + max(600.0, n / 50))
             wall = time.monotonic() - began
             cpu = _cpu(pids) - cpu0
             fleet_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / wall
+            pg_cpu = _pg_cpu(ctx) - pg0
         fleet.send_signal(signal.SIGTERM)
         fleet.wait(timeout=120)
         fleet_log.close()
@@ -137,6 +151,7 @@ def simulated_fleet(
             "rtt_p50_ms": stats["rtt_p50_ms"], "rtt_p99_ms": stats["rtt_p99_ms"],
             "server_cpu_ms_per_job": round(1000 * cpu / n, 3), "server_cpu_s": round(cpu, 2),
             "pg_connections_peak": pg.peak, "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
+            "pg_cpu_ms_per_job": round(1000 * pg_cpu / n, 3),
             "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
             "fleet": stats,
         }  # fmt: skip
@@ -204,6 +219,7 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
     lines.append(f"| exchange p50 (ms) | {fleet.get('rtt_p50_ms')} | |")
     lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
     lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
+    lines.append(f"| PostgreSQL's CPU per job (ms) | {fleet.get('pg_cpu_ms_per_job')} | |")
     lines.append(
         f"| the fleet's own CPU, run / idle (% of a core) | {fleet.get('fleet_cpu_pct')} / "
         f"{fleet.get('fleet_idle_cpu_pct')} | (100: the load generator is the bottleneck) |"
