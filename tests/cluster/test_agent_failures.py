@@ -190,7 +190,9 @@ def test_a_cut_link_fences_the_agent_and_it_rejoins(
     )
     cluster.restore(0)
     # back on the network the agent learns its attempts are no longer its own: B's is killed
-    wait_for("agent 0 to kill its stale attempt", lambda: not _sleeping(cluster.bridge.namespace(0)))
+    wait_for(
+        "agent 0 to kill its stale attempt", lambda: not _sleeping(cluster.bridge.namespace(0)), timeout=30
+    )
     # and A's late FAILED report is refused: had it been applied, A would have ended FAILED
     jobs = {j["jobUUID"]: j["status"] for j in api.jobs(project_id, task_id)}
     assert "FAILED" not in jobs.values(), jobs
