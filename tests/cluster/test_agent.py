@@ -146,3 +146,51 @@ def test_a_server_restart_leaves_the_agents_job_running(
     events = api.events(project_id, task_id, job_id)
     assert all(e["status"] != "FAILED" for e in events), events  # one attempt, never recovered
     assert agent.proc.poll() is None
+
+
+def test_a_jobs_end_survives_the_agent_crashing_while_the_server_is_down(
+    cluster: tuple[HtcServer, HtcApi, AgentProcess], tmp_path: Path
+) -> None:
+    srv, api, agent = cluster
+    marker = tmp_path / "go"
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(gated(marker, "crash")))
+    running = api.wait_jobs(project_id, task_id, lambda js: js[0]["status"] == "RUNNING", what="RUNNING")
+    job_id = running[0]["jobUUID"]
+    srv.stop()
+    marker.touch()
+    reports = agent.work_dir / "agent" / "reports.jsonl"
+    wait_for(lambda: '"status": 5' in reports.read_text(), "the end to be buffered on disk")
+    os.killpg(agent.proc.pid, signal.SIGKILL)  # the agent dies with the end not yet delivered
+    agent.proc.wait(timeout=10)
+    srv.start()
+    restarted = AgentProcess(srv, agent.work_dir)  # the same machine and work directory
+    try:
+        api = srv.api()
+        done = api.wait_terminal(project_id, task_id, 1)
+        assert done[0]["status"] == "SUCCEEDED", done
+        events = api.events(project_id, task_id, job_id)
+        assert all(e["status"] != "FAILED" and e["attempt"] == 1 for e in events), events
+    finally:
+        restarted.stop()
+
+
+def test_a_cancel_kills_the_job_on_the_agent(
+    cluster: tuple[HtcServer, HtcApi, AgentProcess], tmp_path: Path
+) -> None:
+    _, api, _ = cluster
+    pid_file = tmp_path / "pid"
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 300"]))
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the job to start")
+    pid = int(pid_file.read_text())
+    api.cancel(project_id, task_id)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+    wait_for(gone, "the cancelled job's process to be killed")

@@ -127,6 +127,9 @@ def test_token_scopes(srv: HtcServer) -> None:
     assert agent.exchange(expect=409) == {"error": "unknown agent"}
     agent.register()
     agent.exchange()
+    # nor does it serve an agent of another region
+    other.agent_id, other.incarnation = agent.agent_id, agent.incarnation
+    other.exchange(expect=403)
     agent.incarnation = uuid.uuid4().hex
     assert agent.exchange(expect=409) == {"error": "stale incarnation"}
 

@@ -102,17 +102,20 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         max_log_bytes=executor_settings.max_log_bytes_per_job,
     )
     logs = LogStore(work / "logs")
+    wakeups = Wakeups()
     executor = LocalExecutor(
         transport,
         runtime,
         executor_settings,
         logs,
-        Wakeups(),
+        wakeups,
         settings.region,
         [host_architecture()],
         executor_id=agent_id_for(str(work)),
     )
     transport.held = executor.held
+    transport.idle = executor.idle
+    transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
     return executor, transport, shipper, outbox
 

@@ -60,6 +60,8 @@ class HttpTransport:
         self.runtime = runtime
         self.version = version
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
+        self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
+        self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
         self.draining = False
         self.poll_seconds = 0.0
         self.registry_host: str | None = None
@@ -136,7 +138,7 @@ class HttpTransport:
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
-        idle = not self.held() and not len(self.outbox)
+        idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
         answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
         if answer is None:
@@ -232,7 +234,9 @@ class HttpTransport:
         self.outbox.done(answer.acked)
         if answer.refused:
             self.outbox.forget_attempt(answer.refused)
-        self._kills.update(answer.kill)
+        if answer.kill:
+            self._kills.update(answer.kill)
+            self.on_kill()
         for lease in answer.leases:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token

@@ -16,7 +16,7 @@ def agent(
     region: Annotated[str | None, typer.Option(help="Region to run jobs of [AWS_US_EAST_1].")] = None,
     vcpus: Annotated[int | None, typer.Option(help="vCPUs to offer [CPUs].")] = None,
     memory_mb: Annotated[int | None, typer.Option(help="MiB to offer [RAM].")] = None,
-    runtime: Annotated[str | None, typer.Option(help="bwrap, podman or process [auto].")] = None,
+    runtime: Annotated[str | None, typer.Option(help="bwrap, podman or process (default: auto).")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Journal, report buffer, logs, scratch.")] = None,
     labels: Annotated[str | None, typer.Option(help="Labels to advertise: k=v,k2=v2.")] = None,
     drain_seconds: Annotated[

@@ -217,10 +217,10 @@ class LocalExecutor:
         with self._lock:
             return self.state.held()
 
-    def running_launches(self) -> list[JobLaunch]:
-        """The attempts handed over or about to be (htc agent ships their logs)."""
+    def idle(self) -> bool:
+        """Nothing held and nothing to report: a claim may wait for work (htc agent's long poll)."""
         with self._lock:
-            return [a.launch for a in self.state.running.values()]
+            return not (self.state.running or self.state.pending or self.state.reports)
 
     # -- control loop ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain import lifecycle
-from openhtc.domain.errors import InvalidTransition, ValidationFailed
+from openhtc.domain.errors import InvalidTransition, PermissionDenied, ValidationFailed
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
 from openhtc.services.notify import EVERYTHING, Key
@@ -72,6 +72,7 @@ class AgentService:
         self._lock = threading.Lock()
         self._seqs: dict[str, dict[Attempt, int]] = {}  # agent -> highest seq applied per attempt
         self._log_paths: dict[int, tuple[str, str, int]] = {}  # job id -> (task, parent job, index)
+        self._draining: set[str] = set()  # agents that said they stop: their long polls answer
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
@@ -110,6 +111,7 @@ class AgentService:
         )
         with self._lock:
             self._seqs.pop(agent.agent_id, None)
+            self._draining.discard(agent.agent_id)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()
@@ -125,8 +127,10 @@ class AgentService:
         free: Capacity,
         max_jobs: int,
         draining: bool,
+        token_region: str = "*",
     ) -> Exchanged:
-        """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs."""
+        """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs.
+        ``token_region``: the region the caller's agent token allows ("*": any)."""
         s = self.services
         now = s.clock.now()
         self._heard(now)
@@ -135,6 +139,8 @@ class AgentService:
         )
         if reason is not None:
             raise MustRegister(reason)
+        if token_region not in ("*", region):
+            raise PermissionDenied(f"this agent token is for region {token_region}, not {region}")
         out = Exchanged(region, architectures)
         with self._lock:
             seqs = self._seqs.setdefault(agent_id, {})
@@ -173,6 +179,15 @@ class AgentService:
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
+
+    def drain(self, agent_id: str) -> None:
+        """The agent stops: it gets no new job, and the long poll it may have open answers now."""
+        with self._lock:
+            self._draining.add(agent_id)
+        self.services.notify.publish((agent_key(agent_id),))
+
+    def draining(self, agent_id: str) -> bool:
+        return agent_id in self._draining
 
     def claim(
         self, agent_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int

@@ -437,18 +437,18 @@ class QueueStore:
     def lose_agents(self, silent_since: float, now: float) -> tuple[Applied, list[str]]:
         """Mark lost the agents not heard from since ``silent_since``, and recover their jobs
         (nobody can say whether they started: the crash rule treats them as if they may have)."""
-        with self.db.write() as conn:
-            lost = list(
-                conn.execute(
-                    select(executors.c.id).where(
-                        and_(
-                            executors.c.kind == "agent",
-                            executors.c.lost_at.is_(None),
-                            executors.c.last_heartbeat < silent_since,
-                        )
-                    )
-                ).scalars()
+        silent = select(executors.c.id).where(
+            and_(
+                executors.c.kind == "agent",
+                executors.c.lost_at.is_(None),
+                executors.c.last_heartbeat < silent_since,
             )
+        )
+        with self.db.read() as conn:  # the common case: nobody silent, no write lock needed
+            if conn.execute(silent.limit(1)).first() is None:
+                return Applied(now, [], [], 0), []
+        with self.db.write() as conn:
+            lost = list(conn.execute(silent).scalars())
             if not lost:
                 return Applied(now, [], [], 0), []
             conn.execute(executors.update().where(executors.c.id.in_(lost)).values(lost_at=now))

@@ -100,14 +100,14 @@ async def register(request: Request) -> JSONResponse:
 @router.post(wire.PREFIX + "/{agent_id}/exchange")
 async def exchange(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
-    _agent_claims(request, svc)
+    claims = _agent_claims(request, svc)
     req = await _body(request, wire.ExchangeRequest)
     agents = _service(svc)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     if req.draining:  # a stopping agent: the long poll it may have open answers now
-        svc.notify.publish((agent_key(agent_id),))
+        agents.drain(agent_id)
     # subscribed before the claim: no wake-up is lost
     async with svc.notify.subscribe((AGENT_WORK, agent_key(agent_id))) as woken:
         try:
@@ -120,6 +120,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
                 free,
                 req.max_jobs,
                 req.draining,
+                str(claims.get("region", "*")),
             )
         except MustRegister as exc:
             return _must_register(exc.reason)
@@ -130,7 +131,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             left = deadline - loop.time()
             if left <= 0 or not await woken.wait(left):
                 break
-            if svc.notify.closing or await request.is_disconnected():
+            if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
                 break
             leases = await run_in_threadpool(
                 agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
