@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import crash, report
+from bench import agents, crash, report
 from bench.common import DEFAULT_OUT, Result, log, machine
 from bench.context import Context
 from bench.runners import RUNNERS
@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         + "\n  crash          N short jobs (maxRetries 0), --kills x kill -9 and restart: lost jobs, "
         "counter mismatches, executions per job from marker files; exits 1 if the guarantee broke "
-        "[N: 100000; smoke 2000]",
+        "[N: 100000; smoke 2000]\n  agents         --agents simulated agents (100 slots each) on two servers "
+        "--no-executor: jobs/s, exchange p50/p99, CPU per job, idle cost; W1 via 4 real agents in "
+        "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]",
     )
     p.add_argument(
         "--workload", default="all", help="all (not soak), or a comma list of names or ids (w1-w5, cp, soak)"
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="small N everywhere (CI); well under a minute")
     p.add_argument("--vcpus", type=int, help="CPUs every system may use (openhtc executor vCPUs, peer cores)")
     p.add_argument("--profile", action="store_true", help="py-spy record openhtc's measured process")
+    p.add_argument("--agents", type=int, help="agents workload: simulated agents [1000; smoke 50]")
     p.add_argument("--kills", type=int, default=5, help="crash workload: kill -9s spread over the run [5]")
     return p.parse_args(argv)
 
@@ -105,8 +108,20 @@ def run_crash(args: argparse.Namespace) -> int:
         ctx.close()
 
 
+def run_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
+    n = int(args.n.replace("_", "")) if args.n else None
+    ctx = Context(out=args.out, stamp=time.strftime("%Y%m%d-%H%M%S"), smoke=args.smoke)
+    command = " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    try:
+        return agents.main(ctx, n, args.agents, command)
+    finally:
+        ctx.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload == "agents":  # the control plane and a fleet of agents, not a side-by-side run
+        return run_agents(args, argv)
     if args.workload == "crash":  # a correctness run, not a figure side by side with peers
         return run_crash(args)
     try:

@@ -30,6 +30,7 @@ from openhtc.cli._common import (
 from openhtc.cli.agent import register as register_agent
 from openhtc.cli.alloc import register as register_alloc
 from openhtc.cli.bundle import htcctl_bundle
+from openhtc.cli.cluster import register as register_cluster
 from openhtc.cli.image import image_app
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
 from openhtc.cli.server import register
@@ -507,6 +508,7 @@ register(app)
 register_top(app)
 register_alloc(app)
 register_agent(app)
+register_cluster(app)
 
 
 def main() -> None:

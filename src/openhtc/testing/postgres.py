@@ -63,7 +63,7 @@ class PostgresCluster:
 
     user = "postgres"
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
+    def __init__(self, bin_dir: Path | None = None, base: Path | None = None) -> None:
         self.bin_dir = bin_dir or find_bin_dir()
         self.run_as: list[str] = []
         if os.geteuid() == 0:
@@ -77,7 +77,9 @@ class PostgresCluster:
             self.run_as = [runuser, "-u", "postgres", "--"]
         # Not under pytest's tmp dir: that one is mode 0700 and root-owned, so 'postgres' could
         # not reach it.
-        self.base = Path(tempfile.mkdtemp(prefix="openhtc-pg-"))
+        # `htc cluster` passes a directory of its own (see attach).
+        self.base = base or Path(tempfile.mkdtemp(prefix="openhtc-pg-"))
+        self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         self.data = self.base / "data"
         self.log = self.base / "postgres.log"
@@ -85,6 +87,14 @@ class PostgresCluster:
         self._options = ""
         self.started = False
         self.paused = False
+
+    @classmethod
+    def attach(cls, base: Path, port: int) -> PostgresCluster:
+        """The cluster an earlier process started in ``base`` on ``port`` (`htc cluster down`)."""
+        cluster = cls(base=base)
+        cluster.port = port
+        cluster.started = True
+        return cluster
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

@@ -1,0 +1,256 @@
+"""``python -m bench --workload agents``: the control plane holding a fleet of agents.
+
+Part 1, the simulated fleet (``bench/fleet.py``): ``--agents`` simulated agents (default 1,000;
+smoke 50) with 100 slots each speak the real agent protocol, with a no-op runtime, to two
+``htc server --no-executor`` on one private PostgreSQL (everything on this machine, loopback
+only). Measured: the idle cost (the servers' CPU while the fleet long-polls with nothing queued),
+then N trivial jobs (default 100,000; smoke 2,000) submitted at once: jobs/s from the first
+submit until all are SUCCEEDED, exchange round trips p50/p99 (calls that carried work), the
+servers' CPU per job, and PostgreSQL's connections (peak of ``pg_stat_activity``).
+
+Part 2, real agents (needs root: network namespaces): W1 (N ``true`` jobs, process runtime)
+through 4 ``htc agent`` processes, each in its own namespace (``htc cluster``'s code), against
+the embedded executor's W1 in the same run, on PostgreSQL both.
+
+Targets (never asserted, judged in the report): >= 5,000 jobs/s, p99 <= 1 s, idle <= 5 % of a
+core, W1 through 4 agents >= 0.8x the embedded executor's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import cpu_seconds, log, machine
+from bench.context import Context
+from bench.server import Api, OpenhtcServer, htc_binary
+from openhtc.testing.procstats import descendants
+
+REPO = Path(__file__).resolve().parent.parent
+REGION = "AWS_US_EAST_1"
+
+
+def mint_agent_token(server: OpenhtcServer) -> str:
+    cmd = [
+        htc_binary(), "admin", "create-agent-token", "--region", REGION, "--name", "bench-fleet",
+        "--data-dir", str(server.data_dir), "--database-url", str(server.database_url),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"htc admin create-agent-token failed: {out.stdout}{out.stderr}")
+    return lines[-1]
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+def _pg_cpu(ctx: Context) -> float:
+    """CPU seconds of the PostgreSQL postmaster and its live backends (pooled: they stay)."""
+    pg = ctx._pg
+    if pg is None:
+        return 0.0
+    try:
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return _cpu([postmaster, *descendants(postmaster)])
+
+
+class _PgConnections:
+    """Samples ``pg_stat_activity`` (client backends of the bench's database) in a thread."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.peak, self._stop = url, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.5):
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()"
+                ).fetchone()
+                self.peak = max(self.peak, int(row[0]) if row else 0)
+
+    def __enter__(self) -> _PgConnections:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def simulated_fleet(
+    ctx: Context, agents: int, slots: int, n: int, servers: int, idle_s: float
+) -> dict[str, Any]:
+    url = ctx.database_url("postgres")
+    srvs = [OpenhtcServer(runtime="process", database_url=url, executor=False) for _ in range(servers)]
+    work = Path(tempfile.mkdtemp(prefix="openhtc-bench-fleet-"))
+    fleet: subprocess.Popen[bytes] | None = None
+    try:
+        srvs[0].start()
+        for srv in srvs[1:]:  # one signing key for all (as cluster mode shares it)
+            shutil.copytree(srvs[0].data_dir / "keys", srv.data_dir / "keys", dirs_exist_ok=True)
+            srv.start()
+        token = mint_agent_token(srvs[0])
+        pids = [s.pid for s in srvs]
+        cmd = [sys.executable, "-m", "bench.fleet", "--token", token, "--agents", str(agents),
+               "--slots", str(slots), "--region", REGION, "--out", str(work / "fleet.json"),
+               "--ready", str(work / "ready")]  # fmt: skip
+        for srv in srvs:
+            cmd += ["--url", srv.base_url]
+        fleet_log = open(work / "fleet.log", "wb")  # noqa: SIM115 (closed below)
+        fleet = subprocess.Popen(
+            cmd, cwd=REPO, stdout=fleet_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while not (work / "ready").exists():
+            if fleet.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the fleet did not register: {(work / 'fleet.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        log(f"   {agents} simulated agents registered in {(work / 'ready').read_text()} s")
+        time.sleep(min(5.0, idle_s / 2))  # the first long polls settle
+        cpu0, fleet0, t0 = _cpu(pids), _cpu([fleet.pid]), time.monotonic()
+        time.sleep(idle_s)
+        idle_pct = 100.0 * (_cpu(pids) - cpu0) / (time.monotonic() - t0)
+        fleet_idle_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / (time.monotonic() - t0)
+        log(f"   idle: servers use {idle_pct:.2f} % of a core (the fleet {fleet_idle_pct:.1f} %)")
+        api = srvs[0].api()
+        api.new_task("agents")
+        with _PgConnections(url) as pg:
+            cpu0, fleet0, pg0, began = _cpu(pids), _cpu([fleet.pid]), _pg_cpu(ctx), time.monotonic()
+            api.submit_jobs(n)
+            counts = api.wait_terminal(n, time.monotonic() + max(600.0, n / 50))
+            wall = time.monotonic() - began
+            cpu = _cpu(pids) - cpu0
+            fleet_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / wall
+            pg_cpu = _pg_cpu(ctx) - pg0
+        fleet.send_signal(signal.SIGTERM)
+        fleet.wait(timeout=120)
+        fleet_log.close()
+        stats = json.loads((work / "fleet.json").read_text())
+        return {
+            "agents": agents, "slots": slots, "servers": servers, "n": n,
+            "jobs_per_s": round(n / wall, 1), "wall_s": round(wall, 2),
+            "succeeded": counts.get("SUCCEEDED", 0), "failed": counts.get("FAILED", 0),
+            "rtt_p50_ms": stats["rtt_p50_ms"], "rtt_p99_ms": stats["rtt_p99_ms"],
+            "server_cpu_ms_per_job": round(1000 * cpu / n, 3), "server_cpu_s": round(cpu, 2),
+            "pg_connections_peak": pg.peak, "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
+            "pg_cpu_ms_per_job": round(1000 * pg_cpu / n, 3),
+            "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
+            "fleet": stats,
+        }  # fmt: skip
+    finally:
+        if fleet is not None and fleet.poll() is None:
+            fleet.kill()
+        for srv in srvs:
+            srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _w1(api: Api, n: int) -> float:
+    api.new_task("w1")
+    began = time.monotonic()
+    api.submit_jobs(n, commands=["true"])
+    counts = api.wait_terminal(n, time.monotonic() + max(600.0, n / 5))
+    if counts.get("SUCCEEDED", 0) != n:
+        raise RuntimeError(f"W1: not every job succeeded: {counts}")
+    return n / (time.monotonic() - began)
+
+
+def real_agents(ctx: Context, n: int, agents: int = 4) -> dict[str, Any]:
+    """W1 through ``agents`` real agents in namespaces vs the embedded executor, same run."""
+    from openhtc.cluster.local import ClusterSpec, LocalCluster
+
+    if os.geteuid() != 0:
+        return {"skipped": "network namespaces need root"}
+    probe = subprocess.run([htc_binary(), "agent", "--help"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return {"skipped": "this installation has no `htc agent`"}
+    embedded = OpenhtcServer(runtime="process", database_url=ctx.database_url("postgres"))
+    try:
+        embedded.start()
+        embedded_rate = _w1(embedded.api(), n)
+    finally:
+        embedded.stop()
+    work = Path(tempfile.mkdtemp(prefix="openhtc-bench-agents-"))
+    cluster = LocalCluster(ClusterSpec(directory=work, agents=agents, servers=1, runtime="process"))
+    try:
+        cluster.up()
+        rate = _w1(Api(cluster.url, cluster.api_key), n)
+    finally:
+        cluster.down()
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "n": n, "agents": agents, "agents_jobs_per_s": round(rate, 1),
+        "embedded_jobs_per_s": round(embedded_rate, 1), "ratio": round(rate / embedded_rate, 3),
+    }  # fmt: skip
+
+
+TARGETS = (
+    ("jobs/s with the simulated fleet", "jobs_per_s", ">=", 5000.0),
+    ("exchange p99 (ms)", "rtt_p99_ms", "<=", 1000.0),
+    ("idle fleet: servers' CPU (% of a core)", "idle_cpu_pct", "<=", 5.0),
+)
+
+
+def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [f"# openhtc agents benchmark, {meta['date']}", "", f"`{meta['command']}`", ""]
+    lines += ["| figure | value | target |", "|---|---|---|"]
+    for text, key, op, value in TARGETS:
+        got = fleet.get(key)
+        ok = got is not None and (got >= value if op == ">=" else got <= value)
+        lines.append(f"| {text} | {got} | {op} {value:g} {'met' if ok else 'MISSED'} |")
+    lines.append(f"| exchange p50 (ms) | {fleet.get('rtt_p50_ms')} | |")
+    lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
+    lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
+    lines.append(f"| PostgreSQL's CPU per job (ms) | {fleet.get('pg_cpu_ms_per_job')} | |")
+    lines.append(
+        f"| the fleet's own CPU, run / idle (% of a core) | {fleet.get('fleet_cpu_pct')} / "
+        f"{fleet.get('fleet_idle_cpu_pct')} | (100: the load generator is the bottleneck) |"
+    )
+    if "ratio" in real:
+        ok = real["ratio"] >= 0.8
+        lines.append(
+            f"| W1 through {real['agents']} agents / embedded | {real['agents_jobs_per_s']} / "
+            f"{real['embedded_jobs_per_s']} jobs/s = {real['ratio']} | >= 0.8 {'met' if ok else 'MISSED'} |"
+        )
+    elif real:
+        lines.append(f"| W1 through real agents | {real} | |")
+    lines += ["", f"{fleet['agents']} agents x {fleet['slots']} slots, {fleet['servers']} servers, "
+              f"N = {fleet['n']}, wall {fleet['wall_s']} s; fleet: {json.dumps(fleet['fleet'])}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(ctx: Context, n: int | None, agents: int | None, command: str) -> int:
+    smoke = ctx.smoke
+    agents = agents or (50 if smoke else 1000)
+    n = n or (2_000 if smoke else 100_000)
+    fleet = simulated_fleet(ctx, agents, 100, n, servers=2, idle_s=3.0 if smoke else 15.0)
+    log(f"   fleet: {fleet['jobs_per_s']} jobs/s, p99 {fleet['rtt_p99_ms']} ms")
+    real = {} if smoke else real_agents(ctx, 5_000)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine()}
+    text = markdown(fleet, real, meta)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / f"agents-{ctx.stamp}.md").write_text(text)
+    (ctx.out / f"agents-{ctx.stamp}.json").write_text(
+        json.dumps({"fleet": fleet, "real": real, "meta": meta}, indent=1)
+    )
+    print(text)
+    bad = fleet["succeeded"] != n
+    return 1 if bad else 0

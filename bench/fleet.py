@@ -1,0 +1,233 @@
+"""A simulated agent fleet: many agents speaking the real agent protocol, with a no-op runtime.
+
+``python -m bench.fleet --url U [--url U2] --token T --agents 1000 --slots 100 --out stats.json``
+runs in a process of its own (so its CPU is not the measuring process's), one asyncio loop,
+one ``httpx.AsyncClient`` per server URL (agent K talks to URL ``K % len(urls)``). Each agent
+registers, then loops on ``/exchange``: it offers its free slots, long-polls when it has
+nothing to report, and "runs" every lease at once: STARTING, RUNNING and SUCCEEDED go in its next call.
+It stops on SIGTERM (or SIGINT) and writes what it measured to ``--out``: exchange round trips
+(p50/p99 of the calls that carry reports, so wait for nothing), exchanges made, leases taken,
+reports acknowledged, refusals, 409s and errors.
+A file ``--ready`` is written once every agent has registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+STARTING, RUNNING, SUCCEEDED = 3, 4, 5
+MEMORY_PER_SLOT_MB = 1024
+
+
+@dataclass
+class Stats:
+    rtts: list[float] = field(default_factory=list)  # seconds, of the calls that carried reports
+    idle_rtts: int = 0  # long polls (they wait for work: their time is no round trip)
+    exchanges: int = 0
+    leases: int = 0
+    acked: int = 0
+    refused: int = 0
+    kills: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        rtts = sorted(self.rtts)
+
+        def pct(p: float) -> float | None:
+            return round(rtts[min(len(rtts) - 1, int(p * len(rtts)))] * 1000, 2) if rtts else None
+
+        return {
+            "exchanges": self.exchanges,
+            "report_exchanges": len(rtts),
+            "long_polls": self.idle_rtts,
+            "rtt_p50_ms": pct(0.50),
+            "rtt_p99_ms": pct(0.99),
+            "rtt_max_ms": round(rtts[-1] * 1000, 2) if rtts else None,
+            "leases": self.leases,
+            "acked": self.acked,
+            "refused": self.refused,
+            "kills": self.kills,
+            "conflicts": self.conflicts,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+class SimAgent:
+    def __init__(self, index: int, client: httpx.AsyncClient, slots: int, region: str, stats: Stats) -> None:
+        self.agent_id = f"sim-{os.getpid()}-{index}"
+        self.client = client
+        self.slots = slots
+        self.region = region
+        self.stats = stats
+        self.incarnation = ""
+        self.poll = 10.0
+        self.seq: dict[tuple[int, int], int] = {}
+        self.pending: list[dict[str, Any]] = []  # reports not acknowledged yet
+        self.held: set[tuple[int, int]] = set()
+
+    async def register(self) -> None:
+        self.incarnation = uuid.uuid4().hex
+        body = {
+            "agent_id": self.agent_id, "incarnation": self.incarnation, "region": self.region,
+            "architectures": ["X86"],
+            "capacity": {"vcpus": self.slots, "memory_mb": self.slots * MEMORY_PER_SLOT_MB},
+            "labels": {"fleet": "sim"}, "version": "sim", "host": "sim", "runtime": "noop",
+            "running": [list(k) for k in self.held], "may_have_started": [],
+        }  # fmt: skip
+        resp = await self.client.post("/openhtc/v1/agents/register", json=body)
+        resp.raise_for_status()
+        answer = resp.json()
+        self.poll = float(answer.get("poll_seconds") or 10.0)
+        for key in answer.get("kill", []):
+            self.held.discard((key[0], key[1]))
+
+    def _report(self, key: tuple[int, int], status: int) -> None:
+        seq = self.seq.get(key, 0) + 1
+        self.seq[key] = seq
+        self.pending.append({
+            "job_id": key[0], "attempt": key[1], "seq": seq, "status": status, "at": time.time(),
+            "exit_code": 0 if status == SUCCEEDED else None, "failure_code": None, "reason": None,
+        })  # fmt: skip
+
+    async def exchange(self) -> float:
+        """One call; returns how long to wait before the next."""
+        free = self.slots - len(self.held)
+        reports = self.pending
+        body = {
+            "incarnation": self.incarnation,
+            "free": {"vcpus": free, "memory_mb": free * MEMORY_PER_SLOT_MB},
+            "max_jobs": free, "held": [list(k) for k in self.held], "reports": reports,
+            "wait_seconds": 0.0 if reports else self.poll, "draining": False,
+        }  # fmt: skip
+        started = time.perf_counter()
+        resp = await self.client.post(f"/openhtc/v1/agents/{self.agent_id}/exchange", json=body)
+        rtt = time.perf_counter() - started
+        self.stats.exchanges += 1
+        if resp.status_code == 409:
+            self.stats.conflicts += 1
+            await self.register()
+            return 0.0
+        resp.raise_for_status()
+        answer = resp.json()
+        acked = {(a[0], a[1], a[2]) for a in answer.get("acked", [])}
+        refused = {(r[0], r[1]) for r in answer.get("refused", [])}
+        self.stats.acked += len(acked)
+        self.stats.refused += len(refused)
+        done = {(r["job_id"], r["attempt"], r["seq"]) for r in reports} & acked
+        self.pending = [
+            r
+            for r in self.pending
+            if (r["job_id"], r["attempt"], r["seq"]) not in done
+            and (r["job_id"], r["attempt"]) not in refused
+        ]
+        for r in reports:
+            key = (r["job_id"], r["attempt"])
+            if r["status"] == SUCCEEDED and ((*key, r["seq"]) in acked or key in refused):
+                self.held.discard(key)
+                self.seq.pop(key, None)
+        for key in answer.get("kill", []):
+            self.stats.kills += 1
+            self.held.discard((key[0], key[1]))
+            self.pending = [r for r in self.pending if (r["job_id"], r["attempt"]) != (key[0], key[1])]
+        leases = answer.get("leases", [])
+        for lease in leases:  # the no-op runtime: started and ended at once
+            key = (lease["job_id"], lease["attempt"])
+            self.held.add(key)
+            for status in (STARTING, RUNNING, SUCCEEDED):  # as the executor core reports them
+                self._report(key, status)
+        self.stats.leases += len(leases)
+        if reports:  # a call that waits for nothing: its time is the server's answer
+            self.stats.rtts.append(rtt)
+        else:  # a long poll: its time is mostly the wait for work
+            self.stats.idle_rtts += 1
+        if self.pending or leases or rtt >= 1.0:
+            return 0.0  # more to report, maybe more to take, or the server held the call: again
+        return float(answer.get("next_call_seconds", 1.0))  # answered at once, empty: as told
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                delay = await self.exchange()
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                delay = 1.0
+            if delay:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    stats = Stats()
+    limits = httpx.Limits(max_connections=args.agents + 10, max_keepalive_connections=args.agents + 10)
+    headers = {"Authorization": f"Bearer {args.token}"}
+    timeout = httpx.Timeout(120.0, connect=30.0)
+    clients = [
+        httpx.AsyncClient(base_url=u, headers=headers, limits=limits, timeout=timeout) for u in args.url
+    ]
+    agents = [
+        SimAgent(i, clients[i % len(clients)], args.slots, args.region, stats) for i in range(args.agents)
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sem = asyncio.Semaphore(50)  # registrations at once
+
+    async def register(agent: SimAgent) -> None:
+        async with sem:
+            await agent.register()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(register(a) for a in agents))
+    registered_s = time.perf_counter() - began
+    if args.ready:
+        Path(args.ready).write_text(str(registered_s))
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+    await stop.wait()
+    # a long poll in flight ends when the server answers or the client closes
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.aclose()
+    return {
+        "agents": args.agents,
+        "slots": args.slots,
+        "register_s": round(registered_s, 2),
+        **stats.summary(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    p.add_argument("--url", action="append", required=True, help="a server's base URL (repeat for more)")
+    p.add_argument("--token", required=True, help="an agent token (htc admin create-agent-token)")
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--slots", type=int, default=100)
+    p.add_argument("--region", default="AWS_US_EAST_1")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ready", type=Path)
+    args = p.parse_args(argv)
+    result = asyncio.run(main_async(args))
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
