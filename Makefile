@@ -119,7 +119,7 @@ typecheck: install
 
 # Exit status 5 (no tests collected) fails like any other non-zero status.
 pytest: install
-	@rc=0; $(PY) -m pytest tests -p no:cacheprovider -ra --db $(DB) $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest tests -p no:cacheprovider -ra --durations=25 --db $(DB) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): that is a failure" >&2; fi; \
 	exit $$rc
 

@@ -92,6 +92,10 @@ class HtcServer:
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
+        # A server killed and never started again leaves its process runtime's launchers waiting
+        # for a successor with their jobs (executor_adopt_seconds, 600 by default): in tests, a
+        # short wait, so a suite leaves no job behind for long. Tests that restart set their own.
+        env["OPENHTC_EXECUTOR_ADOPT_SECONDS"] = "30"
         env.update(self.extra_env)
         return env
 
