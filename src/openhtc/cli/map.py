@@ -57,6 +57,7 @@ def _line(call: FunctionCall) -> str:
         "result": call.result,
         "error": call.error,
         "attempt": call.attempt,
+        "failureCode": call.failure_code,
     }
     return json.dumps(record, separators=(",", ":")) + "\n"
 
@@ -130,7 +131,7 @@ def map_events(
         typer.Option(
             "--out",
             "-o",
-            help="Write the results here as JSON Lines (index, status, result, error, attempt), "
+            help="Write the results here as JSON Lines (index, status, result, error, attempt, failureCode), "
             "in event order. Default: stdout.",
             show_default=False,
         ),

@@ -65,7 +65,8 @@ class FunctionError(Exception):
     """A function call failed: the handler raised, timed out, or its worker died.
 
     ``index`` is the call's position among the submitted events; ``type``, ``message`` and
-    ``traceback`` are the remote exception's (``TimeoutError`` for a timeout).
+    ``traceback`` are the remote exception's (``TimeoutError`` for a timeout); ``failure_code``
+    the job's (``ErrorFunction`` when the handler raised, docs/functions.md).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class FunctionError(Exception):
         *,
         status: str = "FAILED",
         attempt: int = 1,
+        failure_code: str | None = None,
     ) -> None:
         self.index = index
         self.type = type
@@ -84,6 +86,7 @@ class FunctionError(Exception):
         self.traceback = traceback
         self.status = status
         self.attempt = attempt
+        self.failure_code = failure_code
         super().__init__(index, type, message)
 
     def __str__(self) -> str:
@@ -105,6 +108,7 @@ class FunctionError(Exception):
             str(error.get("traceback") or ""),
             status=call.status,
             attempt=call.attempt,
+            failure_code=call.failure_code,
         )
 
 
@@ -117,6 +121,7 @@ class FunctionCall:
     result: Any = None
     error: JsonDict | None = None
     attempt: int = 1
+    failure_code: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -288,6 +293,7 @@ class FunctionBatch:
                         self._result(item) if status == "SUCCEEDED" else None,
                         item.get("error") or None,
                         int(item.get("attempt") or 1),
+                        item.get("failureCode") or None,
                     )
                     start = index + 1
                 nxt = page.get("next")
