@@ -74,6 +74,17 @@ class Settings(BaseSettings):
         description="bwrap runtime: size of the unpacked-image cache in the work directory; least "
         "recently used images beyond it are removed (never one in use).",
     )
+    function_result_max_bytes: int = Field(
+        256 * 1024,
+        gt=0,
+        description="A function call's result up to this size is kept in the database; a larger "
+        "one goes to the task's storage (docs/functions.md).",
+    )
+    function_worker_idle_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A warm function worker with no call for this long exits (docs/functions.md).",
+    )
     max_log_bytes_per_job: int = Field(
         100 * 1024 * 1024,
         gt=0,

@@ -20,6 +20,7 @@ from openhtc.api.responses import JSONResponse
 from openhtc.api.routes import (
     auth,
     explain,
+    functions,
     jobs,
     live,
     overview,
@@ -53,7 +54,7 @@ def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], No
     errors.install(app)
     for module in (jobs, tasks, projects, storage, registry, auth, workspace, system, live):
         app.include_router(module.router)
-    for module in (explain, overview):  # openhtc extensions (docs/extensions.md)
+    for module in (explain, overview, functions):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
     for extend in extensions:
         extend(app)

@@ -53,6 +53,7 @@ class FailureCode(StrEnum):
     ErrorStartingContainer = "ErrorStartingContainer"
     ErrorProviderDown = "ErrorProviderDown"
     ErrorProviderRegionDown = "ErrorProviderRegionDown"
+    ErrorFunction = "ErrorFunction"  # openhtc: a function task's handler raised (docs/functions.md)
 
 
 class Role(StrEnum):

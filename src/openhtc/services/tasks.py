@@ -6,10 +6,13 @@ from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.service_set import ServiceSet
 
 
-def cancel_jobs(services: ServiceSet, task_id: str, group: str | None, now: float) -> int:
-    """Cancel a task's (or group's) unfinished jobs: the API's and the dashboard's cancel, and a
-    delete. Returns how many (counted in the metrics as the store applied them)."""
-    applied = services.jobs.cancel(task_id, group, now)
+def cancel_jobs(
+    services: ServiceSet, task_id: str, group: str | None, now: float, batch_id: int | None = None
+) -> int:
+    """Cancel a task's (or group's, or one batch's) unfinished jobs: the API's and the
+    dashboard's cancel, and a delete. Returns how many (counted in the metrics as the store
+    applied them)."""
+    applied = services.jobs.cancel(task_id, group, now, batch_id)
     if applied.changes:
         services.metrics.jobs.applied(applied)
         services.wakeups.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,12 @@ class JobStore:
     # -- writes ---------------------------------------------------------------------------------
 
     def submit(
-        self, task: Row[Any], new_batches: Sequence[NewBatch], user_id: str, now: float
+        self,
+        task: Row[Any],
+        new_batches: Sequence[NewBatch],
+        user_id: str,
+        now: float,
+        also: Callable[[Connection, list[int]], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Store batches and all their jobs in one transaction.
 
@@ -95,6 +100,8 @@ class JobStore:
         limit they are admitted at once (SUBMITTED_TO_PROVIDER, with both events recorded), so the
         common case costs no second pass over the rows. Rows beyond the first
         ``materialize_chunk`` jobs of the call are written later (see store/materialize.py).
+        ``also`` writes more in the same transaction, given the new batches' ids (function
+        tasks: their events).
         """
         echoes: list[dict[str, Any]] = []
         with self.db.write() as conn:
@@ -176,12 +183,14 @@ class JobStore:
                 _INSERT_SUBMIT_EVENTS,
                 [(batch_id, 1, int(step), now, False) for batch_id in batch_ids for step in steps],
             )
+            if also is not None:
+                also(conn, batch_ids)
             conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
         return echoes
 
-    def cancel(self, task_id: str, group: str | None, now: float) -> Applied:
-        """Fail every non-terminal job of the task (or group) with userCancelledEvent set;
-        returns what that changed."""
+    def cancel(self, task_id: str, group: str | None, now: float, batch_id: int | None = None) -> Applied:
+        """Fail every non-terminal job of the task (or group, or one batch of the group) with
+        userCancelledEvent set; returns what that changed."""
         with self.db.write() as conn:
             self.materializer.finish(conn, task_id, group)  # a cancel reaches jobs without rows too
             writes = StatusWrites(self.db, conn, now)
@@ -190,6 +199,9 @@ class JobStore:
             if group is not None:
                 where += " AND j.group_name = ?"
                 params += (group,)
+            if batch_id is not None:
+                where += " AND j.batch_id = ?"
+                params += (batch_id,)
             for job in writes.load(where, params):
                 writes.cancel(job)
             if writes.flush():

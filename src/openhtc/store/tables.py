@@ -290,3 +290,19 @@ repositories = Table(
     Column("created_by", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+
+# Function tasks (services/functions.py): one row per call of a function batch, its event (JSON
+# text) written with the batch, its result or error by the executor's report. ``result_key``:
+# a result over function_result_max_bytes, in task storage under that key instead.
+function_calls = Table(
+    "function_calls",
+    metadata,
+    Column("batch_id", BigInteger, primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("event", Text, nullable=False),
+    Column("result", Text),
+    Column("error", Text),
+    Column("result_key", Text),
+    Column("attempt", Integer),
+)

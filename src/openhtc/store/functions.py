@@ -1,0 +1,122 @@
+"""Function tasks: the calls of a function batch (services/functions.py).
+
+A call is a job of its batch (same id, index, statuses); ``function_calls`` adds what a job has
+not: its event (JSON text, written with the batch) and its result or error (written by the
+executor just before it reports the job's end, so a terminal job always has them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from openhtc.domain.enums import JobStatus
+from openhtc.store.db import BulkStatement, Database, json_rows
+
+_INSERT = BulkStatement.insert("function_calls", (("batch_id", "bigint"), ("idx", "int"), ("event", "text")))
+_RESULT_COLUMNS = (
+    ("result", "text"),
+    ("error", "text"),
+    ("result_key", "text"),
+    ("attempt", "int"),
+    ("batch_id", "bigint"),
+    ("idx", "int"),
+)
+_SAVE = BulkStatement(
+    sqlite="UPDATE function_calls SET result = ?, error = ?, result_key = ?, attempt = ?"
+    " WHERE batch_id = ? AND idx = ?",
+    postgres="UPDATE function_calls f SET result = v.result, error = v.error, result_key = v.result_key,"
+    f" attempt = v.attempt FROM {json_rows(_RESULT_COLUMNS)} WHERE f.batch_id = v.batch_id AND f.idx = v.idx",
+)
+_TERMINAL_SQL = f"{int(JobStatus.SUCCEEDED)},{int(JobStatus.FAILED)}"
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What an executor saves for one call attempt (exactly one of result, error, result_key)."""
+
+    batch_id: int
+    idx: int
+    attempt: int
+    result: str | None  # JSON text
+    error: str | None  # JSON text: {"type", "message", "traceback"}
+    result_key: str | None = None  # task storage key of a large result
+
+
+@dataclass(frozen=True, slots=True)
+class CallRow:
+    idx: int
+    status: int
+    attempt: int
+    failure_code: str | None
+    status_reason: str | None
+    result: str | None
+    error: str | None
+    result_key: str | None
+    result_attempt: int | None
+
+
+class FunctionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def insert_events(self, conn: Connection, batch_id: int, events: Sequence[str]) -> None:
+        cur = self.db.cursor(conn)
+        step = 20000  # bounded PostgreSQL parameters (one JSON array each)
+        for start in range(0, len(events), step):
+            chunk = events[start : start + step]
+            self.db.run_bulk(cur, _INSERT, [(batch_id, start + i, e) for i, e in enumerate(chunk)])
+
+    def events(self, batch_id: int, start: int, stop: int) -> dict[int, str]:
+        """The events of calls ``start <= idx < stop`` of a batch."""
+        with self.db.read() as conn:
+            cur = self.db.cursor(conn)
+            cur.execute(
+                self.db.sql(
+                    "SELECT idx, event FROM function_calls WHERE batch_id = ? AND idx >= ? AND idx < ?"
+                ),
+                (batch_id, start, stop),
+            )
+            return {int(idx): str(event) for idx, event in cur.fetchall()}
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        """Record call results, all in one transaction."""
+        if not results:
+            return
+        rows = [(r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results]
+        with self.db.write() as conn:
+            self.db.run_bulk(self.db.cursor(conn), _SAVE, rows)
+
+    def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
+        """The calls ``start <= idx < start + limit`` that have job rows, by index."""
+        cur = self.db.cursor(conn)
+        cur.execute(
+            self.db.sql(
+                "SELECT j.idx, j.status, j.attempt, j.failure_code, j.status_reason, f.result, f.error,"
+                " f.result_key, f.attempt FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id"
+                " AND f.idx = j.idx WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < ? ORDER BY j.idx"
+            ),
+            (batch_id, start, start + limit),
+        )
+        return [CallRow(*row) for row in cur.fetchall()]
+
+    def counts(self, conn: Connection, batch_id: int) -> tuple[int, int]:
+        """(ended, failed) calls of a batch."""
+        cur = self.db.cursor(conn)
+        cur.execute(
+            self.db.sql(
+                f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
+                " GROUP BY status"
+            ),
+            (batch_id,),
+        )
+        counts = {int(status): int(n) for status, n in cur.fetchall()}
+        failed = counts.get(int(JobStatus.FAILED), 0)
+        return counts.get(int(JobStatus.SUCCEEDED), 0) + failed, failed
+
+    def is_function_batch(self, conn: Connection, batch_id: int) -> bool:
+        cur = self.db.cursor(conn)
+        cur.execute(self.db.sql("SELECT 1 FROM function_calls WHERE batch_id = ? AND idx = 0"), (batch_id,))
+        return cur.fetchone() is not None
