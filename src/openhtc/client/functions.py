@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, overload
 import httpx
 
 from openhtc.client import live
-from openhtc.client._errors import HtcError
+from openhtc.client._errors import HtcError, ServerError
 from openhtc.client._transport import API_PREFIX, Connection, segment
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
 
 JsonDict = dict[str, Any]
 MAX_EVENTS_PER_CALL = 100_000  # the server accepts at most this many events per submission
-PAGE_SIZE = 1_000
+PAGE_SIZE = 10_000  # results per page: the server's maximum, fewest round trips when calls are short
 LONG_POLL = 30.0  # seconds one results call may wait on the server (it holds 60 at most)
 TERMINAL = frozenset({"SUCCEEDED", "FAILED"})
 
@@ -241,12 +241,16 @@ class FunctionBatch:
     # -- results ----------------------------------------------------------------------------
 
     def _page(self, part: _Part, start: int, limit: int, wait: float) -> JsonDict:
-        body = self._conn.call(
-            "GET",
-            self._url(part, "results"),
-            params={"from": start, "limit": limit, "wait": f"{wait:g}"},
-            timeout=wait + 30.0,
-        )
+        params: dict[str, str | int] = {"from": start, "limit": limit, "wait": f"{wait:g}"}
+        url = self._url(part, "results")
+        try:
+            body = self._conn.call("GET", url, params=params, timeout=wait + 30.0)
+        except ServerError as exc:
+            if exc.status_code != 503:
+                raise
+            # the server holds too many waits right now: look without waiting, a moment later
+            time.sleep(min(wait, 0.5))
+            body = self._conn.call("GET", url, params={**params, "wait": "0"})
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise HtcError(f"malformed results page for batch {part.batch_id}: {str(body)[:200]}")
         part.counts.total = int(body.get("total", part.count))
