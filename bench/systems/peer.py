@@ -45,6 +45,8 @@ class PeerSystem:
     netns_address = False
     no_equivalent: dict[str, str] = {}  # workload -> why this peer has no such measurement
     notes: dict[str, list[str]] = {}  # workload -> notes every result of it carries
+    max_calls: int | None = None  # the functions workload's N, for a peer that would take hours
+    notes_cap = ""  # why max_calls
 
     def __init__(self) -> None:
         self._installed: str | None = None
@@ -100,6 +102,9 @@ class PeerSystem:
             from bench.functions import latency_samples
 
             params["samples"] = latency_samples(n)
+            if self.max_calls is not None and n > self.max_calls:
+                params["n"] = self.max_calls
+                result.notes.append(f"measured on {self.max_calls:,} calls, not {n:,}: {self.notes_cap}")
         timeout = {
             "throughput": 300 + n / 2,
             "latency": 120 + 3 * n,
