@@ -97,13 +97,14 @@ def _report_failures(failures: list[FunctionCall], total: int) -> None:
     console.print(f"[bold red]{len(failures)} of {total} call(s) failed[/]", highlight=False)
     for call in failures[:SHOWN_FAILURES]:
         error = FunctionError.from_call(call)
-        console.print(f"  call {error.index}: {error.type}: {error.message}", markup=False, highlight=False)
+        line = f"  call {error.index}: {error.type}: {error.message}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if len(failures) > SHOWN_FAILURES:
         console.print(f"  … and {len(failures) - SHOWN_FAILURES} more", highlight=False)
     first = FunctionError.from_call(failures[0])
     if first.traceback:
         console.print(f"remote traceback of call {first.index}:", highlight=False)
-        console.print(first.traceback.rstrip(), markup=False, highlight=False)
+        console.print(first.traceback.rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
 def map_events(
@@ -180,6 +181,7 @@ def map_events(
             f"Submitted {batch.count} call(s) to task [bold]{task.id}[/] "
             f"(project {task.project_id}, batch {', '.join(batch.batch_ids)})",
             highlight=False,
+            soft_wrap=True,
         )
         target = open(out, "w", encoding="utf-8") if out else nullcontext(sys.stdout)  # noqa: SIM115
         try:
