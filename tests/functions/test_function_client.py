@@ -87,6 +87,18 @@ def test_map_returns_the_results_in_event_order(task: Task) -> None:
 
 
 @pytest.mark.one_db
+def test_an_event_that_is_not_json_is_named_and_nothing_is_submitted(task: Task) -> None:
+    events: list[Any] = [{"x": i} for i in range(5)] + [{"x": float("nan")}]
+    with pytest.raises(ValueError, match="event 5 is not JSON"):
+        functions.submit_functions(
+            task, IMAGE, "fc_handlers.double", events, code="handlers.zip", chunk_size=2
+        )
+    with pytest.raises(ValueError, match="event 1 is not JSON"):
+        task.map(IMAGE, "fc_handlers.double", [{"x": 0}, {"x": {1, 2}}], code="handlers.zip")
+    assert task.summary().total == 0
+
+
+@pytest.mark.one_db
 def test_function_error_carries_the_index_type_message_and_remote_traceback(task: Task) -> None:
     with pytest.raises(FunctionError) as caught:
         task.map(IMAGE, "fc_handlers.fail_odd", [{"x": i} for i in range(4)], code="handlers.zip")

@@ -19,6 +19,7 @@ limit per call), one server batch each, and the indices run on across the chunks
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -378,19 +379,40 @@ def submit_functions(
         raise ValueError("no events: a function batch needs at least one")
     if not 0 < chunk_size <= MAX_EVENTS_PER_CALL:
         raise ValueError(f"chunk_size must be 1 to {MAX_EVENTS_PER_CALL}")
+    if len(events) > chunk_size:  # a bad event in a later chunk must not leave earlier ones running
+        for start in range(0, len(events), chunk_size):
+            _check_json(events, start, start + chunk_size)
     conn = task.session.connection
     url = _functions_url(conn, task.project_id, task.id)
     parts: list[tuple[str, int]] = []
     try:
         for start in range(0, len(events), chunk_size):
             chunk = events[start : start + chunk_size]
-            body = conn.call("POST", url, function_request(image, handler, chunk, **options))
-            parts.append((str(body["batchId"]), int(body.get("count", len(chunk)))))
+            body = function_request(image, handler, chunk, **options)
+            try:
+                answer = conn.call("POST", url, body)
+            except (TypeError, ValueError):  # the body could not be encoded: nothing was sent
+                _check_json(events, start, start + chunk_size)
+                raise
+            parts.append((str(answer["batchId"]), int(answer.get("count", len(chunk)))))
     except BaseException:
         if parts:
             FunctionBatch(task, parts).cancel()
         raise
     return FunctionBatch(task, parts)
+
+
+def _check_json(events: Sequence[Any], start: int, stop: int) -> None:
+    """Raise ValueError naming the first event from ``start`` to ``stop`` that is not JSON."""
+    try:
+        json.dumps(events[start:stop], allow_nan=False)
+    except (TypeError, ValueError):
+        for index in range(start, min(stop, len(events))):
+            try:
+                json.dumps(events[index], allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"event {index} is not JSON: {exc}") from None
+        raise
 
 
 def function_batch(task: TaskRef, batch_ids: str | Sequence[str]) -> FunctionBatch:
