@@ -25,10 +25,12 @@ from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.limits import Limits
 from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
+from openhtc.functions.pool import FunctionPool
 from openhtc.metrics import Metrics
 from openhtc.metrics.store import executors_by_state
 from openhtc.registry import Registry
 from openhtc.runtimes import build_runtime
+from openhtc.runtimes.base import Runtime
 from openhtc.runtimes.jobnet import Endpoint, url_endpoint
 from openhtc.scheduler.loop import SchedulerLoop
 from openhtc.services.executors import ExecutorService
@@ -50,6 +52,7 @@ from openhtc.startup import (
 from openhtc.storage.seaweedfs import SeaweedFS
 from openhtc.store.accounts import AccountStore
 from openhtc.store.db import Database
+from openhtc.store.functions import FunctionStore
 from openhtc.store.jobs import JobStore
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
@@ -226,8 +229,25 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             settings.region,
             [host_architecture()],
             stager=services.storage.stager() if services.storage else None,
+            functions=_function_pool(services, runtime),
         )
     return Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
+
+
+def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:
+    """Warm workers for function tasks (docs/functions.md), over the executor's runtime."""
+    store = FunctionStore(services.db)
+    settings = services.settings
+    return FunctionPool(
+        runtime,
+        settings.data_dir / "functions",
+        store.events,
+        store.save,
+        result_max_bytes=settings.function_result_max_bytes,
+        idle_seconds=settings.function_worker_idle_seconds,
+        max_idle=settings.max_running_jobs,
+        max_log_bytes=settings.max_log_bytes_per_job,
+    )
 
 
 def serve(settings: Settings) -> None:

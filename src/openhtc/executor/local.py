@@ -26,6 +26,7 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
+from openhtc.functions.pool import FunctionPool, is_function
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
@@ -61,8 +62,10 @@ class LocalExecutor:
         region: str,
         architectures: list[str],
         stager: Stager | None = None,
+        functions: FunctionPool | None = None,
     ) -> None:
         self.service = service
+        self.functions = functions  # runs function calls (warm workers) instead of the runtime
         self.stager: Stager = stager or NoStager()
         self.runtime = runtime
         self.settings = settings
@@ -168,6 +171,8 @@ class LocalExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._reporter.shutdown(wait=True)
         self._flush()
+        if self.functions is not None:
+            self.functions.close()
         with self._lock:
             unstarted = len(self.state.pending) + sum(not a.begun for a in self.state.running.values())
             never_started = self.state.never_started()
@@ -297,7 +302,7 @@ class LocalExecutor:
                 self._take_back(item)
                 return
             successor: Attempt | None = None
-            if self._pipeline is not None:
+            if self._pipeline_for(item.launch) is not None:
                 with self._lock:
                     successor = self.state.successor(item, time.monotonic())
             after: _Begun | None = None
@@ -325,6 +330,12 @@ class LocalExecutor:
             self._wake.set()
             if self._gate_closed:
                 self._drained.set()
+
+    def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
+        """The pipelined runtime, unless the job is a function call (the pool runs those)."""
+        if self.functions is not None and is_function(launch):
+            return None
+        return self._pipeline
 
     def _taken_by_stop(self, after: _Begun | None) -> bool:
         """Whether a stop withdrew this held job (before it killed the one it waited for)."""
@@ -374,13 +385,13 @@ class LocalExecutor:
             # Storage folders first (PROJECT_SHARED_FOLDER, TASK_SHARED_FOLDER), then the job.
             begun.launch = launch._replace(mounts=self.stager.prepare(launch))
             begun.staged = True
-            if self._pipeline is not None:
+            if (pipeline := self._pipeline_for(launch)) is not None:
                 self._mark(item)
                 with self._gate:
                     if self._gate_closed:
                         begun.refused = True
                         return begun
-                    started = self._pipeline.start(
+                    started = pipeline.start(
                         begun.launch, item.driver, begun.log, self._on_running(begun.launch), after
                     )
                     if isinstance(started, Outcome):
@@ -399,13 +410,16 @@ class LocalExecutor:
         handle: RunHandle = item.driver
         if outcome is None:
             try:
-                if self._pipeline is not None:
-                    outcome = self._pipeline.finish(begun.started)
+                if (pipeline := self._pipeline_for(launch)) is not None:
+                    outcome = pipeline.finish(begun.started)
                 else:
                     if self._gate_closed:  # a stop racing past this is caught by the handle below
                         return False
                     self._mark(item)
-                    outcome = self.runtime.run(launch, handle, begun.log, self._on_running(launch))
+                    runner: Runtime | FunctionPool = self.runtime
+                    if self.functions is not None and is_function(launch):
+                        runner = self.functions
+                    outcome = runner.run(launch, handle, begun.log, self._on_running(launch))
             except Exception as exc:
                 log.exception("runtime failed on job %s", launch.job_uuid)
                 outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")
@@ -474,6 +488,8 @@ class LocalExecutor:
             reports = self.state.take_reports()
         if reports:
             try:
+                if self.functions is not None:  # after the take: it holds the results of these
+                    self.functions.flush()  # calls, committed first (an ended call has its result)
                 self.service.report(self.executor_id, reports)
             except Exception:
                 with self._lock:

@@ -1,0 +1,1 @@
+"""Function tasks on the executor: warm workers running Python handlers (docs/functions.md)."""

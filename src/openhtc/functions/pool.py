@@ -1,0 +1,342 @@
+"""Warm workers for function tasks: the executor hands each function call (a job whose commands
+are ``openhtc-function HANDLER [CODE]``) here instead of to its runtime.
+
+Per (task, image, code, handler, limits) the pool keeps idle workers (worker.py); a call takes
+one (or starts one through the runtime), sends its event, waits for the reply within the call's
+timeout, and gives the worker back. Nothing per call touches the database or starts a process:
+events are read a chunk at a time, results are kept here and written in one transaction per
+executor turn (``flush``, just before the turn's reports, so a call that reads as ended always
+has its result), and a call writes a log only if it printed or logged something.
+
+A worker that crashes or runs out of memory fails the call it held with the runtime's usual
+code (the retry strategy applies as to any job); one that overruns the call's timeout is killed
+(``ErrorTimeout``, error type ``TimeoutError``). Either way the next call starts a new one.
+Idle workers exit after ``idle_seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from openhtc.domain.enums import FailureCode
+from openhtc.domain.models import JobLaunch
+from openhtc.functions.worker import Worker, WorkerGone, worker_launch
+from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
+from openhtc.runtimes.joblog import LogWriter
+from openhtc.services.functions import FUNCTION_COMMAND, result_key
+from openhtc.storage.layout import PROJECT_SHARED_ENV, TASK_SHARED_ENV
+from openhtc.store.functions import CallResult
+
+log = logging.getLogger("openhtc.functions")
+EVENT_CHUNK = 2000  # events read per query
+START_SECONDS = 120.0  # a worker's start (image, sandbox, imports) may take this long
+RUNNER = Path(__file__).with_name("runner.py")
+
+Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
+Save = Callable[[Sequence[CallResult]], None]
+
+
+def is_function(launch: JobLaunch) -> bool:
+    return launch.commands[:1] == (FUNCTION_COMMAND,)
+
+
+class FunctionPool:
+    def __init__(
+        self,
+        runtime: Runtime,
+        work_root: Path,
+        events: Events,
+        save: Save,
+        *,
+        result_max_bytes: int,
+        idle_seconds: float,
+        max_idle: int,
+        max_log_bytes: int | None = None,
+    ) -> None:
+        self.max_log_bytes = max_log_bytes
+        self.runtime = runtime
+        self.local = runtime.name == "process"  # no sandbox: the host's paths and this Python
+        self.root = work_root
+        self._events = events
+        self._save = save
+        self.result_max_bytes = result_max_bytes
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[object, ...], list[Worker]] = {}
+        self._chunks: dict[tuple[int, int], dict[int, str]] = {}
+        self._results: list[CallResult] = []
+        self._codes: dict[tuple[str, int, int], str] = {}
+        self._closed = False
+        shutil.rmtree(self.root, ignore_errors=True)  # pipes and code of an earlier start
+        runner_dir = self.root / "runner"
+        runner_dir.mkdir(parents=True)
+        shutil.copyfile(RUNNER, runner_dir / "runner.py")
+        self.runner_dir = str(runner_dir)
+        self._reaper = threading.Thread(target=self._reap, name="function-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- the executor's side --------------------------------------------------------------------
+
+    def run(
+        self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
+    ) -> Outcome:
+        """Run one call to its end, as ``Runtime.run`` runs a job."""
+        handler = launch.commands[1] if len(launch.commands) > 1 else ""
+        code = launch.commands[2] if len(launch.commands) > 2 else None
+        event = self._event(launch)
+        if event is None:
+            return Outcome(None, FailureCode.ErrorStartingContainer.value, "The call's event is missing")
+        code_dir: str | None = None
+        if code is not None:
+            found = self._code(launch, code)
+            if isinstance(found, Outcome):
+                return found
+            code_dir = found
+        key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, launch.mounts)
+        worker = self._take(key)
+        if worker is None:
+            worker = self._start(launch, handler, code_dir)
+        mine = [True]  # a stop that comes after the call must not kill the worker's next call
+        handle.attach_kill(lambda: worker.kill() if mine[0] else None)
+        on_running()
+        timeout = float(launch.timeout_s or 60)
+        header = {
+            "index": launch.array_index,
+            "attempt": launch.attempt,
+            "taskId": launch.task_id,
+            "requestId": launch.job_uuid,
+            "functionName": handler,
+            "memoryMb": launch.memory_mb,
+            "timeoutMs": int(timeout * 1000),
+        }
+        try:
+            if not worker.ready:
+                frame = worker.receive(time.monotonic() + max(START_SECONDS, timeout))
+                if frame is None:
+                    worker.kill()
+                    return self._failed(worker, launch, "The function worker did not start in time")
+                worker.ready = True
+            worker.send(json.dumps(header).encode() + b"\n" + event.encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                frame = worker.receive(deadline)
+                if frame is None:  # over time: the worker is killed, its call fails
+                    worker.close()
+                    return self._timed_out(launch, timeout)
+                tag, payload = frame
+                if tag == b"L":  # the call printed or logged: its log gets that, only then
+                    writer = LogWriter(open_log, self.max_log_bytes)
+                    writer.feed(payload)
+                    writer.close()
+                    continue
+                break
+        except WorkerGone:
+            return self._failed(worker, launch, None)
+        mine[0] = False
+        self._give(key, worker)
+        if tag == b"R":
+            self._keep_result(launch, payload)
+            return Outcome(0, None, "Completed")
+        self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, payload.decode()))
+        try:
+            error = json.loads(payload)
+            reason = f"{error['type']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            reason = "the handler raised"
+        return Outcome(1, FailureCode.ErrorFunction.value, reason[:1000])
+
+    def flush(self) -> None:
+        """Write the results kept since the last flush (before the reports of their calls)."""
+        with self._lock:
+            results, self._results = self._results, []
+        if not results:
+            return
+        try:
+            self._save(results)
+        except BaseException:
+            with self._lock:
+                self._results[:0] = results
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = [w for ws in self._idle.values() for w in ws]
+            self._idle.clear()
+        for worker in workers:
+            worker.close()
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def _event(self, launch: JobLaunch) -> str | None:
+        start = launch.array_index - launch.array_index % EVENT_CHUNK
+        key = (launch.batch_id, start)
+        with self._lock:
+            chunk = self._chunks.get(key)
+        if chunk is None or launch.array_index not in chunk:
+            chunk = self._events(launch.batch_id, start, start + EVENT_CHUNK)
+            with self._lock:
+                if len(self._chunks) > 64:
+                    self._chunks.clear()
+                self._chunks[key] = chunk
+        with self._lock:  # a retry reads it again (rare: it re-reads the chunk)
+            return chunk.pop(launch.array_index, None)
+
+    def _keep(self, result: CallResult) -> None:
+        with self._lock:
+            self._results.append(result)
+
+    def _keep_result(self, launch: JobLaunch, payload: bytes) -> None:
+        if len(payload) <= self.result_max_bytes:
+            self._keep(
+                CallResult(launch.batch_id, launch.array_index, launch.attempt, payload.decode(), None)
+            )
+            return
+        # Large: into the task's storage folder (uploaded with the attempt's outputs on S3).
+        task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
+        parent = launch.job_uuid.rpartition(":")[0]
+        key = result_key(parent, launch.array_index)
+        if task_dir is None:
+            error = {
+                "type": "ResultTooLarge",
+                "message": "no task storage for a large result",
+                "traceback": "",
+            }
+            self._keep(
+                CallResult(launch.batch_id, launch.array_index, launch.attempt, None, json.dumps(error))
+            )
+            return
+        path = os.path.join(task_dir, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "wb") as out:
+            out.write(payload)
+        os.replace(path + ".part", path)
+        self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, None, key))
+
+    def _timed_out(self, launch: JobLaunch, timeout: float) -> Outcome:
+        message = f"Function call exceeded execTimeoutSeconds={launch.timeout_s or int(timeout)}"
+        error = {"type": "TimeoutError", "message": message, "traceback": ""}
+        self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, json.dumps(error)))
+        return Outcome(None, FailureCode.ErrorTimeout.value, message)
+
+    def _failed(self, worker: Worker, launch: JobLaunch, why: str | None) -> Outcome:
+        """The worker ended during the call: the call fails as its process did."""
+        outcome = worker.end()
+        tail = _tail(worker.log_path)
+        worker.close()
+        reason = why or outcome.reason
+        if outcome.failure_code == FailureCode.ErrorNonZeroContainerExitCode.value:
+            reason = f"The function worker exited with code {outcome.exit_code} during the call"
+        if tail:
+            reason += f"; its last output: {tail}"
+        code = outcome.failure_code or FailureCode.ErrorUnknownFailure.value
+        return Outcome(outcome.exit_code, code, reason[:2000])
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def _take(self, key: tuple[object, ...]) -> Worker | None:
+        with self._lock:
+            workers = self._idle.get(key)
+            while workers:
+                worker = workers.pop()
+                if worker.alive:
+                    return worker
+                threading.Thread(target=worker.close, daemon=True).start()
+        return None
+
+    def _give(self, key: tuple[object, ...], worker: Worker) -> None:
+        worker.idle_since = time.monotonic()
+        surplus: list[Worker] = []
+        with self._lock:
+            if self._closed:
+                surplus.append(worker)
+            else:
+                self._idle.setdefault(key, []).append(worker)
+                surplus = self._over_limit()
+        for extra in surplus:
+            extra.close()
+
+    def _over_limit(self) -> list[Worker]:
+        idle = sorted((w.idle_since, id(w), k) for k, ws in self._idle.items() for w in ws)
+        out: list[Worker] = []
+        for _, ident, k in idle[: max(0, len(idle) - self.max_idle)]:
+            ws = self._idle[k]
+            found = next(w for w in ws if id(w) == ident)
+            ws.remove(found)
+            out.append(found)
+        return out
+
+    def _start(self, launch: JobLaunch, handler: str, code_dir: str | None) -> Worker:
+        name = uuid.uuid4().hex[:12]
+        pipes = str(self.root / "workers" / name)
+        python = sys.executable if self.local else "python3"
+        spec = worker_launch(launch, python, self.runner_dir, pipes, code_dir, handler, self.local)
+        return Worker(self.runtime, spec, pipes, str(self.root / "workers" / f"{name}.log"))
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(self.idle_seconds, 5.0))
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    return
+                stale = [
+                    w for ws in self._idle.values() for w in ws if now - w.idle_since >= self.idle_seconds
+                ]
+                for ws in self._idle.values():
+                    ws[:] = [w for w in ws if w not in stale]
+            for worker in stale:
+                worker.close()
+
+    # -- code -----------------------------------------------------------------------------------
+
+    def _code(self, launch: JobLaunch, code: str) -> str | Outcome:
+        """The code zip from project storage, unpacked once per content (by its SHA-256)."""
+        shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
+        path = os.path.join(shared, code) if shared else None
+        try:
+            if path is None:
+                raise FileNotFoundError("this server has no project storage")
+            info = os.stat(path)
+            seen = (path, info.st_mtime_ns, info.st_size)
+            with self._lock:
+                ready = self._codes.get(seen)
+            if ready is not None:
+                return ready
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            target = self.root / "code" / digest
+            if not target.exists():
+                part = self.root / "code" / f"{digest}.{uuid.uuid4().hex[:8]}"
+                with zipfile.ZipFile(path) as archive:
+                    archive.extractall(part)
+                with contextlib.suppress(OSError):
+                    part.rename(target)
+                shutil.rmtree(part, ignore_errors=True)
+            with self._lock:
+                self._codes[seen] = str(target)
+            return str(target)
+        except (OSError, zipfile.BadZipFile) as exc:
+            reason = f"Cannot use the code zip {code!r} from project storage: {exc}"
+            return Outcome(None, FailureCode.ErrorStartingContainer.value, reason)
+
+
+def _tail(path: str, size: int = 1500) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - size))
+            return fh.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

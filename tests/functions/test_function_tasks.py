@@ -1,0 +1,169 @@
+"""Function tasks (docs/functions.md) end to end: a real server subprocess, real warm workers
+under the process runtime, handlers from a code zip in project storage."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from openhtc.testing.server import HtcServer
+from tests.functions.conftest import Functions
+
+
+@pytest.fixture
+def fn(module_server: HtcServer) -> Functions:
+    api = module_server.api()
+    project_id, task_id = api.project_and_task()
+    functions = Functions(module_server, api, project_id, task_id)
+    functions.upload_code()
+    return functions
+
+
+def test_results_come_back_in_order_with_the_handlers_values(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(300)], code="handlers.zip")
+    items = fn.results(batch, 300)
+    assert [item["index"] for item in items] == list(range(300))
+    assert [item["result"] for item in items] == [2 * i for i in range(300)]
+    assert {item["status"] for item in items} == {"SUCCEEDED"}
+    last = fn.page(batch, 300)
+    assert last["items"] == [] and last["next"] is None
+    assert (last["done"], last["failed"], last["total"]) == (300, 0, 300)
+    # Each call is a job of the task, in the usual statuses.
+    job = fn.api.job(fn.project_id, fn.task_id, f"{batch}:7")
+    assert job["status"] == "SUCCEEDED"
+
+
+def test_warm_workers_serve_many_calls_with_a_lambda_context(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.echo_context", [{} for _ in range(50)], code="handlers.zip")
+    items = fn.results(batch, 50)
+    results = [item["result"] for item in items]
+    assert results[3]["requestId"] == f"{batch}:3"
+    assert results[0]["name"] == "fnlib.handlers.echo_context"
+    assert 0 < results[0]["remaining"] <= 60_000
+    assert results[0]["attempt"] == 1
+    # No process per call: a handful of workers served all 50 calls.
+    assert len({r["pid"] for r in results}) < 10
+
+
+def test_an_exception_fails_the_call_with_its_type_message_and_traceback(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.fail_odd", [{"x": i} for i in range(6)], code="handlers.zip")
+    items = fn.results(batch, 6)
+    assert [item["status"] for item in items] == ["SUCCEEDED", "FAILED"] * 3
+    error = items[1]["error"]
+    assert error["type"] == "ValueError"
+    assert error["message"] == "odd input 1"
+    assert "fail_odd" in error["traceback"] and "raise ValueError" in error["traceback"]
+    assert items[1]["result"] is None and items[1]["failureCode"] == "ErrorFunction"
+    assert items[2]["result"] == 2 and items[2]["error"] is None
+    job = fn.api.job(fn.project_id, fn.task_id, f"{batch}:1")
+    assert job["status"] == "FAILED" and job["failureCode"] == "ErrorFunction"
+    assert fn.page(batch, 6)["failed"] == 3
+
+
+def test_a_result_that_is_not_json_is_an_error(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.not_json", [{}], code="handlers.zip")
+    (item,) = fn.results(batch, 1)
+    assert item["status"] == "FAILED" and item["error"]["type"] == "TypeError"
+
+
+def test_a_missing_handler_fails_each_call_with_the_import_error(fn: Functions) -> None:
+    batch = fn.submit("fnlib.nothere.handler", [{}, {}], code="handlers.zip")
+    items = fn.results(batch, 2)
+    assert {item["error"]["type"] for item in items} == {"ModuleNotFoundError"}
+
+
+def test_output_goes_to_the_calls_log_only_when_it_prints(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.chatty", [{"x": 5}], code="handlers.zip")
+    fn.results(batch, 1)
+    lines = [line["message"] for line in fn.api.logs(fn.project_id, fn.task_id, f"{batch}:0")]
+    assert any("hello from call 5" in line for line in lines), lines
+    assert any("logged 5" in line for line in lines), lines
+    quiet = fn.submit("fnlib.handlers.double", [{"x": 1}], code="handlers.zip")
+    fn.results(quiet, 1)
+    assert fn.api.logs(fn.project_id, fn.task_id, f"{quiet}:0") == []
+
+
+def test_a_timeout_fails_the_call_and_the_next_calls_run(fn: Functions) -> None:
+    events = [{"x": 0, "sleep": 30}, {"x": 1}, {"x": 2}]
+    batch = fn.submit("fnlib.handlers.sleepy", events, code="handlers.zip", execTimeoutSeconds=1)
+    items = fn.results(batch, 3)
+    assert items[0]["status"] == "FAILED"
+    assert items[0]["failureCode"] == "ErrorTimeout"
+    assert items[0]["error"]["type"] == "TimeoutError"
+    assert [item["result"] for item in items[1:]] == [1, 2]
+
+
+def test_a_worker_crash_fails_its_call_and_is_replaced(fn: Functions) -> None:
+    events = [{"x": i, "crash": 3} for i in range(10)]
+    batch = fn.submit("fnlib.handlers.crash_on", events, code="handlers.zip", maxVCpus=1)
+    items = fn.results(batch, 10)
+    assert items[3]["status"] == "FAILED"
+    assert items[3]["failureCode"] == "ErrorNonZeroContainerExitCode"
+    assert "exited with code 3" in items[3]["error"]["message"]
+    assert [item["result"] for item in items if item["index"] != 3] == [i for i in range(10) if i != 3]
+
+
+def test_a_crash_is_retried_per_the_retry_strategy(fn: Functions, tmp_path: Any) -> None:
+    # Crashes on its first attempt only (a marker file in the task folder says it already did).
+    source = (
+        "import os\n"
+        "def once(event, context):\n"
+        "    marker = os.path.join(os.environ['TASK_SHARED_FOLDER'], 'crashed')\n"
+        "    if not os.path.exists(marker):\n"
+        "        open(marker, 'w').close()\n"
+        "        os._exit(9)\n"
+        "    return context.attempt\n"
+    )
+    from tests.functions.conftest import handlers_zip
+
+    fn.upload_code("once.zip", handlers_zip(source))
+    batch = fn.submit("fnlib.handlers.once", [{}], code="once.zip", retryStrategy={"maxRetries": 1})
+    (item,) = fn.results(batch, 1)
+    assert item["status"] == "SUCCEEDED" and item["result"] == 2 and item["attempt"] == 2
+
+
+def test_cancel_stops_running_calls_and_the_queued_ones(fn: Functions) -> None:
+    events = [{"sleep": 60} for _ in range(20)]
+    batch = fn.submit("fnlib.handlers.sleepy", events, code="handlers.zip", execTimeoutSeconds=120)
+    deadline = time.monotonic() + 60
+    while not any(j["status"] == "RUNNING" for j in fn.api.jobs(fn.project_id, fn.task_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert fn.cancel(batch) == 20
+    items = fn.results(batch, 20, timeout=30)  # well before any sleep could end
+    assert {item["status"] for item in items} == {"FAILED"}
+    assert all(
+        not fn.api.job(fn.project_id, fn.task_id, f"{batch}:{i}")["status"] == "RUNNING" for i in range(3)
+    )
+
+
+def test_a_large_result_is_kept_in_task_storage_and_returned_inline(fn: Functions) -> None:
+    size = 10 * 1024 * 1024
+    batch = fn.submit("fnlib.handlers.big", [{"size": size}, {"size": 10}], code="handlers.zip")
+    items = fn.results(batch, 2)
+    assert items[0]["status"] == "SUCCEEDED"
+    assert items[0]["result"] == "y" * size
+    assert items[1]["result"] == "y" * 10
+
+
+def test_bad_submissions_are_refused_and_create_nothing(fn: Functions) -> None:
+    bad: list[dict[str, Any]] = [
+        {"image": "python3", "handler": "nodots", "events": [1]},
+        {"image": "python3", "handler": "a.b", "events": []},
+        {"image": "Not An Image", "handler": "a.b", "events": [1]},
+        {"image": "python3", "handler": "a.b", "events": [1] * 100_001},
+        {"image": "python3", "handler": "a.b", "events": "not a list"},
+        {"image": "python3", "handler": "a.b", "code": "../escape.zip", "events": [1]},
+    ]
+    for body in bad:
+        fn.api.post(fn.base, body, expect=400)
+    assert fn.api.jobs(fn.project_id, fn.task_id) == []
+    fn.api.request("GET", f"{fn.base}/no-such-batch/results", expect=404)
+
+
+def test_ten_thousand_events(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(10_000)], code="handlers.zip")
+    items = fn.results(batch, 10_000, timeout=300)
+    assert [item["result"] for item in items] == [2 * i for i in range(10_000)]
