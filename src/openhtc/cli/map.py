@@ -153,7 +153,7 @@ def map_events(
 ) -> None:
     """Call HANDLER once per event in warm workers of IMAGE and collect the results in order.
 
-    Example: htc map -p PROJECT python:3.12 handlers.double --events events.jsonl --out results.jsonl.
+    Example: htc map -p PROJECT py:1 handlers.double --events events.jsonl --out results.jsonl.
     Exits 0 when every call succeeded, 1 when any failed (each failure is listed, with the
     first one's remote traceback). Ctrl-C cancels the calls still running.
     """

@@ -7,9 +7,9 @@ image (docs/functions.md) and keeps each call's JSON result. The routes are open
 
     with Session() as htc:
         task = htc.project(pid).create_task("squares")
-        print(task.map("python:3.12", "handlers.double", [{"x": i} for i in range(10_000)]))
+        print(task.map("py:1", "handlers.double", [{"x": i} for i in range(10_000)]))
 
-        batch = task.submit_functions("python:3.12", "handlers.double", events)
+        batch = task.submit_functions("py:1", "handlers.double", events)
         for index, result in batch.results():     # in index order, as the calls finish
             ...
 

@@ -5,7 +5,7 @@ polls for the session's results and cancels sessions. The same three calls here 
 handler as an openhtc function batch::
 
     # HTC-Grid                                  # openhtc
-    connector = AWSConnector()                  connector = HtcGridConnector(task, "python:3.12",
+    connector = AWSConnector()                  connector = HtcGridConnector(task, "py:1",
     connector.init(config, username=..., ...)       "handlers.lambda_handler", code="lambda.zip")
     connector.authenticate()
     session = connector.send(events)            session = connector.send(events)
