@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, overload
-
-import httpx
 
 from openhtc.client import live
 from openhtc.client._errors import HtcError, ServerError
@@ -259,18 +257,6 @@ class FunctionBatch:
         part.counts.failed = int(body.get("failed", 0))
         return body
 
-    def _result(self, item: Mapping[str, Any]) -> Any:
-        """The call's value; a result the server kept in task storage is fetched from its URL."""
-        url = item.get("resultUrl")
-        if not url:
-            return item.get("result")
-        target = httpx.URL(self._conn.url_for(str(url)))
-        origin = httpx.URL(self._conn.base_url)
-        same = (target.scheme, target.host, target.port) == (origin.scheme, origin.host, origin.port)
-        # credentials go to our own server only; another origin's URL must be pre-signed
-        response = self._conn.request("GET", str(target), auth=same, timeout=300.0)
-        return response.json()
-
     def calls(
         self, *, timeout: float | None = None, page_size: int = PAGE_SIZE, wait: float | None = None
     ) -> Iterator[FunctionCall]:
@@ -295,7 +281,7 @@ class FunctionBatch:
                     yield FunctionCall(
                         part.offset + index,
                         status,
-                        self._result(item) if status == "SUCCEEDED" else None,
+                        item.get("result") if status == "SUCCEEDED" else None,  # large ones too
                         item.get("error") or None,
                         int(item.get("attempt") or 1),
                         item.get("failureCode") or None,
