@@ -38,6 +38,13 @@ def sleepy(event, context):
     time.sleep(event.get("sleep", 0))
     return event.get("x")
 
+def pid_then_sleep(event, context):
+    folder = os.path.join(os.environ["TASK_SHARED_FOLDER"], "pids")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, str(event["x"])), "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(60)
+
 def crash_on(event, context):
     if event["x"] == event["crash"]:
         os._exit(3)

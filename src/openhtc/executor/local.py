@@ -26,7 +26,7 @@ from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
-from openhtc.functions.pool import FunctionPool, is_function
+from openhtc.functions.pool import FunctionCall, FunctionPool, is_function
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime
 from openhtc.services.executors import ExecutorService
 from openhtc.services.logs import LogStore
@@ -149,8 +149,7 @@ class LocalExecutor:
             held = self.state.held_in_runtime()
             handed = self.state.handed_over()
         taken: set[int] = set()  # ids of the withdrawn hand-offs (their workers take them back)
-        if self._pipeline is not None:
-            taken = {id(started) for started in held if self._pipeline.withdraw(started)}
+        taken = {id(started) for started in held if (p := self._pipe_of(started)) and p.withdraw(started)}
         log.info(
             "executor stopping: %d job(s) handed to the runtime (%d held, not started, taken back), "
             "%d prefetched and not started",
@@ -306,7 +305,11 @@ class LocalExecutor:
                 with self._lock:
                     successor = self.state.successor(item, time.monotonic())
             after: _Begun | None = None
-            if successor is not None:
+            if successor is not None and self._pipeline_for(successor.launch) is not self._pipeline_for(
+                item.launch
+            ):
+                pass  # a job and a function call: the successor is begun once the item has ended
+            elif successor is not None:
                 after = self._begin(successor, begun.started)
                 if after.refused:
                     self._take_back(successor)
@@ -332,17 +335,22 @@ class LocalExecutor:
                 self._drained.set()
 
     def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
-        """The pipelined runtime, unless the job is a function call (the pool runs those)."""
+        """The pipelined runtime, or the function pool for a function call."""
         if self.functions is not None and is_function(launch):
-            return None
+            return self.functions
         return self._pipeline
+
+    def _pipe_of(self, started: Any) -> Pipelined | None:
+        """What took a hand-off: the function pool (a call) or the pipelined runtime."""
+        return self.functions if isinstance(started, FunctionCall) else self._pipeline
 
     def _taken_by_stop(self, after: _Begun | None) -> bool:
         """Whether a stop withdrew this held job (before it killed the one it waited for)."""
         if not self._gate_closed or after is None or after.started is None:
             return False
-        assert self._pipeline is not None
-        return self._pipeline.withdraw(after.started)  # at once if withdrawn: it has ended
+        pipeline = self._pipe_of(after.started)
+        assert pipeline is not None
+        return pipeline.withdraw(after.started)  # at once if withdrawn: it has ended
 
     def _take_back(self, item: Attempt) -> None:
         """``item`` never started (withdrawn, or refused at stop): out of the journal, queued again."""
@@ -355,14 +363,15 @@ class LocalExecutor:
         """Wait while ``successor`` is held behind the running ``current``; when the state says
         so (it waited long enough and fits elsewhere), take it back from the runtime and queue
         it first again, for a thread of its own. True if it was taken back."""
-        assert self._pipeline is not None
         if current.started is None or after.started is None:
             return False  # nothing runs that it could wait for
-        while not self._pipeline.wait(current.started, HOLD_SECONDS):
+        pipeline = self._pipe_of(after.started)
+        assert pipeline is not None
+        while not pipeline.wait(current.started, HOLD_SECONDS):
             with self._lock:
                 if not self.state.should_withdraw(successor, time.monotonic()):
                     continue
-            if not self._pipeline.withdraw(after.started):
+            if not pipeline.withdraw(after.started):
                 return False  # it started meanwhile: the current job has just ended
             self._take_back(successor)
             self._wake.set()
@@ -416,10 +425,7 @@ class LocalExecutor:
                     if self._gate_closed:  # a stop racing past this is caught by the handle below
                         return False
                     self._mark(item)
-                    runner: Runtime | FunctionPool = self.runtime
-                    if self.functions is not None and is_function(launch):
-                        runner = self.functions
-                    outcome = runner.run(launch, handle, begun.log, self._on_running(launch))
+                    outcome = self.runtime.run(launch, handle, begun.log, self._on_running(launch))
             except Exception as exc:
                 log.exception("runtime failed on job %s", launch.job_uuid)
                 outcome = Outcome(None, FailureCode.ErrorUnknownFailure.value, f"Runtime error: {exc}")

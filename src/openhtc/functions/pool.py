@@ -28,6 +28,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain.enums import FailureCode
@@ -41,7 +42,9 @@ from openhtc.store.functions import CallResult
 
 log = logging.getLogger("openhtc.functions")
 EVENT_CHUNK = 2000  # events read per query
+PIPELINED_BYTES = 16 * 1024  # a call up to this size is sent while the worker's current one runs
 START_SECONDS = 120.0  # a worker's start (image, sandbox, imports) may take this long
+CODE_CHECK_SECONDS = 1.0  # a code zip's file is looked at again after this long
 RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
@@ -50,6 +53,28 @@ Save = Callable[[Sequence[CallResult]], None]
 
 def is_function(launch: JobLaunch) -> bool:
     return launch.commands[:1] == (FUNCTION_COMMAND,)
+
+
+@dataclass(slots=True, eq=False)
+class FunctionCall:
+    """A call sent to a worker (running, or queued behind its current call)."""
+
+    launch: JobLaunch
+    handle: RunHandle
+    open_log: JobLog
+    on_running: Callable[[], None]
+    key: tuple[object, ...]
+    handler: str
+    code_dir: str | None
+    payload: bytes
+    timeout: float
+    worker: Worker = field(init=False)
+    current: bool = False  # its worker is running it: a stop kills the worker
+    unsent: bool = False  # queued, to be sent when its turn comes
+
+    def kill(self) -> None:
+        if self.current:
+            self.worker.kill()
 
 
 class FunctionPool:
@@ -79,6 +104,7 @@ class FunctionPool:
         self._chunks: dict[tuple[int, int], dict[int, str]] = {}
         self._results: list[CallResult] = []
         self._codes: dict[tuple[str, int, int], str] = {}
+        self._recent: dict[tuple[str | None, str], tuple[float, str]] = {}  # code checked when
         self._closed = False
         shutil.rmtree(self.root, ignore_errors=True)  # pipes and code of an earlier start
         runner_dir = self.root / "runner"
@@ -94,6 +120,24 @@ class FunctionPool:
         self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
     ) -> Outcome:
         """Run one call to its end, as ``Runtime.run`` runs a job."""
+        started = self.start(launch, handle, open_log, on_running, None)
+        return started if isinstance(started, Outcome) else self.finish(started)
+
+    # The executor pipelines calls as it does jobs (``runtimes.base.Pipelined``): a slot's next
+    # call is sent to the same worker while the current one runs, so the worker goes from one
+    # call to the next without waiting for the executor. A worker replies in the order it was
+    # sent calls, and the executor finishes them in that order.
+
+    def start(
+        self,
+        launch: JobLaunch,
+        handle: RunHandle,
+        open_log: JobLog,
+        on_running: Callable[[], None],
+        after: object = None,
+    ) -> FunctionCall | Outcome:
+        """Send the call to a worker (``after``'s, if it is a call of the same kind); returns
+        what ``finish`` takes, or why it cannot run."""
         handler = launch.commands[1] if len(launch.commands) > 1 else ""
         code = launch.commands[2] if len(launch.commands) > 2 else None
         event = self._event(launch)
@@ -106,12 +150,6 @@ class FunctionPool:
                 return found
             code_dir = found
         key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, launch.mounts)
-        worker = self._take(key)
-        if worker is None:
-            worker = self._start(launch, handler, code_dir)
-        mine = [True]  # a stop that comes after the call must not kill the worker's next call
-        handle.attach_kill(lambda: worker.kill() if mine[0] else None)
-        on_running()
         timeout = float(launch.timeout_s or 60)
         header = {
             "index": launch.array_index,
@@ -122,31 +160,54 @@ class FunctionPool:
             "memoryMb": launch.memory_mb,
             "timeoutMs": int(timeout * 1000),
         }
-        try:
-            if not worker.ready:
-                frame = worker.receive(time.monotonic() + max(START_SECONDS, timeout))
-                if frame is None:
-                    worker.kill()
-                    return self._failed(worker, launch, "The function worker did not start in time")
-                worker.ready = True
-            worker.send(json.dumps(header).encode() + b"\n" + event.encode())
-            deadline = time.monotonic() + timeout
-            while True:
-                frame = worker.receive(deadline)
-                if frame is None:  # over time: the worker is killed, its call fails
-                    worker.close()
-                    return self._timed_out(launch, timeout)
-                tag, payload = frame
-                if tag == b"L":  # the call printed or logged: its log gets that, only then
-                    writer = LogWriter(open_log, self.max_log_bytes)
-                    writer.feed(payload)
-                    writer.close()
-                    continue
+        payload = json.dumps(header).encode() + b"\n" + event.encode()
+        call = FunctionCall(launch, handle, open_log, on_running, key, handler, code_dir, payload, timeout)
+        worker = None
+        if isinstance(after, FunctionCall) and after.key == key and after.worker.alive:
+            worker = after.worker
+        self._dispatch(call, worker)
+        handle.attach_kill(call.kill)
+        return call
+
+    def wait(self, started: FunctionCall, timeout: float) -> bool:
+        """Calls are never taken back (the next one is already in its worker's pipe)."""
+        return True
+
+    def withdraw(self, started: FunctionCall) -> bool:
+        return False
+
+    def finish(self, call: FunctionCall) -> Outcome:
+        """Wait for the call's reply (within its timeout, from now: it is the worker's current
+        call); keep its result; how it ended."""
+        launch = call.launch
+        call.current = True
+        call.on_running()
+        while True:
+            worker = call.worker
+            try:
+                if call.unsent:
+                    call.unsent = False
+                    worker.unsent -= 1
+                    worker.send(call.payload)
+                tag, payload = self._reply(call)
                 break
-        except WorkerGone:
-            return self._failed(worker, launch, None)
-        mine[0] = False
-        self._give(key, worker)
+            except WorkerGone:
+                if not worker.victim_taken:  # it died during this call: the call fails with it
+                    worker.victim_taken = True
+                    return self._failed(worker, launch, None)
+                if call.handle.stopped:  # cancelled while queued behind the call that died
+                    return Outcome(None, FailureCode.ErrorUnknownFailure.value, "Job stopped by the executor")
+                self._dispatch(call, None)  # it never ran: again, on a new worker
+        except_timeout = tag == b"T"
+        worker = call.worker
+        worker.queued -= 1
+        if except_timeout:
+            worker.victim_taken = True
+            worker.close()
+            return self._timed_out(launch, call.timeout)
+        call.current = False
+        if worker.queued == 0:
+            self._give(call.key, worker)
         if tag == b"R":
             self._keep_result(launch, payload)
             return Outcome(0, None, "Completed")
@@ -157,6 +218,46 @@ class FunctionPool:
         except (ValueError, KeyError, TypeError):
             reason = "the handler raised"
         return Outcome(1, FailureCode.ErrorFunction.value, reason[:1000])
+
+    def _reply(self, call: FunctionCall) -> tuple[bytes, bytes]:
+        """The call's reply frame (R or E), its log written; (T, b"") past its timeout."""
+        worker = call.worker
+        if worker.ready:
+            deadline = time.monotonic() + call.timeout
+        else:  # a new worker first says it is ready: its start is not the call's time
+            deadline = time.monotonic() + max(START_SECONDS, call.timeout)
+        while True:
+            frame = worker.receive(deadline)
+            if frame is None:  # over time: the worker is killed, its call fails
+                worker.kill()
+                return b"T", b""
+            tag, payload = frame
+            if tag == b"H":
+                worker.ready = True
+                deadline = time.monotonic() + call.timeout
+            elif tag == b"L":  # the call printed or logged: its log gets that, only then
+                writer = LogWriter(call.open_log, self.max_log_bytes)
+                writer.feed(payload)
+                writer.close()
+            else:
+                return tag, payload
+
+    def _dispatch(self, call: FunctionCall, worker: Worker | None) -> None:
+        """Send the call to ``worker``, or to an idle or new one; a worker that turns out dead
+        is left for ``finish`` to notice."""
+        if worker is None:
+            worker = self._take(call.key) or self._start(call.launch, call.handler, call.code_dir)
+        call.worker = worker
+        worker.queued += 1
+        # A large event behind a running call could fill the pipe while the worker writes a
+        # large reply that nobody reads yet: it is sent when its turn comes (and so is every
+        # call behind it, to keep the order).
+        if worker.unsent or len(call.payload) > PIPELINED_BYTES:
+            call.unsent = True
+            worker.unsent += 1
+            return
+        with contextlib.suppress(WorkerGone):
+            worker.send(call.payload)
 
     def flush(self) -> None:
         """Write the results kept since the last flush (before the reports of their calls)."""
@@ -307,6 +408,10 @@ class FunctionPool:
         """The code zip from project storage, unpacked once per content (by its SHA-256)."""
         shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
         path = os.path.join(shared, code) if shared else None
+        now = time.monotonic()
+        recent = self._recent.get((shared, code))
+        if recent is not None and now - recent[0] < CODE_CHECK_SECONDS:
+            return recent[1]  # checked a moment ago: no stat per call
         try:
             if path is None:
                 raise FileNotFoundError("this server has no project storage")
@@ -315,6 +420,7 @@ class FunctionPool:
             with self._lock:
                 ready = self._codes.get(seen)
             if ready is not None:
+                self._recent[(shared, code)] = (now, ready)
                 return ready
             digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             target = self.root / "code" / digest

@@ -45,6 +45,10 @@ class Worker:
         self.outcome: Outcome | None = None
         self.idle_since = time.monotonic()
         self.ready = False
+        self.queued = 0  # calls given to it and not finished
+        self.unsent = 0  # of which not sent yet
+        self.victim_taken = False  # the call it died during has been failed
+        self.closed = False
         self._runtime = runtime
         self._launch = launch
         self._ended = threading.Event()
@@ -76,6 +80,9 @@ class Worker:
 
     def close(self) -> None:
         """Kill the worker, wait for it, and free its pipes."""
+        if self.closed:
+            return
+        self.closed = True
         self.kill()
         self._ended.wait(30)
         for fd in (self._calls, self._replies, self._wake_r, self._wake_w):
@@ -88,7 +95,7 @@ class Worker:
     def send(self, payload: bytes) -> None:
         data = memoryview(_HEAD.pack(b"C", len(payload)) + payload)
         while data:
-            if not self.alive:
+            if self.closed or not self.alive:
                 raise WorkerGone
             # A full pipe (a huge event) blocks until the worker reads: it is running.
             data = data[os.write(self._calls, data) :]
@@ -100,6 +107,8 @@ class Worker:
             frame = self._frame()
             if frame is not None:
                 return frame
+            if self.closed:
+                raise WorkerGone
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
