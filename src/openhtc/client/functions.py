@@ -25,8 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, overload
 
+import httpx
+
 from openhtc.client import live
-from openhtc.client._errors import HtcError, ServerError
+from openhtc.client._errors import HtcConnectionError, HtcError, ServerError
 from openhtc.client._transport import API_PREFIX, Connection, segment
 
 __all__ = [
@@ -42,7 +44,7 @@ JsonDict = dict[str, Any]
 MAX_EVENTS_PER_CALL = 100_000  # the server accepts at most this many events per submission
 PAGE_SIZE = 10_000  # results per page: the server's maximum, fewest round trips when calls are short
 LONG_POLL = 30.0  # seconds one results call may wait on the server (it holds 60 at most)
-TERMINAL = frozenset({"SUCCEEDED", "FAILED"})
+READ_RETRIES = 3  # results reads that time out in a row before the error is raised
 
 
 class _HasConnection(Protocol):
@@ -242,14 +244,23 @@ class FunctionBatch:
     def _page(self, part: _Part, start: int, limit: int, wait: float) -> JsonDict:
         params: dict[str, str | int] = {"from": start, "limit": limit, "wait": f"{wait:g}"}
         url = self._url(part, "results")
-        try:
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                body = self._conn.call("GET", url, params=params, timeout=wait + 30.0)
+                break
+            except ServerError as exc:
+                if exc.status_code != 503:
+                    raise
+                # the server holds too many waits right now: look without waiting, a moment later
+                time.sleep(min(wait, 0.5))
+                params["wait"] = "0"
+            except HtcConnectionError as exc:
+                # a long poll unanswered past its wait (a server too busy to answer in time) is
+                # asked again: the read is idempotent; a refused connection is not retried
+                if not isinstance(exc.__cause__, httpx.ReadTimeout) or attempt == READ_RETRIES:
+                    raise
+        else:  # only 503s: the last answer decides
             body = self._conn.call("GET", url, params=params, timeout=wait + 30.0)
-        except ServerError as exc:
-            if exc.status_code != 503:
-                raise
-            # the server holds too many waits right now: look without waiting, a moment later
-            time.sleep(min(wait, 0.5))
-            body = self._conn.call("GET", url, params={**params, "wait": "0"})
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise HtcError(f"malformed results page for batch {part.batch_id}: {str(body)[:200]}")
         part.counts.total = int(body.get("total", part.count))
