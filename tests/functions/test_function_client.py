@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from openhtc.client import Connection, FunctionError, Session, Task, functions
@@ -232,3 +233,22 @@ def test_the_htc_grid_connector_sends_collects_and_cancels_sessions(task: Task, 
     assert grid.cancel_sessions([waiting]) == {waiting: 3}
     ended = grid.get_results(waiting, timeout_sec=300)
     assert ended["finished"] == [] and len(ended["failed"]) == 3
+
+
+def test_a_results_long_poll_unanswered_in_time_is_asked_again() -> None:
+    """A server too busy to answer a long poll within its wait (seen on PostgreSQL under load):
+    the read is repeated rather than failing the whole iteration."""
+    calls: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            raise httpx.ReadTimeout("timed out", request=request)
+        item = {"index": 0, "status": "SUCCEEDED", "result": 42, "error": None, "attempt": 1}
+        return httpx.Response(200, json={"items": [item], "next": None, "done": 1, "failed": 0, "total": 1})
+
+    conn = Connection("http://htc.example", bearer_token="t", transport=httpx.MockTransport(server))
+    with Session(connection=conn) as htc:
+        batch = functions.FunctionBatch(Task(htc, {"taskId": "t", "projectId": "p"}), [("b", 1)])
+        assert list(batch.results()) == [(0, 42)]
+    assert calls == ["/openhtc/v1/projects/p/tasks/t/functions/b/results"] * 3
