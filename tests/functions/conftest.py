@@ -15,6 +15,9 @@ import logging, os, time
 def double(event, context):
     return event["x"] * 2
 
+def identity(event, context):
+    return event
+
 def echo_context(event, context):
     return {
         "requestId": context.aws_request_id,

@@ -36,6 +36,32 @@ def test_results_come_back_in_order_with_the_handlers_values(fn: Functions) -> N
     assert job["status"] == "SUCCEEDED"
 
 
+EVENTS: list[Any] = [
+    'a "quoted" \\ string',
+    "ünïcödé ✓",
+    "",
+    0,
+    -7,
+    2**62,
+    1.5,
+    0.1,
+    1e300,
+    True,
+    False,
+    None,
+    [1, [2, {"a": None}]],
+    {"k": "v", "n": {"deep": [True, 0.25]}},
+    {},
+    [],
+]
+
+
+def test_every_kind_of_json_event_reaches_the_handler_unchanged(fn: Functions) -> None:
+    batch = fn.submit("fnlib.handlers.identity", EVENTS, code="handlers.zip")
+    assert [item["result"] for item in fn.results(batch, len(EVENTS))] == EVENTS
+
+
+@pytest.mark.one_db
 def test_warm_workers_serve_many_calls_with_a_lambda_context(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.echo_context", [{} for _ in range(50)], code="handlers.zip")
     items = fn.results(batch, 50)
@@ -49,7 +75,9 @@ def test_warm_workers_serve_many_calls_with_a_lambda_context(fn: Functions) -> N
 
 
 def test_an_exception_fails_the_call_with_its_type_message_and_traceback(fn: Functions) -> None:
-    batch = fn.submit("fnlib.handlers.fail_odd", [{"x": i} for i in range(6)], code="handlers.zip")
+    batch = fn.submit(
+        "fnlib.handlers.fail_odd", [{"x": i} for i in range(6)], code="handlers.zip", groupName="odd-ones"
+    )
     items = fn.results(batch, 6)
     assert [item["status"] for item in items] == ["SUCCEEDED", "FAILED"] * 3
     error = items[1]["error"]
@@ -63,18 +91,21 @@ def test_an_exception_fails_the_call_with_its_type_message_and_traceback(fn: Fun
     assert fn.page(batch, 6)["failed"] == 3
 
 
+@pytest.mark.one_db
 def test_a_result_that_is_not_json_is_an_error(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.not_json", [{}], code="handlers.zip")
     (item,) = fn.results(batch, 1)
     assert item["status"] == "FAILED" and item["error"]["type"] == "TypeError"
 
 
+@pytest.mark.one_db
 def test_a_missing_handler_fails_each_call_with_the_import_error(fn: Functions) -> None:
     batch = fn.submit("fnlib.nothere.handler", [{}, {}], code="handlers.zip")
     items = fn.results(batch, 2)
     assert {item["error"]["type"] for item in items} == {"ModuleNotFoundError"}
 
 
+@pytest.mark.one_db
 def test_output_goes_to_the_calls_log_only_when_it_prints(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.chatty", [{"x": 5}], code="handlers.zip")
     fn.results(batch, 1)
@@ -86,6 +117,7 @@ def test_output_goes_to_the_calls_log_only_when_it_prints(fn: Functions) -> None
     assert fn.api.logs(fn.project_id, fn.task_id, f"{quiet}:0") == []
 
 
+@pytest.mark.one_db
 def test_a_timeout_fails_the_call_and_the_next_calls_run(fn: Functions) -> None:
     events = [{"x": 0, "sleep": 30}, {"x": 1}, {"x": 2}]
     batch = fn.submit("fnlib.handlers.sleepy", events, code="handlers.zip", execTimeoutSeconds=1)
@@ -96,6 +128,7 @@ def test_a_timeout_fails_the_call_and_the_next_calls_run(fn: Functions) -> None:
     assert [item["result"] for item in items[1:]] == [1, 2]
 
 
+@pytest.mark.one_db
 def test_a_worker_crash_fails_its_call_and_is_replaced(fn: Functions) -> None:
     events = [{"x": i, "crash": 3} for i in range(10)]
     batch = fn.submit("fnlib.handlers.crash_on", events, code="handlers.zip", maxVCpus=1)
@@ -106,6 +139,7 @@ def test_a_worker_crash_fails_its_call_and_is_replaced(fn: Functions) -> None:
     assert [item["result"] for item in items if item["index"] != 3] == [i for i in range(10) if i != 3]
 
 
+@pytest.mark.one_db
 def test_a_crash_is_retried_per_the_retry_strategy(fn: Functions, tmp_path: Any) -> None:
     # Crashes on its first attempt only (a marker file in the task folder says it already did).
     source = (
@@ -125,6 +159,7 @@ def test_a_crash_is_retried_per_the_retry_strategy(fn: Functions, tmp_path: Any)
     assert item["status"] == "SUCCEEDED" and item["result"] == 2 and item["attempt"] == 2
 
 
+@pytest.mark.one_db
 def test_cancel_stops_running_calls_and_the_queued_ones(fn: Functions) -> None:
     events = [{"x": i} for i in range(20)]
     batch = fn.submit("fnlib.handlers.pid_then_sleep", events, code="handlers.zip", execTimeoutSeconds=120)
@@ -144,6 +179,7 @@ def test_cancel_stops_running_calls_and_the_queued_ones(fn: Functions) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.one_db
 def test_a_large_result_is_kept_in_task_storage_and_returned_inline(fn: Functions) -> None:
     size = 10 * 1024 * 1024
     batch = fn.submit("fnlib.handlers.big", [{"size": size}, {"size": 10}], code="handlers.zip")
@@ -153,6 +189,7 @@ def test_a_large_result_is_kept_in_task_storage_and_returned_inline(fn: Function
     assert items[1]["result"] == "y" * 10
 
 
+@pytest.mark.one_db
 def test_bad_submissions_are_refused_and_create_nothing(fn: Functions) -> None:
     bad: list[dict[str, Any]] = [
         {"image": "python3", "handler": "nodots", "events": [1]},
@@ -168,7 +205,23 @@ def test_bad_submissions_are_refused_and_create_nothing(fn: Functions) -> None:
     fn.api.request("GET", f"{fn.base}/no-such-batch/results", expect=404)
 
 
+@pytest.mark.one_db
 def test_ten_thousand_events(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(10_000)], code="handlers.zip")
     items = fn.results(batch, 10_000, timeout=300)
     assert [item["result"] for item in items] == [2 * i for i in range(10_000)]
+
+
+@pytest.mark.one_db
+def test_function_calls_and_ordinary_jobs_share_the_executor(fn: Functions) -> None:
+    # A slot's next job may be of the other kind: each still runs on its own path.
+    jobs = fn.api.submit(fn.project_id, fn.task_id, fn.api.job_request(["true"], batch_size=200))
+    batch = fn.submit("fnlib.handlers.double", [{"x": i} for i in range(400)], code="handlers.zip")
+    more = fn.api.submit(fn.project_id, fn.task_id, fn.api.job_request(["true"], batch_size=200))
+    assert [item["result"] for item in fn.results(batch, 400)] == [2 * i for i in range(400)]
+    deadline = time.monotonic() + 120
+    while (summary := fn.api.summary(fn.project_id, fn.task_id)).get("SUCCEEDED", 0) < 800:
+        assert time.monotonic() < deadline, summary
+        assert summary.get("FAILED", 0) == 0, summary
+        time.sleep(0.2)
+    assert len(jobs) == len(more) == 1

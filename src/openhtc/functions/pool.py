@@ -149,7 +149,9 @@ class FunctionPool:
             if isinstance(found, Outcome):
                 return found
             code_dir = found
-        key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, launch.mounts)
+        # Not the task folder's mount: on S3 storage each attempt has its own (see _keep_result).
+        shared = tuple(m for m in launch.mounts if m.env_name != TASK_SHARED_ENV)
+        key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, shared)
         timeout = float(launch.timeout_s or 60)
         header = {
             "index": launch.array_index,

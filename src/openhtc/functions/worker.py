@@ -17,10 +17,9 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable
 
 from openhtc.domain.enums import FailureCode
-from openhtc.domain.models import JobLaunch
+from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 
 _HEAD = struct.Struct(">cI")
@@ -141,8 +140,6 @@ def worker_launch(
 ) -> JobLaunch:
     """The job that runs a worker: ``launch``'s image, limits and storage, the runner instead
     of its commands, no timeout of its own (the pool times calls)."""
-    from openhtc.domain.models import Mount
-
     mounts = [*launch.mounts, Mount("OPENHTC_FN_PIPES", pipes, "/.openhtc/pipes", False)]
     runner = os.path.join(runner_dir, "runner.py")
     if not local:
@@ -153,6 +150,3 @@ def worker_launch(
     return launch._replace(
         commands=(python, runner, handler), envs=(), timeout_s=None, mounts=tuple(mounts), working_dir=None
     )
-
-
-Clock = Callable[[], float]

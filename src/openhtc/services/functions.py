@@ -100,20 +100,23 @@ class FunctionRequest(BaseModel):
         return Priority(value).name
 
 
-def parse_function_request(body: Any) -> tuple[FunctionRequest, list[str]]:
-    """The request and its events as compact JSON text; ValidationFailed names the bad field."""
+def parse_function_request(body: Any) -> tuple[FunctionRequest, str]:
+    """The request and its events as one JSON array; ValidationFailed names the bad field."""
     if not isinstance(body, dict):
         raise ValidationFailed("the body must be a JSON object", field="body")
     try:
         request = FunctionRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    events: list[str] = []
-    for i, event in enumerate(request.events):
-        try:
-            events.append(orjson.dumps(event).decode())
-        except TypeError as exc:
-            raise ValidationFailed(f"is not JSON: {exc}", field=f"events[{i}]") from None
+    try:
+        events = orjson.dumps(request.events).decode()
+    except TypeError:
+        for i, event in enumerate(request.events):  # which one
+            try:
+                orjson.dumps(event)
+            except TypeError as exc:
+                raise ValidationFailed(f"is not JSON: {exc}", field=f"events[{i}]") from None
+        raise
     return request, events
 
 
@@ -137,7 +140,7 @@ def submit_functions(
     if request.retryStrategy is not None:
         as_job["retryStrategy"] = {"maxRetries": request.retryStrategy.maxRetries}
     try:
-        job = SubmitRequest.model_validate(as_job).model_copy(update={"batchSize": len(events)})
+        job = SubmitRequest.model_validate(as_job).model_copy(update={"batchSize": len(request.events)})
     except ValidationError as exc:
         raise validation_error(exc) from None
     if request.groupName is not None and not request.groupName.strip():
@@ -164,7 +167,7 @@ def submit_functions(
     services.wakeups.schedule_round.set()
     services.wakeups.queued()
     services.notify.publish((task_key(task.id),))
-    return {"batchId": echoes[0]["parentJobId"], "count": len(events), "firstIndex": 0}
+    return {"batchId": echoes[0]["parentJobId"], "count": len(request.events), "firstIndex": 0}
 
 
 def function_batch(services: ServiceSet, conn: Connection, task_id: str, batch_id: str) -> Any:
@@ -185,7 +188,7 @@ def results_page(
     with services.db.read() as conn:
         batch = function_batch(services, conn, task_id, batch_id)
         rows = store.page(conn, batch.id, start, limit)
-        done, failed = store.counts(conn, batch.id)
+        done, failed = store.counts(conn, batch)
     items: list[dict[str, Any]] = []
     for row in rows:
         if row.idx != start + len(items) or not JobStatus(row.status).terminal:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
 from openhtc.domain.enums import JobStatus
 from openhtc.store.db import BulkStatement, Database, json_rows
 
-_INSERT = BulkStatement.insert("function_calls", (("batch_id", "bigint"), ("idx", "int"), ("event", "text")))
 _RESULT_COLUMNS = (
     ("result", "text"),
     ("error", "text"),
@@ -62,12 +62,25 @@ class FunctionStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def insert_events(self, conn: Connection, batch_id: int, events: Sequence[str]) -> None:
+    def insert_events(self, conn: Connection, batch_id: int, events_json: str) -> None:
+        """A batch's events, from the JSON array of them, as one statement: the database splits
+        the array (no Python tuple per event)."""
         cur = self.db.cursor(conn)
-        step = 20000  # bounded PostgreSQL parameters (one JSON array each)
-        for start in range(0, len(events), step):
-            chunk = events[start : start + step]
-            self.db.run_bulk(cur, _INSERT, [(batch_id, start + i, e) for i, e in enumerate(chunk)])
+        if self.db.is_sqlite:
+            # json_each gives SQL values; a value's JSON text is rebuilt from its type.
+            cur.execute(
+                "INSERT INTO function_calls (batch_id, idx, event) SELECT ?, key, CASE type"
+                " WHEN 'object' THEN value WHEN 'array' THEN value WHEN 'text' THEN json_quote(value)"
+                " WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'null' THEN 'null'"
+                " ELSE CAST(value AS TEXT) END FROM json_each(?)",
+                (batch_id, events_json),
+            )
+        else:
+            cur.execute(
+                "INSERT INTO function_calls (batch_id, idx, event) SELECT %s, n - 1, v::text"
+                " FROM json_array_elements(%s::json) WITH ORDINALITY AS t(v, n)",
+                (batch_id, events_json),
+            )
 
     def events(self, batch_id: int, start: int, stop: int) -> dict[int, str]:
         """The events of calls ``start <= idx < stop`` of a batch."""
@@ -102,16 +115,26 @@ class FunctionStore:
         )
         return [CallRow(*row) for row in cur.fetchall()]
 
-    def counts(self, conn: Connection, batch_id: int) -> tuple[int, int]:
-        """(ended, failed) calls of a batch."""
+    def counts(self, conn: Connection, batch: Any) -> tuple[int, int]:
+        """(ended, failed) calls of a batch: from the task's counters when the batch is alone in
+        its group (the default group is the batch's own), else by reading its jobs."""
         cur = self.db.cursor(conn)
-        cur.execute(
-            self.db.sql(
-                f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
-                " GROUP BY status"
-            ),
-            (batch_id,),
-        )
+        if batch.group_name == batch.parent_job_id:
+            cur.execute(
+                self.db.sql(
+                    "SELECT status, count FROM job_counters WHERE task_id = ? AND group_name = ?"
+                    f" AND status IN ({_TERMINAL_SQL})"
+                ),
+                (batch.task_id, batch.group_name),
+            )
+        else:
+            cur.execute(
+                self.db.sql(
+                    f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
+                    " GROUP BY status"
+                ),
+                (batch.id,),
+            )
         counts = {int(status): int(n) for status, n in cur.fetchall()}
         failed = counts.get(int(JobStatus.FAILED), 0)
         return counts.get(int(JobStatus.SUCCEEDED), 0) + failed, failed
