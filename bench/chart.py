@@ -12,6 +12,7 @@ COLOURS = {
     "openhtc": "#1f77b4",
     "spawn-floor": "#7f7f7f",
     "concurrent-floor": "#bcbcbc",
+    "bare-loop": "#a0a0a0",
     "hyperqueue": "#d62728",
     "dask": "#ff7f0e",
     "ray": "#2ca02c",

@@ -16,7 +16,7 @@ from bench.systems import PEERS, SYSTEMS
 from bench.workloads import WORKLOADS, Workload, resolve
 from openhtc.testing.postgres import PostgresUnavailable
 
-DEFAULT_SYSTEMS = "openhtc,spawn-floor,concurrent-floor"  # the last runs in W3 only
+DEFAULT_SYSTEMS = "openhtc,spawn-floor,concurrent-floor,bare-loop"  # the last two: W3, fn only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]",
     )
     p.add_argument(
-        "--workload", default="all", help="all (not soak), or a comma list of names or ids (w1-w5, cp, soak)"
+        "--workload",
+        default="all",
+        help="all (not soak), or a comma list of names or ids (w1-w5, cp, fn, soak)",
     )
     p.add_argument("--n", help="N for every chosen workload, a comma list (e.g. 200 or 10000,100000)")
     p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both", help="openhtc's database")
@@ -95,7 +97,8 @@ def run_one(system: str, workload: Workload, ctx: Context, db: str, n: int) -> R
 def choose_systems(args: argparse.Namespace) -> list[str]:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.peers:
-        systems += [s for s in ("openhtc", "spawn-floor", "concurrent-floor", *PEERS) if s not in systems]
+        floors = ("openhtc", "spawn-floor", "concurrent-floor", "bare-loop")
+        systems += [s for s in (*floors, *PEERS) if s not in systems]
     return systems
 
 

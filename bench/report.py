@@ -10,7 +10,7 @@ from typing import Any
 from bench.common import Result
 from bench.workloads import WORKLOADS, targets_for
 
-PEER_ORDER = ("spawn-floor", "concurrent-floor", "hyperqueue", "dask", "ray", "slurm")
+PEER_ORDER = ("spawn-floor", "concurrent-floor", "bare-loop", "hyperqueue", "dask", "ray", "slurm")
 PEERS = ("hyperqueue", "dask", "ray", "slurm")  # "vs:fastest-peer": the least of these ratios
 
 
@@ -20,7 +20,7 @@ def fmt(value: Any, unit: str = "") -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        if unit == "jobs/s" or abs(value) >= 1000:
+        if unit in ("jobs/s", "calls/s") or abs(value) >= 1000:
             text = f"{value:,.0f}"
         elif unit == "s":
             text = f"{value:.3f}"

@@ -137,6 +137,26 @@ WORKLOADS: dict[str, Workload] = {
             ),
         ),
         Workload(
+            "functions",
+            "fn",
+            'N trivial Python handler calls (`return event["x"] * 2`) with their results fetched '
+            "back: calls/s from the submit until the last result is read; p50/p99 of one call on an "
+            "idle system beside it",
+            (100_000,),
+            (1_000,),
+            "calls",
+            True,
+            baseline="bare-loop",
+            targets=(
+                Target(">= 10,000 calls/s (SQLite)", ">=", 10_000.0, None, {**SQLITE, "min_n": 100_000}),
+                Target(">= 5,000 calls/s (PostgreSQL)", ">=", 5_000.0, None, {**PG, "min_n": 100_000}),
+                Target(">= Dask", ">=", 1.0, "vs:dask", {"system": "openhtc"}),
+                Target(">= Ray", ">=", 1.0, "vs:ray", {"system": "openhtc"}),
+                Target("one call p50 <= 10 ms", "<=", 10.0, "call_p50_ms", {"system": "openhtc"}),
+                Target("one call p99 <= 50 ms", "<=", 50.0, "call_p99_ms", {"system": "openhtc"}),
+            ),
+        ),
+        Workload(
             "soak",
             "soak",
             "N container jobs (busybox `true` under --runtime) through one server; descriptors, "
@@ -159,13 +179,14 @@ COMMANDS: dict[str, list[str]] = {
     "latency": ["true"],
     "control-plane": ["true"],
     "soak": ["true"],
+    "functions": [],  # a Python handler, not a command (bench/functions.py)
 }
 SLEEP_S = 0.05
 
 
 def resolve(names: str) -> list[Workload]:
-    """'all' (W1-W5 and cp; the soak runs only when named), or a comma list of names or ids
-    (w1-w5, cp, soak), in the issue's order."""
+    """'all' (W1-W5, cp and fn; the soak runs only when named), or a comma list of names or ids
+    (w1-w5, cp, fn, soak), in the issue's order."""
     if names.strip() == "all":
         return [w for w in WORKLOADS.values() if w.name != "soak"]
     wanted = []

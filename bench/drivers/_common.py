@@ -7,6 +7,9 @@ workload, stops the peer and prints one JSON line: ``{"event": "result", ...}``,
 - ``mode``: ``throughput`` (N copies of ``argv`` at once; wall time from the first submit until
   the client sees all done), ``latency`` (N single jobs, one at a time, on the idle peer) or
   ``accept`` (N jobs submitted with nothing to run them: the time to accept them).
+- ``functions``: N calls of ``double(event) = event["x"] * 2`` with their results gathered (wall
+  time from the first submit until every result is back), then ``samples`` single calls, one at
+  a time, for the p50/p99 of one call (``call_p50_ms``, ``call_p99_ms``).
 - ``argv``: the command of every job; ``n``; ``slots``: CPUs the peer may use; ``warmup``: jobs
   run (and not measured) before the clock starts; ``interval``: idle seconds between latency
   samples; ``workdir``: a scratch directory for the peer's files.
@@ -103,3 +106,27 @@ def main(run: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
         return 1
     print(json.dumps({"event": "result", **out}, default=str), flush=True)
     return 0
+
+
+def functions_figures(
+    n: int, start: float, submitted: float, done: float, results: Sequence[Any] | None
+) -> dict[str, Any]:
+    """``calls_per_s`` and the count of calls whose result is wrong (None: none came back)."""
+    figures = throughput_figures(n, start, submitted, done, 0)
+    figures.pop("failed")
+    figures["calls_per_s"] = figures.pop("jobs_per_s")
+    if results is not None:
+        figures["wrong"] = sum(1 for i, r in enumerate(results) if r != 2 * i)
+    return figures
+
+
+def call_latency(call: Callable[[int], Any], samples: int, idle: float) -> dict[str, Any]:
+    """p50/p99 of ``call(i)`` (one call and its result) on the idle peer."""
+    times = []
+    for i in range(samples):
+        time.sleep(idle)
+        start = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - start)
+    figures = latency_figures(times)
+    return {"call_p50_ms": figures["p50_ms"], "call_p99_ms": figures["p99_ms"]}

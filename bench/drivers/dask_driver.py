@@ -9,11 +9,24 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from _common import Unavailable, latency_figures, main, throughput_figures
+from _common import (
+    Unavailable,
+    call_latency,
+    functions_figures,
+    latency_figures,
+    main,
+    throughput_figures,
+)
 
 
 def run_job(argv: list[str], _index: int) -> int:
     return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode
+
+
+def double(event: dict[str, Any]) -> Any:
+    """The function workload's call (bench/functions.py); defined in the driver (``__main__``)
+    so that it is pickled by value to the workers."""
+    return event["x"] * 2
 
 
 def run(p: dict[str, Any]) -> dict[str, Any]:
@@ -37,9 +50,27 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
         client = Client(cluster)
         client.wait_for_workers(slots)
         out: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "version": version("distributed")}
-        if p.get("warmup"):
+        if p.get("warmup") and p["mode"] == "functions":
+            client.gather(client.map(double, [{"x": i} for i in range(int(p["warmup"]))], pure=False))
+        elif p.get("warmup"):
             client.gather(client.map(run_job, [argv] * int(p["warmup"]), range(int(p["warmup"])), pure=False))
-        if p["mode"] == "throughput":
+        if p["mode"] == "functions":
+            events = [{"x": i} for i in range(n)]
+            start = time.perf_counter()
+            futures = client.map(double, events, pure=False)
+            submitted = time.perf_counter()
+            results = client.gather(futures)
+            done = time.perf_counter()
+            out.update(functions_figures(n, start, submitted, done, results))
+            interval = float(p.get("interval", 0.02))
+            out.update(
+                call_latency(
+                    lambda i: client.submit(double, {"x": i}, pure=False).result(),
+                    int(p["samples"]),
+                    interval,
+                )
+            )
+        elif p["mode"] == "throughput":
             start = time.perf_counter()
             futures = client.map(run_job, [argv] * n, range(n), pure=False)
             submitted = time.perf_counter()

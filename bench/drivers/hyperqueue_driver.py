@@ -17,7 +17,22 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from _common import Unavailable, latency_figures, log, main, throughput_figures, tree_rss_mb
+from _common import (
+    Unavailable,
+    call_latency,
+    functions_figures,
+    latency_figures,
+    log,
+    main,
+    throughput_figures,
+    tree_rss_mb,
+)
+
+
+def double(event: dict[str, Any]) -> Any:
+    """The function workload's call (bench/functions.py); defined in the driver (``__main__``)
+    so that it is pickled by value. HyperQueue's function tasks return nothing to the client."""
+    return event["x"] * 2
 
 
 def run(p: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +45,12 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
 
     argv, n, workdir = list(p["argv"]), int(p["n"]), p["workdir"]
     request = ResourceRequest(cpus=int(p.get("cpus", 1)))
+
+    def functions_job(start: int, count: int) -> Any:
+        job = Job()
+        for i in range(start, start + count):
+            job.function(double, args=({"x": i},), stdout=None, stderr=None, resources=request)
+        return job
 
     def job_of(count: int, args: list[str] = argv) -> Any:
         job = Job()
@@ -59,7 +80,7 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
         client = cluster.client()
         startup = time.perf_counter() - t0
         out: dict[str, Any] = {"startup_s": startup, "version": version("hyperqueue")}
-        if p["mode"] != "accept" and p.get("warmup"):
+        if p["mode"] not in ("accept", "functions") and p.get("warmup"):
             wait(client.submit(job_of(int(p["warmup"]))))
         if p["mode"] == "throughput":
             start = time.perf_counter()
@@ -79,6 +100,20 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
                 time.sleep(float(p.get("interval", 0.02)))
             out.update(latency_figures(samples), failed=failed)
             out.update(_marker_pass(client, job_of, argv, n, workdir, float(p.get("interval", 0.02))))
+        elif p["mode"] == "functions":
+            if p.get("warmup"):
+                wait(client.submit(functions_job(0, int(p["warmup"]))))
+            start = time.perf_counter()
+            submitted_job = client.submit(functions_job(0, n))
+            submitted = time.perf_counter()
+            unfinished_at, failed = wait(submitted_job)
+            done = time.perf_counter()
+            out.update(functions_figures(n, start, submitted, done, None), failed=failed)
+            out["calls_per_s_upper"] = n / (unfinished_at - start) if unfinished_at > start else None
+            interval = float(p.get("interval", 0.02))
+            out.update(
+                call_latency(lambda i: wait(client.submit(functions_job(i, 1))), int(p["samples"]), interval)
+            )
         elif p["mode"] == "accept":
             start = time.perf_counter()
             job = job_of(n)

@@ -11,7 +11,20 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from _common import Unavailable, latency_figures, main, throughput_figures
+from _common import (
+    Unavailable,
+    call_latency,
+    functions_figures,
+    latency_figures,
+    main,
+    throughput_figures,
+)
+
+
+def double(event: dict[str, Any]) -> Any:
+    """The function workload's call (bench/functions.py); defined in the driver (``__main__``)
+    so that it is pickled by value to the workers."""
+    return event["x"] * 2
 
 
 def run(p: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +41,7 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
     def run_job(args: list[str]) -> int:
         return subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode
 
+    remote_double = ray.remote(num_cpus=1)(double)
     t0 = time.perf_counter()
     ray.init(
         num_cpus=slots,
@@ -38,9 +52,22 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
     )
     try:
         out: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "version": version("ray")}
-        if p.get("warmup"):
+        if p.get("warmup") and p["mode"] == "functions":
+            ray.get([remote_double.remote({"x": i}) for i in range(int(p["warmup"]))])
+        elif p.get("warmup"):
             ray.get([run_job.remote(argv) for _ in range(int(p["warmup"]))])
-        if p["mode"] == "throughput":
+        if p["mode"] == "functions":
+            start = time.perf_counter()
+            refs = [remote_double.remote({"x": i}) for i in range(n)]
+            submitted = time.perf_counter()
+            results = ray.get(refs)
+            done = time.perf_counter()
+            out.update(functions_figures(n, start, submitted, done, results))
+            interval = float(p.get("interval", 0.02))
+            out.update(
+                call_latency(lambda i: ray.get(remote_double.remote({"x": i})), int(p["samples"]), interval)
+            )
+        elif p["mode"] == "throughput":
             start = time.perf_counter()
             refs = [run_job.remote(argv) for _ in range(n)]
             submitted = time.perf_counter()

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from bench.common import Result
 from bench.context import Context
+from bench.functions import BareLoop
 from bench.systems.concurrent_floor import ConcurrentFloor
 from bench.systems.dask import Dask
 from bench.systems.hyperqueue import HyperQueue
@@ -33,7 +34,7 @@ PEERS = ("hyperqueue", "dask", "ray", "slurm")
 
 
 def _systems() -> dict[str, System]:
-    systems = (Openhtc(), SpawnFloor(), ConcurrentFloor(), HyperQueue(), Dask(), Ray(), Slurm())
+    systems = (Openhtc(), SpawnFloor(), ConcurrentFloor(), BareLoop(), HyperQueue(), Dask(), Ray(), Slurm())
     return {s.name: s for s in systems}
 
 

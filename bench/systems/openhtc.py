@@ -36,7 +36,9 @@ class Openhtc:
     uses_db = True
 
     def supports(self, workload: str) -> bool:
-        return workload in ("control-plane", "e2e", "sleep", "containers", "submit", "latency", "soak")
+        return workload in (
+            "control-plane", "e2e", "sleep", "containers", "submit", "latency", "soak", "functions"
+        )  # fmt: skip
 
     def run(self, workload: str, ctx: Any, db: str, n: int) -> Result:
         if workload == "containers":
@@ -45,6 +47,10 @@ class Openhtc:
             from bench.soak import openhtc_soak
 
             return openhtc_soak(ctx, db, n)
+        if workload == "functions":
+            from bench.functions import openhtc_functions
+
+            return openhtc_functions(ctx, db, n, ctx.database_url(db))
         url = ctx.database_url(db)
         return {
             "control-plane": control_plane,

@@ -19,6 +19,7 @@ class Slurm(PeerSystem):
     notes["sleep"] = ["one job array, --cpus-per-task=1 on a partition without oversubscription"]
     notes["latency"] = ["one sbatch --wrap per sample; squeue polled every ~2 ms (plus its own run time)"]
     notes["submit"] = ["one held array (sbatch --hold); summary: squeue of the array; page: first 100 tasks"]
+    no_equivalent = {"functions": "Slurm runs commands, not Python functions with results"}
 
     def install(self) -> str:
         ensure_apt(["slurm-wlm", "munge"], ["slurmctld", "slurmd", "sbatch", "munged"])

@@ -32,6 +32,7 @@ from openhtc.cli.alloc import register as register_alloc
 from openhtc.cli.bundle import htcctl_bundle
 from openhtc.cli.cluster import register as register_cluster
 from openhtc.cli.image import image_app
+from openhtc.cli.map import map_events
 from openhtc.cli.render import jobs_table, projects_table, summary_table, tasks_table
 from openhtc.cli.server import register
 from openhtc.cli.storage import app as storage_app
@@ -137,6 +138,7 @@ def whoami(url: UrlOption = None, api_key: ApiKeyOption = None, json_out: JsonOp
 
 app.command("submit", context_settings={"allow_interspersed_args": False})(submit)
 app.command("htcctl-bundle")(htcctl_bundle)
+app.command("map")(map_events)
 
 
 # -- projects --------------------------------------------------------------------------------

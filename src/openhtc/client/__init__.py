@@ -7,12 +7,16 @@ Two layers:
 - :class:`Session` ▸ :class:`Project` ▸ :class:`Task` ▸ :class:`JobBatch` ▸ :class:`Job`: the
   convenient objects built on it.
 
+Function tasks (a Lambda-style handler mapped over JSON events): ``Task.map`` and
+``Task.submit_functions`` (:mod:`openhtc.client.functions`); :mod:`openhtc.client.htcgrid` ports
+HTC-Grid client code.
+
 Both raise :class:`HtcError` subclasses (``NotFound``, ``Unauthorized``, …) on failure.
 """
 
 from __future__ import annotations
 
-from openhtc.client import api, live
+from openhtc.client import api, htcgrid, live
 from openhtc.client._config import StoredCredentials, credentials_path, load_credentials, save_credentials
 from openhtc.client._errors import (
     BadRequest,
@@ -34,6 +38,7 @@ from openhtc.client._transport import (
     normalize_base_url,
     resolve_credentials,
 )
+from openhtc.client.functions import FunctionBatch, FunctionCall, FunctionCounts, FunctionError
 from openhtc.client.session import (
     JOB_STATUSES,
     TERMINAL_STATUSES,
@@ -55,6 +60,10 @@ __all__ = [
     "Credentials",
     "CredentialsError",
     "Forbidden",
+    "FunctionBatch",
+    "FunctionCall",
+    "FunctionCounts",
+    "FunctionError",
     "HtcConnectionError",
     "HtcError",
     "Job",
@@ -71,6 +80,7 @@ __all__ = [
     "api",
     "credentials_path",
     "env_pairs",
+    "htcgrid",
     "job_request",
     "jwt_claims",
     "live",

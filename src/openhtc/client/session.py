@@ -18,7 +18,7 @@ from typing import Any, Self
 
 import httpx
 
-from openhtc.client import api, live
+from openhtc.client import api, functions, live
 from openhtc.client._requests import EnvInput, job_request
 from openhtc.client._transport import Closeable, Connection
 
@@ -289,6 +289,60 @@ class Task(_Resource):
             )
             batches.extend(JobBatch(self, echo) for echo in echoes)
         return batches
+
+    # -- function calls (client/functions.py) --------------------------------------------
+
+    def submit_functions(
+        self,
+        image: str,
+        handler: str,
+        events: Sequence[Any],
+        *,
+        code: str | None = None,
+        max_vcpus: int = 1,
+        max_memory: int = 512,
+        timeout: int = 60,
+        retries: int = 0,
+        priority: int | None = None,
+        group: str | None = None,
+    ) -> functions.FunctionBatch:
+        """Run ``handler(event, context)`` (``"pkg.module.function"``, from the image or from the
+        ``code`` zip in project storage) once per event, in chunks of 100,000 events per call.
+        ``max_memory`` is in MiB, ``timeout`` in seconds per call."""
+        return functions.submit_functions(
+            self, image, handler, events, code=code, max_vcpus=max_vcpus, max_memory=max_memory,
+            timeout=timeout, retries=retries, priority=priority, group=group,
+        )  # fmt: skip
+
+    def map(
+        self,
+        image: str,
+        handler: str,
+        events: Sequence[Any],
+        *,
+        code: str | None = None,
+        max_vcpus: int = 1,
+        max_memory: int = 512,
+        timeout: int = 60,
+        retries: int = 0,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """The handler's results for ``events``, in order. The first failed call (in index order)
+        raises its :class:`~openhtc.client.FunctionError` and cancels the calls still running,
+        unless ``return_exceptions``: then the FunctionError stands in the list in its place."""
+        batch = self.submit_functions(
+            image, handler, events, code=code, max_vcpus=max_vcpus, max_memory=max_memory,
+            timeout=timeout, retries=retries,
+        )  # fmt: skip
+        try:
+            return [result for _, result in batch.results(return_exceptions=return_exceptions)]
+        except BaseException:
+            batch.cancel()  # nobody holds the batch after map: stop what is left of it
+            raise
+
+    def function_batch(self, batch_ids: str | Sequence[str]) -> functions.FunctionBatch:
+        """A handle on function batches submitted earlier, by id (in submission order)."""
+        return functions.function_batch(self, batch_ids)
 
     # -- observing -------------------------------------------------------------------------
 
