@@ -233,3 +233,22 @@ def test_adoption_keeps_the_attempt_and_renews_its_lease() -> None:
     assert lifecycle.adopt(done, "local-a", 2, 99.0) is None
     starting = rec._replace(status=int(JobStatus.STARTING))
     assert lifecycle.adopt(starting, "local-a", 2, 5.0) == starting._replace(lease_expires_at=5.0)
+
+
+@pytest.mark.unit
+def test_on_a_shared_database_launchers_end_their_jobs_before_another_server_may_rerun_them(
+    tmp_path: Path,
+) -> None:
+    """With PostgreSQL another server expires a dead executor's leases after ``lease_seconds``
+    and runs its jobs again: the launchers must have killed them by then (else they run twice)."""
+    from types import SimpleNamespace
+
+    from openhtc.config import Settings
+    from openhtc.wiring import _adopt_seconds
+
+    settings = Settings(data_dir=tmp_path, executor_adopt_seconds=600, lease_seconds=60, heartbeat_seconds=5)
+    shared = SimpleNamespace(db=SimpleNamespace(is_sqlite=False))
+    alone = SimpleNamespace(db=SimpleNamespace(is_sqlite=True))
+    assert _adopt_seconds(settings, shared) == 50  # type: ignore[arg-type]
+    assert _adopt_seconds(settings, alone) == 600  # type: ignore[arg-type]
+    assert _adopt_seconds(settings.model_copy(update={"executor_adopt_seconds": 0}), shared) == 0  # type: ignore[arg-type]

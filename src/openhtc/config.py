@@ -66,7 +66,8 @@ class Settings(BaseSettings):
         ge=0,
         description="How long the process runtime's job launchers keep a crashed server's running "
         "jobs (their logs and exit codes) for the next start of the server to take back; after "
-        "that they kill them. 0: jobs die with the server and are recovered as before.",
+        "that they kill them. 0: jobs die with the server and are recovered as before. On PostgreSQL "
+        "capped at lease_seconds - 2 x heartbeat_seconds (another server may expire the leases).",
     )
     executor_stop_grace_seconds: float = Field(
         0.0,

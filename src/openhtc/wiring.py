@@ -270,7 +270,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             job_endpoints=job_endpoints(settings),
             max_log_bytes=settings.max_log_bytes_per_job,
             launcher_dir=str(settings.data_dir / "executor" / "launchers"),
-            adopt_seconds=settings.executor_adopt_seconds,
+            adopt_seconds=_adopt_seconds(settings, services),
         )
         executor = LocalExecutor(
             services.agents.executors if services.agents else ExecutorService(services),
@@ -287,6 +287,25 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     if services.allocation is not None:
         server.allocation = AllocationLoop(services, services.allocation)
     return server
+
+
+def _adopt_seconds(settings: Settings, services: ServiceSet) -> float:
+    """How long launchers keep a crashed server's jobs. On PostgreSQL another server may expire
+    this executor's leases meanwhile and run its jobs again: there the jobs must be gone before
+    that can happen (a lease, less the heartbeat period it may have been renewed in, and a margin)."""
+    wait = settings.executor_adopt_seconds
+    if services.db.is_sqlite or wait <= 0:
+        return wait
+    bound = max(0.0, settings.lease_seconds - 2 * settings.heartbeat_seconds)
+    if wait > bound:
+        log.info(
+            "executor_adopt_seconds %.0f s capped at %.0f s: with a shared database another "
+            "server expires this executor's leases after lease_seconds (%.0f s)",
+            wait,
+            bound,
+            settings.lease_seconds,
+        )
+    return min(wait, bound)
 
 
 def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:

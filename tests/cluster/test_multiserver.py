@@ -42,6 +42,9 @@ def servers(tmp_path: Path) -> Iterator[list[HtcServer]]:
         srv.stop()
 
 
+OVERVIEW = "/openhtc/v1/overview"
+
+
 def start(
     started: list[HtcServer],
     tmp: Path,
@@ -191,6 +194,10 @@ def test_claims_through_two_servers_hand_each_job_to_one_executor(
     check_each_ran_once(apis[1], pid, tid, runs, 300)
     # both executors took part (each offers 4 vCPUs and claims as soon as jobs are queued)
     assert claimed_jobs(a) > 0 and claimed_jobs(b) > 0, (claimed_jobs(a), claimed_jobs(b))
+    # one host, two servers: two executors (one id would let a restart of either recover the
+    # other's running jobs, and either's heartbeat renew the other's leases)
+    online = [e["id"] for e in apis[0].get(OVERVIEW)["executors"] if e["online"]]
+    assert len(set(online)) == 2, online
 
 
 def test_killing_the_leader_hands_the_scheduler_to_another_server(
@@ -310,3 +317,16 @@ def test_the_signing_key_can_come_from_a_file_every_server_reads(tmp_path: Path)
     ):
         assert key_file.exists() and not (tmp_path / "one" / "keys" / "jwt-signing.pem").exists()
         assert one.tokens.key.kid == two.tokens.key.kid
+
+
+def test_a_database_url_that_names_its_application_still_elects_a_leader(pg_cluster: PostgresCluster) -> None:
+    """Connection options in the URL's query (here application_name, which the leader lock sets
+    too) must not stop the lock from connecting: no server would ever lead, silently."""
+    from openhtc.store.leader_lock import PgLeaderLock
+
+    url = pg_cluster.new_database()
+    lock = PgLeaderLock(url + ("&" if "?" in url else "?") + "application_name=mine")
+    try:
+        assert lock.hold() is True
+    finally:
+        lock.release()

@@ -36,6 +36,7 @@ from runtime_support import (
     wait_for,
 )
 
+from openhtc.executor.local import embedded_executor_id
 from openhtc.runtimes import RuntimeUnavailable, build_runtime, choose_runtime
 from openhtc.runtimes.base import RunHandle
 from openhtc.runtimes.bwrap import BwrapRuntime
@@ -603,9 +604,9 @@ FAST_LEASES = {"OPENHTC_LEASE_SECONDS": "10", "OPENHTC_HEARTBEAT_SECONDS": "2"}
 
 
 def _server_owner(server: Any) -> str:
-    import socket
 
-    return runtime_owner(f"local-{socket.gethostname()}@{Path(server.data_dir).resolve()}")
+    executor_id = embedded_executor_id(Path(server.data_dir))
+    return runtime_owner(f"{executor_id}@{Path(server.data_dir).resolve()}")
 
 
 def test_server_runs_container_jobs_under_bwrap(

@@ -268,7 +268,7 @@ class LocalCluster:
         assert self.state is not None
         cmd = [
             "ip", "netns", "exec", self.bridge.namespace(index), htc_executable(), "agent",
-            "--server", self.urls[index % len(self.urls)], "--token", self.state.token,
+            "--server", self.urls[index % len(self.urls)],  # the token: in the environment, not ps
             "--region", self.spec.region, "--runtime", self.spec.runtime,
             "--work-dir", str(self.agent_dir(index)),
         ]  # fmt: skip
@@ -285,7 +285,8 @@ class LocalCluster:
         with open(self.dir / f"agent-{index}.log", "ab") as log:
             proc = subprocess.Popen(
                 self.agent_command(index), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=_clean_env(self.spec.agent_env), start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env=_clean_env({**self.spec.agent_env, "OPENHTC_AGENT_TOKEN": self.state.token}),
             )  # fmt: skip
         self.state.agent_pids[index] = proc.pid
         self._save()

@@ -8,6 +8,7 @@ hold) is the state's; this module does the I/O it asks for, under one lock aroun
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from openhtc import __version__
@@ -52,6 +54,13 @@ class _Begun:
     refused: bool = False  # not handed over: the executor is stopping
 
 
+def embedded_executor_id(data_dir: Path) -> str:
+    """``local-<host>-<6 hex digits of the data directory>``: several servers on one host (and
+    one database) each have their own executor, whose restart recovers only its own jobs."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
+    return f"local-{socket.gethostname()}-{digest}"
+
+
 class LocalExecutor:
     def __init__(
         self,
@@ -64,7 +73,7 @@ class LocalExecutor:
         architectures: list[str],
         stager: Stager | None = None,
         functions: FunctionPool | None = None,
-        executor_id: str | None = None,  # htc agent names itself (default: local-<host>)
+        executor_id: str | None = None,  # htc agent names itself (default: embedded_executor_id)
     ) -> None:
         self.service = service
         self.functions = functions  # runs function calls (warm workers) instead of the runtime
@@ -75,7 +84,7 @@ class LocalExecutor:
         self.wakeups = wakeups
         self.region = region
         self.architectures = architectures
-        self.executor_id = executor_id or f"local-{socket.gethostname()}"
+        self.executor_id = executor_id or embedded_executor_id(settings.data_dir)
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
         self._pipeline = runtime if isinstance(runtime, Pipelined) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -42,8 +43,9 @@ def connect(url: str, **extra: Any) -> Any:
 
     params = psycopg_params(url)
     params["options"] = f"{params.get('options', '')} {SERVER_KEEPALIVES}".strip()
-    return psycopg.connect(
-        **params,
+    # ours win for the liveness settings; the URL's query may carry any of these too (a
+    # duplicate keyword would be a TypeError: no server would ever lead)
+    params.update(
         autocommit=True,
         connect_timeout=CONNECT_TIMEOUT,
         keepalives=1,
@@ -51,8 +53,10 @@ def connect(url: str, **extra: Any) -> Any:
         keepalives_interval=2,
         keepalives_count=3,
         tcp_user_timeout=CLIENT_TCP_USER_TIMEOUT_MS,
-        **extra,
     )
+    for key, value in extra.items():
+        params.setdefault(key, value)  # application_name: the URL's, if it names one
+    return psycopg.connect(**params)
 
 
 class PgLeaderLock:
@@ -61,6 +65,7 @@ class PgLeaderLock:
         self.key = key
         self._conn: Any = None
         self._held = False
+        self._warned = -1e9  # when hold() last logged a failure at warning level
 
     def hold(self) -> bool:
         try:
@@ -73,7 +78,12 @@ class PgLeaderLock:
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
                 self._held = bool(row and row[0])
         except Exception as exc:  # unreachable or lost: not leader until a new session takes it
-            log.debug("leader lock: %s", exc)
+            now = time.monotonic()
+            if now - self._warned > 60:  # an outage says so once a minute, not every second
+                self._warned = now
+                log.warning("leader lock: %s", exc)
+            else:
+                log.debug("leader lock: %s", exc)
             self._close()
         return self._held
 
