@@ -18,6 +18,7 @@ needs on top of it:
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Collection, Sequence
@@ -25,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain import lifecycle
-from openhtc.domain.errors import InvalidTransition, PermissionDenied, ValidationFailed
+from openhtc.domain.errors import InvalidTransition, PermissionDenied
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
 from openhtc.services.notify import EVERYTHING, Key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.queue import AgentInfo
 
+log = logging.getLogger("openhtc.agents")
 AGENT_WORK: Key = ("agent-work", None)  # jobs became claimable: waiting exchanges claim again
 Attempt = tuple[int, int]
 
@@ -150,13 +153,8 @@ class AgentService:
                     out.acked.append((report.job_id, report.attempt, seq))  # a duplicate
                 else:
                     fresh.append((seq, report))
-        changed: set[int] = set()
-        if fresh:
-            try:
-                applied = self.executors.report(agent_id, [r for _, r in fresh])
-            except InvalidTransition as exc:  # nothing was applied (one transaction)
-                raise ValidationFailed(exc.message, "reports") from None
-            changed = {change[0] for change in applied.changes}
+        invalid: set[tuple[int, Attempt]] = set()  # (seq, attempt) of reports that broke a rule
+        changed = self._apply(agent_id, fresh, invalid) if fresh else set()
         records = s.queue.records({j for j, _ in held} | {r.job_id for _, r in fresh})
         kill: set[Attempt] = set()
         with self._lock:
@@ -164,7 +162,11 @@ class AgentService:
                 key = (r.job_id, r.attempt)
                 rec = records.get(r.job_id)
                 mine = rec is not None and rec.attempt == r.attempt and rec.executor_id == agent_id
-                if mine or r.job_id in changed:
+                if (seq, key) in invalid:  # refused; its attempt killed unless it is still the agent's
+                    out.refused.append(key)
+                    if not _may_hold(agent_id, r.attempt, rec):
+                        kill.add(key)
+                elif mine or r.job_id in changed:
                     out.acked.append((r.job_id, r.attempt, seq))
                     seqs[key] = max(seq, seqs.get(key, 0))
                 else:
@@ -174,11 +176,35 @@ class AgentService:
             keep = set(held) | {(r.job_id, r.attempt) for _, r in reports}
             for key in [k for k in seqs if k not in keep]:
                 del seqs[key]
-        kill.update(k for k in held if not lifecycle.still_holds(agent_id, k[1], records.get(k[0])))
+        kill.update(k for k in held if not _may_hold(agent_id, k[1], records.get(k[0])))
         out.kill = sorted(kill)
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
+
+    def _apply(
+        self, agent_id: str, fresh: Sequence[tuple[int, AttemptReport]], invalid: set[tuple[int, Attempt]]
+    ) -> set[int]:
+        """Apply the reports; returns the jobs they changed. An invalid transition fails its
+        whole transaction: then they are applied one at a time, and the invalid ones (added to
+        ``invalid``) refused, so one bad report costs the agent none of its others."""
+        try:
+            applied = self.executors.report(agent_id, [r for _, r in fresh])
+            return {change[0] for change in applied.changes}
+        except InvalidTransition:
+            pass  # nothing was applied (one transaction)
+        changed: set[int] = set()
+        first = ""
+        for seq, r in fresh:
+            try:
+                applied = self.executors.report(agent_id, [r])
+            except InvalidTransition as exc:
+                invalid.add((seq, (r.job_id, r.attempt)))
+                first = first or exc.message
+                continue
+            changed.update(change[0] for change in applied.changes)
+        log.warning("agent %s: %d invalid report(s) refused (%s)", agent_id, len(invalid), first)
+        return changed
 
     def drain(self, agent_id: str) -> None:
         """The agent stops: it gets no new job, and the long poll it may have open answers now."""
@@ -266,6 +292,21 @@ class AgentService:
                 self._log_paths.update(rows)
             found.update(rows)
         return found
+
+
+def _may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
+    """Whether an attempt the agent lists as held is not to be killed: still its current one,
+    or its current one that ended by its own report (acked, or not yet: the agent lists it until
+    it is acked). A cancelled one is killed."""
+    if lifecycle.still_holds(agent_id, attempt, rec):
+        return True
+    return (
+        rec is not None
+        and rec.attempt == attempt
+        and rec.executor_id == agent_id
+        and rec.terminal
+        and not rec.cancelled
+    )
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> int:

@@ -444,11 +444,14 @@ class QueueStore:
             return {}
         with self.db.read() as conn:
             rows = conn.execute(
-                select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id).where(
+                select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id, jobs.c.cancelled).where(
                     jobs.c.id.in_(list(job_ids))
                 )
             ).all()
-        return {r.id: JobRecord(r.id, r.status, r.attempt, executor_id=r.executor_id) for r in rows}
+        return {
+            r.id: JobRecord(r.id, r.status, r.attempt, executor_id=r.executor_id, cancelled=bool(r.cancelled))
+            for r in rows
+        }
 
     def log_keys(self, job_ids: Collection[int]) -> dict[int, tuple[str, str, int]]:
         """Where each job's logs live: (task id, parent job id, array index)."""
