@@ -262,3 +262,35 @@ def test_an_attempt_that_ended_by_the_agents_report_is_not_killed(srv: HtcServer
     # a cancelled one is still killed
     assert api.cancel(project_id, task_id).status_code < 300
     assert [tuple(k) for k in agent.exchange(held=[ended, cancelled])["kill"]] == [cancelled]
+
+
+def _claim_calls(srv: HtcServer) -> int:
+    resp = httpx.get(f"{srv.api_url}/htc/metrics", headers={"Authorization": f"Token {srv.api_key}"})
+    resp.raise_for_status()
+    line = next(x for x in resp.text.splitlines() if x.startswith("openhtc_executor_claims"))
+    return int(float(line.split()[-1]))
+
+
+def test_a_submission_wakes_one_claims_worth_of_idle_agents_not_all(srv: HtcServer) -> None:
+    api = srv.api()
+    token = agent_token(srv)
+    agents = [Agent(srv, token, f"idle{i}") for i in range(6)]
+    answers: list[dict[str, Any]] = []
+    for agent in agents:
+        agent.register()
+    polls = [
+        threading.Thread(target=lambda a=a: answers.append(a.exchange(max_jobs=1, wait=8.0)))
+        for a in agents
+    ]
+    for poll in polls:
+        poll.start()
+    time.sleep(1.0)  # every long poll reaches the server and waits there
+    before = _claim_calls(srv)
+    submit(api)
+    for poll in polls:
+        poll.join(timeout=30)
+    assert sum(len(a["leases"]) for a in answers) == 1, answers
+    # the woken agent claims the job, then the next one finds nothing and the chain stops;
+    # an agent woken for nothing would claim in vain (each claim a write transaction)
+    claims = _claim_calls(srv) - before
+    assert claims < len(agents), claims
