@@ -279,8 +279,7 @@ def test_a_submission_wakes_one_claims_worth_of_idle_agents_not_all(srv: HtcServ
     for agent in agents:
         agent.register()
     polls = [
-        threading.Thread(target=lambda a=a: answers.append(a.exchange(max_jobs=1, wait=8.0)))
-        for a in agents
+        threading.Thread(target=lambda a=a: answers.append(a.exchange(max_jobs=1, wait=8.0))) for a in agents
     ]
     for poll in polls:
         poll.start()
