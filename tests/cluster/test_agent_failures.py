@@ -152,12 +152,9 @@ def _sleeping(ns: str) -> list[int]:
     return pids
 
 
-# Found by this test at the first `htc agent` merge (0a0bfb7): after the link comes back the agent
-# gets 409 "agent lost" and registers again, the server has re-run its attempt elsewhere
-# (attempt 2 RUNNING on the other agent), yet the stale attempt 1 keeps running on it (its
-# `sleep 600` still there 30 s later): the kill never reaches it. Strict: once fixed, this XPASSes
-# and fails, so the marker must go.
-@pytest.mark.xfail(strict=True, reason="htc agent does not kill a stale attempt after it rejoins")
+# Found by this test at the first `htc agent` merge (0a0bfb7): after the link came back the agent
+# got 409 "agent lost" and registered again while holding its exchange lock, which the register
+# took again: the control thread hung, and the stale attempt (`sleep 600`) was never killed.
 def test_a_cut_link_fences_the_agent_and_it_rejoins(
     make_cluster: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:

@@ -224,3 +224,72 @@ def test_a_lost_agent_gives_its_jobs_back_but_not_while_the_server_hears_nobody(
     assert lost.register(running=[list(key)])["kill"] == [list(key)]
     answer = lost.exchange(held=[key], reports=[lost.report(*key, JobStatus.SUCCEEDED, exit_code=0)])
     assert [tuple(k) for k in answer["refused"]] == [key]
+
+
+def test_one_invalid_report_costs_the_agent_none_of_its_others(srv: HtcServer) -> None:
+    api = srv.api()
+    agent = Agent(srv, agent_token(srv), "invalid")
+    agent.register()
+    project_id, task_id = submit(api, 3)
+    leases = claim(agent, 2)
+    good, bad = ((x["job_id"], x["attempt"]) for x in leases)
+    # RUNNABLE -> RUNNING skips STARTING: invalid. The other report, the heartbeat and the claim
+    # of the same exchange still go through.
+    answer = agent.exchange(
+        held=[good, bad],
+        reports=[agent.report(*good, JobStatus.STARTING), agent.report(*bad, JobStatus.RUNNING)],
+        max_jobs=1,
+    )
+    assert [tuple(k) for k in answer["acked"]] == [(*good, 1)]
+    assert [tuple(k) for k in answer["refused"]] == [bad]
+    assert answer["kill"] == []  # the refused report's attempt is still the agent's own
+    assert len(answer["leases"]) == 1
+    statuses = sorted(j["status"] for j in api.jobs(project_id, task_id))
+    assert statuses == ["RUNNABLE", "RUNNABLE", "STARTING"], statuses
+
+
+def test_an_attempt_that_ended_by_the_agents_report_is_not_killed(srv: HtcServer) -> None:
+    api = srv.api()
+    agent = Agent(srv, agent_token(srv), "ended")
+    agent.register()
+    project_id, task_id = submit(api, 2)
+    ended, cancelled = ((x["job_id"], x["attempt"]) for x in claim(agent, 2))
+    reports = [agent.report(*ended, s) for s in (JobStatus.STARTING, JobStatus.RUNNING)]
+    reports.append(agent.report(*ended, JobStatus.SUCCEEDED, exit_code=0))
+    # the end acked in this very exchange, and listed as held until the agent drops it
+    assert agent.exchange(held=[ended, cancelled], reports=reports)["kill"] == []
+    assert agent.exchange(held=[ended, cancelled], reports=reports)["kill"] == []
+    # a cancelled one is still killed
+    assert api.cancel(project_id, task_id).status_code < 300
+    assert [tuple(k) for k in agent.exchange(held=[ended, cancelled])["kill"]] == [cancelled]
+
+
+def _claim_calls(srv: HtcServer) -> int:
+    resp = httpx.get(f"{srv.api_url}/htc/metrics", headers={"Authorization": f"Token {srv.api_key}"})
+    resp.raise_for_status()
+    line = next(x for x in resp.text.splitlines() if x.startswith("openhtc_executor_claims"))
+    return int(float(line.split()[-1]))
+
+
+def test_a_submission_wakes_one_claims_worth_of_idle_agents_not_all(srv: HtcServer) -> None:
+    api = srv.api()
+    token = agent_token(srv)
+    agents = [Agent(srv, token, f"idle{i}") for i in range(6)]
+    answers: list[dict[str, Any]] = []
+    for agent in agents:
+        agent.register()
+    polls = [
+        threading.Thread(target=lambda a=a: answers.append(a.exchange(max_jobs=1, wait=8.0))) for a in agents
+    ]
+    for poll in polls:
+        poll.start()
+    time.sleep(1.0)  # every long poll reaches the server and waits there
+    before = _claim_calls(srv)
+    submit(api)
+    for poll in polls:
+        poll.join(timeout=30)
+    assert sum(len(a["leases"]) for a in answers) == 1, answers
+    # the woken agent claims the job, then the next one finds nothing and the chain stops;
+    # an agent woken for nothing would claim in vain (each claim a write transaction)
+    claims = _claim_calls(srv) - before
+    assert claims < len(agents), claims

@@ -68,7 +68,9 @@ class HttpTransport:
         self.pull_tokens: dict[tuple[str, str], str] = {}  # (project, image) -> registry token
         self._headers = {"Authorization": f"Bearer {token}"}
         self._client = self._new_client(60.0)
-        self._lock = threading.Lock()  # one exchange at a time (the control thread, or a stop)
+        # one exchange at a time (the control thread, or a stop); re-entrant: an exchange that
+        # gets 409 registers again under it
+        self._lock = threading.RLock()
         self._kills: set[tuple[int, int]] = set()
         self._registration: dict[str, Any] | None = None
         self._adopted: set[tuple[int, int]] = set()  # taken back at start: running until held() has them
@@ -182,6 +184,8 @@ class HttpTransport:
         with self._lock:
             self._kills.update(answer.kill)
         self._registered = True
+        if answer.kill:  # attempts run on here that are no longer ours: the executor kills them now
+            self.on_kill()
         self._adopted = set()  # the executor holds them now (held())
         self._backoff = 0.0
         if answer.recovered:

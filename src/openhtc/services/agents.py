@@ -18,27 +18,44 @@ needs on top of it:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import threading
+import time
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain import lifecycle
-from openhtc.domain.errors import InvalidTransition, PermissionDenied, ValidationFailed
+from openhtc.domain.errors import InvalidTransition, PermissionDenied
+from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
-from openhtc.services.notify import EVERYTHING, Key
+from openhtc.services.notify import EVERYTHING
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.queue import AgentInfo
 
-AGENT_WORK: Key = ("agent-work", None)  # jobs became claimable: waiting exchanges claim again
+log = logging.getLogger("openhtc.agents")
 Attempt = tuple[int, int]
+BEAT_SECONDS = 1.0  # heartbeats and lease renewals are written this often, coalesced
 
 
-def agent_key(agent_id: str) -> Key:
-    """One agent's own wake-up: its draining call ends the long poll it has open."""
-    return ("agent", agent_id)
+class Waiter:
+    """An exchange that long-polls for work (on the event loop); woken by ``AgentService``."""
+
+    __slots__ = ("agent_id", "event", "loop", "queued", "region")
+
+    def __init__(self, agent_id: str, region: str) -> None:
+        self.agent_id = agent_id
+        self.region = region
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        self.queued = False
+
+    def wake(self) -> None:
+        self.loop.call_soon_threadsafe(self.event.set)
 
 
 class MustRegister(Exception):
@@ -76,8 +93,16 @@ class AgentService:
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
-        # jobs became claimable: wake the exchanges that wait (long polls)
-        services.wakeups.on_executor_work(lambda: services.notify.publish((AGENT_WORK,)))
+        # Long polls wait in a FIFO per region; new work wakes one per region, and each woken
+        # one that claimed something wakes the next: one claim's worth at a time, not a herd.
+        self._waiters: dict[str, deque[Waiter]] = {}
+        self._work = 0  # work signals so far: a claim that raced one claims again
+        services.wakeups.on_executor_work(self.work_arrived)
+        # Heartbeats (liveness, lease renewals) are kept here and written once per BEAT_SECONDS
+        # in one statement: an agent's liveness then lags by at most that much.
+        self._beats: dict[str, float] = {}  # agent -> first exchange heard since the last write
+        self._beat_lock = threading.Lock()  # one writer at a time
+        self._beat_thread: threading.Thread | None = None
 
     @property
     def liveness(self) -> float:
@@ -134,11 +159,10 @@ class AgentService:
         s = self.services
         now = s.clock.now()
         self._heard(now)
-        reason, region, architectures = s.queue.agent_beat(
-            agent_id, incarnation, s.settings.lease_seconds, now
-        )
+        reason, region, architectures = s.queue.agent_state(agent_id, incarnation)
         if reason is not None:
             raise MustRegister(reason)
+        self._beat(agent_id, now)
         if token_region not in ("*", region):
             raise PermissionDenied(f"this agent token is for region {token_region}, not {region}")
         out = Exchanged(region, architectures)
@@ -150,13 +174,8 @@ class AgentService:
                     out.acked.append((report.job_id, report.attempt, seq))  # a duplicate
                 else:
                     fresh.append((seq, report))
-        changed: set[int] = set()
-        if fresh:
-            try:
-                applied = self.executors.report(agent_id, [r for _, r in fresh])
-            except InvalidTransition as exc:  # nothing was applied (one transaction)
-                raise ValidationFailed(exc.message, "reports") from None
-            changed = {change[0] for change in applied.changes}
+        invalid: set[tuple[int, Attempt]] = set()  # (seq, attempt) of reports that broke a rule
+        changed = self._apply(agent_id, fresh, invalid) if fresh else set()
         records = s.queue.records({j for j, _ in held} | {r.job_id for _, r in fresh})
         kill: set[Attempt] = set()
         with self._lock:
@@ -164,7 +183,11 @@ class AgentService:
                 key = (r.job_id, r.attempt)
                 rec = records.get(r.job_id)
                 mine = rec is not None and rec.attempt == r.attempt and rec.executor_id == agent_id
-                if mine or r.job_id in changed:
+                if (seq, key) in invalid:  # refused; its attempt killed unless it is still the agent's
+                    out.refused.append(key)
+                    if not _may_hold(agent_id, r.attempt, rec):
+                        kill.add(key)
+                elif mine or r.job_id in changed:
                     out.acked.append((r.job_id, r.attempt, seq))
                     seqs[key] = max(seq, seqs.get(key, 0))
                 else:
@@ -174,17 +197,129 @@ class AgentService:
             keep = set(held) | {(r.job_id, r.attempt) for _, r in reports}
             for key in [k for k in seqs if k not in keep]:
                 del seqs[key]
-        kill.update(k for k in held if not lifecycle.still_holds(agent_id, k[1], records.get(k[0])))
+        kill.update(k for k in held if not _may_hold(agent_id, k[1], records.get(k[0])))
         out.kill = sorted(kill)
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
 
+    def _apply(
+        self, agent_id: str, fresh: Sequence[tuple[int, AttemptReport]], invalid: set[tuple[int, Attempt]]
+    ) -> set[int]:
+        """Apply the reports; returns the jobs they changed. An invalid transition fails its
+        whole transaction: then they are applied one at a time, and the invalid ones (added to
+        ``invalid``) refused, so one bad report costs the agent none of its others."""
+        try:
+            applied = self.executors.report(agent_id, [r for _, r in fresh])
+            return {change[0] for change in applied.changes}
+        except InvalidTransition:
+            pass  # nothing was applied (one transaction)
+        changed: set[int] = set()
+        first = ""
+        for seq, r in fresh:
+            try:
+                applied = self.executors.report(agent_id, [r])
+            except InvalidTransition as exc:
+                invalid.add((seq, (r.job_id, r.attempt)))
+                first = first or exc.message
+                continue
+            changed.update(change[0] for change in applied.changes)
+        log.warning("agent %s: %d invalid report(s) refused (%s)", agent_id, len(invalid), first)
+        return changed
+
     def drain(self, agent_id: str) -> None:
         """The agent stops: it gets no new job, and the long poll it may have open answers now."""
         with self._lock:
             self._draining.add(agent_id)
-        self.services.notify.publish((agent_key(agent_id),))
+            mine = [w for q in self._waiters.values() for w in q if w.agent_id == agent_id]
+        for waiter in mine:
+            waiter.wake()
+
+    # -- long polls -----------------------------------------------------------------------------
+
+    def work_seen(self) -> int:
+        """A mark to pass to ``wait``: work signalled after it wakes the waiter at once."""
+        return self._work
+
+    def wait(self, agent_id: str, region: str, seen: int) -> Waiter:
+        """Queue a long poll (on the event loop) at the end of its region's FIFO."""
+        waiter = Waiter(agent_id, region)
+        with self._lock:
+            if self._work != seen or agent_id in self._draining:
+                waiter.event.set()  # work came while it claimed: claim again at once
+            else:
+                waiter.queued = True
+                self._waiters.setdefault(region, deque()).append(waiter)
+        return waiter
+
+    def done_waiting(self, waiter: Waiter) -> None:
+        with self._lock:
+            if waiter.queued:
+                waiter.queued = False
+                queue = self._waiters.get(waiter.region)
+                if queue is not None:
+                    queue.remove(waiter)
+
+    def pass_on(self, region: str) -> None:
+        """A woken long poll claimed (there may be more work), or will not claim: wake the next."""
+        with self._lock:
+            waiter = self._pop(region)
+        if waiter is not None:
+            waiter.wake()
+
+    def work_arrived(self) -> None:
+        """Jobs became claimable (any thread): wake the first long poll of each region."""
+        with self._lock:
+            self._work += 1
+            woken = [w for region in list(self._waiters) if (w := self._pop(region)) is not None]
+        for waiter in woken:
+            waiter.wake()
+
+    def _pop(self, region: str) -> Waiter | None:
+        queue = self._waiters.get(region)
+        if not queue:
+            return None
+        waiter = queue.popleft()
+        waiter.queued = False
+        if not queue:
+            del self._waiters[region]
+        return waiter
+
+    # -- heartbeats -----------------------------------------------------------------------------
+
+    def _beat(self, agent_id: str, now: float) -> None:
+        with self._lock:
+            self._beats.setdefault(agent_id, now)
+            start = self._beat_thread is None
+            if start:
+                self._beat_thread = threading.Thread(target=self._beat_loop, name="agent-beats", daemon=True)
+        if start and self._beat_thread is not None:
+            self._beat_thread.start()
+
+    def _beat_loop(self) -> None:
+        while not self.services.notify.closing:
+            time.sleep(BEAT_SECONDS)
+            try:
+                self.flush_beats()
+            except Exception:  # the database is away: the next round writes them
+                log.warning("agents: could not write the heartbeats", exc_info=True)
+
+    def flush_beats(self) -> None:
+        """Write the heartbeats heard since the last write: one statement for them all."""
+        with self._beat_lock:
+            with self._lock:
+                beats, self._beats = self._beats, {}
+            if not beats:
+                return
+            try:
+                self.services.queue.agent_beats(
+                    beats.keys(), min(beats.values()), self.services.settings.lease_seconds
+                )
+            except Exception:
+                with self._lock:  # kept for the next write
+                    for agent_id, heard in beats.items():
+                        self._beats[agent_id] = min(heard, self._beats.get(agent_id, heard))
+                raise
 
     def draining(self, agent_id: str) -> bool:
         return agent_id in self._draining
@@ -208,6 +343,7 @@ class AgentService:
         now = s.clock.now()
         # With several servers the agents' exchanges reach any of them: what any server heard
         # counts, from the agents' records (this runs on the leader only).
+        self.flush_beats()  # this server's own, before it judges anyone silent
         heard = s.queue.last_agent_heartbeat()
         if heard is not None and heard > self._last_heard:
             self._heard(heard)
@@ -266,6 +402,21 @@ class AgentService:
                 self._log_paths.update(rows)
             found.update(rows)
         return found
+
+
+def _may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
+    """Whether an attempt the agent lists as held is not to be killed: still its current one,
+    or its current one that ended by its own report (acked, or not yet: the agent lists it until
+    it is acked). A cancelled one is killed."""
+    if lifecycle.still_holds(agent_id, attempt, rec):
+        return True
+    return (
+        rec is not None
+        and rec.attempt == attempt
+        and rec.executor_id == agent_id
+        and rec.terminal
+        and not rec.cancelled
+    )
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> int:

@@ -267,6 +267,9 @@ class QueueStore:
         ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset)."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
+        with self.db.read() as conn:  # an idle fleet's common case: nothing queued, no write lock
+            if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
+                return []
         with self.db.write() as conn:
             queued_projects = self._projects_with(conn, S.SUBMITTED_TO_PROVIDER)
             if not queued_projects:
@@ -409,12 +412,10 @@ class QueueStore:
         self._count(writes, now)
         return writes.applied(), [key for key in running if key not in kept]
 
-    def agent_beat(
-        self, agent_id: str, incarnation: str, lease_seconds: float, now: float
-    ) -> tuple[str | None, str, list[str]]:
-        """An agent's exchange: refresh its liveness and renew its jobs' leases. Returns why it
-        must register again (None: it need not), its region and its architectures."""
-        with self.db.write() as conn:
+    def agent_state(self, agent_id: str, incarnation: str) -> tuple[str | None, str, list[str]]:
+        """An agent's exchange, read only: why it must register again (None: it need not), its
+        region and its architectures. Its heartbeat is written later (``agent_beats``)."""
+        with self.db.read() as conn:
             row = conn.execute(
                 select(
                     executors.c.incarnation,
@@ -424,19 +425,32 @@ class QueueStore:
                     executors.c.kind,
                 ).where(executors.c.id == agent_id)
             ).first()
-            if row is None or row.kind != "agent":
-                return "unknown agent", "", []
-            if row.lost_at is not None:
-                return "agent lost", row.region, []
-            if row.incarnation != incarnation:
-                return "stale incarnation", row.region, []
-            conn.execute(executors.update().where(executors.c.id == agent_id).values(last_heartbeat=now))
+        if row is None or row.kind != "agent":
+            return "unknown agent", "", []
+        if row.lost_at is not None:
+            return "agent lost", row.region, []
+        if row.incarnation != incarnation:
+            return "stale incarnation", row.region, []
+        return None, row.region, list(row.architectures)
+
+    def agent_beats(self, agent_ids: Collection[str], heard: float, lease_seconds: float) -> None:
+        """The agents' coalesced heartbeats: each heard at ``heard`` or later (the earliest of
+        the batch); their liveness refreshed and their held jobs' leases renewed, one
+        statement each for the whole batch."""
+        if not agent_ids:
+            return
+        ids = sorted(agent_ids)
+        with self.db.write() as conn:
+            conn.execute(
+                executors.update()
+                .where(and_(executors.c.id.in_(ids), executors.c.last_heartbeat < heard))
+                .values(last_heartbeat=heard)
+            )
             conn.execute(
                 jobs.update()
-                .where(and_(jobs.c.executor_id == agent_id, jobs.c.status.in_(_HELD)))
-                .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
+                .where(and_(jobs.c.executor_id.in_(ids), jobs.c.status.in_(_HELD)))
+                .values(lease_expires_at=lifecycle.lease_until(heard, lease_seconds))
             )
-        return None, row.region, list(row.architectures)
 
     def records(self, job_ids: Collection[int]) -> dict[int, JobRecord]:
         """The lifecycle records of these jobs, as committed."""
@@ -444,11 +458,14 @@ class QueueStore:
             return {}
         with self.db.read() as conn:
             rows = conn.execute(
-                select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id).where(
+                select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.executor_id, jobs.c.cancelled).where(
                     jobs.c.id.in_(list(job_ids))
                 )
             ).all()
-        return {r.id: JobRecord(r.id, r.status, r.attempt, executor_id=r.executor_id) for r in rows}
+        return {
+            r.id: JobRecord(r.id, r.status, r.attempt, executor_id=r.executor_id, cancelled=bool(r.cancelled))
+            for r in rows
+        }
 
     def log_keys(self, job_ids: Collection[int]) -> dict[int, tuple[str, str, int]]:
         """Where each job's logs live: (task id, parent job id, array index)."""

@@ -3,14 +3,16 @@
 These routes only decode and encode (wire models: executor/protocol.py); the work is the
 agent service's (services/agents.py), over the same ExecutorService the embedded executor
 calls in-process. Only agent tokens reach them (403 for any other credential), and agent tokens
-reach nothing else. An exchange that finds no job for its agent may wait for one (long poll):
-it subscribes to the notifier's agent-work key before it claims, so an admission between the
-claim and the wait is not missed, and it claims again on each wake-up.
+reach nothing else. An exchange that finds no job for its agent may wait for one (long poll) in
+its region's FIFO of waiters (services/agents.py): new work wakes the first, and each woken one
+that claimed something wakes the next, so an admission wakes one claim's worth of waiters, not
+every idle agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -21,7 +23,7 @@ from openhtc.api.deps import app_services
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
 from openhtc.executor import protocol as wire
-from openhtc.services.agents import AGENT_WORK, AgentService, MustRegister, agent_key
+from openhtc.services.agents import AgentService, MustRegister
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.queue import AgentInfo
 
@@ -108,34 +110,46 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     if req.draining:  # a stopping agent: the long poll it may have open answers now
         agents.drain(agent_id)
-    # subscribed before the claim: no wake-up is lost
-    async with svc.notify.subscribe((AGENT_WORK, agent_key(agent_id))) as woken:
-        try:
-            done = await run_in_threadpool(
-                agents.exchange,
-                agent_id,
-                req.incarnation,
-                req.held,
-                reports,
-                free,
-                req.max_jobs,
-                req.draining,
-                str(claims.get("region", "*")),
-            )
-        except MustRegister as exc:
-            return _must_register(exc.reason)
-        leases = done.leases
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while not leases and not req.draining and req.max_jobs > 0 and not svc.notify.closing:
-            left = deadline - loop.time()
-            if left <= 0 or not await woken.wait(left):
-                break
-            if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
-                break
-            leases = await run_in_threadpool(
-                agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
-            )
+    seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
+    try:
+        done = await run_in_threadpool(
+            agents.exchange,
+            agent_id,
+            req.incarnation,
+            req.held,
+            reports,
+            free,
+            req.max_jobs,
+            req.draining,
+            str(claims.get("region", "*")),
+        )
+    except MustRegister as exc:
+        return _must_register(exc.reason)
+    leases = done.leases
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while not leases and not req.draining and req.max_jobs > 0 and not svc.notify.closing:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        waiter = agents.wait(agent_id, done.region, seen)
+        try:  # in slices: a stopping server answers its long polls within a second
+            while not waiter.event.is_set() and not svc.notify.closing and loop.time() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), min(1.0, deadline - loop.time()))
+        finally:
+            agents.done_waiting(waiter)
+        if not waiter.event.is_set():
+            break
+        if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
+            agents.pass_on(done.region)  # it was woken for work it will not take
+            break
+        seen = agents.work_seen()
+        leases = await run_in_threadpool(
+            agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
+        )
+        if leases:  # there may be more: the next waiter claims too
+            agents.pass_on(done.region)
     answer = wire.ExchangeResponse(
         acked=done.acked,
         refused=done.refused,
