@@ -28,12 +28,13 @@ PYTEST_ARGS ?=
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: cluster-demo cluster-up cluster-down htcctl-bundle help install demo test test-unit lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
+.PHONY: slurm-demo cluster-demo cluster-up cluster-down htcctl-bundle help install demo test test-unit lint typecheck pytest bench-smoke bench-peers postgres containers clean distclean
 
 help:
 	@echo "make demo        start a server, submit a parameter sweep, show the results (PORT=8080)"
 	@echo "make cluster-demo  the sweep on a local cluster: PostgreSQL, 2 servers, AGENTS=3 agents in netns (root)"
 	@echo "make cluster-up / cluster-down   start / stop that cluster (CLUSTER_DIR=.htc-cluster)"
+	@echo "make slurm-demo  the sweep on Slurm pilots: a private Slurm, a server, an allocation queue (root)"
 	@echo "make test        ruff, ruff format --check, mypy, pytest (DB=both|sqlite|postgres), bench smoke"
 	@echo "make test-unit   the pure tests only (marked unit): no server, database or runtime; seconds"
 	@echo "make lint        ruff check, ruff format --check, lint-imports (the layer contracts)"
@@ -79,6 +80,11 @@ AGENTS ?= 3
 CLUSTER_DIR ?= .htc-cluster
 cluster-demo: install postgres
 	@AGENTS='$(AGENTS)' CLUSTER_DIR='$(CLUSTER_DIR)' HTC='$(VENV)/bin/htc' PY='$(PY)' bash examples/cluster-demo.sh
+
+# Allocation queues on a private Slurm (docs/allocation.md, "Try it on one machine"; root).
+SLURM_DEMO_DIR ?= .htc-slurm-demo
+slurm-demo: install containers
+	@SLURM_DEMO_DIR='$(SLURM_DEMO_DIR)' HTC='$(VENV)/bin/htc' PY='$(PY)' bash examples/slurm-demo.sh
 
 cluster-up: install postgres
 	$(VENV)/bin/htc cluster up --agents $(AGENTS) --dir $(CLUSTER_DIR)
@@ -176,7 +182,7 @@ containers:
 	fi
 
 clean:
-	rm -rf $(DEMO_DIR) $(CLUSTER_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(CLUSTER_DIR) $(SLURM_DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
 
 distclean: clean
 	rm -rf $(VENV)

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 [htc_binary(), "alloc", "add", "slurm", "--region", "AWS_US_EAST_1", "--time-limit", "30m",
                  "--max-pilots", str(args.pilots), "--backlog", str(args.pilots),
                  "--pilot-vcpus", str(args.pilot_vcpus), "--idle-timeout", args.idle_timeout],
-                env={**slurm.env, "OPENHTC_URL": srv.base_url, "OPENHTC_API_KEY": key}, check=True,
+                env={**slurm.full_env, "OPENHTC_URL": srv.base_url, "OPENHTC_API_KEY": key}, check=True,
             )  # fmt: skip
             token = httpx.get(f"{srv.base_url}/api/v1/auth/token", headers={"Authorization": f"Token {key}"})
             headers = {"Authorization": f"Bearer {token.json()['tokenValue']}"}

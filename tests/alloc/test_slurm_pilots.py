@@ -1,7 +1,7 @@
 """Allocation queues against a real Slurm (private munged + slurmctld + slurmd, conftest.py).
 
 The server runs no embedded executor: jobs run only on pilots' agents (``htc agent`` started by
-the sbatch scripts the queue submits).
+the sbatch scripts the queue submits). Each test runs once, on PostgreSQL (conftest.py: pg_server).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from openhtc.testing.server import DEFAULT_REGION, HtcServer, htc_command
+from openhtc.testing.slurm import PrivateSlurm
 
 pytestmark = pytest.mark.timeout(240)
-PrivateSlurm = Any  # tests/alloc/conftest.py: the private Slurm fixture
 
 
-def _server(start_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
-    return start_server(
+def _server(pg_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
+    return pg_server(
         env={
             **slurm.env,
             "OPENHTC_ALLOC_PERIOD_SECONDS": "0.3",
@@ -61,9 +61,9 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
 
 
 def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_its_reason(
-    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+    pg_server: Callable[..., HtcServer], slurm: PrivateSlurm
 ) -> None:
-    srv = _server(start_server, slurm)
+    srv = _server(pg_server, slurm)
     # the dry run (sbatch --test-only) refuses it: nothing is added
     done = _alloc(
         srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--", "--partition=nosuch",
@@ -91,10 +91,10 @@ def test_a_broken_sbatch_argument_is_refused_at_add_and_pauses_the_queue_with_it
     assert "paused" in srv.log_tail(200)
 
 
-def _pilot_server(start_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
+def _pilot_server(pg_server: Callable[..., HtcServer], slurm: PrivateSlurm, **env: str) -> HtcServer:
     """A server whose pilots run ``htc agent --runtime process`` (the agents' liveness: 3 s)."""
     return _server(
-        start_server,
+        pg_server,
         slurm,
         OPENHTC_ALLOC_AGENT_COMMAND=" ".join([*htc_command(), "agent", "--runtime", "process"]),
         OPENHTC_AGENT_LIVENESS_SECONDS="3",
@@ -108,9 +108,9 @@ def _our_pilots(slurm: PrivateSlurm) -> list[tuple[str, str, str]]:
 
 
 def test_pilots_appear_for_queued_jobs_run_them_and_leave_when_idle(
-    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+    pg_server: Callable[..., HtcServer], slurm: PrivateSlurm
 ) -> None:
-    srv = _pilot_server(start_server, slurm)
+    srv = _pilot_server(pg_server, slurm)
     _alloc(
         srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--max-pilots", "2",
         "--idle-timeout", "3s",
@@ -140,9 +140,9 @@ def test_pilots_appear_for_queued_jobs_run_them_and_leave_when_idle(
 
 
 def test_scancel_of_a_busy_pilot_recovers_its_jobs_none_lost_none_run_twice_at_once(
-    start_server: Callable[..., HtcServer], slurm: PrivateSlurm, tmp_path: Path
+    pg_server: Callable[..., HtcServer], slurm: PrivateSlurm, tmp_path: Path
 ) -> None:
-    srv = _pilot_server(start_server, slurm, OPENHTC_MAX_INFRASTRUCTURE_RETRIES="3")
+    srv = _pilot_server(pg_server, slurm, OPENHTC_MAX_INFRASTRUCTURE_RETRIES="3")
     _alloc(
         srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "30m", "--max-pilots", "1",
         "--pilot-vcpus", "2", "--idle-timeout", "3s",
@@ -175,9 +175,9 @@ def test_scancel_of_a_busy_pilot_recovers_its_jobs_none_lost_none_run_twice_at_o
 
 
 def test_a_job_longer_than_a_pilots_walltime_left_waits_for_a_fresh_pilot(
-    start_server: Callable[..., HtcServer], slurm: PrivateSlurm
+    pg_server: Callable[..., HtcServer], slurm: PrivateSlurm
 ) -> None:
-    srv = _pilot_server(start_server, slurm)
+    srv = _pilot_server(pg_server, slurm)
     # 4 min pilots drain 1 min before their end: a fresh one takes jobs of up to ~3 min
     _alloc(
         srv, "add", "slurm", "--region", DEFAULT_REGION, "--time-limit", "4m", "--max-pilots", "1",
