@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "counter mismatches, executions per job from marker files; exits 1 if the guarantee broke "
         "[N: 100000; smoke 2000]\n  agents         --agents simulated agents (100 slots each) on two servers "
         "--no-executor: jobs/s, exchange p50/p99, CPU per job, idle cost; W1 via 4 real agents in "
-        "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]",
+        "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]"
+        "\n  slurm-pilots   N `true` jobs on Slurm pilots, cold and warm, vs a plain Slurm array in a "
+        "private Slurm (bench/slurm_pilots.py; root) [N: 2000; smoke 200]",
     )
     p.add_argument(
         "--workload",
@@ -127,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_agents(args, argv)
     if args.workload == "crash":  # a correctness run, not a figure side by side with peers
         return run_crash(args)
+    if args.workload == "slurm-pilots":  # openhtc on Slurm pilots against a plain Slurm array
+        from bench import slurm_pilots
+
+        jobs = args.n.replace("_", "") if args.n else ("200" if args.smoke else "2000")
+        args.out.mkdir(parents=True, exist_ok=True)
+        return slurm_pilots.main(["--jobs", jobs, "--json", str(args.out / "slurm-pilots.json")])
     try:
         workloads = resolve(args.workload)
     except ValueError as exc:

@@ -1,14 +1,16 @@
-"""``python -m bench.slurm_pilots``: N ``true`` jobs through openhtc on Slurm pilots, cold (no
-pilot running) and then warm (the pilots of the cold run still alive), against the same jobs as a
-plain Slurm job array, all in one run on one private single-node Slurm (bench/drivers/slurm_driver.py).
+"""``python -m bench --workload slurm-pilots`` (or ``python -m bench.slurm_pilots``): N ``true``
+jobs through openhtc on Slurm pilots, cold (no pilot running) and then warm (the pilots of the cold
+run still alive), against the same jobs as a plain Slurm job array, all in one run on one private
+single-node Slurm (bench/drivers/slurm_driver.py, which starts openhtc.testing.slurm's).
 
 Figures: time from submit to the first job started (openhtc: the first job seen RUNNING or done),
 jobs/s from submit to the last job done, and the time from the end of the work until the last
 pilot has left ``squeue`` (scale to zero; the idle timeout is ``--idle-timeout``). Needs root and
 Debian's slurm-wlm and munge. Nothing is asserted.
 
-    python -m bench.slurm_pilots                 # N=2,000
-    python -m bench.slurm_pilots --jobs 200      # a short run
+    python -m bench --workload slurm-pilots             # N=2,000; figures also in bench/results/
+    python -m bench --workload slurm-pilots --smoke     # N=200
+    python -m bench.slurm_pilots --jobs 200 --pilots 4  # its own options
 """
 
 from __future__ import annotations
