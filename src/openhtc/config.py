@@ -129,6 +129,16 @@ class Settings(BaseSettings):
         description="What a pilot runs (on the batch system's node), before its --server, --region, "
         "--vcpus, --labels and --work-dir: e.g. '/opt/openhtc/bin/htc agent --runtime podman'.",
     )
+    alloc_sbatch_options: str = Field(
+        "",
+        description="Comma list of sbatch options (long names, e.g. '--nodes-per-gpu,--signal') an "
+        "allocation queue may pass besides the allowed ones (docs/allocation.md, 'Extra sbatch arguments').",
+    )
+    installation_admin_workspace: str | None = Field(
+        None,
+        description="The workspace (id or name) whose administrators are the installation's: they alone "
+        "add, pause, resume and remove allocation queues. Default: the first workspace (the first start's).",
+    )
     max_infrastructure_retries: int = Field(
         3,
         ge=0,

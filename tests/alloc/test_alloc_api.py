@@ -1,9 +1,11 @@
 """The admin API of allocation queues: bad input is a clear 4xx and adds nothing; only workspace
-administrators reach it (no Slurm needed: nothing here reaches sbatch)."""
+administrators reach it, and only the installation's change it (no Slurm needed: nothing here
+reaches sbatch)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -48,3 +50,65 @@ def test_only_workspace_administrators_reach_the_queues(server: HtcServer) -> No
     # the queue depth: an administrator's token also reads it, a member's does not
     assert admin.get("/openhtc/v1/alloc/queue-depth").json()["wantedVcpus"] == 0
     assert member.get("/openhtc/v1/alloc/queue-depth").status_code == 403
+
+
+@pytest.mark.one_db
+def test_only_an_installation_administrator_changes_the_queues(server: HtcServer) -> None:
+    """Queues serve every workspace: a workspace administrator of another workspace sees them
+    but gets 403 on add, pause, resume and remove, and nothing changes."""
+    admin = server.client(prefix="")
+    queue = admin.post(PATH, json=GOOD).json()
+    created = server.cli(
+        "admin", "create-workspace", f"other-{uuid.uuid4().hex[:6]}", "--admin-email", "o@x.org"
+    )  # fmt: skip
+    other = server.client(server.token(created.stdout.split()[-1]), prefix="")
+    before = other.get(PATH).json()  # a workspace administrator may look
+    assert [q["id"] for q in before["queues"]] == [queue["id"]]
+    for resp in (
+        other.post(PATH, json=GOOD),
+        other.post(f"{PATH}/{queue['id']}/pause"),
+        other.post(f"{PATH}/{queue['id']}/resume"),
+        other.delete(f"{PATH}/{queue['id']}"),
+    ):
+        assert resp.status_code == 403, resp.text
+        assert "installation-wide" in resp.text and "installation's admin workspace" in resp.text, resp.text
+    assert admin.get(PATH).json() == before  # nothing added, paused or removed
+    # the installation's own administrator may
+    assert admin.post(f"{PATH}/{queue['id']}/pause").json()["state"] == "paused"
+    assert admin.delete(f"{PATH}/{queue['id']}").status_code == 204
+
+
+@pytest.mark.one_db
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--wrap=rm -rf /"], "--wrap"),
+        (["--partition=debug", "--time=10"], "--time"),  # the queue's --time-limit sets it
+        (["--clusters", "other"], "--clusters"),
+        (["-t", "5"], "-t"),
+        (["debug"], "'debug' is not an sbatch option"),
+        (["--account"], "--account needs a value"),
+        (["--nice=5"], "--nice"),  # allowed only where the setting adds it (below)
+    ],
+)
+def test_sbatch_arguments_outside_the_allow_list_are_refused_with_400_naming_the_option(
+    server: HtcServer, args: list[str], named: str
+) -> None:
+    client = server.client(prefix="")
+    resp = client.post(PATH, json={**GOOD, "sbatchArgs": args})
+    assert resp.status_code == 400, resp.text
+    assert named in resp.text, resp.text
+    assert client.get(PATH).json() == {"queues": []}
+
+
+@pytest.mark.one_db
+def test_allowed_sbatch_arguments_and_those_the_setting_adds_are_kept(
+    start_server: Callable[..., HtcServer],
+) -> None:
+    srv = start_server(env={"OPENHTC_ALLOC_SBATCH_OPTIONS": "--nice,--begin"})
+    client = srv.client(prefix="")
+    args = ["--partition=debug", "-A", "proj42", "--qos", "normal", "--mem-per-cpu=2G", "--exclusive",
+            "--nice=5", "--begin", "now"]  # fmt: skip
+    resp = client.post(PATH, json={**GOOD, "sbatchArgs": args})
+    assert resp.status_code == 201, resp.text
+    assert client.get(PATH).json()["queues"][0]["sbatchArgs"] == args

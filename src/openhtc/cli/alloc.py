@@ -2,7 +2,8 @@
 
 ``htc alloc add slurm --region R --time-limit 1h [--max-pilots N] [--backlog B] [--pilot-vcpus C]
 [--idle-timeout 300s] -- <extra sbatch args>``, and ``ls``, ``pause``, ``resume``, ``rm``: the
-admin API's /openhtc/v1/alloc/queues, with a workspace administrator's API key.
+admin API's /openhtc/v1/alloc/queues: listing with a workspace administrator's API key, changes
+with an installation administrator's (docs/allocation.md).
 """
 
 from __future__ import annotations

@@ -157,3 +157,76 @@ def slurm_time(seconds: int) -> str:
     minutes = math.ceil(seconds / 60)
     days, rest = divmod(minutes, 1440)
     return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00"
+
+
+# sbatch options an allocation queue may pass on (`htc alloc add ... -- ARGS`): where and as whom
+# a pilot runs and what it holds, never what openhtc sets itself (--job-name, --time from
+# --time-limit, --cpus-per-task, --signal, --output...) nor what would take Slurm elsewhere
+# (--clusters: squeue would not see the pilot). The setting alloc_sbatch_options adds more.
+SBATCH_OPTIONS: dict[str, str | None] = {  # long name -> its short form
+    "partition": "p",
+    "account": "A",
+    "qos": "q",
+    "constraint": "C",
+    "reservation": None,
+    "gres": None,
+    "gpus": "G",
+    "gpus-per-node": None,
+    "cpus-per-gpu": None,
+    "mem": None,
+    "mem-per-cpu": None,
+    "mem-per-gpu": None,
+    "tmp": None,
+    "nodelist": "w",
+    "exclude": "x",
+    "licenses": "L",
+    "prefer": None,
+    "comment": None,
+    "wckey": None,
+    "exclusive": None,
+    "requeue": None,
+    "no-requeue": None,
+}
+SBATCH_FLAGS = frozenset({"exclusive", "requeue", "no-requeue"})  # take no value
+
+
+def sbatch_args_problem(args: list[str] | tuple[str, ...], more: tuple[str, ...] = ()) -> str | None:
+    """Why ``args`` may not go to ``sbatch`` (naming the option), or None when they may.
+
+    Each is ``--name=value``, ``--name value``, ``-X value`` or ``-Xvalue`` for an allowed
+    option; a flag (``--exclusive``) takes no value. ``more``: extra long names (the setting),
+    which take a value when the next argument is not an option."""
+    allowed = set(SBATCH_OPTIONS) | {m.strip().lstrip("-") for m in more if m.strip()}
+    by_letter = {short: long for long, short in SBATCH_OPTIONS.items() if short}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, _ = arg[2:].partition("=")
+            shown = "--" + name
+        elif arg.startswith("-") and len(arg) > 1 and arg[1] in by_letter:
+            name, eq, shown = by_letter[arg[1]], "=" if len(arg) > 2 else "", arg[:2]
+        elif arg.startswith("-"):
+            return f"sbatch option {arg.split('=')[0]} is not allowed in an allocation queue{_allowed()}"
+        else:
+            return f"{arg!r} is not an sbatch option (expected --name=value)"
+        if name not in allowed:
+            why = " (the queue's --time-limit sets it)" if name in ("time", "t") else ""
+            return f"sbatch option {shown} is not allowed in an allocation queue{why}{_allowed()}"
+        following = args[i + 1] if i + 1 < len(args) else None
+        if name in SBATCH_FLAGS or eq:
+            if name in SBATCH_FLAGS and eq and name != "exclusive":
+                return f"sbatch option {shown} takes no value"
+            i += 1
+        elif following is not None and not following.startswith("-"):
+            i += 2
+        elif name in SBATCH_OPTIONS:
+            return f"sbatch option {shown} needs a value"
+        else:
+            i += 1  # an option the setting added, used as a flag
+    return None
+
+
+def _allowed() -> str:
+    names = ", ".join("--" + name for name in SBATCH_OPTIONS)
+    return f"; allowed: {names} (alloc_sbatch_options adds more)"

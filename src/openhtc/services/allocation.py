@@ -91,6 +91,10 @@ class AllocationService:
             )
         if not spec.region.strip():
             raise ValidationFailed("a region is required", "region")
+        more = tuple(self.services.settings.alloc_sbatch_options.split(","))
+        problem = rules.sbatch_args_problem(spec.extra_args, more)
+        if problem is not None:
+            raise ValidationFailed(problem, "sbatchArgs")
         row = QueueRow(
             id=uuid.uuid4().hex[:8],
             kind=spec.kind,
@@ -375,6 +379,17 @@ def _ended(job: SlurmJob | None, pilot: PilotRow) -> str:
     if job is None:
         return "left Slurm's queue"
     return f"Slurm: {job.state}" + (f" ({job.reason})" if job.reason and job.reason != "None" else "")
+
+
+def installation_workspace(services: ServiceSet) -> str | None:
+    """The id of the workspace whose administrators are the installation's (they alone change
+    allocation queues, which serve every workspace): ``installation_admin_workspace`` (an id or
+    a name), else the first workspace, the one the first start created. None: no such workspace."""
+    chosen = services.settings.installation_admin_workspace
+    for ws in services.accounts.workspaces():  # oldest first
+        if chosen is None or chosen in (ws.id, ws.name):
+            return str(ws.id)
+    return None
 
 
 class AllocationLoop:

@@ -1,7 +1,8 @@
 """Allocation queues for admins: /openhtc/v1/alloc/... (an openhtc extension; docs/allocation.md).
 
 A queue submits Slurm pilot jobs, each running one ``htc agent``, for a region while it has
-queued work (services/allocation.py). Only a workspace administrator's credentials reach these.
+queued work (services/allocation.py). A workspace administrator's credentials list them; only an
+installation administrator's (services/allocation.py: installation_workspace) change them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from openhtc.domain import allocation as rules
 from openhtc.domain.clock import iso
 from openhtc.domain.enums import Role
 from openhtc.domain.errors import PermissionDenied, Unauthenticated, ValidationFailed
-from openhtc.services.allocation import AllocationService, QueueSpec
+from openhtc.services.allocation import AllocationService, QueueSpec, installation_workspace
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.allocation import PilotRow, QueueRow
 
@@ -47,6 +48,18 @@ def _admin(who: Principal, svc: ServiceSet) -> AllocationService:
     allocation: AllocationService | None = svc.allocation
     if allocation is None:
         raise PermissionDenied("this server runs no allocation queues")
+    return allocation
+
+
+def _installation_admin(who: Principal, svc: ServiceSet) -> AllocationService:
+    """Queues serve the whole installation: only its administrators change them (docs/allocation.md)."""
+    allocation = _admin(who, svc)
+    if who.workspace_id != installation_workspace(svc):
+        raise PermissionDenied(
+            "allocation queues are installation-wide: only an administrator of the installation's "
+            "admin workspace (installation_admin_workspace; default: the first workspace) may add, "
+            "pause, resume or remove them"
+        )
     return allocation
 
 
@@ -100,7 +113,7 @@ def list_queues(who: Principal = Depends(principal), svc: ServiceSet = Depends(s
 async def add_queue(
     request: Request, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
-    allocation = _admin(who, svc)
+    allocation = _installation_admin(who, svc)
     try:
         body = QueueBody.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -125,21 +138,21 @@ async def add_queue(
 def pause_queue(
     queue_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
-    return JSONResponse(queue_json(_admin(who, svc).pause(queue_id)))
+    return JSONResponse(queue_json(_installation_admin(who, svc).pause(queue_id)))
 
 
 @router.post(PREFIX + "/{queue_id}/resume")
 def resume_queue(
     queue_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> JSONResponse:
-    return JSONResponse(queue_json(_admin(who, svc).resume(queue_id)))
+    return JSONResponse(queue_json(_installation_admin(who, svc).resume(queue_id)))
 
 
 @router.delete(PREFIX + "/{queue_id}")
 def remove_queue(
     queue_id: str, who: Principal = Depends(principal), svc: ServiceSet = Depends(services)
 ) -> Response:
-    _admin(who, svc).remove(queue_id)
+    _installation_admin(who, svc).remove(queue_id)
     return Response(status_code=204)
 
 
