@@ -29,6 +29,7 @@ from openhtc.allocation.slurm import Slurm, SlurmError, SlurmJob
 from openhtc.domain import allocation as rules
 from openhtc.domain.allocation import PilotState, QueueState
 from openhtc.domain.errors import NotFound, ValidationFailed
+from openhtc.services.periodic import LeaderLoop
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.allocation import (
     PILOT_LABEL,
@@ -392,30 +393,14 @@ def installation_workspace(services: ServiceSet) -> str | None:
     return None
 
 
-class AllocationLoop:
+class AllocationLoop(LeaderLoop):
     """Runs :meth:`AllocationService.tick` every ``alloc_period_seconds``, on the leader only."""
 
+    name = "allocation"
+
     def __init__(self, services: ServiceSet, allocation: AllocationService) -> None:
-        self.services = services
+        super().__init__(services, services.settings.alloc_period_seconds, log)
         self.allocation = allocation
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="allocation", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        period = self.services.settings.alloc_period_seconds
-        while not self._stopping.wait(period):
-            if not self.services.leadership.is_leader:  # one server allocates (services/leadership.py)
-                continue
-            try:
-                self.allocation.tick()
-            except Exception:
-                log.exception("allocation round failed")
+    def round(self) -> None:
+        self.allocation.tick()

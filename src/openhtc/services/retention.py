@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from openhtc.domain.enums import LifecycleStatus
+from openhtc.services.periodic import LeaderLoop
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.tasks import delete_task
 
@@ -91,34 +91,18 @@ class SweepResult:
     deleted: int = 0
 
 
-class RetentionSweeper:
-    """Applies retention policies every ``settings.retention_sweep_seconds`` on its own thread."""
+class RetentionSweeper(LeaderLoop):
+    """Applies retention policies every ``settings.retention_sweep_seconds`` on the leader."""
+
+    name = "retention"
 
     def __init__(self, services: ServiceSet) -> None:
-        self.services = services
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(services, services.settings.retention_sweep_seconds, log)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        period = self.services.settings.retention_sweep_seconds
-        while not self._stopping.wait(period):
-            if not self.services.leadership.is_leader:  # one server sweeps (services/leadership.py)
-                continue
-            try:
-                result = self.sweep()
-                if result.archived or result.deleted:
-                    log.info("retention: archived %d and deleted %d tasks", result.archived, result.deleted)
-            except Exception:
-                log.exception("retention sweep failed")
+    def round(self) -> None:
+        result = self.sweep()
+        if result.archived or result.deleted:
+            log.info("retention: archived %d and deleted %d tasks", result.archived, result.deleted)
 
     def sweep(self) -> SweepResult:
         """One pass over every task under a policy."""
