@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
 from openhtc.agent.transport import HttpTransport
 from openhtc.config import Settings
+from openhtc.domain.allocation import DRAIN_BEFORE_END, ENDS_AT_LABEL
 from openhtc.domain.errors import ImageUnavailable
 from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
@@ -84,11 +86,14 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     )
     outbox = Outbox(work / "agent" / "reports.jsonl", settings.max_buffered_reports)
     outbox.open()
+    labels = settings.label_map()
+    if settings.time_limit is not None:  # the server gives it only jobs that fit (issue 17)
+        labels[ENDS_AT_LABEL] = str(int(time.time()) + settings.time_limit)
     transport = HttpTransport(
         settings.server,
         settings.token,
         outbox,
-        labels=settings.label_map(),
+        labels=labels,
         runtime=settings.runtime,
         version=__version__,
     )
@@ -118,6 +123,25 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
     return executor, transport, shipper, outbox
+
+
+def _until_stopped(
+    stop: threading.Event, settings: AgentSettings, executor: LocalExecutor, transport: HttpTransport
+) -> None:
+    """Until SIGTERM; or, with ``--time-limit``, a minute before its allocation ends; or, with
+    ``--idle-timeout``, once it has held no job that long (then the agent drains and exits)."""
+    ends_at = transport.labels.get(ENDS_AT_LABEL)
+    drain_at = float(ends_at) - DRAIN_BEFORE_END if ends_at is not None else None
+    last_busy = time.monotonic()
+    while not stop.wait(1.0):
+        if executor.held():
+            last_busy = time.monotonic()
+        if drain_at is not None and time.time() >= drain_at:
+            log.info("agent: its allocation ends in %d s", DRAIN_BEFORE_END)
+            return
+        if settings.idle_timeout is not None and time.monotonic() - last_busy >= settings.idle_timeout:
+            log.info("agent: idle for %d s: leaving", settings.idle_timeout)
+            return
 
 
 def run_agent(settings: AgentSettings) -> None:
@@ -151,8 +175,7 @@ def run_agent(settings: AgentSettings) -> None:
     executor.start()
     shipper.start()
     try:
-        while not stop.wait(1.0):
-            pass
+        _until_stopped(stop, settings, executor, transport)
     finally:
         log.info("agent: draining (no new jobs; a second SIGTERM kills the running ones)")
         transport.draining = True

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from openhtc.config import RuntimeName
+from openhtc.domain.allocation import parse_duration
 
 
 def default_work_dir() -> Path:
@@ -34,6 +35,15 @@ class AgentSettings(BaseSettings):
         ge=0,
         description="At SIGTERM, how long running jobs may finish (a second SIGTERM kills them).",
     )
+    time_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Its allocation's length (30m, 1h; e.g. an sbatch script's --time): it takes no job "
+        "whose timeout does not fit in the time left and drains a minute before the end.",
+    )
+    idle_timeout: int | None = Field(
+        None, ge=1, description="With no job held this long (300s, 5m) it drains and exits."
+    )
     max_running_jobs: int = Field(256, ge=1, description="Jobs it runs at once at most.")
     job_network: str = Field(
         "openhtc", description="What container jobs reach (as htc server --job-network)."
@@ -41,6 +51,11 @@ class AgentSettings(BaseSettings):
     max_buffered_reports: int = Field(
         100000, ge=100, description="Reports kept on disk while the server is away."
     )
+
+    @field_validator("time_limit", "idle_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("labels")
     @classmethod

@@ -22,6 +22,13 @@ def agent(
     drain_seconds: Annotated[
         float | None, typer.Option(help="At SIGTERM, how long running jobs may finish [1 day].")
     ] = None,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(help="Its allocation's length (1h): no job that does not fit; drains 1 min before."),
+    ] = None,
+    idle_timeout: Annotated[
+        str | None, typer.Option(help="With no job held this long (300s), it drains and exits.")
+    ] = None,
 ) -> None:
     """Run jobs of an openhtc server on this machine. Every flag is also OPENHTC_AGENT_<FLAG>.
 
@@ -44,6 +51,8 @@ def agent(
             "work_dir": work_dir,
             "labels": labels,
             "drain_seconds": drain_seconds,
+            "time_limit": time_limit,
+            "idle_timeout": idle_timeout,
         }.items()
         if v is not None
     }

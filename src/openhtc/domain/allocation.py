@@ -27,6 +27,9 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_PILOTS = 4
 # The pilot is asked to drain this long before its walltime ends (Slurm's --signal=B:TERM@S).
 DRAIN_BEFORE_END = 60
+# The agent label carrying when an agent's allocation ends (epoch seconds): set by
+# `htc agent --time-limit`, for agents that no allocation queue started (docs/allocation.md).
+ENDS_AT_LABEL = "openhtc.ends-at"
 
 
 class QueueState(enum.StrEnum):

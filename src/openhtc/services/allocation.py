@@ -174,8 +174,9 @@ class AllocationService:
 
     def max_timeout(self, agent_id: str) -> int | None:
         """The longest execTimeoutSeconds ``agent_id`` may start now: a pilot's walltime left less
-        the drain margin; None for an agent that is no pilot's. Read at most once a second per
-        agent (each exchange of each agent asks)."""
+        the drain margin (or that of an agent started with ``--time-limit``); None for an agent
+        whose allocation has no known end. Read at most once a second per agent (each exchange of
+        each agent asks)."""
         now = self.services.clock.now()
         with self._ends_lock:
             cached = self._ends.get(agent_id)

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
+from openhtc.domain.allocation import ENDS_AT_LABEL
 from openhtc.domain.enums import ACTIVE_STATUSES, JobStatus
 from openhtc.store.db import Database
 from openhtc.store.tables import alloc_queues, batches, executors, jobs, pilots
@@ -182,13 +183,17 @@ class AllocStore:
         return {pilot: r.id for r in rows if (pilot := (r.labels or {}).get(PILOT_LABEL)) in wanted and pilot}
 
     def pilot_end(self, agent_id: str, now: float) -> tuple[bool, float | None]:
-        """(whether ``agent_id`` is a pilot's agent, when its walltime ends). Before squeue has
-        shown the end, it is estimated from the pilot's start (or now) and its queue's time limit."""
+        """(whether ``agent_id``'s allocation ends, when): a pilot's walltime, or the end an agent
+        started with ``--time-limit`` advertises (its label). Before squeue has shown a pilot's
+        end, it is estimated from the pilot's start (or now) and its queue's time limit."""
         with self.db.read() as conn:
             labels = conn.execute(select(executors.c.labels).where(executors.c.id == agent_id)).scalar()
             pilot_id = (labels or {}).get(PILOT_LABEL)
             if not pilot_id:
-                return False, None
+                try:
+                    return True, float((labels or {})[ENDS_AT_LABEL])
+                except (KeyError, TypeError, ValueError):
+                    return False, None
             row = conn.execute(
                 select(pilots.c.ends_at, pilots.c.started_at, alloc_queues.c.time_limit_s)
                 .join(alloc_queues, alloc_queues.c.id == pilots.c.queue_id)
