@@ -177,6 +177,8 @@ class PrivateSlurm:
             raise SlurmUnavailable("the private Slurm runs its daemons as root")
         if self.running_pids():
             raise RuntimeError(f"a private Slurm already runs in {self.dir} (stop it first)")
+        with contextlib.suppress(OSError):
+            (self.dir / "pids").unlink()  # a crashed run's
         self.write_config()
         for path in self.dir.parents:  # munged runs as user munge: it must reach its socket
             if not path.stat().st_mode & 0o001:
@@ -237,7 +239,7 @@ class PrivateSlurm:
         found = []
         for line in lines:
             pid, _, name = line.partition(" ")
-            if pid.isdigit() and _is(int(pid), name):
+            if pid.isdigit() and _is(int(pid), name, self.dir):
                 found.append((int(pid), name))
         return found
 
@@ -250,10 +252,10 @@ class PrivateSlurm:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 15
-            while _is(pid, name) and time.monotonic() < deadline:
+            while _is(pid, name, self.dir) and time.monotonic() < deadline:
                 self._reap(pid)
                 time.sleep(0.05)
-            if _is(pid, name):
+            if _is(pid, name, self.dir):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for proc in self.procs:
@@ -281,8 +283,8 @@ class PrivateSlurm:
         return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def _is(pid: int, name: str) -> bool:
-    """Whether process ``pid`` runs and is ``name`` (a reused pid is not ours)."""
+def _is(pid: int, name: str, where: Path) -> bool:
+    """Whether process ``pid`` runs and is ``name`` started for ``where`` (a reused pid is not ours)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             stat = fh.read()
@@ -292,7 +294,8 @@ def _is(pid: int, name: str) -> bool:
         return False
     if stat.rpartition(")")[2].split()[:1] == ["Z"]:
         return False
-    return any(os.path.basename(a.decode(errors="replace")) == name for a in argv[:4])
+    words = [a.decode(errors="replace") for a in argv]
+    return any(os.path.basename(a) == name for a in words[:4]) and any(str(where) in a for a in words)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SlurmUnavailable as exc:
             print(f"slurm: {exc}", file=sys.stderr)
             return 2
+        except RuntimeError as exc:  # already running, or a daemon failed (its log's end is quoted)
+            print(f"slurm: {exc}", file=sys.stderr)
+            return 1
         host = socket.gethostname().split(".")[0]
         print(f"a private Slurm runs in {slurm.dir} (node {host}, {args.cpus} CPUs)")
         print(f"export SLURM_CONF={slurm.env['SLURM_CONF']}")
