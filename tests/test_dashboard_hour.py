@@ -3,7 +3,8 @@ database: every server shows the same figures, and a restart keeps them.
 
 Real servers: two `htc server` processes on one PostgreSQL (only one runs jobs), and one SQLite
 server restarted. Each was empty, or showed only its own share, while the hour was kept in the
-memory of the server process that ran the jobs.
+memory of the server process that ran the jobs. In process: the retention sweep deletes the
+minutes that left the hour, and only those.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from openhtc.domain.clock import Clock
+from openhtc.services.retention import RetentionSweeper
+from openhtc.testing.inprocess import StoreHarness, in_process_services
 from openhtc.testing.postgres import PostgresCluster
 from openhtc.testing.server import HtcApi, HtcServer
 
@@ -82,3 +86,34 @@ def test_the_last_hour_survives_a_restart_on_sqlite(start_server: Callable[..., 
     check_counts(seen)
     srv.restart()
     assert last_hour(srv) == seen
+
+
+class HandClock(Clock):
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def now(self) -> float:
+        return self.at
+
+
+def test_the_retention_sweep_deletes_the_minutes_that_left_the_hour(
+    db_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    clock = HandClock(1_800_000_000.0)
+    url = request.getfixturevalue("pg_url_factory")() if db_kind == "postgres" else None
+    with in_process_services(tmp_path / "data", url, clock) as services:
+        store = StoreHarness(services)
+        project = store.create_project()
+        task = store.create_task(project)
+        store.submit(project, task, store.job_request(3))
+        store.succeed(store.claim(3))
+        assert sum(services.queue.hour(clock.now(), [project.id]).succeeded) == 3
+        rows = "SELECT count(*) FROM throughput_minutes"
+        clock.at += 59 * 60  # still within the hour: the sweep keeps the rows
+        RetentionSweeper(services).sweep()
+        assert store.sql(rows)[0][0] > 0
+        assert sum(services.queue.hour(clock.now(), [project.id]).succeeded) == 3
+        clock.at += 60
+        assert sum(services.queue.hour(clock.now(), [project.id]).succeeded) == 0
+        RetentionSweeper(services).sweep()
+        assert store.sql(rows)[0][0] == 0
