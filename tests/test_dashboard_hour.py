@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.test_metrics import HandClock
 
-from openhtc.domain.clock import Clock
 from openhtc.services.retention import RetentionSweeper
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 from openhtc.testing.postgres import PostgresCluster
@@ -86,14 +86,6 @@ def test_the_last_hour_survives_a_restart_on_sqlite(start_server: Callable[..., 
     check_counts(seen)
     srv.restart()
     assert last_hour(srv) == seen
-
-
-class HandClock(Clock):
-    def __init__(self, at: float) -> None:
-        self.at = at
-
-    def now(self) -> float:
-        return self.at
 
 
 def test_the_retention_sweep_deletes_the_minutes_that_left_the_hour(
