@@ -79,7 +79,7 @@ def test_every_server_on_postgresql_shows_the_same_last_hour_and_a_restart_keeps
 
 
 @pytest.mark.one_db
-def test_the_last_hour_survives_a_restart_on_sqlite(start_server: Callable[..., HtcServer]) -> None:
+def test_the_last_hour_survives_a_restart(start_server: Callable[..., HtcServer]) -> None:
     srv = start_server(env={"OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"})
     run_batch(srv.api())
     seen = last_hour(srv)
