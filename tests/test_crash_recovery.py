@@ -257,6 +257,7 @@ def test_a_clean_stop_takes_back_the_job_held_behind_a_running_one(
     assert "1 job(s) killed" in log
 
 
+@pytest.mark.one_db  # the executor's stop; the store's recovery runs on both in the crash tests
 def test_a_stop_with_a_grace_lets_the_running_job_finish_and_starts_nothing(
     start_server: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -299,6 +300,7 @@ def test_a_stop_with_a_grace_lets_the_running_job_finish_and_starts_nothing(
     assert "(1 held, not started, taken back)" in log and "0 job(s) killed" in log
 
 
+@pytest.mark.one_db  # the executor's stop; the store's recovery runs on both in the crash tests
 def test_a_second_sigterm_ends_the_grace_and_kills_the_running_job(
     start_server: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -102,6 +102,7 @@ def test_running_jobs_survive_a_kill9_of_the_server(start_server: Callable[..., 
     assert "took back" in srv.log_tail(400), "the restarted server did not say it took jobs back"
 
 
+@pytest.mark.one_db  # the launchers' behaviour; the store's adoption runs on both in the kill -9 test
 def test_a_job_that_ends_while_the_server_is_down_reports_its_exit_code(
     start_server: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_a_job_that_ends_while_the_server_is_down_reports_its_exit_code(
     assert executions(runs) == Counter({(j["jobUUID"], 1): 1 for j in jobs})
 
 
+@pytest.mark.one_db  # the launchers' behaviour; the store's adoption runs on both in the kill -9 test
 def test_jobs_survive_two_crashes_in_a_row(start_server: Callable[..., Any], tmp_path: Path) -> None:
     """The server taken back jobs from is killed too: the next one takes them back again (they
     are in its journal and the launchers wait again), and a job started in between as well."""
@@ -164,6 +166,7 @@ def test_jobs_survive_two_crashes_in_a_row(start_server: Callable[..., Any], tmp
     api.assert_summary_matches_jobs(pid, tid, 8)
 
 
+@pytest.mark.one_db  # the launchers' behaviour; the store's adoption runs on both in the kill -9 test
 def test_launchers_kill_their_jobs_when_no_server_comes_back(
     start_server: Callable[..., Any], marker: Any, tmp_path: Path
 ) -> None:
@@ -202,6 +205,7 @@ def test_launchers_kill_their_jobs_when_no_server_comes_back(
     assert os.stat(launchers / "0.sock").st_mode & 0o777 == 0o600  # the new launcher's, not the stale one
 
 
+@pytest.mark.one_db  # the launchers' behaviour; the store's adoption runs on both in the kill -9 test
 def test_a_server_with_another_runtime_ends_the_jobs_left_waiting(
     start_server: Callable[..., Any], marker: Any
 ) -> None:

@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from openhtc.domain import throughput
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import JobStatus, Priority
 from openhtc.domain.models import Capacity
 from openhtc.domain.pending import Facts, explain
-from openhtc.domain.throughput import MINUTES, Throughput
+from openhtc.domain.throughput import FAILED, MINUTES, SUCCEEDED, first_minute, minute_of, wait_bucket
 from openhtc.ui.charts import per_minute
 
 pytestmark = pytest.mark.unit
@@ -95,22 +96,21 @@ def test_a_running_or_finished_job_is_not_pending() -> None:
     assert "ended (SUCCEEDED)" in explain(replace(QUEUED, status=S.SUCCEEDED))[0].message
 
 
-def test_throughput_counts_per_minute_per_project_and_forgets_after_an_hour() -> None:
-    ring = Throughput()
+def test_the_hour_sums_its_minutes_rows_and_leaves_out_older_ones() -> None:
     t0 = 1_000_020.0  # 20 s into a minute
-    ring.record(t0, "a", 3, 1, [1.0, 2.0, 100.0])
-    ring.record(t0 + 60, "a", 2, 0, [])
-    ring.record(t0 + 60, "b", 50, 50, [5.0])  # another project: not summed into a's hour
-    hour = ring.hour(t0 + 60, ["a"])
+    m0 = minute_of(t0)
+    rows = [(m0, SUCCEEDED, 3), (m0, FAILED, 1), (m0 + 1, SUCCEEDED, 2)]
+    rows += [(m0, wait_bucket(w), 1) for w in (1.0, 2.0, 100.0)]
+    hour = throughput.hour(t0 + 60, rows)
     assert len(hour.succeeded) == MINUTES
     assert hour.succeeded[-2:] == [3, 2] and hour.failed[-2:] == [1, 0]
     assert hour.started == 3
     assert hour.wait_p50 is not None and 2.0 <= hour.wait_p50 <= 2.0 * 1.19
     assert hour.wait_p95 is not None and 100.0 <= hour.wait_p95 <= 100.0 * 1.19
-    assert sum(ring.hour(t0 + 60, ["a", "b"]).succeeded) == 55
-    later = ring.hour(t0 + 60 * MINUTES, ["a"])  # the first minute has left the hour
+    later = throughput.hour(t0 + 60 * MINUTES, rows)  # the first minute has left the hour
     assert sum(later.succeeded) == 2 and later.wait_p50 is None
-    assert ring.hour(t0, []).started == 0
+    assert throughput.hour(t0, []).started == 0 and throughput.hour(t0, []).wait_p95 is None
+    assert first_minute(t0 + 60 * MINUTES) == m0 + 1
 
 
 def test_the_chart_stacks_failures_on_completions_and_labels_each_bar() -> None:

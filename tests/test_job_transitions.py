@@ -234,6 +234,7 @@ def _plan_uses_the_primary_key(queue: Queue) -> None:
     rows = [[*started, j.job_id, S.RUNNABLE, j.attempt] for j in claimed]
     with db.read() as conn:
         plan = "\n".join(
-            row[0] for row in conn.exec_driver_sql("EXPLAIN " + _FLUSH_PG, (json.dumps(rows), "[]", "[]"))
+            row[0]
+            for row in conn.exec_driver_sql("EXPLAIN " + _FLUSH_PG, (json.dumps(rows), "[]", "[]", "[]"))
         )
     assert "pk_jobs" in plan and "Seq Scan on jobs" not in plan, plan

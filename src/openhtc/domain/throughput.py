@@ -1,43 +1,43 @@
-"""Completions, failures and queue waits per minute over the last hour, kept in memory.
+"""Completions, failures and queue waits per minute over the last hour: the pure part.
 
-Fed by the store after each committed batch of executor reports (store/queue.py), read by the
-dashboard's overview and ``htc top``. Counting as reports arrive costs a few additions per job,
-where reading them back from the job rows would scan an hour of jobs on every poll. Keyed by
-project, so a page sums only the projects its user may see. The history starts with the server
-process: a restart begins an empty hour.
+Each status flush tallies what it changed per (minute, project, bucket) and adds that to the
+database's ``throughput_minutes`` rows in the same transaction (store/transitions.py), so every
+server reads the same hour and a restart keeps it; the dashboard's overview and ``htc top`` sum
+the rows of the projects a user may see (store/queue.py). Counting as jobs change costs a few
+additions per job, where reading them back from the job rows would scan an hour of jobs on
+every poll.
 
-Queue waits go into a fixed log-scale histogram per minute (bins 19 % wide), so percentiles over
-the hour cost O(bins), whatever the number of jobs.
+Queue waits go into a fixed log-scale histogram (bins 19 % wide), so percentiles over the hour
+cost O(bins), whatever the number of jobs. Buckets: 0 succeeded, 1 failed, 2 + i a first
+attempt's wait (submission to RUNNING) in bin i.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MINUTES = 60
+SUCCEEDED, FAILED, WAITS = 0, 1, 2  # buckets; a wait in bin i is bucket WAITS + i
 _BASE = 2**0.25  # bin width: each bin's upper edge is 19 % above its lower one
 _FLOOR = 0.01  # seconds: waits below this share the first bin
 _BINS = 112  # up to ~0.01 * 2**28 s (about a month)
 
 
-def _bin(seconds: float) -> int:
+def wait_bucket(seconds: float) -> int:
+    """The bucket counting a queue wait of ``seconds``."""
     if seconds <= _FLOOR:
-        return 0
-    return min(_BINS - 1, 1 + int(math.log(seconds / _FLOOR, _BASE)))
+        return WAITS
+    return WAITS + min(_BINS - 1, 1 + int(math.log(seconds / _FLOOR, _BASE)))
 
 
 def _upper(index: int) -> float:
     return float(_FLOOR * _BASE**index)
 
 
-@dataclass
-class _Minute:
-    succeeded: int = 0
-    failed: int = 0
-    waits: list[int] = field(default_factory=lambda: [0] * _BINS)
+def minute_of(now: float) -> int:
+    return int(now // 60)
 
 
 @dataclass(frozen=True)
@@ -51,45 +51,29 @@ class Hour:
     started: int
 
 
-class Throughput:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._minutes: dict[tuple[int, str], _Minute] = {}
+def first_minute(now: float) -> int:
+    """The oldest minute of the hour ending with the minute holding ``now``."""
+    return minute_of(now) - MINUTES + 1
 
-    def record(
-        self, now: float, project_id: str, succeeded: int, failed: int, waits: Iterable[float]
-    ) -> None:
-        minute = int(now // 60)
-        with self._lock:
-            slot = self._minutes.get((minute, project_id))
-            if slot is None:
-                self._forget(minute)
-                slot = self._minutes[(minute, project_id)] = _Minute()
-            slot.succeeded += succeeded
-            slot.failed += failed
-            for wait in waits:
-                slot.waits[_bin(wait)] += 1
 
-    def _forget(self, minute: int) -> None:
-        for key in [k for k in self._minutes if k[0] <= minute - MINUTES]:
-            del self._minutes[key]
-
-    def hour(self, now: float, project_ids: Iterable[str]) -> Hour:
-        """The projects' last hour, summed, up to the minute holding ``now``."""
-        wanted = set(project_ids)
-        last = int(now // 60)
-        succeeded, failed = [0] * MINUTES, [0] * MINUTES
-        waits = [0] * _BINS
-        with self._lock:
-            for (minute, project), slot in self._minutes.items():
-                offset = minute - (last - MINUTES + 1)
-                if project not in wanted or not 0 <= offset < MINUTES:
-                    continue
-                succeeded[offset] += slot.succeeded
-                failed[offset] += slot.failed
-                waits = [a + b for a, b in zip(waits, slot.waits, strict=True)]
-        started = sum(waits)
-        return Hour(succeeded, failed, _percentile(waits, 0.5), _percentile(waits, 0.95), started)
+def hour(now: float, rows: Iterable[tuple[int, int, int]]) -> Hour:
+    """The hour up to the minute holding ``now`` from (minute, bucket, count) rows, summed over
+    projects; rows outside the hour are left out."""
+    first = first_minute(now)
+    succeeded, failed = [0] * MINUTES, [0] * MINUTES
+    waits = [0] * _BINS
+    for minute, bucket, count in rows:
+        offset = minute - first
+        if not 0 <= offset < MINUTES:
+            continue
+        if bucket == SUCCEEDED:
+            succeeded[offset] += count
+        elif bucket == FAILED:
+            failed[offset] += count
+        elif WAITS <= bucket < WAITS + _BINS:
+            waits[bucket - WAITS] += count
+    started = sum(waits)
+    return Hour(succeeded, failed, _percentile(waits, 0.5), _percentile(waits, 0.95), started)
 
 
 def _percentile(bins: list[int], q: float) -> float | None:

@@ -2,22 +2,19 @@
 hour's throughput and queue waits, and the executors.
 
 Read from the same counters the task summaries and /htc/metrics use (O(projects x statuses),
-never a scan of the jobs), and from the in-memory hour the store keeps (domain/throughput.py).
+never a scan of the jobs), and from the last hour's rows every status write adds to
+(domain/throughput.py): the same on every server, and kept across restarts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy import and_, func, select
 
 from openhtc.auth.tokens import Principal
-from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus, Role
+from openhtc.domain.enums import LIMITED_STATUSES, JobStatus, Role
 from openhtc.domain.scheduling import effective_limit
 from openhtc.domain.throughput import Hour
 from openhtc.services.service_set import ServiceSet
-from openhtc.store.tables import executors, job_counters, jobs, projects
 
 _LIMITED = {int(s) for s in LIMITED_STATUSES}
 
@@ -44,21 +41,8 @@ class JobCount:
 
 def job_counts(svc: ServiceSet, workspace_id: str) -> list[JobCount]:
     """Every (project, status) of the workspace that has jobs."""
-    stmt = (
-        select(
-            job_counters.c.project_id,
-            projects.c.name,
-            job_counters.c.status,
-            func.sum(job_counters.c.count),
-            func.sum(job_counters.c.vcpus),
-        )
-        .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
-        .where(projects.c.workspace_id == workspace_id)
-        .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
-    )
-    with svc.db.read() as conn:
-        rows = list(conn.execute(stmt))
-    return [JobCount(p, name, JobStatus(s), int(n or 0), int(v or 0)) for p, name, s, n, v in rows]
+    rows = svc.projects.status_counts(workspace_id)
+    return [JobCount(p, name, JobStatus(s), n, v) for p, name, s, n, v in rows]
 
 
 def workspace_usage(svc: ServiceSet, workspace_id: str) -> dict[str, ProjectUsage]:
@@ -79,7 +63,7 @@ def project_limit(svc: ServiceSet, project_id: str) -> int | None:
 
 def hour(svc: ServiceSet, project_ids: list[str]) -> Hour:
     """Completions and failures per minute over the last hour, and queue wait p50/p95."""
-    return svc.queue.throughput.hour(svc.clock.now(), project_ids)
+    return svc.queue.hour(svc.clock.now(), project_ids)
 
 
 @dataclass(frozen=True)
@@ -106,23 +90,7 @@ def executor_views(svc: ServiceSet, admin: bool = False) -> list[ExecutorView]:
     user); admins also see the leases each holds, which count other workspaces' jobs too.
     """
     now = svc.clock.now()
-    with svc.db.read() as conn:
-        rows: list[Any] = list(conn.execute(select(executors).order_by(executors.c.id)))
-        held: dict[str, int] = {}
-        if admin and rows:
-            # Ranges of ix_jobs_executor (executor, status), one per executor and active status:
-            # a job keeps its executor id once done, so the index holds every job ever run.
-            stmt = (
-                select(jobs.c.executor_id, func.count())
-                .where(
-                    and_(
-                        jobs.c.executor_id.in_([r.id for r in rows]),
-                        jobs.c.status.in_([int(s) for s in ACTIVE_STATUSES]),
-                    )
-                )
-                .group_by(jobs.c.executor_id)
-            )
-            held = {row[0]: int(row[1]) for row in conn.execute(stmt)}
+    rows, held = svc.queue.executor_rows(with_leases=admin)
     return [
         ExecutorView(
             r.id,

@@ -124,6 +124,7 @@ class RetentionSweeper(LeaderLoop):
                 log.exception("retention: could not %s task %s", action.value, row.id)
         s.projects.touch_tasks(touch, now)
         result.touched = len(touch)
+        s.queue.prune_hour(now)  # the dashboard's last hour: its rows that left it
         return result
 
 

@@ -80,6 +80,25 @@ class ProjectStore:
         with self.db.write() as conn:
             conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
 
+    def status_counts(self, workspace_id: str) -> list[tuple[str, str, int, int, int]]:
+        """(project id, project name, status, jobs, vCPUs) for every (project, status) of the
+        workspace that has jobs: O(projects x statuses) counter rows, never a scan of jobs."""
+        stmt = (
+            select(
+                job_counters.c.project_id,
+                projects.c.name,
+                job_counters.c.status,
+                func.sum(job_counters.c.count),
+                func.sum(job_counters.c.vcpus),
+            )
+            .select_from(job_counters.join(projects, projects.c.id == job_counters.c.project_id))
+            .where(projects.c.workspace_id == workspace_id)
+            .group_by(job_counters.c.project_id, projects.c.name, job_counters.c.status)
+        )
+        with self.db.read() as conn:
+            rows = list(conn.execute(stmt))
+        return [(p, name, int(s), int(n or 0), int(v or 0)) for p, name, s, n, v in rows]
+
     def limits(self, project_id: str) -> list[Row[Any]]:
         with self.db.read() as conn:
             return list(

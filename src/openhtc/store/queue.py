@@ -14,15 +14,23 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, func, select, text
 
-from openhtc.domain import lifecycle
+from openhtc.domain import lifecycle, throughput
 from openhtc.domain import scheduling as policy
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
-from openhtc.domain.throughput import Throughput
 from openhtc.store.db import Database
-from openhtc.store.tables import batches, executors, job_counters, jobs, project_limits, projects, workspaces
+from openhtc.store.tables import (
+    batches,
+    executors,
+    job_counters,
+    jobs,
+    project_limits,
+    projects,
+    throughput_minutes,
+    workspaces,
+)
 from openhtc.store.transitions import Applied, JobState, StatusWrites
 
 S = JobStatus
@@ -35,7 +43,6 @@ class QueueStore:
         self.db = db
         # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
         self.max_infra_retries = max_infra_retries
-        self.throughput = Throughput()  # this process's last hour, for the dashboard
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
         return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
@@ -232,7 +239,6 @@ class QueueStore:
             writes.flush()
             if renewed:
                 conn.execute(jobs.update().where(jobs.c.id.in_(renewed)).values(lease_expires_at=lease))
-        self._count(writes, now)  # once committed
         return writes.applied()
 
     def expire_leases(self, now: float) -> Applied:
@@ -249,7 +255,6 @@ class QueueStore:
                 # nobody can say whether it started: it is treated as if it may have
                 writes.lose_executor(job, "the executor stopped responding (lease expired)", None)
             writes.flush()
-        self._count(writes, now)  # once committed
         return writes.applied()
 
     def claim(
@@ -327,13 +332,53 @@ class QueueStore:
             for job in writes.load_ids(list(by_job)):
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
             writes.flush()
-        self._count(writes, now)  # once committed
         return writes.applied()
 
-    def _count(self, writes: StatusWrites, now: float) -> None:
-        for project in writes.ended.keys() | writes.waits.keys():
-            succeeded, failed = writes.ended.get(project, (0, 0))
-            self.throughput.record(now, project, succeeded, failed, writes.waits.get(project, ()))
+    def executor_rows(self, with_leases: bool) -> tuple[list[Any], dict[str, int]]:
+        """Every registered executor's row (by id) and, ``with_leases``, how many jobs each holds
+        (executors holding none are left out)."""
+        with self.db.read() as conn:
+            rows: list[Any] = list(conn.execute(select(executors).order_by(executors.c.id)))
+            if not rows or not with_leases:
+                return rows, {}
+            # Ranges of ix_jobs_executor (executor, status), one per executor and active status:
+            # a job keeps its executor id once done, so the index holds every job ever run.
+            stmt = (
+                select(jobs.c.executor_id, func.count())
+                .where(
+                    and_(
+                        jobs.c.executor_id.in_([r.id for r in rows]),
+                        jobs.c.status.in_([int(s) for s in ACTIVE_STATUSES]),
+                    )
+                )
+                .group_by(jobs.c.executor_id)
+            )
+            return rows, {row[0]: int(row[1]) for row in conn.execute(stmt)}
+
+    # -- the dashboard's last hour (domain/throughput.py; every flush adds to it) ------------------
+
+    def hour(self, now: float, project_ids: Collection[str]) -> throughput.Hour:
+        """The projects' completions and failures per minute and queue waits over the last hour,
+        summed, up to the minute holding ``now`` (the same on every server)."""
+        if not project_ids:
+            return throughput.hour(now, ())
+        t = throughput_minutes
+        stmt = (
+            select(t.c.minute, t.c.bucket, func.sum(t.c.count))
+            .where(t.c.minute >= throughput.first_minute(now), t.c.project_id.in_(list(project_ids)))
+            .group_by(t.c.minute, t.c.bucket)
+        )
+        with self.db.read() as conn:
+            rows = [(int(m), int(b), int(n)) for m, b, n in conn.execute(stmt)]
+        return throughput.hour(now, rows)
+
+    def prune_hour(self, now: float) -> int:
+        """Delete the rows that left the last hour; returns how many."""
+        with self.db.write() as conn:
+            gone = conn.execute(
+                throughput_minutes.delete().where(throughput_minutes.c.minute < throughput.first_minute(now))
+            )
+        return int(gone.rowcount or 0)
 
     def heartbeat(
         self, executor_id: str, held: Sequence[tuple[int, int]], lease_seconds: float, now: float
@@ -409,7 +454,6 @@ class QueueStore:
                     .where(and_(jobs.c.executor_id == agent.agent_id, jobs.c.status.in_(_HELD)))
                     .values(lease_expires_at=lifecycle.lease_until(now, lease_seconds))
                 )
-        self._count(writes, now)
         return writes.applied(), [key for key in running if key not in kept]
 
     def agent_state(self, agent_id: str, incarnation: str) -> tuple[str | None, str, list[str]]:
@@ -509,7 +553,6 @@ class QueueStore:
             for job in writes.load(f"j.executor_id IN ({marks}) AND j.status IN ({_HELD_SQL})", lost):
                 writes.lose_executor(job, "the agent stopped responding (lost)", None)
             writes.flush()
-        self._count(writes, now)
         return writes.applied(), lost
 
 

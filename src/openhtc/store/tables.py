@@ -279,6 +279,19 @@ job_counters = Table(
     Index("ix_job_counters_project_status", "project_id", "status"),
 )
 
+# The dashboard's last hour (domain/throughput.py), shared by every server and kept across
+# restarts: per (minute since the epoch, project), what its flushes tallied, by bucket: 0 jobs
+# that succeeded, 1 that failed, 2 + i first attempts whose queue wait fell in histogram bin i.
+# Upserted (added to) by each status flush; rows older than the hour are pruned.
+throughput_minutes = Table(
+    "throughput_minutes",
+    metadata,
+    Column("minute", BigInteger, primary_key=True),
+    Column("project_id", String(64), primary_key=True),
+    Column("bucket", SmallInteger, primary_key=True),
+    Column("count", BigInteger, nullable=False),
+)
+
 executors = Table(
     "executors",
     metadata,

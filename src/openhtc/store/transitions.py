@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
-from openhtc.domain import lifecycle
+from openhtc.domain import lifecycle, throughput
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.lifecycle import EventRow, JobRecord
@@ -95,13 +95,23 @@ _BUMP_COUNTERS = BulkStatement.insert(
     " DO UPDATE SET count = job_counters.count + excluded.count, vcpus = job_counters.vcpus + excluded.vcpus",
 )
 
-# PostgreSQL: a flush's three writes (rows, events, counters) in one statement, one round trip
-# instead of three; it answers how many rows the compare-and-set updated. The CTEs the main
-# query does not read run after it, in their order: job rows, events, then the counters in
-# key order (the lock order bump_counters keeps).
+# The dashboard's last hour (domain/throughput.py): what the flush tallied, added to the minute's
+# rows. Several servers' flushes add to the same rows: they lock them last, in key order.
+_BUMP_THROUGHPUT = BulkStatement.insert(
+    "throughput_minutes",
+    (("minute", "bigint"), ("project_id", "text"), ("bucket", "smallint"), ("count", "bigint")),
+    " ON CONFLICT (minute, project_id, bucket)"
+    " DO UPDATE SET count = throughput_minutes.count + excluded.count",
+)
+
+# PostgreSQL: a flush's four writes (rows, events, counters, the last hour) in one statement, one
+# round trip instead of four; it answers how many rows the compare-and-set updated. The CTEs the
+# main query does not read run after it, in their order: job rows, events, the counters in key
+# order (the lock order bump_counters keeps), then the last hour's rows in key order.
 _FLUSH_PG = (
     f"WITH {_UPDATE_ROWS}, u AS ({_UPDATE_FROM_V} RETURNING 1),"
-    f" e AS ({_INSERT_EVENT.postgres}), c AS ({_BUMP_COUNTERS.postgres})"
+    f" e AS ({_INSERT_EVENT.postgres}), c AS ({_BUMP_COUNTERS.postgres}),"
+    f" t AS ({_BUMP_THROUGHPUT.postgres})"
     " SELECT count(*) FROM u"
 )
 
@@ -161,11 +171,12 @@ class Applied(NamedTuple):
 _new = tuple.__new__
 _SUCCEEDED = int(JobStatus.SUCCEEDED)
 _TERMINAL = frozenset(int(s) for s in JobStatus if s.terminal)
+_ENDED_BUCKET, _FAILED_BUCKET = throughput.SUCCEEDED, throughput.FAILED
 
 
 class StatusWrites:
     """A unit of work for job status changes: applies lifecycle steps to many jobs loaded under
-    lock, then writes them all with three statements (rows, events, counters)."""
+    lock, then writes them all at once: rows, events, counters and the dashboard's last hour."""
 
     def __init__(
         self,
@@ -190,11 +201,10 @@ class StatusWrites:
         self._loaded: list[JobState] = []
         self._changed: dict[int, tuple[Any, ...]] = {}
         self._events: list[tuple[Any, ...]] = []
-        # For the dashboard's last hour (domain/throughput.py), by project, filled by flush: jobs
-        # that ended (succeeded, failed; cancelled ones not counted), and the queue waits of
-        # first attempts that started (submission to RUNNING).
-        self.ended: dict[str, list[int]] = {}
-        self.waits: dict[str, list[float]] = {}
+        # The dashboard's last hour (domain/throughput.py), tallied by flush from the facts it
+        # builds changes from, by (project, bucket): jobs that ended (succeeded, failed; cancelled
+        # ones not counted), and the queue waits of first attempts that started (to RUNNING).
+        self.tally: dict[tuple[str, int], int] = defaultdict(int)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -290,7 +300,7 @@ class StatusWrites:
         cur = self.db.cursor(self.conn)
         now = self.now
         rows = []
-        changes = self.changes
+        changes, tally = self.changes, self.tally
         moves: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
         for job in self._loaded:
             rec = changed.pop(job[0], None)  # once per job, even if loaded twice
@@ -312,9 +322,9 @@ class StatusWrites:
                 move[0] += 1
                 move[1] += job.vcpus
                 if status in _TERMINAL and not cancelled:
-                    self.ended.setdefault(job.project_id, [0, 0])[status != _SUCCEEDED] += 1
+                    tally[(job.project_id, _ENDED_BUCKET if status == _SUCCEEDED else _FAILED_BUCKET)] += 1
             if started is not None and job.started_at is None and attempt == 1:
-                self.waits.setdefault(job.project_id, []).append(started - job.created_at)
+                tally[(job.project_id, throughput.wait_bucket(started - job.created_at))] += 1
         if changed:
             raise ValueError(f"steps on jobs not loaded here: {sorted(changed)[:5]}")
         deltas: dict[tuple[str, str, int, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -323,14 +333,16 @@ class StatusWrites:
                 delta = deltas[(task, group, status, project)]
                 delta[0] += count
                 delta[1] += vcpu_delta
+        minute = throughput.minute_of(now)
+        hour = [(minute, project, bucket, n) for (project, bucket), n in sorted(tally.items())]
         if self.db.is_sqlite:
             updated = self.db.run_bulk(cur, _UPDATE, rows)
             self.db.run_bulk(cur, _INSERT_EVENT, self._events)
             bump_counters(self.db, self.conn, deltas)
+            self.db.run_bulk(cur, _BUMP_THROUGHPUT, hour)
         else:
-            cur.execute(
-                _FLUSH_PG, (json.dumps(rows), json.dumps(self._events), json.dumps(_counter_rows(deltas)))
-            )
+            counters = _counter_rows(deltas)
+            cur.execute(_FLUSH_PG, tuple(map(json.dumps, (rows, self._events, counters, hour))))
             updated = int(cur.fetchone()[0])
         if updated not in (-1, len(rows)):  # the caller's transaction rolls back what was written
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
