@@ -1,0 +1,141 @@
+"""The agent protocol's review findings (issue 16), each against a real server over HTTP.
+
+What a user would notice: one agent's token cannot act for another agent (register as it,
+report its jobs, write its logs); a lease whose answer was lost goes back to the queue at
+once; a lost or draining agent gets no job; a log chunk the server cannot write is kept by the
+agent and sent again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
+
+from openhtc.domain.enums import JobStatus
+from openhtc.testing.server import HtcServer
+
+
+@pytest.fixture
+def srv(start_server: Callable[..., HtcServer]) -> HtcServer:
+    """A server whose agents stay live through a slow test (minting a token takes seconds)."""
+    return start_server(
+        args=("--no-executor",),
+        env={"OPENHTC_AGENT_LIVENESS_SECONDS": "120", "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "1"},
+    )
+
+
+@pytest.fixture
+def quick(start_server: Callable[..., HtcServer]) -> HtcServer:
+    """A server that marks an agent lost after LIVENESS seconds of silence."""
+    return start_server(
+        args=("--no-executor",),
+        env={
+            "OPENHTC_AGENT_LIVENESS_SECONDS": str(LIVENESS),
+            "OPENHTC_AGENT_POLL_SECONDS": "30",
+            "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "1",
+        },
+    )
+
+
+def post_logs(agent: Agent, chunks: list[dict[str, Any]]) -> httpx.Response:
+    return agent.http.post(
+        f"{AGENTS}/{agent.agent_id}/logs", json={"incarnation": agent.incarnation, "chunks": chunks}
+    )
+
+
+def impostor(srv: HtcServer, token: str, victim: Agent) -> Agent:
+    """A caller with its own token that claims to be ``victim``."""
+    fake = Agent(srv, token, "impostor")
+    fake.agent_id, fake.incarnation = victim.agent_id, victim.incarnation
+    return fake
+
+
+def test_an_agent_token_speaks_only_for_the_agent_that_registered_with_it(srv: HtcServer) -> None:
+    api = srv.api()
+    owner = Agent(srv, agent_token(srv), "owner")
+    owner.register()
+    project_id, task_id = submit(api)
+    (lease,) = claim(owner, 1)
+    key = (lease["job_id"], lease["attempt"])
+    owner.exchange(held=[key], reports=[owner.report(*key, JobStatus.STARTING)])
+    job_uuid = api.jobs(project_id, task_id)[0]["jobUUID"]
+    events = api.events(project_id, task_id, job_uuid)
+
+    # the owner's token is taken: a second agent id cannot register with it
+    second = Agent(srv, owner.http.headers["Authorization"].split()[1], "second")
+    resp = second.http.post(f"{AGENTS}/register", json=_register_body(second))
+    assert resp.status_code == 403 and owner.agent_id in resp.text, resp.text
+
+    # another token cannot register as the owner, report its job or write its log
+    other_token = agent_token(srv)
+    fake = impostor(srv, other_token, owner)
+    resp = fake.http.post(f"{AGENTS}/register", json=_register_body(fake))
+    assert resp.status_code == 403, resp.text
+    done = fake.report(*key, JobStatus.SUCCEEDED, exit_code=0)
+    done["seq"] = 5
+    resp = fake.http.post(f"{AGENTS}/{owner.agent_id}/exchange", json=_exchange_body(fake, [key], [done]))
+    assert resp.status_code == 403 and "another agent token" in resp.text, resp.text
+    chunk = {"job_id": key[0], "attempt": key[1], "offset": 0, "data": f"{time.time()}\tforged line\n"}
+    assert post_logs(fake, [chunk]).status_code == 403
+    # nothing was written: the job still runs as the owner reported it, without a line of log
+    assert api.jobs(project_id, task_id)[0]["status"] == "STARTING"
+    assert api.events(project_id, task_id, job_uuid) == events
+    assert api.log_lines(project_id, task_id, job_uuid) == []
+
+    # an agent of its own token may not write the log of a job it does not hold either
+    neighbour = Agent(srv, other_token, "neighbour")
+    neighbour.register()
+    resp = post_logs(neighbour, [chunk])
+    assert resp.status_code == 409, resp.text
+    assert resp.json() == {"error": "not this agent's attempt", "refused": [list(key)]}
+    assert api.log_lines(project_id, task_id, job_uuid) == []
+    # the owner's own lines go in
+    assert post_logs(owner, [chunk]).status_code == 200
+    assert api.log_lines(project_id, task_id, job_uuid) == ["forged line"]
+
+
+def test_a_fleet_token_serves_as_many_live_agents_as_it_was_minted_for(srv: HtcServer) -> None:
+    token = agent_token(srv, agents=2)
+    first, second, third = (Agent(srv, token, f"fleet{i}") for i in range(3))
+    first.register()
+    second.register()
+    third.register(expect=403)
+    # an agent restarting with its id keeps its slot
+    first.incarnation = uuid.uuid4().hex
+    first.register()
+
+
+def _register_body(agent: Agent) -> dict[str, Any]:
+    return {
+        "agent_id": agent.agent_id,
+        "incarnation": agent.incarnation,
+        "region": "AWS_US_EAST_1",
+        "architectures": ["X86"],
+        "capacity": {"vcpus": 4, "memory_mb": 8192},
+    }
+
+
+def _exchange_body(
+    agent: Agent, held: list[tuple[int, int]], reports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "incarnation": agent.incarnation,
+        "free": {"vcpus": 4, "memory_mb": 8192},
+        "max_jobs": 0,
+        "held": [list(k) for k in held],
+        "reports": reports,
+    }
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
