@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from tests.cluster.test_agent import AgentProcess
 from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
 
 from openhtc.domain.enums import JobStatus
@@ -139,3 +141,34 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def test_a_second_agent_on_a_work_directory_in_use_exits_naming_the_first(
+    srv: HtcServer, tmp_path: Path
+) -> None:
+    first = AgentProcess(srv, tmp_path / "work")
+    second: AgentProcess | None = None
+    try:
+        wait_until(lambda: (tmp_path / "work" / "agent" / "id").exists(), "the first agent to start")
+        agent_id = (tmp_path / "work" / "agent" / "id").read_text().strip()
+        second = AgentProcess(srv, tmp_path / "work")
+        assert second.proc.wait(timeout=60) == 2
+        assert f"pid {first.proc.pid}" in second.log(), second.log()
+        assert first.proc.poll() is None  # the first runs on
+        # another work directory on this host is another agent, with an id of its own
+        other = AgentProcess(srv, tmp_path / "other")
+        try:
+            wait_until(lambda: (tmp_path / "other" / "agent" / "id").exists(), "the other agent to start")
+            assert (tmp_path / "other" / "agent" / "id").read_text().strip() != agent_id
+        finally:
+            other.stop()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    # the id is kept: a restart is the same agent
+    again = AgentProcess(srv, tmp_path / "work")
+    try:
+        wait_until(lambda: agent_id in again.log(), "the restarted agent to say its id")
+    finally:
+        again.stop()
