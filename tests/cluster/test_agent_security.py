@@ -8,6 +8,9 @@ agent and sent again.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +23,8 @@ from tests.cluster.test_agent import AgentProcess
 from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
 
 from openhtc.domain.enums import JobStatus
-from openhtc.testing.server import HtcServer
+from openhtc.testing.proxy import DROP, PASS, FaultyProxy
+from openhtc.testing.server import HtcServer, htc_command
 
 
 @pytest.fixture
@@ -172,3 +176,75 @@ def test_a_second_agent_on_a_work_directory_in_use_exits_naming_the_first(
         wait_until(lambda: agent_id in again.log(), "the restarted agent to say its id")
     finally:
         again.stop()
+
+
+def start_agent(
+    srv: HtcServer, url: str, work_dir: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real ``htc agent`` (process runtime) that reaches the server at ``url``."""
+    token = agent_token(srv)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / "agent.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
+    env.update({"OPENHTC_AGENT_TOKEN": token, "OPENHTC_AGENT_SERVER": url})
+    cmd = [
+        *htc_command(),
+        "agent",
+        "--runtime",
+        "process",
+        "--vcpus",
+        "2",
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return proc, log_path
+
+
+def stop_agent(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.terminate()  # the second kills what still runs
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    print(log_path.read_text(errors="replace")[-4000:])
+
+
+def test_a_lease_whose_answer_was_lost_runs_once_soon(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    # a liveness far longer than the test: only the reconciliation can give the lease back
+    srv = start_server(
+        args=("--no-executor",),
+        env={"OPENHTC_AGENT_LIVENESS_SECONDS": "600", "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"},
+    )
+    proxy = FaultyProxy(srv.url)
+    dropped: list[str] = []
+
+    def lose_first_lease(path: str, status: int, body: bytes) -> str:
+        if not dropped and path.endswith("/exchange") and status == 200 and json.loads(body)["leases"]:
+            dropped.append(path)
+            return DROP
+        return PASS
+
+    proxy.hook = lose_first_lease
+    marker = tmp_path / "runs"
+    proc, log_path = start_agent(srv, proxy.url, tmp_path / "agent")
+    try:
+        api = srv.api()
+        project_id, task_id = api.project_and_task()
+        api.submit(project_id, task_id, api.job_request(["sh", "-c", f"echo run >> {marker}"], max_retries=0))
+        (job,) = api.wait_terminal(project_id, task_id, 1, timeout=120)
+        assert dropped, "no answer carried a lease"
+        assert job["status"] == "SUCCEEDED", job
+        assert marker.read_text().splitlines() == ["run"]
+        reasons = [e.get("statusReason") or "" for e in api.events(project_id, task_id, job["jobUUID"])]
+        assert any("never received its lease" in r for r in reasons), reasons
+    finally:
+        stop_agent(proc, log_path)
+        proxy.close()

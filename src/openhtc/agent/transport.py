@@ -72,6 +72,11 @@ class HttpTransport:
         # gets 409 registers again under it
         self._lock = threading.RLock()
         self._kills: set[tuple[int, int]] = set()
+        # Leases received in answers that the executor may not have taken yet (claim returns
+        # them after the lock is released): listed as held too, so the server, which re-queues
+        # the claimed leases an agent does not list (their answer was lost), keeps them.
+        self._received: set[tuple[int, int]] = set()
+        self._exchanges = 0  # exchanges sent: each says it (exchange_seq)
         self._registration: dict[str, Any] | None = None
         self._adopted: set[tuple[int, int]] = set()  # taken back at start: running until held() has them
         self._registered = False
@@ -144,6 +149,8 @@ class HttpTransport:
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
+        with self._lock:  # the executor took the leases of its previous claim: it lists them now
+            self._received.clear()
         idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
         answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
@@ -173,7 +180,7 @@ class HttpTransport:
     def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
         assert self._registration is not None
         # what it runs and keeps, and the attempts whose reports are not yet acknowledged
-        running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted)
+        running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted | self._received)
         body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
         resp = self._post("/register", body)
         if resp.status_code != 200:
@@ -221,14 +228,17 @@ class HttpTransport:
 
     def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
         reports = self.outbox.pending()
+        self._exchanges += 1
         body = {
             "incarnation": self.incarnation,
             "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
             "max_jobs": max_jobs,
-            "held": sorted(set(self.held())),
+            # complete (exchange_seq says so): a lease it does not list never reached it
+            "held": sorted(set(self.held()) | self._received),
             "reports": [r.model_dump() for r in reports],
             "wait_seconds": wait,
             "draining": self.draining,
+            "exchange_seq": self._exchanges,
         }
         resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
         if resp.status_code == 409:  # the server does not know this agent as it is: register first
@@ -246,6 +256,7 @@ class HttpTransport:
         if answer.kill:
             self._kills.update(answer.kill)
             self.on_kill()
+        self._received.update((lease.job_id, lease.attempt) for lease in answer.leases)
         for lease in answer.leases:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
