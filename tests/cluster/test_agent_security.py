@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -248,3 +249,30 @@ def test_a_lease_whose_answer_was_lost_runs_once_soon(
     finally:
         stop_agent(proc, log_path)
         proxy.close()
+
+
+def test_a_long_poll_claims_nothing_for_an_agent_marked_lost_meanwhile(quick: HtcServer) -> None:
+    api = quick.api()
+    token = agent_token(quick, agents=2)
+    sleeper, other = Agent(quick, token, "sleeper"), Agent(quick, token, "other")
+    sleeper.register()
+    other.register()
+    answers: list[dict[str, Any]] = []
+    # the sleeper's long poll outlasts its liveness (poll 30 s, liveness 3 s): it is marked lost
+    poll = threading.Thread(target=lambda: answers.append(sleeper.exchange(max_jobs=1, wait=25.0)))
+    poll.start()
+    deadline = time.monotonic() + LIVENESS * 4
+    while time.monotonic() < deadline:  # the other agent keeps calling: the server trusts itself
+        other.exchange()
+        time.sleep(0.3)
+    project_id, task_id = submit(api)  # wakes the sleeper's long poll first
+    leases: list[dict[str, Any]] = []
+    wait_until(lambda: bool(leases.extend(other.exchange(max_jobs=1)["leases"]) or leases), "a lease")
+    assert len(leases) == 1
+    assert api.jobs(project_id, task_id)[0]["status"] == "RUNNABLE"
+    key = (leases[0]["job_id"], leases[0]["attempt"])
+    while poll.is_alive():  # the other agent holds its lease while the sleeper's poll runs out
+        other.exchange(held=[key])
+        poll.join(timeout=0.3)
+    assert answers and answers[0]["leases"] == [], answers
+    assert sleeper.exchange(expect=409) == {"error": "agent lost"}
