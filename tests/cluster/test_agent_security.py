@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ import httpx
 import pytest
 from tests.cluster.test_agent import AgentProcess
 from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
+from tests.cluster.test_multiserver import start
 
 from openhtc.domain.enums import JobStatus
+from openhtc.testing.postgres import PostgresCluster
 from openhtc.testing.proxy import DROP, PASS, FaultyProxy
 from openhtc.testing.server import HtcServer, htc_command
 
@@ -35,6 +37,15 @@ def srv(start_server: Callable[..., HtcServer]) -> HtcServer:
         args=("--no-executor",),
         env={"OPENHTC_AGENT_LIVENESS_SECONDS": "120", "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "1"},
     )
+
+
+@pytest.fixture
+def servers() -> Iterator[list[HtcServer]]:
+    """Servers on one PostgreSQL (tests.cluster.test_multiserver.start), stopped at the end."""
+    started: list[HtcServer] = []
+    yield started
+    for one in started:
+        one.stop()
 
 
 @pytest.fixture
@@ -276,3 +287,48 @@ def test_a_long_poll_claims_nothing_for_an_agent_marked_lost_meanwhile(quick: Ht
         poll.join(timeout=0.3)
     assert answers and answers[0]["leases"] == [], answers
     assert sleeper.exchange(expect=409) == {"error": "agent lost"}
+
+
+def test_an_agent_that_alternates_servers_keeps_its_drain_and_its_reports_once(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    url = pg_cluster.new_database()
+    env = {"OPENHTC_AGENT_LIVENESS_SECONDS": "120", "OPENHTC_AGENT_POLL_SECONDS": "30"}
+    a = start(servers, tmp_path, url, executor=False, env=env)
+    b = start(servers, tmp_path, url, executor=False, env=env)
+    api = a.api()
+    token = agent_token(a)
+    via_a, via_b = Agent(a, token, "roamer"), Agent(b, token, "roamer")
+    via_b.agent_id, via_b.incarnation, via_b.seq = via_a.agent_id, via_a.incarnation, via_a.seq
+    via_a.register()
+    # reports applied through one server and sent again through the other: applied once
+    project_id, task_id = submit(api)
+    (lease,) = claim(via_a, 1)
+    key = (lease["job_id"], lease["attempt"])
+    reports = [via_a.report(*key, s) for s in (JobStatus.STARTING, JobStatus.RUNNING)]
+    reports.append(via_a.report(*key, JobStatus.SUCCEEDED, exit_code=0))
+    assert len(via_a.exchange(held=[key], reports=reports)["acked"]) == 3
+    job_uuid = api.jobs(project_id, task_id)[0]["jobUUID"]
+    events = api.events(project_id, task_id, job_uuid)
+    again = via_b.exchange(held=[key], reports=reports)
+    assert sorted(map(tuple, again["acked"])) == [(*key, 1), (*key, 2), (*key, 3)], again
+    assert api.events(project_id, task_id, job_uuid) == events
+    assert api.jobs(project_id, task_id)[0]["status"] == "SUCCEEDED"
+    # a long poll through A; the agent says it drains through B; a job comes: A gives it nothing
+    answers: list[dict[str, Any]] = []
+    poll = threading.Thread(target=lambda: answers.append(via_a.exchange(max_jobs=1, wait=10.0)))
+    poll.start()
+    time.sleep(0.5)  # the long poll reaches A and waits there
+    body = {
+        "incarnation": via_b.incarnation,
+        "free": {"vcpus": 0, "memory_mb": 0},
+        "max_jobs": 0,
+        "draining": True,
+    }
+    assert via_b.http.post(f"{AGENTS}/{via_b.agent_id}/exchange", json=body).status_code == 200
+    submit(api)
+    poll.join(timeout=60)
+    assert answers and answers[0]["leases"] == [], answers
+    # nor does any later call of the draining agent, through either server
+    assert via_a.exchange(max_jobs=1)["leases"] == []
+    assert via_b.exchange(max_jobs=1)["leases"] == []

@@ -5,7 +5,12 @@ protocol's (``ExecutorService``: register, report, claim, heartbeat) plus what a
 needs on top of it:
 
 - idempotent reports: each carries a per-attempt ``seq``; one at or below the highest applied
-  is a duplicate, acknowledged and not applied again (a lost answer makes the agent resend);
+  is a duplicate, acknowledged and not applied again (a lost answer makes the agent resend).
+  The seqs kept here (``_seqs``, per server process) only save a transaction: a duplicate
+  reaching another server is applied again and changes nothing (the lifecycle ignores a
+  status the attempt has reached), so correctness does not depend on them;
+- shared state lives in the database, so an agent may reach any server: its token binding,
+  its drain flag (``_draining`` here only wakes this server's long polls at once);
 - fencing answers: a report for an attempt that is not the agent's current one is refused and
   the attempt is in ``kill``, as is every held attempt the agent no longer owns;
 - a liveness clock of its own (``agent_liveness_seconds``), separate from job leases: an agent
@@ -97,9 +102,12 @@ class AgentService:
         self.services = services
         self.executors = executors
         self._lock = threading.Lock()
-        self._seqs: dict[str, dict[Attempt, int]] = {}  # agent -> highest seq applied per attempt
+        # agent -> highest seq applied per attempt through this server: a cache (see above)
+        self._seqs: dict[str, dict[Attempt, int]] = {}
         self._log_paths: dict[int, tuple[str, str, int]] = {}  # job id -> (task, parent job, index)
-        self._draining: set[str] = set()  # agents that said they stop: their long polls answer
+        # agents that said they stop through this server: its long polls for them answer now
+        # (the flag that counts is on the agent's row: store/agent_rows.py)
+        self._draining: set[str] = set()
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
