@@ -332,3 +332,43 @@ def test_an_agent_that_alternates_servers_keeps_its_drain_and_its_reports_once(
     # nor does any later call of the draining agent, through either server
     assert via_a.exchange(max_jobs=1)["leases"] == []
     assert via_b.exchange(max_jobs=1)["leases"] == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    srv = start_server(
+        args=("--no-executor",),
+        env={"OPENHTC_AGENT_LIVENESS_SECONDS": "4", "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"},
+    )
+    proxy = FaultyProxy(srv.url)
+    pid_file = tmp_path / "pid"
+    proc, log_path = start_agent(srv, proxy.url, tmp_path / "agent")
+    try:
+        api = srv.api()
+        project_id, task_id = api.project_and_task()
+        api.submit(
+            project_id, task_id, api.job_request(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 600"])
+        )
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the job to start", 60)
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        proxy.cut = 403  # every call of the agent is refused from now on
+        wait_until(lambda: not _alive(pid), "the agent to kill its job", 60)
+        text = log_path.read_text(errors="replace")
+        assert text.count("refuses this agent's token (HTTP 403") == 1, text[-3000:]
+        proxy.cut = None  # the agent registers again and takes new work
+        api.submit(project_id, task_id, api.job_request(["true"]))
+        jobs = api.wait_terminal(project_id, task_id, 2, timeout=120)
+        assert sorted(j["status"] for j in jobs) == ["FAILED", "SUCCEEDED"], jobs
+    finally:
+        stop_agent(proc, log_path)
+        proxy.close()
