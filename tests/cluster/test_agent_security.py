@@ -372,3 +372,38 @@ def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
     finally:
         stop_agent(proc, log_path)
         proxy.close()
+
+
+def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    srv = start_server(args=("--no-executor",), env={"OPENHTC_AGENT_LIVENESS_SECONDS": "120"})
+    proxy = FaultyProxy(srv.url)
+    answers: list[tuple[str, int, bytes]] = []
+
+    def record(path: str, status: int, body: bytes) -> str:
+        if path.endswith("/logs"):
+            answers.append((path, status, body))
+        return PASS
+
+    proxy.hook = record
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    submitted = api.submit_one(project_id, task_id, api.job_request(["echo", "kept line"]))
+    parent = submitted["parentJobId"]
+    # where the job's log goes is a file, not a directory: every write fails (an OSError)
+    blocker = srv.data_dir / "logs" / task_id / parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    proc, log_path = start_agent(srv, proxy.url, tmp_path / "agent")
+    try:
+        (done,) = api.wait_terminal(project_id, task_id, 1, timeout=120)
+        assert done["status"] == "SUCCEEDED", done
+        wait_until(lambda: any(status != 200 for _, status, _ in answers), "a refused log chunk")
+        status, body = next((s, json.loads(b)) for _, s, b in answers if s != 200)
+        assert status == 503 and body["error"] == "SERVICE_UNAVAILABLE", (status, body)
+        blocker.unlink()  # the disk works again: the agent's next try writes the line
+        wait_until(lambda: api.log_lines(project_id, task_id, done["jobUUID"]) == ["kept line"], "the log")
+    finally:
+        stop_agent(proc, log_path)
+        proxy.close()

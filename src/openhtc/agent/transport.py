@@ -105,6 +105,7 @@ class HttpTransport:
         Envs = tuple[tuple[str, str], ...]
         self._fixed_envs: dict[int, tuple[Envs, Envs]] = {}  # batch -> (as sent, as run)
         self.launched: dict[tuple[int, int], JobLaunch] = {}  # claimed, until its log is shipped
+        self.refused_logs: set[tuple[int, int]] = set()  # attempts whose log the server refuses
 
     def _new_client(self, read_timeout: float) -> httpx.Client:
         # the read timeout exceeds the longest long poll; connecting fails fast
@@ -352,6 +353,11 @@ class HttpTransport:
             resp = self._post(f"/{self.agent_id}/logs", {"incarnation": self.incarnation, "chunks": chunks})
         except ServerAway:
             return None
-        if resp.status_code != 200:
+        if resp.status_code == 409:  # some chunks are for attempts not this agent's: drop those
+            refused = wire.ErrorBody.model_validate_json(resp.content).refused
+            if refused:
+                self.refused_logs.update((job, attempt) for job, attempt in refused)
+            return None
+        if resp.status_code != 200:  # 503, 507: the server keeps nothing; sent again later
             return None
         return wire.LogsResponse.model_validate_json(resp.content).acked
