@@ -41,7 +41,7 @@ from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
 from openhtc.services.notify import EVERYTHING
 from openhtc.services.service_set import ServiceSet
-from openhtc.store.agent_rows import TokenBinding
+from openhtc.store.agent_rows import AgentState, TokenBinding
 from openhtc.store.queue import AgentInfo
 
 log = logging.getLogger("openhtc.agents")
@@ -185,12 +185,14 @@ class AgentService:
         s = self.services
         now = s.clock.now()
         self._heard(now)
-        region, architectures = self.check(agent_id, incarnation, token_region, token_hash)
+        state = self._check(agent_id, incarnation, token_region, token_hash)
         self._beat(agent_id, now)  # only once the caller is known to speak for this agent
-        out = Exchanged(region, architectures)
+        out = Exchanged(state.region, state.architectures)
+        region, architectures = state.region, state.architectures
         if draining:
             self.drain(agent_id)
-            s.queue.set_draining(agent_id, incarnation)
+            if not state.draining:  # written once, not at every exchange of a draining agent
+                s.queue.set_draining(agent_id, incarnation)
         with self._lock:
             seqs = self._seqs.setdefault(agent_id, {})
             fresh = []
@@ -268,6 +270,12 @@ class AgentService:
         (409) if the agent must register (again), PermissionDenied (403) if the caller's token
         is not the one the agent registered with or is for another region. Returns the agent's
         region and architectures."""
+        state = self._check(agent_id, incarnation, token_region, token_hash)
+        return state.region, state.architectures
+
+    def _check(
+        self, agent_id: str, incarnation: str, token_region: str, token_hash: str | None
+    ) -> AgentState:
         state = self.services.queue.agent_state(agent_id, incarnation)
         if token_hash is not None and state.token_hash is not None and state.token_hash != token_hash:
             raise PermissionDenied(
@@ -279,7 +287,7 @@ class AgentService:
             raise MustRegister(state.reason)
         if token_hash is not None and state.token_hash is None:  # registered before tokens were bound
             raise MustRegister("unknown agent")
-        return state.region, state.architectures
+        return state
 
     def drain(self, agent_id: str) -> None:
         """The agent stops: it gets no new job (its row says so: exchange), and the long poll it

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Collection
 from typing import NamedTuple
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, and_, func, or_, select
 
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.errors import PermissionDenied
@@ -62,17 +62,13 @@ def check_binding(db: Database, conn: Connection, agent_id: str, binding: TokenB
             f"agent {agent_id} is live and bound to another agent token; an agent token speaks "
             "only for the agents that registered with it"
         )
-    others = conn.execute(
-        select(executors.c.id)
-        .where(and_(executors.c.token_hash == binding.token_hash, executors.c.id != agent_id, live))
-        .order_by(executors.c.id)
-        .limit(binding.agents)
-    ).scalars()
-    taken = list(others)
-    if len(taken) >= binding.agents:
+    others = and_(executors.c.token_hash == binding.token_hash, executors.c.id != agent_id, live)
+    taken = conn.execute(select(func.count()).select_from(executors).where(others)).scalar() or 0
+    if taken >= binding.agents:
+        first = conn.execute(select(func.min(executors.c.id)).where(others)).scalar()
         raise PermissionDenied(
-            f"this agent token is bound to agent {taken[0]}"
-            + (f" and {len(taken) - 1} other(s)" if len(taken) > 1 else "")
+            f"this agent token is bound to agent {first}"
+            + (f" and {taken - 1} other(s)" if taken > 1 else "")
             + f" (it serves {binding.agents} live agent(s)); mint a token per agent "
             "(htc admin create-agent-token) or one for a fleet (--agents N)"
         )
