@@ -183,7 +183,7 @@ def test_a_second_agent_on_a_work_directory_in_use_exits_naming_the_first(
         if second is not None:
             second.stop()
     # the id is kept: a restart is the same agent
-    again = AgentProcess(srv, tmp_path / "work")
+    again = AgentProcess(srv, tmp_path / "work", first.token)
     try:
         wait_until(lambda: agent_id in again.log(), "the restarted agent to say its id")
     finally:
