@@ -207,11 +207,12 @@ class HttpTransport:
         # what it runs and keeps, and the attempts whose reports are not yet acknowledged
         running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted | self._received)
         body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
+        sent = time.monotonic()
         resp = self._post("/register", body)
         if resp.status_code != 200:
             raise ServerAway(f"register: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.RegisterResponse.model_validate_json(resp.content)
-        self._succeeded()
+        self._succeeded(sent)
         self.liveness = answer.liveness_seconds
         self.poll_seconds = answer.poll_seconds
         self.registry_host = answer.registry.host if answer.registry else None
@@ -257,8 +258,10 @@ class HttpTransport:
                 self._fence_if_silent()
                 return None
 
-    def _succeeded(self) -> None:
-        self._last_ok = time.monotonic()
+    def _succeeded(self, sent: float) -> None:
+        """A call sent at ``sent`` succeeded: the server heard the agent then (its liveness
+        clock starts at the call's arrival, not at its answer, which a long poll delays)."""
+        self._last_ok = max(self._last_ok, sent)
         self._refusal = None
         if self._fenced:
             self._fenced = False
@@ -309,6 +312,7 @@ class HttpTransport:
             "draining": self.draining,
             "exchange_seq": self._exchanges,
         }
+        sent = time.monotonic()
         resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
         if resp.status_code == 409:  # the server does not know this agent as it is: register first
             log.warning("agent: the server says %s; registering again", resp.text[:100])
@@ -318,7 +322,7 @@ class HttpTransport:
         if resp.status_code != 200:
             raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.ExchangeResponse.model_validate_json(resp.content)
-        self._succeeded()
+        self._succeeded(sent)
         self._backoff = 0.0
         self.outbox.done(answer.acked)
         if answer.refused:
