@@ -25,6 +25,7 @@ from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_tok
 from tests.cluster.test_multiserver import start
 
 from openhtc.domain.enums import JobStatus
+from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.postgres import PostgresCluster
 from openhtc.testing.proxy import DROP, PASS, FaultyProxy
 from openhtc.testing.server import HtcServer, htc_command
@@ -407,3 +408,32 @@ def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again
     finally:
         stop_agent(proc, log_path)
         proxy.close()
+
+
+def test_a_log_chunk_on_a_full_disk_answers_507_and_writes_nothing(srv: HtcServer, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a small tmpfs needs root; CI runs as root")
+    api = srv.api()
+    agent = Agent(srv, agent_token(srv), "full")
+    agent.register()
+    _, task_id = submit(api)
+    (lease,) = claim(agent, 1)
+    key = (lease["job_id"], lease["attempt"])
+    # the task's log directory is a full 64 KiB file system
+    where = srv.data_dir / "logs" / task_id
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    try:
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={where}/filler", "bs=4k"], capture_output=True, check=False
+        )
+        line = f"{time.time()}\tno room\n" * 200
+        resp = post_logs(agent, [{"job_id": key[0], "attempt": key[1], "offset": 0, "data": line}])
+        assert resp.status_code == 507, resp.text
+        assert resp.json()["error"] == "INSUFFICIENT_STORAGE"
+        (where / "filler").unlink()  # room again: the same chunk goes in
+        resp = post_logs(agent, [{"job_id": key[0], "attempt": key[1], "offset": 0, "data": line}])
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["acked"] == [[*key, len(line.encode())]]
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
