@@ -20,8 +20,11 @@ from openhtc.testing.server import HtcApi, HtcServer, htc_command
 
 
 class AgentProcess:
-    def __init__(self, srv: HtcServer, work_dir: Path) -> None:
-        token = srv.cli("admin", "create-agent-token").stdout.strip()
+    def __init__(self, srv: HtcServer, work_dir: Path, token: str | None = None) -> None:
+        """``token``: the agent token (default: a new one; an agent restarted on a machine
+        keeps its token, which its agent id is bound to)."""
+        token = token or srv.cli("admin", "create-agent-token").stdout.strip()
+        self.token = token
         self.work_dir = work_dir
         self.log_path = work_dir / "agent.log"
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +167,7 @@ def test_a_jobs_end_survives_the_agent_crashing_while_the_server_is_down(
     os.killpg(agent.proc.pid, signal.SIGKILL)  # the agent dies with the end not yet delivered
     agent.proc.wait(timeout=10)
     srv.start()
-    restarted = AgentProcess(srv, agent.work_dir)  # the same machine and work directory
+    restarted = AgentProcess(srv, agent.work_dir, agent.token)  # the same machine, work directory and token
     try:
         api = srv.api()
         done = api.wait_terminal(project_id, task_id, 1)
