@@ -16,7 +16,9 @@ from openhtc.storage.http_backend import HttpBackend, JobToken
 pytestmark = pytest.mark.one_db
 
 
-def test_a_job_token_reaches_its_task_and_reads_the_shared_folder(storage_server: Any, tmp_path: Path) -> None:
+def test_a_job_token_reaches_its_task_and_reads_the_shared_folder(
+    storage_server: Any, tmp_path: Path
+) -> None:
     s = storage_server
     pid, tid = s.api.project_and_task()
     other_tid = s.api.create_task(pid)["taskId"]
@@ -32,7 +34,9 @@ def test_a_job_token_reaches_its_task_and_reads_the_shared_folder(storage_server
     token = JobToken(s.job_bearer(pid, tid))
     with backend.acting_as(token):
         listed = backend.list(shared, None, 1000)
-        assert [o.key for o in listed] == sorted(shared + n for n in ("in.txt", "dir/big.bin", "odd name+%.txt"))
+        assert [o.key for o in listed] == sorted(
+            shared + n for n in ("in.txt", "dir/big.bin", "odd name+%.txt")
+        )
         assert all(o.last_modified > 0 for o in listed)
         assert [o.size for o in backend.list(shared, None, 1000) if o.key.endswith("big.bin")] == [len(big)]
         assert len(backend.list(shared, None, 1)) == 1
