@@ -23,6 +23,7 @@ from openhtc import __version__
 from openhtc.agent.logship import LogShipper
 from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
+from openhtc.agent.storage import LeaseStager
 from openhtc.agent.transport import HttpTransport
 from openhtc.config import Settings
 from openhtc.domain.errors import ImageUnavailable
@@ -103,6 +104,8 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     )
     logs = LogStore(work / "logs")
     wakeups = Wakeups()
+    # PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER through the server's object API
+    stager = LeaseStager(f"{settings.server}/api/v1", work / "storage", settings.shared_ttl_seconds)
     executor = LocalExecutor(
         transport,
         runtime,
@@ -112,6 +115,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         settings.region,
         [host_architecture()],
         executor_id=agent_id_for(str(work)),
+        stager=stager,
     )
     transport.held = executor.held
     transport.idle = executor.idle
