@@ -28,7 +28,7 @@ class LeaseStager:
 
     def __init__(self, api_url: str, root: Path, shared_ttl: float = 10.0) -> None:
         self.backend = HttpBackend(api_url)
-        self.inner = SyncStager(self.backend, root, self.backend.task_deleted, shared_ttl)
+        self.inner = SyncStager(self.backend, root, self.backend.task_deleted, shared_ttl, stale_ok=True)
         self._tokens: dict[tuple[int, int], JobToken] = {}  # attempt -> its token, until it ends
         # after an attempt's outputs, before its end is reported: the agent ships its last lines
         self.after_finish: Callable[[JobLaunch], None] = lambda launch: None
