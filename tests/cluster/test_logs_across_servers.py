@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.test_dashboard import sign_in
 
 from openhtc.testing.postgres import PostgresCluster
 from openhtc.testing.roundrobin import RoundRobinProxy
@@ -99,6 +100,11 @@ def test_a_log_shipped_through_two_servers_reads_whole_through_either(
             newest_first = other.logs(project_id, task_id, job_id, sort="desc", pageSize=6)
             assert [e["message"] for e in newest_first] == expected[::-1]
             assert follow(srv, srv.token(), project_id, task_id, job_id) == expected
+            browser = sign_in(srv)  # the dashboard's job page reads the same log
+            page = browser.get(f"/ui/projects/{project_id}/tasks/{task_id}/jobs/{job_id}/log")
+            browser.close()
+            assert page.status_code == 200, page.text
+            assert [f"line {i}<" in page.text for i in range(1, LINES + 1)] == [True] * LINES
         assert min(proxy.counts) > 5, proxy.counts  # the agent's calls went through both
     finally:
         agent.terminate()
