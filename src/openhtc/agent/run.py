@@ -22,6 +22,7 @@ from openhtc import __version__
 from openhtc.agent.logship import LogShipper
 from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
+from openhtc.agent.storage import LeaseStager
 from openhtc.agent.transport import HttpTransport
 from openhtc.agent.workdir import claim_work_dir, legacy_agent_id
 from openhtc.config import Settings
@@ -104,6 +105,8 @@ def build_agent(
     )
     logs = LogStore(work / "logs")
     wakeups = Wakeups()
+    # PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER through the server's object API
+    stager = LeaseStager(f"{settings.server}/api/v1", work / "storage", settings.shared_ttl_seconds)
     executor = LocalExecutor(
         transport,
         runtime,
@@ -113,11 +116,13 @@ def build_agent(
         settings.region,
         [host_architecture()],
         executor_id=agent_id or legacy_agent_id(str(work)),
+        stager=stager,
     )
     transport.held = executor.held
     transport.idle = executor.idle
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
+    stager.after_finish = shipper.flush  # an attempt's last lines reach the server before its end
     return executor, transport, shipper, outbox
 
 

@@ -39,8 +39,9 @@ from openhtc.domain.errors import InsufficientStorage, InvalidTransition, Permis
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
-from openhtc.services.notify import EVERYTHING
+from openhtc.services.notify import EVERYTHING, job_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
 from openhtc.store.agent_rows import AgentState, TokenBinding
 from openhtc.store.queue import AgentInfo
 
@@ -460,8 +461,12 @@ class AgentService:
         if refused:
             raise LogsRefused(refused)
         ends: dict[Attempt, int] = {}
+        shared: list[tuple[tuple[str, str, int, int], int, bytes]] = []  # log_store = database
         for job_id, attempt, offset, data in chunks:
             where = paths[job_id]
+            if isinstance(s.logs, DatabaseLogs):
+                shared.append(((where[0], where[1], where[2], attempt), offset, data.encode()))
+                continue
             path = s.logs.path(where[0], where[1], where[2], attempt)
             try:
                 ends[(job_id, attempt)] = _write_at(path, offset, data.encode())
@@ -474,6 +479,11 @@ class AgentService:
                 raise Unavailable(
                     f"the server cannot write the job's log now ({exc.strerror or exc})"
                 ) from None
+        if shared and isinstance(s.logs, DatabaseLogs):  # one insert; readers on every server woken
+            jobs = {(w[0], w[1], w[2]): j for j, w in paths.items()}
+            for (task, parent, idx, attempt), end in s.logs.append(shared).items():
+                ends[(jobs[(task, parent, idx)], attempt)] = end
+            s.notify.publish(job_key(jobs[a[:3]]) for a, _, _ in shared)
         return [(job, attempt, end) for (job, attempt), end in ends.items()]
 
     def _paths(self, job_ids: set[int]) -> dict[int, tuple[str, str, int]]:
