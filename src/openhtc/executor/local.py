@@ -300,6 +300,8 @@ class LocalExecutor:
             last_turn = time.monotonic()
             try:
                 self._report_and_claim()
+                with self._lock:
+                    self.state.prefetch.turn_took(time.monotonic() - last_turn)
                 if self.state.heartbeat_due(time.monotonic(), self.wakeups.cancelled.wait(0)):
                     self._heartbeat()
                 self._premark()

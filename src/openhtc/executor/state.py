@@ -316,7 +316,7 @@ class Prefetch:
     """How many RUNNABLE jobs to hold beyond those running: about ``seconds`` of work.
 
     Short jobs finish faster than a claim round trip, so the executor keeps a buffer sized by
-    the observed completion rate (at least two per vCPU). Long jobs keep it small, so a project
+    the observed completion rate (at least two per vCPU), covering two turns when turns are slow. Long jobs keep it small, so a project
     that submits later waits behind little prefetched work. A fixed size overrides this.
     """
 
@@ -326,7 +326,12 @@ class Prefetch:
         self.floor = 2 * vcpus
         self.ceiling = ceiling
         self.rate = 0.0
+        self.turn = 0.0  # how long the executor's turns (report and claim) take, smoothed
         self._last: tuple[int, float] | None = None
+
+    def turn_took(self, seconds: float) -> None:
+        """A turn's duration: the buffer must last until the next turn's claim lands."""
+        self.turn = max(seconds, 0.5 * self.turn + 0.5 * seconds)
 
     def target(self, completed: int, now: float) -> int:
         if self._last is None:
@@ -337,4 +342,7 @@ class Prefetch:
             self._last = (completed, now)
         if self.fixed is not None:
             return self.fixed
-        return max(self.floor, min(self.ceiling, int(self.rate * self.seconds)))
+        # Enough for ``seconds``, and for two turns when turns take longer (a loaded database):
+        # else the slots run dry while a slow turn's claim is still on its way.
+        held = self.rate * max(self.seconds, 2 * (self.turn + BUSY_TURN_SECONDS))
+        return max(self.floor, min(self.ceiling, int(held)))
