@@ -316,8 +316,9 @@ class Prefetch:
     """How many RUNNABLE jobs to hold beyond those running: about ``seconds`` of work.
 
     Short jobs finish faster than a claim round trip, so the executor keeps a buffer sized by
-    the observed completion rate (at least two per vCPU), covering two turns when turns are slow. Long jobs keep it small, so a project
-    that submits later waits behind little prefetched work. A fixed size overrides this.
+    the observed completion rate (at least two per vCPU; two turns' worth when turns are slow).
+    Long jobs keep it small, so a project that submits later waits behind little prefetched
+    work. A fixed size overrides this.
     """
 
     def __init__(self, fixed: int | None, seconds: float, vcpus: int, ceiling: int = 4096) -> None:
