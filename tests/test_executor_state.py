@@ -266,6 +266,18 @@ def test_every_hand_off_is_journaled_first() -> None:
     assert state.to_mark(held) is None
 
 
+def test_the_journal_window_ahead_covers_two_turns_at_the_rate() -> None:
+    """Journaled ahead once a turn: what the workers will take until the turn after next, so
+    short jobs (function calls) do not outrun it and sync the journal themselves, per job."""
+    state = core(vcpus=2)
+    state.claimed([job() for _ in range(2000)])
+    launch_all(state)  # no free vCPUs: only the rate decides
+    state.prefetch.rate = 1000.0
+    assert len(state.to_premark()) == 100  # 2 x 50 ms at 1,000 jobs/s
+    state.prefetch.turn_took(0.2)  # slow turns (a loaded database): the window spans them too
+    assert len(state.to_premark()) == 500 - 100  # 2 x (50 + 200) ms, less those journaled already
+
+
 def test_only_terminal_reports_end_journal_records() -> None:
     state = core()
     launch = job()

@@ -36,7 +36,7 @@ BUSY_TURN_SECONDS = 0.05
 BUSY_RATE = 200.0
 # A job held behind a running one looks for a free slot elsewhere after this long.
 HOLD_SECONDS = 0.05
-# The attempt journal is written ahead for the jobs expected to start before the next turn.
+# The attempt journal is written ahead for the jobs expected to start before the turn after next.
 PREMARK_SECONDS = BUSY_TURN_SECONDS
 
 
@@ -210,10 +210,13 @@ class ExecutorState:
 
     def to_premark(self) -> list[Key]:
         """The attempts next in line, to journal at once ahead of their hand-off: those that fit
-        in the free vCPUs, plus PREMARK_SECONDS of work at the observed rate."""
+        in the free vCPUs, plus the work expected at the observed rate until the turn after next
+        (two of PREMARK_SECONDS plus a turn's duration): a window that ran out before the next
+        turn's would have the workers sync the journal themselves, between two calls."""
         if self.stopping:
             return []
-        window = max(0, self.capacity.vcpus - self.used.vcpus) + int(self.prefetch.rate * PREMARK_SECONDS)
+        ahead = self.prefetch.rate * 2 * (PREMARK_SECONDS + self.prefetch.turn)
+        window = max(0, self.capacity.vcpus - self.used.vcpus) + int(ahead)
         keys = []
         for launch in itertools.islice(self.pending, window):
             key = (launch.job_id, launch.attempt)
