@@ -10,10 +10,10 @@ from openhtc.domain.enums import LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
-from openhtc.services.executors import live_offers
 from openhtc.services.notify import task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.jobs import NewBatch
+from openhtc.store.queue import executor_offers_in
 
 
 def submit(
@@ -28,20 +28,24 @@ def submit(
             raise ValidationFailed("must not be empty", field="group")
         check_name(group, "group", services.limits)
     requests = parse_submit_requests(body, services.limits)
-    offers = live_offers(services)  # what no registered executor can run is refused
+    with services.db.read() as conn:  # one transaction for both: they cost less than its begin
+        offers = executor_offers_in(conn, services.clock.now() - services.settings.lease_seconds)
+        region_rows = services.accounts.regions_in(conn, project.workspace_id)
+    # what no registered executor (heard from within a lease) can run is refused
     region_archs = {
-        r.name: region_architectures(r.architectures, offers, r.name)
-        for r in services.accounts.regions(project.workspace_id)
-        if r.enabled
+        r.name: region_architectures(r.architectures, offers, r.name) for r in region_rows if r.enabled
     }
     new = [_plan(req, i, project, region_archs, offers, group) for i, req in enumerate(requests)]
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
-    echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
-    services.wakeups.schedule_round.set()  # held jobs (under a limit) wait for the scheduler
-    services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
+    stored = services.jobs.submit_batches(task, new, principal.user_id, services.clock.now())
+    # Held jobs (under a limit) and rows left to write are the scheduler's work; a round for
+    # nothing would race the executor's claim for the write lock and the GIL.
+    if not stored.settled:
+        services.wakeups.schedule_round.set()
+    services.wakeups.queued()  # admitted jobs: executors can claim them now
     services.notify.publish((task_key(task.id),))  # its status counts changed
-    return echoes
+    return stored.echoes
 
 
 def _check_images(services: ServiceSet, project_id: str, images: set[str]) -> None:

@@ -14,8 +14,16 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
-from openhtc.store.queue import load_limits
-from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
+from openhtc.store.tables import (
+    batches,
+    job_counters,
+    job_events,
+    jobs,
+    project_limits,
+    projects,
+    tasks,
+    workspaces,
+)
 from openhtc.store.transitions import Applied, StatusWrites, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
@@ -48,6 +56,22 @@ _PROJECT_OF_TASK = (
 _PROJECT_STATUS_COUNT = select(func.sum(job_counters.c.count)).where(
     and_(job_counters.c.project_id == bindparam("project"), job_counters.c.status == bindparam("status"))
 )
+# The submit's statements, built once for the same reason (a single-job submit is a client's
+# latency). Admission at submit: neither the project nor its workspace has a vCPU limit (the
+# three reads of queue.load_limits in one statement, inside the submit's own transaction, so a
+# limit committed before the submit is always seen).
+_UNLIMITED = (
+    select(
+        and_(
+            workspaces.c.vcpu_limit.is_(None),
+            ~select(project_limits.c.id).where(project_limits.c.project_id == projects.c.id).exists(),
+        )
+    )
+    .select_from(projects.join(workspaces, workspaces.c.id == projects.c.workspace_id))
+    .where(projects.c.id == bindparam("project"))
+)
+_INSERT_BATCH = insert(batches).returning(batches.c.id)
+_TOUCH_TASK = tasks.update().where(tasks.c.id == bindparam("task")).values(last_active_at=bindparam("at"))
 RARE = 50_000  # jobs of a project in one status, up to which a status filter reads ix_jobs_queue
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
@@ -78,6 +102,12 @@ class NewBatch:
     max_retries: int
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    echoes: list[dict[str, Any]]
+    settled: bool  # all admitted, all rows written: no scheduler round needed
+
+
 class JobStore:
     def __init__(self, db: Database, materialize_chunk: int = 20000) -> None:
         self.db = db
@@ -94,6 +124,17 @@ class JobStore:
         now: float,
         also: Callable[[Connection, list[int]], None] | None = None,
     ) -> list[dict[str, Any]]:
+        """``submit_batches``' echoes."""
+        return self.submit_batches(task, new_batches, user_id, now, also).echoes
+
+    def submit_batches(
+        self,
+        task: Row[Any],
+        new_batches: Sequence[NewBatch],
+        user_id: str,
+        now: float,
+        also: Callable[[Connection, list[int]], None] | None = None,
+    ) -> Submitted:
         """Store batches and all their jobs in one transaction.
 
         Jobs start in SUBMITTED_TO_RESCALE. When neither the project nor the workspace has a vCPU
@@ -101,12 +142,16 @@ class JobStore:
         common case costs no second pass over the rows. Rows beyond the first
         ``materialize_chunk`` jobs of the call are written later (see store/materialize.py).
         ``also`` writes more in the same transaction, given the new batches' ids (function
-        tasks: their events).
+        tasks: their events). ``Submitted.settled``: every job was admitted and has its row, so
+        the scheduler has nothing to do for this submit.
         """
         echoes: list[dict[str, Any]] = []
+        settled = True
         with self.db.write() as conn:
-            steps = lifecycle.submitted(admit=load_limits(conn, [task.project_id]).unlimited(task.project_id))
+            unlimited = conn.execute(_UNLIMITED, {"project": task.project_id}).scalar()
+            steps = lifecycle.submitted(admit=unlimited is None or bool(unlimited))
             status = steps[-1]
+            settled = status == JobStatus.SUBMITTED_TO_PROVIDER
             cur = self.db.cursor(conn)
             batch_ids: list[int] = []
             first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
@@ -129,29 +174,29 @@ class JobStore:
                     "jobDefinitionName": f"jobdef-{parent}",
                 }
                 written = min(nb.batch_size, budget)
+                settled = settled and written == nb.batch_size
                 batch_id = conn.execute(
-                    insert(batches)
-                    .values(
-                        parent_job_id=parent,
-                        task_id=task.id,
-                        project_id=task.project_id,
-                        workspace_id=task.workspace_id,
-                        group_name=group,
-                        batch_size=nb.batch_size,
-                        created_by=user_id,
-                        created_at=now,
-                        region=nb.region,
-                        max_retries=nb.max_retries,
-                        request=echo,
-                        first_job_id=first_id,
-                        pending_from=written if written < nb.batch_size else None,
-                        job_status=int(status),
-                        architecture=nb.architecture,
-                        priority=nb.priority,
-                        vcpus=nb.vcpus,
-                        memory_mb=nb.memory_mb,
-                    )
-                    .returning(batches.c.id)
+                    _INSERT_BATCH,
+                    {
+                        "parent_job_id": parent,
+                        "task_id": task.id,
+                        "project_id": task.project_id,
+                        "workspace_id": task.workspace_id,
+                        "group_name": group,
+                        "batch_size": nb.batch_size,
+                        "created_by": user_id,
+                        "created_at": now,
+                        "region": nb.region,
+                        "max_retries": nb.max_retries,
+                        "request": echo,
+                        "first_job_id": first_id,
+                        "pending_from": written if written < nb.batch_size else None,
+                        "job_status": int(status),
+                        "architecture": nb.architecture,
+                        "priority": nb.priority,
+                        "vcpus": nb.vcpus,
+                        "memory_mb": nb.memory_mb,
+                    },
                 ).scalar_one()
                 fields = BatchFields(
                     id=batch_id,
@@ -185,8 +230,8 @@ class JobStore:
             )
             if also is not None:
                 also(conn, batch_ids)
-            conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
-        return echoes
+            conn.execute(_TOUCH_TASK, {"task": task.id, "at": now})
+        return Submitted(echoes, settled)
 
     def cancel(self, task_id: str, group: str | None, now: float, batch_id: int | None = None) -> Applied:
         """Fail every non-terminal job of the task (or group, or one batch of the group) with

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
 from openhtc.api import serializers as ser
-from openhtc.api.deps import job_for, principal, services, task_for
+from openhtc.api.deps import job_for, principal, services, task_for, task_job_for
 from openhtc.api.pagination import decode_cursor, first, page, page_size
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
@@ -92,8 +92,7 @@ def get_job(
     who: Principal = Depends(principal),
     svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
-    task_for(svc, who, project_id, task_id)
-    job, batch = job_for(svc, task_id, job_id)
+    job, batch = task_job_for(svc, who, project_id, task_id, job_id)
     return JSONResponse(ser.job(job, batch))
 
 
