@@ -139,9 +139,7 @@ class ExecutorService:
             found = {i: c for i in batch_ids if (c := self._contexts.get(i)) and c.renew_at > now}
         missing = batch_ids - found.keys()
         if missing:
-            with self.services.db.read() as conn:
-                rows = self.services.jobs.batches_by_id(conn, missing)
-            for batch_id, row in rows.items():
+            for batch_id, row in self.services.jobs.batch_heads(missing).items():
                 found[batch_id] = self._batch_context(row, now)
         return found
 

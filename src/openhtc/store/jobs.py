@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,37 @@ class Submitted:
     settled: bool  # all admitted, all rows written: no scheduler round needed
 
 
+@dataclass(frozen=True, slots=True)
+class BatchHead:
+    """The fields of a batch row an executor's launch reads (see ``JobStore.batch_heads``)."""
+
+    id: int
+    parent_job_id: str
+    task_id: str
+    project_id: str
+    workspace_id: str
+    created_by: str
+    region: str
+    request: dict[str, Any]
+
+
+FRESH_BATCHES = 256  # batches remembered from their submit until an executor claims a job of each
+_SMALL = 16 * 1024  # bytes of commands, envs and claims: a larger request is not kept in memory
+
+
+def _small(request: dict[str, Any]) -> bool:
+    definition = request.get("htcJobDefinition", {})
+    size = sum(len(c) for c in definition.get("commands", []))
+    for pair in (*definition.get("envs", []), *definition.get("claims", [])):
+        size += len(str(pair.get("name", ""))) + len(str(pair.get("value", "")))
+    return size <= _SMALL
+
+
 class JobStore:
     def __init__(self, db: Database, materialize_chunk: int = 20000) -> None:
         self.db = db
+        self._heads: dict[int, BatchHead] = {}  # see batch_heads
+        self._heads_lock = threading.Lock()
         self.materializer = Materializer(db)
         self.materialize_chunk = materialize_chunk
 
@@ -147,6 +176,7 @@ class JobStore:
         """
         echoes: list[dict[str, Any]] = []
         settled = True
+        heads: list[BatchHead] = []
         with self.db.write() as conn:
             unlimited = conn.execute(_UNLIMITED, {"project": task.project_id}).scalar()
             steps = lifecycle.submitted(admit=unlimited is None or bool(unlimited))
@@ -218,6 +248,19 @@ class JobStore:
                 first_id += nb.batch_size
                 budget -= written
                 batch_ids.append(batch_id)
+                if _small(echo):
+                    heads.append(
+                        BatchHead(
+                            batch_id,
+                            parent,
+                            task.id,
+                            task.project_id,
+                            task.workspace_id,
+                            user_id,
+                            nb.region,
+                            echo,
+                        )
+                    )
                 counts = counters.setdefault((task.id, group, int(status), task.project_id), [0, 0])
                 counts[0] += nb.batch_size
                 counts[1] += nb.batch_size * nb.vcpus
@@ -231,7 +274,26 @@ class JobStore:
             if also is not None:
                 also(conn, batch_ids)
             conn.execute(_TOUCH_TASK, {"task": task.id, "at": now})
+        self._remember(heads)  # only once committed: a rolled-back batch's id may be reused
         return Submitted(echoes, settled)
+
+    def _remember(self, heads: list[BatchHead]) -> None:
+        with self._heads_lock:
+            if len(self._heads) + len(heads) > FRESH_BATCHES:
+                self._heads.clear()
+            self._heads.update((head.id, head) for head in heads)
+
+    def batch_heads(self, ids: set[int]) -> dict[int, Any]:
+        """What an executor needs of each batch to launch its jobs (``BatchHead``'s fields, all
+        fixed at submit): from memory for the batches this server submitted lately, so a
+        client's lone job is claimed without another read; the others from the database."""
+        with self._heads_lock:
+            found: dict[int, Any] = {i: head for i in ids if (head := self._heads.pop(i, None))}
+        missing = ids - found.keys()
+        if missing:
+            with self.db.read() as conn:
+                found.update(self.batches_by_id(conn, missing))
+        return found
 
     def cancel(self, task_id: str, group: str | None, now: float, batch_id: int | None = None) -> Applied:
         """Fail every non-terminal job of the task (or group, or one batch of the group) with
