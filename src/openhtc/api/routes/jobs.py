@@ -17,7 +17,7 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import ValidationFailed
 from openhtc.services.service_set import ServiceSet
-from openhtc.services.submission import submit
+from openhtc.services.submission import submit_to
 from openhtc.services.tasks import cancel_jobs
 
 router = APIRouter()
@@ -33,8 +33,7 @@ def submit_batch(
     who: Principal = Depends(principal),
     svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
-    project, task = task_for(svc, who, project_id, task_id)
-    return JSONResponse(submit(svc, who, project, task, body, first(request, "group")))
+    return JSONResponse(submit_to(svc, who, project_id, task_id, body, first(request, "group")))
 
 
 @router.post(JOBS + "/cancel")
