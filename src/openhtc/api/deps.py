@@ -60,6 +60,26 @@ def task_for(svc: ServiceSet, who: Principal, project_id: str, task_id: str) -> 
     return project, task
 
 
+def task_job_for(
+    svc: ServiceSet, who: Principal, project_id: str, task_id: str, job_id: str
+) -> tuple[Any, Any]:
+    """``task_for`` then ``job_for`` in one read transaction (the job reads a client polls or
+    waits on: one transaction less per request)."""
+    check_project_scope(who, project_id)
+    with svc.db.read() as conn:
+        project = svc.projects.get_in(conn, who.workspace_id, project_id)
+        task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
+        found = svc.jobs.get(conn, task_id, job_id) if task is not None else None
+    if project is None:
+        raise NotFound(f"project {project_id} not found")
+    check_task_scope(who, project_id, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found in project {project_id}")
+    if found is None:
+        raise NotFound(f"job {job_id} not found in task {task_id}")
+    return found
+
+
 def job_for(svc: ServiceSet, task_id: str, job_id: str) -> tuple[Any, Any]:
     """A job of a task the caller was already checked for (``task_for``), and its batch."""
     with svc.db.read() as conn:

@@ -2,12 +2,13 @@
 
 ``htc agent`` speaks the same protocol over HTTP; the embedded local executor calls these
 methods directly. Claims turn store rows into JobLaunch values carrying the job's environment,
-including a job-scoped bearer token and refresh token, minted once per batch: a job token's
-scope is its task, so every job of a batch can share one.
+including a job-scoped bearer token and refresh token, minted once per task (and user-defined
+claims): a job token's scope is its task, so every job of its batches can share one.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class ExecutorService:
     def __init__(self, services: ServiceSet) -> None:
         self.services = services
         self._contexts: dict[int, _BatchContext] = {}  # batch id -> what its jobs share
+        self._tokens: dict[tuple[Any, ...], tuple[str, str, float]] = {}  # see _job_tokens
         self._lock = threading.Lock()
 
     @property
@@ -140,9 +142,7 @@ class ExecutorService:
             found = {i: c for i in batch_ids if (c := self._contexts.get(i)) and c.renew_at > now}
         missing = batch_ids - found.keys()
         if missing:
-            with self.services.db.read() as conn:
-                rows = self.services.jobs.batches_by_id(conn, missing)
-            for batch_id, row in rows.items():
+            for batch_id, row in self.services.jobs.batch_heads(missing).items():
                 found[batch_id] = self._batch_context(row, now)
         return found
 
@@ -159,7 +159,7 @@ class ExecutorService:
             task_id=batch.task_id,
             claims=claims,
         )
-        bearer, ttl = self.services.tokens.bearer(principal)
+        bearer, refresh, expires_at = self._job_tokens(principal, now)
         settings = self.services.settings
         shared = {
             "AWS_BATCH_CE_NAME": f"openhtc-{batch.region}",
@@ -170,10 +170,10 @@ class ExecutorService:
             "RESCALE_HTC_TASK_ID": batch.task_id,
             "RESCALE_HTC_REGION": batch.region,
             "RESCALE_HTC_BEARER_TOKEN": bearer,
-            "RESCALE_HTC_REFRESH_TOKEN": self.services.tokens.refresh(principal),
+            "RESCALE_HTC_REFRESH_TOKEN": refresh,
             "OPENHTC_API_URL": f"http://{_connect_host(settings.host)}:{settings.port}/api/v1",
         }
-        renew_at = now + ttl - 3600  # a job starts with at least an hour left on its tokens
+        renew_at = expires_at - 3600  # a job starts with at least an hour left on its tokens
         storage = self.services.storage
         creds = None
         if storage is not None:
@@ -182,7 +182,7 @@ class ExecutorService:
             shared.update(creds.values)
             renew_at = min(renew_at, now + (creds.expires_at - now) / 2)
         context = _BatchContext(
-            expires_at=now + ttl,
+            expires_at=expires_at,
             renew_at=renew_at,
             parent_job_id=batch.parent_job_id,
             image=definition.get("imageName", ""),
@@ -198,6 +198,30 @@ class ExecutorService:
                 self._contexts.clear()
             self._contexts[batch.id] = context
         return context
+
+    def _job_tokens(self, principal: Principal, now: float) -> tuple[str, str, float]:
+        """The bearer and refresh tokens of a job (and their expiry). Their claims are the
+        task, its user and the batch's user-defined claims, so the batches of a task that
+        carry the same claims share them: minting is two RS256 signatures, ~1 ms each, and a
+        client that submits one job at a time would pay them before each job starts."""
+        key = (
+            principal.user_id,
+            principal.workspace_id,
+            principal.project_id,
+            principal.task_id,
+            json.dumps(principal.claims, sort_keys=True, default=str),
+        )
+        with self._lock:
+            minted = self._tokens.get(key)
+        if minted is not None and minted[2] - 3600 > now:
+            return minted
+        bearer, ttl = self.services.tokens.bearer(principal)
+        minted = (bearer, self.services.tokens.refresh(principal), now + ttl)
+        with self._lock:
+            if len(self._tokens) > 10000:
+                self._tokens.clear()
+            self._tokens[key] = minted
+        return minted
 
     def _launch(self, job: Any, ctx: _BatchContext) -> JobLaunch:
         job_uuid = f"{ctx.parent_job_id}:{job.idx}"

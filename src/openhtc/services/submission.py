@@ -4,23 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
+from openhtc.auth.permissions import check_project_scope, check_task_scope
 from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer, offers_for, region_architectures, why_not_fit
 from openhtc.domain.enums import LifecycleStatus, Priority
-from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
+from openhtc.domain.errors import Conflict, ImageUnavailable, NotFound, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
-from openhtc.services.executors import live_offers
 from openhtc.services.notify import task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.jobs import NewBatch
+from openhtc.store.queue import executor_offers_in
+
+
+def submit_to(
+    services: ServiceSet, principal: Principal, project_id: str, task_id: str, body: Any, group: str | None
+) -> list[dict[str, Any]]:
+    """The submit call: the project, the task, the executors' offers and the regions in one
+    read transaction (as ``api.deps.task_for`` would check them), then ``submit``."""
+    check_project_scope(principal, project_id)
+    with services.db.read() as conn:
+        project = services.projects.get_in(conn, principal.workspace_id, project_id)
+        task = services.projects.task_in(conn, project_id, task_id) if project is not None else None
+        capacity = _capacity(services, conn, principal.workspace_id)
+    if project is None:
+        raise NotFound(f"project {project_id} not found")
+    check_task_scope(principal, project_id, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found in project {project_id}")
+    return submit(services, principal, project, task, body, group, capacity)
+
+
+def _capacity(services: ServiceSet, conn: Any, workspace_id: str) -> tuple[list[ExecutorOffer], list[Any]]:
+    """What the executors heard from within a lease offer, and the workspace's regions."""
+    offers = executor_offers_in(conn, services.clock.now() - services.settings.lease_seconds)
+    return offers, services.accounts.regions_in(conn, workspace_id)
 
 
 def submit(
-    services: ServiceSet, principal: Principal, project: Any, task: Any, body: Any, group: str | None
+    services: ServiceSet,
+    principal: Principal,
+    project: Any,
+    task: Any,
+    body: Any,
+    group: str | None,
+    capacity: tuple[list[ExecutorOffer], list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Validate every request first, so a bad one stores nothing, then store all batches and wake
-    the scheduler and the executors."""
+    the scheduler and the executors. ``capacity``: ``_capacity``'s answer, if the caller read it."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; jobs cannot be submitted to it")
     if group is not None:
@@ -28,20 +59,25 @@ def submit(
             raise ValidationFailed("must not be empty", field="group")
         check_name(group, "group", services.limits)
     requests = parse_submit_requests(body, services.limits)
-    offers = live_offers(services)  # what no registered executor can run is refused
+    if capacity is None:
+        with services.db.read() as conn:  # one transaction for both: they cost less than its begin
+            capacity = _capacity(services, conn, project.workspace_id)
+    offers, region_rows = capacity
+    # what no registered executor (heard from within a lease) can run is refused
     region_archs = {
-        r.name: region_architectures(r.architectures, offers, r.name)
-        for r in services.accounts.regions(project.workspace_id)
-        if r.enabled
+        r.name: region_architectures(r.architectures, offers, r.name) for r in region_rows if r.enabled
     }
     new = [_plan(req, i, project, region_archs, offers, group) for i, req in enumerate(requests)]
     if services.images_required:
         _check_images(services, project.id, {req.htcJobDefinition.imageName for req in requests})
-    echoes = services.jobs.submit(task, new, principal.user_id, services.clock.now())
-    services.wakeups.schedule_round.set()  # held jobs (under a limit) wait for the scheduler
-    services.wakeups.queued()  # the rest were admitted with the submit: executors can claim them now
+    stored = services.jobs.submit_batches(task, new, principal.user_id, services.clock.now())
+    # Held jobs (under a limit) and rows left to write are the scheduler's work; a round for
+    # nothing would race the executor's claim for the write lock and the GIL.
+    if not stored.settled:
+        services.wakeups.schedule_round.set()
+    services.wakeups.queued()  # admitted jobs: executors can claim them now
     services.notify.publish((task_key(task.id),))  # its status counts changed
-    return echoes
+    return stored.echoes
 
 
 def _check_images(services: ServiceSet, project_id: str, images: set[str]) -> None:

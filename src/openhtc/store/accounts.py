@@ -7,11 +7,12 @@ import secrets
 import string
 from typing import Any
 
-from sqlalchemy import Row, and_, insert, select
+from sqlalchemy import Connection, Row, and_, bindparam, insert, select
 
 from openhtc.store.db import Database
 from openhtc.store.tables import api_keys, regions, users, workspaces
 
+_REGIONS = select(regions).where(regions.c.workspace_id == bindparam("ws")).order_by(regions.c.name)
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -107,8 +108,8 @@ class AccountStore:
 
     def regions(self, workspace_id: str) -> list[Row[Any]]:
         with self.db.read() as conn:
-            return list(
-                conn.execute(
-                    select(regions).where(regions.c.workspace_id == workspace_id).order_by(regions.c.name)
-                )
-            )
+            return self.regions_in(conn, workspace_id)
+
+    @staticmethod
+    def regions_in(conn: Connection, workspace_id: str) -> list[Row[Any]]:
+        return list(conn.execute(_REGIONS, {"ws": workspace_id}))

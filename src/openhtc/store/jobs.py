@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,16 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, JobStatus
 from openhtc.store.db import BulkStatement, Database
 from openhtc.store.materialize import BatchFields, Materializer, pending_job, pending_jobs
-from openhtc.store.queue import load_limits
-from openhtc.store.tables import batches, job_counters, job_events, jobs, tasks
+from openhtc.store.tables import (
+    batches,
+    job_counters,
+    job_events,
+    jobs,
+    project_limits,
+    projects,
+    tasks,
+    workspaces,
+)
 from openhtc.store.transitions import Applied, StatusWrites, bump_counters
 
 _NON_TERMINAL_SQL = ",".join(str(int(s)) for s in NON_TERMINAL_STATUSES)
@@ -48,6 +57,22 @@ _PROJECT_OF_TASK = (
 _PROJECT_STATUS_COUNT = select(func.sum(job_counters.c.count)).where(
     and_(job_counters.c.project_id == bindparam("project"), job_counters.c.status == bindparam("status"))
 )
+# The submit's statements, built once for the same reason (a single-job submit is a client's
+# latency). Admission at submit: neither the project nor its workspace has a vCPU limit (the
+# three reads of queue.load_limits in one statement, inside the submit's own transaction, so a
+# limit committed before the submit is always seen).
+_UNLIMITED = (
+    select(
+        and_(
+            workspaces.c.vcpu_limit.is_(None),
+            ~select(project_limits.c.id).where(project_limits.c.project_id == projects.c.id).exists(),
+        )
+    )
+    .select_from(projects.join(workspaces, workspaces.c.id == projects.c.workspace_id))
+    .where(projects.c.id == bindparam("project"))
+)
+_INSERT_BATCH = insert(batches).returning(batches.c.id)
+_TOUCH_TASK = tasks.update().where(tasks.c.id == bindparam("task")).values(last_active_at=bindparam("at"))
 RARE = 50_000  # jobs of a project in one status, up to which a status filter reads ix_jobs_queue
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
@@ -78,9 +103,43 @@ class NewBatch:
     max_retries: int
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    echoes: list[dict[str, Any]]
+    settled: bool  # all admitted, all rows written: no scheduler round needed
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHead:
+    """The fields of a batch row an executor's launch reads (see ``JobStore.batch_heads``)."""
+
+    id: int
+    parent_job_id: str
+    task_id: str
+    project_id: str
+    workspace_id: str
+    created_by: str
+    region: str
+    request: dict[str, Any]
+
+
+FRESH_BATCHES = 256  # batches remembered from their submit until an executor claims a job of each
+_SMALL = 16 * 1024  # bytes of commands, envs and claims: a larger request is not kept in memory
+
+
+def _small(request: dict[str, Any]) -> bool:
+    definition = request.get("htcJobDefinition", {})
+    size = sum(len(c) for c in definition.get("commands", []))
+    for pair in (*definition.get("envs", []), *definition.get("claims", [])):
+        size += len(str(pair.get("name", ""))) + len(str(pair.get("value", "")))
+    return size <= _SMALL
+
+
 class JobStore:
     def __init__(self, db: Database, materialize_chunk: int = 20000) -> None:
         self.db = db
+        self._heads: dict[int, BatchHead] = {}  # see batch_heads
+        self._heads_lock = threading.Lock()
         self.materializer = Materializer(db)
         self.materialize_chunk = materialize_chunk
 
@@ -94,6 +153,17 @@ class JobStore:
         now: float,
         also: Callable[[Connection, list[int]], None] | None = None,
     ) -> list[dict[str, Any]]:
+        """``submit_batches``' echoes."""
+        return self.submit_batches(task, new_batches, user_id, now, also).echoes
+
+    def submit_batches(
+        self,
+        task: Row[Any],
+        new_batches: Sequence[NewBatch],
+        user_id: str,
+        now: float,
+        also: Callable[[Connection, list[int]], None] | None = None,
+    ) -> Submitted:
         """Store batches and all their jobs in one transaction.
 
         Jobs start in SUBMITTED_TO_RESCALE. When neither the project nor the workspace has a vCPU
@@ -101,12 +171,17 @@ class JobStore:
         common case costs no second pass over the rows. Rows beyond the first
         ``materialize_chunk`` jobs of the call are written later (see store/materialize.py).
         ``also`` writes more in the same transaction, given the new batches' ids (function
-        tasks: their events).
+        tasks: their events). ``Submitted.settled``: every job was admitted and has its row, so
+        the scheduler has nothing to do for this submit.
         """
         echoes: list[dict[str, Any]] = []
+        settled = True
+        heads: list[BatchHead] = []
         with self.db.write() as conn:
-            steps = lifecycle.submitted(admit=load_limits(conn, [task.project_id]).unlimited(task.project_id))
+            unlimited = conn.execute(_UNLIMITED, {"project": task.project_id}).scalar()
+            steps = lifecycle.submitted(admit=unlimited is None or bool(unlimited))
             status = steps[-1]
+            settled = status == JobStatus.SUBMITTED_TO_PROVIDER
             cur = self.db.cursor(conn)
             batch_ids: list[int] = []
             first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
@@ -129,29 +204,29 @@ class JobStore:
                     "jobDefinitionName": f"jobdef-{parent}",
                 }
                 written = min(nb.batch_size, budget)
+                settled = settled and written == nb.batch_size
                 batch_id = conn.execute(
-                    insert(batches)
-                    .values(
-                        parent_job_id=parent,
-                        task_id=task.id,
-                        project_id=task.project_id,
-                        workspace_id=task.workspace_id,
-                        group_name=group,
-                        batch_size=nb.batch_size,
-                        created_by=user_id,
-                        created_at=now,
-                        region=nb.region,
-                        max_retries=nb.max_retries,
-                        request=echo,
-                        first_job_id=first_id,
-                        pending_from=written if written < nb.batch_size else None,
-                        job_status=int(status),
-                        architecture=nb.architecture,
-                        priority=nb.priority,
-                        vcpus=nb.vcpus,
-                        memory_mb=nb.memory_mb,
-                    )
-                    .returning(batches.c.id)
+                    _INSERT_BATCH,
+                    {
+                        "parent_job_id": parent,
+                        "task_id": task.id,
+                        "project_id": task.project_id,
+                        "workspace_id": task.workspace_id,
+                        "group_name": group,
+                        "batch_size": nb.batch_size,
+                        "created_by": user_id,
+                        "created_at": now,
+                        "region": nb.region,
+                        "max_retries": nb.max_retries,
+                        "request": echo,
+                        "first_job_id": first_id,
+                        "pending_from": written if written < nb.batch_size else None,
+                        "job_status": int(status),
+                        "architecture": nb.architecture,
+                        "priority": nb.priority,
+                        "vcpus": nb.vcpus,
+                        "memory_mb": nb.memory_mb,
+                    },
                 ).scalar_one()
                 fields = BatchFields(
                     id=batch_id,
@@ -173,6 +248,19 @@ class JobStore:
                 first_id += nb.batch_size
                 budget -= written
                 batch_ids.append(batch_id)
+                if _small(echo):
+                    heads.append(
+                        BatchHead(
+                            batch_id,
+                            parent,
+                            task.id,
+                            task.project_id,
+                            task.workspace_id,
+                            user_id,
+                            nb.region,
+                            echo,
+                        )
+                    )
                 counts = counters.setdefault((task.id, group, int(status), task.project_id), [0, 0])
                 counts[0] += nb.batch_size
                 counts[1] += nb.batch_size * nb.vcpus
@@ -185,8 +273,27 @@ class JobStore:
             )
             if also is not None:
                 also(conn, batch_ids)
-            conn.execute(tasks.update().where(tasks.c.id == task.id).values(last_active_at=now))
-        return echoes
+            conn.execute(_TOUCH_TASK, {"task": task.id, "at": now})
+        self._remember(heads)  # only once committed: a rolled-back batch's id may be reused
+        return Submitted(echoes, settled)
+
+    def _remember(self, heads: list[BatchHead]) -> None:
+        with self._heads_lock:
+            if len(self._heads) + len(heads) > FRESH_BATCHES:
+                self._heads.clear()
+            self._heads.update((head.id, head) for head in heads)
+
+    def batch_heads(self, ids: set[int]) -> dict[int, Any]:
+        """What an executor needs of each batch to launch its jobs (``BatchHead``'s fields, all
+        fixed at submit): from memory for the batches this server submitted lately, so a
+        client's lone job is claimed without another read; the others from the database."""
+        with self._heads_lock:
+            found: dict[int, Any] = {i: head for i in ids if (head := self._heads.pop(i, None))}
+        missing = ids - found.keys()
+        if missing:
+            with self.db.read() as conn:
+                found.update(self.batches_by_id(conn, missing))
+        return found
 
     def cancel(self, task_id: str, group: str | None, now: float, batch_id: int | None = None) -> Applied:
         """Fail every non-terminal job of the task (or group, or one batch of the group) with

@@ -133,15 +133,15 @@ class Materializer:
         cur = self.db.cursor(conn)
         if not self.db.is_sqlite:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_RESERVE_LOCK_KEY,))
-        cur.execute("SELECT MAX(id) FROM jobs")
-        (highest,) = cur.fetchone()
-        # Ids reserved by a batch whose rows are not all written yet are above MAX(id).
+        # Ids reserved by a batch whose rows are not all written yet are above MAX(id). One
+        # statement for both (a round trip less on PostgreSQL); the lock above is its own: a
+        # statement's snapshot is taken before the locks it waits for.
         cur.execute(
-            "SELECT first_job_id + batch_size FROM batches WHERE first_job_id IS NOT NULL"
-            " ORDER BY id DESC LIMIT 1"
+            "SELECT (SELECT MAX(id) FROM jobs), (SELECT first_job_id + batch_size FROM batches"
+            " WHERE first_job_id IS NOT NULL ORDER BY id DESC LIMIT 1)"
         )
-        reserved = cur.fetchone()
-        return max((highest or 0) + 1, reserved[0] if reserved else 1)
+        highest, reserved = cur.fetchone()
+        return max((highest or 0) + 1, reserved or 1)
 
     def write(self, conn: Connection, batch: Any, start: int, stop: int) -> None:
         """Write the rows of jobs ``start``..``stop - 1`` of ``batch`` (fields as _BATCH_FIELDS)."""

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, and_, func, select, text
+from sqlalchemy import Connection, and_, bindparam, func, select, text
 
 from openhtc.domain import lifecycle, throughput
 from openhtc.domain import scheduling as policy
@@ -187,12 +187,8 @@ class QueueStore(AgentRows):
 
     def executor_offers(self, heard_since: float) -> list[ExecutorOffer]:
         """The executors that registered and have been heard from since ``heard_since``."""
-        query = select(
-            executors.c.region, executors.c.architectures, executors.c.vcpus, executors.c.memory_mb
-        )
         with self.db.read() as conn:
-            rows = conn.execute(query.where(executors.c.last_heartbeat >= heard_since)).all()
-        return [ExecutorOffer(r.region, tuple(r.architectures), Capacity(r.vcpus, r.memory_mb)) for r in rows]
+            return executor_offers_in(conn, heard_since)
 
     def register(
         self,
@@ -602,6 +598,17 @@ class Limits:
     def unlimited(self, project_id: str) -> bool:
         workspace = self.workspace_of.get(project_id, "")
         return not self.by_project.get(project_id) and self.workspace_limits.get(workspace) is None
+
+
+_OFFERS = select(
+    executors.c.region, executors.c.architectures, executors.c.vcpus, executors.c.memory_mb
+).where(executors.c.last_heartbeat >= bindparam("since"))
+
+
+def executor_offers_in(conn: Connection, heard_since: float) -> list[ExecutorOffer]:
+    """``QueueStore.executor_offers`` inside a transaction the caller holds."""
+    rows = conn.execute(_OFFERS, {"since": heard_since}).all()
+    return [ExecutorOffer(r.region, tuple(r.architectures), Capacity(r.vcpus, r.memory_mb)) for r in rows]
 
 
 def load_limits(conn: Connection, project_ids: Sequence[str]) -> Limits:

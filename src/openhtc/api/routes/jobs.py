@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
 from openhtc.api import serializers as ser
-from openhtc.api.deps import job_for, principal, services, task_for
+from openhtc.api.deps import job_for, principal, services, task_for, task_job_for
 from openhtc.api.pagination import decode_cursor, first, page, page_size
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
@@ -17,7 +17,7 @@ from openhtc.domain.clock import iso
 from openhtc.domain.enums import STATUS_NAMES, JobStatus
 from openhtc.domain.errors import ValidationFailed
 from openhtc.services.service_set import ServiceSet
-from openhtc.services.submission import submit
+from openhtc.services.submission import submit_to
 from openhtc.services.tasks import cancel_jobs
 
 router = APIRouter()
@@ -33,8 +33,7 @@ def submit_batch(
     who: Principal = Depends(principal),
     svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
-    project, task = task_for(svc, who, project_id, task_id)
-    return JSONResponse(submit(svc, who, project, task, body, first(request, "group")))
+    return JSONResponse(submit_to(svc, who, project_id, task_id, body, first(request, "group")))
 
 
 @router.post(JOBS + "/cancel")
@@ -92,8 +91,7 @@ def get_job(
     who: Principal = Depends(principal),
     svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
-    task_for(svc, who, project_id, task_id)
-    job, batch = job_for(svc, task_id, job_id)
+    job, batch = task_job_for(svc, who, project_id, task_id, job_id)
     return JSONResponse(ser.job(job, batch))
 
 

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from openhtc.api import serializers as ser
-from openhtc.api.deps import job_for, principal, services, task_for
+from openhtc.api.deps import job_for, principal, services, task_for, task_job_for
 from openhtc.api.pagination import encode_cursor, first
 from openhtc.api.responses import JSONResponse
 from openhtc.auth.permissions import require_user
@@ -142,8 +142,7 @@ async def wait_job(
 ) -> JSONResponse:
     """The job (as ``GET …/jobs/{id}``), once it has ended or at the timeout."""
     timeout = _timeout(request)
-    await _scoped(svc, who, project_id, task_id)
-    job, batch = await run_in_threadpool(job_for, svc, task_id, job_id)
+    job, batch = await run_in_threadpool(task_job_for, svc, who, project_id, task_id, job_id)
     if JobStatus(job.status).terminal or timeout == 0:
         return JSONResponse(ser.job(job, batch))
 
