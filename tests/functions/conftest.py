@@ -44,8 +44,10 @@ def sleepy(event, context):
 def pid_then_sleep(event, context):
     folder = os.path.join(os.environ["TASK_SHARED_FOLDER"], "pids")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, str(event["x"])), "w") as out:
+    path = os.path.join(folder, str(event["x"]))
+    with open(path + ".tmp", "w") as out:  # renamed when whole: a reader never sees an empty file
         out.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
     time.sleep(60)
 
 def crash_on(event, context):
