@@ -4,9 +4,10 @@ are ``openhtc-function HANDLER [CODE]``) here instead of to its runtime.
 Per (task, image, code, handler, limits) the pool keeps idle workers (worker.py); a call takes
 one (or starts one through the runtime), sends its event, waits for the reply within the call's
 timeout, and gives the worker back. Nothing per call touches the database or starts a process:
-events are read a chunk at a time, results are kept here and written in one transaction per
+events are read a chunk at a time, results are kept here and handed to the result sink once per
 executor turn (``flush``, just before the turn's reports, so a call that reads as ended always
-has its result), and a call writes a log only if it printed or logged something.
+has its result): the embedded executor writes them to the database in one transaction, ``htc
+agent`` sends each with its call's report. A call writes a log only if it printed or logged.
 
 A worker that crashes or runs out of memory fails the call it held with the runtime's usual
 code (the retry strategy applies as to any job); one that overruns the call's timeout is killed
@@ -30,6 +31,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
@@ -49,6 +51,43 @@ RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
 Save = Callable[[Sequence[CallResult]], None]
+CodeSource = Callable[[JobLaunch, str], str]  # (launch, zip name) -> a local copy (OSError if none)
+
+
+class ResultSink(Protocol):
+    """Where the calls' results go: the embedded executor writes them to the database
+    (``DatabaseResults``); ``htc agent`` sends each with its call's report (agent/functions.py)."""
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        """The results kept since the last flush; called just before the reports of their calls."""
+        ...
+
+    def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
+        """Keep a result over ``result_max_bytes`` at ``key`` of the task's storage; None once
+        it is kept, else why it could not be."""
+        ...
+
+
+class DatabaseResults:
+    """The embedded executor's sink: results to the database, large ones into the task folder
+    (the attempt's, uploaded with its outputs on S3)."""
+
+    def __init__(self, save: Save) -> None:
+        self._save = save
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        self._save(results)
+
+    def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
+        task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
+        if task_dir is None:
+            return "no task storage for a large result"
+        path = os.path.join(task_dir, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "wb") as out:
+            out.write(payload)
+        os.replace(path + ".part", path)
+        return None
 
 
 def is_function(launch: JobLaunch) -> bool:
@@ -83,19 +122,21 @@ class FunctionPool:
         runtime: Runtime,
         work_root: Path,
         events: Events,
-        save: Save,
+        results: ResultSink,
         *,
         result_max_bytes: int,
         idle_seconds: float,
         max_idle: int,
         max_log_bytes: int | None = None,
+        code_source: CodeSource | None = None,  # a code zip, where launches have no project folder
     ) -> None:
         self.max_log_bytes = max_log_bytes
         self.runtime = runtime
         self.local = runtime.name == "process"  # no sandbox: the host's paths and this Python
         self.root = work_root
         self._events = events
-        self._save = save
+        self._sink = results
+        self._code_source = code_source
         self.result_max_bytes = result_max_bytes
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
@@ -268,7 +309,7 @@ class FunctionPool:
         if not results:
             return
         try:
-            self._save(results)
+            self._sink.save(results)
         except BaseException:
             with self._lock:
                 self._results[:0] = results
@@ -308,25 +349,15 @@ class FunctionPool:
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, payload.decode(), None)
             )
             return
-        # Large: into the task's storage folder (uploaded with the attempt's outputs on S3).
-        task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
-        parent = launch.job_uuid.rpartition(":")[0]
-        key = result_key(parent, launch.array_index)
-        if task_dir is None:
-            error = {
-                "type": "ResultTooLarge",
-                "message": "no task storage for a large result",
-                "traceback": "",
-            }
+        # Large: kept in the task's storage by the sink; the result names where.
+        key = result_key(launch.job_uuid.rpartition(":")[0], launch.array_index)
+        why = self._sink.store_large(launch, key, payload)
+        if why is not None:
+            error = {"type": "ResultTooLarge", "message": why, "traceback": ""}
             self._keep(
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, None, json.dumps(error))
             )
             return
-        path = os.path.join(task_dir, key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".part", "wb") as out:
-            out.write(payload)
-        os.replace(path + ".part", path)
         self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, None, key))
 
     def _timed_out(self, launch: JobLaunch, timeout: float) -> Outcome:
@@ -409,20 +440,24 @@ class FunctionPool:
     def _code(self, launch: JobLaunch, code: str) -> str | Outcome:
         """The code zip from project storage, unpacked once per content (by its SHA-256)."""
         shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
-        path = os.path.join(shared, code) if shared else None
+        where = shared or f"project {launch.project_id}"  # fetched by code_source
         now = time.monotonic()
-        recent = self._recent.get((shared, code))
+        recent = self._recent.get((where, code))
         if recent is not None and now - recent[0] < CODE_CHECK_SECONDS:
             return recent[1]  # checked a moment ago: no stat per call
         try:
-            if path is None:
+            if shared is not None:
+                path = os.path.join(shared, code)
+            elif self._code_source is not None:
+                path = self._code_source(launch, code)
+            else:
                 raise FileNotFoundError("this server has no project storage")
             info = os.stat(path)
             seen = (path, info.st_mtime_ns, info.st_size)
             with self._lock:
                 ready = self._codes.get(seen)
             if ready is not None:
-                self._recent[(shared, code)] = (now, ready)
+                self._recent[(where, code)] = (now, ready)
                 return ready
             digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             target = self.root / "code" / digest
