@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from openhtc import __version__
+from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.logship import LogShipper
 from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
@@ -28,6 +29,7 @@ from openhtc.config import Settings
 from openhtc.domain.errors import ImageUnavailable
 from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
+from openhtc.functions.pool import FunctionPool
 from openhtc.registry.service import split_image
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.base import ImagePull
@@ -103,6 +105,22 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     )
     logs = LogStore(work / "logs")
     wakeups = Wakeups()
+    # function calls in warm workers, as on the embedded executor; events and results travel
+    # with leases and reports (agent/functions.py)
+    functions = AgentFunctions(settings.server, work / "agent")
+    pool = FunctionPool(
+        runtime,
+        work / "functions",
+        functions.events,
+        functions,
+        result_max_bytes=executor_settings.function_result_max_bytes,
+        idle_seconds=executor_settings.function_worker_idle_seconds,
+        max_idle=executor_settings.max_running_jobs,
+        max_log_bytes=executor_settings.max_log_bytes_per_job,
+        code_source=functions.code,
+    )
+    functions.pool = pool
+    transport.functions = functions
     executor = LocalExecutor(
         transport,
         runtime,
@@ -111,6 +129,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         wakeups,
         settings.region,
         [host_architecture()],
+        functions=pool,
         executor_id=agent_id_for(str(work)),
     )
     transport.held = executor.held
@@ -163,5 +182,7 @@ def run_agent(settings: AgentSettings) -> None:
             transport.heartbeat(executor.executor_id, [])
         outbox.close()
         transport.close()
+        if transport.functions is not None:
+            transport.functions.close()
         executor.runtime.close()
         log.info("agent: stopped (%d report(s) left to send at the next start)", len(outbox))

@@ -25,6 +25,7 @@ from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticate
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, MustRegister
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.functions import ReportedResult
 from openhtc.store.queue import AgentInfo
 
 router = APIRouter()
@@ -95,6 +96,7 @@ async def register(request: Request) -> JSONResponse:
         storage=wire.StorageInfo(kind="local" if settings.storage == "local" else "s3"),
         recovered=done.recovered,
         kill=done.kill,
+        function_result_max_bytes=settings.function_result_max_bytes,
     )
     return JSONResponse(wire.dump(answer))
 
@@ -106,6 +108,13 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     req = await _body(request, wire.ExchangeRequest)
     agents = _service(svc)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
+    results = {
+        (r.job_id, r.attempt): ReportedResult(
+            r.job_id, r.attempt, r.result.result, r.result.error, r.result.result_key
+        )
+        for r in req.reports
+        if r.result is not None
+    }
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     if req.draining:  # a stopping agent: the long poll it may have open answers now
@@ -122,6 +131,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             req.max_jobs,
             req.draining,
             str(claims.get("region", "*")),
+            results,
         )
     except MustRegister as exc:
         return _must_register(exc.reason)
@@ -150,11 +160,14 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         )
         if leases:  # there may be more: the next waiter claims too
             agents.pass_on(done.region)
+    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
     answer = wire.ExchangeResponse(
         acked=done.acked,
         refused=done.refused,
         leases=[
-            wire.launch_to_wire(launch, _pull_token(svc, launch.project_id, launch.image))
+            wire.launch_to_wire(
+                launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
+            )
             for launch in leases
         ],
         kill=done.kill,

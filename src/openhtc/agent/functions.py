@@ -1,0 +1,166 @@
+"""Function calls on ``htc agent``: the agent's side of the function pool (functions/pool.py).
+
+The agent runs calls in warm workers exactly as the embedded executor does; only where things
+come from and go to differs, since it cannot read the database:
+
+- **events** come with the leases (``Launch.event``) and are kept here until the call's end is
+  reported;
+- **results** (value, or error type, message and traceback) go with the call's terminal report
+  (``Report.result``); the server stores them with the status change, fenced by attempt;
+- **a result over** ``function_result_max_bytes`` (which the server advertises at registration)
+  is put in the task's storage through the server's object API with the job's own token (the
+  lease carries it), and the report names its key;
+- **a code zip** is read from the project's shared storage through the same API with the same
+  token, when the launch has no project folder of its own: a local copy per project and name,
+  fetched again only when the object's size or modification time changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+from openhtc.domain.models import AttemptReport, JobLaunch
+from openhtc.executor import protocol as wire
+from openhtc.functions.pool import FunctionPool, is_function
+from openhtc.storage.layout import shared_prefix, task_prefix
+from openhtc.store.functions import CallResult
+
+BEARER_ENV = "RESCALE_HTC_BEARER_TOKEN"  # the job's token, in the lease's environment
+CHUNK = 1 << 20
+
+
+def job_token(launch: JobLaunch) -> str | None:
+    """The job's bearer token (openhtc's entries come first in ``batch_envs``)."""
+    return next((v for k, v in launch.batch_envs if k == BEARER_ENV), None)
+
+
+class AgentFunctions:
+    """Events in, results out, large results and code zips over HTTP (see the module doc)."""
+
+    def __init__(self, server: str, work_dir: Path) -> None:
+        self.api = server.rstrip("/") + "/api/v1"
+        self.code_dir = work_dir / "code-zips"
+        self.pool: FunctionPool | None = None
+        self._lock = threading.Lock()
+        self._events: dict[int, dict[int, str]] = {}  # batch -> index -> event (JSON text)
+        self._calls: dict[tuple[int, int], tuple[int, int]] = {}  # (job, attempt) -> (batch, index)
+        self._results: dict[tuple[int, int, int], CallResult] = {}  # (batch, index, attempt)
+        self._zips: dict[str, tuple[int, str]] = {}  # object key -> (size, modified) of the copy
+        timeout = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=30.0)
+        self._client = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def configure(self, result_max_bytes: int | None) -> None:
+        """What the server advertised at registration."""
+        if result_max_bytes is not None and self.pool is not None:
+            self.pool.result_max_bytes = result_max_bytes
+
+    # -- the transport's side -------------------------------------------------------------------
+
+    def leased(self, launch: JobLaunch, event: str | None) -> None:
+        if event is None or not is_function(launch):
+            return
+        with self._lock:
+            self._events.setdefault(launch.batch_id, {})[launch.array_index] = event
+            self._calls[(launch.job_id, launch.attempt)] = (launch.batch_id, launch.array_index)
+
+    def results_for(self, reports: Sequence[AttemptReport]) -> dict[tuple[int, int], wire.FunctionResult]:
+        """The results of the calls these reports end (taken: an end is reported once)."""
+        out: dict[tuple[int, int], wire.FunctionResult] = {}
+        with self._lock:
+            for report in reports:
+                key = (report.job_id, report.attempt)
+                if not report.status.terminal or key not in self._calls:
+                    continue
+                batch_id, idx = self._calls.pop(key)
+                events = self._events.get(batch_id)
+                if events is not None:
+                    events.pop(idx, None)
+                    if not events:
+                        del self._events[batch_id]
+                kept = self._results.pop((batch_id, idx, report.attempt), None)
+                if kept is not None:
+                    out[key] = wire.FunctionResult(
+                        result=kept.result, error=kept.error, result_key=kept.result_key
+                    )
+        return out
+
+    # -- the pool's side ------------------------------------------------------------------------
+
+    def events(self, batch_id: int, start: int, stop: int) -> dict[int, str]:
+        with self._lock:
+            held = self._events.get(batch_id, {})
+            return {i: e for i, e in held.items() if start <= i < stop}
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        with self._lock:
+            for r in results:
+                self._results[(r.batch_id, r.idx, r.attempt)] = r
+
+    def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
+        token = job_token(launch)
+        if token is None:
+            return "the lease carries no job token to store a large result with"
+        url = self._object_url(task_prefix(launch.project_id, launch.task_id) + key)
+        try:
+            resp = self._client.put(url, content=payload, headers={"Authorization": f"Bearer {token}"})
+        except httpx.HTTPError as exc:
+            return f"cannot store the result in task storage: {exc or type(exc).__name__}"
+        if resp.status_code != 200:
+            return f"cannot store the result in task storage: HTTP {resp.status_code} {resp.text[:200]}"
+        return None
+
+    def code(self, launch: JobLaunch, name: str) -> str:
+        """A local copy of the project's code zip ``name`` (OSError if there is none)."""
+        token = job_token(launch)
+        if token is None:
+            raise FileNotFoundError("the lease carries no job token to read project storage with")
+        key = shared_prefix(launch.project_id) + name
+        local = self.code_dir / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".zip")
+        headers = {"Authorization": f"Bearer {token}"}
+        part: Path | None = None
+        try:
+            listed = self._client.get(f"{self.api}/htc/storage/list", params={"prefix": key}, headers=headers)
+            if listed.status_code != 200:
+                raise FileNotFoundError(f"HTTP {listed.status_code} {listed.text[:200]}")
+            found = [o for o in listed.json().get("items", []) if o.get("key") == key]
+            if not found:
+                raise FileNotFoundError(f"no {name} in the project's shared storage")
+            seen = (int(found[0]["size"]), str(found[0].get("lastModified")))
+            with self._lock:
+                current = self._zips.get(key) == seen and local.exists()
+            if current:
+                return str(local)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            part = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.part")
+            with self._client.stream("GET", self._object_url(key), headers=headers) as resp:
+                if resp.status_code != 200:
+                    raise FileNotFoundError(f"HTTP {resp.status_code} reading {name}")
+                with open(part, "wb") as out:
+                    for chunk in resp.iter_bytes(CHUNK):
+                        out.write(chunk)
+            os.replace(part, local)
+        except httpx.HTTPError as exc:
+            raise FileNotFoundError(
+                f"cannot read {name} from the server: {exc or type(exc).__name__}"
+            ) from None
+        finally:
+            if part is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)  # gone once replaced
+        with self._lock:
+            self._zips[key] = seen
+        return str(local)
+
+    def _object_url(self, key: str) -> str:
+        return f"{self.api}/htc/storage/objects/{quote(key)}"
