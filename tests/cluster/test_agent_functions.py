@@ -207,31 +207,39 @@ def test_a_reported_result_is_stored_once_and_a_stale_attempts_is_refused(
     api = srv.api()
     pid, tid = api.project_and_task()
     base = f"{srv.url}/openhtc/v1/projects/{pid}/tasks/{tid}/functions"
-    batch = api.post(base, {"image": IMAGE, "handler": "m.f", "events": [{"x": 7}, {"x": 8}]}, expect=201)
+    events = [{"x": 7}, {"x": 8}, {"x": 9}]
+    batch = api.post(base, {"image": IMAGE, "handler": "m.f", "events": events}, expect=201)
     agent = FakeAgent(srv)
     leases: list[dict[str, Any]] = []
     deadline = time.monotonic() + 30
-    while len(leases) < 2 and time.monotonic() < deadline:
-        leases += agent.exchange(max_jobs=2 - len(leases))["leases"]
-    assert sorted(json.loads(lease["event"])["x"] for lease in leases) == [7, 8]  # events travel with leases
-    first, second = sorted(leases, key=lambda lease: lease["array_index"])
-    ended = _report(first, 3, JobStatus.SUCCEEDED, exit_code=0, result={"result": "14"})
-    answer = agent.exchange(
-        [_report(first, 1, JobStatus.STARTING), _report(first, 2, JobStatus.RUNNING), ended]
-    )
-    assert len(answer["acked"]) == 3
-    # the same end again, with another value (a lost answer resent): acknowledged, nothing changes
-    again = {**ended, "result": {"result": "99"}}
+    while len(leases) < 3 and time.monotonic() < deadline:
+        leases += agent.exchange(max_jobs=3 - len(leases))["leases"]
+    assert sorted(json.loads(lease["event"])["x"] for lease in leases) == [7, 8, 9]  # events ride the leases
+    first, second, third = sorted(leases, key=lambda lease: lease["array_index"])
+
+    def run(lease: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        ended = _report(lease, 3, JobStatus.SUCCEEDED, exit_code=0, result=result)
+        return agent.exchange(
+            [_report(lease, 1, JobStatus.STARTING), _report(lease, 2, JobStatus.RUNNING), ended]
+        )
+
+    assert len(run(first, {"result": "14"})["acked"]) == 3
+    # the same end again with another value, as a resend (same seq) and as one the server has no
+    # memory of (a later seq, say after its restart): neither changes the stored result
+    again = _report(first, 3, JobStatus.SUCCEEDED, exit_code=0, result={"result": "99"})
     assert agent.exchange([again])["acked"] == [[first["job_id"], first["attempt"], 3]]
+    agent.exchange([{**again, "seq": 4}])
     # an attempt that is not the current one: refused, and its result is not stored
-    stale = {**second, "attempt": second["attempt"] + 1}
-    answer = agent.exchange([_report(stale, 1, JobStatus.SUCCEEDED, exit_code=0, result={"result": "66"})])
-    assert answer["refused"] == [[second["job_id"], second["attempt"] + 1]]
+    assert len(run(second, {"result": "16"})["acked"]) == 3
+    stale = _report(
+        {**second, "attempt": second["attempt"] + 1}, 1, JobStatus.SUCCEEDED, result={"result": "66"}
+    )
+    assert agent.exchange([stale])["refused"] == [[second["job_id"], second["attempt"] + 1]]
     # a large result's key must be its own call's
-    wrong = _report(second, 3, JobStatus.SUCCEEDED, exit_code=0, result={"result_key": "elsewhere.json"})
-    agent.exchange([_report(second, 1, JobStatus.STARTING), _report(second, 2, JobStatus.RUNNING), wrong])
+    run(third, {"result_key": "elsewhere.json"})
     page = api.get(f"{base}/{batch['batchId']}/results", **{"from": 0, "wait": 0})
     assert [(i["index"], i["status"], i["result"]) for i in page["items"]] == [
         (0, "SUCCEEDED", 14),
-        (1, "SUCCEEDED", None),
+        (1, "SUCCEEDED", 16),
+        (2, "SUCCEEDED", None),
     ]
