@@ -10,19 +10,14 @@ come from and go to differs, since it cannot read the database:
 - **a result over** ``function_result_max_bytes`` (which the server advertises at registration)
   is put in the task's storage through the server's object API with the job's own token (the
   lease carries it), and the report names its key;
-- **a code zip** is read from the project's shared storage through the same API with the same
-  token, when the launch has no project folder of its own: a local copy per project and name,
-  fetched again only when the object's size or modification time changed.
+- **a code zip** is read from the call's PROJECT_SHARED_FOLDER, which the agent stages through
+  the same API (agent/storage.py), as for any job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -30,7 +25,7 @@ import httpx
 from openhtc.domain.models import AttemptReport, JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.functions.pool import FunctionPool, is_function
-from openhtc.storage.layout import shared_prefix, task_prefix
+from openhtc.storage.layout import task_prefix
 from openhtc.store.functions import CallResult
 
 BEARER_ENV = "RESCALE_HTC_BEARER_TOKEN"  # the job's token, in the lease's environment
@@ -43,17 +38,15 @@ def job_token(launch: JobLaunch) -> str | None:
 
 
 class AgentFunctions:
-    """Events in, results out, large results and code zips over HTTP (see the module doc)."""
+    """Events in, results out, large results over HTTP (see the module doc)."""
 
-    def __init__(self, server: str, work_dir: Path) -> None:
+    def __init__(self, server: str) -> None:
         self.api = server.rstrip("/") + "/api/v1"
-        self.code_dir = work_dir / "code-zips"
         self.pool: FunctionPool | None = None
         self._lock = threading.Lock()
         self._events: dict[int, dict[int, str]] = {}  # batch -> index -> event (JSON text)
         self._calls: dict[tuple[int, int], tuple[int, int]] = {}  # (job, attempt) -> (batch, index)
         self._results: dict[tuple[int, int, int], CallResult] = {}  # (batch, index, attempt)
-        self._zips: dict[str, tuple[int, str]] = {}  # object key -> (size, modified) of the copy
         timeout = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=30.0)
         self._client = httpx.Client(timeout=timeout)
 
@@ -119,48 +112,6 @@ class AgentFunctions:
         if resp.status_code != 200:
             return f"cannot store the result in task storage: HTTP {resp.status_code} {resp.text[:200]}"
         return None
-
-    def code(self, launch: JobLaunch, name: str) -> str:
-        """A local copy of the project's code zip ``name`` (OSError if there is none)."""
-        token = job_token(launch)
-        if token is None:
-            raise FileNotFoundError("the lease carries no job token to read project storage with")
-        key = shared_prefix(launch.project_id) + name
-        local = self.code_dir / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".zip")
-        headers = {"Authorization": f"Bearer {token}"}
-        part: Path | None = None
-        try:
-            listed = self._client.get(f"{self.api}/htc/storage/list", params={"prefix": key}, headers=headers)
-            if listed.status_code != 200:
-                raise FileNotFoundError(f"HTTP {listed.status_code} {listed.text[:200]}")
-            found = [o for o in listed.json().get("items", []) if o.get("key") == key]
-            if not found:
-                raise FileNotFoundError(f"no {name} in the project's shared storage")
-            seen = (int(found[0]["size"]), str(found[0].get("lastModified")))
-            with self._lock:
-                current = self._zips.get(key) == seen and local.exists()
-            if current:
-                return str(local)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            part = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.part")
-            with self._client.stream("GET", self._object_url(key), headers=headers) as resp:
-                if resp.status_code != 200:
-                    raise FileNotFoundError(f"HTTP {resp.status_code} reading {name}")
-                with open(part, "wb") as out:
-                    for chunk in resp.iter_bytes(CHUNK):
-                        out.write(chunk)
-            os.replace(part, local)
-        except httpx.HTTPError as exc:
-            raise FileNotFoundError(
-                f"cannot read {name} from the server: {exc or type(exc).__name__}"
-            ) from None
-        finally:
-            if part is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(part)  # gone once replaced
-        with self._lock:
-            self._zips[key] = seen
-        return str(local)
 
     def _object_url(self, key: str) -> str:
         return f"{self.api}/htc/storage/objects/{quote(key)}"

@@ -24,6 +24,7 @@ from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.logship import LogShipper
 from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
+from openhtc.agent.storage import LeaseStager
 from openhtc.agent.transport import HttpTransport
 from openhtc.config import Settings
 from openhtc.domain.errors import ImageUnavailable
@@ -107,7 +108,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     wakeups = Wakeups()
     # function calls in warm workers, as on the embedded executor; events and results travel
     # with leases and reports (agent/functions.py)
-    functions = AgentFunctions(settings.server, work / "agent")
+    functions = AgentFunctions(settings.server)
     pool = FunctionPool(
         runtime,
         work / "functions",
@@ -117,10 +118,11 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         idle_seconds=executor_settings.function_worker_idle_seconds,
         max_idle=executor_settings.max_running_jobs,
         max_log_bytes=executor_settings.max_log_bytes_per_job,
-        code_source=functions.code,
     )
     functions.pool = pool
     transport.functions = functions
+    # PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER through the server's object API
+    stager = LeaseStager(f"{settings.server}/api/v1", work / "storage", settings.shared_ttl_seconds)
     executor = LocalExecutor(
         transport,
         runtime,
@@ -131,6 +133,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         [host_architecture()],
         functions=pool,
         executor_id=agent_id_for(str(work)),
+        stager=stager,
     )
     transport.held = executor.held
     transport.idle = executor.idle

@@ -38,6 +38,11 @@ class AgentSettings(BaseSettings):
     job_network: str = Field(
         "openhtc", description="What container jobs reach (as htc server --job-network)."
     )
+    shared_ttl_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long a project's PROJECT_SHARED_FOLDER copy is used before it is synced again.",
+    )
     max_buffered_reports: int = Field(
         100000, ge=100, description="Reports kept on disk while the server is away."
     )

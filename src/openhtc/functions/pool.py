@@ -51,7 +51,6 @@ RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
 Save = Callable[[Sequence[CallResult]], None]
-CodeSource = Callable[[JobLaunch, str], str]  # (launch, zip name) -> a local copy (OSError if none)
 
 
 class ResultSink(Protocol):
@@ -128,7 +127,6 @@ class FunctionPool:
         idle_seconds: float,
         max_idle: int,
         max_log_bytes: int | None = None,
-        code_source: CodeSource | None = None,  # a code zip, where launches have no project folder
     ) -> None:
         self.max_log_bytes = max_log_bytes
         self.runtime = runtime
@@ -136,7 +134,6 @@ class FunctionPool:
         self.root = work_root
         self._events = events
         self._sink = results
-        self._code_source = code_source
         self.result_max_bytes = result_max_bytes
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
@@ -440,24 +437,20 @@ class FunctionPool:
     def _code(self, launch: JobLaunch, code: str) -> str | Outcome:
         """The code zip from project storage, unpacked once per content (by its SHA-256)."""
         shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
-        where = shared or f"project {launch.project_id}"  # fetched by code_source
+        path = os.path.join(shared, code) if shared else None
         now = time.monotonic()
-        recent = self._recent.get((where, code))
+        recent = self._recent.get((shared, code))
         if recent is not None and now - recent[0] < CODE_CHECK_SECONDS:
             return recent[1]  # checked a moment ago: no stat per call
         try:
-            if shared is not None:
-                path = os.path.join(shared, code)
-            elif self._code_source is not None:
-                path = self._code_source(launch, code)
-            else:
+            if path is None:
                 raise FileNotFoundError("this server has no project storage")
             info = os.stat(path)
             seen = (path, info.st_mtime_ns, info.st_size)
             with self._lock:
                 ready = self._codes.get(seen)
             if ready is not None:
-                self._recent[(where, code)] = (now, ready)
+                self._recent[(shared, code)] = (now, ready)
                 return ready
             digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             target = self.root / "code" / digest

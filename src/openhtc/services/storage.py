@@ -241,6 +241,9 @@ class StorageService:
             raise PermissionDenied(f"{key} is outside your storage") from None
         if who.is_job:
             assert who.project_id and who.task_id
+            if task_id is not None and self.task_gone(project_id, task_id):
+                # a late output (an agent's upload after a cancel) must not bring it back
+                return Scope(ro=(shared_prefix(who.project_id),))
             return Scope.for_job(who.project_id, who.task_id)
         if self.projects.get(who.workspace_id, project_id) is None:
             raise PermissionDenied(f"{key} is outside your storage")

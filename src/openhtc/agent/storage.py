@@ -1,0 +1,59 @@
+"""PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER for the jobs of ``htc agent``.
+
+An agent cannot see the server's store (its data directory, or a bucket it has no credentials
+for), so it stages both folders through the server's object API: a ``SyncStager`` (the one S3
+uses on the server: the shared folder synced read-only into a cache at most once per
+``shared_ttl``, only changed objects fetched; a fresh task folder per attempt, uploaded when the
+attempt ends whatever its outcome; a deleted task skipped) over an ``HttpBackend``. Every call
+made for a job carries that job's own token, taken from its lease: its task's folder read-write,
+its project's shared folder read-only, nothing else. The same on either server storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from openhtc.domain.models import JobLaunch, Mount
+from openhtc.runtimes.base import LogOpener
+from openhtc.storage.http_backend import HttpBackend, JobToken
+from openhtc.storage.staging import SyncStager, job_log
+
+log = logging.getLogger("openhtc.agent")
+
+
+class LeaseStager:
+    """A ``SyncStager`` over the object API, each call acting as the job it is made for."""
+
+    def __init__(self, api_url: str, root: Path, shared_ttl: float = 10.0) -> None:
+        self.backend = HttpBackend(api_url)
+        self.inner = SyncStager(self.backend, root, self.backend.task_deleted, shared_ttl)
+        self._tokens: dict[tuple[int, int], JobToken] = {}  # attempt -> its token, until it ends
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _token(self, launch: JobLaunch) -> JobToken | None:
+        key = (launch.job_id, launch.attempt)
+        token = JobToken.of(launch) or self._tokens.get(key)
+        if token is not None:
+            self._tokens[key] = token
+        return token
+
+    def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
+        token = self._token(launch)
+        if token is None:  # not a lease of a server (no job token): no storage to stage
+            return ()
+        with self.backend.acting_as(token):
+            return self.inner.prepare(launch)
+
+    def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
+        token = self._tokens.pop((launch.job_id, launch.attempt), None) or JobToken.of(launch)
+        if token is None:
+            if any(self.inner._attempt_dir(launch).glob("*")):  # a job taken back after a restart
+                job_log(
+                    open_log, "openhtc: TASK_SHARED_FOLDER not uploaded: no job token to reach the server"
+                )
+            return
+        with self.backend.acting_as(token):
+            self.inner.finish(launch, stopped, open_log)

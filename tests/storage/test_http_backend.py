@@ -1,0 +1,77 @@
+"""``HttpBackend``: the storage contract over the server's object API, with a real job's token
+(what ``htc agent`` stages PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER through)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openhtc.domain.errors import NotFound, PermissionDenied, Unauthenticated
+from openhtc.storage.http_backend import HttpBackend, JobToken
+
+# Nothing here depends on the database: run on the first of --db only.
+pytestmark = pytest.mark.one_db
+
+
+def test_a_job_token_reaches_its_task_and_reads_the_shared_folder(
+    storage_server: Any, tmp_path: Path
+) -> None:
+    s = storage_server
+    pid, tid = s.api.project_and_task()
+    other_tid = s.api.create_task(pid)["taskId"]
+    shared, task = f"projects/{pid}/shared/", f"projects/{pid}/tasks/{tid}/"
+    big = os.urandom(2 * 1024 * 1024 + 3)
+    with s.objects(s.server.token()) as http:  # the user uploads inputs
+        for name, body in (("in.txt", b"input"), ("dir/big.bin", big), ("odd name+%.txt", b"odd")):
+            assert http.put(f"/htc/storage/objects/{shared}{name}", content=body).status_code == 200
+
+    backend = HttpBackend(s.server.api_url)
+    with pytest.raises(Unauthenticated):  # no token, no call
+        backend.list(shared, None, 10)
+    token = JobToken(s.job_bearer(pid, tid))
+    with backend.acting_as(token):
+        listed = backend.list(shared, None, 1000)
+        assert [o.key for o in listed] == sorted(
+            shared + n for n in ("in.txt", "dir/big.bin", "odd name+%.txt")
+        )
+        assert all(o.last_modified > 0 for o in listed)
+        assert [o.size for o in backend.list(shared, None, 1000) if o.key.endswith("big.bin")] == [len(big)]
+        assert len(backend.list(shared, None, 1)) == 1
+        assert [o.key for o in backend.list(shared, listed[0].key, 1000)] == [o.key for o in listed[1:]]
+        backend.download(shared + "dir/big.bin", str(tmp_path / "big"))
+        assert (tmp_path / "big").read_bytes() == big
+        assert b"".join(backend.get(shared + "odd name+%.txt").chunks) == b"odd"
+        with pytest.raises(NotFound):
+            backend.get(shared + "missing")
+
+        (tmp_path / "out.txt").write_bytes(b"result")
+        backend.put_file(task + "out/out.txt", str(tmp_path / "out.txt"))
+        upload = backend.begin_put(task + "streamed.bin")
+        upload.write(b"a" * 10)
+        upload.write(b"b")
+        assert upload.commit() == 11
+        assert [o.key for o in backend.list(task, None, 100)] == [task + "out/out.txt", task + "streamed.bin"]
+
+        # read-only shared folder, other tasks unreachable: the job's scope, never broader
+        with pytest.raises(PermissionDenied):
+            backend.put_file(shared + "evil.txt", str(tmp_path / "out.txt"))
+        with pytest.raises(PermissionDenied):
+            backend.put_file(f"projects/{pid}/tasks/{other_tid}/x", str(tmp_path / "out.txt"))
+        with pytest.raises(PermissionDenied):
+            backend.list(f"projects/{pid}/tasks/{other_tid}/", None, 10)
+
+        assert backend.delete_prefix(task + "out/") == 1
+        backend.delete(task + "out/out.txt")  # already gone: no error
+        assert not backend.task_deleted(pid, tid)
+    with s.objects(s.server.token()) as http:  # what the job wrote is the user's to download
+        assert http.get(f"/htc/storage/objects/{task}streamed.bin").content == b"a" * 10 + b"b"
+        assert http.delete(f"/htc/projects/{pid}/tasks/{tid}").status_code in (200, 204)
+    with backend.acting_as(token):
+        assert backend.task_deleted(pid, tid)
+        # a job's late output cannot bring a deleted task's storage back
+        with pytest.raises(PermissionDenied):
+            backend.put_file(task + "late.txt", str(tmp_path / "out.txt"))
+    backend.close()
