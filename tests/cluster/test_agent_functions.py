@@ -64,6 +64,10 @@ HANDLERS = textwrap.dedent(
         return {"x": event["x"], "attempt": context.attempt}
 
 
+    def huge_error(event, context):
+        raise ValueError("e" * event["size"])
+
+
     def big(event, context):
         return [event["x"]] + ["y" * 1000] * (event["size"] // 1000)
     """
@@ -138,6 +142,12 @@ def test_a_raising_handler_gives_function_error_with_the_remote_traceback(task: 
     assert (error.index, error.type, error.message) == (1, "ValueError", "odd x: 1")
     assert error.failure_code == "ErrorFunction"
     assert "fail_odd" in error.traceback and "raise ValueError" in error.traceback
+    # an error larger than a report may carry (here 2 MB, over the server's string limit) is cut
+    with pytest.raises(FunctionError) as caught:
+        task.map(IMAGE, "agent_handlers.huge_error", [{"size": 2_000_000}], code="handlers.zip")
+    assert caught.value.type == "ValueError" and caught.value.message.startswith("eeee")
+    assert caught.value.message.endswith("(cut)") and len(caught.value.message) < LIMIT
+    assert "raise ValueError" in caught.value.traceback
 
 
 def test_a_worker_crash_mid_call_is_retried_per_the_retry_strategy(task: Task, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ come from and go to differs, since it cannot read the database:
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from urllib.parse import quote
@@ -83,10 +84,14 @@ class AgentFunctions:
                         del self._events[batch_id]
                 kept = self._results.pop((batch_id, idx, report.attempt), None)
                 if kept is not None:
+                    error = None if kept.error is None else _bounded(kept.error, self._limit())
                     out[key] = wire.FunctionResult(
-                        result=kept.result, error=kept.error, result_key=kept.result_key
+                        result=kept.result, error=error, result_key=kept.result_key
                     )
         return out
+
+    def _limit(self) -> int:
+        return self.pool.result_max_bytes if self.pool is not None else 256 * 1024
 
     # -- the pool's side ------------------------------------------------------------------------
 
@@ -115,3 +120,21 @@ class AgentFunctions:
 
     def _object_url(self, key: str) -> str:
         return f"{self.api}/htc/storage/objects/{quote(key)}"
+
+
+def _bounded(error: str, limit: int) -> str:
+    """An error's JSON cut to about ``limit`` characters (a report must stay within the server's
+    string limit): the message's start and the traceback's start and end are kept."""
+    if len(error) <= limit:
+        return error
+    try:
+        found = json.loads(error)
+    except ValueError:
+        found = {"type": "Error", "message": error, "traceback": ""}
+    keep = max(1000, limit // 3)
+    message, trace = str(found.get("message", "")), str(found.get("traceback", ""))
+    if len(message) > keep:
+        message = message[:keep] + " ... (cut)"
+    if len(trace) > keep:
+        trace = trace[: keep // 2] + "\n... (cut) ...\n" + trace[-keep // 2 :]
+    return json.dumps({"type": str(found.get("type", "Error"))[:200], "message": message, "traceback": trace})

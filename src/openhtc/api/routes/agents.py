@@ -96,7 +96,8 @@ async def register(request: Request) -> JSONResponse:
         storage=wire.StorageInfo(kind="local" if settings.storage == "local" else "s3"),
         recovered=done.recovered,
         kill=done.kill,
-        function_result_max_bytes=settings.function_result_max_bytes,
+        # inline results are strings of a JSON body: within its string limit too
+        function_result_max_bytes=min(settings.function_result_max_bytes, settings.max_string_chars),
     )
     return JSONResponse(wire.dump(answer))
 
