@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import Result, cpu_seconds, percentile
+from bench.common import Profiler, Result, cpu_seconds, percentile
 from bench.server import OpenhtcServer
 
 HANDLER_MODULE = "bench_handlers"
@@ -113,6 +113,8 @@ def openhtc_functions(ctx: Any, db: str, n: int, url: str | None) -> Result:
                 task.map(IMAGE, HANDLER, [{"x": i}], **options)
                 samples.append((time.perf_counter() - t0) * 1000)
             payload = events(n)
+            name = f"functions-{db}-{n}"
+            profiler = Profiler(srv.pid, ctx.profile_path(name)) if ctx.profile else None
             cpu0, client0 = cpu_seconds(srv.pid), time.process_time()
             start = time.perf_counter()
             batch = task.submit_functions(IMAGE, HANDLER, payload, **options)
@@ -120,6 +122,7 @@ def openhtc_functions(ctx: Any, db: str, n: int, url: str | None) -> Result:
             results = [result for _, result in batch.results(return_exceptions=True)]
             done = time.perf_counter()
             cpu1, client1 = cpu_seconds(srv.pid), time.process_time()
+            profile = profiler.stop() if profiler is not None else None
         rss = srv.peak_rss_mb()
     seconds = done - start
     cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
@@ -154,6 +157,8 @@ def openhtc_functions(ctx: Any, db: str, n: int, url: str | None) -> Result:
             "process (submit, results pages, JSON)",
         },
     )
+    if profile is not None:
+        result.params["profile"] = str(profile)
     if result.metrics["wrong"]:
         result.notes.append(f"{result.metrics['wrong']} call(s) failed or returned a wrong result")
     return result

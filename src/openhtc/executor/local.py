@@ -533,10 +533,21 @@ class LocalExecutor:
             self.state.premarked_on_disk(keys)
 
     def _mark(self, item: Attempt) -> None:
-        """Record durably that the attempt may start: before any hand-off to the runtime."""
-        if self.journal is not None and (key := self.state.to_mark(item)) is not None:
-            self.journal.begin(*key)
-            self.state.journaled(item)
+        """Record durably that the attempt may start: before any hand-off to the runtime.
+
+        A worker that got ahead of the journaled window syncs the next window with it, so it
+        pays one sync for them all, not one per job (short function calls outran it)."""
+        if self.journal is None or (key := self.state.to_mark(item)) is None:
+            return
+        ahead: list[tuple[int, int]] = []
+        if self.journal.sync:
+            with self._lock:
+                ahead = self.state.to_premark()
+        self.journal.begin_many([key, *ahead])
+        self.state.journaled(item)
+        if ahead:
+            with self._lock:
+                self.state.premarked_on_disk(ahead)
 
     def _unmark(self, item: Attempt) -> None:
         if self.journal is not None and (key := self.state.to_unmark(item)) is not None:

@@ -148,15 +148,21 @@ class FunctionStore:
             self.db.run_bulk(self.db.cursor(conn), _SAVE, rows)
 
     def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
-        """The calls ``start <= idx < start + limit`` that have job rows, by index."""
+        """The calls ``start <= idx < start + limit`` that have job rows, by index, up to the
+        first that has not ended: a reader polling a running batch reads what it gets (the
+        first unended call is found by walking the (batch_id, idx) index from ``start``), not
+        ``limit`` rows each time."""
         cur = self.db.cursor(conn)
+        stop = start + limit
         cur.execute(
             self.db.sql(
                 "SELECT j.idx, j.status, j.attempt, j.failure_code, j.status_reason, f.result, f.error,"
                 " f.result_key, f.attempt FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id"
-                " AND f.idx = j.idx WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < ? ORDER BY j.idx"
+                " AND f.idx = j.idx WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < COALESCE(("
+                " SELECT u.idx FROM jobs u WHERE u.batch_id = ? AND u.idx >= ? AND u.idx < ?"
+                f" AND u.status NOT IN ({_TERMINAL_SQL}) ORDER BY u.idx LIMIT 1), ?) ORDER BY j.idx"
             ),
-            (batch_id, start, start + limit),
+            (batch_id, start, batch_id, start, stop, stop),
         )
         return [CallRow(*row) for row in cur.fetchall()]
 

@@ -26,7 +26,7 @@ from openhtc.services.service_set import ServiceSet
 router = APIRouter()
 FUNCTIONS = "/openhtc/v1/projects/{project_id}/tasks/{task_id}/functions"
 MAX_LIMIT = 10_000
-RESULTS_GAP = 0.005  # a waiting reader looks again at most this often (every report wakes it)
+RESULTS_GAP = 0.0  # a waiting reader looks again at once: reports wake it at most once per executor turn
 
 
 @router.post(FUNCTIONS)
