@@ -249,8 +249,11 @@ class FunctionPool:
         if worker.queued == 0:
             self._give(call.key, worker)
         if tag == b"R":
-            self._keep_result(launch, payload)
-            return Outcome(0, None, "Completed")
+            why = self._keep_result(launch, payload)
+            if why is None:
+                return Outcome(0, None, "Completed")
+            # a result that could not be kept is no success (its error says why; retries apply)
+            return Outcome(None, FailureCode.ErrorUnknownFailure.value, f"ResultTooLarge: {why}"[:1000])
         self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, payload.decode()))
         try:
             error = json.loads(payload)
@@ -340,12 +343,13 @@ class FunctionPool:
         with self._lock:
             self._results.append(result)
 
-    def _keep_result(self, launch: JobLaunch, payload: bytes) -> None:
+    def _keep_result(self, launch: JobLaunch, payload: bytes) -> str | None:
+        """Keep a call's result; None, or why it could not be kept."""
         if len(payload) <= self.result_max_bytes:
             self._keep(
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, payload.decode(), None)
             )
-            return
+            return None
         # Large: kept in the task's storage by the sink; the result names where.
         key = result_key(launch.job_uuid.rpartition(":")[0], launch.array_index)
         why = self._sink.store_large(launch, key, payload)
@@ -354,8 +358,9 @@ class FunctionPool:
             self._keep(
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, None, json.dumps(error))
             )
-            return
+            return why
         self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, None, key))
+        return None
 
     def _timed_out(self, launch: JobLaunch, timeout: float) -> Outcome:
         message = f"Function call exceeded execTimeoutSeconds={launch.timeout_s or int(timeout)}"
