@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from openhtc.api.deps import app_services
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
+from openhtc.domain.models import JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, MustRegister
 from openhtc.services.service_set import ServiceSet
@@ -161,16 +162,10 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         )
         if leases:  # there may be more: the next waiter claims too
             agents.pass_on(done.region)
-    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
     answer = wire.ExchangeResponse(
         acked=done.acked,
         refused=done.refused,
-        leases=[
-            wire.launch_to_wire(
-                launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
-            )
-            for launch in leases
-        ],
+        leases=await _wire_leases(svc, agents, leases),
         kill=done.kill,
         lease_seconds=svc.settings.lease_seconds,
         next_call_seconds=agents.next_call_seconds(),
@@ -187,6 +182,17 @@ async def logs(agent_id: str, request: Request) -> JSONResponse:
     chunks = [(c.job_id, c.attempt, c.offset, c.data) for c in req.chunks]
     acked = await run_in_threadpool(agents.append_logs, agent_id, chunks)
     return JSONResponse(wire.dump(wire.LogsResponse(acked=acked)))
+
+
+async def _wire_leases(svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]) -> list[wire.Launch]:
+    """The leases for the wire: each with its registry pull token, and a function call's event."""
+    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
+    return [
+        wire.launch_to_wire(
+            launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
+        )
+        for launch in leases
+    ]
 
 
 def _pull_token(svc: ServiceSet, project_id: str, image: str) -> str | None:
