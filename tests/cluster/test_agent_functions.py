@@ -2,7 +2,8 @@
 real agent process (process runtime) run `Task.map` as the embedded executor does.
 
 What a user notices: results come back in order; a handler's exception is a `FunctionError`
-with the remote traceback; a worker that crashes mid-call is retried per the retry strategy; a
+with the remote traceback; a worker that crashes mid-call is retried per the retry strategy; cancel
+stops the calls running on the agent (their workers are killed); a
 result over the size limit comes back intact (kept in task storage); the handlers come from a
 zip in the project's shared storage. And, playing the agent over HTTP: a call's result is
 stored with its end, once; a stale attempt's result is refused.
@@ -36,6 +37,7 @@ LIMIT = 4096  # the server's function_result_max_bytes here: larger results go t
 HANDLERS = textwrap.dedent(
     """
     import os
+    import time
 
 
     def double(event, context):
@@ -62,6 +64,12 @@ HANDLERS = textwrap.dedent(
             open(marker, "w").close()
             os._exit(3)
         return {"x": event["x"], "attempt": context.attempt}
+
+
+    def pid_then_sleep(event, context):
+        with open(os.path.join(event["dir"], str(event["x"])), "w") as out:
+            out.write(str(os.getpid()))
+        time.sleep(120)
 
 
     def huge_error(event, context):
@@ -161,6 +169,33 @@ def test_a_worker_crash_mid_call_is_retried_per_the_retry_strategy(task: Task, t
         task.map(IMAGE, "agent_handlers.crash_once", [{"x": 1, "marker": str(marker2)}], code="handlers.zip")
     assert caught.value.failure_code == "ErrorNonZeroContainerExitCode"
     assert "exited with code 3 during the call" in caught.value.message
+
+
+def test_cancel_stops_the_calls_running_on_the_agent(task: Task, tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    events = [{"x": i, "dir": str(pid_dir)} for i in range(2)]
+    batch = task.submit_functions(IMAGE, "agent_handlers.pid_then_sleep", events, code="handlers.zip")
+    deadline = time.monotonic() + 60
+    while sum(1 for f in pid_dir.iterdir() if f.read_text().strip()) < 2:  # both calls run
+        assert time.monotonic() < deadline, "the calls did not start"
+        time.sleep(0.1)
+    pids = [int((pid_dir / str(i)).read_text()) for i in range(2)]
+    assert batch.cancel() == 2
+    counts = batch.wait(timeout=60)
+    assert (counts.done, counts.failed) == (2, 2)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):  # the agent killed their workers
+        assert time.monotonic() < deadline, f"workers still running: {pids}"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_results_over_the_size_limit_come_back_intact(task: Task, agent_server: HtcServer) -> None:
