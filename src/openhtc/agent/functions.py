@@ -8,8 +8,9 @@ come from and go to differs, since it cannot read the database:
 - **results** (value, or error type, message and traceback) go with the call's terminal report
   (``Report.result``); the server stores them with the status change, fenced by attempt;
 - **a result over** ``function_result_max_bytes`` (which the server advertises at registration)
-  is put in the task's storage through the server's object API with the job's own token (the
-  lease carries it), and the report names its key;
+  is put in the task's storage through the server's object API (storage/http_backend.py) with
+  the job's own token (the lease carries it; renewed with its refresh token once expired),
+  before the end is reported, and the report names its key;
 - **a code zip** is read from the call's PROJECT_SHARED_FOLDER, which the agent stages through
   the same API (agent/storage.py), as for any job.
 """
@@ -19,40 +20,29 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from urllib.parse import quote
 
-import httpx
-
+from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.models import AttemptReport, JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.functions.pool import FunctionPool, is_function
+from openhtc.storage.http_backend import HttpBackend, JobToken
 from openhtc.storage.layout import task_prefix
 from openhtc.store.functions import CallResult
-
-BEARER_ENV = "RESCALE_HTC_BEARER_TOKEN"  # the job's token, in the lease's environment
-CHUNK = 1 << 20
-
-
-def job_token(launch: JobLaunch) -> str | None:
-    """The job's bearer token (openhtc's entries come first in ``batch_envs``)."""
-    return next((v for k, v in launch.batch_envs if k == BEARER_ENV), None)
 
 
 class AgentFunctions:
     """Events in, results out, large results over HTTP (see the module doc)."""
 
     def __init__(self, server: str) -> None:
-        self.api = server.rstrip("/") + "/api/v1"
         self.pool: FunctionPool | None = None
         self._lock = threading.Lock()
         self._events: dict[int, dict[int, str]] = {}  # batch -> index -> event (JSON text)
         self._calls: dict[tuple[int, int], tuple[int, int]] = {}  # (job, attempt) -> (batch, index)
         self._results: dict[tuple[int, int, int], CallResult] = {}  # (batch, index, attempt)
-        timeout = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=30.0)
-        self._client = httpx.Client(timeout=timeout)
+        self._storage = HttpBackend(server.rstrip("/") + "/api/v1", timeout=120.0)
 
     def close(self) -> None:
-        self._client.close()
+        self._storage.close()
 
     def configure(self, result_max_bytes: int | None) -> None:
         """What the server advertised at registration."""
@@ -106,20 +96,17 @@ class AgentFunctions:
                 self._results[(r.batch_id, r.idx, r.attempt)] = r
 
     def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
-        token = job_token(launch)
+        token = JobToken.of(launch)
         if token is None:
             return "the lease carries no job token to store a large result with"
-        url = self._object_url(task_prefix(launch.project_id, launch.task_id) + key)
         try:
-            resp = self._client.put(url, content=payload, headers={"Authorization": f"Bearer {token}"})
-        except httpx.HTTPError as exc:
-            return f"cannot store the result in task storage: {exc or type(exc).__name__}"
-        if resp.status_code != 200:
-            return f"cannot store the result in task storage: HTTP {resp.status_code} {resp.text[:200]}"
+            with self._storage.acting_as(token):  # renewed by its refresh token once expired
+                upload = self._storage.begin_put(task_prefix(launch.project_id, launch.task_id) + key)
+                upload.write(payload)
+                upload.commit()
+        except (OpenHTCError, OSError) as exc:
+            return f"cannot store the result in task storage: {exc}"
         return None
-
-    def _object_url(self, key: str) -> str:
-        return f"{self.api}/htc/storage/objects/{quote(key)}"
 
 
 def _bounded(error: str, limit: int) -> str:
