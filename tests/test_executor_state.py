@@ -112,6 +112,20 @@ def test_prefetch_grows_with_the_completion_rate_up_to_its_ceiling() -> None:
     assert idle[-2] < 500 and idle[-1] == 4  # and shrinks to its floor when jobs stop finishing
 
 
+def test_slow_turns_make_the_prefetch_cover_two_of_them() -> None:
+    """A turn (report, claim) that takes longer than the prefetched work lasts would leave the
+    slots idle until its claim lands: the buffer then holds two turns' worth at the rate."""
+    prefetch = Prefetch(None, 0.25, vcpus=2, ceiling=4096)
+    prefetch.target(0, 0.0)
+    assert prefetch.target(400, 0.2) == 250  # 1,000 jobs/s (smoothed), fast turns: 0.25 s of work
+    prefetch.turn_took(0.45)
+    assert prefetch.target(400, 0.25) == 1000  # two turns of 0.45 s plus a busy pause each
+    prefetch.turn_took(0.01)  # turns are fast again: it shrinks back by halves
+    prefetch.turn_took(0.01)
+    prefetch.turn_took(0.01)
+    assert prefetch.target(400, 0.3) < 400
+
+
 def test_a_fixed_prefetch_overrides_the_rate_but_turns_still_see_the_rate() -> None:
     state = core(vcpus=2, prefetch=1)
     claim = state.claim(0.0)
@@ -250,6 +264,18 @@ def test_every_hand_off_is_journaled_first() -> None:
     assert held is not None and state.to_mark(held) == held.key
     state.journaled(held)
     assert state.to_mark(held) is None
+
+
+def test_the_journal_window_ahead_covers_two_turns_at_the_rate() -> None:
+    """Journaled ahead once a turn: what the workers will take until the turn after next, so
+    short jobs (function calls) do not outrun it and sync the journal themselves, per job."""
+    state = core(vcpus=2)
+    state.claimed([job() for _ in range(2000)])
+    launch_all(state)  # no free vCPUs: only the rate decides
+    state.prefetch.rate = 1000.0
+    assert len(state.to_premark()) == 100  # 2 x 50 ms at 1,000 jobs/s
+    state.prefetch.turn_took(0.2)  # slow turns (a loaded database): the window spans them too
+    assert len(state.to_premark()) == 500 - 100  # 2 x (50 + 200) ms, less those journaled already
 
 
 def test_only_terminal_reports_end_journal_records() -> None:

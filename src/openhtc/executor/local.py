@@ -300,6 +300,8 @@ class LocalExecutor:
             last_turn = time.monotonic()
             try:
                 self._report_and_claim()
+                with self._lock:
+                    self.state.prefetch.turn_took(time.monotonic() - last_turn)
                 if self.state.heartbeat_due(time.monotonic(), self.wakeups.cancelled.wait(0)):
                     self._heartbeat()
                 self._premark()
@@ -516,11 +518,11 @@ class LocalExecutor:
 
         A sync costs about a millisecond, as much as a whole `true` job: paid by a worker thread
         per job, between a job's end and its successor's hand-off, it cut W1 by ~30 %. Journaled
-        here, once a turn, for the jobs likely to start before the next turn (the state's
+        here, once a turn, for the jobs likely to start before the turn after next (the state's
         ``to_premark``), it is off their path; a job beyond that window is journaled by its
-        worker. The price: a crash also fails the attempts journaled ahead and not yet started
-        (they may have started, as far as recovery can tell), a few dozen at a thousand jobs a
-        second.
+        worker (with the next window). The price: a crash also fails the attempts journaled
+        ahead and not yet started (they may have started, as far as recovery can tell), about
+        a hundred at a thousand jobs a second.
         """
         if self.journal is None or not self.journal.sync:
             return

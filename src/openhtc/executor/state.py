@@ -36,7 +36,7 @@ BUSY_TURN_SECONDS = 0.05
 BUSY_RATE = 200.0
 # A job held behind a running one looks for a free slot elsewhere after this long.
 HOLD_SECONDS = 0.05
-# The attempt journal is written ahead for the jobs expected to start before the next turn.
+# The attempt journal is written ahead for the jobs expected to start before the turn after next.
 PREMARK_SECONDS = BUSY_TURN_SECONDS
 
 
@@ -210,10 +210,13 @@ class ExecutorState:
 
     def to_premark(self) -> list[Key]:
         """The attempts next in line, to journal at once ahead of their hand-off: those that fit
-        in the free vCPUs, plus PREMARK_SECONDS of work at the observed rate."""
+        in the free vCPUs, plus the work expected at the observed rate until the turn after next
+        (two of PREMARK_SECONDS plus a turn's duration): a window that ran out before the next
+        turn's would have the workers sync the journal themselves, between two calls."""
         if self.stopping:
             return []
-        window = max(0, self.capacity.vcpus - self.used.vcpus) + int(self.prefetch.rate * PREMARK_SECONDS)
+        ahead = self.prefetch.rate * 2 * (PREMARK_SECONDS + self.prefetch.turn)
+        window = max(0, self.capacity.vcpus - self.used.vcpus) + int(ahead)
         keys = []
         for launch in itertools.islice(self.pending, window):
             key = (launch.job_id, launch.attempt)
@@ -316,8 +319,9 @@ class Prefetch:
     """How many RUNNABLE jobs to hold beyond those running: about ``seconds`` of work.
 
     Short jobs finish faster than a claim round trip, so the executor keeps a buffer sized by
-    the observed completion rate (at least two per vCPU). Long jobs keep it small, so a project
-    that submits later waits behind little prefetched work. A fixed size overrides this.
+    the observed completion rate (at least two per vCPU; two turns' worth when turns are slow).
+    Long jobs keep it small, so a project that submits later waits behind little prefetched
+    work. A fixed size overrides this.
     """
 
     def __init__(self, fixed: int | None, seconds: float, vcpus: int, ceiling: int = 4096) -> None:
@@ -326,7 +330,12 @@ class Prefetch:
         self.floor = 2 * vcpus
         self.ceiling = ceiling
         self.rate = 0.0
+        self.turn = 0.0  # how long the executor's turns (report and claim) take, smoothed
         self._last: tuple[int, float] | None = None
+
+    def turn_took(self, seconds: float) -> None:
+        """A turn's duration: the buffer must last until the next turn's claim lands."""
+        self.turn = max(seconds, 0.5 * self.turn + 0.5 * seconds)
 
     def target(self, completed: int, now: float) -> int:
         if self._last is None:
@@ -337,4 +346,7 @@ class Prefetch:
             self._last = (completed, now)
         if self.fixed is not None:
             return self.fixed
-        return max(self.floor, min(self.ceiling, int(self.rate * self.seconds)))
+        # Enough for ``seconds``, and for two turns when turns take longer (a loaded database):
+        # else the slots run dry while a slow turn's claim is still on its way.
+        held = self.rate * max(self.seconds, 2 * (self.turn + BUSY_TURN_SECONDS))
+        return max(self.floor, min(self.ceiling, int(held)))
