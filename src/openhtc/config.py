@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         description="Output one job attempt may write to its log; past it the rest is discarded "
         "and one truncation marker line is written (the job runs on).",
     )
+    log_store: Literal["files", "database"] = Field(
+        "files",
+        description="Where the job logs that agents ship are kept: 'files' (this server's data "
+        "directory) or 'database' (readable through every server on one PostgreSQL; see "
+        "docs/deployment.md).",
+    )
     job_network: JobNetworkMode = Field(
         "openhtc",
         description="What container jobs (bwrap, podman) can reach: 'openhtc' (the API and the "

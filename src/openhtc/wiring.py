@@ -43,6 +43,7 @@ from openhtc.services.notify import ClusterNotifier, LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
+from openhtc.services.shared_logs import DatabaseLogs
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
@@ -62,6 +63,7 @@ from openhtc.store.db import Database
 from openhtc.store.functions import FunctionStore
 from openhtc.store.jobs import JobStore
 from openhtc.store.leader_lock import PgLeaderLock
+from openhtc.store.log_chunks import LogChunkStore
 from openhtc.store.pg_notify import PgChannel
 from openhtc.store.projects import ProjectStore
 from openhtc.store.queue import QueueStore
@@ -104,7 +106,11 @@ def build_services(settings: Settings, clock: Clock | None = None) -> ServiceSet
         jobs=JobStore(db, settings.materialize_chunk),
         queue=QueueStore(db, settings.max_infrastructure_retries),
         tokens=TokenService(key, clock, settings.token_ttl_seconds, settings.refresh_token_ttl_seconds),
-        logs=LogStore(settings.data_dir / "logs"),
+        logs=(
+            DatabaseLogs(settings.data_dir / "logs", LogChunkStore(db))
+            if settings.log_store == "database"
+            else LogStore(settings.data_dir / "logs")
+        ),
         wakeups=wakeups,
         registry=Registry(settings, clock, db),
         # process and noop never pull; 'auto' resolves to bwrap or podman, which do.

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from openhtc.domain.errors import NotFound, PermissionDenied, Unauthenticated
+from openhtc.agent.storage import LeaseStager
+from openhtc.domain.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
+from openhtc.domain.models import JobLaunch
 from openhtc.storage.http_backend import HttpBackend, JobToken
 
 # Nothing here depends on the database: run on the first of --db only.
@@ -75,3 +77,42 @@ def test_a_job_token_reaches_its_task_and_reads_the_shared_folder(
         with pytest.raises(PermissionDenied):
             backend.put_file(task + "late.txt", str(tmp_path / "out.txt"))
     backend.close()
+
+
+@pytest.mark.backends("local")
+def test_an_agents_shared_copy_serves_while_the_server_is_away(storage_server: Any, tmp_path: Path) -> None:
+    """``htc agent`` keeps running jobs while its server is away: a job starting then gets the
+    last copy of its project's shared folder (a project never synced cannot start: Unavailable)."""
+    s = storage_server
+    pid, tid = s.api.project_and_task()
+    other_pid, other_tid = s.api.project_and_task()
+    with s.objects(s.server.token()) as http:
+        assert (
+            http.put(f"/htc/storage/objects/projects/{pid}/shared/in.txt", content=b"input").status_code
+            == 200
+        )
+    envs = (
+        ("RESCALE_HTC_BEARER_TOKEN", s.job_bearer(pid, tid)),
+        ("RESCALE_HTC_BEARER_TOKEN", "user's, ignored"),
+    )
+    other_envs = (("RESCALE_HTC_BEARER_TOKEN", s.job_bearer(other_pid, other_tid)),)
+    stager = LeaseStager(s.server.api_url, tmp_path / "agent", shared_ttl=0)
+
+    def launch(job_id: int, project: str, task: str, batch_envs: tuple[tuple[str, str], ...]) -> JobLaunch:
+        return JobLaunch(job_id, 1, f"parent:{job_id}", 1, job_id, project, task, "AWS_US_EAST_1", "img",
+                         (), (), 1, 512, 1, None, None, batch_envs=batch_envs)  # fmt: skip
+
+    def shared_file(mounts: tuple[Any, ...]) -> bytes:
+        return (
+            Path(next(m.host_path for m in mounts if m.env_name == "PROJECT_SHARED_FOLDER")) / "in.txt"
+        ).read_bytes()
+
+    assert shared_file(stager.prepare(launch(1, pid, tid, envs))) == b"input"
+    s.server.stop()
+    try:
+        assert shared_file(stager.prepare(launch(2, pid, tid, envs))) == b"input"  # the last copy
+        with pytest.raises(Unavailable):
+            stager.prepare(launch(3, other_pid, other_tid, other_envs))
+    finally:
+        s.server.start()
+    stager.close()

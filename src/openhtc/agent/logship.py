@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from openhtc.agent.transport import HttpTransport
+from openhtc.domain.models import JobLaunch
 from openhtc.services.logs import LogStore
 
 log = logging.getLogger("openhtc.agent")
@@ -38,6 +39,7 @@ class LogShipper:
         self.logs = logs
         self.held = held  # the attempts the executor holds: one seen there that left it has ended
         self._tails: dict[tuple[int, int], _Tail] = {}
+        self._lock = threading.Lock()  # the shipping thread, and workers flushing an ended attempt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-logs", daemon=True)
 
@@ -56,13 +58,47 @@ class LogShipper:
             except Exception:
                 log.exception("agent: log shipping failed")
 
+    def flush(self, launch: JobLaunch) -> None:
+        """Ship what an attempt that just ended wrote and the server does not have, now: its end
+        is reported next, and a reader that sees the end (``htc logs -f``) then has every line.
+        Never raises (the shipping thread sends what is left)."""
+        key = (launch.job_id, launch.attempt)
+        try:
+            with self._lock:
+                if key not in self._tails and key not in self.transport.launched:
+                    return  # not a lease of this run (the shipping thread knows it, if anyone)
+                tail = self._tail(key, launch)
+                data = _whole_lines(tail.path, tail.offset)
+                if not data:
+                    return
+                chunk = {"job_id": key[0], "attempt": key[1], "offset": tail.offset,
+                         "data": data.decode("utf-8", "replace")}  # fmt: skip
+                self._acked(self.transport.send_logs([chunk]))
+        except Exception:
+            log.exception("agent: shipping the log of job %s failed", launch.job_uuid)
+
+    def _tail(self, key: tuple[int, int], launch: JobLaunch) -> _Tail:
+        tail = self._tails.get(key)
+        if tail is None:
+            parent = launch.job_uuid.rpartition(":")[0]
+            path = self.logs.path(launch.task_id, parent, launch.array_index, launch.attempt)
+            tail = self._tails[key] = _Tail(str(path))
+        return tail
+
+    def _acked(self, acked: list[tuple[int, int, int]] | None) -> None:
+        for job_id, attempt, next_offset in acked or ():
+            shipped = self._tails.get((job_id, attempt))
+            if shipped is not None:
+                shipped.offset = next_offset
+
     def ship(self) -> None:
+        with self._lock:
+            self._ship()
+
+    def _ship(self) -> None:
         held = set(self.held())
         for key, launch in list(self.transport.launched.items()):
-            if key not in self._tails:
-                parent = launch.job_uuid.rpartition(":")[0]
-                path = self.logs.path(launch.task_id, parent, launch.array_index, launch.attempt)
-                self._tails[key] = _Tail(str(path))
+            self._tail(key, launch)
         chunks = []
         for key, tail in list(self._tails.items()):
             # read before deciding it ended: its last lines were written before it left
@@ -78,11 +114,7 @@ class LogShipper:
             tail.ended = ended
         if not chunks:
             return
-        acked = self.transport.send_logs(chunks)
-        for job_id, attempt, next_offset in acked or ():
-            shipped = self._tails.get((job_id, attempt))
-            if shipped is not None:
-                shipped.offset = next_offset
+        self._acked(self.transport.send_logs(chunks))
 
 
 def _whole_lines(path: str, offset: int) -> bytes:

@@ -139,6 +139,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
     transport.idle = executor.idle
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
+    stager.after_finish = shipper.flush  # an attempt's last lines reach the server before its end
     return executor, transport, shipper, outbox
 
 

@@ -12,6 +12,7 @@ its project's shared folder read-only, nothing else. The same on either server s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from openhtc.domain.models import JobLaunch, Mount
@@ -27,8 +28,10 @@ class LeaseStager:
 
     def __init__(self, api_url: str, root: Path, shared_ttl: float = 10.0) -> None:
         self.backend = HttpBackend(api_url)
-        self.inner = SyncStager(self.backend, root, self.backend.task_deleted, shared_ttl)
+        self.inner = SyncStager(self.backend, root, self.backend.task_deleted, shared_ttl, stale_ok=True)
         self._tokens: dict[tuple[int, int], JobToken] = {}  # attempt -> its token, until it ends
+        # after an attempt's outputs, before its end is reported: the agent ships its last lines
+        self.after_finish: Callable[[JobLaunch], None] = lambda launch: None
 
     def close(self) -> None:
         self.backend.close()
@@ -48,6 +51,12 @@ class LeaseStager:
             return self.inner.prepare(launch)
 
     def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
+        try:
+            self._finish(launch, stopped, open_log)
+        finally:
+            self.after_finish(launch)
+
+    def _finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
         token = self._tokens.pop((launch.job_id, launch.attempt), None) or JobToken.of(launch)
         if token is None:
             if any(self.inner._attempt_dir(launch).glob("*")):  # a job taken back after a restart

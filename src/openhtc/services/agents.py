@@ -34,8 +34,9 @@ from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
-from openhtc.services.notify import EVERYTHING
+from openhtc.services.notify import EVERYTHING, job_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
 from openhtc.store.functions import FunctionStore, ReportedResult
 from openhtc.store.queue import AgentInfo
 
@@ -423,6 +424,7 @@ class AgentService:
         records = s.queue.records({c[0] for c in chunks})
         paths = self._paths({c[0] for c in chunks})
         ends: dict[Attempt, int] = {}
+        shared: list[tuple[tuple[str, str, int, int], int, bytes]] = []  # log_store = database
         for job_id, attempt, offset, data in chunks:
             key = (job_id, attempt)
             rec = records.get(job_id)
@@ -430,8 +432,16 @@ class AgentService:
             if rec is None or where is None or rec.attempt != attempt or rec.executor_id != agent_id:
                 ends[key] = offset + len(data.encode())
                 continue
+            if isinstance(s.logs, DatabaseLogs):
+                shared.append(((where[0], where[1], where[2], attempt), offset, data.encode()))
+                continue
             path = s.logs.path(where[0], where[1], where[2], attempt)
             ends[key] = _write_at(path, offset, data.encode())
+        if shared and isinstance(s.logs, DatabaseLogs):  # one insert; readers on every server woken
+            jobs = {(w[0], w[1], w[2]): j for j, w in paths.items()}
+            for (task, parent, idx, attempt), end in s.logs.append(shared).items():
+                ends[(jobs[(task, parent, idx)], attempt)] = end
+            s.notify.publish(job_key(jobs[a[:3]]) for a, _, _ in shared)
         return [(job, attempt, end) for (job, attempt), end in ends.items()]
 
     def _paths(self, job_ids: set[int]) -> dict[int, tuple[str, str, int]]:

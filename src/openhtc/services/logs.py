@@ -64,37 +64,44 @@ class LogStore:
     ) -> Iterator[LogLine]:
         attempt, offset = start or (1, 0)
         for number in range(attempt, attempts + 1):
-            position = offset if number == attempt else 0
-            try:
-                fh = open(self.path(*job, number), "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
-                continue
-            with fh:
-                fh.seek(position)
-                for raw in fh:
-                    if not raw.endswith(b"\n"):
-                        break  # the line being written
-                    position += len(raw)
-                    parsed = _parse(raw[:-1])
-                    if parsed is not None:
-                        yield LogLine(*parsed, (number, position))
+            yield from self._forward_in(job, number, offset if number == attempt else 0)
+
+    def _forward_in(self, job: tuple[str, str, int], number: int, position: int) -> Iterator[LogLine]:
+        """The lines of one attempt from ``position`` (a line start) on."""
+        try:
+            fh = open(self.path(*job, number), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        with fh:
+            fh.seek(position)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # the line being written
+                position += len(raw)
+                parsed = _parse(raw[:-1])
+                if parsed is not None:
+                    yield LogLine(*parsed, (number, position))
 
     def _backward(
         self, job: tuple[str, str, int], attempts: int, start: tuple[int, int] | None
     ) -> Iterator[LogLine]:
         attempt, end = start or (attempts, -1)
         for number in range(min(attempt, attempts), 0, -1):
-            try:
-                fh = open(self.path(*job, number), "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
-                continue
-            with fh:
-                size = os.fstat(fh.fileno()).st_size
-                limit = size if number != attempt or end < 0 else min(end, size)
-                for offset, raw in _lines_before(fh, limit):
-                    parsed = _parse(raw)
-                    if parsed is not None:
-                        yield LogLine(*parsed, (number, offset))
+            yield from self._backward_in(job, number, end if number == attempt else -1)
+
+    def _backward_in(self, job: tuple[str, str, int], number: int, end: int) -> Iterator[LogLine]:
+        """The lines of one attempt that start before ``end`` (-1: all), last first."""
+        try:
+            fh = open(self.path(*job, number), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            limit = size if end < 0 else min(end, size)
+            for offset, raw in _lines_before(fh, limit):
+                parsed = _parse(raw)
+                if parsed is not None:
+                    yield LogLine(*parsed, (number, offset))
 
 
 def _lines_before(fh: BinaryIO, end: int) -> Iterator[tuple[int, bytes]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
 
 
 def cancel_jobs(
@@ -27,3 +28,5 @@ def delete_task(services: ServiceSet, project_id: str, task_id: str, now: float)
     services.projects.update_task(task_id, lifecycle_status=LifecycleStatus.DELETED.value, deleted_at=now)
     if services.storage is not None:
         services.storage.delete_task(project_id, task_id)
+    if isinstance(services.logs, DatabaseLogs):  # its logs go with its storage
+        services.logs.delete_task(task_id)

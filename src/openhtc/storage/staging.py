@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from openhtc.domain.errors import ValidationFailed
+from openhtc.domain.errors import Unavailable, ValidationFailed
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import LogOpener
 from openhtc.storage.base import Backend
@@ -123,8 +123,18 @@ class _SharedCopy:
 
 
 class SyncStager:
-    def __init__(self, backend: Backend, root: Path, task_gone: TaskGone, shared_ttl: float = 10.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        root: Path,
+        task_gone: TaskGone,
+        shared_ttl: float = 10.0,
+        stale_ok: bool = False,
+    ) -> None:
+        """``stale_ok``: when the store cannot be reached, a shared copy synced before serves
+        (``htc agent``, which keeps running jobs while its server is away)."""
         self.backend = backend
+        self.stale_ok = stale_ok
         self.cache_root = root / "shared-cache"
         self.stage_root = root / "attempts"
         self.partial_dir = root / "partial"
@@ -188,8 +198,15 @@ class SyncStager:
                 self._shared[project_id] = copy
         with copy.lock:  # one sync at a time per project; the others wait for its result
             if time.monotonic() - copy.synced_at >= self.shared_ttl:
-                self._sync(copy, shared_prefix(project_id))
-                copy.synced_at = time.monotonic()
+                try:
+                    self._sync(copy, shared_prefix(project_id))
+                except Unavailable as exc:
+                    if not self.stale_ok or copy.synced_at == float("-inf"):
+                        raise
+                    log.warning(
+                        "shared folder of project %s not synced (%s): the last copy serves", project_id, exc
+                    )
+                copy.synced_at = time.monotonic()  # failed: tried again after the ttl, not per job
         return copy.path
 
     def _sync(self, copy: _SharedCopy, prefix: str) -> None:

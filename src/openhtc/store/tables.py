@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -371,4 +372,19 @@ pilots = Table(
     Column("last_busy_at", Float, nullable=True),  # when its agent last held a job (or started)
     Column("detail", Text, nullable=True),  # why it ended, when known
     Index("ix_pilots_queue_state", "queue_id", "state"),
+)
+
+# Job logs in the database (log_store = "database": several servers, one log wherever its chunks
+# arrived): an attempt's log as the chunks of whole lines an agent shipped, each at its byte
+# offset; ``end_offset`` = byte_offset + its length. Keyed as the log files are (services/logs.py).
+log_chunks = Table(
+    "log_chunks",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("parent_job_id", String(64), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("byte_offset", BigInteger, primary_key=True),
+    Column("end_offset", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )

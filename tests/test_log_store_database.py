@@ -1,0 +1,84 @@
+"""``log_store = database`` on both databases: chunks written at their offsets (idempotent, no
+gaps, one racing writer kept), read back exactly as the files are read (the same lines, the same
+[attempt, byte offset] cursors, both orders), a file-only attempt still read from its file, and
+a deleted task's chunks gone. The whole path through two servers: tests/cluster/test_logs_across_servers.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openhtc.config import Settings
+from openhtc.services.logs import LogStore
+from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
+from openhtc.wiring import bootstrap, build_services
+
+JOB = ("task-1", "parent-1", 3)
+
+
+@pytest.fixture
+def services(tmp_path: Path, db_url: str | None) -> Iterator[ServiceSet]:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=db_url, executor=False, runtime="noop", log_store="database"
+    )
+    services = build_services(settings)
+    try:
+        bootstrap(services)
+        yield services
+    finally:
+        services.db.dispose()
+
+
+def lines(start: int, count: int) -> bytes:
+    return b"".join(f"{1000 + i}.5\tline {i} ✓\r tab\tin it\n".encode() for i in range(start, start + count))
+
+
+def test_chunks_read_back_as_files_read(services: ServiceSet, tmp_path: Path) -> None:
+    logs = services.logs
+    assert isinstance(logs, DatabaseLogs)
+    one, two = (*JOB, 1), (*JOB, 2)
+    first, rest = lines(0, 30), lines(30, 20)
+    assert logs.append([(one, 0, first)]) == {one: len(first)}
+    assert logs.append([(one, 0, first)]) == {one: len(first)}  # the same chunk again: nothing new
+    gap = len(first) + 10
+    assert logs.append([(one, gap, rest)]) == {one: len(first)}  # past the end: resend from there
+    overlap = first[-len(lines(29, 1)) :] + rest  # overlaps what is there: only the new part is kept
+    assert logs.append([(one, len(first) - len(lines(29, 1)), overlap), (two, 0, lines(0, 5))]) == {
+        one: len(first) + len(rest),
+        two: len(lines(0, 5)),
+    }
+
+    # the same log as files: every page, both orders, every cursor the same
+    files = LogStore(tmp_path / "files")
+    for number, data in ((1, first + rest), (2, lines(0, 5))):
+        path = files.path(*JOB, number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for newest_first in (False, True):
+        for size in (1, 7, 64, 200):
+            pages_db, pages_files = [], []
+            for store, pages in ((logs, pages_db), (files, pages_files)):
+                start = None
+                while page := store.page(JOB, 2, size, newest_first, start):
+                    pages.append(page)
+                    start = page[-1].after
+            assert pages_db == pages_files, (newest_first, size)
+            assert sum(len(p) for p in pages_db) == 55
+    assert logs.page(JOB, 2, 3, False)[0].message == "line 0 \u2713\r tab\tin it"
+
+    # an attempt the database has nothing of is read from this server's files
+    local = logs.path("task-2", "parent-2", 0, 1)
+    local.parent.mkdir(parents=True)
+    local.write_bytes(lines(0, 3))
+    assert [line.message for line in logs.page(("task-2", "parent-2", 0), 1, 10, True)] == [
+        "line 2 \u2713\r tab\tin it",
+        "line 1 \u2713\r tab\tin it",
+        "line 0 \u2713\r tab\tin it",
+    ]
+
+    assert logs.delete_task("task-1") == 3
+    assert logs.page(JOB, 2, 10, False) == []
