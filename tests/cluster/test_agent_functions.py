@@ -2,7 +2,8 @@
 real agent process (process runtime) run `Task.map` as the embedded executor does.
 
 What a user notices: results come back in order; a handler's exception is a `FunctionError`
-with the remote traceback; a worker that crashes mid-call is retried per the retry strategy; cancel
+with the remote traceback; a worker that crashes mid-call is retried per the retry strategy; a call
+over its timeout fails (`TimeoutError`) and the next ones run; cancel
 stops the calls running on the agent (their workers are killed); a
 result over the size limit comes back intact (kept in task storage); the handlers come from a
 zip in the project's shared storage. And, playing the agent over HTTP: a call's result is
@@ -70,6 +71,11 @@ HANDLERS = textwrap.dedent(
         with open(os.path.join(event["dir"], str(event["x"])), "w") as out:
             out.write(str(os.getpid()))
         time.sleep(120)
+
+
+    def sleepy(event, context):
+        time.sleep(event["sleep"])
+        return event["x"]
 
 
     def huge_error(event, context):
@@ -169,6 +175,17 @@ def test_a_worker_crash_mid_call_is_retried_per_the_retry_strategy(task: Task, t
         task.map(IMAGE, "agent_handlers.crash_once", [{"x": 1, "marker": str(marker2)}], code="handlers.zip")
     assert caught.value.failure_code == "ErrorNonZeroContainerExitCode"
     assert "exited with code 3 during the call" in caught.value.message
+
+
+def test_a_call_over_its_timeout_fails_and_the_next_calls_run(task: Task) -> None:
+    events = [{"x": 0, "sleep": 30}, {"x": 1, "sleep": 0}, {"x": 2, "sleep": 0}]
+    out = task.map(
+        IMAGE, "agent_handlers.sleepy", events, code="handlers.zip", timeout=1, return_exceptions=True
+    )
+    first = out[0]
+    assert isinstance(first, FunctionError), out
+    assert (first.type, first.failure_code) == ("TimeoutError", "ErrorTimeout")
+    assert out[1:] == [1, 2]
 
 
 def test_cancel_stops_the_calls_running_on_the_agent(task: Task, tmp_path: Path) -> None:
