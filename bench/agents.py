@@ -39,9 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 REGION = "AWS_US_EAST_1"
 
 
-def mint_agent_token(server: OpenhtcServer) -> str:
+def mint_agent_token(server: OpenhtcServer, agents: int = 100000) -> str:
     cmd = [
         htc_binary(), "admin", "create-agent-token", "--region", REGION, "--name", "bench-fleet",
+        "--agents", str(agents),  # one token for the whole simulated fleet
         "--data-dir", str(server.data_dir), "--database-url", str(server.database_url),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}

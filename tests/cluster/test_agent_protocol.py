@@ -88,8 +88,9 @@ def srv(start_server: Callable[..., HtcServer]) -> HtcServer:
     )
 
 
-def agent_token(srv: HtcServer, region: str = "*") -> str:
-    return srv.cli("admin", "create-agent-token", "--region", region).stdout.strip()
+def agent_token(srv: HtcServer, region: str = "*", agents: int = 1) -> str:
+    """A token for ``agents`` live agents at once (each bound to it at its first register)."""
+    return srv.cli("admin", "create-agent-token", "--region", region, "--agents", str(agents)).stdout.strip()
 
 
 def submit(api: HtcApi, count: int = 1) -> tuple[str, str]:
@@ -197,7 +198,7 @@ def test_long_poll_returns_when_a_job_is_submitted(srv: HtcServer) -> None:
 
 def test_a_lost_agent_gives_its_jobs_back_but_not_while_the_server_hears_nobody(srv: HtcServer) -> None:
     api = srv.api()
-    token = agent_token(srv)
+    token = agent_token(srv, agents=2)
     lost, other = Agent(srv, token, "lost"), Agent(srv, token, "other")
     lost.register()
     other.register()
@@ -273,7 +274,7 @@ def _claim_calls(srv: HtcServer) -> int:
 
 def test_a_submission_wakes_one_claims_worth_of_idle_agents_not_all(srv: HtcServer) -> None:
     api = srv.api()
-    token = agent_token(srv)
+    token = agent_token(srv, agents=6)
     agents = [Agent(srv, token, f"idle{i}") for i in range(6)]
     answers: list[dict[str, Any]] = []
     for agent in agents:

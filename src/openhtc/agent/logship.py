@@ -5,6 +5,8 @@ Its own thread: a slow upload never holds up the executor's exchanges. Each atte
 server has, whole lines only, and POSTed at least every ``INTERVAL`` seconds while it grows;
 the server writes each chunk at its offset (idempotent), so ``GET …/logs`` and ``htc logs -f``
 show the lines within a second. An attempt that ended is shipped to its end, then forgotten.
+A chunk the server did not take (503, 507: its disk failed) is sent again from the same offset;
+the attempts the server refuses (409: no longer this agent's) are forgotten.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ class LogShipper:
         return tail
 
     def _acked(self, acked: list[tuple[int, int, int]] | None) -> None:
+        refused, self.transport.refused_logs = self.transport.refused_logs, set()
+        for key in refused:  # not this agent's attempt any more: its lines go nowhere
+            self._tails.pop(key, None)
+            self.transport.launched.pop(key, None)
         for job_id, attempt, next_offset in acked or ():
             shipped = self._tails.get((job_id, attempt))
             if shipped is not None:

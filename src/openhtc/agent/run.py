@@ -11,10 +11,8 @@ as an infrastructure fault, and exits.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
-import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +24,7 @@ from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
 from openhtc.agent.storage import LeaseStager
 from openhtc.agent.transport import HttpTransport
+from openhtc.agent.workdir import claim_work_dir, legacy_agent_id
 from openhtc.config import Settings
 from openhtc.domain.errors import ImageUnavailable
 from openhtc.executor.capacity import host_architecture
@@ -65,13 +64,10 @@ class LeaseImages:
         )
 
 
-def agent_id_for(work_dir: str) -> str:
-    """Stable per machine and work directory."""
-    digest = hashlib.sha256(f"{socket.gethostname()}:{work_dir}".encode()).hexdigest()[:10]
-    return f"agent-{socket.gethostname()}-{digest}"
-
-
-def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, LogShipper, Outbox]:
+def build_agent(
+    settings: AgentSettings, agent_id: str | None = None
+) -> tuple[LocalExecutor, HttpTransport, LogShipper, Outbox]:
+    """``agent_id``: the id of the work directory (agent/workdir.py), which the caller holds locked."""
     work = settings.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     executor_settings = Settings.model_validate(
@@ -132,7 +128,7 @@ def build_agent(settings: AgentSettings) -> tuple[LocalExecutor, HttpTransport, 
         settings.region,
         [host_architecture()],
         functions=pool,
-        executor_id=agent_id_for(str(work)),
+        executor_id=agent_id or legacy_agent_id(str(work)),
         stager=stager,
     )
     transport.held = executor.held
@@ -159,7 +155,8 @@ def run_agent(settings: AgentSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    executor, transport, shipper, outbox = build_agent(settings)
+    agent_id, _lock = claim_work_dir(settings.work_dir.resolve())  # WorkDirTaken: exit 2
+    executor, transport, shipper, outbox = build_agent(settings, agent_id)
     executor_box["executor"] = executor
     log.info(
         "htc agent %s: %s in %s, %d vCPUs, runtime %s, server %s (%s)",

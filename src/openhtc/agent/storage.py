@@ -18,7 +18,7 @@ from pathlib import Path
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import LogOpener
 from openhtc.storage.http_backend import HttpBackend, JobToken
-from openhtc.storage.staging import SyncStager, job_log
+from openhtc.storage.staging import SyncStager
 
 log = logging.getLogger("openhtc.agent")
 
@@ -58,11 +58,7 @@ class LeaseStager:
 
     def _finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
         token = self._tokens.pop((launch.job_id, launch.attempt), None) or JobToken.of(launch)
-        if token is None:
-            if any(self.inner._attempt_dir(launch).glob("*")):  # a job taken back after a restart
-                job_log(
-                    open_log, "openhtc: TASK_SHARED_FOLDER not uploaded: no job token to reach the server"
-                )
+        if token is None:  # nothing was staged for it
             return
         with self.backend.acting_as(token):
             self.inner.finish(launch, stopped, open_log)

@@ -41,6 +41,19 @@ BACKOFF_MAX = 10.0  # well below the server's liveness timeout: a short outage l
 class ServerAway(Exception):
     """The server cannot be reached (or refused us) right now."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status  # the HTTP status it answered, if it answered
+        super().__init__(message)
+
+
+def _refused_line(status: int, text: str) -> str:
+    """One clear line for a 401/403: the server does not take this agent's token."""
+    why = "the token is invalid or expired" if status == 401 else "the token may not act for this agent"
+    return (
+        f"agent: the server refuses this agent's token (HTTP {status}: {why}): {text[:200]}; "
+        "mint one with htc admin create-agent-token"
+    )
+
 
 class HttpTransport:
     concurrent_writes = False  # one exchange carries both: no gain from two at once
@@ -73,6 +86,17 @@ class HttpTransport:
         # gets 409 registers again under it
         self._lock = threading.RLock()
         self._kills: set[tuple[int, int]] = set()
+        # Leases received in answers that the executor may not have taken yet (claim returns
+        # them after the lock is released): listed as held too, so the server, which re-queues
+        # the claimed leases an agent does not list (their answer was lost), keeps them.
+        self._received: set[tuple[int, int]] = set()
+        self._exchanges = 0  # exchanges sent: each says it (exchange_seq)
+        # Self-fencing: past the server's liveness timeout without one successful call, the
+        # server has marked this agent lost and re-queued its jobs: it kills its attempts.
+        self.liveness: float | None = None  # from the register answer
+        self._last_ok = time.monotonic()
+        self._fenced = False
+        self._refusal: int | None = None  # the 401/403 of the current streak, logged once
         self._registration: dict[str, Any] | None = None
         self._adopted: set[tuple[int, int]] = set()  # taken back at start: running until held() has them
         self._registered = False
@@ -83,6 +107,7 @@ class HttpTransport:
         self._fixed_envs: dict[int, tuple[Envs, Envs]] = {}  # batch -> (as sent, as run)
         self.launched: dict[tuple[int, int], JobLaunch] = {}  # claimed, until its log is shipped
         self.functions: AgentFunctions | None = None  # function calls' events and results
+        self.refused_logs: set[tuple[int, int]] = set()  # attempts whose log the server refuses
 
     def _new_client(self, read_timeout: float) -> httpx.Client:
         # the read timeout exceeds the longest long poll; connecting fails fast
@@ -140,12 +165,19 @@ class HttpTransport:
                 return self._register(may_have_started)
             except ServerAway as exc:
                 delay = self._failed()
-                log.warning("agent: cannot register with %s (%s); again in %.1f s", self.server, exc, delay)
+                if exc.status in (401, 403):
+                    self._refused(exc)
+                else:
+                    log.warning(
+                        "agent: cannot register with %s (%s); again in %.1f s", self.server, exc, delay
+                    )
                 time.sleep(delay)
 
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
+        with self._lock:  # the executor took the leases of its previous claim: it lists them now
+            self._received.clear()
         idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
         answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
@@ -176,12 +208,14 @@ class HttpTransport:
     def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
         assert self._registration is not None
         # what it runs and keeps, and the attempts whose reports are not yet acknowledged
-        running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted)
+        running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted | self._received)
         body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
         resp = self._post("/register", body)
         if resp.status_code != 200:
-            raise ServerAway(f"register: HTTP {resp.status_code} {resp.text[:200]}")
+            raise ServerAway(f"register: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.RegisterResponse.model_validate_json(resp.content)
+        self._succeeded()
+        self.liveness = answer.liveness_seconds
         self.poll_seconds = answer.poll_seconds
         self.registry_host = answer.registry.host if answer.registry else None
         if self.functions is not None:
@@ -208,6 +242,7 @@ class HttpTransport:
     def _exchange(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
         """One exchange; None while the server is away (nothing claimed, reports kept)."""
         if time.monotonic() < self._next_try:
+            self._fence_if_silent()
             return None
         with self._lock:
             try:
@@ -218,22 +253,66 @@ class HttpTransport:
             except ServerAway as exc:
                 was = self._backoff == 0.0
                 delay = self._failed()
-                if was:
+                if exc.status in (401, 403):
+                    self._refused(exc)
+                elif was:
                     log.warning("agent: lost the server (%s); running jobs go on, retrying", exc)
                 else:
                     log.debug("agent: server still away (%s); again in %.1f s", exc, delay)
+                self._fence_if_silent()
                 return None
+
+    def _succeeded(self) -> None:
+        self._last_ok = time.monotonic()
+        self._refusal = None
+        if self._fenced:
+            self._fenced = False
+            log.info("agent: the server answers again")
+
+    def _refused(self, exc: ServerAway) -> None:
+        if self._refusal != exc.status:  # one line per streak, not one per retry
+            self._refusal = exc.status
+            log.error(_refused_line(exc.status or 0, str(exc)))
+
+    def _fence_if_silent(self) -> None:
+        """Past the liveness timeout without a successful call (the server away, refusing the
+        token, or failing), the server has taken this agent for lost and re-queued its jobs:
+        kill every attempt it holds (their reports stay in the outbox) and register again
+        when the server answers. Running on would run those jobs twice."""
+        if self._fenced or self.liveness is None:
+            return
+        silent = time.monotonic() - self._last_ok
+        if silent <= self.liveness:
+            return
+        with self._lock:
+            self._fenced = True
+            self._registered = False  # the next call that gets through registers first
+            doomed = set(self.held()) | self._received
+            self._kills.update(doomed)
+        log.error(
+            "agent: no successful call to %s for %.0f s (the server's liveness timeout): it has "
+            "taken this agent for lost; killing its %d attempt(s) and registering again when it "
+            "answers",
+            self.server,
+            silent,
+            len(doomed),
+        )
+        if doomed:
+            self.on_kill()
 
     def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
         reports = self.outbox.pending()
+        self._exchanges += 1
         body = {
             "incarnation": self.incarnation,
             "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
             "max_jobs": max_jobs,
-            "held": sorted(set(self.held())),
+            # complete (exchange_seq says so): a lease it does not list never reached it
+            "held": sorted(set(self.held()) | self._received),
             "reports": [r.model_dump() for r in reports],
             "wait_seconds": wait,
             "draining": self.draining,
+            "exchange_seq": self._exchanges,
         }
         resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
         if resp.status_code == 409:  # the server does not know this agent as it is: register first
@@ -242,8 +321,9 @@ class HttpTransport:
             self._register()
             return None
         if resp.status_code != 200:
-            raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}")
+            raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.ExchangeResponse.model_validate_json(resp.content)
+        self._succeeded()
         self._backoff = 0.0
         self.outbox.done(answer.acked)
         if answer.refused:
@@ -251,6 +331,7 @@ class HttpTransport:
         if answer.kill:
             self._kills.update(answer.kill)
             self.on_kill()
+        self._received.update((lease.job_id, lease.attempt) for lease in answer.leases)
         for lease in answer.leases:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
@@ -279,6 +360,11 @@ class HttpTransport:
             resp = self._post(f"/{self.agent_id}/logs", {"incarnation": self.incarnation, "chunks": chunks})
         except ServerAway:
             return None
-        if resp.status_code != 200:
+        if resp.status_code == 409:  # some chunks are for attempts not this agent's: drop those
+            refused = wire.ErrorBody.model_validate_json(resp.content).refused
+            if refused:
+                self.refused_logs.update((job, attempt) for job, attempt in refused)
+            return None
+        if resp.status_code != 200:  # 503, 507: the server keeps nothing; sent again later
             return None
         return wire.LogsResponse.model_validate_json(resp.content).acked

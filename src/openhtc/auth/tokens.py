@@ -100,9 +100,10 @@ class TokenService:
         }
         return self._encode(claims), now + ttl
 
-    def agent(self, name: str, region: str, ttl: int) -> str:
+    def agent(self, name: str, region: str, ttl: int, agents: int = 1) -> str:
         """An agent token: authenticates ``htc agent`` on /openhtc/v1/agents/... and nothing else.
-        ``region`` is the one region its agents may register in ("*": any)."""
+        ``region`` is the one region its agents may register in ("*": any); ``agents``: how many
+        live agents it may speak for at once (each bound to it at its first register)."""
         now = int(self.clock.now())
         claims = {
             "iss": ISSUER,
@@ -113,6 +114,7 @@ class TokenService:
             "typ": AGENT,
             "scope": AGENT,
             "region": region,
+            "agents": agents,
         }
         return self._encode(claims)
 

@@ -30,6 +30,7 @@ def agent(
 
     from openhtc.agent.run import run_agent
     from openhtc.agent.settings import AgentSettings
+    from openhtc.agent.workdir import WorkDirTaken
     from openhtc.runtimes import RuntimeUnavailable
 
     given: dict[str, Any] = {
@@ -55,7 +56,7 @@ def agent(
         raise typer.Exit(2) from None
     try:
         run_agent(settings)
-    except RuntimeUnavailable as exc:
+    except (RuntimeUnavailable, WorkDirTaken) as exc:
         typer.echo(f"htc agent: {exc}", err=True)
         raise typer.Exit(2) from None
 

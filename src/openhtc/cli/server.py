@@ -177,12 +177,20 @@ def create_agent_token(
     region: Annotated[str, typer.Option(help="The region its agents may register in ('*': any).")] = "*",
     name: Annotated[str, typer.Option(help="A name for the token (its subject).")] = "agent",
     days: Annotated[int, typer.Option(min=1, help="Days the token is valid.")] = 365,
+    agents: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="How many live agents may share it (a fleet); each agent id is bound to the token"
+            " it first registers with.",
+        ),
+    ] = 1,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Print a token for `htc agent --token`: it reaches only the agent routes (/openhtc/v1/agents)."""
     services = _services(data_dir, database_url)
-    typer.echo(services.tokens.agent(name, region, days * 86400))
+    typer.echo(services.tokens.agent(name, region, days * 86400, agents))
 
 
 @admin.command("create-workspace")

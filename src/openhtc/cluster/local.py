@@ -253,7 +253,8 @@ class LocalCluster:
         assert self.state is not None
         cmd = [
             htc_executable(), "admin", "create-agent-token", "--region", self.spec.region,
-            "--name", f"cluster-{self.state.bridge}", "--data-dir", str(self.server_dir(0)),
+            "--name", f"cluster-{self.state.bridge}", "--agents", str(max(1, self.spec.agents)),
+            "--data-dir", str(self.server_dir(0)),
             "--database-url", self.state.database_url,
         ]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env({}), timeout=60, check=False)

@@ -103,6 +103,10 @@ class ExchangeRequest(_Model):
     reports: list[Report] = Field(default_factory=list)
     wait_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
     draining: bool = False
+    # The agent's count of its exchanges (one at a time, from 1). An agent that sends it lists
+    # in ``held`` every lease it received: a lease the server granted it in an earlier
+    # exchange that it does not list never arrived (a lost answer) and is re-queued free.
+    exchange_seq: int | None = Field(default=None, ge=0)
 
 
 class Launch(_Model):
@@ -155,7 +159,9 @@ class LogsResponse(_Model):
 
 
 class ErrorBody(_Model):
-    error: str  # 409: "unknown agent" | "agent lost" | "stale incarnation"
+    error: str  # 409: "unknown agent" | "agent lost" | "stale incarnation" | "not this agent's attempt"
+    # with "not this agent's attempt" (logs): the attempts whose chunks were refused
+    refused: list[AttemptKey] | None = None
 
 
 # -- converters -----------------------------------------------------------------------------------

@@ -5,7 +5,12 @@ protocol's (``ExecutorService``: register, report, claim, heartbeat) plus what a
 needs on top of it:
 
 - idempotent reports: each carries a per-attempt ``seq``; one at or below the highest applied
-  is a duplicate, acknowledged and not applied again (a lost answer makes the agent resend);
+  is a duplicate, acknowledged and not applied again (a lost answer makes the agent resend).
+  The seqs kept here (``_seqs``, per server process) only save a transaction: a duplicate
+  reaching another server is applied again and changes nothing (the lifecycle ignores a
+  status the attempt has reached), so correctness does not depend on them;
+- shared state lives in the database, so an agent may reach any server: its token binding,
+  its drain flag (``_draining`` here only wakes this server's long polls at once);
 - fencing answers: a report for an attempt that is not the agent's current one is refused and
   the attempt is in ``kill``, as is every held attempt the agent no longer owns;
 - a liveness clock of its own (``agent_liveness_seconds``), separate from job leases: an agent
@@ -19,6 +24,7 @@ needs on top of it:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import threading
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openhtc.domain import lifecycle
-from openhtc.domain.errors import InvalidTransition, PermissionDenied
+from openhtc.domain.errors import InsufficientStorage, InvalidTransition, PermissionDenied, Unavailable
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
@@ -37,6 +43,7 @@ from openhtc.services.functions import FUNCTION_COMMAND, result_key
 from openhtc.services.notify import EVERYTHING, job_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_logs import DatabaseLogs
+from openhtc.store.agent_rows import AgentState, TokenBinding
 from openhtc.store.functions import FunctionStore, ReportedResult
 from openhtc.store.queue import AgentInfo
 
@@ -59,6 +66,14 @@ class Waiter:
 
     def wake(self) -> None:
         self.loop.call_soon_threadsafe(self.event.set)
+
+
+class LogsRefused(Exception):
+    """Log chunks for attempts not leased to the calling agent (HTTP 409); nothing was written."""
+
+    def __init__(self, refused: list[Attempt]) -> None:
+        self.refused = refused
+        super().__init__(f"not this agent's attempts: {refused[:5]}")
 
 
 class MustRegister(Exception):
@@ -90,9 +105,12 @@ class AgentService:
         self.services = services
         self.executors = executors
         self._lock = threading.Lock()
-        self._seqs: dict[str, dict[Attempt, int]] = {}  # agent -> highest seq applied per attempt
+        # agent -> highest seq applied per attempt through this server: a cache (see above)
+        self._seqs: dict[str, dict[Attempt, int]] = {}
         self._log_paths: dict[int, tuple[str, str, int]] = {}  # job id -> (task, parent job, index)
-        self._draining: set[str] = set()  # agents that said they stop: their long polls answer
+        # agents that said they stop through this server: its long polls for them answer now
+        # (the flag that counts is on the agent's row: store/agent_rows.py)
+        self._draining: set[str] = set()
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
@@ -130,12 +148,15 @@ class AgentService:
         agent: AgentInfo,
         running: Collection[Attempt],
         may_have_started: Collection[Attempt],
+        token: TokenBinding | None = None,
     ) -> Registered:
+        """``token``: the caller's agent token (its hash and how many agents it serves): the
+        agent is bound to it, or refused (PermissionDenied) with nothing written."""
         s = self.services
         now = s.clock.now()
         self._heard(now)
         applied, kill = s.queue.register_agent(
-            agent, now, s.settings.lease_seconds, running, may_have_started
+            agent, now, s.settings.lease_seconds, running, may_have_started, token
         )
         with self._lock:
             self._seqs.pop(agent.agent_id, None)
@@ -156,21 +177,27 @@ class AgentService:
         max_jobs: int,
         draining: bool,
         token_region: str = "*",
+        token_hash: str | None = None,
+        exchange_seq: int | None = None,
         results: dict[Attempt, ReportedResult] | None = None,
     ) -> Exchanged:
         """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs.
-        ``token_region``: the region the caller's agent token allows ("*": any). ``results``:
-        function calls' results, by attempt, sent with their terminal reports."""
+        ``token_region``: the region the caller's agent token allows ("*": any); ``token_hash``:
+        the token's hash (None: in-process, not checked). ``exchange_seq``: the agent's count
+        of its exchanges, sent by agents that reconcile their leases (``held`` is then complete:
+        a claimed lease it does not list never reached it and goes back to the queue).
+        ``results``: function calls' results, by attempt, sent with their terminal reports."""
         s = self.services
         now = s.clock.now()
         self._heard(now)
-        reason, region, architectures = s.queue.agent_state(agent_id, incarnation)
-        if reason is not None:
-            raise MustRegister(reason)
-        self._beat(agent_id, now)
-        if token_region not in ("*", region):
-            raise PermissionDenied(f"this agent token is for region {token_region}, not {region}")
-        out = Exchanged(region, architectures)
+        state = self._check(agent_id, incarnation, token_region, token_hash)
+        self._beat(agent_id, now)  # only once the caller is known to speak for this agent
+        out = Exchanged(state.region, state.architectures)
+        region, architectures = state.region, state.architectures
+        if draining:
+            self.drain(agent_id)
+            if not state.draining:  # written once, not at every exchange of a draining agent
+                s.queue.set_draining(agent_id, incarnation)
         with self._lock:
             seqs = self._seqs.setdefault(agent_id, {})
             fresh = []
@@ -206,6 +233,15 @@ class AgentService:
                 del seqs[key]
         kill.update(k for k in held if not _may_hold(agent_id, k[1], records.get(k[0])))
         out.kill = sorted(kill)
+        if exchange_seq is not None:
+            released = s.queue.release_unheld(agent_id, held, now)
+            if released.changes:
+                log.warning(
+                    "agent %s: %d lease(s) it never received re-queued", agent_id, len(released.changes)
+                )
+                s.metrics.jobs.applied(released)
+                s.wakeups.schedule_round.set()
+                s.notify.publish((EVERYTHING,))
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
@@ -272,8 +308,35 @@ class AgentService:
         log.warning("agent %s: %d invalid report(s) refused (%s)", agent_id, len(invalid), first)
         return changed
 
+    def check(
+        self, agent_id: str, incarnation: str, token_region: str = "*", token_hash: str | None = None
+    ) -> tuple[str, list[str]]:
+        """Whether the caller speaks for this agent, before anything is written: MustRegister
+        (409) if the agent must register (again), PermissionDenied (403) if the caller's token
+        is not the one the agent registered with or is for another region. Returns the agent's
+        region and architectures."""
+        state = self._check(agent_id, incarnation, token_region, token_hash)
+        return state.region, state.architectures
+
+    def _check(
+        self, agent_id: str, incarnation: str, token_region: str, token_hash: str | None
+    ) -> AgentState:
+        state = self.services.queue.agent_state(agent_id, incarnation)
+        if token_hash is not None and state.token_hash is not None and state.token_hash != token_hash:
+            raise PermissionDenied(
+                f"agent {agent_id} registered with another agent token: this one does not speak for it"
+            )
+        if token_region not in ("*", state.region) and state.region:
+            raise PermissionDenied(f"this agent token is for region {token_region}, not {state.region}")
+        if state.reason is not None:
+            raise MustRegister(state.reason)
+        if token_hash is not None and state.token_hash is None:  # registered before tokens were bound
+            raise MustRegister("unknown agent")
+        return state
+
     def drain(self, agent_id: str) -> None:
-        """The agent stops: it gets no new job, and the long poll it may have open answers now."""
+        """The agent stops: it gets no new job (its row says so: exchange), and the long poll it
+        may have open on this server answers now. The set here only wakes local long polls."""
         with self._lock:
             self._draining.add(agent_id)
             mine = [w for q in self._waiters.values() for w in q if w.agent_id == agent_id]
@@ -379,7 +442,7 @@ class AgentService:
         max_timeout = allocation.max_timeout(agent_id) if allocation is not None else None
         if max_timeout is not None and max_timeout < 0:
             return []
-        return self.executors.claim(agent_id, region, architectures, free, max_jobs, max_timeout)
+        return self.executors.claim(agent_id, region, architectures, free, max_jobs, max_timeout, agent=True)
 
     def check_liveness(self) -> int:
         """Mark lost the agents silent past their liveness (unless the server suspects itself);
@@ -414,29 +477,52 @@ class AgentService:
     # -- logs -----------------------------------------------------------------------------------
 
     def append_logs(
-        self, agent_id: str, chunks: Sequence[tuple[int, int, int, str]]
+        self,
+        agent_id: str,
+        chunks: Sequence[tuple[int, int, int, str]],
+        incarnation: str | None = None,
+        token_region: str = "*",
+        token_hash: str | None = None,
     ) -> list[tuple[int, int, int]]:
         """Write (job, attempt, offset, data) chunks into the attempts' logs; idempotent by
         offset. Returns (job, attempt, next offset) for each attempt: where the agent goes on
         from (a chunk past the end written so far is not written: the agent resends from there).
-        Chunks for attempts that are not this agent's are dropped (and acknowledged)."""
+        The caller must speak for the agent (``check``, when ``incarnation`` is given), and every
+        chunk must be for an attempt leased to it: otherwise LogsRefused, and nothing is written.
+        A disk that fails is InsufficientStorage (full) or Unavailable: the agent sends again."""
         s = self.services
+        if incarnation is not None:
+            self.check(agent_id, incarnation, token_region, token_hash)
         records = s.queue.records({c[0] for c in chunks})
         paths = self._paths({c[0] for c in chunks})
+        refused = sorted(
+            {
+                (job_id, attempt)
+                for job_id, attempt, _, _ in chunks
+                if not _leased_to(agent_id, attempt, records.get(job_id)) or job_id not in paths
+            }
+        )
+        if refused:
+            raise LogsRefused(refused)
         ends: dict[Attempt, int] = {}
         shared: list[tuple[tuple[str, str, int, int], int, bytes]] = []  # log_store = database
         for job_id, attempt, offset, data in chunks:
-            key = (job_id, attempt)
-            rec = records.get(job_id)
-            where = paths.get(job_id)
-            if rec is None or where is None or rec.attempt != attempt or rec.executor_id != agent_id:
-                ends[key] = offset + len(data.encode())
-                continue
+            where = paths[job_id]
             if isinstance(s.logs, DatabaseLogs):
                 shared.append(((where[0], where[1], where[2], attempt), offset, data.encode()))
                 continue
             path = s.logs.path(where[0], where[1], where[2], attempt)
-            ends[key] = _write_at(path, offset, data.encode())
+            try:
+                ends[(job_id, attempt)] = _write_at(path, offset, data.encode())
+            except OSError as exc:
+                log.warning("agent %s: cannot write the log of job %d: %s", agent_id, job_id, exc)
+                if exc.errno == errno.ENOSPC:
+                    raise InsufficientStorage(
+                        "the server's disk is full: the log chunk was not written"
+                    ) from None
+                raise Unavailable(
+                    f"the server cannot write the job's log now ({exc.strerror or exc})"
+                ) from None
         if shared and isinstance(s.logs, DatabaseLogs):  # one insert; readers on every server woken
             jobs = {(w[0], w[1], w[2]): j for j, w in paths.items()}
             for (task, parent, idx, attempt), end in s.logs.append(shared).items():
@@ -456,6 +542,11 @@ class AgentService:
                 self._log_paths.update(rows)
             found.update(rows)
         return found
+
+
+def _leased_to(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
+    """Whether the attempt is the job's current one, leased to this agent (running or ended)."""
+    return rec is not None and rec.attempt == attempt and rec.executor_id == agent_id
 
 
 def _may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:

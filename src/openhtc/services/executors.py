@@ -84,9 +84,11 @@ class ExecutorService:
         free: Capacity,
         max_jobs: int,
         max_timeout_s: int | None = None,
+        agent: bool = False,
     ) -> list[JobLaunch]:
         """``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (a pilot's
-        walltime left); jobs without one always qualify."""
+        walltime left); jobs without one always qualify. ``agent``: an ``htc agent``'s claim,
+        which takes nothing once the agent is lost or drains (checked in the claim's transaction)."""
         s = self.services
         claimed = s.queue.claim(
             executor_id,
@@ -97,6 +99,7 @@ class ExecutorService:
             s.settings.lease_seconds,
             s.clock.now(),
             max_timeout_s,
+            agent,
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
         if claimed and not s.notify.idle:

@@ -18,6 +18,7 @@ wrote late must not bring it back.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from openhtc.storage.layout import (
 )
 
 log = logging.getLogger("openhtc.storage")
+MAX_EMPTY = 256  # empty attempt folders kept for the next attempts
 TaskGone = Callable[[str, str], bool]  # (project_id, task_id) -> the task was deleted
 
 
@@ -142,25 +144,38 @@ class SyncStager:
         self.shared_ttl = shared_ttl
         self._shared: dict[str, _SharedCopy] = {}
         self._lock = threading.Lock()
+        # Attempt folders: one per running attempt; one left empty by its job is used again
+        # (creating and removing a directory per job cost more than the rest of staging).
+        self._folders: dict[tuple[int, int], Path] = {}
+        self._empty: list[Path] = []
+        self._names = itertools.count()
         shutil.rmtree(self.stage_root, ignore_errors=True)  # folders of a previous run's attempts
         self.stage_root.mkdir(parents=True, exist_ok=True)
 
-    def _attempt_dir(self, launch: JobLaunch) -> Path:
-        return self.stage_root / f"{launch.job_id}.{launch.attempt}"
-
     def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
         shared = self._sync_shared(launch.project_id)
-        task = self._attempt_dir(launch)
-        shutil.rmtree(task, ignore_errors=True)
-        task.mkdir(parents=True)
+        with self._lock:
+            task = self._empty.pop() if self._empty else None
+            name = next(self._names)
+        if task is None or not _empty(task):  # (something wrote late into it: not reused)
+            if task is not None:
+                shutil.rmtree(task, ignore_errors=True)
+            task = self.stage_root / str(name)
+            task.mkdir(parents=True)
+        with self._lock:
+            self._folders[(launch.job_id, launch.attempt)] = task
         return _mounts(str(shared), str(task))
 
     def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
-        task = self._attempt_dir(launch)
+        with self._lock:
+            task = self._folders.pop((launch.job_id, launch.attempt), None)
+        if task is None:
+            return
+        empty = False
         try:
-            with os.scandir(task) as entries:
-                if next(entries, None) is None:
-                    return  # nothing to upload (and no database look-up)
+            if _empty(task):
+                empty = True
+                return  # nothing to upload (and no database look-up)
             if self.task_gone(launch.project_id, launch.task_id):
                 return
             failed = self._upload(task, task_prefix(launch.project_id, launch.task_id), open_log)
@@ -170,7 +185,12 @@ class SyncStager:
             log.exception("uploading the outputs of job %s failed", launch.job_uuid)
             job_log(open_log, f"openhtc: uploading TASK_SHARED_FOLDER to task storage failed: {exc}")
         finally:
-            shutil.rmtree(task, ignore_errors=True)
+            with self._lock:
+                keep = empty and len(self._empty) < MAX_EMPTY
+                if keep:
+                    self._empty.append(task)
+            if not keep:
+                shutil.rmtree(task, ignore_errors=True)
 
     def _upload(self, folder: Path, prefix: str, open_log: LogOpener) -> int:
         """Upload every regular file below ``folder`` (links are not followed); returns failures."""
@@ -251,3 +271,11 @@ class SyncStager:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False

@@ -21,6 +21,7 @@ from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.domain.throughput import Throughput
+from openhtc.store.agent_rows import AgentRows, AgentState, TokenBinding, check_binding
 from openhtc.store.db import Database
 from openhtc.store.tables import batches, executors, job_counters, jobs, project_limits, projects, workspaces
 from openhtc.store.transitions import Applied, JobState, StatusWrites
@@ -30,7 +31,7 @@ _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's le
 _HELD_SQL = ",".join(str(s) for s in _HELD)
 
 
-class QueueStore:
+class QueueStore(AgentRows):
     def __init__(self, db: Database, max_infra_retries: int = 3) -> None:
         self.db = db
         # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
@@ -262,9 +263,11 @@ class QueueStore:
         lease_seconds: float,
         now: float,
         max_timeout_s: int | None = None,
+        agent: bool = False,
     ) -> list[JobState]:
         """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE.
-        ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset)."""
+        ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset).
+        ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py)."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         with self.db.read() as conn:  # an idle fleet's common case: nothing queued, no write lock
@@ -273,6 +276,8 @@ class QueueStore:
         with self.db.write() as conn:
             queued_projects = self._projects_with(conn, S.SUBMITTED_TO_PROVIDER)
             if not queued_projects:
+                return []
+            if agent and not self.may_claim(conn, executor_id):
                 return []
             running = self._vcpus_by_project(conn, ACTIVE_STATUSES)
             # Every job takes at least one vCPU, so no project can contribute more candidates.
@@ -371,13 +376,17 @@ class QueueStore:
         lease_seconds: float,
         running: Collection[tuple[int, int]],
         may_have_started: Collection[tuple[int, int]],
+        binding: TokenBinding | None = None,
     ) -> tuple[Applied, list[tuple[int, int]]]:
         """Record an agent's (re)start or re-register. The attempts it still runs (``running``)
         and the store still gives it stay its own, their leases renewed; the others it held are
         recovered (``may_have_started``: which of those it may have started). Returns what the
-        recovery changed and the attempts of ``running`` it must kill (no longer its own)."""
+        recovery changed and the attempts of ``running`` it must kill (no longer its own).
+        ``binding``: the agent token it calls with, bound to it here (store/agent_rows.py)."""
         keep = set(running)
         with self.db.write() as conn:
+            if binding is not None:  # refused before anything is written
+                check_binding(self.db, conn, agent.agent_id, binding)
             values = {
                 "region": agent.region,
                 "incarnation": agent.incarnation,
@@ -391,7 +400,10 @@ class QueueStore:
                 "labels": dict(agent.labels),
                 "runtime": agent.runtime[:32] or None,
                 "lost_at": None,
+                "draining": False,
             }
+            if binding is not None:
+                values["token_hash"] = binding.token_hash
             stmt = self.db.upsert(executors).values(id=agent.agent_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             writes = self._writes(conn, now)
@@ -412,9 +424,10 @@ class QueueStore:
         self._count(writes, now)
         return writes.applied(), [key for key in running if key not in kept]
 
-    def agent_state(self, agent_id: str, incarnation: str) -> tuple[str | None, str, list[str]]:
+    def agent_state(self, agent_id: str, incarnation: str) -> AgentState:
         """An agent's exchange, read only: why it must register again (None: it need not), its
-        region and its architectures. Its heartbeat is written later (``agent_beats``)."""
+        region, its architectures, the hash of the token it is bound to and whether it drains.
+        Its heartbeat is written later (``agent_beats``)."""
         with self.db.read() as conn:
             row = conn.execute(
                 select(
@@ -423,15 +436,18 @@ class QueueStore:
                     executors.c.region,
                     executors.c.architectures,
                     executors.c.kind,
+                    executors.c.token_hash,
+                    executors.c.draining,
                 ).where(executors.c.id == agent_id)
             ).first()
         if row is None or row.kind != "agent":
-            return "unknown agent", "", []
+            return AgentState("unknown agent", "", [], None, False)
+        bound, draining = row.token_hash, bool(row.draining)
         if row.lost_at is not None:
-            return "agent lost", row.region, []
+            return AgentState("agent lost", row.region, [], bound, draining)
         if row.incarnation != incarnation:
-            return "stale incarnation", row.region, []
-        return None, row.region, list(row.architectures)
+            return AgentState("stale incarnation", row.region, [], bound, draining)
+        return AgentState(None, row.region, list(row.architectures), bound, draining)
 
     def agent_beats(self, agent_ids: Collection[str], heard: float, lease_seconds: float) -> None:
         """The agents' coalesced heartbeats: each heard at ``heard`` or later (the earliest of

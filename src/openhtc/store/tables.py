@@ -296,6 +296,9 @@ executors = Table(
     Column("labels", JSON, nullable=True),  # an agent's labels (k=v)
     Column("runtime", String(32), nullable=True),  # the runtime an agent runs jobs with
     Column("lost_at", Float, nullable=True),  # an agent marked lost (liveness): re-register first
+    # the sha256 of the agent token an agent registered with: only that token speaks for it
+    Column("token_hash", String(64), nullable=True, index=True),
+    Column("draining", Boolean, nullable=True),  # the agent said it stops: no new jobs for it
 )
 
 # Container repositories created through the API (POST …/container-registry/repo/{name}).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
@@ -24,23 +24,40 @@ from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
 from openhtc.domain.models import JobLaunch
 from openhtc.executor import protocol as wire
-from openhtc.services.agents import AgentService, MustRegister
+from openhtc.services.agents import AgentService, LogsRefused, MustRegister
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.agent_rows import TokenBinding, token_hash
 from openhtc.store.functions import ReportedResult
 from openhtc.store.queue import AgentInfo
 
 router = APIRouter()
+NOT_YOURS = "not this agent's attempt"  # a 409 of the logs route: the chunks of ``refused`` are not its
 M = TypeVar("M", bound=BaseModel)
 
 
-def _agent_claims(request: Request, svc: ServiceSet) -> dict[str, Any]:
+class Caller(NamedTuple):
+    """The agent token of a call: its claims and its hash (what an agent is bound to)."""
+
+    claims: dict[str, Any]
+    token_hash: str
+
+    @property
+    def region(self) -> str:
+        return str(self.claims.get("region", "*"))
+
+    def binding(self) -> TokenBinding:
+        agents = self.claims.get("agents", 1)
+        return TokenBinding(self.token_hash, agents if isinstance(agents, int) and agents > 0 else 1)
+
+
+def _agent_claims(request: Request, svc: ServiceSet) -> Caller:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not token.strip():
         raise Unauthenticated("expected 'Authorization: Bearer <agent token>'")
     if scheme.lower() != "bearer":  # a user's API key, say
         raise PermissionDenied("only an agent token (htc admin create-agent-token) reaches the agent routes")
-    return svc.tokens.verify_agent(token.strip())
+    return Caller(svc.tokens.verify_agent(token.strip()), token_hash(token.strip()))
 
 
 async def _body(request: Request, model: type[M]) -> M:
@@ -59,17 +76,18 @@ def _service(svc: ServiceSet) -> AgentService:
     return agents
 
 
-def _must_register(reason: str) -> JSONResponse:
-    return JSONResponse(wire.ErrorBody(error=reason).model_dump(), status_code=409)
+def _must_register(reason: str, refused: list[tuple[int, int]] | None = None) -> JSONResponse:
+    body = wire.ErrorBody(error=reason, refused=refused).model_dump(mode="json", exclude_none=True)
+    return JSONResponse(body, status_code=409)
 
 
 @router.post(wire.PREFIX + "/register")
 async def register(request: Request) -> JSONResponse:
     svc = app_services(request)
-    claims = _agent_claims(request, svc)
+    caller = _agent_claims(request, svc)
     req = await _body(request, wire.RegisterRequest)
-    if claims.get("region", "*") not in ("*", req.region):
-        raise PermissionDenied(f"this agent token is for region {claims.get('region')}, not {req.region}")
+    if caller.region not in ("*", req.region):
+        raise PermissionDenied(f"this agent token is for region {caller.region}, not {req.region}")
     agents = _service(svc)
     info = AgentInfo(
         req.agent_id,
@@ -82,7 +100,7 @@ async def register(request: Request) -> JSONResponse:
         req.host,
         req.runtime,
     )
-    done = await run_in_threadpool(agents.register, info, req.running, req.may_have_started)
+    done = await run_in_threadpool(agents.register, info, req.running, req.may_have_started, caller.binding())
     settings = svc.settings
     registry = svc.registry
     answer = wire.RegisterResponse(
@@ -106,7 +124,7 @@ async def register(request: Request) -> JSONResponse:
 @router.post(wire.PREFIX + "/{agent_id}/exchange")
 async def exchange(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
-    claims = _agent_claims(request, svc)
+    caller = _agent_claims(request, svc)
     req = await _body(request, wire.ExchangeRequest)
     agents = _service(svc)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
@@ -119,8 +137,6 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     }
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
-    if req.draining:  # a stopping agent: the long poll it may have open answers now
-        agents.drain(agent_id)
     seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
     try:
         done = await run_in_threadpool(
@@ -132,7 +148,9 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             free,
             req.max_jobs,
             req.draining,
-            str(claims.get("region", "*")),
+            caller.region,
+            caller.token_hash,
+            req.exchange_seq,
             results,
         )
     except MustRegister as exc:
@@ -176,11 +194,18 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
 @router.post(wire.PREFIX + "/{agent_id}/logs")
 async def logs(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
-    _agent_claims(request, svc)
+    caller = _agent_claims(request, svc)
     req = await _body(request, wire.LogsRequest)
     agents = _service(svc)
     chunks = [(c.job_id, c.attempt, c.offset, c.data) for c in req.chunks]
-    acked = await run_in_threadpool(agents.append_logs, agent_id, chunks)
+    try:
+        acked = await run_in_threadpool(
+            agents.append_logs, agent_id, chunks, req.incarnation, caller.region, caller.token_hash
+        )
+    except MustRegister as exc:
+        return _must_register(exc.reason)
+    except LogsRefused as exc:
+        return _must_register(NOT_YOURS, exc.refused)
     return JSONResponse(wire.dump(wire.LogsResponse(acked=acked)))
 
 
