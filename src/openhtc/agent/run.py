@@ -131,7 +131,10 @@ def build_agent(
         executor_id=agent_id or legacy_agent_id(str(work)),
         stager=stager,
     )
-    transport.held = executor.held
+    # what it holds, and what ended since the last flush (its reports not in the outbox yet): a
+    # lease the agent does not list is re-queued as never received, and a function call can
+    # start and end between two exchanges
+    transport.held = lambda: executor.held() + executor.reporting()
     transport.idle = executor.idle
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)

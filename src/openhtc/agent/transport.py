@@ -308,7 +308,8 @@ class HttpTransport:
             "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
             "max_jobs": max_jobs,
             # complete (exchange_seq says so): a lease it does not list never reached it
-            "held": sorted(set(self.held()) | self._received),
+            # (and the attempts whose reports wait in the outbox: an exchange may carry only some)
+            "held": sorted(set(self.held()) | self._received | self.outbox.attempts()),
             "reports": [r.model_dump() for r in reports],
             "wait_seconds": wait,
             "draining": self.draining,
