@@ -36,6 +36,27 @@ def test_results_come_back_in_order_with_the_handlers_values(fn: Functions) -> N
     assert job["status"] == "SUCCEEDED"
 
 
+def test_a_page_stops_at_the_first_call_not_ended_and_later_ones_wait_for_it(fn: Functions) -> None:
+    """Most calls end while call 0 still runs: reading from 0 gives nothing yet (``next``
+    stays 0) although the batch counts them done; once call 0 ends (here: cancelled), all ten
+    come back in order."""
+    events = [{"x": 0, "sleep": 60}] + [{"x": i} for i in range(1, 10)]
+    batch = fn.submit("fnlib.handlers.sleepy", events, code="handlers.zip")
+    deadline = time.monotonic() + 60
+    first = fn.page(batch, 0)
+    while first["done"] < 8:  # the call queued behind call 0 in its worker may wait with it
+        assert time.monotonic() < deadline, fn.server.log_tail()
+        time.sleep(0.1)
+        first = fn.page(batch, 0)
+    assert first["items"] == [] and first["next"] == 0
+    assert fn.cancel(batch) >= 1
+    items = fn.results(batch, 10)
+    assert [item["index"] for item in items] == list(range(10))
+    assert items[0]["status"] == "FAILED"
+    succeeded = [item for item in items if item["status"] == "SUCCEEDED"]
+    assert len(succeeded) >= 8 and all(item["result"] == item["index"] for item in succeeded)
+
+
 EVENTS: list[Any] = [
     'a "quoted" \\ string',
     "ünïcödé ✓",
