@@ -43,7 +43,7 @@ from openhtc.services.notify import ClusterNotifier, LocalNotifier
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
-from openhtc.services.shared_logs import DatabaseLogs
+from openhtc.services.shared_logs import DatabaseLogs, LogMirror, MirroringStager
 from openhtc.services.storage import StorageService, start_managed_storage
 from openhtc.services.wakeups import Wakeups
 from openhtc.startup import (
@@ -57,6 +57,7 @@ from openhtc.startup import (
     sqlite_file,
 )
 from openhtc.storage.seaweedfs import SeaweedFS
+from openhtc.storage.staging import NoStager, Stager
 from openhtc.store.accounts import AccountStore
 from openhtc.store.allocation import AllocStore
 from openhtc.store.db import Database
@@ -286,13 +287,22 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             services.wakeups,
             settings.region,
             [host_architecture()],
-            stager=services.storage.stager() if services.storage else None,
+            stager=_stager(services),
             functions=_function_pool(services, runtime),
         )
     server = Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
     if services.allocation is not None:
         server.allocation = AllocationLoop(services, services.allocation)
     return server
+
+
+def _stager(services: ServiceSet) -> Stager | None:
+    """The embedded executor's storage folders; with ``log_store = database`` it also tells the
+    log mirror which attempts run (their files are copied to the database)."""
+    stager = services.storage.stager() if services.storage else None
+    if isinstance(services.logs, DatabaseLogs):
+        return MirroringStager(stager or NoStager(), LogMirror(services.logs, services.notify))
+    return stager
 
 
 def _adopt_seconds(settings: Settings, services: ServiceSet) -> float:

@@ -29,20 +29,24 @@ LINES = 40
 JOB = f'for i in $(seq 1 {LINES}); do echo "line $i"; sleep 0.05; done'
 
 
-@pytest.fixture
-def two_servers(pg_cluster: PostgresCluster, tmp_path: Path) -> Iterator[tuple[HtcServer, HtcServer]]:
+def start_two(pg_cluster: PostgresCluster, tmp_path: Path, started: list[HtcServer], executor: bool) -> None:
     url = pg_cluster.new_database()
     env = {"OPENHTC_LOG_STORE": "database", "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"}
+    for n in range(2):
+        data_dir = tmp_path / f"server{n}"
+        data_dir.mkdir()
+        if started:  # the first server on a database writes the admin key
+            (data_dir / "admin-api-key").write_text(started[0].api_key + "\n")
+        srv = HtcServer(data_dir, url, env=env, args=() if executor else ("--no-executor",))
+        started.append(srv)
+        srv.start()
+
+
+@pytest.fixture
+def two_servers(pg_cluster: PostgresCluster, tmp_path: Path) -> Iterator[tuple[HtcServer, HtcServer]]:
     started: list[HtcServer] = []
     try:
-        for n in range(2):
-            data_dir = tmp_path / f"server{n}"
-            data_dir.mkdir()
-            if started:  # the first server on a database writes the admin key
-                (data_dir / "admin-api-key").write_text(started[0].api_key + "\n")
-            srv = HtcServer(data_dir, url, env=env, args=("--no-executor",))
-            started.append(srv)
-            srv.start()
+        start_two(pg_cluster, tmp_path, started, executor=False)
         yield started[0], started[1]
     finally:
         for srv in started:
@@ -114,3 +118,26 @@ def test_a_log_shipped_through_two_servers_reads_whole_through_either(
             agent.kill()
         proxy.stop()
         print((work / "agent.log").read_text(errors="replace")[-3000:])
+
+
+def test_a_log_an_embedded_executor_wrote_reads_whole_through_the_other_server(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """Servers that run their embedded executors: the executor writes files, and the server
+    copies them to the database, so the other server shows the whole log too."""
+    started: list[HtcServer] = []
+    try:
+        start_two(pg_cluster, tmp_path, started, executor=True)
+        api = started[0].api()
+        project_id, task_id = api.project_and_task()
+        request = api.job_request(["sh", "-c", JOB], batch_size=2)
+        parent = api.submit(project_id, task_id, request)
+        expected = [f"line {i}" for i in range(1, LINES + 1)]
+        api.wait_terminal(project_id, task_id, 2)
+        for job in api.jobs(project_id, task_id):
+            for srv in started:
+                assert srv.api().log_lines(project_id, task_id, job["jobUUID"]) == expected, (srv, parent)
+                assert follow(srv, srv.token(), project_id, task_id, job["jobUUID"]) == expected
+    finally:
+        for srv in started:
+            srv.stop()

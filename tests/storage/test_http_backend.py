@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,39 @@ def test_an_agents_shared_copy_serves_while_the_server_is_away(storage_server: A
     finally:
         s.server.start()
     stager.close()
+
+
+@pytest.mark.backends("local")
+def test_an_expired_job_token_is_renewed_with_the_jobs_refresh_token(
+    start_storage_server: Any, tmp_path: Path
+) -> None:
+    """A job outliving its bearer token still gets its outputs uploaded: the backend renews the
+    token once with the job's refresh token (GET /auth/token), as the job itself would."""
+    s = start_storage_server(env={"OPENHTC_TOKEN_TTL_SECONDS": "2"})
+    pid, tid = s.api.project_and_task()
+    job = s.api.submit_one(
+        pid,
+        tid,
+        s.api.job_request(
+            ["sh", "-c", "echo B=$RESCALE_HTC_BEARER_TOKEN; echo R=$RESCALE_HTC_REFRESH_TOKEN"]
+        ),
+    )
+    s.api.wait_terminal(pid, tid, 1)
+    found = dict(line.split("=", 1) for line in s.api.log_lines(pid, tid, f"{job['parentJobId']}:0"))
+    token = JobToken(found["B"], found["R"])
+    deadline = time.monotonic() + 30
+    shared = {"prefix": f"projects/{pid}/shared/"}
+    while s.server.client(token.bearer).get("/htc/storage/list", params=shared).status_code != 401:
+        assert time.monotonic() < deadline, "the job's bearer token did not expire"
+        time.sleep(0.2)
+    expired = token.bearer
+    (tmp_path / "out.txt").write_bytes(b"late output")
+    backend = HttpBackend(s.server.api_url)
+    with backend.acting_as(token):
+        backend.put_file(f"projects/{pid}/tasks/{tid}/out.txt", str(tmp_path / "out.txt"))
+    assert token.bearer != expired
+    with backend.acting_as(token):  # (renewed again if it expired meanwhile: 2 s tokens here)
+        assert b"".join(backend.get(f"projects/{pid}/tasks/{tid}/out.txt").chunks) == b"late output"
+    with pytest.raises(Unauthenticated), backend.acting_as(JobToken(expired)):  # no refresh token: refused
+        backend.list(f"projects/{pid}/shared/", None, 10)
+    backend.close()

@@ -12,6 +12,7 @@ the attempts the server refuses (409: no longer this agent's) are forgotten.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ class LogShipper:
         Never raises (the shipping thread sends what is left)."""
         key = (launch.job_id, launch.attempt)
         try:
+            tail = self._tails.get(key)
+            offset = tail.offset if tail is not None else 0
+            parent = launch.job_uuid.rpartition(":")[0]
+            path = (
+                tail.path
+                if tail is not None
+                else str(self.logs.path(launch.task_id, parent, launch.array_index, launch.attempt))
+            )
+            try:
+                if os.stat(path).st_size <= offset:
+                    return  # nothing new: no lock taken (the shipping thread may be sending)
+            except FileNotFoundError:
+                return  # a silent job
             with self._lock:
                 if key not in self._tails and key not in self.transport.launched:
                     return  # not a lease of this run (the shipping thread knows it, if anyone)

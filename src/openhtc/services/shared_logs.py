@@ -7,17 +7,28 @@ splits one log over two. Here the chunks agents ship go to the database instead 
 lines, from the same ``(attempt, byte offset)`` cursor, whichever server is asked. A reader
 following a log is woken through the notifier (across servers: the cluster notifier).
 
-An attempt the database holds nothing of is read from this server's files, as before: the logs
-of the jobs its embedded executor runs, which write files directly.
+The embedded executor's runtimes write files; ``LogMirror`` copies them into the database as an
+agent ships its logs (every 0.3 s while a job runs, and to the end before the end is reported).
+An attempt the database holds nothing of is read from this server's files, as before.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from openhtc.domain.models import JobLaunch, Mount
+from openhtc.runtimes.base import LogOpener
 from openhtc.services.logs import LogLine, LogStore, _parse
+from openhtc.services.notify import Notifier, job_key
+from openhtc.storage.staging import Stager
 from openhtc.store.log_chunks import AttemptKey, LogChunkStore
+
+log = logging.getLogger("openhtc.logs")
 
 BATCH = 64  # chunks read per query
 
@@ -93,3 +104,110 @@ class DatabaseLogs(LogStore):
                 break
         if not found:
             yield from super()._backward_in(job, number, end)
+
+
+INTERVAL = 0.3  # seconds between two looks at the logs being written (as an agent ships them)
+MAX_CHUNK = 256 * 1024
+
+
+class LogMirror:
+    """Copies the logs an embedded executor writes to files into the database, as an agent
+    ships its logs (``log_store = database``, several servers each with its executor): every
+    ``INTERVAL`` while a job runs, and to its end before its end is reported."""
+
+    def __init__(self, logs: DatabaseLogs, notify: Notifier) -> None:
+        self.logs = logs
+        self.notify = notify
+        self._lock = threading.Lock()
+        self._watched: dict[tuple[int, int], _Mirrored] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, launch: JobLaunch) -> None:
+        key = _log_key(launch)
+        with self._lock:
+            self._watched[(launch.job_id, launch.attempt)] = _Mirrored(
+                launch.job_id, key, str(self.logs.path(*key))
+            )
+            if self._thread is None:  # a daemon: what it has not copied, the end's flush does
+                self._thread = threading.Thread(target=self._run, name="log-mirror", daemon=True)
+                self._thread.start()
+
+    def flush(self, launch: JobLaunch) -> None:
+        """Copy what an attempt that ended wrote; never raises."""
+        with self._lock:
+            item = self._watched.pop((launch.job_id, launch.attempt), None)
+        try:
+            if item is None:  # an attempt taken back after a restart: go on from the database's end
+                key = _log_key(launch)
+                item = _Mirrored(launch.job_id, key, str(self.logs.path(*key)))
+                item.offset = self.logs.chunks.ends([key])[key]
+            while self._copy([item]):
+                pass
+        except Exception:
+            log.exception("copying the log of job %s to the database failed", launch.job_uuid)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(INTERVAL)
+            with self._lock:
+                items = list(self._watched.values())
+            try:
+                self._copy(items)
+            except Exception:
+                log.exception("copying job logs to the database failed")
+
+    def _copy(self, items: list[_Mirrored]) -> bool:
+        """One chunk of each item's new whole lines; whether any was copied."""
+        rows, owners = [], {}
+        for item in items:
+            data = _whole_lines(item.path, item.offset)
+            if data:
+                rows.append((item.key, item.offset, data))
+                owners[item.key] = item
+        if not rows:
+            return False
+        for key, end in self.logs.append(rows).items():
+            owners[key].offset = end
+        self.notify.publish(job_key(item.job_id) for item in owners.values())
+        return True
+
+
+@dataclass(slots=True)
+class _Mirrored:
+    job_id: int
+    key: AttemptKey
+    path: str
+    offset: int = 0
+
+
+class MirroringStager:
+    """The embedded executor's stager, telling the mirror which attempts run and when they end."""
+
+    def __init__(self, inner: Stager, mirror: LogMirror) -> None:
+        self.inner = inner
+        self.mirror = mirror
+
+    def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
+        self.mirror.watch(launch)
+        return self.inner.prepare(launch)
+
+    def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
+        try:
+            self.inner.finish(launch, stopped, open_log)
+        finally:
+            self.mirror.flush(launch)
+
+
+def _log_key(launch: JobLaunch) -> AttemptKey:
+    return (launch.task_id, launch.job_uuid.rpartition(":")[0], launch.array_index, launch.attempt)
+
+
+def _whole_lines(path: str, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(MAX_CHUNK)
+    except FileNotFoundError:
+        return b""
+    cut = data.rfind(b"\n")
+    return data[: cut + 1] if cut >= 0 else b""
