@@ -25,7 +25,7 @@ from openhtc.domain.errors import OpenHTCError
 from openhtc.domain.limits import Limits
 from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
-from openhtc.functions.pool import FunctionPool
+from openhtc.functions.pool import DatabaseResults, FunctionPool
 from openhtc.metrics import Metrics
 from openhtc.metrics.store import executors_by_state
 from openhtc.registry import Registry
@@ -332,7 +332,7 @@ def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:
         runtime,
         settings.data_dir / "functions",
         store.events,
-        store.save,
+        DatabaseResults(store.save),
         result_max_bytes=settings.function_result_max_bytes,
         idle_seconds=settings.function_worker_idle_seconds,
         max_idle=settings.max_running_jobs,

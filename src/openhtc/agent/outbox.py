@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,23 +60,40 @@ class Outbox:
                 self._fh.close()
                 self._fh = None
 
-    def add(self, reports: Sequence[AttemptReport]) -> None:
-        """Buffer reports (numbered per attempt), on disk before this returns."""
+    def add(
+        self,
+        reports: Sequence[AttemptReport],
+        results: Mapping[tuple[int, int], wire.FunctionResult] | None = None,
+    ) -> None:
+        """Buffer reports (numbered per attempt), on disk before this returns. ``results``:
+        function calls' results, by attempt, each sent with its attempt's terminal report."""
         with self._lock:
             lines = []
             for report in reports:
                 key = (report.job_id, report.attempt)
                 seq = self._seqs.get(key, 0) + 1
                 self._seqs[key] = seq
-                item = wire.report_to_wire(report, seq)
+                result = results.get(key) if results and int(report.status) in _TERMINAL else None
+                item = wire.report_to_wire(report, seq, result)
                 self._pending[(report.job_id, report.attempt, seq)] = item
                 lines.append(json.dumps({"r": item.model_dump()}))
             self._append(lines, sync=any(int(r.status) in _TERMINAL for r in reports))
             self._bound()
 
-    def pending(self, limit: int = 5000) -> list[wire.Report]:
+    def pending(self, limit: int = 5000, max_bytes: int = 8 << 20) -> list[wire.Report]:
+        """The oldest reports not acknowledged: at most ``limit``, and results of at most about
+        ``max_bytes`` (at least one report): an exchange's body stays bounded."""
+        out: list[wire.Report] = []
+        size = 0
         with self._lock:
-            return [self._pending[k] for k in sorted(self._pending)[:limit]]
+            for key in sorted(self._pending)[:limit]:
+                report = self._pending[key]
+                if report.result is not None:
+                    size += sum(len(v or "") for v in (report.result.result, report.result.error))
+                    if out and size > max_bytes:
+                        break
+                out.append(report)
+        return out
 
     def attempts(self) -> set[tuple[int, int]]:
         """The attempts with reports not yet acknowledged."""

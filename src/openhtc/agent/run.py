@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from openhtc import __version__
+from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.logship import LogShipper
 from openhtc.agent.outbox import Outbox
 from openhtc.agent.settings import AgentSettings
@@ -30,6 +31,7 @@ from openhtc.domain.allocation import DRAIN_BEFORE_END, ENDS_AT_LABEL
 from openhtc.domain.errors import ImageUnavailable
 from openhtc.executor.capacity import host_architecture
 from openhtc.executor.local import LocalExecutor
+from openhtc.functions.pool import FunctionPool
 from openhtc.registry.service import split_image
 from openhtc.runtimes import build_runtime
 from openhtc.runtimes.base import ImagePull
@@ -105,6 +107,21 @@ def build_agent(
     )
     logs = LogStore(work / "logs")
     wakeups = Wakeups()
+    # function calls in warm workers, as on the embedded executor; events and results travel
+    # with leases and reports (agent/functions.py)
+    functions = AgentFunctions(settings.server)
+    pool = FunctionPool(
+        runtime,
+        work / "functions",
+        functions.events,
+        functions,
+        result_max_bytes=executor_settings.function_result_max_bytes,
+        idle_seconds=executor_settings.function_worker_idle_seconds,
+        max_idle=executor_settings.max_running_jobs,
+        max_log_bytes=executor_settings.max_log_bytes_per_job,
+    )
+    functions.pool = pool
+    transport.functions = functions
     # PROJECT_SHARED_FOLDER and TASK_SHARED_FOLDER through the server's object API
     stager = LeaseStager(f"{settings.server}/api/v1", work / "storage", settings.shared_ttl_seconds)
     executor = LocalExecutor(
@@ -115,10 +132,14 @@ def build_agent(
         wakeups,
         settings.region,
         [host_architecture()],
+        functions=pool,
         executor_id=agent_id or legacy_agent_id(str(work)),
         stager=stager,
     )
-    transport.held = executor.held
+    # what it holds, and what ended since the last flush (its reports not in the outbox yet): a
+    # lease the agent does not list is re-queued as never received, and a function call can
+    # start and end between two exchanges
+    transport.held = lambda: executor.held() + executor.reporting()
     transport.idle = executor.idle
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
@@ -188,5 +209,7 @@ def run_agent(settings: AgentSettings) -> None:
             transport.heartbeat(executor.executor_id, [])
         outbox.close()
         transport.close()
+        if transport.functions is not None:
+            transport.functions.close()
         executor.runtime.close()
         log.info("agent: stopped (%d report(s) left to send at the next start)", len(outbox))

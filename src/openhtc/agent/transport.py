@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.outbox import Outbox
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.executor import protocol as wire
@@ -105,6 +106,7 @@ class HttpTransport:
         Envs = tuple[tuple[str, str], ...]
         self._fixed_envs: dict[int, tuple[Envs, Envs]] = {}  # batch -> (as sent, as run)
         self.launched: dict[tuple[int, int], JobLaunch] = {}  # claimed, until its log is shipped
+        self.functions: AgentFunctions | None = None  # function calls' events and results
         self.refused_logs: set[tuple[int, int]] = set()  # attempts whose log the server refuses
 
     def _new_client(self, read_timeout: float) -> httpx.Client:
@@ -184,7 +186,8 @@ class HttpTransport:
         return [self._launch(lease) for lease in answer.leases]
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
-        self.outbox.add(reports)  # on disk: delivered by this exchange or a later one
+        results = self.functions.results_for(reports) if self.functions is not None else None
+        self.outbox.add(reports, results)  # on disk: delivered by this exchange or a later one
         self._exchange(Capacity(0, 0), 0, 0.0)
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -216,6 +219,8 @@ class HttpTransport:
         self.liveness = answer.liveness_seconds
         self.poll_seconds = answer.poll_seconds
         self.registry_host = answer.registry.host if answer.registry else None
+        if self.functions is not None:
+            self.functions.configure(answer.function_result_max_bytes)
         with self._lock:
             self._kills.update(answer.kill)
         self._registered = True
@@ -306,7 +311,8 @@ class HttpTransport:
             "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
             "max_jobs": max_jobs,
             # complete (exchange_seq says so): a lease it does not list never reached it
-            "held": sorted(set(self.held()) | self._received),
+            # (and the attempts whose reports wait in the outbox: an exchange may carry only some)
+            "held": sorted(set(self.held()) | self._received | self.outbox.attempts()),
             "reports": [r.model_dump() for r in reports],
             "wait_seconds": wait,
             "draining": self.draining,
@@ -347,6 +353,8 @@ class HttpTransport:
             self._fixed_envs[launch.batch_id] = cached
         launch = launch._replace(batch_envs=cached[1])
         self.launched[(launch.job_id, launch.attempt)] = launch
+        if self.functions is not None:
+            self.functions.leased(launch, lease.event)
         return launch
 
     def send_logs(self, chunks: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:

@@ -280,6 +280,11 @@ class LocalExecutor:
         with self._lock:
             return self.state.held()
 
+    def reporting(self) -> list[tuple[int, int]]:
+        """The attempts with reports not flushed yet (some may have ended since)."""
+        with self._lock:
+            return [(r.job_id, r.attempt) for r in self.state.reports]
+
     def idle(self) -> bool:
         """Nothing held and nothing to report: a claim may wait for work (htc agent's long poll)."""
         with self._lock:

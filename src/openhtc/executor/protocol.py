@@ -69,6 +69,18 @@ class RegisterResponse(_Model):
     storage: StorageInfo | None = None
     recovered: int = 0
     kill: list[AttemptKey] = Field(default_factory=list)
+    # function calls: a result up to this many bytes goes in its report, a larger one to task storage
+    function_result_max_bytes: int | None = None
+
+
+class FunctionResult(_Model):
+    """A function call's outcome, sent with its terminal report (docs/functions.md): exactly one
+    of ``result`` (JSON text), ``error`` (JSON text: type, message, traceback) and ``result_key``
+    (a large result, already put in the task's storage at that key)."""
+
+    result: str | None = None
+    error: str | None = None
+    result_key: str | None = Field(default=None, max_length=1000)
 
 
 class Report(_Model):
@@ -80,6 +92,7 @@ class Report(_Model):
     exit_code: int | None = None
     failure_code: str | None = None
     reason: str | None = Field(default=None, max_length=10000)
+    result: FunctionResult | None = None  # a function call's, with its terminal report
 
 
 class ExchangeRequest(_Model):
@@ -117,6 +130,7 @@ class Launch(_Model):
     working_dir: str | None = None
     batch_envs: list[tuple[str, str]] = Field(default_factory=list)
     pull_token: str | None = None
+    event: str | None = None  # a function call's event (JSON text)
 
 
 class ExchangeResponse(_Model):
@@ -153,7 +167,7 @@ class ErrorBody(_Model):
 # -- converters -----------------------------------------------------------------------------------
 
 
-def launch_to_wire(launch: JobLaunch, pull_token: str | None = None) -> Launch:
+def launch_to_wire(launch: JobLaunch, pull_token: str | None = None, event: str | None = None) -> Launch:
     """A launch for the wire; its mounts stay behind (the agent fills in its own)."""
     return Launch(
         job_id=launch.job_id,
@@ -174,6 +188,7 @@ def launch_to_wire(launch: JobLaunch, pull_token: str | None = None) -> Launch:
         working_dir=launch.working_dir,
         batch_envs=[(k, v) for k, v in launch.batch_envs],
         pull_token=pull_token,
+        event=event,
     )
 
 
@@ -210,7 +225,7 @@ def launch_from_wire(
     )
 
 
-def report_to_wire(report: AttemptReport, seq: int) -> Report:
+def report_to_wire(report: AttemptReport, seq: int, result: FunctionResult | None = None) -> Report:
     return Report(
         job_id=report.job_id,
         attempt=report.attempt,
@@ -220,6 +235,7 @@ def report_to_wire(report: AttemptReport, seq: int) -> Report:
         exit_code=report.exit_code,
         failure_code=report.failure_code,
         reason=report.reason,
+        result=result,
     )
 
 

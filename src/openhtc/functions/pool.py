@@ -4,9 +4,10 @@ are ``openhtc-function HANDLER [CODE]``) here instead of to its runtime.
 Per (task, image, code, handler, limits) the pool keeps idle workers (worker.py); a call takes
 one (or starts one through the runtime), sends its event, waits for the reply within the call's
 timeout, and gives the worker back. Nothing per call touches the database or starts a process:
-events are read a chunk at a time, results are kept here and written in one transaction per
+events are read a chunk at a time, results are kept here and handed to the result sink once per
 executor turn (``flush``, just before the turn's reports, so a call that reads as ended always
-has its result), and a call writes a log only if it printed or logged something.
+has its result): the embedded executor writes them to the database in one transaction, ``htc
+agent`` sends each with its call's report. A call writes a log only if it printed or logged.
 
 A worker that crashes or runs out of memory fails the call it held with the runtime's usual
 code (the retry strategy applies as to any job); one that overruns the call's timeout is killed
@@ -30,6 +31,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
@@ -49,6 +51,42 @@ RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
 Save = Callable[[Sequence[CallResult]], None]
+
+
+class ResultSink(Protocol):
+    """Where the calls' results go: the embedded executor writes them to the database
+    (``DatabaseResults``); ``htc agent`` sends each with its call's report (agent/functions.py)."""
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        """The results kept since the last flush; called just before the reports of their calls."""
+        ...
+
+    def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
+        """Keep a result over ``result_max_bytes`` at ``key`` of the task's storage; None once
+        it is kept, else why it could not be."""
+        ...
+
+
+class DatabaseResults:
+    """The embedded executor's sink: results to the database, large ones into the task folder
+    (the attempt's, uploaded with its outputs on S3)."""
+
+    def __init__(self, save: Save) -> None:
+        self._save = save
+
+    def save(self, results: Sequence[CallResult]) -> None:
+        self._save(results)
+
+    def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
+        task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
+        if task_dir is None:
+            return "no task storage for a large result"
+        path = os.path.join(task_dir, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "wb") as out:
+            out.write(payload)
+        os.replace(path + ".part", path)
+        return None
 
 
 def is_function(launch: JobLaunch) -> bool:
@@ -83,7 +121,7 @@ class FunctionPool:
         runtime: Runtime,
         work_root: Path,
         events: Events,
-        save: Save,
+        results: ResultSink,
         *,
         result_max_bytes: int,
         idle_seconds: float,
@@ -95,7 +133,7 @@ class FunctionPool:
         self.local = runtime.name == "process"  # no sandbox: the host's paths and this Python
         self.root = work_root
         self._events = events
-        self._save = save
+        self._sink = results
         self.result_max_bytes = result_max_bytes
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
@@ -211,8 +249,11 @@ class FunctionPool:
         if worker.queued == 0:
             self._give(call.key, worker)
         if tag == b"R":
-            self._keep_result(launch, payload)
-            return Outcome(0, None, "Completed")
+            why = self._keep_result(launch, payload)
+            if why is None:
+                return Outcome(0, None, "Completed")
+            # a result that could not be kept is no success (its error says why; retries apply)
+            return Outcome(None, FailureCode.ErrorUnknownFailure.value, f"ResultTooLarge: {why}"[:1000])
         self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, payload.decode()))
         try:
             error = json.loads(payload)
@@ -268,7 +309,7 @@ class FunctionPool:
         if not results:
             return
         try:
-            self._save(results)
+            self._sink.save(results)
         except BaseException:
             with self._lock:
                 self._results[:0] = results
@@ -302,32 +343,24 @@ class FunctionPool:
         with self._lock:
             self._results.append(result)
 
-    def _keep_result(self, launch: JobLaunch, payload: bytes) -> None:
+    def _keep_result(self, launch: JobLaunch, payload: bytes) -> str | None:
+        """Keep a call's result; None, or why it could not be kept."""
         if len(payload) <= self.result_max_bytes:
             self._keep(
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, payload.decode(), None)
             )
-            return
-        # Large: into the task's storage folder (uploaded with the attempt's outputs on S3).
-        task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
-        parent = launch.job_uuid.rpartition(":")[0]
-        key = result_key(parent, launch.array_index)
-        if task_dir is None:
-            error = {
-                "type": "ResultTooLarge",
-                "message": "no task storage for a large result",
-                "traceback": "",
-            }
+            return None
+        # Large: kept in the task's storage by the sink; the result names where.
+        key = result_key(launch.job_uuid.rpartition(":")[0], launch.array_index)
+        why = self._sink.store_large(launch, key, payload)
+        if why is not None:
+            error = {"type": "ResultTooLarge", "message": why, "traceback": ""}
             self._keep(
                 CallResult(launch.batch_id, launch.array_index, launch.attempt, None, json.dumps(error))
             )
-            return
-        path = os.path.join(task_dir, key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".part", "wb") as out:
-            out.write(payload)
-        os.replace(path + ".part", path)
+            return why
         self._keep(CallResult(launch.batch_id, launch.array_index, launch.attempt, None, None, key))
+        return None
 
     def _timed_out(self, launch: JobLaunch, timeout: float) -> Outcome:
         message = f"Function call exceeded execTimeoutSeconds={launch.timeout_s or int(timeout)}"

@@ -39,10 +39,12 @@ from openhtc.domain.errors import InsufficientStorage, InvalidTransition, Permis
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.executors import ExecutorService
+from openhtc.services.functions import FUNCTION_COMMAND, result_key
 from openhtc.services.notify import EVERYTHING, job_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_logs import DatabaseLogs
 from openhtc.store.agent_rows import AgentState, TokenBinding
+from openhtc.store.functions import FunctionStore, ReportedResult
 from openhtc.store.queue import AgentInfo
 
 log = logging.getLogger("openhtc.agents")
@@ -177,12 +179,14 @@ class AgentService:
         token_region: str = "*",
         token_hash: str | None = None,
         exchange_seq: int | None = None,
+        results: dict[Attempt, ReportedResult] | None = None,
     ) -> Exchanged:
         """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs.
         ``token_region``: the region the caller's agent token allows ("*": any); ``token_hash``:
         the token's hash (None: in-process, not checked). ``exchange_seq``: the agent's count
         of its exchanges, sent by agents that reconcile their leases (``held`` is then complete:
-        a claimed lease it does not list never reached it and goes back to the queue)."""
+        a claimed lease it does not list never reached it and goes back to the queue).
+        ``results``: function calls' results, by attempt, sent with their terminal reports."""
         s = self.services
         now = s.clock.now()
         self._heard(now)
@@ -202,6 +206,8 @@ class AgentService:
                     out.acked.append((report.job_id, report.attempt, seq))  # a duplicate
                 else:
                     fresh.append((seq, report))
+        if results:  # before the ends: a call that reads as ended has its result (as in-process)
+            self._save_results(agent_id, fresh, results)
         invalid: set[tuple[int, Attempt]] = set()  # (seq, attempt) of reports that broke a rule
         changed = self._apply(agent_id, fresh, invalid) if fresh else set()
         records = s.queue.records({j for j, _ in held} | {r.job_id for _, r in fresh})
@@ -238,6 +244,44 @@ class AgentService:
                 s.notify.publish((EVERYTHING,))
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
+        return out
+
+    def _save_results(
+        self,
+        agent_id: str,
+        fresh: Sequence[tuple[int, AttemptReport]],
+        results: dict[Attempt, ReportedResult],
+    ) -> None:
+        """Store the results of the fresh terminal reports, fenced by attempt (store/functions.py).
+        A large result's key must be where its call's result belongs."""
+        rows = [
+            found
+            for _, r in fresh
+            if r.status.terminal and (found := results.get((r.job_id, r.attempt))) is not None
+        ]
+        keyed = self._paths({r.job_id for r in rows if r.result_key is not None})
+        for i, row in enumerate(rows):
+            where = keyed.get(row.job_id)
+            if row.result_key is not None and (
+                where is None or row.result_key != result_key(where[1], where[2])
+            ):
+                error = (
+                    '{"type": "ResultTooLarge", "message": "the agent named another key", "traceback": ""}'
+                )
+                rows[i] = ReportedResult(row.job_id, row.attempt, None, error)
+        FunctionStore(self.services.db).save_reported(agent_id, rows)
+
+    def events_for(self, leases: Sequence[JobLaunch]) -> dict[int, str]:
+        """The events of the function calls among ``leases``, by job id (they go with the leases)."""
+        calls: dict[int, dict[int, int]] = {}  # batch -> index -> job
+        for launch in leases:
+            if launch.commands[:1] == (FUNCTION_COMMAND,):
+                calls.setdefault(launch.batch_id, {})[launch.array_index] = launch.job_id
+        out: dict[int, str] = {}
+        store = FunctionStore(self.services.db)
+        for batch_id, jobs in calls.items():
+            for idx, event in store.events_at(batch_id, sorted(jobs)).items():
+                out[jobs[idx]] = event
         return out
 
     def _apply(

@@ -31,6 +31,14 @@ _SAVE = BulkStatement(
     f" attempt = v.attempt FROM {json_rows(_RESULT_COLUMNS)} WHERE f.batch_id = v.batch_id AND f.idx = v.idx",
 )
 _TERMINAL_SQL = f"{int(JobStatus.SUCCEEDED)},{int(JobStatus.FAILED)}"
+# An agent's result: written only while the attempt is still that agent's and has not ended
+# (a stale attempt's result is refused; a duplicate, after the end, changes nothing).
+_SAVE_FENCED = (
+    "UPDATE function_calls SET result = ?, error = ?, result_key = ?, attempt = ? FROM jobs"
+    " WHERE jobs.id = ? AND jobs.attempt = ? AND jobs.executor_id = ?"
+    f" AND jobs.status < {int(JobStatus.SUCCEEDED)}"
+    " AND function_calls.batch_id = jobs.batch_id AND function_calls.idx = jobs.idx"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +51,17 @@ class CallResult:
     result: str | None  # JSON text
     error: str | None  # JSON text: {"type", "message", "traceback"}
     result_key: str | None = None  # task storage key of a large result
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedResult:
+    """A call's result as an agent reports it, by job and attempt (one of result, error, key)."""
+
+    job_id: int
+    attempt: int
+    result: str | None
+    error: str | None
+    result_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,32 @@ class FunctionStore:
                 (batch_id, start, stop),
             )
             return {int(idx): str(event) for idx, event in cur.fetchall()}
+
+    def events_at(self, batch_id: int, indices: Sequence[int]) -> dict[int, str]:
+        """The events of these calls of a batch (the calls leased to an agent)."""
+        out: dict[int, str] = {}
+        with self.db.read() as conn:
+            cur = self.db.cursor(conn)
+            for at in range(0, len(indices), 500):
+                part = list(indices[at : at + 500])
+                marks = ",".join("?" * len(part))
+                cur.execute(
+                    self.db.sql(
+                        f"SELECT idx, event FROM function_calls WHERE batch_id = ? AND idx IN ({marks})"
+                    ),
+                    (batch_id, *part),
+                )
+                out.update((int(idx), str(event)) for idx, event in cur.fetchall())
+        return out
+
+    def save_reported(self, agent_id: str, results: Sequence[ReportedResult]) -> None:
+        """Record the results an agent reported, in one transaction, each only if its attempt
+        is still the agent's current one and has not ended."""
+        if not results:
+            return
+        rows = [(r.result, r.error, r.result_key, r.attempt, r.job_id, r.attempt, agent_id) for r in results]
+        with self.db.write() as conn:
+            self.db.cursor(conn).executemany(self.db.sql(_SAVE_FENCED), rows)
 
     def save(self, results: Sequence[CallResult]) -> None:
         """Record call results, all in one transaction."""

@@ -22,10 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from openhtc.api.deps import app_services
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
+from openhtc.domain.models import JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, LogsRefused, MustRegister
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.agent_rows import TokenBinding, token_hash
+from openhtc.store.functions import ReportedResult
 from openhtc.store.queue import AgentInfo
 
 router = APIRouter()
@@ -113,6 +115,8 @@ async def register(request: Request) -> JSONResponse:
         storage=wire.StorageInfo(kind="local" if settings.storage == "local" else "s3"),
         recovered=done.recovered,
         kill=done.kill,
+        # inline results are strings of a JSON body: within its string limit too
+        function_result_max_bytes=min(settings.function_result_max_bytes, settings.max_string_chars),
     )
     return JSONResponse(wire.dump(answer))
 
@@ -124,6 +128,13 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     req = await _body(request, wire.ExchangeRequest)
     agents = _service(svc)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
+    results = {
+        (r.job_id, r.attempt): ReportedResult(
+            r.job_id, r.attempt, r.result.result, r.result.error, r.result.result_key
+        )
+        for r in req.reports
+        if r.result is not None
+    }
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
@@ -140,6 +151,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             caller.region,
             caller.token_hash,
             req.exchange_seq,
+            results,
         )
     except MustRegister as exc:
         return _must_register(exc.reason)
@@ -171,10 +183,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     answer = wire.ExchangeResponse(
         acked=done.acked,
         refused=done.refused,
-        leases=[
-            wire.launch_to_wire(launch, _pull_token(svc, launch.project_id, launch.image))
-            for launch in leases
-        ],
+        leases=await _wire_leases(svc, agents, leases),
         kill=done.kill,
         lease_seconds=svc.settings.lease_seconds,
         next_call_seconds=agents.next_call_seconds(),
@@ -198,6 +207,17 @@ async def logs(agent_id: str, request: Request) -> JSONResponse:
     except LogsRefused as exc:
         return _must_register(NOT_YOURS, exc.refused)
     return JSONResponse(wire.dump(wire.LogsResponse(acked=acked)))
+
+
+async def _wire_leases(svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]) -> list[wire.Launch]:
+    """The leases for the wire: each with its registry pull token, and a function call's event."""
+    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
+    return [
+        wire.launch_to_wire(
+            launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
+        )
+        for launch in leases
+    ]
 
 
 def _pull_token(svc: ServiceSet, project_id: str, image: str) -> str | None:
