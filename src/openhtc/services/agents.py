@@ -40,12 +40,19 @@ from openhtc.store.queue import AgentInfo
 log = logging.getLogger("openhtc.agents")
 Attempt = tuple[int, int]
 BEAT_SECONDS = 1.0  # heartbeats and lease renewals are written this often, coalesced
+# An idle fleet's claims find nothing queued: that answer is reused by every claim on this server
+# until work is signalled, or for this long at most (a signal from another server may be lost)
+IDLE_RECHECK_SECONDS = 1.0
+# Woken long polls claiming at once per region, at most: a woken one whose claim came back full
+# (there may be more) wakes two, so a large queue is taken by a few claims at a time, not one
+# after another, and a small one still wakes no herd.
+MAX_CLAIMING = 4
 
 
 class Waiter:
     """An exchange that long-polls for work (on the event loop); woken by ``AgentService``."""
 
-    __slots__ = ("agent_id", "event", "loop", "queued", "region")
+    __slots__ = ("agent_id", "claiming", "event", "loop", "queued", "region")
 
     def __init__(self, agent_id: str, region: str) -> None:
         self.agent_id = agent_id
@@ -53,6 +60,7 @@ class Waiter:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.queued = False
+        self.claiming = False  # woken for work: counted in AgentService._claiming until claimed()
 
     def wake(self) -> None:
         self.loop.call_soon_threadsafe(self.event.set)
@@ -96,7 +104,9 @@ class AgentService:
         # Long polls wait in a FIFO per region; new work wakes one per region, and each woken
         # one that claimed something wakes the next: one claim's worth at a time, not a herd.
         self._waiters: dict[str, deque[Waiter]] = {}
+        self._claiming: dict[str, int] = {}  # region -> woken long polls whose claim is under way
         self._work = 0  # work signals so far: a claim that raced one claims again
+        self._idle_seen: tuple[int, float] | None = None  # (work mark, monotonic): nothing queued
         services.wakeups.on_executor_work(self.work_arrived)
         # Heartbeats (liveness, lease renewals) are kept here and written once per BEAT_SECONDS
         # in one statement: an agent's liveness then lags by at most that much.
@@ -260,12 +270,31 @@ class AgentService:
                 if queue is not None:
                     queue.remove(waiter)
 
-    def pass_on(self, region: str) -> None:
-        """A woken long poll claimed (there may be more work), or will not claim: wake the next."""
+    def pass_on(self, waiter: Waiter) -> None:
+        """A woken long poll will not claim: wake the next in its place."""
+        self.claimed(waiter, 1, 0)
+
+    def claimed(self, waiter: Waiter, leases: int, max_jobs: int) -> None:
+        """A woken long poll's claim ended with ``leases`` jobs: if it took any there may be more,
+        so wake the next (two if it took all it asked for), up to MAX_CLAIMING at once."""
+        region = waiter.region
         with self._lock:
-            waiter = self._pop(region)
-        if waiter is not None:
-            waiter.wake()
+            self._release(waiter)
+            want = 0 if leases <= 0 else 2 if 0 < max_jobs <= leases else 1
+            want = max(min(want, MAX_CLAIMING - self._claiming.get(region, 0)), min(want, 1))
+            woken = [w for _ in range(want) if (w := self._pop(region)) is not None]
+        for w in woken:
+            w.wake()
+
+    def release(self, waiter: Waiter) -> None:
+        """The long poll ended (answered, failed or cancelled): it claims no more."""
+        with self._lock:
+            self._release(waiter)
+
+    def _release(self, waiter: Waiter) -> None:
+        if waiter.claiming:
+            waiter.claiming = False
+            self._claiming[waiter.region] = max(0, self._claiming.get(waiter.region, 0) - 1)
 
     def work_arrived(self) -> None:
         """Jobs became claimable (any thread): wake the first long poll of each region."""
@@ -281,6 +310,8 @@ class AgentService:
             return None
         waiter = queue.popleft()
         waiter.queued = False
+        waiter.claiming = True
+        self._claiming[region] = self._claiming.get(region, 0) + 1
         if not queue:
             del self._waiters[region]
         return waiter
@@ -334,7 +365,19 @@ class AgentService:
         max_timeout = allocation.max_timeout(agent_id) if allocation is not None else None
         if max_timeout is not None and max_timeout < 0:
             return []
-        return self.executors.claim(agent_id, region, architectures, free, max_jobs, max_timeout)
+        # With nothing queued, one claim's read answers every claim on this server until work is
+        # signalled (or IDLE_RECHECK_SECONDS pass): 1,000 idle agents' exchanges then cost the
+        # database about one read a second, not one each.
+        with self._lock:
+            mark, seen = self._work, self._idle_seen
+        began = time.monotonic()
+        if seen is not None and seen[0] == mark and began - seen[1] < IDLE_RECHECK_SECONDS:
+            return []
+        leases = self.executors.claim(agent_id, region, architectures, free, max_jobs, max_timeout)
+        if not leases and self.services.queue.nothing_queued_at >= began:
+            with self._lock:  # the mark was taken before that read: work signalled since voids it
+                self._idle_seen = (mark, began)
+        return leases
 
     def check_liveness(self) -> int:
         """Mark lost the agents silent past their liveness (unless the server suspects itself);

@@ -8,6 +8,7 @@ recovered when its lease expires or when that executor registers again.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
@@ -36,6 +37,8 @@ class QueueStore:
         # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
         self.max_infra_retries = max_infra_retries
         self.throughput = Throughput()  # this process's last hour, for the dashboard
+        # when (time.monotonic()) the last claim that found nothing queued at all began its read
+        self.nothing_queued_at = float("-inf")
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
         return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
@@ -267,8 +270,10 @@ class QueueStore:
         ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset)."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
+        began = time.monotonic()
         with self.db.read() as conn:  # an idle fleet's common case: nothing queued, no write lock
             if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
+                self.nothing_queued_at = began
                 return []
         with self.db.write() as conn:
             queued_projects = self._projects_with(conn, S.SUBMITTED_TO_PROVIDER)
