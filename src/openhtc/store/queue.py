@@ -302,7 +302,7 @@ class QueueStore:
             # the executor starts them in this order: keep the one dispatch chose
             claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
-            writes.flush()
+            writes.flush(commit=True)
             return claimed
 
     def _timeout_sql(self, max_timeout_s: int | None) -> str:
@@ -331,7 +331,7 @@ class QueueStore:
             writes = self._writes(conn, now, executor_id)
             for job in writes.load_ids(list(by_job)):
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
-            writes.flush()
+            writes.flush(commit=True)
         self._count(writes, now)  # once committed
         return writes.applied()
 
