@@ -43,16 +43,12 @@ BEAT_SECONDS = 1.0  # heartbeats and lease renewals are written this often, coal
 # An idle fleet's claims find nothing queued: that answer is reused by every claim on this server
 # until work is signalled, or for this long at most (a signal from another server may be lost)
 IDLE_RECHECK_SECONDS = 1.0
-# Woken long polls claiming at once per region, at most: a woken one whose claim came back full
-# (there may be more) wakes two, so a large queue is taken by a few claims at a time, not one
-# after another, and a small one still wakes no herd.
-MAX_CLAIMING = 4
 
 
 class Waiter:
     """An exchange that long-polls for work (on the event loop); woken by ``AgentService``."""
 
-    __slots__ = ("agent_id", "claiming", "event", "loop", "queued", "region")
+    __slots__ = ("agent_id", "event", "loop", "queued", "region")
 
     def __init__(self, agent_id: str, region: str) -> None:
         self.agent_id = agent_id
@@ -60,7 +56,6 @@ class Waiter:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.queued = False
-        self.claiming = False  # woken for work: counted in AgentService._claiming until claimed()
 
     def wake(self) -> None:
         self.loop.call_soon_threadsafe(self.event.set)
@@ -104,7 +99,6 @@ class AgentService:
         # Long polls wait in a FIFO per region; new work wakes one per region, and each woken
         # one that claimed something wakes the next: one claim's worth at a time, not a herd.
         self._waiters: dict[str, deque[Waiter]] = {}
-        self._claiming: dict[str, int] = {}  # region -> woken long polls whose claim is under way
         self._work = 0  # work signals so far: a claim that raced one claims again
         self._idle_seen: tuple[int, float] | None = None  # (work mark, monotonic): nothing queued
         services.wakeups.on_executor_work(self.work_arrived)
@@ -270,31 +264,14 @@ class AgentService:
                 if queue is not None:
                     queue.remove(waiter)
 
-    def pass_on(self, waiter: Waiter) -> None:
-        """A woken long poll will not claim: wake the next in its place."""
-        self.claimed(waiter, 1, 0)
-
-    def claimed(self, waiter: Waiter, leases: int, max_jobs: int) -> None:
-        """A woken long poll's claim ended with ``leases`` jobs: if it took any there may be more,
-        so wake the next (two if it took all it asked for), up to MAX_CLAIMING at once."""
-        region = waiter.region
+    def pass_on(self, region: str) -> None:
+        """A woken long poll claimed (there may be more work), or will not claim: wake the next.
+        (Waking two when a claim came back full, up to 4 claiming at once, was tried: a quarter
+        less throughput and 4-8x the round trips at 1,000 agents; performance.md.)"""
         with self._lock:
-            self._release(waiter)
-            want = 0 if leases <= 0 else 2 if 0 < max_jobs <= leases else 1
-            want = max(min(want, MAX_CLAIMING - self._claiming.get(region, 0)), min(want, 1))
-            woken = [w for _ in range(want) if (w := self._pop(region)) is not None]
-        for w in woken:
-            w.wake()
-
-    def release(self, waiter: Waiter) -> None:
-        """The long poll ended (answered, failed or cancelled): it claims no more."""
-        with self._lock:
-            self._release(waiter)
-
-    def _release(self, waiter: Waiter) -> None:
-        if waiter.claiming:
-            waiter.claiming = False
-            self._claiming[waiter.region] = max(0, self._claiming.get(waiter.region, 0) - 1)
+            waiter = self._pop(region)
+        if waiter is not None:
+            waiter.wake()
 
     def work_arrived(self) -> None:
         """Jobs became claimable (any thread): wake the first long poll of each region."""
@@ -310,8 +287,6 @@ class AgentService:
             return None
         waiter = queue.popleft()
         waiter.queued = False
-        waiter.claiming = True
-        self._claiming[region] = self._claiming.get(region, 0) + 1
         if not queue:
             del self._waiters[region]
         return waiter

@@ -141,17 +141,15 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             agents.done_waiting(waiter)
         if not waiter.event.is_set():
             break
-        try:
-            if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
-                agents.pass_on(waiter)  # it was woken for work it will not take
-                break
-            seen = agents.work_seen()
-            leases = await run_in_threadpool(
-                agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
-            )
-            agents.claimed(waiter, len(leases), req.max_jobs)  # there may be more: the next claim
-        finally:
-            agents.release(waiter)
+        if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
+            agents.pass_on(done.region)  # it was woken for work it will not take
+            break
+        seen = agents.work_seen()
+        leases = await run_in_threadpool(
+            agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
+        )
+        if leases:  # there may be more: the next waiter claims too
+            agents.pass_on(done.region)
     answer = wire.ExchangeResponse(
         acked=done.acked,
         refused=done.refused,
