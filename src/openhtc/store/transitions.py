@@ -364,9 +364,13 @@ def _execute_and_commit(conn: Connection, cur: Any, statement: str, params: Sequ
 
     driver: Any = conn.connection.driver_connection
     try:
-        with driver.pipeline():
+        if psycopg.Pipeline.is_supported():
+            with driver.pipeline():
+                cur.execute(statement, params)
+                driver.commit()  # queued behind it; the pipeline syncs (and raises) on exit
+        else:  # a libpq before 14 has no pipeline mode: two round trips, the same outcome
             cur.execute(statement, params)
-            driver.commit()  # queued behind it; the pipeline syncs (and raises) on exit
+            driver.commit()
     except psycopg.errors.InvalidTextRepresentation as exc:
         if "changed under us" not in str(exc):
             raise
