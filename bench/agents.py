@@ -18,6 +18,7 @@ core, W1 through 4 agents >= 0.8x the embedded executor's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,16 +28,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds, log, machine
+from bench.common import Profiler, cpu_seconds, log, machine
 from bench.context import Context
 from bench.server import Api, OpenhtcServer, htc_binary
 from openhtc.testing.procstats import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 REGION = "AWS_US_EAST_1"
+POLL_SECONDS = 20.0  # the servers' agent_poll_seconds (its default): the longest long poll
 
 
 def mint_agent_token(server: OpenhtcServer, agents: int = 100000) -> str:
@@ -70,22 +73,40 @@ def _pg_cpu(ctx: Context) -> float:
 
 
 class _PgConnections:
-    """Samples ``pg_stat_activity`` (client backends of the bench's database) in a thread."""
+    """Samples ``pg_stat_activity`` (client backends of the bench's database) in a thread: the
+    peak of connections, and what the backends were doing at each sample (10 a second): running
+    (CPU), waiting on a lock (which one, in which statement), or idle inside a transaction (the
+    server's Python holds it open: its row locks too)."""
 
     def __init__(self, url: str) -> None:
         self.url, self.peak, self._stop = url, 0, threading.Event()
+        self.states: Counter[str] = Counter()
+        self.samples = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as conn:
-            while not self._stop.wait(0.5):
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid()"
-                ).fetchone()
-                self.peak = max(self.peak, int(row[0]) if row else 0)
+            while not self._stop.wait(0.1):
+                rows = conn.execute(
+                    "SELECT state, wait_event_type, wait_event,"
+                    " left(regexp_replace(query, '\\s+', ' ', 'g'), 50)"
+                    " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchall()
+                self.peak = max(self.peak, len(rows))
+                self.samples += 1
+                for state, wtype, wevent, query in rows:
+                    if state == "active":
+                        what = f"waiting {wtype}:{wevent}" if wtype else "running"
+                        self.states[f"{what} | {query}"] += 1
+                    elif state == "idle in transaction":
+                        self.states[f"idle in transaction | {query}"] += 1
+
+    def summary(self, top: int = 12) -> dict[str, float]:
+        """Backends in each state, on average over the samples (the busiest first)."""
+        n = max(1, self.samples)
+        return {k: round(v / n, 2) for k, v in self.states.most_common(top)}
 
     def __enter__(self) -> _PgConnections:
         self._thread.start()
@@ -124,8 +145,10 @@ def simulated_fleet(
             if fleet.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the fleet did not register: {(work / 'fleet.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        log(f"   {agents} simulated agents registered in {(work / 'ready').read_text()} s")
-        time.sleep(min(5.0, idle_s / 2))  # the first long polls settle
+        log(f"   {agents} simulated agents registered in {(work / 'ready').read_text()} s (servers {pids})")
+        # the first long polls (all sent at once) settle: each agent's has ended and been renewed
+        # once, so the window sees the fleet's steady state, not its start
+        time.sleep(3.0 if idle_s < 10 else POLL_SECONDS + 5.0)
         cpu0, fleet0, t0 = _cpu(pids), _cpu([fleet.pid]), time.monotonic()
         time.sleep(idle_s)
         idle_pct = 100.0 * (_cpu(pids) - cpu0) / (time.monotonic() - t0)
@@ -133,6 +156,7 @@ def simulated_fleet(
         log(f"   idle: servers use {idle_pct:.2f} % of a core (the fleet {fleet_idle_pct:.1f} %)")
         api = srvs[0].api()
         api.new_task("agents")
+        profiler = Profiler(pids[0], ctx.profile_path("agents-server0"), rate=100) if ctx.profile else None
         with _PgConnections(url) as pg:
             cpu0, fleet0, pg0, began = _cpu(pids), _cpu([fleet.pid]), _pg_cpu(ctx), time.monotonic()
             api.submit_jobs(n)
@@ -141,6 +165,8 @@ def simulated_fleet(
             cpu = _cpu(pids) - cpu0
             fleet_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / wall
             pg_cpu = _pg_cpu(ctx) - pg0
+        if profiler is not None and (out := profiler.stop()) is not None:
+            log(f"   profile of server 0 under load: {out}")
         fleet.send_signal(signal.SIGTERM)
         fleet.wait(timeout=120)
         fleet_log.close()
@@ -151,7 +177,8 @@ def simulated_fleet(
             "succeeded": counts.get("SUCCEEDED", 0), "failed": counts.get("FAILED", 0),
             "rtt_p50_ms": stats["rtt_p50_ms"], "rtt_p99_ms": stats["rtt_p99_ms"],
             "server_cpu_ms_per_job": round(1000 * cpu / n, 3), "server_cpu_s": round(cpu, 2),
-            "pg_connections_peak": pg.peak, "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
+            "pg_connections_peak": pg.peak, "pg_backends": pg.summary(),
+            "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
             "pg_cpu_ms_per_job": round(1000 * pg_cpu / n, 3),
             "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
             "fleet": stats,
@@ -159,7 +186,10 @@ def simulated_fleet(
     finally:
         if fleet is not None and fleet.poll() is None:
             fleet.kill()
-        for srv in srvs:
+        for i, srv in enumerate(srvs):
+            with contextlib.suppress(OSError):  # kept for reading: warnings, lost agents
+                ctx.out.mkdir(parents=True, exist_ok=True)
+                shutil.copy(srv.log_path, ctx.out / f"agents-{ctx.stamp}-server{i}.log")
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -221,6 +251,8 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
     lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
     lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
     lines.append(f"| PostgreSQL's CPU per job (ms) | {fleet.get('pg_cpu_ms_per_job')} | |")
+    backends = "; ".join(f"{v} {k}" for k, v in (fleet.get("pg_backends") or {}).items())
+    lines.append(f"| PostgreSQL backends under load (average at once) | {backends} | |")
     lines.append(
         f"| the fleet's own CPU, run / idle (% of a core) | {fleet.get('fleet_cpu_pct')} / "
         f"{fleet.get('fleet_idle_cpu_pct')} | (100: the load generator is the bottleneck) |"
@@ -238,11 +270,12 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
     return "\n".join(lines) + "\n"
 
 
-def main(ctx: Context, n: int | None, agents: int | None, command: str) -> int:
+def main(ctx: Context, n: int | None, agents: int | None, command: str, idle_s: float | None = None) -> int:
     smoke = ctx.smoke
     agents = agents or (50 if smoke else 1000)
     n = n or (2_000 if smoke else 100_000)
-    fleet = simulated_fleet(ctx, agents, 100, n, servers=2, idle_s=3.0 if smoke else 15.0)
+    idle_s = idle_s or (3.0 if smoke else 60.0)
+    fleet = simulated_fleet(ctx, agents, 100, n, servers=2, idle_s=idle_s)
     log(f"   fleet: {fleet['jobs_per_s']} jobs/s, p99 {fleet['rtt_p99_ms']} ms")
     real = {} if smoke else real_agents(ctx, 5_000)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine()}

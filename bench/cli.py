@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vcpus", type=int, help="CPUs every system may use (openhtc executor vCPUs, peer cores)")
     p.add_argument("--profile", action="store_true", help="py-spy record openhtc's measured process")
     p.add_argument("--agents", type=int, help="agents workload: simulated agents [1000; smoke 50]")
+    p.add_argument("--idle", type=float, help="agents workload: idle fleet window, s [60; smoke 3]")
     p.add_argument("--kills", type=int, default=5, help="crash workload: kill -9s spread over the run [5]")
     return p.parse_args(argv)
 
@@ -115,10 +116,11 @@ def run_crash(args: argparse.Namespace) -> int:
 
 def run_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
     n = int(args.n.replace("_", "")) if args.n else None
-    ctx = Context(out=args.out, stamp=time.strftime("%Y%m%d-%H%M%S"), smoke=args.smoke)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ctx = Context(out=args.out, stamp=stamp, smoke=args.smoke, profile=args.profile)
     command = " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     try:
-        return agents.main(ctx, n, args.agents, command)
+        return agents.main(ctx, n, args.agents, command, args.idle)
     finally:
         ctx.close()
 

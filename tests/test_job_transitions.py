@@ -99,7 +99,10 @@ def test_reports_written_together_keep_each_jobs_history_and_exact_values(queue:
     assert queue.counters() == {S.SUCCEEDED: 3, S.FAILED: 3}
 
 
-def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(queue: Queue) -> None:
+@pytest.mark.parametrize("commit", [False, True], ids=["flush", "flush-and-commit"])
+def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(
+    queue: Queue, commit: bool
+) -> None:
     claimed = queue.submit_and_claim(3)
     db = queue.services.db
     before = queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id")
@@ -113,7 +116,7 @@ def test_a_write_that_finds_a_row_changed_under_it_refuses_and_changes_nothing(q
         )
         for job in jobs:
             writes.report(job, [AttemptReport(job.id, job.attempt, S.STARTING, 2.0)])
-        writes.flush()
+        writes.flush(commit=commit)  # commit: PostgreSQL commits in the same round trip
     assert queue.sql("SELECT id, status, attempt, updated_at FROM jobs ORDER BY id") == before
     assert queue.sql("SELECT COUNT(*) FROM job_events") == events_before
     assert queue.counters() == {S.RUNNABLE: 3}

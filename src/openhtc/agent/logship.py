@@ -31,6 +31,7 @@ class _Tail:
     path: str
     offset: int = 0
     seen: bool = False  # among the executor's held attempts once
+    looked: bool = False  # shipped once: not held at two ships in a row, it has ended
     ended: bool = False
 
 
@@ -122,8 +123,12 @@ class LogShipper:
         chunks = []
         for key, tail in list(self._tails.items()):
             # read before deciding it ended: its last lines were written before it left
+            # A short job can start and end between two ships, never seen held: not held at
+            # two ships in a row it has ended too (at the first it may only just be claimed).
+            # Otherwise it would be kept, and its log read at every ship, for ever.
             tail.seen = tail.seen or key in held
-            ended = tail.seen and key not in held
+            ended = (tail.seen or tail.looked) and key not in held
+            tail.looked = True
             data = _whole_lines(tail.path, tail.offset)
             if data:
                 chunks.append({"job_id": key[0], "attempt": key[1], "offset": tail.offset,

@@ -66,6 +66,9 @@ class LeaseImages:
         )
 
 
+AGENT_PREFETCH_SECONDS = 1.0
+
+
 def build_agent(
     settings: AgentSettings, agent_id: str | None = None
 ) -> tuple[LocalExecutor, HttpTransport, LogShipper, Outbox]:
@@ -81,6 +84,9 @@ def build_agent(
             "executor_memory_mb": settings.memory_mb,
             "executor_stop_grace_seconds": settings.drain_seconds,
             "max_running_jobs": settings.max_running_jobs,
+            # a claim is a round trip to the server (tens of ms, more under load), not an
+            # in-process call: hold about a second of work, so short jobs never wait for one
+            "executor_prefetch_seconds": AGENT_PREFETCH_SECONDS,
         }
     )
     outbox = Outbox(work / "agent" / "reports.jsonl", settings.max_buffered_reports)

@@ -36,6 +36,10 @@ from openhtc.executor import protocol as wire
 log = logging.getLogger("openhtc.agent")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0  # well below the server's liveness timeout: a short outage loses no agent
+# The executor reports, then claims at once: the claim's exchange carries the reports, so a turn
+# is one round trip, not two (W1 through agents ran at a third of the embedded rate). Reports no
+# exchange took this long after they were made are sent by an exchange of their own.
+REPORT_DEFER_SECONDS = 0.05
 
 
 class ServerAway(Exception):
@@ -108,6 +112,8 @@ class HttpTransport:
         self.launched: dict[tuple[int, int], JobLaunch] = {}  # claimed, until its log is shipped
         self.functions: AgentFunctions | None = None  # function calls' events and results
         self.refused_logs: set[tuple[int, int]] = set()  # attempts whose log the server refuses
+        self._unsent = threading.Event()  # reports in the outbox that no exchange has carried yet
+        self._sender: threading.Thread | None = None
 
     def _new_client(self, read_timeout: float) -> httpx.Client:
         # the read timeout exceeds the longest long poll; connecting fails fast
@@ -187,8 +193,26 @@ class HttpTransport:
 
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         results = self.functions.results_for(reports) if self.functions is not None else None
-        self.outbox.add(reports, results)  # on disk: delivered by this exchange or a later one
-        self._exchange(Capacity(0, 0), 0, 0.0)
+        self.outbox.add(reports, results)  # on disk: delivered by the next exchange (the claim's, mostly)
+        if self.draining:  # no claim follows
+            self._exchange(Capacity(0, 0), 0, 0.0)
+            return
+        self._unsent.set()
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_unsent, name="agent-reports", daemon=True)
+            self._sender.start()
+
+    def _send_unsent(self) -> None:
+        """Reports that no claim carried within REPORT_DEFER_SECONDS go in an exchange of their own."""
+        while True:
+            self._unsent.wait()
+            time.sleep(REPORT_DEFER_SECONDS)
+            if self._unsent.is_set():
+                try:
+                    self._exchange(Capacity(0, 0), 0, 0.0)
+                except Exception:  # kept on disk: the next exchange carries them
+                    log.warning("agent: could not send reports", exc_info=True)
+                    time.sleep(1.0)
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         self._exchange(Capacity(0, 0), 0, 0.0)
@@ -304,6 +328,7 @@ class HttpTransport:
             self.on_kill()
 
     def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
+        self._unsent.clear()  # before the outbox is read: a report added after is sent after
         reports = self.outbox.pending()
         self._exchanges += 1
         body = {

@@ -75,14 +75,12 @@ def check_binding(db: Database, conn: Connection, agent_id: str, binding: TokenB
 
 
 class AgentRows:
-    """Mixed into QueueStore (store/queue.py): ``db``, ``_writes`` and ``_count`` are its."""
+    """Mixed into QueueStore (store/queue.py): ``db`` and ``_writes`` are its (the dashboard's last
+    hour is tallied by ``StatusWrites.flush`` itself)."""
 
     db: Database
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
-        raise NotImplementedError
-
-    def _count(self, writes: StatusWrites, now: float) -> None:
         raise NotImplementedError
 
     def set_draining(self, agent_id: str, incarnation: str) -> None:
@@ -136,5 +134,4 @@ class AgentRows:
                 ):
                     writes.lose_executor(job, "the agent never received its lease", False)
             writes.flush()
-        self._count(writes, now)
         return writes.applied()

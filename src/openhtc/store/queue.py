@@ -8,6 +8,7 @@ recovered when its lease expires or when that executor registers again.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +45,8 @@ class QueueStore(AgentRows):
         self.db = db
         # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)
         self.max_infra_retries = max_infra_retries
+        # when (time.monotonic()) the last claim that found nothing queued at all began its read
+        self.nothing_queued_at = float("-inf")
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
         return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
@@ -271,8 +274,10 @@ class QueueStore(AgentRows):
         ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py)."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
+        began = time.monotonic()
         with self.db.read() as conn:  # an idle fleet's common case: nothing queued, no write lock
             if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
+                self.nothing_queued_at = began
                 return []
         with self.db.write() as conn:
             queued_projects = self._projects_with(conn, S.SUBMITTED_TO_PROVIDER)
@@ -303,7 +308,7 @@ class QueueStore(AgentRows):
             # the executor starts them in this order: keep the one dispatch chose
             claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
-            writes.flush()
+            writes.flush(commit=True)
             return claimed
 
     def _timeout_sql(self, max_timeout_s: int | None) -> str:
@@ -332,7 +337,7 @@ class QueueStore(AgentRows):
             writes = self._writes(conn, now, executor_id)
             for job in writes.load_ids(list(by_job)):
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
-            writes.flush()
+            writes.flush(commit=True)
         return writes.applied()
 
     def executor_rows(self, with_leases: bool) -> tuple[list[Any], dict[str, int]]:

@@ -11,6 +11,7 @@ SQLite, one statement for all rows on PostgreSQL (see :class:`BulkStatement`).
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -108,11 +109,22 @@ _BUMP_THROUGHPUT = BulkStatement.insert(
 # round trip instead of four; it answers how many rows the compare-and-set updated. The CTEs the
 # main query does not read run after it, in their order: job rows, events, the counters in key
 # order (the lock order bump_counters keeps), then the last hour's rows in key order.
-_FLUSH_PG = (
+_FLUSH_PG_CTES = (
     f"WITH {_UPDATE_ROWS}, u AS ({_UPDATE_FROM_V} RETURNING 1),"
     f" e AS ({_INSERT_EVENT.postgres}), c AS ({_BUMP_COUNTERS.postgres}),"
     f" t AS ({_BUMP_THROUGHPUT.postgres})"
-    " SELECT count(*) FROM u"
+)
+_FLUSH_PG = f"{_FLUSH_PG_CTES} SELECT count(*) FROM u"
+# The same, for a flush that ends its transaction (``flush(commit=True)``): the COMMIT goes in
+# the same round trip (pipelined), so the counter rows every claim and report of a project
+# updates are locked only while PostgreSQL runs the statement, not until this thread gets the
+# GIL back to send a COMMIT (under load a queue of transactions formed behind those locks: the
+# report calls' round trip was seconds). The compare-and-set check is in the statement: a row
+# that changed under us fails it (22P02, "... job rows changed under us"), so the COMMIT after
+# it finds the transaction aborted and writes nothing.
+_FLUSH_PG_CHECKED = (
+    f"{_FLUSH_PG_CTES} SELECT CASE WHEN count(*) = %s THEN count(*)"
+    " ELSE ((%s - count(*))::text || ' job rows changed under us')::int END FROM u"
 )
 
 
@@ -287,10 +299,11 @@ class StatusWrites:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def flush(self) -> int:
+    def flush(self, commit: bool = False) -> int:
         """Write every changed job, its events and the counter deltas, once: this ends the unit
         of work (the rows' loaded status and attempt are what the writes compare with). Returns
-        how many jobs changed."""
+        how many jobs changed. ``commit``: the flush is the transaction's last write, and on
+        PostgreSQL commits it in the same round trip (see _FLUSH_PG_CHECKED)."""
         if self.flushed:
             raise RuntimeError("a StatusWrites is flushed once")
         self.flushed = True
@@ -341,8 +354,11 @@ class StatusWrites:
             bump_counters(self.db, self.conn, deltas)
             self.db.run_bulk(cur, _BUMP_THROUGHPUT, hour)
         else:
-            counters = _counter_rows(deltas)
-            cur.execute(_FLUSH_PG, tuple(map(json.dumps, (rows, self._events, counters, hour))))
+            params = tuple(map(json.dumps, (rows, self._events, _counter_rows(deltas), hour)))
+            if commit:
+                _execute_and_commit(self.conn, cur, _FLUSH_PG_CHECKED, (*params, len(rows), len(rows)))
+            else:
+                cur.execute(_FLUSH_PG, params)
             updated = int(cur.fetchone()[0])
         if updated not in (-1, len(rows)):  # the caller's transaction rolls back what was written
             raise StoreConsistencyError(f"{len(rows) - updated} job rows changed under us")
@@ -351,6 +367,28 @@ class StatusWrites:
     def applied(self) -> Applied:
         """What the flush wrote (to hand on once the transaction has committed)."""
         return Applied(self.now, self.changes, self._events, self.requeued)
+
+
+def _execute_and_commit(conn: Connection, cur: Any, statement: str, params: Sequence[Any]) -> None:
+    """Run ``statement`` and COMMIT in one round trip (psycopg's pipeline mode). The caller's
+    ``db.write()`` block then commits nothing more (psycopg's commit outside a transaction is a
+    no-op). A failed statement leaves the transaction aborted: the COMMIT writes nothing."""
+    import psycopg
+
+    driver: Any = conn.connection.driver_connection
+    try:
+        if psycopg.Pipeline.is_supported():
+            with driver.pipeline():
+                cur.execute(statement, params)
+                driver.commit()  # queued behind it; the pipeline syncs (and raises) on exit
+        else:  # a libpq before 14 has no pipeline mode: two round trips, the same outcome
+            cur.execute(statement, params)
+            driver.commit()
+    except psycopg.errors.InvalidTextRepresentation as exc:
+        if "changed under us" not in str(exc):
+            raise
+        found = re.search(r'"([^"]*changed under us)"', str(exc))
+        raise StoreConsistencyError(found.group(1) if found else str(exc)) from None
 
 
 def bump_counters(db: Database, conn: Connection, deltas: dict[tuple[str, str, int, str], list[int]]) -> None:
