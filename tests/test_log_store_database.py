@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from openhtc.config import Settings
+from openhtc.domain.models import JobLaunch, Mount
+from openhtc.runtimes.base import LogOpener
 from openhtc.services.logs import LogStore
 from openhtc.services.service_set import ServiceSet
-from openhtc.services.shared_logs import DatabaseLogs
+from openhtc.services.shared_logs import DatabaseLogs, LogMirror, MirroringStager
 from openhtc.wiring import bootstrap, build_services
 
 JOB = ("task-1", "parent-1", 3)
@@ -82,3 +84,27 @@ def test_chunks_read_back_as_files_read(services: ServiceSet, tmp_path: Path) ->
 
     assert logs.delete_task("task-1") == 3
     assert logs.page(JOB, 2, 10, False) == []
+
+
+class _Failing:
+    """A stager whose staging fails (the store unreachable, a disk full)."""
+
+    def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
+        raise OSError("no space left on device")
+
+    def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
+        raise AssertionError("an attempt never staged is never finished")
+
+
+def test_an_attempt_whose_staging_failed_is_not_mirrored(services: ServiceSet) -> None:
+    """An attempt whose staging raised never runs and is never finished: the mirror keeps
+    nothing of it (before: one entry per such job, forever, its file opened every 0.3 s)."""
+    assert isinstance(services.logs, DatabaseLogs)
+    mirror = LogMirror(services.logs, services.notify)
+    stager = MirroringStager(_Failing(), mirror)
+    for job_id in range(1, 21):
+        launch = JobLaunch(job_id, 1, f"parent-1:{job_id}", 1, job_id, "p", "task-1", "AWS_US_EAST_1",
+                           "img", (), (), 1, 512, 1, None, None)  # fmt: skip
+        with pytest.raises(OSError):
+            stager.prepare(launch)
+    assert mirror._watched == {}

@@ -36,19 +36,16 @@ class LeaseStager:
     def close(self) -> None:
         self.backend.close()
 
-    def _token(self, launch: JobLaunch) -> JobToken | None:
+    def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
         key = (launch.job_id, launch.attempt)
         token = JobToken.of(launch) or self._tokens.get(key)
-        if token is not None:
-            self._tokens[key] = token
-        return token
-
-    def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
-        token = self._token(launch)
         if token is None:  # not a lease of a server (no job token): no storage to stage
             return ()
         with self.backend.acting_as(token):
-            return self.inner.prepare(launch)
+            mounts = self.inner.prepare(launch)
+        # kept only once staged: an attempt whose staging raised is never finished
+        self._tokens[key] = token
+        return mounts
 
     def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
         try:

@@ -188,8 +188,9 @@ class MirroringStager:
         self.mirror = mirror
 
     def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
+        mounts = self.inner.prepare(launch)  # raising: never run, never finished: not watched
         self.mirror.watch(launch)
-        return self.inner.prepare(launch)
+        return mounts
 
     def finish(self, launch: JobLaunch, stopped: bool, open_log: LogOpener) -> None:
         try:
