@@ -112,3 +112,25 @@ def test_a_deleted_task_gets_no_uploads(backend: S3Backend, tmp_path: Path) -> N
     stager.finish(launch, True, _Log())
     assert backend.list("projects/p1/tasks/gone/", None, 10) == []
     assert not Path(task.host_path).exists()
+
+
+def test_an_empty_attempt_folder_serves_only_its_own_task(backend: S3Backend, tmp_path: Path) -> None:
+    """A folder its job left empty is used again by a later attempt of the same task only: a
+    process job A left behind writing into it late must not put files into another task's
+    outputs (before: the next job, of any task or project, got it)."""
+    stager = SyncStager(backend, tmp_path / "stage", lambda p, t: False)
+    a = _launch(1, task="ta")
+    _, a_task = stager.prepare(a)
+    stager.finish(a, True, _Log())  # empty: kept for a later attempt of task ta
+    b = _launch(2, project="p2", task="tb")
+    _, b_task = stager.prepare(b)
+    assert b_task.host_path != a_task.host_path
+    (Path(a_task.host_path) / "late.txt").write_bytes(b"job A's leftover process")
+    stager.finish(b, False, _Log())
+    assert backend.list("projects/p2/tasks/tb/", None, 10) == []
+
+    c = _launch(3, task="tc")  # within one task the folder is still used again
+    _, c_task = stager.prepare(c)
+    stager.finish(c, False, _Log())
+    _, again = stager.prepare(_launch(4, task="tc"))
+    assert again.host_path == c_task.host_path

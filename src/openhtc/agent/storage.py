@@ -3,8 +3,9 @@
 An agent cannot see the server's store (its data directory, or a bucket it has no credentials
 for), so it stages both folders through the server's object API: a ``SyncStager`` (the one S3
 uses on the server: the shared folder synced read-only into a cache at most once per
-``shared_ttl``, only changed objects fetched; a fresh task folder per attempt, uploaded when the
-attempt ends whatever its outcome; a deleted task skipped) over an ``HttpBackend``. Every call
+``shared_ttl``, only changed objects fetched; an empty task folder per attempt (one a job of the
+same task left empty, or a new one), uploaded when the attempt ends whatever its outcome; a
+deleted task skipped) over an ``HttpBackend``. Every call
 made for a job carries that job's own token, taken from its lease: its task's folder read-write,
 its project's shared folder read-only, nothing else. The same on either server storage.
 """

@@ -7,9 +7,10 @@ task storage the moment they are written, and preparing a job is a dictionary lo
 ``SyncStager`` (S3 backends): jobs cannot mount a bucket, so the project's shared prefix is
 synced into an executor-side cache (at most once per ``shared_ttl`` seconds per project; only
 objects whose size or modification time changed are downloaded) and mounted read-only, and
-every attempt gets a fresh, empty task folder whose files are uploaded to the task's prefix when
-the attempt ends, whatever the outcome (success, failure, timeout, cancel). A failed upload is
-written to the job's log.
+every attempt gets an empty task folder whose files are uploaded to the task's prefix when the
+attempt ends, whatever the outcome (success, failure, timeout, cancel); a folder its job left
+empty serves a later attempt of the same task, never another task's. A failed upload is written
+to the job's log.
 
 Both skip a task deleted meanwhile: its storage is freed, and an output that a cancelled job
 wrote late must not bring it back.
@@ -25,6 +26,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,17 +147,26 @@ class SyncStager:
         self._shared: dict[str, _SharedCopy] = {}
         self._lock = threading.Lock()
         # Attempt folders: one per running attempt; one left empty by its job is used again
-        # (creating and removing a directory per job cost more than the rest of staging).
+        # (creating and removing a directory per job cost more than the rest of staging), but
+        # only by a job of the same task: a process the job left behind may still write into it,
+        # and what it writes must not reach another task's outputs. Oldest task's first out.
         self._folders: dict[tuple[int, int], Path] = {}
-        self._empty: list[Path] = []
+        self._empty: OrderedDict[tuple[str, str], list[Path]] = OrderedDict()
+        self._empty_count = 0
         self._names = itertools.count()
         shutil.rmtree(self.stage_root, ignore_errors=True)  # folders of a previous run's attempts
         self.stage_root.mkdir(parents=True, exist_ok=True)
 
     def prepare(self, launch: JobLaunch) -> tuple[Mount, ...]:
         shared = self._sync_shared(launch.project_id)
+        owner = (launch.project_id, launch.task_id)
         with self._lock:
-            task = self._empty.pop() if self._empty else None
+            task = None
+            if kept := self._empty.get(owner):
+                task = kept.pop()
+                self._empty_count -= 1
+                if not kept:
+                    del self._empty[owner]
             name = next(self._names)
         if task is None or not _empty(task):  # (something wrote late into it: not reused)
             if task is not None:
@@ -185,12 +196,21 @@ class SyncStager:
             log.exception("uploading the outputs of job %s failed", launch.job_uuid)
             job_log(open_log, f"openhtc: uploading TASK_SHARED_FOLDER to task storage failed: {exc}")
         finally:
-            with self._lock:
-                keep = empty and len(self._empty) < MAX_EMPTY
-                if keep:
-                    self._empty.append(task)
-            if not keep:
-                shutil.rmtree(task, ignore_errors=True)
+            dropped = [] if empty else [task]
+            if empty:
+                with self._lock:
+                    owner = (launch.project_id, launch.task_id)
+                    self._empty.setdefault(owner, []).append(task)
+                    self._empty.move_to_end(owner)
+                    self._empty_count += 1
+                    while self._empty_count > MAX_EMPTY:
+                        oldest = next(iter(self._empty.values()))
+                        dropped.append(oldest.pop())
+                        self._empty_count -= 1
+                        if not oldest:
+                            self._empty.popitem(last=False)
+            for folder in dropped:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _upload(self, folder: Path, prefix: str, open_log: LogOpener) -> int:
         """Upload every regular file below ``folder`` (links are not followed); returns failures."""
