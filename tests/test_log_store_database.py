@@ -16,7 +16,8 @@ from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import LogOpener
 from openhtc.services.logs import LogStore
 from openhtc.services.service_set import ServiceSet
-from openhtc.services.shared_logs import DatabaseLogs, LogMirror, MirroringStager
+from openhtc.services.shared_logs import MAX_CHUNK, DatabaseLogs, LogMirror, MirroringStager
+from openhtc.store.log_chunks import Chunk, LogChunkStore, LogKey
 from openhtc.wiring import bootstrap, build_services
 
 JOB = ("task-1", "parent-1", 3)
@@ -108,3 +109,49 @@ def test_an_attempt_whose_staging_failed_is_not_mirrored(services: ServiceSet) -
         with pytest.raises(OSError):
             stager.prepare(launch)
     assert mirror._watched == {}
+
+
+def test_a_page_reads_a_few_chunks_not_the_whole_log(services: ServiceSet, tmp_path: Path) -> None:
+    """A chunk longer than MAX_CHUNK (agents may send more) is stored split at its lines, and a
+    page reads a chunk or two, not the whole log (before: up to 64 chunks of any size per query),
+    with the same pages as the file reader."""
+    logs = services.logs
+    assert isinstance(logs, DatabaseLogs)
+    job, big = ("task-9", "parent-9", 0), lines(0, 100_000)  # ~4 MiB in one chunk
+    assert len(big) > 12 * MAX_CHUNK
+    assert logs.append([((*job, 1), 0, big)]) == {(*job, 1): len(big)}
+    stored = logs.chunks.forward(job, 1, 0, 1000)
+    assert b"".join(d for _, d in stored) == big
+    assert all(len(d) <= MAX_CHUNK and d.endswith(b"\n") for _, d in stored)
+
+    read: list[int] = []
+
+    class Counting(LogChunkStore):
+        def forward(self, key: LogKey, attempt: int, position: int, limit: int) -> list[Chunk]:
+            found = super().forward(key, attempt, position, limit)
+            read.extend(len(d) for _, d in found)
+            return found
+
+        def backward(self, key: LogKey, attempt: int, end: int | None, limit: int) -> list[Chunk]:
+            found = super().backward(key, attempt, end, limit)
+            read.extend(len(d) for _, d in found)
+            return found
+
+    logs.chunks = Counting(services.db)
+    for newest_first in (False, True):
+        read.clear()
+        assert len(logs.page(job, 1, 100, newest_first)) == 100
+        assert sum(read) <= MAX_CHUNK, newest_first
+
+    files = LogStore(tmp_path / "files")
+    path = files.path(*job, 1)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(big)
+    for newest_first in (False, True):
+        pages_db, pages_files = [], []
+        for store, pages in ((logs, pages_db), (files, pages_files)):
+            start = None
+            while page := store.page(job, 1, 7001, newest_first, start):
+                pages.append(page)
+                start = page[-1].after
+        assert pages_db == pages_files, newest_first

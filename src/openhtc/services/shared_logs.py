@@ -30,7 +30,11 @@ from openhtc.store.log_chunks import AttemptKey, LogChunkStore
 
 log = logging.getLogger("openhtc.logs")
 
-BATCH = 64  # chunks read per query
+# A page reads a few chunks at a time (most pages need one): 1, 2, then BATCH per query; rows
+# hold at most MAX_CHUNK bytes (a longer chunk an agent sends is stored split at its lines), so
+# a query reads at most BATCH * MAX_CHUNK bytes.
+BATCH = 4
+MAX_CHUNK = 256 * 1024
 
 
 class DatabaseLogs(LogStore):
@@ -50,7 +54,7 @@ class DatabaseLogs(LogStore):
             if offset > end or offset + len(data) <= end:
                 continue  # a gap, or written already
             piece = data[end - offset :]
-            rows.append((attempt, end, piece))
+            rows.extend((attempt, at, part) for at, part in _split(end, piece))
             ends[attempt] = end + len(piece)
         if self.chunks.insert(rows) < len(rows):  # another server wrote meanwhile: its ends rule
             ends = self.chunks.ends(attempts)
@@ -60,9 +64,9 @@ class DatabaseLogs(LogStore):
         return self.chunks.delete_task(task_id)
 
     def _forward_in(self, job: tuple[str, str, int], number: int, position: int) -> Iterator[LogLine]:
-        found = False
+        found, size = False, 1
         while True:
-            batch = self.chunks.forward(job, number, position, BATCH)
+            batch = self.chunks.forward(job, number, position, size)
             for offset, data in batch:
                 found = True
                 cursor = max(offset, position)
@@ -75,16 +79,17 @@ class DatabaseLogs(LogStore):
                 if rest:
                     return  # not a whole line (a writer's chunk never ends so)
                 position = cursor
-            if len(batch) < BATCH:
+            if len(batch) < size:
                 break
+            size = min(2 * size, BATCH)
         if not found:
             yield from super()._forward_in(job, number, position)
 
     def _backward_in(self, job: tuple[str, str, int], number: int, end: int) -> Iterator[LogLine]:
-        found = False
+        found, size = False, 1
         limit: int | None = None if end < 0 else end
         while True:
-            batch = self.chunks.backward(job, number, limit, BATCH)
+            batch = self.chunks.backward(job, number, limit, size)
             for offset, data in batch:
                 found = True
                 if limit is not None:
@@ -100,14 +105,14 @@ class DatabaseLogs(LogStore):
                     if parsed is not None:
                         yield LogLine(*parsed, (number, start))
                 limit = offset
-            if len(batch) < BATCH:
+            if len(batch) < size:
                 break
+            size = min(2 * size, BATCH)
         if not found:
             yield from super()._backward_in(job, number, end)
 
 
 INTERVAL = 0.3  # seconds between two looks at the logs being written (as an agent ships them)
-MAX_CHUNK = 256 * 1024
 
 
 class LogMirror:
@@ -201,6 +206,20 @@ class MirroringStager:
 
 def _log_key(launch: JobLaunch) -> AttemptKey:
     return (launch.task_id, launch.job_uuid.rpartition(":")[0], launch.array_index, launch.attempt)
+
+
+def _split(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``data`` (whole lines) at ``offset`` as pieces of at most MAX_CHUNK bytes, each of whole
+    lines (a longer line is a piece of its own)."""
+    while len(data) > MAX_CHUNK:
+        cut = data.rfind(b"\n", 0, MAX_CHUNK)
+        if cut < 0:
+            cut = data.find(b"\n", MAX_CHUNK)
+            if cut < 0 or cut == len(data) - 1:
+                break
+        yield offset, data[: cut + 1]
+        offset, data = offset + cut + 1, data[cut + 1 :]
+    yield offset, data
 
 
 def _whole_lines(path: str, offset: int) -> bytes:
