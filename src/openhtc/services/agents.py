@@ -508,18 +508,25 @@ class AgentService:
         offset. Returns (job, attempt, next offset) for each attempt: where the agent goes on
         from (a chunk past the end written so far is not written: the agent resends from there).
         The caller must speak for the agent (``check``, when ``incarnation`` is given), and every
-        chunk must be for an attempt leased to it: otherwise LogsRefused, and nothing is written.
+        chunk must be for an attempt leased to it, of a task not deleted: otherwise LogsRefused, and
+        nothing is written.
         A disk that fails is InsufficientStorage (full) or Unavailable: the agent sends again."""
         s = self.services
         if incarnation is not None:
             self.check(agent_id, incarnation, token_region, token_hash)
         records = s.queue.records({c[0] for c in chunks})
         paths = self._paths({c[0] for c in chunks})
+        # a cancelled or ended attempt's last lines are written, unless its task was deleted:
+        # its logs went with it, and what came late would stay behind for good
+        ended = {paths[j][0] for j, r in records.items() if (r.cancelled or r.terminal) and j in paths}
+        gone = s.projects.deleted_tasks(ended) if ended else set()
         refused = sorted(
             {
                 (job_id, attempt)
                 for job_id, attempt, _, _ in chunks
-                if not _leased_to(agent_id, attempt, records.get(job_id)) or job_id not in paths
+                if not _leased_to(agent_id, attempt, records.get(job_id))
+                or job_id not in paths
+                or paths[job_id][0] in gone
             }
         )
         if refused:

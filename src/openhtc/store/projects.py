@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
@@ -207,6 +208,16 @@ class ProjectStore:
             return list(
                 conn.execute(select(tasks).where(cond).order_by(tasks.c.created_at, tasks.c.id).limit(limit))
             )
+
+    def deleted_tasks(self, task_ids: Collection[str]) -> set[str]:
+        """Which of these tasks were deleted."""
+        if not task_ids:
+            return set()
+        query = select(tasks.c.id).where(
+            tasks.c.id.in_(list(task_ids)), tasks.c.lifecycle_status == LifecycleStatus.DELETED.value
+        )
+        with self.db.read() as conn:
+            return {r[0] for r in conn.execute(query)}
 
     def update_task(self, task_id: str, **values: Any) -> None:
         with self.db.write() as conn:
