@@ -136,13 +136,13 @@ def test_a_queue_whose_sbatch_arguments_are_no_longer_allowed_pauses_itself_nami
     )
     assert resp.status_code == 201, resp.text
     queue_id = resp.json()["id"]
-    api = srv.api()
-    project_id, task_id = api.project_and_task()
-    api.submit_one(project_id, task_id, api.job_request(["true"]))  # work a pilot would be sent for
 
     del srv.extra_env["OPENHTC_ALLOC_SBATCH_OPTIONS"]  # the setting narrowed: --nice is no longer allowed
     srv.restart()
     client = srv.client(prefix="")
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit_one(project_id, task_id, api.job_request(["true"]))  # work a pilot would be sent for
     deadline = time.monotonic() + 60
     while (queue := _queue(client, queue_id))["state"] == "active":
         assert time.monotonic() < deadline, f"the queue never paused: {queue}\n{srv.log_tail()}"
