@@ -31,16 +31,34 @@ class _Counting(LeaderLoop):
             raise RuntimeError("the first round breaks")
 
 
+class _Leadership:
+    """Leadership the test switches; it tells when the loop has asked it three times."""
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.asked = 0
+        self.asked_thrice = threading.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        self.asked += 1
+        if self.asked == 3:
+            self.asked_thrice.set()
+        return self.leading
+
+
 def test_rounds_run_only_while_leading_and_a_failed_round_is_logged_and_the_loop_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    leadership = SimpleNamespace(is_leader=False)
+    leadership = _Leadership()
     loop = _Counting(SimpleNamespace(leadership=leadership))
     with caplog.at_level(logging.ERROR, "openhtc.test.periodic"):
         loop.start()
         try:
-            assert not loop.third.wait(0.1) and loop.rounds == 0  # not the leader: nothing runs
-            leadership.is_leader = True
+            # three periods went by (the loop asked each time), and not the leader: nothing ran
+            assert leadership.asked_thrice.wait(30), "the loop never asked whether it leads"
+            assert loop.rounds == 0
+            leadership.leading = True
             assert loop.third.wait(30), "no rounds after becoming the leader"
         finally:
             loop.stop()

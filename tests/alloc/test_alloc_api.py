@@ -4,13 +4,17 @@ reaches sbatch)."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from openhtc.testing.server import HtcServer
+from openhtc.testing.server import DEFAULT_REGION, HtcServer, htc_command
 
 PATH = "/openhtc/v1/alloc/queues"
 GOOD = {"kind": "slurm", "region": "AWS_US_EAST_1", "timeLimitSeconds": 3600, "dryRun": False}
@@ -112,3 +116,59 @@ def test_allowed_sbatch_arguments_and_those_the_setting_adds_are_kept(
     resp = client.post(PATH, json={**GOOD, "sbatchArgs": args})
     assert resp.status_code == 201, resp.text
     assert client.get(PATH).json()["queues"][0]["sbatchArgs"] == args
+
+
+@pytest.mark.one_db
+def test_a_queue_whose_sbatch_arguments_are_no_longer_allowed_pauses_itself_naming_the_option(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    """The allow-list is checked at every round, not only at add: a queue stored while the setting
+    allowed ``--nice`` submits nothing once it no longer does, and says why in ``htc alloc ls``."""
+    env = {
+        "OPENHTC_ALLOC_SBATCH_OPTIONS": "--nice",
+        "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2",
+        "SLURM_CONF": str(tmp_path / "no-slurm.conf"),  # any sbatch this server ran would fail
+    }
+    srv = start_server(env=env, args=("--no-executor",))
+    client = srv.client(prefix="")
+    resp = client.post(
+        PATH, json={**GOOD, "region": DEFAULT_REGION, "sbatchArgs": ["-p", "debug", "--nice=5"]}
+    )
+    assert resp.status_code == 201, resp.text
+    queue_id = resp.json()["id"]
+
+    del srv.extra_env["OPENHTC_ALLOC_SBATCH_OPTIONS"]  # the setting narrowed: --nice is no longer allowed
+    srv.restart()
+    client = srv.client(prefix="")
+    api = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit_one(project_id, task_id, api.job_request(["true"]))  # work a pilot would be sent for
+    deadline = time.monotonic() + 60
+    while (queue := _queue(client, queue_id))["state"] == "active":
+        assert time.monotonic() < deadline, f"the queue never paused: {queue}\n{srv.log_tail()}"
+        time.sleep(0.2)
+    assert queue["pauseReason"].startswith("its sbatch arguments are no longer allowed: "), queue
+    assert "sbatch option --nice is not allowed" in queue["pauseReason"], queue
+    assert queue["failedSubmissions"] == 0 and queue["pilots"] == [], queue  # sbatch never ran
+    alloc_env = {**srv.environment(), "OPENHTC_URL": srv.url, "OPENHTC_API_KEY": srv.api_key}
+    shown = subprocess.run(
+        [*htc_command(), "alloc", "ls"], capture_output=True, text=True, env=alloc_env, timeout=60, check=True
+    ).stdout
+    assert "paused: its sbatch arguments are no longer allowed: sbatch option --nice" in " ".join(
+        shown.split()
+    )
+
+    # resumed unchanged, it pauses again at the next round: the option never reaches sbatch
+    assert client.post(f"{PATH}/{queue_id}/resume").json()["state"] == "active"
+    while (queue := _queue(client, queue_id))["state"] == "active":
+        assert time.monotonic() < deadline + 60, f"the queue never paused again: {queue}"
+        time.sleep(0.2)
+    assert "--nice" in queue["pauseReason"] and queue["failedSubmissions"] == 0 and queue["pilots"] == [], (
+        queue
+    )
+
+
+def _queue(client: httpx.Client, queue_id: str) -> dict[str, Any]:
+    resp = client.get(PATH)
+    assert resp.status_code == 200, resp.text
+    return next(q for q in resp.json()["queues"] if q["id"] == queue_id)

@@ -9,7 +9,9 @@ Each round (``tick``, every ``alloc_period_seconds`` on the leader only) looks a
    (SIGTERM to the batch script, which ``exec``\\s the agent: it drains and exits), so with no
    work no pilot remains (scale to zero);
 3. unless paused, it submits the pilots the pure rule (domain/allocation.py) asks for, each
-   with an agent token of its own scoped to the queue's region.
+   with an agent token of its own scoped to the queue's region. A queue whose extra sbatch
+   arguments today's allow-list refuses (stored before it, or the setting narrowed since)
+   pauses itself instead, naming the option.
 
 Failures pause the queue with a reason (domain/allocation.py), shown by ``htc alloc ls`` and
 logged. Slurm itself tells a pilot's agent to drain a minute before its walltime ends
@@ -92,8 +94,7 @@ class AllocationService:
             )
         if not spec.region.strip():
             raise ValidationFailed("a region is required", "region")
-        more = tuple(self.services.settings.alloc_sbatch_options.split(","))
-        problem = rules.sbatch_args_problem(spec.extra_args, more)
+        problem = self._args_problem(spec.extra_args)
         if problem is not None:
             raise ValidationFailed(problem, "sbatchArgs")
         row = QueueRow(
@@ -124,6 +125,11 @@ class AllocationService:
         self.store.add_queue(row)
         log.info("allocation queue %s added: slurm, region %s", row.id, row.region)
         return row
+
+    def _args_problem(self, args: list[str] | tuple[str, ...]) -> str | None:
+        """Why the queue's extra sbatch arguments may not go to sbatch under today's allow-list."""
+        more = tuple(self.services.settings.alloc_sbatch_options.split(","))
+        return rules.sbatch_args_problem(args, more)
 
     def get(self, queue_id: str) -> QueueRow:
         row = self.store.queue(queue_id)
@@ -276,6 +282,12 @@ class AllocationService:
         """Submit what the queue's region needs (unless paused); record failures, pause."""
         queue, region = r.queue, r.queue.region
         if queue.state == QueueState.ACTIVE.value and r.pause is None:
+            # a queue stored before the allow-list (or before the setting narrowed) is re-checked:
+            # its arguments never reach sbatch unless allowed today
+            problem = self._args_problem(queue.extra_args)
+            if problem is not None:
+                r.pause = f"its sbatch arguments are no longer allowed: {problem}"
+        if queue.state == QueueState.ACTIVE.value and r.pause is None:
             # only the work a fresh pilot could take: a job longer than its walltime never fits
             queued = self.store.queued_vcpus(region, rules.max_timeout(queue.time_limit_s))
             demand = rules.Demand(queued, coming.get(region, 0))
@@ -338,9 +350,10 @@ class AllocationService:
         ]
 
     def _script(self, queue: QueueRow, pilot_id: str, token: str) -> str:
-        """The pilot: one agent in a work directory of its own (its agent id is derived from it),
-        removed when the agent exits. SIGTERM (idle, or the walltime's end near) is passed on to
-        the agent, which drains."""
+        """The pilot: one agent in a fresh work directory of its own (so a new agent id: random,
+        made at its first start and kept in the directory, agent/workdir.py), removed when the
+        agent exits. SIGTERM (idle, or the walltime's end near) is passed on to the agent, which
+        drains."""
         labels = f"{PILOT_LABEL}={pilot_id},{SLURM_JOB_LABEL}=$SLURM_JOB_ID"
         work = f'"${{TMPDIR:-/tmp}}/openhtc-pilot-{pilot_id}"'
         return (

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel")
@@ -295,7 +295,14 @@ def _is(pid: int, name: str, where: Path) -> bool:
     if stat.rpartition(")")[2].split()[:1] == ["Z"]:
         return False
     words = [a.decode(errors="replace") for a in argv]
-    return any(os.path.basename(a) == name for a in words[:4]) and any(str(where) in a for a in words)
+    return any(os.path.basename(a) == name for a in words[:4]) and any(_under(a, where) for a in words)
+
+
+def _under(arg: str, where: Path) -> bool:
+    """Whether the path ``arg`` names (``PATH`` or ``--option=PATH``) is ``where`` or inside it,
+    compared by path components: ``/x/slurm/slurm.conf`` is not inside ``/x/slurm/slurm``."""
+    value = arg.partition("=")[2] if arg.startswith("-") else arg
+    return os.path.isabs(value) and PurePath(value).is_relative_to(where)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
