@@ -158,7 +158,9 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     leases = done.leases
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while not leases and not req.draining and req.max_jobs > 0 and not svc.notify.closing:
+    while (
+        not leases and not req.draining and req.max_jobs > 0 and not done.suspect and not svc.notify.closing
+    ):
         left = deadline - loop.time()
         if left <= 0:
             break
