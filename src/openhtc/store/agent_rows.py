@@ -1,7 +1,8 @@
 """The agents' rows beyond the claim/report hot path: token binding, drain flag, lost leases.
 
 - Token binding: an agent token speaks for the agent ids that registered with it, and at most
-  ``agents`` of them live at once (the token's ``agents`` claim, 1 unless minted for a fleet).
+  ``agents`` of them live at once (the token's ``agents`` claim, 1 unless minted for a fleet;
+  a token minted before binding has no such claim and serves any number, as it did).
   The check runs at the top of the register transaction, before anything is written, under a
   transaction lock on PostgreSQL so two registers with one token cannot both take its last slot.
   An agent id bound to another token is taken over only once that agent is marked lost (its
@@ -40,7 +41,7 @@ def token_hash(token: str) -> str:
 
 class TokenBinding(NamedTuple):
     token_hash: str
-    agents: int  # how many live (not lost) agents the token may speak for at once
+    agents: int | None  # how many live (not lost) agents the token may speak for at once (None: any)
 
 
 class AgentState(NamedTuple):
@@ -62,6 +63,8 @@ def check_binding(db: Database, conn: Connection, agent_id: str, binding: TokenB
             f"agent {agent_id} is live and bound to another agent token; an agent token speaks "
             "only for the agents that registered with it"
         )
+    if binding.agents is None:  # a fleet token from before binding: no limit on its agents
+        return
     others = and_(executors.c.token_hash == binding.token_hash, executors.c.id != agent_id, live)
     taken = conn.execute(select(func.count()).select_from(executors).where(others)).scalar() or 0
     if taken >= binding.agents:

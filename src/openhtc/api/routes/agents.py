@@ -46,7 +46,10 @@ class Caller(NamedTuple):
         return str(self.claims.get("region", "*"))
 
     def binding(self) -> TokenBinding:
-        agents = self.claims.get("agents", 1)
+        # a token minted before tokens were bound (no ``agents`` claim) keeps serving its fleet
+        if "agents" not in self.claims:
+            return TokenBinding(self.token_hash, None)
+        agents = self.claims["agents"]
         return TokenBinding(self.token_hash, agents if isinstance(agents, int) and agents > 0 else 1)
 
 
