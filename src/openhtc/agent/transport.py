@@ -400,12 +400,15 @@ class HttpTransport:
             self.functions.leased(launch, lease.event)
         return launch
 
-    def send_logs(self, chunks: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:
+    def send_logs(
+        self, chunks: list[dict[str, Any]], timeout: float | None = None
+    ) -> list[tuple[int, int, int]] | None:
         """POST log chunks; None if the server did not take them (sent again later)."""
         if not self._registered or time.monotonic() < self._next_try:
             return None
+        body = {"incarnation": self.incarnation, "chunks": chunks}
         try:
-            resp = self._post(f"/{self.agent_id}/logs", {"incarnation": self.incarnation, "chunks": chunks})
+            resp = self._post(f"/{self.agent_id}/logs", body, timeout=timeout)
         except ServerAway:
             return None
         if resp.status_code == 409:  # some chunks are for attempts not this agent's: drop those
