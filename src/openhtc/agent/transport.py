@@ -253,6 +253,8 @@ class HttpTransport:
             self.functions.configure(answer.function_result_max_bytes)
         with self._lock:
             self._kills.update(answer.kill)
+        with self._received_lock:  # no longer this agent's
+            self._received.difference_update(answer.kill)
         self._registered = True
         if answer.kill:  # attempts run on here that are no longer ours: the executor kills them now
             self.on_kill()
