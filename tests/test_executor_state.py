@@ -126,6 +126,30 @@ def test_slow_turns_make_the_prefetch_cover_two_of_them() -> None:
     assert prefetch.target(400, 0.3) < 400
 
 
+def test_a_turn_whose_claim_held_nothing_is_not_a_slow_turn() -> None:
+    """An agent's idle claim long-polls for work (up to 30 s): that is how long the fleet was
+    idle, not how slow its turns are. Counted, the first agent woken at the next burst would
+    claim a rate times two polls' worth (and journal hundreds ahead)."""
+    state = core(vcpus=2)
+    claim = state.claim(0.0)
+    assert claim is not None and claim.idle  # nothing held: this claim may wait for work
+    state.turn_took(30.0, claim.idle)
+    state.claimed([job(1)])
+    claim = state.claim(0.05)
+    assert claim is not None and not claim.idle
+    state.completed = 400  # then a burst at 1,000 jobs/s (smoothed)
+    assert state.prefetch.target(400, 0.2) == 250  # 0.25 s of work, not two 30 s turns of it
+    state.turn_took(0.45, claim.idle)  # a turn that held work and was slow still counts
+    assert state.prefetch.target(400, 0.25) == 1000
+
+
+def test_the_prefetch_never_holds_more_than_its_ceiling() -> None:
+    prefetch = Prefetch(None, 1.0, vcpus=2, ceiling=256)  # htc agent's
+    prefetch.target(0, 0.0)
+    prefetch.turn_took(30.0)
+    assert prefetch.target(2000, 0.2) == 256
+
+
 def test_a_fixed_prefetch_overrides_the_rate_but_turns_still_see_the_rate() -> None:
     state = core(vcpus=2, prefetch=1)
     claim = state.claim(0.0)

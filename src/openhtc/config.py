@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     executor_prefetch_seconds: float = Field(
         0.25, description="Adaptive prefetch holds about this many seconds of work at the observed job rate."
     )
+    executor_prefetch_max: int = Field(
+        4096, ge=1, description="The most jobs the adaptive prefetch holds (htc agent: 256)."
+    )
     executor_journal_sync: bool = Field(
         True,
         description="fdatasync the executor's attempt journal before each hand-off to the runtime, so "

@@ -8,6 +8,7 @@ more than the last and the agent's memory grew with every job it ever ran.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,9 +22,12 @@ class _Transport:
 
     def __init__(self) -> None:
         self.launched: dict[tuple[int, int], Any] = {}
+        self.refused_logs: set[tuple[int, int]] = set()  # attempts the server refused (409)
         self.sent: list[dict[str, Any]] = []
 
-    def send_logs(self, chunks: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    def send_logs(
+        self, chunks: list[dict[str, Any]], timeout: float | None = None
+    ) -> list[tuple[int, int, int]]:
         self.sent.extend(chunks)
         return [(c["job_id"], c["attempt"], c["offset"] + len(c["data"].encode())) for c in chunks]
 
@@ -71,3 +75,59 @@ def test_a_job_still_held_is_kept_and_its_new_lines_shipped(tmp_path: Path) -> N
     for _ in range(3):
         shipper.ship()
     assert transport.launched == {}
+
+
+class _HangingServer(_Transport):
+    """A server that takes the logs POST and never answers (until ``answer`` is set), then one
+    that fails it (None: not taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.inside = threading.Event()
+        self.posts = 0
+
+    def send_logs(self, chunks: list[dict[str, Any]], timeout: float | None = None) -> None:
+        self.posts += 1
+        self.inside.set()
+        self.answer.wait()
+        return None
+
+
+def _ended_job(logs: LogStore, transport: _Transport, job_id: int) -> SimpleNamespace:
+    launch = SimpleNamespace(
+        job_id=job_id, job_uuid=f"t:p:{job_id}", task_id="t", array_index=job_id, attempt=1
+    )
+    transport.launched[(job_id, 1)] = launch
+    path = logs.path("t", "t:p", job_id, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"last line of {job_id}\n")
+    return launch
+
+
+def test_a_hanging_server_holds_up_no_worker_flushing_an_ended_jobs_log(tmp_path: Path) -> None:
+    logs = LogStore(tmp_path / "logs")
+    server = _HangingServer()
+    shipper = LogShipper(server, logs, list)  # type: ignore[arg-type]
+    _ended_job(logs, server, 1)
+    shipping = threading.Thread(target=shipper.ship, daemon=True)  # the shipping thread's POST hangs
+    shipping.start()
+    assert server.inside.wait(30)
+    # a worker ends job 2 and flushes its log before reporting it: it must go on with its next
+    # job (the shipping thread sends the lines later), not wait behind the hanging POST
+    worker = threading.Thread(target=shipper.flush, args=(_ended_job(logs, server, 2),), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    finished = not worker.is_alive()
+    server.answer.set()  # the server answers: a failure (nothing taken)
+    shipping.join(timeout=60)
+    assert finished, "the worker waited for the shipping thread's POST"
+    assert server.posts == 1
+    # After that failure, flushes leave the logs to the shipping thread for a while: a failing
+    # server does not cost each ending job a POST of its own.
+    server.posts = 0
+    shipper._flush_after = 0.0
+    shipper.flush(_ended_job(logs, server, 3))  # fails (the server takes nothing)
+    shipper.flush(_ended_job(logs, server, 4))
+    shipper.flush(_ended_job(logs, server, 5))
+    assert server.posts == 1

@@ -65,8 +65,9 @@ class Agent:
         max_jobs: int = 0,
         wait: float = 0.0,
         expect: int = 200,
+        seq: int | None = None,  # an exchange_seq: ``held`` is complete (lost leases re-queued)
     ) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "incarnation": self.incarnation,
             "free": {"vcpus": 4, "memory_mb": 8192},
             "max_jobs": max_jobs,
@@ -75,6 +76,8 @@ class Agent:
             "wait_seconds": wait,
             "draining": False,
         }
+        if seq is not None:
+            body["exchange_seq"] = seq
         resp = self.http.post(f"{AGENTS}/{self.agent_id}/exchange", json=body)
         assert resp.status_code == expect, resp.text
         return dict(resp.json())

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from tests.cluster.test_agent import AgentProcess
 from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
 from tests.cluster.test_multiserver import start
 
+from openhtc.auth.keys import load_or_create_signing_key
+from openhtc.auth.tokens import TokenService
+from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.postgres import PostgresCluster
@@ -128,6 +132,26 @@ def test_a_fleet_token_serves_as_many_live_agents_as_it_was_minted_for(srv: HtcS
     # an agent restarting with its id keeps its slot
     first.incarnation = uuid.uuid4().hex
     first.register()
+
+
+def test_a_token_minted_before_binding_still_serves_its_whole_fleet(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    # One token in one Kubernetes Secret for every pod, minted by a version without the
+    # ``agents`` claim: after the upgrade it must not shrink the fleet to one agent.
+    key_file = tmp_path / "jwt-signing.pem"
+    srv = start_server(args=("--no-executor",), env={"OPENHTC_SIGNING_KEY_FILE": str(key_file)})
+    tokens = TokenService(load_or_create_signing_key(key_file), Clock(), 3600, 3600)
+    claims = jwt.decode(tokens.agent("fleet", "*", 3600), options={"verify_signature": False})
+    del claims["agents"]
+    old_token = tokens._encode(claims)
+    pods = [Agent(srv, old_token, f"pod{i}") for i in range(3)]
+    for pod in pods:
+        pod.register()
+    assert pods[2].exchange()["kill"] == []
+    # each pod is still bound to the token: another token does not speak for it
+    other = impostor(srv, agent_token(srv), pods[0])
+    other.exchange(expect=403)
 
 
 def _register_body(agent: Agent) -> dict[str, Any]:
@@ -261,6 +285,8 @@ def test_a_lease_whose_answer_was_lost_runs_once_soon(
     finally:
         stop_agent(proc, log_path)
         proxy.close()
+    log = srv.log_path.read_text(errors="replace")  # the release neither failed nor answered 500
+    assert "Traceback" not in log and '" 500' not in log, log[-4000:]
 
 
 def test_a_long_poll_claims_nothing_for_an_agent_marked_lost_meanwhile(quick: HtcServer) -> None:

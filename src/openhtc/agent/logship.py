@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ from openhtc.services.logs import LogStore
 log = logging.getLogger("openhtc.agent")
 INTERVAL = 0.3
 MAX_CHUNK = 256 * 1024
+# A worker flushing an ended attempt's log never waits long for the server: it waits this long
+# for the shipper's lock (the shipping thread may be in a POST), sends with this timeout, and
+# after a failure leaves the logs to the shipping thread for FLUSH_BACKOFF seconds.
+FLUSH_LOCK_SECONDS = 0.2
+FLUSH_TIMEOUT = 2.0
+FLUSH_BACKOFF = 5.0
 
 
 @dataclass(slots=True)
@@ -44,6 +51,7 @@ class LogShipper:
         self.held = held  # the attempts the executor holds: one seen there that left it has ended
         self._tails: dict[tuple[int, int], _Tail] = {}
         self._lock = threading.Lock()  # the shipping thread, and workers flushing an ended attempt
+        self._flush_after = 0.0  # monotonic: flushes leave the logs to the shipping thread until then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-logs", daemon=True)
 
@@ -65,8 +73,11 @@ class LogShipper:
     def flush(self, launch: JobLaunch) -> None:
         """Ship what an attempt that just ended wrote and the server does not have, now: its end
         is reported next, and a reader that sees the end (``htc logs -f``) then has every line.
-        Never raises (the shipping thread sends what is left)."""
+        Never raises, and never waits long (the shipping thread sends what is left): a worker
+        that waited on a hanging server would hold up the next job, and the next worker too."""
         key = (launch.job_id, launch.attempt)
+        if time.monotonic() < self._flush_after:
+            return  # the server failed a moment ago
         try:
             tail = self._tails.get(key)
             offset = tail.offset if tail is not None else 0
@@ -81,7 +92,9 @@ class LogShipper:
                     return  # nothing new: no lock taken (the shipping thread may be sending)
             except FileNotFoundError:
                 return  # a silent job
-            with self._lock:
+            if not self._lock.acquire(timeout=FLUSH_LOCK_SECONDS):
+                return  # the shipping thread is sending (perhaps to a server that hangs)
+            try:
                 if key not in self._tails and key not in self.transport.launched:
                     return  # not a lease of this run (the shipping thread knows it, if anyone)
                 tail = self._tail(key, launch)
@@ -90,7 +103,12 @@ class LogShipper:
                     return
                 chunk = {"job_id": key[0], "attempt": key[1], "offset": tail.offset,
                          "data": data.decode("utf-8", "replace")}  # fmt: skip
-                self._acked(self.transport.send_logs([chunk]))
+                acked = self.transport.send_logs([chunk], timeout=FLUSH_TIMEOUT)
+                if acked is None and not self.transport.refused_logs:  # not taken: back off
+                    self._flush_after = time.monotonic() + FLUSH_BACKOFF
+                self._acked(acked)
+            finally:
+                self._lock.release()
         except Exception:
             log.exception("agent: shipping the log of job %s failed", launch.job_uuid)
 

@@ -67,6 +67,9 @@ class LeaseImages:
 
 
 AGENT_PREFETCH_SECONDS = 1.0
+# At most this many jobs held beyond what runs: an agent's crash fails the ones it journaled
+# ahead (infrastructure faults), and a hoard keeps work from the rest of the fleet.
+AGENT_PREFETCH_MAX = 256
 
 
 def build_agent(
@@ -87,6 +90,7 @@ def build_agent(
             # a claim is a round trip to the server (tens of ms, more under load), not an
             # in-process call: hold about a second of work, so short jobs never wait for one
             "executor_prefetch_seconds": AGENT_PREFETCH_SECONDS,
+            "executor_prefetch_max": AGENT_PREFETCH_MAX,
         }
     )
     outbox = Outbox(work / "agent" / "reports.jsonl", settings.max_buffered_reports)

@@ -90,10 +90,14 @@ class HttpTransport:
         # gets 409 registers again under it
         self._lock = threading.RLock()
         self._kills: set[tuple[int, int]] = set()
-        # Leases received in answers that the executor may not have taken yet (claim returns
-        # them after the lock is released): listed as held too, so the server, which re-queues
-        # the claimed leases an agent does not list (their answer was lost), keeps them.
+        # Every lease received (or adopted at start) until a report of its attempt is in the
+        # outbox: listed as held, so the server, which re-queues the claimed leases an agent
+        # does not list (their answer was lost), keeps them. Whatever the executor is doing
+        # with it meanwhile (prefetched, running, ended with its report not yet flushed or on
+        # its way to the outbox), it stays listed: complete by construction. Dropped when
+        # the server kills or refuses the attempt (no longer this agent's).
         self._received: set[tuple[int, int]] = set()
+        self._received_lock = threading.Lock()  # not the exchange lock: a report never waits for a poll
         self._exchanges = 0  # exchanges sent: each says it (exchange_seq)
         # Self-fencing: past the server's liveness timeout without one successful call, the
         # server has marked this agent lost and re-queued its jobs: it kills its attempts.
@@ -166,6 +170,8 @@ class HttpTransport:
             "runtime": self.runtime,
         }
         self._adopted = set(adopted)
+        with self._received_lock:
+            self._received.update(adopted)
         while True:
             try:
                 return self._register(may_have_started)
@@ -182,8 +188,6 @@ class HttpTransport:
     def claim(
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]:
-        with self._lock:  # the executor took the leases of its previous claim: it lists them now
-            self._received.clear()
         idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
         answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
@@ -194,6 +198,8 @@ class HttpTransport:
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
         results = self.functions.results_for(reports) if self.functions is not None else None
         self.outbox.add(reports, results)  # on disk: delivered by the next exchange (the claim's, mostly)
+        with self._received_lock:  # listed by outbox.attempts() now, until acknowledged
+            self._received.difference_update((r.job_id, r.attempt) for r in reports)
         if self.draining:  # no claim follows
             self._exchange(Capacity(0, 0), 0, 0.0)
             return
@@ -232,7 +238,7 @@ class HttpTransport:
     def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
         assert self._registration is not None
         # what it runs and keeps, and the attempts whose reports are not yet acknowledged
-        running = sorted(set(self.held()) | self.outbox.attempts() | self._adopted | self._received)
+        running = sorted(self._holding() | self._adopted)
         body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
         sent = time.monotonic()
         resp = self._post("/register", body)
@@ -247,6 +253,8 @@ class HttpTransport:
             self.functions.configure(answer.function_result_max_bytes)
         with self._lock:
             self._kills.update(answer.kill)
+        with self._received_lock:  # no longer this agent's
+            self._received.difference_update(answer.kill)
         self._registered = True
         if answer.kill:  # attempts run on here that are no longer ours: the executor kills them now
             self.on_kill()
@@ -314,7 +322,8 @@ class HttpTransport:
         with self._lock:
             self._fenced = True
             self._registered = False  # the next call that gets through registers first
-            doomed = set(self.held()) | self._received
+            with self._received_lock:
+                doomed = set(self.held()) | self._received
             self._kills.update(doomed)
         log.error(
             "agent: no successful call to %s for %.0f s (the server's liveness timeout): it has "
@@ -327,6 +336,15 @@ class HttpTransport:
         if doomed:
             self.on_kill()
 
+    def _holding(self) -> set[tuple[int, int]]:
+        """Every attempt this agent may hold a claimed lease of: what the executor holds or
+        has to report, the leases received with no report in the outbox yet (read before the
+        outbox: ``report`` adds to it first, then drops them here), and the outbox's."""
+        held = set(self.held())
+        with self._received_lock:
+            held |= self._received
+        return held | self.outbox.attempts()
+
     def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
         self._unsent.clear()  # before the outbox is read: a report added after is sent after
         reports = self.outbox.pending()
@@ -337,7 +355,7 @@ class HttpTransport:
             "max_jobs": max_jobs,
             # complete (exchange_seq says so): a lease it does not list never reached it
             # (and the attempts whose reports wait in the outbox: an exchange may carry only some)
-            "held": sorted(set(self.held()) | self._received | self.outbox.attempts()),
+            "held": sorted(self._holding()),
             "reports": [r.model_dump() for r in reports],
             "wait_seconds": wait,
             "draining": self.draining,
@@ -358,10 +376,12 @@ class HttpTransport:
         self.outbox.done(answer.acked)
         if answer.refused:
             self.outbox.forget_attempt(answer.refused)
+        with self._received_lock:  # the killed and refused are no longer this agent's
+            self._received.difference_update(answer.refused, answer.kill)
+            self._received.update((lease.job_id, lease.attempt) for lease in answer.leases)
         if answer.kill:
             self._kills.update(answer.kill)
             self.on_kill()
-        self._received.update((lease.job_id, lease.attempt) for lease in answer.leases)
         for lease in answer.leases:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
@@ -382,12 +402,15 @@ class HttpTransport:
             self.functions.leased(launch, lease.event)
         return launch
 
-    def send_logs(self, chunks: list[dict[str, Any]]) -> list[tuple[int, int, int]] | None:
+    def send_logs(
+        self, chunks: list[dict[str, Any]], timeout: float | None = None
+    ) -> list[tuple[int, int, int]] | None:
         """POST log chunks; None if the server did not take them (sent again later)."""
         if not self._registered or time.monotonic() < self._next_try:
             return None
+        body = {"incarnation": self.incarnation, "chunks": chunks}
         try:
-            resp = self._post(f"/{self.agent_id}/logs", {"incarnation": self.incarnation, "chunks": chunks})
+            resp = self._post(f"/{self.agent_id}/logs", body, timeout=timeout)
         except ServerAway:
             return None
         if resp.status_code == 409:  # some chunks are for attempts not this agent's: drop those

@@ -95,7 +95,10 @@ class LocalExecutor:
             path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"
             self.journal = AttemptJournal(path, sync=settings.executor_journal_sync)
         prefetch = Prefetch(
-            settings.executor_prefetch, settings.executor_prefetch_seconds, self.capacity.vcpus
+            settings.executor_prefetch,
+            settings.executor_prefetch_seconds,
+            self.capacity.vcpus,
+            settings.executor_prefetch_max,
         )
         self.state = ExecutorState(
             self.capacity, settings.max_running_jobs, prefetch, settings.heartbeat_seconds, RunHandle
@@ -304,9 +307,9 @@ class LocalExecutor:
             self._wake.clear()
             last_turn = time.monotonic()
             try:
-                self._report_and_claim()
+                polled = self._report_and_claim()
                 with self._lock:
-                    self.state.prefetch.turn_took(time.monotonic() - last_turn)
+                    self.state.turn_took(time.monotonic() - last_turn, polled)
                 if self.state.heartbeat_due(time.monotonic(), self.wakeups.cancelled.wait(0)):
                     self._heartbeat()
                 self._premark()
@@ -318,38 +321,39 @@ class LocalExecutor:
                 log.exception("executor loop error")
                 time.sleep(0.5)
 
-    def _report_and_claim(self) -> None:
+    def _report_and_claim(self) -> bool:
         """Flush the reports and claim more jobs at once, each in its own transaction.
 
         On PostgreSQL each is a few round trips and most of their time is the server's work, so
         overlapping them shortens a turn. They lock disjoint job rows (reported jobs are held by
         this executor, claimed ones were queued) and the counter rows in one order
         (``bump_counters``), so they cannot deadlock. SQLite has one write lock: there the
-        second would only wait for the first, so they run one after the other.
+        second would only wait for the first, so they run one after the other. Returns whether
+        the claim was made holding nothing (htc agent's may then wait for work: a long poll).
         """
         with self._lock:
             has_reports = bool(self.state.reports)
         if not has_reports or not self.service.concurrent_writes:
             self._flush()
-            self._claim()
-            return
+            return self._claim()
         flushed = self._reporter.submit(self._flush)
         try:
-            self._claim()
+            return self._claim()
         finally:
             flushed.result()
 
-    def _claim(self) -> None:
+    def _claim(self) -> bool:
         with self._lock:
             claim = self.state.claim(time.monotonic())
         if claim is None:
-            return
+            return False
         launches = self.service.claim(
             self.executor_id, self.region, self.architectures, claim.bound, claim.max_jobs
         )
         if launches:
             with self._lock:
                 self.state.claimed(launches)
+        return claim.idle
 
     def _start_pending(self) -> None:
         """Start prefetched jobs while they fit in the free capacity."""

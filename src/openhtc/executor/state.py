@@ -65,6 +65,7 @@ class Claim(NamedTuple):
     max_jobs: int
     free: Capacity
     bound: Capacity
+    idle: bool = False  # nothing held: an agent's claim may wait for work (a long poll)
 
 
 class Stop(NamedTuple):
@@ -132,7 +133,15 @@ class ExecutorState:
         if want <= 0:
             return None
         bound = Capacity(want * self.capacity.vcpus, want * self.capacity.memory_mb)
-        return Claim(want, self.free, bound)
+        return Claim(want, self.free, bound, not (self.pending or self.running or self.reports))
+
+    def turn_took(self, seconds: float, polled: bool) -> None:
+        """A turn (flush and claim) took ``seconds``. One whose claim was made holding nothing
+        may have long-polled for work (htc agent: up to the server's poll seconds): how long
+        it took says how long the fleet was idle, not how slow turns are, and would make the
+        prefetch hoard a rate times two polls' worth (and journal it ahead) at the next burst."""
+        if not polled:
+            self.prefetch.turn_took(seconds)
 
     def claimed(self, launches: Iterable[JobLaunch]) -> None:
         self.pending.extend(launches)

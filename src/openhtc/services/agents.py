@@ -101,6 +101,7 @@ class Exchanged:
     refused: list[Attempt] = field(default_factory=list)
     leases: list[JobLaunch] = field(default_factory=list)
     kill: list[Attempt] = field(default_factory=list)
+    suspect: bool = False  # it did not list some of its claimed leases: answer now, no long poll
 
 
 class AgentService:
@@ -114,6 +115,9 @@ class AgentService:
         # agents that said they stop through this server: its long polls for them answer now
         # (the flag that counts is on the agent's row: store/agent_rows.py)
         self._draining: set[str] = set()
+        # agent -> the claimed leases its last exchange through this server did not list: those
+        # its next exchange does not list either are re-queued (store/agent_rows.py)
+        self._unheld: dict[str, set[Attempt]] = {}
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
@@ -165,6 +169,7 @@ class AgentService:
         with self._lock:
             self._seqs.pop(agent.agent_id, None)
             self._draining.discard(agent.agent_id)
+            self._unheld.pop(agent.agent_id, None)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()
@@ -189,7 +194,8 @@ class AgentService:
         ``token_region``: the region the caller's agent token allows ("*": any); ``token_hash``:
         the token's hash (None: in-process, not checked). ``exchange_seq``: the agent's count
         of its exchanges, sent by agents that reconcile their leases (``held`` is then complete:
-        a claimed lease it does not list never reached it and goes back to the queue).
+        a claimed lease it does not list in two exchanges in a row never reached it and goes back
+        to the queue).
         ``results``: function calls' results, by attempt, sent with their terminal reports."""
         s = self.services
         now = s.clock.now()
@@ -238,7 +244,13 @@ class AgentService:
         kill.update(k for k in held if not _may_hold(agent_id, k[1], records.get(k[0])))
         out.kill = sorted(kill)
         if exchange_seq is not None:
-            released = s.queue.release_unheld(agent_id, held, now)
+            with self._lock:
+                suspected = self._unheld.pop(agent_id, set())
+            released, missing = s.queue.release_unheld(agent_id, held, now, suspected)
+            if missing:  # the next exchange re-queues those it does not list either: let it come soon
+                out.suspect = True
+                with self._lock:
+                    self._unheld[agent_id] = missing
             if released.changes:
                 log.warning(
                     "agent %s: %d lease(s) it never received re-queued", agent_id, len(released.changes)
@@ -486,8 +498,10 @@ class AgentService:
         applied, lost = s.queue.lose_agents(now - self.liveness, now)
         if lost:
             with self._lock:
-                for agent_id in lost:
+                for agent_id in lost:  # it registers again before it is served
                     self._seqs.pop(agent_id, None)
+                    self._draining.discard(agent_id)
+                    self._unheld.pop(agent_id, None)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()

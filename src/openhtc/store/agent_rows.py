@@ -1,7 +1,8 @@
 """The agents' rows beyond the claim/report hot path: token binding, drain flag, lost leases.
 
 - Token binding: an agent token speaks for the agent ids that registered with it, and at most
-  ``agents`` of them live at once (the token's ``agents`` claim, 1 unless minted for a fleet).
+  ``agents`` of them live at once (the token's ``agents`` claim, 1 unless minted for a fleet;
+  a token minted before binding has no such claim and serves any number, as it did).
   The check runs at the top of the register transaction, before anything is written, under a
   transaction lock on PostgreSQL so two registers with one token cannot both take its last slot.
   An agent id bound to another token is taken over only once that agent is marked lost (its
@@ -10,8 +11,8 @@
   an agent that drains, or that was marked lost, takes nothing, checked in the claim's own
   transaction with the agent's row locked, so the lost sweep and a claim never interleave.
 - Lost lease answers: the leases the server granted an agent and that the agent does not list
-  as held in a later exchange never reached it; they go back to the queue free (the attempt
-  was never handed over: no retry spent).
+  as held in two later exchanges in a row never reached it; they go back to the queue free
+  (the attempt was never handed over: no retry spent).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def token_hash(token: str) -> str:
 
 class TokenBinding(NamedTuple):
     token_hash: str
-    agents: int  # how many live (not lost) agents the token may speak for at once
+    agents: int | None  # how many live (not lost) agents the token may speak for at once (None: any)
 
 
 class AgentState(NamedTuple):
@@ -62,6 +63,8 @@ def check_binding(db: Database, conn: Connection, agent_id: str, binding: TokenB
             f"agent {agent_id} is live and bound to another agent token; an agent token speaks "
             "only for the agents that registered with it"
         )
+    if binding.agents is None:  # a fleet token from before binding: no limit on its agents
+        return
     others = and_(executors.c.token_hash == binding.token_hash, executors.c.id != agent_id, live)
     taken = conn.execute(select(func.count()).select_from(executors).where(others)).scalar() or 0
     if taken >= binding.agents:
@@ -110,9 +113,19 @@ class AgentRows:
             return True  # not an agent (an embedded executor): nothing to check
         return row.lost_at is None and not row.draining
 
-    def release_unheld(self, agent_id: str, held: Collection[tuple[int, int]], now: float) -> Applied:
+    def release_unheld(
+        self,
+        agent_id: str,
+        held: Collection[tuple[int, int]],
+        now: float,
+        suspected: Collection[tuple[int, int]],
+    ) -> tuple[Applied, set[tuple[int, int]]]:
         """The agent's claimed-but-unreported leases it does not hold: their answer was lost on
-        the way. Each goes back to the queue free (never handed over). Returns what changed."""
+        the way. Each goes back to the queue free (never handed over), but only if it was
+        ``suspected`` already: missing from the agent's previous exchange too, so granted before
+        it, and missed twice (a lease on its way through the agent, between two of its lists,
+        is not taken for lost). Returns what changed and the leases missing now (to suspect at
+        the next exchange)."""
         with self.db.read() as conn:  # the common case: every lease arrived, nothing to write
             rows = conn.execute(
                 select(jobs.c.id, jobs.c.attempt).where(
@@ -120,18 +133,15 @@ class AgentRows:
                 )
             ).all()
         keep = set(held)
-        lost = [r.id for r in rows if (r.id, r.attempt) not in keep]
+        missing = {(r.id, r.attempt) for r in rows} - keep
+        lost = missing.intersection(suspected)
         if not lost:
-            return Applied(now, [], [], 0)
+            return Applied(now, [], [], 0), missing
         with self.db.write() as conn:
             writes = self._writes(conn, now)
-            for job in writes.load_ids(lost):
-                # re-read under lock: still claimed by this agent, on the attempt it does not hold
-                if (
-                    job.executor_id == agent_id
-                    and job.status == _CLAIMED
-                    and (job.id, job.attempt) not in keep
-                ):
+            for job in writes.load_ids([job_id for job_id, _ in lost]):
+                # re-read under lock: still claimed by this agent, on the attempt it missed twice
+                if job.executor_id == agent_id and job.status == _CLAIMED and (job.id, job.attempt) in lost:
                     writes.lose_executor(job, "the agent never received its lease", False)
             writes.flush()
-        return writes.applied()
+        return writes.applied(), missing - lost

@@ -46,7 +46,10 @@ class Caller(NamedTuple):
         return str(self.claims.get("region", "*"))
 
     def binding(self) -> TokenBinding:
-        agents = self.claims.get("agents", 1)
+        # a token minted before tokens were bound (no ``agents`` claim) keeps serving its fleet
+        if "agents" not in self.claims:
+            return TokenBinding(self.token_hash, None)
+        agents = self.claims["agents"]
         return TokenBinding(self.token_hash, agents if isinstance(agents, int) and agents > 0 else 1)
 
 
@@ -158,7 +161,9 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     leases = done.leases
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while not leases and not req.draining and req.max_jobs > 0 and not svc.notify.closing:
+    while (
+        not leases and not req.draining and req.max_jobs > 0 and not done.suspect and not svc.notify.closing
+    ):
         left = deadline - loop.time()
         if left <= 0:
             break
