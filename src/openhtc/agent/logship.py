@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from openhtc.agent.transport import HttpTransport
 from openhtc.domain.models import JobLaunch
-from openhtc.services.logs import LogStore
+from openhtc.services.logs import LogStore, whole_lines
 
 log = logging.getLogger("openhtc.agent")
 INTERVAL = 0.3
@@ -98,7 +98,7 @@ class LogShipper:
                 if key not in self._tails and key not in self.transport.launched:
                     return  # not a lease of this run (the shipping thread knows it, if anyone)
                 tail = self._tail(key, launch)
-                data = _whole_lines(tail.path, tail.offset)
+                data = whole_lines(tail.path, tail.offset, MAX_CHUNK)
                 if not data:
                     return
                 chunk = {"job_id": key[0], "attempt": key[1], "offset": tail.offset,
@@ -147,7 +147,7 @@ class LogShipper:
             tail.seen = tail.seen or key in held
             ended = (tail.seen or tail.looked) and key not in held
             tail.looked = True
-            data = _whole_lines(tail.path, tail.offset)
+            data = whole_lines(tail.path, tail.offset, MAX_CHUNK)
             if data:
                 chunks.append({"job_id": key[0], "attempt": key[1], "offset": tail.offset,
                                "data": data.decode("utf-8", "replace")})  # fmt: skip
@@ -158,14 +158,3 @@ class LogShipper:
         if not chunks:
             return
         self._acked(self.transport.send_logs(chunks))
-
-
-def _whole_lines(path: str, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(MAX_CHUNK)
-    except FileNotFoundError:
-        return b""
-    cut = data.rfind(b"\n")
-    return data[: cut + 1] if cut >= 0 else b""

@@ -48,16 +48,7 @@ def project_for(svc: ServiceSet, who: Principal, project_id: str) -> Any:
 
 
 def task_for(svc: ServiceSet, who: Principal, project_id: str, task_id: str) -> tuple[Any, Any]:
-    check_project_scope(who, project_id)
-    with svc.db.read() as conn:  # one transaction for both lookups
-        project = svc.projects.get_in(conn, who.workspace_id, project_id)
-        task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
-    if project is None:
-        raise NotFound(f"project {project_id} not found")
-    check_task_scope(who, project_id, task_id)
-    if task is None:
-        raise NotFound(f"task {task_id} not found in project {project_id}")
-    return project, task
+    return _task_and_job(svc, who, project_id, task_id, None)[:2]
 
 
 def task_job_for(
@@ -65,19 +56,28 @@ def task_job_for(
 ) -> tuple[Any, Any]:
     """``task_for`` then ``job_for`` in one read transaction (the job reads a client polls or
     waits on: one transaction less per request)."""
+    found = _task_and_job(svc, who, project_id, task_id, job_id)[2]
+    if found is None:
+        raise NotFound(f"job {job_id} not found in task {task_id}")
+    return found
+
+
+def _task_and_job(
+    svc: ServiceSet, who: Principal, project_id: str, task_id: str, job_id: str | None
+) -> tuple[Any, Any, Any]:
+    """The project, the task and (``job_id`` given) the job, read in one transaction, scope
+    checked; the job is None when not found (or not asked for)."""
     check_project_scope(who, project_id)
     with svc.db.read() as conn:
         project = svc.projects.get_in(conn, who.workspace_id, project_id)
         task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
-        found = svc.jobs.get(conn, task_id, job_id) if task is not None else None
+        found = svc.jobs.get(conn, task_id, job_id) if task is not None and job_id is not None else None
     if project is None:
         raise NotFound(f"project {project_id} not found")
     check_task_scope(who, project_id, task_id)
     if task is None:
         raise NotFound(f"task {task_id} not found in project {project_id}")
-    if found is None:
-        raise NotFound(f"job {job_id} not found in task {task_id}")
-    return found
+    return project, task, found
 
 
 def job_for(svc: ServiceSet, task_id: str, job_id: str) -> tuple[Any, Any]:

@@ -139,3 +139,16 @@ def _parse(raw: bytes) -> tuple[float, str] | None:
         return float(stamp), message.decode("utf-8", "replace")
     except ValueError:
         return None
+
+
+def whole_lines(path: str, offset: int, limit: int) -> bytes:
+    """The whole lines of the log at ``path`` from byte ``offset``, at most ``limit`` bytes (a
+    line still being written waits for its newline; no file yet: nothing)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(limit)
+    except FileNotFoundError:
+        return b""
+    cut = data.rfind(b"\n")
+    return data[: cut + 1] if cut >= 0 else b""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import LogOpener
-from openhtc.services.logs import LogLine, LogStore, _parse
+from openhtc.services.logs import LogLine, LogStore, _parse, whole_lines
 from openhtc.services.notify import Notifier, job_key
 from openhtc.storage.staging import Stager
 from openhtc.store.log_chunks import AttemptKey, LogChunkStore
@@ -165,7 +165,7 @@ class LogMirror:
         """One chunk of each item's new whole lines; whether any was copied."""
         rows, owners = [], {}
         for item in items:
-            data = _whole_lines(item.path, item.offset)
+            data = whole_lines(item.path, item.offset, MAX_CHUNK)
             if data:
                 rows.append((item.key, item.offset, data))
                 owners[item.key] = item
@@ -220,14 +220,3 @@ def _split(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
         yield offset, data[: cut + 1]
         offset, data = offset + cut + 1, data[cut + 1 :]
     yield offset, data
-
-
-def _whole_lines(path: str, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(MAX_CHUNK)
-    except FileNotFoundError:
-        return b""
-    cut = data.rfind(b"\n")
-    return data[: cut + 1] if cut >= 0 else b""
