@@ -126,6 +126,7 @@ def pg_cluster() -> Iterator[PostgresCluster]:
     """A private PostgreSQL cluster for the whole session."""
     with running_cluster() as cluster:
         yield cluster
+        HtcServer.reap()  # the servers still exiting, before their database goes
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +177,7 @@ def start_server(
 
     yield start
     for srv in started:
-        srv.stop()
+        srv.stop(wait=False)  # reaped later: the next test need not wait for the shutdown
 
 
 @pytest.fixture
@@ -195,7 +196,7 @@ def module_server(
         srv.start()
         yield srv
     finally:
-        srv.stop()
+        srv.stop(wait=False)
 
 
 @pytest.fixture
@@ -226,6 +227,7 @@ def marker() -> Iterator[ProcessMarker]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI nothing may be skipped: a skipped test there fails the run (CI installs every tool)."""
+    HtcServer.reap()  # no server outlives the session (the fixtures stop them without waiting)
     if not IN_CI or exitstatus != 0:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
