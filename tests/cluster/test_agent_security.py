@@ -190,6 +190,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.1)
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_second_agent_on_a_work_directory_in_use_exits_naming_the_first(
     srv: HtcServer, tmp_path: Path
 ) -> None:
@@ -376,6 +377,7 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
@@ -408,6 +410,7 @@ def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
         proxy.close()
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
@@ -443,6 +446,7 @@ def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again
         proxy.close()
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_log_chunk_on_a_full_disk_answers_507_and_writes_nothing(srv: HtcServer, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         skip_or_fail("mounting a small tmpfs needs root; CI runs as root")
