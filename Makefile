@@ -24,6 +24,9 @@ DEMO_DIR ?= .htc-demo
 # make test DB=sqlite PYTEST_ARGS='-x -k compat'
 DB ?= both
 PYTEST_ARGS ?=
+# pytest-xdist workers for make pytest: the CPUs, at least 2 (most tests wait on a server, a job or
+# a daemon, not on the CPU); PYTEST_WORKERS=0 runs the tests serially in one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 2 ? 2 : n )))
 
 # apt-get as root, or through sudo.
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
@@ -39,7 +42,7 @@ help:
 	@echo "make test-unit   the pure tests only (marked unit): no server, database or runtime; seconds"
 	@echo "make lint        ruff check, ruff format --check, lint-imports (the layer contracts)"
 	@echo "make typecheck   mypy"
-	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite)"
+	@echo "make pytest      the tests only (PYTEST_ARGS='-x -k compat', DB=sqlite, PYTEST_WORKERS=0 serially)"
 	@echo "make install     create or refresh $(VENV)"
 	@echo "make containers  apt-get install the container tools that are missing (bubblewrap, podman, …)"
 	@echo "make bench-peers the full side-by-side benchmark: openhtc, HyperQueue, Dask, Ray, Slurm (long)"
@@ -123,9 +126,13 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-# Exit status 5 (no tests collected) fails like any other non-zero status.
+# Exit status 5 (no tests collected) fails like any other non-zero status. --dist loadgroup: the
+# tests of one xdist group run on one worker (openhtc.testing.parallel says which and why).
 pytest: install
-	@rc=0; $(PY) -m pytest tests -p no:cacheprovider -ra --durations=25 --db $(DB) $(PYTEST_ARGS) || rc=$$?; \
+	@workers='$(PYTEST_WORKERS)'; parallel=""; \
+	if [ "$$workers" != 0 ]; then parallel="-n $$workers --dist loadgroup"; fi; \
+	rc=0; $(PY) -m pytest tests -p no:cacheprovider -ra --durations=25 --db $(DB) $$parallel $(PYTEST_ARGS) \
+	    || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): that is a failure" >&2; fi; \
 	exit $$rc
 

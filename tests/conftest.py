@@ -22,6 +22,12 @@ HTTP helpers
 Unit tests
     ``@pytest.mark.unit`` marks a test of pure code: no server, database, runtime or network.
     ``make test-unit`` runs just those, in seconds.
+
+Parallel workers
+    ``make pytest`` runs the tests on pytest-xdist workers (``-n N --dist loadgroup``). Each worker
+    has its own session fixtures (a private PostgreSQL cluster, SeaweedFS, the busybox image) on
+    free ports in fresh directories; the tests that must share one worker get an xdist group
+    (``openhtc.testing.parallel``: a private Slurm, a local cluster, a module's shared server).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from openhtc.testing.ci import IN_CI
+from openhtc.testing.parallel import group_for
 from openhtc.testing.postgres import PostgresCluster, running_cluster
 from openhtc.testing.server import (  # re-exported: the helpers lived here before openhtc.testing
     DEFAULT_REGION,
@@ -78,8 +85,19 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "second_workspace: needs a second workspace/tenant created through `htc admin`",
     )
+    config.addinivalue_line(  # pytest-xdist registers it too; without xdist it only groups nothing
+        "markers", "xdist_group(name): run on the same xdist worker as the other tests of the group"
+    )
     if config.getoption("--db") not in DB_CHOICES:
         raise pytest.UsageError(f"--db / OPENHTC_TEST_DB must be one of {', '.join(DB_CHOICES)}")
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark the tests that one xdist worker must run together (before xdist reads the marks)."""
+    if item.get_closest_marker("xdist_group") is None:
+        group = group_for(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _db_kinds(config: pytest.Config) -> list[str]:
@@ -108,6 +126,7 @@ def pg_cluster() -> Iterator[PostgresCluster]:
     """A private PostgreSQL cluster for the whole session."""
     with running_cluster() as cluster:
         yield cluster
+        HtcServer.reap()  # the servers still exiting, before their database goes
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +177,7 @@ def start_server(
 
     yield start
     for srv in started:
-        srv.stop()
+        srv.stop(wait=False)  # reaped later: the next test need not wait for the shutdown
 
 
 @pytest.fixture
@@ -177,7 +196,7 @@ def module_server(
         srv.start()
         yield srv
     finally:
-        srv.stop()
+        srv.stop(wait=False)
 
 
 @pytest.fixture
@@ -208,6 +227,7 @@ def marker() -> Iterator[ProcessMarker]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI nothing may be skipped: a skipped test there fails the run (CI installs every tool)."""
+    HtcServer.reap()  # no server outlives the session (the fixtures stop them without waiting)
     if not IN_CI or exitstatus != 0:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

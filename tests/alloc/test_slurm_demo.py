@@ -16,7 +16,8 @@ from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.server import htc_command
 from openhtc.testing.slurm import missing_binaries
 
-pytestmark = pytest.mark.timeout(300)
+# one private Slurm at a time on a host (openhtc.testing.parallel): the pilot tests' group
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("slurm")]
 REPO = Path(__file__).resolve().parents[2]
 
 

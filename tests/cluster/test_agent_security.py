@@ -22,7 +22,7 @@ import httpx
 import jwt
 import pytest
 from tests.cluster.test_agent import AgentProcess
-from tests.cluster.test_agent_protocol import AGENTS, LIVENESS, Agent, agent_token, claim, submit
+from tests.cluster.test_agent_protocol import AGENTS, Agent, agent_token, claim, submit
 from tests.cluster.test_multiserver import start
 
 from openhtc.auth.keys import load_or_create_signing_key
@@ -53,14 +53,20 @@ def servers() -> Iterator[list[HtcServer]]:
         one.stop()
 
 
+# The quick server's liveness, and a long poll that outlasts it by 4 liveness timeouts and more:
+# short, since the test waits for the poll to run out.
+QUICK_LIVENESS = 2.0
+LONG_POLL = QUICK_LIVENESS * 6
+
+
 @pytest.fixture
 def quick(start_server: Callable[..., HtcServer]) -> HtcServer:
-    """A server that marks an agent lost after LIVENESS seconds of silence."""
+    """A server that marks an agent lost after QUICK_LIVENESS seconds of silence."""
     return start_server(
         args=("--no-executor",),
         env={
-            "OPENHTC_AGENT_LIVENESS_SECONDS": str(LIVENESS),
-            "OPENHTC_AGENT_POLL_SECONDS": "30",
+            "OPENHTC_AGENT_LIVENESS_SECONDS": str(QUICK_LIVENESS),
+            "OPENHTC_AGENT_POLL_SECONDS": str(LONG_POLL),
             "OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "1",
         },
     )
@@ -184,6 +190,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.1)
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_second_agent_on_a_work_directory_in_use_exits_naming_the_first(
     srv: HtcServer, tmp_path: Path
 ) -> None:
@@ -296,13 +303,14 @@ def test_a_long_poll_claims_nothing_for_an_agent_marked_lost_meanwhile(quick: Ht
     sleeper.register()
     other.register()
     answers: list[dict[str, Any]] = []
-    # the sleeper's long poll outlasts its liveness (poll 30 s, liveness 3 s): it is marked lost
-    poll = threading.Thread(target=lambda: answers.append(sleeper.exchange(max_jobs=1, wait=25.0)))
+    # the sleeper's long poll outlasts its liveness (poll 12 s, liveness 2 s): it is marked lost
+    poll = threading.Thread(target=lambda: answers.append(sleeper.exchange(max_jobs=1, wait=LONG_POLL)))
     poll.start()
-    deadline = time.monotonic() + LIVENESS * 4
+    deadline = time.monotonic() + QUICK_LIVENESS * 4
     while time.monotonic() < deadline:  # the other agent keeps calling: the server trusts itself
         other.exchange()
         time.sleep(0.3)
+    assert poll.is_alive(), answers  # the job comes while the sleeper's long poll still waits
     project_id, task_id = submit(api)  # wakes the sleeper's long poll first
     leases: list[dict[str, Any]] = []
     wait_until(lambda: bool(leases.extend(other.exchange(max_jobs=1)["leases"]) or leases), "a lease")
@@ -369,6 +377,7 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
@@ -401,6 +410,7 @@ def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
         proxy.close()
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
@@ -436,6 +446,7 @@ def test_a_log_chunk_the_server_cannot_write_is_kept_by_the_agent_and_sent_again
         proxy.close()
 
 
+@pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_a_log_chunk_on_a_full_disk_answers_507_and_writes_nothing(srv: HtcServer, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         skip_or_fail("mounting a small tmpfs needs root; CI runs as root")

@@ -51,6 +51,9 @@ class HtcServer:
     """One ``htc server`` subprocess with its data directory and database."""
 
     live: ClassVar[list[HtcServer]] = []  # started and not yet stopped: their logs go into failure reports
+    # told to stop (SIGTERM) by stop(wait=False) and perhaps still exiting: reap() waits for them
+    exiting: ClassVar[list[subprocess.Popen[bytes]]] = []
+    MAX_EXITING = 4  # more than this many still exiting: stop(wait=False) waits for the oldest
 
     def __init__(
         self,
@@ -150,7 +153,7 @@ class HtcServer:
                 last_error = f"HTTP {resp.status_code}: {resp.text[:200]}"
             except httpx.HTTPError as exc:
                 last_error = repr(exc)
-            time.sleep(0.1)
+            time.sleep(0.05)
         return f"htc server did not answer /health within {HEALTH_TIMEOUT:.0f} s ({last_error})"
 
     def _read_admin_key(self) -> str:
@@ -189,15 +192,37 @@ class HtcServer:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 15 s) and close its clients."""
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 15 s) and close its clients.
+
+        ``wait=False`` (the fixtures' teardown) sends SIGTERM and returns: the next test need not
+        wait for this server's shutdown (most of a second). :meth:`reap` waits for it later.
+        """
         for client in self._clients:
             client.close()
         self._clients.clear()
         if self.proc is not None:
-            self._terminate()
+            if wait or self.proc.poll() is not None:
+                self._terminate()
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+                HtcServer.exiting.append(self.proc)
+                HtcServer.reap(keep=HtcServer.MAX_EXITING)
         if self in HtcServer.live:
             HtcServer.live.remove(self)
+
+    @classmethod
+    def reap(cls, keep: int = 0) -> None:
+        """Wait for the servers ``stop(wait=False)`` left exiting, oldest first, until at most
+        ``keep`` are still exiting (SIGKILL for one that takes more than 15 s)."""
+        cls.exiting[:] = [proc for proc in cls.exiting if proc.poll() is None]
+        while len(cls.exiting) > keep:
+            proc = cls.exiting.pop(0)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
     def log_tail(self, lines: int = 150) -> str:
         try:
