@@ -1,6 +1,7 @@
-"""Function calls on an `htc agent` under bwrap: the handler runs in a warm worker inside the job's
-sandbox on the agent, over a small python3 image (built offline) that the agent pulls from the
-server's registry, as the embedded executor runs it (tests/functions/test_function_bwrap.py).
+"""Function calls on an `htc agent` under bwrap and under podman: the handler runs in a warm worker
+inside the job's sandbox on the agent, over a small python3 image (built offline) that the agent
+pulls from the server's registry, as the embedded executor runs it
+(tests/functions/test_function_bwrap.py).
 
 What a user notices: a handler inside the image runs in the image's root and returns results in
 order; a handler from a code zip in the project's shared storage runs too, and its exception is
@@ -25,22 +26,29 @@ pytestmark = pytest.mark.one_db
 python_image = test_function_bwrap.python_image  # the fixture: a python3 image built offline
 
 
-@pytest.fixture(scope="module")
-def bwrap_agent(
+@pytest.fixture(scope="module", params=["bwrap", "podman"])
+def agent_project(
     tmp_path_factory: pytest.TempPathFactory,
     db_kind: str,
     request: pytest.FixtureRequest,
     python_image: str,
-) -> Iterator[HtcServer]:
-    """A server with no executor of its own (its registry holds the image) and one bwrap agent."""
+) -> Iterator[tuple[HtcServer, str]]:
+    """A server with no executor of its own, one agent (under bwrap, then under podman), and a
+    project whose repository holds the image (as ``python3``) and whose storage the code zip."""
     db_url = None if db_kind == "sqlite" else request.getfixturevalue("pg_cluster").new_database()
     srv = HtcServer(tmp_path_factory.mktemp("htc-data"), db_url, runtime="bwrap", args=("--no-executor",))
     srv.start()
     work: Path = tmp_path_factory.mktemp("agent")
     token = srv.cli("admin", "create-agent-token").stdout.strip()
-    agent = AgentProcess(htc_command(), srv.url, token, work, runtime="bwrap", vcpus=2)
+    agent = AgentProcess(htc_command(), srv.url, token, work, runtime=request.param, vcpus=2)
     try:
-        yield srv
+        api = srv.api()
+        project = api.create_project()
+        pid = project["projectId"]
+        login = api.request("GET", f"/htc/projects/{pid}/container-registry/token", expect=200).text
+        podman_push(python_image, f"{project['containerRegistry']}python3:latest", login)
+        Functions(srv, api, pid, "").upload_code()
+        yield srv, pid
     finally:
         agent.stop()
         print(agent.log())
@@ -48,14 +56,10 @@ def bwrap_agent(
 
 
 @pytest.fixture
-def fn(bwrap_agent: HtcServer, python_image: str) -> Functions:
-    api = bwrap_agent.api()
-    project = api.create_project()
-    pid = project["projectId"]
-    token = api.request("GET", f"/htc/projects/{pid}/container-registry/token", expect=200).text
-    podman_push(python_image, f"{project['containerRegistry']}python3:latest", token)
-    task = api.create_task(pid)
-    return Functions(bwrap_agent, api, pid, task["taskId"])
+def fn(agent_project: tuple[HtcServer, str]) -> Functions:
+    srv, pid = agent_project
+    api = srv.api()
+    return Functions(srv, api, pid, api.create_task(pid)["taskId"])
 
 
 def test_a_handler_in_the_image_runs_in_its_sandbox_on_the_agent(fn: Functions) -> None:
@@ -66,8 +70,7 @@ def test_a_handler_in_the_image_runs_in_its_sandbox_on_the_agent(fn: Functions) 
     assert "app" in items[0]["result"]["root"]  # the image's root (the host has no /app)
 
 
-def test_code_from_a_zip_and_an_exception_on_a_bwrap_agent(fn: Functions) -> None:
-    fn.upload_code()
+def test_code_from_a_zip_and_an_exception_on_the_agent(fn: Functions) -> None:
     batch = fn.submit("fnlib.handlers.fail_odd", [{"x": i} for i in range(4)], code="handlers.zip")
     items = fn.results(batch, 4)
     assert [item["status"] for item in items] == ["SUCCEEDED", "FAILED", "SUCCEEDED", "FAILED"], items
