@@ -10,6 +10,7 @@ Used by ``python -m bench --workload soak`` / ``soak-agents`` and their CI tests
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,11 +125,7 @@ def slopes(samples: list[Sample]) -> dict[str, dict[str, float]]:
 
 
 def _slope(xs: list[int], ys: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    return statistics.linear_regression(xs, ys).slope if len(set(xs)) > 1 else 0.0
 
 
 def table(samples: list[Sample], who: str = "server") -> str:
