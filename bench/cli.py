@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "[N: 100000; smoke 2000]\n  agents         --agents simulated agents (100 slots each) on two servers "
         "--no-executor: jobs/s, exchange p50/p99, CPU per job, idle cost; W1 via 4 real agents in "
         "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]"
+        "\n  soak-agents    N short jobs with logs and function batches through one server --no-executor "
+        "on PostgreSQL and 2 real agents (--runtime process|bwrap): fds, threads, RSS of the server and "
+        "each agent every N/10 jobs, slopes per 1,000 jobs; exits 1 if they grow [N: 5000; smoke 300]"
         "\n  slurm-pilots   N `true` jobs on Slurm pilots, cold and warm, vs a plain Slurm array in a "
         "private Slurm (bench/slurm_pilots.py; root) [N: 2000; smoke 200]",
     )
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--runtime",
         choices=("bwrap", "podman", "process"),
         default="bwrap",
-        help="the soak workload's runtime [bwrap]",
+        help="the soak and soak-agents workloads' runtime [bwrap]",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory [bench/results/]")
     p.add_argument("--chart", type=Path, help="also copy the run's PNG chart here (e.g. docs/img/peers.png)")
@@ -125,8 +128,22 @@ def run_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
         ctx.close()
 
 
+def run_soak_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from bench import soak_agents
+
+    n = int(args.n.replace("_", "")) if args.n else None
+    ctx = Context(out=args.out, stamp=time.strftime("%Y%m%d-%H%M%S"), smoke=args.smoke, runtime=args.runtime)
+    command = " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    try:
+        return soak_agents.main(ctx, n, args.runtime, command)
+    finally:
+        ctx.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload == "soak-agents":  # a resource soak of the agent path, not a side-by-side run
+        return run_soak_agents(args, argv)
     if args.workload == "agents":  # the control plane and a fleet of agents, not a side-by-side run
         return run_agents(args, argv)
     if args.workload == "crash":  # a correctness run, not a figure side by side with peers

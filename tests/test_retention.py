@@ -22,6 +22,8 @@ from openhtc.services.retention import (
     effective_policy,
 )
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
+from openhtc.services.tasks import delete_task
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 
 HOUR = 3600.0
@@ -297,3 +299,47 @@ def test_an_unarchived_task_starts_over(world: World) -> None:
     world.clock.advance(0.9)
     world.sweeper.sweep()
     assert world.status(task) == ACTIVE
+
+
+def test_the_sweep_removes_log_chunks_written_after_their_task_was_deleted(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    """``log_store = database``: an agent's chunk that passed the server's checks just before its
+    task was deleted is written just after the delete removed the task's logs (as is a killed
+    job's last lines, copied by the embedded executor's mirror). Nothing else removes those rows:
+    the leader's sweep does, and leaves the other tasks' logs alone."""
+    clock = ManualClock(1_800_000_000.0)
+    with in_process_services(
+        tmp_path / "data", db_url, clock, runtime="process", log_store="database"
+    ) as services:
+        world = World(services, clock)
+        logs = services.logs
+        assert isinstance(logs, DatabaseLogs)
+        project = world.project()
+        first, second, kept = world.task(project), world.task(project), world.task(project)
+
+        def key(task: Any) -> tuple[str, str, int, int]:
+            return (task.id, f"{task.id}:1", 0, 1)
+
+        def write(task: Any, text: str) -> None:
+            end = logs.chunks.ends([key(task)])[key(task)]
+            logs.append([(key(task), end, f"{clock.now()}\t{text}\n".encode())])
+
+        for task in (first, second, kept):
+            write(task, "started")
+        delete_task(services, project.id, first.id, clock.now())
+        assert logs.chunks.ends([key(first)])[key(first)] == 0  # its logs went with it
+        write(first, "late")  # the chunk in flight lands after the delete
+        write(kept, "more")
+        assert world.sweeper.sweep().log_chunks == 1
+        assert logs.chunks.ends([key(first)])[key(first)] == 0
+
+        # later passes look at the tasks deleted since the previous one
+        world.clock.advance(5)
+        delete_task(services, project.id, second.id, clock.now())
+        write(second, "late")
+        world.clock.advance(0.1)
+        assert world.sweeper.sweep().log_chunks == 1
+        ends = logs.chunks.ends([key(first), key(second), key(kept)])
+        assert ends[key(first)] == ends[key(second)] == 0
+        assert [line.message for line in logs.page(key(kept)[:3], 1, 10, False)] == ["started", "more"]

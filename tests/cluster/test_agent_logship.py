@@ -9,12 +9,20 @@ more than the last and the agent's memory grew with every job it ever ran.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from tests.cluster.test_agent_protocol import agent_token, submit
+
 from openhtc.agent.logship import LogShipper
+from openhtc.agent.outbox import Outbox
+from openhtc.agent.transport import HttpTransport
+from openhtc.domain.models import Capacity, JobLaunch
 from openhtc.services.logs import LogStore
+from openhtc.testing.server import DEFAULT_REGION, HtcServer
 
 
 class _Transport:
@@ -131,3 +139,54 @@ def test_a_hanging_server_holds_up_no_worker_flushing_an_ended_jobs_log(tmp_path
     shipper.flush(_ended_job(logs, server, 4))
     shipper.flush(_ended_job(logs, server, 5))
     assert server.posts == 1
+
+
+def test_a_chunk_the_server_refuses_is_sent_once_and_the_other_jobs_logs_go_on(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    """Against a real server: an attempt that is not this agent's (here a stale one, the attempt
+    after the one it was leased) is refused with 409. Its pending lines are dropped, not sent
+    again at every ship for ever; the lines of the agent's other job, refused with it in the
+    same POST, are sent again and reach the server."""
+    srv = start_server(args=("--no-executor",), env={"OPENHTC_AGENT_LIVENESS_SECONDS": "600"})
+    api = srv.api()
+    project_id, task_id = submit(api, 2)
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.open()
+    transport = HttpTransport(srv.url, agent_token(srv), outbox, labels={}, runtime="process", version="test")
+    try:
+        transport.register("agent-logs", "inc-1", DEFAULT_REGION, ["X86"], Capacity(2, 4096))
+        launches: list[JobLaunch] = []
+        deadline = time.monotonic() + 30
+        while len(launches) < 2 and time.monotonic() < deadline:
+            launches += transport.claim("agent-logs", DEFAULT_REGION, ["X86"], Capacity(2, 4096), 2)
+        kept, other = sorted(launches, key=lambda launch: launch.array_index)
+        stale = other._replace(attempt=other.attempt + 1)  # the server knows attempt 1 only
+        transport.launched[(stale.job_id, stale.attempt)] = stale
+        logs = LogStore(tmp_path / "logs")
+        for launch in (kept, stale):
+            path = logs.path(
+                launch.task_id, launch.job_uuid.rpartition(":")[0], launch.array_index, launch.attempt
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{time.time()}\tline of {launch.array_index} attempt {launch.attempt}\n")
+        posts: list[set[tuple[int, int]]] = []
+        send = transport.send_logs
+
+        def counted(chunks: list[dict[str, Any]], timeout: float | None = None) -> Any:
+            posts.append({(c["job_id"], c["attempt"]) for c in chunks})
+            return send(chunks, timeout)
+
+        transport.send_logs = counted  # type: ignore[method-assign]
+        held = [(kept.job_id, kept.attempt), (stale.job_id, stale.attempt)]
+        shipper = LogShipper(transport, logs, lambda: list(held))
+        for _ in range(6):
+            shipper.ship()
+        refused = (stale.job_id, stale.attempt)
+        assert sum(refused in sent for sent in posts) == 1, posts
+        assert refused not in transport.launched and refused not in shipper._tails
+        kept_uuid = kept.job_uuid
+        assert api.log_lines(project_id, task_id, kept_uuid) == [f"line of {kept.array_index} attempt 1"]
+    finally:
+        transport.close()
+        outbox.close()

@@ -106,7 +106,13 @@ class Outbox:
     def done(self, keys: Iterable[Key]) -> None:
         """The server acknowledged (or refused) these: they are not sent again."""
         with self._lock:
-            gone = [list(k) for k in keys if self._pending.pop((k[0], k[1], k[2]), None) is not None]
+            gone = []
+            for k in keys:
+                report = self._pending.pop((k[0], k[1], k[2]), None)
+                if report is not None:
+                    gone.append(list(k))
+                    if int(report.status) in _TERMINAL:  # its last: no seq to number after it
+                        self._seqs.pop((k[0], k[1]), None)  # (kept: an entry per job ever run)
             if not gone:
                 return
             self._append([json.dumps({"a": gone})], sync=False)
@@ -117,6 +123,9 @@ class Outbox:
         """Refused attempts: every report of theirs is dropped."""
         dropped = set(attempts)
         self.done([k for k in list(self._pending) if (k[0], k[1]) in dropped])
+        with self._lock:
+            for key in dropped:
+                self._seqs.pop(key, None)
 
     # -- file -----------------------------------------------------------------------------------
 

@@ -388,6 +388,9 @@ class HttpTransport:
         return answer
 
     def _launch(self, lease: wire.Launch) -> JobLaunch:
+        if len(self._fixed_envs) >= 1024:  # one entry per batch ever leased: bounded
+            self._fixed_envs.clear()
+            self._batch_envs.clear()
         launch = wire.launch_from_wire(lease, self._batch_envs)
         # the job reaches the API at the URL this agent reaches the server by
         api = f"{self.server}/api/v1"

@@ -3,11 +3,18 @@
 
 The commands reach the cluster the server's environment names (``SLURM_CONF``, or the
 system's configuration). A command that fails raises :class:`SlurmError` with Slurm's own words.
+A command that hangs (a slurmctld that does not answer) is killed, with whatever it started,
+after ``timeout`` seconds, or at once when the server stops (:meth:`Slurm.interrupt`): a stop
+never waits for Slurm, and leaves no ``sbatch`` behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +28,10 @@ _RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNAL
 
 class SlurmError(Exception):
     """A Slurm command failed; the message is Slurm's (its stderr) or why it could not run."""
+
+
+class SlurmInterrupted(SlurmError):
+    """The server is stopping: the command was killed, or not run. Not Slurm's failure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +53,51 @@ class SlurmJob:
 class Slurm:
     def __init__(self, timeout: float = TIMEOUT) -> None:
         self.timeout = timeout
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+
+    def interrupt(self) -> None:
+        """The server stops: kill the commands running now and run no more (each raises
+        SlurmInterrupted)."""
+        self._stopping.set()
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            _kill(proc)
 
     def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        if self._stopping.is_set():
+            raise SlurmInterrupted(f"{argv[0]} not run: the server is stopping")
         try:
-            done = subprocess.run(
-                list(argv), input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
-            )
+            # a session of its own: a timeout or a stop kills it with whatever it started (a
+            # child left holding its pipes would keep the read waiting past the kill)
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
         except FileNotFoundError:
             raise SlurmError(f"{argv[0]} not found: is Slurm installed on the server?") from None
-        except subprocess.TimeoutExpired:
-            raise SlurmError(f"{argv[0]} did not answer within {self.timeout:.0f} s") from None
-        if done.returncode != 0:
-            message = " ".join(done.stderr.split()) or f"{argv[0]} exited with {done.returncode}"
+        with self._lock:
+            self._running.add(proc)
+        if self._stopping.is_set():  # interrupted before it was listed
+            _kill(proc)
+        try:
+            try:
+                out, err = proc.communicate(stdin, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                _reap(proc)
+                raise SlurmError(f"{argv[0]} did not answer within {self.timeout:.0f} s: killed") from None
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        if self._stopping.is_set() and proc.returncode < 0:
+            raise SlurmInterrupted(f"{argv[0]} killed: the server is stopping")
+        if proc.returncode != 0:
+            message = " ".join(err.split()) or f"{argv[0]} exited with {proc.returncode}"
             raise SlurmError(message)
-        return done.stdout
+        return out
 
     def submit(self, script: str, args: Sequence[str], test_only: bool = False) -> str:
         """Submit ``script`` (read by sbatch from stdin) with ``args``; the job id (``""`` for a
@@ -80,6 +122,24 @@ class Slurm:
         """Cancel a job; with ``signal``, send it to the batch script only (it stays queued)."""
         argv = ["scancel", job_id] if signal is None else ["scancel", "-b", "-s", signal, job_id]
         self._run(argv)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a command and its session (its process group: the pid, as it leads it)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Finish a killed command: read its pipes to their end (closing them) and wait for it."""
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # something it started left its session with the pipes
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait(timeout=5)  # it was SIGKILLed: it ends (unless stuck in the kernel)
 
 
 def parse_squeue(out: str) -> list[SlurmJob]:

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openhtc.allocation.slurm import Slurm, SlurmError, SlurmJob
+from openhtc.allocation.slurm import Slurm, SlurmError, SlurmInterrupted, SlurmJob
 from openhtc.domain import allocation as rules
 from openhtc.domain.allocation import PilotState, QueueState
 from openhtc.domain.errors import NotFound, ValidationFailed
@@ -211,6 +211,8 @@ class AllocationService:
             for queue in queues:  # first every queue's pilots, then submissions: they count them all
                 try:
                     rounds.append(self._refresh(queue, agents, now))
+                except SlurmInterrupted:
+                    raise
                 except SlurmError as exc:  # squeue down, say: try again next round
                     log.warning("allocation queue %s: %s", queue.id, exc)
             stopping = {p for r in rounds for p in r.stopping}
@@ -314,6 +316,8 @@ class AllocationService:
         token = self.services.tokens.agent(f"pilot-{pilot_id}", queue.region, queue.time_limit_s + 3600)
         try:
             job_id = self.slurm.submit(self._script(queue, pilot_id, token), self._sbatch_args(queue))
+        except SlurmInterrupted:
+            raise  # the server stops: not a failed submission (the round ends here)
         except SlurmError as exc:
             log.warning("allocation queue %s: sbatch failed: %s", queue.id, exc)
             return str(exc)
@@ -417,4 +421,13 @@ class AllocationLoop(LeaderLoop):
         self.allocation = allocation
 
     def round(self) -> None:
-        self.allocation.tick()
+        try:
+            self.allocation.tick()
+        except SlurmInterrupted as exc:
+            self.log.info("allocation round interrupted: %s", exc)
+
+    def stop(self) -> None:
+        # a round waiting on a hanging sbatch or squeue ends now (the command killed), not after
+        # the Slurm timeout, and leaves no command running behind the server
+        self.allocation.slurm.interrupt()
+        super().stop()

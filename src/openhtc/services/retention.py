@@ -9,6 +9,10 @@ background thread in the server or one :meth:`~RetentionSweeper.sweep` at a time
 A task counts as active while it has unfinished jobs: the sweep moves such a task's
 ``lastActiveAt`` forward, so the inactivity clock starts when its last job ends, not when it was
 last submitted to. No step runs on a task with unfinished jobs.
+
+The sweep also removes the database log chunks (``log_store = database``) of deleted tasks: a
+chunk an agent was writing while its task was deleted, or a killed job's last lines copied after
+the delete, lands after the task's logs were deleted, and nothing else would remove it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from typing import Any
 from openhtc.domain.enums import LifecycleStatus
 from openhtc.services.periodic import LeaderLoop
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.shared_logs import DatabaseLogs
 from openhtc.services.tasks import delete_task
 
 log = logging.getLogger("openhtc.retention")
 
 HOUR = 3600.0
+# Log chunks land after their task's delete within seconds (one request, or one job's kill):
+# after its first pass over every deleted task, a sweep looks at the tasks deleted since its
+# previous pass, less this margin (servers' clocks, a slow request).
+LOG_LOOKBACK = HOUR
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class SweepResult:
     touched: int = 0
     archived: int = 0
     deleted: int = 0
+    log_chunks: int = 0  # left behind by deleted tasks, removed
 
 
 class RetentionSweeper(LeaderLoop):
@@ -98,6 +108,7 @@ class RetentionSweeper(LeaderLoop):
 
     def __init__(self, services: ServiceSet) -> None:
         super().__init__(services, services.settings.retention_sweep_seconds, log)
+        self._logs_swept_at: float | None = None  # None: the next pass looks at every deleted task
 
     def round(self) -> None:
         result = self.sweep()
@@ -125,7 +136,21 @@ class RetentionSweeper(LeaderLoop):
         s.projects.touch_tasks(touch, now)
         result.touched = len(touch)
         s.queue.prune_hour(now)  # the dashboard's last hour: its rows that left it
+        result.log_chunks = self._deleted_tasks_logs(now)
         return result
+
+    def _deleted_tasks_logs(self, now: float) -> int:
+        """Remove the log chunks of deleted tasks (see the module doc)."""
+        logs = self.services.logs
+        if not isinstance(logs, DatabaseLogs):
+            return 0
+        since = None if self._logs_swept_at is None else self._logs_swept_at - LOG_LOOKBACK
+        gone = self.services.projects.deleted_since(since)
+        removed = logs.delete_tasks(gone)
+        self._logs_swept_at = now
+        if removed:
+            log.info("retention: removed %d log chunk(s) written after their task was deleted", removed)
+        return removed
 
 
 def _effective(row: Any) -> RetentionPolicy | None:

@@ -63,6 +63,9 @@ class DatabaseLogs(LogStore):
     def delete_task(self, task_id: str) -> int:
         return self.chunks.delete_task(task_id)
 
+    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+        return self.chunks.delete_tasks(task_ids)
+
     def _forward_in(self, job: tuple[str, str, int], number: int, position: int) -> Iterator[LogLine]:
         found, size = False, 1
         while True:

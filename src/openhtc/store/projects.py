@@ -219,6 +219,14 @@ class ProjectStore:
         with self.db.read() as conn:
             return {r[0] for r in conn.execute(query)}
 
+    def deleted_since(self, since: float | None) -> list[str]:
+        """The tasks deleted at or after ``since`` (None: every deleted task)."""
+        query = select(tasks.c.id).where(tasks.c.lifecycle_status == LifecycleStatus.DELETED.value)
+        if since is not None:
+            query = query.where(tasks.c.deleted_at >= since)
+        with self.db.read() as conn:
+            return [r[0] for r in conn.execute(query)]
+
     def update_task(self, task_id: str, **values: Any) -> None:
         with self.db.write() as conn:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(**values))

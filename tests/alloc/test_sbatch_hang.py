@@ -1,0 +1,82 @@
+"""A Slurm command that hangs (a slurmctld that never answers), played by fake ``sbatch`` and
+``squeue`` scripts on the server's PATH: no real Slurm is needed for the hang itself.
+
+What an operator notices: stopping the server does not wait for the hanging ``sbatch`` and leaves
+no ``sbatch`` running behind it; a command past its timeout is killed with what it started
+(before, a child still holding its output kept the server waiting on it long after the kill).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from openhtc.allocation.slurm import Slurm, SlurmError
+from openhtc.testing.server import DEFAULT_REGION, HtcApi, HtcServer
+
+pytestmark = pytest.mark.one_db
+
+
+def _hanging(bin_dir: Path, name: str, pids: Path) -> None:
+    """``name``: records its pid and that of a child it starts, then waits on the child for ever."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / name
+    script.write_text(f"#!/bin/sh\nsleep 600 &\necho $$ $! > {pids}.tmp\nmv {pids}.tmp {pids}\nwait\n")
+    script.chmod(0o755)
+
+
+def _gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie (killed, its reaper not yet called)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_stopping_the_server_kills_a_hanging_sbatch(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    pids = tmp_path / "sbatch.pids"
+    _hanging(tmp_path / "bin", "sbatch", pids)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
+    srv = start_server(args=("--no-executor",), env=env)
+    client = srv.client(prefix="")
+    queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
+    assert client.post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
+    api: HtcApi = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(["true"]))  # work no agent takes: a pilot is due
+    _wait_for(pids.exists, "the pilot's sbatch")
+    script, child = (int(p) for p in pids.read_text().split())
+    assert not _gone(script)
+
+    srv.stop()  # SIGTERM; SIGKILL only if it has not exited in 15 s
+    assert srv.proc is not None and srv.proc.returncode == 0, srv.log_tail()
+    _wait_for(lambda: _gone(script) and _gone(child), "the hanging sbatch to be killed", timeout=10)
+    assert "allocation round interrupted: sbatch killed: the server is stopping" in srv.log_tail()
+    # the stop is not a failed submission: the queue was not paused by it
+    assert "paused" not in srv.log_tail()
+
+
+def test_a_command_past_its_timeout_is_killed_with_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = tmp_path / "squeue.pids"
+    _hanging(tmp_path / "bin", "squeue", pids)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    with pytest.raises(SlurmError, match="squeue did not answer within 3 s: killed"):
+        Slurm(timeout=3.0).jobs("openhtc-q1")
+    script, child = (int(p) for p in pids.read_text().split())
+    _wait_for(lambda: _gone(script) and _gone(child), "squeue and its child to be killed", timeout=10)
