@@ -58,6 +58,9 @@ BEAT_SECONDS = 1.0  # heartbeats and lease renewals are written this often, coal
 # An idle fleet's claims find nothing queued: that answer is reused by every claim on this server
 # until work is signalled, or for this long at most (a signal from another server may be lost)
 IDLE_RECHECK_SECONDS = 1.0
+# A long poll whose claim came back full wakes two more only while fewer calls than this wait
+# for the writer: claims woken faster than groups serve them only queue there, ahead of reports
+WAKE_BACKLOG = 16
 
 
 class Waiter:
@@ -318,9 +321,12 @@ class AgentService:
     def pass_on(self, region: str, count: int = 1) -> None:
         """A woken long poll claimed (there may be more work), or will not claim: wake the next
         ``count``. A claim that came back full wakes two: their claims share the next group's
-        transaction (services/group_commit.py), so the claiming doubles while the queue lasts and
-        stops at the first claim that finds it short. (Before the group commit, concurrent
-        claims were transactions racing each other: a quarter less throughput; performance.md.)"""
+        transaction (services/group_commit.py), so the claiming doubles while the queue lasts (and
+        the writer keeps up: WAKE_BACKLOG) and stops at the first claim that finds it short.
+        (Before the group commit, concurrent claims were transactions racing each other: a
+        quarter less throughput; performance.md.)"""
+        if count > 1 and self.writer.backlog() >= WAKE_BACKLOG:  # the writer has enough to do
+            count = 1
         with self._lock:
             woken = [w for _ in range(count) if (w := self._pop(region)) is not None]
         for waiter in woken:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from openhtc.domain import lifecycle
+from openhtc.domain.allocation import ENDS_AT_LABEL
 from openhtc.domain.errors import InsufficientStorage, OpenHTCError, Unavailable
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
@@ -38,6 +39,7 @@ from openhtc.services.executors import ExecutorService
 from openhtc.services.notify import EVERYTHING, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.agent_rows import AgentState
+from openhtc.store.allocation import PILOT_LABEL
 from openhtc.store.exchanges import ClaimWant, Group, state_of
 from openhtc.store.functions import ReportedResult
 from openhtc.store.transitions import Applied, JobState
@@ -133,6 +135,10 @@ class ExchangeWriter:
         # agent -> the claimed leases its last exchange through this server did not list
         self.unheld: dict[str, set[Attempt]] = {}
 
+    def backlog(self) -> int:
+        """Calls waiting for a group (not counting the one being served)."""
+        return len(self._calls)
+
     def forget(self, agent_id: str) -> None:
         """The agent registered again or was marked lost: what was kept of it goes."""
         with self._cond:
@@ -156,7 +162,9 @@ class ExchangeWriter:
             with self._cond:
                 while not self._calls and not self.services.notify.closing:
                     self._cond.wait(1.0)
-                take = _group_size(self._calls)
+                # nothing queued (as last seen): the claims take nothing and weigh nothing
+                idle = self.agents.idle_known(self.agents.work_seen(), time.monotonic())
+                take = _group_size(self._calls, not idle)
                 group, self._calls = self._calls[:take], self._calls[take:]
                 closing = self.services.notify.closing
             if closing:
@@ -221,7 +229,7 @@ class ExchangeWriter:
         wants_claim = any(c.max_jobs > 0 and c.free.vcpus > 0 and not c.draining for c in group)
         idle = agents.idle_known(mark, began)
         rows, reads = s.queue.exchange_reads(
-            {c.agent_id for c in exchanges}, held_jobs, reconciling, wants_claim and not idle
+            {c.agent_id for c in group}, held_jobs, reconciling, wants_claim and not idle
         )
         queued = wants_claim and not idle and reads.queued
         if wants_claim and not idle and not reads.queued:
@@ -235,7 +243,7 @@ class ExchangeWriter:
         for c in group:
             if c.claim_only:
                 if queued:
-                    self._want(c, claims, c.region, c.architectures)
+                    self._want(c, claims, c.region, c.architectures, rows.get(c.agent_id))
                 served.append(c)
                 continue
             try:
@@ -267,7 +275,7 @@ class ExchangeWriter:
                 if lost:
                     releases.append((c.agent_id, lost))
             if not c.draining and queued:
-                self._want(c, claims, state.region, tuple(state.architectures))
+                self._want(c, claims, state.region, tuple(state.architectures), rows.get(c.agent_id))
         result = None
         if reports or releases or draining or claims:
             result = s.queue.group_commit(now, s.settings.lease_seconds, reports, releases, claims, draining)
@@ -275,12 +283,17 @@ class ExchangeWriter:
         s.metrics.agent_group_calls.inc(len(group))
         return served, report_of, result, reads.records, now
 
-    def _want(self, c: Call, claims: list[ClaimWant], region: str, architectures: tuple[str, ...]) -> None:
+    def _want(
+        self, c: Call, claims: list[ClaimWant], region: str, architectures: tuple[str, ...], row: Any
+    ) -> None:
         if c.max_jobs <= 0 or c.free.vcpus <= 0 or not architectures:
             return
-        # a Slurm pilot's agent takes only jobs whose timeout fits its walltime left (issue 17)
+        # a Slurm pilot's agent takes only jobs whose timeout fits its walltime left (issue 17);
+        # an agent whose labels name no end has none (asked only of the others: a read each)
         allocation = self.services.allocation
-        max_timeout = allocation.max_timeout(c.agent_id) if allocation is not None else None
+        labels = (row.labels if row is not None else None) or {}
+        ends = PILOT_LABEL in labels or ENDS_AT_LABEL in labels
+        max_timeout = allocation.max_timeout(c.agent_id) if allocation is not None and ends else None
         if max_timeout is not None and max_timeout < 0:
             return
         c.claim = len(claims)
@@ -436,14 +449,15 @@ def may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
     )
 
 
-def _group_size(calls: list[Call]) -> int:
-    """How many of the queued calls (oldest first) the next group takes: at least one."""
+def _group_size(calls: list[Call], claims: bool) -> int:
+    """How many of the queued calls (oldest first) the next group takes: at least one.
+    ``claims``: whether their claims count (they may take jobs)."""
     jobs = 0.0
     for n, call in enumerate(calls):
         if n >= MAX_GROUP:
             return n
         jobs += len(call.reports) / 3
-        if not call.draining and call.free.vcpus > 0:
+        if claims and not call.draining and call.free.vcpus > 0:
             jobs += min(call.max_jobs, call.free.vcpus)
         if n and jobs > MAX_GROUP_JOBS:
             return n

@@ -151,6 +151,7 @@ class ExchangeRows:
                     executors.c.kind,
                     executors.c.token_hash,
                     executors.c.draining,
+                    executors.c.labels,
                 ).where(executors.c.id.in_(sorted(agents)))
                 rows = {row.id: row for row in conn.execute(query)}
             if held_jobs:
