@@ -40,7 +40,7 @@ from openhtc.services.notify import EVERYTHING, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.agent_rows import AgentState
 from openhtc.store.allocation import PILOT_LABEL
-from openhtc.store.exchanges import ClaimWant, Group, state_of
+from openhtc.store.exchanges import ClaimWant, Group, Reads, Work, state_of
 from openhtc.store.functions import ReportedResult
 from openhtc.store.transitions import Applied, JobState
 
@@ -228,57 +228,70 @@ class ExchangeWriter:
         reconciling = {c.agent_id for c in exchanges if c.exchange_seq is not None}
         wants_claim = any(c.max_jobs > 0 and c.free.vcpus > 0 and not c.draining for c in group)
         idle = agents.idle_known(mark, began)
-        rows, reads = s.queue.exchange_reads(
-            {c.agent_id for c in group}, held_jobs, reconciling, wants_claim and not idle
-        )
-        queued = wants_claim and not idle and reads.queued
-        if wants_claim and not idle and not reads.queued:
-            agents.idle_seen(mark, began)
-        reports: list[tuple[str, list[AttemptReport]]] = []
+        want_queue = wants_claim and not idle
+        work = Work()
         report_of: list[Call] = []
-        releases: list[tuple[str, set[Attempt]]] = []
-        draining: list[tuple[str, str]] = []
-        claims: list[ClaimWant] = []
         served: list[Call] = []
-        for c in group:
-            if c.claim_only:
-                if queued:
-                    self._want(c, claims, c.region, c.architectures, rows.get(c.agent_id))
+
+        def plan(rows: dict[str, Any], reads: Reads) -> Work:
+            """What the group writes, from what it read (and each call's check)."""
+            queued = want_queue and reads.queued
+            if want_queue and not reads.queued:
+                agents.idle_seen(mark, began)
+            for c in group:
+                if c.claim_only:
+                    if queued:
+                        self._want(c, work.claims, c.region, c.architectures, rows.get(c.agent_id))
+                    served.append(c)
+                    continue
+                try:
+                    state = agents.check_state(
+                        c.agent_id,
+                        state_of(rows.get(c.agent_id), c.incarnation),
+                        c.token_region,
+                        c.token_hash,
+                    )
+                except Exception as exc:  # MustRegister (409) or PermissionDenied (403): its own
+                    c.future.set_exception(exc)
+                    continue
                 served.append(c)
-                continue
-            try:
-                state = agents.check_state(
-                    c.agent_id, state_of(rows.get(c.agent_id), c.incarnation), c.token_region, c.token_hash
-                )
-            except Exception as exc:  # MustRegister (409) or PermissionDenied (403): this call's alone
-                c.future.set_exception(exc)
-                continue
-            served.append(c)
-            agents.beat(c.agent_id, now)  # only once the caller is known to speak for this agent
-            c.out = Exchanged(state.region, state.architectures)
-            if c.draining:
-                agents.drain(c.agent_id)
-                if not state.draining:  # written once, not at every exchange of a draining agent
-                    draining.append((c.agent_id, c.incarnation))
-            if c.results and c.fresh:  # before the ends: a call read as ended has its result
-                agents.save_results(c.agent_id, c.fresh, c.results)
-            if c.fresh:
-                reports.append((c.agent_id, [r for _, r in c.fresh]))
-                report_of.append(c)
-            if c.exchange_seq is not None:
-                with self._cond:
-                    suspected = self.unheld.get(c.agent_id, set())
-                reported = {(r.job_id, r.attempt) for _, r in c.reports}
-                missing = reads.unreported.get(c.agent_id, set()) - set(c.held) - reported
-                lost = missing & suspected
-                c.missing = missing - lost
-                if lost:
-                    releases.append((c.agent_id, lost))
-            if not c.draining and queued:
-                self._want(c, claims, state.region, tuple(state.architectures), rows.get(c.agent_id))
-        result = None
-        if reports or releases or draining or claims:
-            result = s.queue.group_commit(now, s.settings.lease_seconds, reports, releases, claims, draining)
+                agents.beat(c.agent_id, now)  # only once the caller is known to speak for this agent
+                c.out = Exchanged(state.region, state.architectures)
+                if c.draining:
+                    agents.drain(c.agent_id)
+                    if not state.draining:  # written once, not at every exchange of a draining agent
+                        work.draining.append((c.agent_id, c.incarnation))
+                if c.results and c.fresh:  # before the ends: a call read as ended has its result
+                    agents.save_results(c.agent_id, c.fresh, c.results)
+                if c.fresh:
+                    work.reports.append((c.agent_id, [r for _, r in c.fresh]))
+                    report_of.append(c)
+                if c.exchange_seq is not None:
+                    with self._cond:
+                        suspected = self.unheld.get(c.agent_id, set())
+                    reported = {(r.job_id, r.attempt) for _, r in c.reports}
+                    missing = reads.unreported.get(c.agent_id, set()) - set(c.held) - reported
+                    lost = missing & suspected
+                    c.missing = missing - lost
+                    if lost:
+                        work.releases.append((c.agent_id, lost))
+                if not c.draining and queued:
+                    self._want(c, work.claims, state.region, tuple(state.architectures), rows.get(c.agent_id))
+            return work
+
+        ids = {c.agent_id for c in group}
+        lease = s.settings.lease_seconds
+        results = any(c.results and c.fresh for c in exchanges)
+        if (want_queue or any(c.fresh for c in exchanges)) and not results:
+            # reads and writes in one transaction (function results are stored in one of their
+            # own before the ends are written: then two)
+            rows, reads, result = s.queue.exchange_group(
+                ids, held_jobs, reconciling, want_queue, plan, now, lease
+            )
+        else:  # likely nothing to write (idle long polls): a read, and a write only if needed
+            rows, reads = s.queue.exchange_reads(ids, held_jobs, reconciling, want_queue)
+            plan(rows, reads)
+            result = s.queue.group_commit(now, lease, work) if work.any() else None
         s.metrics.agent_groups.inc()
         s.metrics.agent_group_calls.inc(len(group))
         return served, report_of, result, reads.records, now

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -52,6 +52,21 @@ class ClaimWant(NamedTuple):
     free: Capacity
     max_jobs: int
     max_timeout_s: int | None  # a Slurm pilot's walltime left (None: any job)
+
+
+@dataclass(slots=True)
+class Work:
+    """What a group writes: ``reports`` (agent, its fresh reports in the order sent),
+    ``releases`` (agent, its leases missed twice: re-queued free if still RUNNABLE on that
+    attempt), ``claims``, and the ``draining`` flags to set (agent, incarnation)."""
+
+    reports: list[tuple[str, list[AttemptReport]]] = field(default_factory=list)
+    releases: list[tuple[str, set[Attempt]]] = field(default_factory=list)
+    claims: list[ClaimWant] = field(default_factory=list)
+    draining: list[tuple[str, str]] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.reports or self.releases or self.claims or self.draining)
 
 
 @dataclass(slots=True)
@@ -135,113 +150,150 @@ class ExchangeRows:
         state depends on the incarnation each exchange names, ``state_of``), the records of
         ``held_jobs``, the unreported leases of the ``reconciling`` agents, and (``want_queue``)
         whether any job is queued."""
+        if not (agents or held_jobs or reconciling or want_queue):
+            return {}, Reads({}, {}, {}, False)
+        with self.db.read() as conn:
+            return self._reads(conn, agents, held_jobs, reconciling, want_queue)
+
+    def _reads(
+        self,
+        conn: Connection,
+        agents: Collection[str],
+        held_jobs: Collection[int],
+        reconciling: Collection[str],
+        want_queue: bool,
+    ) -> tuple[dict[str, Any], Reads]:
         out = Reads({}, {}, {}, False)
         rows: dict[str, Any] = {}
-        if not (agents or held_jobs or reconciling or want_queue):
-            return rows, out
-        with self.db.read() as conn:
-            cur = conn.exec_driver_sql
-            if agents:  # compiled: the JSON column decoded as on either database
-                query = select(
-                    executors.c.id,
-                    executors.c.incarnation,
-                    executors.c.lost_at,
-                    executors.c.region,
-                    executors.c.architectures,
-                    executors.c.kind,
-                    executors.c.token_hash,
-                    executors.c.draining,
-                    executors.c.labels,
-                ).where(executors.c.id.in_(sorted(agents)))
-                rows = {row.id: row for row in conn.execute(query)}
-            if held_jobs:
-                where, param = self._in("id", held_jobs)
-                for r in cur(
-                    self.db.sql(
-                        f"SELECT id, attempt, status, executor_id, cancelled FROM jobs WHERE {where}"
-                    ),
-                    (param,),
-                ):
-                    out.records[r.id] = JobRecord(
-                        r.id, r.status, r.attempt, executor_id=r.executor_id, cancelled=bool(r.cancelled)
-                    )
-            if reconciling:
-                where, param = self._in("executor_id", reconciling)
-                for r in cur(
-                    self.db.sql(f"SELECT executor_id, id, attempt FROM jobs WHERE {where} AND status = ?"),
-                    (param, _CLAIMED),
-                ):
-                    out.unreported.setdefault(r.executor_id, set()).add((r.id, r.attempt))
-            if want_queue:
-                out.queued = bool(self._projects_with(conn, _QUEUED))
+        cur = conn.exec_driver_sql
+        if agents:  # compiled: the JSON column decoded as on either database
+            query = select(
+                executors.c.id,
+                executors.c.incarnation,
+                executors.c.lost_at,
+                executors.c.region,
+                executors.c.architectures,
+                executors.c.kind,
+                executors.c.token_hash,
+                executors.c.draining,
+                executors.c.labels,
+            ).where(executors.c.id.in_(sorted(agents)))
+            rows = {row.id: row for row in conn.execute(query)}
+        if held_jobs:
+            where, param = self._in("id", held_jobs)
+            for r in cur(
+                self.db.sql(f"SELECT id, attempt, status, executor_id, cancelled FROM jobs WHERE {where}"),
+                (param,),
+            ):
+                out.records[r.id] = JobRecord(
+                    r.id,
+                    r.status,
+                    r.attempt,
+                    executor_id=r.executor_id,
+                    cancelled=bool(r.cancelled),
+                )
+        if reconciling:
+            where, param = self._in("executor_id", reconciling)
+            for r in cur(
+                self.db.sql(f"SELECT executor_id, id, attempt FROM jobs WHERE {where} AND status = ?"),
+                (param, _CLAIMED),
+            ):
+                out.unreported.setdefault(r.executor_id, set()).add((r.id, r.attempt))
+        if want_queue:
+            out.queued = bool(self._projects_with(conn, _QUEUED))
         return rows, out
 
-    def group_commit(
+    def exchange_group(
         self,
+        agents: Collection[str],
+        held_jobs: Collection[int],
+        reconciling: Collection[str],
+        want_queue: bool,
+        plan: Callable[[dict[str, Any], Reads], Work],
         now: float,
         lease_seconds: float,
-        reports: Sequence[tuple[str, Sequence[AttemptReport]]],
-        releases: Sequence[tuple[str, Collection[Attempt]]],
-        claims: Sequence[ClaimWant],
-        draining: Sequence[tuple[str, str]],
-    ) -> Group:
-        """One write transaction for a group: ``reports`` (agent, its fresh reports in the order
-        sent), ``releases`` (agent, its leases missed twice: re-queued free if still RUNNABLE on
-        that attempt), ``claims`` and the ``draining`` flags to set (agent, incarnation).
-        A report that breaks the lifecycle is refused alone (``Group.invalid``): the others of its
-        job are applied one at a time, as separate transactions would have."""
+    ) -> tuple[dict[str, Any], Reads, Group | None]:
+        """A group's reads, then ``plan`` (what to write, from what was read), then its write,
+        all in one write transaction: a group with reports or claims saves the read
+        transaction's round trips (its connection checkout, BEGIN and COMMIT)."""
         with self.db.write() as conn:
-            # Lock order, as every writer of these rows keeps it: the agents' rows (by id), then
-            # job rows (by id), then the counter rows (by key). The coalesced heartbeats and the
-            # lost sweep also update an agent's row before its jobs': they wait for the group
-            # here, rather than holding job rows the group wants while it holds theirs.
-            agent_ids = (
-                {a for a, _ in reports} | {a for a, _ in releases} | {c.agent_id for c in claims}
-                | {a for a, _ in draining}
-            )  # fmt: skip
-            lock = "" if self.db.is_sqlite else " ORDER BY id FOR UPDATE"
-            where, param = self._in("id", agent_ids)
-            may = {
-                row.id
-                for row in conn.exec_driver_sql(
-                    self.db.sql(f"SELECT id, lost_at, draining, kind FROM executors WHERE {where}{lock}"),
-                    (param,),
-                )
-                if row.kind != "agent" or (row.lost_at is None and not row.draining)
-            }
-            for agent_id, incarnation in draining:
-                conn.exec_driver_sql(
-                    self.db.sql(
-                        "UPDATE executors SET draining = ? WHERE id = ? AND incarnation = ?"
-                        " AND (draining IS NULL OR NOT draining)"
-                    ),
-                    (True, agent_id, incarnation),
-                )
-            writes = self._writes(conn, now)
-            group = Group(writes.applied(), claimed=[[] for _ in claims])
-            ids = {r.job_id for _, rs in reports for r in rs} | {j for _, ks in releases for j, _ in ks}
-            loaded = {job.id: job for job in writes.load_ids(sorted(ids))}
-            for index, (agent_id, rs) in enumerate(reports):
-                self._report(writes, group, index, agent_id, rs, loaded)
-            group.records = {
-                job_id: writes.record(job)
-                for job_id in {r.job_id for _, rs in reports for r in rs}
-                if (job := loaded.get(job_id)) is not None
-            }
-            for agent_id, keys in releases:
-                for job_id, attempt in keys:
-                    job = loaded.get(job_id)
-                    if job is None:
-                        continue
-                    rec = writes.record(job)  # as locked (and as this group's reports left it)
-                    if rec.executor_id == agent_id and rec.status == _CLAIMED and rec.attempt == attempt:
-                        writes.lose_executor(job, "the agent never received its lease", False)
-                        group.released.add(job_id)
-            if claims:  # nothing for an agent lost or draining (its row is locked: agent_rows.py)
-                self._claim(conn, writes, group, claims, may, now, lease_seconds)
-            writes.flush(commit=True)
+            rows, reads = self._reads(conn, agents, held_jobs, reconciling, want_queue)
+            work = plan(rows, reads)
+            if not work.any():
+                return rows, reads, None
+            group, writes = self._group_in(conn, now, lease_seconds, work)
+        group.applied = writes.applied()
+        return rows, reads, group
+
+    def group_commit(self, now: float, lease_seconds: float, work: Work) -> Group:
+        """One write transaction for a group's ``work``."""
+        with self.db.write() as conn:
+            group, writes = self._group_in(conn, now, lease_seconds, work)
         group.applied = writes.applied()
         return group
+
+    def _group_in(
+        self, conn: Connection, now: float, lease_seconds: float, work: Work
+    ) -> tuple[Group, StatusWrites]:
+        """A group's writes in the caller's transaction, committed by the last (its flush).
+        A report that breaks the lifecycle is refused alone (``Group.invalid``): the others of its
+        job are applied one at a time, as separate transactions would have."""
+        reports, releases, claims, draining = (
+            work.reports,
+            work.releases,
+            work.claims,
+            work.draining,
+        )
+        # Lock order, as every writer of these rows keeps it: the agents' rows (by id), then
+        # job rows (by id), then the counter rows (by key). The coalesced heartbeats and the
+        # lost sweep also update an agent's row before its jobs': they wait for the group
+        # here, rather than holding job rows the group wants while it holds theirs.
+        agent_ids = (
+            {a for a, _ in reports} | {a for a, _ in releases} | {c.agent_id for c in claims}
+            | {a for a, _ in draining}
+        )  # fmt: skip
+        lock = "" if self.db.is_sqlite else " ORDER BY id FOR UPDATE"
+        where, param = self._in("id", agent_ids)
+        may = {
+            row.id
+            for row in conn.exec_driver_sql(
+                self.db.sql(f"SELECT id, lost_at, draining, kind FROM executors WHERE {where}{lock}"),
+                (param,),
+            )
+            if row.kind != "agent" or (row.lost_at is None and not row.draining)
+        }
+        for agent_id, incarnation in draining:
+            conn.exec_driver_sql(
+                self.db.sql(
+                    "UPDATE executors SET draining = ? WHERE id = ? AND incarnation = ?"
+                    " AND (draining IS NULL OR NOT draining)"
+                ),
+                (True, agent_id, incarnation),
+            )
+        writes = self._writes(conn, now)
+        group = Group(writes.applied(), claimed=[[] for _ in claims])
+        ids = {r.job_id for _, rs in reports for r in rs} | {j for _, ks in releases for j, _ in ks}
+        loaded = {job.id: job for job in writes.load_ids(sorted(ids))}
+        for index, (agent_id, rs) in enumerate(reports):
+            self._report(writes, group, index, agent_id, rs, loaded)
+        group.records = {
+            job_id: writes.record(job)
+            for job_id in {r.job_id for _, rs in reports for r in rs}
+            if (job := loaded.get(job_id)) is not None
+        }
+        for agent_id, keys in releases:
+            for job_id, attempt in keys:
+                job = loaded.get(job_id)
+                if job is None:
+                    continue
+                rec = writes.record(job)  # as locked (and as this group's reports left it)
+                if rec.executor_id == agent_id and rec.status == _CLAIMED and rec.attempt == attempt:
+                    writes.lose_executor(job, "the agent never received its lease", False)
+                    group.released.add(job_id)
+        if claims:  # nothing for an agent lost or draining (its row is locked: agent_rows.py)
+            self._claim(conn, writes, group, claims, may, now, lease_seconds)
+        writes.flush(commit=True)
+        return group, writes
 
     def _report(
         self,
