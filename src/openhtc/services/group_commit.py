@@ -2,11 +2,12 @@
 
 An exchange (or a woken long poll's claim) is queued here and waits on a future: it holds no
 thread of the server's pool and no database connection while it waits. One writer thread takes
-every call queued at that moment as a group and serves it with two transactions, whatever its
-size (store/exchanges.py): one read (the agents' rows, their held jobs' records, their leases no
-report reached, whether anything is queued) and, when there is something to write, one write:
-every report of the group, the lost leases re-queued, and one claim for all the agents that want
-work, split between them by their free capacity, committed in the same round trip as its flush.
+every call queued at that moment as a group and serves it in one transaction, whatever its size
+(store/exchanges.py): its reads (the agents' rows, their held jobs' records, their leases no
+report reached, whether anything is queued), then its writes: every report of the group, the
+lost leases re-queued, and one claim for all the agents that want work, split between them by
+their free capacity, committed in the same round trip as its flush. (Idle long polls: a read,
+and a write only if needed.)
 While it runs, the next group gathers. So under load the calls share transactions instead of
 queueing for the pool's threads and connections, and a server's write transactions never
 compete with each other (only with the other servers' groups, on PostgreSQL's row locks).

@@ -1,18 +1,20 @@
-"""The agents' exchanges, many at once: one read and one write transaction for a whole group.
+"""The agents' exchanges, many at once: one transaction for a whole group.
 
 ``services/group_commit.py`` folds every exchange waiting at a moment into a group. The store
-serves the group in two transactions, whatever its size:
+serves the group in one write transaction, whatever its size (``exchange_group``: the reads, the
+service's plan, the writes), or, for a group that likely writes nothing (idle long polls), a
+read transaction and a write one only if needed:
 
-- ``exchange_reads`` (read only): the agents' rows (is each known, of this incarnation, bound to
-  this token?), the records of the jobs they hold, the leases granted them that no report has
-  reached yet (lost-lease reconciliation), and whether anything is queued at all;
-- ``group_commit`` (one write transaction, its flush committed in the same round trip): every
+- the reads (``exchange_reads``, ``_reads``): the agents' rows (is each known, of this
+  incarnation, bound to this token?), the records of the jobs they hold, the leases granted them
+  that no report has reached yet (lost-lease reconciliation), and whether anything is queued;
+- the writes (``group_commit``, ``_group_in``; the flush commits in the same round trip): every
   group member's reports, the re-queued lost leases, and one claim for all the agents that want
   work: the queue is read once per project for their summed capacity (``FOR UPDATE SKIP
   LOCKED``: rows another server's group took are skipped, so no job goes to two agents), then
   split between them in arrival order, each by ``dispatch`` on its own free capacity.
 
-The claimants' rows are locked (``FOR UPDATE``, in id order) in the write transaction: the lost
+The group's agents' rows are locked (``FOR UPDATE``, in id order) before its job rows: the lost
 sweep, which updates them first, waits for the group and then recovers what it claimed, or
 committed first and those agents take nothing (as a single claim does: agent_rows.py).
 """
