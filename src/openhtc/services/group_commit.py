@@ -50,7 +50,7 @@ Attempt = tuple[int, int]
 # A group's size at most, in calls and in jobs (a job's reports count a third each, a claim what
 # it may take): bounds a transaction's length, its locks, and so the wait of the calls behind it.
 MAX_GROUP = 256
-MAX_GROUP_JOBS = 1500
+MAX_GROUP_JOBS = 5000
 
 
 @dataclass(slots=True)
