@@ -51,6 +51,9 @@ Attempt = tuple[int, int]
 # it may take): bounds a transaction's length, its locks, and so the wait of the calls behind it.
 MAX_GROUP = 256
 MAX_GROUP_JOBS = 5000
+# Writers per server: while one group waits for PostgreSQL the next is served (their locks are
+# taken in one order: agents' rows, job rows, counter rows; claims skip each other's rows)
+WRITERS = 2
 
 
 @dataclass(slots=True)
@@ -153,8 +156,9 @@ class ExchangeWriter:
                 return call.future
             self._calls.append(call)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="agent-exchanges", daemon=True)
-                self._thread.start()
+                for _ in range(WRITERS):
+                    self._thread = threading.Thread(target=self._loop, name="agent-exchanges", daemon=True)
+                    self._thread.start()
             self._cond.notify()
         return call.future
 
