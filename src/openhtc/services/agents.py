@@ -4,7 +4,7 @@ The route (api/routes/agents.py) only decodes and encodes; the work is the in-pr
 protocol's (``ExecutorService``: register, report, claim, heartbeat) plus what a remote agent
 needs on top of it:
 
-- group commit: every exchange waiting at a moment is served by one writer per server, in one
+- group commit: every exchange waiting at a moment is served by a writer of this server, in one
   read and one write transaction for them all (services/group_commit.py); an exchange holds no
   thread and no connection while it waits for its group;
 - idempotent reports: each carries a per-attempt ``seq``; one at or below the highest applied

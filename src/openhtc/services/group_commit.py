@@ -1,7 +1,7 @@
-"""Group commit of the agents' exchanges: one writer per server serves them all.
+"""Group commit of the agents' exchanges: two writer threads per server serve them all.
 
 An exchange (or a woken long poll's claim) is queued here and waits on a future: it holds no
-thread of the server's pool and no database connection while it waits. One writer thread takes
+thread of the server's pool and no database connection while it waits. A writer thread takes
 every call queued at that moment as a group and serves it in one transaction, whatever its size
 (store/exchanges.py): its reads (the agents' rows, their held jobs' records, their leases no
 report reached, whether anything is queued), then its writes: every report of the group, the
@@ -126,7 +126,7 @@ Served = tuple[list["Call"], list["Call"], Group | None, dict[int, JobRecord], f
 
 
 class ExchangeWriter:
-    """The writer of one server (a thread, started at the first call)."""
+    """The writers of one server (WRITERS threads, started at the first call)."""
 
     def __init__(self, agents: Fleet) -> None:
         self.agents = agents
