@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from typing import Any, NamedTuple, TypeVar
 
+import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +26,7 @@ from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticate
 from openhtc.domain.models import JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, LogsRefused, MustRegister
+from openhtc.services.functions import FUNCTION_COMMAND
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.agent_rows import TokenBinding, token_hash
 from openhtc.store.functions import ReportedResult
@@ -142,8 +144,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
     try:
-        done = await run_in_threadpool(
-            agents.exchange,
+        done = await agents.exchange_async(
             agent_id,
             req.incarnation,
             req.held,
@@ -180,20 +181,18 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             agents.pass_on(done.region)  # it was woken for work it will not take
             break
         seen = agents.work_seen()
-        leases = await run_in_threadpool(
-            agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
-        )
-        if leases:  # there may be more: the next waiter claims too
-            agents.pass_on(done.region)
-    answer = wire.ExchangeResponse(
-        acked=done.acked,
-        refused=done.refused,
-        leases=await _wire_leases(svc, agents, leases),
-        kill=done.kill,
-        lease_seconds=svc.settings.lease_seconds,
-        next_call_seconds=agents.next_call_seconds(),
-    )
-    return JSONResponse(wire.dump(answer))
+        leases = await agents.claim_async(agent_id, done.region, done.architectures, free, req.max_jobs)
+        if leases:  # there may be more: the next waiter claims too (two, if this one came back full)
+            agents.pass_on(done.region, 2 if len(leases) >= min(req.max_jobs, free.vcpus) else 1)
+    answer = {  # wire.ExchangeResponse, built directly (see wire.launch_json)
+        "acked": done.acked,
+        "refused": done.refused,
+        "leases": await _wire_leases(svc, agents, leases),
+        "kill": done.kill,
+        "lease_seconds": svc.settings.lease_seconds,
+        "next_call_seconds": agents.next_call_seconds(),
+    }
+    return JSONResponse(answer)
 
 
 @router.post(wire.PREFIX + "/{agent_id}/logs")
@@ -214,15 +213,27 @@ async def logs(agent_id: str, request: Request) -> JSONResponse:
     return JSONResponse(wire.dump(wire.LogsResponse(acked=acked)))
 
 
-async def _wire_leases(svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]) -> list[wire.Launch]:
-    """The leases for the wire: each with its registry pull token, and a function call's event."""
-    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
-    return [
-        wire.launch_to_wire(
-            launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
-        )
-        for launch in leases
-    ]
+async def _wire_leases(
+    svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]
+) -> list[dict[str, Any]]:
+    """The leases for the wire (``wire.Launch`` as JSON): each with its registry pull token, and
+    a function call's event. A batch's envs (its tokens among them: most of a lease's bytes) are
+    encoded once per answer, not once per lease."""
+    calls = any(launch.commands[:1] == (FUNCTION_COMMAND,) for launch in leases)
+    events = await run_in_threadpool(agents.events_for, leases) if calls else {}
+    shared: dict[int, Any] = {}  # id of a batch's envs tuple (alive meanwhile) -> its JSON
+    out = []
+    for launch in leases:
+        envs = shared.get(id(launch.batch_envs))
+        if envs is None:
+            try:
+                envs = orjson.Fragment(orjson.dumps(launch.batch_envs))
+            except TypeError:  # text no encoder takes: JSONResponse replaces it (api/responses.py)
+                envs = launch.batch_envs
+            shared[id(launch.batch_envs)] = envs
+        token = _pull_token(svc, launch.project_id, launch.image) if launch.image else None
+        out.append(wire.launch_json(launch, token, events.get(launch.job_id), envs))
+    return out
 
 
 def _pull_token(svc: ServiceSet, project_id: str, image: str) -> str | None:
