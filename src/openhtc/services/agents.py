@@ -24,6 +24,7 @@ needs on top of it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import random
@@ -38,6 +39,7 @@ from openhtc.domain import lifecycle
 from openhtc.domain.errors import InsufficientStorage, InvalidTransition, PermissionDenied, Unavailable
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.services.agent_records import KnownAgents
 from openhtc.services.executors import ExecutorService
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
 from openhtc.services.notify import EVERYTHING, job_key
@@ -56,9 +58,11 @@ IDLE_RECHECK_SECONDS = 1.0
 
 
 class Waiter:
-    """An exchange that long-polls for work (on the event loop); woken by ``AgentService``."""
+    """An exchange that long-polls for work (on the event loop); woken by ``AgentService``.
+    ``woken`` tells a wake-up (work, a drain, the server stopping) from the poll's own timer,
+    which sets ``event`` only."""
 
-    __slots__ = ("agent_id", "event", "loop", "queued", "region")
+    __slots__ = ("agent_id", "event", "loop", "queued", "region", "woken")
 
     def __init__(self, agent_id: str, region: str) -> None:
         self.agent_id = agent_id
@@ -66,9 +70,12 @@ class Waiter:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.queued = False
+        self.woken = False
 
     def wake(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
+        self.woken = True
+        with contextlib.suppress(RuntimeError):  # its loop is closed: the server has stopped
+            self.loop.call_soon_threadsafe(self.event.set)
 
 
 class LogsRefused(Exception):
@@ -125,6 +132,7 @@ class AgentService:
         # one that claimed something wakes the next: one claim's worth at a time, not a herd.
         self._waiters: dict[str, deque[Waiter]] = {}
         self._work = 0  # work signals so far: a claim that raced one claims again
+        self._closed = False  # the server stops: every long poll answers now (close)
         self._idle_seen: tuple[int, float] | None = None  # (work mark, monotonic): nothing queued
         services.wakeups.on_executor_work(self.work_arrived)
         # Heartbeats (liveness, lease renewals) are kept here and written once per BEAT_SECONDS
@@ -132,6 +140,8 @@ class AgentService:
         self._beats: dict[str, float] = {}  # agent -> first exchange heard since the last write
         self._beat_lock = threading.Lock()  # one writer at a time
         self._beat_thread: threading.Thread | None = None
+        # the agents' records as last read, trusted while they keep calling (agent_records.py)
+        self._known = KnownAgents(self.liveness, BEAT_SECONDS)
 
     @property
     def liveness(self) -> float:
@@ -166,6 +176,7 @@ class AgentService:
         applied, kill = s.queue.register_agent(
             agent, now, s.settings.lease_seconds, running, may_have_started, token
         )
+        self._known.forget(agent.agent_id)
         with self._lock:
             self._seqs.pop(agent.agent_id, None)
             self._draining.discard(agent.agent_id)
@@ -208,6 +219,7 @@ class AgentService:
             self.drain(agent_id)
             if not state.draining:  # written once, not at every exchange of a draining agent
                 s.queue.set_draining(agent_id, incarnation)
+                self._known.draining(agent_id)
         with self._lock:
             seqs = self._seqs.setdefault(agent_id, {})
             fresh = []
@@ -261,6 +273,39 @@ class AgentService:
         if not draining:
             out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
         return out
+
+    def exchange_idle(
+        self,
+        agent_id: str,
+        incarnation: str,
+        free: Capacity,
+        max_jobs: int,
+        token_region: str,
+        token_hash: str | None,
+    ) -> Exchanged | None:
+        """``exchange`` for an agent that reports and holds nothing, when it needs no database:
+        its record is known (agent_records.py) and nothing is queued (or it claims nothing).
+        In memory only, so it runs on the event loop; None: call ``exchange``. An idle fleet's
+        exchanges are nearly all of this kind. (Agents that send ``exchange_seq`` are not: their
+        claimed leases are reconciled from the database.)"""
+        if max_jobs > 0 and free.vcpus > 0 and not self._nothing_queued():
+            return None
+        state = self._known.get(agent_id, incarnation, token_hash, time.monotonic())
+        if state is None or state.token_hash != token_hash or token_region not in ("*", state.region):
+            return None  # read it (and answer 403 or 409 if it says so)
+        now = self.services.clock.now()
+        self._heard(now)
+        self._beat(agent_id, now)
+        with self._lock:
+            self._seqs.pop(agent_id, None)  # it holds nothing: no attempt's seqs to keep
+        return Exchanged(state.region, state.architectures)
+
+    def _nothing_queued(self) -> bool:
+        """Whether a claim on this server found nothing queued, and no work was signalled since
+        (at most IDLE_RECHECK_SECONDS ago: a signal from another server may be lost)."""
+        with self._lock:
+            mark, seen = self._work, self._idle_seen
+        return seen is not None and seen[0] == mark and time.monotonic() - seen[1] < IDLE_RECHECK_SECONDS
 
     def _save_results(
         self,
@@ -337,7 +382,9 @@ class AgentService:
     def _check(
         self, agent_id: str, incarnation: str, token_region: str, token_hash: str | None
     ) -> AgentState:
-        state = self.services.queue.agent_state(agent_id, incarnation)
+        now = time.monotonic()
+        known = self._known.get(agent_id, incarnation, token_hash, now)
+        state = self.services.queue.agent_state(agent_id, incarnation) if known is None else known
         if token_hash is not None and state.token_hash is not None and state.token_hash != token_hash:
             raise PermissionDenied(
                 f"agent {agent_id} registered with another agent token: this one does not speak for it"
@@ -348,6 +395,8 @@ class AgentService:
             raise MustRegister(state.reason)
         if token_hash is not None and state.token_hash is None:  # registered before tokens were bound
             raise MustRegister("unknown agent")
+        if known is None:
+            self._known.put(agent_id, incarnation, token_hash, state, now)
         return state
 
     def drain(self, agent_id: str) -> None:
@@ -369,8 +418,9 @@ class AgentService:
         """Queue a long poll (on the event loop) at the end of its region's FIFO."""
         waiter = Waiter(agent_id, region)
         with self._lock:
-            if self._work != seen or agent_id in self._draining:
-                waiter.event.set()  # work came while it claimed: claim again at once
+            if self._work != seen or agent_id in self._draining or self._closed:
+                waiter.woken = True  # work came while it claimed: claim again at once
+                waiter.event.set()
             else:
                 waiter.queued = True
                 self._waiters.setdefault(region, deque()).append(waiter)
@@ -398,6 +448,19 @@ class AgentService:
         with self._lock:
             self._work += 1
             woken = [w for region in list(self._waiters) if (w := self._pop(region)) is not None]
+        for waiter in woken:
+            waiter.wake()
+
+    def close(self) -> None:
+        """The server stops: every long poll answers now, and those that come later at once.
+        (A long poll waits on its event alone, with no timer slices: 1,000 idle agents' polls
+        woken every second to look at the server's state cost more than their exchanges.)"""
+        with self._lock:
+            self._closed = True
+            woken = [w for queue in self._waiters.values() for w in queue]
+            self._waiters.clear()
+            for waiter in woken:
+                waiter.queued = False
         for waiter in woken:
             waiter.wake()
 
@@ -429,6 +492,7 @@ class AgentService:
                 self.flush_beats()
             except Exception:  # the database is away: the next round writes them
                 log.warning("agents: could not write the heartbeats", exc_info=True)
+        self.close()  # the server stops: its long polls answer within a beat
 
     def flush_beats(self) -> None:
         """Write the heartbeats heard since the last write: one statement for them all."""
@@ -442,6 +506,8 @@ class AgentService:
                     beats.keys(), min(beats.values()), self.services.settings.lease_seconds
                 )
             except Exception:
+                # the sweep may not see this server's heartbeats: trust no record read before
+                self._known.clear()
                 with self._lock:  # kept for the next write
                     for agent_id, heard in beats.items():
                         self._beats[agent_id] = min(heard, self._beats.get(agent_id, heard))
@@ -499,6 +565,7 @@ class AgentService:
         if lost:
             with self._lock:
                 for agent_id in lost:  # it registers again before it is served
+                    self._known.forget(agent_id)
                     self._seqs.pop(agent_id, None)
                     self._draining.discard(agent_id)
                     self._unheld.pop(agent_id, None)

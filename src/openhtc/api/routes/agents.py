@@ -12,7 +12,6 @@ every idle agent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Request
@@ -25,6 +24,7 @@ from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticate
 from openhtc.domain.models import JobLaunch
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, LogsRefused, MustRegister
+from openhtc.services.functions import FUNCTION_COMMAND
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.agent_rows import TokenBinding, token_hash
 from openhtc.store.functions import ReportedResult
@@ -141,20 +141,29 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
+    idle = None  # an idle agent's exchange that needs no database: answered here, on the loop
+    if not (req.reports or req.held or req.draining) and req.exchange_seq is None:
+        idle = agents.exchange_idle(
+            agent_id, req.incarnation, free, req.max_jobs, caller.region, caller.token_hash
+        )
     try:
-        done = await run_in_threadpool(
-            agents.exchange,
-            agent_id,
-            req.incarnation,
-            req.held,
-            reports,
-            free,
-            req.max_jobs,
-            req.draining,
-            caller.region,
-            caller.token_hash,
-            req.exchange_seq,
-            results,
+        done = (
+            idle
+            if idle is not None
+            else await run_in_threadpool(
+                agents.exchange,
+                agent_id,
+                req.incarnation,
+                req.held,
+                reports,
+                free,
+                req.max_jobs,
+                req.draining,
+                caller.region,
+                caller.token_hash,
+                req.exchange_seq,
+                results,
+            )
         )
     except MustRegister as exc:
         return _must_register(exc.reason)
@@ -168,13 +177,14 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         if left <= 0:
             break
         waiter = agents.wait(agent_id, done.region, seen)
-        try:  # in slices: a stopping server answers its long polls within a second
-            while not waiter.event.is_set() and not svc.notify.closing and loop.time() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), min(1.0, deadline - loop.time()))
+        # one timer per poll, no slices (a stopping server wakes its polls: AgentService.close)
+        timer = loop.call_at(deadline, waiter.event.set)
+        try:
+            await waiter.event.wait()
         finally:
+            timer.cancel()
             agents.done_waiting(waiter)
-        if not waiter.event.is_set():
+        if not waiter.woken:  # the poll's time is up
             break
         if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
             agents.pass_on(done.region)  # it was woken for work it will not take
@@ -185,15 +195,15 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         )
         if leases:  # there may be more: the next waiter claims too
             agents.pass_on(done.region)
-    answer = wire.ExchangeResponse(
-        acked=done.acked,
-        refused=done.refused,
-        leases=await _wire_leases(svc, agents, leases),
-        kill=done.kill,
-        lease_seconds=svc.settings.lease_seconds,
-        next_call_seconds=agents.next_call_seconds(),
+    answer = wire.exchange_json(
+        done.acked,
+        done.refused,
+        await _wire_leases(svc, agents, leases) if leases else [],
+        done.kill,
+        svc.settings.lease_seconds,
+        agents.next_call_seconds(),
     )
-    return JSONResponse(wire.dump(answer))
+    return JSONResponse(answer)
 
 
 @router.post(wire.PREFIX + "/{agent_id}/logs")
@@ -214,15 +224,21 @@ async def logs(agent_id: str, request: Request) -> JSONResponse:
     return JSONResponse(wire.dump(wire.LogsResponse(acked=acked)))
 
 
-async def _wire_leases(svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]) -> list[wire.Launch]:
-    """The leases for the wire: each with its registry pull token, and a function call's event."""
-    events = await run_in_threadpool(agents.events_for, leases) if leases else {}
-    return [
-        wire.launch_to_wire(
-            launch, _pull_token(svc, launch.project_id, launch.image), events.get(launch.job_id)
-        )
-        for launch in leases
-    ]
+async def _wire_leases(
+    svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]
+) -> list[dict[str, Any]]:
+    """The leases for the wire: each with its registry pull token (one per project and image in
+    an answer: each is a signature), and a function call's event (read only if one is a call)."""
+    calls = any(launch.commands[:1] == (FUNCTION_COMMAND,) for launch in leases)
+    events = await run_in_threadpool(agents.events_for, leases) if calls else {}
+    tokens: dict[tuple[str, str], str | None] = {}
+    out = []
+    for launch in leases:
+        where = (launch.project_id, launch.image)
+        if where not in tokens:
+            tokens[where] = _pull_token(svc, launch.project_id, launch.image)
+        out.append(wire.launch_json(launch, tokens[where], events.get(launch.job_id)))
+    return out
 
 
 def _pull_token(svc: ServiceSet, project_id: str, image: str) -> str | None:
