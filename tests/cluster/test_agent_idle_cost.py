@@ -98,6 +98,38 @@ def test_an_agent_the_leader_marks_lost_hears_it_at_once_from_the_server_it_idle
     assert via_leader.exchange(expect=403)
 
 
+def test_a_second_process_registering_as_the_agent_stops_the_first_within_a_second_everywhere(
+    pg_cluster: PostgresCluster, servers: list[HtcServer], tmp_path: Path
+) -> None:
+    """The same agent id registers again (a copied work directory on another host) through the
+    other server while the first process keeps calling the server that trusts its record."""
+    url = pg_cluster.new_database()
+    env = {"OPENHTC_AGENT_LIVENESS_SECONDS": "120"}
+    leader = start(servers, tmp_path, url, executor=False, env=env)
+    follower = start(servers, tmp_path, url, executor=False, env=env)
+    token = agent_token(leader, agents=2)
+    first = Agent(follower, token, "twin")
+    first.register()
+    for _ in range(3):
+        first.exchange()
+    second = Agent(leader, token, "twin")
+    second.agent_id = first.agent_id  # another incarnation of the same agent id
+    second.register()
+    answers = []
+    for _ in range(10):  # the follower sees the new incarnation at its next heartbeat write (1 s)
+        resp = first.http.post(
+            f"/openhtc/v1/agents/{first.agent_id}/exchange",
+            json={"incarnation": first.incarnation, "free": {"vcpus": 4, "memory_mb": 8192}, "max_jobs": 1},
+        )
+        answers.append(resp.status_code)
+        if resp.status_code == 409:
+            assert resp.json() == {"error": "stale incarnation"}
+            break
+        time.sleep(0.5)
+    assert answers[-1] == 409 and len(answers) <= 4, answers
+    assert second.exchange()["leases"] == []
+
+
 def test_a_long_poll_open_when_the_server_stops_is_answered_not_cut(
     start_server: Callable[..., HtcServer],
 ) -> None:

@@ -15,10 +15,13 @@ of what it says can change behind a steady agent's back:
   incarnation is another entry; a register through this server forgets the old one;
 - the drain flag is set by the agent's own exchange (and a claim reads it under lock anyway).
 
-And whatever the cache says, a claim still checks, under the agent row's lock, that the agent
-is neither lost nor draining (store/agent_rows.py ``may_claim``): a lost agent gets no lease.
-A record is read again at least every ``MAX_AGE_SECONDS`` whatever happens, which bounds what an
-unforeseen change (two live processes under one agent id, say) can go unseen.
+Besides, when a server writes its agents' heartbeats (once a second) it reads their rows back
+(``agent_marks``: one read for all of them) and forgets those that changed (lost, another
+incarnation, another token), so even an unforeseen change (two live processes under one agent
+id, say) is seen within a second of the agent's next call; and a record is read again at least
+every ``MAX_AGE_SECONDS`` whatever happens. And whatever the cache says, a claim still checks,
+under the agent row's lock, that the agent is neither lost nor draining (store/agent_rows.py
+``may_claim``): a lost agent gets no lease.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 from openhtc.store.agent_rows import AgentState
 
-MAX_AGE_SECONDS = 60.0
+MAX_AGE_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -73,6 +76,26 @@ class KnownAgents:
             if len(self._known) > 100000:  # agents come and go: never more than a fleet's worth
                 self._known.clear()
             self._known[agent_id] = _Known(incarnation, token_hash, state, now, now)
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._known)
+
+    def refresh(self, marks: dict[str, tuple[str, bool, str | None, bool]], asked: set[str]) -> None:
+        """The rows of the agents ``asked`` about, read after their heartbeats were written
+        (``agent_marks``): an agent whose row is gone, lost, of another incarnation or bound to
+        another token is forgotten (its next call reads it and is answered 409 or 403)."""
+        with self._lock:
+            for agent_id in asked:
+                known = self._known.get(agent_id)
+                if known is None:
+                    continue
+                mark = marks.get(agent_id)
+                same = mark is not None and (mark[0], mark[2]) == (known.incarnation, known.state.token_hash)
+                if mark is None or mark[1] or not same:
+                    del self._known[agent_id]
+                elif mark[3] and not known.state.draining:
+                    known.state = known.state._replace(draining=True)
 
     def draining(self, agent_id: str) -> None:
         """The agent said it drains (its row says so now)."""

@@ -505,6 +505,10 @@ class AgentService:
                 self.services.queue.agent_beats(
                     beats.keys(), min(beats.values()), self.services.settings.lease_seconds
                 )
+                # what another server or the leader changed in the rows of the agents trusted here
+                asked = beats.keys() & self._known.ids()
+                if asked:
+                    self._known.refresh(self.services.queue.agent_marks(asked), asked)
             except Exception:
                 # the sweep may not see this server's heartbeats: trust no record read before
                 self._known.clear()
