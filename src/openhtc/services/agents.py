@@ -134,6 +134,7 @@ class AgentService:
         self._work = 0  # work signals so far: a claim that raced one claims again
         self._closed = False  # the server stops: every long poll answers now (close)
         self._idle_seen: tuple[int, float] | None = None  # (work mark, monotonic): nothing queued
+        self._idle_rechecking = float("-inf")  # when an idle exchange last went to read again
         services.wakeups.on_executor_work(self.work_arrived)
         # Heartbeats (liveness, lease renewals) are kept here and written once per BEAT_SECONDS
         # in one statement: an agent's liveness then lags by at most that much.
@@ -302,10 +303,20 @@ class AgentService:
 
     def _nothing_queued(self) -> bool:
         """Whether a claim on this server found nothing queued, and no work was signalled since
-        (at most IDLE_RECHECK_SECONDS ago: a signal from another server may be lost)."""
+        (at most IDLE_RECHECK_SECONDS ago: a signal from another server may be lost). Once that
+        answer is older, one exchange claims (reads) again and the others keep it meanwhile, for
+        another IDLE_RECHECK_SECONDS at most: not a herd of reads at every expiry."""
+        now = time.monotonic()
         with self._lock:
             mark, seen = self._work, self._idle_seen
-        return seen is not None and seen[0] == mark and time.monotonic() - seen[1] < IDLE_RECHECK_SECONDS
+            if seen is None or seen[0] != mark:
+                return False
+            if now - seen[1] < IDLE_RECHECK_SECONDS:
+                return True
+            if now - self._idle_rechecking < IDLE_RECHECK_SECONDS:
+                return now - seen[1] < 2 * IDLE_RECHECK_SECONDS
+            self._idle_rechecking = now  # this one reads
+            return False
 
     def _save_results(
         self,
