@@ -167,6 +167,7 @@ def simulated_fleet(
             pg_cpu = _pg_cpu(ctx) - pg0
         if profiler is not None and (out := profiler.stop()) is not None:
             log(f"   profile of server 0 under load: {out}")
+        groups = _group_counts(srvs)
         fleet.send_signal(signal.SIGTERM)
         fleet.wait(timeout=120)
         fleet_log.close()
@@ -181,7 +182,7 @@ def simulated_fleet(
             "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
             "pg_cpu_ms_per_job": round(1000 * pg_cpu / n, 3),
             "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
-            "fleet": stats,
+            "calls_per_group": groups, "fleet": stats,
         }  # fmt: skip
     finally:
         if fleet is not None and fleet.poll() is None:
@@ -192,6 +193,25 @@ def simulated_fleet(
                 shutil.copy(srv.log_path, ctx.out / f"agents-{ctx.stamp}-server{i}.log")
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _group_counts(srvs: list[OpenhtcServer]) -> float | None:
+    """Exchanges per group commit over the servers' lives (None: a server without one)."""
+    groups = calls = 0.0
+    key = (srvs[0].data_dir / "admin-api-key").read_text().strip()  # the first server made it
+    for srv in srvs:
+        with Api(srv.base_url, key) as api:
+            text = api.http.get("/htc/metrics").text
+        found = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("openhtc_agent_exchange_group")
+        }
+        if "openhtc_agent_exchange_groups_total" not in found:
+            return None
+        groups += found["openhtc_agent_exchange_groups_total"]
+        calls += found.get("openhtc_agent_exchange_group_calls_total", 0.0)
+    return round(calls / groups, 2) if groups else None
 
 
 def _w1(api: Api, n: int) -> float:
@@ -250,6 +270,7 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
     lines.append(f"| exchange p50 (ms) | {fleet.get('rtt_p50_ms')} | |")
     lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
     lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
+    lines.append(f"| exchanges per group commit (the servers' lives) | {fleet.get('calls_per_group')} | |")
     lines.append(f"| PostgreSQL's CPU per job (ms) | {fleet.get('pg_cpu_ms_per_job')} | |")
     backends = "; ".join(f"{v} {k}" for k, v in (fleet.get("pg_backends") or {}).items())
     lines.append(f"| PostgreSQL backends under load (average at once) | {backends} | |")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from tests.cluster.test_agent_protocol import Agent, agent_token, submit
 from tests.cluster.test_multiserver import start, wait_one_leader
@@ -29,8 +28,6 @@ from openhtc.auth.keys import new_signing_key_pem, signing_key_from_pem
 from openhtc.auth.tokens import TokenService
 from openhtc.domain.clock import Clock
 from openhtc.domain.errors import Unauthenticated
-from openhtc.domain.models import JobLaunch
-from openhtc.executor import protocol as wire
 from openhtc.testing.postgres import PostgresCluster
 from openhtc.testing.server import HtcServer
 
@@ -178,21 +175,3 @@ def test_an_agent_token_verified_before_is_refused_once_it_expires() -> None:
     other = TokenService(signing_key_from_pem(new_signing_key_pem()), clock, 3600, 7200)
     with pytest.raises(Unauthenticated):
         tokens.verify_agent(other.agent("fleet", "*", ttl=600))
-
-
-def test_the_exchange_answer_built_directly_is_the_protocols_own() -> None:
-    """The server encodes leases and answers without the wire models (executor/protocol.py):
-    what it sends must be exactly what the models say, and read back as the lease it was."""
-    launch = JobLaunch(
-        7, 2, "job-uuid:3", 11, 3, "proj", "task", "AWS_US_EAST_1", "img:1", ("sh", "-c", "echo é"),
-        (("A", "1"),), 2, 2048, 10, 60, "/work", batch_envs=(("B", "2"), ("C", "")),
-    )  # fmt: skip
-    built = wire.exchange_json([(1, 2, 3)], [(4, 5)], [wire.launch_json(launch, "pull", '{"e": 1}')],
-                               [(6, 7)], 60, 4.5)  # fmt: skip
-    model = wire.ExchangeResponse(
-        acked=[(1, 2, 3)], refused=[(4, 5)], kill=[(6, 7)], lease_seconds=60, next_call_seconds=4.5,
-        leases=[wire.launch_to_wire(launch, "pull", '{"e": 1}')],
-    )  # fmt: skip
-    assert orjson.loads(orjson.dumps(built)) == orjson.loads(orjson.dumps(wire.dump(model)))
-    back = wire.ExchangeResponse.model_validate_json(orjson.dumps(built))
-    assert wire.launch_from_wire(back.leases[0]) == launch

@@ -59,6 +59,17 @@ class Metrics:
             registry=self.registry,
         )
         self._db_children = {kind: self.db_latency.labels(kind) for kind in ("read", "write")}
+        # the agents' group commit (services/group_commit.py): calls per group is its batching
+        self.agent_groups = Counter(
+            "openhtc_agent_exchange_groups",
+            "Groups the agents' exchanges were served in (one read, at most one write transaction each)",
+            registry=self.registry,
+        )
+        self.agent_group_calls = Counter(
+            "openhtc_agent_exchange_group_calls",
+            "Agent exchanges and woken long polls' claims served in those groups",
+            registry=self.registry,
+        )
         self.registry.register(_ServerCollector(self))
 
     def db_transaction(self, kind: str, seconds: float) -> None:

@@ -4,9 +4,12 @@ The route (api/routes/agents.py) only decodes and encodes; the work is the in-pr
 protocol's (``ExecutorService``: register, report, claim, heartbeat) plus what a remote agent
 needs on top of it:
 
+- group commit: every exchange waiting at a moment is served by one writer per server, in one
+  read and one write transaction for them all (services/group_commit.py); an exchange holds no
+  thread and no connection while it waits for its group;
 - idempotent reports: each carries a per-attempt ``seq``; one at or below the highest applied
   is a duplicate, acknowledged and not applied again (a lost answer makes the agent resend).
-  The seqs kept here (``_seqs``, per server process) only save a transaction: a duplicate
+  The seqs kept per server process (the writer's ``seqs``) only save a transaction: a duplicate
   reaching another server is applied again and changes nothing (the lifecycle ignores a
   status the attempt has reached), so correctness does not depend on them;
 - shared state lives in the database, so an agent may reach any server: its token binding,
@@ -24,6 +27,7 @@ needs on top of it:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -32,16 +36,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from openhtc.domain import lifecycle
-from openhtc.domain.errors import InsufficientStorage, InvalidTransition, PermissionDenied, Unavailable
+from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.agent_records import KnownAgents
 from openhtc.services.executors import ExecutorService
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
+from openhtc.services.group_commit import Call, Exchanged, ExchangeWriter
 from openhtc.services.notify import EVERYTHING, job_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_logs import DatabaseLogs
@@ -55,6 +60,9 @@ BEAT_SECONDS = 1.0  # heartbeats and lease renewals are written this often, coal
 # An idle fleet's claims find nothing queued: that answer is reused by every claim on this server
 # until work is signalled, or for this long at most (a signal from another server may be lost)
 IDLE_RECHECK_SECONDS = 1.0
+# A long poll whose claim came back full wakes two more only while fewer calls than this wait
+# for the writer: claims woken faster than groups serve them only queue there, ahead of reports
+WAKE_BACKLOG = 16
 
 
 class Waiter:
@@ -100,31 +108,16 @@ class Registered:
     kill: list[Attempt]
 
 
-@dataclass(slots=True)
-class Exchanged:
-    region: str
-    architectures: list[str]
-    acked: list[tuple[int, int, int]] = field(default_factory=list)
-    refused: list[Attempt] = field(default_factory=list)
-    leases: list[JobLaunch] = field(default_factory=list)
-    kill: list[Attempt] = field(default_factory=list)
-    suspect: bool = False  # it did not list some of its claimed leases: answer now, no long poll
-
-
 class AgentService:
     def __init__(self, services: ServiceSet, executors: ExecutorService) -> None:
         self.services = services
         self.executors = executors
         self._lock = threading.Lock()
-        # agent -> highest seq applied per attempt through this server: a cache (see above)
-        self._seqs: dict[str, dict[Attempt, int]] = {}
+        self.writer = ExchangeWriter(self)  # the group commit of the exchanges (seqs, lost leases)
         self._log_paths: dict[int, tuple[str, str, int]] = {}  # job id -> (task, parent job, index)
         # agents that said they stop through this server: its long polls for them answer now
         # (the flag that counts is on the agent's row: store/agent_rows.py)
         self._draining: set[str] = set()
-        # agent -> the claimed leases its last exchange through this server did not list: those
-        # its next exchange does not list either are re-queued (store/agent_rows.py)
-        self._unheld: dict[str, set[Attempt]] = {}
         now = services.clock.now()
         self._last_heard = now  # the last exchange of any agent (or this service's start)
         self._grace_until = now + self.liveness
@@ -154,7 +147,7 @@ class AgentService:
         base = min(self.services.settings.heartbeat_seconds, self.liveness / 3)
         return base * random.uniform(0.8, 1.0)
 
-    def _heard(self, now: float) -> None:
+    def heard(self, now: float) -> None:
         with self._lock:
             if now - self._last_heard > self.liveness:  # after a gap: the server suspects itself
                 self._grace_until = now + self.liveness
@@ -173,15 +166,14 @@ class AgentService:
         agent is bound to it, or refused (PermissionDenied) with nothing written."""
         s = self.services
         now = s.clock.now()
-        self._heard(now)
+        self.heard(now)
         applied, kill = s.queue.register_agent(
             agent, now, s.settings.lease_seconds, running, may_have_started, token
         )
         self._known.forget(agent.agent_id)
         with self._lock:
-            self._seqs.pop(agent.agent_id, None)
             self._draining.discard(agent.agent_id)
-            self._unheld.pop(agent.agent_id, None)
+        self.writer.forget(agent.agent_id)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()
@@ -201,79 +193,38 @@ class AgentService:
         token_hash: str | None = None,
         exchange_seq: int | None = None,
         results: dict[Attempt, ReportedResult] | None = None,
-    ) -> Exchanged:
-        """Heartbeat, reports and claim in one call. ``reports``: (seq, report) pairs.
-        ``token_region``: the region the caller's agent token allows ("*": any); ``token_hash``:
-        the token's hash (None: in-process, not checked). ``exchange_seq``: the agent's count
-        of its exchanges, sent by agents that reconcile their leases (``held`` is then complete:
-        a claimed lease it does not list in two exchanges in a row never reached it and goes back
-        to the queue).
+    ) -> concurrent.futures.Future[Exchanged]:
+        """Heartbeat, reports and claim in one call, served in a group (services/group_commit.py);
+        the future's result is the answer (or MustRegister, PermissionDenied, ...).
+        ``reports``: (seq, report) pairs. ``token_region``: the region the caller's agent token
+        allows ("*": any); ``token_hash``: the token's hash (None: in-process, not checked).
+        ``exchange_seq``: the agent's count of its exchanges, sent by agents that reconcile their
+        leases (``held`` is then complete: a claimed lease it does not list in two exchanges in a
+        row never reached it and goes back to the queue).
         ``results``: function calls' results, by attempt, sent with their terminal reports."""
-        s = self.services
-        now = s.clock.now()
-        self._heard(now)
-        state = self._check(agent_id, incarnation, token_region, token_hash)
-        self._beat(agent_id, now)  # only once the caller is known to speak for this agent
-        out = Exchanged(state.region, state.architectures)
-        region, architectures = state.region, state.architectures
-        if draining:
-            self.drain(agent_id)
-            if not state.draining:  # written once, not at every exchange of a draining agent
-                s.queue.set_draining(agent_id, incarnation)
-                self._known.draining(agent_id)
-        with self._lock:
-            seqs = self._seqs.setdefault(agent_id, {})
-            fresh = []
-            for seq, report in reports:
-                if seq <= seqs.get((report.job_id, report.attempt), 0):
-                    out.acked.append((report.job_id, report.attempt, seq))  # a duplicate
-                else:
-                    fresh.append((seq, report))
-        if results:  # before the ends: a call that reads as ended has its result (as in-process)
-            self._save_results(agent_id, fresh, results)
-        invalid: set[tuple[int, Attempt]] = set()  # (seq, attempt) of reports that broke a rule
-        changed = self._apply(agent_id, fresh, invalid) if fresh else set()
-        records = s.queue.records({j for j, _ in held} | {r.job_id for _, r in fresh})
-        kill: set[Attempt] = set()
-        with self._lock:
-            for seq, r in fresh:
-                key = (r.job_id, r.attempt)
-                rec = records.get(r.job_id)
-                mine = rec is not None and rec.attempt == r.attempt and rec.executor_id == agent_id
-                if (seq, key) in invalid:  # refused; its attempt killed unless it is still the agent's
-                    out.refused.append(key)
-                    if not _may_hold(agent_id, r.attempt, rec):
-                        kill.add(key)
-                elif mine or r.job_id in changed:
-                    out.acked.append((r.job_id, r.attempt, seq))
-                    seqs[key] = max(seq, seqs.get(key, 0))
-                else:
-                    out.refused.append(key)
-                    kill.add(key)
-            # what the agent holds no more needs no memory of its seqs
-            keep = set(held) | {(r.job_id, r.attempt) for _, r in reports}
-            for key in [k for k in seqs if k not in keep]:
-                del seqs[key]
-        kill.update(k for k in held if not _may_hold(agent_id, k[1], records.get(k[0])))
-        out.kill = sorted(kill)
-        if exchange_seq is not None:
-            with self._lock:
-                suspected = self._unheld.pop(agent_id, set())
-            released, missing = s.queue.release_unheld(agent_id, held, now, suspected)
-            if missing:  # the next exchange re-queues those it does not list either: let it come soon
-                out.suspect = True
-                with self._lock:
-                    self._unheld[agent_id] = missing
-            if released.changes:
-                log.warning(
-                    "agent %s: %d lease(s) it never received re-queued", agent_id, len(released.changes)
-                )
-                s.metrics.jobs.applied(released)
-                s.wakeups.schedule_round.set()
-                s.notify.publish((EVERYTHING,))
-        if not draining:
-            out.leases = self.claim(agent_id, region, architectures, free, max_jobs)
-        return out
+        call = Call(
+            agent_id, incarnation, held, reports, free, max_jobs, draining, token_region, token_hash,
+            exchange_seq, results,
+        )  # fmt: skip
+        future: concurrent.futures.Future[Exchanged] = self.writer.submit(call)
+        return future
+
+    async def exchange_async(self, *args: Any, **kwargs: Any) -> Exchanged:
+        """``exchange``, awaited on the event loop (no thread of the pool waits for it)."""
+        return await asyncio.wrap_future(self.exchange(*args, **kwargs))
+
+    async def claim_async(
+        self, agent_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
+    ) -> list[JobLaunch]:
+        """A woken long poll's claim, in the next group (with every other claim waiting then)."""
+        if max_jobs <= 0 or free.vcpus <= 0:
+            return []
+        call = Call(
+            agent_id, free=free, max_jobs=max_jobs, claim_only=True, region=region,
+            architectures=tuple(architectures),
+        )  # fmt: skip
+        future: concurrent.futures.Future[list[JobLaunch]] = self.writer.submit(call)
+        return await asyncio.wrap_future(future)
 
     def exchange_idle(
         self,
@@ -295,10 +246,9 @@ class AgentService:
         if state is None or state.token_hash != token_hash or token_region not in ("*", state.region):
             return None  # read it (and answer 403 or 409 if it says so)
         now = self.services.clock.now()
-        self._heard(now)
-        self._beat(agent_id, now)
-        with self._lock:
-            self._seqs.pop(agent_id, None)  # it holds nothing: no attempt's seqs to keep
+        self.heard(now)
+        self.beat(agent_id, now)
+        self.writer.seqs.pop(agent_id, None)  # it holds nothing: no attempt's seqs to keep
         return Exchanged(state.region, state.architectures)
 
     def _nothing_queued(self) -> bool:
@@ -318,7 +268,7 @@ class AgentService:
             self._idle_rechecking = now  # this one reads
             return False
 
-    def _save_results(
+    def save_results(
         self,
         agent_id: str,
         fresh: Sequence[tuple[int, AttemptReport]],
@@ -356,30 +306,6 @@ class AgentService:
                 out[jobs[idx]] = event
         return out
 
-    def _apply(
-        self, agent_id: str, fresh: Sequence[tuple[int, AttemptReport]], invalid: set[tuple[int, Attempt]]
-    ) -> set[int]:
-        """Apply the reports; returns the jobs they changed. An invalid transition fails its
-        whole transaction: then they are applied one at a time, and the invalid ones (added to
-        ``invalid``) refused, so one bad report costs the agent none of its others."""
-        try:
-            applied = self.executors.report(agent_id, [r for _, r in fresh])
-            return {change[0] for change in applied.changes}
-        except InvalidTransition:
-            pass  # nothing was applied (one transaction)
-        changed: set[int] = set()
-        first = ""
-        for seq, r in fresh:
-            try:
-                applied = self.executors.report(agent_id, [r])
-            except InvalidTransition as exc:
-                invalid.add((seq, (r.job_id, r.attempt)))
-                first = first or exc.message
-                continue
-            changed.update(change[0] for change in applied.changes)
-        log.warning("agent %s: %d invalid report(s) refused (%s)", agent_id, len(invalid), first)
-        return changed
-
     def check(
         self, agent_id: str, incarnation: str, token_region: str = "*", token_hash: str | None = None
     ) -> tuple[str, list[str]]:
@@ -396,6 +322,22 @@ class AgentService:
         now = time.monotonic()
         known = self._known.get(agent_id, incarnation, token_hash, now)
         state = self.services.queue.agent_state(agent_id, incarnation) if known is None else known
+        self.check_state(agent_id, state, token_region, token_hash)
+        if known is None:
+            self._known.put(agent_id, incarnation, token_hash, state, now)
+        return state
+
+    def remember(
+        self, agent_id: str, incarnation: str, token_hash: str | None, state: AgentState, read_at: float
+    ) -> None:
+        """A caller passed ``check_state`` of its agent's row as read at ``read_at`` (monotonic,
+        before the read): its next exchanges may trust it (agent_records.py)."""
+        self._known.put(agent_id, incarnation, token_hash, state, read_at)
+
+    def check_state(
+        self, agent_id: str, state: AgentState, token_region: str, token_hash: str | None
+    ) -> AgentState:
+        """``check`` of an agent's state as read (the group commit reads a group's at once)."""
         if token_hash is not None and state.token_hash is not None and state.token_hash != token_hash:
             raise PermissionDenied(
                 f"agent {agent_id} registered with another agent token: this one does not speak for it"
@@ -406,13 +348,12 @@ class AgentService:
             raise MustRegister(state.reason)
         if token_hash is not None and state.token_hash is None:  # registered before tokens were bound
             raise MustRegister("unknown agent")
-        if known is None:
-            self._known.put(agent_id, incarnation, token_hash, state, now)
         return state
 
     def drain(self, agent_id: str) -> None:
         """The agent stops: it gets no new job (its row says so: exchange), and the long poll it
         may have open on this server answers now. The set here only wakes local long polls."""
+        self._known.draining(agent_id)
         with self._lock:
             self._draining.add(agent_id)
             mine = [w for q in self._waiters.values() for w in q if w.agent_id == agent_id]
@@ -445,13 +386,18 @@ class AgentService:
                 if queue is not None:
                     queue.remove(waiter)
 
-    def pass_on(self, region: str) -> None:
-        """A woken long poll claimed (there may be more work), or will not claim: wake the next.
-        (Waking two when a claim came back full, up to 4 claiming at once, was tried: a quarter
-        less throughput and 4-8x the round trips at 1,000 agents; performance.md.)"""
+    def pass_on(self, region: str, count: int = 1) -> None:
+        """A woken long poll claimed (there may be more work), or will not claim: wake the next
+        ``count``. A claim that came back full wakes two: their claims share the next group's
+        transaction (services/group_commit.py), so the claiming doubles while the queue lasts (and
+        the writer keeps up: WAKE_BACKLOG) and stops at the first claim that finds it short.
+        (Before the group commit, concurrent claims were transactions racing each other: a
+        quarter less throughput; performance.md.)"""
+        if count > 1 and self.writer.backlog() >= WAKE_BACKLOG:  # the writer has enough to do
+            count = 1
         with self._lock:
-            waiter = self._pop(region)
-        if waiter is not None:
+            woken = [w for _ in range(count) if (w := self._pop(region)) is not None]
+        for waiter in woken:
             waiter.wake()
 
     def work_arrived(self) -> None:
@@ -487,7 +433,7 @@ class AgentService:
 
     # -- heartbeats -----------------------------------------------------------------------------
 
-    def _beat(self, agent_id: str, now: float) -> None:
+    def beat(self, agent_id: str, now: float) -> None:
         with self._lock:
             self._beats.setdefault(agent_id, now)
             start = self._beat_thread is None
@@ -531,31 +477,20 @@ class AgentService:
     def draining(self, agent_id: str) -> bool:
         return agent_id in self._draining
 
-    def claim(
-        self, agent_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
-    ) -> list[JobLaunch]:
-        if max_jobs <= 0 or free.vcpus <= 0:
-            return []
-        # a Slurm pilot's agent takes only jobs whose timeout fits its walltime left (issue 17)
-        allocation = self.services.allocation
-        max_timeout = allocation.max_timeout(agent_id) if allocation is not None else None
-        if max_timeout is not None and max_timeout < 0:
-            return []
-        # With nothing queued, one claim's read answers every claim on this server until work is
-        # signalled (or IDLE_RECHECK_SECONDS pass): 1,000 idle agents' exchanges then cost the
-        # database about one read a second, not one each.
+    def idle_known(self, mark: int, began: float) -> bool:
+        """Whether a claim may skip its read: one found nothing queued since work mark ``mark``
+        was signalled, less than IDLE_RECHECK_SECONDS before ``began`` (time.monotonic()). With
+        nothing queued, 1,000 idle agents' exchanges then cost the database about one read a
+        second per server, not one each."""
         with self._lock:
-            mark, seen = self._work, self._idle_seen
-        began = time.monotonic()
-        if seen is not None and seen[0] == mark and began - seen[1] < IDLE_RECHECK_SECONDS:
-            return []
-        leases = self.executors.claim(
-            agent_id, region, architectures, free, max_jobs, max_timeout, agent=True
-        )
-        if not leases and self.services.queue.nothing_queued_at >= began:
-            with self._lock:  # the mark was taken before that read: work signalled since voids it
+            seen = self._idle_seen
+        return seen is not None and seen[0] == mark and began - seen[1] < IDLE_RECHECK_SECONDS
+
+    def idle_seen(self, mark: int, began: float) -> None:
+        """A read begun at ``began`` after work mark ``mark`` found nothing queued."""
+        with self._lock:
+            if self._work == mark:  # work signalled since voids it
                 self._idle_seen = (mark, began)
-        return leases
 
     def check_liveness(self) -> int:
         """Mark lost the agents silent past their liveness (unless the server suspects itself);
@@ -567,7 +502,7 @@ class AgentService:
         self.flush_beats()  # this server's own, before it judges anyone silent
         heard = s.queue.last_agent_heartbeat()
         if heard is not None and heard > self._last_heard:
-            self._heard(heard)
+            self.heard(heard)
         with self._lock:
             quiet = now - self._last_heard
             # Agents call at staggered times: when the server is cut off, the first of them look
@@ -581,9 +516,9 @@ class AgentService:
             with self._lock:
                 for agent_id in lost:  # it registers again before it is served
                     self._known.forget(agent_id)
-                    self._seqs.pop(agent_id, None)
                     self._draining.discard(agent_id)
-                    self._unheld.pop(agent_id, None)
+            for agent_id in lost:
+                self.writer.forget(agent_id)
         if applied.changes:
             s.metrics.jobs.applied(applied)
             s.wakeups.schedule_round.set()
@@ -670,21 +605,6 @@ class AgentService:
 def _leased_to(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
     """Whether the attempt is the job's current one, leased to this agent (running or ended)."""
     return rec is not None and rec.attempt == attempt and rec.executor_id == agent_id
-
-
-def _may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
-    """Whether an attempt the agent lists as held is not to be killed: still its current one,
-    or its current one that ended by its own report (acked, or not yet: the agent lists it until
-    it is acked). A cancelled one is killed."""
-    if lifecycle.still_holds(agent_id, attempt, rec):
-        return True
-    return (
-        rec is not None
-        and rec.attempt == attempt
-        and rec.executor_id == agent_id
-        and rec.terminal
-        and not rec.cancelled
-    )
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> int:

@@ -109,6 +109,11 @@ class ExecutorService:
         s.metrics.jobs.claimed(claimed, s.clock.now())
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
+    def launches(self, claimed: Sequence[Any]) -> list[JobLaunch]:
+        """The launches of jobs claimed elsewhere (the agents' group commit), in their order."""
+        contexts = self._contexts_for({job.batch_id for job in claimed})
+        return [self._launch(job, contexts[job.batch_id]) for job in claimed]
+
     def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> Applied:
         """Apply an executor's reports; returns what they changed."""
         applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
@@ -116,10 +121,10 @@ class ExecutorService:
         if applied.requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.schedule_round.set()
         if applied.changes and not self.services.notify.idle:
-            self._notify(applied)
+            self.notify_applied(applied)
         return applied
 
-    def _notify(self, applied: Applied) -> None:
+    def notify_applied(self, applied: Applied) -> None:
         """After the commit: wake who waits for the tasks of the jobs the reports changed, and
         for the jobs whose attempt ended (stale reports changed nothing: they wake nobody)."""
         keys: set[Key] = set()

@@ -23,6 +23,7 @@ from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
 from openhtc.store.agent_rows import AgentRows, AgentState, TokenBinding, check_binding
 from openhtc.store.db import Database
+from openhtc.store.exchanges import ExchangeRows
 from openhtc.store.tables import (
     batches,
     executors,
@@ -40,7 +41,7 @@ _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's le
 _HELD_SQL = ",".join(str(s) for s in _HELD)
 
 
-class QueueStore(AgentRows):
+class QueueStore(AgentRows, ExchangeRows):
     def __init__(self, db: Database, max_infra_retries: int = 3) -> None:
         self.db = db
         # re-runs after infrastructure faults a job may have (settings.max_infrastructure_retries)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, NamedTuple, TypeVar
 
+import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -150,8 +151,7 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         done = (
             idle
             if idle is not None
-            else await run_in_threadpool(
-                agents.exchange,
+            else await agents.exchange_async(
                 agent_id,
                 req.incarnation,
                 req.held,
@@ -190,19 +190,17 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             agents.pass_on(done.region)  # it was woken for work it will not take
             break
         seen = agents.work_seen()
-        leases = await run_in_threadpool(
-            agents.claim, agent_id, done.region, done.architectures, free, req.max_jobs
-        )
-        if leases:  # there may be more: the next waiter claims too
-            agents.pass_on(done.region)
-    answer = wire.exchange_json(
-        done.acked,
-        done.refused,
-        await _wire_leases(svc, agents, leases) if leases else [],
-        done.kill,
-        svc.settings.lease_seconds,
-        agents.next_call_seconds(),
-    )
+        leases = await agents.claim_async(agent_id, done.region, done.architectures, free, req.max_jobs)
+        if leases:  # there may be more: the next waiter claims too (two, if this one came back full)
+            agents.pass_on(done.region, 2 if len(leases) >= min(req.max_jobs, free.vcpus) else 1)
+    answer = {  # wire.ExchangeResponse, built directly (see wire.launch_json)
+        "acked": done.acked,
+        "refused": done.refused,
+        "leases": await _wire_leases(svc, agents, leases),
+        "kill": done.kill,
+        "lease_seconds": svc.settings.lease_seconds,
+        "next_call_seconds": agents.next_call_seconds(),
+    }
     return JSONResponse(answer)
 
 
@@ -227,17 +225,26 @@ async def logs(agent_id: str, request: Request) -> JSONResponse:
 async def _wire_leases(
     svc: ServiceSet, agents: AgentService, leases: list[JobLaunch]
 ) -> list[dict[str, Any]]:
-    """The leases for the wire: each with its registry pull token (one per project and image in
-    an answer: each is a signature), and a function call's event (read only if one is a call)."""
+    """The leases for the wire (``wire.Launch`` as JSON): each with its registry pull token, and
+    a function call's event. A batch's envs (its tokens among them: most of a lease's bytes) are
+    encoded once per answer, not once per lease."""
     calls = any(launch.commands[:1] == (FUNCTION_COMMAND,) for launch in leases)
     events = await run_in_threadpool(agents.events_for, leases) if calls else {}
+    shared: dict[int, Any] = {}  # id of a batch's envs tuple (alive meanwhile) -> its JSON
     tokens: dict[tuple[str, str], str | None] = {}
     out = []
     for launch in leases:
-        where = (launch.project_id, launch.image)
+        envs = shared.get(id(launch.batch_envs))
+        if envs is None:
+            try:
+                envs = orjson.Fragment(orjson.dumps(launch.batch_envs))
+            except TypeError:  # text no encoder takes: JSONResponse replaces it (api/responses.py)
+                envs = launch.batch_envs
+            shared[id(launch.batch_envs)] = envs
+        where = (launch.project_id, launch.image)  # one token per project and image: a signature each
         if where not in tokens:
-            tokens[where] = _pull_token(svc, launch.project_id, launch.image)
-        out.append(wire.launch_json(launch, tokens[where], events.get(launch.job_id)))
+            tokens[where] = _pull_token(svc, launch.project_id, launch.image) if launch.image else None
+        out.append(wire.launch_json(launch, tokens[where], events.get(launch.job_id), envs))
     return out
 
 
