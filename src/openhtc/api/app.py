@@ -2,8 +2,9 @@
 
 The routes are registered once, at the root; a request for ``/api/v1/…`` is routed with that
 prefix as its ``root_path`` (its URL, pagination links included, keeps the prefix). Registering
-the routes twice would double the list each request is matched against. The job and task
-routes, which clients poll, come first.
+the routes twice would double the list each request is matched against. The agent protocol's
+routes come first (a fleet's exchanges: matching one past every other router cost ~0.2 ms of
+CPU, more than the rest of an idle exchange), then the job and task routes, which clients poll.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], No
     )
     app.state.services = services
     errors.install(app)
-    for module in (jobs, tasks, projects, storage, registry, auth, workspace, system, live):
+    # the agent protocol first: a fleet calls it (its paths are its own: the order is free)
+    for module in (agents, jobs, tasks, projects, storage, registry, auth, workspace, system, live):
         app.include_router(module.router)
-    for module in (explain, overview, functions, agents, alloc):  # openhtc extensions (docs/extensions.md)
+    for module in (explain, overview, functions, alloc):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
     for extend in extensions:
         extend(app)

@@ -16,6 +16,12 @@ from openhtc.domain.errors import PermissionDenied, Unauthenticated
 ISSUER = "openhtc"
 AUDIENCE = "openhtc-api"
 AGENT = "agent"  # the typ and scope of agent tokens
+# A verified agent token is trusted this long without checking its signature again (never past its
+# expiry). Every exchange carries one: the RS256 check was a tenth of an idle exchange's cost.
+# What a token may do beyond that (bound to which agent, lost or not) is the agent row's, read
+# by the exchange itself, so this cache relaxes no rule.
+AGENT_VERIFIED_SECONDS = 300.0
+AGENT_CACHE_ENTRIES = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,8 @@ class TokenService:
         self.ttl_seconds = ttl_seconds
         self.refresh_ttl_seconds = refresh_ttl_seconds
         self._cache: OrderedDict[str, Principal] = OrderedDict()
+        # agent token -> (its claims, trusted until)
+        self._agents: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _encode(self, payload: dict[str, Any]) -> str:
@@ -119,7 +127,23 @@ class TokenService:
         return self._encode(claims)
 
     def verify_agent(self, token: str) -> dict[str, Any]:
-        """The claims of an agent token; any other credential is refused (403)."""
+        """The claims of an agent token; any other credential is refused (403). A token verified
+        once is trusted for AGENT_VERIFIED_SECONDS, never past its expiry."""
+        now = self.clock.now()
+        with self._lock:
+            cached = self._agents.get(token)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        claims = self._verify_agent(token)
+        until = min(float(claims["exp"]), now + AGENT_VERIFIED_SECONDS)
+        with self._lock:
+            self._agents[token] = (claims, until)
+            self._agents.move_to_end(token)
+            while len(self._agents) > AGENT_CACHE_ENTRIES:
+                self._agents.popitem(last=False)
+        return claims
+
+    def _verify_agent(self, token: str) -> dict[str, Any]:
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import random
@@ -42,6 +43,7 @@ from typing import Any
 from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.services.agent_records import KnownAgents
 from openhtc.services.executors import ExecutorService
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
 from openhtc.services.group_commit import Call, Exchanged, ExchangeWriter
@@ -64,9 +66,11 @@ WAKE_BACKLOG = 16
 
 
 class Waiter:
-    """An exchange that long-polls for work (on the event loop); woken by ``AgentService``."""
+    """An exchange that long-polls for work (on the event loop); woken by ``AgentService``.
+    ``woken`` tells a wake-up (work, a drain, the server stopping) from the poll's own timer,
+    which sets ``event`` only."""
 
-    __slots__ = ("agent_id", "event", "loop", "queued", "region")
+    __slots__ = ("agent_id", "event", "loop", "queued", "region", "woken")
 
     def __init__(self, agent_id: str, region: str) -> None:
         self.agent_id = agent_id
@@ -74,9 +78,12 @@ class Waiter:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.queued = False
+        self.woken = False
 
     def wake(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
+        self.woken = True
+        with contextlib.suppress(RuntimeError):  # its loop is closed: the server has stopped
+            self.loop.call_soon_threadsafe(self.event.set)
 
 
 class LogsRefused(Exception):
@@ -118,13 +125,17 @@ class AgentService:
         # one that claimed something wakes the next: one claim's worth at a time, not a herd.
         self._waiters: dict[str, deque[Waiter]] = {}
         self._work = 0  # work signals so far: a claim that raced one claims again
+        self._closed = False  # the server stops: every long poll answers now (close)
         self._idle_seen: tuple[int, float] | None = None  # (work mark, monotonic): nothing queued
+        self._idle_rechecking = float("-inf")  # when an idle exchange last went to read again
         services.wakeups.on_executor_work(self.work_arrived)
         # Heartbeats (liveness, lease renewals) are kept here and written once per BEAT_SECONDS
         # in one statement: an agent's liveness then lags by at most that much.
         self._beats: dict[str, float] = {}  # agent -> first exchange heard since the last write
         self._beat_lock = threading.Lock()  # one writer at a time
         self._beat_thread: threading.Thread | None = None
+        # the agents' records as last read, trusted while they keep calling (agent_records.py)
+        self._known = KnownAgents(self.liveness, BEAT_SECONDS)
 
     @property
     def liveness(self) -> float:
@@ -159,6 +170,7 @@ class AgentService:
         applied, kill = s.queue.register_agent(
             agent, now, s.settings.lease_seconds, running, may_have_started, token
         )
+        self._known.forget(agent.agent_id)
         with self._lock:
             self._draining.discard(agent.agent_id)
         self.writer.forget(agent.agent_id)
@@ -214,6 +226,48 @@ class AgentService:
         future: concurrent.futures.Future[list[JobLaunch]] = self.writer.submit(call)
         return await asyncio.wrap_future(future)
 
+    def exchange_idle(
+        self,
+        agent_id: str,
+        incarnation: str,
+        free: Capacity,
+        max_jobs: int,
+        token_region: str,
+        token_hash: str | None,
+    ) -> Exchanged | None:
+        """``exchange`` for an agent that reports and holds nothing, when it needs no database:
+        its record is known (agent_records.py) and nothing is queued (or it claims nothing).
+        In memory only, so it runs on the event loop; None: call ``exchange``. An idle fleet's
+        exchanges are nearly all of this kind. (Agents that send ``exchange_seq`` are not: their
+        claimed leases are reconciled from the database.)"""
+        if max_jobs > 0 and free.vcpus > 0 and not self._nothing_queued():
+            return None
+        state = self._known.get(agent_id, incarnation, token_hash, time.monotonic())
+        if state is None or state.token_hash != token_hash or token_region not in ("*", state.region):
+            return None  # read it (and answer 403 or 409 if it says so)
+        now = self.services.clock.now()
+        self.heard(now)
+        self.beat(agent_id, now)
+        self.writer.seqs.pop(agent_id, None)  # it holds nothing: no attempt's seqs to keep
+        return Exchanged(state.region, state.architectures)
+
+    def _nothing_queued(self) -> bool:
+        """Whether a claim on this server found nothing queued, and no work was signalled since
+        (at most IDLE_RECHECK_SECONDS ago: a signal from another server may be lost). Once that
+        answer is older, one exchange claims (reads) again and the others keep it meanwhile, for
+        another IDLE_RECHECK_SECONDS at most: not a herd of reads at every expiry."""
+        now = time.monotonic()
+        with self._lock:
+            mark, seen = self._work, self._idle_seen
+            if seen is None or seen[0] != mark:
+                return False
+            if now - seen[1] < IDLE_RECHECK_SECONDS:
+                return True
+            if now - self._idle_rechecking < IDLE_RECHECK_SECONDS:
+                return now - seen[1] < 2 * IDLE_RECHECK_SECONDS
+            self._idle_rechecking = now  # this one reads
+            return False
+
     def save_results(
         self,
         agent_id: str,
@@ -265,8 +319,20 @@ class AgentService:
     def _check(
         self, agent_id: str, incarnation: str, token_region: str, token_hash: str | None
     ) -> AgentState:
-        state = self.services.queue.agent_state(agent_id, incarnation)
-        return self.check_state(agent_id, state, token_region, token_hash)
+        now = time.monotonic()
+        known = self._known.get(agent_id, incarnation, token_hash, now)
+        state = self.services.queue.agent_state(agent_id, incarnation) if known is None else known
+        self.check_state(agent_id, state, token_region, token_hash)
+        if known is None:
+            self._known.put(agent_id, incarnation, token_hash, state, now)
+        return state
+
+    def remember(
+        self, agent_id: str, incarnation: str, token_hash: str | None, state: AgentState, read_at: float
+    ) -> None:
+        """A caller passed ``check_state`` of its agent's row as read at ``read_at`` (monotonic,
+        before the read): its next exchanges may trust it (agent_records.py)."""
+        self._known.put(agent_id, incarnation, token_hash, state, read_at)
 
     def check_state(
         self, agent_id: str, state: AgentState, token_region: str, token_hash: str | None
@@ -287,6 +353,7 @@ class AgentService:
     def drain(self, agent_id: str) -> None:
         """The agent stops: it gets no new job (its row says so: exchange), and the long poll it
         may have open on this server answers now. The set here only wakes local long polls."""
+        self._known.draining(agent_id)
         with self._lock:
             self._draining.add(agent_id)
             mine = [w for q in self._waiters.values() for w in q if w.agent_id == agent_id]
@@ -303,8 +370,9 @@ class AgentService:
         """Queue a long poll (on the event loop) at the end of its region's FIFO."""
         waiter = Waiter(agent_id, region)
         with self._lock:
-            if self._work != seen or agent_id in self._draining:
-                waiter.event.set()  # work came while it claimed: claim again at once
+            if self._work != seen or agent_id in self._draining or self._closed:
+                waiter.woken = True  # work came while it claimed: claim again at once
+                waiter.event.set()
             else:
                 waiter.queued = True
                 self._waiters.setdefault(region, deque()).append(waiter)
@@ -340,6 +408,19 @@ class AgentService:
         for waiter in woken:
             waiter.wake()
 
+    def close(self) -> None:
+        """The server stops: every long poll answers now, and those that come later at once.
+        (A long poll waits on its event alone, with no timer slices: 1,000 idle agents' polls
+        woken every second to look at the server's state cost more than their exchanges.)"""
+        with self._lock:
+            self._closed = True
+            woken = [w for queue in self._waiters.values() for w in queue]
+            self._waiters.clear()
+            for waiter in woken:
+                waiter.queued = False
+        for waiter in woken:
+            waiter.wake()
+
     def _pop(self, region: str) -> Waiter | None:
         queue = self._waiters.get(region)
         if not queue:
@@ -368,6 +449,7 @@ class AgentService:
                 self.flush_beats()
             except Exception:  # the database is away: the next round writes them
                 log.warning("agents: could not write the heartbeats", exc_info=True)
+        self.close()  # the server stops: its long polls answer within a beat
 
     def flush_beats(self) -> None:
         """Write the heartbeats heard since the last write: one statement for them all."""
@@ -380,7 +462,13 @@ class AgentService:
                 self.services.queue.agent_beats(
                     beats.keys(), min(beats.values()), self.services.settings.lease_seconds
                 )
+                # what another server or the leader changed in the rows of the agents trusted here
+                asked = beats.keys() & self._known.ids()
+                if asked:
+                    self._known.refresh(self.services.queue.agent_marks(asked), asked)
             except Exception:
+                # the sweep may not see this server's heartbeats: trust no record read before
+                self._known.clear()
                 with self._lock:  # kept for the next write
                     for agent_id, heard in beats.items():
                         self._beats[agent_id] = min(heard, self._beats.get(agent_id, heard))
@@ -427,6 +515,7 @@ class AgentService:
         if lost:
             with self._lock:
                 for agent_id in lost:  # it registers again before it is served
+                    self._known.forget(agent_id)
                     self._draining.discard(agent_id)
             for agent_id in lost:
                 self.writer.forget(agent_id)

@@ -80,6 +80,9 @@ class Fleet(Protocol):
     def check_state(
         self, agent_id: str, state: AgentState, token_region: str, token_hash: str | None
     ) -> AgentState: ...
+    def remember(
+        self, agent_id: str, incarnation: str, token_hash: str | None, state: AgentState, read_at: float
+    ) -> None: ...
     def beat(self, agent_id: str, now: float) -> None: ...
     def drain(self, agent_id: str) -> None: ...
     def idle_known(self, mark: int, began: float) -> bool: ...
@@ -260,6 +263,7 @@ class ExchangeWriter:
                     c.future.set_exception(exc)
                     continue
                 served.append(c)
+                agents.remember(c.agent_id, c.incarnation, c.token_hash, state, began)
                 agents.beat(c.agent_id, now)  # only once the caller is known to speak for this agent
                 c.out = Exchanged(state.region, state.architectures)
                 if c.draining:

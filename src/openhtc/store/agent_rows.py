@@ -101,6 +101,19 @@ class AgentRows:
                 .values(draining=True)
             )
 
+    def agent_marks(self, agent_ids: Collection[str]) -> dict[str, tuple[str, bool, str | None, bool]]:
+        """What may change in these agents' rows behind a server's back: agent id -> (its
+        incarnation, whether it is lost, its token's hash, whether it drains). One read."""
+        if not agent_ids:
+            return {}
+        query = select(
+            executors.c.id, executors.c.incarnation, executors.c.lost_at, executors.c.token_hash,
+            executors.c.draining,
+        ).where(executors.c.id.in_(sorted(agent_ids)))  # fmt: skip
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return {r.id: (r.incarnation, r.lost_at is not None, r.token_hash, bool(r.draining)) for r in rows}
+
     def may_claim(self, conn: Connection, agent_id: str) -> bool:
         """In a claim's write transaction: whether the agent is live and not draining. Locks
         its row on PostgreSQL: the lost sweep (which updates it) waits for this claim to commit

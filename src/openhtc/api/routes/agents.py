@@ -12,7 +12,6 @@ every idle agent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -143,19 +142,28 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
     free = req.free.capacity()
     wait = min(req.wait_seconds, svc.settings.agent_poll_seconds)
     seen = agents.work_seen()  # taken before the claim: work signalled during it is not missed
+    idle = None  # an idle agent's exchange that needs no database: answered here, on the loop
+    if not (req.reports or req.held or req.draining) and req.exchange_seq is None:
+        idle = agents.exchange_idle(
+            agent_id, req.incarnation, free, req.max_jobs, caller.region, caller.token_hash
+        )
     try:
-        done = await agents.exchange_async(
-            agent_id,
-            req.incarnation,
-            req.held,
-            reports,
-            free,
-            req.max_jobs,
-            req.draining,
-            caller.region,
-            caller.token_hash,
-            req.exchange_seq,
-            results,
+        done = (
+            idle
+            if idle is not None
+            else await agents.exchange_async(
+                agent_id,
+                req.incarnation,
+                req.held,
+                reports,
+                free,
+                req.max_jobs,
+                req.draining,
+                caller.region,
+                caller.token_hash,
+                req.exchange_seq,
+                results,
+            )
         )
     except MustRegister as exc:
         return _must_register(exc.reason)
@@ -169,13 +177,14 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         if left <= 0:
             break
         waiter = agents.wait(agent_id, done.region, seen)
-        try:  # in slices: a stopping server answers its long polls within a second
-            while not waiter.event.is_set() and not svc.notify.closing and loop.time() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), min(1.0, deadline - loop.time()))
+        # one timer per poll, no slices (a stopping server wakes its polls: AgentService.close)
+        timer = loop.call_at(deadline, waiter.event.set)
+        try:
+            await waiter.event.wait()
         finally:
+            timer.cancel()
             agents.done_waiting(waiter)
-        if not waiter.event.is_set():
+        if not waiter.woken:  # the poll's time is up
             break
         if svc.notify.closing or agents.draining(agent_id) or await request.is_disconnected():
             agents.pass_on(done.region)  # it was woken for work it will not take
@@ -222,6 +231,7 @@ async def _wire_leases(
     calls = any(launch.commands[:1] == (FUNCTION_COMMAND,) for launch in leases)
     events = await run_in_threadpool(agents.events_for, leases) if calls else {}
     shared: dict[int, Any] = {}  # id of a batch's envs tuple (alive meanwhile) -> its JSON
+    tokens: dict[tuple[str, str], str | None] = {}
     out = []
     for launch in leases:
         envs = shared.get(id(launch.batch_envs))
@@ -231,8 +241,10 @@ async def _wire_leases(
             except TypeError:  # text no encoder takes: JSONResponse replaces it (api/responses.py)
                 envs = launch.batch_envs
             shared[id(launch.batch_envs)] = envs
-        token = _pull_token(svc, launch.project_id, launch.image) if launch.image else None
-        out.append(wire.launch_json(launch, token, events.get(launch.job_id), envs))
+        where = (launch.project_id, launch.image)  # one token per project and image: a signature each
+        if where not in tokens:
+            tokens[where] = _pull_token(svc, launch.project_id, launch.image) if launch.image else None
+        out.append(wire.launch_json(launch, tokens[where], events.get(launch.job_id), envs))
     return out
 
 
