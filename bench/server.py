@@ -50,7 +50,9 @@ class OpenhtcServer:
         memory_mb: int | None = None,
         start_timeout: float = 90.0,
         env: dict[str, str] | None = None,
+        command_prefix: list[str] | None = None,
     ) -> None:
+        self.command_prefix = command_prefix  # runs ``htc``'s arguments instead (bench/lonetrace.py)
         self.extra_env = dict(env or {})  # settings beyond the above (OPENHTC_*), and SLURM_CONF
         self.runtime = runtime
         self.database_url = database_url
@@ -82,7 +84,7 @@ class OpenhtcServer:
     def _start(self) -> OpenhtcServer:
         self.port = free_port()
         cmd = [
-            htc_binary(),
+            *(self.command_prefix or [htc_binary()]),
             "server",
             "--data-dir",
             str(self.data_dir),

@@ -174,3 +174,43 @@ def test_a_graceful_restart_charges_no_job_it_had_not_started(
     }
     assert set(failed) == running_long, f"failed: {sorted(failed.items())[:5]}; running long: {running_long}"
     assert {code for code, _ in failed.values()} <= {"ErrorInfrastructureFault"}, failed
+
+
+def test_a_machine_crash_that_loses_the_journals_tail_runs_no_attempt_twice(
+    start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The embedded executor waits for no sync of its attempt journal before a hand-off (a lazy
+    journal, executor/journal.py): a kill -9 of the server loses none of its writes, a crash of
+    the machine may lose its tail. Here the machine "crashes" while 1,000 jobs start at full
+    speed: the server dies with its launchers and their jobs (``executor_adopt_seconds`` 0), and
+    the journal is left as the next boot finds it after losing every record since it was opened:
+    its header alone, naming the boot before. No attempt may run twice: the executor cannot say
+    which of its jobs started, so each one it held fails as one that may have started (no
+    infrastructure re-run allowed); trusting the emptied journal would re-queue free the jobs
+    that ran while the database still said RUNNABLE or STARTING, and run them again."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    srv = start_server(env={**AT_MOST_ONCE, "OPENHTC_EXECUTOR_ADOPT_SECONDS": "0"})
+    api = srv.api()
+    pid, tid = api.project_and_task()
+    n = JOBS // 2
+    api.submit(
+        pid, tid, api.job_request(["sh", "-c", COMMAND.format(runs=runs)], batch_size=n, max_retries=0)
+    )
+    wait_executed(runs, n // 5)
+    srv.kill9()
+    journal = next((srv.data_dir / "executor").glob("attempts-*.journal"))
+    boot = journal.read_bytes().split(b"\n", 1)[0].split()
+    assert boot[0] == b"B" and boot[2] == b"lazy", boot
+    journal.write_bytes(b"B the-boot-before lazy\n")
+    srv.restart()
+    jobs = api.wait_terminal(pid, tid, n, timeout=120)
+    ran = per_job(executions(runs))
+    twice = {job: times for job, times in ran.items() if times > 1}
+    assert not twice, f"{len(twice)} job(s) executed more than once: {sorted(twice.items())[:5]}"
+    outcomes = Counter((j["status"], j.get("failureCode")) for j in jobs)
+    assert set(outcomes) <= {("SUCCEEDED", None), ("FAILED", "ErrorInfrastructureFault")}, outcomes
+    failed = [j for j in jobs if j["status"] == "FAILED"]
+    assert failed, "the crash left the executor holding no job: nothing was recovered"
+    assert all("after its machine did" in (j.get("statusReason") or "") for j in failed), failed[:3]
+    api.assert_summary_matches_jobs(pid, tid, n)

@@ -17,6 +17,7 @@ import pytest
 
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.transitions import _FLUSH_PG, StatusWrites, StoreConsistencyError
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
@@ -181,6 +182,28 @@ def test_with_no_infrastructure_retries_a_restart_fails_what_may_have_started(
         assert (status, attempt, failed, infra, code) == (S.FAILED, 1, 0, 0, FAULT)
         assert "may have started" in reason
     assert queue.counters() == {S.SUBMITTED_TO_RESCALE: 2, S.FAILED: 3}
+
+
+def test_an_executor_that_cannot_say_what_it_started_fails_every_attempt_it_held(
+    queue_with: Callable[..., Queue],
+) -> None:
+    """After a crash of its machine a lazy journal may have lost records (executor/journal.py):
+    the executor registers with EveryAttempt, and every attempt it held, RUNNABLE ones too, may
+    have started: none is re-queued free (with no infrastructure re-run: FAILED)."""
+    queue = queue_with(max_infrastructure_retries=0)
+    jobs = queue.submit_and_claim(3)
+    queue.executor.report(EXECUTOR, [AttemptReport(jobs[1].job_id, jobs[1].attempt, S.STARTING, 1.0)])
+    region = queue.services.settings.region
+    assert (
+        queue.executor.register(EXECUTOR, "inc-2", region, ["X86"], Capacity(64, 1 << 20), EveryAttempt())
+        == 3
+    )
+    rows = {row[0]: row[1:] for row in queue.sql(_ROWS)}
+    for job in jobs:
+        status, attempt, failed, infra, code, reason = rows[job.job_id]
+        assert (status, attempt, failed, infra, code) == (S.FAILED, 1, 0, 0, FAULT)
+        assert "after its machine did" in reason and "may have started" in reason
+    assert queue.counters() == {S.FAILED: 3}
 
 
 def test_lease_expiry_reruns_on_the_infrastructure_budget_then_fails(

@@ -46,3 +46,31 @@ def test_publishing_with_nobody_waiting_does_nothing() -> None:
     notify = LocalNotifier()
     notify.publish([job_key(1), EVERYTHING])  # no loop, no subscriber: no error, no effect
     assert notify.idle
+
+
+def test_a_writers_facts_reach_only_the_subscribers_of_their_key_and_are_built_only_for_them() -> None:
+    """A writer may say what its commit made of a key (a job's new row); the notifier asks for
+    it on the event loop, only for keys someone waits on, and hands it to those subscriptions.
+    Keys nobody waits on wake nothing (the loop is not even called), and ``published`` counts
+    every publish, so a waiter can tell that nothing changed while it read."""
+    asked: list[object] = []
+
+    def facts(key: object) -> object:
+        asked.append(key)
+        return {"of": key}
+
+    async def scenario() -> None:
+        notify = LocalNotifier()
+        before = notify.published()
+        async with notify.subscribe([job_key(1)]) as one, notify.subscribe([task_key("t")]) as task:
+            thread = threading.Thread(target=notify.publish, args=([job_key(1), job_key(2)], facts))
+            thread.start()
+            thread.join()
+            assert await one.wait(5)
+            assert one.facts == {job_key(1): {"of": job_key(1)}}
+            assert asked == [job_key(1)]  # job 2 has no waiter: no fact built for it
+            notify.publish([job_key(3)], facts)  # nobody waits on it
+            assert not await task.wait(0.05) and asked == [job_key(1)] and not task.facts
+        assert notify.published() == before + 2
+
+    asyncio.run(scenario())

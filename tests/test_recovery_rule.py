@@ -136,3 +136,41 @@ def test_concurrent_begins_are_all_durable(tmp_path: Path) -> None:
         t.join()
     assert AttemptJournal(path).replay() == {(k * 1000 + i, 1) for k in range(4) for i in range(50)}
     journal.close()
+
+
+def _from_another_boot(path: Path) -> None:
+    """The file as a machine crash leaves it for the next boot: its boot id is another's."""
+    lines = path.read_bytes().split(b"\n")
+    _, boot, mode = lines[0].split()
+    path.write_bytes(b"\n".join([b"B another-boot-%s %s" % (boot[:8], mode), *lines[1:]]))
+
+
+def test_a_lazy_journal_is_trusted_in_its_boot_and_after_a_clean_stop_only(tmp_path: Path) -> None:
+    """A lazy journal syncs nothing before a hand-off: a kill -9 of the server loses none of its
+    writes (the page cache), a crash of the machine may lose its tail. So what it says is
+    trusted within the boot it was written in, or once a clean stop closed it (synced, ``C``);
+    else the executor cannot say which attempts may have started (EveryAttempt)."""
+    path = tmp_path / "attempts.journal"
+    journal = AttemptJournal(path, lazy=True)
+    assert not journal.sync  # begin() waits for no disk
+    journal.replay()
+    journal.open()
+    journal.begin_many([(1, 1), (2, 1)])
+    journal.end([(2, 1)])
+    same_boot = AttemptJournal(path, lazy=True)
+    assert same_boot.replay() == {(1, 1)} and same_boot.trusted  # as after a kill -9
+    _from_another_boot(path)
+    rebooted = AttemptJournal(path, lazy=True)
+    assert rebooted.replay() == {(1, 1)} and not rebooted.trusted  # the machine crashed
+    journal.close()  # a clean stop: synced, then C
+    _from_another_boot(path)
+    after_stop = AttemptJournal(path, lazy=True)
+    assert after_stop.replay() == {(1, 1)} and after_stop.trusted
+    # a journal synced before every hand-off is trusted after any crash
+    synced = AttemptJournal(tmp_path / "synced.journal")
+    synced.open()
+    synced.begin(3, 1)
+    _from_another_boot(synced.path)
+    again = AttemptJournal(synced.path)
+    assert again.replay() == {(3, 1)} and again.trusted
+    synced.close()

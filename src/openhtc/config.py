@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     )
     executor_journal_sync: bool = Field(
         True,
-        description="fdatasync the executor's attempt journal before each hand-off to the runtime, so "
-        "recovery knows which attempts may have run even after a power loss (a server crash alone "
-        "needs no sync).",
+        description="Make the executor's attempt journal tell recovery which attempts may have run "
+        "even after a power loss (a server crash alone needs nothing): the embedded executor records "
+        "the machine's boot in it (after a machine crash every job it held may have started); htc "
+        "agent fdatasyncs it before each hand-off.",
     )
     executor_adopt_seconds: float = Field(
         600.0,

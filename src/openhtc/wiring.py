@@ -289,6 +289,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
             [host_architecture()],
             stager=_stager(services),
             functions=_function_pool(services, runtime),
+            lazy_journal=True,  # in-process: its register may say EveryAttempt
         )
     server = Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
     if services.allocation is not None:

@@ -20,8 +20,24 @@ times in all (``maxRetries + 1`` if its infrastructure never failed under it).
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Iterator
 
 from openhtc.domain.enums import ACTIVE_STATUSES, JobStatus
+
+
+class EveryAttempt(Collection[tuple[int, int]]):
+    """What an executor passes as the attempts it may have started when it cannot say: its
+    journal may have lost records in a crash of the machine (``executor/journal.py``, lazy). Every
+    attempt is in it; it cannot be listed, so it is never sent or stored by mistake as none."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        raise TypeError("every attempt may have started: there is no list to iterate")
+
+    def __len__(self) -> int:
+        raise TypeError("every attempt may have started: there is no count")
 
 
 class Recovery(enum.Enum):

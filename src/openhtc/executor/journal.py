@@ -10,6 +10,14 @@ and the recovery rule (``domain/recovery.py``) fails them instead of re-queueing
 
 Durability is group-committed: threads that append at once share one ``fdatasync``. The file
 is rewritten with only the open attempts every ``COMPACT_AFTER`` ends, so it stays small.
+
+A *lazy* journal (the embedded executor's) waits for no sync at all: a write that returned is in
+the kernel's page cache, which every process of this boot reads, so a ``kill -9`` of the server
+loses nothing of it. Only a crash of the machine can lose its tail, and the machine's boot id
+tells that one apart: the file starts with ``B <boot id> <lazy>`` and a clean stop ends it with a
+synced ``C``. A lazy journal written in another boot and not closed cleanly is not *trusted*:
+it may have lost ``S`` records of attempts whose processes started, so recovery must count every
+attempt the executor held as one that may have started (``domain/recovery.py: EveryAttempt``).
 """
 
 from __future__ import annotations
@@ -21,12 +29,27 @@ from pathlib import Path
 
 Key = tuple[int, int]  # (job id, attempt)
 COMPACT_AFTER = 4096
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # a new random id at every boot of the kernel
+
+
+def boot_id() -> str:
+    """This boot's id ("" where the kernel has none: every journal is then another boot's)."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
 
 
 class AttemptJournal:
-    def __init__(self, path: Path, sync: bool = True) -> None:
+    def __init__(self, path: Path, sync: bool = True, lazy: bool = False) -> None:
+        """``sync``: ``begin`` returns once its records are on disk (and the file is synced when
+        it is rewritten or closed). ``lazy`` instead: ``begin`` never waits, and a machine crash
+        is told apart by the boot id (see above); the rewrites and the clean close still sync."""
         self.path = path
-        self.sync = sync
+        self.sync = sync and not lazy  # whether begin() waits for the disk
+        self.lazy = lazy
+        self._durable = sync or lazy  # rewrites and the clean close are synced
+        self.trusted = True  # what replay() found can be relied on (see above)
         self._cond = threading.Condition()
         self._open: set[Key] = set()
         self._ended = 0  # E records since the last compaction
@@ -38,11 +61,18 @@ class AttemptJournal:
     def replay(self) -> set[Key]:
         """The attempts a previous run began and never ended (read before ``open``)."""
         found: set[Key] = set()
+        self.trusted = True
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return found
-        for line in data.split(b"\n"):
+        lines = data.split(b"\n")
+        header = lines[0].split()
+        if len(header) == 3 and header[0] == b"B":
+            # lazy, from another boot, and not closed cleanly: its unsynced tail may be lost
+            closed = any(line == b"C" for line in lines[-2:])
+            self.trusted = header[2] != b"lazy" or header[1].decode(errors="replace") == boot_id() or closed
+        for line in lines:
             parts = line.split()
             # a torn last line was never acknowledged: its hand-off did not happen
             if len(parts) != 3 or parts[0] not in (b"S", b"E") or not (parts[1] + parts[2]).isdigit():
@@ -61,10 +91,15 @@ class AttemptJournal:
             self._rewrite()
 
     def close(self) -> None:
+        """A clean stop: what the file says is all there is, even after a reboot (``C``)."""
         with self._cond:
             while self._syncing:
                 self._cond.wait()
             if self._fd >= 0:
+                if self._durable:
+                    os.fdatasync(self._fd)  # every record before the C that vouches for them
+                    os.write(self._fd, b"C\n")
+                    os.fdatasync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
 
@@ -132,11 +167,12 @@ class AttemptJournal:
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
-            os.write(fd, b"".join(b"S %d %d\n" % key for key in sorted(self._open)))
-            if self.sync:
+            head = b"B %s %s\n" % ((boot_id() or "-").encode(), b"lazy" if self.lazy else b"synced")
+            os.write(fd, head + b"".join(b"S %d %d\n" % key for key in sorted(self._open)))
+            if self._durable:
                 os.fsync(fd)
             os.replace(tmp, self.path)
-            if self.sync:
+            if self._durable:
                 _fsync_dir(self.path.parent)
         except BaseException:
             os.close(fd)

@@ -25,6 +25,7 @@ from openhtc.config import Settings
 from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.errors import InsufficientStorage, Unavailable
 from openhtc.domain.models import Capacity, JobLaunch
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
@@ -74,6 +75,7 @@ class LocalExecutor:
         stager: Stager | None = None,
         functions: FunctionPool | None = None,
         executor_id: str | None = None,  # htc agent names itself (default: embedded_executor_id)
+        lazy_journal: bool = False,  # the service takes EveryAttempt (in-process): see below
     ) -> None:
         self.service = service
         self.functions = functions  # runs function calls (warm workers) instead of the runtime
@@ -88,12 +90,16 @@ class LocalExecutor:
         self.incarnation = uuid.uuid4().hex
         self.capacity: Capacity = local_capacity(settings)
         self._pipeline = runtime if isinstance(runtime, Pipelined) else None
-        # Attempts handed to the runtime, on disk before the hand-off (see journal.py). A
-        # runtime that never blocks (noop) starts no process, so it needs none.
+        # Attempts handed to the runtime, written before the hand-off (see journal.py). A
+        # runtime that never blocks (noop) starts no process, so it needs none. Lazy: no sync
+        # before a hand-off; after a machine crash its start says it cannot tell which attempts
+        # may have started (EveryAttempt), which the in-process service accepts (htc agent's
+        # server is not told so over the wire: the agent syncs before each hand-off).
         self.journal: AttemptJournal | None = None
         if runtime.blocking:
             path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"
-            self.journal = AttemptJournal(path, sync=settings.executor_journal_sync)
+            sync = settings.executor_journal_sync
+            self.journal = AttemptJournal(path, sync=sync, lazy=sync and lazy_journal)
         prefetch = Prefetch(
             settings.executor_prefetch,
             settings.executor_prefetch_seconds,
@@ -104,6 +110,7 @@ class LocalExecutor:
             self.capacity, settings.max_running_jobs, prefetch, settings.heartbeat_seconds, RunHandle
         )
         self._lock = threading.Lock()  # around every call into self.state
+        self._flushing = threading.Lock()  # around a report flush (control thread, or a worker's)
         # Every hand-off to the runtime passes this gate; a stop closes it, then withdraws or
         # kills what was handed over, knowing that nothing more will be.
         self._gate = threading.Lock()
@@ -139,13 +146,18 @@ class LocalExecutor:
         may_have_started -= kept.keys()
         if survived is not None:
             may_have_started -= set(survived.dropped)  # held behind another, dropped unstarted
+        if self.journal is not None and not self.journal.trusted:  # lazy, and the machine crashed
+            log.warning(
+                "the machine restarted under the executor's last start (no clean stop): "
+                "every job it held counts as one that may have started"
+            )
         recovered = self.service.register(
             self.executor_id,
             self.incarnation,
             self.region,
             self.architectures,
             self.capacity,
-            may_have_started,
+            may_have_started if self.journal is None or self.journal.trusted else EveryAttempt(),
             __version__,
             socket.gethostname(),
             adopted=kept.keys(),
@@ -405,15 +417,30 @@ class LocalExecutor:
                 successor = after = None
             with self._lock:
                 fresh = self.state.ended(item, successor)
+                alone = successor is None and not (self.state.running or self.state.pending)
             if successor is not None:  # it took over the slot
                 item, begun = successor, after
             else:
                 item, begun = fresh, None
             if item is not None and begun is None:
                 begun = self._begin(item, None)
-            self._wake.set()
+            if alone and not self._gate_closed:
+                self._report_alone()
+            else:
+                self._wake.set()
             if self._gate_closed:
                 self._drained.set()
+
+    def _report_alone(self) -> None:
+        """The executor's last job ended: its report goes now, from this thread, instead of
+        after the control thread's wake-up (a lone job's client waits for it: W5). Nothing else
+        could share the turn; the flush lock keeps reports in order with the control thread's.
+        Its turn follows (a claim for the capacity this job gave back), off the job's path."""
+        try:
+            self._flush()
+        except Exception as exc:  # kept for the control thread's turn, which retries it
+            log.warning("executor: a report will be retried (%s)", exc)
+        self._wake.set()
 
     def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
         """The pipelined runtime, or the function pool for a function call."""
@@ -531,9 +558,10 @@ class LocalExecutor:
         ``to_premark``), it is off their path; a job beyond that window is journaled by its
         worker (with the next window). The price: a crash also fails the attempts journaled
         ahead and not yet started (they may have started, as far as recovery can tell), about
-        a hundred at a thousand jobs a second.
+        a hundred at a thousand jobs a second. A lazy journal (no sync) is written ahead too:
+        one write a turn instead of one per job (function calls come by the ten thousand).
         """
-        if self.journal is None or not self.journal.sync:
+        if self.journal is None or not (self.journal.sync or self.journal.lazy):
             return
         with self._lock:
             keys = self.state.to_premark()
@@ -551,7 +579,7 @@ class LocalExecutor:
         if self.journal is None or (key := self.state.to_mark(item)) is None:
             return
         ahead: list[tuple[int, int]] = []
-        if self.journal.sync:
+        if self.journal.sync or self.journal.lazy:
             with self._lock:
                 ahead = self.state.to_premark()
         self.journal.begin_many([key, *ahead])
@@ -582,6 +610,10 @@ class LocalExecutor:
             self.state.report(launch, status, at, exit_code, failure_code, reason)
 
     def _flush(self) -> None:
+        with self._flushing:  # one at a time: a job's reports are committed in their order
+            self._flush_held()
+
+    def _flush_held(self) -> None:
         with self._lock:
             reports = self.state.take_reports()
         if reports:

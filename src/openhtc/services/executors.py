@@ -24,6 +24,7 @@ from openhtc.store.transitions import Applied
 
 # a change to these ends an attempt: its job's waiters look again (a retry's too)
 _ENDS = frozenset(int(s) for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUBMITTED_TO_RESCALE))
+_SUCCEEDED = int(JobStatus.SUCCEEDED)
 
 
 def live_offers(services: ServiceSet) -> list[ExecutorOffer]:
@@ -104,8 +105,8 @@ class ExecutorService:
             agent,
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
-        if claimed and not s.notify.idle:
-            s.notify.publish({task_key(job.task_id) for job in claimed})
+        if claimed:  # with nobody waiting, no keys to build: the publish still counts (published())
+            s.notify.publish({task_key(job.task_id) for job in claimed} if not s.notify.idle else ())
         s.metrics.jobs.claimed(claimed, s.clock.now())
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
@@ -122,6 +123,8 @@ class ExecutorService:
             self.services.wakeups.schedule_round.set()
         if applied.changes and not self.services.notify.idle:
             self.notify_applied(applied)
+        elif applied.changes:  # nobody waits: no keys to build, but a waiter about to subscribe
+            self.services.notify.publish(())  # must see that something changed (published())
         return applied
 
     def notify_applied(self, applied: Applied) -> None:
@@ -132,7 +135,7 @@ class ExecutorService:
             keys.add(task_key(change[1]))
             if change[5] in _ENDS:
                 keys.add(job_key(change[0]))
-        self.services.notify.publish(keys)
+        self.services.notify.publish(keys, _Succeeded(applied))
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         s = self.services
@@ -272,3 +275,42 @@ class _BatchContext:
 
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+class _Succeeded:
+    """What a report made of each job it ended SUCCEEDED: the columns of its row that changed,
+    as a read would give them (the rest are fixed at submit), for its waiters (``live.py``).
+    Built on the event loop, and only when someone there waits on one of these jobs."""
+
+    __slots__ = ("_applied", "_rows")
+
+    def __init__(self, applied: Applied) -> None:
+        self._applied = applied
+        self._rows: dict[object, dict[str, Any]] | None = None
+
+    def __call__(self, key: Key) -> dict[str, Any] | None:
+        if self._rows is None:
+            self._rows = self._build()
+        return self._rows.get(key[1]) if key[0] == "job" else None
+
+    def _build(self) -> dict[object, dict[str, Any]]:
+        applied = self._applied
+        last = {event[0]: event for event in applied.events}  # a job's events are in order
+        rows: dict[object, dict[str, Any]] = {}
+        for job_id, _, _, _, _, status, attempt, code, cancelled, _, started, completed in applied.changes:
+            event = last.get(job_id)
+            if status != _SUCCEEDED or event is None or event[2] != _SUCCEEDED:
+                continue  # anything else is read back (its reason may not be its last event's)
+            rows[job_id] = {
+                "status": status,
+                "attempt": attempt,
+                "failure_code": code,
+                "cancelled": cancelled,
+                "started_at": started,
+                "completed_at": completed,
+                "updated_at": applied.at,
+                "status_reason": event[4],
+                "exit_code": event[5],
+                "executor_id": event[6],
+            }
+        return rows

@@ -439,6 +439,8 @@ class ExchangeWriter:
                 s.wakeups.schedule_round.set()
             if by_reports.changes and not s.notify.idle:
                 self.agents.executors.notify_applied(by_reports)
+            elif by_reports.changes:  # nobody waits, but a waiter about to subscribe must see
+                s.notify.publish(())  # that something changed (notify.published())
         if group.first_invalid:
             log.warning("agents: invalid report(s) refused (%s)", group.first_invalid)
         if released:

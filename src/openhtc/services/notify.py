@@ -27,13 +27,14 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from openhtc.services.wakeups import CANCEL, QUEUED, ROUND, Wakeups
 
 log = logging.getLogger("openhtc.notify")
 
 Key = tuple[str, object]  # ("job", job row id) | ("task", task id)
+Facts = Callable[[Key], Any]  # see Notifier.publish
 EVERYTHING: Key = ("*", None)  # every waiter is woken: recoveries, cancels
 
 
@@ -46,13 +47,15 @@ def task_key(task_id: str) -> Key:
 
 
 class Subscription:
-    """A waiter's wake-up: level-triggered, consumed by ``wait``."""
+    """A waiter's wake-up: level-triggered, consumed by ``wait``. ``facts``: what a writer said
+    about a key along with its wake-up (see ``Notifier.publish``), taken by the waiter."""
 
-    __slots__ = ("_event", "keys")
+    __slots__ = ("_event", "facts", "keys")
 
     def __init__(self, keys: frozenset[Key]) -> None:
         self.keys = keys
         self._event = asyncio.Event()
+        self.facts: dict[Key, Any] = {}
 
     def fire(self) -> None:
         self._event.set()
@@ -78,8 +81,10 @@ class Notifier(Protocol):
         """True when nobody waits: writers may skip building their keys."""
         ...
 
-    def publish(self, keys: Iterable[Key]) -> None:
-        """Called after a commit, from any thread."""
+    def publish(self, keys: Iterable[Key], facts: Facts | None = None) -> None:
+        """Called after a commit, from any thread. ``facts``: what the commit made of a key, for
+        its waiters (called on the event loop, only for keys someone here waits on; None: look
+        again), so that a waiter can answer without reading it back."""
         ...
 
     def subscribe(self, keys: Iterable[Key]) -> AbstractAsyncContextManager[Subscription]:
@@ -89,6 +94,12 @@ class Notifier(Protocol):
 
     def waiters(self) -> int:
         """How many subscriptions are open."""
+        ...
+
+    def published(self) -> int:
+        """How many publishes this process has seen (it only grows): a waiter that read
+        something while it stayed the same, then subscribed, need not read it again. So every
+        commit a waiter could wait for publishes, if only ``()`` when ``idle``."""
         ...
 
     @property
@@ -108,6 +119,7 @@ class LocalNotifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: dict[Key, set[Subscription]] = {}
         self._closing = False
+        self._published = 0  # see published(); a lost increment of two racing threads still moves it
 
     @property
     def closing(self) -> bool:
@@ -121,26 +133,35 @@ class LocalNotifier:
     def idle(self) -> bool:
         return not self._subs
 
-    def publish(self, keys: Iterable[Key]) -> None:
+    def publish(self, keys: Iterable[Key], facts: Facts | None = None) -> None:
+        self._published += 1
         loop = self._loop
         if not self._subs or loop is None:  # nobody waits: the common case costs this test
             return
         wanted = frozenset(keys)
-        if not wanted:
+        # Only keys someone waits for wake the event loop (a claim publishes its tasks' keys while
+        # a lone job's client waits on the job's). Racing a new subscription is harmless: it
+        # reads after subscribing, so it sees what was committed before this publish.
+        subs = self._subs
+        if not wanted or (EVERYTHING not in wanted and not any(key in subs for key in wanted)):
             return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
-            self._fire(wanted)
+            self._fire(wanted, facts)
         else:
             with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
-                loop.call_soon_threadsafe(self._fire, wanted)
+                loop.call_soon_threadsafe(self._fire, wanted, facts)
 
-    def _fire(self, keys: frozenset[Key]) -> None:
+    def _fire(self, keys: frozenset[Key], facts: Facts | None = None) -> None:
         for key in keys:  # every subscription is also under EVERYTHING
-            for sub in self._subs.get(key, ()):
+            subs = self._subs.get(key, ())
+            fact = facts(key) if facts is not None and subs and key != EVERYTHING else None
+            for sub in subs:
+                if fact is not None:
+                    sub.facts[key] = fact
                 sub.fire()
 
     @asynccontextmanager
@@ -164,6 +185,9 @@ class LocalNotifier:
     def waiters(self) -> int:
         """How many subscriptions are open (every one is under EVERYTHING)."""
         return len(self._subs.get(EVERYTHING, ()))
+
+    def published(self) -> int:
+        return self._published
 
 
 class ChangeChannel(Protocol):
@@ -215,12 +239,10 @@ class ClusterNotifier:
     def close(self) -> None:
         self.local.close()
 
-    def publish(self, keys: Iterable[Key]) -> None:
+    def publish(self, keys: Iterable[Key], facts: Facts | None = None) -> None:
         keys = frozenset(keys)
-        if not keys:
-            return
-        self.local.publish(keys)
-        if not self.connected:  # not started (a command, a test's services): nobody to tell
+        self.local.publish(keys, facts)  # the other servers' waiters read again
+        if not keys or not self.connected:  # not started (a command, a test's services): nobody to tell
             return
         with self._lock:
             self._keys |= keys
@@ -231,6 +253,9 @@ class ClusterNotifier:
 
     def waiters(self) -> int:
         return self.local.waiters()
+
+    def published(self) -> int:
+        return self.local.published()  # what the others send is published locally too
 
     # -- between servers -----------------------------------------------------------------------
 

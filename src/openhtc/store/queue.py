@@ -21,6 +21,7 @@ from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import ACTIVE_STATUSES, LIMITED_STATUSES, JobStatus
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.store.agent_rows import AgentRows, AgentState, TokenBinding, check_binding
 from openhtc.store.db import Database
 from openhtc.store.exchanges import ExchangeRows
@@ -227,7 +228,11 @@ class QueueStore(AgentRows, ExchangeRows):
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             writes = self._writes(conn, now)
             lost = writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (executor_id,))
-            marked, kept = set(may_have_started), set(adopted)
+            # EveryAttempt: the executor cannot say (its journal lost its tail in a machine crash)
+            rebooted = isinstance(may_have_started, EveryAttempt)
+            marked = may_have_started if rebooted else set(may_have_started)
+            cause = "the executor restarted after its machine did" if rebooted else "the executor restarted"
+            kept = set(adopted)
             renewed: list[int] = []
             lease = lifecycle.lease_until(now, lease_seconds)
             for job in lost:
@@ -236,7 +241,7 @@ class QueueStore(AgentRows, ExchangeRows):
                 ):
                     renewed.append(job.id)
                     continue
-                writes.lose_executor(job, "the executor restarted", (job.id, job.attempt) in marked)
+                writes.lose_executor(job, cause, (job.id, job.attempt) in marked)
             writes.flush()
             if renewed:
                 conn.execute(jobs.update().where(jobs.c.id.in_(renewed)).values(lease_expires_at=lease))

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import math
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import orjson
@@ -84,10 +85,14 @@ async def _wait(
     check: Callable[[], tuple[bool, T]],
     gap: float = 0.0,
     closing: Callable[[], bool] = lambda: False,
+    first: tuple[bool, T] | None = None,
+    told: Callable[[], tuple[bool, T] | None] = lambda: None,
 ) -> T:
     """Read with ``check`` (on a worker thread) until it says done, or until ``timeout``, at
     most once every ``gap`` s; a client that disconnects ends the wait at once (its answer is
-    dropped), a server that stops (``closing``) answers with what it read last."""
+    dropped), a server that stops (``closing``) answers with what it read last. ``first``: what
+    a read made before the subscription found, when nothing was published since it began.
+    ``told``: on the event loop, before a read: what the wake-up's writer said (then no read)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     gone = asyncio.Event()
@@ -101,7 +106,10 @@ async def _wait(
     watcher = asyncio.create_task(watch_disconnect())
     try:
         while True:
-            done, body = await run_in_threadpool(check)
+            if first is None:
+                first = told()
+            done, body = first if first is not None else await run_in_threadpool(check)
+            first = None
             checked = loop.time()
             left = deadline - checked
             if done or left <= 0 or gone.is_set() or closing():
@@ -142,6 +150,7 @@ async def wait_job(
 ) -> JSONResponse:
     """The job (as ``GET …/jobs/{id}``), once it has ended or at the timeout."""
     timeout = _timeout(request)
+    seen = svc.notify.published()
     job, batch = await run_in_threadpool(task_job_for, svc, who, project_id, task_id, job_id)
     if JobStatus(job.status).terminal or timeout == 0:
         return JSONResponse(ser.job(job, batch))
@@ -150,7 +159,22 @@ async def wait_job(
         found, row = job_for(svc, task_id, job_id)
         return JobStatus(found.status).terminal, ser.job(found, row)
 
-    return await _answer(request, svc, job_key(job.id), timeout, check, 0.0)
+    key = job_key(job.id)
+
+    def told() -> tuple[bool, dict[str, Any]] | None:
+        """The job's end as its report's commit said it (services/executors.py: the changed
+        columns of its row), on the row read here: the answer without reading it back."""
+        fact = sub.facts.pop(key, None)
+        if fact is None or not hasattr(job, "_asdict"):
+            return None
+        return True, ser.job(SimpleNamespace(**{**job._asdict(), **fact}), batch)
+
+    admit(svc)
+    async with svc.notify.subscribe((key,)) as sub:
+        # Nothing published since the read began: it still holds, and what changes from now on
+        # wakes the subscription (a writer publishes after its commit). Else read again.
+        first = (False, ser.job(job, batch)) if svc.notify.published() == seen else None
+        return JSONResponse(await _wait(request, sub, timeout, check, 0.0, _closing(svc), first, told))
 
 
 @router.get(TASK + "/batches/{parent_job_id}/wait")
