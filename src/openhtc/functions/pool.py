@@ -51,7 +51,7 @@ STOPPED = "Job stopped by the executor"
 # Calls in a worker's pipe (answered or not, the running one included): about this long of its
 # calls, at least 2; until it has answered one, 2. The rest of its window waits in the executor,
 # where another slot may take it (LocalExecutor._hold): a long call holds at most that many.
-AHEAD_SECONDS = 0.005
+AHEAD_SECONDS = 0.05
 _SECONDS = struct.Struct(">d")
 # A worker's window (calls queued in it, executor/local.py): about this long of its calls at the
 # observed rate, between 2 (one running, the next in its pipe) and WINDOW_MAX.

@@ -26,6 +26,7 @@ from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 
 _HEAD = struct.Struct(">cI")
 FRAME_HEAD = _HEAD.size  # a frame's bytes before its payload
+LONG_CALL_SECONDS = 0.05
 
 
 class WorkerGone(Exception):
@@ -127,9 +128,13 @@ class Worker:
                 raise WorkerGone
 
     def took(self, seconds: float) -> None:
-        """A call took ``seconds``: a slow one counts at once, fast ones bring it down slowly."""
+        """A call took ``seconds``: a long one (LONG_CALL_SECONDS) counts at once, shorter ones
+        (a fast call the machine's load held up) are smoothed in."""
         known = self.call_seconds
-        self.call_seconds = seconds if known is None or seconds > known else 0.8 * known + 0.2 * seconds
+        if known is None or (seconds >= LONG_CALL_SECONDS and seconds > known):
+            self.call_seconds = seconds
+        else:
+            self.call_seconds = 0.9 * known + 0.1 * seconds
 
     def _frame(self) -> tuple[bytes, bytes] | None:
         if len(self._buf) < _HEAD.size:
