@@ -89,6 +89,8 @@ def test_a_crash_mid_chunk_fails_only_its_call_and_the_rest_run_once(fn: Functio
     assert [item["result"] for item in items if item["index"] != 5] == [2 * i for i in range(40) if i != 5]
     # the calls queued behind it in the dead worker ran on a new one, each exactly once
     assert _runs(fn) == Counter(range(40))
+    summary = fn.api.get(f"{fn.api.task_path(fn.project_id, fn.task_id)}/summary-statistics")
+    assert (summary["jobStatuses"]["SUCCEEDED"], summary["jobStatuses"]["FAILED"]) == (39, 1)
 
 
 def test_a_retry_after_a_crash_mid_chunk_runs_that_call_again_only(fn: Functions) -> None:

@@ -41,6 +41,8 @@ log = logging.getLogger("openhtc.executor")
 # A job killed by a clean stop: it may have run, as after a crash (architecture.md, Crash guarantee).
 STOP_REASON = "Infrastructure fault: the server stopped while the job ran"
 DRAIN_REPORT_SECONDS = 5.0  # a stop that waits for running jobs says so this often
+# A function call running this long has the calls waiting behind it taken back for a free slot.
+CALL_HOLD_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -465,16 +467,20 @@ class LocalExecutor:
 
     def _hold(self, head: FunctionCall, window: deque[tuple[Attempt, _Begun]]) -> None:
         """While ``head`` runs, the calls of the window still waiting here (not yet written to
-        its worker's pipe) are taken back, last first, once they have waited HOLD_SECONDS and
+        its worker's pipe) are taken back, last first, once it has run CALL_HOLD_SECONDS and
         another slot is free: no call waits behind a long one while the machine has room."""
         assert self.functions is not None
         pool = self.functions
         last = window[-1][1].started
         if not isinstance(last, FunctionCall) or not pool.unsent(last):
             return  # all in the pipe (short calls): nothing to take back
+        since = time.monotonic()
         while not pool.wait(head, HOLD_SECONDS):
+            now = time.monotonic()
+            if now - since < CALL_HOLD_SECONDS:  # a loaded machine delays short calls this long
+                continue
             with self._lock:
-                if not self.state.should_withdraw(window[-1][0], time.monotonic()):
+                if not self.state.should_withdraw(window[-1][0], now):
                     continue
             while window:
                 queued, begun = window[-1]
