@@ -492,12 +492,14 @@ class LocalExecutor:
             return
 
     def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> Attempt | None:
-        """Queue the calls next in line behind the window's last, up to ``depth``; returns a job
-        (not a call) taken next in line, which the window's last hands its slot to."""
+        """Queue the calls next in line behind the window's last, up to ``depth`` and while as
+        many stay in line as the window holds; returns a job (not a call) taken next in line,
+        which the window's last hands its slot to."""
         while len(window) < depth:
             last, last_begun = window[-1]
-            with self._lock:
-                successor = self.state.successor(last, time.monotonic())
+            with self._lock:  # at most half of what is in line: the other slots get their share
+                fair = len(self.state.pending) >= len(window)
+                successor = self.state.successor(last, time.monotonic()) if fair else None
             if successor is None:
                 return None
             if not is_function(successor.launch):
