@@ -122,8 +122,11 @@ def test_a_cancel_mid_chunk_stops_the_running_call_and_the_queued_ones_never_run
     assert fn.cancel(batch) == 20
     items = fn.results(batch, 20, timeout=30)  # well before any sleep could end
     assert {item["status"] for item in items} == {"FAILED"}
+    # The one slot (2 vCPUs) runs a call submitted now only once the cancelled window is gone.
+    after = _submit(fn, "sleep_or_double", [{"x": 100}])
+    assert fn.results(after, 1, timeout=30)[0]["result"] == 200
     # only the first call ever ran: the 15 queued behind it in its worker never did
-    assert _runs(fn) == Counter([0])
+    assert _runs(fn) == Counter([0, 100])
 
 
 def test_a_call_records_runnable_running_and_its_end(fn: Functions) -> None:
