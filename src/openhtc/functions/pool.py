@@ -290,8 +290,10 @@ class FunctionPool:
         with self._lock:
             if call.withdrawn:
                 return False
-            call.current = True
-            return True
+            first, call.current = not call.current, True
+        if first:
+            call.on_running()  # RUNNING from now: its worker runs it (it is the worker's first)
+        return True
 
     def finish(self, call: FunctionCall) -> Outcome:
         """Wait for the call's reply (within its timeout, from now: it is the worker's current
@@ -299,7 +301,6 @@ class FunctionPool:
         launch = call.launch
         if not self.take_up(call):  # withdrawn at stop (the executor takes up calls first)
             return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
-        call.on_running()
         while True:
             worker = call.worker
             try:
