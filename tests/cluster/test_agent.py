@@ -9,49 +9,30 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from openhtc.testing import agentproc as testing_agent
 from openhtc.testing.server import HtcApi, HtcServer, htc_command
 
 
-class AgentProcess:
+class AgentProcess(testing_agent.AgentProcess):
+    """A real ``htc agent`` (process runtime, 2 vCPUs) of ``srv``, with its token kept."""
+
     def __init__(self, srv: HtcServer, work_dir: Path, token: str | None = None) -> None:
         """``token``: the agent token (default: a new one; an agent restarted on a machine
         keeps its token, which its agent id is bound to)."""
-        token = token or srv.cli("admin", "create-agent-token").stdout.strip()
-        self.token = token
-        self.work_dir = work_dir
-        self.log_path = work_dir / "agent.log"
-        work_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHTC_")}
-        env.update({"OPENHTC_AGENT_TOKEN": token, "OPENHTC_AGENT_SERVER": srv.url})
-        cmd = [*htc_command(), "agent", "--runtime", "process", "--vcpus", "2", "--work-dir", str(work_dir)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
-            )  # fmt: skip
+        self.token = token or srv.cli("admin", "create-agent-token").stdout.strip()
+        super().__init__(htc_command(), srv.url, self.token, work_dir)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, chars: int = 1 << 30) -> str:  # the whole log: tests look for lines anywhere
+        return super().log(chars)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.send_signal(signal.SIGTERM)  # the second kills what still runs
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture
