@@ -23,7 +23,7 @@ AttemptKey = tuple[int, int]
 
 class _Model(BaseModel):
     # unknown fields are ignored: a newer peer may send optional fields this one does not know
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/inf: a 422, never a 500
 
 
 class Resources(_Model):

@@ -210,6 +210,17 @@ class ExchangeWriter:
                 if not call.future.done():
                     call.future.set_exception(exc)
 
+    def _launches(self, jobs: list[JobState]) -> list[JobLaunch]:
+        """The claimed jobs' launches, read after the group's commit: read again once when that
+        fails (a database blip), since the claims are committed and an agent that does not list
+        the leases it got (no ``exchange_seq``) would never give them back."""
+        try:
+            return self.agents.executors.launches(jobs)
+        except Exception as exc:
+            log.warning("agents: reading the launches of a committed claim failed (%s); once more", exc)
+            time.sleep(0.1)
+            return self.agents.executors.launches(jobs)
+
     # -- one group ------------------------------------------------------------------------------
 
     def _serve(self, group: list[Call]) -> Served:
@@ -330,7 +341,7 @@ class ExchangeWriter:
         now: float,
     ) -> None:
         """After the commit: count, notify, and answer every call of the group."""
-        s, agents = self.services, self.agents
+        s = self.services
         claimed: list[list[JobState]] = group.claimed if group is not None else []
         released = group.released if group is not None else set()
         if group is not None:
@@ -341,7 +352,7 @@ class ExchangeWriter:
         index = {id(c): i for i, c in enumerate(report_of)}
         launches: dict[int, list[JobLaunch]] = {}
         if any(claimed):
-            every = agents.executors.launches([job for jobs in claimed for job in jobs])
+            every = self._launches([job for jobs in claimed for job in jobs])
             at = 0
             for i, jobs in enumerate(claimed):
                 launches[i] = every[at : at + len(jobs)]
@@ -456,6 +467,8 @@ class ExchangeWriter:
             s.notify.publish((EVERYTHING,))
         if claimed_ids and not s.notify.idle:
             s.notify.publish({task_key(job.task_id) for jobs in claimed for job in jobs})
+        elif claimed_ids:  # as the embedded executor's claims: notify.published() moves
+            s.notify.publish(())
 
 
 def may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:

@@ -508,6 +508,7 @@ class QueueStore(AgentRows, ExchangeRows):
             return
         ids = sorted(agent_ids)
         with self.db.write() as conn:
+            self._lock_agents_in_order(conn, ids)
             conn.execute(
                 executors.update()
                 .where(and_(executors.c.id.in_(ids), executors.c.last_heartbeat < heard))
@@ -553,6 +554,20 @@ class QueueStore(AgentRows, ExchangeRows):
             value = conn.execute(query).scalar()
         return None if value is None else float(value)
 
+    def _lock_agents_in_order(self, conn: Connection, agent_ids: Collection[str]) -> None:
+        """Lock these agents' rows by id, the order a group commit takes them in
+        (store/exchanges.py): an ``UPDATE … WHERE id IN (…)`` locks in the order its plan visits
+        the rows (on disk), which would let it and a group each hold a row the other waits for.
+        SQLite's one write lock needs none of this."""
+        if self.db.is_sqlite or not agent_ids:
+            return
+        conn.execute(
+            select(executors.c.id)
+            .where(executors.c.id.in_(sorted(agent_ids)))
+            .order_by(executors.c.id)
+            .with_for_update()
+        )
+
     def lose_agents(self, silent_since: float, now: float) -> tuple[Applied, list[str]]:
         """Mark lost the agents not heard from since ``silent_since``, and recover their jobs
         (nobody can say whether they started: the crash rule treats them as if they may have)."""
@@ -570,6 +585,7 @@ class QueueStore(AgentRows, ExchangeRows):
             lost = list(conn.execute(silent).scalars())
             if not lost:
                 return Applied(now, [], [], 0), []
+            self._lock_agents_in_order(conn, lost)
             conn.execute(executors.update().where(executors.c.id.in_(lost)).values(lost_at=now))
             writes = self._writes(conn, now)
             marks = ",".join("?" * len(lost))

@@ -190,7 +190,11 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
             agents.pass_on(done.region)  # it was woken for work it will not take
             break
         seen = agents.work_seen()
-        leases = await agents.claim_async(agent_id, done.region, done.architectures, free, req.max_jobs)
+        try:
+            leases = await agents.claim_async(agent_id, done.region, done.architectures, free, req.max_jobs)
+        except BaseException:  # the work it was woken for is still queued: the next waiter takes it
+            agents.pass_on(done.region)
+            raise
         if leases:  # there may be more: the next waiter claims too (two, if this one came back full)
             agents.pass_on(done.region, 2 if len(leases) >= min(req.max_jobs, free.vcpus) else 1)
     answer = {  # wire.ExchangeResponse, built directly (see wire.launch_json)
