@@ -74,3 +74,23 @@ def test_a_writers_facts_reach_only_the_subscribers_of_their_key_and_are_built_o
         assert notify.published() == before + 2
 
     asyncio.run(scenario())
+
+
+def test_a_writer_that_found_nobody_waiting_still_wakes_a_waiter_that_kept_its_read() -> None:
+    """A report checks ``idle`` (nobody waits yet), a waiter subscribes and, seeing nothing
+    published since its read, keeps that read; the report's ``()`` publish must wake it to read
+    again, or a pushed wait sleeps through the job's end until its timeout."""
+
+    async def main() -> bool:
+        notifier = LocalNotifier()
+        key = job_key(7)
+        seen = notifier.published()  # the wait: before its read (the job still RUNNING)
+        idle = notifier.idle  # the report, committed now: nobody subscribed yet
+        async with notifier.subscribe((key,)) as sub:
+            assert notifier.published() == seen  # the wait keeps its read
+            writer = threading.Thread(target=lambda: notifier.publish(() if idle else (key,)))
+            writer.start()
+            writer.join()
+            return await sub.wait(2.0)
+
+    assert asyncio.run(main()), "the waiter was not woken: it would answer RUNNING at its timeout"

@@ -8,6 +8,7 @@ an idle agent's call returns the moment a job is submitted.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -159,6 +160,28 @@ def test_duplicate_report_is_acked_and_changes_nothing(srv: HtcServer) -> None:
     assert again["refused"] == []
     assert api.jobs(project_id, task_id)[0]["status"] == "FAILED"
     assert api.events(project_id, task_id, job["jobUUID"]) == events
+
+
+def test_a_report_at_a_time_that_is_not_a_number_is_a_4xx_and_changes_nothing(srv: HtcServer) -> None:
+    """JSON's NaN (which Python's and the server's parsers accept) in a report's time: refused
+    as bad input, the job untouched (it was a 500 after a failed write, resent forever)."""
+    api = srv.api()
+    agent = Agent(srv, agent_token(srv), "nan")
+    agent.register()
+    project_id, task_id = submit(api)
+    (lease,) = claim(agent, 1)
+    key = (lease["job_id"], lease["attempt"])
+    bad = {**agent.report(*key, JobStatus.STARTING), "at": float("nan")}
+    body = {"incarnation": agent.incarnation, "free": {"vcpus": 4, "memory_mb": 8192}, "max_jobs": 0,
+            "held": [list(key)], "reports": [bad], "wait_seconds": 0.0, "draining": False}  # fmt: skip
+    raw = json.dumps(body)
+    assert "NaN" in raw
+    resp = agent.http.post(
+        f"{AGENTS}/{agent.agent_id}/exchange", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
+    (job,) = api.jobs(project_id, task_id)
+    assert job["status"] != "STARTING"
 
 
 def test_stale_attempt_is_refused_and_killed(srv: HtcServer) -> None:

@@ -179,6 +179,7 @@ class Sandbox:
             raise SandboxGone("bwrap failed before it set the sandbox up") from exc
         finally:
             os.close(self._info)
+            self._info = -1
         return self.child
 
     def _early_output(self) -> str:
@@ -315,9 +316,9 @@ class Sandbox:
             _, status = os.waitpid(self.pid, 0)
             with self._lock:
                 self.code = os.waitstatus_to_exitcode(status)
-        for fd in (self.exited, self._block_w, self._args_w):
+        for fd in (self.exited, self._block_w, self._args_w, self._info):  # _info: set up never read
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.exited, self._block_w, self._args_w = -1, -1, -1
+        self.exited, self._block_w, self._args_w, self._info = -1, -1, -1, -1
         return self.code

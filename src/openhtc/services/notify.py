@@ -138,7 +138,10 @@ class LocalNotifier:
         loop = self._loop
         if not self._subs or loop is None:  # nobody waits: the common case costs this test
             return
-        wanted = frozenset(keys)
+        # A writer that found nobody waiting publishes (): a waiter that subscribed since then
+        # may hold a read from before the commit and trust it (published() had not moved yet):
+        # wake everyone to read again (rare: only that race gets here with subscribers).
+        wanted = frozenset(keys) or frozenset((EVERYTHING,))
         # Only keys someone waits for wake the event loop (a claim publishes its tasks' keys while
         # a lone job's client waits on the job's). Racing a new subscription is harmless: it
         # reads after subscribing, so it sees what was committed before this publish.
