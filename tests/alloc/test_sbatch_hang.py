@@ -50,6 +50,9 @@ def test_stopping_the_server_kills_a_hanging_sbatch(
 ) -> None:
     pids = tmp_path / "sbatch.pids"
     _hanging(tmp_path / "bin", "sbatch", pids)
+    squeue = tmp_path / "bin" / "squeue"  # a Slurm with no job yet (a round looks before it submits)
+    squeue.write_text("#!/bin/sh\nexit 0\n")
+    squeue.chmod(0o755)
     env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
     srv = start_server(args=("--no-executor",), env=env)
     client = srv.client(prefix="")
@@ -80,3 +83,30 @@ def test_a_command_past_its_timeout_is_killed_with_what_it_started(
         Slurm(timeout=3.0).jobs("openhtc-q1")
     script, child = (int(p) for p in pids.read_text().split())
     _wait_for(lambda: _gone(script) and _gone(child), "squeue and its child to be killed", timeout=10)
+
+
+def test_a_slurm_job_of_the_queue_with_no_pilot_row_is_cancelled(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    """An sbatch killed at its timeout or at a stop may have been accepted by Slurm: its job has
+    no pilot row, and its agent would idle on the node until the walltime. The next leader's
+    first round (or the next round after such a kill) cancels it."""
+    bin_dir, cancelled = tmp_path / "bin", tmp_path / "scancel.args"
+    bin_dir.mkdir()
+    fakes = {
+        # one pending job named as the queue's pilots are (squeue filters by name), none of ours
+        "squeue": "#!/bin/sh\necho '4242|PENDING|N/A|None'\n",
+        "scancel": f'#!/bin/sh\necho "$@" >> {cancelled}\n',
+        "sbatch": "#!/bin/sh\necho 5000\n",
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
+    srv = start_server(args=("--no-executor",), env=env)
+    client = srv.client(prefix="")
+    queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
+    assert client.post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
+    _wait_for(cancelled.exists, "the orphan to be cancelled", timeout=30)
+    assert cancelled.read_text().split() == ["4242"]
+    assert "Slurm job 4242 has no pilot here: cancelling it" in srv.log_tail()

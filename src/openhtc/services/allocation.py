@@ -77,6 +77,9 @@ class AllocationService:
         self._lock = threading.Lock()  # one round (or queue change) at a time in this process
         self._ends_lock = threading.Lock()
         self._ends: dict[str, tuple[float, bool, float | None]] = {}  # agent -> (read at, pilot?, end)
+        # queue id -> False once its Slurm jobs are known to have pilot rows (absent: not checked
+        # since this process started); an sbatch killed or refused may have left a job behind
+        self._rows_match_slurm: dict[str, bool] = {}
 
     # -- queues (CLI and admin API) -------------------------------------------------------------
 
@@ -230,7 +233,10 @@ class AllocationService:
         """Bring the queue's pilots up to date with squeue and their agents; stop idle ones."""
         out = _Round(queue, rules.Health(queue.failed_submissions, queue.failed_starts))
         alive = self.store.pilots(queue.id, alive_only=True)
-        seen = self.slurm.jobs(job_name(queue.id)) if alive else {}
+        check = not self._rows_match_slurm.get(queue.id, False)
+        seen = self.slurm.jobs(job_name(queue.id)) if alive or check else {}
+        if check:
+            self._cancel_orphans(queue, seen, {p.batch_job_id for p in alive})
         unlinked = [p.id for p in alive if p.agent_id is None]
         linked = self.store.agent_ids_of(unlinked) if unlinked else {}
         by_pilot = {a.pilot_id: a for a in agents if a.pilot_id}
@@ -280,6 +286,19 @@ class AllocationService:
                 out.stopping.append(pilot.id)
         return out
 
+    def _cancel_orphans(self, queue: QueueRow, seen: dict[str, SlurmJob], known: set[str]) -> None:
+        """Cancel the queue's Slurm jobs that have no pilot row: an sbatch killed at its timeout
+        or at a server stop after Slurm had accepted the job (or a leader that died between the
+        sbatch and the row). Their agents would get no work (no known end) and hold the node
+        until their walltime."""
+        for job_id, job in seen.items():
+            if job_id not in known and (job.waiting or job.running):
+                log.warning(
+                    "allocation queue %s: Slurm job %s has no pilot here: cancelling it", queue.id, job_id
+                )
+                self.slurm.cancel(job_id)
+        self._rows_match_slurm[queue.id] = True
+
     def _finish(self, r: _Round, coming: dict[str, int], now: float) -> None:
         """Submit what the queue's region needs (unless paused); record failures, pause."""
         queue, region = r.queue, r.queue.region
@@ -317,8 +336,10 @@ class AllocationService:
         try:
             job_id = self.slurm.submit(self._script(queue, pilot_id, token), self._sbatch_args(queue))
         except SlurmInterrupted:
+            self._rows_match_slurm[queue.id] = False  # Slurm may have taken it: the next round looks
             raise  # the server stops: not a failed submission (the round ends here)
         except SlurmError as exc:
+            self._rows_match_slurm[queue.id] = False
             log.warning("allocation queue %s: sbatch failed: %s", queue.id, exc)
             return str(exc)
         self.store.add_pilot(
