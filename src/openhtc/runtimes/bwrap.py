@@ -50,7 +50,6 @@ from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
 log = logging.getLogger("openhtc.runtimes.bwrap")
 DEFAULT_DISK_GIB = 1  # scratch for jobs that ask for maxDiskGiB 0
 SETUP_THREADS = 8  # sandboxes set up at once (each mostly waits: the kernel, bwrap)
-TIDY_BACKLOG = 16  # ended jobs waiting for the tidy thread before a slot waits for it
 # What podman grants a root container by default; a job whose image user is not root gets none.
 ROOT_CAPS = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
@@ -119,9 +118,6 @@ class BwrapRuntime:
         self._setup = ThreadPoolExecutor(max_workers=SETUP_THREADS, thread_name_prefix="sandbox-setup")
         # One thread puts ended jobs' disks and cgroups back, in the order they ended.
         self._tidy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-tidy")
-        # At most this many ended jobs wait for it: past that a slot waits rather than let
-        # cgroups and scratch disks pile up behind a slow tidy-up (its own job's among them).
-        self._tidy_room = threading.BoundedSemaphore(TIDY_BACKLOG)
 
     def adopt(self, owner: str, incarnation: str) -> int:
         killed = self.cgroups.adopt(owner_tag(owner), incarnation)
@@ -322,7 +318,6 @@ class BwrapRuntime:
         """Tidy up after the job on the tidy thread, off the slot's path: the job's main
         process has ended (bwrap has exited), so the outcome is known and the slot's next job,
         with its own cgroup and disk, goes on meanwhile."""
-        self._tidy_room.acquire()
         try:
             self._tidy.submit(self._put_back, launch, cgroup, layer, image, sandbox)
         except RuntimeError:  # closing: no tidy thread any more
@@ -356,8 +351,6 @@ class BwrapRuntime:
                         self.cache.release(image)
         except Exception:  # on the tidy thread: said here, or never
             log.exception("job %s: cannot tidy up after it", launch.job_uuid)
-        finally:
-            self._tidy_room.release()
 
     def settle(self) -> None:
         """Wait until every ended job's disk and cgroup are back in their pools."""
