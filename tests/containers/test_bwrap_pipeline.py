@@ -139,9 +139,7 @@ def test_a_reused_cgroup_does_not_carry_an_earlier_jobs_oom_kill(
 
     def run(script: str) -> Outcome:
         started, _ = _start(runtime, _job(shared, script, "oom", memory_mb=64), tmp_path)
-        outcome = runtime.finish(started)
-        runtime.settle()  # its cgroup is back in the pool
-        return outcome
+        return runtime.finish(started)
 
     # tail keeps a whole newline-free input in memory: 300 MiB against a 64 MiB limit.
     oom = run("head -c 300m /dev/zero | tail")
@@ -174,8 +172,7 @@ HELD_SCRIPT = textwrap.dedent(
                       job_id=n)
     log = JobLog({shared!r} + "/log")
     first = runtime.start(job("sleep 300", 1), RunHandle(), log, lambda: None)
-    held = runtime.start(job("touch /shared/held-ran", 2), RunHandle(), log, lambda: None, first)
-    held.sandbox.wait_set_up()
+    runtime.start(job("touch /shared/held-ran", 2), RunHandle(), log, lambda: None, first)
     print("held", flush=True)
     time.sleep(600)
     """

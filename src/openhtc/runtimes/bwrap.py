@@ -12,11 +12,9 @@ bwrap's own environment, not its command line, so tokens do not show in ``ps``.
 
 The runtime is pipelined (see ``base.Pipelined``): ``start(..., after=)`` sets up the slot's
 next sandbox (image, cgroup, disk, bwrap held at ``--block-fd``, cgroup and network joined)
-while the current job runs, and it is released the moment that job's bwrap exits. The slot's
-worker thread only does the Python of it and spawns bwrap: the waits of a set-up (the cgroup
-migration, bwrap's start, the job network) happen on a set-up thread, and an ended job's disk,
-cgroup and image go back to their pools on a tidy thread, so the worker goes on with the slot's
-next job at once. Job cgroups are pooled (``Cgroups.acquire``/``recycle``).
+while the current job runs, and it is released the moment that job's bwrap exits. Job cgroups
+are pooled (``Cgroups.acquire``/``recycle``), and a job's clean-up after it ends (its cgroup,
+its disk) overlaps the next job's run.
 
 A timeout or cancel kills bwrap's process group and every process in the job's cgroup. After a
 crash, ``adopt`` kills what a dead incarnation's cgroups still hold, removes them, and unmounts
@@ -32,7 +30,6 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from openhtc.domain.enums import FailureCode
@@ -44,12 +41,11 @@ from openhtc.runtimes.images.oci import DEFAULT_PATH
 from openhtc.runtimes.jobnet import JobNetwork
 from openhtc.runtimes.output import LogSink
 from openhtc.runtimes.process import Deadlines, exit_outcome
-from openhtc.runtimes.sandbox import Sandbox
+from openhtc.runtimes.sandbox import Sandbox, SandboxGone
 from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
 
 log = logging.getLogger("openhtc.runtimes.bwrap")
 DEFAULT_DISK_GIB = 1  # scratch for jobs that ask for maxDiskGiB 0
-SETUP_THREADS = 8  # sandboxes set up at once (each mostly waits: the kernel, bwrap)
 # What podman grants a root container by default; a job whose image user is not root gets none.
 ROOT_CAPS = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
@@ -113,11 +109,6 @@ class BwrapRuntime:
         self._deadlines = Deadlines()
         self._users: dict[str, User] = {}
         self._lock = threading.Lock()
-        # Each sandbox's set-up waits (its cgroup migration, bwrap's start, the job network)
-        # happen here, off the slot's worker thread.
-        self._setup = ThreadPoolExecutor(max_workers=SETUP_THREADS, thread_name_prefix="sandbox-setup")
-        # One thread puts ended jobs' disks and cgroups back, in the order they ended.
-        self._tidy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-tidy")
 
     def adopt(self, owner: str, incarnation: str) -> int:
         killed = self.cgroups.adopt(owner_tag(owner), incarnation)
@@ -125,8 +116,6 @@ class BwrapRuntime:
         return killed
 
     def close(self) -> None:
-        self._setup.shutdown(wait=True)
-        self._tidy.shutdown(wait=True)
         if self.job_network is not None:
             self.job_network.close()
         self.scratch.close()
@@ -173,17 +162,11 @@ class BwrapRuntime:
 
         sandbox = started.sandbox
         sandbox.on_release = running
-        sandbox.begin_set_up()
         ahead = after.sandbox if after is not None else None
         if ahead is None or ahead.over:
-            sandbox.release()  # once it is set up
+            sandbox.release()
         else:
             ahead.successor = sandbox
-        attach = self.job_network.attach if self.job_network is not None else None
-        try:
-            self._setup.submit(sandbox.set_up, started.cgroup.add, attach)
-        except RuntimeError:  # closed: no set-up thread any more
-            sandbox.set_up(started.cgroup.add, attach)
         return started
 
     def wait(self, started: Started, timeout: float) -> bool:
@@ -192,8 +175,9 @@ class BwrapRuntime:
 
     def withdraw(self, started: Started) -> bool:
         """Take back a job held ``after`` another one if it has not started: True if so."""
-        if not started.sandbox.take_back():
+        if started.sandbox.released:
             return False
+        started.sandbox.kill()
         self._end(started)
         return True
 
@@ -234,15 +218,17 @@ class BwrapRuntime:
             try:
                 root = layer.enter_context(self.scratch.layer(image.rootfs, disk, mount_points))
             except ScratchError as exc:
-                self._teardown(launch, cgroup, layer, None)
+                self._teardown(launch, cgroup, layer)
                 return starting_failure(f"Cannot set up the job's disk: {exc}")
             job = _Job(launch, image, user, argv, cwd, root, cgroup)
             sandbox = self._spawn(job, handle)
         except BaseException:
-            self._teardown(launch, cgroup, layer, None)
+            self._teardown(launch, cgroup, layer)
             raise
         if isinstance(sandbox, str):
-            self._teardown(launch, cgroup, layer, None)
+            self._teardown(launch, cgroup, layer)
+            if handle.stopped:
+                return exit_outcome(-9, handle, launch.timeout_s)
             return starting_failure(f"Cannot start the sandbox: {sandbox}")
         return Started(launch, handle, image, cgroup, layer, sandbox, LogSink(open_log, self.max_log_bytes))
 
@@ -264,16 +250,28 @@ class BwrapRuntime:
         return args
 
     def _spawn(self, job: _Job, handle: RunHandle) -> Sandbox | str:
-        """Start bwrap, waiting for its ``--args``; or why it could not be started. A set-up
-        thread then moves it into the job's cgroup (the sandbox it makes is born there, and
-        what the job forks inherits it), lets it go on, and joins the sandbox to the job
-        network (openhtc: the API and storage in its netns); see ``Sandbox.set_up``."""
+        """Start bwrap and put the sandbox in the job's cgroup (and network), held before the
+        job runs; or why the sandbox could not be set up."""
         try:
             env = job_env(job.launch, job.image, job.user)
             sandbox = Sandbox(self._args(job), job.argv, env, job.cgroup.kill)
         except OSError as exc:
             return f"cannot run {self.bwrap}: {exc.strerror or exc}"
         handle.attach_kill(sandbox.kill)
+        try:
+            # bwrap waits for its --args: moved now, while it loads, the sandbox it starts is
+            # born in the job's cgroup (what the job forks inherits it).
+            job.cgroup.add(sandbox.pid)
+            sandbox.proceed()
+            child = sandbox.wait_ready()
+            if self.job_network is not None:  # openhtc: the API and storage in its netns
+                self.job_network.attach(child)
+        except SandboxGone as exc:
+            return str(exc)
+        except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
+            sandbox.kill()
+            sandbox.reap()
+            return f"the sandbox ended before it started the job ({exc.strerror})"
         return sandbox
 
     def _end(self, started: Started) -> Outcome:
@@ -283,19 +281,17 @@ class BwrapRuntime:
             try:
                 sandbox.pump(started.sink, None)
             finally:
-                if not sandbox.ended:  # an error while copying: nothing of the job may stay
-                    sandbox.kill()
-                sandbox.wait_set_up()  # bwrap is gone: it ends at once (its release included)
                 started.sink.close()
                 if started.cancel_timeout is not None:
                     started.cancel_timeout()
+                if not sandbox.ended:  # an error while copying: nothing of the job may stay
+                    sandbox.kill()
+            sandbox.wait_init()
             code = sandbox.reap()
             oom = code != 0 and not handle.timed_out and cgroup.oom_kills() > 0
         finally:
-            self._teardown(launch, cgroup, started.layer, started.image, sandbox)
-        if sandbox.failure is not None and not handle.stopped:
-            said = sandbox.last_output.strip()
-            return starting_failure(f"Cannot start the sandbox: {said or sandbox.failure}")
+            self._teardown(launch, cgroup, started.layer)
+            self.cache.release(started.image)
         if oom:
             return Outcome(
                 137 if code < 0 else code,
@@ -307,54 +303,16 @@ class BwrapRuntime:
             return Outcome(1, FailureCode.ErrorStartingContainer.value, f"Cannot start the job: {last[7:]}")
         return exit_outcome(code, handle, launch.timeout_s)
 
-    def _teardown(
-        self,
-        launch: JobLaunch,
-        cgroup: JobCgroup,
-        layer: contextlib.ExitStack,
-        image: PreparedImage | None,
-        sandbox: Sandbox | None = None,
-    ) -> None:
-        """Tidy up after the job on the tidy thread, off the slot's path: the job's main
-        process has ended (bwrap has exited), so the outcome is known and the slot's next job,
-        with its own cgroup and disk, goes on meanwhile."""
+    def _teardown(self, launch: JobLaunch, cgroup: JobCgroup, layer: contextlib.ExitStack) -> None:
+        """Kill what is left of the job (nothing of it may outlive it, nor keep its disk busy),
+        give its disk back, and its cgroup to the pool."""
         try:
-            self._tidy.submit(self._put_back, launch, cgroup, layer, image, sandbox)
-        except RuntimeError:  # closing: no tidy thread any more
-            self._put_back(launch, cgroup, layer, image, sandbox)
-
-    def _put_back(
-        self,
-        launch: JobLaunch,
-        cgroup: JobCgroup,
-        layer: contextlib.ExitStack,
-        image: PreparedImage | None,
-        sandbox: Sandbox | None,
-    ) -> None:
-        """Kill what is left of the job (the sandbox's init dies with bwrap, and every process
-        of its pid namespace with it; the cgroup is swept too): nothing of it may outlive it,
-        nor keep its disk busy. Then give its disk back (scratch.py: kept mounted if the job left
-        it untouched), its cgroup to the pool and its image to the cache."""
-        try:
-            try:
-                if sandbox is not None:
-                    sandbox.wait_init()
-                cgroup.kill()
-                layer.close()
-            except ScratchError as exc:  # the disk is dropped from the pool; the outcome stands
-                log.warning("job %s: cannot tidy up its disk: %s", launch.job_uuid, exc)
-            finally:
-                try:
-                    self.cgroups.recycle(cgroup, launch.memory_mb, launch.vcpus)
-                finally:
-                    if image is not None:
-                        self.cache.release(image)
-        except Exception:  # on the tidy thread: said here, or never
-            log.exception("job %s: cannot tidy up after it", launch.job_uuid)
-
-    def settle(self) -> None:
-        """Wait until every ended job's disk and cgroup are back in their pools."""
-        self._tidy.submit(lambda: None).result()
+            cgroup.kill()
+            layer.close()
+        except ScratchError as exc:  # the disk is dropped from the pool; the job's outcome stands
+            log.warning("job %s: cannot tidy up its disk: %s", launch.job_uuid, exc)
+        finally:
+            self.cgroups.recycle(cgroup, launch.memory_mb, launch.vcpus)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,6 @@ the job's network then). ``release`` lets it run the job: at once, or the moment
 of it in the same slot ends (its pump releases it), so a slot's next sandbox is set up while
 the current job still runs.
 
-The runtime does those waits (the cgroup migration, bwrap's start, the network) on a set-up
-thread (``set_up``), not on the slot's worker: the worker spawns bwrap and goes on copying the
-running job's output, reaping and reporting the one before. A release asked for before the
-sandbox is set up takes effect when it is (``release`` then only records it).
-
 bwrap reads ``--block-fd`` until a byte or EOF, and EOF would come if the server died while a
 sandbox is held: the sandbox keeps the write end itself (``--sync-fd``, closed before the job's
 command runs), so a held sandbox never runs its job unless told; bwrap's outer process dies
@@ -51,11 +46,7 @@ class Sandbox:
     is called from the slot's worker thread."""
 
     def __init__(
-        self,
-        bwrap_args: list[str],
-        command: list[str],
-        env: dict[str, str],
-        kill_also: Callable[[], object],
+        self, bwrap_args: list[str], command: list[str], env: dict[str, str], kill_also: Callable[[], object]
     ) -> None:
         self._lock = threading.Lock()
         self._kill_also = kill_also
@@ -67,11 +58,6 @@ class Sandbox:
         self.over = False  # bwrap has exited (seen by the pump): the job's main process is gone
         self.ended = False  # ... and the output is copied
         self.child: int | None = None  # the sandbox's init (bwrap's child), once known
-        self.ready = True  # set up (a set_up() in progress makes it False until it is done)
-        self.failure: str | None = None  # why set_up() could not set it up
-        self._release_wanted = False  # released before it was set up: set_up() releases it
-        self._set_up = threading.Event()
-        self._set_up.set()
         self._child_fd: int | None = None
         self._sink: LogSink | None = None
         self._deadline: float | None = None
@@ -119,56 +105,7 @@ class Sandbox:
             self._args_w = -1
 
     def wait_ready(self) -> int:
-        """The sandbox's init pid, once bwrap has set it up and waits for ``release`` (the
-        set-up done in the calling thread; if it failed, the sandbox is reaped)."""
-        try:
-            return self._read_info()
-        except SandboxGone as exc:
-            raise SandboxGone(self._early_output() or "bwrap failed") from exc
-
-    def set_up(self, join: Callable[[int], None], attach: Callable[[int], None] | None) -> None:
-        """Put bwrap in its cgroup (``join``), let it set the sandbox up, and join the sandbox to
-        its network (``attach``, given the sandbox's init); then release it if that was asked
-        for meanwhile. Run on a thread of its own (see ``begin_set_up``); a failure kills the
-        sandbox and is kept in ``failure`` (its bwrap's exit tells the slot's pump)."""
-        try:
-            join(self.pid)
-            self.proceed()
-            child = self._read_info()
-            if attach is not None:
-                attach(child)
-        except SandboxGone as exc:
-            self.failure = str(exc)
-        except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
-            self.failure = f"the sandbox ended before it started the job ({exc.strerror or exc})"
-        except BaseException as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            go = False
-            with self._lock:
-                if self.failure is None:
-                    self.ready = True
-                    go = self._release_wanted and not self.killed and not self.released
-                    if go:
-                        self.released = True
-            if self.failure is not None:
-                self.kill()
-            elif go:
-                self._go()
-            self._set_up.set()
-
-    def begin_set_up(self) -> None:
-        """From now until ``set_up`` has run, a release is only recorded."""
-        self.ready = False
-        self._set_up.clear()
-
-    def wait_set_up(self) -> None:
-        """Wait until ``set_up`` (if begun) is done: it uses the sandbox's descriptors."""
-        self._set_up.wait()
-
-    def _read_info(self) -> int:
-        """The sandbox's init pid from bwrap's ``--info-fd`` (SandboxGone if bwrap gave up)."""
+        """The sandbox's init pid, once bwrap has set it up and waits for ``release``."""
         try:
             data = b""
             while chunk := os.read(self._info, 4096):
@@ -176,10 +113,9 @@ class Sandbox:
             self.child = int(json.loads(data)["child-pid"])
             self._child_fd = os.pidfd_open(self.child)
         except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise SandboxGone("bwrap failed before it set the sandbox up") from exc
+            raise SandboxGone(self._early_output() or "bwrap failed") from exc
         finally:
             os.close(self._info)
-            self._info = -1
         return self.child
 
     def _early_output(self) -> str:
@@ -191,40 +127,19 @@ class Sandbox:
     # -- running --------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Let the sandbox run the job (once; not after a kill): now, or once it is set up."""
+        """Let the sandbox run the job (once; not after a kill)."""
         with self._lock:
             if self.released or self.killed:
                 return
-            if not self.ready:
-                self._release_wanted = True
-                return
             self.released = True
-        self._go()
-
-    def _go(self) -> None:
-        """The job is told it runs (its timeout starts) first: it cannot end before that."""
-        if self.on_release is not None:
-            self.on_release()
-        with self._lock:
             block_w, self._block_w = self._block_w, -1
-        if block_w < 0:
-            return
         try:
             with contextlib.suppress(OSError):  # bwrap died meanwhile: the pump sees it
                 os.write(block_w, b"go")
         finally:
             os.close(block_w)
-
-    def take_back(self) -> bool:
-        """Kill the sandbox if its job has not been released (True), else leave it (False; a
-        release asked for before the set-up is done counts). Atomic against a release: a job
-        released meanwhile is never killed for this."""
-        with self._lock:
-            if self.released or self._release_wanted:
-                return False
-            self.killed = True
-        self.kill()
-        return True
+        if self.on_release is not None:
+            self.on_release()
 
     def kill(self) -> None:
         """SIGKILL bwrap's process group and what else the job has (its cgroup)."""
@@ -290,20 +205,15 @@ class Sandbox:
 
     def wait_init(self, timeout: float = 2.0) -> None:
         """Wait for the sandbox's init to be gone: it dies right after bwrap (parent-death
-        signal); waiting for that beats polling the cgroup. Its last use of the init's pidfd."""
-        with self._lock:
-            child_fd, self._child_fd = self._child_fd, None
-        if child_fd is not None:
-            try:
-                poller = select.poll()
-                poller.register(child_fd, select.POLLIN)
-                poller.poll(timeout * 1000)
-            finally:
-                os.close(child_fd)
+        signal); waiting for that beats polling the cgroup."""
+        if self._child_fd is not None:
+            poller = select.poll()
+            poller.register(self._child_fd, select.POLLIN)
+            poller.poll(timeout * 1000)
 
     def reap(self) -> int:
-        """bwrap's exit status; closes its descriptors (the init's pidfd: ``wait_init``). The
-        output must be copied (or the process killed) first, or this waits for the job."""
+        """bwrap's exit status; closes every descriptor. The output must be copied (or the
+        process killed) first, or this waits for the job."""
         if self.code is None:
             if self.out is not None:  # never pumped: read what bwrap said (why it failed)
                 sink = LogSink(io.StringIO, None)  # kept only as ``last``: why bwrap failed
@@ -316,9 +226,9 @@ class Sandbox:
             _, status = os.waitpid(self.pid, 0)
             with self._lock:
                 self.code = os.waitstatus_to_exitcode(status)
-        for fd in (self.exited, self._block_w, self._args_w, self._info):  # _info: set up never read
-            if fd >= 0:
+        for fd in (self.exited, self._child_fd, self._block_w, self._args_w):
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.exited, self._block_w, self._args_w, self._info = -1, -1, -1, -1
+        self.exited, self._child_fd, self._block_w, self._args_w = -1, None, -1, -1
         return self.code
