@@ -88,16 +88,16 @@ def test_a_command_past_its_timeout_is_killed_with_what_it_started(
 def test_a_slurm_job_of_the_queue_with_no_pilot_row_is_cancelled(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
-    """An sbatch killed at its timeout or at a stop may have been accepted by Slurm: its job has
-    no pilot row, and its agent would idle on the node until the walltime. The next leader's
-    first round (or the next round after such a kill) cancels it."""
+    """An sbatch killed at its timeout (or failed) may have been accepted by Slurm: its job has
+    no pilot row, and its agent would idle on the node until the walltime. The queue's next
+    round cancels it (here sbatch fails; the job Slurm shows is not one of ours)."""
     bin_dir, cancelled = tmp_path / "bin", tmp_path / "scancel.args"
     bin_dir.mkdir()
     fakes = {
         # one pending job named as the queue's pilots are (squeue filters by name), none of ours
         "squeue": "#!/bin/sh\necho '4242|PENDING|N/A|None'\n",
         "scancel": f'#!/bin/sh\necho "$@" >> {cancelled}\n',
-        "sbatch": "#!/bin/sh\necho 5000\n",
+        "sbatch": "#!/bin/sh\necho 'sbatch: error: Socket timed out' >&2\nexit 1\n",
     }
     for name, text in fakes.items():
         (bin_dir / name).write_text(text)
@@ -107,6 +107,9 @@ def test_a_slurm_job_of_the_queue_with_no_pilot_row_is_cancelled(
     client = srv.client(prefix="")
     queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
     assert client.post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
+    api: HtcApi = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(["true"]))  # a pilot is due: its sbatch fails
     _wait_for(cancelled.exists, "the orphan to be cancelled", timeout=30)
     assert cancelled.read_text().split() == ["4242"]
     assert "Slurm job 4242 has no pilot here: cancelling it" in srv.log_tail()

@@ -77,8 +77,8 @@ class AllocationService:
         self._lock = threading.Lock()  # one round (or queue change) at a time in this process
         self._ends_lock = threading.Lock()
         self._ends: dict[str, tuple[float, bool, float | None]] = {}  # agent -> (read at, pilot?, end)
-        # queue id -> False once its Slurm jobs are known to have pilot rows (absent: not checked
-        # since this process started); an sbatch killed or refused may have left a job behind
+        # queue id -> False after an sbatch of the queue was killed at its timeout or failed: Slurm
+        # may have queued that pilot with no row here (the queue's next round looks)
         self._rows_match_slurm: dict[str, bool] = {}
 
     # -- queues (CLI and admin API) -------------------------------------------------------------
@@ -233,10 +233,16 @@ class AllocationService:
         """Bring the queue's pilots up to date with squeue and their agents; stop idle ones."""
         out = _Round(queue, rules.Health(queue.failed_submissions, queue.failed_starts))
         alive = self.store.pilots(queue.id, alive_only=True)
-        check = not self._rows_match_slurm.get(queue.id, False)
-        seen = self.slurm.jobs(job_name(queue.id)) if alive or check else {}
-        if check:
-            self._cancel_orphans(queue, seen, {p.batch_job_id for p in alive})
+        seen = self.slurm.jobs(job_name(queue.id)) if alive else {}
+        if not self._rows_match_slurm.get(queue.id, True):
+            try:
+                self._cancel_orphans(queue, seen if alive else self.slurm.jobs(job_name(queue.id)), alive)
+            except SlurmInterrupted:
+                raise
+            except SlurmError as exc:  # looked again next round; this round goes on
+                log.warning(
+                    "allocation queue %s: cannot look for pilots Slurm has and we do not: %s", queue.id, exc
+                )
         unlinked = [p.id for p in alive if p.agent_id is None]
         linked = self.store.agent_ids_of(unlinked) if unlinked else {}
         by_pilot = {a.pilot_id: a for a in agents if a.pilot_id}
@@ -286,11 +292,11 @@ class AllocationService:
                 out.stopping.append(pilot.id)
         return out
 
-    def _cancel_orphans(self, queue: QueueRow, seen: dict[str, SlurmJob], known: set[str]) -> None:
+    def _cancel_orphans(self, queue: QueueRow, seen: dict[str, SlurmJob], alive: list[PilotRow]) -> None:
         """Cancel the queue's Slurm jobs that have no pilot row: an sbatch killed at its timeout
-        or at a server stop after Slurm had accepted the job (or a leader that died between the
-        sbatch and the row). Their agents would get no work (no known end) and hold the node
-        until their walltime."""
+        after Slurm had accepted the job. Its agent would get no work (no known end) and hold the
+        node until its walltime."""
+        known = {p.batch_job_id for p in alive}
         for job_id, job in seen.items():
             if job_id not in known and (job.waiting or job.running):
                 log.warning(
@@ -336,7 +342,6 @@ class AllocationService:
         try:
             job_id = self.slurm.submit(self._script(queue, pilot_id, token), self._sbatch_args(queue))
         except SlurmInterrupted:
-            self._rows_match_slurm[queue.id] = False  # Slurm may have taken it: the next round looks
             raise  # the server stops: not a failed submission (the round ends here)
         except SlurmError as exc:
             self._rows_match_slurm[queue.id] = False
