@@ -45,6 +45,19 @@ def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> 
         time.sleep(0.05)
 
 
+def _server_with_a_pilot_due(start_server: Callable[..., HtcServer], bin_dir: Path) -> HtcServer:
+    """A ``--no-executor`` server with the fake Slurm commands of ``bin_dir`` first on its PATH, a
+    Slurm allocation queue, and one job no agent takes: the queue's next round submits a pilot."""
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
+    srv = start_server(args=("--no-executor",), env=env)
+    queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
+    assert srv.client(prefix="").post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
+    api: HtcApi = srv.api()
+    project_id, task_id = api.project_and_task()
+    api.submit(project_id, task_id, api.job_request(["true"]))
+    return srv
+
+
 def test_stopping_the_server_kills_a_hanging_sbatch(
     start_server: Callable[..., HtcServer], tmp_path: Path
 ) -> None:
@@ -53,14 +66,7 @@ def test_stopping_the_server_kills_a_hanging_sbatch(
     squeue = tmp_path / "bin" / "squeue"  # a Slurm with no job yet (a round looks before it submits)
     squeue.write_text("#!/bin/sh\nexit 0\n")
     squeue.chmod(0o755)
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
-    srv = start_server(args=("--no-executor",), env=env)
-    client = srv.client(prefix="")
-    queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
-    assert client.post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
-    api: HtcApi = srv.api()
-    project_id, task_id = api.project_and_task()
-    api.submit(project_id, task_id, api.job_request(["true"]))  # work no agent takes: a pilot is due
+    srv = _server_with_a_pilot_due(start_server, tmp_path / "bin")
     _wait_for(pids.exists, "the pilot's sbatch")
     script, child = (int(p) for p in pids.read_text().split())
     assert not _gone(script)
@@ -102,14 +108,7 @@ def test_a_slurm_job_of_the_queue_with_no_pilot_row_is_cancelled(
     for name, text in fakes.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OPENHTC_ALLOC_PERIOD_SECONDS": "0.2"}
-    srv = start_server(args=("--no-executor",), env=env)
-    client = srv.client(prefix="")
-    queue = {"kind": "slurm", "region": DEFAULT_REGION, "timeLimitSeconds": 3600, "dryRun": False}
-    assert client.post("/openhtc/v1/alloc/queues", json=queue).status_code == 201
-    api: HtcApi = srv.api()
-    project_id, task_id = api.project_and_task()
-    api.submit(project_id, task_id, api.job_request(["true"]))  # a pilot is due: its sbatch fails
+    srv = _server_with_a_pilot_due(start_server, bin_dir)  # its sbatch fails
     _wait_for(cancelled.exists, "the orphan to be cancelled", timeout=30)
     assert cancelled.read_text().split() == ["4242"]
     assert "Slurm job 4242 has no pilot here: cancelling it" in srv.log_tail()
