@@ -216,7 +216,9 @@ def test_dropped_streams_release_everything(api: HtcApi, module_server: HtcServe
     deadline = time.monotonic() + 20  # a loaded machine may still be closing the last sockets
 
     def flat(now: Any) -> bool:
-        return bool(now.fds <= first.fds + 3 and now.threads <= first.threads + 2)
+        # A leak per stream would show as ~200 more per round; a few more idle pool threads
+        # (the thread pool grows lazily, to its limit) or sockets still closing are not one.
+        return bool(now.fds <= first.fds + 8 and now.threads <= first.threads + 8)
 
     while not flat(second) and time.monotonic() < deadline:
         time.sleep(0.5)
