@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from openhtc.testing import agentproc as testing_agent
+from openhtc.testing.procstats import alive
 from openhtc.testing.server import HtcApi, HtcServer, htc_command
 
 
@@ -170,11 +171,4 @@ def test_a_cancel_kills_the_job_on_the_agent(
     pid = int(pid_file.read_text())
     api.cancel(project_id, task_id)
 
-    def gone() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-    wait_for(gone, "the cancelled job's process to be killed")
+    wait_for(lambda: not alive(pid), "the cancelled job's process to be killed")

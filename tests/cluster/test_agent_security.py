@@ -31,6 +31,7 @@ from openhtc.domain.clock import Clock
 from openhtc.domain.enums import JobStatus
 from openhtc.testing.ci import skip_or_fail
 from openhtc.testing.postgres import PostgresCluster
+from openhtc.testing.procstats import alive
 from openhtc.testing.proxy import DROP, PASS, FaultyProxy
 from openhtc.testing.server import HtcServer, htc_command
 
@@ -369,14 +370,6 @@ def test_an_agent_that_alternates_servers_keeps_its_drain_and_its_reports_once(
     assert via_b.exchange(max_jobs=1)["leases"] == []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-
-
 @pytest.mark.one_db  # the agent's side and the log files: not about the store
 def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
     start_server: Callable[..., HtcServer], tmp_path: Path
@@ -396,9 +389,9 @@ def test_an_agent_refused_past_its_liveness_kills_its_jobs_and_rejoins(
         )
         wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the job to start", 60)
         pid = int(pid_file.read_text())
-        assert _alive(pid)
+        assert alive(pid)
         proxy.cut = 403  # every call of the agent is refused from now on
-        wait_until(lambda: not _alive(pid), "the agent to kill its job", 60)
+        wait_until(lambda: not alive(pid), "the agent to kill its job", 60)
         text = log_path.read_text(errors="replace")
         assert text.count("refuses this agent's token (HTTP 403") == 1, text[-3000:]
         proxy.cut = None  # the agent registers again and takes new work

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from openhtc.testing.procstats import alive
+
 # Nothing here depends on the database: run on the first of --db only.
 pytestmark = pytest.mark.one_db
 
@@ -164,13 +166,6 @@ def test_htc_server_runs_its_own_seaweedfs(start_server: Any, weed_binary: str) 
     assert Path(f"/proc/{weed}").exists()
     srv.stop()
     deadline = time.monotonic() + 30  # weed shuts down cleanly, in about 2 s
-    while Path(f"/proc/{weed}").exists() and not _zombie(weed):
+    while alive(weed):
         assert time.monotonic() < deadline, "weed outlived the server"
         time.sleep(0.1)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True

@@ -89,3 +89,13 @@ def fd_kinds(pid: int) -> dict[str, int]:
         kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone and not a zombie (a process may vanish between the checks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # the state follows the command in parentheses, which may itself contain spaces
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # FileNotFoundError, or ProcessLookupError from a process that just died
+        return False
