@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -35,7 +37,7 @@ from typing import Protocol
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
-from openhtc.functions.worker import Worker, WorkerGone, worker_launch
+from openhtc.functions.worker import FRAME_HEAD, Worker, WorkerGone, worker_launch
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 from openhtc.runtimes.joblog import LogWriter
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
@@ -44,7 +46,17 @@ from openhtc.store.functions import CallResult
 
 log = logging.getLogger("openhtc.functions")
 EVENT_CHUNK = 2000  # events read per query
-PIPELINED_BYTES = 16 * 1024  # a call up to this size is sent while the worker's current one runs
+PIPE_BUDGET = 16 * 1024  # bytes of calls in a worker's pipe not answered yet (a pipe holds 64 KiB)
+STOPPED = "Job stopped by the executor"
+# Calls in a worker's pipe (answered or not, the running one included): about this long of its
+# calls, at least 2; until it has answered one, 2. The rest of its window waits in the executor,
+# where another slot may take it (LocalExecutor._hold): a long call holds at most that many.
+AHEAD_SECONDS = 0.05
+_SECONDS = struct.Struct(">d")
+# A worker's window (calls queued in it, executor/local.py): about this long of its calls at the
+# observed rate, between 2 (one running, the next in its pipe) and WINDOW_MAX.
+WINDOW_SECONDS = 0.02
+WINDOW_MAX = 64
 START_SECONDS = 120.0  # a worker's start (image, sandbox, imports) may take this long
 CODE_CHECK_SECONDS = 1.0  # a code zip's file is looked at again after this long
 RUNNER = Path(__file__).with_name("runner.py")
@@ -108,7 +120,8 @@ class FunctionCall:
     timeout: float
     worker: Worker = field(init=False)
     current: bool = False  # its worker is running it: a stop kills the worker
-    unsent: bool = False  # queued, to be sent when its turn comes
+    withdrawn: bool = False  # taken back before it was written to the worker
+    deadline: float | None = None  # monotonic, once it is its worker's current call
 
     def kill(self) -> None:
         if self.current:
@@ -127,8 +140,10 @@ class FunctionPool:
         idle_seconds: float,
         max_idle: int,
         max_log_bytes: int | None = None,
+        window: int | None = None,
     ) -> None:
         self.max_log_bytes = max_log_bytes
+        self.window = window  # calls a slot queues in its worker; None: by the observed rate
         self.runtime = runtime
         self.local = runtime.name == "process"  # no sandbox: the host's paths and this Python
         self.root = work_root
@@ -154,6 +169,15 @@ class FunctionPool:
 
     # -- the executor's side --------------------------------------------------------------------
 
+    def window_depth(self, rate: float, vcpus: int) -> int:
+        """How many calls a slot queues in its worker: WINDOW_SECONDS of calls at the observed
+        rate (completions a second, the executor's) shared by its vCPUs, 2 to WINDOW_MAX (or the
+        fixed ``window``). Short calls then go a chunk per pipe write; long ones are not held
+        behind each other while another slot could run them."""
+        if self.window is not None:
+            return self.window
+        return max(2, min(WINDOW_MAX, int(rate / max(1, vcpus) * WINDOW_SECONDS)))
+
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
     ) -> Outcome:
@@ -161,10 +185,11 @@ class FunctionPool:
         started = self.start(launch, handle, open_log, on_running, None)
         return started if isinstance(started, Outcome) else self.finish(started)
 
-    # The executor pipelines calls as it does jobs (``runtimes.base.Pipelined``): a slot's next
-    # call is sent to the same worker while the current one runs, so the worker goes from one
-    # call to the next without waiting for the executor. A worker replies in the order it was
-    # sent calls, and the executor finishes them in that order.
+    # The executor queues calls in a worker as a window (``executor/local.py``, ``window_depth``):
+    # while one runs, the next ones are in its pipe, so it goes from call to call without waiting
+    # for the executor, and the executor writes them a chunk at a time (``_pump``: up to
+    # PIPE_BUDGET bytes not yet answered, so a write never blocks on a full pipe). A worker
+    # replies in the order it was sent calls, and the executor finishes them in that order.
 
     def start(
         self,
@@ -174,7 +199,7 @@ class FunctionPool:
         on_running: Callable[[], None],
         after: object = None,
     ) -> FunctionCall | Outcome:
-        """Send the call to a worker (``after``'s, if it is a call of the same kind); returns
+        """Queue the call in a worker (``after``'s, if it is a call of the same kind); returns
         what ``finish`` takes, or why it cannot run."""
         handler = launch.commands[1] if len(launch.commands) > 1 else ""
         code = launch.commands[2] if len(launch.commands) > 2 else None
@@ -203,50 +228,104 @@ class FunctionPool:
         payload = json.dumps(header).encode() + b"\n" + event.encode()
         call = FunctionCall(launch, handle, open_log, on_running, key, handler, code_dir, payload, timeout)
         worker = None
-        if isinstance(after, FunctionCall) and after.key == key and after.worker.alive:
-            worker = after.worker
+        if isinstance(after, FunctionCall) and after.key == key:
+            # a dead worker's calls move to a new one together (``_move``): none joins them there
+            live = after.worker.alive and not after.worker.closed
+            worker = after.worker if live else None
         self._dispatch(call, worker)
         handle.attach_kill(call.kill)
         return call
 
     def wait(self, started: FunctionCall, timeout: float) -> bool:
-        """Calls are never taken back (the next one is already in its worker's pipe)."""
+        """Whether the call, its worker's first, has answered (or its worker ended, or its time
+        is up: ``finish`` tells which) within ``timeout``."""
+        worker = started.worker
+        self._pump(worker)  # it is in the pipe
+        if worker.reply is not None:
+            return True
+        self._arm(started)
+        assert started.deadline is not None
+        try:
+            frame = self._next(started, time.monotonic() + timeout)
+        except WorkerGone:
+            return True
+        if frame is None:
+            return time.monotonic() >= started.deadline
+        worker.reply = frame  # kept for finish
         return True
 
+    def unsent(self, call: FunctionCall) -> bool:
+        """Whether the call waits in the executor, not yet written to its worker's pipe (a
+        stop, or another slot, may take it back: ``withdraw``)."""
+        worker = call.worker
+        with self._lock:
+            return not call.withdrawn and any(
+                c is call for c in itertools.islice(worker.calls, worker.sent, None)
+            )
+
     def withdraw(self, started: FunctionCall) -> bool:
-        return False
+        """Take back a call not yet written to its worker's pipe (it never runs there)."""
+        worker = started.worker
+        with self._lock:
+            if started.withdrawn:
+                return True
+            if started.current:
+                return False
+            try:
+                at = worker.calls.index(started)
+            except ValueError:
+                return False
+            if at < worker.sent:
+                return False
+            del worker.calls[at]
+            started.withdrawn = True
+            idle = not worker.calls
+        if idle:
+            self._give(started.key, worker)
+        return True
+
+    def take_up(self, call: FunctionCall) -> bool:
+        """The executor is about to finish the call: from now on no stop withdraws it. False if
+        one already has (it never ran; the executor takes it back)."""
+        with self._lock:
+            if call.withdrawn:
+                return False
+            first, call.current = not call.current, True
+        if first:
+            call.on_running()  # RUNNING from now: its worker runs it (it is the worker's first)
+        return True
 
     def finish(self, call: FunctionCall) -> Outcome:
         """Wait for the call's reply (within its timeout, from now: it is the worker's current
         call); keep its result; how it ended."""
         launch = call.launch
-        call.current = True
-        call.on_running()
+        if not self.take_up(call):  # withdrawn at stop (the executor takes up calls first)
+            return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
         while True:
             worker = call.worker
             try:
-                if call.unsent:
-                    call.unsent = False
-                    worker.unsent -= 1
-                    worker.send(call.payload)
+                if call.handle.stopped:  # cancelled while queued: it must not run
+                    return self._stopped(call)
+                self._pump(worker)  # this call, if not sent yet, and what fits behind it
                 tag, payload = self._reply(call)
                 break
             except WorkerGone:
                 if not worker.victim_taken:  # it died during this call: the call fails with it
                     worker.victim_taken = True
+                    self._done(call)
                     return self._failed(worker, launch, None)
                 if call.handle.stopped:  # cancelled while queued behind the call that died
-                    return Outcome(None, FailureCode.ErrorUnknownFailure.value, "Job stopped by the executor")
-                self._dispatch(call, None)  # it never ran: again, on a new worker
-        except_timeout = tag == b"T"
+                    self._done(call)
+                    return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+                self._move(worker)  # it never ran: again, with the calls behind it, on a new worker
         worker = call.worker
-        worker.queued -= 1
-        if except_timeout:
+        self._done(call)
+        if tag == b"T":
             worker.victim_taken = True
             worker.close()
             return self._timed_out(launch, call.timeout)
         call.current = False
-        if worker.queued == 0:
+        if not worker.calls:
             self._give(call.key, worker)
         if tag == b"R":
             why = self._keep_result(launch, payload)
@@ -265,19 +344,39 @@ class FunctionPool:
     def _reply(self, call: FunctionCall) -> tuple[bytes, bytes]:
         """The call's reply frame (R or E), its log written; (T, b"") past its timeout."""
         worker = call.worker
-        if worker.ready:
-            deadline = time.monotonic() + call.timeout
-        else:  # a new worker first says it is ready: its start is not the call's time
-            deadline = time.monotonic() + max(START_SECONDS, call.timeout)
+        if worker.reply is not None:  # read by wait
+            kept, worker.reply = worker.reply, None
+            return kept
+        self._arm(call)
+        frame = self._next(call, None)
+        if frame is None:  # over time: the worker is killed, its call fails
+            worker.kill()
+            return b"T", b""
+        return frame
+
+    @staticmethod
+    def _arm(call: FunctionCall) -> None:
+        """The call's deadline, from when it is its worker's current call (a worker that has
+        not said it is ready yet: its start is not the call's time)."""
+        if call.deadline is None:
+            ready = call.worker.ready
+            call.deadline = time.monotonic() + (call.timeout if ready else max(START_SECONDS, call.timeout))
+
+    def _next(self, call: FunctionCall, limit: float | None) -> tuple[bytes, bytes] | None:
+        """The call's reply frame (R or E), the frames before it handled; None at ``limit`` or
+        at the call's deadline."""
+        worker = call.worker
         while True:
-            frame = worker.receive(deadline)
-            if frame is None:  # over time: the worker is killed, its call fails
-                worker.kill()
-                return b"T", b""
+            assert call.deadline is not None
+            frame = worker.receive(call.deadline if limit is None else min(limit, call.deadline))
+            if frame is None:
+                return None
             tag, payload = frame
-            if tag == b"H":
+            if tag == b"D":
+                worker.took(_SECONDS.unpack(payload)[0])
+            elif tag == b"H":
                 worker.ready = True
-                deadline = time.monotonic() + call.timeout
+                call.deadline = time.monotonic() + call.timeout
             elif tag == b"L":  # the call printed or logged: its log gets that, only then
                 writer = LogWriter(call.open_log, self.max_log_bytes)
                 writer.feed(payload)
@@ -286,21 +385,78 @@ class FunctionPool:
                 return tag, payload
 
     def _dispatch(self, call: FunctionCall, worker: Worker | None) -> None:
-        """Send the call to ``worker``, or to an idle or new one; a worker that turns out dead
-        is left for ``finish`` to notice."""
+        """Queue the call in ``worker``, or in an idle or new one; an idle worker is sent it at
+        once (a lone call waits for nothing), a busy one with the next chunk (``_pump``)."""
         if worker is None:
             worker = self._take(call.key) or self._start(call.launch, call.handler, call.code_dir)
         call.worker = worker
-        worker.queued += 1
-        # A large event behind a running call could fill the pipe while the worker writes a
-        # large reply that nobody reads yet: it is sent when its turn comes (and so is every
-        # call behind it, to keep the order).
-        if worker.unsent or len(call.payload) > PIPELINED_BYTES:
-            call.unsent = True
-            worker.unsent += 1
+        with self._lock:
+            worker.calls.append(call)
+            first = len(worker.calls) == 1
+        if first:
+            self._pump(worker)
+
+    def _pump(self, worker: Worker) -> None:
+        """Write the worker's queued calls to its pipe, in one write, while the bytes it has not
+        answered stay within PIPE_BUDGET (the first at any size when it has none): a full pipe
+        never blocks the executor while the worker writes a large reply nobody reads."""
+        payloads: list[bytes] = []
+        known = worker.call_seconds
+        ahead = 2 if known is None else max(2, int(AHEAD_SECONDS / max(known, 1e-6)))
+        with self._lock:
+            calls, at, inflight = worker.calls, worker.sent, worker.inflight
+            while at < min(len(calls), ahead):
+                size = len(calls[at].payload) + FRAME_HEAD
+                if inflight and inflight + size > PIPE_BUDGET:
+                    break
+                payloads.append(calls[at].payload)
+                inflight += size
+                at += 1
+            worker.sent, worker.inflight = at, inflight
+        if payloads:
+            with contextlib.suppress(WorkerGone):  # noticed by the call waiting on it
+                worker.send(*payloads)
+
+    def _done(self, call: FunctionCall) -> None:
+        """The call, its worker's first, is finished: out of its queue."""
+        worker = call.worker
+        with self._lock:
+            if worker.calls and worker.calls[0] is call:
+                worker.calls.popleft()
+                if worker.sent:
+                    worker.sent -= 1
+                    worker.inflight -= len(call.payload) + FRAME_HEAD
+
+    def _stopped(self, call: FunctionCall) -> Outcome:
+        """A call cancelled before it ran: if it is in its worker's pipe already, the worker
+        goes (it would run it) and the calls behind it move to a new one."""
+        worker = call.worker
+        with self._lock:
+            in_pipe = worker.sent > 0
+        self._done(call)
+        if in_pipe:
+            worker.victim_taken = True
+            worker.close()
+        elif not worker.calls:
+            self._give(call.key, worker)
+        return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+
+    def _move(self, dead: Worker) -> None:
+        """Every call left on a dead worker (none of them ran), in order, to a new one."""
+        with self._lock:
+            calls = list(dead.calls)
+            dead.calls.clear()
+            dead.sent = dead.inflight = 0
+        if not calls:
             return
-        with contextlib.suppress(WorkerGone):
-            worker.send(call.payload)
+        first = calls[0]
+        worker = self._take(first.key) or self._start(first.launch, first.handler, first.code_dir)
+        with self._lock:
+            for moved in calls:
+                moved.worker = worker
+                moved.deadline = None
+            worker.calls.extend(calls)
+        self._pump(worker)
 
     def flush(self) -> None:
         """Write the results kept since the last flush (before the reports of their calls)."""
@@ -397,7 +553,7 @@ class FunctionPool:
         worker.idle_since = time.monotonic()
         surplus: list[Worker] = []
         with self._lock:
-            if self._closed:
+            if self._closed or worker.closed or not worker.alive:
                 surplus.append(worker)
             else:
                 self._idle.setdefault(key, []).append(worker)

@@ -17,12 +17,16 @@ import shutil
 import struct
 import threading
 import time
+from collections import deque
+from typing import Any
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 
 _HEAD = struct.Struct(">cI")
+FRAME_HEAD = _HEAD.size  # a frame's bytes before its payload
+LONG_CALL_SECONDS = 0.05
 
 
 class WorkerGone(Exception):
@@ -44,8 +48,13 @@ class Worker:
         self.outcome: Outcome | None = None
         self.idle_since = time.monotonic()
         self.ready = False
-        self.queued = 0  # calls given to it and not finished
-        self.unsent = 0  # of which not sent yet
+        # The calls given to it and not finished, in order; the first ``sent`` are in its pipe
+        # (``inflight`` bytes of them, answered or not): the pool's (functions/pool.py).
+        self.calls: deque[Any] = deque()
+        self.sent = 0
+        self.inflight = 0
+        self.call_seconds: float | None = None  # how long its calls take (the handler's time)
+        self.reply: tuple[bytes, bytes] | None = None  # its current call's, read ahead (pool.wait)
         self.victim_taken = False  # the call it died during has been failed
         self.closed = False
         self._runtime = runtime
@@ -91,8 +100,9 @@ class Worker:
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
 
-    def send(self, payload: bytes) -> None:
-        data = memoryview(_HEAD.pack(b"C", len(payload)) + payload)
+    def send(self, *payloads: bytes) -> None:
+        """Send calls, all in one write."""
+        data = memoryview(b"".join(_HEAD.pack(b"C", len(p)) + p for p in payloads))
         while data:
             if self.closed or not self.alive:
                 raise WorkerGone
@@ -116,6 +126,15 @@ class Worker:
                 self._buf += os.read(self._replies, 1 << 20)
             elif self._wake_r in readable:
                 raise WorkerGone
+
+    def took(self, seconds: float) -> None:
+        """A call took ``seconds``: a long one (LONG_CALL_SECONDS) counts at once, shorter ones
+        (a fast call the machine's load held up) are smoothed in."""
+        known = self.call_seconds
+        if known is None or (seconds >= LONG_CALL_SECONDS and seconds > known):
+            self.call_seconds = seconds
+        else:
+            self.call_seconds = 0.9 * known + 0.1 * seconds
 
     def _frame(self) -> tuple[bytes, bytes] | None:
         if len(self._buf) < _HEAD.size:
