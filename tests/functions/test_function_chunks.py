@@ -8,6 +8,7 @@ that crashes, hangs or is cancelled are in that worker's pipe when it happens.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import Counter
@@ -39,6 +40,21 @@ def sleep_or_double(event, context):
     _ran(event)
     time.sleep(event.get("sleep", 0))
     return event["x"] * 2
+
+def _span(event):  # when the call ran, from its first line to its return
+    folder = os.path.join(os.environ["TASK_SHARED_FOLDER"], "spans")
+    os.makedirs(folder, exist_ok=True)
+    began = time.time()
+    time.sleep(event["sleep"])
+    with open(os.path.join(folder, str(event["x"])), "w") as out:
+        out.write("%f %f" % (began, time.time()))
+    return event["x"]
+
+def span_a(event, context):
+    return _span(event)
+
+def span_b(event, context):
+    return _span(event)
 """
 ENV = {
     "OPENHTC_FUNCTION_WORKER_WINDOW": "16",
@@ -139,3 +155,40 @@ def test_a_call_records_runnable_running_and_its_end(fn: Functions) -> None:
     assert statuses == ["SUBMITTED_TO_RESCALE", "SUBMITTED_TO_PROVIDER", "RUNNABLE", "RUNNING", "SUCCEEDED"]
     job = fn.api.job(fn.project_id, fn.task_id, f"{batch}:0")
     assert job["status"] == "SUCCEEDED" and job.get("startedAt")
+
+
+def test_a_cancelled_call_in_a_pipe_never_hands_its_result_to_the_next_call(fn: Functions) -> None:
+    # One slot: B runs, then P, C and Q, each a batch of its own, queued behind it in its
+    # worker. C is cancelled while P runs with C in the worker's pipe behind it.
+    sleeper = "sleep_or_double"
+    b = _submit(fn, sleeper, [{"x": 0, "sleep": 0.5}])
+    p = _submit(fn, sleeper, [{"x": 1, "sleep": 2}])
+    c = _submit(fn, sleeper, [{"x": 2, "sleep": 0.5}])
+    q = _submit(fn, sleeper, [{"x": 3, "sleep": 0.5}])
+    deadline = time.monotonic() + 60
+    while not _runs(fn)[1]:
+        assert time.monotonic() < deadline, fn.server.log_tail()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert fn.cancel(c) == 1
+    assert [fn.results(batch, 1)[0]["result"] for batch in (b, p, q)] == [0, 2, 6]  # Q's own
+    (cancelled,) = fn.results(c, 1)
+    assert cancelled["status"] == "FAILED" and cancelled.get("result") is None
+    runs = _runs(fn)
+    # C was in the pipe: it may have begun before its worker was killed for it, never twice
+    assert runs - Counter([2]) == Counter([0, 1, 3]) and runs[2] <= 1
+
+
+def test_one_slot_runs_one_call_at_a_time_when_handlers_alternate(fn: Functions) -> None:
+    # Calls of two handlers next to each other in line: a window takes only its worker's kind,
+    # so one 2-vCPU slot (maxVCpus 2 each) never runs two at once.
+    batches = [_submit(fn, "span_a", [{"x": 0, "sleep": 1}])]
+    for x in range(1, 7):
+        handler = "span_b" if x % 2 else "span_a"
+        batches.append(_submit(fn, handler, [{"x": x, "sleep": 0.3}]))
+    assert [fn.results(batch, 1)[0]["result"] for batch in batches] == list(range(7))
+    folder = fn.server.data_dir / "storage" / "projects" / fn.project_id / "tasks" / fn.task_id / "spans"
+    spans = sorted(tuple(map(float, (folder / name).read_text().split())) for name in os.listdir(folder))
+    assert len(spans) == 7
+    overlaps = [(one, two) for one, two in itertools.pairwise(spans) if two[0] < one[1]]
+    assert not overlaps, f"calls ran at once in one slot: {overlaps}"

@@ -31,7 +31,7 @@ from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
 from openhtc.executor.transport import ExecutorPort
-from openhtc.functions.pool import FunctionCall, FunctionPool, is_function
+from openhtc.functions.pool import FunctionCall, FunctionPool, is_function, same_kind
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
 from openhtc.runtimes.launcher import dismiss_launchers
 from openhtc.services.logs import LogStore
@@ -459,6 +459,7 @@ class LocalExecutor:
         window: deque[tuple[Attempt, _Begun]] = deque([(first, begun)])
         tail: Attempt | None = None  # a job, not a call, next in line: it follows the window
         fresh: Attempt | None = None
+        full = False  # the window takes no more calls (the next in line is of another key)
         while window:
             if self._gate_closed:  # stopping: the calls not yet written to a worker stay unstarted
                 for queued in reversed(list(window)):
@@ -472,8 +473,8 @@ class LocalExecutor:
                     break
             else:
                 depth = self.functions.window_depth(self.state.prefetch.rate, self.capacity.vcpus)
-                if tail is None and len(window) <= depth // 2:
-                    tail = self._fill(window, depth)
+                if tail is None and not full and len(window) <= depth // 2:
+                    tail, full = self._fill(window, depth)
             item, begun_ = window.popleft()
             if isinstance(begun_.started, FunctionCall):
                 if not self.functions.take_up(begun_.started):
@@ -518,25 +519,28 @@ class LocalExecutor:
             self._wake.set()
             return
 
-    def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> Attempt | None:
-        """Queue the calls next in line behind the window's last, up to ``depth`` and while as
-        many stay in line as the window holds; returns a job (not a call) taken next in line,
-        which the window's last hands its slot to."""
+    def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> tuple[Attempt | None, bool]:
+        """Queue the calls next in line behind the window's last, in its worker, up to ``depth``
+        and while as many stay in line as the window holds; returns a job taken next in line
+        that is not a call of the window's kind (another handler, image, code or limits),
+        which the window's last hands its slot to: one worker runs a slot's calls, one at a
+        time. True with it if the window is to take no more calls."""
         while len(window) < depth:
-            last, last_begun = window[-1]
+            last = window[-1][0]
             with self._lock:  # at most half of what is in line: the other slots get their share
                 fair = len(self.state.pending) >= len(window)
                 successor = self.state.successor(last, time.monotonic()) if fair else None
             if successor is None:
-                return None
-            if not is_function(successor.launch):
-                return successor
-            after = self._begin(successor, last_begun.started)
-            if after.refused:
+                return None, False
+            if not is_function(successor.launch) or not same_kind(last.launch, successor.launch):
+                return successor, True
+            calls = (b.started for _, b in reversed(window) if isinstance(b.started, FunctionCall))
+            after = self._begin(successor, next(calls, None))
+            if after.refused:  # stopping, or another key once staged (the pool declined it)
                 self._take_back(successor)
-                return None
+                return None, True
             window.append((successor, after))
-        return None
+        return None, False
 
     def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
         """The pipelined runtime, or the function pool for a function call."""
@@ -610,6 +614,8 @@ class LocalExecutor:
                     )
                     if isinstance(started, Outcome):
                         begun.outcome = started
+                    elif started is None:  # a call that does not join ``after``'s window
+                        begun.refused = True
                     else:
                         begun.started = item.handoff = started
         except Exception as exc:

@@ -13,6 +13,11 @@ A worker that crashes or runs out of memory fails the call it held with the runt
 code (the retry strategy applies as to any job); one that overruns the call's timeout is killed
 (``ErrorTimeout``, error type ``TimeoutError``). Either way the next call starts a new one.
 Idle workers exit after ``idle_seconds``.
+
+A worker answers its calls in order; each answer is kept on its call as it is read. When a
+worker ends, all it answered is read first; the first call without an answer is the one it ran
+(it fails), and those behind it never ran (they move to a new worker). A stop kills a worker
+only while the stopped call is the one it runs.
 """
 
 from __future__ import annotations
@@ -105,9 +110,21 @@ def is_function(launch: JobLaunch) -> bool:
     return launch.commands[:1] == (FUNCTION_COMMAND,)
 
 
+def same_kind(one: JobLaunch, other: JobLaunch) -> bool:
+    """Whether two calls, as claimed, can share a worker (the pool's key is decided only once
+    their storage is staged: ``start`` declines a call of another key)."""
+    return (one.task_id, one.image, one.commands, one.vcpus, one.memory_mb) == (
+        other.task_id,
+        other.image,
+        other.commands,
+        other.vcpus,
+        other.memory_mb,
+    )
+
+
 @dataclass(slots=True, eq=False)
 class FunctionCall:
-    """A call sent to a worker (running, or queued behind its current call)."""
+    """A call queued in a worker (waiting in the executor, in its pipe, running, or answered)."""
 
     launch: JobLaunch
     handle: RunHandle
@@ -119,13 +136,15 @@ class FunctionCall:
     payload: bytes
     timeout: float
     worker: Worker = field(init=False)
-    current: bool = False  # its worker is running it: a stop kills the worker
+    current: bool = False  # the executor has taken it up (RUNNING)
     withdrawn: bool = False  # taken back before it was written to the worker
     deadline: float | None = None  # monotonic, once it is its worker's current call
+    reply: tuple[bytes, bytes] | None = None  # its R or E frame, once read (maybe ahead)
 
     def kill(self) -> None:
-        if self.current:
-            self.worker.kill()
+        """A stop (cancel, lost lease, server stop): the executor's thread waiting on this
+        worker looks again; it kills the worker only if this call is the one it runs."""
+        self.worker.poke()
 
 
 class FunctionPool:
@@ -183,6 +202,7 @@ class FunctionPool:
     ) -> Outcome:
         """Run one call to its end, as ``Runtime.run`` runs a job."""
         started = self.start(launch, handle, open_log, on_running, None)
+        assert started is not None  # (only a call given an ``after`` is declined)
         return started if isinstance(started, Outcome) else self.finish(started)
 
     # The executor queues calls in a worker as a window (``executor/local.py``, ``window_depth``):
@@ -198,14 +218,13 @@ class FunctionPool:
         open_log: JobLog,
         on_running: Callable[[], None],
         after: object = None,
-    ) -> FunctionCall | Outcome:
-        """Queue the call in a worker (``after``'s, if it is a call of the same kind); returns
-        what ``finish`` takes, or why it cannot run."""
+    ) -> FunctionCall | Outcome | None:
+        """Queue the call in a worker: ``after``'s, if given (the last call of its slot's
+        window), else an idle or new one. Returns what ``finish`` takes, an Outcome if it
+        cannot run, or None if ``after`` is a call of another key: it does not join that
+        window (the slot takes it up once the window is done)."""
         handler = launch.commands[1] if len(launch.commands) > 1 else ""
         code = launch.commands[2] if len(launch.commands) > 2 else None
-        event = self._event(launch)
-        if event is None:
-            return Outcome(None, FailureCode.ErrorStartingContainer.value, "The call's event is missing")
         code_dir: str | None = None
         if code is not None:
             found = self._code(launch, code)
@@ -215,6 +234,11 @@ class FunctionPool:
         # Not the task folder's mount: on S3 storage each attempt has its own (see _keep_result).
         shared = tuple(m for m in launch.mounts if m.env_name != TASK_SHARED_ENV)
         key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, shared)
+        if isinstance(after, FunctionCall) and after.key != key:
+            return None  # before its event is taken from the chunk read ahead
+        event = self._event(launch)
+        if event is None:
+            return Outcome(None, FailureCode.ErrorStartingContainer.value, "The call's event is missing")
         timeout = float(launch.timeout_s or 60)
         header = {
             "index": launch.array_index,
@@ -227,12 +251,9 @@ class FunctionPool:
         }
         payload = json.dumps(header).encode() + b"\n" + event.encode()
         call = FunctionCall(launch, handle, open_log, on_running, key, handler, code_dir, payload, timeout)
-        worker = None
-        if isinstance(after, FunctionCall) and after.key == key:
-            # a dead worker's calls move to a new one together (``_move``): none joins them there
-            live = after.worker.alive and not after.worker.closed
-            worker = after.worker if live else None
-        self._dispatch(call, worker)
+        # A window's calls stay in one worker, dead or alive: a dead one's calls that never ran
+        # move to a new worker together (``_move``), so one slot never runs two at once.
+        self._dispatch(call, after.worker if isinstance(after, FunctionCall) else None)
         handle.attach_kill(call.kill)
         return call
 
@@ -240,28 +261,36 @@ class FunctionPool:
         """Whether the call, its worker's first, has answered (or its worker ended, or its time
         is up: ``finish`` tells which) within ``timeout``."""
         worker = started.worker
-        self._pump(worker)  # it is in the pipe
-        if worker.reply is not None:
+        if started.reply is not None:
             return True
+        if self._waiting(started) and (worker.closed or not worker.alive):
+            return True  # ``finish`` moves it
+        self._pump(worker)  # it, if not sent yet, and what fits behind it
         self._arm(started)
         assert started.deadline is not None
+        limit = time.monotonic() + timeout
         try:
-            frame = self._next(started, time.monotonic() + timeout)
+            while started.reply is None:
+                if time.monotonic() >= started.deadline:
+                    return True
+                if not self._read(worker, min(limit, started.deadline)):
+                    return time.monotonic() >= started.deadline
         except WorkerGone:
             return True
-        if frame is None:
-            return time.monotonic() >= started.deadline
-        worker.reply = frame  # kept for finish
         return True
 
     def unsent(self, call: FunctionCall) -> bool:
         """Whether the call waits in the executor, not yet written to its worker's pipe (a
         stop, or another slot, may take it back: ``withdraw``)."""
+        return not call.withdrawn and self._waiting(call)
+
+    def _waiting(self, call: FunctionCall) -> bool:
+        """Whether the call is in its worker's queue past what was written to its pipe."""
         worker = call.worker
         with self._lock:
-            return not call.withdrawn and any(
-                c is call for c in itertools.islice(worker.calls, worker.sent, None)
-            )
+            if worker.calls and worker.calls[0] is call:  # the head: the common case
+                return worker.sent == 0
+            return any(c is call for c in itertools.islice(worker.calls, worker.sent, None))
 
     def withdraw(self, started: FunctionCall) -> bool:
         """Take back a call not yet written to its worker's pipe (it never runs there)."""
@@ -301,29 +330,29 @@ class FunctionPool:
         launch = call.launch
         if not self.take_up(call):  # withdrawn at stop (the executor takes up calls first)
             return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
-        while True:
+        while call.reply is None:
             worker = call.worker
-            try:
-                if call.handle.stopped:  # cancelled while queued: it must not run
-                    return self._stopped(call)
-                self._pump(worker)  # this call, if not sent yet, and what fits behind it
-                tag, payload = self._reply(call)
-                break
-            except WorkerGone:
-                if not worker.victim_taken:  # it died during this call: the call fails with it
-                    worker.victim_taken = True
+            if self._waiting(call):  # not in its worker's pipe yet
+                if call.handle.stopped:  # cancelled while queued: it never runs
                     self._done(call)
-                    return self._failed(worker, launch, None)
-                if call.handle.stopped:  # cancelled while queued behind the call that died
-                    self._done(call)
+                    if not worker.calls:
+                        self._give(call.key, worker)
                     return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
-                self._move(worker)  # it never ran: again, with the calls behind it, on a new worker
+                if worker.closed or not worker.alive:
+                    self._move(worker)  # none of them ran: on a new worker, in order
+                    continue
+                self._pump(worker)  # this call, and what fits behind it
+            self._arm(call)
+            worker = call.worker
+            try:  # a killed worker's end is waited for: all it answered is read
+                if not self._read(worker, None if worker.killed else call.deadline):
+                    self._kill(worker, call)  # over time: its worker goes
+            except WorkerGone:
+                if call.reply is None and not self._waiting(call):  # it ran when its worker ended
+                    return self._lost(call)
         worker = call.worker
+        tag, payload = call.reply
         self._done(call)
-        if tag == b"T":
-            worker.victim_taken = True
-            worker.close()
-            return self._timed_out(launch, call.timeout)
         call.current = False
         if not worker.calls:
             self._give(call.key, worker)
@@ -341,18 +370,31 @@ class FunctionPool:
             reason = "the handler raised"
         return Outcome(1, FailureCode.ErrorFunction.value, reason[:1000])
 
-    def _reply(self, call: FunctionCall) -> tuple[bytes, bytes]:
-        """The call's reply frame (R or E), its log written; (T, b"") past its timeout."""
+    def _lost(self, call: FunctionCall) -> Outcome:
+        """The call's worker ended (every reply it wrote read) and the call has none: the worker
+        was running it. The calls behind it never ran: they wait to move to a new worker."""
         worker = call.worker
-        if worker.reply is not None:  # read by wait
-            kept, worker.reply = worker.reply, None
-            return kept
-        self._arm(call)
-        frame = self._next(call, None)
-        if frame is None:  # over time: the worker is killed, its call fails
+        self._done(call)
+        with self._lock:
+            worker.sent = worker.answered = worker.inflight = 0
+        if worker.killed_for is None:  # it crashed or ran out of memory during the call
+            return self._failed(worker, call.launch, None)
+        worker.close()
+        if worker.killed_for is call:
+            if call.handle.stopped:
+                return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+            return self._timed_out(call.launch, call.timeout)
+        # killed for the call before it, which answered meanwhile: this one had begun
+        reason = (
+            "Infrastructure fault: the function worker was killed while it ran this call (it may have run)"
+        )
+        return Outcome(None, FailureCode.ErrorInfrastructureFault.value, reason)
+
+    def _kill(self, worker: Worker, call: FunctionCall) -> None:
+        """Kill the worker for ``call`` (over time, or stopped) while it runs it."""
+        if not worker.killed:
+            worker.killed, worker.killed_for = True, call
             worker.kill()
-            return b"T", b""
-        return frame
 
     @staticmethod
     def _arm(call: FunctionCall) -> None:
@@ -362,27 +404,62 @@ class FunctionPool:
             ready = call.worker.ready
             call.deadline = time.monotonic() + (call.timeout if ready else max(START_SECONDS, call.timeout))
 
-    def _next(self, call: FunctionCall, limit: float | None) -> tuple[bytes, bytes] | None:
-        """The call's reply frame (R or E), the frames before it handled; None at ``limit`` or
-        at the call's deadline."""
-        worker = call.worker
-        while True:
-            assert call.deadline is not None
-            frame = worker.receive(call.deadline if limit is None else min(limit, call.deadline))
+    def _running(self, worker: Worker) -> FunctionCall | None:
+        """The worker's current call: the first in its pipe without a reply."""
+        with self._lock:
+            return worker.calls[worker.answered] if worker.answered < worker.sent else None
+
+    def _read(self, worker: Worker, deadline: float | None) -> bool:
+        """Read the worker's next frame and give it to its call (``_take``). First, a stopped
+        call that is the one it runs has it killed. False at ``deadline``; WorkerGone once the
+        worker has ended and all it wrote was read."""
+        if self._stop_running(worker):
+            return True
+        frame = worker.receive(deadline)
+        if frame is None:
+            return False
+        self._handle(worker, frame)
+        return True
+
+    def _stop_running(self, worker: Worker) -> bool:
+        """If the call the worker runs (as far as its replies tell) was stopped, kill it; what
+        it has answered already is read first, so a stop kills only the call it runs. Whether
+        it read a frame."""
+        read = False
+        while not worker.killed and (running := self._running(worker)) is not None:
+            if not running.handle.stopped:
+                break
+            frame = worker.receive(time.monotonic())  # only what is there now
             if frame is None:
-                return None
-            tag, payload = frame
-            if tag == b"D":
-                worker.took(_SECONDS.unpack(payload)[0])
-            elif tag == b"H":
-                worker.ready = True
-                call.deadline = time.monotonic() + call.timeout
-            elif tag == b"L":  # the call printed or logged: its log gets that, only then
-                writer = LogWriter(call.open_log, self.max_log_bytes)
-                writer.feed(payload)
-                writer.close()
-            else:
-                return tag, payload
+                self._kill(worker, running)
+                break
+            self._handle(worker, frame)
+            read = True
+        return read
+
+    def _handle(self, worker: Worker, frame: tuple[bytes, bytes]) -> None:
+        """A frame from the worker, for the call it runs: replies come in the order the calls
+        were written, so each is the first unanswered call's."""
+        tag, payload = frame
+        running = self._running(worker)
+        if tag == b"D":
+            worker.took(_SECONDS.unpack(payload)[0])
+        elif tag == b"H":
+            worker.ready = True
+            if running is not None and running.deadline is not None:
+                running.deadline = time.monotonic() + running.timeout
+        elif tag == b"P":  # poked: a call was stopped (the next read looks)
+            pass
+        elif running is None:
+            log.warning("a function worker wrote a %r frame with no call in its pipe", tag)
+        elif tag == b"L":  # the call printed or logged: its log gets that, only then
+            writer = LogWriter(running.open_log, self.max_log_bytes)
+            writer.feed(payload)
+            writer.close()
+        else:
+            running.reply = (tag, payload)
+            with self._lock:
+                worker.answered += 1
 
     def _dispatch(self, call: FunctionCall, worker: Worker | None) -> None:
         """Queue the call in ``worker``, or in an idle or new one; an idle worker is sent it at
@@ -399,23 +476,31 @@ class FunctionPool:
     def _pump(self, worker: Worker) -> None:
         """Write the worker's queued calls to its pipe, in one write, while the bytes it has not
         answered stay within PIPE_BUDGET (the first at any size when it has none): a full pipe
-        never blocks the executor while the worker writes a large reply nobody reads."""
+        never blocks the executor while the worker writes a large reply nobody reads. A stopped
+        call is not written (nor what follows it): it never runs."""
         payloads: list[bytes] = []
         known = worker.call_seconds
         ahead = 2 if known is None else max(2, int(AHEAD_SECONDS / max(known, 1e-6)))
-        with self._lock:
+        if worker.killed or worker.closed or not worker.alive:
+            return  # its calls not in its pipe move to a new worker
+        with self._lock:  # counted as sent first: from now on no withdraw takes them
             calls, at, inflight = worker.calls, worker.sent, worker.inflight
             while at < min(len(calls), ahead):
                 size = len(calls[at].payload) + FRAME_HEAD
-                if inflight and inflight + size > PIPE_BUDGET:
+                if (inflight and inflight + size > PIPE_BUDGET) or calls[at].handle.stopped:
                     break
                 payloads.append(calls[at].payload)
                 inflight += size
                 at += 1
-            worker.sent, worker.inflight = at, inflight
-        if payloads:
-            with contextlib.suppress(WorkerGone):  # noticed by the call waiting on it
-                worker.send(*payloads)
+            first, worker.sent, worker.inflight = worker.sent, at, inflight
+        if not payloads:
+            return
+        whole = worker.send(*payloads)
+        if whole < len(payloads):  # it ended first: a call not written whole never ran
+            with self._lock:
+                worker.sent = first + whole
+                unsent = itertools.islice(worker.calls, worker.sent, at)
+                worker.inflight -= sum(len(c.payload) + FRAME_HEAD for c in unsent)
 
     def _done(self, call: FunctionCall) -> None:
         """The call, its worker's first, is finished: out of its queue."""
@@ -426,27 +511,16 @@ class FunctionPool:
                 if worker.sent:
                     worker.sent -= 1
                     worker.inflight -= len(call.payload) + FRAME_HEAD
-
-    def _stopped(self, call: FunctionCall) -> Outcome:
-        """A call cancelled before it ran: if it is in its worker's pipe already, the worker
-        goes (it would run it) and the calls behind it move to a new one."""
-        worker = call.worker
-        with self._lock:
-            in_pipe = worker.sent > 0
-        self._done(call)
-        if in_pipe:
-            worker.victim_taken = True
-            worker.close()
-        elif not worker.calls:
-            self._give(call.key, worker)
-        return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+                if call.reply is not None and worker.answered:
+                    worker.answered -= 1
 
     def _move(self, dead: Worker) -> None:
         """Every call left on a dead worker (none of them ran), in order, to a new one."""
         with self._lock:
             calls = list(dead.calls)
             dead.calls.clear()
-            dead.sent = dead.inflight = 0
+            dead.sent = dead.answered = dead.inflight = 0
+        threading.Thread(target=dead.close, daemon=True).start()
         if not calls:
             return
         first = calls[0]
@@ -553,7 +627,7 @@ class FunctionPool:
         worker.idle_since = time.monotonic()
         surplus: list[Worker] = []
         with self._lock:
-            if self._closed or worker.closed or not worker.alive:
+            if self._closed or worker.closed or worker.killed or not worker.alive:
                 surplus.append(worker)
             else:
                 self._idle.setdefault(key, []).append(worker)
