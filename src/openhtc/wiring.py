@@ -338,6 +338,7 @@ def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:
         idle_seconds=settings.function_worker_idle_seconds,
         max_idle=settings.max_running_jobs,
         max_log_bytes=settings.max_log_bytes_per_job,
+        window=settings.function_worker_window,
     )
 
 

@@ -260,11 +260,14 @@ def test_one_invalid_report_costs_the_agent_none_of_its_others(srv: HtcServer) -
     project_id, task_id = submit(api, 3)
     leases = claim(agent, 2)
     good, bad = ((x["job_id"], x["attempt"]) for x in leases)
-    # RUNNABLE -> RUNNING skips STARTING: invalid. The other report, the heartbeat and the claim
+    # RUNNABLE -> SUCCEEDED skips RUNNING: invalid. The other report, the heartbeat and the claim
     # of the same exchange still go through.
     answer = agent.exchange(
         held=[good, bad],
-        reports=[agent.report(*good, JobStatus.STARTING), agent.report(*bad, JobStatus.RUNNING)],
+        reports=[
+            agent.report(*good, JobStatus.STARTING),
+            agent.report(*bad, JobStatus.SUCCEEDED, exit_code=0),
+        ],
         max_jobs=1,
     )
     assert [tuple(k) for k in answer["acked"]] == [(*good, 1)]

@@ -131,6 +131,7 @@ EFFECTS: dict[tuple[JobStatus, JobStatus], Effect] = {
     (S.SUBMITTED_TO_PROVIDER, S.RUNNABLE): Effect.CLAIM,
     (S.SUBMITTED_TO_PROVIDER, S.FAILED): Effect.FAIL,
     (S.RUNNABLE, S.STARTING): Effect.SET_UP,
+    (S.RUNNABLE, S.RUNNING): Effect.START,  # nothing to set up: a function call on a warm worker
     (S.RUNNABLE, S.FAILED): Effect.FAIL,
     (S.RUNNABLE, S.SUBMITTED_TO_RESCALE): Effect.REQUEUE,
     (S.STARTING, S.RUNNING): Effect.START,

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from openhtc.executor.capacity import local_capacity
 from openhtc.executor.journal import AttemptJournal
 from openhtc.executor.state import HOLD_SECONDS, Attempt, ExecutorState, Prefetch
 from openhtc.executor.transport import ExecutorPort
-from openhtc.functions.pool import FunctionCall, FunctionPool, is_function
+from openhtc.functions.pool import FunctionCall, FunctionPool, is_function, same_kind
 from openhtc.runtimes.base import JobLog, Outcome, Pipelined, RunHandle, Runtime, Surviving
 from openhtc.runtimes.launcher import dismiss_launchers
 from openhtc.services.logs import LogStore
@@ -41,6 +42,8 @@ log = logging.getLogger("openhtc.executor")
 # A job killed by a clean stop: it may have run, as after a crash (architecture.md, Crash guarantee).
 STOP_REASON = "Infrastructure fault: the server stopped while the job ran"
 DRAIN_REPORT_SECONDS = 5.0  # a stop that waits for running jobs says so this often
+# A function call running this long has the calls waiting behind it taken back for a free slot.
+CALL_HOLD_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -393,6 +396,11 @@ class LocalExecutor:
             if begun.refused:  # the executor is stopping: the job stays unstarted
                 self._take_back(item)
                 return
+            if self.functions is not None and is_function(item.launch):
+                item, begun = self._calls(item, begun)  # function calls: a window per worker
+                if item is not None and begun is None:
+                    begun = self._begin(item, None)
+                continue
             successor: Attempt | None = None
             if self._pipeline_for(item.launch) is not None:
                 with self._lock:
@@ -441,6 +449,98 @@ class LocalExecutor:
         except Exception as exc:  # kept for the control thread's turn, which retries it
             log.warning("executor: a report will be retried (%s)", exc)
         self._wake.set()
+
+    def _calls(self, first: Attempt, begun: _Begun) -> tuple[Attempt | None, None]:
+        """Run function calls in ``first``'s slot, a window of them queued in its warm worker
+        (``FunctionPool.window_depth``), each a successor of the one before in the slot;
+        topped up when half has ended, so the pool writes them a chunk at a time. Returns what
+        the slot runs next (to begin): a job that came next in line, or a fresh attempt."""
+        assert self.functions is not None
+        window: deque[tuple[Attempt, _Begun]] = deque([(first, begun)])
+        tail: Attempt | None = None  # a job, not a call, next in line: it follows the window
+        fresh: Attempt | None = None
+        full = False  # the window takes no more calls (the next in line is of another key)
+        while window:
+            if self._gate_closed:  # stopping: the calls not yet written to a worker stay unstarted
+                for queued in reversed(list(window)):
+                    if queued[1].started is not None and self.functions.withdraw(queued[1].started):
+                        window.remove(queued)
+                        self._take_back(queued[0])
+                if tail is not None:
+                    self._take_back(tail)
+                    tail = None
+                if not window:
+                    break
+            else:
+                depth = self.functions.window_depth(self.state.prefetch.rate, self.capacity.vcpus)
+                if tail is None and not full and len(window) <= depth // 2:
+                    tail, full = self._fill(window, depth)
+            item, begun_ = window.popleft()
+            if isinstance(begun_.started, FunctionCall):
+                if not self.functions.take_up(begun_.started):
+                    self._take_back(item)  # a stop withdrew it: it never ran
+                    continue
+                if window and not self._gate_closed:
+                    self._hold(begun_.started, window)
+            if not self._end(item, begun_):
+                self._take_back(item)
+                continue
+            following = window[0][0] if window else tail
+            with self._lock:
+                fresh = self.state.ended(item, following)
+            self._wake.set()
+            if self._gate_closed:
+                self._drained.set()
+        return (tail, None) if tail is not None else (fresh, None)
+
+    def _hold(self, head: FunctionCall, window: deque[tuple[Attempt, _Begun]]) -> None:
+        """While ``head`` runs, the calls of the window still waiting here (not yet written to
+        its worker's pipe) are taken back, last first, once it has run CALL_HOLD_SECONDS and
+        another slot is free: no call waits behind a long one while the machine has room."""
+        assert self.functions is not None
+        pool = self.functions
+        last = window[-1][1].started
+        if not isinstance(last, FunctionCall) or not pool.unsent(last):
+            return  # all in the pipe (short calls): nothing to take back
+        since = time.monotonic()
+        while not pool.wait(head, HOLD_SECONDS):
+            now = time.monotonic()
+            if now - since < CALL_HOLD_SECONDS:  # a loaded machine delays short calls this long
+                continue
+            with self._lock:
+                if not self.state.should_withdraw(window[-1][0], now):
+                    continue
+            while window:
+                queued, begun = window[-1]
+                if not isinstance(begun.started, FunctionCall) or not pool.withdraw(begun.started):
+                    break
+                window.pop()
+                self._take_back(queued)
+            self._wake.set()
+            return
+
+    def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> tuple[Attempt | None, bool]:
+        """Queue the calls next in line behind the window's last, in its worker, up to ``depth``
+        and while as many stay in line as the window holds; returns a job taken next in line
+        that is not a call of the window's kind (another handler, image, code or limits),
+        which the window's last hands its slot to: one worker runs a slot's calls, one at a
+        time. True with it if the window is to take no more calls."""
+        while len(window) < depth:
+            last = window[-1][0]
+            with self._lock:  # at most half of what is in line: the other slots get their share
+                fair = len(self.state.pending) >= len(window)
+                successor = self.state.successor(last, time.monotonic()) if fair else None
+            if successor is None:
+                return None, False
+            if not is_function(successor.launch) or not same_kind(last.launch, successor.launch):
+                return successor, True
+            calls = (b.started for _, b in reversed(window) if isinstance(b.started, FunctionCall))
+            after = self._begin(successor, next(calls, None))
+            if after.refused:  # stopping, or another key once staged (the pool declined it)
+                self._take_back(successor)
+                return None, True
+            window.append((successor, after))
+        return None, False
 
     def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
         """The pipelined runtime, or the function pool for a function call."""
@@ -493,7 +593,8 @@ class LocalExecutor:
         item.begun = True
         if self._gate_closed:  # stopping: not even STARTING (the gate below is what decides)
             return _Begun(launch, JobLog(""), refused=True)
-        self._report(launch, JobStatus.STARTING)
+        if self.functions is None or not is_function(launch):  # a call has nothing to set up
+            self._report(launch, JobStatus.STARTING)
         parent = launch.job_uuid.rpartition(":")[0]
         begun = _Begun(
             launch, self.logs.attempt_log(launch.task_id, parent, launch.array_index, launch.attempt)
@@ -513,6 +614,8 @@ class LocalExecutor:
                     )
                     if isinstance(started, Outcome):
                         begun.outcome = started
+                    elif started is None:  # a call that does not join ``after``'s window
+                        begun.refused = True
                     else:
                         begun.started = item.handoff = started
         except Exception as exc:
@@ -638,5 +741,7 @@ class LocalExecutor:
             answer = self.state.stop_attempts(stop)
         if self.journal is not None and answer.unjournal:
             self.journal.end(answer.unjournal)  # taken from the queue before they started
-        for victim in answer.kill:
+        # Last first: in a slot's chain (function calls queued in a worker) the ones waiting are
+        # stopped before the one running is killed, whose worker's death would move them on.
+        for victim in reversed(answer.kill):
             victim.driver.stop()

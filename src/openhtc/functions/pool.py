@@ -13,16 +13,23 @@ A worker that crashes or runs out of memory fails the call it held with the runt
 code (the retry strategy applies as to any job); one that overruns the call's timeout is killed
 (``ErrorTimeout``, error type ``TimeoutError``). Either way the next call starts a new one.
 Idle workers exit after ``idle_seconds``.
+
+A worker answers its calls in order; each answer is kept on its call as it is read. When a
+worker ends, all it answered is read first; the first call without an answer is the one it ran
+(it fails), and those behind it never ran (they move to a new worker). A stop kills a worker
+only while the stopped call is the one it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -35,7 +42,7 @@ from typing import Protocol
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch
-from openhtc.functions.worker import Worker, WorkerGone, worker_launch
+from openhtc.functions.worker import FRAME_HEAD, Worker, WorkerGone, worker_launch
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 from openhtc.runtimes.joblog import LogWriter
 from openhtc.services.functions import FUNCTION_COMMAND, result_key
@@ -44,7 +51,17 @@ from openhtc.store.functions import CallResult
 
 log = logging.getLogger("openhtc.functions")
 EVENT_CHUNK = 2000  # events read per query
-PIPELINED_BYTES = 16 * 1024  # a call up to this size is sent while the worker's current one runs
+PIPE_BUDGET = 16 * 1024  # bytes of calls in a worker's pipe not answered yet (a pipe holds 64 KiB)
+STOPPED = "Job stopped by the executor"
+# Calls in a worker's pipe (answered or not, the running one included): about this long of its
+# calls, at least 2; until it has answered one, 2. The rest of its window waits in the executor,
+# where another slot may take it (LocalExecutor._hold): a long call holds at most that many.
+AHEAD_SECONDS = 0.05
+_SECONDS = struct.Struct(">d")
+# A worker's window (calls queued in it, executor/local.py): about this long of its calls at the
+# observed rate, between 2 (one running, the next in its pipe) and WINDOW_MAX.
+WINDOW_SECONDS = 0.02
+WINDOW_MAX = 64
 START_SECONDS = 120.0  # a worker's start (image, sandbox, imports) may take this long
 CODE_CHECK_SECONDS = 1.0  # a code zip's file is looked at again after this long
 RUNNER = Path(__file__).with_name("runner.py")
@@ -93,9 +110,21 @@ def is_function(launch: JobLaunch) -> bool:
     return launch.commands[:1] == (FUNCTION_COMMAND,)
 
 
+def same_kind(one: JobLaunch, other: JobLaunch) -> bool:
+    """Whether two calls, as claimed, can share a worker (the pool's key is decided only once
+    their storage is staged: ``start`` declines a call of another key)."""
+    return (one.task_id, one.image, one.commands, one.vcpus, one.memory_mb) == (
+        other.task_id,
+        other.image,
+        other.commands,
+        other.vcpus,
+        other.memory_mb,
+    )
+
+
 @dataclass(slots=True, eq=False)
 class FunctionCall:
-    """A call sent to a worker (running, or queued behind its current call)."""
+    """A call queued in a worker (waiting in the executor, in its pipe, running, or answered)."""
 
     launch: JobLaunch
     handle: RunHandle
@@ -107,12 +136,15 @@ class FunctionCall:
     payload: bytes
     timeout: float
     worker: Worker = field(init=False)
-    current: bool = False  # its worker is running it: a stop kills the worker
-    unsent: bool = False  # queued, to be sent when its turn comes
+    current: bool = False  # the executor has taken it up (RUNNING)
+    withdrawn: bool = False  # taken back before it was written to the worker
+    deadline: float | None = None  # monotonic, once it is its worker's current call
+    reply: tuple[bytes, bytes] | None = None  # its R or E frame, once read (maybe ahead)
 
     def kill(self) -> None:
-        if self.current:
-            self.worker.kill()
+        """A stop (cancel, lost lease, server stop): the executor's thread waiting on this
+        worker looks again; it kills the worker only if this call is the one it runs."""
+        self.worker.poke()
 
 
 class FunctionPool:
@@ -127,8 +159,10 @@ class FunctionPool:
         idle_seconds: float,
         max_idle: int,
         max_log_bytes: int | None = None,
+        window: int | None = None,
     ) -> None:
         self.max_log_bytes = max_log_bytes
+        self.window = window  # calls a slot queues in its worker; None: by the observed rate
         self.runtime = runtime
         self.local = runtime.name == "process"  # no sandbox: the host's paths and this Python
         self.root = work_root
@@ -154,17 +188,28 @@ class FunctionPool:
 
     # -- the executor's side --------------------------------------------------------------------
 
+    def window_depth(self, rate: float, vcpus: int) -> int:
+        """How many calls a slot queues in its worker: WINDOW_SECONDS of calls at the observed
+        rate (completions a second, the executor's) shared by its vCPUs, 2 to WINDOW_MAX (or the
+        fixed ``window``). Short calls then go a chunk per pipe write; long ones are not held
+        behind each other while another slot could run them."""
+        if self.window is not None:
+            return self.window
+        return max(2, min(WINDOW_MAX, int(rate / max(1, vcpus) * WINDOW_SECONDS)))
+
     def run(
         self, launch: JobLaunch, handle: RunHandle, open_log: JobLog, on_running: Callable[[], None]
     ) -> Outcome:
         """Run one call to its end, as ``Runtime.run`` runs a job."""
         started = self.start(launch, handle, open_log, on_running, None)
+        assert started is not None  # (only a call given an ``after`` is declined)
         return started if isinstance(started, Outcome) else self.finish(started)
 
-    # The executor pipelines calls as it does jobs (``runtimes.base.Pipelined``): a slot's next
-    # call is sent to the same worker while the current one runs, so the worker goes from one
-    # call to the next without waiting for the executor. A worker replies in the order it was
-    # sent calls, and the executor finishes them in that order.
+    # The executor queues calls in a worker as a window (``executor/local.py``, ``window_depth``):
+    # while one runs, the next ones are in its pipe, so it goes from call to call without waiting
+    # for the executor, and the executor writes them a chunk at a time (``_pump``: up to
+    # PIPE_BUDGET bytes not yet answered, so a write never blocks on a full pipe). A worker
+    # replies in the order it was sent calls, and the executor finishes them in that order.
 
     def start(
         self,
@@ -173,14 +218,13 @@ class FunctionPool:
         open_log: JobLog,
         on_running: Callable[[], None],
         after: object = None,
-    ) -> FunctionCall | Outcome:
-        """Send the call to a worker (``after``'s, if it is a call of the same kind); returns
-        what ``finish`` takes, or why it cannot run."""
+    ) -> FunctionCall | Outcome | None:
+        """Queue the call in a worker: ``after``'s, if given (the last call of its slot's
+        window), else an idle or new one. Returns what ``finish`` takes, an Outcome if it
+        cannot run, or None if ``after`` is a call of another key: it does not join that
+        window (the slot takes it up once the window is done)."""
         handler = launch.commands[1] if len(launch.commands) > 1 else ""
         code = launch.commands[2] if len(launch.commands) > 2 else None
-        event = self._event(launch)
-        if event is None:
-            return Outcome(None, FailureCode.ErrorStartingContainer.value, "The call's event is missing")
         code_dir: str | None = None
         if code is not None:
             found = self._code(launch, code)
@@ -190,6 +234,11 @@ class FunctionPool:
         # Not the task folder's mount: on S3 storage each attempt has its own (see _keep_result).
         shared = tuple(m for m in launch.mounts if m.env_name != TASK_SHARED_ENV)
         key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, shared)
+        if isinstance(after, FunctionCall) and after.key != key:
+            return None  # before its event is taken from the chunk read ahead
+        event = self._event(launch)
+        if event is None:
+            return Outcome(None, FailureCode.ErrorStartingContainer.value, "The call's event is missing")
         timeout = float(launch.timeout_s or 60)
         header = {
             "index": launch.array_index,
@@ -202,51 +251,110 @@ class FunctionPool:
         }
         payload = json.dumps(header).encode() + b"\n" + event.encode()
         call = FunctionCall(launch, handle, open_log, on_running, key, handler, code_dir, payload, timeout)
-        worker = None
-        if isinstance(after, FunctionCall) and after.key == key and after.worker.alive:
-            worker = after.worker
-        self._dispatch(call, worker)
+        # A window's calls stay in one worker, dead or alive: a dead one's calls that never ran
+        # move to a new worker together (``_move``), so one slot never runs two at once.
+        self._dispatch(call, after.worker if isinstance(after, FunctionCall) else None)
         handle.attach_kill(call.kill)
         return call
 
     def wait(self, started: FunctionCall, timeout: float) -> bool:
-        """Calls are never taken back (the next one is already in its worker's pipe)."""
+        """Whether the call, its worker's first, has answered (or its worker ended, or its time
+        is up: ``finish`` tells which) within ``timeout``."""
+        worker = started.worker
+        if started.reply is not None:
+            return True
+        if self._waiting(started) and (worker.closed or not worker.alive):
+            return True  # ``finish`` moves it
+        self._pump(worker)  # it, if not sent yet, and what fits behind it
+        self._arm(started)
+        assert started.deadline is not None
+        limit = time.monotonic() + timeout
+        try:
+            while started.reply is None:
+                if time.monotonic() >= started.deadline:
+                    return True
+                if not self._read(worker, min(limit, started.deadline)):
+                    return time.monotonic() >= started.deadline
+        except WorkerGone:
+            return True
         return True
 
+    def unsent(self, call: FunctionCall) -> bool:
+        """Whether the call waits in the executor, not yet written to its worker's pipe (a
+        stop, or another slot, may take it back: ``withdraw``)."""
+        return not call.withdrawn and self._waiting(call)
+
+    def _waiting(self, call: FunctionCall) -> bool:
+        """Whether the call is in its worker's queue past what was written to its pipe."""
+        worker = call.worker
+        with self._lock:
+            if worker.calls and worker.calls[0] is call:  # the head: the common case
+                return worker.sent == 0
+            return any(c is call for c in itertools.islice(worker.calls, worker.sent, None))
+
     def withdraw(self, started: FunctionCall) -> bool:
-        return False
+        """Take back a call not yet written to its worker's pipe (it never runs there)."""
+        worker = started.worker
+        with self._lock:
+            if started.withdrawn:
+                return True
+            if started.current:
+                return False
+            try:
+                at = worker.calls.index(started)
+            except ValueError:
+                return False
+            if at < worker.sent:
+                return False
+            del worker.calls[at]
+            started.withdrawn = True
+            idle = not worker.calls
+        if idle:
+            self._give(started.key, worker)
+        return True
+
+    def take_up(self, call: FunctionCall) -> bool:
+        """The executor is about to finish the call: from now on no stop withdraws it. False if
+        one already has (it never ran; the executor takes it back)."""
+        with self._lock:
+            if call.withdrawn:
+                return False
+            first, call.current = not call.current, True
+        if first:
+            call.on_running()  # RUNNING from now: its worker runs it (it is the worker's first)
+        return True
 
     def finish(self, call: FunctionCall) -> Outcome:
         """Wait for the call's reply (within its timeout, from now: it is the worker's current
         call); keep its result; how it ended."""
         launch = call.launch
-        call.current = True
-        call.on_running()
-        while True:
+        if not self.take_up(call):  # withdrawn at stop (the executor takes up calls first)
+            return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+        while call.reply is None:
             worker = call.worker
-            try:
-                if call.unsent:
-                    call.unsent = False
-                    worker.unsent -= 1
-                    worker.send(call.payload)
-                tag, payload = self._reply(call)
-                break
+            if self._waiting(call):  # not in its worker's pipe yet
+                if call.handle.stopped:  # cancelled while queued: it never runs
+                    self._done(call)
+                    if not worker.calls:
+                        self._give(call.key, worker)
+                    return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+                if worker.closed or not worker.alive:
+                    self._move(worker)  # none of them ran: on a new worker, in order
+                    continue
+                self._pump(worker)  # this call, and what fits behind it
+            self._arm(call)
+            worker = call.worker
+            try:  # a killed worker's end is waited for: all it answered is read
+                if not self._read(worker, None if worker.killed else call.deadline):
+                    self._kill(worker, call)  # over time: its worker goes
             except WorkerGone:
-                if not worker.victim_taken:  # it died during this call: the call fails with it
-                    worker.victim_taken = True
-                    return self._failed(worker, launch, None)
-                if call.handle.stopped:  # cancelled while queued behind the call that died
-                    return Outcome(None, FailureCode.ErrorUnknownFailure.value, "Job stopped by the executor")
-                self._dispatch(call, None)  # it never ran: again, on a new worker
-        except_timeout = tag == b"T"
+                if call.reply is None and not self._waiting(call):  # it ran when its worker ended
+                    return self._lost(call)
         worker = call.worker
-        worker.queued -= 1
-        if except_timeout:
-            worker.victim_taken = True
-            worker.close()
-            return self._timed_out(launch, call.timeout)
+        tag, payload = call.reply
+        self._done(call)
         call.current = False
-        if worker.queued == 0:
+        if not worker.calls:
             self._give(call.key, worker)
         if tag == b"R":
             why = self._keep_result(launch, payload)
@@ -262,45 +370,167 @@ class FunctionPool:
             reason = "the handler raised"
         return Outcome(1, FailureCode.ErrorFunction.value, reason[:1000])
 
-    def _reply(self, call: FunctionCall) -> tuple[bytes, bytes]:
-        """The call's reply frame (R or E), its log written; (T, b"") past its timeout."""
+    def _lost(self, call: FunctionCall) -> Outcome:
+        """The call's worker ended (every reply it wrote read) and the call has none: the worker
+        was running it. The calls behind it never ran: they wait to move to a new worker."""
         worker = call.worker
-        if worker.ready:
-            deadline = time.monotonic() + call.timeout
-        else:  # a new worker first says it is ready: its start is not the call's time
-            deadline = time.monotonic() + max(START_SECONDS, call.timeout)
-        while True:
-            frame = worker.receive(deadline)
-            if frame is None:  # over time: the worker is killed, its call fails
-                worker.kill()
-                return b"T", b""
-            tag, payload = frame
-            if tag == b"H":
-                worker.ready = True
-                deadline = time.monotonic() + call.timeout
-            elif tag == b"L":  # the call printed or logged: its log gets that, only then
-                writer = LogWriter(call.open_log, self.max_log_bytes)
-                writer.feed(payload)
-                writer.close()
-            else:
-                return tag, payload
+        self._done(call)
+        with self._lock:
+            worker.sent = worker.answered = worker.inflight = 0
+        if worker.killed_for is None:  # it crashed or ran out of memory during the call
+            return self._failed(worker, call.launch, None)
+        worker.close()
+        if worker.killed_for is call:
+            if call.handle.stopped:
+                return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
+            return self._timed_out(call.launch, call.timeout)
+        # killed for the call before it, which answered meanwhile: this one had begun
+        reason = (
+            "Infrastructure fault: the function worker was killed while it ran this call (it may have run)"
+        )
+        return Outcome(None, FailureCode.ErrorInfrastructureFault.value, reason)
+
+    def _kill(self, worker: Worker, call: FunctionCall) -> None:
+        """Kill the worker for ``call`` (over time, or stopped) while it runs it."""
+        if not worker.killed:
+            worker.killed, worker.killed_for = True, call
+            worker.kill()
+
+    @staticmethod
+    def _arm(call: FunctionCall) -> None:
+        """The call's deadline, from when it is its worker's current call (a worker that has
+        not said it is ready yet: its start is not the call's time)."""
+        if call.deadline is None:
+            ready = call.worker.ready
+            call.deadline = time.monotonic() + (call.timeout if ready else max(START_SECONDS, call.timeout))
+
+    def _running(self, worker: Worker) -> FunctionCall | None:
+        """The worker's current call: the first in its pipe without a reply."""
+        with self._lock:
+            return worker.calls[worker.answered] if worker.answered < worker.sent else None
+
+    def _read(self, worker: Worker, deadline: float | None) -> bool:
+        """Read the worker's next frame and give it to its call (``_take``). First, a stopped
+        call that is the one it runs has it killed. False at ``deadline``; WorkerGone once the
+        worker has ended and all it wrote was read."""
+        if self._stop_running(worker):
+            return True
+        frame = worker.receive(deadline)
+        if frame is None:
+            return False
+        self._handle(worker, frame)
+        return True
+
+    def _stop_running(self, worker: Worker) -> bool:
+        """If the call the worker runs (as far as its replies tell) was stopped, kill it; what
+        it has answered already is read first, so a stop kills only the call it runs. Whether
+        it read a frame."""
+        read = False
+        while not worker.killed and (running := self._running(worker)) is not None:
+            if not running.handle.stopped:
+                break
+            frame = worker.receive(time.monotonic())  # only what is there now
+            if frame is None:
+                self._kill(worker, running)
+                break
+            self._handle(worker, frame)
+            read = True
+        return read
+
+    def _handle(self, worker: Worker, frame: tuple[bytes, bytes]) -> None:
+        """A frame from the worker, for the call it runs: replies come in the order the calls
+        were written, so each is the first unanswered call's."""
+        tag, payload = frame
+        running = self._running(worker)
+        if tag == b"D":
+            worker.took(_SECONDS.unpack(payload)[0])
+        elif tag == b"H":
+            worker.ready = True
+            if running is not None and running.deadline is not None:
+                running.deadline = time.monotonic() + running.timeout
+        elif tag == b"P":  # poked: a call was stopped (the next read looks)
+            pass
+        elif running is None:
+            log.warning("a function worker wrote a %r frame with no call in its pipe", tag)
+        elif tag == b"L":  # the call printed or logged: its log gets that, only then
+            writer = LogWriter(running.open_log, self.max_log_bytes)
+            writer.feed(payload)
+            writer.close()
+        else:
+            running.reply = (tag, payload)
+            with self._lock:
+                worker.answered += 1
 
     def _dispatch(self, call: FunctionCall, worker: Worker | None) -> None:
-        """Send the call to ``worker``, or to an idle or new one; a worker that turns out dead
-        is left for ``finish`` to notice."""
+        """Queue the call in ``worker``, or in an idle or new one; an idle worker is sent it at
+        once (a lone call waits for nothing), a busy one with the next chunk (``_pump``)."""
         if worker is None:
             worker = self._take(call.key) or self._start(call.launch, call.handler, call.code_dir)
         call.worker = worker
-        worker.queued += 1
-        # A large event behind a running call could fill the pipe while the worker writes a
-        # large reply that nobody reads yet: it is sent when its turn comes (and so is every
-        # call behind it, to keep the order).
-        if worker.unsent or len(call.payload) > PIPELINED_BYTES:
-            call.unsent = True
-            worker.unsent += 1
+        with self._lock:
+            worker.calls.append(call)
+            first = len(worker.calls) == 1
+        if first:
+            self._pump(worker)
+
+    def _pump(self, worker: Worker) -> None:
+        """Write the worker's queued calls to its pipe, in one write, while the bytes it has not
+        answered stay within PIPE_BUDGET (the first at any size when it has none): a full pipe
+        never blocks the executor while the worker writes a large reply nobody reads. A stopped
+        call is not written (nor what follows it): it never runs."""
+        payloads: list[bytes] = []
+        known = worker.call_seconds
+        ahead = 2 if known is None else max(2, int(AHEAD_SECONDS / max(known, 1e-6)))
+        if worker.killed or worker.closed or not worker.alive:
+            return  # its calls not in its pipe move to a new worker
+        with self._lock:  # counted as sent first: from now on no withdraw takes them
+            calls, at, inflight = worker.calls, worker.sent, worker.inflight
+            while at < min(len(calls), ahead):
+                size = len(calls[at].payload) + FRAME_HEAD
+                if (inflight and inflight + size > PIPE_BUDGET) or calls[at].handle.stopped:
+                    break
+                payloads.append(calls[at].payload)
+                inflight += size
+                at += 1
+            first, worker.sent, worker.inflight = worker.sent, at, inflight
+        if not payloads:
             return
-        with contextlib.suppress(WorkerGone):
-            worker.send(call.payload)
+        whole = worker.send(*payloads)
+        if whole < len(payloads):  # it ended first: a call not written whole never ran
+            with self._lock:
+                worker.sent = first + whole
+                unsent = itertools.islice(worker.calls, worker.sent, at)
+                worker.inflight -= sum(len(c.payload) + FRAME_HEAD for c in unsent)
+
+    def _done(self, call: FunctionCall) -> None:
+        """The call, its worker's first, is finished: out of its queue."""
+        worker = call.worker
+        with self._lock:
+            if worker.calls and worker.calls[0] is call:
+                worker.calls.popleft()
+                if worker.sent:
+                    worker.sent -= 1
+                    worker.inflight -= len(call.payload) + FRAME_HEAD
+                if call.reply is not None and worker.answered:
+                    worker.answered -= 1
+
+    def _move(self, dead: Worker) -> None:
+        """Every call left on a dead worker (none of them ran), in order, to a new one."""
+        with self._lock:
+            calls = list(dead.calls)
+            dead.calls.clear()
+            dead.sent = dead.answered = dead.inflight = 0
+        threading.Thread(target=dead.close, daemon=True).start()
+        if not calls:
+            return
+        first = calls[0]
+        worker = self._take(first.key) or self._start(first.launch, first.handler, first.code_dir)
+        with self._lock:
+            for moved in calls:
+                moved.worker = worker
+                moved.deadline = None
+            worker.calls.extend(calls)
+        self._pump(worker)
 
     def flush(self) -> None:
         """Write the results kept since the last flush (before the reports of their calls)."""
@@ -397,7 +627,7 @@ class FunctionPool:
         worker.idle_since = time.monotonic()
         surplus: list[Worker] = []
         with self._lock:
-            if self._closed:
+            if self._closed or worker.closed or worker.killed or not worker.alive:
                 surplus.append(worker)
             else:
                 self._idle.setdefault(key, []).append(worker)

@@ -6,12 +6,14 @@ bind-mounts this file into the sandbox). Usage: ``python3 runner.py HANDLER``, w
 ``replies`` (written), and ``OPENHTC_FN_CODE`` (optional) the unpacked code zip, put first on
 ``sys.path``.
 
-Frames on both pipes: one tag byte, a 4-byte big-endian length, the payload.
+Frames on both pipes: one tag byte, a 4-byte big-endian length, the payload. The executor may
+write several calls at once (a chunk); each is answered as soon as it ends, in order.
   runner -> executor  ``H`` ready (the handler is imported, or failed to: calls then get that error)
   executor -> runner  ``C`` a call: a JSON header line ({index, attempt, taskId, requestId,
                       functionName, memoryMb, timeoutMs}), a newline, then the event's JSON text
-  runner -> executor  ``L`` what the call printed or logged (only if it did), then
-                      ``R`` the result's JSON text, or ``E`` the error's JSON ({type, message, traceback})
+  runner -> executor  ``L`` what the call printed or logged (only if it did), ``D`` how long
+                      the handler took (a big-endian double, seconds), then ``R`` the result's
+                      JSON text, or ``E`` the error's JSON ({type, message, traceback})
 """
 
 from __future__ import annotations
@@ -27,21 +29,35 @@ import time
 import traceback
 
 _HEAD = struct.Struct(">cI")
+_SECONDS = struct.Struct(">d")
 
 
-def _read_exact(fd, size):
-    chunks = []
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+class _Calls:
+    """The calls pipe, read a chunk at a time: the executor writes several calls at once."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def next(self):
+        """The next frame (tag, payload), or None at the end of the pipe."""
+        while True:
+            if len(self.buf) >= _HEAD.size:
+                tag, size = _HEAD.unpack_from(self.buf)
+                end = _HEAD.size + size
+                if len(self.buf) >= end:
+                    payload = bytes(self.buf[_HEAD.size : end])
+                    del self.buf[:end]
+                    return tag, payload
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
 
 
-def _send(fd, tag, payload):
-    data = _HEAD.pack(tag, len(payload)) + payload
+def _send(fd, *frames):
+    """Frames (tag, payload), in one write."""
+    data = b"".join(_HEAD.pack(tag, len(payload)) + payload for tag, payload in frames)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -110,24 +126,23 @@ def main():
         handler = _load(handler_name, os.environ.get("OPENHTC_FN_CODE") or "")
     except BaseException as exc:  # every call then fails with it
         failure = json.dumps(_error(exc)).encode()
-    _send(replies, b"H", b"")
+    _send(replies, (b"H", b""))
     real_out, real_err = sys.stdout, sys.stderr
+    pipe = _Calls(calls)
     while True:
-        head = _read_exact(calls, _HEAD.size)
-        if head is None:
+        frame = pipe.next()
+        if frame is None or frame[0] != b"C":
             return
-        tag, size = _HEAD.unpack(head)
-        payload = _read_exact(calls, size)
-        if payload is None or tag != b"C":
-            return
+        payload = frame[1]
         if failure is not None or handler is None:
-            _send(replies, b"E", failure or b"{}")
+            _send(replies, (b"E", failure or b"{}"))
             continue
         line, _, event_text = payload.partition(b"\n")
         header = json.loads(line)
         captured.seek(0)
         captured.truncate()
         sys.stdout = sys.stderr = captured
+        began = time.monotonic()
         try:
             result = handler(json.loads(event_text), Context(header, logger))
             try:
@@ -139,10 +154,12 @@ def main():
             reply = (b"E", json.dumps(_error(exc)).encode())
         finally:
             sys.stdout, sys.stderr = real_out, real_err
+        took = (b"D", _SECONDS.pack(time.monotonic() - began))
         output = captured.getvalue()
-        if output:
-            _send(replies, b"L", output.encode("utf-8", "replace"))
-        _send(replies, *reply)
+        if output:  # with the reply, in the same write
+            _send(replies, (b"L", output.encode("utf-8", "replace")), took, reply)
+        else:
+            _send(replies, took, reply)
 
 
 if __name__ == "__main__":

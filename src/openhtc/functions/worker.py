@@ -5,24 +5,32 @@ pipes in a directory the runtime binds into the sandbox.
 Named pipes, not the job's stdin/stdout: every runtime already binds directories into its jobs
 and copies their output to a log, so a worker needs nothing new from any runtime. The executor's
 ends are opened read-write, so opening never blocks; a worker's death is told by the runtime's
-``run`` returning (the thread here then pokes a wake-up pipe), not by an end of file.
+``run`` returning (the thread here then pokes a wake-up pipe), not by an end of file. Once it
+is dead, every reply it wrote is still read (``receive`` drains the pipe) before WorkerGone: a
+call it answered before a kill keeps its answer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import shutil
 import struct
 import threading
 import time
+from collections import deque
+from typing import Any
 
 from openhtc.domain.enums import FailureCode
 from openhtc.domain.models import JobLaunch, Mount
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 
 _HEAD = struct.Struct(">cI")
+FRAME_HEAD = _HEAD.size  # a frame's bytes before its payload
+LONG_CALL_SECONDS = 0.05
+POKED = (b"P", b"")  # what receive returns when poke woke it (a call was stopped: look again)
 
 
 class WorkerGone(Exception):
@@ -44,10 +52,18 @@ class Worker:
         self.outcome: Outcome | None = None
         self.idle_since = time.monotonic()
         self.ready = False
-        self.queued = 0  # calls given to it and not finished
-        self.unsent = 0  # of which not sent yet
-        self.victim_taken = False  # the call it died during has been failed
+        # The calls given to it and not finished, in order; the first ``sent`` are in its pipe
+        # (``inflight`` bytes of them), of which the first ``answered`` have their reply (kept
+        # on the call): the pool's (functions/pool.py).
+        self.calls: deque[Any] = deque()
+        self.sent = 0
+        self.answered = 0
+        self.inflight = 0
+        self.call_seconds: float | None = None  # how long its calls take (the handler's time)
+        self.killed = False  # the pool killed it: never given back
+        self.killed_for: Any = None  # the call it was killed for (a timeout, a stop)
         self.closed = False
+        self._drained = False  # dead, and every reply it wrote is in _buf
         self._runtime = runtime
         self._launch = launch
         self._ended = threading.Event()
@@ -71,6 +87,12 @@ class Worker:
     def kill(self) -> None:
         self.handle.stop()
 
+    def poke(self) -> None:
+        """Wake whoever waits in ``receive`` (with POKED): one of its calls was stopped."""
+        if not self.closed:  # (its descriptor's number may be another file's once closed)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"p")
+
     def end(self) -> Outcome:
         """Wait for the process to end (after a kill, or on its own); how it ended."""
         self._ended.wait()
@@ -91,31 +113,57 @@ class Worker:
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
 
-    def send(self, payload: bytes) -> None:
-        data = memoryview(_HEAD.pack(b"C", len(payload)) + payload)
-        while data:
+    def send(self, *payloads: bytes) -> int:
+        """Send calls, all in one write; how many were written whole (all, unless the worker
+        ended first: a call cut short never runs)."""
+        data = memoryview(b"".join(_HEAD.pack(b"C", len(p)) + p for p in payloads))
+        written = 0
+        while written < len(data):
             if self.closed or not self.alive:
-                raise WorkerGone
+                ends = itertools.accumulate(_HEAD.size + len(p) for p in payloads)
+                return sum(1 for end in ends if end <= written)
             # A full pipe (a huge event) blocks until the worker reads: it is running.
-            data = data[os.write(self._calls, data) :]
+            written += os.write(self._calls, data[written:])
+        return len(payloads)
 
     def receive(self, deadline: float | None) -> tuple[bytes, bytes] | None:
-        """The next frame (tag, payload); None at ``deadline`` (monotonic); WorkerGone if the
-        worker ended first."""
+        """The next frame (tag, payload); None at ``deadline`` (monotonic); POKED after a
+        ``poke``; WorkerGone once the worker has ended and every frame it wrote was returned."""
         while True:
             frame = self._frame()
             if frame is not None:
                 return frame
-            if self.closed:
+            if self.closed or self._drained:
                 raise WorkerGone
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             readable, _, _ = select.select([self._replies, self._wake_r], [], [], left)
             if self._replies in readable:
                 self._buf += os.read(self._replies, 1 << 20)
             elif self._wake_r in readable:
-                raise WorkerGone
+                os.read(self._wake_r, 64)
+                if self.alive:
+                    return POKED
+                self._drain()
+            else:  # nothing by the deadline (a deadline past: nothing readable now)
+                return None
+
+    def _drain(self) -> None:
+        """The worker has ended: what it wrote before is all in the pipe; read it to the end."""
+        while select.select([self._replies], [], [], 0)[0]:
+            chunk = os.read(self._replies, 1 << 20)
+            if not chunk:
+                break
+            self._buf += chunk
+        self._drained = True
+
+    def took(self, seconds: float) -> None:
+        """A call took ``seconds``: a long one (LONG_CALL_SECONDS) counts at once, shorter ones
+        (a fast call the machine's load held up) are smoothed in."""
+        known = self.call_seconds
+        if known is None or (seconds >= LONG_CALL_SECONDS and seconds > known):
+            self.call_seconds = seconds
+        else:
+            self.call_seconds = 0.9 * known + 0.1 * seconds
 
     def _frame(self) -> tuple[bytes, bytes] | None:
         if len(self._buf) < _HEAD.size:
