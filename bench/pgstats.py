@@ -61,7 +61,8 @@ def _stats(url: str) -> dict[str, Any]:
 
     with psycopg.connect(url.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
         statements = conn.execute(
-            "SELECT calls, rows, total_exec_time, query FROM pg_stat_statements"
+            "SELECT calls, rows, total_exec_time, query, wal_bytes, shared_blks_dirtied"
+            " FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " ORDER BY calls DESC"
         ).fetchall()
@@ -76,7 +77,7 @@ def _stats(url: str) -> dict[str, Any]:
             "SELECT s.indexrelname, pg_relation_size(s.indexrelid) FROM pg_stat_user_indexes s"
             " WHERE s.relname IN ('jobs', 'job_events', 'job_counters') ORDER BY 1"
         ).fetchall()
-        wal = conn.execute("SELECT wal_records, wal_bytes FROM pg_stat_wal").fetchone()
+        wal = conn.execute("SELECT wal_records, wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
     return {"statements": statements, "xacts": xacts, "tables": tables, "indexes": indexes, "wal": wal}
 
 
@@ -125,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         f" (statements executing: {executed / n:.3f} ms);"
         f" openhtc process CPU per job: {server_ms or 0:.3f} ms"
     )
-    print(f"WAL per job: {stats['wal'][0] / n:.1f} records, {int(stats['wal'][1]) / n:,.0f} bytes")
+    print(
+        f"WAL per job: {stats['wal'][0] / n:.1f} records, {int(stats['wal'][1]) / n:,.0f} bytes,"
+        f" {stats['wal'][2] / n:.2f} full-page images"
+    )
     print("\n| table | inserts/job | updates/job | HOT updates | deletes/job |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, ins, upd, hot, dele in stats["tables"]:
@@ -134,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| index | size |\n| --- | ---: |")
     for name, size in stats["indexes"]:
         print(f"| {name} | {size / 1024:,.0f} KiB |")
-    print("\n| calls/job | rows/call | ms/call | ms/job | statement |\n| ---: | ---: | ---: | ---: | --- |")
-    for count, rows, total, query in stats["statements"][: args.top]:
+    print(
+        "\n| calls/job | rows/call | ms/call | ms/job | WAL B/job | blocks dirtied/job | statement |"
+        "\n| ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    )
+    for count, rows, total, query, wal_bytes, dirtied in stats["statements"][: args.top]:
         text = " ".join(query.split())
         text = text if len(text) <= 110 else text[:107] + "..."
         per_call = f"{rows / max(count, 1):.1f} | {total / max(count, 1):.3f}"
-        print(f"| {count / n:.3f} | {per_call} | {total / n:.4f} | `{text}` |")
+        writes = f"{int(wal_bytes) / n:,.0f} | {dirtied / n:.2f}"
+        print(f"| {count / n:.3f} | {per_call} | {total / n:.4f} | {writes} | `{text}` |")
     log("done")
     return 0
 

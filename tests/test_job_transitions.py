@@ -264,3 +264,19 @@ def _plan_uses_the_primary_key(queue: Queue) -> None:
             for row in conn.exec_driver_sql("EXPLAIN " + _FLUSH_PG, (json.dumps(rows), "[]", "[]", "[]"))
         )
     assert "pk_jobs" in plan and "Seq Scan on jobs" not in plan, plan
+
+
+def test_a_claim_gives_the_next_job_to_the_project_whose_running_jobs_hold_fewer_vcpus(queue: Queue) -> None:
+    """Fair share reads what each project's claimed jobs hold from the counters, in the claim's
+    own transaction: the project that holds two vCPUs already waits behind one that holds none,
+    though its jobs were queued first."""
+    first = queue.create_project("first")
+    later = queue.create_project("later")
+    first_task, later_task = queue.create_task(first), queue.create_task(later)
+    queue.submit(first, first_task, queue.job_request(4))
+    assert {j.project_id for j in queue.claim(2)} == {first.id}
+    queue.submit(later, later_task, queue.job_request(2))
+    assert [j.project_id for j in queue.claim(1)] == [later.id]
+    # once both hold two vCPUs' worth, the first project's older jobs come first again
+    assert [j.project_id for j in queue.claim(1)] == [later.id]
+    assert [j.project_id for j in queue.claim(1)] == [first.id]

@@ -240,6 +240,8 @@ jobs = Table(
     ),
     # PostgreSQL only (migration 0012): the job list's filter on status FAILED.
     Index("ix_jobs_failed", "project_id", "id", postgresql_where=text("status = 6")),
+    # Room on each page for a row's next version (migration 0022; docs/performance.md).
+    postgresql_with={"fillfactor": 50},
 )
 
 # A row with job_id set belongs to one job. A row with job_id NULL belongs to every job of
