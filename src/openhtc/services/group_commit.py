@@ -12,6 +12,12 @@ While it runs, the next group gathers. So under load the calls share transaction
 queueing for the pool's threads and connections, and a server's write transactions never
 compete with each other (only with the other servers' groups, on PostgreSQL's row locks).
 
+Latency (``_take``): a group takes the calls carrying reports first, and is bounded by its work;
+a server hands out at most CLAIM_WINDOW leases no report has reached yet, so the reports they
+bring back wait for about one group, not for a burst of claims; the jobs wait in the database's
+queue meanwhile. A group with reports and claims commits its reports first and claims in a
+transaction of its own (``_claims``): a failed claim leaves the reports acknowledged.
+
 Every guarantee of a single exchange holds for each member of a group (services/agents.py):
 the token and incarnation check before anything of it is written (a member that fails it gets
 its error, the others go on), duplicate reports acknowledged and not applied, a report for an
