@@ -163,7 +163,8 @@ def simulated_fleet(
             counts = api.wait_terminal(n, time.monotonic() + max(600.0, n / 50))
             wall = time.monotonic() - began
             cpu = _cpu(pids) - cpu0
-            fleet_pct = 100.0 * (_cpu([fleet.pid]) - fleet0) / wall
+            fleet_cpu = _cpu([fleet.pid]) - fleet0
+            fleet_pct = 100.0 * fleet_cpu / wall
             pg_cpu = _pg_cpu(ctx) - pg0
         if profiler is not None and (out := profiler.stop()) is not None:
             log(f"   profile of server 0 under load: {out}")
@@ -177,11 +178,14 @@ def simulated_fleet(
             "jobs_per_s": round(n / wall, 1), "wall_s": round(wall, 2),
             "succeeded": counts.get("SUCCEEDED", 0), "failed": counts.get("FAILED", 0),
             "rtt_p50_ms": stats["rtt_p50_ms"], "rtt_p99_ms": stats["rtt_p99_ms"],
+            "claim_rtt_p50_ms": stats.get("claim_rtt_p50_ms"),
+            "claim_rtt_p99_ms": stats.get("claim_rtt_p99_ms"),
             "server_cpu_ms_per_job": round(1000 * cpu / n, 3), "server_cpu_s": round(cpu, 2),
             "pg_connections_peak": pg.peak, "pg_backends": pg.summary(),
             "idle_cpu_pct": round(idle_pct, 2), "idle_s": idle_s,
             "pg_cpu_ms_per_job": round(1000 * pg_cpu / n, 3),
             "fleet_cpu_pct": round(fleet_pct, 1), "fleet_idle_cpu_pct": round(fleet_idle_pct, 1),
+            "fleet_cpu_ms_per_job": round(1000 * fleet_cpu / n, 3),
             "calls_per_group": groups, "fleet": stats,
         }  # fmt: skip
     finally:
@@ -268,6 +272,10 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
         ok = got is not None and (got >= value if op == ">=" else got <= value)
         lines.append(f"| {text} | {got} | {op} {value:g} {'met' if ok else 'MISSED'} |")
     lines.append(f"| exchange p50 (ms) | {fleet.get('rtt_p50_ms')} | |")
+    lines.append(
+        f"| a claim with no reports that got leases, p50 / p99 (ms; a long poll: its wait for work"
+        f" included) | {fleet.get('claim_rtt_p50_ms')} / {fleet.get('claim_rtt_p99_ms')} | |"
+    )
     lines.append(f"| servers' CPU per job (ms) | {fleet.get('server_cpu_ms_per_job')} | |")
     lines.append(f"| PostgreSQL connections (peak) | {fleet.get('pg_connections_peak')} | |")
     lines.append(f"| exchanges per group commit (the servers' lives) | {fleet.get('calls_per_group')} | |")
@@ -278,6 +286,7 @@ def markdown(fleet: dict[str, Any], real: dict[str, Any], meta: dict[str, Any]) 
         f"| the fleet's own CPU, run / idle (% of a core) | {fleet.get('fleet_cpu_pct')} / "
         f"{fleet.get('fleet_idle_cpu_pct')} | (100: the load generator is the bottleneck) |"
     )
+    lines.append(f"| the fleet's own CPU per job (ms) | {fleet.get('fleet_cpu_ms_per_job')} | |")
     if "ratio" in real:
         ok = real["ratio"] >= 0.8
         lines.append(

@@ -39,6 +39,7 @@ MEMORY_PER_SLOT_MB = 1024
 @dataclass
 class Stats:
     rtts: list[float] = field(default_factory=list)  # seconds, of the calls that carried reports
+    claim_rtts: list[float] = field(default_factory=list)  # calls with no reports that got leases
     idle_rtts: int = 0  # long polls (they wait for work: their time is no round trip)
     exchanges: int = 0
     leases: int = 0
@@ -50,18 +51,22 @@ class Stats:
     last_error: str = ""
 
     def summary(self) -> dict[str, Any]:
-        rtts = sorted(self.rtts)
+        rtts, claims = sorted(self.rtts), sorted(self.claim_rtts)
 
-        def pct(p: float) -> float | None:
-            return round(rtts[min(len(rtts) - 1, int(p * len(rtts)))] * 1000, 2) if rtts else None
+        def pct(values: list[float], p: float) -> float | None:
+            return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2) if values else None
 
         return {
             "exchanges": self.exchanges,
             "report_exchanges": len(rtts),
             "long_polls": self.idle_rtts,
-            "rtt_p50_ms": pct(0.50),
-            "rtt_p99_ms": pct(0.99),
+            "rtt_p50_ms": pct(rtts, 0.50),
+            "rtt_p99_ms": pct(rtts, 0.99),
             "rtt_max_ms": round(rtts[-1] * 1000, 2) if rtts else None,
+            # a call with no reports that got leases: a claim (its time includes any wait for work)
+            "claims_with_leases": len(claims),
+            "claim_rtt_p50_ms": pct(claims, 0.50),
+            "claim_rtt_p99_ms": pct(claims, 0.99),
             "leases": self.leases,
             "acked": self.acked,
             "refused": self.refused,
@@ -226,6 +231,8 @@ class SimAgent:
             self.stats.rtts.append(rtt)
         else:  # a long poll: its time is mostly the wait for work
             self.stats.idle_rtts += 1
+            if leases:
+                self.stats.claim_rtts.append(rtt)
         if self.pending or leases or rtt >= 1.0:
             return 0.0  # more to report, maybe more to take, or the server held the call: again
         return float(answer.get("next_call_seconds", 1.0))  # answered at once, empty: as told

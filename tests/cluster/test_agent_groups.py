@@ -157,3 +157,79 @@ def test_agents_exchanging_at_once_through_two_servers_get_disjoint_leases_and_r
     groups = sum(metric(srv, "openhtc_agent_exchange_groups_total") for srv in two_servers)
     calls = sum(metric(srv, "openhtc_agent_exchange_group_calls_total") for srv in two_servers)
     assert calls > groups > 0, (calls, groups)
+
+
+QUEUED, CLAIMED = int(JobStatus.SUBMITTED_TO_PROVIDER), int(JobStatus.RUNNABLE)
+REFUSE_CLAIMS = f"""
+CREATE FUNCTION refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = {QUEUED} AND NEW.status = {CLAIMED} THEN
+        RAISE EXCEPTION 'claims refused by the test';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_claims BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION refuse_claims();
+"""
+
+
+def test_a_report_is_acknowledged_even_when_the_claim_of_its_call_fails(
+    pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """A call's reports commit before its claim (services/group_commit.py): when the claim fails
+    (here PostgreSQL refuses every claim, by a trigger), the agent still hears its reports
+    acknowledged and the job ends as reported; it claims again in a later call."""
+    import psycopg
+
+    url = pg_cluster.new_database()
+    srv = HtcServer(tmp_path, url, env={"OPENHTC_MAX_INFRASTRUCTURE_RETRIES": "0"}, args=("--no-executor",))
+    srv.start()
+    try:
+        token = srv.cli("admin", "create-agent-token").stdout.strip()
+        agent = SimAgent(srv, token)
+        agent.register()
+        api = srv.api()
+        project_id, task_id = api.project_and_task()
+        api.submit(project_id, task_id, api.job_request(["true"], batch_size=2))
+
+        def exchange(reports: list[dict[str, Any]], held: list[tuple[int, int]]) -> dict[str, Any]:
+            body = {
+                "incarnation": agent.incarnation, "free": {"vcpus": 1, "memory_mb": 1024},
+                "max_jobs": 1, "held": [list(k) for k in held], "reports": reports,
+                "wait_seconds": 0.0 if reports else 2.0, "draining": False,
+            }  # fmt: skip
+            resp = agent.http.post(f"{AGENTS}/{agent.agent_id}/exchange", json=body)
+            assert resp.status_code == 200, resp.text
+            return dict(resp.json())
+
+        def ran(key: tuple[int, int]) -> list[dict[str, Any]]:
+            return [
+                {"job_id": key[0], "attempt": key[1], "seq": seq, "status": int(status), "at": time.time()}
+                for seq, status in enumerate((JobStatus.STARTING, JobStatus.RUNNING, JobStatus.SUCCEEDED), 1)
+            ]
+
+        leases: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while not leases and time.monotonic() < deadline:
+            leases = exchange([], [])["leases"]
+        assert len(leases) == 1, leases
+        first = (leases[0]["job_id"], leases[0]["attempt"])
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(REFUSE_CLAIMS)
+        # its reports and a claim of the other job (queued) in one call: the claim fails
+        reports = ran(first)
+        answer = exchange(reports, [first])
+        assert sorted(map(tuple, answer["acked"])) == [(first[0], first[1], r["seq"]) for r in reports]
+        assert answer["leases"] == [] and answer["refused"] == [] and answer["kill"] == []
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER refuse_claims ON jobs")
+        # the other job is still queued: the next call claims it, and it runs
+        deadline = time.monotonic() + 30
+        while not (leases := exchange([], [])["leases"]) and time.monotonic() < deadline:
+            pass
+        assert len(leases) == 1 and leases[0]["job_id"] != first[0], leases
+        second = (leases[0]["job_id"], leases[0]["attempt"])
+        assert exchange(ran(second), [second])["refused"] == []
+        jobs = api.wait_terminal(project_id, task_id, 2, timeout=60)
+        assert Counter(j["status"] for j in jobs) == {"SUCCEEDED": 2}
+    finally:
+        srv.stop()

@@ -459,9 +459,7 @@ class AgentService:
             if not beats:
                 return
             try:
-                self.services.queue.agent_beats(
-                    beats.keys(), min(beats.values()), self.services.settings.lease_seconds
-                )
+                self.services.queue.agent_beats(beats.keys(), min(beats.values()))
                 # what another server or the leader changed in the rows of the agents trusted here
                 asked = beats.keys() & self._known.ids()
                 if asked:

@@ -12,6 +12,12 @@ While it runs, the next group gathers. So under load the calls share transaction
 queueing for the pool's threads and connections, and a server's write transactions never
 compete with each other (only with the other servers' groups, on PostgreSQL's row locks).
 
+Latency (``_take``): a group takes the calls carrying reports first, and is bounded by its work;
+a server hands out at most CLAIM_WINDOW leases no report has reached yet, so the reports they
+bring back wait for about one group, not for a burst of claims; the jobs wait in the database's
+queue meanwhile. A group with reports and claims commits its reports first and claims in a
+transaction of its own (``_claims``): a failed claim leaves the reports acknowledged.
+
 Every guarantee of a single exchange holds for each member of a group (services/agents.py):
 the token and incarnation check before anything of it is written (a member that fails it gets
 its error, the others go on), duplicate reports acknowledged and not applied, a report for an
@@ -50,7 +56,14 @@ Attempt = tuple[int, int]
 # A group's size at most, in calls and in jobs (a job's reports count a third each, a claim what
 # it may take): bounds a transaction's length, its locks, and so the wait of the calls behind it.
 MAX_GROUP = 256
-MAX_GROUP_JOBS = 5000
+MAX_GROUP_JOBS = 2000
+# Leases a server hands out that no report has reached yet, at most (a window): a claim beyond it
+# waits (CLAIM_HOLD_SECONDS at most, then takes nothing), so the reports its leases bring back
+# never queue for more than about one group. Leases older than UNREPORTED_SECONDS leave the
+# count (their agent reports elsewhere, or was lost).
+CLAIM_WINDOW = 2000
+CLAIM_HOLD_SECONDS = 2.0
+UNREPORTED_SECONDS = 10.0
 # Writers per server: while one group waits for PostgreSQL the next is served (their locks are
 # taken in one order: agents' rows, job rows, counter rows; claims skip each other's rows)
 WRITERS = 2
@@ -120,12 +133,15 @@ class Call:
     duplicates: list[tuple[int, AttemptReport]] = field(default_factory=list)  # seqs applied before
     missing: set[Attempt] = field(default_factory=set)  # unreported leases it did not list
     claim: int | None = None  # its index among the group's claims
+    queued_at: float = field(default_factory=time.monotonic)
+    cap: int | None = None  # the jobs its claim may take in its group (the window's share)
 
 
 # what a group's transactions did, for its answers: the calls served, those that reported (in
 # the order of the group's reports), the group commit (None: nothing to write), the held
-# jobs' records, and its time
-Served = tuple[list["Call"], list["Call"], Group | None, dict[int, JobRecord], float]
+# jobs' records, its time, and its claims when they wait for a transaction of their own (its
+# reports committed first: ``ExchangeWriter._claims``)
+Served = tuple[list["Call"], list["Call"], Group | None, dict[int, JobRecord], float, Work | None]
 
 
 class ExchangeWriter:
@@ -141,6 +157,8 @@ class ExchangeWriter:
         self.seqs: dict[str, dict[Attempt, int]] = {}
         # agent -> the claimed leases its last exchange through this server did not list
         self.unheld: dict[str, set[Attempt]] = {}
+        # job -> when its lease was handed out (monotonic), until a report of it is served
+        self.unreported: dict[int, float] = {}
 
     def backlog(self) -> int:
         """Calls waiting for a group (not counting the one being served)."""
@@ -168,13 +186,25 @@ class ExchangeWriter:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._calls and not self.services.notify.closing:
-                    self._cond.wait(1.0)
-                # nothing queued (as last seen): the claims take nothing and weigh nothing
-                idle = self.agents.idle_known(self.agents.work_seen(), time.monotonic())
-                take = _group_size(self._calls, not idle)
-                group, self._calls = self._calls[:take], self._calls[take:]
-                closing = self.services.notify.closing
+                while True:
+                    closing = self.services.notify.closing
+                    if closing:
+                        group, self._calls = self._calls, []
+                        break
+                    if not self._calls:
+                        self._cond.wait(1.0)
+                        continue
+                    # nothing queued (as last seen): the claims take nothing and weigh nothing
+                    now = time.monotonic()
+                    idle = self.agents.idle_known(self.agents.work_seen(), now)
+                    group, rest = _take(self._calls, not idle, self._budget(), now)
+                    if group:
+                        self._calls = rest
+                        break
+                    # every call is a claim waiting for the window: until reports free some of
+                    # it (the writer serving them notifies), a call comes, or a hold ends
+                    oldest = min(c.queued_at for c in self._calls)
+                    self._cond.wait(max(0.005, CLAIM_HOLD_SECONDS - (now - oldest)))
             if closing:
                 for call in group:
                     call.future.set_exception(Unavailable("the server is stopping"))
@@ -182,6 +212,16 @@ class ExchangeWriter:
                     return
                 continue
             self.run(group)
+
+    def _budget(self) -> int:
+        """The jobs the next group may hand out (under ``_cond``): the window less the leases
+        no report has reached yet."""
+        now = time.monotonic()
+        unreported = self.unreported
+        if unreported and now - next(iter(unreported.values())) > UNREPORTED_SECONDS:
+            for job_id in [j for j, t in unreported.items() if now - t > UNREPORTED_SECONDS]:
+                del unreported[job_id]
+        return max(0, CLAIM_WINDOW - len(unreported))
 
     def run(self, group: list[Call]) -> None:
         """Serve a group; if its transactions fail, each call alone (a failure is its own).
@@ -239,6 +279,9 @@ class ExchangeWriter:
                 for pair in c.reports:
                     seq, r = pair
                     (c.fresh if seq > seqs.get((r.job_id, r.attempt), 0) else c.duplicates).append(pair)
+                    self.unreported.pop(r.job_id, None)  # its report is served: out of the window
+            if any(c.reports for c in exchanges):
+                self._cond.notify()  # a writer may wait for the window
         # the held jobs' records: those its fresh reports name come from the group commit (which
         # loads them under lock), the others from this read
         held_jobs = {j for c in exchanges for j, _ in c.held} - {
@@ -249,6 +292,7 @@ class ExchangeWriter:
         idle = agents.idle_known(mark, began)
         want_queue = wants_claim and not idle
         work = Work()
+        later = Work()  # the claims, when the group writes reports too (see _claims)
         report_of: list[Call] = []
         served: list[Call] = []
 
@@ -297,6 +341,8 @@ class ExchangeWriter:
                         work.releases.append((c.agent_id, lost))
                 if not c.draining and queued:
                     self._want(c, work.claims, state.region, tuple(state.architectures), rows.get(c.agent_id))
+            if work.claims and (work.reports or work.releases or work.draining):
+                later.claims, work.claims = work.claims, []  # the reports commit first, alone
             return work
 
         ids = {c.agent_id for c in group}
@@ -314,12 +360,13 @@ class ExchangeWriter:
             result = s.queue.group_commit(now, lease, work) if work.any() else None
         s.metrics.agent_groups.inc()
         s.metrics.agent_group_calls.inc(len(group))
-        return served, report_of, result, reads.records, now
+        return served, report_of, result, reads.records, now, later if later.claims else None
 
     def _want(
         self, c: Call, claims: list[ClaimWant], region: str, architectures: tuple[str, ...], row: Any
     ) -> None:
-        if c.max_jobs <= 0 or c.free.vcpus <= 0 or not architectures:
+        max_jobs = c.max_jobs if c.cap is None else min(c.max_jobs, c.cap)
+        if max_jobs <= 0 or c.free.vcpus <= 0 or not architectures:
             return
         # a Slurm pilot's agent takes only jobs whose timeout fits its walltime left (issue 17);
         # an agent whose labels name no end has none (asked only of the others: a read each)
@@ -330,7 +377,7 @@ class ExchangeWriter:
         if max_timeout is not None and max_timeout < 0:
             return
         c.claim = len(claims)
-        claims.append(ClaimWant(c.agent_id, region, architectures, c.free, c.max_jobs, max_timeout))
+        claims.append(ClaimWant(c.agent_id, region, architectures, c.free, max_jobs, max_timeout))
 
     def _answer(
         self,
@@ -339,8 +386,11 @@ class ExchangeWriter:
         group: Group | None,
         held_records: dict[int, JobRecord],
         now: float,
+        later: Work | None,
     ) -> None:
-        """After the commit: count, notify, and answer every call of the group."""
+        """After the commit: count, notify, and answer every call of the group: first those that
+        take no job, then (``later``: the claims' own transaction) the claimants, their
+        launches built last."""
         s = self.services
         claimed: list[list[JobState]] = group.claimed if group is not None else []
         released = group.released if group is not None else set()
@@ -350,19 +400,13 @@ class ExchangeWriter:
         invalid = group.invalid if group is not None else {}
         changed = group.changed if group is not None else {}
         index = {id(c): i for i, c in enumerate(report_of)}
-        launches: dict[int, list[JobLaunch]] = {}
-        if any(claimed):
-            every = self._launches([job for jobs in claimed for job in jobs])
-            at = 0
-            for i, jobs in enumerate(claimed):
-                launches[i] = every[at : at + len(jobs)]
-                at += len(jobs)
-        for c in served:
-            leases = launches.get(c.claim, []) if c.claim is not None else []
+
+        def answer(c: Call, jobs: list[JobState], leases: list[JobLaunch]) -> None:
+            if c.claim_only or c.claim is not None:  # a claim call (perhaps of nothing)
+                s.metrics.jobs.claimed(jobs, now)
             if c.claim_only:
-                s.metrics.jobs.claimed(claimed[c.claim] if c.claim is not None else [], now)
                 c.future.set_result(leases)
-                continue
+                return
             out = c.out
             assert out is not None
             pos = index.get(id(c))
@@ -377,10 +421,49 @@ class ExchangeWriter:
                         self.unheld[c.agent_id] = c.missing
                     else:
                         self.unheld.pop(c.agent_id, None)
-            if c.claim is not None:
-                s.metrics.jobs.claimed(claimed[c.claim], now)
             out.leases = leases
             c.future.set_result(out)
+
+        if later is not None:  # the reports are committed: answer who claims nothing, then claim
+            for c in served:
+                if c.claim is None:
+                    answer(c, [], [])
+            claimed = self._claims(later, now, [c for c in served if c.claim is not None])
+        # the calls that took no job are answered first: the launches are built after
+        claiming = [c for c in served if c.claim is not None and claimed[c.claim]]
+        for c in served:
+            if not c.future.done() and (c.claim is None or not claimed[c.claim]):
+                answer(c, [], [])
+        if claiming:
+            jobs = [claimed[c.claim or 0] for c in claiming]
+            handed = time.monotonic()
+            with self._cond:
+                for mine in jobs:
+                    for job in mine:
+                        self.unreported[job.id] = handed
+            every = self._launches([job for mine in jobs for job in mine])
+            at = 0
+            for c, mine in zip(claiming, jobs, strict=True):
+                answer(c, mine, every[at : at + len(mine)])
+                at += len(mine)
+
+    def _claims(self, work: Work, now: float, claimants: list[Call]) -> list[list[JobState]]:
+        """A group's claims in a transaction of their own, after its reports committed: when
+        they fail, a claimant's reports are acknowledged all the same (an exchange is answered
+        with no lease, a woken long poll's claim gets the error). Nothing is served again."""
+        s = self.services
+        try:
+            group = s.queue.group_commit(now, s.settings.lease_seconds, work)
+        except Exception as exc:
+            log.warning("agents: the claims of a group failed (%s); its reports stand", exc)
+            for c in claimants:
+                if c.claim_only:
+                    c.future.set_exception(
+                        exc if isinstance(exc, OpenHTCError) else Unavailable("the claim failed; try again")
+                    )
+            return [[] for _ in work.claims]
+        self._tell(group, [], group.claimed, set(), now)
+        return group.claimed
 
     def _fence(
         self,
@@ -486,16 +569,35 @@ def may_hold(agent_id: str, attempt: int, rec: JobRecord | None) -> bool:
     )
 
 
-def _group_size(calls: list[Call], claims: bool) -> int:
-    """How many of the queued calls (oldest first) the next group takes: at least one.
-    ``claims``: whether their claims count (they may take jobs)."""
+def _take(calls: list[Call], claims: bool, budget: int, now: float) -> tuple[list[Call], list[Call]]:
+    """The next group and the calls left queued (in their order). Calls carrying reports go
+    first, oldest first, then the others: the reports waiting are served before more work is
+    handed out. The group is bounded by its work (MAX_GROUP_JOBS: a job's reports count a third
+    each, a claim what it may take), so no group waits behind a much larger one; and its claims
+    by ``budget`` (CLAIM_WINDOW less the leases no report reached yet): a claim that would
+    exceed it waits for a later group (a call with reports is served, its claim capped), for
+    CLAIM_HOLD_SECONDS at most, then is served taking nothing. ``claims``: whether claims count
+    (something is queued). At least one call is taken."""
+    order = [c for c in calls if c.reports] + [c for c in calls if not c.reports]
+    group: list[Call] = []
     jobs = 0.0
-    for n, call in enumerate(calls):
-        if n >= MAX_GROUP:
-            return n
+    for call in order:
+        if len(group) >= MAX_GROUP or (group and jobs > MAX_GROUP_JOBS):
+            break
+        call.cap = None
+        if claims and not call.draining and call.free.vcpus > 0 and call.max_jobs > 0:
+            ask = min(call.max_jobs, call.free.vcpus)
+            held = not call.reports and now - call.queued_at < CLAIM_HOLD_SECONDS
+            if held and budget < ask and (group or budget <= 0):
+                continue  # it waits for the window (a partial claim only heads a group)
+            call.cap = min(ask, budget)
+            budget -= call.cap
+            jobs += call.cap
         jobs += len(call.reports) / 3
-        if claims and not call.draining and call.free.vcpus > 0:
-            jobs += min(call.max_jobs, call.free.vcpus)
-        if n and jobs > MAX_GROUP_JOBS:
-            return n
-    return len(calls)
+        group.append(call)
+    if not group:  # every claim waits for the window: the writer waits for reports, or time
+        return [], calls
+    if len(group) == len(calls):
+        return group, []
+    chosen = {id(c) for c in group}
+    return group, [c for c in calls if id(c) not in chosen]

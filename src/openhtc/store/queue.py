@@ -523,10 +523,12 @@ class QueueStore(AgentRows, ExchangeRows):
             return AgentState("stale incarnation", row.region, [], bound, draining)
         return AgentState(None, row.region, list(row.architectures), bound, draining)
 
-    def agent_beats(self, agent_ids: Collection[str], heard: float, lease_seconds: float) -> None:
+    def agent_beats(self, agent_ids: Collection[str], heard: float) -> None:
         """The agents' coalesced heartbeats: each heard at ``heard`` or later (the earliest of
-        the batch); their liveness refreshed and their held jobs' leases renewed, one
-        statement each for the whole batch."""
+        the batch); their liveness refreshed, one statement for the whole batch. Their held
+        jobs' leases are not renewed: an agent's jobs are recovered by its liveness clock
+        (``lose_agents``), never by lease expiry (``expire_leases`` skips them), and renewing
+        them rewrote every held job's row each second, under the locks the groups wait for."""
         if not agent_ids:
             return
         ids = sorted(agent_ids)
@@ -536,11 +538,6 @@ class QueueStore(AgentRows, ExchangeRows):
                 executors.update()
                 .where(and_(executors.c.id.in_(ids), executors.c.last_heartbeat < heard))
                 .values(last_heartbeat=heard)
-            )
-            conn.execute(
-                jobs.update()
-                .where(and_(jobs.c.executor_id.in_(ids), jobs.c.status.in_(_HELD)))
-                .values(lease_expires_at=lifecycle.lease_until(heard, lease_seconds))
             )
 
     def records(self, job_ids: Collection[int]) -> dict[int, JobRecord]:
