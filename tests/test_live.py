@@ -216,9 +216,11 @@ def test_dropped_streams_release_everything(api: HtcApi, module_server: HtcServe
     deadline = time.monotonic() + 20  # a loaded machine may still be closing the last sockets
 
     def flat(now: Any) -> bool:
-        # A leak per stream would show as ~200 more per round; a few more idle pool threads
-        # (the thread pool grows lazily, to its limit) or sockets still closing are not one.
-        return bool(now.fds <= first.fds + 8 and now.threads <= first.threads + 8)
+        # A leak per stream shows as ~200 more per round, and one in a single kind of the three
+        # as ~67. The pools grow lazily up to their limits, by fewer: idle database connections
+        # (up to 10 kept), worker threads (anyio's, up to 40; a round under load may have used
+        # few), and sockets still closing. CI saw threads 21 -> 24, so margins of 8 were close.
+        return bool(now.fds <= first.fds + 30 and now.threads <= first.threads + 30)
 
     while not flat(second) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -94,3 +97,39 @@ def test_a_writer_that_found_nobody_waiting_still_wakes_a_waiter_that_kept_its_r
             return await sub.wait(2.0)
 
     assert asyncio.run(main()), "the waiter was not woken: it would answer RUNNING at its timeout"
+
+
+def test_writers_publishing_at_once_each_move_the_counter() -> None:
+    """``published()`` counts every publish, whichever threads race: a lost count (two writers
+    read the same value) or one moved back (a writer preempted between its read and its write)
+    lets a waiter keep a read from before a commit and sleep through it. The tracer hands the
+    GIL to the other writers between any two bytecodes of ``publish``, as a free-threaded build
+    (or an unlucky switch) would."""
+    notifier = LocalNotifier()
+    code = LocalNotifier.publish.__code__
+
+    def each_opcode(frame: Any, event: str, _arg: Any) -> Any:
+        if event == "opcode":
+            time.sleep(0.0002)  # the others run now
+        return each_opcode
+
+    def tracer(frame: Any, _event: str, _arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        return each_opcode
+
+    def writer() -> None:
+        sys.settrace(tracer)
+        try:
+            for _ in range(40):
+                notifier.publish(())
+        finally:
+            sys.settrace(None)
+
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    assert notifier.published() == 4 * 40

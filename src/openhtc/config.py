@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         description="Comma list of sbatch options (long names, e.g. '--nodes-per-gpu,--signal') an "
         "allocation queue may pass besides the allowed ones (docs/allocation.md, 'Extra sbatch arguments').",
     )
+    alloc_start_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A pilot running this long whose agent has not called the server is cancelled "
+        "(a failed start: it would hold its node until its walltime).",
+    )
     installation_admin_workspace: str | None = Field(
         None,
         description="The workspace (id or name) whose administrators are the installation's: they alone "

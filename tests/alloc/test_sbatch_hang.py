@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,46 @@ def test_a_slurm_job_of_the_queue_with_no_pilot_row_is_cancelled(
     _wait_for(cancelled.exists, "the orphan to be cancelled", timeout=30)
     assert cancelled.read_text().split() == ["4242"]
     assert "Slurm job 4242 has no pilot here: cancelling it" in srv.log_tail()
+
+
+def test_a_pilot_whose_sbatch_a_server_stop_killed_is_looked_for_at_the_next_start(
+    start_server: Callable[..., HtcServer], tmp_path: Path
+) -> None:
+    """A stop kills the round's sbatch at once; Slurm may have queued that pilot already. Its row
+    was written before sbatch, so the server's next start knows an answer is missing: its first
+    round lists the queue's Slurm jobs and cancels the one no pilot row names (its agent would
+    hold a node, getting no work, until the walltime), and the row ends saying why."""
+    bin_dir, pids, cancelled, jobs = (
+        tmp_path / "bin",
+        tmp_path / "sbatch.pids",
+        tmp_path / "scancel",
+        tmp_path / "jobs",
+    )
+    _hanging(bin_dir, "sbatch", pids)
+    fakes = {
+        "squeue": f"#!/bin/sh\ncat {jobs} 2>/dev/null\nexit 0\n",  # the jobs Slurm has (none yet)
+        "scancel": f'#!/bin/sh\necho "$@" >> {cancelled}\n: > {jobs}\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    srv = _server_with_a_pilot_due(start_server, bin_dir)
+    _wait_for(pids.exists, "the pilot's sbatch")
+    srv.stop()  # kills the hanging sbatch ...
+    jobs.write_text("4242|PENDING|N/A|None\n")  # ... which Slurm had taken: its job, under the queue's name
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed' >&2\nexit 1\n"
+    )
+
+    srv.restart()
+    client = srv.client(prefix="")
+
+    def pilots() -> list[dict[str, Any]]:
+        (queue,) = client.get("/openhtc/v1/alloc/queues").json()["queues"]
+        return list(queue["pilots"])
+
+    _wait_for(lambda: [p["state"] for p in pilots()] == ["ended"], "the unanswered pilot to be given up", 30)
+    assert cancelled.exists() and cancelled.read_text().split() == ["4242"], srv.log_tail()
+    assert "Slurm job 4242 has no pilot here: cancelling it" in srv.log_tail()
+    (pilot,) = pilots()
+    assert "sbatch never answered" in pilot["detail"], pilot

@@ -7,6 +7,7 @@ directory they both see.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -237,3 +238,26 @@ def test_a_sandbox_killed_while_it_is_set_up_is_gone_not_an_error() -> None:
     with pytest.raises(SandboxGone):
         sandbox.wait_ready()
     assert sandbox.code is not None  # reaped: no process or descriptor of it is left
+
+
+def test_a_sandbox_whose_cgroup_move_fails_leaves_no_descriptor_open() -> None:
+    """The runtime's set-up (BwrapRuntime._spawn) kills and reaps the sandbox when moving bwrap
+    into the job's cgroup fails (an OSError), before it ever reads bwrap's ``--info-fd``: that
+    pipe is closed too, or each such failure leaks a descriptor for the agent's lifetime."""
+    require_tool("bwrap")
+    from openhtc.runtimes.sandbox import Sandbox
+
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None
+    sandbox = Sandbox([bwrap, "--ro-bind", "/", "/"], ["true"], {}, lambda: None)
+    held = (sandbox.out, sandbox._info, sandbox._block_w, sandbox._args_w)  # its pipes' ends
+    pipes = {os.readlink(f"/proc/self/fd/{fd}") for fd in held if fd is not None and fd >= 0}
+    assert len(pipes) == 4, pipes
+    sandbox.kill()  # what _spawn does when job.cgroup.add(sandbox.pid) raises OSError
+    sandbox.reap()
+    left = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+            if os.readlink(f"/proc/self/fd/{name}") in pipes:
+                left.append(int(name))
+    assert left == [], f"descriptors of the sandbox's pipes left open: {left}"

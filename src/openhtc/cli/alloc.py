@@ -107,7 +107,12 @@ def _pilots(pilots: list[dict[str, Any]]) -> Table:
     table = Table("PILOT", "SLURM JOB", "STATE", "AGENT", "ENDS", "DETAIL", box=None, pad_edge=False)
     for p in pilots:
         table.add_row(
-            p["id"], p["slurmJobId"], p["state"], p["agentId"] or "-", p["endsAt"] or "-", p["detail"] or ""
+            p["id"],
+            p["slurmJobId"] or "-",
+            p["state"],
+            p["agentId"] or "-",
+            p["endsAt"] or "-",
+            p["detail"] or "",
         )
     return table
 

@@ -115,7 +115,9 @@ class Sandbox:
         except (ValueError, KeyError, TypeError, OSError) as exc:
             raise SandboxGone(self._early_output() or "bwrap failed") from exc
         finally:
-            os.close(self._info)
+            if self._info >= 0:  # _early_output's reap closed it
+                os.close(self._info)
+                self._info = -1
         return self.child
 
     def _early_output(self) -> str:
@@ -226,9 +228,10 @@ class Sandbox:
             _, status = os.waitpid(self.pid, 0)
             with self._lock:
                 self.code = os.waitstatus_to_exitcode(status)
-        for fd in (self.exited, self._child_fd, self._block_w, self._args_w):
+        # _info too: a set-up that never read it (the cgroup move failed before wait_ready)
+        for fd in (self.exited, self._child_fd, self._block_w, self._args_w, self._info):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.exited, self._child_fd, self._block_w, self._args_w = -1, None, -1, -1
+        self.exited, self._child_fd, self._block_w, self._args_w, self._info = -1, None, -1, -1, -1
         return self.code

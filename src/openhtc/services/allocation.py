@@ -158,6 +158,8 @@ class AllocationService:
         self.get(queue_id)
         with self._lock:
             for pilot in self.store.pilots(queue_id, alive_only=True):
+                if not pilot.batch_job_id:  # its sbatch never answered: nothing known to cancel
+                    continue
                 try:
                     self.slurm.cancel(pilot.batch_job_id)
                 except SlurmError as exc:
@@ -233,6 +235,11 @@ class AllocationService:
         """Bring the queue's pilots up to date with squeue and their agents; stop idle ones."""
         out = _Round(queue, rules.Health(queue.failed_submissions, queue.failed_starts))
         alive = self.store.pilots(queue.id, alive_only=True)
+        # a row written before an sbatch whose answer never came (the server stopped or died
+        # meanwhile): Slurm may hold its job under no id we know
+        unanswered = [p for p in alive if not p.batch_job_id]
+        if unanswered:
+            self._rows_match_slurm[queue.id] = False
         seen = self.slurm.jobs(job_name(queue.id)) if alive else {}
         if not self._rows_match_slurm.get(queue.id, True):
             try:
@@ -243,14 +250,25 @@ class AllocationService:
                 log.warning(
                     "allocation queue %s: cannot look for pilots Slurm has and we do not: %s", queue.id, exc
                 )
+            else:
+                for pilot in unanswered:
+                    detail = "sbatch never answered (the server stopped): its Slurm job, if any, cancelled"
+                    self.store.update_pilot(
+                        pilot.id, state=PilotState.ENDED.value, ended_at=now, detail=detail
+                    )
+                    log.info("pilot %s: %s", pilot.id, detail)
+                alive = [p for p in alive if p.batch_job_id]
         unlinked = [p.id for p in alive if p.agent_id is None]
         linked = self.store.agent_ids_of(unlinked) if unlinked else {}
         by_pilot = {a.pilot_id: a for a in agents if a.pilot_id}
         for pilot in alive:
+            out.in_slurm += 1  # until Slurm shows it ended: the cap counts it, stopping or not
             agent_id = pilot.agent_id or linked.get(pilot.id)
             job = seen.get(pilot.batch_job_id)
-            if job is None and pilot.state == PilotState.SUBMITTED.value and now - pilot.submitted_at < 30:
-                out.alive += 1  # sbatch answered; squeue may not show it yet
+            if not pilot.batch_job_id or (
+                job is None and pilot.state == PilotState.SUBMITTED.value and now - pilot.submitted_at < 30
+            ):
+                out.alive += 1  # sbatch answered (or has not yet); squeue may not show it yet
                 out.waiting += 1
                 continue
             if job is None or not (job.waiting or job.running):
@@ -260,10 +278,13 @@ class AllocationService:
                 )
                 out.health, reason = rules.after_pilot_end(out.health, agent_id is not None, detail)
                 out.pause = out.pause or reason
+                out.in_slurm -= 1
+                log.info("pilot %s (Slurm job %s) ended: %s", pilot.id, pilot.batch_job_id, detail)
                 continue
             values: dict[str, object] = {}
             if agent_id != pilot.agent_id:
                 values.update(agent_id=agent_id, last_busy_at=now)  # idle counts from its agent's start
+                log.info("pilot %s (Slurm job %s): agent %s", pilot.id, pilot.batch_job_id, agent_id)
             state = PilotState.RUNNING if job.running else PilotState.PENDING
             if state.value != pilot.state:
                 values["state"] = state.value
@@ -272,7 +293,21 @@ class AllocationService:
             if job.ends_at is not None and job.ends_at != pilot.ends_at:
                 values["ends_at"] = job.ends_at
             agent = by_pilot.get(pilot.id)
-            if agent is not None and agent.held_jobs:
+            start_timeout = self.services.settings.alloc_start_timeout_seconds
+            if (
+                agent_id is None
+                and pilot.detail is None
+                and pilot.started_at is not None
+                and now - pilot.started_at >= start_timeout
+            ):
+                # its agent never called (hung, or its node cannot reach us): nothing would ever
+                # stop it before its walltime; once it has left, it counts as a failed start
+                self.slurm.cancel(pilot.batch_job_id)
+                values["detail"] = (
+                    f"its agent had not called the server {start_timeout:.0f} s after it started: cancelled"
+                )
+                log.warning("pilot %s (Slurm job %s): %s", pilot.id, pilot.batch_job_id, values["detail"])
+            elif agent is not None and agent.held_jobs:
                 values["last_busy_at"] = now
             elif (
                 agent is not None
@@ -320,7 +355,10 @@ class AllocationService:
             demand = rules.Demand(queued, coming.get(region, 0))
             limits = rules.QueueLimits(queue.max_pilots, queue.backlog, queue.pilot_vcpus)
             # `coming` counts every queue's waiting pilots (the region's); the backlog is this queue's
-            count = min(rules.pilots_to_submit(limits, demand, 0, r.alive), max(0, queue.backlog - r.waiting))
+            # the cap counts every pilot Slurm still has, those asked to stop too
+            count = min(
+                rules.pilots_to_submit(limits, demand, 0, r.in_slurm), max(0, queue.backlog - r.waiting)
+            )
             for _ in range(count):
                 error = self._submit(queue, now)
                 r.health, reason = rules.after_submission(r.health, error)
@@ -339,29 +377,34 @@ class AllocationService:
         """Submit one pilot; the error when Slurm refused it."""
         pilot_id = uuid.uuid4().hex[:12]
         token = self.services.tokens.agent(f"pilot-{pilot_id}", queue.region, queue.time_limit_s + 3600)
+        # the row first, with no job id: a server that stops or dies before sbatch answers
+        # leaves it behind, and the queue's next round (this leader's or the next) looks for
+        # the job that sbatch may have queued (_refresh)
+        self.store.add_pilot(
+            PilotRow(
+                pilot_id, queue.id, "", PilotState.SUBMITTED.value, now, None, None, None, None, None, None
+            )
+        )
         try:
             job_id = self.slurm.submit(self._script(queue, pilot_id, token), self._sbatch_args(queue))
         except SlurmInterrupted:
-            raise  # the server stops: not a failed submission (the round ends here)
+            raise  # the server stops: not a failed submission (the round ends here); the row stays
         except SlurmError as exc:
+            self.store.remove_pilot(pilot_id)
             self._rows_match_slurm[queue.id] = False
             log.warning("allocation queue %s: sbatch failed: %s", queue.id, exc)
             return str(exc)
-        self.store.add_pilot(
-            PilotRow(
-                pilot_id,
-                queue.id,
-                job_id,
-                PilotState.SUBMITTED.value,
-                now,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        )
+        if not self.store.answer_pilot(pilot_id, job_id):  # another leader gave the row up meanwhile
+            log.warning("allocation queue %s: pilot %s was given up meanwhile: cancelling Slurm job %s",
+                        queue.id, pilot_id, job_id)  # fmt: skip
+            self._rows_match_slurm[queue.id] = False  # the next round looks again, whatever this does
+            try:
+                self.slurm.cancel(job_id)
+            except SlurmInterrupted:
+                raise
+            except SlurmError as exc:
+                log.warning("allocation queue %s: cannot cancel Slurm job %s: %s", queue.id, job_id, exc)
+            return None
         log.info("allocation queue %s: pilot %s submitted (Slurm job %s)", queue.id, pilot_id, job_id)
         return None
 
@@ -411,6 +454,7 @@ class _Round:
     pause: str | None = None
     alive: int = 0
     waiting: int = 0
+    in_slurm: int = 0  # every pilot not ended (waiting, running, asked to stop): max_pilots caps it
     stopping: list[str] = field(default_factory=list)
 
 

@@ -119,7 +119,11 @@ class LocalNotifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: dict[Key, set[Subscription]] = {}
         self._closing = False
-        self._published = 0  # see published(); a lost increment of two racing threads still moves it
+        # see published(). Writers publish from many threads: ``+= 1`` is a read and a write, so
+        # two racing ones would count once, and a thread preempted between them would move the
+        # counter back; either lets a waiter trust a read made before a commit (a lost wake-up)
+        self._published = 0
+        self._count_lock = threading.Lock()
 
     @property
     def closing(self) -> bool:
@@ -134,7 +138,8 @@ class LocalNotifier:
         return not self._subs
 
     def publish(self, keys: Iterable[Key], facts: Facts | None = None) -> None:
-        self._published += 1
+        with self._count_lock:
+            self._published += 1
         loop = self._loop
         if not self._subs or loop is None:  # nobody waits: the common case costs this test
             return

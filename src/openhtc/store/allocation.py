@@ -118,6 +118,21 @@ class AllocStore:
         with self.db.read() as conn:
             return [PilotRow(**r._mapping) for r in conn.execute(query).all()]
 
+    def remove_pilot(self, pilot_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(delete(pilots).where(pilots.c.id == pilot_id))
+
+    def answer_pilot(self, pilot_id: str, batch_job_id: str) -> bool:
+        """Record sbatch's answer on the row written before it; False when the row is gone or
+        ended meanwhile (another leader gave up on it)."""
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(pilots)
+                .where(pilots.c.id == pilot_id, pilots.c.batch_job_id == "", pilots.c.state != "ended")
+                .values(batch_job_id=batch_job_id)
+            )
+        return bool(done.rowcount)
+
     def update_pilot(self, pilot_id: str, **values: Any) -> None:
         with self.db.write() as conn:
             conn.execute(update(pilots).where(pilots.c.id == pilot_id).values(**values))

@@ -4,10 +4,10 @@ Every worker has its own session fixtures (a private PostgreSQL, SeaweedFS, the 
 free ports and in fresh directories, so most tests may run on any worker at any time. Two kinds
 go to one xdist group, so that one worker runs them one after the other:
 
-* tests that use something only one of can exist on the host at a time (``EXCLUSIVE``): a private
-  Slurm (slurmd's cgroups, ``/sys/fs/cgroup/*/slurm``, are host-wide, whatever its directory) and a
-  local cluster (its bridge number is the first free one: two clusters made at once may pick
-  the same);
+* tests that use something only one of should exist on the host at a time (``EXCLUSIVE``): a
+  private Slurm (its cgroups are its node's own, but its pilots take CPUs a second one's would
+  slow) and a local cluster (its bridge number is the first free one: two clusters made at once
+  may pick the same);
 * the tests of a module that share a module-scoped fixture (``module_server``, a registry, an
   agent): split over workers, each worker would start it again. One group per module and database.
 

@@ -20,9 +20,11 @@ import argparse
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -63,9 +65,9 @@ KillWait=5
 MaxArraySize={max_array}
 MaxJobCount={max_jobs}
 MinJobAge=300
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe={oversubscribe}
-PartitionName=exact Nodes={host} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe={oversubscribe}
+PartitionName=exact Nodes={node} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,default_queue_depth=2000,\
 sched_max_job_start=0,max_sched_time=2
 SlurmdParameters=config_overrides
@@ -104,9 +106,9 @@ def missing_binaries() -> list[str]:
 
 
 class PrivateSlurm:
-    """One node (this host) in partition ``debug`` (the default; ``oversubscribe`` is its
-    OverSubscribe, e.g. ``FORCE:32`` for the throughput benchmarks) and ``exact`` (no
-    oversubscription). ``env`` holds what a client needs: PATH and SLURM_CONF."""
+    """One node (this host, under a name of its own) in partition ``debug`` (the default;
+    ``oversubscribe`` is its OverSubscribe, e.g. ``FORCE:32`` for the throughput benchmarks) and
+    ``exact`` (no oversubscription). ``env`` holds what a client needs: PATH and SLURM_CONF."""
 
     def __init__(
         self,
@@ -131,6 +133,12 @@ class PrivateSlurm:
             "SLURM_CONF": str(self.dir / "slurm.conf"),
         }
         self.procs: list[subprocess.Popen[bytes]] = []
+        # The node's name, unique to this Slurm: slurmd keeps its jobs' cgroups under
+        # /sys/fs/cgroup/<controller>/slurm_<node name>/uid_<uid>/job_<id>, host-wide. Named after
+        # the host, two private Slurms (two test runs, a test and a benchmark), each numbering its
+        # jobs from 1, would put their job 2s in one cgroup: the end of either kills the other's
+        # processes, and a signal to one reaches both.
+        self.node = "htc" + "".join(random.choice(string.ascii_lowercase) for _ in range(8))
 
     @property
     def full_env(self) -> dict[str, str]:
@@ -154,6 +162,7 @@ class PrivateSlurm:
         values = {
             "cluster": self.cluster,
             "host": socket.gethostname().split(".")[0],
+            "node": self.node,
             "dir": self.dir,
             "cpus": self.cpus,
             "memory": self.memory or memory_mb(),
@@ -195,7 +204,7 @@ class PrivateSlurm:
         try:
             self._wait(lambda: (munge / "munge.socket").exists(), "munged to start")
             self.spawn("slurmctld", "-D", "-i", "-f", self.env["SLURM_CONF"])
-            self.spawn("slurmd", "-D", "-f", self.env["SLURM_CONF"])
+            self.spawn("slurmd", "-D", "-N", self.node, "-f", self.env["SLURM_CONF"])
             self._wait(lambda: self.node_state() == "idle", "the Slurm node to be idle")
         except BaseException:
             self.stop()
@@ -263,6 +272,31 @@ class PrivateSlurm:
                 proc.wait(timeout=5)
         with contextlib.suppress(OSError):
             (self.dir / "pids").unlink()
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """Remove this node's cgroup directories slurmd left (empty ones: a cgroup that still
+        holds a process stays)."""
+        node = self.node_name()
+        if not node:
+            return
+        for top in Path("/sys/fs/cgroup").glob(f"*/slurm_{node}"):
+            for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
+
+    def node_name(self) -> str | None:
+        """The node's name, from the configuration ``up`` wrote (another process may ask)."""
+        try:
+            conf = (self.dir / "slurm.conf").read_text()
+        except OSError:
+            return None
+        for line in conf.splitlines():
+            if line.startswith("NodeName="):
+                return line.split()[0].partition("=")[2]
+        return None
 
     def _reap(self, pid: int) -> None:
         for proc in self.procs:
@@ -322,8 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as exc:  # already running, or a daemon failed (its log's end is quoted)
             print(f"slurm: {exc}", file=sys.stderr)
             return 1
-        host = socket.gethostname().split(".")[0]
-        print(f"a private Slurm runs in {slurm.dir} (node {host}, {args.cpus} CPUs)")
+        print(f"a private Slurm runs in {slurm.dir} (node {slurm.node}, {args.cpus} CPUs)")
         print(f"export SLURM_CONF={slurm.env['SLURM_CONF']}")
         return 0
     if args.action == "status":
