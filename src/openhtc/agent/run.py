@@ -145,7 +145,12 @@ def build_agent(
         functions=pool,
         executor_id=agent_id or legacy_agent_id(str(work)),
         stager=stager,
+        # no sync before a hand-off: after a crash of its machine the agent registers saying its
+        # journal cannot tell (journal_untrusted), and the server recovers every attempt it held
+        # as one that may have started; an older server, which would not, gets a synced journal
+        lazy_journal=True,
     )
+    transport.journal = executor.journal
     # what it holds, and what ended since the last flush (its reports not in the outbox yet): a
     # lease the agent does not list is re-queued as never received, and a function call can
     # start and end between two exchanges

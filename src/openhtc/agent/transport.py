@@ -31,7 +31,9 @@ import httpx
 from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.outbox import Outbox
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.executor import protocol as wire
+from openhtc.executor.journal import AttemptJournal
 
 log = logging.getLogger("openhtc.agent")
 BACKOFF_FIRST = 0.5
@@ -80,6 +82,7 @@ class HttpTransport:
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
         self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
         self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
+        self.journal: AttemptJournal | None = None  # the executor's: synced if the server needs it
         self.draining = False
         self.poll_seconds = 0.0
         self.registry_host: str | None = None
@@ -237,9 +240,19 @@ class HttpTransport:
 
     def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
         assert self._registration is not None
-        # what it runs and keeps, and the attempts whose reports are not yet acknowledged
-        running = sorted(self._holding() | self._adopted)
-        body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
+        # What it runs and keeps, and the attempts whose end is not yet acknowledged. Not an
+        # attempt whose outbox holds only its STARTING or RUNNING report and that the executor
+        # no longer holds: it died with a previous start of the agent, and is recovered by its
+        # journal's word (kept, it would stay STARTING for ever, run by nobody).
+        held = set(self.held())
+        with self._received_lock:
+            held |= self._received
+        running = sorted(held | self.outbox.ended() | self._adopted)
+        body = {**self._registration, "running": running}
+        if isinstance(may_have_started, EveryAttempt):  # its journal cannot say: the server assumes all
+            body.update(may_have_started=[], journal_untrusted=True)
+        else:
+            body["may_have_started"] = sorted(may_have_started)
         sent = time.monotonic()
         resp = self._post("/register", body)
         if resp.status_code != 200:
@@ -248,6 +261,10 @@ class HttpTransport:
         self._succeeded(sent)
         self.liveness = answer.liveness_seconds
         self.poll_seconds = answer.poll_seconds
+        if not answer.lazy_journal and self.journal is not None and self.journal.lazy:
+            # an older server would take an untrusted journal's empty list at its word
+            log.warning("agent: the server does not take an untrusted journal: syncing it before each job")
+            self.journal.synced()
         self.registry_host = answer.registry.host if answer.registry else None
         if self.functions is not None:
             self.functions.configure(answer.function_result_max_bytes)

@@ -75,7 +75,7 @@ class LocalExecutor:
         stager: Stager | None = None,
         functions: FunctionPool | None = None,
         executor_id: str | None = None,  # htc agent names itself (default: embedded_executor_id)
-        lazy_journal: bool = False,  # the service takes EveryAttempt (in-process): see below
+        lazy_journal: bool = False,  # the service takes EveryAttempt: see below
     ) -> None:
         self.service = service
         self.functions = functions  # runs function calls (warm workers) instead of the runtime
@@ -93,8 +93,8 @@ class LocalExecutor:
         # Attempts handed to the runtime, written before the hand-off (see journal.py). A
         # runtime that never blocks (noop) starts no process, so it needs none. Lazy: no sync
         # before a hand-off; after a machine crash its start says it cannot tell which attempts
-        # may have started (EveryAttempt), which the in-process service accepts (htc agent's
-        # server is not told so over the wire: the agent syncs before each hand-off).
+        # may have started (EveryAttempt): the in-process service takes it, and htc agent's
+        # server is told so over the wire (journal_untrusted).
         self.journal: AttemptJournal | None = None
         if runtime.blocking:
             path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"

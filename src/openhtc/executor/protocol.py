@@ -48,6 +48,10 @@ class RegisterRequest(_Model):
     running: list[AttemptKey] = Field(default_factory=list)
     # attempts a previous incarnation handed to a runtime and never saw end
     may_have_started: list[AttemptKey] = Field(default_factory=list)
+    # True: the agent cannot list them (its attempt journal, written without a sync, may have
+    # lost its tail in a crash of its machine: executor/journal.py), so every attempt leased to
+    # this agent id and not in ``running`` is recovered as one that may have started
+    journal_untrusted: bool = False
 
 
 class StorageInfo(_Model):
@@ -71,6 +75,9 @@ class RegisterResponse(_Model):
     kill: list[AttemptKey] = Field(default_factory=list)
     # function calls: a result up to this many bytes goes in its report, a larger one to task storage
     function_result_max_bytes: int | None = None
+    # the server honours ``journal_untrusted``: the agent may journal its hand-offs without a
+    # sync (absent, from an older server: it syncs before each one)
+    lazy_journal: bool = False
 
 
 class FunctionResult(_Model):
