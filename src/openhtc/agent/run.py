@@ -156,6 +156,8 @@ def build_agent(
     # start and end between two exchanges
     transport.held = lambda: executor.held() + executor.reporting()
     transport.idle = executor.idle
+    transport.want = executor.want  # an exchange of reports claims too
+    transport.on_leases = executor.leased
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
     stager.after_finish = shipper.flush  # an attempt's last lines reach the server before its end

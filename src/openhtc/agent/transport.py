@@ -82,6 +82,10 @@ class HttpTransport:
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
         self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
         self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
+        # the executor's claim right now (bound, max jobs; None: none), and where leases that an
+        # exchange of reports claimed go: set by the agent (LocalExecutor.want, .leased)
+        self.want: Callable[[], tuple[Capacity, int] | None] = lambda: None
+        self.on_leases: Callable[[list[JobLaunch]], None] = lambda launches: None
         self.journal: AttemptJournal | None = None  # the executor's: synced if the server needs it
         self.draining = False
         self.poll_seconds = 0.0
@@ -193,7 +197,9 @@ class HttpTransport:
     ) -> list[JobLaunch]:
         idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
-        answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
+        # not idle: what the executor wants is asked again once this call has the connection (an
+        # exchange of reports it waited for may have claimed it meanwhile)
+        answer = self._exchange(free, 0 if self.draining else max_jobs, wait, recheck=not idle)
         if answer is None:
             return []
         return [self._launch(lease) for lease in answer.leases]
@@ -212,13 +218,18 @@ class HttpTransport:
             self._sender.start()
 
     def _send_unsent(self) -> None:
-        """Reports that no claim carried within REPORT_DEFER_SECONDS go in an exchange of their own."""
+        """Reports that no claim carried within REPORT_DEFER_SECONDS go in an exchange of their
+        own, which also claims what the executor wants by then: while it runs, the executor's
+        own claim waits for the connection (one exchange at a time), so it must not come back
+        empty-handed (W1 through agents: slots ran dry behind such exchanges)."""
         while True:
             self._unsent.wait()
             time.sleep(REPORT_DEFER_SECONDS)
             if self._unsent.is_set():
                 try:
-                    self._exchange(Capacity(0, 0), 0, 0.0)
+                    answer = self._exchange(Capacity(0, 0), 0 if self.draining else wire.MAX_JOBS, 0.0, True)
+                    if answer is not None and answer.leases:
+                        self.on_leases([self._launch(lease) for lease in answer.leases])
                 except Exception:  # kept on disk: the next exchange carries them
                     log.warning("agent: could not send reports", exc_info=True)
                     time.sleep(1.0)
@@ -289,12 +300,23 @@ class HttpTransport:
         except httpx.HTTPError as exc:
             raise ServerAway(str(exc) or type(exc).__name__) from None
 
-    def _exchange(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
-        """One exchange; None while the server is away (nothing claimed, reports kept)."""
+    def _exchange(
+        self, free: Capacity, max_jobs: int, wait: float, recheck: bool = False
+    ) -> wire.ExchangeResponse | None:
+        """One exchange; None while the server is away (nothing claimed, reports kept), or when
+        ``recheck`` finds nothing to claim and nothing to carry. ``recheck``: claim what the
+        executor wants once the connection is this call's (at most ``max_jobs``)."""
         if time.monotonic() < self._next_try:
             self._fence_if_silent()
             return None
         with self._lock:
+            if recheck and max_jobs > 0:
+                wanted = self.want()
+                free, max_jobs = (
+                    (Capacity(0, 0), 0) if wanted is None else (wanted[0], min(max_jobs, wanted[1]))
+                )
+                if max_jobs <= 0 and not self._unsent.is_set():
+                    return None  # an exchange before this one carried it all and claimed enough
             try:
                 if not self._registered:
                     self._register()

@@ -300,6 +300,20 @@ class LocalExecutor:
         with self._lock:
             return [(r.job_id, r.attempt) for r in self.state.reports]
 
+    def want(self) -> tuple[Capacity, int] | None:
+        """What a claim would ask for now (its bound and max jobs; None: none): htc agent's
+        exchanges of reports claim it too."""
+        with self._lock:
+            claim = self.state.claim(time.monotonic())
+        return None if claim is None else (claim.bound, claim.max_jobs)
+
+    def leased(self, launches: list[JobLaunch]) -> None:
+        """Jobs claimed by another call than the control thread's claim (htc agent's exchange
+        of reports): held like any claimed job, started at the next turn or by a freed slot."""
+        with self._lock:
+            self.state.claimed(launches)
+        self._wake.set()
+
     def idle(self) -> bool:
         """Nothing held and nothing to report: a claim may wait for work (htc agent's long poll)."""
         with self._lock:

@@ -16,6 +16,7 @@ from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 
 PREFIX = "/openhtc/v1/agents"
+MAX_JOBS = 10000  # the most jobs one exchange may claim
 
 # (job_id, attempt) on the wire: a two-element JSON array
 AttemptKey = tuple[int, int]
@@ -105,7 +106,7 @@ class Report(_Model):
 class ExchangeRequest(_Model):
     incarnation: str = Field(min_length=1, max_length=100)
     free: Resources
-    max_jobs: int = Field(ge=0, le=10000)
+    max_jobs: int = Field(ge=0, le=MAX_JOBS)
     held: list[AttemptKey] = Field(default_factory=list)
     reports: list[Report] = Field(default_factory=list)
     wait_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
