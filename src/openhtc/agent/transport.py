@@ -83,8 +83,9 @@ class HttpTransport:
         self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
         self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
         # the executor's claim right now (bound, max jobs; None: none), and where leases that an
-        # exchange of reports claimed go: set by the agent (LocalExecutor.want, .leased)
-        self.want: Callable[[], tuple[Capacity, int] | None] = lambda: None
+        # exchange of reports claimed go: set by the agent (LocalExecutor.want, .leased); unset,
+        # a claim asks for what its caller said and an exchange of reports claims nothing
+        self.want: Callable[[], tuple[Capacity, int] | None] | None = None
         self.on_leases: Callable[[list[JobLaunch]], None] = lambda launches: None
         self.journal: AttemptJournal | None = None  # the executor's: synced if the server needs it
         self.draining = False
@@ -227,7 +228,8 @@ class HttpTransport:
             time.sleep(REPORT_DEFER_SECONDS)
             if self._unsent.is_set():
                 try:
-                    answer = self._exchange(Capacity(0, 0), 0 if self.draining else wire.MAX_JOBS, 0.0, True)
+                    claims = not self.draining and self.want is not None
+                    answer = self._exchange(Capacity(0, 0), wire.MAX_JOBS if claims else 0, 0.0, True)
                     if answer is not None and answer.leases:
                         self.on_leases([self._launch(lease) for lease in answer.leases])
                 except Exception:  # kept on disk: the next exchange carries them
@@ -310,7 +312,7 @@ class HttpTransport:
             self._fence_if_silent()
             return None
         with self._lock:
-            if recheck and max_jobs > 0:
+            if recheck and max_jobs > 0 and self.want is not None:
                 wanted = self.want()
                 free, max_jobs = (
                     (Capacity(0, 0), 0) if wanted is None else (wanted[0], min(max_jobs, wanted[1]))
