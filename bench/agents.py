@@ -10,7 +10,9 @@ servers' CPU per job, and PostgreSQL's connections (peak of ``pg_stat_activity``
 
 Part 2, real agents (needs root: network namespaces): W1 (N ``true`` jobs, process runtime)
 through 4 ``htc agent`` processes, each in its own namespace (``htc cluster``'s code), against
-the embedded executor's W1 in the same run, on PostgreSQL both.
+the embedded executor's W1 in the same run, on PostgreSQL both, with the CPU per job of each
+process and the exchanges per job. ``--workload agents-w1`` runs this part alone (N 5,000;
+``--agents``: how many agents, 4; ``--profile``: py-spy on agent 0 and the server).
 
 Targets (never asserted, judged in the report): >= 5,000 jobs/s, p99 <= 1 s, idle <= 5 % of a
 core, W1 through 4 agents >= 0.8x the embedded executor's.
@@ -228,8 +230,60 @@ def _w1(api: Api, n: int) -> float:
     return n / (time.monotonic() - began)
 
 
+def _own_and_children(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process alone, and of its live descendants (its job launchers, with the
+    jobs they reaped): a process's own figure includes only the children it reaped itself."""
+    return cpu_seconds(pid) or 0.0, _cpu(descendants(pid))
+
+
+def _pg_cpu_at(data: Path) -> float:
+    try:
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return _cpu([postmaster, *descendants(postmaster)])
+
+
+def _cpu_sample(procs: dict[str, int], pg_data: Path | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, pid in procs.items():
+        out[name], out[f"{name} launchers+jobs"] = _own_and_children(pid)
+    out["postgres"] = _pg_cpu_at(pg_data) if pg_data is not None else 0.0
+    return out
+
+
+def _per_job_ms(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round(1000 * (after[k] - before.get(k, 0.0)) / n, 3) for k in after}
+
+
+def _metric(url: str, key: str, name: str) -> float | None:
+    with Api(url, key) as api:
+        text = api.http.get("/htc/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _exchanges(url: str, key: str) -> float | None:
+    """The exchanges a server served in groups (an idle agent's answered at once are not)."""
+    return _metric(url, key, "openhtc_agent_exchange_group_calls_total")
+
+
+def _wait_registered(url: str, key: str, agents: int, timeout: float = 120.0) -> None:
+    """Until every agent has registered: the embedded executor has when its server answers, so
+    the agents' start (their imports, a few seconds on a busy machine) is not timed either."""
+    deadline = time.monotonic() + timeout
+    while (_metric(url, key, 'openhtc_executors{state="online"}') or 0) < agents:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {agents} agents did not register within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def real_agents(ctx: Context, n: int, agents: int = 4) -> dict[str, Any]:
-    """W1 through ``agents`` real agents in namespaces vs the embedded executor, same run."""
+    """W1 through ``agents`` real agents in namespaces vs the embedded executor, same run: jobs/s,
+    and CPU per job of each process (the server, each agent, their launchers with the jobs,
+    PostgreSQL). ``--profile``: py-spy records agent 0 and the cluster's server."""
     from openhtc.cluster.local import ClusterSpec, LocalCluster
 
     if os.geteuid() != 0:
@@ -238,23 +292,70 @@ def real_agents(ctx: Context, n: int, agents: int = 4) -> dict[str, Any]:
     if probe.returncode != 0:
         return {"skipped": "this installation has no `htc agent`"}
     embedded = OpenhtcServer(runtime="process", database_url=ctx.database_url("postgres"))
+    pg_data = ctx._pg.data if ctx._pg is not None else None
     try:
         embedded.start()
-        embedded_rate = _w1(embedded.api(), n)
+        api = embedded.api()
+        before = _cpu_sample({"server": embedded.pid}, pg_data)
+        embedded_rate = _w1(api, n)
+        embedded_cpu = _per_job_ms(before, _cpu_sample({"server": embedded.pid}, pg_data), n)
     finally:
         embedded.stop()
+    log(f"   embedded: {embedded_rate:.1f} jobs/s; CPU per job (ms) {embedded_cpu}")
     work = Path(tempfile.mkdtemp(prefix="openhtc-bench-agents-"))
     cluster = LocalCluster(ClusterSpec(directory=work, agents=agents, servers=1, runtime="process"))
+    profiles: list[Profiler] = []
     try:
         cluster.up()
-        rate = _w1(Api(cluster.url, cluster.api_key), n)
+        assert cluster.state is not None
+        procs = {"server": cluster.state.server_pids[0]}
+        procs.update({f"agent{i}": pid for i, pid in enumerate(cluster.state.agent_pids)})
+        cluster_pg = Path(cluster.state.pg_base) / "data"
+        api = Api(cluster.url, cluster.api_key)
+        started = time.monotonic()
+        _wait_registered(cluster.url, cluster.api_key, agents)
+        start_s = time.monotonic() - started  # what the W1 figure timed before (no longer)
+        if ctx.profile:  # where they work, and (--idle) where their threads wait too
+            for name in ("agent0", "server"):
+                out = f"agents-w1-{name}"
+                profiles.append(Profiler(procs[name], ctx.profile_path(out), rate=250))
+                profiles.append(Profiler(procs[name], ctx.profile_path(f"{out}-idle"), rate=100, idle=True))
+        calls0 = _exchanges(cluster.url, cluster.api_key)
+        before = _cpu_sample(procs, cluster_pg)
+        rate = _w1(api, n)
+        agents_cpu = _per_job_ms(before, _cpu_sample(procs, cluster_pg), n)
+        calls1 = _exchanges(cluster.url, cluster.api_key)
+        for profiler in profiles:
+            if (out := profiler.stop()) is not None:
+                log(f"   profile: {out}")
     finally:
+        for profiler in profiles:
+            profiler.stop()
         cluster.down()
         shutil.rmtree(work, ignore_errors=True)
+    exchanges = round((calls1 - calls0) / n, 3) if calls0 is not None and calls1 is not None else None
+    log(
+        f"   agents: {rate:.1f} jobs/s; CPU per job (ms) {agents_cpu}; exchanges per job {exchanges}; "
+        f"registered {start_s:.1f} s after the cluster was up"
+    )
     return {
         "n": n, "agents": agents, "agents_jobs_per_s": round(rate, 1),
         "embedded_jobs_per_s": round(embedded_rate, 1), "ratio": round(rate / embedded_rate, 3),
+        "embedded_cpu_ms_per_job": embedded_cpu, "agents_cpu_ms_per_job": agents_cpu,
+        "exchanges_per_job": exchanges, "load": os.getloadavg()[0], "agents_start_s": round(start_s, 2),
     }  # fmt: skip
+
+
+def main_w1(ctx: Context, n: int | None, agents: int | None, command: str) -> int:
+    """``--workload agents-w1``: the real-agent part alone (W1 through 4 agents vs embedded)."""
+    load = os.getloadavg()[0]
+    real = real_agents(ctx, n or (1_000 if ctx.smoke else 5_000), agents or 4)
+    real["load_at_start"] = round(load, 2)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine()}
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / f"agents-w1-{ctx.stamp}.json").write_text(json.dumps({"real": real, "meta": meta}, indent=1))
+    print(json.dumps(real, indent=1))
+    return 0 if "ratio" in real else 1
 
 
 TARGETS = (

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "[N: 100000; smoke 2000]\n  agents         --agents simulated agents (100 slots each) on two servers "
         "--no-executor: jobs/s, exchange p50/p99, CPU per job, idle cost; W1 via 4 real agents in "
         "namespaces vs embedded [N: 100000, 1000 agents; smoke 2000, 50 agents]"
+        "\n  agents-w1      the agents workload's real-agent part alone: W1 through --agents (4) "
+        "htc agent processes in namespaces vs the embedded executor, CPU per job of each process "
+        "(--profile: py-spy on agent 0 and the server) [N: 5000; smoke 1000]"
         "\n  soak-agents    N short jobs with logs and function batches through one server --no-executor "
         "on PostgreSQL and 2 real agents (--runtime process|bwrap): fds, threads, RSS of the server and "
         "each agent every N/10 jobs, slopes per 1,000 jobs; exits 1 if they grow [N: 5000; smoke 300]"
@@ -128,6 +131,17 @@ def run_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
         ctx.close()
 
 
+def run_agents_w1(args: argparse.Namespace, argv: list[str] | None) -> int:
+    n = int(args.n.replace("_", "")) if args.n else None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ctx = Context(out=args.out, stamp=stamp, smoke=args.smoke, profile=args.profile)
+    command = " ".join(["python -m bench", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    try:
+        return agents.main_w1(ctx, n, args.agents, command)
+    finally:
+        ctx.close()
+
+
 def run_soak_agents(args: argparse.Namespace, argv: list[str] | None) -> int:
     from bench import soak_agents
 
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_soak_agents(args, argv)
     if args.workload == "agents":  # the control plane and a fleet of agents, not a side-by-side run
         return run_agents(args, argv)
+    if args.workload == "agents-w1":  # the real agents alone, against the embedded executor
+        return run_agents_w1(args, argv)
     if args.workload == "crash":  # a correctness run, not a figure side by side with peers
         return run_crash(args)
     if args.workload == "slurm-pilots":  # openhtc on Slurm pilots against a plain Slurm array

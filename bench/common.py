@@ -143,7 +143,8 @@ def py_spy_binary() -> str | None:
 class Profiler:
     """``py-spy record`` on one process while a measured phase runs (collapsed stacks out)."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 250) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = 250, idle: bool = False) -> None:
+        """``idle``: also the samples of threads waiting (where a process waits, not only works)."""
         self.proc: subprocess.Popen[Any] | None = None
         self.out = out
         binary = py_spy_binary()
@@ -152,7 +153,8 @@ class Profiler:
             return
         out.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", str(rate), "--nonblocking"],
+            [binary, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", str(rate), "--nonblocking"]
+            + (["--idle"] if idle else []),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

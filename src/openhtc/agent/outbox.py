@@ -100,6 +100,11 @@ class Outbox:
         with self._lock:
             return {(k[0], k[1]) for k in self._pending}
 
+    def ended(self) -> set[tuple[int, int]]:
+        """The attempts with a terminal report not yet acknowledged."""
+        with self._lock:
+            return {(k[0], k[1]) for k, r in self._pending.items() if r.status in _TERMINAL}
+
     def __len__(self) -> int:
         return len(self._pending)
 

@@ -145,12 +145,19 @@ def build_agent(
         functions=pool,
         executor_id=agent_id or legacy_agent_id(str(work)),
         stager=stager,
+        # no sync before a hand-off: after a crash of its machine the agent registers saying its
+        # journal cannot tell (journal_untrusted), and the server recovers every attempt it held
+        # as one that may have started; an older server, which would not, gets a synced journal
+        lazy_journal=True,
     )
+    transport.journal = executor.journal
     # what it holds, and what ended since the last flush (its reports not in the outbox yet): a
     # lease the agent does not list is re-queued as never received, and a function call can
     # start and end between two exchanges
     transport.held = lambda: executor.held() + executor.reporting()
     transport.idle = executor.idle
+    transport.want = executor.want  # an exchange of reports claims too
+    transport.on_leases = executor.leased
     transport.on_kill = wakeups.cancel  # the executor's next turn heartbeats and kills
     shipper = LogShipper(transport, logs, executor.held)
     stager.after_finish = shipper.flush  # an attempt's last lines reach the server before its end

@@ -31,7 +31,9 @@ import httpx
 from openhtc.agent.functions import AgentFunctions
 from openhtc.agent.outbox import Outbox
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.executor import protocol as wire
+from openhtc.executor.journal import AttemptJournal
 
 log = logging.getLogger("openhtc.agent")
 BACKOFF_FIRST = 0.5
@@ -80,6 +82,12 @@ class HttpTransport:
         self.held: Callable[[], list[tuple[int, int]]] = list  # set by the agent: the executor's
         self.idle: Callable[[], bool] = lambda: False  # the executor holds and reports nothing
         self.on_kill: Callable[[], None] = lambda: None  # kills arrived: heartbeat (and kill) now
+        # the executor's claim right now (bound, max jobs; None: none), and where leases that an
+        # exchange of reports claimed go: set by the agent (LocalExecutor.want, .leased); unset,
+        # a claim asks for what its caller said and an exchange of reports claims nothing
+        self.want: Callable[[], tuple[Capacity, int] | None] | None = None
+        self.on_leases: Callable[[list[JobLaunch]], None] = lambda launches: None
+        self.journal: AttemptJournal | None = None  # the executor's: synced if the server needs it
         self.draining = False
         self.poll_seconds = 0.0
         self.registry_host: str | None = None
@@ -190,7 +198,9 @@ class HttpTransport:
     ) -> list[JobLaunch]:
         idle = self.idle() and not len(self.outbox)
         wait = self.poll_seconds if idle else 0.0
-        answer = self._exchange(free, 0 if self.draining else max_jobs, wait)
+        # not idle: what the executor wants is asked again once this call has the connection (an
+        # exchange of reports it waited for may have claimed it meanwhile)
+        answer = self._exchange(free, 0 if self.draining else max_jobs, wait, recheck=not idle)
         if answer is None:
             return []
         return [self._launch(lease) for lease in answer.leases]
@@ -209,13 +219,19 @@ class HttpTransport:
             self._sender.start()
 
     def _send_unsent(self) -> None:
-        """Reports that no claim carried within REPORT_DEFER_SECONDS go in an exchange of their own."""
+        """Reports that no claim carried within REPORT_DEFER_SECONDS go in an exchange of their
+        own, which also claims what the executor wants by then: while it runs, the executor's
+        own claim waits for the connection (one exchange at a time), so it must not come back
+        empty-handed (W1 through agents: slots ran dry behind such exchanges)."""
         while True:
             self._unsent.wait()
             time.sleep(REPORT_DEFER_SECONDS)
             if self._unsent.is_set():
                 try:
-                    self._exchange(Capacity(0, 0), 0, 0.0)
+                    claims = not self.draining and self.want is not None
+                    answer = self._exchange(Capacity(0, 0), wire.MAX_JOBS if claims else 0, 0.0, True)
+                    if answer is not None and answer.leases:
+                        self.on_leases([self._launch(lease) for lease in answer.leases])
                 except Exception:  # kept on disk: the next exchange carries them
                     log.warning("agent: could not send reports", exc_info=True)
                     time.sleep(1.0)
@@ -237,9 +253,19 @@ class HttpTransport:
 
     def _register(self, may_have_started: Collection[tuple[int, int]] = ()) -> int:
         assert self._registration is not None
-        # what it runs and keeps, and the attempts whose reports are not yet acknowledged
-        running = sorted(self._holding() | self._adopted)
-        body = {**self._registration, "running": running, "may_have_started": sorted(may_have_started)}
+        # What it runs and keeps, and the attempts whose end is not yet acknowledged. Not an
+        # attempt whose outbox holds only its STARTING or RUNNING report and that the executor
+        # no longer holds: it died with a previous start of the agent, and is recovered by its
+        # journal's word (kept, it would stay STARTING for ever, run by nobody).
+        held = set(self.held())
+        with self._received_lock:
+            held |= self._received
+        running = sorted(held | self.outbox.ended() | self._adopted)
+        body = {**self._registration, "running": running}
+        if isinstance(may_have_started, EveryAttempt):  # its journal cannot say: the server assumes all
+            body.update(may_have_started=[], journal_untrusted=True)
+        else:
+            body["may_have_started"] = sorted(may_have_started)
         sent = time.monotonic()
         resp = self._post("/register", body)
         if resp.status_code != 200:
@@ -248,6 +274,10 @@ class HttpTransport:
         self._succeeded(sent)
         self.liveness = answer.liveness_seconds
         self.poll_seconds = answer.poll_seconds
+        if not answer.lazy_journal and self.journal is not None and self.journal.lazy:
+            # an older server would take an untrusted journal's empty list at its word
+            log.warning("agent: the server does not take an untrusted journal: syncing it before each job")
+            self.journal.synced()
         self.registry_host = answer.registry.host if answer.registry else None
         if self.functions is not None:
             self.functions.configure(answer.function_result_max_bytes)
@@ -272,12 +302,23 @@ class HttpTransport:
         except httpx.HTTPError as exc:
             raise ServerAway(str(exc) or type(exc).__name__) from None
 
-    def _exchange(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
-        """One exchange; None while the server is away (nothing claimed, reports kept)."""
+    def _exchange(
+        self, free: Capacity, max_jobs: int, wait: float, recheck: bool = False
+    ) -> wire.ExchangeResponse | None:
+        """One exchange; None while the server is away (nothing claimed, reports kept), or when
+        ``recheck`` finds nothing to claim and nothing to carry. ``recheck``: claim what the
+        executor wants once the connection is this call's (at most ``max_jobs``)."""
         if time.monotonic() < self._next_try:
             self._fence_if_silent()
             return None
         with self._lock:
+            if recheck and max_jobs > 0 and self.want is not None:
+                wanted = self.want()
+                free, max_jobs = (
+                    (Capacity(0, 0), 0) if wanted is None else (wanted[0], min(max_jobs, wanted[1]))
+                )
+                if max_jobs <= 0 and not self._unsent.is_set():
+                    return None  # an exchange before this one carried it all and claimed enough
             try:
                 if not self._registered:
                     self._register()

@@ -58,6 +58,12 @@ class AttemptJournal:
         self._syncing = False  # one thread syncs (or compacts) at a time
         self._fd = -1
 
+    def synced(self) -> None:
+        """From now on, as a synced journal: ``begin`` waits for the disk (call before ``open``,
+        or the header still says lazy: a journal then distrusted after a reboot, as before)."""
+        with self._cond:
+            self.lazy, self.sync, self._durable = False, True, True
+
     def replay(self) -> set[Key]:
         """The attempts a previous run began and never ended (read before ``open``)."""
         found: set[Key] = set()

@@ -78,7 +78,7 @@ class LocalExecutor:
         stager: Stager | None = None,
         functions: FunctionPool | None = None,
         executor_id: str | None = None,  # htc agent names itself (default: embedded_executor_id)
-        lazy_journal: bool = False,  # the service takes EveryAttempt (in-process): see below
+        lazy_journal: bool = False,  # the service takes EveryAttempt: see below
     ) -> None:
         self.service = service
         self.functions = functions  # runs function calls (warm workers) instead of the runtime
@@ -96,8 +96,8 @@ class LocalExecutor:
         # Attempts handed to the runtime, written before the hand-off (see journal.py). A
         # runtime that never blocks (noop) starts no process, so it needs none. Lazy: no sync
         # before a hand-off; after a machine crash its start says it cannot tell which attempts
-        # may have started (EveryAttempt), which the in-process service accepts (htc agent's
-        # server is not told so over the wire: the agent syncs before each hand-off).
+        # may have started (EveryAttempt): the in-process service takes it, and htc agent's
+        # server is told so over the wire (journal_untrusted).
         self.journal: AttemptJournal | None = None
         if runtime.blocking:
             path = settings.data_dir / "executor" / f"attempts-{self.executor_id}.journal"
@@ -302,6 +302,20 @@ class LocalExecutor:
         """The attempts with reports not flushed yet (some may have ended since)."""
         with self._lock:
             return [(r.job_id, r.attempt) for r in self.state.reports]
+
+    def want(self) -> tuple[Capacity, int] | None:
+        """What a claim would ask for now (its bound and max jobs; None: none): htc agent's
+        exchanges of reports claim it too."""
+        with self._lock:
+            claim = self.state.claim(time.monotonic())
+        return None if claim is None else (claim.bound, claim.max_jobs)
+
+    def leased(self, launches: list[JobLaunch]) -> None:
+        """Jobs claimed by another call than the control thread's claim (htc agent's exchange
+        of reports): held like any claimed job, started at the next turn or by a freed slot."""
+        with self._lock:
+            self.state.claimed(launches)
+        self._wake.set()
 
     def idle(self) -> bool:
         """Nothing held and nothing to report: a claim may wait for work (htc agent's long poll)."""

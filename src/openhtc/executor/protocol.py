@@ -16,6 +16,7 @@ from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 
 PREFIX = "/openhtc/v1/agents"
+MAX_JOBS = 10000  # the most jobs one exchange may claim
 
 # (job_id, attempt) on the wire: a two-element JSON array
 AttemptKey = tuple[int, int]
@@ -48,6 +49,10 @@ class RegisterRequest(_Model):
     running: list[AttemptKey] = Field(default_factory=list)
     # attempts a previous incarnation handed to a runtime and never saw end
     may_have_started: list[AttemptKey] = Field(default_factory=list)
+    # True: the agent cannot list them (its attempt journal, written without a sync, may have
+    # lost its tail in a crash of its machine: executor/journal.py), so every attempt leased to
+    # this agent id and not in ``running`` is recovered as one that may have started
+    journal_untrusted: bool = False
 
 
 class StorageInfo(_Model):
@@ -71,6 +76,9 @@ class RegisterResponse(_Model):
     kill: list[AttemptKey] = Field(default_factory=list)
     # function calls: a result up to this many bytes goes in its report, a larger one to task storage
     function_result_max_bytes: int | None = None
+    # the server honours ``journal_untrusted``: the agent may journal its hand-offs without a
+    # sync (absent, from an older server: it syncs before each one)
+    lazy_journal: bool = False
 
 
 class FunctionResult(_Model):
@@ -98,7 +106,7 @@ class Report(_Model):
 class ExchangeRequest(_Model):
     incarnation: str = Field(min_length=1, max_length=100)
     free: Resources
-    max_jobs: int = Field(ge=0, le=10000)
+    max_jobs: int = Field(ge=0, le=MAX_JOBS)
     held: list[AttemptKey] = Field(default_factory=list)
     reports: list[Report] = Field(default_factory=list)
     wait_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)

@@ -163,7 +163,8 @@ class AgentService:
         token: TokenBinding | None = None,
     ) -> Registered:
         """``token``: the caller's agent token (its hash and how many agents it serves): the
-        agent is bound to it, or refused (PermissionDenied) with nothing written."""
+        agent is bound to it, or refused (PermissionDenied) with nothing written.
+        ``may_have_started``: ``EveryAttempt`` when the agent's journal cannot say."""
         s = self.services
         now = s.clock.now()
         self.heard(now)

@@ -455,8 +455,9 @@ class QueueStore(AgentRows, ExchangeRows):
     ) -> tuple[Applied, list[tuple[int, int]]]:
         """Record an agent's (re)start or re-register. The attempts it still runs (``running``)
         and the store still gives it stay its own, their leases renewed; the others it held are
-        recovered (``may_have_started``: which of those it may have started). Returns what the
-        recovery changed and the attempts of ``running`` it must kill (no longer its own).
+        recovered (``may_have_started``: which of those it may have started; ``EveryAttempt``:
+        all of them). Returns what the recovery changed and the attempts of ``running`` it must
+        kill (no longer its own).
         ``binding``: the agent token it calls with, bound to it here (store/agent_rows.py)."""
         keep = set(running)
         with self.db.write() as conn:
@@ -483,12 +484,15 @@ class QueueStore(AgentRows, ExchangeRows):
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
             writes = self._writes(conn, now)
             kept: set[tuple[int, int]] = set()
-            marked = set(may_have_started)
+            # EveryAttempt: its journal cannot say (it lost its tail in a crash of its machine)
+            rebooted = isinstance(may_have_started, EveryAttempt)
+            marked = may_have_started if rebooted else set(may_have_started)
+            cause = "the agent restarted after its machine did" if rebooted else "the agent restarted"
             for job in writes.load(f"j.executor_id = ? AND j.status IN ({_HELD_SQL})", (agent.agent_id,)):
                 if (job.id, job.attempt) in keep:
                     kept.add((job.id, job.attempt))
                 else:
-                    writes.lose_executor(job, "the agent restarted", (job.id, job.attempt) in marked)
+                    writes.lose_executor(job, cause, (job.id, job.attempt) in marked)
             writes.flush()
             if kept:
                 conn.execute(

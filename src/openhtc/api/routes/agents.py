@@ -23,6 +23,7 @@ from openhtc.api.deps import app_services
 from openhtc.api.responses import JSONResponse
 from openhtc.domain.errors import OpenHTCError, PermissionDenied, Unauthenticated, ValidationFailed
 from openhtc.domain.models import JobLaunch
+from openhtc.domain.recovery import EveryAttempt
 from openhtc.executor import protocol as wire
 from openhtc.services.agents import AgentService, LogsRefused, MustRegister
 from openhtc.services.functions import FUNCTION_COMMAND
@@ -104,7 +105,9 @@ async def register(request: Request) -> JSONResponse:
         req.host,
         req.runtime,
     )
-    done = await run_in_threadpool(agents.register, info, req.running, req.may_have_started, caller.binding())
+    # an untrusted journal (the agent's machine crashed) cannot say: every attempt may have started
+    started = EveryAttempt() if req.journal_untrusted else req.may_have_started
+    done = await run_in_threadpool(agents.register, info, req.running, started, caller.binding())
     settings = svc.settings
     registry = svc.registry
     answer = wire.RegisterResponse(
@@ -121,6 +124,7 @@ async def register(request: Request) -> JSONResponse:
         kill=done.kill,
         # inline results are strings of a JSON body: within its string limit too
         function_result_max_bytes=min(settings.function_result_max_bytes, settings.max_string_chars),
+        lazy_journal=True,
     )
     return JSONResponse(wire.dump(answer))
 
