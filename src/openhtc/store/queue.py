@@ -61,7 +61,7 @@ class QueueStore(AgentRows, ExchangeRows):
         Jobs of projects with no limit at all are admitted at submission; this handles the rest,
         and any job a retry or a removed limit sent back.
         """
-        with self.db.read() as conn:  # the common case: nothing held, no write lock needed
+        with self.db.read(snapshot=False) as conn:  # the common case: nothing held, no write lock
             if not self._projects_with(conn, S.SUBMITTED_TO_RESCALE):
                 return 0
         with self.db.write() as conn:
@@ -281,7 +281,7 @@ class QueueStore(AgentRows, ExchangeRows):
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         began = time.monotonic()
-        with self.db.read() as conn:  # an idle fleet's common case: nothing queued, no write lock
+        with self.db.read(snapshot=False) as conn:  # an idle fleet's common case: nothing queued
             if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
                 self.nothing_queued_at = began
                 return []
