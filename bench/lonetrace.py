@@ -10,6 +10,11 @@ second pass). It prints, for each stage, the p50 of its time since the submit ca
 before. The probes cost a few microseconds each; they are for finding where the time goes, not
 for the W5 figure itself (``python -m bench --workload w5``).
 
+``--call`` traces a lone function call instead (issue 20's idle call: the submit of a one-event
+function batch, then its results read with ``wait``, as ``Task.map`` does). ``--pg-log`` (with
+``--db postgres``) also logs every statement PostgreSQL runs and prints how many fall in each
+sample's window, and the statements of one sample in order: the round trips of the path.
+
 ``python -m bench.lonetrace serve TRACE -- htc-server-arguments`` is the server side: the
 probes installed, then ``htc server`` in this process; each stage appends one line to TRACE.
 """
@@ -92,9 +97,21 @@ def install(trace: str) -> None:
         "_fire",
         None,
         "waiter.woken",
-        lambda out, self, keys, *_: any(k[0] == "job" for k in keys),
+        lambda out, self, keys, *_: any(k[0] in ("job", "task") for k in keys),
     )
     _wrap(live, "job_for", "wait.read.start", "wait.read.done")
+    from openhtc.api.routes import functions as function_routes
+    from openhtc.store import functions as function_store
+
+    _wrap(function_routes, "submit_functions", "submit.route", "submit.route.done")
+    _wrap(function_store.FunctionStore, "save", "results.save.start", "results.saved")
+    _wrap(function_routes, "results_page", "wait.read.start", "wait.read.done")
+    # not stages: counted per sample (PostgreSQL: a single server's NOTIFYs, heard by itself too)
+    from openhtc.services.notify import ClusterNotifier
+    from openhtc.store.pg_notify import PgChannel
+
+    _wrap(PgChannel, "send", None, "notify.sent")
+    _wrap(ClusterNotifier, "receive", None, "notify.heard")
     original_dispatch = launcher._Process._dispatch
 
     def dispatch(self: Any, message: tuple[Any, ...]) -> None:
@@ -152,7 +169,13 @@ class _HttpProbe:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        kind = "submit" if path.endswith("/batch") else "wait" if path.endswith("/wait") else None
+        kind = (
+            "submit"
+            if path.endswith(("/batch", "/functions"))
+            else "wait"
+            if path.endswith(("/wait", "/results"))
+            else None
+        )
         if kind is None:
             await self.app(scope, receive, send)
             return
@@ -204,6 +227,8 @@ STAGES = (
     "launcher.send.exited",
     "launcher.exited",
     "job.end.seen",
+    "results.save.start",
+    "results.saved",
     "report.start",
     "report.committed",
     "waiter.woken",
@@ -213,16 +238,21 @@ STAGES = (
 )
 
 
-def measure(n: int, db: str, switch_ms: float | None = None) -> dict[str, Any]:
+_COUNTED = ("notify.sent", "notify.heard")
+
+
+def measure(
+    n: int, db: str, switch_ms: float | None = None, call: bool = False, pg_log: bool = False
+) -> dict[str, Any]:
     import tempfile
 
     from bench.server import OpenhtcServer
-    from bench.systems.openhtc import _one_job
 
     trace = Path(tempfile.mkdtemp(prefix="openhtc-lonetrace-")) / "trace"
     samples: list[tuple[int, int, int]] = []  # submit call start, its answer, the wait's answer
     url = None
     cluster = None
+    statements: list[tuple[int, int, str]] = []
     if db == "postgres":
         from openhtc.testing.postgres import PostgresCluster
 
@@ -237,17 +267,18 @@ def measure(n: int, db: str, switch_ms: float | None = None) -> dict[str, Any]:
             srv.api() as api,
         ):
             api.new_task("lonetrace")
+            one = _call_client(srv, api) if call else _job_client(api)
             for i in range(n + 5):
+                if i == 5 and pg_log and cluster is not None:
+                    log_from = _log_statements(cluster)
                 t0 = time.time_ns()
-                job, _, _ = _one_job(api)
-                t1 = time.time_ns()
-                body = api.wait_job(job, 30).json()
+                t1 = one()
                 t2 = time.time_ns()
-                if body.get("status") != "SUCCEEDED":
-                    raise RuntimeError(f"job {job}: {body.get('status')}")
                 if i >= 5:
                     samples.append((t0, t1, t2))
                 time.sleep(0.02)
+        if pg_log and cluster is not None:
+            statements = _statements(cluster.log, log_from)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -256,7 +287,112 @@ def measure(n: int, db: str, switch_ms: float | None = None) -> dict[str, Any]:
         at, label, _thread = line.split(" ", 2)
         events.append((int(at), label))
     events.sort()
-    return _stages(samples, events)
+    found = _stages(samples, events)
+    if pg_log:
+        found["statements"] = _per_sample(samples, statements)
+    return found
+
+
+def _job_client(api: Any) -> Callable[[], int]:
+    """One lone job: submit, then its pushed wait; returns when the submit was answered."""
+    from bench.systems.openhtc import _one_job
+
+    def one() -> int:
+        job, _, _ = _one_job(api)
+        t1 = time.time_ns()
+        body = api.wait_job(job, 30).json()
+        if body.get("status") != "SUCCEEDED":
+            raise RuntimeError(f"job {job}: {body.get('status')}")
+        return t1
+
+    return one
+
+
+def _call_client(srv: Any, api: Any) -> Callable[[], int]:
+    """One lone function call (as ``Task.map`` of one event): the submit, then its results
+    with ``wait``; returns when the submit was answered."""
+    import tempfile
+
+    from bench.functions import HANDLER, IMAGE, _handler_zip
+    from openhtc.client import Connection, Session
+    from openhtc.client.storage import StorageClient
+
+    key = (srv.data_dir / "admin-api-key").read_text().strip()
+    with (
+        Session(connection=Connection(srv.base_url, api_key=key)) as htc,
+        tempfile.TemporaryDirectory() as tmp,
+        StorageClient.for_project(htc.connection, api.project) as store,
+    ):
+        store.upload(_handler_zip(Path(tmp)), store.resolve("bench_handlers.zip"))
+    url = f"{api.root}/openhtc/v1/projects/{api.project}/tasks/{api.task}/functions"
+    counter = [0]
+
+    def one() -> int:
+        counter[0] += 1
+        body = {"image": IMAGE, "handler": HANDLER, "code": "bench_handlers.zip", "maxMemory": 256}
+        answer = api.http.post(url, json={**body, "events": [{"x": counter[0]}]})
+        t1 = time.time_ns()
+        batch = answer.json()["batchId"]
+        page = api.http.get(f"{url}/{batch}/results", params={"from": 0, "wait": 30}).json()
+        if [item["result"] for item in page["items"]] != [2 * counter[0]]:
+            raise RuntimeError(f"call {batch}: {page}")
+        return t1
+
+    return one
+
+
+def _log_statements(cluster: Any) -> int:
+    """Have PostgreSQL log every statement from now on; returns where its log stands."""
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=cluster.port, user=cluster.user, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET log_min_duration_statement = 0")
+        conn.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] '")
+        conn.execute("ALTER SYSTEM SET log_timezone = 'UTC'")
+        conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    return cluster.log.stat().st_size
+
+
+def _statements(log: Path, start: int) -> list[tuple[int, int, str]]:
+    """(ns since the epoch, backend pid, statement) of every statement the log holds from
+    ``start``: a simple query's, or an extended one's execute step."""
+    import datetime
+    import re
+
+    pattern = re.compile(
+        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[(\d+)\] LOG:  duration: [\d.]+ ms  "
+        r"(?:statement: |execute [^:]*: )(.*)$"
+    )
+    out = []
+    with open(log, "rb") as fh:
+        fh.seek(start)
+        for raw in fh.read().decode(errors="replace").splitlines():
+            found = pattern.match(raw)
+            if found is None:
+                continue
+            stamp = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S.%f")
+            at = int(stamp.replace(tzinfo=datetime.UTC).timestamp() * 1e9)
+            out.append((at, int(found.group(2)), found.group(3)[:90]))
+    return out
+
+
+def _per_sample(
+    samples: list[tuple[int, int, int]], statements: list[tuple[int, int, str]]
+) -> dict[str, Any]:
+    """How many statements PostgreSQL ran in each sample's window (from 1 ms before its submit
+    to its answer; the log's clock has millisecond steps), the median, and the median sample's
+    statements in order, each with its ms from the submit's start and its backend."""
+    counts = []
+    for t0, _, t2 in samples:
+        counts.append(sum(1 for at, _, _ in statements if t0 - 1_000_000 <= at <= t2))
+    median = statistics.median(counts)
+    pick = min(range(len(samples)), key=lambda i: abs(counts[i] - median))
+    t0, _, t2 = samples[pick]
+    listed = [
+        (round((at - t0) / 1e6, 1), pid, text) for at, pid, text in statements if t0 - 1_000_000 <= at <= t2
+    ]
+    return {"median": median, "min": min(counts), "max": max(counts), "one": listed}
 
 
 def _stages(samples: list[tuple[int, int, int]], events: list[tuple[int, str]]) -> dict[str, Any]:
@@ -267,6 +403,7 @@ def _stages(samples: list[tuple[int, int, int]], events: list[tuple[int, str]]) 
 
     times = [e[0] for e in events]
     since: dict[str, list[float]] = {s: [] for s in STAGES}
+    counted: dict[str, list[int]] = {label: [] for label in _COUNTED}
     client: dict[str, list[float]] = {"client: submit answered": [], "client: wait answered": []}
     for t0, t1, t2 in samples:
         lo, hi = bisect.bisect_left(times, t0), bisect.bisect_right(times, t2 + 1_000_000)
@@ -275,10 +412,15 @@ def _stages(samples: list[tuple[int, int, int]], events: list[tuple[int, str]]) 
             hit = next((at for at, label in window if label == stage), None)
             if hit is not None:
                 since[stage].append((hit - t0) / 1e6)
+        for label in _COUNTED:
+            counted[label].append(sum(1 for _, name in window if name == label))
         client["client: submit answered"].append((t1 - t0) / 1e6)
         client["client: wait answered"].append((t2 - t0) / 1e6)
     out = {name: statistics.median(v) for name, v in {**since, **client}.items() if v}
     out["samples"] = len(samples)
+    for label, counts in counted.items():
+        if any(counts):
+            out[f"{label} per sample"] = statistics.mean(counts)
     out["p99 wait answered"] = sorted(client["client: wait answered"])[int(0.99 * (len(samples) - 1))]
     return out
 
@@ -292,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--switch-ms", type=float, help="the server's GIL switch interval (default 5)")
+    parser.add_argument("--call", action="store_true", help="a lone function call instead of a job")
+    parser.add_argument("--pg-log", action="store_true", help="count PostgreSQL's statements (postgres)")
     args = parser.parse_args(argv)
-    found = measure(args.n, args.db, args.switch_ms)
+    found = measure(args.n, args.db, args.switch_ms, args.call, args.pg_log)
+    listed = found.pop("statements", None)
     previous = 0.0
     print(f"{'stage':<28} {'p50 ms since submit':>20} {'step':>8}")
     for name, value in found.items():
@@ -304,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in STAGES:
             previous = value
     print(f"samples: {found['samples']}")
+    if listed is not None:
+        print(f"statements per sample: median {listed['median']}, min {listed['min']}, max {listed['max']}")
+        for at, pid, text in listed["one"]:
+            print(f"  {at:>6.1f} ms  [{pid}]  {text}")
     return 0
 
 

@@ -239,6 +239,12 @@ class Api:
         url = f"{self.root}/openhtc/v1/projects/{self.project}/tasks/{self.task}/jobs/{job_uuid}/wait"
         return self.http.get(url, params={"timeout": timeout})
 
+    def run_job(self, request: dict[str, Any], timeout: float = 30.0) -> httpx.Response:
+        """openhtc's submit-and-wait: one job submitted, answered once it has ended (404 on a
+        server without the route)."""
+        url = f"{self.root}/openhtc/v1/projects/{self.project}/tasks/{self.task}/jobs/run"
+        return self.http.post(url, params={"timeout": timeout}, json=[request])
+
     def jobs_page(self, page_size: int = 100) -> httpx.Response:
         """The first page of the task's jobs (what a client's job listing fetches first)."""
         return self.http.get(self._jobs, params={"pageSize": page_size})

@@ -324,13 +324,32 @@ def _timed(call: Callable[[], T], times: int = 5) -> tuple[list[float], list[T]]
 # -- W5 ------------------------------------------------------------------------------------------
 
 
+_TRUE_JOB = {"batchSize": 1, "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64}}
+
+
 def _one_job(api: Api) -> tuple[str, float, float]:
     """Submit one `true` job: its uuid, and perf_counter() and time.time() at the call's start."""
     start, wall = time.perf_counter(), time.time()
-    echo = api.submit(
-        [{"batchSize": 1, "htcJobDefinition": {"imageName": "bb", "commands": ["true"], "maxMemory": 64}}]
-    )
+    echo = api.submit([_TRUE_JOB])
     return f"{echo[0]['parentJobId']}:0", start, wall
+
+
+def _run_pass(api: Api, n: int) -> list[float]:
+    """openhtc's submit-and-wait (one request per job: ``POST …/jobs/run``): each call's ms;
+    none on a server without the route."""
+    out: list[float] = []
+    for i in range(n + 3):
+        start = time.perf_counter()
+        answer = api.run_job(_TRUE_JOB, 30)
+        if answer.status_code == 404 and i == 0:
+            return []
+        body = answer.json()
+        if body.get("status") not in TERMINAL:
+            raise TimeoutError(f"job {body.get('jobUUID')} not terminal after a 30 s run: {body}")
+        if i >= 3:
+            out.append((time.perf_counter() - start) * 1000)
+        time.sleep(0.02)  # idle between samples
+    return out
 
 
 def _server_latency(body: dict[str, Any]) -> float | None:
@@ -401,6 +420,7 @@ def latency(ctx: Any, db: str, n: int, url: str | None) -> Result:
                     server_pushed_ms.append(server)
                     pushed_seen_ms.append((seen - completed) * 1000)
             time.sleep(0.02)  # idle between samples
+        run_ms = _run_pass(api, n)  # pass 2b: the submit that waits
         wait = max(0.05, 2 * (percentile(client_ms, 99) or 50) / 1000)
         for _ in range(n):  # pass 3: no polling while the job runs; read its timestamps afterwards
             job, _start, _wall = _one_job(api)
@@ -423,6 +443,8 @@ def latency(ctx: Any, db: str, n: int, url: str | None) -> Result:
         "pushed_p99_ms": percentile(pushed_ms, 99),
         "pushed_max_ms": max(pushed_ms),
         "pushed_submit_call_p50_ms": percentile(pushed_submit_ms, 50),
+        "run_p50_ms": percentile(run_ms, 50) if run_ms else None,
+        "run_p99_ms": percentile(run_ms, 99) if run_ms else None,
         "server_pushed_p50_ms": percentile(server_pushed_ms, 50),
         "pushed_completed_to_seen_p50_ms": percentile(pushed_seen_ms, 50),
         "submit_call_p50_ms": percentile(submit_ms, 50),
@@ -441,7 +463,10 @@ def latency(ctx: Any, db: str, n: int, url: str | None) -> Result:
         report.fmt(metrics["pushed_p50_ms"]),
         report.fmt(metrics["server_p50_ms"]),
     )
-    log(f"latency {db}: client p50 {shown[0]} ms polled, {shown[1]} ms pushed; server p50 {shown[2]} ms")
+    log(
+        f"latency {db}: client p50 {shown[0]} ms polled, {shown[1]} ms pushed,"
+        f" {report.fmt(metrics['run_p50_ms'])} ms submit-and-wait; server p50 {shown[2]} ms"
+    )
     return Result(
         "latency",
         "openhtc",
@@ -455,6 +480,7 @@ def latency(ctx: Any, db: str, n: int, url: str | None) -> Result:
             "executor_vcpus": ctx.vcpus or "server default (CPUs)",
             "client": "POST batchSize 1, then GET the job every 2 ms until terminal",
             "pushed": "POST batchSize 1, then one GET /openhtc/v1/…/jobs/{id}/wait (long poll)",
+            "run": "one POST /openhtc/v1/…/jobs/run: the job submitted, answered once it has ended",
             "server": "completedAt - createdAt (ms resolution), from a 2nd pass without polling",
         },
         notes=[

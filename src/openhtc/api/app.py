@@ -29,6 +29,7 @@ from openhtc.api.routes import (
     overview,
     projects,
     registry,
+    run,
     storage,
     system,
     tasks,
@@ -58,7 +59,7 @@ def create_app(services: ServiceSet, extensions: Sequence[Callable[[FastAPI], No
     # the agent protocol first: a fleet calls it (its paths are its own: the order is free)
     for module in (agents, jobs, tasks, projects, storage, registry, auth, workspace, system, live):
         app.include_router(module.router)
-    for module in (explain, overview, functions, alloc):  # openhtc extensions (docs/extensions.md)
+    for module in (explain, overview, functions, alloc, run):  # openhtc extensions (docs/extensions.md)
         app.include_router(module.router)
     for extend in extensions:
         extend(app)

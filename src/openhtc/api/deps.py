@@ -65,10 +65,12 @@ def task_job_for(
 def _task_and_job(
     svc: ServiceSet, who: Principal, project_id: str, task_id: str, job_id: str | None
 ) -> tuple[Any, Any, Any]:
-    """The project, the task and (``job_id`` given) the job, read in one transaction, scope
-    checked; the job is None when not found (or not asked for)."""
+    """The project, the task and (``job_id`` given) the job, scope checked; the job is None
+    when not found (or not asked for). Read without a transaction (two round trips less on
+    PostgreSQL): project and task rows are never deleted (a deleted task keeps its row), and
+    the job's read allows for a row written between its two statements (``JobStore.get``)."""
     check_project_scope(who, project_id)
-    with svc.db.read() as conn:
+    with svc.db.read(snapshot=False) as conn:
         project = svc.projects.get_in(conn, who.workspace_id, project_id)
         task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
         found = svc.jobs.get(conn, task_id, job_id) if task is not None and job_id is not None else None
@@ -81,8 +83,9 @@ def _task_and_job(
 
 
 def job_for(svc: ServiceSet, task_id: str, job_id: str) -> tuple[Any, Any]:
-    """A job of a task the caller was already checked for (``task_for``), and its batch."""
-    with svc.db.read() as conn:
+    """A job of a task the caller was already checked for (``task_for``), and its batch (read
+    without a transaction: ``JobStore.get`` allows for a row written between its statements)."""
+    with svc.db.read(snapshot=False) as conn:
         found = svc.jobs.get(conn, task_id, job_id)
     if found is None:
         raise NotFound(f"job {job_id} not found in task {task_id}")

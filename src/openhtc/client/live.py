@@ -105,6 +105,42 @@ def wait_job(conn: Connection, project_id: str, task_id: str, job_id: str, timeo
     return _long_poll(conn, url, timeout, {}, "status")
 
 
+def run_job(
+    conn: Connection,
+    project_id: str,
+    task_id: str,
+    request: JsonDict,
+    timeout: float = 30.0,
+    group: str | None = None,
+) -> JsonDict:
+    """``POST /openhtc/v1/…/jobs/run``: submit one job (an HTCJobSubmitRequest of batchSize 1)
+    and have it (an HTCJob) as soon as it has ended, or after ``timeout`` seconds (at most 60)
+    with its status then: one request instead of the submit and the job's wait. Raises
+    :class:`Unsupported` (nothing submitted) where the route is missing or the server busy."""
+    if not supported(conn):
+        raise Unsupported(conn.base_url)
+    wait = max(0.0, min(timeout, MAX_WAIT))
+    url = f"{_task_url(conn, project_id, task_id)}/jobs/run"
+    params = {"timeout": f"{wait:g}", **({"group": group} if group else {})}
+    try:
+        response = conn.request("POST", url, params=params, json=[request], timeout=wait + 30.0)
+    except NotFound as exc:
+        if exc.response is not None and _is_route_missing(exc.response):
+            raise _missing(conn) from None
+        raise
+    except ServerError as exc:
+        if exc.status_code == 503:  # too many open waits (or no database): nothing was stored
+            raise Busy(str(exc)) from None
+        raise
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "jobUUID" not in body:
+        raise _missing(conn)  # a catch-all answer: a server without the route
+    return body
+
+
 def wait_batch(
     conn: Connection, project_id: str, task_id: str, parent_job_id: str, timeout: float = 30.0
 ) -> JsonDict:

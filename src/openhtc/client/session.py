@@ -85,6 +85,10 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
 def _sleep_until_next(deadline: float | None, poll: float, what: str) -> None:
     if deadline is not None:
         remaining = deadline - time.monotonic()
@@ -276,6 +280,35 @@ class Task(_Resource):
             regions=regions,
         )
         return self.submit_requests([request], group=group)[0]
+
+    def run(
+        self,
+        image: str,
+        commands: Sequence[str] | str,
+        *,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        group: str | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Submit one job running ``commands`` in ``image`` and return it once it has ended
+        (SUCCEEDED or FAILED; ``timeout``: ``TimeoutError`` past it). On an openhtc server
+        it is one request (``POST …/jobs/run``) answered the moment the job ends; elsewhere
+        the submit, then :meth:`Job.wait`. ``fields``: as :meth:`submit`'s (not batch_size)."""
+        request = job_request(image, commands, **fields)
+        deadline = _deadline(timeout)
+        conn = self._conn
+        if live.supported(conn):
+            wait = live.MAX_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                data = live.run_job(conn, self.project_id, self.id, request, min(wait, live.MAX_WAIT), group)
+            except live.Unsupported:  # nothing was submitted: the Rescale routes below
+                pass
+            else:
+                job = Job(self, str(data["jobUUID"]), data)
+                return job if job.done else job.wait(_left(deadline), poll)
+        batch = self.submit_requests([request], group=group)[0]
+        return batch.job(0).wait(_left(deadline), poll)
 
     def submit_requests(
         self, requests: Sequence[Mapping[str, Any]], group: str | None = None

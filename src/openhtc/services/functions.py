@@ -121,9 +121,15 @@ def parse_function_request(body: Any) -> tuple[FunctionRequest, str]:
 
 
 def submit_functions(
-    services: ServiceSet, principal: Principal, project: Any, task: Any, body: Any
+    services: ServiceSet,
+    principal: Principal,
+    project: Any,
+    task: Any,
+    body: Any,
+    capacity: tuple[list[Any], list[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Store a function batch (one job per event, with its event) in one transaction."""
+    """Store a function batch (one job per event, with its event) in one transaction.
+    ``capacity``: the offers and regions, if the caller read them (``submission.target``)."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; functions cannot be submitted to it")
     request, events = parse_function_request(body)
@@ -145,11 +151,9 @@ def submit_functions(
         raise validation_error(exc) from None
     if request.groupName is not None and not request.groupName.strip():
         raise ValidationFailed("must not be empty", field="groupName")
-    offers = live_offers(services)
+    offers, regions = capacity or (live_offers(services), services.accounts.regions(project.workspace_id))
     region_archs = {
-        r.name: region_architectures(r.architectures, offers, r.name)
-        for r in services.accounts.regions(project.workspace_id)
-        if r.enabled
+        r.name: region_architectures(r.architectures, offers, r.name) for r in regions if r.enabled
     }
     planned = _plan(job, 0, project, region_archs, offers, request.groupName)
     echo = dict(planned.request)
@@ -163,8 +167,12 @@ def submit_functions(
     def write_events(conn: Connection, batch_ids: list[int]) -> None:
         store.insert_events(conn, batch_ids[0], events)
 
-    echoes = services.jobs.submit(task, [planned], principal.user_id, services.clock.now(), write_events)
-    services.wakeups.schedule_round.set()
+    stored = services.jobs.submit_batches(
+        task, [planned], principal.user_id, services.clock.now(), write_events
+    )
+    echoes = stored.echoes
+    if not stored.settled:  # as a job submit: a round for nothing would race the executor's claim
+        services.wakeups.schedule_round.set()
     services.wakeups.queued()
     services.notify.publish((task_key(task.id),))
     return {"batchId": echoes[0]["parentJobId"], "count": len(request.events), "firstIndex": 0}
@@ -180,13 +188,17 @@ def function_batch(services: ServiceSet, conn: Connection, task_id: str, batch_i
 
 
 def results_page(
-    services: ServiceSet, task_id: str, batch_id: str, start: int, limit: int
+    services: ServiceSet, task_id: str, batch_id: str, start: int, limit: int, known: list[Any] | None = None
 ) -> tuple[dict[str, Any], int]:
     """A page of results from index ``start``: the ended calls from there on, up to the first
-    that has not ended. Also how many it holds (a long poll waits while none)."""
+    that has not ended. Also how many it holds (a long poll waits while none). ``known``: the
+    batch row a previous read of this wait found (the fields read here are fixed at submit),
+    then kept there: a waiter woken by the call's end reads one statement less."""
     store = FunctionStore(services.db)
     with services.db.read() as conn:
-        batch = function_batch(services, conn, task_id, batch_id)
+        batch = known[0] if known else function_batch(services, conn, task_id, batch_id)
+        if known is not None:
+            known[:] = [batch]
         rows = store.page(conn, batch.id, start, limit)
         done, failed = store.counts(conn, batch)
     items: list[dict[str, Any]] = []

@@ -13,7 +13,7 @@ from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
 from openhtc.services.notify import task_key
 from openhtc.services.service_set import ServiceSet
-from openhtc.store.jobs import NewBatch
+from openhtc.store.jobs import NewBatch, Submitted
 from openhtc.store.queue import executor_offers_in
 
 
@@ -22,8 +22,33 @@ def submit_to(
 ) -> list[dict[str, Any]]:
     """The submit call: the project, the task, the executors' offers and the regions in one
     read transaction (as ``api.deps.task_for`` would check them), then ``submit``."""
+    project, task, capacity = target(services, principal, project_id, task_id)
+    return submit(services, principal, project, task, body, group, capacity)
+
+
+def submit_one_to(
+    services: ServiceSet, principal: Principal, project_id: str, task_id: str, body: Any, group: str | None
+) -> tuple[dict[str, Any], int]:
+    """``submit_to`` for a body of exactly one job (one request, ``batchSize`` 1, checked
+    before anything is read or stored): its echo and its job row's id (what waiters key on)."""
+    if not isinstance(body, list) or len(body) != 1:
+        raise ValidationFailed("must be a JSON array of exactly one job request", field="body")
+    if not isinstance(body[0], dict) or body[0].get("batchSize", 1) != 1:
+        raise ValidationFailed("must be 1 (one job per request)", field="[0].batchSize")
+    project, task, capacity = target(services, principal, project_id, task_id)
+    stored = _store(services, principal, project, task, body, group, capacity)
+    return stored.echoes[0], stored.first_ids[0]
+
+
+def target(
+    services: ServiceSet, principal: Principal, project_id: str, task_id: str
+) -> tuple[Any, Any, tuple[list[ExecutorOffer], list[Any]]]:
+    """What a submit checks before it writes: the project and the task (scoped and found, as
+    ``api.deps.task_for`` checks them), the executors' offers and the workspace's regions. One
+    connection, no transaction (no snapshot is needed across them; on PostgreSQL BEGIN and
+    COMMIT are a round trip each); the write transaction relies on none of it staying true."""
     check_project_scope(principal, project_id)
-    with services.db.read() as conn:
+    with services.db.read(snapshot=False) as conn:
         project = services.projects.get_in(conn, principal.workspace_id, project_id)
         task = services.projects.task_in(conn, project_id, task_id) if project is not None else None
         capacity = _capacity(services, conn, principal.workspace_id)
@@ -32,7 +57,7 @@ def submit_to(
     check_task_scope(principal, project_id, task_id)
     if task is None:
         raise NotFound(f"task {task_id} not found in project {project_id}")
-    return submit(services, principal, project, task, body, group, capacity)
+    return project, task, capacity
 
 
 def _capacity(services: ServiceSet, conn: Any, workspace_id: str) -> tuple[list[ExecutorOffer], list[Any]]:
@@ -52,6 +77,18 @@ def submit(
 ) -> list[dict[str, Any]]:
     """Validate every request first, so a bad one stores nothing, then store all batches and wake
     the scheduler and the executors. ``capacity``: ``_capacity``'s answer, if the caller read it."""
+    return _store(services, principal, project, task, body, group, capacity).echoes
+
+
+def _store(
+    services: ServiceSet,
+    principal: Principal,
+    project: Any,
+    task: Any,
+    body: Any,
+    group: str | None,
+    capacity: tuple[list[ExecutorOffer], list[Any]] | None,
+) -> Submitted:
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; jobs cannot be submitted to it")
     if group is not None:
@@ -77,7 +114,7 @@ def submit(
         services.wakeups.schedule_round.set()
     services.wakeups.queued()  # admitted jobs: executors can claim them now
     services.notify.publish((task_key(task.id),))  # its status counts changed
-    return stored.echoes
+    return stored
 
 
 def _check_images(services: ServiceSet, project_id: str, images: set[str]) -> None:

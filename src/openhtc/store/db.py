@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import select
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
 from openhtc.domain.errors import InsufficientStorage, OpenHTCError, Unavailable
 
@@ -75,7 +76,7 @@ class Database:
         if self.is_sqlite:
             self.engine = _sqlite_engine(url)
         else:
-            self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self.engine = _postgres_engine(url)
 
     @property
     def concurrent_writes(self) -> bool:
@@ -86,7 +87,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A read-write transaction (the SQLite write lock is taken at BEGIN)."""
-        with self._timed("write"), translated_failures(), self.engine.connect() as conn:
+        with self._timed("write"), translated_failures(), _connection(self.engine) as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
@@ -100,18 +101,24 @@ class Database:
                     yield conn
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A read-only transaction with a consistent snapshot."""
-        with self._timed("read"), translated_failures(), self.engine.connect() as conn:
-            if self.is_sqlite:
+    def read(self, snapshot: bool = True) -> Iterator[Connection]:
+        """A read-only unit of work. SQLite: a transaction, one snapshot for all its statements;
+        ``snapshot=False``: none (each statement sees the database as of its own start), for
+        reads that hold without one (a single statement; reads ordered to allow for what
+        commits between them). PostgreSQL: no transaction either way. Its READ COMMITTED gives
+        each statement a snapshot of its own in a transaction too, so for reads BEGIN and
+        COMMIT change nothing but cost a round trip each (two of a lone job's ~30)."""
+        with self._timed("read"), translated_failures(), _connection(self.engine) as conn:
+            if not self.is_sqlite:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")  # reset at its return
+            elif not snapshot:
+                yield conn  # the driver is in autocommit mode (isolation_level=None)
+            else:
                 conn.exec_driver_sql("BEGIN")
                 try:
                     yield conn
                 finally:
                     conn.exec_driver_sql("COMMIT")
-            else:
-                with conn.begin():
-                    yield conn
 
     @contextmanager
     def _timed(self, kind: str) -> Iterator[None]:
@@ -137,6 +144,31 @@ class Database:
     def cursor(self, conn: Connection) -> Any:
         """A DB-API cursor inside ``conn``'s transaction, for the hot paths (no SQL compilation)."""
         return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    @contextmanager
+    def pipelined(self, conn: Connection, commit: bool = False) -> Iterator[None]:
+        """PostgreSQL: the statements run on ``cursor(conn)`` cursors in the block go in one
+        round trip (psycopg's pipeline mode: a result read inside it waits for what was sent
+        before it; errors are raised at its end at the latest), and with ``commit`` the COMMIT
+        too (the caller's ``write()`` then commits nothing more: psycopg's commit outside a
+        transaction is a no-op). Only plain DB-API statements belong in it, not SQLAlchemy's.
+        SQLite, or a libpq without pipeline mode: the statements as they come; ``commit`` is
+        left to ``write()``."""
+        if self.is_sqlite:
+            yield
+            return
+        import psycopg
+
+        driver: Any = conn.connection.driver_connection
+        if not psycopg.Pipeline.is_supported():
+            yield
+            if commit:
+                driver.commit()
+            return
+        with driver.pipeline():
+            yield
+            if commit:
+                driver.commit()  # queued behind the block's statements; the exit syncs
 
     def run_bulk(self, cur: Any, statement: BulkStatement, rows: Sequence[tuple[Any, ...]]) -> int:
         """Apply ``statement`` to every row; returns the number of rows it changed."""
@@ -225,6 +257,18 @@ def failure(exc: BaseException) -> OpenHTCError | None:
     """
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage()
+    if _raw_psycopg(exc):  # from a DB-API cursor of the hot paths: SQLAlchemy never saw it
+        import psycopg
+
+        state = getattr(exc, "sqlstate", None)
+        if state == "53100":
+            return InsufficientStorage()
+        if isinstance(exc, psycopg.InterfaceError) or (
+            isinstance(exc, psycopg.OperationalError)
+            and (state is None or state.startswith("08") or state in _PG_UNAVAILABLE)
+        ):
+            return Unavailable()
+        return None
     if not isinstance(exc, DBAPIError):
         return None
     text = str(exc.orig).lower()
@@ -244,16 +288,65 @@ def failure(exc: BaseException) -> OpenHTCError | None:
     return None
 
 
+def _raw_psycopg(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("psycopg")
+
+
+@contextmanager
+def _connection(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection; one a raw driver error (a hot path's DB-API cursor) left broken is
+    invalidated, so the pool drops it instead of resetting it (which would fail, and log)."""
+    with engine.connect() as conn:
+        try:
+            yield conn
+        except Exception as exc:
+            if _raw_psycopg(exc) and not conn.invalidated:
+                driver: Any = conn.connection.driver_connection
+                if driver is None or driver.closed or getattr(driver, "broken", False):
+                    conn.invalidate(exc)
+            raise
+
+
 @contextmanager
 def translated_failures() -> Iterator[None]:
     """Raise outages and full disks as their domain errors (the cause kept as __cause__)."""
     try:
         yield
-    except (OSError, DBAPIError) as exc:
+    except Exception as exc:
         translated = failure(exc)
         if translated is None:
             raise
         raise translated from exc
+
+
+def _postgres_engine(url: str) -> Engine:
+    """A pool whose connections are checked at checkout without a round trip (SQLAlchemy's
+    ``pool_pre_ping`` sends a ``SELECT 1`` each time: a round trip per transaction, a tenth of a
+    lone job's on PostgreSQL). An idle connection has nothing to read; one the server closed (a
+    restart, an outage, a terminated backend) has its goodbye or the end of the stream waiting:
+    it is replaced, as a failed ping's would be. One closed after the check fails its statement
+    (503, as any outage), and SQLAlchemy then renews the pool's older connections."""
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        if not _idle_and_open(dbapi_conn):
+            raise DisconnectionError("the database closed this connection")
+
+    return engine
+
+
+def _idle_and_open(conn: Any) -> bool:
+    """Whether a pooled psycopg connection is still open, seen from its socket alone."""
+    if conn.closed or getattr(conn, "broken", False):
+        return False
+    try:
+        fd = conn.fileno()
+    except Exception:  # psycopg raises once the connection is gone
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)  # readable or hung up while idle: closed by the server
 
 
 def _sqlite_engine(url: str) -> Engine:

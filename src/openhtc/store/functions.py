@@ -144,7 +144,7 @@ class FunctionStore:
         if not results:
             return
         rows = [(r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results]
-        with self.db.write() as conn:
+        with self.db.write() as conn, self.db.pipelined(conn, commit=True):  # PostgreSQL: with the COMMIT
             self.db.run_bulk(self.db.cursor(conn), _SAVE, rows)
 
     def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
@@ -155,7 +155,7 @@ class FunctionStore:
         Three range reads of one table each, on their (batch_id, idx) indexes, merged here: the
         join of both tables was planned as a nested loop over a scan on PostgreSQL right after
         a batch's insert (no statistics yet), seconds per page."""
-        cur = self.db.cursor(conn)
+        cur, other = self.db.cursor(conn), self.db.cursor(conn)
         stop = start + limit
         cur.execute(
             self.db.sql(
@@ -169,22 +169,23 @@ class FunctionStore:
             stop = int(first[0])
         if stop <= start:
             return []
-        cur.execute(
-            self.db.sql(
-                "SELECT idx, status, attempt, failure_code, status_reason FROM jobs"
-                " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
-            ),
-            (batch_id, start, stop),
-        )
+        with self.db.pipelined(conn):  # PostgreSQL: both in one round trip (a lone call's answer waits)
+            cur.execute(
+                self.db.sql(
+                    "SELECT idx, status, attempt, failure_code, status_reason FROM jobs"
+                    " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
+                ),
+                (batch_id, start, stop),
+            )
+            other.execute(
+                self.db.sql(
+                    "SELECT idx, result, error, result_key, attempt FROM function_calls"
+                    " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
+                ),
+                (batch_id, start, stop),
+            )
         jobs = cur.fetchall()
-        cur.execute(
-            self.db.sql(
-                "SELECT idx, result, error, result_key, attempt FROM function_calls"
-                " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
-            ),
-            (batch_id, start, stop),
-        )
-        calls = {int(row[0]): row for row in cur.fetchall()}
+        calls = {int(row[0]): row for row in other.fetchall()}
         rows: list[CallRow] = []
         for idx, status, attempt, failure_code, reason in jobs:
             call = calls.get(int(idx))

@@ -20,10 +20,7 @@ from openhtc.store.tables import (
     job_counters,
     job_events,
     jobs,
-    project_limits,
-    projects,
     tasks,
-    workspaces,
 )
 from openhtc.store.transitions import Applied, StatusWrites, bump_counters
 
@@ -60,19 +57,14 @@ _PROJECT_STATUS_COUNT = select(func.sum(job_counters.c.count)).where(
 # The submit's statements, built once for the same reason (a single-job submit is a client's
 # latency). Admission at submit: neither the project nor its workspace has a vCPU limit (the
 # three reads of queue.load_limits in one statement, inside the submit's own transaction, so a
-# limit committed before the submit is always seen).
+# limit committed before the submit is always seen). Plain SQL: on PostgreSQL it goes in one
+# round trip with the id reservation's (see submit_batches).
 _UNLIMITED = (
-    select(
-        and_(
-            workspaces.c.vcpu_limit.is_(None),
-            ~select(project_limits.c.id).where(project_limits.c.project_id == projects.c.id).exists(),
-        )
-    )
-    .select_from(projects.join(workspaces, workspaces.c.id == projects.c.workspace_id))
-    .where(projects.c.id == bindparam("project"))
+    "SELECT w.vcpu_limit IS NULL AND NOT EXISTS (SELECT 1 FROM project_limits l WHERE l.project_id = p.id)"
+    " FROM projects p JOIN workspaces w ON w.id = p.workspace_id WHERE p.id = ?"
 )
 _INSERT_BATCH = insert(batches).returning(batches.c.id)
-_TOUCH_TASK = tasks.update().where(tasks.c.id == bindparam("task")).values(last_active_at=bindparam("at"))
+_TOUCH_TASK = "UPDATE tasks SET last_active_at = ? WHERE id = ?"
 RARE = 50_000  # jobs of a project in one status, up to which a status filter reads ix_jobs_queue
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
 # job of the batch; see tables.job_events).
@@ -107,6 +99,7 @@ class NewBatch:
 class Submitted:
     echoes: list[dict[str, Any]]
     settled: bool  # all admitted, all rows written: no scheduler round needed
+    first_ids: list[int]  # each batch's first job's id (its row's, once written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,20 +164,30 @@ class JobStore:
         common case costs no second pass over the rows. Rows beyond the first
         ``materialize_chunk`` jobs of the call are written later (see store/materialize.py).
         ``also`` writes more in the same transaction, given the new batches' ids (function
-        tasks: their events). ``Submitted.settled``: every job was admitted and has its row, so
-        the scheduler has nothing to do for this submit.
+        tasks: their events), with plain DB-API statements whose results it does not read (on
+        PostgreSQL they go with the COMMIT in one round trip). ``Submitted.settled``: every job
+        was admitted and has its row, so the scheduler has nothing to do for this submit.
         """
         echoes: list[dict[str, Any]] = []
         settled = True
         heads: list[BatchHead] = []
-        with self.db.write() as conn:
-            unlimited = conn.execute(_UNLIMITED, {"project": task.project_id}).scalar()
+        db = self.db
+        with db.write() as conn:
+            # On PostgreSQL a lone job's submit is a client's latency, and each statement a
+            # round trip: the reads go in one (after BEGIN's), the batch rows' inserts one each,
+            # then the job rows, counters, events, the task's row and the COMMIT in one.
+            limits = db.cursor(conn)
+            with db.pipelined(conn):
+                limits.execute(db.sql(_UNLIMITED), (task.project_id,))
+                first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
+                unlimited = (limits.fetchone() or (None,))[0]
             steps = lifecycle.submitted(admit=unlimited is None or bool(unlimited))
             status = steps[-1]
             settled = status == JobStatus.SUBMITTED_TO_PROVIDER
-            cur = self.db.cursor(conn)
+            cur = db.cursor(conn)
             batch_ids: list[int] = []
-            first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
+            rows: list[tuple[BatchFields, int]] = []  # job rows to write, after every batch row
+            first_ids: list[int] = []
             budget = self.materialize_chunk
             counters: dict[tuple[str, str, int, str], list[int]] = {}
             for nb in new_batches:
@@ -244,7 +247,8 @@ class JobStore:
                     memory_mb=nb.memory_mb,
                     created_at=now,
                 )
-                self.materializer.write(conn, fields, 0, written)
+                rows.append((fields, written))
+                first_ids.append(first_id)
                 first_id += nb.batch_size
                 budget -= written
                 batch_ids.append(batch_id)
@@ -265,17 +269,20 @@ class JobStore:
                 counts[0] += nb.batch_size
                 counts[1] += nb.batch_size * nb.vcpus
                 echoes.append(echo)
-            bump_counters(self.db, conn, counters)
-            self.db.run_bulk(
-                cur,
-                _INSERT_SUBMIT_EVENTS,
-                [(batch_id, 1, int(step), now, False) for batch_id in batch_ids for step in steps],
-            )
-            if also is not None:
-                also(conn, batch_ids)
-            conn.execute(_TOUCH_TASK, {"task": task.id, "at": now})
+            with db.pipelined(conn, commit=True):
+                for fields, written in rows:
+                    self.materializer.write(conn, fields, 0, written)
+                bump_counters(db, conn, counters)
+                db.run_bulk(
+                    cur,
+                    _INSERT_SUBMIT_EVENTS,
+                    [(batch_id, 1, int(step), now, False) for batch_id in batch_ids for step in steps],
+                )
+                if also is not None:
+                    also(conn, batch_ids)
+                cur.execute(db.sql(_TOUCH_TASK), (now, task.id))
         self._remember(heads)  # only once committed: a rolled-back batch's id may be reused
-        return Submitted(echoes, settled)
+        return Submitted(echoes, settled, first_ids)
 
     def _remember(self, heads: list[BatchHead]) -> None:
         with self._heads_lock:

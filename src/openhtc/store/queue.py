@@ -61,7 +61,7 @@ class QueueStore(AgentRows, ExchangeRows):
         Jobs of projects with no limit at all are admitted at submission; this handles the rest,
         and any job a retry or a removed limit sent back.
         """
-        with self.db.read() as conn:  # the common case: nothing held, no write lock needed
+        with self.db.read(snapshot=False) as conn:  # the common case: nothing held, no write lock
             if not self._projects_with(conn, S.SUBMITTED_TO_RESCALE):
                 return 0
         with self.db.write() as conn:
@@ -304,7 +304,7 @@ class QueueStore(AgentRows, ExchangeRows):
         # write transaction locks nothing until it writes: the read would only repeat its first
         # statement, a transaction (and 3-4 round trips) more in every claim.
         if self.db.is_sqlite:
-            with self.db.read() as conn:
+            with self.db.read(snapshot=False) as conn:
                 if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
                     self.nothing_queued_at = began
                     return []

@@ -22,6 +22,7 @@ from openhtc.domain.errors import ValidationFailed
 from openhtc.services.functions import cancel_functions, results_page, submit_functions
 from openhtc.services.notify import task_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.services.submission import target
 
 router = APIRouter()
 FUNCTIONS = "/openhtc/v1/projects/{project_id}/tasks/{task_id}/functions"
@@ -37,9 +38,9 @@ def submit(
     who: Principal = Depends(principal),
     svc: ServiceSet = Depends(services),
 ) -> JSONResponse:
-    project, task = task_for(svc, who, project_id, task_id)
+    project, task, capacity = target(svc, who, project_id, task_id)  # read together
     require_user(who, "submit functions")
-    return JSONResponse(submit_functions(svc, who, project, task, body), status_code=201)
+    return JSONResponse(submit_functions(svc, who, project, task, body, capacity), status_code=201)
 
 
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -80,8 +81,10 @@ async def results(
     wait = _seconds(request)
     await run_in_threadpool(task_for, svc, who, project_id, task_id)
 
+    known: list[Any] = []  # the batch row, read once
+
     def check() -> tuple[bool, dict[str, Any]]:
-        body, count = results_page(svc, task_id, batch_id, start, limit)
+        body, count = results_page(svc, task_id, batch_id, start, limit, known)
         return count > 0 or start >= body["total"], body
 
     done, body = await run_in_threadpool(check)

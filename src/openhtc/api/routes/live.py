@@ -154,12 +154,33 @@ async def wait_job(
     job, batch = await run_in_threadpool(task_job_for, svc, who, project_id, task_id, job_id)
     if JobStatus(job.status).terminal or timeout == 0:
         return JSONResponse(ser.job(job, batch))
+    admit(svc)
+    async with svc.notify.subscribe((job_key(job.id),)) as sub:
+        # Nothing published since the read began: it still holds, and what changes from now on
+        # wakes the subscription (a writer publishes after its commit). Else read again.
+        held = svc.notify.published() == seen
+        return JSONResponse(await wait_for_job(request, svc, sub, task_id, job_id, job, batch, timeout, held))
+
+
+async def wait_for_job(
+    request: Request,
+    svc: ServiceSet,
+    sub: Subscription,
+    task_id: str,
+    job_id: str,
+    job: Any,
+    batch: Any,
+    timeout: float,
+    held: bool,
+) -> dict[str, Any]:
+    """A job's wait, subscribed to its key: the job once it has ended, or at the timeout.
+    ``job``, ``batch``: its rows as read; ``held``: they still hold (nothing was published
+    since the read began), else they are read again first."""
+    key = job_key(job.id)
 
     def check() -> tuple[bool, dict[str, Any]]:
         found, row = job_for(svc, task_id, job_id)
         return JobStatus(found.status).terminal, ser.job(found, row)
-
-    key = job_key(job.id)
 
     def told() -> tuple[bool, dict[str, Any]] | None:
         """The job's end as its report's commit said it (services/executors.py: the changed
@@ -169,12 +190,8 @@ async def wait_job(
             return None
         return True, ser.job(SimpleNamespace(**{**job._asdict(), **fact}), batch)
 
-    admit(svc)
-    async with svc.notify.subscribe((key,)) as sub:
-        # Nothing published since the read began: it still holds, and what changes from now on
-        # wakes the subscription (a writer publishes after its commit). Else read again.
-        first = (False, ser.job(job, batch)) if svc.notify.published() == seen else None
-        return JSONResponse(await _wait(request, sub, timeout, check, 0.0, _closing(svc), first, told))
+    first = (JobStatus(job.status).terminal, ser.job(job, batch)) if held else None
+    return await _wait(request, sub, timeout, check, 0.0, _closing(svc), first, told)
 
 
 @router.get(TASK + "/batches/{parent_job_id}/wait")
