@@ -512,7 +512,9 @@ class LocalExecutor:
                     continue
             while window:
                 queued, begun = window[-1]
-                if not isinstance(begun.started, FunctionCall) or not pool.withdraw(begun.started):
+                if not isinstance(begun.started, FunctionCall) or begun.started.handle.stopped:
+                    break  # a cancelled call ends STOPPED in its window: taken back, it would run
+                if not pool.withdraw(begun.started):
                     break
                 window.pop()
                 self._take_back(queued)
@@ -576,6 +578,8 @@ class LocalExecutor:
         pipeline = self._pipe_of(after.started)
         assert pipeline is not None
         while not pipeline.wait(current.started, HOLD_SECONDS):
+            if successor.driver.stopped:  # cancelled: it ends STOPPED here (taken back, it would run)
+                continue
             with self._lock:
                 if not self.state.should_withdraw(successor, time.monotonic()):
                     continue

@@ -263,8 +263,8 @@ class FunctionPool:
         worker = started.worker
         if started.reply is not None:
             return True
-        if self._waiting(started) and (worker.closed or not worker.alive):
-            return True  # ``finish`` moves it
+        if self._waiting(started) and (started.handle.stopped or worker.closed or not worker.alive):
+            return True  # ``finish`` ends it STOPPED (never written: it never runs), or moves it
         self._pump(worker)  # it, if not sent yet, and what fits behind it
         self._arm(started)
         assert started.deadline is not None
