@@ -163,3 +163,26 @@ def test_a_call_cancelled_while_it_waits_unsent_ends_at_once_and_never_runs(slot
     assert slot.pool.finish(c).succeeded
     assert slot.runs() == Counter([0, 2])
 
+
+def test_a_worker_emptied_by_a_stop_and_its_call_at_once_is_given_back_once(
+    slot: Slot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop takes B back (from the control thread) just as A's slot finishes A: its worker is
+    # idle once, so two calls started next go to two workers, not both to that one.
+    a = slot.start(0, sleep=0.3)
+    b = slot.start(1, a)
+    slot.until_running(0)
+    done = slot.pool._done
+
+    def racing(call: FunctionCall) -> bool:
+        emptied = done(call)
+        if call is a:  # between A leaving its worker's queue and the slot seeing what is left
+            assert slot.pool.withdraw(b)
+        return emptied
+
+    monkeypatch.setattr(slot.pool, "_done", racing)
+    assert slot.pool.finish(a).succeeded
+    c, d = slot.start(2), slot.start(3)
+    assert c.worker is not d.worker, "one worker was given back twice: two slots share it"
+    assert slot.pool.finish(c).succeeded and slot.pool.finish(d).succeeded
+    assert slot.runs() == Counter([0, 2, 3])
