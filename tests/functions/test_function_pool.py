@@ -144,3 +144,45 @@ def test_a_call_killed_for_the_one_before_it_may_have_run_and_is_not_run_again(s
     assert "may have run" in (lost.reason or "")
     assert slot.pool.finish(c).succeeded
     assert slot.runs() == Counter([0, 1, 2])
+
+
+def test_a_call_cancelled_while_it_waits_unsent_ends_at_once_and_never_runs(slot: Slot) -> None:
+    # B waits in the executor behind A (not yet in the pipe) when its batch is cancelled. Once
+    # A has answered, B is the head: a slot waiting on it hears at once that it has ended (it
+    # does not wait out B's timeout), B ends stopped, and the worker goes on with C.
+    a = slot.start(0, sleep=0.3)
+    b = slot.start(1, a)
+    c = slot.start(2, b)
+    slot.until_running(0)
+    b.handle.stop()
+    assert slot.pool.finish(a).succeeded
+    assert slot.pool.take_up(b) and slot.pool.unsent(c)  # as the slot's ``_hold`` sees them
+    assert slot.pool.wait(b, 10), "a cancelled call waiting unsent is waited for"
+    stopped = slot.pool.finish(b)
+    assert not stopped.succeeded and "stopped" in (stopped.reason or "")
+    assert slot.pool.finish(c).succeeded
+    assert slot.runs() == Counter([0, 2])
+
+
+def test_a_worker_emptied_by_a_stop_and_its_call_at_once_is_given_back_once(
+    slot: Slot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop takes B back (from the control thread) just as A's slot finishes A: its worker is
+    # idle once, so two calls started next go to two workers, not both to that one.
+    a = slot.start(0, sleep=0.3)
+    b = slot.start(1, a)
+    slot.until_running(0)
+    done = slot.pool._done
+
+    def racing(call: FunctionCall) -> bool:
+        emptied = done(call)
+        if call is a:  # between A leaving its worker's queue and the slot seeing what is left
+            assert slot.pool.withdraw(b)
+        return emptied
+
+    monkeypatch.setattr(slot.pool, "_done", racing)
+    assert slot.pool.finish(a).succeeded
+    c, d = slot.start(2), slot.start(3)
+    assert c.worker is not d.worker, "one worker was given back twice: two slots share it"
+    assert slot.pool.finish(c).succeeded and slot.pool.finish(d).succeeded
+    assert slot.runs() == Counter([0, 2, 3])

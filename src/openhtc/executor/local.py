@@ -468,10 +468,9 @@ class LocalExecutor:
         """Run function calls in ``first``'s slot, a window of them queued in its warm worker
         (``FunctionPool.window_depth``), each a successor of the one before in the slot;
         topped up when half has ended, so the pool writes them a chunk at a time. Returns what
-        the slot runs next (to begin): a job that came next in line, or a fresh attempt."""
+        the slot runs next (to begin): a fresh attempt."""
         assert self.functions is not None
         window: deque[tuple[Attempt, _Begun]] = deque([(first, begun)])
-        tail: Attempt | None = None  # a job, not a call, next in line: it follows the window
         fresh: Attempt | None = None
         full = False  # the window takes no more calls (the next in line is of another key)
         while window:
@@ -480,15 +479,12 @@ class LocalExecutor:
                     if queued[1].started is not None and self.functions.withdraw(queued[1].started):
                         window.remove(queued)
                         self._take_back(queued[0])
-                if tail is not None:
-                    self._take_back(tail)
-                    tail = None
                 if not window:
                     break
             else:
                 depth = self.functions.window_depth(self.state.prefetch.rate, self.capacity.vcpus)
-                if tail is None and not full and len(window) <= depth // 2:
-                    tail, full = self._fill(window, depth)
+                if not full and len(window) <= depth // 2:
+                    full = self._fill(window, depth)
             item, begun_ = window.popleft()
             if isinstance(begun_.started, FunctionCall):
                 if not self.functions.take_up(begun_.started):
@@ -499,13 +495,13 @@ class LocalExecutor:
             if not self._end(item, begun_):
                 self._take_back(item)
                 continue
-            following = window[0][0] if window else tail
+            following = window[0][0] if window else None
             with self._lock:
                 fresh = self.state.ended(item, following)
             self._wake.set()
             if self._gate_closed:
                 self._drained.set()
-        return (tail, None) if tail is not None else (fresh, None)
+        return fresh, None
 
     def _hold(self, head: FunctionCall, window: deque[tuple[Attempt, _Begun]]) -> None:
         """While ``head`` runs, the calls of the window still waiting here (not yet written to
@@ -526,35 +522,39 @@ class LocalExecutor:
                     continue
             while window:
                 queued, begun = window[-1]
-                if not isinstance(begun.started, FunctionCall) or not pool.withdraw(begun.started):
+                if not isinstance(begun.started, FunctionCall) or begun.started.handle.stopped:
+                    break  # a cancelled call ends STOPPED in its window: taken back, it would run
+                if not pool.withdraw(begun.started):
                     break
                 window.pop()
                 self._take_back(queued)
             self._wake.set()
             return
 
-    def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> tuple[Attempt | None, bool]:
+    def _fill(self, window: deque[tuple[Attempt, _Begun]], depth: int) -> bool:
         """Queue the calls next in line behind the window's last, in its worker, up to ``depth``
-        and while as many stay in line as the window holds; returns a job taken next in line
-        that is not a call of the window's kind (another handler, image, code or limits),
-        which the window's last hands its slot to: one worker runs a slot's calls, one at a
-        time. True with it if the window is to take no more calls."""
+        and while as many stay in line as the window holds. True if the window is to take no
+        more calls: next in line is a job or a call of another kind (handler, image, code or
+        limits). That one stays in line, for any free slot (or this one's when the window
+        ends): nothing waits behind the window but the calls in it."""
         while len(window) < depth:
             last = window[-1][0]
             with self._lock:  # at most half of what is in line: the other slots get their share
-                fair = len(self.state.pending) >= len(window)
-                successor = self.state.successor(last, time.monotonic()) if fair else None
+                if len(self.state.pending) < len(window):
+                    return False
+                following = self.state.pending[0]
+                if not is_function(following) or not same_kind(last.launch, following):
+                    return True
+                successor = self.state.successor(last, time.monotonic())
             if successor is None:
-                return None, False
-            if not is_function(successor.launch) or not same_kind(last.launch, successor.launch):
-                return successor, True
+                return False
             calls = (b.started for _, b in reversed(window) if isinstance(b.started, FunctionCall))
             after = self._begin(successor, next(calls, None))
             if after.refused:  # stopping, or another key once staged (the pool declined it)
                 self._take_back(successor)
-                return None, True
+                return True
             window.append((successor, after))
-        return None, False
+        return False
 
     def _pipeline_for(self, launch: JobLaunch) -> Pipelined | None:
         """The pipelined runtime, or the function pool for a function call."""
@@ -590,6 +590,8 @@ class LocalExecutor:
         pipeline = self._pipe_of(after.started)
         assert pipeline is not None
         while not pipeline.wait(current.started, HOLD_SECONDS):
+            if successor.driver.stopped:  # cancelled: it ends STOPPED here (taken back, it would run)
+                continue
             with self._lock:
                 if not self.state.should_withdraw(successor, time.monotonic()):
                     continue

@@ -263,8 +263,8 @@ class FunctionPool:
         worker = started.worker
         if started.reply is not None:
             return True
-        if self._waiting(started) and (worker.closed or not worker.alive):
-            return True  # ``finish`` moves it
+        if self._waiting(started) and (started.handle.stopped or worker.closed or not worker.alive):
+            return True  # ``finish`` ends it STOPPED (never written: it never runs), or moves it
         self._pump(worker)  # it, if not sent yet, and what fits behind it
         self._arm(started)
         assert started.deadline is not None
@@ -334,8 +334,7 @@ class FunctionPool:
             worker = call.worker
             if self._waiting(call):  # not in its worker's pipe yet
                 if call.handle.stopped:  # cancelled while queued: it never runs
-                    self._done(call)
-                    if not worker.calls:
+                    if self._done(call):
                         self._give(call.key, worker)
                     return Outcome(None, FailureCode.ErrorUnknownFailure.value, STOPPED)
                 if worker.closed or not worker.alive:
@@ -352,9 +351,9 @@ class FunctionPool:
                     return self._lost(call)
         worker = call.worker
         tag, payload = call.reply
-        self._done(call)
+        emptied = self._done(call)
         call.current = False
-        if not worker.calls:
+        if emptied:
             self._give(call.key, worker)
         if tag == b"R":
             why = self._keep_result(launch, payload)
@@ -502,17 +501,21 @@ class FunctionPool:
                 unsent = itertools.islice(worker.calls, worker.sent, at)
                 worker.inflight -= sum(len(c.payload) + FRAME_HEAD for c in unsent)
 
-    def _done(self, call: FunctionCall) -> None:
-        """The call, its worker's first, is finished: out of its queue."""
+    def _done(self, call: FunctionCall) -> bool:
+        """The call, its worker's first, is finished: out of its queue. True if that emptied
+        the queue: decided under the lock, so a worker is given back once (a stop's
+        ``withdraw`` from another thread may empty it too)."""
         worker = call.worker
         with self._lock:
-            if worker.calls and worker.calls[0] is call:
-                worker.calls.popleft()
-                if worker.sent:
-                    worker.sent -= 1
-                    worker.inflight -= len(call.payload) + FRAME_HEAD
-                if call.reply is not None and worker.answered:
-                    worker.answered -= 1
+            if not worker.calls or worker.calls[0] is not call:
+                return False
+            worker.calls.popleft()
+            if worker.sent:
+                worker.sent -= 1
+                worker.inflight -= len(call.payload) + FRAME_HEAD
+            if call.reply is not None and worker.answered:
+                worker.answered -= 1
+            return not worker.calls
 
     def _move(self, dead: Worker) -> None:
         """Every call left on a dead worker (none of them ran), in order, to a new one."""
