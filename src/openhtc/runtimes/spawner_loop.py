@@ -63,9 +63,9 @@ RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
 INIT_WAIT = 2.0  # seconds the sandbox's init gets to die after bwrap (it has a parent-death signal)
 
 
-def die_with_parent(parent: int, prctl: Any) -> None:
-    """SIGKILL when the parent dies; exit at once if it already has."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(parent: int, prctl: Any, sig: int = signal.SIGKILL) -> None:
+    """``sig`` when the parent dies; exit at once if it already has."""
+    prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -264,6 +264,9 @@ class Loop:
                 signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.killpg(job.pid, signal.SIGKILL)
+        if job.init_fd is not None:  # a released init has a session of its own, and may not
+            with contextlib.suppress(OSError):  # die with bwrap: its pid namespace goes with it
+                signal.pidfd_send_signal(job.init_fd, signal.SIGKILL)
 
     def on_exit(self, job: _Sandbox) -> None:
         self.sel.unregister(job.pidfd)
@@ -319,17 +322,24 @@ class Loop:
             self.kill(job)
 
 
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(1)
+
+
 def main() -> None:
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    die_with_parent(parent, prctl)
+    # SIGTERM, not SIGKILL, when the server dies: the sandboxes go first (below), their
+    # inits included (a released one does not always die with its bwrap).
+    signal.signal(signal.SIGTERM, _exit_now)
+    die_with_parent(parent, prctl, signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops it
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     loop = Loop(sock, prctl)
     try:
         loop.run()
-    except (OSError, pickle.PickleError):
+    except (OSError, pickle.PickleError, SystemExit):
         pass
     finally:
         loop.kill_all()
