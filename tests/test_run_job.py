@@ -4,11 +4,15 @@ it has ended (issue 19, W5: one request instead of the submit and the job's wait
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
-from openhtc.client import Connection, Session, Task
+from openhtc.client import Connection, ServerError, Session, Task
 from openhtc.testing.server import HtcApi, HtcServer
 
 HOUR = 3600.0  # a poll interval no test could sit through: the waits below must be pushed
@@ -95,3 +99,53 @@ def test_task_run_falls_back_where_the_route_is_missing() -> None:
         method == "POST" and path.endswith("/htc/projects/p/tasks/t/jobs/batch") for method, path in calls
     )
     assert not conn.live_supported
+
+
+def test_a_busy_server_submits_the_run_once_and_answers_it_at_once(
+    start_server: Callable[..., HtcServer],
+) -> None:
+    """Past max_live_subscriptions open waits the run is still submitted, answered as it is
+    (never a 503 after which a client could not know whether the job was stored), and Task.run
+    waits for it by polling: one job, run once."""
+    server = start_server(env={"OPENHTC_MAX_LIVE_SUBSCRIPTIONS": "1"})
+    api = server.api()
+    p, t = api.project_and_task()
+    sleeper = api.submit_one(p, t, api.job_request(["sleep", "300"]))["parentJobId"] + ":0"
+    held = threading.Thread(  # the one open wait the server allows
+        target=lambda: api.get(f"/openhtc/v1/projects/{p}/tasks/{t}/jobs/{sleeper}/wait", timeout=60)
+    )
+    held.start()
+    try:
+        deadline = time.monotonic() + 30
+        while api.get("/openhtc/v1/live")["subscriptions"] < 1:
+            assert time.monotonic() < deadline, "the held wait never opened"
+            time.sleep(0.05)
+        body = api.post(run_url(server, p, t), [api.job_request(["sleep", "0.3"])], timeout=60)
+        assert body["status"] not in ("SUCCEEDED", "FAILED")  # answered at once, not waited for
+        with Session(connection=Connection(server.url, api_key=server.api_key)) as htc:
+            job = htc.task(p, t).run("busybox:latest", ["true"], timeout=120, poll=0.05)
+        assert job.status == "SUCCEEDED"
+        ids = [j["jobUUID"] for j in api.jobs(p, t)]
+        assert len(ids) == 3 and job.id in ids and body["jobUUID"] in ids  # each submitted once
+    finally:
+        api.cancel(p, t)
+        held.join(60)
+
+
+def test_task_run_never_submits_again_after_an_error_of_the_route() -> None:
+    """A 503 (or any error) of the run route may come after the job was stored: Task.run raises
+    it and does not submit the job a second time through the Rescale routes."""
+    calls: list[tuple[str, str]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if request.url.path.endswith("/jobs/run"):
+            return httpx.Response(503, json={"detail": "database unavailable"})
+        if request.url.path.endswith("/jobs/batch"):
+            return httpx.Response(200, json=[{"parentJobId": "b", "batchSize": 1}])
+        return httpx.Response(500)
+
+    conn = Connection("http://htc.example", bearer_token="t", transport=httpx.MockTransport(server))
+    with Session(connection=conn) as htc, pytest.raises(ServerError):
+        Task(htc, {"taskId": "t", "projectId": "p"}).run("busybox:latest", ["true"], timeout=10)
+    assert [path for _, path in calls if path.endswith("/jobs/batch")] == []

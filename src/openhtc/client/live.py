@@ -116,7 +116,9 @@ def run_job(
     """``POST /openhtc/v1/…/jobs/run``: submit one job (an HTCJobSubmitRequest of batchSize 1)
     and have it (an HTCJob) as soon as it has ended, or after ``timeout`` seconds (at most 60)
     with its status then: one request instead of the submit and the job's wait. Raises
-    :class:`Unsupported` (nothing submitted) where the route is missing or the server busy."""
+    :class:`Unsupported` (nothing submitted) where the route is missing. Any other error goes
+    to the caller: past the submit's commit the job exists, so submitting again would run it
+    twice (a busy server answers the job at once instead: the caller then waits for it)."""
     if not supported(conn):
         raise Unsupported(conn.base_url)
     wait = max(0.0, min(timeout, MAX_WAIT))
@@ -127,10 +129,6 @@ def run_job(
     except NotFound as exc:
         if exc.response is not None and _is_route_missing(exc.response):
             raise _missing(conn) from None
-        raise
-    except ServerError as exc:
-        if exc.status_code == 503:  # too many open waits (or no database): nothing was stored
-            raise Busy(str(exc)) from None
         raise
     try:
         body = response.json()
