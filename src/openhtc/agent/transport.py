@@ -314,8 +314,15 @@ class HttpTransport:
         with self._lock:
             if recheck and max_jobs > 0 and self.want is not None:
                 wanted = self.want()
+                # leases an exchange before this one received that have not reached the
+                # executor yet (its caller hands them over after the lock): want() counts none
+                held = set(self.held())
+                with self._received_lock:
+                    on_the_way = len(self._received - held)
                 free, max_jobs = (
-                    (Capacity(0, 0), 0) if wanted is None else (wanted[0], min(max_jobs, wanted[1]))
+                    (Capacity(0, 0), 0)
+                    if wanted is None
+                    else (wanted[0], min(max_jobs, wanted[1] - on_the_way))
                 )
                 if max_jobs <= 0 and not self._unsent.is_set():
                     return None  # an exchange before this one carried it all and claimed enough

@@ -157,15 +157,21 @@ class AllocationService:
         """Remove a queue; its pilots still in Slurm are cancelled (their jobs are recovered)."""
         self.get(queue_id)
         with self._lock:
-            for pilot in self.store.pilots(queue_id, alive_only=True):
-                if not pilot.batch_job_id:  # its sbatch never answered: nothing known to cancel
-                    continue
+            alive = self.store.pilots(queue_id, alive_only=True)
+            doomed = {p.batch_job_id for p in alive if p.batch_job_id}
+            if any(not p.batch_job_id for p in alive):
+                # an sbatch that never answered (a server stopped in it) may still have queued a
+                # job: no later round of this queue looks for it, so every job of its name goes
                 try:
-                    self.slurm.cancel(pilot.batch_job_id)
+                    jobs = self.slurm.jobs(job_name(queue_id))
+                    doomed |= {job_id for job_id, job in jobs.items() if job.waiting or job.running}
                 except SlurmError as exc:
-                    log.warning(
-                        "could not cancel pilot %s (Slurm job %s): %s", pilot.id, pilot.batch_job_id, exc
-                    )
+                    log.warning("could not list the Slurm jobs of queue %s: %s", queue_id, exc)
+            for job_id in sorted(doomed):
+                try:
+                    self.slurm.cancel(job_id)
+                except SlurmError as exc:
+                    log.warning("could not cancel pilot Slurm job %s of queue %s: %s", job_id, queue_id, exc)
             self.store.remove_queue(queue_id)
 
     def queue_depth(self, region: str) -> dict[str, int | str]:
