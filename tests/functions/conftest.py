@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import time
 import zipfile
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
+from tests.conftest import _fresh_db_url
 
 from openhtc.testing.server import HtcApi, HtcServer
 
@@ -118,3 +122,27 @@ class Functions:
 
     def cancel(self, batch: str) -> int:
         return int(self.api.post(f"{self.base}/{batch}/cancel")["cancelled"])
+
+
+def server_with(
+    tmp_path_factory: pytest.TempPathFactory,
+    db_kind: str,
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+) -> Iterator[HtcServer]:
+    """A module's own server with ``env`` (the body of a module-scoped fixture), on a fresh database."""
+    srv = HtcServer(tmp_path_factory.mktemp("htc-data"), _fresh_db_url(db_kind, request), env=env)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def functions_on(server: HtcServer, code_name: str, source: str) -> Functions:
+    """A fresh project and task on ``server`` with ``source``'s handlers uploaded as ``code_name``."""
+    api = server.api()
+    project_id, task_id = api.project_and_task()
+    functions = Functions(server, api, project_id, task_id)
+    functions.upload_code(code_name, handlers_zip(source))
+    return functions

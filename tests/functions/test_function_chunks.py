@@ -15,8 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from tests.conftest import _fresh_db_url
-from tests.functions.conftest import Functions, handlers_zip
+from tests.functions.conftest import Functions, functions_on, server_with
 
 from openhtc.domain.enums import JobStatus
 from openhtc.testing.server import HtcServer
@@ -68,21 +67,12 @@ ENV = {
 def chunk_server(
     tmp_path_factory: pytest.TempPathFactory, db_kind: str, request: pytest.FixtureRequest
 ) -> Iterator[HtcServer]:
-    srv = HtcServer(tmp_path_factory.mktemp("htc-data"), _fresh_db_url(db_kind, request), env=ENV)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from server_with(tmp_path_factory, db_kind, request, ENV)
 
 
 @pytest.fixture
 def fn(chunk_server: HtcServer) -> Functions:
-    api = chunk_server.api()
-    project_id, task_id = api.project_and_task()
-    functions = Functions(chunk_server, api, project_id, task_id)
-    functions.upload_code("chunks.zip", handlers_zip(SOURCE))
-    return functions
+    return functions_on(chunk_server, "chunks.zip", SOURCE)
 
 
 def _runs(fn: Functions) -> Counter[int]:

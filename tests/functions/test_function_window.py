@@ -12,8 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tests.conftest import _fresh_db_url
-from tests.functions.conftest import Functions, handlers_zip
+from tests.functions.conftest import Functions, functions_on, server_with
 
 from openhtc.testing.server import HtcServer
 
@@ -53,21 +52,12 @@ ENV = {
 def window_server(
     tmp_path_factory: pytest.TempPathFactory, db_kind: str, request: pytest.FixtureRequest
 ) -> Iterator[HtcServer]:
-    srv = HtcServer(tmp_path_factory.mktemp("htc-data"), _fresh_db_url(db_kind, request), env=ENV)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from server_with(tmp_path_factory, db_kind, request, ENV)
 
 
 @pytest.fixture
 def fn(window_server: HtcServer) -> Functions:
-    api = window_server.api()
-    project_id, task_id = api.project_and_task()
-    functions = Functions(window_server, api, project_id, task_id)
-    functions.upload_code("window.zip", handlers_zip(SOURCE))
-    return functions
+    return functions_on(window_server, "window.zip", SOURCE)
 
 
 def _submit(fn: Functions, handler: str, events: list[dict[str, object]]) -> str:
