@@ -110,3 +110,28 @@ def test_a_call_of_another_kind_next_in_line_runs_in_a_slot_that_frees(fn: Funct
     fn.results(short, 1, timeout=120)
     spans = _spans(fn)
     assert spans["b3"][0] < spans["a2"][1], f"b3 waited behind a2 although a slot was free: {spans}"
+
+
+def test_calls_before_a_cancelled_one_are_still_taken_back_for_a_free_slot(fn: Functions) -> None:
+    # X's long call heads a window that also holds X's short calls and, behind them, Y's calls,
+    # which are cancelled: the cancelled ones end stopped where they wait, and X's waiting short
+    # call is still taken back for the slot that frees (not held behind the long one).
+    z = _submit(fn, "a", [{"tag": "z", "x": 0, "sleep": 3}, {"tag": "z", "x": 1, "sleep": 3.5}])
+    time.sleep(1.0)
+    x = _submit(fn, "a", [{"tag": "x", "x": i, "sleep": s} for i, s in enumerate((12, 0.2, 0.2))])
+    y = _submit(fn, "a", [{"tag": "y", "x": i, "sleep": 3} for i in range(10)])
+    deadline = time.monotonic() + 60
+    while "x0" not in _spans(fn):
+        assert time.monotonic() < deadline, fn.server.log_tail()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    cancelled_at = time.time()
+    assert fn.cancel(y) > 0
+    fn.results(y, 10, timeout=60)
+    fn.results(x, 3, timeout=60)
+    fn.results(z, 2, timeout=60)
+    spans = _spans(fn)
+    late = sorted(k for k, v in spans.items() if k[0] == "y" and v[0] > cancelled_at + 0.5)
+    assert not late, f"cancelled calls began after the cancel: {late}"
+    # x1 is in x0's pipe (it may wait for it); x2 waits unsent and goes to the slot Z frees
+    assert spans["x2"][0] < spans["x0"][1], f"x2 waited behind x0 although a slot was free: {spans}"

@@ -520,13 +520,15 @@ class LocalExecutor:
             with self._lock:
                 if not self.state.should_withdraw(window[-1][0], now):
                     continue
-            while window:
-                queued, begun = window[-1]
-                if not isinstance(begun.started, FunctionCall) or begun.started.handle.stopped:
-                    break  # a cancelled call ends STOPPED in its window: taken back, it would run
+            for entry in reversed(list(window)):
+                queued, begun = entry
+                if not isinstance(begun.started, FunctionCall):
+                    break
+                if begun.started.handle.stopped:
+                    continue  # a cancelled call ends STOPPED in its window: taken back, it would run
                 if not pool.withdraw(begun.started):
                     break
-                window.pop()
+                window.remove(entry)
                 self._take_back(queued)
             self._wake.set()
             return

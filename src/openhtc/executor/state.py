@@ -52,6 +52,7 @@ class Attempt:
     held_at: float | None = None  # when it was handed over behind the slot's running job
     handoff: Any = None  # what a pipelined runtime's start returned: a clean stop withdraws it
     driver: Any = None  # the driver's own data (the local executor's RunHandle)
+    cancelled: bool = False  # the heartbeat stopped it: never queued again (``withdrawn``)
 
     @property
     def key(self) -> Key:
@@ -202,7 +203,8 @@ class ExecutorState:
         (Its journal record is ended first: ``to_unmark``.) At stop, also an attempt that was
         never handed over; its slot is not given back then (nothing launches any more)."""
         self.running.pop(held.launch.job_id, None)
-        self.pending.appendleft(held.launch)
+        if not held.cancelled:  # a stop decided under the same lock: taken back, it is dropped
+            self.pending.appendleft(held.launch)
 
     def ended(self, attempt: Attempt, successor: Attempt | None) -> Attempt | None:
         """``attempt`` ended (its outcome is reported). ``successor``, handed over behind it,
@@ -299,6 +301,8 @@ class ExecutorState:
             return Stop([], [])
         self.pending = deque(j for j in self.pending if (j.job_id, j.attempt) not in stop)
         kill = [a for a in self.running.values() if a.key in stop]
+        for attempt in kill:
+            attempt.cancelled = True
         unjournal = [key for key in stop if self.premarked.pop(key, None) is not None]
         return Stop(kill, unjournal)
 
