@@ -16,9 +16,7 @@ Two figures per run:
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import shutil
 import subprocess
 import tempfile
@@ -131,20 +129,6 @@ def _runtime_ms(
         runtime.close()
 
 
-def _tree_cpu(pid: int) -> float | None:
-    """CPU of the server, its reaped children and its live ones (the bwrap runtime's sandbox
-    spawners, whose own reaped children are the bwraps)."""
-    own = cpu_seconds(pid)
-    if own is None:
-        return None
-    children: list[str] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                children += fh.read().split()
-    return own + sum(cpu_seconds(child) or 0.0 for child in children)
-
-
 def openhtc_containers(ctx: Any, db: str, n: int) -> Result:
     work = Path(tempfile.mkdtemp(prefix="openhtc-bench-w3-"))
     try:
@@ -167,13 +151,13 @@ def _measure(ctx: Any, db: str, n: int, work: Path) -> Result:
         api.new_task("containers")
         profiler = Profiler(srv.pid, ctx.profile_path(f"containers-{kind}-{db}-{n}")) if ctx.profile else None
         try:
-            cpu0 = _tree_cpu(srv.pid)
+            cpu0 = cpu_seconds(srv.pid)
             start = time.perf_counter()
             api.submit_jobs(n, image=IMAGE)
             submitted = time.perf_counter()
             counts = api.wait_terminal(n, time.monotonic() + timeout)
             seconds = time.perf_counter() - start
-            cpu1 = _tree_cpu(srv.pid)
+            cpu1 = cpu_seconds(srv.pid)
         finally:
             if profiler is not None:
                 profiler.stop()

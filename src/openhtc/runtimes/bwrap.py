@@ -5,17 +5,16 @@ Per job: a cgroup with the job's memory and CPU limits, a writable overlay root 
 network is ``full``; see jobnet.py) with a fresh /proc and /dev, the job's mounts, its user and
 working directory.
 
-bwrap is started by a spawner process (spawner.py, spawner_loop.py; a few, by default one per
-CPU), not by the server: born in the job's cgroup, it sets the sandbox up, reports its pid on
-``--info-fd`` and waits on ``--block-fd`` until the spawner releases it (no wrapper shell; see
-sandbox.py). So none of a sandbox's start (the spawn, the cgroup migration, bwrap's set-up, the
-release, the reaping) waits for the server's GIL. The environment reaches the job through
+The job is born in its cgroup: bwrap waits for its ``--args`` while it is moved there, then
+sets the sandbox up, reports its pid on ``--info-fd`` and waits on ``--block-fd`` until it is
+released (no wrapper shell, no ``preexec_fn``; see sandbox.py). The environment reaches the job through
 bwrap's own environment, not its command line, so tokens do not show in ``ps``.
 
-The runtime is pipelined (see ``base.Pipelined``): ``start(..., after=)`` prepares the slot's
-next job (image, cgroup, disk) and hands its sandbox to the spawner of the job ahead, which
-holds it at ``--block-fd`` while the current job runs and releases it the moment that job's
-bwrap exits. Job cgroups are pooled (``Cgroups.acquire``/``recycle``).
+The runtime is pipelined (see ``base.Pipelined``): ``start(..., after=)`` sets up the slot's
+next sandbox (image, cgroup, disk, bwrap held at ``--block-fd``, cgroup and network joined)
+while the current job runs, and it is released the moment that job's bwrap exits. Job cgroups
+are pooled (``Cgroups.acquire``/``recycle``), and a job's clean-up after it ends (its cgroup,
+its disk) overlaps the next job's run.
 
 A timeout or cancel kills bwrap's process group and every process in the job's cgroup. After a
 crash, ``adopt`` kills what a dead incarnation's cgroups still hold, removes them, and unmounts
@@ -42,13 +41,11 @@ from openhtc.runtimes.images.oci import DEFAULT_PATH
 from openhtc.runtimes.jobnet import JobNetwork
 from openhtc.runtimes.output import LogSink
 from openhtc.runtimes.process import Deadlines, exit_outcome
-from openhtc.runtimes.sandbox import Sandbox
+from openhtc.runtimes.sandbox import Sandbox, SandboxGone
 from openhtc.runtimes.scratch import GIB, ScratchError, ScratchPool
-from openhtc.runtimes.spawner import SpawnerGone, Spawners
 
 log = logging.getLogger("openhtc.runtimes.bwrap")
 DEFAULT_DISK_GIB = 1  # scratch for jobs that ask for maxDiskGiB 0
-LOST_REASON = "The sandbox spawner stopped while the job ran"
 # What podman grants a root container by default; a job whose image user is not root gets none.
 ROOT_CAPS = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
@@ -109,7 +106,6 @@ class BwrapRuntime:
             os.path.join(work_root, "images"), image_cache_bytes, on_evict=self.scratch.forget
         )
         self.cgroups = Cgroups.detect()
-        self.spawners = Spawners()
         self._deadlines = Deadlines()
         self._users: dict[str, User] = {}
         self._lock = threading.Lock()
@@ -120,7 +116,6 @@ class BwrapRuntime:
         return killed
 
     def close(self) -> None:
-        self.spawners.close()
         if self.job_network is not None:
             self.job_network.close()
         self.scratch.close()
@@ -151,12 +146,27 @@ class BwrapRuntime:
         except ImageError as exc:
             return starting_failure(f"Cannot pull image {launch.image!r}: {exc}")
         try:
-            started = self._prepare(launch, image, handle, open_log, on_running, after)
+            started = self._prepare(launch, image, handle, open_log)
         except BaseException:
             self.cache.release(image)
             raise
         if isinstance(started, Outcome):
             self.cache.release(image)
+            return started
+
+        def running() -> None:  # the job's own process starts now
+            if launch.timeout_s:
+                stop = lambda: handle.stop(timed_out=True)  # noqa: E731
+                started.cancel_timeout = self._deadlines.add(launch.timeout_s, stop)
+            on_running()
+
+        sandbox = started.sandbox
+        sandbox.on_release = running
+        ahead = after.sandbox if after is not None else None
+        if ahead is None or ahead.over:
+            sandbox.release()
+        else:
+            ahead.successor = sandbox
         return started
 
     def wait(self, started: Started, timeout: float) -> bool:
@@ -165,8 +175,9 @@ class BwrapRuntime:
 
     def withdraw(self, started: Started) -> bool:
         """Take back a job held ``after`` another one if it has not started: True if so."""
-        if not started.sandbox.take_back():
+        if started.sandbox.released:
             return False
+        started.sandbox.kill()
         self._end(started)
         return True
 
@@ -184,13 +195,7 @@ class BwrapRuntime:
         return user
 
     def _prepare(
-        self,
-        launch: JobLaunch,
-        image: PreparedImage,
-        handle: RunHandle,
-        open_log: LogOpener,
-        on_running: Callable[[], None],
-        after: Started | None,
+        self, launch: JobLaunch, image: PreparedImage, handle: RunHandle, open_log: LogOpener
     ) -> Started | Outcome:
         """The job's cgroup, disk and held sandbox (in its cgroup and network), or why not."""
         argv = job_argv(launch, image)
@@ -216,7 +221,7 @@ class BwrapRuntime:
                 self._teardown(launch, cgroup, layer)
                 return starting_failure(f"Cannot set up the job's disk: {exc}")
             job = _Job(launch, image, user, argv, cwd, root, cgroup)
-            sandbox = self._spawn(job, handle, on_running, after)
+            sandbox = self._spawn(job, handle)
         except BaseException:
             self._teardown(launch, cgroup, layer)
             raise
@@ -244,39 +249,29 @@ class BwrapRuntime:
                 args += ["--cap-add", cap]
         return args
 
-    def _spawn(
-        self, job: _Job, handle: RunHandle, on_running: Callable[[], None], after: Started | None
-    ) -> Sandbox | str:
-        """Hand the sandbox to a spawner: born in the job's cgroup, held until the job ahead
-        (``after``) has ended (and, with the openhtc job network, until it is joined to it);
-        or why it could not be handed over."""
-        launch = job.launch
-        sandbox = Sandbox(job.cgroup.kill)
-
-        def running() -> None:  # the job's own process starts now (the spawner's reader thread)
-            if launch.timeout_s:
-                stop = lambda: handle.stop(timed_out=True)  # noqa: E731
-                sandbox.cancel_timeout = self._deadlines.add(launch.timeout_s, stop)
-            on_running()
-
-        sandbox.on_release = running
-        network, armed = self.job_network, True
-        if network is not None and network.listens:  # openhtc: the API and storage in its
-            sandbox.on_ready, armed = network.attach, False  # netns, before the job runs
-        handle.attach_kill(sandbox.kill)
-        if sandbox.killed:
-            return "cancelled before it started"
-        procs = [os.path.join(path, "cgroup.procs") for path in job.cgroup.paths]
-        env = job_env(launch, job.image, job.user)
+    def _spawn(self, job: _Job, handle: RunHandle) -> Sandbox | str:
+        """Start bwrap and put the sandbox in the job's cgroup (and network), held before the
+        job runs; or why the sandbox could not be set up."""
         try:
-            argv = [*self._args(job), "--", *job.argv]
-            self.spawners.spawn(sandbox, argv, env, procs, after.sandbox if after else None, armed)
-        except SpawnerGone as exc:
-            return str(exc)
+            env = job_env(job.launch, job.image, job.user)
+            sandbox = Sandbox(self._args(job), job.argv, env, job.cgroup.kill)
         except OSError as exc:
-            return f"cannot start a sandbox spawner: {exc.strerror or exc}"
-        if sandbox.killed:  # cancelled meanwhile (before the spawner had it)
+            return f"cannot run {self.bwrap}: {exc.strerror or exc}"
+        handle.attach_kill(sandbox.kill)
+        try:
+            # bwrap waits for its --args: moved now, while it loads, the sandbox it starts is
+            # born in the job's cgroup (what the job forks inherits it).
+            job.cgroup.add(sandbox.pid)
+            sandbox.proceed()
+            child = sandbox.wait_ready()
+            if self.job_network is not None:  # openhtc: the API and storage in its netns
+                self.job_network.attach(child)
+        except SandboxGone as exc:
+            return str(exc)
+        except OSError as exc:  # the sandbox died meanwhile (a cancel, bwrap failing)
             sandbox.kill()
+            sandbox.reap()
+            return f"the sandbox ended before it started the job ({exc.strerror})"
         return sandbox
 
     def _end(self, started: Started) -> Outcome:
@@ -287,21 +282,16 @@ class BwrapRuntime:
                 sandbox.pump(started.sink, None)
             finally:
                 started.sink.close()
+                if started.cancel_timeout is not None:
+                    started.cancel_timeout()
                 if not sandbox.ended:  # an error while copying: nothing of the job may stay
                     sandbox.kill()
-            code = sandbox.reap()  # bwrap has exited and the sandbox's init is gone
-            if sandbox.cancel_timeout is not None:  # set when it was released: before the end
-                sandbox.cancel_timeout()
-            oom = code is not None and code != 0 and not handle.timed_out and cgroup.oom_kills() > 0
+            sandbox.wait_init()
+            code = sandbox.reap()
+            oom = code != 0 and not handle.timed_out and cgroup.oom_kills() > 0
         finally:
             self._teardown(launch, cgroup, started.layer)
             self.cache.release(started.image)
-        if code is None:  # its spawner died: so did the sandbox (bwrap dies with its parent)
-            return Outcome(None, FailureCode.ErrorInfrastructureFault.value, LOST_REASON)
-        if sandbox.failure is not None and not sandbox.released:
-            if handle.stopped:
-                return exit_outcome(-9, handle, launch.timeout_s)
-            return starting_failure(f"Cannot start the sandbox: {sandbox.failure}")
         if oom:
             return Outcome(
                 137 if code < 0 else code,
@@ -347,3 +337,4 @@ class Started:
     layer: contextlib.ExitStack  # the job's scratch disk, given back when closed
     sandbox: Sandbox
     sink: LogSink
+    cancel_timeout: Callable[[], None] | None = None

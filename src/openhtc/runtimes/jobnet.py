@@ -119,11 +119,6 @@ class JobNetwork:
     def full(self) -> bool:
         return self.mode == "full"
 
-    @property
-    def listens(self) -> bool:
-        """Whether a bwrap sandbox must be ``attach``-ed (before its job runs)."""
-        return self._forwarder is not None
-
     def attach(self, pid: int) -> None:
         """bwrap: open the endpoints in the network namespace of ``pid`` (the sandbox, not yet
         running the job) until that process ends. Raises OSError if it is gone."""

@@ -1,183 +1,180 @@
-"""One bwrap sandbox, seen from the server: handed to a spawner, released, its output copied.
+"""One bwrap sandbox's process: spawned held, released, its output copied, reaped.
 
-A spawner process (``spawner_loop.py``) starts bwrap born in the job's cgroup, waits for it to
-report the sandbox on ``--info-fd``, holds it at ``--block-fd`` and releases it (at once, or the
-moment the job ahead of it in the same slot ends), reaps it and waits for the sandbox's init to
-die; the messages arrive on the spawner's reader thread (``on_*_message``). The server only
-copies the job's output: with the first message it gets the output pipe's read end and a pidfd
-of bwrap, and the slot's worker calls ``pump``, with the rules of ``output.pump_output``: the job
-ends when bwrap does (its main process exited); what is left holding the pipe ``grace`` seconds
-later is killed.
+bwrap is started with ``os.posix_spawn`` (no ``fork`` of the big, multi-threaded server, no
+``Popen`` bookkeeping) and waits twice. First for its ``--args`` (read before it does anything):
+meanwhile the runtime moves it into the job's cgroup, so the sandbox is born there (one cgroup
+migration, overlapping bwrap's own start, instead of one after it). ``proceed`` lets it go on;
+it reports the sandbox's pid on ``--info-fd`` and waits on ``--block-fd`` (the runtime joins
+the job's network then). ``release`` lets it run the job: at once, or the moment the job ahead
+of it in the same slot ends (its pump releases it), so a slot's next sandbox is set up while
+the current job still runs.
 
-bwrap reads ``--block-fd`` until a byte or EOF: the sandbox keeps its own writer of that pipe
-(``--sync-fd``, closed before the job's command runs), so a held sandbox never runs its job
-unless the spawner tells it to; bwrap dies with the spawner (``--die-with-parent``), the spawner
-with the server, and the restarted executor kills what the job cgroups still hold.
+bwrap reads ``--block-fd`` until a byte or EOF, and EOF would come if the server died while a
+sandbox is held: the sandbox keeps the write end itself (``--sync-fd``, closed before the job's
+command runs), so a held sandbox never runs its job unless told; bwrap's outer process dies
+with the server (``--die-with-parent``) and the restarted executor kills what its cgroup holds.
+
+The output is copied to the job's log by whichever thread calls ``pump`` (the executor's worker
+for this slot), with the rules of ``output.pump_output``: the job ends when bwrap does (its
+main process exited); what is left holding the pipe ``grace`` seconds later is killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import select
-import socket
+import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from openhtc.runtimes.output import CHUNK, LogSink
 
-
-class SpawnerProcess(Protocol):
-    """The spawner holding a sandbox (``spawner._Process``)."""
-
-    def send(self, sandbox: Sandbox, message: tuple[Any, ...]) -> bool: ...
-
-    def pid(self) -> int: ...
-
-
+RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores them; the job must not
 GRACE = 0.05  # seconds the rest of the sandbox gets to close the pipe once bwrap has exited
 
 
-class Sandbox:
-    """A bwrap sandbox from ``Spawners.spawn`` to ``reap``. ``kill`` may come from any thread;
-    ``pump`` and ``reap`` from the slot's worker thread; ``on_*`` from the spawner's reader."""
+class SandboxGone(Exception):
+    """The sandbox ended before it was set up (a cancel, bwrap failing): why."""
 
-    def __init__(self, kill_also: Callable[[], object]) -> None:
+
+class Sandbox:
+    """A bwrap process from ``spawn`` to ``reap``. ``kill`` may come from any thread; the rest
+    is called from the slot's worker thread."""
+
+    def __init__(
+        self, bwrap_args: list[str], command: list[str], env: dict[str, str], kill_also: Callable[[], object]
+    ) -> None:
         self._lock = threading.Lock()
         self._kill_also = kill_also
-        self.key = 0  # the spawner's name for it
-        self.process: SpawnerProcess | None = None
-        self.sock: socket.socket | None = None  # the spawner's socket when spawned (its life)
-        self.pid: int | None = None  # bwrap's, once set up
-        self.child: int | None = None  # the sandbox's init, once set up
-        self.code: int | None = None  # bwrap's exit status (Popen.returncode style)
-        self.failure: str | None = None  # why the sandbox could not be set up
-        self.lost = False  # the spawner died with it
+        self.code: int | None = None  # bwrap's exit status once reaped (Popen.returncode style)
         self.killed = False
         self.released = False
-        self.withdrawn = False
+        self.successor: Sandbox | None = None  # released the moment this one's job ends
+        self.on_release: Callable[[], None] | None = None
         self.over = False  # bwrap has exited (seen by the pump): the job's main process is gone
         self.ended = False  # ... and the output is copied
-        self.on_release: Callable[[], None] | None = None  # the job's own process starts now
-        self.on_ready: Callable[[int], None] | None = None  # given the init; then ``arm``
-        self.cancel_timeout: Callable[[], None] | None = None
-        self.out: int | None = None
-        self.exited = -1  # bwrap's pidfd
-        self._child_fd = -1
-        self._settled = threading.Event()  # set up, or failed, or lost
-        self._done = threading.Event()  # reaped, or failed, or lost
-        self._answered = threading.Event()
+        self.child: int | None = None  # the sandbox's init (bwrap's child), once known
+        self._child_fd: int | None = None
         self._sink: LogSink | None = None
         self._deadline: float | None = None
-        self._poller = select.poll()
-
-    # -- from the spawner (its reader thread) ---------------------------------------------------
-
-    def on_ready_message(self, pid: int, child: int, fds: list[int]) -> None:
-        self.out, self.exited, self._child_fd = fds
-        self.pid, self.child = pid, child
-        self._poller.register(self.out, select.POLLIN)
-        self._poller.register(self.exited, select.POLLIN)
+        args_r, self._args_w = os.pipe()
+        info_r, info_w = os.pipe()
+        block_r, self._block_w = os.pipe()
+        out_r, out_w = os.pipe()
         try:
-            if self.on_ready is not None:  # the job network, before the job may run
-                try:
-                    self.on_ready(child)
-                except OSError as exc:  # the sandbox died meanwhile (a cancel)
-                    self.failure = f"the sandbox ended before it started the job ({exc.strerror or exc})"
-                    self.kill()
-                else:
-                    self.arm()
+            argv = [bwrap_args[0], "--args", str(args_r), *bwrap_args[1:], "--info-fd", str(info_w)]
+            argv += ["--block-fd", str(block_r), "--sync-fd", str(self._block_w), "--", *command]
+            self.pid = os.posix_spawn(
+                argv[0],
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, out_w, 2),
+                    # dup2 onto itself clears close-on-exec: bwrap gets these, and nothing else
+                    *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in (args_r, info_w, block_r, self._block_w)),
+                ],
+                setsid=True,
+                setsigdef=RESTORED_SIGNALS,
+            )
+        except BaseException:
+            for fd in (self._args_w, info_r, self._block_w, out_r):
+                os.close(fd)
+            raise
         finally:
-            self._settled.set()
+            for fd in (args_r, info_w, block_r, out_w):
+                os.close(fd)
+        self.out: int | None = out_r
+        self._info = info_r
+        self.exited = os.pidfd_open(self.pid)
+        self._poller = select.poll()
+        self._poller.register(out_r, select.POLLIN)
+        self._poller.register(self.exited, select.POLLIN)
 
-    def on_running_message(self) -> None:
-        self.released = True
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def proceed(self) -> None:
+        """Let bwrap go on past its ``--args`` (it has none more) and set the sandbox up."""
+        if self._args_w >= 0:
+            os.close(self._args_w)
+            self._args_w = -1
+
+    def wait_ready(self) -> int:
+        """The sandbox's init pid, once bwrap has set it up and waits for ``release``."""
+        try:
+            data = b""
+            while chunk := os.read(self._info, 4096):
+                data += chunk
+            self.child = int(json.loads(data)["child-pid"])
+            self._child_fd = os.pidfd_open(self.child)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise SandboxGone(self._early_output() or "bwrap failed") from exc
+        finally:
+            if self._info >= 0:  # _early_output's reap closed it
+                os.close(self._info)
+                self._info = -1
+        return self.child
+
+    def _early_output(self) -> str:
+        """What bwrap said before it gave up (it has exited, or is killed now)."""
+        self.kill()
+        self.reap()  # never pumped: reap keeps what bwrap said as the sink's last output
+        return self.last_output.strip()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Let the sandbox run the job (once; not after a kill)."""
+        with self._lock:
+            if self.released or self.killed:
+                return
+            self.released = True
+            block_w, self._block_w = self._block_w, -1
+        try:
+            with contextlib.suppress(OSError):  # bwrap died meanwhile: the pump sees it
+                os.write(block_w, b"go")
+        finally:
+            os.close(block_w)
         if self.on_release is not None:
             self.on_release()
 
-    def on_withdrawn_message(self, held: bool) -> None:
-        self.withdrawn = self.withdrawn or held
-        self._answered.set()
-
-    def on_failed_message(self, said: str, code: int | None) -> None:
-        self.failure = said or "bwrap failed"
-        self.code = code
-        self.over = self.ended = True
-        self._finish()
-
-    def on_exited_message(self, code: int) -> None:
-        with self._lock:
-            self.code = code
-        self._done.set()
-        self._answered.set()
-
-    def on_lost(self) -> None:
-        self.lost = True
-        self._kill_also()  # whatever of the job is left (its bwrap died with the spawner)
-        if self.out is None:
-            self.over = self.ended = True
-        self._finish()
-
-    def _finish(self) -> None:
-        self._settled.set()
-        self._done.set()
-        self._answered.set()
-
-    # -- from the runtime -----------------------------------------------------------------------
-
-    def arm(self) -> None:
-        """Let it run once the job ahead has ended (for a sandbox spawned not ``armed``)."""
-        if self.process is not None:
-            self.process.send(self, ("release", self.key))
-
-    def take_back(self) -> bool:
-        """Kill the sandbox if its job has not been released (True), else leave it (False).
-        Two threads may ask at once (a worker, and the executor's stop): both get the answer."""
-        if self.released:
-            return False
-        if self.process is None or not self.process.send(self, ("withdraw", self.key)):
-            return not self.released  # the spawner has it no more: ended, or lost unstarted
-        self._answered.wait()
-        if self.withdrawn:
-            self.killed = True
-            self._kill_also()
-        return self.withdrawn
-
     def kill(self) -> None:
-        """SIGKILL bwrap (through its spawner) and what else the job has (its cgroup)."""
+        """SIGKILL bwrap's process group and what else the job has (its cgroup)."""
         with self._lock:
             self.killed = True
             alive = self.code is None
-        if alive and self.process is not None:
-            self.process.send(self, ("kill", self.key))
+        if alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         self._kill_also()
 
     def pump(self, sink: LogSink, timeout: float | None) -> bool:
-        """Copy output to ``sink`` until the job has ended (True) or ``timeout`` passed (False)."""
+        """Copy output to ``sink`` until the job has ended (True) or ``timeout`` passed (False).
+
+        The successor is released as soon as bwrap has exited: the job's main process is gone.
+        """
         self._sink = sink
         until = None if timeout is None else time.monotonic() + timeout
-        if not self._settled.wait(timeout):
-            return False
         while not self.ended:
-            if self.out is None:  # never set up (failed, lost)
-                self.over = self.ended = True
-                break
             now = time.monotonic()
             waits = [t for t in (self._deadline, until) if t is not None]
             wait_ms = None if not waits else max(0, int((min(waits) - now) * 1000) + 1)
             events = dict(self._poller.poll(wait_ms))
-            if self.out in events:
+            if self.out is not None and self.out in events:
                 data = os.read(self.out, CHUNK)
                 if data:
                     sink.feed(data)
                     continue
                 self._close_out()  # EOF: bwrap, which holds the pipe too, has exited
-                self.over = True
+                self._bwrap_exited()
             elif self.exited in events and self._deadline is None:
                 self._poller.unregister(self.exited)
-                self.over = True
+                self._bwrap_exited()
                 self._deadline = time.monotonic() + GRACE
             if self.out is not None and self._deadline is not None and time.monotonic() >= self._deadline:
                 self._kill_also()  # the rest of the sandbox kept the pipe open: it goes now
@@ -192,6 +189,12 @@ class Sandbox:
                 return False
         return True
 
+    def _bwrap_exited(self) -> None:
+        self.over = True
+        successor, self.successor = self.successor, None
+        if successor is not None:
+            successor.release()
+
     def _close_out(self) -> None:
         if self.out is not None:
             self._poller.unregister(self.out)
@@ -202,15 +205,33 @@ class Sandbox:
     def last_output(self) -> str:
         return self._sink.last.decode("utf-8", "replace") if self._sink is not None else ""
 
-    def reap(self) -> int | None:
-        """bwrap's exit status once it has exited and the sandbox's init is gone (None: lost
-        with its spawner); closes every descriptor. The output must be copied (or the sandbox
-        killed) first, or this waits for the job."""
-        self._done.wait()
-        self._close_out()
-        for fd in (self.exited, self._child_fd):
-            if fd >= 0:
+    def wait_init(self, timeout: float = 2.0) -> None:
+        """Wait for the sandbox's init to be gone: it dies right after bwrap (parent-death
+        signal); waiting for that beats polling the cgroup."""
+        if self._child_fd is not None:
+            poller = select.poll()
+            poller.register(self._child_fd, select.POLLIN)
+            poller.poll(timeout * 1000)
+
+    def reap(self) -> int:
+        """bwrap's exit status; closes every descriptor. The output must be copied (or the
+        process killed) first, or this waits for the job."""
+        if self.code is None:
+            if self.out is not None:  # never pumped: read what bwrap said (why it failed)
+                sink = LogSink(io.StringIO, None)  # kept only as ``last``: why bwrap failed
+                with contextlib.suppress(OSError):
+                    while data := os.read(self.out, CHUNK):
+                        sink.feed(data)
+                sink.close()
+                self._sink = sink
+                self._close_out()
+            _, status = os.waitpid(self.pid, 0)
+            with self._lock:
+                self.code = os.waitstatus_to_exitcode(status)
+        # _info too: a set-up that never read it (the cgroup move failed before wait_ready)
+        for fd in (self.exited, self._child_fd, self._block_w, self._args_w, self._info):
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.exited = self._child_fd = -1
+        self.exited, self._child_fd, self._block_w, self._args_w, self._info = -1, None, -1, -1, -1
         return self.code
