@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,22 @@ def test_a_sandbox_whose_cgroup_move_fails_leaves_no_descriptor_open() -> None:
             if os.readlink(f"/proc/self/fd/{name}") in pipes:
                 left.append(int(name))
     assert left == [], f"descriptors of the sandbox's pipes left open: {left}"
+
+
+def test_a_cancel_just_after_a_job_ended_does_not_kill_the_next_job_in_its_cgroup(
+    runtime: BwrapRuntime, tmp_path: Path
+) -> None:
+    """A job's cgroup goes back to the pool at its end and the next job with the same limits
+    gets it: a cancel of the ended job that comes late (the heartbeat's, a user's) must not
+    kill the job now in that cgroup."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first, _ = _start(runtime, _job(shared, "true", uuid.uuid4().hex), tmp_path)
+    assert runtime.finish(first).succeeded
+    script = "sleep 1; echo done > /shared/second"
+    second, _ = _start(runtime, _job(shared, script, uuid.uuid4().hex), tmp_path)
+    time.sleep(0.3)  # it runs, in the cgroup the first job gave back
+    first.handle.stop()  # the late cancel
+    outcome = runtime.finish(second)
+    assert outcome.succeeded, outcome
+    assert (shared / "second").read_text() == "done\n"

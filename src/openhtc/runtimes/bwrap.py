@@ -290,6 +290,7 @@ class BwrapRuntime:
             code = sandbox.reap()
             oom = code != 0 and not handle.timed_out and cgroup.oom_kills() > 0
         finally:
+            sandbox.retire()  # before its cgroup is recycled: a late cancel kills nothing else
             self._teardown(launch, cgroup, started.layer)
             self.cache.release(started.image)
         if oom:

@@ -148,10 +148,17 @@ class Sandbox:
         with self._lock:
             self.killed = True
             alive = self.code is None
+            kill_also = self._kill_also
         if alive:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-        self._kill_also()
+        kill_also()
+
+    def retire(self) -> None:
+        """The job is over and its cgroup goes back to the pool: a late kill (a cancel just
+        after the end) must not reach the next job that gets that cgroup."""
+        with self._lock:
+            self._kill_also = _nothing
 
     def pump(self, sink: LogSink, timeout: float | None) -> bool:
         """Copy output to ``sink`` until the job has ended (True) or ``timeout`` passed (False).
@@ -235,3 +242,7 @@ class Sandbox:
                     os.close(fd)
         self.exited, self._child_fd, self._block_w, self._args_w, self._info = -1, None, -1, -1, -1
         return self.code
+
+
+def _nothing() -> None:
+    """What a retired sandbox's kill does besides bwrap's own (nothing: its cgroup is not its own)."""
