@@ -74,13 +74,13 @@ def _spans(fn: Functions) -> dict[str, list[float]]:
     return {name: [float(t) for t in (folder / name).read_text().split()] for name in names}
 
 
-def test_calls_cancelled_while_they_wait_in_a_window_never_run(fn: Functions) -> None:
-    # Z keeps both slots busy, so X (one long call) and Y (same handler) are claimed together
-    # and Y's calls wait in X's window, unsent behind it. Y is cancelled while X runs; the
-    # other slot frees meanwhile: Y's waiting calls end stopped, none is run elsewhere.
+def _cancel_y_while_x_runs(fn: Functions, x_sleeps: tuple[float, ...]) -> float:
+    """Z (two calls) keeps both slots busy, so X (calls of ``x_sleeps``) and Y (ten calls of the
+    same handler) are claimed together and Y's calls wait in X's window behind x0. Y is cancelled
+    0.5 s after x0 begins, while Z's slot frees; every batch is then waited for. The cancel's time."""
     z = _submit(fn, "a", [{"tag": "z", "x": 0, "sleep": 3}, {"tag": "z", "x": 1, "sleep": 3.5}])
     time.sleep(1.0)
-    x = _submit(fn, "a", [{"tag": "x", "x": 0, "sleep": 6}])
+    x = _submit(fn, "a", [{"tag": "x", "x": i, "sleep": s} for i, s in enumerate(x_sleeps)])
     y = _submit(fn, "a", [{"tag": "y", "x": i, "sleep": 3} for i in range(10)])
     deadline = time.monotonic() + 60
     while "x0" not in _spans(fn):
@@ -90,8 +90,16 @@ def test_calls_cancelled_while_they_wait_in_a_window_never_run(fn: Functions) ->
     cancelled_at = time.time()
     assert fn.cancel(y) > 0
     fn.results(y, 10, timeout=60)
-    fn.results(x, 1, timeout=60)
+    fn.results(x, len(x_sleeps), timeout=60)
     fn.results(z, 2, timeout=60)
+    return cancelled_at
+
+
+def test_calls_cancelled_while_they_wait_in_a_window_never_run(fn: Functions) -> None:
+    # Z keeps both slots busy, so X (one long call) and Y (same handler) are claimed together
+    # and Y's calls wait in X's window, unsent behind it. Y is cancelled while X runs; the
+    # other slot frees meanwhile: Y's waiting calls end stopped, none is run elsewhere.
+    cancelled_at = _cancel_y_while_x_runs(fn, (6,))
     time.sleep(1.0)  # a call taken back at the cancel would have begun by now
     # y0 was in X's worker's pipe, behind x0: it may begin (then it is killed); none after it may
     late = sorted(k for k, v in _spans(fn).items() if k[0] == "y" and k != "y0" and v[0] > cancelled_at + 0.5)
@@ -116,20 +124,7 @@ def test_calls_before_a_cancelled_one_are_still_taken_back_for_a_free_slot(fn: F
     # X's long call heads a window that also holds X's short calls and, behind them, Y's calls,
     # which are cancelled: the cancelled ones end stopped where they wait, and X's waiting short
     # call is still taken back for the slot that frees (not held behind the long one).
-    z = _submit(fn, "a", [{"tag": "z", "x": 0, "sleep": 3}, {"tag": "z", "x": 1, "sleep": 3.5}])
-    time.sleep(1.0)
-    x = _submit(fn, "a", [{"tag": "x", "x": i, "sleep": s} for i, s in enumerate((12, 0.2, 0.2))])
-    y = _submit(fn, "a", [{"tag": "y", "x": i, "sleep": 3} for i in range(10)])
-    deadline = time.monotonic() + 60
-    while "x0" not in _spans(fn):
-        assert time.monotonic() < deadline, fn.server.log_tail()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    cancelled_at = time.time()
-    assert fn.cancel(y) > 0
-    fn.results(y, 10, timeout=60)
-    fn.results(x, 3, timeout=60)
-    fn.results(z, 2, timeout=60)
+    cancelled_at = _cancel_y_while_x_runs(fn, (12, 0.2, 0.2))
     spans = _spans(fn)
     late = sorted(k for k, v in spans.items() if k[0] == "y" and v[0] > cancelled_at + 0.5)
     assert not late, f"cancelled calls began after the cancel: {late}"
