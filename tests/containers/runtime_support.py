@@ -15,6 +15,7 @@ import os
 import subprocess
 import tarfile
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +72,18 @@ class PlainRegistry:
     def push_busybox(self, tmp: Path, repository: str, changes: Iterable[str] = (), **files: bytes) -> None:
         """Build a busybox image with ``podman import`` and push it as ``repository`` (repo:tag)."""
         tar = busybox_rootfs_tar(tmp / f"rootfs-{abs(hash(repository))}.tar", extra_files=files or None)
-        local = f"localhost/openhtc-test/{repository.replace('/', '-')}"
+        # a name of its own: podman's store is the host's, and two test processes pushing the
+        # same repository at once would remove each other's image before its push (rmi below)
+        name, _, tag = repository.replace("/", "-").partition(":")
+        local = f"localhost/openhtc-test/{name}-{uuid.uuid4().hex[:8]}:{tag or 'latest'}"
         podman_import(tar, local, list(changes))
         try:
-            subprocess.run(
+            pushed = subprocess.run(
                 ["podman", "push", "--tls-verify=false", local, f"{self.host}/{repository}"],
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            assert pushed.returncode == 0, f"podman push {local}: {pushed.stderr.strip()}"
         finally:  # the registry has it now; podman's own store need not keep it
             subprocess.run(["podman", "rmi", "-f", local], capture_output=True, check=False)
 

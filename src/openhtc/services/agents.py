@@ -323,10 +323,19 @@ class AgentService:
         now = time.monotonic()
         known = self._known.get(agent_id, incarnation, token_hash, now)
         state = self.services.queue.agent_state(agent_id, incarnation) if known is None else known
-        self.check_state(agent_id, state, token_region, token_hash)
+        try:
+            self.check_state(agent_id, state, token_region, token_hash)
+        except Exception:
+            self._known.forget(agent_id)  # whatever was remembered of it is not true any more
+            raise
         if known is None:
             self._known.put(agent_id, incarnation, token_hash, state, now)
         return state
+
+    def forget(self, agent_id: str) -> None:
+        """A read of the agent's row refused a caller (lost, another incarnation or token): no
+        record of it is to be trusted by the next call."""
+        self._known.forget(agent_id)
 
     def remember(
         self, agent_id: str, incarnation: str, token_hash: str | None, state: AgentState, read_at: float
