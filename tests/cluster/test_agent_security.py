@@ -467,3 +467,12 @@ def test_a_log_chunk_on_a_full_disk_answers_507_and_writes_nothing(srv: HtcServe
         assert resp.json()["acked"] == [[*key, len(line.encode())]]
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.one_db  # tokens only
+def test_two_agent_tokens_minted_in_one_second_are_two_tokens(tmp_path: Path) -> None:
+    """An agent is bound to the hash of the token it registered with: two tokens minted for
+    two agents in the same second must differ, or each could speak for the other's agent."""
+    tokens = TokenService(load_or_create_signing_key(tmp_path / "key.pem"), Clock(), 3600, 3600)
+    minted = {tokens.agent("agents", "*", 3600) for _ in range(20)}
+    assert len(minted) == 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -123,6 +124,8 @@ class TokenService:
             "scope": AGENT,
             "region": region,
             "agents": agents,
+            # two tokens minted in one second are still two: an agent is bound to its token's hash
+            "jti": secrets.token_hex(8),
         }
         return self._encode(claims)
 
