@@ -71,10 +71,15 @@ async def _scoped(svc: ServiceSet, who: Principal, project_id: str, task_id: str
     return task
 
 
+def busy(svc: ServiceSet) -> bool:
+    """Whether ``max_live_subscriptions`` long polls and streams are open already."""
+    return svc.notify.waiters() >= svc.settings.max_live_subscriptions
+
+
 def admit(svc: ServiceSet) -> None:
     """Refuse a new long poll or stream past ``max_live_subscriptions`` open ones (503 with a
     Retry-After): the client falls back to polling."""
-    if svc.notify.waiters() >= svc.settings.max_live_subscriptions:
+    if busy(svc):
         raise Unavailable("too many open waits and streams on this server; poll instead, or retry later")
 
 

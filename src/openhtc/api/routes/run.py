@@ -18,7 +18,7 @@ from openhtc.api import serializers as ser
 from openhtc.api.deps import job_for, principal, services
 from openhtc.api.pagination import first
 from openhtc.api.responses import JSONResponse
-from openhtc.api.routes.live import TASK, _timeout, wait_for_job
+from openhtc.api.routes.live import TASK, _timeout, busy, wait_for_job
 from openhtc.auth.tokens import Principal
 from openhtc.domain.enums import JobStatus
 from openhtc.services.notify import job_key
@@ -43,7 +43,7 @@ async def run_job(
     # Past max_live_subscriptions open waits the job is still submitted, and answered at once as
     # it is (the client waits for it by polling): a 503 could not tell the client whether it
     # was stored, and a client that submitted again would run the job twice.
-    if svc.notify.waiters() >= svc.settings.max_live_subscriptions:
+    if busy(svc):
         timeout = 0
     echo, row_id = await run_in_threadpool(
         submit_one_to, svc, who, project_id, task_id, body, first(request, "group")
