@@ -1,7 +1,7 @@
 """What PostgreSQL does per job: statements, round trips, row and index writes, WAL, CPU.
 
 ``python -m bench.pgstats --workload e2e --n 5000`` runs one openhtc workload (W1 ``e2e``, or
-CP ``control-plane``) on a private cluster with ``pg_stat_statements`` loaded, then prints,
+CP ``control-plane``, FN ``functions``) on a private cluster with ``pg_stat_statements`` loaded, then prints,
 per job of the run: each statement's calls and time, transactions, the ``jobs`` table's row
 updates and how many of them were HOT, index tuples written per index, WAL bytes, and the
 CPU the PostgreSQL processes used. The server's own start-up and the 20 warm-up jobs are in
@@ -83,12 +83,13 @@ def _stats(url: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pgstats", description=__doc__)
-    parser.add_argument("--workload", default="e2e", choices=("e2e", "control-plane"))
+    parser.add_argument("--workload", default="e2e", choices=("e2e", "control-plane", "functions"))
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--top", type=int, default=25, help="statements shown")
     parser.add_argument("--explain-ms", type=float, help="print the plans of statements slower than this")
     args = parser.parse_args(argv)
 
+    from bench.functions import openhtc_functions
     from bench.systems.openhtc import control_plane, e2e
 
     ctx = Context(Path(tempfile.mkdtemp(prefix="pgstats-")), time.strftime("%Y%m%d-%H%M%S"))
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("SELECT pg_stat_statements_reset()")
             conn.execute("SELECT pg_stat_reset_shared('wal')")
         cpu0 = _pg_cpu(cluster)
-        run = {"e2e": e2e, "control-plane": control_plane}[args.workload]
+        run = {"e2e": e2e, "control-plane": control_plane, "functions": openhtc_functions}[args.workload]
         result = run(ctx, "postgres", args.n, url)
         time.sleep(0.7)  # the statistics collector's interval (PostgreSQL 14 and older)
         cpu1 = _pg_cpu(cluster)
@@ -114,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
     n = args.n
-    print(f"# {args.workload}, N = {n}: {result.metrics.get('jobs_per_s', 0):,.0f} jobs/s")
+    rate = result.metrics.get("jobs_per_s") or result.metrics.get("calls_per_s") or 0
+    print(f"# {args.workload}, N = {n}: {rate:,.0f} {result.unit}")
     calls = sum(s[0] for s in stats["statements"])
     print(f"statements per job: {calls / n:.2f}; transactions per job: {stats['xacts'][0] / n:.3f}")
     server_ms = result.metrics.get("server_cpu_ms_per_job")
+    if server_ms is None and result.metrics.get("server_cpu_s") is not None:  # functions
+        server_ms = 1000 * result.metrics["server_cpu_s"] / n
     if server_ms is None and result.metrics.get("cpu_s") is not None:  # control-plane: one process
         server_ms = 1000 * result.metrics["cpu_s"] / n
     executed = sum(s[2] for s in stats["statements"])

@@ -40,6 +40,7 @@ from openhtc.services.leadership import Leadership
 from openhtc.services.logs import LogStore
 from openhtc.services.logwatch import LogWatch
 from openhtc.services.notify import ClusterNotifier, LocalNotifier
+from openhtc.services.periodic import StatisticsRefresher
 from openhtc.services.retention import RetentionSweeper
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.shared_keys import jwt_signing_key, share_registry_key
@@ -193,6 +194,7 @@ class Server:
     retention: RetentionSweeper
     storage_process: SeaweedFS | None = None  # --storage seaweedfs: the S3 server we supervise
     allocation: AllocationLoop | None = None  # submits Slurm pilots (leader only)
+    statistics: StatisticsRefresher | None = None  # PostgreSQL: analyses tables grown in bursts
 
     def start(self) -> None:
         if isinstance(self.services.notify, ClusterNotifier):
@@ -210,6 +212,8 @@ class Server:
         self.retention.start()
         if self.allocation is not None:
             self.allocation.start()
+        if self.statistics is not None:
+            self.statistics.start()
 
     def stop(self) -> None:
         began = time.monotonic()
@@ -220,6 +224,8 @@ class Server:
         if self.allocation is not None:
             self.allocation.stop()
         self.retention.stop()
+        if self.statistics is not None:
+            self.statistics.stop()
         self.scheduler.stop()
         self.services.leadership.stop()  # after the singletons stopped: the next leader starts clean
         if self.services.registry is not None:
@@ -294,6 +300,8 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     server = Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
     if services.allocation is not None:
         server.allocation = AllocationLoop(services, services.allocation)
+    if not services.db.is_sqlite:
+        server.statistics = StatisticsRefresher(services)
     return server
 
 

@@ -1,7 +1,8 @@
 """One periodic loop for the server's singletons: a thread that calls :meth:`LeaderLoop.round`
 every ``period`` seconds while this server leads (services/leadership.py), logging a round that
-fails and going on. Retention (services/retention.py) and allocation queues
-(services/allocation.py) are both such loops; tests call their rounds directly instead."""
+fails and going on. Retention (services/retention.py), allocation queues
+(services/allocation.py) and the planner statistics' refresh (below) are such loops; tests call
+their rounds directly instead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import logging
 import threading
 
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.planner_stats import PlannerStatistics
+
+_statistics_log = logging.getLogger("openhtc.statistics")
 
 
 class LeaderLoop:
@@ -43,3 +47,18 @@ class LeaderLoop:
                 self.round()
             except Exception:
                 self.log.exception("%s round failed", self.name)
+
+
+class StatisticsRefresher(LeaderLoop):
+    """Keeps PostgreSQL's planner statistics in step with bursts of jobs (store/planner_stats.py)."""
+
+    name = "planner-statistics"
+
+    def __init__(self, services: ServiceSet) -> None:
+        super().__init__(services, services.settings.planner_statistics_seconds, _statistics_log)
+        self.statistics = PlannerStatistics(services.db)
+
+    def round(self) -> None:
+        analysed = self.statistics.refresh()
+        if analysed:
+            self.log.debug("analysed %s", ", ".join(analysed))
