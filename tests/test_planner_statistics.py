@@ -73,7 +73,9 @@ def test_a_burst_of_jobs_is_analysed_and_cached_plans_use_the_index_again(
         assert "jobs" not in statistics.stale()  # analysed: quiet until it changes again
 
 
-def test_the_leader_refreshes_the_statistics_on_its_own(pg_url_factory: Callable[[], str], tmp_path: Path) -> None:
+def test_the_leader_refreshes_the_statistics_on_its_own(
+    pg_url_factory: Callable[[], str], tmp_path: Path
+) -> None:
     url = pg_url_factory()
     with in_process_services(
         tmp_path / "data", url, materialize_chunk=BURST, planner_statistics_seconds=0.2
