@@ -154,7 +154,8 @@ class Profiler:
         out.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [binary, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", str(rate), "--nonblocking"]
-            + (["--idle"] if idle else []),
+            + (["--idle"] if idle else [])
+            + os.environ.get("BENCH_PY_SPY_ARGS", "").split(),  # say, --gil: only the GIL's holder
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -199,15 +199,21 @@ def results_page(
         batch = known[0] if known else function_batch(services, conn, task_id, batch_id)
         if known is not None:
             known[:] = [batch]
-        rows = store.page(conn, batch.id, start, limit)
+        built = store.page_json(conn, batch.id, start, limit)
+        rows = store.page(conn, batch.id, start, limit) if built is None else []
         done, failed = store.counts(conn, batch)
-    items: list[dict[str, Any]] = []
-    for row in rows:
-        if row.idx != start + len(items) or not JobStatus(row.status).terminal:
-            break
-        items.append(_item(services, batch, row))
+    items: Any
+    if built is not None:
+        items, count = orjson.Fragment(built.items), built.count
+    else:
+        items = []
+        for row in rows:
+            if row.idx != start + len(items) or not JobStatus(row.status).terminal:
+                break
+            items.append(_item(services, batch, row))
+        count = len(items)
     total = int(batch.batch_size)
-    after = start + len(items)
+    after = start + count
     body = {
         "items": items,
         "next": after if after < total else None,
@@ -215,7 +221,7 @@ def results_page(
         "failed": failed,
         "total": total,
     }
-    return body, len(items)
+    return body, count
 
 
 def _item(services: ServiceSet, batch: Any, row: CallRow) -> dict[str, Any]:

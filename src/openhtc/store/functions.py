@@ -31,6 +31,24 @@ _SAVE = BulkStatement(
     f" attempt = v.attempt FROM {json_rows(_RESULT_COLUMNS)} WHERE f.batch_id = v.batch_id AND f.idx = v.idx",
 )
 _TERMINAL_SQL = f"{int(JobStatus.SUCCEEDED)},{int(JobStatus.FAILED)}"
+_OK, _FAILED = int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
+# SQLite: a page of ended calls as the API's JSON items, in index order (the subquery's order:
+# its rows come off the (batch_id, idx) index), with what tells whether it can stand in for
+# FunctionStore.page: the rows' count and first and last index, and whether a result is kept in
+# storage. The same fields as services/functions.py ``_item``: an error is the handler's when
+# written by the call's last attempt, else the platform's failure.
+_PAGE_JSON = (
+    "SELECT COUNT(*), MIN(idx), MAX(idx), MAX(stored), json_group_array(json(item)) FROM ("
+    "SELECT j.idx AS idx, f.result_key IS NOT NULL AS stored, json_object('index', j.idx,"
+    f" 'status', CASE j.status WHEN {_OK} THEN 'SUCCEEDED' ELSE 'FAILED' END,"
+    f" 'result', CASE WHEN j.status = {_OK} THEN json(f.result) END,"
+    f" 'error', CASE WHEN j.status = {_FAILED} THEN CASE WHEN f.error IS NOT NULL AND f.attempt = j.attempt"
+    " THEN json(f.error) ELSE json_object('type', COALESCE(j.failure_code, 'ErrorUnknownFailure'),"
+    " 'message', COALESCE(j.status_reason, ''), 'traceback', '') END END,"
+    " 'attempt', j.attempt, 'failureCode', j.failure_code) AS item"
+    " FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id AND f.idx = j.idx"
+    " WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < ? ORDER BY j.idx)"
+)
 # An agent's result: written only while the attempt is still that agent's and has not ended
 # (a stale attempt's result is refused; a duplicate, after the end, changes nothing).
 _SAVE_FENCED = (
@@ -62,6 +80,12 @@ class ReportedResult:
     result: str | None
     error: str | None
     result_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JsonPage:
+    items: str  # a JSON array of result items (services/functions.py ``_item``'s shape)
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,17 +180,7 @@ class FunctionStore:
         join of both tables was planned as a nested loop over a scan on PostgreSQL right after
         a batch's insert (no statistics yet), seconds per page."""
         cur, other = self.db.cursor(conn), self.db.cursor(conn)
-        stop = start + limit
-        cur.execute(
-            self.db.sql(
-                "SELECT idx FROM jobs WHERE batch_id = ? AND idx >= ? AND idx < ?"
-                f" AND status NOT IN ({_TERMINAL_SQL}) ORDER BY idx LIMIT 1"
-            ),
-            (batch_id, start, stop),
-        )
-        first = cur.fetchone()
-        if first is not None:
-            stop = int(first[0])
+        stop = self._ended_until(cur, batch_id, start, start + limit)
         if stop <= start:
             return []
         with self.db.pipelined(conn):  # PostgreSQL: both in one round trip (a lone call's answer waits)
@@ -192,6 +206,36 @@ class FunctionStore:
             if call is not None:
                 rows.append(CallRow(idx, status, attempt, failure_code, reason, *call[1:]))
         return rows
+
+    def page_json(self, conn: Connection, batch_id: int, start: int, limit: int) -> JsonPage | None:
+        """SQLite: the page :meth:`page` reads, as the JSON array of result items the API
+        answers, built by the database in one statement (no Python object per call: at
+        10,000 calls a second the page's rows, objects and encoding were a sixth of the
+        server's time). None where it cannot: on PostgreSQL, or when a call's result is kept
+        in storage or a row in the range is missing (then :meth:`page`)."""
+        if not self.db.is_sqlite:
+            return None
+        cur = self.db.cursor(conn)
+        stop = self._ended_until(cur, batch_id, start, start + limit)
+        if stop <= start:
+            return JsonPage("[]", 0)
+        cur.execute(_PAGE_JSON, (batch_id, start, stop))
+        count, first, last, stored, items = cur.fetchone()
+        if count and (stored or first != start or last != start + count - 1):
+            return None  # a result in storage, or a gap: rows not written yet (the reader's stop)
+        return JsonPage(items or "[]", int(count))
+
+    def _ended_until(self, cur: Any, batch_id: int, start: int, stop: int) -> int:
+        """The first call in ``start <= idx < stop`` that has not ended, else ``stop``."""
+        cur.execute(
+            self.db.sql(
+                "SELECT idx FROM jobs WHERE batch_id = ? AND idx >= ? AND idx < ?"
+                f" AND status NOT IN ({_TERMINAL_SQL}) ORDER BY idx LIMIT 1"
+            ),
+            (batch_id, start, stop),
+        )
+        first = cur.fetchone()
+        return stop if first is None else int(first[0])
 
     def counts(self, conn: Connection, batch: Any) -> tuple[int, int]:
         """(ended, failed) calls of a batch: from the task's counters when the batch is alone in
