@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import orjson
+
 from openhtc.domain.enums import FailureCode
-from openhtc.domain.models import JobLaunch
+from openhtc.domain.models import JobLaunch, Mount
 from openhtc.functions.worker import FRAME_HEAD, Worker, WorkerGone, worker_launch
 from openhtc.runtimes.base import JobLog, Outcome, RunHandle, Runtime
 from openhtc.runtimes.joblog import LogWriter
@@ -177,6 +179,9 @@ class FunctionPool:
         self._results: list[CallResult] = []
         self._codes: dict[tuple[str, int, int], str] = {}
         self._recent: dict[tuple[str | None, str], tuple[float, str]] = {}  # code checked when
+        # The last mounts seen, with what the calls take from them: a task's calls share one
+        # tuple (the stager's), so most calls find theirs here by identity, with no scan.
+        self._last_mounts: tuple[object, str | None, tuple[Mount, ...]] = ((), None, ())
         self._closed = False
         shutil.rmtree(self.root, ignore_errors=True)  # pipes and code of an earlier start
         runner_dir = self.root / "runner"
@@ -225,14 +230,13 @@ class FunctionPool:
         window (the slot takes it up once the window is done)."""
         handler = launch.commands[1] if len(launch.commands) > 1 else ""
         code = launch.commands[2] if len(launch.commands) > 2 else None
+        project_dir, shared = self._shared(launch.mounts)
         code_dir: str | None = None
         if code is not None:
-            found = self._code(launch, code)
+            found = self._code(project_dir, code)
             if isinstance(found, Outcome):
                 return found
             code_dir = found
-        # Not the task folder's mount: on S3 storage each attempt has its own (see _keep_result).
-        shared = tuple(m for m in launch.mounts if m.env_name != TASK_SHARED_ENV)
         key = (launch.task_id, launch.image, code_dir, handler, launch.vcpus, launch.memory_mb, shared)
         if isinstance(after, FunctionCall) and after.key != key:
             return None  # before its event is taken from the chunk read ahead
@@ -249,7 +253,7 @@ class FunctionPool:
             "memoryMb": launch.memory_mb,
             "timeoutMs": int(timeout * 1000),
         }
-        payload = json.dumps(header).encode() + b"\n" + event.encode()
+        payload = orjson.dumps(header) + b"\n" + event.encode()
         call = FunctionCall(launch, handle, open_log, on_running, key, handler, code_dir, payload, timeout)
         # A window's calls stay in one worker, dead or alive: a dead one's calls that never ran
         # move to a new worker together (``_move``), so one slot never runs two at once.
@@ -672,9 +676,19 @@ class FunctionPool:
 
     # -- code -----------------------------------------------------------------------------------
 
-    def _code(self, launch: JobLaunch, code: str) -> str | Outcome:
-        """The code zip from project storage, unpacked once per content (by its SHA-256)."""
-        shared = next((m.host_path for m in launch.mounts if m.env_name == PROJECT_SHARED_ENV), None)
+    def _shared(self, mounts: tuple[Mount, ...]) -> tuple[str | None, tuple[Mount, ...]]:
+        """The project folder's host path and the mounts a worker's key holds: all but the task
+        folder's (on S3 storage each attempt has its own; see _keep_result)."""
+        seen, project_dir, shared = self._last_mounts
+        if seen is not mounts:
+            project_dir = next((m.host_path for m in mounts if m.env_name == PROJECT_SHARED_ENV), None)
+            shared = tuple(m for m in mounts if m.env_name != TASK_SHARED_ENV)
+            self._last_mounts = (mounts, project_dir, shared)  # one assignment: threads may race it
+        return project_dir, shared
+
+    def _code(self, shared: str | None, code: str) -> str | Outcome:
+        """The code zip from project storage (``shared``: its folder here), unpacked once per
+        content (by its SHA-256)."""
         path = os.path.join(shared, code) if shared else None
         now = time.monotonic()
         recent = self._recent.get((shared, code))

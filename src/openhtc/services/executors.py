@@ -289,9 +289,11 @@ class _Succeeded:
         self._rows: dict[object, dict[str, Any]] | None = None
 
     def __call__(self, key: Key) -> dict[str, Any] | None:
+        if key[0] != "job":  # a task's waiter (a results page) reads for itself: nothing to build
+            return None
         if self._rows is None:
             self._rows = self._build()
-        return self._rows.get(key[1]) if key[0] == "job" else None
+        return self._rows.get(key[1])
 
     def _build(self) -> dict[object, dict[str, Any]]:
         applied = self._applied
