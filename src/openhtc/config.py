@@ -182,9 +182,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Server log level.")
     planner_statistics_seconds: float = Field(
         2.0,
-        gt=0,
+        ge=0,
         description="PostgreSQL: how often the leader looks for tables grown or changed enough"
-        " to analyse again (a stale row count makes the planner scan whole tables).",
+        " to analyse again (a stale row count makes the planner scan whole tables); 0: never.",
     )
     retention_sweep_seconds: float = Field(
         300.0, gt=0, description="How often task retention policies are applied (archive, delete)."

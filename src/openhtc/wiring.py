@@ -300,7 +300,7 @@ def build_server(settings: Settings, clock: Clock | None = None) -> Server:
     server = Server(services, SchedulerLoop(services), executor, RetentionSweeper(services), storage_process)
     if services.allocation is not None:
         server.allocation = AllocationLoop(services, services.allocation)
-    if not services.db.is_sqlite:
+    if not services.db.is_sqlite and services.settings.planner_statistics_seconds > 0:
         server.statistics = StatisticsRefresher(services)
     return server
 

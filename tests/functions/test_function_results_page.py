@@ -45,12 +45,14 @@ ENDS: dict[int, tuple[Any, ...]] = {
 }
 
 
-def _page(services: Any, task_id: str, batch: str, start: int, built: bool) -> dict[str, Any]:
+def _page(
+    services: Any, task_id: str, batch: str, start: int, built: bool, limit: int = 100
+) -> dict[str, Any]:
     if not built:
         real = FunctionStore.page_json
         FunctionStore.page_json = lambda *args: None  # type: ignore[method-assign]
     try:
-        body, count = results_page(services, task_id, batch, start, 100)
+        body, count = results_page(services, task_id, batch, start, limit)
     finally:
         if not built:
             FunctionStore.page_json = real  # type: ignore[method-assign]
@@ -90,6 +92,10 @@ def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(tmp_path
             services, task.id, batch, 2, built=False
         )
         assert _page(services, task.id, batch, 7, built=True)["items"] == []  # call 7 has not ended
+        for start in range(EVENTS):  # any start, any limit: the same items, count and next
+            for limit in (1, 2, 3, 100):
+                page = _page(services, task.id, batch, start, built=True, limit=limit)
+                assert page == _page(services, task.id, batch, start, built=False, limit=limit)
 
         # A result kept in storage: the row-by-row page reads it from there.
         with services.db.write() as conn:

@@ -7,6 +7,7 @@ executor just before it reports the job's end, so a terminal job always has them
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,12 @@ _SAVE = BulkStatement(
 )
 _TERMINAL_SQL = f"{int(JobStatus.SUCCEEDED)},{int(JobStatus.FAILED)}"
 _OK, _FAILED = int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
-# SQLite: a page of ended calls as the API's JSON items, in index order (the subquery's order:
-# its rows come off the (batch_id, idx) index), with what tells whether it can stand in for
+# SQLite: a page of ended calls as the API's JSON items, in index order (the subquery's order,
+# which SQLite's aggregate keeps: its rows come off the (batch_id, idx) index; 3.44 would let the
+# aggregate say ORDER BY itself), with what tells whether it can stand in for
 # FunctionStore.page: the rows' count and first and last index, and whether a result is kept in
-# storage. The same fields as services/functions.py ``_item``: an error is the handler's when
+# storage (a call in the range that has not ended is left out: a gap, so not this page). The
+# same fields as services/functions.py ``_item``: an error is the handler's when
 # written by the call's last attempt, else the platform's failure.
 _PAGE_JSON = (
     "SELECT COUNT(*), MIN(idx), MAX(idx), MAX(stored), json_group_array(json(item)) FROM ("
@@ -47,7 +50,7 @@ _PAGE_JSON = (
     " 'message', COALESCE(j.status_reason, ''), 'traceback', '') END END,"
     " 'attempt', j.attempt, 'failureCode', j.failure_code) AS item"
     " FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id AND f.idx = j.idx"
-    " WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < ? ORDER BY j.idx)"
+    f" WHERE j.batch_id = ? AND j.idx >= ? AND j.idx < ? AND j.status IN ({_OK}, {_FAILED}) ORDER BY j.idx)"
 )
 # An agent's result: written only while the attempt is still that agent's and has not ended
 # (a stale attempt's result is refused; a duplicate, after the end, changes nothing).
@@ -219,7 +222,10 @@ class FunctionStore:
         stop = self._ended_until(cur, batch_id, start, start + limit)
         if stop <= start:
             return JsonPage("[]", 0)
-        cur.execute(_PAGE_JSON, (batch_id, start, stop))
+        try:
+            cur.execute(_PAGE_JSON, (batch_id, start, stop))
+        except (sqlite3.DataError, sqlite3.OperationalError):  # over SQLite's 1 GB string, or a
+            return None  # stored text that is not JSON (an agent's): row by row, as it always was
         count, first, last, stored, items = cur.fetchone()
         if count and (stored or first != start or last != start + count - 1):
             return None  # a result in storage, or a gap: rows not written yet (the reader's stop)
