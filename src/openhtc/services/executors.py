@@ -20,6 +20,7 @@ from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.notify import EVERYTHING, Key, job_key, task_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.functions import CallResult
 from openhtc.store.transitions import Applied
 
 # a change to these ends an attempt: its job's waiters look again (a retry's too)
@@ -115,9 +116,12 @@ class ExecutorService:
         contexts = self._contexts_for({job.batch_id for job in claimed})
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> Applied:
-        """Apply an executor's reports; returns what they changed."""
-        applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
+    def report(
+        self, executor_id: str, reports: Sequence[AttemptReport], results: Sequence[CallResult] = ()
+    ) -> Applied:
+        """Apply an executor's reports, and the function results they come with (in the same
+        transaction); returns what they changed."""
+        applied = self.services.queue.report(executor_id, reports, self.services.clock.now(), results)
         self.services.metrics.jobs.reported(len(reports), applied)
         if applied.requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.schedule_round.set()

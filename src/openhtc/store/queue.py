@@ -25,6 +25,7 @@ from openhtc.domain.recovery import EveryAttempt
 from openhtc.store.agent_rows import AgentRows, AgentState, TokenBinding, check_binding
 from openhtc.store.db import Database
 from openhtc.store.exchanges import ExchangeRows
+from openhtc.store.functions import CallResult, save_in
 from openhtc.store.tables import (
     batches,
     executors,
@@ -152,11 +153,12 @@ class QueueStore(AgentRows, ExchangeRows):
         queued = int(S.SUBMITTED_TO_PROVIDER)
         active = ",".join(str(int(s)) for s in ACTIVE_STATUSES)
         cur = self.db.cursor(conn)
-        cur.execute(
-            f"SELECT project_id, MAX(CASE WHEN status = {queued} AND count > 0 THEN 1 ELSE 0 END),"
-            f" SUM(CASE WHEN status = {queued} THEN 0 ELSE vcpus END) FROM job_counters"
-            f" WHERE status IN ({queued}, {active}) GROUP BY project_id"
-        )
+        with self.db.pipelined(conn):  # PostgreSQL: with the claim's BEGIN, one round trip
+            cur.execute(
+                f"SELECT project_id, MAX(CASE WHEN status = {queued} AND count > 0 THEN 1 ELSE 0 END),"
+                f" SUM(CASE WHEN status = {queued} THEN 0 ELSE vcpus END) FROM job_counters"
+                f" WHERE status IN ({queued}, {active}) GROUP BY project_id"
+            )
         projects, running = [], {}
         for project, has_queued, vcpus in cur.fetchall():
             if has_queued:
@@ -351,8 +353,17 @@ class QueueStore(AgentRows, ExchangeRows):
         )
         return f" AND batch_id IN (SELECT b.id FROM batches b WHERE COALESCE({timeout}, 0) <= ?)"
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> Applied:
+    def report(
+        self,
+        executor_id: str,
+        reports: Sequence[AttemptReport],
+        now: float,
+        results: Sequence[CallResult] = (),
+    ) -> Applied:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored.
+        ``results``: function calls' results (the embedded executor's), written in the same
+        transaction, first: a call that reads as ended has its result, and a failed report
+        leaves neither (the executor retries both together).
 
         Returns what they changed: only the jobs and statuses the store applied, so what counts
         or wakes on it never sees a stale report.
@@ -364,7 +375,10 @@ class QueueStore(AgentRows, ExchangeRows):
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
             writes = self._writes(conn, now, executor_id)
-            for job in writes.load_ids(list(by_job)):
+            with self.db.pipelined(conn):  # PostgreSQL: the BEGIN, the results and the load at once
+                save_in(self.db, conn, results)
+                loaded = writes.load_ids(list(by_job))
+            for job in loaded:
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
             writes.flush(commit=True)
         return writes.applied()
