@@ -104,6 +104,15 @@ def install(trace: str) -> None:
     from openhtc.store import functions as function_store
 
     _wrap(function_routes, "submit_functions", "submit.route", "submit.route.done")
+    # finer stages of the call's path (PostgreSQL's round trips): the submit's reads, the claim's
+    from openhtc.store import queue, transitions
+
+    _wrap(function_routes, "target", "submit.reads.start", "submit.reads.done")
+    _wrap(queue.QueueStore, "claim", None, "claim.store.committed", lambda out, *a, **k: bool(out))
+    _wrap(queue.QueueStore, "_queued_and_running", "claim.begin", "claim.queued.read")
+    _wrap(queue.QueueStore, "_queued", None, "claim.candidates.read")
+    _wrap(transitions.StatusWrites, "load", None, "rows.loaded")
+    _wrap(function_store.FunctionStore, "events", "event.read.start", "event.read.done")
     _wrap(function_store.FunctionStore, "save", "results.save.start", "results.saved")
     _wrap(function_routes, "results_page", "wait.read.start", "wait.read.done")
     # not stages: counted per sample (PostgreSQL: a single server's NOTIFYs, heard by itself too)
@@ -206,13 +215,22 @@ def serve(argv: list[str]) -> None:
 
 STAGES = (
     "submit.http.in",
+    "submit.reads.start",
+    "submit.reads.done",
     "submit.route",
     "submit.committed",
     "executor.kicked",
     "submit.route.done",
     "submit.http.out",
     "claim.start",
+    "claim.begin",
+    "claim.queued.read",
+    "claim.candidates.read",
+    "rows.loaded",
+    "claim.store.committed",
     "claim.committed",
+    "event.read.start",
+    "event.read.done",
     "journal.start",
     "journal.synced",
     "runtime.start",

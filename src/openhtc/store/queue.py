@@ -672,7 +672,11 @@ _OFFERS = select(
 
 def executor_offers_in(conn: Connection, heard_since: float) -> list[ExecutorOffer]:
     """``QueueStore.executor_offers`` inside a transaction the caller holds."""
-    rows = conn.execute(_OFFERS, {"since": heard_since}).all()
+    return offers_of(conn.execute(_OFFERS, {"since": heard_since}).all())
+
+
+def offers_of(rows: Sequence[Any]) -> list[ExecutorOffer]:
+    """The offers of rows of ``_OFFERS``."""
     return [ExecutorOffer(r.region, tuple(r.architectures), Capacity(r.vcpus, r.memory_mb)) for r in rows]
 
 
