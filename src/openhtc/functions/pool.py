@@ -569,6 +569,8 @@ class FunctionPool:
     # -- calls ----------------------------------------------------------------------------------
 
     def _event(self, launch: JobLaunch) -> str | None:
+        if launch.event is not None:  # read with its claim (a small one)
+            return launch.event
         start = launch.array_index - launch.array_index % EVENT_CHUNK
         key = (launch.batch_id, start)
         with self._lock:

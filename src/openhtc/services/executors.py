@@ -94,6 +94,7 @@ class ExecutorService:
         walltime left); jobs without one always qualify. ``agent``: an ``htc agent``'s claim,
         which takes nothing once the agent is lost or drains (checked in the claim's transaction)."""
         s = self.services
+        events: dict[int, str] = {}  # a small claim's function calls' events (QueueStore.claim)
         claimed = s.queue.claim(
             executor_id,
             region,
@@ -104,12 +105,13 @@ class ExecutorService:
             s.clock.now(),
             max_timeout_s,
             agent,
+            None if agent else events,  # an agent's leases carry theirs (services/agents.py)
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
         if claimed:  # with nobody waiting, no keys to build: the publish still counts (published())
             s.notify.publish({task_key(job.task_id) for job in claimed} if not s.notify.idle else ())
         s.metrics.jobs.claimed(claimed, s.clock.now())
-        return [self._launch(job, contexts[job.batch_id]) for job in claimed]
+        return [self._launch(job, contexts[job.batch_id], events.get(job.id)) for job in claimed]
 
     def launches(self, claimed: Sequence[Any]) -> list[JobLaunch]:
         """The launches of jobs claimed elsewhere (the agents' group commit), in their order."""
@@ -235,7 +237,7 @@ class ExecutorService:
             self._tokens[key] = minted
         return minted
 
-    def _launch(self, job: Any, ctx: _BatchContext) -> JobLaunch:
+    def _launch(self, job: Any, ctx: _BatchContext, event: str | None = None) -> JobLaunch:
         job_uuid = f"{ctx.parent_job_id}:{job.idx}"
         per_job = (
             ("AWS_BATCH_JOB_ARRAY_INDEX", str(job.idx)),
@@ -261,6 +263,7 @@ class ExecutorService:
             disk_gib=ctx.disk_gib,
             timeout_s=ctx.timeout_s,
             working_dir=ctx.working_dir,
+            event=event,
         )
 
 

@@ -39,6 +39,14 @@ from openhtc.store.tables import (
 from openhtc.store.transitions import Applied, JobState, StatusWrites
 
 S = JobStatus
+# A claim of at most this many jobs reads their function calls' events with their rows (a lone
+# call's event then costs no round trip of its own); a larger one leaves them to the function
+# pool, which reads them a chunk of the batch at a time.
+EVENTS_WITH_CLAIM = 4
+_EVENTS_OF = (
+    "SELECT j.id, f.event FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id AND f.idx = j.idx"
+    " WHERE "
+)
 _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
 _HELD_SQL = ",".join(str(s) for s in _HELD)
 
@@ -295,10 +303,13 @@ class QueueStore(AgentRows, ExchangeRows):
         now: float,
         max_timeout_s: int | None = None,
         agent: bool = False,
+        events: dict[int, str] | None = None,
     ) -> list[JobState]:
         """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE.
         ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset).
-        ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py)."""
+        ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py).
+        ``events``: filled with the events of the function calls claimed (by job id) when the
+        claim takes at most EVENTS_WITH_CLAIM jobs: read with the rows, in their round trip."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         began = time.monotonic()
@@ -336,8 +347,17 @@ class QueueStore(AgentRows, ExchangeRows):
                 return []
             writes = self._writes(conn, now, executor_id)
             order = {j.job_id: i for i, j in enumerate(chosen)}
+            ids = list(order)
+            read_events = events is not None and len(ids) <= EVENTS_WITH_CLAIM
+            cur = self.db.cursor(conn)
+            with self.db.pipelined(conn):  # PostgreSQL: the events in the rows' round trip
+                if read_events:
+                    cur.execute(self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(ids),))
+                loaded = writes.load_ids(ids)
+            if read_events and events is not None:
+                events.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
             # the executor starts them in this order: keep the one dispatch chose
-            claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
+            claimed = sorted(loaded, key=lambda job: order[job.id])
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
             writes.flush(commit=True)
             return claimed
