@@ -154,25 +154,27 @@ class QueueStore(AgentRows, ExchangeRows):
         )
         return [row[0] for row in cur.fetchall()]
 
-    def _queued_and_running(self, conn: Connection) -> tuple[list[str], dict[str, int]]:
+    def _queued_and_running(self, conn: Connection) -> tuple[list[str], dict[str, int], int]:
         """The claim's first read, one statement: the projects with jobs queued for executors,
-        and the vCPUs each project's running jobs hold (``_projects_with`` and
-        ``_vcpus_by_project`` of ACTIVE_STATUSES at once, from the counters)."""
+        the vCPUs each project's running jobs hold (``_projects_with`` and
+        ``_vcpus_by_project`` of ACTIVE_STATUSES at once, from the counters), and how many
+        jobs are queued in all."""
         queued = int(S.SUBMITTED_TO_PROVIDER)
         active = ",".join(str(int(s)) for s in ACTIVE_STATUSES)
         cur = self.db.cursor(conn)
         with self.db.pipelined(conn):  # PostgreSQL: with the claim's BEGIN, one round trip
             cur.execute(
-                f"SELECT project_id, MAX(CASE WHEN status = {queued} AND count > 0 THEN 1 ELSE 0 END),"
+                f"SELECT project_id, SUM(CASE WHEN status = {queued} THEN count ELSE 0 END),"
                 f" SUM(CASE WHEN status = {queued} THEN 0 ELSE vcpus END) FROM job_counters"
                 f" WHERE status IN ({queued}, {active}) GROUP BY project_id"
             )
-        projects, running = [], {}
-        for project, has_queued, vcpus in cur.fetchall():
-            if has_queued:
+        projects, running, total = [], {}, 0
+        for project, waiting, vcpus in cur.fetchall():
+            if waiting and waiting > 0:
                 projects.append(project)
+                total += int(waiting)
             running[project] = int(vcpus or 0)
-        return projects, running
+        return projects, running, total
 
     def _vcpus_by_project(self, conn: Connection, statuses: Sequence[JobStatus]) -> dict[str, int]:
         cur = self.db.cursor(conn)
@@ -322,7 +324,7 @@ class QueueStore(AgentRows, ExchangeRows):
                     self.nothing_queued_at = began
                     return []
         with self.db.write() as conn:
-            queued_projects, running = self._queued_and_running(conn)
+            queued_projects, running, waiting = self._queued_and_running(conn)
             if not queued_projects:
                 self.nothing_queued_at = began
                 return []
@@ -331,36 +333,82 @@ class QueueStore(AgentRows, ExchangeRows):
             # Every job takes at least one vCPU, so no project can contribute more candidates.
             per_project = min(max_jobs, free.vcpus)
             arch_sql = ",".join("?" * len(architectures))
-            queues = {
-                project: self._queued(
-                    conn,
-                    S.SUBMITTED_TO_PROVIDER,
-                    [project],
-                    per_project,
-                    f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}",
-                    (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,)),
-                )
-                for project in queued_projects
-            }
+            extra = f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}"
+            params = (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,))
+            writes = self._writes(conn, now, executor_id)
+            # a few jobs queued in all (a lone call): their events come with their rows
+            wanted = events if waiting <= EVENTS_WITH_CLAIM else None
+            loaded: dict[int, JobState] = {}
+            if len(queued_projects) == 1:  # the common case: candidates and rows in one round trip
+                project = queued_projects[0]
+                queues = {
+                    project: self._candidates_and_rows(
+                        conn, writes, project, per_project, extra, params, wanted, loaded
+                    )
+                }
+            else:
+                queues = {
+                    project: self._queued(
+                        conn, S.SUBMITTED_TO_PROVIDER, [project], per_project, extra, params
+                    )
+                    for project in queued_projects
+                }
             chosen = policy.dispatch(queues, running, free, max_jobs)
             if not chosen:
                 return []
-            writes = self._writes(conn, now, executor_id)
             order = {j.job_id: i for i, j in enumerate(chosen)}
-            ids = list(order)
-            read_events = events is not None and len(ids) <= EVENTS_WITH_CLAIM
-            cur = self.db.cursor(conn)
-            with self.db.pipelined(conn):  # PostgreSQL: the events in the rows' round trip
-                if read_events:
-                    cur.execute(self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(ids),))
-                loaded = writes.load_ids(ids)
-            if read_events and events is not None:
-                events.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
+            missing = [job_id for job_id in order if job_id not in loaded]
+            if missing:  # several projects (or a row queued between two statements of one round trip)
+                cur = self.db.cursor(conn)
+                with self.db.pipelined(conn):  # PostgreSQL: the events in the rows' round trip
+                    if wanted is not None:
+                        cur.execute(
+                            self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(missing),)
+                        )
+                    loaded.update((job.id, job) for job in writes.load_ids(missing))
+                if wanted is not None:
+                    wanted.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
             # the executor starts them in this order: keep the one dispatch chose
-            claimed = sorted(loaded, key=lambda job: order[job.id])
+            claimed = [loaded[job_id] for job_id in order if job_id in loaded]
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
             writes.flush(commit=True)
             return claimed
+
+    def _candidates_and_rows(
+        self,
+        conn: Connection,
+        writes: StatusWrites,
+        project: str,
+        limit: int,
+        extra: str,
+        params: Sequence[Any],
+        events: dict[int, str] | None,
+        loaded: dict[int, JobState],
+    ) -> list[policy.QueuedJob]:
+        """A project's queue head (``_queued``), its rows loaded and locked for the writes, and
+        (``events`` given) its function calls' events: one round trip on PostgreSQL. The load
+        selects the same head again; its own locks keep the rows the first statement took."""
+        lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
+        where = (
+            f"status = {int(S.SUBMITTED_TO_PROVIDER)} AND project_id = ?{extra} ORDER BY priority, id LIMIT ?"
+        )
+        head = f"j.id IN (SELECT id FROM jobs WHERE {where}{lock})"
+        args = (project, *params, limit)
+        cur, other = self.db.cursor(conn), self.db.cursor(conn)
+        with self.db.pipelined(conn):
+            cur.execute(
+                self.db.sql(
+                    f"SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE {where}{lock}"
+                ),
+                args,
+            )
+            if events is not None:
+                other.execute(self.db.sql(_EVENTS_OF + head), args)
+            loaded.update((job.id, job) for job in writes.load(head, args))
+        queue = [policy.QueuedJob(*row) for row in cur.fetchall()]
+        if events is not None:
+            events.update((int(job_id), str(event)) for job_id, event in other.fetchall())
+        return queue
 
     def _timeout_sql(self, max_timeout_s: int | None) -> str:
         """A claim filter on the batch's execTimeoutSeconds (a Slurm pilot's walltime left)."""
