@@ -439,7 +439,10 @@ def _stages(samples: list[tuple[int, int, int]], events: list[tuple[int, str]]) 
     for label, counts in counted.items():
         if any(counts):
             out[f"{label} per sample"] = statistics.mean(counts)
-    out["p99 wait answered"] = sorted(client["client: wait answered"])[int(0.99 * (len(samples) - 1))]
+    answered = sorted(client["client: wait answered"])
+    out["p99 wait answered"] = answered[int(0.99 * (len(samples) - 1))]
+    # the spread: a path with two modes (a wait with a period) shows as a step between deciles
+    out["deciles"] = [round(answered[int(q / 10 * (len(answered) - 1))], 1) for q in range(11)]
     return out
 
 
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = found.pop("statements", None)
     previous = 0.0
     print(f"{'stage':<28} {'p50 ms since submit':>20} {'step':>8}")
+    deciles = found.pop("deciles")
     for name, value in found.items():
         if name in ("samples",):
             continue
@@ -466,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28} {value:>20.3f} {step:>8.3f}")
         if name in STAGES:
             previous = value
-    print(f"samples: {found['samples']}")
+    print(f"samples: {found['samples']}; wait answered, deciles (ms): {deciles}")
     if listed is not None:
         print(f"statements per sample: median {listed['median']}, min {listed['min']}, max {listed['max']}")
         for at, pid, text in listed["one"]:

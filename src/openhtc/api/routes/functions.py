@@ -87,12 +87,16 @@ async def results(
         body, count = results_page(svc, task_id, batch_id, start, limit, known)
         return count > 0 or start >= body["total"], body
 
+    seen = svc.notify.published()
     done, body = await run_in_threadpool(check)
     if done or wait <= 0:
         return JSONResponse(body)
     admit(svc)
     async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, wait, check, RESULTS_GAP, _closing(svc)))
+        # Nothing published since the read began: it still holds, and what changes from now on
+        # wakes the subscription (a writer publishes after its commit). Else read again.
+        first = (done, body) if svc.notify.published() == seen else None
+        return JSONResponse(await _wait(request, sub, wait, check, RESULTS_GAP, _closing(svc), first))
 
 
 @router.post(FUNCTIONS + "/{batch_id}/cancel")
