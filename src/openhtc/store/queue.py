@@ -336,10 +336,13 @@ class QueueStore(AgentRows, ExchangeRows):
             extra = f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}"
             params = (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,))
             writes = self._writes(conn, now, executor_id)
-            # a few jobs queued in all (a lone call): their events come with their rows
-            wanted = events if waiting <= EVENTS_WITH_CLAIM else None
+            # A few jobs queued in all (a lone call's latency): one project's queue head, its
+            # rows and its calls' events in one round trip. A busy queue's claims keep the head's
+            # one read (the merged statement reads the head twice: PostgreSQL's work per call).
+            few = waiting <= EVENTS_WITH_CLAIM
+            wanted = events if few else None
             loaded: dict[int, JobState] = {}
-            if len(queued_projects) == 1:  # the common case: candidates and rows in one round trip
+            if few and len(queued_projects) == 1:
                 project = queued_projects[0]
                 queues = {
                     project: self._candidates_and_rows(
@@ -358,16 +361,16 @@ class QueueStore(AgentRows, ExchangeRows):
                 return []
             order = {j.job_id: i for i, j in enumerate(chosen)}
             missing = [job_id for job_id in order if job_id not in loaded]
-            if missing:  # several projects (or a row queued between two statements of one round trip)
+            if missing and wanted is None:  # a busy queue, or a row queued meanwhile
+                loaded.update((job.id, job) for job in writes.load_ids(missing))
+            elif missing and wanted is not None:  # a few jobs of several projects
                 cur = self.db.cursor(conn)
                 with self.db.pipelined(conn):  # PostgreSQL: the events in the rows' round trip
-                    if wanted is not None:
-                        cur.execute(
-                            self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(missing),)
-                        )
+                    cur.execute(
+                        self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(missing),)
+                    )
                     loaded.update((job.id, job) for job in writes.load_ids(missing))
-                if wanted is not None:
-                    wanted.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
+                wanted.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
             # the executor starts them in this order: keep the one dispatch chose
             claimed = [loaded[job_id] for job_id in order if job_id in loaded]
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
