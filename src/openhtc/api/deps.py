@@ -71,7 +71,8 @@ def _task_and_job(
     the job's read allows for a row written between its two statements (``JobStore.get``)."""
     check_project_scope(who, project_id)
     with svc.db.read(snapshot=False) as conn:
-        project, task = svc.projects.project_and_task(conn, who.workspace_id, project_id, task_id)
+        project = svc.projects.get_in(conn, who.workspace_id, project_id)
+        task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
         found = svc.jobs.get(conn, task_id, job_id) if task is not None and job_id is not None else None
     if project is None:
         raise NotFound(f"project {project_id} not found")

@@ -82,20 +82,6 @@ class ProjectStore:
             region_rows,
         )
 
-    def project_and_task(
-        self, conn: Connection, workspace_id: str, project_id: str, task_id: str
-    ) -> tuple[Any, Any]:
-        """The project (None: not in the workspace) and the task (None: not in that project,
-        or no project): PostgreSQL reads both in one round trip."""
-        project, task = self.db.select_together(
-            conn,
-            [
-                (_PROJECT, {"project": project_id, "workspace": workspace_id}),
-                (_TASK, {"task": task_id, "project": project_id}),
-            ],
-        )
-        return (project[0], task[0] if task else None) if project else (None, None)
-
     def get_in(self, conn: Connection, workspace_id: str, project_id: str) -> Row[Any] | None:
         return conn.execute(_PROJECT, {"project": project_id, "workspace": workspace_id}).first()
 
