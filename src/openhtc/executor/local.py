@@ -498,11 +498,7 @@ class LocalExecutor:
             following = window[0][0] if window else None
             with self._lock:
                 fresh = self.state.ended(item, following)
-                alone = fresh is None and not window and not (self.state.running or self.state.pending)
-            if alone and not self._gate_closed:
-                self._report_alone()  # a lone call's end: its report now, from this thread (as a job's)
-            else:
-                self._wake.set()
+            self._wake.set()
             if self._gate_closed:
                 self._drained.set()
         return fresh, None
