@@ -104,6 +104,15 @@ def install(trace: str) -> None:
     from openhtc.store import functions as function_store
 
     _wrap(function_routes, "submit_functions", "submit.route", "submit.route.done")
+    # finer stages of the call's path (PostgreSQL's round trips): the submit's reads, the claim's
+    from openhtc.store import queue, transitions
+
+    _wrap(function_routes, "target", "submit.reads.start", "submit.reads.done")
+    _wrap(queue.QueueStore, "claim", None, "claim.store.committed", lambda out, *a, **k: bool(out))
+    _wrap(queue.QueueStore, "_queued_and_running", "claim.begin", "claim.queued.read")
+    _wrap(queue.QueueStore, "_queued", None, "claim.candidates.read")
+    _wrap(transitions.StatusWrites, "load", None, "rows.loaded")
+    _wrap(function_store.FunctionStore, "events", "event.read.start", "event.read.done")
     _wrap(function_store.FunctionStore, "save", "results.save.start", "results.saved")
     _wrap(function_routes, "results_page", "wait.read.start", "wait.read.done")
     # not stages: counted per sample (PostgreSQL: a single server's NOTIFYs, heard by itself too)
@@ -206,13 +215,22 @@ def serve(argv: list[str]) -> None:
 
 STAGES = (
     "submit.http.in",
+    "submit.reads.start",
+    "submit.reads.done",
     "submit.route",
     "submit.committed",
     "executor.kicked",
     "submit.route.done",
     "submit.http.out",
     "claim.start",
+    "claim.begin",
+    "claim.queued.read",
+    "claim.candidates.read",
+    "rows.loaded",
+    "claim.store.committed",
     "claim.committed",
+    "event.read.start",
+    "event.read.done",
     "journal.start",
     "journal.synced",
     "runtime.start",
@@ -421,7 +439,10 @@ def _stages(samples: list[tuple[int, int, int]], events: list[tuple[int, str]]) 
     for label, counts in counted.items():
         if any(counts):
             out[f"{label} per sample"] = statistics.mean(counts)
-    out["p99 wait answered"] = sorted(client["client: wait answered"])[int(0.99 * (len(samples) - 1))]
+    answered = sorted(client["client: wait answered"])
+    out["p99 wait answered"] = answered[int(0.99 * (len(samples) - 1))]
+    # the spread: a path with two modes (a wait with a period) shows as a step between deciles
+    out["deciles"] = [round(answered[int(q / 10 * (len(answered) - 1))], 1) for q in range(11)]
     return out
 
 
@@ -441,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = found.pop("statements", None)
     previous = 0.0
     print(f"{'stage':<28} {'p50 ms since submit':>20} {'step':>8}")
+    deciles = found.pop("deciles")
     for name, value in found.items():
         if name in ("samples",):
             continue
@@ -448,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28} {value:>20.3f} {step:>8.3f}")
         if name in STAGES:
             previous = value
-    print(f"samples: {found['samples']}")
+    print(f"samples: {found['samples']}; wait answered, deciles (ms): {deciles}")
     if listed is not None:
         print(f"statements per sample: median {listed['median']}, min {listed['min']}, max {listed['max']}")
         for at, pid, text in listed["one"]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from openhtc.services.notify import EVERYTHING, LocalNotifier, job_key, task_key
+from openhtc.services.notify import EVERYTHING, NOTHING_ENDED, LocalNotifier, job_key, task_key
 
 pytestmark = pytest.mark.unit
 
@@ -133,3 +133,34 @@ def test_writers_publishing_at_once_each_move_the_counter() -> None:
     for thread in writers:
         thread.join()
     assert notifier.published() == 4 * 40
+
+
+def test_a_claims_nothing_ended_never_hides_a_change_nobody_described() -> None:
+    """A claim says of its tasks' keys that nothing ended (a results waiter woken by it keeps
+    its page); any publish that says nothing of the key, before or after it and not yet seen
+    by the waiter, leaves the waiter no fact, so it reads again."""
+
+    def nothing(key: object) -> str:
+        return NOTHING_ENDED
+
+    async def scenario() -> None:
+        notify = LocalNotifier()
+        key = task_key("t")
+        async with notify.subscribe([key]) as sub:
+            notify.publish([key], nothing)  # a claim alone: the fact stands
+            await asyncio.sleep(0)
+            assert await sub.wait(1) and sub.facts.pop(key) == NOTHING_ENDED
+            notify.publish([key])  # a report, then a claim, before the waiter looks
+            notify.publish([key], nothing)
+            await asyncio.sleep(0)
+            assert await sub.wait(1) and key not in sub.facts
+            notify.publish([key], nothing)  # a claim, then a report
+            notify.publish([key])
+            await asyncio.sleep(0)
+            assert await sub.wait(1) and key not in sub.facts
+            notify.publish([key], nothing)  # a claim, then a recovery (everything)
+            notify.publish([EVERYTHING])
+            await asyncio.sleep(0)
+            assert await sub.wait(1) and not sub.facts
+
+    asyncio.run(scenario())

@@ -34,6 +34,7 @@ from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.domain.recovery import EveryAttempt
 from openhtc.executor import protocol as wire
 from openhtc.executor.journal import AttemptJournal
+from openhtc.store.functions import CallResult
 
 log = logging.getLogger("openhtc.agent")
 BACKOFF_FIRST = 0.5
@@ -205,9 +206,13 @@ class HttpTransport:
             return []
         return [self._launch(lease) for lease in answer.leases]
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> None:
-        results = self.functions.results_for(reports) if self.functions is not None else None
-        self.outbox.add(reports, results)  # on disk: delivered by the next exchange (the claim's, mostly)
+    def report(
+        self, executor_id: str, reports: Sequence[AttemptReport], results: Sequence[CallResult] = ()
+    ) -> None:
+        if results and self.functions is not None:  # each goes with its call's end (results_for)
+            self.functions.save(results)
+        carried = self.functions.results_for(reports) if self.functions is not None else None
+        self.outbox.add(reports, carried)  # on disk: delivered by the next exchange (the claim's, mostly)
         with self._received_lock:  # listed by outbox.attempts() now, until acknowledged
             self._received.difference_update((r.job_id, r.attempt) for r in reports)
         if self.draining:  # no claim follows

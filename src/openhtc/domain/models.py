@@ -66,6 +66,9 @@ class JobLaunch(NamedTuple):
     # What every job of the batch gets, after ``envs`` (the job's own): tokens, IDs, the user's
     # ``envs``. One tuple shared by the batch's launches, so runtimes can cache what they build.
     batch_envs: tuple[tuple[str, str], ...] = ()
+    # A function call's event, when its claim read it (a small claim: one round trip less for
+    # a lone call); else the function pool reads it (a chunk of its batch's at a time).
+    event: str | None = None
 
 
 class AttemptReport(NamedTuple):

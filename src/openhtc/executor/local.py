@@ -738,11 +738,15 @@ class LocalExecutor:
         with self._lock:
             reports = self.state.take_reports()
         if reports:
+            # After the take: the pool holds the results of these calls. They go with the
+            # reports (in-process: in their transaction, so an ended call has its result), and
+            # back with them if the report fails: both are retried together.
+            results = self.functions.take_results() if self.functions is not None else []
             try:
-                if self.functions is not None:  # after the take: it holds the results of these
-                    self.functions.flush()  # calls, committed first (an ended call has its result)
-                self.service.report(self.executor_id, reports)
+                self.service.report(self.executor_id, reports, results)
             except Exception:
+                if self.functions is not None:
+                    self.functions.put_back(results)
                 with self._lock:
                     self.state.reports_failed(reports)
                 raise

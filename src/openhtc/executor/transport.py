@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
+from openhtc.store.functions import CallResult
 
 
 class ExecutorPort(Protocol):
@@ -35,6 +36,11 @@ class ExecutorPort(Protocol):
         self, executor_id: str, region: str, architectures: Sequence[str], free: Capacity, max_jobs: int
     ) -> list[JobLaunch]: ...
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> Any: ...
+    def report(
+        self, executor_id: str, reports: Sequence[AttemptReport], results: Sequence[CallResult] = ()
+    ) -> Any:
+        """``results``: the function calls' results kept since the last report (FunctionPool),
+        stored no later than the reports (in-process: in their transaction)."""
+        ...
 
     def heartbeat(self, executor_id: str, held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]: ...

@@ -541,16 +541,26 @@ class FunctionPool:
 
     def flush(self) -> None:
         """Write the results kept since the last flush (before the reports of their calls)."""
-        with self._lock:
-            results, self._results = self._results, []
+        results = self.take_results()
         if not results:
             return
         try:
             self._sink.save(results)
         except BaseException:
-            with self._lock:
-                self._results[:0] = results
+            self.put_back(results)
             raise
+
+    def take_results(self) -> list[CallResult]:
+        """The results kept since the last take: the executor hands them over with the reports
+        of its turn (ExecutorPort.report), which store them no later than those reports."""
+        with self._lock:
+            results, self._results = self._results, []
+        return results
+
+    def put_back(self, results: list[CallResult]) -> None:
+        """Results taken for a report that failed: they go with the next one (its retry)."""
+        with self._lock:
+            self._results[:0] = results
 
     def close(self) -> None:
         with self._lock:
@@ -563,6 +573,8 @@ class FunctionPool:
     # -- calls ----------------------------------------------------------------------------------
 
     def _event(self, launch: JobLaunch) -> str | None:
+        if launch.event is not None:  # read with its claim (a small one)
+            return launch.event
         start = launch.array_index - launch.array_index % EVENT_CHUNK
         key = (launch.batch_id, start)
         with self._lock:

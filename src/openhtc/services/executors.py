@@ -18,8 +18,9 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.services.notify import EVERYTHING, Key, job_key, task_key
+from openhtc.services.notify import EVERYTHING, NOTHING_ENDED, Key, job_key, task_key
 from openhtc.services.service_set import ServiceSet
+from openhtc.store.functions import CallResult
 from openhtc.store.transitions import Applied
 
 # a change to these ends an attempt: its job's waiters look again (a retry's too)
@@ -93,6 +94,7 @@ class ExecutorService:
         walltime left); jobs without one always qualify. ``agent``: an ``htc agent``'s claim,
         which takes nothing once the agent is lost or drains (checked in the claim's transaction)."""
         s = self.services
+        events: dict[int, str] = {}  # a small claim's function calls' events (QueueStore.claim)
         claimed = s.queue.claim(
             executor_id,
             region,
@@ -103,21 +105,26 @@ class ExecutorService:
             s.clock.now(),
             max_timeout_s,
             agent,
+            None if agent else events,  # an agent's leases carry theirs (services/agents.py)
         )
         contexts = self._contexts_for({job.batch_id for job in claimed})
         if claimed:  # with nobody waiting, no keys to build: the publish still counts (published())
-            s.notify.publish({task_key(job.task_id) for job in claimed} if not s.notify.idle else ())
+            keys = {task_key(job.task_id) for job in claimed} if not s.notify.idle else ()
+            s.notify.publish(keys, _nothing_ended)
         s.metrics.jobs.claimed(claimed, s.clock.now())
-        return [self._launch(job, contexts[job.batch_id]) for job in claimed]
+        return [self._launch(job, contexts[job.batch_id], events.get(job.id)) for job in claimed]
 
     def launches(self, claimed: Sequence[Any]) -> list[JobLaunch]:
         """The launches of jobs claimed elsewhere (the agents' group commit), in their order."""
         contexts = self._contexts_for({job.batch_id for job in claimed})
         return [self._launch(job, contexts[job.batch_id]) for job in claimed]
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport]) -> Applied:
-        """Apply an executor's reports; returns what they changed."""
-        applied = self.services.queue.report(executor_id, reports, self.services.clock.now())
+    def report(
+        self, executor_id: str, reports: Sequence[AttemptReport], results: Sequence[CallResult] = ()
+    ) -> Applied:
+        """Apply an executor's reports, and the function results they come with (in the same
+        transaction); returns what they changed."""
+        applied = self.services.queue.report(executor_id, reports, self.services.clock.now(), results)
         self.services.metrics.jobs.reported(len(reports), applied)
         if applied.requeued:  # retried attempts wait in SUBMITTED_TO_RESCALE for the scheduler
             self.services.wakeups.schedule_round.set()
@@ -231,7 +238,7 @@ class ExecutorService:
             self._tokens[key] = minted
         return minted
 
-    def _launch(self, job: Any, ctx: _BatchContext) -> JobLaunch:
+    def _launch(self, job: Any, ctx: _BatchContext, event: str | None = None) -> JobLaunch:
         job_uuid = f"{ctx.parent_job_id}:{job.idx}"
         per_job = (
             ("AWS_BATCH_JOB_ARRAY_INDEX", str(job.idx)),
@@ -257,6 +264,7 @@ class ExecutorService:
             disk_gib=ctx.disk_gib,
             timeout_s=ctx.timeout_s,
             working_dir=ctx.working_dir,
+            event=event,
         )
 
 
@@ -271,6 +279,11 @@ class _BatchContext:
     disk_gib: int
     timeout_s: int | None
     working_dir: str | None
+
+
+def _nothing_ended(key: Key) -> str:
+    """A claim's fact for its tasks' keys (a results waiter woken by it need not read)."""
+    return NOTHING_ENDED
 
 
 def _connect_host(host: str) -> str:

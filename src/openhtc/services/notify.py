@@ -36,6 +36,9 @@ log = logging.getLogger("openhtc.notify")
 Key = tuple[str, object]  # ("job", job row id) | ("task", task id)
 Facts = Callable[[Key], Any]  # see Notifier.publish
 EVERYTHING: Key = ("*", None)  # every waiter is woken: recoveries, cancels
+# A claim's fact for its tasks' keys: jobs were claimed and none ended (a results waiter, woken
+# by it, need not read: what it answers, the ended calls, did not change)
+NOTHING_ENDED = "nothing ended"
 
 
 def job_key(job_id: int) -> Key:
@@ -59,6 +62,10 @@ class Subscription:
 
     def fire(self) -> None:
         self._event.set()
+
+    def pending(self) -> bool:
+        """Whether a wake-up is waiting to be consumed by ``wait``."""
+        return self._event.is_set()
 
     async def wait(self, timeout: float) -> bool:
         """True if a change was published since the last wait, waiting up to ``timeout`` s."""
@@ -168,7 +175,15 @@ class LocalNotifier:
             subs = self._subs.get(key, ())
             fact = facts(key) if facts is not None and subs and key != EVERYTHING else None
             for sub in subs:
-                if fact is not None:
+                if fact is None:
+                    if sub.facts:  # a change nobody described: what an earlier one said no longer holds
+                        if key == EVERYTHING:
+                            sub.facts.clear()
+                        else:
+                            sub.facts.pop(key, None)
+                # "nothing ended" adds to what the waiter has not seen yet: not over a change
+                # nobody described (its wake-up pending, no fact for the key)
+                elif fact != NOTHING_ENDED or not sub.pending() or key in sub.facts:
                     sub.facts[key] = fact
                 sub.fire()
 

@@ -48,10 +48,11 @@ def target(
     connection, no transaction (no snapshot is needed across them; on PostgreSQL BEGIN and
     COMMIT are a round trip each); the write transaction relies on none of it staying true."""
     check_project_scope(principal, project_id)
-    with services.db.read(snapshot=False) as conn:
-        project = services.projects.get_in(conn, principal.workspace_id, project_id)
-        task = services.projects.task_in(conn, project_id, task_id) if project is not None else None
-        capacity = _capacity(services, conn, principal.workspace_id)
+    since = services.clock.now() - services.settings.lease_seconds
+    project, task, offers, region_rows = services.projects.submit_target(
+        principal.workspace_id, project_id, task_id, since
+    )
+    capacity = (offers, region_rows)
     if project is None:
         raise NotFound(f"project {project_id} not found")
     check_task_scope(principal, project_id, task_id)

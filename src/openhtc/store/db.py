@@ -10,6 +10,7 @@ import errno
 import json
 import select
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         # told each transaction's kind ("read", "write") and seconds: the metrics' hook
         self.observer: Callable[[str, float], None] | None = None
+        self._statements: dict[int, tuple[Any, Any]] = {}  # select_together's, compiled once
         if self.is_sqlite:
             self.engine = _sqlite_engine(url)
         else:
@@ -169,6 +171,36 @@ class Database:
             yield
             if commit:
                 driver.commit()  # queued behind the block's statements; the exit syncs
+
+    def select_together(
+        self, conn: Connection, queries: Sequence[tuple[Any, dict[str, Any]]]
+    ) -> list[list[Any]]:
+        """The rows of several SELECTs (SQLAlchemy Core statements with named bind parameters,
+        none expanding), each as a named tuple of its columns. PostgreSQL: all in one round trip
+        (``pipelined``), each statement compiled once; SQLite: one after another. For reads
+        that need no snapshot across them (``read(snapshot=False)``)."""
+        if self.is_sqlite:
+            return [list(conn.execute(query, params)) for query, params in queries]
+        prepared = [self._compiled(query) for query, _ in queries]
+        cursors = [self.cursor(conn) for _ in queries]
+        with self.pipelined(conn):
+            for cur, (sql, defaults, _), (_, params) in zip(cursors, prepared, queries, strict=True):
+                cur.execute(sql, {**defaults, **params})
+        out: list[list[Any]] = []
+        for cur, (_, _, shape) in zip(cursors, prepared, strict=True):
+            rows = cur.fetchall()
+            if shape[0] is None:  # its columns' names, known once it has run
+                shape[0] = namedtuple("Row", [d.name for d in cur.description], rename=True)
+            out.append([shape[0]._make(row) for row in rows])
+        return out
+
+    def _compiled(self, query: Any) -> tuple[str, dict[str, Any], list[Any]]:
+        found = self._statements.get(id(query))
+        if found is None or found[0] is not query:
+            compiled = query.compile(dialect=self.engine.dialect)
+            found = (query, (str(compiled), dict(compiled.params), [None]))
+            self._statements[id(query)] = found
+        return found[1]
 
     def run_bulk(self, cur: Any, statement: BulkStatement, rows: Sequence[tuple[Any, ...]]) -> int:
         """Apply ``statement`` to every row; returns the number of rows it changed."""

@@ -62,6 +62,14 @@ _SAVE_FENCED = (
 )
 
 
+def save_in(db: Database, conn: Connection, results: Sequence[CallResult]) -> None:
+    """Record call results in the caller's transaction (the embedded executor's report: a
+    call's result is committed with its end status, never after it)."""
+    if results:
+        rows = [(r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results]
+        db.run_bulk(db.cursor(conn), _SAVE, rows)
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """What an executor saves for one call attempt (exactly one of result, error, result_key)."""
@@ -170,9 +178,8 @@ class FunctionStore:
         """Record call results, all in one transaction."""
         if not results:
             return
-        rows = [(r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results]
         with self.db.write() as conn, self.db.pipelined(conn, commit=True):  # PostgreSQL: with the COMMIT
-            self.db.run_bulk(self.db.cursor(conn), _SAVE, rows)
+            save_in(self.db, conn, results)
 
     def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
         """The calls ``start <= idx < start + limit`` that have job rows, by index, up to the

@@ -8,8 +8,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
 
+from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import NON_TERMINAL_STATUSES, LifecycleStatus
+from openhtc.store.accounts import _REGIONS
 from openhtc.store.db import Database
+from openhtc.store.queue import _OFFERS, offers_of
 from openhtc.store.tables import job_counters, project_limits, projects, tasks, workspaces
 
 # Every request on a project or task looks these up: built once, so SQLAlchemy reuses their
@@ -55,6 +58,29 @@ class ProjectStore:
     def get(self, workspace_id: str, project_id: str) -> Row[Any] | None:
         with self.db.read() as conn:
             return self.get_in(conn, workspace_id, project_id)
+
+    def submit_target(
+        self, workspace_id: str, project_id: str, task_id: str, heard_since: float
+    ) -> tuple[Any, Any, list[ExecutorOffer], list[Any]]:
+        """What a submit reads before its transaction: the project (None: not in the workspace),
+        the task (None: not in that project), the offers of the executors heard from since
+        ``heard_since`` and the workspace's regions. PostgreSQL: one round trip for the four."""
+        with self.db.read(snapshot=False) as conn:
+            project, task, offers, region_rows = self.db.select_together(
+                conn,
+                [
+                    (_PROJECT, {"project": project_id, "workspace": workspace_id}),
+                    (_TASK, {"task": task_id, "project": project_id}),
+                    (_OFFERS, {"since": heard_since}),
+                    (_REGIONS, {"ws": workspace_id}),
+                ],
+            )
+        return (
+            project[0] if project else None,
+            task[0] if task and project else None,
+            offers_of(offers),
+            region_rows,
+        )
 
     def get_in(self, conn: Connection, workspace_id: str, project_id: str) -> Row[Any] | None:
         return conn.execute(_PROJECT, {"project": project_id, "workspace": workspace_id}).first()

@@ -25,6 +25,7 @@ from openhtc.domain.recovery import EveryAttempt
 from openhtc.store.agent_rows import AgentRows, AgentState, TokenBinding, check_binding
 from openhtc.store.db import Database
 from openhtc.store.exchanges import ExchangeRows
+from openhtc.store.functions import CallResult, save_in
 from openhtc.store.tables import (
     batches,
     executors,
@@ -38,6 +39,14 @@ from openhtc.store.tables import (
 from openhtc.store.transitions import Applied, JobState, StatusWrites
 
 S = JobStatus
+# A claim of at most this many jobs reads their function calls' events with their rows (a lone
+# call's event then costs no round trip of its own); a larger one leaves them to the function
+# pool, which reads them a chunk of the batch at a time.
+EVENTS_WITH_CLAIM = 4
+_EVENTS_OF = (
+    "SELECT j.id, f.event FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id AND f.idx = j.idx"
+    " WHERE "
+)
 _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
 _HELD_SQL = ",".join(str(s) for s in _HELD)
 
@@ -145,24 +154,28 @@ class QueueStore(AgentRows, ExchangeRows):
         )
         return [row[0] for row in cur.fetchall()]
 
-    def _queued_and_running(self, conn: Connection) -> tuple[list[str], dict[str, int]]:
+    def _queued_and_running(self, conn: Connection) -> tuple[list[str], dict[str, int], int]:
         """The claim's first read, one statement: the projects with jobs queued for executors,
-        and the vCPUs each project's running jobs hold (``_projects_with`` and
-        ``_vcpus_by_project`` of ACTIVE_STATUSES at once, from the counters)."""
+        the vCPUs each project's running jobs hold (``_projects_with`` and
+        ``_vcpus_by_project`` of ACTIVE_STATUSES at once, from the counters), and how many
+        jobs are queued in all."""
         queued = int(S.SUBMITTED_TO_PROVIDER)
         active = ",".join(str(int(s)) for s in ACTIVE_STATUSES)
         cur = self.db.cursor(conn)
+        # Not pipelined with its BEGIN: psycopg's pipeline costs ~0.1 ms of Python, more than
+        # the round trip it saves (55 µs here); it pays off only where it merges several
         cur.execute(
-            f"SELECT project_id, MAX(CASE WHEN status = {queued} AND count > 0 THEN 1 ELSE 0 END),"
+            f"SELECT project_id, SUM(CASE WHEN status = {queued} THEN count ELSE 0 END),"
             f" SUM(CASE WHEN status = {queued} THEN 0 ELSE vcpus END) FROM job_counters"
             f" WHERE status IN ({queued}, {active}) GROUP BY project_id"
         )
-        projects, running = [], {}
-        for project, has_queued, vcpus in cur.fetchall():
-            if has_queued:
+        projects, running, total = [], {}, 0
+        for project, waiting, vcpus in cur.fetchall():
+            if waiting and waiting > 0:
                 projects.append(project)
+                total += int(waiting)
             running[project] = int(vcpus or 0)
-        return projects, running
+        return projects, running, total
 
     def _vcpus_by_project(self, conn: Connection, statuses: Sequence[JobStatus]) -> dict[str, int]:
         cur = self.db.cursor(conn)
@@ -293,10 +306,13 @@ class QueueStore(AgentRows, ExchangeRows):
         now: float,
         max_timeout_s: int | None = None,
         agent: bool = False,
+        events: dict[int, str] | None = None,
     ) -> list[JobState]:
         """Match queued jobs to an executor's free capacity; returns them, now RUNNABLE.
         ``max_timeout_s``: only jobs whose execTimeoutSeconds is at most this (or unset).
-        ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py)."""
+        ``agent``: the executor is an agent: nothing for it once lost or draining (agent_rows.py).
+        ``events``: filled with the events of the function calls claimed (by job id) when the
+        claim takes at most EVENTS_WITH_CLAIM jobs: read with the rows, in their round trip."""
         if max_jobs <= 0 or free.vcpus <= 0 or not architectures:
             return []
         began = time.monotonic()
@@ -309,7 +325,7 @@ class QueueStore(AgentRows, ExchangeRows):
                     self.nothing_queued_at = began
                     return []
         with self.db.write() as conn:
-            queued_projects, running = self._queued_and_running(conn)
+            queued_projects, running, waiting = self._queued_and_running(conn)
             if not queued_projects:
                 self.nothing_queued_at = began
                 return []
@@ -318,27 +334,85 @@ class QueueStore(AgentRows, ExchangeRows):
             # Every job takes at least one vCPU, so no project can contribute more candidates.
             per_project = min(max_jobs, free.vcpus)
             arch_sql = ",".join("?" * len(architectures))
-            queues = {
-                project: self._queued(
-                    conn,
-                    S.SUBMITTED_TO_PROVIDER,
-                    [project],
-                    per_project,
-                    f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}",
-                    (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,)),
-                )
-                for project in queued_projects
-            }
+            extra = f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}"
+            params = (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,))
+            writes = self._writes(conn, now, executor_id)
+            # A few jobs queued in all (a lone call's latency): one project's queue head, its
+            # rows and its calls' events in one round trip. A busy queue's claims keep the head's
+            # one read (the merged statement reads the head twice: PostgreSQL's work per call).
+            few = waiting <= EVENTS_WITH_CLAIM
+            wanted = events if few else None
+            loaded: dict[int, JobState] = {}
+            if few and len(queued_projects) == 1:
+                project = queued_projects[0]
+                queues = {
+                    project: self._candidates_and_rows(
+                        conn, writes, project, per_project, extra, params, wanted, loaded
+                    )
+                }
+            else:
+                queues = {
+                    project: self._queued(
+                        conn, S.SUBMITTED_TO_PROVIDER, [project], per_project, extra, params
+                    )
+                    for project in queued_projects
+                }
             chosen = policy.dispatch(queues, running, free, max_jobs)
             if not chosen:
                 return []
-            writes = self._writes(conn, now, executor_id)
             order = {j.job_id: i for i, j in enumerate(chosen)}
+            missing = [job_id for job_id in order if job_id not in loaded]
+            if missing and wanted is None:  # a busy queue, or a row queued meanwhile
+                loaded.update((job.id, job) for job in writes.load_ids(missing))
+            elif missing and wanted is not None:  # a few jobs of several projects
+                cur = self.db.cursor(conn)
+                with self.db.pipelined(conn):  # PostgreSQL: the events in the rows' round trip
+                    cur.execute(
+                        self.db.sql(_EVENTS_OF + self.db.in_ids("j.id")), (self.db.ids_param(missing),)
+                    )
+                    loaded.update((job.id, job) for job in writes.load_ids(missing))
+                wanted.update((int(job_id), str(event)) for job_id, event in cur.fetchall())
             # the executor starts them in this order: keep the one dispatch chose
-            claimed = sorted(writes.load_ids(list(order)), key=lambda job: order[job.id])
+            claimed = [loaded[job_id] for job_id in order if job_id in loaded]
             writes.claim(claimed, executor_id, lifecycle.lease_until(now, lease_seconds))
             writes.flush(commit=True)
             return claimed
+
+    def _candidates_and_rows(
+        self,
+        conn: Connection,
+        writes: StatusWrites,
+        project: str,
+        limit: int,
+        extra: str,
+        params: Sequence[Any],
+        events: dict[int, str] | None,
+        loaded: dict[int, JobState],
+    ) -> list[policy.QueuedJob]:
+        """A project's queue head (``_queued``), its rows loaded and locked for the writes, and
+        (``events`` given) its function calls' events: one round trip on PostgreSQL. The load
+        selects the same head again; its own locks keep the rows the first statement took."""
+        lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
+        where = (
+            f"status = {int(S.SUBMITTED_TO_PROVIDER)} AND project_id = ?{extra} ORDER BY priority, id LIMIT ?"
+        )
+        head = f"j.id IN (SELECT id FROM jobs WHERE {where}{lock})"
+        args = (project, *params, limit)
+        cur, other = self.db.cursor(conn), self.db.cursor(conn)
+        with self.db.pipelined(conn):
+            cur.execute(
+                self.db.sql(
+                    f"SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE {where}{lock}"
+                ),
+                args,
+            )
+            if events is not None:
+                other.execute(self.db.sql(_EVENTS_OF + head), args)
+            loaded.update((job.id, job) for job in writes.load(head, args))
+        queue = [policy.QueuedJob(*row) for row in cur.fetchall()]
+        if events is not None:
+            events.update((int(job_id), str(event)) for job_id, event in other.fetchall())
+        return queue
 
     def _timeout_sql(self, max_timeout_s: int | None) -> str:
         """A claim filter on the batch's execTimeoutSeconds (a Slurm pilot's walltime left)."""
@@ -351,8 +425,17 @@ class QueueStore(AgentRows, ExchangeRows):
         )
         return f" AND batch_id IN (SELECT b.id FROM batches b WHERE COALESCE({timeout}, 0) <= ?)"
 
-    def report(self, executor_id: str, reports: Sequence[AttemptReport], now: float) -> Applied:
+    def report(
+        self,
+        executor_id: str,
+        reports: Sequence[AttemptReport],
+        now: float,
+        results: Sequence[CallResult] = (),
+    ) -> Applied:
         """Apply executor reports; stale ones (old attempt, other executor) are ignored.
+        ``results``: function calls' results (the embedded executor's), written in the same
+        transaction, first: a call that reads as ended has its result, and a failed report
+        leaves neither (the executor retries both together).
 
         Returns what they changed: only the jobs and statuses the store applied, so what counts
         or wakes on it never sees a stale report.
@@ -364,6 +447,7 @@ class QueueStore(AgentRows, ExchangeRows):
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
             writes = self._writes(conn, now, executor_id)
+            save_in(self.db, conn, results)  # not pipelined: see _queued_and_running
             for job in writes.load_ids(list(by_job)):
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
             writes.flush(commit=True)
@@ -658,7 +742,11 @@ _OFFERS = select(
 
 def executor_offers_in(conn: Connection, heard_since: float) -> list[ExecutorOffer]:
     """``QueueStore.executor_offers`` inside a transaction the caller holds."""
-    rows = conn.execute(_OFFERS, {"since": heard_since}).all()
+    return offers_of(conn.execute(_OFFERS, {"since": heard_since}).all())
+
+
+def offers_of(rows: Sequence[Any]) -> list[ExecutorOffer]:
+    """The offers of rows of ``_OFFERS``."""
     return [ExecutorOffer(r.region, tuple(r.architectures), Capacity(r.vcpus, r.memory_mb)) for r in rows]
 
 

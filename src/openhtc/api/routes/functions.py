@@ -20,7 +20,7 @@ from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import ValidationFailed
 from openhtc.services.functions import cancel_functions, results_page, submit_functions
-from openhtc.services.notify import task_key
+from openhtc.services.notify import NOTHING_ENDED, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import target
 
@@ -82,17 +82,31 @@ async def results(
     await run_in_threadpool(task_for, svc, who, project_id, task_id)
 
     known: list[Any] = []  # the batch row, read once
+    last: list[dict[str, Any]] = []  # the page read last
 
     def check() -> tuple[bool, dict[str, Any]]:
         body, count = results_page(svc, task_id, batch_id, start, limit, known)
+        last[:] = [body]
         return count > 0 or start >= body["total"], body
 
+    seen = svc.notify.published()
     done, body = await run_in_threadpool(check)
     if done or wait <= 0:
         return JSONResponse(body)
     admit(svc)
-    async with svc.notify.subscribe((task_key(task_id),)) as sub:
-        return JSONResponse(await _wait(request, sub, wait, check, RESULTS_GAP, _closing(svc)))
+    key = task_key(task_id)
+    async with svc.notify.subscribe((key,)) as sub:
+
+        def told() -> tuple[bool, dict[str, Any]] | None:
+            """Woken by claims only (they end no call): the page read last still holds."""
+            return (False, last[0]) if sub.facts.pop(key, None) == NOTHING_ENDED and last else None
+
+        # Nothing published since the read began: it still holds, and what changes from now on
+        # wakes the subscription (a writer publishes after its commit). Else read again.
+        first = (done, body) if svc.notify.published() == seen else None
+        if first is None:  # that read may have missed a change: told() waits for one made now
+            last.clear()
+        return JSONResponse(await _wait(request, sub, wait, check, RESULTS_GAP, _closing(svc), first, told))
 
 
 @router.post(FUNCTIONS + "/{batch_id}/cancel")
