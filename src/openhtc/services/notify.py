@@ -181,9 +181,11 @@ class LocalNotifier:
                             sub.facts.clear()
                         else:
                             sub.facts.pop(key, None)
-                # "nothing ended" adds to what the waiter has not seen yet: not over a change
-                # nobody described (its wake-up pending, no fact for the key)
-                elif fact != NOTHING_ENDED or not sub.pending() or key in sub.facts:
+                # "nothing ended" adds to what the waiter has not seen yet: never over a change
+                # it has not seen (a wake-up pending with no fact, or with another fact). Sound
+                # only while the waiter reads as soon as it wakes (api/routes/functions.py:
+                # RESULTS_GAP = 0): a claim published during a pause would hide a report.
+                elif fact != NOTHING_ENDED or not sub.pending() or sub.facts.get(key) == NOTHING_ENDED:
                     sub.facts[key] = fact
                 sub.fire()
 

@@ -440,7 +440,7 @@ class QueueStore(AgentRows, ExchangeRows):
         Returns what they changed: only the jobs and statuses the store applied, so what counts
         or wakes on it never sees a stale report.
         """
-        if not reports:
+        if not reports and not results:
             return Applied(now, [], [], 0)
         by_job: dict[int, list[AttemptReport]] = defaultdict(list)
         for report in reports:

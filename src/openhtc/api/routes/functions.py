@@ -27,7 +27,9 @@ from openhtc.services.submission import target
 router = APIRouter()
 FUNCTIONS = "/openhtc/v1/projects/{project_id}/tasks/{task_id}/functions"
 MAX_LIMIT = 10_000
-RESULTS_GAP = 0.0  # a waiting reader looks again at once: reports wake it at most once per executor turn
+# A waiting reader looks again at once: reports wake it at most once per executor turn. Keep it
+# 0: a claim's NOTHING_ENDED (services/notify.py) is trusted only when the read follows the wake-up.
+RESULTS_GAP = 0.0
 
 
 @router.post(FUNCTIONS)
