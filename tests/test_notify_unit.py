@@ -162,5 +162,9 @@ def test_a_claims_nothing_ended_never_hides_a_change_nobody_described() -> None:
             notify.publish([EVERYTHING])
             await asyncio.sleep(0)
             assert await sub.wait(1) and not sub.facts
+            notify.publish([key], lambda _: "a described change")  # a change with its fact, then
+            notify.publish([key], nothing)  # a claim before the waiter looks: the fact stands
+            await asyncio.sleep(0)
+            assert await sub.wait(1) and sub.facts.pop(key) == "a described change"
 
     asyncio.run(scenario())
