@@ -79,6 +79,32 @@ def test_a_failed_report_leaves_neither_the_result_nor_the_end_and_its_retry_wri
     assert _row(harness, launch) == (int(S.SUCCEEDED), "42")
 
 
+def test_a_stale_attempts_retried_report_never_overwrites_the_current_result(harness: StoreHarness) -> None:
+    """A report retried after an outage longer than the lease (its attempt recovered and run
+    again meanwhile) brings an old result: the current attempt's stays."""
+    launch = _one_call(harness, 7)
+    now = harness.services.clock.now()
+    current = launch._replace(attempt=launch.attempt + 1)
+    with harness.services.db.write() as conn:  # the lease was lost: attempt 2 runs elsewhere
+        conn.exec_driver_sql(
+            harness.services.db.sql("UPDATE jobs SET attempt = ? WHERE id = ?"),
+            (current.attempt, launch.job_id),
+        )
+    ended = [
+        AttemptReport(current.job_id, current.attempt, s, now, exit_code=0 if s is S.SUCCEEDED else None)
+        for s in (S.RUNNING, S.SUCCEEDED)
+    ]
+    harness.executor.report(
+        EXECUTOR, ended, [CallResult(current.batch_id, current.array_index, current.attempt, "14", None)]
+    )
+    assert _row(harness, launch) == (int(S.SUCCEEDED), "14")
+    stale = [AttemptReport(launch.job_id, launch.attempt, S.SUCCEEDED, now, exit_code=0)]
+    harness.executor.report(
+        EXECUTOR, stale, [CallResult(launch.batch_id, launch.array_index, launch.attempt, "-1", None)]
+    )
+    assert _row(harness, launch) == (int(S.SUCCEEDED), "14")
+
+
 def _injected_failures(server: HtcServer) -> Any:
     """Make every write of a call's result fail while the table ``fail_reports`` has a row: the
     report's transaction, which carries the result, fails as a whole."""

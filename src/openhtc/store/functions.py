@@ -31,6 +31,20 @@ _SAVE = BulkStatement(
     postgres="UPDATE function_calls f SET result = v.result, error = v.error, result_key = v.result_key,"
     f" attempt = v.attempt FROM {json_rows(_RESULT_COLUMNS)} WHERE f.batch_id = v.batch_id AND f.idx = v.idx",
 )
+# The same, fenced: only where the call's job is still at that attempt, held by that executor
+# and not ended (the embedded executor's report; an agent's goes through _SAVE_FENCED).
+_CURRENT = (
+    f"j.attempt = v.attempt AND j.executor_id = v.executor_id AND j.status < {int(JobStatus.SUCCEEDED)}"
+)
+_SAVE_CURRENT = BulkStatement(
+    sqlite="UPDATE function_calls SET result = ?1, error = ?2, result_key = ?3, attempt = ?4"
+    " WHERE batch_id = ?5 AND idx = ?6 AND EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = ?5"
+    f" AND j.idx = ?6 AND j.attempt = ?4 AND j.executor_id = ?7 AND j.status < {int(JobStatus.SUCCEEDED)})",
+    postgres="UPDATE function_calls f SET result = v.result, error = v.error, result_key = v.result_key,"
+    f" attempt = v.attempt FROM {json_rows((*_RESULT_COLUMNS, ('executor_id', 'text')))}, jobs j"
+    " WHERE f.batch_id = v.batch_id AND f.idx = v.idx AND j.batch_id = v.batch_id AND j.idx = v.idx"
+    f" AND {_CURRENT}",
+)
 _TERMINAL_SQL = f"{int(JobStatus.SUCCEEDED)},{int(JobStatus.FAILED)}"
 _OK, _FAILED = int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
 # SQLite: a page of ended calls as the API's JSON items, in index order (the subquery's order,
@@ -62,12 +76,22 @@ _SAVE_FENCED = (
 )
 
 
-def save_in(db: Database, conn: Connection, results: Sequence[CallResult]) -> None:
+def save_in(
+    db: Database, conn: Connection, results: Sequence[CallResult], executor_id: str | None = None
+) -> None:
     """Record call results in the caller's transaction (the embedded executor's report: a
-    call's result is committed with its end status, never after it)."""
-    if results:
-        rows = [(r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results]
+    call's result is committed with its end status, never after it). ``executor_id``: each
+    only while its attempt is that executor's current one and has not ended, as an agent's
+    (a report retried after a long outage must not overwrite a later attempt's result)."""
+    if not results:
+        return
+    rows: list[tuple[Any, ...]] = [
+        (r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results
+    ]
+    if executor_id is None:
         db.run_bulk(db.cursor(conn), _SAVE, rows)
+    else:
+        db.run_bulk(db.cursor(conn), _SAVE_CURRENT, [(*row, executor_id) for row in rows])
 
 
 @dataclass(frozen=True, slots=True)

@@ -447,7 +447,7 @@ class QueueStore(AgentRows, ExchangeRows):
             by_job[report.job_id].append(report)
         with self.db.write() as conn:
             writes = self._writes(conn, now, executor_id)
-            save_in(self.db, conn, results)  # not pipelined: see _queued_and_running
+            save_in(self.db, conn, results, executor_id)  # not pipelined: see _queued_and_running
             for job in writes.load_ids(list(by_job)):
                 writes.report(job, by_job[job.id])  # in the order sent; stale ones change nothing
             writes.flush(commit=True)
