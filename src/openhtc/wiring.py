@@ -341,7 +341,7 @@ def _function_pool(services: ServiceSet, runtime: Runtime) -> FunctionPool:
         runtime,
         settings.data_dir / "functions",
         store.events,
-        DatabaseResults(store.save),
+        DatabaseResults(),
         result_max_bytes=settings.function_result_max_bytes,
         idle_seconds=settings.function_worker_idle_seconds,
         max_idle=settings.max_running_jobs,

@@ -23,7 +23,6 @@ from openhtc.runtimes.base import JobLog, RunHandle
 from openhtc.runtimes.process import ProcessRuntime
 from openhtc.services.functions import FUNCTION_COMMAND
 from openhtc.storage.layout import PROJECT_SHARED_ENV, TASK_SHARED_ENV
-from openhtc.store.functions import CallResult
 
 # Each call leaves a file per execution ({x}.{pid}) in the task folder before it sleeps.
 SOURCE = """
@@ -47,13 +46,12 @@ class Slot:
         self.task.mkdir()
         (self.shared / "m.zip").write_bytes(handlers_zip(SOURCE))
         self.events: dict[int, str] = {}
-        self.saved: list[CallResult] = []
         self.runtime = ProcessRuntime(str(root / "runtime"))
         self.pool = FunctionPool(
             self.runtime,
             root / "functions",
             lambda batch, start, stop: {i: e for i, e in self.events.items() if start <= i < stop},
-            DatabaseResults(self.saved.extend),
+            DatabaseResults(),
             result_max_bytes=1 << 20,
             idle_seconds=60,
             max_idle=4,
@@ -108,8 +106,7 @@ def test_a_stop_after_a_call_answered_kills_nothing_and_the_next_call_runs_once(
     assert slot.pool.finish(b).succeeded
     assert slot.pool.finish(c).succeeded
     assert slot.runs() == Counter([0, 1, 2])
-    slot.pool.flush()
-    assert [(r.idx, r.result) for r in slot.saved] == [(0, "0"), (1, "1"), (2, "2")]
+    assert [(r.idx, r.result) for r in slot.pool.take_results()] == [(0, "0"), (1, "1"), (2, "2")]
 
 
 def test_a_stopped_running_call_fails_alone_and_the_calls_in_its_pipe_run_once(slot: Slot) -> None:
@@ -124,8 +121,7 @@ def test_a_stopped_running_call_fails_alone_and_the_calls_in_its_pipe_run_once(s
     assert slot.pool.finish(b).succeeded
     assert slot.pool.finish(c).succeeded
     assert slot.runs() == Counter([0, 1, 2])
-    slot.pool.flush()
-    assert [(r.idx, r.result) for r in slot.saved] == [(1, "1"), (2, "2")]
+    assert [(r.idx, r.result) for r in slot.pool.take_results()] == [(1, "1"), (2, "2")]
 
 
 def test_a_call_killed_for_the_one_before_it_may_have_run_and_is_not_run_again(slot: Slot) -> None:

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -69,16 +69,12 @@ CODE_CHECK_SECONDS = 1.0  # a code zip's file is looked at again after this long
 RUNNER = Path(__file__).with_name("runner.py")
 
 Events = Callable[[int, int, int], dict[int, str]]  # (batch id, start, stop) -> {index: event}
-Save = Callable[[Sequence[CallResult]], None]
 
 
 class ResultSink(Protocol):
-    """Where the calls' results go: the embedded executor writes them to the database
-    (``DatabaseResults``); ``htc agent`` sends each with its call's report (agent/functions.py)."""
-
-    def save(self, results: Sequence[CallResult]) -> None:
-        """The results kept since the last flush; called just before the reports of their calls."""
-        ...
+    """Where a call's result over ``result_max_bytes`` goes: the embedded executor's into the
+    task folder (``DatabaseResults``), an agent's to the task's storage (agent/functions.py).
+    The others go with their calls' reports (``FunctionPool.take_results``)."""
 
     def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
         """Keep a result over ``result_max_bytes`` at ``key`` of the task's storage; None once
@@ -87,14 +83,8 @@ class ResultSink(Protocol):
 
 
 class DatabaseResults:
-    """The embedded executor's sink: results to the database, large ones into the task folder
-    (the attempt's, uploaded with its outputs on S3)."""
-
-    def __init__(self, save: Save) -> None:
-        self._save = save
-
-    def save(self, results: Sequence[CallResult]) -> None:
-        self._save(results)
+    """The embedded executor's sink: a large result into the task folder (the attempt's,
+    uploaded with its outputs on S3); the others are written with their calls' reports."""
 
     def store_large(self, launch: JobLaunch, key: str, payload: bytes) -> str | None:
         task_dir = next((m.host_path for m in launch.mounts if m.env_name == TASK_SHARED_ENV), None)
@@ -538,17 +528,6 @@ class FunctionPool:
                 moved.deadline = None
             worker.calls.extend(calls)
         self._pump(worker)
-
-    def flush(self) -> None:
-        """Write the results kept since the last flush (before the reports of their calls)."""
-        results = self.take_results()
-        if not results:
-            return
-        try:
-            self._sink.save(results)
-        except BaseException:
-            self.put_back(results)
-            raise
 
     def take_results(self) -> list[CallResult]:
         """The results kept since the last take: the executor hands them over with the reports

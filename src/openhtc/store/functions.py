@@ -25,14 +25,8 @@ _RESULT_COLUMNS = (
     ("batch_id", "bigint"),
     ("idx", "int"),
 )
-_SAVE = BulkStatement(
-    sqlite="UPDATE function_calls SET result = ?, error = ?, result_key = ?, attempt = ?"
-    " WHERE batch_id = ? AND idx = ?",
-    postgres="UPDATE function_calls f SET result = v.result, error = v.error, result_key = v.result_key,"
-    f" attempt = v.attempt FROM {json_rows(_RESULT_COLUMNS)} WHERE f.batch_id = v.batch_id AND f.idx = v.idx",
-)
-# The same, fenced: only where the call's job is still at that attempt, held by that executor
-# and not ended (the embedded executor's report; an agent's goes through _SAVE_FENCED).
+# A call's result, only where its job is still at that attempt, held by that executor and not
+# ended (the embedded executor's report; an agent's goes through _SAVE_FENCED).
 _CURRENT = (
     f"j.attempt = v.attempt AND j.executor_id = v.executor_id AND j.status < {int(JobStatus.SUCCEEDED)}"
 )
@@ -76,22 +70,17 @@ _SAVE_FENCED = (
 )
 
 
-def save_in(
-    db: Database, conn: Connection, results: Sequence[CallResult], executor_id: str | None = None
-) -> None:
+def save_in(db: Database, conn: Connection, results: Sequence[CallResult], executor_id: str) -> None:
     """Record call results in the caller's transaction (the embedded executor's report: a
-    call's result is committed with its end status, never after it). ``executor_id``: each
-    only while its attempt is that executor's current one and has not ended, as an agent's
-    (a report retried after a long outage must not overwrite a later attempt's result)."""
+    call's result is committed with its end status, never after it), each only while its
+    attempt is ``executor_id``'s current one and has not ended, as an agent's (a report
+    retried after a long outage must not overwrite a later attempt's result)."""
     if not results:
         return
     rows: list[tuple[Any, ...]] = [
         (r.result, r.error, r.result_key, r.attempt, r.batch_id, r.idx) for r in results
     ]
-    if executor_id is None:
-        db.run_bulk(db.cursor(conn), _SAVE, rows)
-    else:
-        db.run_bulk(db.cursor(conn), _SAVE_CURRENT, [(*row, executor_id) for row in rows])
+    db.run_bulk(db.cursor(conn), _SAVE_CURRENT, [(*row, executor_id) for row in rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,13 +186,6 @@ class FunctionStore:
         rows = [(r.result, r.error, r.result_key, r.attempt, r.job_id, r.attempt, agent_id) for r in results]
         with self.db.write() as conn:
             self.db.cursor(conn).executemany(self.db.sql(_SAVE_FENCED), rows)
-
-    def save(self, results: Sequence[CallResult]) -> None:
-        """Record call results, all in one transaction."""
-        if not results:
-            return
-        with self.db.write() as conn, self.db.pipelined(conn, commit=True):  # PostgreSQL: with the COMMIT
-            save_in(self.db, conn, results)
 
     def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
         """The calls ``start <= idx < start + limit`` that have job rows, by index, up to the
