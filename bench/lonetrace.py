@@ -113,7 +113,6 @@ def install(trace: str) -> None:
     _wrap(queue.QueueStore, "_queued", None, "claim.candidates.read")
     _wrap(transitions.StatusWrites, "load", None, "rows.loaded")
     _wrap(function_store.FunctionStore, "events", "event.read.start", "event.read.done")
-    _wrap(function_store.FunctionStore, "save", "results.save.start", "results.saved")
     _wrap(function_routes, "results_page", "wait.read.start", "wait.read.done")
     # not stages: counted per sample (PostgreSQL: a single server's NOTIFYs, heard by itself too)
     from openhtc.services.notify import ClusterNotifier
@@ -245,8 +244,6 @@ STAGES = (
     "launcher.send.exited",
     "launcher.exited",
     "job.end.seen",
-    "results.save.start",
-    "results.saved",
     "report.start",
     "report.committed",
     "waiter.woken",

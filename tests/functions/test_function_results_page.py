@@ -1,5 +1,6 @@
 """The results page SQLite builds as JSON (store/functions.py ``page_json``) says what the
-row-by-row page says, for every kind of call end, and gives way to it where it cannot."""
+row-by-row page says, for every kind of call end, and gives way to it where it cannot; on
+PostgreSQL the row-by-row page (read in one round trip) says the same."""
 
 from __future__ import annotations
 
@@ -7,14 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from openhtc.domain.enums import JobStatus
 from openhtc.services.functions import results_page, submit_functions
 from openhtc.store.functions import FunctionStore
 from openhtc.testing.inprocess import StoreHarness, in_process_services
-
-pytestmark = pytest.mark.unit
 
 EVENTS = 8
 # idx: (status, attempt, result, error, result attempt, failure code, reason): each kind of end
@@ -61,8 +59,10 @@ def _page(
     return decoded
 
 
-def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(tmp_path: Path) -> None:
-    with in_process_services(tmp_path / "data", None) as services:
+def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    with in_process_services(tmp_path / "data", db_url) as services:
         harness = StoreHarness(services)
         project = harness.create_project()
         task = harness.create_task(project)
@@ -72,13 +72,17 @@ def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(tmp_path
         with services.db.write() as conn:
             for idx, (status, attempt, result, error, result_attempt, code, reason) in ENDS.items():
                 conn.exec_driver_sql(
-                    "UPDATE jobs SET status = ?, attempt = ?, failure_code = ?, status_reason = ?"
-                    " WHERE batch_id = ? AND idx = ?",
+                    services.db.sql(
+                        "UPDATE jobs SET status = ?, attempt = ?, failure_code = ?, status_reason = ?"
+                        " WHERE batch_id = ? AND idx = ?"
+                    ),
                     (int(status), attempt, code, reason, batch_id, idx),
                 )
                 conn.exec_driver_sql(
-                    "UPDATE function_calls SET result = ?, error = ?, attempt = ?"
-                    " WHERE batch_id = ? AND idx = ?",
+                    services.db.sql(
+                        "UPDATE function_calls SET result = ?, error = ?, attempt = ?"
+                        " WHERE batch_id = ? AND idx = ?"
+                    ),
                     (result, error, result_attempt, batch_id, idx),
                 )
         built = _page(services, task.id, batch, 0, built=True)
@@ -100,8 +104,11 @@ def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(tmp_path
         # A result kept in storage: the row-by-row page reads it from there.
         with services.db.write() as conn:
             conn.exec_driver_sql(
-                "UPDATE function_calls SET result_key = 'k' WHERE batch_id = ? AND idx = 2", (batch_id,)
+                services.db.sql("UPDATE function_calls SET result_key = 'k' WHERE batch_id = ? AND idx = 2"),
+                (batch_id,),
             )
+        if db_url is not None:
+            return  # PostgreSQL: always row by row
         with services.db.read() as conn:
             assert FunctionStore(services.db).page_json(conn, batch_id, 0, 100) is None
             assert FunctionStore(services.db).page_json(conn, batch_id, 3, 100) is not None

@@ -200,8 +200,10 @@ def results_page(
         if known is not None:
             known[:] = [batch]
         built = store.page_json(conn, batch.id, start, limit)
-        rows = store.page(conn, batch.id, start, limit) if built is None else []
-        done, failed = store.counts(conn, batch)
+        if built is None:  # PostgreSQL: the page and the counts in one round trip
+            rows, (done, failed) = store.page_and_counts(conn, batch, batch.id, start, limit)
+        else:
+            rows, (done, failed) = [], store.counts(conn, batch)
     items: Any
     if built is not None:
         items, count = orjson.Fragment(built.items), built.count

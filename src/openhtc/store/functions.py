@@ -192,28 +192,51 @@ class FunctionStore:
         first that has not ended: a reader polling a running batch reads what it gets, not
         ``limit`` rows each time.
 
-        Three range reads of one table each, on their (batch_id, idx) indexes, merged here: the
+        Range reads of one table each, on their (batch_id, idx) indexes, merged here: the
         join of both tables was planned as a nested loop over a scan on PostgreSQL right after
         a batch's insert (no statistics yet), seconds per page."""
-        cur, other = self.db.cursor(conn), self.db.cursor(conn)
-        stop = self._ended_until(cur, batch_id, start, start + limit)
-        if stop <= start:
-            return []
-        with self.db.pipelined(conn):  # PostgreSQL: both in one round trip (a lone call's answer waits)
+        return self.page_and_counts(conn, None, batch_id, start, limit)[0]
+
+    def page_and_counts(
+        self, conn: Connection, batch: Any, batch_id: int, start: int, limit: int
+    ) -> tuple[list[CallRow], tuple[int, int]]:
+        """:meth:`page`, and with a ``batch`` row its :meth:`counts` too (else (0, 0)).
+        PostgreSQL: all in one round trip (a lone call's answer waits on this read: three
+        round trips before), each read bounded by the first call that has not ended, found by
+        the same statement; the reads are in that order, so the results read last are
+        those of the jobs read first or later (a call's result commits with its end)."""
+        cur, other, third = self.db.cursor(conn), self.db.cursor(conn), self.db.cursor(conn)
+        stop = start + limit
+        counted = batch is not None
+        if self.db.is_sqlite:
+            stop = self._ended_until(cur, batch_id, start, stop)
+            if stop <= start:
+                return [], self.counts(conn, batch) if counted else (0, 0)
+            bound = "?"
+            bounds: tuple[Any, ...] = (stop,)
+        else:
+            bound = (
+                "COALESCE((SELECT idx FROM jobs WHERE batch_id = ? AND idx >= ? AND idx < ?"
+                f" AND status NOT IN ({_TERMINAL_SQL}) ORDER BY idx LIMIT 1), ?)"
+            )
+            bounds = (batch_id, start, stop, stop)
+        with self.db.pipelined(conn):  # PostgreSQL: one round trip
             cur.execute(
                 self.db.sql(
                     "SELECT idx, status, attempt, failure_code, status_reason FROM jobs"
-                    " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
+                    f" WHERE batch_id = ? AND idx >= ? AND idx < {bound} ORDER BY idx"
                 ),
-                (batch_id, start, stop),
+                (batch_id, start, *bounds),
             )
             other.execute(
                 self.db.sql(
                     "SELECT idx, result, error, result_key, attempt FROM function_calls"
-                    " WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx"
+                    f" WHERE batch_id = ? AND idx >= ? AND idx < {bound} ORDER BY idx"
                 ),
-                (batch_id, start, stop),
+                (batch_id, start, *bounds),
             )
+            if counted:
+                third.execute(*self._counts_query(batch))
         jobs = cur.fetchall()
         calls = {int(row[0]): row for row in other.fetchall()}
         rows: list[CallRow] = []
@@ -221,7 +244,7 @@ class FunctionStore:
             call = calls.get(int(idx))
             if call is not None:
                 rows.append(CallRow(idx, status, attempt, failure_code, reason, *call[1:]))
-        return rows
+        return rows, self._counted(third) if counted else (0, 0)
 
     def page_json(self, conn: Connection, batch_id: int, start: int, limit: int) -> JsonPage | None:
         """SQLite: the page :meth:`page` reads, as the JSON array of result items the API
@@ -260,22 +283,22 @@ class FunctionStore:
         """(ended, failed) calls of a batch: from the task's counters when the batch is alone in
         its group (the default group is the batch's own), else by reading its jobs."""
         cur = self.db.cursor(conn)
+        cur.execute(*self._counts_query(batch))
+        return self._counted(cur)
+
+    def _counts_query(self, batch: Any) -> tuple[str, tuple[Any, ...]]:
         if batch.group_name == batch.parent_job_id:
-            cur.execute(
-                self.db.sql(
-                    "SELECT status, count FROM job_counters WHERE task_id = ? AND group_name = ?"
-                    f" AND status IN ({_TERMINAL_SQL})"
-                ),
-                (batch.task_id, batch.group_name),
-            )
-        else:
-            cur.execute(
-                self.db.sql(
-                    f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
-                    " GROUP BY status"
-                ),
-                (batch.id,),
-            )
+            return self.db.sql(
+                "SELECT status, count FROM job_counters WHERE task_id = ? AND group_name = ?"
+                f" AND status IN ({_TERMINAL_SQL})"
+            ), (batch.task_id, batch.group_name)
+        return self.db.sql(
+            f"SELECT status, COUNT(*) FROM jobs WHERE batch_id = ? AND status IN ({_TERMINAL_SQL})"
+            " GROUP BY status"
+        ), (batch.id,)
+
+    @staticmethod
+    def _counted(cur: Any) -> tuple[int, int]:
         counts = {int(status): int(n) for status, n in cur.fetchall()}
         failed = counts.get(int(JobStatus.FAILED), 0)
         return counts.get(int(JobStatus.SUCCEEDED), 0) + failed, failed

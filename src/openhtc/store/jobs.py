@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -64,6 +65,14 @@ _UNLIMITED = (
     " FROM projects p JOIN workspaces w ON w.id = p.workspace_id WHERE p.id = ?"
 )
 _INSERT_BATCH = insert(batches).returning(batches.c.id)
+_BATCH_COLUMNS = tuple(c.name for c in batches.columns)
+# PostgreSQL: the batch rows with ids taken beforehand (_BATCH_IDS, with the submit's reads), so
+# they go in the COMMIT's round trip instead of one each.
+_INSERT_BATCH_WITH_ID = (
+    f"INSERT INTO batches ({', '.join(_BATCH_COLUMNS)}) VALUES"
+    f" ({', '.join('%s::json' if c == 'request' else '%s' for c in _BATCH_COLUMNS)})"
+)
+_BATCH_IDS = "SELECT nextval(pg_get_serial_sequence('batches', 'id')) FROM generate_series(1, %s)"
 _TOUCH_TASK = "UPDATE tasks SET last_active_at = ? WHERE id = ?"
 RARE = 50_000  # jobs of a project in one status, up to which a status filter reads ix_jobs_queue
 # The submission events, one per batch and submit-time status (job_id NULL: they belong to every
@@ -174,13 +183,18 @@ class JobStore:
         db = self.db
         with db.write() as conn:
             # On PostgreSQL a lone job's submit is a client's latency, and each statement a
-            # round trip: the reads go in one (after BEGIN's), the batch rows' inserts one each,
-            # then the job rows, counters, events, the task's row and the COMMIT in one.
-            limits = db.cursor(conn)
+            # round trip: BEGIN, the reads and the batches' ids go in one, then the batch and
+            # job rows, counters, events, the task's row and the COMMIT in one (SQLite: the
+            # batch rows' ids come from their inserts).
+            limits, ids = db.cursor(conn), db.cursor(conn)
             with db.pipelined(conn):
                 limits.execute(db.sql(_UNLIMITED), (task.project_id,))
                 first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
+                if not db.is_sqlite:  # after reserve's lock: batch ids in the jobs' ids' order
+                    ids.execute(_BATCH_IDS, (len(new_batches),))
                 unlimited = (limits.fetchone() or (None,))[0]
+            reserved = [] if db.is_sqlite else [int(row[0]) for row in ids.fetchall()]
+            batch_rows: list[tuple[Any, ...]] = []  # PostgreSQL: written with the COMMIT
             steps = lifecycle.submitted(admit=unlimited is None or bool(unlimited))
             status = steps[-1]
             settled = status == JobStatus.SUBMITTED_TO_PROVIDER
@@ -208,29 +222,32 @@ class JobStore:
                 }
                 written = min(nb.batch_size, budget)
                 settled = settled and written == nb.batch_size
-                batch_id = conn.execute(
-                    _INSERT_BATCH,
-                    {
-                        "parent_job_id": parent,
-                        "task_id": task.id,
-                        "project_id": task.project_id,
-                        "workspace_id": task.workspace_id,
-                        "group_name": group,
-                        "batch_size": nb.batch_size,
-                        "created_by": user_id,
-                        "created_at": now,
-                        "region": nb.region,
-                        "max_retries": nb.max_retries,
-                        "request": echo,
-                        "first_job_id": first_id,
-                        "pending_from": written if written < nb.batch_size else None,
-                        "job_status": int(status),
-                        "architecture": nb.architecture,
-                        "priority": nb.priority,
-                        "vcpus": nb.vcpus,
-                        "memory_mb": nb.memory_mb,
-                    },
-                ).scalar_one()
+                batch_row = {
+                    "parent_job_id": parent,
+                    "task_id": task.id,
+                    "project_id": task.project_id,
+                    "workspace_id": task.workspace_id,
+                    "group_name": group,
+                    "batch_size": nb.batch_size,
+                    "created_by": user_id,
+                    "created_at": now,
+                    "region": nb.region,
+                    "max_retries": nb.max_retries,
+                    "request": echo,
+                    "first_job_id": first_id,
+                    "pending_from": written if written < nb.batch_size else None,
+                    "job_status": int(status),
+                    "architecture": nb.architecture,
+                    "priority": nb.priority,
+                    "vcpus": nb.vcpus,
+                    "memory_mb": nb.memory_mb,
+                }
+                if reserved:
+                    batch_id = reserved[len(batch_ids)]
+                    given = {**batch_row, "id": batch_id, "request": json.dumps(echo)}
+                    batch_rows.append(tuple(given[c] for c in _BATCH_COLUMNS))
+                else:
+                    batch_id = conn.execute(_INSERT_BATCH, batch_row).scalar_one()
                 fields = BatchFields(
                     id=batch_id,
                     first_job_id=first_id,
@@ -270,6 +287,8 @@ class JobStore:
                 counts[1] += nb.batch_size * nb.vcpus
                 echoes.append(echo)
             with db.pipelined(conn, commit=True):
+                if batch_rows:  # before their jobs' rows (the foreign key)
+                    cur.executemany(_INSERT_BATCH_WITH_ID, batch_rows)
                 for fields, written in rows:
                     self.materializer.write(conn, fields, 0, written)
                 bump_counters(db, conn, counters)
