@@ -47,6 +47,13 @@ _EVENTS_OF = (
     "SELECT j.id, f.event FROM jobs j JOIN function_calls f ON f.batch_id = j.batch_id AND f.idx = j.idx"
     " WHERE "
 )
+# The claim's first read (QueueStore._queued_and_running)
+_COUNTERS = (
+    f"SELECT project_id, SUM(CASE WHEN status = {int(S.SUBMITTED_TO_PROVIDER)} THEN count ELSE 0 END),"
+    f" SUM(CASE WHEN status = {int(S.SUBMITTED_TO_PROVIDER)} THEN 0 ELSE vcpus END) FROM job_counters"
+    f" WHERE status IN ({int(S.SUBMITTED_TO_PROVIDER)}, {','.join(str(int(s)) for s in ACTIVE_STATUSES)})"
+    " GROUP BY project_id"
+)
 _HELD = [int(s) for s in lifecycle.HELD_STATUSES]  # jobs under an executor's lease
 _HELD_SQL = ",".join(str(s) for s in _HELD)
 
@@ -58,6 +65,8 @@ class QueueStore(AgentRows, ExchangeRows):
         self.max_infra_retries = max_infra_retries
         # when (time.monotonic()) the last claim that found nothing queued at all began its read
         self.nothing_queued_at = float("-inf")
+        # the last claim found at most EVENTS_WITH_CLAIM jobs queued (claim's guess)
+        self._few_queued = True
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
         return StatusWrites(self.db, conn, now, executor_id, self.max_infra_retries)
@@ -159,16 +168,15 @@ class QueueStore(AgentRows, ExchangeRows):
         the vCPUs each project's running jobs hold (``_projects_with`` and
         ``_vcpus_by_project`` of ACTIVE_STATUSES at once, from the counters), and how many
         jobs are queued in all."""
-        queued = int(S.SUBMITTED_TO_PROVIDER)
-        active = ",".join(str(int(s)) for s in ACTIVE_STATUSES)
         cur = self.db.cursor(conn)
         # Not pipelined with its BEGIN: psycopg's pipeline costs ~0.1 ms of Python, more than
         # the round trip it saves (55 µs here); it pays off only where it merges several
-        cur.execute(
-            f"SELECT project_id, SUM(CASE WHEN status = {queued} THEN count ELSE 0 END),"
-            f" SUM(CASE WHEN status = {queued} THEN 0 ELSE vcpus END) FROM job_counters"
-            f" WHERE status IN ({queued}, {active}) GROUP BY project_id"
-        )
+        # (_guess_few's, below)
+        cur.execute(_COUNTERS)
+        return self._counted(cur)
+
+    @staticmethod
+    def _counted(cur: Any) -> tuple[list[str], dict[str, int], int]:
         projects, running, total = [], {}, 0
         for project, waiting, vcpus in cur.fetchall():
             if waiting and waiting > 0:
@@ -324,26 +332,51 @@ class QueueStore(AgentRows, ExchangeRows):
                 if not self._projects_with(conn, S.SUBMITTED_TO_PROVIDER):
                     self.nothing_queued_at = began
                     return []
+        # Every job takes at least one vCPU, so no project can contribute more candidates.
+        per_project = min(max_jobs, free.vcpus)
+        arch_sql = ",".join("?" * len(architectures))
+        extra = f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}"
+        params = (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,))
         with self.db.write() as conn:
-            queued_projects, running, waiting = self._queued_and_running(conn)
+            writes = self._writes(conn, now, executor_id)
+            loaded: dict[int, JobState] = {}
+            guessed: dict[int, str] | None = None if events is None else {}
+            guess: list[policy.QueuedJob] | None = None
+            if self._few_queued and not self.db.is_sqlite and not agent:
+                # The last claim found a few jobs queued, or none: a lone call's claim, likely.
+                # Its counters, and the queue's head over all projects with its rows and
+                # events, in one round trip with BEGIN (two round trips less); used when one
+                # project has a few jobs queued, as _candidates_and_rows would read them.
+                counters = self.db.cursor(conn)
+                guess = self._candidates_and_rows(
+                    conn,
+                    writes,
+                    None,
+                    min(per_project, EVENTS_WITH_CLAIM),
+                    extra,
+                    params,
+                    guessed,
+                    loaded,
+                    counters,
+                )
+                queued_projects, running, waiting = self._counted(counters)
+            else:
+                queued_projects, running, waiting = self._queued_and_running(conn)
+            self._few_queued = waiting <= EVENTS_WITH_CLAIM
             if not queued_projects:
                 self.nothing_queued_at = began
                 return []
             if agent and not self.may_claim(conn, executor_id):
                 return []
-            # Every job takes at least one vCPU, so no project can contribute more candidates.
-            per_project = min(max_jobs, free.vcpus)
-            arch_sql = ",".join("?" * len(architectures))
-            extra = f" AND region = ? AND architecture IN ({arch_sql}){self._timeout_sql(max_timeout_s)}"
-            params = (region, *architectures) + (() if max_timeout_s is None else (max_timeout_s,))
-            writes = self._writes(conn, now, executor_id)
             # A few jobs queued in all (a lone call's latency): one project's queue head, its
             # rows and its calls' events in one round trip. A busy queue's claims keep the head's
             # one read (the merged statement reads the head twice: PostgreSQL's work per call).
             few = waiting <= EVENTS_WITH_CLAIM
             wanted = events if few else None
-            loaded: dict[int, JobState] = {}
-            if few and len(queued_projects) == 1:
+            if few and len(queued_projects) == 1 and guess is not None:
+                project = queued_projects[0]  # a job of another, queued after the counters' read, waits
+                queues = {project: [job for job in guess if job.project_id == project]}
+            elif few and len(queued_projects) == 1:
                 project = queued_projects[0]
                 queues = {
                     project: self._candidates_and_rows(
@@ -361,6 +394,8 @@ class QueueStore(AgentRows, ExchangeRows):
             if not chosen:
                 return []
             order = {j.job_id: i for i, j in enumerate(chosen)}
+            if wanted is not None and guessed:  # the guess's: the events of the jobs claimed
+                wanted.update((job_id, event) for job_id, event in guessed.items() if job_id in order)
             missing = [job_id for job_id in order if job_id not in loaded]
             if missing and wanted is None:  # a busy queue, or a row queued meanwhile
                 loaded.update((job.id, job) for job in writes.load_ids(missing))
@@ -382,24 +417,28 @@ class QueueStore(AgentRows, ExchangeRows):
         self,
         conn: Connection,
         writes: StatusWrites,
-        project: str,
+        project: str | None,
         limit: int,
         extra: str,
         params: Sequence[Any],
         events: dict[int, str] | None,
         loaded: dict[int, JobState],
+        counters: Any = None,
     ) -> list[policy.QueuedJob]:
-        """A project's queue head (``_queued``), its rows loaded and locked for the writes, and
-        (``events`` given) its function calls' events: one round trip on PostgreSQL. The load
-        selects the same head again; its own locks keep the rows the first statement took."""
+        """A project's queue head (``_queued``; ``project`` None: over all projects), its rows
+        loaded and locked for the writes, and (``events`` given) its function calls' events:
+        one round trip on PostgreSQL, with the claim's counters read first on ``counters``
+        if given. The load selects the same head again; its own locks keep the rows the first
+        statement took."""
         lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
-        where = (
-            f"status = {int(S.SUBMITTED_TO_PROVIDER)} AND project_id = ?{extra} ORDER BY priority, id LIMIT ?"
-        )
+        of_project = "" if project is None else " AND project_id = ?"
+        where = f"status = {int(S.SUBMITTED_TO_PROVIDER)}{of_project}{extra} ORDER BY priority, id LIMIT ?"
         head = f"j.id IN (SELECT id FROM jobs WHERE {where}{lock})"
-        args = (project, *params, limit)
+        args = (*(() if project is None else (project,)), *params, limit)
         cur, other = self.db.cursor(conn), self.db.cursor(conn)
         with self.db.pipelined(conn):
+            if counters is not None:
+                counters.execute(_COUNTERS)
             cur.execute(
                 self.db.sql(
                     f"SELECT id, project_id, priority, vcpus, memory_mb FROM jobs WHERE {where}{lock}"
