@@ -62,3 +62,17 @@ def test_a_disk_whose_space_is_still_held_is_not_handed_out(pool: ScratchPool, l
             allocate(os.path.join(root, "tmp", "big"), NEAR_CAP)
     finally:
         os.close(held)
+
+
+def test_emptying_what_a_job_wrote_follows_no_symlink(pool: ScratchPool, lower: str, tmp_path: Path) -> None:
+    """A job's files are truncated before they are removed, on the host: a link it made to a
+    host path must not empty that path."""
+    host_file, host_dir = tmp_path / "host-file", tmp_path / "host-dir"
+    host_file.write_text("keep")
+    host_dir.mkdir()
+    (host_dir / "f").write_text("keep")
+    with pool.layer(lower, GIB) as root:
+        os.symlink(host_file, os.path.join(root, "tmp", "file-link"))
+        os.symlink(host_dir, os.path.join(root, "tmp", "dir-link"))
+        Path(root, "tmp", "written").write_text("x")
+    assert host_file.read_text() == "keep" and (host_dir / "f").read_text() == "keep"

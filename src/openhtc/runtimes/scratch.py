@@ -15,7 +15,8 @@ are mounted with ``discard``, so deleted files give their space back to the host
 
 Removing what a job wrote does not always free it: a mount namespace made on the host while
 the overlay was mounted (by any process: a service, a container, ``unshare``) holds a copy of
-it, which keeps the overlay, and the files it has seen, alive after our unmount. So a disk is
+it, which keeps the overlay, and the files it has seen, alive after our unmount (a deleted file
+still open anywhere, too). So the files are truncated before they are removed, and a disk is
 handed out only if (nearly) all of it is free (one ``statvfs``); a short one is replaced.
 """
 
@@ -26,6 +27,7 @@ import ctypes
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
@@ -189,6 +191,7 @@ class ScratchPool:
         upper = disk.path("upper")
         try:
             if os.path.lexists(upper) and (os.listdir(upper) or os.stat(upper).st_mode != UPPER_MODE):
+                _empty_files(upper)
                 shutil.rmtree(upper)
                 os.mkdir(upper)
                 os.chmod(upper, 0o755)
@@ -305,3 +308,20 @@ class ScratchPool:
                 self._umount(target, MNT_DETACH)
             elif err != 22:  # EINVAL: not mounted
                 raise ScratchError(f"cannot unmount {target}: {os.strerror(err)}")
+
+
+def _empty_files(top: str) -> None:
+    """Truncate the regular files below ``top``, which is about to be removed: a file that a
+    copy of the overlay elsewhere keeps alive then holds no blocks, of the disk nor the host."""
+    with contextlib.suppress(OSError):
+        for _, _, files, dir_fd in os.fwalk(top):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_blocks:
+                        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                        fd = os.open(name, flags, dir_fd=dir_fd)
+                        try:
+                            os.ftruncate(fd, 0)
+                        finally:
+                            os.close(fd)
