@@ -310,6 +310,42 @@ def test_bwrap_root_is_writable_and_nothing_carries_over(bwrap_runtime: BwrapRun
         assert second.lines and second.lines[0].startswith("drwxr-xr-x "), (change, second.lines)
 
 
+def test_a_reused_disk_gives_the_next_job_its_whole_max_disk(
+    images: PlainRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mount namespace made on the host (by any process: a service, a container, a test)
+    while a job's overlay is mounted keeps a copy of that overlay, and through it the files a
+    later job writes there after they are deleted on our side. The next job on that disk must
+    still get its whole maxDiskGiB, and the disk its space back (its files are emptied before
+    they are removed, so it need not be replaced)."""
+    require_tool("bwrap")
+    require_tool("unshare")
+    runtime = BwrapRuntime(str(tmp_path / "work"), StaticSource(images))  # a pool of its own
+    runtime.adopt(_owner(), uuid.uuid4().hex)
+    holder = None
+    try:
+        # A job that writes nothing leaves its overlay mounted for the next job of the image.
+        assert run_job(runtime, launch("bb:1", ["true"])).outcome.succeeded
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", "echo ready; exec sleep 600"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        fill = "dd if=/dev/zero of=/tmp/big bs=1M count=1200 2>&1; echo done"
+        filled = run_job(runtime, launch("bb:1", ["sh", "-c", fill], disk_gib=1))
+        assert any("No space left on device" in line for line in filled.lines), filled.lines
+        near_cap = 'out=$(dd if=/dev/zero of=/tmp/big bs=1M count=900 2>&1) && echo ok || echo "$out"'
+        for _ in range(2):
+            assert run_job(runtime, launch("bb:1", ["sh", "-c", near_cap], disk_gib=1)).lines == ["ok"]
+        assert "replacing it" not in caplog.text
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        runtime.close()
+
+
 def test_two_jobs_on_a_cold_cache_pull_once(bwrap_runtime: BwrapRuntime, images: PlainRegistry) -> None:
     layer = tar_layer(("dir", "data", None), ("file", "data/cold.txt", "cold\n"))
     images.push_layers("proj/cold", "1", [busybox_layer(), layer])

@@ -12,21 +12,33 @@ A job that leaves its upper layer empty (it wrote nothing that outlives it) leav
 mounted for the next job of the same image: such a job costs no mount at all. Otherwise the
 overlay is unmounted (~1 ms with the next mount) and what the job wrote is removed. The disks
 are mounted with ``discard``, so deleted files give their space back to the host.
+
+Removing what a job wrote does not always free it: a mount namespace made on the host while
+the overlay was mounted (by any process: a service, a container, ``unshare``) holds a copy of
+it, which keeps the overlay, and the files it has seen, alive after our unmount (a deleted file
+still open anywhere, too). So the files are truncated before they are removed, and a disk is
+handed out only if (nearly) all of it is free (one ``statvfs``); a short one is replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+log = logging.getLogger("openhtc.runtimes.scratch")
 MNT_DETACH = 2
 GIB = 1 << 30
+# What a clean disk may have in use besides ext4's own overhead: its few directories (upper,
+# work, root, the sandbox's mount points), a few KiB. A job's leftovers are far more.
+SLACK_BYTES = 1 << 20
 UPPER_MODE = 0o40755  # a directory, rwxr-xr-x: the job's / as the overlay shows it
 ROOT_XATTRS = {"trusted.overlay.uuid"}  # what overlayfs itself puts on the upper dir
 SANDBOX_DIR_MODES = (0o40755, 0o40700)  # the modes of the mount points bwrap creates
@@ -179,6 +191,7 @@ class ScratchPool:
         upper = disk.path("upper")
         try:
             if os.path.lexists(upper) and (os.listdir(upper) or os.stat(upper).st_mode != UPPER_MODE):
+                _empty_files(upper)
                 shutil.rmtree(upper)
                 os.mkdir(upper)
                 os.chmod(upper, 0o755)
@@ -189,18 +202,51 @@ class ScratchPool:
     # -- the pool -----------------------------------------------------------------------------
 
     def _acquire(self, size: int, ident: tuple[str, int, int, int]) -> _Disk:
-        """A free disk of ``size``: best one whose overlay is over ``ident`` already."""
+        """A free disk of ``size`` with all its space free: best one whose overlay is over
+        ``ident`` already."""
         with self._lock:
-            free = self._free.get(size)
-            if free:
-                for i, disk in enumerate(free):
-                    if disk.lower == ident:
-                        return free.pop(i)
-                idle = [i for i, d in enumerate(free) if d.lower is None]
-                return free.pop(idle[-1] if idle else -1)
+            disk = self._pick(size, ident)
+        if disk is not None:
+            if self._whole(disk):
+                return disk
+            self._destroy(disk)
+        with self._lock:
             self._count += 1
             name = f"{self._prefix}-{self._count}"
         return self._create(size, name)
+
+    def _pick(self, size: int, ident: tuple[str, int, int, int]) -> _Disk | None:
+        free = self._free.get(size)
+        if not free:
+            return None
+        for i, disk in enumerate(free):
+            if disk.lower == ident:
+                return free.pop(i)
+        idle = [i for i, d in enumerate(free) if d.lower is None]
+        return free.pop(idle[-1] if idle else -1)
+
+    def _whole(self, disk: _Disk) -> bool:
+        """Whether all of the disk is free but ``SLACK_BYTES``; if not at first, after a sync."""
+        try:
+            fd = os.open(disk.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            for attempt in range(2):
+                st = os.fstatvfs(fd)  # f_bfree counts what delayed allocation has reserved
+                short = (st.f_blocks - st.f_bfree) * st.f_frsize - SLACK_BYTES
+                if short <= 0:
+                    return True
+                if attempt == 0:
+                    self._libc.syncfs(fd)  # writeback and freeing the kernel may still owe it
+        finally:
+            os.close(fd)
+        log.warning(
+            "scratch disk %s has %d MiB in use after its job's files were removed (another mount "
+            "namespace holds them?): replacing it",
+            disk.mountpoint, (short + SLACK_BYTES) >> 20,
+        )  # fmt: skip
+        return False
 
     def _release(self, disk: _Disk, reusable: bool) -> None:
         evict: list[_Disk] = []
@@ -262,3 +308,20 @@ class ScratchPool:
                 self._umount(target, MNT_DETACH)
             elif err != 22:  # EINVAL: not mounted
                 raise ScratchError(f"cannot unmount {target}: {os.strerror(err)}")
+
+
+def _empty_files(top: str) -> None:
+    """Truncate the regular files below ``top``, which is about to be removed: a file that a
+    copy of the overlay elsewhere keeps alive then holds no blocks, of the disk nor the host."""
+    with contextlib.suppress(OSError):
+        for _, _, files, dir_fd in os.fwalk(top):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_blocks:
+                        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                        fd = os.open(name, flags, dir_fd=dir_fd)
+                        try:
+                            os.ftruncate(fd, 0)
+                        finally:
+                            os.close(fd)
