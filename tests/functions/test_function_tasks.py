@@ -246,3 +246,29 @@ def test_function_calls_and_ordinary_jobs_share_the_executor(fn: Functions) -> N
         assert summary.get("FAILED", 0) == 0, summary
         time.sleep(0.2)
     assert len(jobs) == len(more) == 1
+
+
+def test_results_of_a_batch_outside_the_path_are_not_found(fn: Functions) -> None:
+    """The results route reads the project, the task and the batch together; each that is not
+    there, or not where the path says, is a 404 naming it (never another task's results)."""
+    batch = fn.submit("fnlib.handlers.double", [{"x": 1}], code="handlers.zip")
+    assert fn.results(batch, 1)[0]["result"] == 2
+    api, url = fn.api, fn.server.url
+    other_project, other_task = api.project_and_task()
+    job_batch = api.submit_one(
+        fn.project_id, fn.task_id, {"htcJobDefinition": {"imageName": "bb", "commands": ["true"]}}
+    )
+
+    def path(project: str, task: str, of: str) -> str:
+        return f"{url}/openhtc/v1/projects/{project}/tasks/{task}/functions/{of}/results"
+
+    cases = {
+        path(fn.project_id, other_task, batch): "not found in project",
+        path(other_project, other_task, batch): f"function batch {batch}",
+        path("nosuch", fn.task_id, batch): "project nosuch",
+        path(fn.project_id, fn.task_id, "nosuch"): "function batch nosuch",
+        path(fn.project_id, fn.task_id, job_batch["parentJobId"]): "function batch",
+    }
+    for where, said in cases.items():
+        answer = api.request("GET", where, params={"wait": 1})
+        assert answer.status_code == 404 and said in answer.text, (where, answer.status_code, answer.text)

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from openhtc.auth.permissions import check_project_scope, check_task_scope
+from openhtc.auth.permissions import check_found, check_project_scope
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import NotFound, Unauthenticated
 from openhtc.services.service_set import ServiceSet
@@ -74,11 +74,7 @@ def _task_and_job(
         project = svc.projects.get_in(conn, who.workspace_id, project_id)
         task = svc.projects.task_in(conn, project_id, task_id) if project is not None else None
         found = svc.jobs.get(conn, task_id, job_id) if task is not None and job_id is not None else None
-    if project is None:
-        raise NotFound(f"project {project_id} not found")
-    check_task_scope(who, project_id, task_id)
-    if task is None:
-        raise NotFound(f"task {task_id} not found in project {project_id}")
+    check_found(who, project_id, task_id, project, task)
     return project, task, found
 
 

@@ -28,3 +28,13 @@ def check_project_scope(principal: Principal, project_id: str) -> None:
 def check_task_scope(principal: Principal, project_id: str, task_id: str) -> None:
     if principal.is_job and (principal.project_id != project_id or principal.task_id != task_id):
         raise NotFound(f"task {task_id} not found")
+
+
+def check_found(principal: Principal, project_id: str, task_id: str, project: object, task: object) -> None:
+    """A project and a task read for a request (None: not found in the caller's workspace or in
+    that project), checked in the order the API answers: the project, the scope, the task."""
+    if project is None:
+        raise NotFound(f"project {project_id} not found")
+    check_task_scope(principal, project_id, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found in project {project_id}")

@@ -18,6 +18,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from sqlalchemy import Connection
 
+from openhtc.auth.permissions import check_found, check_project_scope
 from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import region_architectures
 from openhtc.domain.enums import JobStatus, LifecycleStatus, Priority
@@ -180,7 +181,23 @@ def submit_functions(
 
 def function_batch(services: ServiceSet, conn: Connection, task_id: str, batch_id: str) -> Any:
     """The batch row of a function batch of the task; NotFound otherwise."""
-    batch = services.jobs.batch_by_parent(conn, batch_id)
+    return _function_batch(services.jobs.batch_by_parent(conn, batch_id), task_id, batch_id)
+
+
+def function_target(
+    services: ServiceSet, who: Principal, project_id: str, task_id: str, batch_id: str
+) -> Any:
+    """``function_batch`` of a task the caller may read (``api.deps.task_for``'s checks): the
+    project, the task and the batch read together (PostgreSQL: one round trip, three before)."""
+    check_project_scope(who, project_id)
+    project, task, batch = services.projects.task_with(
+        who.workspace_id, project_id, task_id, services.jobs.batch_by_parent_query(batch_id)
+    )
+    check_found(who, project_id, task_id, project, task)
+    return _function_batch(batch, task_id, batch_id)
+
+
+def _function_batch(batch: Any, task_id: str, batch_id: str) -> Any:
     commands = (batch.request or {}).get("htcJobDefinition", {}).get("commands", []) if batch else []
     if batch is None or batch.task_id != task_id or commands[:1] != [FUNCTION_COMMAND]:
         raise NotFound(f"function batch {batch_id} not found in task {task_id}")

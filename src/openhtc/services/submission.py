@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from openhtc.auth.permissions import check_project_scope, check_task_scope
+from openhtc.auth.permissions import check_found, check_project_scope
 from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer, offers_for, region_architectures, why_not_fit
 from openhtc.domain.enums import LifecycleStatus, Priority
-from openhtc.domain.errors import Conflict, ImageUnavailable, NotFound, ValidationFailed
+from openhtc.domain.errors import Conflict, ImageUnavailable, ValidationFailed
 from openhtc.domain.limits import check_name
 from openhtc.domain.submission import SubmitRequest, parse_submit_requests
 from openhtc.services.notify import task_key
@@ -52,13 +52,8 @@ def target(
     project, task, offers, region_rows = services.projects.submit_target(
         principal.workspace_id, project_id, task_id, since
     )
-    capacity = (offers, region_rows)
-    if project is None:
-        raise NotFound(f"project {project_id} not found")
-    check_task_scope(principal, project_id, task_id)
-    if task is None:
-        raise NotFound(f"task {task_id} not found in project {project_id}")
-    return project, task, capacity
+    check_found(principal, project_id, task_id, project, task)
+    return project, task, (offers, region_rows)
 
 
 def _capacity(services: ServiceSet, conn: Any, workspace_id: str) -> tuple[list[ExecutorOffer], list[Any]]:

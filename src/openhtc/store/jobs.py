@@ -344,7 +344,12 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------------
 
     def batch_by_parent(self, conn: Connection, parent_job_id: str) -> Row[Any] | None:
-        return conn.execute(_BATCH_BY_PARENT, {"parent": parent_job_id}).first()
+        return conn.execute(*self.batch_by_parent_query(parent_job_id)).first()
+
+    @staticmethod
+    def batch_by_parent_query(parent_job_id: str) -> tuple[Any, dict[str, Any]]:
+        """``batch_by_parent``'s SELECT and parameters (to read it with others: select_together)."""
+        return _BATCH_BY_PARENT, {"parent": parent_job_id}
 
     def batches_by_id(self, conn: Connection, ids: set[int]) -> dict[int, Row[Any]]:
         if not ids:

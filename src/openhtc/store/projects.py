@@ -82,6 +82,26 @@ class ProjectStore:
             region_rows,
         )
 
+    def task_with(
+        self, workspace_id: str, project_id: str, task_id: str, also: tuple[Any, dict[str, Any]]
+    ) -> tuple[Any, Any, Any]:
+        """The project and the task (as ``submit_target``) and the first row of ``also`` (a
+        SELECT, or None): PostgreSQL, one round trip for the three."""
+        with self.db.read(snapshot=False) as conn:
+            project, task, more = self.db.select_together(
+                conn,
+                [
+                    (_PROJECT, {"project": project_id, "workspace": workspace_id}),
+                    (_TASK, {"task": task_id, "project": project_id}),
+                    also,
+                ],
+            )
+        return (
+            project[0] if project else None,
+            task[0] if task and project else None,
+            more[0] if more else None,
+        )
+
     def get_in(self, conn: Connection, workspace_id: str, project_id: str) -> Row[Any] | None:
         return conn.execute(_PROJECT, {"project": project_id, "workspace": workspace_id}).first()
 

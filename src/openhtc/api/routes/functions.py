@@ -19,7 +19,7 @@ from openhtc.api.routes.live import MAX_WAIT, _closing, _wait, admit
 from openhtc.auth.permissions import require_user
 from openhtc.auth.tokens import Principal
 from openhtc.domain.errors import ValidationFailed
-from openhtc.services.functions import cancel_functions, results_page, submit_functions
+from openhtc.services.functions import cancel_functions, function_target, results_page, submit_functions
 from openhtc.services.notify import NOTHING_ENDED, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import target
@@ -81,8 +81,6 @@ async def results(
     start = _int(request, "from", 0, 0, 2**31 - 1)
     limit = _int(request, "limit", 1000, 1, MAX_LIMIT)
     wait = _seconds(request)
-    await run_in_threadpool(task_for, svc, who, project_id, task_id)
-
     known: list[Any] = []  # the batch row, read once
     last: list[dict[str, Any]] = []  # the page read last
 
@@ -91,8 +89,12 @@ async def results(
         last[:] = [body]
         return count > 0 or start >= body["total"], body
 
-    seen = svc.notify.published()
-    done, body = await run_in_threadpool(check)
+    def first_read() -> tuple[int, tuple[bool, dict[str, Any]]]:
+        """The scope checks and the first page, in one trip to the thread pool."""
+        known[:] = [function_target(svc, who, project_id, task_id, batch_id)]
+        return svc.notify.published(), check()
+
+    seen, (done, body) = await run_in_threadpool(first_read)
     if done or wait <= 0:
         return JSONResponse(body)
     admit(svc)
