@@ -498,7 +498,11 @@ class LocalExecutor:
             following = window[0][0] if window else None
             with self._lock:
                 fresh = self.state.ended(item, following)
-            self._wake.set()
+                alone = following is None and not (self.state.running or self.state.pending)
+            if alone and not self._gate_closed:
+                self._report_alone()  # a lone call: its report now, its turn's claim after it
+            else:
+                self._wake.set()
             if self._gate_closed:
                 self._drained.set()
         return fresh, None
