@@ -121,6 +121,8 @@ class LocalExecutor:
         self._wake = threading.Event()
         self._drained = threading.Event()  # a job ended: a draining stop looks again
         self._hurried = False  # the draining stop is to kill what runs now
+        # The last claim got fewer jobs than it asked for: the queue ran dry (see _calls)
+        self._queue_dry = True
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=settings.max_running_jobs, thread_name_prefix="job")
         self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-report")
@@ -379,6 +381,7 @@ class LocalExecutor:
         launches = self.service.claim(
             self.executor_id, self.region, self.architectures, claim.bound, claim.max_jobs
         )
+        self._queue_dry = len(launches) < claim.max_jobs
         if launches:
             with self._lock:
                 self.state.claimed(launches)
@@ -499,8 +502,11 @@ class LocalExecutor:
             with self._lock:
                 fresh = self.state.ended(item, following)
                 alone = following is None and not (self.state.running or self.state.pending)
-            if alone and not self._gate_closed:
-                self._report_alone()  # a lone call: its report now, its turn's claim after it
+            if alone and self._queue_dry and not self._gate_closed:
+                # A lone call (nothing held, nothing more queued when last looked): its report
+                # now, its turn's claim after it. A stream of calls keeps its turns: their
+                # report and claim go together, and the claim is what keeps the slots busy.
+                self._report_alone()
             else:
                 self._wake.set()
             if self._gate_closed:
