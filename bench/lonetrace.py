@@ -11,7 +11,7 @@ before. The probes cost a few microseconds each; they are for finding where the 
 for the W5 figure itself (``python -m bench --workload w5``).
 
 ``--call`` traces a lone function call instead (issue 20's idle call: the submit of a one-event
-function batch, then its results read with ``wait``, as ``Task.map`` does). ``--pg-log`` (with
+function batch with ``wait``, which answers its result, as ``Task.map`` does). ``--pg-log`` (with
 ``--db postgres``) also logs every statement PostgreSQL runs and prints how many fall in each
 sample's window, and the statements of one sample in order: the round trips of the path.
 
@@ -103,7 +103,7 @@ def install(trace: str) -> None:
     from openhtc.api.routes import functions as function_routes
     from openhtc.store import functions as function_store
 
-    _wrap(function_routes, "submit_functions", "submit.route", "submit.route.done")
+    _wrap(function_routes, "store_functions", "submit.route", "submit.route.done")
     # finer stages of the call's path (PostgreSQL's round trips): the submit's reads, the claim's
     from openhtc.store import queue, transitions
 
@@ -324,8 +324,8 @@ def _job_client(api: Any) -> Callable[[], int]:
 
 
 def _call_client(srv: Any, api: Any) -> Callable[[], int]:
-    """One lone function call (as ``Task.map`` of one event): the submit, then its results
-    with ``wait``; returns when the submit was answered."""
+    """One lone function call (as ``Task.map`` of one event): the submit with ``wait``, which
+    answers the call's result (else the results long poll); returns when the submit was answered."""
     import tempfile
 
     from bench.functions import HANDLER, IMAGE, _handler_zip
@@ -345,10 +345,11 @@ def _call_client(srv: Any, api: Any) -> Callable[[], int]:
     def one() -> int:
         counter[0] += 1
         body = {"image": IMAGE, "handler": HANDLER, "code": "bench_handlers.zip", "maxMemory": 256}
-        answer = api.http.post(url, json={**body, "events": [{"x": counter[0]}]})
+        answer = api.http.post(url, json={**body, "events": [{"x": counter[0]}]}, params={"wait": 1}).json()
         t1 = time.time_ns()
-        batch = answer.json()["batchId"]
-        page = api.http.get(f"{url}/{batch}/results", params={"from": 0, "wait": 30}).json()
+        page = answer["results"]
+        if not page["items"]:  # not ended within the submit's wait: as Task.map, the long poll
+            page = api.http.get(f"{url}/{answer['batchId']}/results", params={"from": 0, "wait": 30}).json()
         if [item["result"] for item in page["items"]] != [2 * counter[0]]:
             raise RuntimeError(f"call {batch}: {page}")
         return t1

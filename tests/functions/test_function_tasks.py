@@ -272,3 +272,18 @@ def test_results_of_a_batch_outside_the_path_are_not_found(fn: Functions) -> Non
     for where, said in cases.items():
         answer = api.request("GET", where, params={"wait": 1})
         assert answer.status_code == 404 and said in answer.text, (where, answer.status_code, answer.text)
+
+
+def test_a_submit_with_wait_answers_its_first_results(fn: Functions) -> None:
+    """POST …/functions?wait=S also answers the results from index 0 that end within S (one
+    request for a lone call, as Task.map sends), and what has not ended by then is read after."""
+    body = {"image": "python3", "handler": "fnlib.handlers.double", "code": "handlers.zip"}
+    quick = fn.api.post(fn.base, {**body, "events": [{"x": 21}]}, expect=201, wait=30)
+    assert quick["results"]["items"][0]["result"] == 42 and quick["results"]["next"] is None
+    assert (quick["results"]["done"], quick["results"]["total"]) == (1, 1)
+    slow = {**body, "handler": "fnlib.handlers.sleepy", "events": [{"x": 1, "sleep": 3}, {"x": 2}]}
+    held = fn.api.post(fn.base, slow, expect=201, wait=0.5)
+    assert held["results"]["items"] == [] and held["results"]["next"] == 0  # call 0 still runs
+    assert [item["result"] for item in fn.results(held["batchId"], 2)] == [1, 2]
+    plain = fn.api.post(fn.base, {**body, "events": [{"x": 1}]}, expect=201)
+    assert "results" not in plain  # without wait: the answer as before

@@ -45,6 +45,10 @@ MAX_EVENTS_PER_CALL = 100_000  # the server accepts at most this many events per
 PAGE_SIZE = 10_000  # results per page: the server's maximum, fewest round trips when calls are short
 LONG_POLL = 30.0  # seconds one results call may wait on the server (it holds 60 at most)
 READ_RETRIES = 3  # results reads that time out in a row before the error is raised
+# Task.map's submit waits this long for the first results (a lone short call's answer in one
+# request); short, so a connection lost meanwhile loses little more than a submit's own would
+# (the batch's id, for the calls that then run unobserved).
+SUBMIT_WAIT = 1.0
 
 
 class _HasConnection(Protocol):
@@ -197,14 +201,18 @@ class _Part:
 class FunctionBatch:
     """Handle on a submitted set of function calls (one server batch per 100,000 events)."""
 
-    def __init__(self, task: TaskRef, parts: Sequence[tuple[str, int]]) -> None:
-        """``parts``: ``(batchId, count)`` per server batch, in submission order."""
+    def __init__(
+        self, task: TaskRef, parts: Sequence[tuple[str, int]], first_page: JsonDict | None = None
+    ) -> None:
+        """``parts``: ``(batchId, count)`` per server batch, in submission order. ``first_page``:
+        the first batch's results from index 0, as its submit answered them (``wait``)."""
         self.task = task
         self._parts: list[_Part] = []
         offset = 0
         for batch_id, count in parts:
             self._parts.append(_Part(batch_id, offset, count, FunctionCounts(total=count)))
             offset += count
+        self._first_page = first_page
 
     def __repr__(self) -> str:
         return f"FunctionBatch({self.batch_ids!r}, count={self.count})"
@@ -261,6 +269,9 @@ class FunctionBatch:
                     raise
         else:  # only 503s: the last answer decides
             body = self._conn.call("GET", url, params=params, timeout=wait + 30.0)
+        return self._took(part, body)
+
+    def _took(self, part: _Part, body: Any) -> JsonDict:
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise HtcError(f"malformed results page for batch {part.batch_id}: {str(body)[:200]}")
         part.counts.total = int(body.get("total", part.count))
@@ -285,7 +296,11 @@ class FunctionBatch:
                     if left <= 0:
                         raise TimeoutError(f"timed out waiting for call {part.offset + start} of {self!r}")
                     poll = min(poll, left)
-                page = self._page(part, start, page_size, poll)
+                first, self._first_page = self._first_page, None  # the submit's answer, once
+                if first is not None and start == 0 and part is self._parts[0]:
+                    page = self._took(part, first)
+                else:
+                    page = self._page(part, start, page_size, poll)
                 for item in page["items"]:
                     index = int(item["index"])
                     status = str(item.get("status") or "")
@@ -367,10 +382,13 @@ def submit_functions(
     events: Sequence[Any],
     *,
     chunk_size: int = MAX_EVENTS_PER_CALL,
+    wait: float = 0.0,
     **options: Any,
 ) -> FunctionBatch:
     """Submit ``events`` in chunks of ``chunk_size`` (at most 100,000); if a later chunk is refused,
-    the chunks already accepted are cancelled before the error is raised."""
+    the chunks already accepted are cancelled before the error is raised. ``wait`` (seconds; one
+    chunk only): the submit's answer also brings the first results ended within it (a lone
+    call's result in one request, not two)."""
     events = events if isinstance(events, Sequence) else list(events)
     if not events:
         raise ValueError("no events: a function batch needs at least one")
@@ -382,21 +400,26 @@ def submit_functions(
     conn = task.session.connection
     url = _functions_url(conn, task.project_id, task.id)
     parts: list[tuple[str, int]] = []
+    first_page: JsonDict | None = None
+    # Only a lone chunk waits: a later chunk's submit must not wait on the first's calls.
+    params = {"wait": f"{wait:g}"} if wait > 0 and len(events) <= chunk_size else None
     try:
         for start in range(0, len(events), chunk_size):
             chunk = events[start : start + chunk_size]
             body = function_request(image, handler, chunk, **options)
             try:
-                answer = conn.call("POST", url, body)
+                answer = conn.call("POST", url, body, params=params, timeout=wait + 30.0 if params else None)
             except (TypeError, ValueError):  # the body could not be encoded: nothing was sent
                 _check_json(events, start, start + chunk_size)
                 raise
             parts.append((str(answer["batchId"]), int(answer.get("count", len(chunk)))))
+            if isinstance(answer.get("results"), dict):
+                first_page = answer["results"]
     except BaseException:
         if parts:
             FunctionBatch(task, parts).cancel()
         raise
-    return FunctionBatch(task, parts)
+    return FunctionBatch(task, parts, first_page)
 
 
 def _check_json(events: Sequence[Any], start: int, stop: int) -> None:

@@ -363,9 +363,9 @@ class Task(_Resource):
         """The handler's results for ``events``, in order. The first failed call (in index order)
         raises its :class:`~openhtc.client.FunctionError` and cancels the calls still running,
         unless ``return_exceptions``: then the FunctionError stands in the list in its place."""
-        batch = self.submit_functions(
-            image, handler, events, code=code, max_vcpus=max_vcpus, max_memory=max_memory,
-            timeout=timeout, retries=retries,
+        batch = functions.submit_functions(
+            self, image, handler, events, code=code, max_vcpus=max_vcpus, max_memory=max_memory,
+            timeout=timeout, retries=retries, wait=functions.SUBMIT_WAIT,
         )  # fmt: skip
         try:
             return [result for _, result in batch.results(return_exceptions=return_exceptions)]

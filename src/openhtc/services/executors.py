@@ -18,7 +18,7 @@ from openhtc.auth.tokens import Principal
 from openhtc.domain.capacity import ExecutorOffer
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
-from openhtc.services.notify import EVERYTHING, NOTHING_ENDED, Key, job_key, task_key
+from openhtc.services.notify import EVERYTHING, Key, job_key, nothing_ended, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.store.functions import CallResult
 from openhtc.store.transitions import Applied
@@ -110,7 +110,7 @@ class ExecutorService:
         contexts = self._contexts_for({job.batch_id for job in claimed})
         if claimed:  # with nobody waiting, no keys to build: the publish still counts (published())
             keys = {task_key(job.task_id) for job in claimed} if not s.notify.idle else ()
-            s.notify.publish(keys, _nothing_ended)
+            s.notify.publish(keys, nothing_ended)
         s.metrics.jobs.claimed(claimed, s.clock.now())
         return [self._launch(job, contexts[job.batch_id], events.get(job.id)) for job in claimed]
 
@@ -279,11 +279,6 @@ class _BatchContext:
     disk_gib: int
     timeout_s: int | None
     working_dir: str | None
-
-
-def _nothing_ended(key: Key) -> str:
-    """A claim's fact for its tasks' keys (a results waiter woken by it need not read)."""
-    return NOTHING_ENDED
 
 
 def _connect_host(host: str) -> str:

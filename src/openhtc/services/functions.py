@@ -11,7 +11,7 @@ reports the call's end, so a call that reads as ended has them.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -25,7 +25,7 @@ from openhtc.domain.enums import JobStatus, LifecycleStatus, Priority
 from openhtc.domain.errors import Conflict, NotFound, ValidationFailed
 from openhtc.domain.submission import IMAGE_NAME_RE, SubmitRequest, validation_error
 from openhtc.services.executors import live_offers
-from openhtc.services.notify import task_key
+from openhtc.services.notify import nothing_ended, task_key
 from openhtc.services.service_set import ServiceSet
 from openhtc.services.submission import _check_images, _plan
 from openhtc.services.tasks import cancel_jobs
@@ -121,6 +121,18 @@ def parse_function_request(body: Any) -> tuple[FunctionRequest, str]:
     return request, events
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """The fields of a function batch's row that ``results_page`` reads, of one just stored."""
+
+    id: int
+    parent_job_id: str
+    task_id: str
+    project_id: str
+    group_name: str
+    batch_size: int
+
+
 def submit_functions(
     services: ServiceSet,
     principal: Principal,
@@ -131,6 +143,18 @@ def submit_functions(
 ) -> dict[str, Any]:
     """Store a function batch (one job per event, with its event) in one transaction.
     ``capacity``: the offers and regions, if the caller read them (``submission.target``)."""
+    return store_functions(services, principal, project, task, body, capacity)[0]
+
+
+def store_functions(
+    services: ServiceSet,
+    principal: Principal,
+    project: Any,
+    task: Any,
+    body: Any,
+    capacity: tuple[list[Any], list[Any]] | None = None,
+) -> tuple[dict[str, Any], StoredBatch]:
+    """``submit_functions``' answer, and the batch as ``results_page`` reads it."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; functions cannot be submitted to it")
     request, events = parse_function_request(body)
@@ -171,12 +195,18 @@ def submit_functions(
     stored = services.jobs.submit_batches(
         task, [planned], principal.user_id, services.clock.now(), write_events
     )
-    echoes = stored.echoes
+    echo = stored.echoes[0]
     if not stored.settled:  # as a job submit: a round for nothing would race the executor's claim
         services.wakeups.schedule_round.set()
     services.wakeups.queued()
-    services.notify.publish((task_key(task.id),))
-    return {"batchId": echoes[0]["parentJobId"], "count": len(request.events), "firstIndex": 0}
+    # It ends no call: a results waiter of the task woken by it need not read (and the submit
+    # that waits for its own results, api/routes/functions.py, reads nothing before an end).
+    services.notify.publish((task_key(task.id),), nothing_ended)
+    count = len(request.events)
+    batch = StoredBatch(
+        stored.batch_ids[0], echo["parentJobId"], task.id, task.project_id, echo["group"], count
+    )
+    return {"batchId": batch.parent_job_id, "count": count, "firstIndex": 0}, batch
 
 
 def function_batch(services: ServiceSet, conn: Connection, task_id: str, batch_id: str) -> Any:

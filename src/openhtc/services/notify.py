@@ -41,6 +41,12 @@ EVERYTHING: Key = ("*", None)  # every waiter is woken: recoveries, cancels
 NOTHING_ENDED = "nothing ended"
 
 
+def nothing_ended(key: Key) -> str:
+    """The fact of a commit that ended no call, for every key it publishes (a claim's, a
+    submit's): a results waiter woken by it need not read."""
+    return NOTHING_ENDED
+
+
 def job_key(job_id: int) -> Key:
     return ("job", job_id)
 

@@ -109,6 +109,7 @@ class Submitted:
     echoes: list[dict[str, Any]]
     settled: bool  # all admitted, all rows written: no scheduler round needed
     first_ids: list[int]  # each batch's first job's id (its row's, once written)
+    batch_ids: list[int]  # each batch's row id
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +302,7 @@ class JobStore:
                     also(conn, batch_ids)
                 cur.execute(db.sql(_TOUCH_TASK), (now, task.id))
         self._remember(heads)  # only once committed: a rolled-back batch's id may be reused
-        return Submitted(echoes, settled, first_ids)
+        return Submitted(echoes, settled, first_ids, batch_ids)
 
     def _remember(self, heads: list[BatchHead]) -> None:
         with self._heads_lock:
