@@ -8,9 +8,12 @@ be added, as optional ones, never renamed. The converters turn the in-process va
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
@@ -81,14 +84,96 @@ class RegisterResponse(_Model):
     lazy_journal: bool = False
 
 
+# Validation context of a peer's reports (the server's exchange route): its
+# function_result_max_bytes. Only then are results checked: they are stored as they come and
+# served verbatim, so text that is not JSON would make the results page invalid JSON or a 500.
+# An agent reading back its own outbox passes none (what it wrote is not refused at its start).
+RESULT_LIMIT = "function_result_max_bytes"
+_RESULT_KEY_RE = re.compile(r"function-results/[^/]+/\d+\.json")  # services/functions.py result_key
+_ERROR_FIELDS = ("type", "message", "traceback")
+
+
 class FunctionResult(_Model):
     """A function call's outcome, sent with its terminal report (docs/functions.md): exactly one
     of ``result`` (JSON text), ``error`` (JSON text: type, message, traceback) and ``result_key``
-    (a large result, already put in the task's storage at that key)."""
+    (a large result, already put in the task's storage at that key).
+
+    Checked when the server validates an exchange (``RESULT_LIMIT`` in the context): a bad one
+    fails the whole exchange with a 400 naming it, so nothing of it is applied (as any invalid
+    field of a report): the result is not JSON (NaN and Infinity are not), the error is not the
+    object of three strings, the result is over the server's ``function_result_max_bytes``
+    (larger ones go to task storage), or the key is not of the form the executor writes
+    (that it is its own call's key is checked by the route, which reads the job)."""
 
     result: str | None = None
     error: str | None = None
     result_key: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("result")
+    @classmethod
+    def _result(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = (info.context or {}).get(RESULT_LIMIT)
+        if value is None or limit is None:
+            return value
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ValueError(
+                f"is {size} bytes; a result over the server's function_result_max_bytes ({limit})"
+                " goes to task storage (result_key)"
+            )
+        _json(value)
+        return value
+
+    @field_validator("error")
+    @classmethod
+    def _error(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not info.context or RESULT_LIMIT not in info.context:
+            return value
+        found = _json(value)
+        if (
+            not isinstance(found, dict)
+            or sorted(found) != sorted(_ERROR_FIELDS)
+            or not all(isinstance(found[k], str) for k in _ERROR_FIELDS)
+        ):
+            raise ValueError('is not the JSON object {"type": str, "message": str, "traceback": str}')
+        return value
+
+    @field_validator("result_key")
+    @classmethod
+    def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not info.context or RESULT_LIMIT not in info.context:
+            return value
+        if not _RESULT_KEY_RE.fullmatch(value):
+            raise ValueError("is not a function result's key in its task's storage (function-results/...)")
+        return value
+
+    @model_validator(mode="after")
+    def _one(self, info: ValidationInfo) -> FunctionResult:
+        if info.context and RESULT_LIMIT in info.context:
+            given = sum(v is not None for v in (self.result, self.error, self.result_key))
+            if given != 1:
+                raise ValueError(f"must hold exactly one of result, error and result_key ({given} given)")
+        return self
+
+
+def _json(text: str) -> Any:
+    """The JSON value of ``text``, or ValueError. orjson first (fast); Python's parser for what
+    orjson refuses yet the function runner writes (json.dumps: an escaped lone surrogate), with
+    NaN and Infinity refused as the runner does (allow_nan=False)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"is not JSON text: {exc}") from None
 
 
 class Report(_Model):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable
+from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable, ValidationFailed
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.agent_records import KnownAgents
@@ -268,6 +268,20 @@ class AgentService:
                 return now - seen[1] < 2 * IDLE_RECHECK_SECONDS
             self._idle_rechecking = now  # this one reads
             return False
+
+    def check_result_keys(self, keyed: Sequence[tuple[int, int, str]]) -> None:
+        """ValidationFailed (400) naming the first report, of ``keyed`` (its index in the
+        exchange, job id, large result's key), whose key is not its own call's, where the
+        executor would have put it (another call's, or another task's). A job not found passes:
+        its report changes nothing (fenced), nor does its result."""
+        paths = self._paths({job_id for _, job_id, _ in keyed})
+        for i, job_id, key in keyed:
+            where = paths.get(job_id)
+            if where is not None and key != result_key(where[1], where[2]):
+                raise ValidationFailed(  # naming no other job's key: the caller may not be the agent
+                    f"is not the key of job {job_id}'s result in its task's storage",
+                    f"reports.{i}.result.result_key",
+                )
 
     def save_results(
         self,

@@ -65,9 +65,9 @@ def _agent_claims(request: Request, svc: ServiceSet) -> Caller:
     return Caller(svc.tokens.verify_agent(token.strip()), token_hash(token.strip()))
 
 
-async def _body(request: Request, model: type[M]) -> M:
+async def _body(request: Request, model: type[M], context: dict[str, Any] | None = None) -> M:
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(await request.body(), context=context)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -133,8 +133,19 @@ async def register(request: Request) -> JSONResponse:
 async def exchange(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
     caller = _agent_claims(request, svc)
-    req = await _body(request, wire.ExchangeRequest)
+    # a function call's result that is not valid (wire.FunctionResult) or not its call's: a 400
+    # naming it, and nothing of the exchange applied (an agent's token is a credential a user
+    # may hold; results are stored as they come and served verbatim)
+    limits = {wire.RESULT_LIMIT: svc.settings.function_result_max_bytes}
+    req = await _body(request, wire.ExchangeRequest, limits)
     agents = _service(svc)
+    keyed = [
+        (i, r.job_id, r.result.result_key)
+        for i, r in enumerate(req.reports)
+        if r.result and r.result.result_key
+    ]
+    if keyed:
+        await run_in_threadpool(agents.check_result_keys, keyed)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
     results = {
         (r.job_id, r.attempt): ReportedResult(
