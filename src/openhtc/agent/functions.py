@@ -7,10 +7,10 @@ come from and go to differs, since it cannot read the database:
   reported;
 - **results** (value, or error type, message and traceback) go with the call's terminal report
   (``Report.result``); the server stores them with the status change, fenced by attempt;
-- **a result over** ``function_result_max_bytes`` (which the server advertises at registration)
-  is put in the task's storage through the server's object API (storage/http_backend.py) with
-  the job's own token (the lease carries it; renewed with its refresh token once expired),
-  before the end is reported, and the report names its key;
+- **a result over** ``function_result_max_bytes`` (which the server advertises at registration
+  and in each exchange's answer) is put in the task's storage through the server's object API
+  (storage/http_backend.py) with the job's own token (the lease carries it; renewed with its
+  refresh token once expired), before the end is reported, and the report names its key;
 - **a code zip** is read from the call's PROJECT_SHARED_FOLDER, which the agent stages through
   the same API (agent/storage.py), as for any job.
 """
@@ -45,7 +45,7 @@ class AgentFunctions:
         self._storage.close()
 
     def configure(self, result_max_bytes: int | None) -> None:
-        """What the server advertised at registration."""
+        """What the server advertises (at registration, and in each exchange's answer)."""
         if result_max_bytes is not None and self.pool is not None:
             self.pool.result_max_bytes = result_max_bytes
 

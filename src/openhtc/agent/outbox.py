@@ -19,13 +19,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from openhtc.domain.enums import FailureCode, JobStatus
+from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport
 from openhtc.executor import protocol as wire
 
 Key = tuple[int, int, int]  # job, attempt, seq
 _TERMINAL = (int(JobStatus.SUCCEEDED), int(JobStatus.FAILED))
-RESULT_REFUSED = "ResultRefused"  # the error type of a result the server refused
 
 
 class Outbox:
@@ -132,26 +131,6 @@ class Outbox:
             self._append([json.dumps({"a": gone})], sync=False)
             if self._lines > 1000 and self._lines > 10 * len(self._pending):
                 self._rewrite_locked()
-
-    def refuse_result(self, key: Key, why: str) -> bool:
-        """The server refused this report's function result (a 400 naming it: say its
-        ``function_result_max_bytes`` was lowered after the result was made): the report goes
-        again as the call's failure, its error saying why, rather than resent as it was (and
-        refused) for ever, with every report behind it. False if there is nothing to change."""
-        with self._lock:
-            report = self._pending.get(key)
-            if report is None or report.result is None or RESULT_REFUSED in (report.result.error or ""):
-                return False  # (the refusal's own error refused: resent, as any report the server refuses)
-            message = f"the server refused the call's result: {why}"[:2000]
-            error = json.dumps({"type": RESULT_REFUSED, "message": message, "traceback": ""})
-            fixed = report.model_copy(
-                update={"status": int(JobStatus.FAILED), "exit_code": None,
-                        "failure_code": FailureCode.ErrorUnknownFailure.value, "reason": message,
-                        "result": wire.FunctionResult(error=error)}
-            )  # fmt: skip
-            self._append([json.dumps({"r": fixed.model_dump()})], sync=True)  # replayed: the last wins
-            self._pending[key] = fixed
-            return True
 
     def forget_attempt(self, attempts: Iterable[tuple[int, int]]) -> None:
         """Refused attempts: every report of theirs is dropped."""

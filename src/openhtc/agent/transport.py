@@ -13,16 +13,13 @@ in-process; here each becomes an exchange with the server (one persistent connec
   again with exponential backoff and jitter; when the server answers 409 (it restarted and lost
   the agent, or marked it lost) it registers again with its ``running`` list first;
 - kill lists (cancelled, recovered, fenced attempts) are handed to the executor at its next
-  heartbeat;
-- a function call's result the server refuses (a 400 naming it) is reported as the call's
-  failure instead, saying why: resent as it was, it would hold up every report behind it.
+  heartbeat.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 import socket
 import threading
 import time
@@ -46,8 +43,6 @@ BACKOFF_MAX = 10.0  # well below the server's liveness timeout: a short outage l
 # is one round trip, not two (W1 through agents ran at a third of the embedded rate). Reports no
 # exchange took this long after they were made are sent by an exchange of their own.
 REPORT_DEFER_SECONDS = 0.05
-# the field a 400 names (the route's validation: reports.2.result.error; the guard's: reports[2]...)
-_RESULT_FIELD = re.compile(r"reports(?:\.|\[)(\d+)\]?\.result\b")
 
 
 class ServerAway(Exception):
@@ -406,34 +401,33 @@ class HttpTransport:
         return held | self.outbox.attempts()
 
     def _exchange_once(self, free: Capacity, max_jobs: int, wait: float) -> wire.ExchangeResponse | None:
-        refused = True
-        while refused:  # a report whose result the server refused goes again at once, as a failure
-            self._unsent.clear()  # before the outbox is read: a report added after is sent after
-            reports = self.outbox.pending()
-            self._exchanges += 1
-            body = {
-                "incarnation": self.incarnation,
-                "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
-                "max_jobs": max_jobs,
-                # complete (exchange_seq says so): a lease it does not list never reached it
-                # (and the attempts whose reports wait in the outbox: an exchange may carry only some)
-                "held": sorted(self._holding()),
-                "reports": [r.model_dump() for r in reports],
-                "wait_seconds": wait,
-                "draining": self.draining,
-                "exchange_seq": self._exchanges,
-            }
-            sent = time.monotonic()
-            resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
-            if resp.status_code == 409:  # the server does not know this agent as it is: register first
-                log.warning("agent: the server says %s; registering again", resp.text[:100])
-                self._registered = False
-                self._register()
-                return None
-            refused = resp.status_code == 400 and self._refused_result(resp, reports)
+        self._unsent.clear()  # before the outbox is read: a report added after is sent after
+        reports = self.outbox.pending()
+        self._exchanges += 1
+        body = {
+            "incarnation": self.incarnation,
+            "free": {"vcpus": max(0, free.vcpus), "memory_mb": max(0, free.memory_mb)},
+            "max_jobs": max_jobs,
+            # complete (exchange_seq says so): a lease it does not list never reached it
+            # (and the attempts whose reports wait in the outbox: an exchange may carry only some)
+            "held": sorted(self._holding()),
+            "reports": [r.model_dump() for r in reports],
+            "wait_seconds": wait,
+            "draining": self.draining,
+            "exchange_seq": self._exchanges,
+        }
+        sent = time.monotonic()
+        resp = self._post(f"/{self.agent_id}/exchange", body, timeout=wait + 30.0 if wait else None)
+        if resp.status_code == 409:  # the server does not know this agent as it is: register first
+            log.warning("agent: the server says %s; registering again", resp.text[:100])
+            self._registered = False
+            self._register()
+            return None
         if resp.status_code != 200:
             raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.ExchangeResponse.model_validate_json(resp.content)
+        if self.functions is not None:  # its limit now: lowered since registration, say
+            self.functions.configure(answer.function_result_max_bytes)
         self._succeeded(sent)
         self._backoff = 0.0
         self.outbox.done(answer.acked)
@@ -449,25 +443,6 @@ class HttpTransport:
             if lease.pull_token:
                 self.pull_tokens[(lease.project_id, lease.image)] = lease.pull_token
         return answer
-
-    def _refused_result(self, resp: httpx.Response, reports: Sequence[wire.Report]) -> bool:
-        """A 400 naming a report's function result (``reports.N.result...``: the server checks
-        them, wire.FunctionResult): that report goes as the call's failure instead (the outbox
-        says why), so the agent's other reports are not held behind it for ever. True if so."""
-        try:
-            answer = resp.json()
-        except ValueError:
-            return False
-        message = str(answer.get("message", "")) if isinstance(answer, dict) else ""
-        found = _RESULT_FIELD.match(message)
-        if found is None or int(found[1]) >= len(reports):
-            return False
-        report = reports[int(found[1])]
-        if not self.outbox.refuse_result((report.job_id, report.attempt, report.seq), message):
-            return False
-        log.error("agent: the server refused job %d's function result (%s): reported as its failure",
-                  report.job_id, message[:300])  # fmt: skip
-        return True
 
     def _launch(self, lease: wire.Launch) -> JobLaunch:
         if len(self._fixed_envs) >= 1024:  # one entry per batch ever leased: bounded

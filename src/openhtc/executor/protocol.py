@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from openhtc.domain.enums import JobStatus
+from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 
 PREFIX = "/openhtc/v1/agents"
@@ -91,6 +91,7 @@ class RegisterResponse(_Model):
 RESULT_LIMIT = "function_result_max_bytes"
 _RESULT_KEY_RE = re.compile(r"function-results/[^/]+/\d+\.json")  # services/functions.py result_key
 _ERROR_FIELDS = ("type", "message", "traceback")
+_TERMINAL = (int(JobStatus.SUCCEEDED), int(JobStatus.FAILED))
 
 
 class FunctionResult(_Model):
@@ -98,12 +99,14 @@ class FunctionResult(_Model):
     of ``result`` (JSON text), ``error`` (JSON text: type, message, traceback) and ``result_key``
     (a large result, already put in the task's storage at that key).
 
-    Checked when the server validates an exchange (``RESULT_LIMIT`` in the context): a bad one
-    fails the whole exchange with a 400 naming it, so nothing of it is applied (as any invalid
-    field of a report): the result is not JSON (NaN and Infinity are not), the error is not the
-    object of three strings, the result is over the server's ``function_result_max_bytes``
-    (larger ones go to task storage), or the key is not of the form the executor writes
-    (that it is its own call's key is checked by the route, which reads the job)."""
+    Checked when the server validates an exchange (``RESULT_LIMIT`` in the context): one an
+    honest agent never sends fails the whole exchange with a 400 naming it, so nothing of it is
+    applied (as any invalid field of a report): the result is not JSON (NaN and Infinity are
+    not), the error is not the object of three strings, or the key is not of the form the
+    executor writes (that it is its own call's key is checked by the route, which reads the
+    job). A result over the server's ``function_result_max_bytes`` is no 400 (an agent's limit
+    may be stale: lowered, and the server restarted): its report fails the call
+    (``Report``'s check, ``ResultTooLarge``)."""
 
     result: str | None = None
     error: str | None = None
@@ -115,13 +118,8 @@ class FunctionResult(_Model):
         limit = (info.context or {}).get(RESULT_LIMIT)
         if value is None or limit is None:
             return value
-        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-        if size > limit:
-            raise ValueError(
-                f"is {size} bytes; a result over the server's function_result_max_bytes ({limit})"
-                " goes to task storage (result_key)"
-            )
-        _json(value)
+        if _size(value) <= limit:  # (a larger one is not stored: Report's check)
+            _json(value)
         return value
 
     @field_validator("error")
@@ -156,6 +154,11 @@ class FunctionResult(_Model):
         return self
 
 
+def _size(text: str) -> int:
+    """Its UTF-8 length, as the function runner wrote it (an escaped lone surrogate included)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _json(text: str) -> Any:
     """The JSON value of ``text``, or ValueError. orjson first (fast); Python's parser for what
     orjson refuses yet the function runner writes (json.dumps: an escaped lone surrogate), with
@@ -186,6 +189,28 @@ class Report(_Model):
     failure_code: str | None = None
     reason: str | None = Field(default=None, max_length=10000)
     result: FunctionResult | None = None  # a function call's, with its terminal report
+
+    @model_validator(mode="after")
+    def _too_large(self, info: ValidationInfo) -> Report:
+        """On the server (``RESULT_LIMIT`` in the context): a result over its limit is not
+        stored; the call fails as on the embedded executor when a result cannot be kept
+        (``ErrorUnknownFailure``, error type ``ResultTooLarge``; its retries apply)."""
+        limit = (info.context or {}).get(RESULT_LIMIT)
+        value = self.result.result if self.result is not None else None
+        if limit is None or value is None or (size := _size(value)) <= limit:
+            return self
+        if self.status not in _TERMINAL:  # a result only goes with an end (else never stored)
+            self.result = None
+            return self
+        why = (
+            f"the agent reported a result of {size} bytes, over the server's"
+            f" function_result_max_bytes ({limit}): not stored (a larger one goes to task storage)"
+        )
+        error = json.dumps({"type": "ResultTooLarge", "message": why, "traceback": ""})
+        self.status, self.exit_code = int(JobStatus.FAILED), None
+        self.failure_code, self.reason = FailureCode.ErrorUnknownFailure.value, f"ResultTooLarge: {why}"
+        self.result = FunctionResult(error=error)
+        return self
 
 
 class ExchangeRequest(_Model):
@@ -233,6 +258,9 @@ class ExchangeResponse(_Model):
     kill: list[AttemptKey] = Field(default_factory=list)
     lease_seconds: float
     next_call_seconds: float
+    # the server's limit now (as at registration): an agent's may be stale (lowered since, and
+    # the server restarted); a result over it fails its call (Report._too_large)
+    function_result_max_bytes: int | None = None
 
 
 class LogChunk(_Model):
