@@ -248,12 +248,15 @@ class FakeAgent:
         assert resp.json()["function_result_max_bytes"] == LIMIT
 
     def exchange(self, reports: list[dict[str, Any]] = (), max_jobs: int = 0) -> dict[str, Any]:  # type: ignore[assignment]
+        resp = self.post_exchange(reports, max_jobs)
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    def post_exchange(self, reports: list[dict[str, Any]] = (), max_jobs: int = 0) -> httpx.Response:  # type: ignore[assignment]
         body = {"incarnation": self.incarnation, "free": {"vcpus": 1, "memory_mb": 1024},
                 "max_jobs": max_jobs, "reports": list(reports),
                 "wait_seconds": 1.0 if max_jobs else 0}  # fmt: skip
-        resp = self.http.post(f"/openhtc/v1/agents/{self.agent_id}/exchange", json=body)
-        assert resp.status_code == 200, resp.text
-        return dict(resp.json())
+        return self.http.post(f"/openhtc/v1/agents/{self.agent_id}/exchange", json=body)
 
 
 def _report(lease: dict[str, Any], seq: int, status: JobStatus, **extra: Any) -> dict[str, Any]:
@@ -297,11 +300,13 @@ def test_a_reported_result_is_stored_once_and_a_stale_attempts_is_refused(
         {**second, "attempt": second["attempt"] + 1}, 1, JobStatus.SUCCEEDED, result={"result": "66"}
     )
     assert agent.exchange([stale])["refused"] == [[second["job_id"], second["attempt"] + 1]]
-    # a large result's key must be its own call's
-    run(third, {"result_key": "elsewhere.json"})
+    # a large result's key must be its own call's: else a 400, and the call is not ended
+    wrong = _report(third, 1, JobStatus.SUCCEEDED, result={"result_key": "elsewhere.json"})
+    assert agent.post_exchange([wrong]).status_code == 400
+    assert len(run(third, {"result": "18"})["acked"]) == 3
     page = api.get(f"{base}/{batch['batchId']}/results", **{"from": 0, "wait": 0})
     assert [(i["index"], i["status"], i["result"]) for i in page["items"]] == [
         (0, "SUCCEEDED", 14),
         (1, "SUCCEEDED", 16),
-        (2, "SUCCEEDED", None),
+        (2, "SUCCEEDED", 18),
     ]

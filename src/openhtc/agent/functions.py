@@ -7,10 +7,10 @@ come from and go to differs, since it cannot read the database:
   reported;
 - **results** (value, or error type, message and traceback) go with the call's terminal report
   (``Report.result``); the server stores them with the status change, fenced by attempt;
-- **a result over** ``function_result_max_bytes`` (which the server advertises at registration)
-  is put in the task's storage through the server's object API (storage/http_backend.py) with
-  the job's own token (the lease carries it; renewed with its refresh token once expired),
-  before the end is reported, and the report names its key;
+- **a result over** ``function_result_max_bytes`` (which the server advertises at registration
+  and in each exchange's answer) is put in the task's storage through the server's object API
+  (storage/http_backend.py) with the job's own token (the lease carries it; renewed with its
+  refresh token once expired), before the end is reported, and the report names its key;
 - **a code zip** is read from the call's PROJECT_SHARED_FOLDER, which the agent stages through
   the same API (agent/storage.py), as for any job.
 """
@@ -45,7 +45,7 @@ class AgentFunctions:
         self._storage.close()
 
     def configure(self, result_max_bytes: int | None) -> None:
-        """What the server advertised at registration."""
+        """What the server advertises (at registration, and in each exchange's answer)."""
         if result_max_bytes is not None and self.pool is not None:
             self.pool.result_max_bytes = result_max_bytes
 
@@ -59,8 +59,27 @@ class AgentFunctions:
             self._calls[(launch.job_id, launch.attempt)] = (launch.batch_id, launch.array_index)
 
     def results_for(self, reports: Sequence[AttemptReport]) -> dict[tuple[int, int], wire.FunctionResult]:
-        """The results of the calls these reports end (taken: an end is reported once)."""
+        """The results of the calls these reports end. Kept here until :meth:`delivered` says
+        the reports are in the outbox: a report that could not be written there (a full disk)
+        is retried by the executor, and its result must go with the retry."""
         out: dict[tuple[int, int], wire.FunctionResult] = {}
+        with self._lock:
+            for report in reports:
+                key = (report.job_id, report.attempt)
+                call = self._calls.get(key)
+                if not report.status.terminal or call is None:
+                    continue
+                kept = self._results.get((*call, report.attempt))
+                if kept is not None:
+                    error = None if kept.error is None else _bounded(kept.error, self._limit())
+                    out[key] = wire.FunctionResult(
+                        result=kept.result, error=error, result_key=kept.result_key
+                    )
+        return out
+
+    def delivered(self, reports: Sequence[AttemptReport]) -> None:
+        """These reports are in the outbox (with their results): the calls they end are done
+        here (an end is reported once)."""
         with self._lock:
             for report in reports:
                 key = (report.job_id, report.attempt)
@@ -72,13 +91,7 @@ class AgentFunctions:
                     events.pop(idx, None)
                     if not events:
                         del self._events[batch_id]
-                kept = self._results.pop((batch_id, idx, report.attempt), None)
-                if kept is not None:
-                    error = None if kept.error is None else _bounded(kept.error, self._limit())
-                    out[key] = wire.FunctionResult(
-                        result=kept.result, error=error, result_key=kept.result_key
-                    )
-        return out
+                self._results.pop((batch_id, idx, report.attempt), None)
 
     def _limit(self) -> int:
         return self.pool.result_max_bytes if self.pool is not None else 256 * 1024
@@ -110,18 +123,25 @@ class AgentFunctions:
 
 
 def _bounded(error: str, limit: int) -> str:
-    """An error's JSON cut to about ``limit`` characters (a report must stay within the server's
-    string limit): the message's start and the traceback's start and end are kept."""
+    """An error's JSON cut to at most about ``limit`` characters (a report must stay within the
+    server's string limit): the message's start and the traceback's start and end are kept.
+    Measured as sent: JSON escapes each non-ASCII character in six."""
     if len(error) <= limit:
         return error
     try:
         found = json.loads(error)
     except ValueError:
+        found = None
+    if not isinstance(found, dict):
         found = {"type": "Error", "message": error, "traceback": ""}
+    kind, message, trace = (str(found.get(k, "")) for k in ("type", "message", "traceback"))
     keep = max(1000, limit // 3)
-    message, trace = str(found.get("message", "")), str(found.get("traceback", ""))
-    if len(message) > keep:
-        message = message[:keep] + " ... (cut)"
-    if len(trace) > keep:
-        trace = trace[: keep // 2] + "\n... (cut) ...\n" + trace[-keep // 2 :]
-    return json.dumps({"type": str(found.get("type", "Error"))[:200], "message": message, "traceback": trace})
+    while True:
+        if len(message) > keep:
+            message = message[:keep] + " ... (cut)"
+        if len(trace) > keep:
+            trace = trace[: keep // 2] + "\n... (cut) ...\n" + trace[-keep // 2 :]
+        out = json.dumps({"type": kind[:200] or "Error", "message": message, "traceback": trace})
+        if len(out) <= limit or keep <= 100:
+            return out
+        keep //= 2

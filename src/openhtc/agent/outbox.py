@@ -11,6 +11,7 @@ oldest non-terminal reports (STARTING, RUNNING) are dropped; an end is never dro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -35,6 +36,7 @@ class Outbox:
         self._lines = 0
         self._lock = threading.Lock()
         self._fh: Any = None
+        self._torn = False  # the last write failed: it may have left a partial line
 
     def open(self) -> None:
         """Replay the file (what was never acknowledged is pending again) and compact it."""
@@ -69,15 +71,21 @@ class Outbox:
         function calls' results, by attempt, each sent with its attempt's terminal report."""
         with self._lock:
             lines = []
+            seqs: dict[tuple[int, int], int] = {}
+            items: dict[Key, wire.Report] = {}
             for report in reports:
                 key = (report.job_id, report.attempt)
-                seq = self._seqs.get(key, 0) + 1
-                self._seqs[key] = seq
+                seq = seqs.get(key, self._seqs.get(key, 0)) + 1
+                seqs[key] = seq
                 result = results.get(key) if results and int(report.status) in _TERMINAL else None
                 item = wire.report_to_wire(report, seq, result)
-                self._pending[(report.job_id, report.attempt, seq)] = item
+                items[(report.job_id, report.attempt, seq)] = item
                 lines.append(json.dumps({"r": item.model_dump()}))
+            # pending once on disk: if the write fails (a full disk), nothing is, and the
+            # caller's retry numbers them the same
             self._append(lines, sync=any(int(r.status) in _TERMINAL for r in reports))
+            self._seqs.update(seqs)
+            self._pending.update(items)
             self._bound()
 
     def pending(self, limit: int = 5000, max_bytes: int = 8 << 20) -> list[wire.Report]:
@@ -139,10 +147,20 @@ class Outbox:
             return
         if self._fh is None:
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._fh.write("".join(line + "\n" for line in lines))
-        self._fh.flush()
-        if sync:
-            os.fdatasync(self._fh.fileno())
+        # after a failed write, a newline ends what part of it reached the file (replay skips it)
+        text = ("\n" if self._torn else "") + "".join(line + "\n" for line in lines)
+        try:
+            self._fh.write(text)
+            self._fh.flush()
+            if sync:
+                os.fdatasync(self._fh.fileno())
+        except BaseException:
+            self._torn = True
+            fh, self._fh = self._fh, None  # reopened next time: its buffer holds no stale part
+            with contextlib.suppress(OSError):
+                fh.close()
+            raise
+        self._torn = False
         self._lines += len(lines)
 
     def _rewrite(self) -> None:

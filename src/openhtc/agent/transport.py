@@ -213,6 +213,8 @@ class HttpTransport:
             self.functions.save(results)
         carried = self.functions.results_for(reports) if self.functions is not None else None
         self.outbox.add(reports, carried)  # on disk: delivered by the next exchange (the claim's, mostly)
+        if self.functions is not None:  # only now: if the outbox failed, the retry carries them
+            self.functions.delivered(reports)
         with self._received_lock:  # listed by outbox.attempts() now, until acknowledged
             self._received.difference_update((r.job_id, r.attempt) for r in reports)
         if self.draining:  # no claim follows
@@ -424,6 +426,8 @@ class HttpTransport:
         if resp.status_code != 200:
             raise ServerAway(f"exchange: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         answer = wire.ExchangeResponse.model_validate_json(resp.content)
+        if self.functions is not None:  # its limit now: lowered since registration, say
+            self.functions.configure(answer.function_result_max_bytes)
         self._succeeded(sent)
         self._backoff = 0.0
         self.outbox.done(answer.acked)

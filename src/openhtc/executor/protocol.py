@@ -8,11 +8,14 @@ be added, as optional ones, never renamed. The converters turn the in-process va
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from openhtc.domain.enums import JobStatus
+from openhtc.domain.enums import FailureCode, JobStatus
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 
 PREFIX = "/openhtc/v1/agents"
@@ -81,14 +84,99 @@ class RegisterResponse(_Model):
     lazy_journal: bool = False
 
 
+# Validation context of a peer's reports (the server's exchange route): its
+# function_result_max_bytes. Only then are results checked: they are stored as they come and
+# served verbatim, so text that is not JSON would make the results page invalid JSON or a 500.
+# An agent reading back its own outbox passes none (what it wrote is not refused at its start).
+RESULT_LIMIT = "function_result_max_bytes"
+_RESULT_KEY_RE = re.compile(r"function-results/[^/]+/\d+\.json")  # services/functions.py result_key
+_ERROR_FIELDS = ("type", "message", "traceback")
+_TERMINAL = (int(JobStatus.SUCCEEDED), int(JobStatus.FAILED))
+
+
 class FunctionResult(_Model):
     """A function call's outcome, sent with its terminal report (docs/functions.md): exactly one
     of ``result`` (JSON text), ``error`` (JSON text: type, message, traceback) and ``result_key``
-    (a large result, already put in the task's storage at that key)."""
+    (a large result, already put in the task's storage at that key).
+
+    Checked when the server validates an exchange (``RESULT_LIMIT`` in the context): one an
+    honest agent never sends fails the whole exchange with a 400 naming it, so nothing of it is
+    applied (as any invalid field of a report): the result is not JSON (NaN and Infinity are
+    not), the error is not the object of three strings, or the key is not of the form the
+    executor writes (that it is its own call's key is checked by the route, which reads the
+    job). A result over the server's ``function_result_max_bytes`` is no 400 (an agent's limit
+    may be stale: lowered, and the server restarted): its report fails the call
+    (``Report``'s check, ``ResultTooLarge``)."""
 
     result: str | None = None
     error: str | None = None
     result_key: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("result")
+    @classmethod
+    def _result(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = (info.context or {}).get(RESULT_LIMIT)
+        if value is None or limit is None:
+            return value
+        if _size(value) <= limit:  # (a larger one is not stored: Report's check)
+            _json(value)
+        return value
+
+    @field_validator("error")
+    @classmethod
+    def _error(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not info.context or RESULT_LIMIT not in info.context:
+            return value
+        found = _json(value)
+        if (
+            not isinstance(found, dict)
+            or sorted(found) != sorted(_ERROR_FIELDS)
+            or not all(isinstance(found[k], str) for k in _ERROR_FIELDS)
+        ):
+            raise ValueError('is not the JSON object {"type": str, "message": str, "traceback": str}')
+        return value
+
+    @field_validator("result_key")
+    @classmethod
+    def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not info.context or RESULT_LIMIT not in info.context:
+            return value
+        if not _RESULT_KEY_RE.fullmatch(value):
+            raise ValueError("is not a function result's key in its task's storage (function-results/...)")
+        return value
+
+    @model_validator(mode="after")
+    def _one(self, info: ValidationInfo) -> FunctionResult:
+        if info.context and RESULT_LIMIT in info.context:
+            given = sum(v is not None for v in (self.result, self.error, self.result_key))
+            if given != 1:
+                raise ValueError(f"must hold exactly one of result, error and result_key ({given} given)")
+        return self
+
+
+def _size(text: str) -> int:
+    """Its UTF-8 length, as the function runner wrote it (an escaped lone surrogate included)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _json(text: str) -> Any:
+    """The JSON value of ``text``, or ValueError. orjson first (fast); Python's parser for what
+    orjson refuses yet the function runner writes (json.dumps: an escaped lone surrogate), with
+    NaN and Infinity refused as the runner does (allow_nan=False)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"is not JSON text: {exc}") from None
 
 
 class Report(_Model):
@@ -101,6 +189,28 @@ class Report(_Model):
     failure_code: str | None = None
     reason: str | None = Field(default=None, max_length=10000)
     result: FunctionResult | None = None  # a function call's, with its terminal report
+
+    @model_validator(mode="after")
+    def _too_large(self, info: ValidationInfo) -> Report:
+        """On the server (``RESULT_LIMIT`` in the context): a result over its limit is not
+        stored; the call fails as on the embedded executor when a result cannot be kept
+        (``ErrorUnknownFailure``, error type ``ResultTooLarge``; its retries apply)."""
+        limit = (info.context or {}).get(RESULT_LIMIT)
+        value = self.result.result if self.result is not None else None
+        if limit is None or value is None or (size := _size(value)) <= limit:
+            return self
+        if self.status not in _TERMINAL:  # a result only goes with an end (else never stored)
+            self.result = None
+            return self
+        why = (
+            f"the agent reported a result of {size} bytes, over the server's"
+            f" function_result_max_bytes ({limit}): not stored (a larger one goes to task storage)"
+        )
+        error = json.dumps({"type": "ResultTooLarge", "message": why, "traceback": ""})
+        self.status, self.exit_code = int(JobStatus.FAILED), None
+        self.failure_code, self.reason = FailureCode.ErrorUnknownFailure.value, f"ResultTooLarge: {why}"
+        self.result = FunctionResult(error=error)
+        return self
 
 
 class ExchangeRequest(_Model):
@@ -148,6 +258,9 @@ class ExchangeResponse(_Model):
     kill: list[AttemptKey] = Field(default_factory=list)
     lease_seconds: float
     next_call_seconds: float
+    # the server's limit now (as at registration): an agent's may be stale (lowered since, and
+    # the server restarted); a result over it fails its call (Report._too_large)
+    function_result_max_bytes: int | None = None
 
 
 class LogChunk(_Model):

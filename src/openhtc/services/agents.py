@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable
+from openhtc.domain.errors import InsufficientStorage, PermissionDenied, Unavailable, ValidationFailed
 from openhtc.domain.lifecycle import JobRecord
 from openhtc.domain.models import AttemptReport, Capacity, JobLaunch
 from openhtc.services.agent_records import KnownAgents
@@ -268,6 +268,32 @@ class AgentService:
                 return now - seen[1] < 2 * IDLE_RECHECK_SECONDS
             self._idle_rechecking = now  # this one reads
             return False
+
+    def check_result_keys(
+        self,
+        agent_id: str,
+        incarnation: str,
+        keyed: Sequence[tuple[int, int, int, str]],
+        token_region: str = "*",
+        token_hash: str | None = None,
+    ) -> None:
+        """ValidationFailed (400) naming the first report, of ``keyed`` (its index in the
+        exchange, job id, attempt, large result's key), whose key is not its own call's, where
+        the executor would have put it (another call's, or another task's). The caller must
+        speak for the agent (``check``: MustRegister, PermissionDenied), and only attempts leased
+        to it are checked: another's report changes nothing (refused), nor does its result,
+        and the answer says nothing of other jobs."""
+        self.check(agent_id, incarnation, token_region, token_hash)
+        records = self.services.queue.records({job_id for _, job_id, _, _ in keyed})
+        mine = [k for k in keyed if _leased_to(agent_id, k[2], records.get(k[1]))]
+        paths = self._paths({job_id for _, job_id, _, _ in mine}) if mine else {}
+        for i, job_id, _, key in mine:
+            where = paths.get(job_id)
+            if where is not None and key != result_key(where[1], where[2]):
+                raise ValidationFailed(
+                    f"is not the key of job {job_id}'s result in its task's storage",
+                    f"reports.{i}.result.result_key",
+                )
 
     def save_results(
         self,

@@ -35,6 +35,7 @@ from openhtc.store.queue import AgentInfo
 router = APIRouter()
 NOT_YOURS = "not this agent's attempt"  # a 409 of the logs route: the chunks of ``refused`` are not its
 M = TypeVar("M", bound=BaseModel)
+OFF_LOOP_BYTES = 1 << 20  # a request body larger is validated in the thread pool
 
 
 class Caller(NamedTuple):
@@ -65,9 +66,13 @@ def _agent_claims(request: Request, svc: ServiceSet) -> Caller:
     return Caller(svc.tokens.verify_agent(token.strip()), token_hash(token.strip()))
 
 
-async def _body(request: Request, model: type[M]) -> M:
+async def _body(request: Request, model: type[M], context: dict[str, Any] | None = None) -> M:
+    body = await request.body()
     try:
-        return model.model_validate_json(await request.body())
+        if len(body) <= OFF_LOOP_BYTES:
+            return model.model_validate_json(body, context=context)
+        # a large one (an exchange's function results are parsed too) would hold the loop
+        return await run_in_threadpool(model.model_validate_json, body, context=context)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -122,8 +127,7 @@ async def register(request: Request) -> JSONResponse:
         storage=wire.StorageInfo(kind="local" if settings.storage == "local" else "s3"),
         recovered=done.recovered,
         kill=done.kill,
-        # inline results are strings of a JSON body: within its string limit too
-        function_result_max_bytes=min(settings.function_result_max_bytes, settings.max_string_chars),
+        function_result_max_bytes=_result_limit(svc),
         lazy_journal=True,
     )
     return JSONResponse(wire.dump(answer))
@@ -133,8 +137,25 @@ async def register(request: Request) -> JSONResponse:
 async def exchange(agent_id: str, request: Request) -> JSONResponse:
     svc = app_services(request)
     caller = _agent_claims(request, svc)
-    req = await _body(request, wire.ExchangeRequest)
+    # a function call's result that is not valid (wire.FunctionResult) or not its call's: a 400
+    # naming it, and nothing of the exchange applied (an agent's token is a credential a user
+    # may hold; results are stored as they come and served verbatim). One over the limit fails
+    # its call instead (wire.Report): the agent's limit may be stale.
+    limit = _result_limit(svc)
+    req = await _body(request, wire.ExchangeRequest, {wire.RESULT_LIMIT: limit})
     agents = _service(svc)
+    keyed = [
+        (i, r.job_id, r.attempt, r.result.result_key)
+        for i, r in enumerate(req.reports)
+        if r.result and r.result.result_key
+    ]
+    if keyed:
+        try:
+            await run_in_threadpool(
+                agents.check_result_keys, agent_id, req.incarnation, keyed, caller.region, caller.token_hash
+            )
+        except MustRegister as exc:
+            return _must_register(exc.reason)
     reports = [(r.seq, wire.report_from_wire(r)) for r in req.reports]
     results = {
         (r.job_id, r.attempt): ReportedResult(
@@ -208,8 +229,15 @@ async def exchange(agent_id: str, request: Request) -> JSONResponse:
         "kill": done.kill,
         "lease_seconds": svc.settings.lease_seconds,
         "next_call_seconds": agents.next_call_seconds(),
+        "function_result_max_bytes": limit,
     }
     return JSONResponse(answer)
+
+
+def _result_limit(svc: ServiceSet) -> int:
+    """The largest result an agent sends inline (wire.RegisterResponse): inline results are
+    strings of a JSON body, so within its string limit too."""
+    return min(svc.settings.function_result_max_bytes, svc.settings.max_string_chars)
 
 
 @router.post(wire.PREFIX + "/{agent_id}/logs")
