@@ -49,6 +49,15 @@ def _batch(api: HtcApi, events: list[Any]) -> tuple[str, str]:
     return f"{base}/{batch['batchId']}/results", str(batch["batchId"])
 
 
+def _two_leases(agent: FakeAgent) -> list[dict[str, Any]]:
+    """The batch's two calls, claimed by ``agent``, by index."""
+    leases: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(leases) < 2 and time.monotonic() < deadline:
+        leases += agent.exchange(max_jobs=2 - len(leases))["leases"]
+    return sorted(leases, key=lambda lease: lease["array_index"])
+
+
 def _page(api: HtcApi, results: str) -> list[tuple[int, str, Any, Any]]:
     page = api.get(results, **{"from": 0, "wait": 0})
     return [(i["index"], i["status"], i["result"], i["error"]) for i in page["items"]]
@@ -58,11 +67,7 @@ def test_an_invalid_reported_result_is_a_400_naming_it_and_changes_nothing(srv: 
     api = srv.api()
     results, parent = _batch(api, [{"x": 7}, {"x": 8}])
     agent = FakeAgent(srv)
-    leases: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while len(leases) < 2 and time.monotonic() < deadline:
-        leases += agent.exchange(max_jobs=2 - len(leases))["leases"]
-    first, second = sorted(leases, key=lambda lease: lease["array_index"])
+    first, second = _two_leases(agent)
 
     def ends(lease: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
         status = JobStatus.FAILED if "error" in result else JobStatus.SUCCEEDED
@@ -120,11 +125,7 @@ def test_a_result_over_the_limit_fails_its_call_and_the_rest_of_the_exchange_app
     api = srv.api()
     results, _ = _batch(api, [{"x": 1}, {"x": 2}])
     agent = FakeAgent(srv)
-    leases: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while len(leases) < 2 and time.monotonic() < deadline:
-        leases += agent.exchange(max_jobs=2 - len(leases))["leases"]
-    first, second = sorted(leases, key=lambda lease: lease["array_index"])
+    first, second = _two_leases(agent)
     big = json.dumps("é" * LIMIT)  # bytes, not characters, count
     size = len(big.encode())
     steps = ((1, JobStatus.STARTING), (2, JobStatus.RUNNING))

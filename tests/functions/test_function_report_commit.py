@@ -19,7 +19,7 @@ from tests.functions.conftest import Functions
 
 from openhtc.domain.enums import JobStatus
 from openhtc.domain.models import AttemptReport
-from openhtc.services.functions import submit_functions
+from openhtc.services.functions import store_functions
 from openhtc.store.functions import CallResult
 from openhtc.store.transitions import StatusWrites
 from openhtc.testing.inprocess import EXECUTOR, StoreHarness, in_process_services
@@ -38,7 +38,7 @@ def _one_call(harness: StoreHarness, x: int) -> Any:
     project = harness.create_project()
     task = harness.create_task(project)
     body = {"image": "python3", "handler": "m.f", "events": [{"x": x}]}
-    submit_functions(harness.services, harness.who, project, harness.reload_task(task), body)
+    store_functions(harness.services, harness.who, project, harness.reload_task(task), body)
     [launch] = harness.claim(4)
     return launch
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from openhtc.domain.enums import JobStatus
-from openhtc.services.functions import results_page, submit_functions
+from openhtc.services.functions import results_page, store_functions
 from openhtc.store.functions import FunctionStore
 from openhtc.testing.inprocess import StoreHarness, in_process_services
 
@@ -67,7 +67,7 @@ def test_the_json_page_equals_the_row_by_row_page_for_every_kind_of_end(
         project = harness.create_project()
         task = harness.create_task(project)
         body = {"image": "bb", "handler": "m.f", "events": [{"x": i} for i in range(EVENTS)]}
-        batch = submit_functions(services, harness.who, project, harness.reload_task(task), body)["batchId"]
+        batch = store_functions(services, harness.who, project, harness.reload_task(task), body)[0]["batchId"]
         batch_id = harness.sql("SELECT id FROM batches WHERE parent_job_id = ?", batch)[0][0]
         with services.db.write() as conn:
             for idx, (status, attempt, result, error, result_attempt, code, reason) in ENDS.items():

@@ -133,19 +133,6 @@ class StoredBatch:
     batch_size: int
 
 
-def submit_functions(
-    services: ServiceSet,
-    principal: Principal,
-    project: Any,
-    task: Any,
-    body: Any,
-    capacity: tuple[list[Any], list[Any]] | None = None,
-) -> dict[str, Any]:
-    """Store a function batch (one job per event, with its event) in one transaction.
-    ``capacity``: the offers and regions, if the caller read them (``submission.target``)."""
-    return store_functions(services, principal, project, task, body, capacity)[0]
-
-
 def store_functions(
     services: ServiceSet,
     principal: Principal,
@@ -154,7 +141,9 @@ def store_functions(
     body: Any,
     capacity: tuple[list[Any], list[Any]] | None = None,
 ) -> tuple[dict[str, Any], StoredBatch]:
-    """``submit_functions``' answer, and the batch as ``results_page`` reads it."""
+    """Store a function batch (one job per event, with its event) in one transaction: the
+    answer to the submit, and the batch as ``results_page`` reads it. ``capacity``: the offers
+    and regions, if the caller read them (``submission.target``)."""
     if task.lifecycle_status == LifecycleStatus.DELETED.value:
         raise Conflict(f"task {task.id} is DELETED; functions cannot be submitted to it")
     request, events = parse_function_request(body)
