@@ -351,7 +351,7 @@ def _call_client(srv: Any, api: Any) -> Callable[[], int]:
         if not page["items"]:  # not ended within the submit's wait: as Task.map, the long poll
             page = api.http.get(f"{url}/{answer['batchId']}/results", params={"from": 0, "wait": 30}).json()
         if [item["result"] for item in page["items"]] != [2 * counter[0]]:
-            raise RuntimeError(f"call {batch}: {page}")
+            raise RuntimeError(f"call {answer['batchId']}: {page}")
         return t1
 
     return one
