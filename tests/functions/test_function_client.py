@@ -252,3 +252,25 @@ def test_a_results_long_poll_unanswered_in_time_is_asked_again() -> None:
         batch = functions.FunctionBatch(Task(htc, {"taskId": "t", "projectId": "p"}), [("b", 1)])
         assert list(batch.results()) == [(0, 42)]
     assert calls == ["/openhtc/v1/projects/p/tasks/t/functions/b/results"] * 3
+
+
+def test_the_submits_first_page_is_used_once_and_only_if_it_holds_results() -> None:
+    """A submit's ``results`` (``wait``) stands in for the first read if it holds ended calls;
+    an empty one says nothing of later, so the server is asked (a ``calls(wait=0)`` made after
+    every call has ended must not stop at it)."""
+    reads: list[str] = []
+    item = {"index": 0, "status": "SUCCEEDED", "result": 42, "error": None, "attempt": 1}
+    ended = {"items": [item], "next": None, "done": 1, "failed": 0, "total": 1}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        reads.append(request.url.path)
+        return httpx.Response(200, json=ended)
+
+    conn = Connection("http://htc.example", bearer_token="t", transport=httpx.MockTransport(server))
+    with Session(connection=conn) as htc:
+        task = Task(htc, {"taskId": "t", "projectId": "p"})
+        held = functions.FunctionBatch(task, [("b", 1)], ended)
+        assert list(held.results()) == [(0, 42)] and reads == []  # no read: the submit's answer
+        empty = {"items": [], "next": 0, "done": 0, "failed": 0, "total": 1}
+        stale = functions.FunctionBatch(task, [("b", 1)], empty)
+        assert [call.result for call in stale.calls(wait=0)] == [42] and len(reads) == 1

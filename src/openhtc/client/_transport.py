@@ -215,6 +215,7 @@ class Connection(Closeable):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = normalize_base_url(url or DEFAULT_URL)
+        self.timeout = timeout  # a request's, unless it says otherwise
         self.api_key = api_key or None
         self.refresh_token = refresh_token or None
         self._clock = clock

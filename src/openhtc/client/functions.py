@@ -212,7 +212,10 @@ class FunctionBatch:
         for batch_id, count in parts:
             self._parts.append(_Part(batch_id, offset, count, FunctionCounts(total=count)))
             offset += count
-        self._first_page = first_page
+        # Kept only if it holds results (ended calls stay ended), or says the batch has no
+        # more: an empty page read then says nothing of now (a later calls(wait=0) would stop).
+        has = first_page is not None and (first_page.get("items") or first_page.get("next") is None)
+        self._first_page = first_page if has else None
 
     def __repr__(self) -> str:
         return f"FunctionBatch({self.batch_ids!r}, count={self.count})"
@@ -408,7 +411,9 @@ def submit_functions(
             chunk = events[start : start + chunk_size]
             body = function_request(image, handler, chunk, **options)
             try:
-                answer = conn.call("POST", url, body, params=params, timeout=wait + 30.0 if params else None)
+                # held up to ``wait`` longer than the connection's timeout allows a submit
+                held = conn.timeout + wait if params else None
+                answer = conn.call("POST", url, body, params=params, timeout=held)
             except (TypeError, ValueError):  # the body could not be encoded: nothing was sent
                 _check_json(events, start, start + chunk_size)
                 raise

@@ -190,9 +190,12 @@ class JobStore:
             limits, ids = db.cursor(conn), db.cursor(conn)
             with db.pipelined(conn):
                 limits.execute(db.sql(_UNLIMITED), (task.project_id,))
-                first_id = self.materializer.reserve(conn, sum(nb.batch_size for nb in new_batches))
-                if not db.is_sqlite:  # after reserve's lock: batch ids in the jobs' ids' order
-                    ids.execute(_BATCH_IDS, (len(new_batches),))
+                # the batches' ids taken under reserve's lock: in the order of their jobs' ids
+                first_id = self.materializer.reserve(
+                    conn,
+                    sum(nb.batch_size for nb in new_batches),
+                    lambda: ids.execute(_BATCH_IDS, (len(new_batches),)),
+                )
                 unlimited = (limits.fetchone() or (None,))[0]
             reserved = [] if db.is_sqlite else [int(row[0]) for row in ids.fetchall()]
             batch_rows: list[tuple[Any, ...]] = []  # PostgreSQL: written with the COMMIT

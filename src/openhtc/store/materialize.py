@@ -22,7 +22,7 @@ missing rows first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,11 +128,15 @@ class Materializer:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def reserve(self, conn: Connection, count: int) -> int:
-        """Reserve ``count`` consecutive job ids in this transaction; returns the first."""
+    def reserve(self, conn: Connection, count: int, under_lock: Callable[[], None] | None = None) -> int:
+        """Reserve ``count`` consecutive job ids in this transaction; returns the first.
+        ``under_lock`` (PostgreSQL): sends more statements after the lock's, before the read
+        that ends the round trip (in a pipeline, they go in it)."""
         cur = self.db.cursor(conn)
         if not self.db.is_sqlite:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_RESERVE_LOCK_KEY,))
+            if under_lock is not None:
+                under_lock()
         # Ids reserved by a batch whose rows are not all written yet are above MAX(id). One
         # statement for both (a round trip less on PostgreSQL); the lock above is its own: a
         # statement's snapshot is taken before the locks it waits for.

@@ -65,7 +65,7 @@ class QueueStore(AgentRows, ExchangeRows):
         self.max_infra_retries = max_infra_retries
         # when (time.monotonic()) the last claim that found nothing queued at all began its read
         self.nothing_queued_at = float("-inf")
-        # the last claim found at most EVENTS_WITH_CLAIM jobs queued (claim's guess)
+        # the last claim found at most EVENTS_WITH_CLAIM jobs queued, of one project (claim's guess)
         self._few_queued = True
 
     def _writes(self, conn: Connection, now: float, executor_id: str | None = None) -> StatusWrites:
@@ -343,7 +343,8 @@ class QueueStore(AgentRows, ExchangeRows):
             guessed: dict[int, str] | None = None if events is None else {}
             guess: list[policy.QueuedJob] | None = None
             if self._few_queued and not self.db.is_sqlite and not agent:
-                # The last claim found a few jobs queued, or none: a lone call's claim, likely.
+                # The last claim found a few jobs of one project queued, or none: a lone call's
+                # claim, likely.
                 # Its counters, and the queue's head over all projects with its rows and
                 # events, in one round trip with BEGIN (two round trips less); used when one
                 # project has a few jobs queued, as _candidates_and_rows would read them.
@@ -362,7 +363,9 @@ class QueueStore(AgentRows, ExchangeRows):
                 queued_projects, running, waiting = self._counted(counters)
             else:
                 queued_projects, running, waiting = self._queued_and_running(conn)
-            self._few_queued = waiting <= EVENTS_WITH_CLAIM
+            # (one project at most: the guess locks the head's rows, which with several
+            # projects queued a claim may not take: another executor would skip them)
+            self._few_queued = waiting <= EVENTS_WITH_CLAIM and len(queued_projects) <= 1
             if not queued_projects:
                 self.nothing_queued_at = began
                 return []
