@@ -125,7 +125,7 @@ class FunctionResult(_Model):
     @field_validator("error")
     @classmethod
     def _error(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or not info.context or RESULT_LIMIT not in info.context:
+        if value is None or not _on_server(info):
             return value
         found = _json(value)
         if (
@@ -139,7 +139,7 @@ class FunctionResult(_Model):
     @field_validator("result_key")
     @classmethod
     def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or not info.context or RESULT_LIMIT not in info.context:
+        if value is None or not _on_server(info):
             return value
         if not _RESULT_KEY_RE.fullmatch(value):
             raise ValueError("is not a function result's key in its task's storage (function-results/...)")
@@ -147,11 +147,16 @@ class FunctionResult(_Model):
 
     @model_validator(mode="after")
     def _one(self, info: ValidationInfo) -> FunctionResult:
-        if info.context and RESULT_LIMIT in info.context:
+        if _on_server(info):
             given = sum(v is not None for v in (self.result, self.error, self.result_key))
             if given != 1:
                 raise ValueError(f"must hold exactly one of result, error and result_key ({given} given)")
         return self
+
+
+def _on_server(info: ValidationInfo) -> bool:
+    """Whether the server validates an exchange (``RESULT_LIMIT`` in the context)."""
+    return RESULT_LIMIT in (info.context or {})
 
 
 def _size(text: str) -> int:

@@ -237,7 +237,7 @@ def results_page(
             known[:] = [batch]
         built = store.page_json(conn, batch.id, start, limit)
         if built is None:  # PostgreSQL: the page and the counts in one round trip
-            rows, (done, failed) = store.page_and_counts(conn, batch, batch.id, start, limit)
+            rows, (done, failed) = store.page_and_counts(conn, batch, start, limit)
         else:
             rows, (done, failed) = [], store.counts(conn, batch)
     items: Any

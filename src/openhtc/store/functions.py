@@ -44,7 +44,7 @@ _OK, _FAILED = int(JobStatus.SUCCEEDED), int(JobStatus.FAILED)
 # SQLite: a page of ended calls as the API's JSON items, in index order (the subquery's order,
 # which SQLite's aggregate keeps: its rows come off the (batch_id, idx) index; 3.44 would let the
 # aggregate say ORDER BY itself), with what tells whether it can stand in for
-# FunctionStore.page: the rows' count and first and last index, and whether a result is kept in
+# FunctionStore.page_and_counts: the rows' count and first and last index, and whether a result is kept in
 # storage (a call in the range that has not ended is left out: a gap, so not this page). The
 # same fields as services/functions.py ``_item``: an error is the handler's when
 # written by the call's last attempt, else the platform's failure.
@@ -187,31 +187,26 @@ class FunctionStore:
         with self.db.write() as conn:
             self.db.cursor(conn).executemany(self.db.sql(_SAVE_FENCED), rows)
 
-    def page(self, conn: Connection, batch_id: int, start: int, limit: int) -> list[CallRow]:
-        """The calls ``start <= idx < start + limit`` that have job rows, by index, up to the
-        first that has not ended: a reader polling a running batch reads what it gets, not
-        ``limit`` rows each time.
+    def page_and_counts(
+        self, conn: Connection, batch: Any, start: int, limit: int
+    ) -> tuple[list[CallRow], tuple[int, int]]:
+        """The calls ``start <= idx < start + limit`` of ``batch`` that have job rows, by index,
+        up to the first that has not ended (a reader polling a running batch reads what it
+        gets, not ``limit`` rows each time), and the batch's :meth:`counts`.
 
         Range reads of one table each, on their (batch_id, idx) indexes, merged here: the
         join of both tables was planned as a nested loop over a scan on PostgreSQL right after
-        a batch's insert (no statistics yet), seconds per page."""
-        return self.page_and_counts(conn, None, batch_id, start, limit)[0]
-
-    def page_and_counts(
-        self, conn: Connection, batch: Any, batch_id: int, start: int, limit: int
-    ) -> tuple[list[CallRow], tuple[int, int]]:
-        """:meth:`page`, and with a ``batch`` row its :meth:`counts` too (else (0, 0)).
-        PostgreSQL: all in one round trip (a lone call's answer waits on this read: three
-        round trips before), each read bounded by the first call that has not ended, found by
-        the same statement; the reads are in that order, so the results read last are
-        those of the jobs read first or later (a call's result commits with its end)."""
+        a batch's insert (no statistics yet), seconds per page. PostgreSQL: all in one round
+        trip (a lone call's answer waits on this read), each read bounded by the first call
+        that has not ended, found by the same statement; the reads are in that order, so the
+        results read last are those of the jobs read first or later (a call's result commits
+        with its end)."""
         cur, other, third = self.db.cursor(conn), self.db.cursor(conn), self.db.cursor(conn)
-        stop = start + limit
-        counted = batch is not None
+        batch_id, stop = batch.id, start + limit
         if self.db.is_sqlite:
             stop = self._ended_until(cur, batch_id, start, stop)
             if stop <= start:
-                return [], self.counts(conn, batch) if counted else (0, 0)
+                return [], self.counts(conn, batch)
             bound = "?"
             bounds: tuple[Any, ...] = (stop,)
         else:
@@ -235,8 +230,7 @@ class FunctionStore:
                 ),
                 (batch_id, start, *bounds),
             )
-            if counted:
-                third.execute(*self._counts_query(batch))
+            third.execute(*self._counts_query(batch))
         jobs = cur.fetchall()
         calls = {int(row[0]): row for row in other.fetchall()}
         rows: list[CallRow] = []
@@ -244,14 +238,14 @@ class FunctionStore:
             call = calls.get(int(idx))
             if call is not None:
                 rows.append(CallRow(idx, status, attempt, failure_code, reason, *call[1:]))
-        return rows, self._counted(third) if counted else (0, 0)
+        return rows, self._counted(third)
 
     def page_json(self, conn: Connection, batch_id: int, start: int, limit: int) -> JsonPage | None:
-        """SQLite: the page :meth:`page` reads, as the JSON array of result items the API
+        """SQLite: the page :meth:`page_and_counts` reads, as the JSON array of result items the API
         answers, built by the database in one statement (no Python object per call: at
         10,000 calls a second the page's rows, objects and encoding were a sixth of the
         server's time). None where it cannot: on PostgreSQL, or when a call's result is kept
-        in storage or a row in the range is missing (then :meth:`page`)."""
+        in storage or a row in the range is missing (then :meth:`page_and_counts`)."""
         if not self.db.is_sqlite:
             return None
         cur = self.db.cursor(conn)

@@ -171,7 +171,7 @@ class QueueStore(AgentRows, ExchangeRows):
         cur = self.db.cursor(conn)
         # Not pipelined with its BEGIN: psycopg's pipeline costs ~0.1 ms of Python, more than
         # the round trip it saves (55 µs here); it pays off only where it merges several
-        # (_guess_few's, below)
+        # (the claim's guess, below)
         cur.execute(_COUNTERS)
         return self._counted(cur)
 
@@ -344,10 +344,9 @@ class QueueStore(AgentRows, ExchangeRows):
             guess: list[policy.QueuedJob] | None = None
             if self._few_queued and not self.db.is_sqlite and not agent:
                 # The last claim found a few jobs of one project queued, or none: a lone call's
-                # claim, likely.
-                # Its counters, and the queue's head over all projects with its rows and
-                # events, in one round trip with BEGIN (two round trips less); used when one
-                # project has a few jobs queued, as _candidates_and_rows would read them.
+                # claim, likely. Its counters, and the queue's head over all projects with its
+                # rows and events, in one round trip with BEGIN (two round trips less); used
+                # when one project has a few jobs queued, as _candidates_and_rows would read them.
                 counters = self.db.cursor(conn)
                 guess = self._candidates_and_rows(
                     conn,

@@ -128,8 +128,7 @@ async def results(
         """The scope checks and the first page, in one trip to the thread pool."""
         known[:] = [function_target(svc, who, project_id, task_id, batch_id)]
         seen = svc.notify.published()
-        body, count = results_page(svc, task_id, batch_id, start, limit, known)
-        return seen, (count > 0 or start >= body["total"], body)
+        return seen, _read(svc, task_id, batch_id, start, limit, known)
 
     seen, (done, body) = await run_in_threadpool(first_read)
     if done or wait <= 0:
@@ -142,6 +141,15 @@ async def results(
         return JSONResponse(
             await _held(request, svc, sub, task_id, batch_id, start, limit, wait, known, page)
         )
+
+
+def _read(
+    svc: ServiceSet, task_id: str, batch_id: str, start: int, limit: int, known: list[Any]
+) -> tuple[bool, dict[str, Any]]:
+    """The results page from ``start``, and whether a wait for it is over: a call there has
+    ended, or the batch has none from there."""
+    body, count = results_page(svc, task_id, batch_id, start, limit, known)
+    return count > 0 or start >= body["total"], body
 
 
 async def _held(
@@ -163,9 +171,9 @@ async def _held(
     last = [page] if page is not None else []  # the page read last
 
     def check() -> tuple[bool, dict[str, Any]]:
-        body, count = results_page(svc, task_id, batch_id, start, limit, known)
+        done, body = _read(svc, task_id, batch_id, start, limit, known)
         last[:] = [body]
-        return count > 0 or start >= body["total"], body
+        return done, body
 
     def told() -> tuple[bool, dict[str, Any]] | None:
         """Woken by what ended no call (claims, submits): the page read last still holds."""
